@@ -1,0 +1,1 @@
+"""The ``chunkglm`` command line."""

@@ -1,0 +1,169 @@
+"""The ``chunkglm`` command: ``convert``, ``info``, ``to-nifti``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+
+from chunkglm._version import __version__
+from chunkglm.errors import ChunkglmError
+
+
+def _storage_options(pairs):
+    """``["endpoint_url=http://127.0.0.1:9000", "anon=false"]`` -> dict."""
+    import yaml
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ChunkglmError(f"--storage-option takes KEY=VALUE; received {pair!r}")
+        options[key] = yaml.safe_load(value)
+    if "endpoint_url" in options:  # s3fs expects it among the client kwargs too
+        options.setdefault("client_kwargs", {})["endpoint_url"] = options["endpoint_url"]
+    return options or None
+
+
+def _add_cluster(parser):
+    parser.add_argument(
+        "--cluster", default="local", metavar="NAME|PATH",
+        help="cluster config: a name from cluster_configs/ or a YAML path (default: local). "
+             "'none' runs in this process without a cluster.")
+
+
+@contextmanager
+def cluster_client(config):
+    """A dask client for the command's lifetime (none for ``--cluster none``)."""
+    if config == "none":
+        yield None
+        return
+    from chunkglm.cluster import start
+
+    client = start(config)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def print_progress(done, total, node):
+    """One line per finished node on stderr: ``[3/10] runs/sub-01_...``."""
+    print(f"[{done}/{total}] {node}", file=sys.stderr, flush=True)
+
+
+def _cmd_convert(args):
+    from chunkglm.io.convert import convert
+
+    with cluster_client(args.cluster) as client:
+        report = convert(
+            args.inputs[0] if len(args.inputs) == 1 else args.inputs, args.store,
+            task=args.task, space=args.space, subjects=args.subject, sessions=args.session,
+            derivatives_folder=args.derivatives_folder, mask_img=args.mask,
+            collection=args.collection, map_type=args.map_type,
+            storage_options=_storage_options(args.storage_option),
+            input_storage_options=_storage_options(args.input_storage_option),
+            client=client, chunk_bytes=args.chunk_size, task_memory=args.task_memory,
+            overwrite=args.overwrite, progress=print_progress)
+    print(f"store: {report.store}")
+    print(f"converted {len(report.converted)} node(s), skipped {len(report.skipped)} already complete")
+    return 0
+
+
+def _cmd_info(args):
+    from chunkglm.io.cohort import open_cohort
+
+    cohort = open_cohort(args.store, _storage_options(args.storage_option))
+    meta = cohort.attrs
+    print(f"store: {cohort.location}")
+    print(f"format: {meta['format']} {meta['format_version']} (chunkglm {meta['chunkglm_version']})")
+    print(f"grids: {len(cohort.grids)}  runs: {len(cohort.runs)}  map collections: {len(cohort.maps)}")
+    for name, node in sorted(cohort.runs.items()):
+        shape = node.attrs.get("shape", [])
+        print(f"  runs/{name}  volumes={shape[3] if len(shape) > 3 else '?'}  TR={node.attrs.get('RepetitionTime')}")
+    for name in sorted(cohort.maps):
+        print(f"  maps/{name}")
+    if cohort.incomplete:
+        print(f"incomplete (re-run the conversion): {', '.join(cohort.incomplete)}")
+    return 0
+
+
+def _cmd_to_nifti(args):
+    from chunkglm.io.cohort import open_cohort
+
+    cohort = open_cohort(args.store, _storage_options(args.storage_option))
+    cohort.node(args.node).to_nifti(args.output, args.variable)
+    print(args.output)
+    return 0
+
+
+def _cmd_demo(args):
+    from chunkglm.demo import run_demo
+
+    return run_demo(args.out, size=args.size, n_subjects=args.subjects, cluster=args.cluster)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and documentation)."""
+    parser = argparse.ArgumentParser(prog="chunkglm", description="Out-of-core fMRI statistics.")
+    parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _convert_parser(sub)
+    info = sub.add_parser("info", help="summarise a cohort store")
+    info.add_argument("store")
+    info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    info.set_defaults(func=_cmd_info)
+    back = sub.add_parser("to-nifti", help="write a run or map collection back as NIfTI")
+    back.add_argument("store")
+    back.add_argument("node", help="runs/<name>, maps/<name> or a run name")
+    back.add_argument("output", help="output .nii or .nii.gz")
+    back.add_argument("--variable", help="map variable of a collection (default: its first)")
+    back.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    back.set_defaults(func=_cmd_to_nifti)
+    demo = sub.add_parser("demo", help="run the pipeline on a synthetic dataset")
+    demo.add_argument("--out", default="demo_output")
+    demo.add_argument("--size", default="small", choices=["tiny", "small", "realistic"])
+    demo.add_argument("--subjects", type=int, default=4)
+    _add_cluster(demo)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _convert_parser(sub):
+    conv = sub.add_parser("convert", help="BIDS derivatives or NIfTI files -> cohort store")
+    conv.add_argument("inputs", nargs="+", help="a BIDS/fMRIPrep folder, or NIfTI files")
+    conv.add_argument("-o", "--store", required=True, help="store path or URL (s3://bucket/x.zarr)")
+    conv.add_argument("--task")
+    conv.add_argument("--space")
+    conv.add_argument("--subject", action="append", help="repeat for several")
+    conv.add_argument("--session", action="append", help="repeat for several")
+    conv.add_argument("--derivatives-folder", default="derivatives/fmriprep")
+    conv.add_argument("--mask", help="3-D mask image defining the stored voxels")
+    conv.add_argument("--collection", default="images", help="node name for 3-D inputs")
+    conv.add_argument("--map-type", default="effect", help="variable name for 3-D inputs")
+    conv.add_argument("--chunk-size", default="64MiB", help="uncompressed bytes per chunk")
+    conv.add_argument("--task-memory", default="2GiB", help="memory one run's task may hold")
+    conv.add_argument("--overwrite", action="store_true", help="replace nodes whose source changed")
+    conv.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                      help="fsspec option for the store, e.g. endpoint_url=http://127.0.0.1:9000")
+    conv.add_argument("--input-storage-option", action="append", metavar="KEY=VALUE")
+    _add_cluster(conv)
+    conv.set_defaults(func=_cmd_convert)
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (2 for input errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ChunkglmError as err:
+        print(f"chunkglm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: complete nodes are kept; run the same command again to finish.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

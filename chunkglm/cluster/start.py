@@ -1,0 +1,295 @@
+"""Build a dask.distributed cluster and Client from a :class:`ClusterConfig`.
+
+Only the ``local`` backend (:class:`distributed.LocalCluster`) exists in this
+release.  The scheduler, the workers and the dashboard listen on 127.0.0.1
+only.  The returned :class:`ClusterClient` owns its cluster: closing the
+client (or leaving ``with start() as client:``) also shuts the cluster and its
+worker processes down.
+
+Scripts that start worker processes must guard their entry point with
+``if __name__ == "__main__":`` because workers are spawned, not forked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import psutil
+from dask.utils import format_bytes
+from distributed import Client, LocalCluster
+from distributed.core import Status
+from distributed.system import MEMORY_LIMIT
+
+from .config import (
+    AVAILABLE_TYPES,
+    ClusterConfig,
+    ClusterConfigError,
+    ConfigLike,
+    load_config,
+)
+
+__all__ = [
+    "ClusterClient",
+    "MEMORY_FRACTION",
+    "default_memory_limit",
+    "default_n_workers",
+    "local_cluster_kwargs",
+    "start",
+    "total_memory",
+    "usable_cores",
+]
+
+#: Fraction of the machine's memory shared among the workers by default.
+MEMORY_FRACTION = 0.8
+#: Interface every local listener binds to.
+LOCALHOST = "127.0.0.1"
+
+_PLANNED = {
+    "slurm": "dask-jobqueue",
+    "pbs": "dask-jobqueue",
+    "sge": "dask-jobqueue",
+    "gateway": "dask-gateway",
+    "kubernetes": "the dask-kubernetes operator",
+}
+
+
+class ClusterClient(Client):
+    """A :class:`distributed.Client` that closes its cluster when closed.
+
+    ``Client(cluster)`` normally leaves the cluster running after
+    ``client.close()``; this subclass shuts it down too, so that a single
+    ``close()`` (or the end of a ``with`` block) releases the scheduler and
+    every worker process.
+    """
+
+    def close(self, *args: Any, **kwargs: Any) -> Any:
+        """Close the client, then the cluster it was started with.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to :meth:`distributed.Client.close` (e.g. ``timeout``).
+        """
+        cluster = self.cluster
+        try:
+            return super().close(*args, **kwargs)
+        finally:
+            if cluster is not None and cluster.status != Status.closed:
+                if not sys.is_finalizing():  # at exit the cluster closes itself
+                    cluster.close()
+
+
+# --------------------------------------------------------------------------
+# default sizing (pure functions)
+# --------------------------------------------------------------------------
+def usable_cores() -> int:
+    """Return the number of CPU cores this process may run on.
+
+    Returns
+    -------
+    int
+        ``len(os.sched_getaffinity(0))`` (honours taskset, cgroups cpusets and
+        SLURM allocations), or ``os.cpu_count()`` where affinity is unknown.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def total_memory() -> int:
+    """Return the memory available to this process, in bytes.
+
+    Returns
+    -------
+    int
+        ``psutil.virtual_memory().total``, capped by a cgroup or rlimit memory
+        limit when one is set (as detected by ``distributed.system``).
+    """
+    return int(min(psutil.virtual_memory().total, MEMORY_LIMIT))
+
+
+def default_n_workers(cores: int, threads_per_worker: int = 1) -> int:
+    """Return the default number of local workers.
+
+    Parameters
+    ----------
+    cores : int
+        Usable cores, see :func:`usable_cores`.
+    threads_per_worker : int, default 1
+        Threads of each worker.
+
+    Returns
+    -------
+    int
+        ``cores // threads_per_worker``, at least 1: one single-threaded
+        worker per core by default.
+    """
+    return max(1, cores // threads_per_worker)
+
+
+def default_memory_limit(
+    total_bytes: int, n_workers: int, fraction: float = MEMORY_FRACTION
+) -> int:
+    """Return the default memory limit of one worker.
+
+    Parameters
+    ----------
+    total_bytes : int
+        Memory of the machine, see :func:`total_memory`.
+    n_workers : int
+        Number of workers sharing it (the adaptive maximum when larger).
+    fraction : float, default 0.8
+        Share of ``total_bytes`` given to all workers together.
+
+    Returns
+    -------
+    int
+        ``fraction * total_bytes / n_workers`` in bytes.
+    """
+    return int(total_bytes * fraction) // max(1, n_workers)
+
+
+def local_cluster_kwargs(
+    config: ClusterConfig, *, cores: int | None = None, memory: int | None = None
+) -> dict[str, Any]:
+    """Translate a validated ``local`` config into LocalCluster arguments.
+
+    Parameters
+    ----------
+    config : ClusterConfig
+        A config of type ``local``.
+    cores, memory : int, optional
+        Usable cores and total memory in bytes; measured when omitted.
+
+    Returns
+    -------
+    dict
+        Keyword arguments for :class:`distributed.LocalCluster`, with
+        ``n_workers`` and ``memory_limit`` filled in when the config leaves
+        them null.  With worker processes ``host`` is fixed to 127.0.0.1;
+        with ``processes: false`` the scheduler and workers communicate
+        in-process and open no TCP listener (the dashboard, if enabled,
+        still binds to 127.0.0.1).
+    """
+    opts = config.options
+    threads = opts["threads_per_worker"]
+    n_workers = opts["n_workers"] or default_n_workers(cores or usable_cores(), threads)
+    sharing = max(n_workers, config.adapt[1]) if config.adapt else n_workers
+    memory_limit = opts["memory_limit"] or default_memory_limit(
+        memory or total_memory(), sharing
+    )
+    kwargs = dict(
+        n_workers=n_workers,
+        threads_per_worker=threads,
+        processes=opts["processes"],
+        memory_limit=memory_limit,
+        dashboard_address=opts["dashboard_address"],
+        worker_dashboard_address=None,
+    )
+    if opts["processes"]:  # threads talk in-process (inproc://), no socket at all
+        kwargs["host"] = LOCALHOST
+    if opts["local_directory"]:
+        kwargs["local_directory"] = opts["local_directory"]
+    return kwargs
+
+
+# --------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------
+def _start_local(config: ClusterConfig) -> tuple[LocalCluster, str]:
+    kwargs = local_cluster_kwargs(config)
+    summary = (
+        f"local, {kwargs['n_workers']} worker "
+        f"{'processes' if kwargs['processes'] else 'threads'} x "
+        f"{kwargs['threads_per_worker']} thread(s), "
+        f"{format_bytes(kwargs['memory_limit'])} per worker"
+    )
+    return LocalCluster(**kwargs), summary
+
+
+_BACKENDS: dict[str, Callable[[ClusterConfig], tuple[Any, str]]] = {
+    "local": _start_local,
+}
+
+
+def _backend(config: ClusterConfig) -> Callable[[ClusterConfig], tuple[Any, str]]:
+    if config.type in _BACKENDS:
+        return _BACKENDS[config.type]
+    needs = _PLANNED.get(config.type, "a later release")
+    raise ClusterConfigError(
+        f"Cluster type {config.type!r} (from {config.source}) is not available in "
+        f"this version of chunkglm; available: {', '.join(AVAILABLE_TYPES)}. "
+        f"Support through {needs} is planned. Use `type: local` in the config "
+        "or set CHUNKGLM_CLUSTER__TYPE=local."
+    )
+
+
+def _apply_adapt(cluster: Any, config: ClusterConfig) -> None:
+    if config.adapt is None:
+        return
+    if not callable(getattr(cluster, "adapt", None)):
+        raise ClusterConfigError(
+            f"'adapt' is set in {config.source} but the {config.type!r} backend "
+            f"({type(cluster).__name__}) cannot scale adaptively. Set `adapt: null`."
+        )
+    minimum, maximum = config.adapt
+    cluster.adapt(minimum=minimum, maximum=maximum)
+
+
+def _announce(client: Client, summary: str, stream: TextIO | None = None) -> None:
+    stream = sys.stderr if stream is None else stream
+    cluster = client.cluster
+    link = cluster.dashboard_link if cluster is not None else ""
+    print(f"Scheduler: {client.scheduler.address} ({summary})", file=stream, flush=True)
+    print(f"Dashboard: {link or 'disabled (dashboard_address: null)'}", file=stream, flush=True)
+
+
+def start(config: ConfigLike = None, *, verbose: bool = True, **overrides: Any) -> Client:
+    """Start a dask cluster described by a config and connect a Client to it.
+
+    Parameters
+    ----------
+    config : None, str, os.PathLike or Mapping, optional
+        None for the bundled ``local`` config; a config name (looked up as a
+        path, in ``$CHUNKGLM_CLUSTER_CONFIGS``, ``./cluster_configs`` and the
+        bundled configs); a path to a YAML file; or a dict of the same shape.
+    verbose : bool, default True
+        Print the scheduler address and the dashboard link to stderr.
+    **overrides
+        Keys of the backend's section, e.g. ``n_workers=2`` or
+        ``dashboard_address=":0"``; they win over the file and the
+        ``CHUNKGLM_CLUSTER__*`` environment variables.
+
+    Returns
+    -------
+    distributed.Client
+        A :class:`ClusterClient`, set as the default dask scheduler; closing
+        it (or leaving ``with start() as client:``) shuts the cluster down.
+
+    Raises
+    ------
+    ClusterConfigError
+        If the config is invalid or its backend is not available.
+
+    Examples
+    --------
+    >>> with start(n_workers=2, dashboard_address=":0") as client:  # doctest: +SKIP
+    ...     total = dask.array.ones(1000, chunks=100).sum().compute()
+    """
+    config_ = load_config(config, overrides=overrides)
+    cluster, summary = _backend(config_)(config_)
+    try:
+        _apply_adapt(cluster, config_)
+        client = ClusterClient(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    if verbose:
+        if config_.adapt:
+            summary += ", adaptive {}-{} workers".format(*config_.adapt)
+        _announce(client, summary)
+    return client

@@ -1,0 +1,31 @@
+"""Exception hierarchy. Every message says what was received and what to do."""
+
+
+class ChunkglmError(Exception):
+    """Base class of every error chunkglm raises on purpose."""
+
+
+class InputError(ChunkglmError, ValueError):
+    """The images, tables or folders given as input cannot be used as they are."""
+
+
+class StoreError(ChunkglmError):
+    """The cohort store is missing, unreadable or not a chunkglm store."""
+
+
+class IncompatibleStoreError(StoreError):
+    """The store was written by a chunkglm whose format this version cannot read."""
+
+
+class ConversionError(ChunkglmError):
+    """Some runs could not be converted; the others were written completely.
+
+    Attributes
+    ----------
+    failures : dict
+        Node name -> error message for every run that failed.
+    """
+
+    def __init__(self, message, failures):
+        super().__init__(message)
+        self.failures = dict(failures)

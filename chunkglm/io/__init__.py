@@ -1,0 +1,1 @@
+"""Input/output: NIfTI streaming, the cohort store, BIDS discovery, conversion."""

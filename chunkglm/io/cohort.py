@@ -1,0 +1,235 @@
+"""``chunkglm.open_cohort``: a lazy, labelled view of a cohort store.
+
+Only complete nodes are visible. Node data come back as xarray Datasets
+backed by dask arrays whose chunks are the store's chunks, so nothing is read
+until a computation asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import xarray as xr
+
+from chunkglm.errors import InputError, StoreError
+from chunkglm.io import store as st
+from chunkglm.io.nifti import header_from_text, image_from_voxels, save_image
+
+
+@dataclass(frozen=True)
+class Node:
+    """One run or map collection of a store.
+
+    Attributes
+    ----------
+    cohort : Cohort
+        The store it belongs to.
+    kind : str
+        ``"runs"`` or ``"maps"``.
+    name : str
+        Node name, e.g. ``sub-01_task-main_run-1``.
+    """
+
+    cohort: Cohort
+    kind: str
+    name: str
+
+    @property
+    def path(self) -> str:
+        """Path inside the store, e.g. ``runs/sub-01_task-main_run-1``."""
+        return f"{self.kind}/{self.name}"
+
+    @cached_property
+    def attrs(self) -> dict:
+        """The node's attributes (entities, RepetitionTime, sidecar, ...)."""
+        return self.cohort.root[self.path].attrs.asdict()
+
+    @property
+    def entities(self) -> dict:
+        """BIDS entities of a run ({} for map collections)."""
+        return dict(self.attrs.get("entities", {}))
+
+    @property
+    def grid(self) -> st.Grid:
+        """The voxel grid (affine, shape, mask)."""
+        return self.cohort.grid(self.attrs["grid_id"])
+
+    def to_dataset(self) -> xr.Dataset:
+        """The node as a lazy xarray Dataset (dask arrays, store chunks)."""
+        return xr.open_zarr(self.cohort.zarr_store, group=self.path, zarr_format=3,
+                            consolidated=False, chunks={})
+
+    def data(self, variable: str | None = None) -> xr.DataArray:
+        """The (time|image, voxel) array: ``bold`` for runs, the map type for maps."""
+        variable = variable or ("bold" if self.kind == "runs" else self.attrs["variables"][0])
+        return self.to_dataset()[variable]
+
+    @property
+    def events(self):
+        """The events table (pandas DataFrame) of a run, or None."""
+        ds = self.to_dataset()
+        if "event" not in ds.dims:
+            return None
+        columns = {name: ds[name].values for name in ds.data_vars if ds[name].dims == ("event",)}
+        import pandas as pd
+
+        return pd.DataFrame({k.removeprefix("event_"): v for k, v in columns.items()})
+
+    @property
+    def confounds(self):
+        """The confounds table (pandas DataFrame, NaN kept) of a run, or None."""
+        ds = self.to_dataset()
+        if "confounds" not in ds:
+            return None
+        import pandas as pd
+
+        return pd.DataFrame(ds["confounds"].values, columns=[str(c) for c in ds["confound"].values])
+
+    def to_nifti(self, path=None, variable: str | None = None):
+        """Rebuild the NIfTI image: float32 on the original grid and header.
+
+        Values inside the mask equal the input's scaled values; voxels outside
+        are 0. The original header's qform/sform, zooms (incl. TR) and units
+        are restored. Writes ``path`` when given; returns the nibabel image.
+        """
+        grid = self.grid
+        values = self.data(variable).values
+        header_text = st.node_meta(self.cohort.root[self.path]).get("nifti_header")
+        header = header_from_text(header_text) if header_text else None
+        if self.kind == "maps" and header is not None:
+            header = _as_4d_header(header, len(values))
+        img = image_from_voxels(values, grid.ijk, grid.shape, header, grid.affine)
+        if path is not None:
+            save_image(img, path)
+        return img
+
+
+def _as_4d_header(header_bytes, n_images):
+    """Maps keep their first image's header; stacked they are a 4-D image."""
+    from chunkglm.io.nifti import header_from_bytes
+
+    header = header_from_bytes(header_bytes)
+    zooms = header.get_zooms()[:3]
+    header.set_data_shape((*header.get_data_shape()[:3], n_images))
+    header.set_zooms((*zooms, 1.0))
+    return header.binaryblock
+
+
+class Cohort:
+    """A cohort store opened for reading.
+
+    Parameters
+    ----------
+    store : str, Path or zarr Store
+        Local path or fsspec URL.
+    storage_options : dict, optional
+        fsspec options (endpoint, credentials) for URLs; never stored.
+    """
+
+    def __init__(self, store, storage_options=None):
+        self.location = st.redact_url(str(store))
+        self.zarr_store = st.zarr_store(store, storage_options, read_only=True)
+        self.root = st.open_root(self.zarr_store, mode="r")
+        self._grids: dict[str, st.Grid] = {}
+
+    def __repr__(self):
+        return (f"<Cohort {self.location}: {len(self.runs)} runs, "
+                f"{len(self.maps)} map collections, {len(self.grids)} grids>")
+
+    @property
+    def attrs(self) -> dict:
+        """Root attributes: format, versions, provenance."""
+        return dict(self.root.attrs[st.ATTR])
+
+    @cached_property
+    def runs(self) -> dict[str, Node]:
+        """Complete run nodes by name."""
+        return self._nodes("runs")
+
+    @cached_property
+    def maps(self) -> dict[str, Node]:
+        """Complete map collections by name."""
+        return self._nodes("maps")
+
+    @cached_property
+    def grids(self) -> list[str]:
+        """Complete grid ids."""
+        return [n for n, ok in st.node_status(self.root, "grids").items() if ok]
+
+    @property
+    def incomplete(self) -> list[str]:
+        """Nodes whose writing was interrupted (re-run the conversion)."""
+        return [f"{kind}/{n}" for kind in st.KINDS for n, ok in st.node_status(self.root, kind).items() if not ok]
+
+    def _nodes(self, kind):
+        return {n: Node(self, kind, n) for n, ok in st.node_status(self.root, kind).items() if ok}
+
+    def grid(self, grid_id: str) -> st.Grid:
+        """Load one grid (affine, shape, mask)."""
+        if grid_id not in self._grids:
+            self._grids[grid_id] = st.read_grid(self.root, grid_id)
+        return self._grids[grid_id]
+
+    def node(self, path: str) -> Node:
+        """A node by path (``runs/<name>``, ``maps/<name>``) or bare run name."""
+        kind, _, name = path.partition("/") if "/" in path else ("runs", "", path)
+        nodes = {"runs": self.runs, "maps": self.maps}.get(kind, {})
+        if name not in nodes:
+            raise StoreError(
+                f"{self.location} has no complete node {path!r}. It has runs "
+                f"{sorted(self.runs)[:5]}... and maps {sorted(self.maps)[:5]}."
+            )
+        return nodes[name]
+
+    def select(self, **entities) -> list[Node]:
+        """Runs whose BIDS entities match, e.g. ``select(sub=["01", "02"], task="main")``.
+
+        Values may be a label or a list of labels, with or without prefix.
+        """
+        wanted = {key: _labels(value, key) for key, value in entities.items() if value is not None}
+        unknown = set(wanted) - {"sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space"}
+        if unknown:
+            raise InputError(f"unknown BIDS entities {sorted(unknown)}; use sub, ses, task, run, acq, ...")
+        return [node for node in self.runs.values()
+                if all(str(node.entities.get(k)) in v for k, v in wanted.items())]
+
+    def to_datatree(self) -> xr.DataTree:
+        """The whole store as a lazy xarray DataTree."""
+        return xr.open_datatree(self.zarr_store, engine="zarr", zarr_format=3, consolidated=False, chunks={})
+
+    def to_nifti(self, path: str, out=None, variable=None):
+        """Shortcut for ``self.node(path).to_nifti(out)``."""
+        return self.node(path).to_nifti(out, variable)
+
+
+def _labels(value, key):
+    values = [value] if isinstance(value, str | int) else list(value)
+    return {str(v).removeprefix(f"{key}-") for v in values}
+
+
+def open_cohort(store, storage_options=None) -> Cohort:
+    """Open a cohort store lazily.
+
+    Parameters
+    ----------
+    store : str or Path
+        Local path or fsspec URL, e.g. ``s3://bucket/cohort.zarr``.
+    storage_options : dict, optional
+        fsspec options for URLs (endpoint, credentials); used only to connect.
+
+    Returns
+    -------
+    Cohort
+        ``.runs`` / ``.maps`` (complete nodes), ``.select(sub=..., task=...)``,
+        ``.node(path).to_dataset()`` (lazy xarray), ``.to_nifti(path)``,
+        ``.to_datatree()``.
+
+    Examples
+    --------
+    >>> cohort = chunkglm.open_cohort("cohort.zarr")  # doctest: +SKIP
+    >>> run = cohort.select(sub="01", task="main")[0]  # doctest: +SKIP
+    >>> run.to_dataset().bold  # (time, voxel) dask-backed  # doctest: +SKIP
+    """
+    return Cohort(store, storage_options)
+

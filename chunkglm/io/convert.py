@@ -1,0 +1,395 @@
+"""``chunkglm.convert``: BIDS derivatives or NIfTI files -> a cohort store.
+
+Three steps, in order: *plan* (read headers and masks only; every input error
+is raised here, before anything is written), *grids* (the driver writes the
+small grid nodes), *runs* (one task per run, in parallel on the cluster; each
+task writes its own node and marks it complete last). Re-running skips nodes
+that are complete and whose source file is unchanged, and redoes the others.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from chunkglm.chunking import DEFAULT_CHUNK_BYTES, as_bytes
+from chunkglm.errors import ConversionError, InputError
+from chunkglm.io import store as st
+from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
+from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
+from chunkglm.io.write_maps import MapsJob, convert_maps
+from chunkglm.io.write_run import RunJob, convert_run, source_key
+
+DEFAULT_TASK_MEMORY = 2 * 2**30
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did.
+
+    Attributes
+    ----------
+    store : str
+        The store location (credentials removed).
+    converted, skipped : list of str
+        Node paths written now / already complete and unchanged.
+    grids : list of str
+        Grid ids the inputs use.
+    """
+
+    store: str
+    converted: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    grids: list = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    grids: dict
+    runs: list
+    maps: list
+    options: dict
+
+
+def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=None,
+            derivatives_folder="derivatives/fmriprep", mask_img=None, collection="images",
+            map_type="effect", storage_options=None, input_storage_options=None, client=None,
+            chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY, overwrite=False,
+            progress=None) -> ConversionReport:
+    """Convert fMRI images into a chunked zarr cohort store.
+
+    Parameters
+    ----------
+    inputs : str, Path or list of them
+        A BIDS dataset root or fMRIPrep derivatives folder, or NIfTI files:
+        4-D files become ``runs/<name>`` nodes, 3-D files are stacked into
+        ``maps/<collection>``.
+    store : str or Path
+        Local path or fsspec URL (``s3://bucket/cohort.zarr``).
+    task, space, subjects, sessions : str or list, optional
+        BIDS filters (labels with or without their ``task-`` etc. prefix).
+    mask_img : str, optional
+        A 3-D mask defining the voxel axis. By default the union of the runs'
+        ``desc-brain_mask`` images (BIDS), else every voxel of the grid.
+    collection, map_type : str
+        Node name and variable name for 3-D inputs.
+    storage_options, input_storage_options : dict, optional
+        fsspec options for the store and for the inputs (e.g. S3 endpoint and
+        credentials). Used to connect only: never written anywhere.
+    client : distributed.Client, optional
+        Cluster to run on; default the active client, else this process.
+    chunk_bytes : int or str
+        Target uncompressed bytes per chunk (voxel blocks are sized to it).
+    task_memory : int or str
+        Memory one run's task may hold; larger runs stream through a staging
+        array (peak stays under this).
+    overwrite : bool
+        Replace complete nodes whose source file changed (default: refuse).
+    progress : callable, optional
+        Called as ``progress(done, total, node)`` after each node.
+
+    Returns
+    -------
+    ConversionReport
+
+    Raises
+    ------
+    InputError
+        Missing or unusable inputs; raised before anything is written.
+    ConversionError
+        Some nodes failed while others were written; lists the failures.
+    """
+    plan = plan_conversion(inputs, task=task, space=space, subjects=subjects, sessions=sessions,
+                           derivatives_folder=derivatives_folder, mask_img=mask_img,
+                           collection=collection, map_type=map_type,
+                           input_storage_options=input_storage_options,
+                           chunk_bytes=as_bytes(chunk_bytes), task_memory=as_bytes(task_memory))
+    root = st.open_root(store, storage_options, mode="a")
+    report = ConversionReport(store=st.redact_url(str(store)), grids=sorted(plan.grids))
+    for grid in plan.grids.values():
+        st.write_grid(root, grid)
+    jobs = _pending_jobs(root, plan, report, overwrite)
+    results, failures = _execute(jobs, _store_arg(store), storage_options, input_storage_options, client, progress)
+    report.converted = [f"{kind}/{r['name']}" for kind, r in results]
+    if results:
+        st.add_provenance(root, _provenance(plan, results))
+    if failures:
+        raise ConversionError(_failure_message(failures, report), failures)
+    return report
+
+
+def _store_arg(store):
+    """Workers may run elsewhere: pass local stores as absolute paths."""
+    if isinstance(store, str | Path) and not st.is_url(str(store)):
+        return str(Path(str(store).removeprefix("file://")).absolute())
+    return store
+
+
+def plan_conversion(inputs, *, task=None, space=None, subjects=None, sessions=None,
+                    derivatives_folder="derivatives/fmriprep", mask_img=None, collection="images",
+                    map_type="effect", input_storage_options=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
+                    task_memory=DEFAULT_TASK_MEMORY) -> _Plan:
+    """Read headers and masks, validate, and decide every node to write."""
+    options = {"task": task, "space": space, "subjects": subjects, "sessions": sessions,
+               "mask_img": None if mask_img is None else st.redact_url(str(mask_img)),
+               "chunk_bytes": chunk_bytes, "task_memory": task_memory}
+    sizes = {"chunk_bytes": chunk_bytes, "task_memory": task_memory}
+    user_mask = _read_mask(mask_img, input_storage_options) if mask_img is not None else None
+    if _is_bids_folder(inputs):
+        runs = discover_runs(inputs, task=task, space=space, subjects=subjects,
+                             sessions=sessions, derivatives_folder=derivatives_folder)
+        grids, run_jobs = _plan_runs(runs, user_mask, input_storage_options, sizes)
+        return _Plan(grids, run_jobs, [], {**options, "inputs": "bids"})
+    paths = _as_paths(inputs)
+    infos = _read_infos(paths, input_storage_options)
+    run_files = [RunFiles(bold=p, entities=_file_entities(p)) for p, i in infos.items() if _is_run(i)]
+    map_paths = [p for p, i in infos.items() if not _is_run(i)]
+    grids, run_jobs = _plan_runs(run_files, user_mask, input_storage_options, sizes, infos)
+    maps_jobs = []
+    if map_paths:
+        grid, job = _plan_maps(map_paths, infos, user_mask, collection, map_type, input_storage_options, sizes)
+        grids[grid.grid_id] = grid
+        maps_jobs.append(job)
+    return _Plan(grids, run_jobs, maps_jobs, {**options, "inputs": "files"})
+
+
+def _is_bids_folder(inputs) -> bool:
+    return isinstance(inputs, str | Path) and not st.is_url(str(inputs)) and Path(inputs).is_dir()
+
+
+def _as_paths(inputs) -> list[str]:
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    if not items:
+        raise InputError("no inputs given: pass a BIDS folder or a list of NIfTI files.")
+    paths = [str(p) for p in items]
+    missing = [p for p in paths if not st.is_url(p) and not Path(p).is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} input file(s) not found, e.g. {missing[:3]}. Nothing was written.")
+    return paths
+
+
+def _read_infos(paths, storage_options) -> dict[str, NiftiInfo]:
+    infos = {p: read_info(p, storage_options) for p in paths}
+    for path, info in infos.items():
+        if len(info.shape) not in (3, 4) or (len(info.shape) == 4 and info.shape[3] < 1):
+            raise InputError(
+                f"{path} has shape {info.shape}: chunkglm converts 3-D images (maps) and "
+                "4-D images (runs). Nothing was written."
+            )
+    return infos
+
+
+def _is_run(info: NiftiInfo) -> bool:
+    return len(info.shape) == 4
+
+
+def _file_entities(path: str) -> dict:
+    entities = parse_entities(path)
+    if "sub" in entities:
+        return {k: v for k, v in entities.items() if k not in ("desc", "space", "res")}
+    stem = Path(path).name.split(".")[0]
+    return {"name": "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)}
+
+
+def _node_name(entities: dict) -> str:
+    return entities.get("name") or bids_name(entities)
+
+
+def _read_mask(path, storage_options):
+    """A 3-D mask image -> (affine, bool array); non-zero voxels are in."""
+    with NiftiReader(path, storage_options) as reader:
+        info = reader.info
+        if len(info.shape) == 4 and info.shape[3] != 1 or len(info.shape) not in (3, 4):
+            raise InputError(f"the mask {path} has shape {info.shape}; a mask is a 3-D image.")
+        (_, raw), = reader.iter_volumes(0, 1)
+        mask = (raw != 0).reshape(info.volume_shape, order="F")
+    return info.affine, mask.copy()
+
+
+def _plan_runs(runs, user_mask, storage_options, sizes, infos=None):
+    """Group runs by grid (affine+shape); the grid mask is the union of run masks."""
+    by_grid = defaultdict(list)
+    for run in runs:
+        info = (infos or {}).get(run.bold) or read_info(run.bold, storage_options)
+        if not _is_run(info):
+            raise InputError(f"{run.bold} has shape {info.shape}; a run must be a 4-D image.")
+        key = (tuple(np.round(info.affine, 4).ravel()), info.volume_shape)
+        by_grid[key].append((run, info))
+    grids, jobs = {}, []
+    for members in by_grid.values():
+        grid = _grid_for(members, user_mask, storage_options)
+        grids[grid.grid_id] = grid
+        jobs.extend(_run_job(run, grid, storage_options, sizes) for run, _ in members)
+    _check_names([job.name for job in jobs])
+    return grids, jobs
+
+
+def _grid_for(members, user_mask, storage_options) -> st.Grid:
+    run, info = members[0]
+    space = run.entities.get("space", "")
+    if user_mask is not None:
+        return _grid_from_user_mask(user_mask, info, space)
+    masks = [run.mask for run, _ in members if run.mask]
+    union = np.zeros(info.volume_shape, dtype=bool)
+    for path in masks:
+        affine, mask = _read_mask(path, storage_options)
+        if mask.shape != union.shape or not np.allclose(affine, info.affine, atol=1e-4):
+            raise InputError(f"the mask {path} is not on the grid of its run {run.bold}.")
+        union |= mask
+    if not masks:
+        union[...] = True
+    return st.Grid(info.affine, union, space)
+
+
+def _grid_from_user_mask(user_mask, info, space):
+    affine, mask = user_mask
+    if mask.shape != info.volume_shape or not np.allclose(affine, info.affine, atol=1e-4):
+        raise InputError(
+            f"mask_img has shape {mask.shape} and affine\n{affine}\nbut {info.path} has "
+            f"shape {info.volume_shape} and affine\n{info.affine}\nResample the mask onto the images' grid."
+        )
+    if not mask.any():
+        raise InputError("mask_img has no non-zero voxel: nothing would be stored.")
+    return st.Grid(info.affine, mask, space)
+
+
+def _run_job(run: RunFiles, grid, storage_options, sizes) -> RunJob:
+    name = st.check_node_name(_node_name(run.entities))
+    entities = {k: v for k, v in run.entities.items() if k != "name"}
+    return RunJob(name=name, bold=run.bold, grid_id=grid.grid_id, entities=entities,
+                  metadata=run.metadata, confounds=run.confounds, events=run.events,
+                  source_key=source_key(run.bold, storage_options), **sizes)
+
+
+def _check_names(names):
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"several inputs would become the same node {twice[:3]}; rename the files.")
+
+
+def _plan_maps(paths, infos, user_mask, collection, map_type, storage_options, sizes):
+    first = infos[paths[0]]
+    odd = [p for p in paths if infos[p].volume_shape != first.volume_shape
+           or not np.allclose(infos[p].affine, first.affine, atol=1e-4)]
+    if odd:
+        raise InputError(
+            f"the images of collection {collection!r} are not on one grid: {paths[0]} has shape "
+            f"{first.volume_shape}, but {len(odd)} differ (e.g. {odd[0]}, shape "
+            f"{infos[odd[0]].volume_shape}). Resample them onto one grid first. Nothing was written."
+        )
+    if user_mask is not None:
+        grid = _grid_from_user_mask(user_mask, first, "")
+    else:
+        grid = st.Grid(first.affine, np.ones(first.volume_shape, dtype=bool), "")
+    labels = tuple(_node_name(_file_entities(p)) for p in paths)
+    _check_names(list(labels))
+    subjects = [parse_entities(p).get("sub", "") for p in paths]
+    coords = {"subject": np.array(subjects, dtype=str)} if any(subjects) else {}
+    job = MapsJob(name=st.check_node_name(collection), images=tuple(paths), grid_id=grid.grid_id,
+                  variable=map_type, labels=labels, coords=coords,
+                  source_keys=tuple(source_key(p, storage_options) for p in paths), **sizes)
+    return grid, job
+
+
+def _pending_jobs(root, plan, report, overwrite):
+    """Drop jobs whose node is complete with an unchanged source."""
+    pending = []
+    for kind, jobs in (("runs", plan.runs), ("maps", plan.maps)):
+        status = st.node_status(root, kind)
+        for job in jobs:
+            if not status.get(job.name):
+                pending.append((kind, job))
+            elif _same_source(root[f"{kind}/{job.name}"], job):
+                report.skipped.append(f"{kind}/{job.name}")
+            elif overwrite:
+                pending.append((kind, job))
+            else:
+                raise InputError(
+                    f"the store already has a complete {kind}/{job.name} converted from a "
+                    "different or changed file. Pass overwrite=True (--overwrite) to replace "
+                    "it, or convert into another store. Nothing was written."
+                )
+    return pending
+
+
+def _same_source(group, job) -> bool:
+    meta = st.node_meta(group)
+    if isinstance(job, RunJob):
+        old = meta.get("source", {})
+        return all(old.get(k) == v for k, v in job.source_key.items())
+    old = meta.get("sources", [])
+    return len(old) == len(job.source_keys) and all(
+        all(o.get(k) == v for k, v in new.items()) for o, new in zip(old, job.source_keys))
+
+
+def _task(kind, job, store, storage_options, input_storage_options):
+    fn = convert_run if kind == "runs" else convert_maps
+    return kind, fn(job, store, storage_options, input_storage_options)
+
+
+def _execute(jobs, store, storage_options, input_storage_options, client, progress):
+    """Run the node tasks (on the cluster when there is one); collect failures."""
+    client = client if client is not None else _default_client()
+    results, failures = [], {}
+    if client is None:
+        for done, (kind, job) in enumerate(jobs, 1):
+            try:
+                results.append(_task(kind, job, store, storage_options, input_storage_options))
+            except Exception as err:  # one bad run must not lose the others
+                failures[f"{kind}/{job.name}"] = f"{type(err).__name__}: {err}"
+            _report(progress, done, len(jobs), f"{kind}/{job.name}")
+        return results, failures
+    return _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress)
+
+
+def _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress):
+    from distributed import as_completed
+
+    futures = {client.submit(_task, kind, job, store, storage_options, input_storage_options,
+                             pure=False, key=f"convert-{kind}-{job.name}"): f"{kind}/{job.name}"
+               for kind, job in jobs}
+    results, failures = [], {}
+    for done, future in enumerate(as_completed(futures), 1):
+        node = futures[future]
+        try:
+            results.append(future.result())
+        except Exception as err:
+            failures[node] = f"{type(err).__name__}: {err}"
+        _report(progress, done, len(futures), node)
+    return results, failures
+
+
+def _default_client():
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _report(progress, done, total, node):
+    if progress is not None:
+        progress(done, total, node)
+
+
+def _provenance(plan, results) -> dict:
+    inputs = []
+    for kind, result in results:
+        if kind == "runs":
+            inputs.append({"node": f"runs/{result['name']}", "path": result["path"], "sha256": result["sha256"], "size": result["size"]})
+        else:
+            inputs.extend({"node": f"maps/{result['name']}", **src} for src in result["sources"])
+    return {"operation": "convert", "options": plan.options, "inputs": inputs}
+
+
+def _failure_message(failures, report):
+    lines = [f"  {node}: {message}" for node, message in sorted(failures.items())]
+    return (
+        f"{len(failures)} node(s) could not be converted into {report.store}; the other "
+        f"{len(report.converted)} were written completely:\n" + "\n".join(lines)
+        + "\nFix these inputs and run the same conversion again: complete nodes are skipped."
+    )

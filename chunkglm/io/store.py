@@ -1,0 +1,293 @@
+"""The cohort store: a zarr v3 group that plain xarray can open.
+
+Layout (see ARCHITECTURE.md)::
+
+    cohort.zarr/            attrs["chunkglm"]: format, version, provenance
+      grids/<grid-id>/      mask (x, y, z) bool, ijk (voxel, 3) int32
+      runs/<bids-name>/     bold (time, voxel) float32, confounds, events
+      maps/<collection>/    <map type> (image, voxel) float32
+
+A node (grid, run or map collection) counts as present only when its
+``attrs["chunkglm"]["complete"]`` is true; that attribute is written last, in
+one metadata write (atomic on local disk and on object stores), so a node cut
+off half-way is recognised and rewritten, never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.errors import UnstableSpecificationWarning
+
+from chunkglm._version import __version__
+from chunkglm.errors import IncompatibleStoreError, InputError, StoreError
+
+FORMAT_NAME = "chunkglm-cohort"
+#: Major.minor of the store format. Readers accept any minor of their major.
+FORMAT_VERSION = "1.0"
+ATTR = "chunkglm"
+KINDS = ("grids", "runs", "maps")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def compressor():
+    """Blosc/zstd with byte shuffle: fast to decode, good on float32 images."""
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
+def is_url(store) -> bool:
+    """True for fsspec URLs other than plain local paths."""
+    return isinstance(store, str) and "://" in store and not store.startswith("file://")
+
+
+def redact_url(url: str) -> str:
+    """Drop any ``user:password@`` part of a URL before it is stored or printed."""
+    return re.sub(r"(://)[^/@]*@", r"\1", str(url))
+
+
+def zarr_store(store, storage_options=None, *, read_only=False):
+    """A zarr Store for a local path, an fsspec URL or an existing Store."""
+    if isinstance(store, zarr.abc.store.Store):
+        return store
+    if is_url(store):
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(store, storage_options=storage_options or {}, read_only=read_only)
+    from zarr.storage import LocalStore
+
+    path = str(store).removeprefix("file://")
+    return LocalStore(path, read_only=read_only)
+
+
+def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
+    """Open (mode "r") or open-or-create (mode "a") a cohort store's root.
+
+    Raises
+    ------
+    StoreError
+        The location holds something that is not a chunkglm store, or (mode
+        "r") nothing at all.
+    IncompatibleStoreError
+        The store's format major version differs from this chunkglm's.
+    """
+    zstore = zarr_store(store, storage_options, read_only=(mode == "r"))
+    try:
+        root = zarr.open_group(zstore, mode="r" if mode == "r" else "a", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise StoreError(
+            f"no cohort store at {redact_url(str(store))}. Create one with "
+            "chunkglm.convert(inputs, store) or `chunkglm convert`."
+        ) from err
+    except (ValueError, zarr.errors.ContainsArrayError) as err:
+        raise StoreError(f"{redact_url(str(store))} is not a zarr v3 group: {err}") from err
+    meta = root.attrs.get(ATTR)
+    if meta is None:
+        if mode == "r" or _has_members(root):
+            raise StoreError(
+                f"{redact_url(str(store))} is a zarr group but not a chunkglm cohort store "
+                "(no 'chunkglm' attributes). Choose an empty or new location."
+            )
+        root.attrs[ATTR] = _new_root_attrs()
+    else:
+        check_format(meta, store)
+    return root
+
+
+def _has_members(group) -> bool:
+    return any(True for _ in group.keys())
+
+
+def _new_root_attrs() -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "chunkglm_version": __version__,
+        "created": _now(),
+        "provenance": [],
+    }
+
+
+def check_format(meta: dict, store) -> None:
+    """Refuse stores of another format or another major format version."""
+    found = str(meta.get("format_version", "?"))
+    if meta.get("format") != FORMAT_NAME or found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise IncompatibleStoreError(
+            f"{redact_url(str(store))} has store format {meta.get('format')!r} version "
+            f"{found} (written by chunkglm {meta.get('chunkglm_version', '?')}); this "
+            f"chunkglm {__version__} reads {FORMAT_NAME} {FORMAT_VERSION.split('.')[0]}.x. "
+            "Convert the inputs again into a new store, or use the chunkglm version "
+            "that wrote it."
+        )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def check_node_name(name: str) -> str:
+    """Node names are BIDS-like labels; they can never address another path."""
+    if not _NODE_NAME.match(name) or ".." in name:
+        raise InputError(
+            f"{name!r} cannot name a store node: use letters, digits and _ . + - "
+            "(BIDS entity strings like sub-01_task-rest_run-1), no slashes."
+        )
+    return name
+
+
+def node_meta(group) -> dict:
+    """The node's chunkglm attributes ({} when absent or unreadable)."""
+    try:
+        return dict(group.attrs.get(ATTR, {}))
+    except Exception:  # a metadata document cut off mid-write reads as absent
+        return {}
+
+
+def is_complete(group) -> bool:
+    """True when the node's completion marker was written."""
+    return bool(node_meta(group).get("complete"))
+
+
+def node_status(root, kind: str) -> dict[str, bool]:
+    """Map node name -> complete? for every node under ``grids``/``runs``/``maps``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; received {kind!r}")
+    if kind not in root:
+        return {}
+    parent = root[kind]
+    status = {}
+    for name in sorted(parent.group_keys()):
+        try:
+            status[name] = is_complete(parent[name])
+        except Exception:  # unreadable metadata: treat as incomplete
+            status[name] = False
+    return status
+
+
+def start_node(root, kind: str, name: str) -> zarr.Group:
+    """Create an empty node, deleting whatever incomplete node was there."""
+    check_node_name(name)
+    path = f"{kind}/{name}"
+    if path in root:
+        del root[path]
+    parent = root.require_group(kind)
+    return parent.create_group(name, attributes={ATTR: {"complete": False}})
+
+
+def finish_node(group, attrs: dict, meta: dict) -> None:
+    """Write the node's attributes and its completion marker, in one write."""
+    full = dict(attrs)
+    full[ATTR] = {**meta, "complete": True, "written": _now(), "chunkglm_version": __version__}
+    group.attrs.put(full)
+
+
+def write_array(group, name, data, dims, *, chunks=None, shards=None, attrs=None):
+    """Write one labelled array (dimension names as xarray reads them)."""
+    data = np.asarray(data)
+    if data.dtype.kind in "OU":
+        data = data.astype(str)
+        codecs = "auto"
+    else:
+        codecs = (compressor(),)
+    with warnings.catch_warnings():
+        # zarr notes that its variable-length string dtype may still change
+        warnings.simplefilter("ignore", UnstableSpecificationWarning)
+        arr = _create(group, name, data, dims, chunks, shards, codecs, attrs)
+        if data.size:
+            arr[...] = data
+    return arr
+
+
+def _create(group, name, data, dims, chunks, shards, codecs, attrs):
+    return group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks or data.shape or (1,),
+        shards=shards,
+        compressors=codecs,
+        dimension_names=dims,
+        attributes=attrs or {},
+        fill_value=None if data.dtype.kind in "U" else 0,
+    )
+
+
+def add_provenance(root, record: dict) -> None:
+    """Append one operation record (never credentials) to the root attributes."""
+    meta = dict(root.attrs[ATTR])
+    meta["provenance"] = [*meta.get("provenance", []), {"time": _now(), **record}]
+    meta["chunkglm_version_last"] = __version__
+    root.attrs[ATTR] = meta
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A voxel grid (affine + shape) with the mask that defines the voxel axis.
+
+    The voxel axis holds in-mask voxels only, flattened in C order over
+    (x, y, z); :attr:`ijk` maps them back to 3-D.
+    """
+
+    affine: np.ndarray
+    mask: np.ndarray
+    space: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape (x, y, z)."""
+        return tuple(int(n) for n in self.mask.shape)
+
+    @cached_property
+    def ijk(self) -> np.ndarray:
+        """Voxel indices, shape (n_voxels, 3), C order."""
+        return np.argwhere(self.mask).astype(np.int32)
+
+    @property
+    def n_voxels(self) -> int:
+        """In-mask voxels."""
+        return int(self.mask.sum())
+
+    @cached_property
+    def grid_id(self) -> str:
+        """Stable id from affine, shape and mask: equal grids share a node."""
+        digest = hashlib.sha256()
+        digest.update(np.asarray(self.affine, dtype="<f8").round(6).tobytes())
+        digest.update(np.asarray(self.shape, dtype="<i8").tobytes())
+        digest.update(np.packbits(self.mask, axis=None).tobytes())
+        prefix = re.sub(r"[^A-Za-z0-9]", "", self.space) or "grid"
+        return f"{prefix}_{digest.hexdigest()[:12]}"
+
+
+def write_grid(root, grid: Grid) -> str:
+    """Write a grid node unless an identical complete one exists; return its id."""
+    name = grid.grid_id
+    if node_status(root, "grids").get(name):
+        return name
+    group = start_node(root, "grids", name)
+    write_array(group, "mask", grid.mask.astype(bool), ("x", "y", "z"))
+    write_array(group, "ijk", grid.ijk, ("voxel", "axis"))
+    attrs = {
+        "affine": np.asarray(grid.affine, dtype=float).tolist(),
+        "shape": list(grid.shape),
+        "space": grid.space,
+        "n_voxels": grid.n_voxels,
+    }
+    finish_node(group, attrs, {"kind": "grid"})
+    return name
+
+
+def read_grid(root, grid_id: str) -> Grid:
+    """Load a grid node (small: a 3-D mask)."""
+    path = f"grids/{grid_id}"
+    if path not in root or not is_complete(root[path]):
+        raise StoreError(f"the store has no complete grid {grid_id!r}; convert the inputs again")
+    group = root[path]
+    attrs = group.attrs.asdict()
+    return Grid(np.asarray(attrs["affine"]), np.asarray(group["mask"][...], dtype=bool), attrs["space"])

@@ -1,0 +1,256 @@
+"""Convert one 4-D run into a store node: the task each worker executes.
+
+Memory per task: when the run's in-mask float32 data (time x voxel) fits in
+``task_memory``, the task holds it once (plus one decompressed volume and an
+8 MiB read buffer) and writes every chunk in one go; peak is about 1.1x the
+masked run. Larger runs take the streaming path: time slabs of at most
+``task_memory / 2`` are written to a staging array, then copied chunk column
+by chunk column into the final (all time, voxel block) layout, so the peak
+stays under ``task_memory`` whatever the run length.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from chunkglm.chunking import plan_row_slabs, plan_voxel_chunks
+from chunkglm.errors import InputError
+from chunkglm.io import store as st
+from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
+
+_STAGING = "_staging"
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Everything a worker needs to convert one run (no credentials stored)."""
+
+    name: str
+    bold: str
+    grid_id: str
+    entities: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    confounds: str | None = None
+    events: str | None = None
+    source_key: dict = field(default_factory=dict)
+    chunk_bytes: int = 64 * 2**20
+    task_memory: int = 2 * 2**30
+
+
+def source_key(path: str, storage_options=None) -> dict:
+    """Identify an input file cheaply (path, size, mtime) to decide skips."""
+    if not st.is_url(path):
+        stat = os.stat(path)
+        return {"path": os.path.abspath(path), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    import fsspec
+
+    fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    info = fs.info(fpath)
+    return {"path": st.redact_url(path), "size": int(info.get("size", -1)), "mtime": str(info.get("LastModified", info.get("mtime", "")))}
+
+
+def convert_run(job: RunJob, store, storage_options=None, input_storage_options=None) -> dict:
+    """Write ``runs/<job.name>``; return a summary (name, sha256, size, shape).
+
+    An existing incomplete node is deleted first; the completion marker is
+    written last, so an interrupted task leaves a node the next run redoes.
+    """
+    root = st.open_root(store, storage_options, mode="a")
+    grid = _cached_grid(root, store, job.grid_id)
+    with NiftiReader(job.bold, input_storage_options) as reader:
+        info = reader.info
+        _check_run_grid(info, grid, job.bold)
+        confounds = _read_table(job.confounds, input_storage_options)
+        _check_confounds(confounds, info.n_volumes, job)
+        events = _read_table(job.events, input_storage_options)
+        node = st.start_node(root, "runs", job.name)
+        try:
+            plan = plan_voxel_chunks(info.n_volumes, grid.n_voxels, 4, job.chunk_bytes)
+            fidx = fortran_indices(grid.ijk, grid.shape)
+
+            def fill(out, start, stop):
+                return _fill_rows(reader, fidx, out, start, stop)
+
+            write_rows(node, "bold", ("time", "voxel"), plan, fill, job.task_memory, job.bold)
+            sha256, size = reader.finish()
+        except BaseException:
+            _discard(root, job.name)
+            raise
+    _write_tables(node, confounds, events, info)
+    attrs = _run_attrs(job, info)
+    source = {**job.source_key, "sha256": sha256, "size": size}
+    st.finish_node(node, attrs, {"kind": "run", "source": source, "nifti_header": header_to_text(info.header_bytes)})
+    return {"name": job.name, "path": job.source_key.get("path", st.redact_url(job.bold)),
+            "sha256": sha256, "size": size, "shape": [info.n_volumes, grid.n_voxels]}
+
+
+_GRID_CACHE: dict = {}
+
+
+def _cached_grid(root, store, grid_id):
+    """Grids are small and immutable: read each once per worker process."""
+    key = (str(store), grid_id)
+    if key not in _GRID_CACHE:
+        _GRID_CACHE[key] = st.read_grid(root, grid_id)
+    return _GRID_CACHE[key]
+
+
+def _discard(root, name):
+    path = f"runs/{name}"
+    if path in root:
+        del root[path]
+
+
+def _check_run_grid(info, grid, path):
+    if len(info.shape) != 4 or any(n != m for n, m in zip(info.volume_shape, grid.shape)):
+        raise InputError(
+            f"{path} has shape {info.shape}; its run needs a 4-D image on the grid "
+            f"{grid.shape}. Resample it onto the mask's grid first."
+        )
+    if not np.allclose(info.affine, grid.affine, atol=1e-4):
+        raise InputError(f"{path}: its affine differs from its mask's affine:\n{info.affine}\nvs\n{grid.affine}")
+
+
+def _fill_rows(reader, fidx, out, start, stop):
+    """Decompress volumes [start, stop) into ``out`` rows (in-mask, float32).
+
+    Returns True when any value is finite.
+    """
+    info = reader.info
+    finite = False
+    for index, raw in reader.iter_volumes(start=start, stop=stop):
+        row = scale_values(raw[fidx], info.slope, info.inter)
+        out[index - start] = row
+        finite = finite or bool(np.isfinite(row).any())
+    return finite
+
+
+def nan_only_error(what):
+    """The error for inputs with no finite value inside the mask."""
+    return InputError(
+        f"{what} holds only NaN (or inf) inside the mask: there is nothing to model. "
+        "Check the input (a failed preprocessing step?) or leave it out."
+    )
+
+
+def write_rows(node, name, dims, plan, fill, task_memory, what):
+    """Write a ``(rows, voxel)`` float32 array whose rows come from ``fill``.
+
+    ``fill(out, start, stop)`` writes rows [start, stop) into ``out`` and
+    returns whether any value was finite. Rows arrive in order, once each
+    (a gzip stream cannot seek). Arrays that fit ``task_memory`` are filled
+    in memory; larger ones go through a staging array by row slabs.
+    """
+    n_rows, n_vox = plan.shape
+    if n_rows * n_vox * 4 <= task_memory:
+        data = np.empty(plan.shape, dtype=np.float32)
+        if not fill(data, 0, n_rows) and n_vox:
+            raise nan_only_error(what)
+        st.write_array(node, name, data, dims, chunks=plan.chunks, shards=plan.shards)
+        return
+    staging = _stage_rows(node, dims, plan, fill, task_memory, what)
+    final = node.create_array(
+        name, shape=plan.shape, dtype="float32", chunks=plan.chunks, shards=plan.shards,
+        compressors=(st.compressor(),), dimension_names=dims, fill_value=0,
+    )
+    for block in plan.write_slices():
+        final[:, block] = staging[:, block]
+    del node[_STAGING]
+
+
+def _stage_rows(node, dims, plan, fill, task_memory, what):
+    n_rows, n_vox = plan.shape
+    slab = plan_row_slabs(n_rows, n_vox, 4, task_memory // 2)
+    staging = node.create_array(
+        _STAGING, shape=plan.shape, dtype="float32", chunks=(slab, plan.chunks[1]),
+        compressors=(st.compressor(),), dimension_names=dims, fill_value=0,
+    )
+    any_finite = False
+    buffer = np.empty((slab, n_vox), dtype=np.float32)
+    for start in range(0, n_rows, slab):
+        stop = min(start + slab, n_rows)
+        any_finite |= fill(buffer, start, stop)
+        staging[start:stop] = buffer[: stop - start]
+    if not any_finite and n_vox:
+        raise nan_only_error(what)
+    return staging
+
+
+def _read_table(path, storage_options):
+    if path is None:
+        return None
+    import fsspec
+
+    with fsspec.open(path, "rt", **(storage_options or {})) as handle:
+        return pd.read_csv(handle, sep="\t", na_values=["n/a", "NaN", "nan"], keep_default_na=False)
+
+
+def _check_confounds(confounds, n_volumes, job):
+    if confounds is not None and len(confounds) != n_volumes:
+        raise InputError(
+            f"{job.confounds} has {len(confounds)} rows but {job.bold} has {n_volumes} "
+            "volumes: confounds need one row per volume."
+        )
+
+
+_RESERVED = {"bold", "time", "confound", "confounds", "event"}
+
+
+def _write_tables(node, confounds, events, info):
+    tr = float(info.header.get_zooms()[3]) if len(info.shape) == 4 else 0.0
+    st.write_array(node, "time", np.arange(info.n_volumes) * _seconds(tr, info), ("time",),
+                   attrs={"units": "s", "long_name": "volume acquisition onset"})
+    if confounds is not None:
+        numeric = confounds.apply(pd.to_numeric, errors="coerce").astype(np.float64)
+        st.write_array(node, "confound", np.array(list(confounds.columns), dtype=str), ("confound",))
+        st.write_array(node, "confounds", numeric.to_numpy(), ("time", "confound"))
+    if events is not None:
+        _write_events(node, events)
+
+
+def _write_events(node, events):
+    if "onset" not in events or "duration" not in events:
+        raise InputError(f"events tables need 'onset' and 'duration' columns; found {list(events.columns)}")
+    for column in events.columns:
+        name = f"event_{column}" if column in _RESERVED else column
+        values = events[column]
+        if pd.api.types.is_numeric_dtype(values):
+            data = values.to_numpy(dtype=np.float64)
+        else:
+            data = values.fillna("n/a").astype(str).to_numpy(dtype=str)
+        st.write_array(node, name, data, ("event",))
+
+
+def _seconds(tr, info):
+    """The 4th zoom in seconds (NIfTI allows ms and us units)."""
+    unit = info.header.get_xyzt_units()[1]
+    return tr / 1000.0 if unit == "msec" else tr / 1e6 if unit == "usec" else tr
+
+
+def _run_attrs(job, info):
+    zooms = [float(z) for z in info.header.get_zooms()]
+    tr = job.metadata.get("RepetitionTime", _seconds(zooms[3], info) if len(zooms) > 3 else None)
+    start = job.metadata.get("StartTime")
+    ref = job.metadata.get("slice_time_ref")
+    if ref is None and start is not None and tr:
+        ref = float(start) / float(tr)
+    return {
+        "grid_id": job.grid_id,
+        "entities": dict(job.entities),
+        "subject": job.entities.get("sub"),
+        "session": job.entities.get("ses"),
+        "task": job.entities.get("task"),
+        "run": job.entities.get("run"),
+        "RepetitionTime": tr,
+        "slice_time_ref": ref,
+        "sidecar": dict(job.metadata),
+        "zooms": zooms,
+        "source_dtype": str(info.dtype),
+        "scl_slope": float(info.slope),
+        "scl_inter": float(info.inter),
+        "shape": list(info.shape),
+    }
