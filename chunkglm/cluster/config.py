@@ -38,6 +38,8 @@ from typing import Any, Union
 import yaml
 from dask.utils import parse_bytes
 
+from chunkglm.errors import ChunkglmError
+
 __all__ = [
     "AVAILABLE_TYPES",
     "ClusterConfig",
@@ -73,7 +75,7 @@ REDACTED = "***"
 ConfigLike = Union[None, str, os.PathLike, Mapping[str, Any]]
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ChunkglmError, ValueError):
     """A cluster config could not be found, parsed, validated or started."""
 
 
