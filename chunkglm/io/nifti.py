@@ -97,11 +97,20 @@ def is_gzip_path(path: str) -> bool:
 
 
 class _HashingReader(io.RawIOBase):
-    """A raw stream that hashes (sha256) every byte read through it."""
+    """A raw stream that hashes (sha256) every byte read through it.
+
+    Hashing runs on a background thread (hashlib releases the GIL on large
+    buffers), overlapping with decompression and voxel gathering instead of
+    adding to them.
+    """
 
     def __init__(self, raw):
+        from concurrent.futures import ThreadPoolExecutor
+
         self._raw = raw
-        self.sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunkglm-sha256")
+        self._pending = None
         self.n_bytes = 0
 
     def readable(self):
@@ -110,9 +119,23 @@ class _HashingReader(io.RawIOBase):
     def readinto(self, buffer):
         n = self._raw.readinto(buffer)
         if n:
-            self.sha256.update(memoryview(buffer)[:n])
+            block = bytes(memoryview(buffer)[:n])  # the caller reuses its buffer
+            if self._pending is not None:
+                self._pending.result()  # keep order, and at most one block in flight
+            self._pending = self._hasher.submit(self._sha256.update, block)
             self.n_bytes += n
         return n
+
+    def hexdigest(self) -> str:
+        """sha256 of everything read so far."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        return self._sha256.hexdigest()
+
+    def close(self):
+        self._hasher.shutdown(wait=True)
+        super().close()
 
 
 def _open_raw(path: str, storage_options: dict | None):
@@ -156,16 +179,18 @@ class NiftiReader:
         self._hasher = _HashingReader(self._raw)
         buffered = io.BufferedReader(self._hasher, buffer_size=_READ_BYTES)
         if is_gzip_path(self.path):
-            from isal import igzip
+            from isal import igzip_threaded
 
-            self._stream = igzip.IGzipFile(fileobj=buffered, mode="rb")
+            # Decompression runs on ISA-L's reader thread (it releases the GIL),
+            # hashing on another, voxel gathering on the caller's: ~one pass.
+            self._stream = igzip_threaded.open(buffered, "rb", threads=1)
         else:
             self._stream = buffered
         self.info = self._read_header()
         return self
 
     def __exit__(self, *exc):
-        for handle in (self._stream, self._raw):
+        for handle in (self._stream, self._hasher, self._raw):
             if handle is not None:
                 handle.close()
 
@@ -229,7 +254,7 @@ class NiftiReader:
             pass
         while self._hasher.read(_READ_BYTES):
             pass
-        return self._hasher.sha256.hexdigest(), self._hasher.n_bytes
+        return self._hasher.hexdigest(), self._hasher.n_bytes
 
 
 def _header_size(first4: bytes, path: str) -> int:

@@ -1,16 +1,21 @@
 """Convert one 4-D run into a store node: the task each worker executes.
 
-Memory per task: when the run's in-mask float32 data (time x voxel) fits in
-``task_memory``, the task holds it once (plus one decompressed volume and an
-8 MiB read buffer) and writes every chunk in one go; peak is about 1.1x the
-masked run. Larger runs take the streaming path: time slabs of at most
-``task_memory / 2`` are written to a staging array, then copied chunk column
-by chunk column into the final (all time, voxel block) layout, so the peak
-stays under ``task_memory`` whatever the run length.
+Memory per task (measured in benchmarks/results/convert.md):
+
+- in memory, when the run's in-mask float32 data (time x voxel) plus two
+  chunks fit in ``task_memory``: the masked run once, plus one decompressed
+  volume, the read buffers and one chunk per core being encoded -- about 2x
+  the masked run at the peak (520 MiB for a 266 MiB realistic run);
+- streaming, for larger runs: time slabs of ``task_memory / 4`` go to a
+  staging array (slab, chunk copies being encoded, their compressed output:
+  about ``task_memory / 2``), then each final chunk is assembled from the
+  staging pieces and written: at most ``task_memory`` plus ~4 chunks
+  (``chunk_bytes``), independent of the run's length.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass, field
 
@@ -142,39 +147,73 @@ def write_rows(node, name, dims, plan, fill, task_memory, what):
 
     ``fill(out, start, stop)`` writes rows [start, stop) into ``out`` and
     returns whether any value was finite. Rows arrive in order, once each
-    (a gzip stream cannot seek). Arrays that fit ``task_memory`` are filled
-    in memory; larger ones go through a staging array by row slabs.
+    (a gzip stream cannot seek). Arrays that fit ``task_memory`` (with room
+    for two chunks being encoded) are filled in memory; larger ones go
+    through a staging array by row slabs of ``task_memory / 2``. Writes go
+    one chunk (or shard) at a time so encoding never holds a second copy.
     """
     n_rows, n_vox = plan.shape
-    if n_rows * n_vox * 4 <= task_memory:
+    unit_bytes = n_rows * (plan.shards or plan.chunks)[1] * 4
+    final = _create_float_array(node, name, plan.shape, plan.chunks, plan.shards, dims)
+    if n_rows * n_vox * 4 + 2 * unit_bytes <= task_memory:
         data = np.empty(plan.shape, dtype=np.float32)
         if not fill(data, 0, n_rows) and n_vox:
             raise nan_only_error(what)
-        st.write_array(node, name, data, dims, chunks=plan.chunks, shards=plan.shards)
+        _write_by_block(final, data, 0, plan.write_slices())
         return
     staging = _stage_rows(node, dims, plan, fill, task_memory, what)
-    final = node.create_array(
-        name, shape=plan.shape, dtype="float32", chunks=plan.chunks, shards=plan.shards,
-        compressors=(st.compressor(),), dimension_names=dims, fill_value=0,
-    )
+    release_free_memory()
     for block in plan.write_slices():
         final[:, block] = staging[:, block]
     del node[_STAGING]
 
 
-def _stage_rows(node, dims, plan, fill, task_memory, what):
-    n_rows, n_vox = plan.shape
-    slab = plan_row_slabs(n_rows, n_vox, 4, task_memory // 2)
-    staging = node.create_array(
-        _STAGING, shape=plan.shape, dtype="float32", chunks=(slab, plan.chunks[1]),
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it per thread arena).
+
+    Between the staging and copy phases the freed slab buffers would
+    otherwise stay in the process's RSS; dask.distributed trims its workers
+    the same way.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _create_float_array(node, name, shape, chunks, shards, dims):
+    return node.create_array(
+        name, shape=shape, dtype="float32", chunks=chunks, shards=shards,
         compressors=(st.compressor(),), dimension_names=dims, fill_value=0,
     )
+
+
+def _write_by_block(array, rows, row_start, slices):
+    """Write ``rows`` into ``array[row_start:...]``, a few voxel blocks at a time.
+
+    One block per usable core is encoded concurrently: the speed of one big
+    write without its memory (a copy and a compressed output of every chunk).
+    """
+    stop = row_start + len(rows)
+    group = max(1, len(os.sched_getaffinity(0)))
+    for first in range(0, len(slices), group):
+        last = slices[min(first + group, len(slices)) - 1]
+        block = slice(slices[first].start, last.stop)
+        array[row_start:stop, block] = rows[:, block]
+
+
+def _stage_rows(node, dims, plan, fill, task_memory, what):
+    n_rows, n_vox = plan.shape
+    # The slab buffer is about half of what staging holds (the chunk copies
+    # being encoded and their compressed outputs are the rest).
+    slab = plan_row_slabs(n_rows, n_vox, 4, task_memory // 4)
+    staging = _create_float_array(node, _STAGING, plan.shape, (slab, plan.chunks[1]), None, dims)
     any_finite = False
     buffer = np.empty((slab, n_vox), dtype=np.float32)
     for start in range(0, n_rows, slab):
         stop = min(start + slab, n_rows)
         any_finite |= fill(buffer, start, stop)
-        staging[start:stop] = buffer[: stop - start]
+        _write_by_block(staging, buffer[: stop - start], start, plan.block_slices())
     if not any_finite and n_vox:
         raise nan_only_error(what)
     return staging
