@@ -201,3 +201,20 @@ def test_reconversion_of_a_complete_store_is_a_no_op(tiny_bids, tmp_path):
     after = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
     assert report.converted == [] and len(report.skipped) == len(tiny_bids.runs)
     assert before == after  # not a single byte rewritten
+
+
+def test_events_columns_that_collide_with_run_variables_survive(tiny_bids, tmp_path):
+    import shutil
+
+    root = tmp_path / "bids"
+    shutil.copytree(tiny_bids.root, root)
+    run = tiny_bids.runs[0]
+    events_path = root / run.events_path.relative_to(tiny_bids.root)
+    events = pd.read_csv(events_path, sep="\t")
+    events["time"] = np.arange(len(events), dtype=float)  # collides with the time axis
+    events["event_type"] = "x"  # looks like a prefixed name, is not one
+    events.to_csv(events_path, sep="\t", index=False)
+    store = tmp_path / "c.zarr"
+    chunkglm.convert(root, store, subjects=run.subject)
+    stored = chunkglm.open_cohort(store).runs[run.name].events
+    pd.testing.assert_frame_equal(stored[events.columns.tolist()], events, check_dtype=False)

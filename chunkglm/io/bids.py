@@ -149,8 +149,7 @@ def _run_files(bold: Path, raw: Path) -> RunFiles:
     events = _find_events(bold, raw, base)
     return RunFiles(
         bold=str(bold),
-        entities={k: v for k, v in entities.items() if k not in ("space", "desc", "res")} | (
-            {"space": entities["space"]} if "space" in entities else {}),
+        entities={k: v for k, v in entities.items() if k not in ("desc", "res")},
         mask=str(mask) if mask else None,
         confounds=str(confounds[0]) if confounds else None,
         events=str(events) if events else None,

@@ -71,10 +71,16 @@ class Node:
         ds = self.to_dataset()
         if "event" not in ds.dims:
             return None
-        columns = {name: ds[name].values for name in ds.data_vars if ds[name].dims == ("event",)}
         import pandas as pd
 
-        return pd.DataFrame({k.removeprefix("event_"): v for k, v in columns.items()})
+        from chunkglm.io.write_run import RESERVED_EVENT_COLUMNS
+
+        columns = {}
+        for name in ds.data_vars:
+            if ds[name].dims == ("event",):
+                bare = name.removeprefix("event_")
+                columns[bare if bare in RESERVED_EVENT_COLUMNS else name] = ds[name].values
+        return pd.DataFrame(columns)
 
     @property
     def confounds(self):

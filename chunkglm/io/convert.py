@@ -9,6 +9,7 @@ that are complete and whose source file is unchanged, and redoes the others.
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -202,7 +203,7 @@ def _read_mask(path, storage_options):
     """A 3-D mask image -> (affine, bool array); non-zero voxels are in."""
     with NiftiReader(path, storage_options) as reader:
         info = reader.info
-        if len(info.shape) == 4 and info.shape[3] != 1 or len(info.shape) not in (3, 4):
+        if len(info.shape) not in (3, 4) or (len(info.shape) == 4 and info.shape[3] != 1):
             raise InputError(f"the mask {path} has shape {info.shape}; a mask is a 3-D image.")
         (_, raw), = reader.iter_volumes(0, 1)
         mask = (raw != 0).reshape(info.volume_shape, order="F")
@@ -348,8 +349,9 @@ def _execute(jobs, store, storage_options, input_storage_options, client, progre
 def _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress):
     from distributed import as_completed
 
+    token = uuid.uuid4().hex[:8]  # readable keys on the dashboard, unique per call
     futures = {client.submit(_task, kind, job, store, storage_options, input_storage_options,
-                             pure=False, key=f"convert-{kind}-{job.name}"): f"{kind}/{job.name}"
+                             key=f"convert-{kind}-{job.name}-{token}"): f"{kind}/{job.name}"
                for kind, job in jobs}
     results, failures = [], {}
     for done, future in enumerate(as_completed(futures), 1):

@@ -236,7 +236,8 @@ def _check_confounds(confounds, n_volumes, job):
         )
 
 
-_RESERVED = {"bold", "time", "confound", "confounds", "event"}
+#: Events columns that would collide with run variables are stored as ``event_<name>``.
+RESERVED_EVENT_COLUMNS = frozenset({"bold", "time", "confound", "confounds", "event"})
 
 
 def _write_tables(node, confounds, events, info):
@@ -255,7 +256,7 @@ def _write_events(node, events):
     if "onset" not in events or "duration" not in events:
         raise InputError(f"events tables need 'onset' and 'duration' columns; found {list(events.columns)}")
     for column in events.columns:
-        name = f"event_{column}" if column in _RESERVED else column
+        name = f"event_{column}" if column in RESERVED_EVENT_COLUMNS else column
         values = events[column]
         if pd.api.types.is_numeric_dtype(values):
             data = values.to_numpy(dtype=np.float64)
