@@ -19,31 +19,34 @@ import nibabel as nib
 import numpy as np
 
 
-def _dataset(out: Path, size: str, n_subjects: int):
+def _dataset(out: Path, size: str, n_subjects: int) -> Path:
+    """The synthetic BIDS root, generated once per (size, subjects)."""
     from chunkglm.testing import make_synthetic_bids
 
     params = {"size": size, "n_subjects": n_subjects, "seed": 0}
     bids, stamp = out / "bids", out / "bids_params.json"
     if bids.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
         print(f"reusing the synthetic dataset in {bids}")
-    elif bids.exists():
-        shutil.rmtree(bids)
+        return bids
+    shutil.rmtree(bids, ignore_errors=True)
     start = time.perf_counter()
-    dataset = make_synthetic_bids(bids, n_subjects=n_subjects, size=size, seed=0)
+    make_synthetic_bids(bids, n_subjects=n_subjects, size=size, seed=0)
     stamp.write_text(json.dumps(params))
     print(f"synthetic BIDS dataset ({size}, {n_subjects} subjects): {bids} "
           f"[{time.perf_counter() - start:.1f} s]")
-    return dataset
+    return bids
 
 
-def _check_round_trip(cohort, dataset, out: Path) -> Path:
-    run = dataset.runs[0]
+def _check_round_trip(cohort, bids: Path, out: Path) -> Path:
+    from chunkglm.io.bids import discover_runs
+
+    run = discover_runs(bids)[0]
     path = out / "roundtrip" / f"{run.name}_desc-roundtrip_bold.nii.gz"
     node = cohort.runs[run.name]
     node.to_nifti(path)
     mask = node.grid.mask
     same = np.array_equal(nib.load(path).get_fdata(dtype=np.float32)[mask],
-                          np.asarray(nib.load(run.bold_path).dataobj, dtype=np.float32)[mask])
+                          np.asarray(nib.load(run.bold).dataobj, dtype=np.float32)[mask])
     print(f"round trip store -> NIfTI bit-exact inside the mask: {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit(f"round trip differs for {run.name}")
@@ -58,18 +61,18 @@ def run_demo(out="demo_output", *, size="small", n_subjects=4, cluster="local") 
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    dataset = _dataset(out, size, n_subjects)
+    bids = _dataset(out, size, n_subjects)
     store = out / "cohort.zarr"
     with cluster_client(cluster) as client:
         dashboard = getattr(client, "dashboard_link", None)
         start = time.perf_counter()
-        report = convert(dataset.root, store, client=client, progress=print_progress)
+        report = convert(bids, store, client=client, progress=print_progress)
         print(f"converted {len(report.converted)} run(s), skipped {len(report.skipped)} "
               f"already complete [{time.perf_counter() - start:.1f} s]")
         cohort = open_cohort(store)
-        roundtrip = _check_round_trip(cohort, dataset, out)
+        roundtrip = _check_round_trip(cohort, bids, out)
     print("\nResults")
-    print(f"  BIDS input:        {dataset.root}")
+    print(f"  BIDS input:        {bids}")
     print(f"  cohort store:      {store}  ({cohort!r})")
     print(f"  NIfTI round trip:  {roundtrip}")
     print(f"  dashboard:         {dashboard or 'none (no cluster)'}")

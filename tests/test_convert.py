@@ -218,3 +218,18 @@ def test_events_columns_that_collide_with_run_variables_survive(tiny_bids, tmp_p
     chunkglm.convert(root, store, subjects=run.subject)
     stored = chunkglm.open_cohort(store).runs[run.name].events
     pd.testing.assert_frame_equal(stored[events.columns.tolist()], events, check_dtype=False)
+
+
+def test_a_touched_or_copied_source_with_the_same_content_is_not_redone(tiny_bids, tmp_path):
+    import os
+
+    store = tmp_path / "touch.zarr"
+    chunkglm.convert(tiny_bids.root, store, subjects="01")
+    bold = tiny_bids.runs[0].bold_path
+    stat = bold.stat()
+    try:
+        os.utime(bold, (stat.st_atime, stat.st_mtime + 100))
+        report = chunkglm.convert(tiny_bids.root, store, subjects="01")
+    finally:
+        os.utime(bold, (stat.st_atime, stat.st_mtime))
+    assert report.converted == [] and report.skipped == [f"runs/{tiny_bids.runs[0].name}"]

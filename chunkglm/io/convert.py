@@ -112,7 +112,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     report = ConversionReport(store=st.redact_url(str(store)), grids=sorted(plan.grids))
     for grid in plan.grids.values():
         st.write_grid(root, grid)
-    jobs = _pending_jobs(root, plan, report, overwrite)
+    jobs = _pending_jobs(root, plan, report, overwrite, input_storage_options)
     results, failures = _execute(jobs, _store_arg(store), storage_options, input_storage_options, client, progress)
     report.converted = [f"{kind}/{r['name']}" for kind, r in results]
     if results:
@@ -295,7 +295,7 @@ def _plan_maps(paths, infos, user_mask, collection, map_type, storage_options, s
     return grid, job
 
 
-def _pending_jobs(root, plan, report, overwrite):
+def _pending_jobs(root, plan, report, overwrite, storage_options=None):
     """Drop jobs whose node is complete with an unchanged source."""
     pending = []
     for kind, jobs in (("runs", plan.runs), ("maps", plan.maps)):
@@ -303,7 +303,7 @@ def _pending_jobs(root, plan, report, overwrite):
         for job in jobs:
             if not status.get(job.name):
                 pending.append((kind, job))
-            elif _same_source(root[f"{kind}/{job.name}"], job):
+            elif _same_source(root[f"{kind}/{job.name}"], job, storage_options):
                 report.skipped.append(f"{kind}/{job.name}")
             elif overwrite:
                 pending.append((kind, job))
@@ -316,14 +316,34 @@ def _pending_jobs(root, plan, report, overwrite):
     return pending
 
 
-def _same_source(group, job) -> bool:
+def _same_source(group, job, storage_options) -> bool:
+    """Same path and size, and same mtime or (copied/touched file) same sha256."""
     meta = st.node_meta(group)
     if isinstance(job, RunJob):
-        old = meta.get("source", {})
-        return all(old.get(k) == v for k, v in job.source_key.items())
+        return _same_file(meta.get("source", {}), job.source_key, job.bold, storage_options)
     old = meta.get("sources", [])
     return len(old) == len(job.source_keys) and all(
-        all(o.get(k) == v for k, v in new.items()) for o, new in zip(old, job.source_keys))
+        _same_file(o, new, path, storage_options)
+        for o, new, path in zip(old, job.source_keys, job.images))
+
+
+def _same_file(old: dict, new: dict, path: str, storage_options) -> bool:
+    if old.get("path") != new["path"] or old.get("size") != new["size"]:
+        return False
+    return old.get("mtime") == new.get("mtime") or old.get("sha256") == file_sha256(path, storage_options)
+
+
+def file_sha256(path: str, storage_options=None) -> str:
+    """sha256 of a local file or fsspec URL, read in 8 MiB blocks."""
+    import hashlib
+
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
+        while block := handle.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _task(kind, job, store, storage_options, input_storage_options):
