@@ -1,0 +1,1 @@
+"""Pure numpy kernels on one block (no dask). See ARCHITECTURE.md, Layers."""

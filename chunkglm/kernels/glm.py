@@ -1,0 +1,231 @@
+"""First-level GLM kernels: OLS and AR(1) exactly as nilearn, from moments.
+
+Pure numpy on one voxel block; no dask. Every statistic is computed from
+*sufficient statistics* of the block, gathered in one pass over the data
+(three GEMMs and a few column reductions, :func:`block_moments`). After that
+pass the 4-D data are never touched again: OLS, the Yule-Walker AR(1)
+estimate, the per-bin AR(1) refit and every contrast follow from the
+moments, so one read of each chunk serves all outputs.
+
+nilearn whitens with x~_0 = x_0, x~_t = x_t - rho x_{t-1} (first row kept).
+Hence, with W the whitening operator,
+
+    X~' W y = M0 - rho M1 + rho^2 M2
+    M0 = X'Y,  M1 = X[1:]'Y[:-1] + X[:-1]'Y[1:],  M2 = X[:-1]'Y[:-1]
+
+and the same for X~'X~ and ||W y||^2. Shapes: Y (time, voxel), X (time, regressor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DesignMoments:
+    """Moments of the design X (time, p) that every whitened fit needs."""
+
+    xtx: np.ndarray  # X'X
+    x_lag: np.ndarray  # X[1:]'X[:-1] + X[:-1]'X[1:]
+    x_head: np.ndarray  # X[:-1]'X[:-1]
+    col_sum: np.ndarray  # 1'X
+    head_sum: np.ndarray  # 1'X[:-1]
+    tail_sum: np.ndarray  # 1'X[1:]
+    n_time: int
+
+    @classmethod
+    def from_design(cls, X: np.ndarray) -> DesignMoments:
+        """Compute from a design matrix of shape (time, regressor)."""
+        X = np.asarray(X, dtype=np.float64)
+        lag = X[1:].T @ X[:-1]
+        return cls(X.T @ X, lag + lag.T, X[:-1].T @ X[:-1], X.sum(0), X[:-1].sum(0),
+                   X[1:].sum(0), X.shape[0])
+
+    @property
+    def n_regressors(self) -> int:
+        """p, the number of columns."""
+        return self.xtx.shape[0]
+
+    def whitened_gram(self, rho: float) -> np.ndarray:
+        """X~'X~ for AR(1) coefficient ``rho`` (rho = 0: OLS)."""
+        return self.xtx - rho * self.x_lag + rho * rho * self.x_head
+
+
+@dataclass(frozen=True)
+class BlockMoments:
+    """Sufficient statistics of one (time, voxel) block for a design X.
+
+    All arrays have the voxel axis last; per-voxel scalars are (voxel,).
+    """
+
+    m0: np.ndarray  # X'Y                            (p, voxel)
+    m1: np.ndarray  # X[1:]'Y[:-1] + X[:-1]'Y[1:]     (p, voxel)
+    m2: np.ndarray  # X[:-1]'Y[:-1]                  (p, voxel)
+    q0: np.ndarray  # sum_t y_t^2
+    q1: np.ndarray  # sum_t y_t y_{t-1}
+    q2: np.ndarray  # sum_{t<n-1} y_t^2
+    y_sum: np.ndarray  # sum_t y_t
+    y_head: np.ndarray  # sum_{t<n-1} y_t
+    y_tail: np.ndarray  # sum_{t>0} y_t
+
+
+def block_moments(X: np.ndarray, Y: np.ndarray) -> BlockMoments:
+    """One pass over a data block: three GEMMs and column reductions.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_time, n_regressors)
+    Y : ndarray of shape (n_time, n_voxels)
+        Any float dtype; computed in float64 as nilearn does.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"X has {X.shape[0]} rows (time points) but Y has {Y.shape[0]}: "
+            f"You provided X with shape {X.shape} and Y with shape {Y.shape}."
+        )
+    m0 = X.T @ Y
+    m1 = X[1:].T @ Y[:-1] + X[:-1].T @ Y[1:]
+    m2 = m0 - np.outer(X[-1], Y[-1])
+    q0 = np.einsum("tv,tv->v", Y, Y)
+    q1 = np.einsum("tv,tv->v", Y[1:], Y[:-1])
+    y_sum = Y.sum(0)
+    return BlockMoments(m0, m1, m2, q0, q1, q0 - Y[-1] ** 2, y_sum, y_sum - Y[-1], y_sum - Y[0])
+
+
+@dataclass(frozen=True)
+class OLSResiduals:
+    """What Yule-Walker needs from the OLS residuals e = y - X beta, per voxel."""
+
+    e_sum: np.ndarray  # sum_t e_t
+    e_head: np.ndarray  # sum_{t<n-1} e_t
+    e_tail: np.ndarray  # sum_{t>0} e_t
+    ss0: np.ndarray  # sum_t e_t^2
+    ss1: np.ndarray  # sum_t e_t e_{t-1}
+
+
+def solve_gram(gram: np.ndarray) -> np.ndarray:
+    """(X~'X~)^-1, which equals nilearn's pinv(X~) pinv(X~)' for a full-rank design."""
+    return np.linalg.inv(gram)
+
+
+def ols_residual_stats(dm: DesignMoments, bm: BlockMoments) -> tuple[np.ndarray, OLSResiduals]:
+    """OLS betas (p, voxel) and the residual sums Yule-Walker needs."""
+    beta = solve_gram(dm.xtx) @ bm.m0
+    lag_x = 0.5 * dm.x_lag  # X[1:]'X[:-1] symmetrised: b'K b is the same
+    ss0 = bm.q0 - np.einsum("pv,pv->v", beta, bm.m0)
+    ss1 = bm.q1 - np.einsum("pv,pv->v", beta, bm.m1) + np.einsum("pv,pq,qv->v", beta, lag_x, beta)
+    stats = OLSResiduals(
+        e_sum=bm.y_sum - dm.col_sum @ beta,
+        e_head=bm.y_head - dm.head_sum @ beta,
+        e_tail=bm.y_tail - dm.tail_sum @ beta,
+        ss0=ss0,
+        ss1=ss1,
+    )
+    return beta, stats
+
+
+def yule_walker_ar1(stats: OLSResiduals, grand_mean: float, n_time: int) -> np.ndarray:
+    """AR(1) coefficient per voxel, as nilearn's ``_yule_walker(e, 1)``.
+
+    nilearn centres the residuals on the *grand* mean of the whole residual
+    array (all voxels): ``grand_mean`` is that global reduction, done by the
+    caller over every block (~0 when the design has an intercept).
+    """
+    m, n = grand_mean, n_time
+    c0 = stats.ss0 - 2 * m * stats.e_sum + n * m * m
+    c1 = stats.ss1 - m * (stats.e_head + stats.e_tail) + (n - 1) * m * m
+    r0 = c0 / (n * n)
+    r1 = c1 / ((n - 1) * n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return r1 / r0
+
+
+def bin_ar1(rho: np.ndarray, bins: int = 100) -> np.ndarray:
+    """Truncate coefficients into ``bins`` levels, exactly as nilearn does."""
+    return (rho * bins).astype(int) * 1.0 / bins
+
+
+@dataclass(frozen=True)
+class GLMFit:
+    """A fitted block: what every contrast needs, nothing of the 4-D data.
+
+    Attributes
+    ----------
+    beta : ndarray (p, voxel)
+    dispersion : ndarray (voxel,)
+        SSE / (n_time - p), as nilearn.
+    rho : ndarray (voxel,)
+        The (binned) AR(1) coefficient of each voxel; 0 for OLS.
+    levels : ndarray (n_levels,)
+        Distinct values of ``rho``.
+    level_index : ndarray (voxel,) of int
+        Index into ``levels`` / ``cov`` for each voxel.
+    cov : ndarray (n_levels, p, p)
+        Normalised covariance (X~'X~)^-1 of each level.
+    df_residuals : int
+        n_time - rank(X).
+    """
+
+    beta: np.ndarray
+    dispersion: np.ndarray
+    rho: np.ndarray
+    levels: np.ndarray
+    level_index: np.ndarray
+    cov: np.ndarray
+    df_residuals: int
+
+
+def fit_whitened(dm: DesignMoments, bm: BlockMoments, rho: np.ndarray, df_residuals: int) -> GLMFit:
+    """Refit every voxel under its own AR(1) coefficient, vectorised.
+
+    Voxels sharing a coefficient share one (X~'X~)^-1 (at most 2 x bins small
+    matrices); the data enter only through the moments, so no voxel is
+    gathered and nothing loops over voxels.
+    """
+    rho = np.asarray(rho, dtype=np.float64)
+    levels, level_index = np.unique(rho, return_inverse=True)
+    cov = np.stack([solve_gram(dm.whitened_gram(r)) for r in levels])
+    xwy = bm.m0 - rho * bm.m1 + rho * rho * bm.m2  # X~' W y, (p, voxel)
+    beta = np.einsum("vpq,qv->pv", cov[level_index], xwy)
+    wyy = bm.q0 - 2 * rho * bm.q1 + rho * rho * bm.q2  # ||W y||^2
+    sse = wyy - np.einsum("pv,pv->v", beta, xwy)
+    dispersion = sse / (dm.n_time - dm.n_regressors)
+    return GLMFit(beta, dispersion, rho, levels, level_index, cov, df_residuals)
+
+
+def contrast_t(fit: GLMFit, con: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Effect (voxel,) and effect variance (voxel,) of a t contrast (p,)."""
+    con = np.asarray(con, dtype=np.float64).ravel()
+    effect = con @ fit.beta
+    per_level = np.einsum("p,lpq,q->l", con, fit.cov, con)
+    return effect, per_level[fit.level_index] * fit.dispersion
+
+
+def contrast_f(fit: GLMFit, con: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An F contrast (q, p) as nilearn defines it.
+
+    Returns
+    -------
+    effect : ndarray (q, voxel)
+        The *whitened* effect ``sqrtm(inv(C cov C')) C beta`` of nilearn.
+    variance : ndarray (voxel,)
+        The dispersion (nilearn stores it as the F contrast's variance).
+    f_stat : ndarray (voxel,)
+        ``|effect|^2 / (q * dispersion)``.
+    """
+    con = np.atleast_2d(np.asarray(con, dtype=np.float64))
+    per_level = np.einsum("ip,lpq,jq->lij", con, fit.cov, con)
+    whiten = np.stack([_inverse_sqrt(c) for c in per_level])  # (level, q, q)
+    effect = np.einsum("vij,jv->iv", whiten[fit.level_index], con @ fit.beta)
+    f_stat = (effect**2).sum(0) / (con.shape[0] * fit.dispersion)
+    return effect, fit.dispersion, f_stat
+
+
+def _inverse_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Principal square root of inv(matrix), for symmetric positive definite input."""
+    values, vectors = np.linalg.eigh(np.linalg.inv(matrix))
+    return (vectors * np.sqrt(values)) @ vectors.T
