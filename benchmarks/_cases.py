@@ -135,7 +135,7 @@ def _convert_rows(m: dict, sizes: dict, streaming_bound: int) -> list[Row]:
     floor, anchor = m["floor_isal"].wall_s, m["anchor"].wall_s
     rss_limit = RSS_VS_RAW * sizes["raw_bytes"] / MiB
     return [
-        Row("floor: isal igzip decompress (reference)", m["floor_isal"], "1.00× floor"),
+        Row("floor: isal threaded-reader decompress (reference)", m["floor_isal"], "1.00× floor"),
         Row("floor: stdlib gzip decompress (context)", m["floor_gzip"], _times(m["floor_gzip"].wall_s / floor, "floor")),
         Row("anchor: nibabel load + float32 + mask + block", m["anchor"], _times(anchor / floor, "floor")),
         _convert_row("chunkglm convert (default task_memory, in memory)", m["convert"], floor, rss_limit),

@@ -87,10 +87,12 @@ def _drain(handle) -> int:
 
 @step("floor_isal")
 def floor_isal(timed, path):
-    from isal import igzip
+    """ISA-L's threaded reader (file reads overlap decompression): the
+    fastest gzip reader installed, slightly ahead of single-threaded igzip."""
+    from isal import igzip_threaded
 
     with timed:
-        with igzip.open(path, "rb") as handle:
+        with igzip_threaded.open(path, "rb", threads=1) as handle:
             n_bytes = _drain(handle)
     return {"decompressed_bytes": n_bytes}
 
