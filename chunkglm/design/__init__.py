@@ -1,0 +1,1 @@
+"""Design matrices (first and second level) as pandas DataFrames."""

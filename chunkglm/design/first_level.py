@@ -1,0 +1,76 @@
+"""First-level design matrices: nilearn's conventions, nilearn's function.
+
+HRFs, drifts and FIR are never re-derived here: this module only decides the
+frame times and validates inputs, then calls
+:func:`nilearn.glm.first_level.make_first_level_design_matrix`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from nilearn.glm.first_level import make_first_level_design_matrix
+
+from chunkglm.errors import InputError
+
+__all__ = ["make_first_level_design_matrix", "frame_times", "run_design", "check_events"]
+
+
+def frame_times(n_scans: int, t_r: float, slice_time_ref: float = 0.0) -> np.ndarray:
+    """Acquisition times (s) of the reference slice, as nilearn's FirstLevelModel."""
+    start = slice_time_ref * t_r
+    return np.linspace(start, (n_scans - 1 + slice_time_ref) * t_r, n_scans)
+
+
+def check_events(events, where: str) -> pd.DataFrame:
+    """Events need onset and duration; durations are not negative."""
+    if not isinstance(events, pd.DataFrame):
+        events = pd.read_csv(events, sep="\t") if isinstance(events, str) else pd.DataFrame(events)
+    missing = [c for c in ("onset", "duration") if c not in events]
+    if missing:
+        raise InputError(f"events of {where} lack column(s) {missing}; found {list(events.columns)}.")
+    if (pd.to_numeric(events["duration"], errors="coerce") < 0).any():
+        bad = events.loc[events["duration"] < 0].head(3)
+        raise InputError(f"events of {where} have negative durations, e.g.\n{bad}")
+    return events
+
+
+def check_confounds(confounds, n_scans: int, where: str) -> pd.DataFrame | None:
+    """Confounds: one row per scan, no NaN (fill fMRIPrep's first-row n/a first)."""
+    if confounds is None:
+        return None
+    frame = confounds if isinstance(confounds, pd.DataFrame) else pd.DataFrame(np.asarray(confounds))
+    if len(frame) != n_scans:
+        raise InputError(f"confounds of {where} have {len(frame)} rows but the run has {n_scans} scans.")
+    nan_cols = [str(c) for c in frame.columns if frame[c].isna().any()]
+    if nan_cols:
+        raise InputError(
+            f"confounds of {where} contain NaN in {nan_cols[:5]} (fMRIPrep leaves the first row of "
+            "derivative columns empty). Fill them (e.g. confounds.fillna(0)) or drop those columns."
+        )
+    return frame
+
+
+def run_design(n_scans, t_r, slice_time_ref, events, confounds, *, hrf_model, drift_model,
+               high_pass, drift_order, fir_delays, min_onset, where="run") -> pd.DataFrame:
+    """The design matrix of one run, exactly as nilearn's FirstLevelModel builds it."""
+    events = check_events(events, where) if events is not None else None
+    confounds = check_confounds(confounds, n_scans, where)
+    names = None if confounds is None else [str(c) for c in confounds.columns]
+    return make_first_level_design_matrix(
+        frame_times(n_scans, t_r, slice_time_ref), events, hrf_model, drift_model, high_pass,
+        drift_order, list(fir_delays), None if confounds is None else confounds.to_numpy(),
+        names, min_onset)
+
+
+def check_rank(design: pd.DataFrame, where: str) -> None:
+    """Refuse rank-deficient designs before any data is read."""
+    X = design.to_numpy(dtype=np.float64)
+    eps = np.abs(X).sum() * np.finfo(np.float64).eps
+    rank = np.linalg.matrix_rank(X, eps)
+    if rank < X.shape[1]:
+        raise InputError(
+            f"the design matrix of {where} is rank deficient (rank {rank} for {X.shape[1]} "
+            f"columns {list(design.columns)}): some regressors are linear combinations of others. "
+            "Remove duplicated or constant confounds, or events that never occur."
+        )

@@ -1,0 +1,1 @@
+"""GLMs: first level (and, later, second level)."""

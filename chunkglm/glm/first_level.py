@@ -1,0 +1,262 @@
+"""FirstLevelModel: nilearn's API, evaluated as a dask graph over store nodes.
+
+``fit`` validates the inputs, builds every design matrix and the lazy graph
+of each run (:mod:`chunkglm.graph.glm`), and returns without reading the 4-D
+data. The first ``compute_contrast`` evaluates the fits once (persisted, in
+this process or on the cluster's workers); every contrast after that is
+arithmetic on small per-block results. Runs are combined by fixed effects
+with nilearn's own ``Contrast`` arithmetic, so z, stat and p maps follow
+nilearn's definitions exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from chunkglm.design.first_level import check_rank, run_design
+from chunkglm.errors import InputError
+from chunkglm.graph import glm as graph
+from chunkglm.io.nifti import image_from_voxels
+
+OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
+NOISE_MODELS = ("ols", "ar1")
+
+
+class FirstLevelModel:
+    """First-level GLM with nilearn's parameters (see nilearn's docs).
+
+    Parameters
+    ----------
+    t_r : float, optional
+        Repetition time (s); default each run's ``RepetitionTime``.
+    slice_time_ref : float
+        Fraction of the TR at which the design is sampled (nilearn default 0).
+    hrf_model, drift_model, high_pass, drift_order, fir_delays, min_onset
+        As nilearn's ``make_first_level_design_matrix`` (used underneath).
+    mask_img : str or nibabel image, optional
+        Restricts the store's voxels to this mask (a subset of its grid).
+    signal_scaling : False or 0
+        0: nilearn's percent-signal-change scaling per voxel; False: none.
+    noise_model : {"ar1", "ols"}
+    n_jobs : int
+        Ignored: the dask cluster (or the threaded scheduler) runs the work.
+    minimize_memory : bool
+        Accepted for nilearn compatibility.
+    """
+
+    def __init__(self, t_r=None, slice_time_ref=0.0, hrf_model="glover", drift_model="cosine",
+                 high_pass=0.01, drift_order=1, fir_delays=(0,), min_onset=-24, mask_img=None,
+                 signal_scaling=0, noise_model="ar1", n_jobs=1, minimize_memory=True,
+                 subject_label=None, random_state=None, verbose=0):
+        self.t_r = t_r
+        self.slice_time_ref = slice_time_ref
+        self.hrf_model = hrf_model
+        self.drift_model = drift_model
+        self.high_pass = high_pass
+        self.drift_order = drift_order
+        self.fir_delays = fir_delays
+        self.min_onset = min_onset
+        self.mask_img = mask_img
+        self.signal_scaling = signal_scaling
+        self.noise_model = noise_model
+        self.n_jobs = n_jobs
+        self.minimize_memory = minimize_memory
+        self.subject_label = subject_label
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- fit -------------------------------------------------------------------
+
+    def fit(self, run_imgs, events=None, confounds=None, sample_masks=None, design_matrices=None,
+            bins=100):
+        """Validate inputs and build the lazy fit of every run; reads no 4-D data.
+
+        Parameters
+        ----------
+        run_imgs : store node or list of store nodes
+            Runs of a cohort store (``chunkglm.open_cohort(...).runs[...]``).
+        events : DataFrame, path or list of them, optional
+            Default: the events stored with each run.
+        confounds : DataFrame or list of them, optional
+            One row per scan, no NaN.
+        design_matrices : DataFrame or list of them, optional
+            Used as given instead of building designs.
+        bins : int
+            AR(1) coefficient bins.
+        """
+        self._check_params(sample_masks)
+        nodes = _as_list(run_imgs)
+        _check_nodes(nodes)
+        events_list = _per_run(events, len(nodes), "events")
+        confounds_list = _per_run(confounds, len(nodes), "confounds")
+        designs = _per_run(design_matrices, len(nodes), "design_matrices")
+        self.design_matrices_ = [
+            self._design(node, ev, conf, dm, i)
+            for i, (node, ev, conf, dm) in enumerate(zip(nodes, events_list, confounds_list, designs))]
+        self._grid, self._voxels = self._voxel_selection(nodes)
+        self._runs = [graph.fit_run(self._bold(node), design, self.noise_model, bins, self.signal_scaling)
+                      for node, design in zip(nodes, self.design_matrices_)]
+        self._persisted = None
+        return self
+
+    def _check_params(self, sample_masks):
+        if self.noise_model not in NOISE_MODELS:
+            raise InputError(f"noise_model must be one of {NOISE_MODELS}; received {self.noise_model!r}.")
+        if self.signal_scaling not in (False, 0):
+            raise InputError(
+                f"signal_scaling={self.signal_scaling!r} is not available yet; use 0 (percent "
+                "signal change per voxel, nilearn's default) or False.")
+        if sample_masks is not None:
+            raise InputError("sample_masks are not supported yet: pass full runs (or scrub via confounds).")
+
+    def _design(self, node, events, confounds, design, index):
+        where = f"run {index} ({node.name})"
+        n_scans = int(node.data().shape[0])
+        if design is None:
+            t_r = self.t_r if self.t_r is not None else node.attrs.get("RepetitionTime")
+            if t_r is None:
+                raise InputError(f"t_r is unknown for {where}: pass t_r=...")
+            events = node.events if events is None else events
+            design = run_design(n_scans, float(t_r), self.slice_time_ref, events, confounds,
+                                hrf_model=self.hrf_model, drift_model=self.drift_model,
+                                high_pass=self.high_pass, drift_order=self.drift_order,
+                                fir_delays=self.fir_delays, min_onset=self.min_onset, where=where)
+        elif len(design) != n_scans:
+            raise InputError(f"the design matrix of {where} has {len(design)} rows for {n_scans} scans.")
+        check_rank(design, where)
+        return design
+
+    def _voxel_selection(self, nodes):
+        grid = nodes[0].grid
+        if self.mask_img is None:
+            return grid, None
+        from nilearn.image import load_img
+
+        mask = np.asarray(load_img(self.mask_img).dataobj) != 0
+        if mask.shape != grid.shape or (mask & ~grid.mask).any():
+            raise InputError(
+                f"mask_img (shape {mask.shape}) must select voxels of the store's grid {grid.shape} "
+                "that the store holds; convert with this mask, or a larger one, first.")
+        if (mask == grid.mask).all():
+            return grid, None
+        return grid, np.flatnonzero(mask[grid.mask])
+
+    def _bold(self, node):
+        bold = node.data().data
+        return bold if self._voxels is None else bold[:, self._voxels]
+
+    # -- contrasts ---------------------------------------------------------------
+
+    def compute_contrast(self, contrast_def, stat_type=None, output_type="z_score"):
+        """Compute a contrast as nilearn does; returns a NIfTI image (or a dict for "all")."""
+        self._check_fitted()
+        con_vals = self._contrast_vectors(contrast_def)
+        stat_type = stat_type or ("t" if np.asarray(con_vals[0]).ndim == 1 else "F")
+        if output_type not in (*OUTPUT_TYPES, "all"):
+            raise InputError(f"output_type must be one of {OUTPUT_TYPES + ('all',)}; received {output_type!r}.")
+        contrast = self._fixed_effects(con_vals, stat_type)
+        maps = {name: getattr(contrast, name)() for name in OUTPUT_TYPES}
+        images = {name: self._to_image(values) for name, values in maps.items()}
+        return images if output_type == "all" else images[output_type]
+
+    def _check_fitted(self):
+        if not hasattr(self, "_runs"):
+            raise InputError("this FirstLevelModel is not fitted yet: call fit(...) first.")
+
+    def _contrast_vectors(self, contrast_def):
+        from nilearn.glm.contrasts import expression_to_contrast_vector
+
+        if isinstance(contrast_def, str | np.ndarray):
+            con_vals = [contrast_def] * len(self._runs)
+        elif isinstance(contrast_def, list | tuple) and len(contrast_def) == len(self._runs):
+            con_vals = list(contrast_def)
+        else:
+            raise InputError(
+                f"contrast_def must be a string, an array, or a list with one per run "
+                f"({len(self._runs)}); received {contrast_def!r}.")
+        out = []
+        for con, design in zip(con_vals, self.design_matrices_):
+            if isinstance(con, str):
+                con = _expression(con, list(design.columns), expression_to_contrast_vector)
+            out.append(_check_width(np.asarray(con, dtype=float), design))
+        return out
+
+    def _fits(self):
+        import dask
+
+        if self._persisted is None:
+            self._persisted = [list(dask.persist(*run.fits)) for run in self._runs]
+            for run, fits in zip(self._runs, self._persisted):
+                run.fits = fits
+        return self._runs
+
+    def _fixed_effects(self, con_vals, stat_type):
+        import dask
+        from nilearn.glm.contrasts import Contrast
+
+        runs = self._fits()
+        lazy = [graph.contrast(run, con, stat_type) for run, con in zip(runs, con_vals)]
+        computed = dask.compute(*lazy)
+        total, used = None, 0
+        for (effect, variance), run, con in zip(computed, runs, con_vals):
+            if not np.any(con):
+                continue
+            part = Contrast(effect=np.atleast_2d(effect), variance=variance, dim=effect.shape[0],
+                            dof=run.df_residuals, stat_type=stat_type)
+            total = part if total is None else total + part
+            used += 1
+        if used == 0:
+            raise InputError("all contrasts provided were null contrasts.")
+        return total * (1.0 / used)
+
+    def _to_image(self, values):
+        """3-D image; an F contrast's (q, voxel) effect becomes q volumes, as nilearn."""
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim == 2 and values.shape[0] == 1:
+            values = values[0]
+        ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
+        return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _check_nodes(nodes):
+    from chunkglm.io.cohort import Node
+
+    bad = [type(n).__name__ for n in nodes if not isinstance(n, Node) or n.kind != "runs"]
+    if bad:
+        raise InputError(
+            f"run_imgs must be runs of a cohort store (chunkglm.open_cohort(store).runs[name]); "
+            f"received {bad[:3]}. Convert NIfTI files first with chunkglm.convert(...).")
+    grids = {n.attrs["grid_id"] for n in nodes}
+    if len(grids) > 1:
+        raise InputError(f"the runs of one model must share a grid; received grids {sorted(grids)}.")
+
+
+def _per_run(value, n_runs, name):
+    if value is None:
+        return [None] * n_runs
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if len(values) != n_runs:
+        raise InputError(f"{name} has {len(values)} entries for {n_runs} runs: give one per run.")
+    return values
+
+
+def _expression(expr, columns, parse):
+    try:
+        return parse(expr, columns)
+    except Exception as err:  # pandas eval raises several kinds
+        raise InputError(
+            f"contrast {expr!r} cannot be evaluated on the design columns {columns}: {err}") from err
+
+
+def _check_width(con, design: pd.DataFrame):
+    width = np.atleast_2d(con).shape[1]
+    if width != design.shape[1]:
+        raise InputError(
+            f"the contrast has {width} weights but the design has {design.shape[1]} columns "
+            f"{list(design.columns)}. Give one weight per column (or a formula string).")
+    return con

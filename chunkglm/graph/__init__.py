@@ -1,0 +1,1 @@
+"""dask plumbing only: map kernels over voxel blocks, tree reductions."""

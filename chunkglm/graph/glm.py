@@ -1,0 +1,131 @@
+"""dask plumbing for first-level fits: kernels mapped over voxel blocks.
+
+No statistics here: the kernels (:mod:`chunkglm.kernels.glm`) do them. The
+graph of one run is::
+
+    chunk_i --block_moments--> moments_i --(ols)--> stats_i --\\
+                                   |                          global grand mean (AR)
+                                   '------------fit_whitened(rho_i)--> fit_i
+
+Each chunk feeds exactly one ``block_moments`` task, and every output
+(betas, contrasts, r-square, ...) depends on the moments only, so evaluating
+any set of outputs together reads each chunk once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+
+from chunkglm.kernels import glm as k
+
+
+def scaled_block(block: np.ndarray, signal_scaling) -> np.ndarray:
+    """nilearn's ``mean_scaling`` along time, in the data's own dtype.
+
+    Time is never split across chunks, so a block holds whole voxel time
+    series and the per-voxel mean is exact. nilearn scales the masked data
+    before casting to float64; doing the same keeps results identical.
+    """
+    if signal_scaling is False or signal_scaling is None:
+        return block
+    mean = np.maximum(block.mean(axis=0), 1)
+    return 100 * (block / mean - 1)
+
+
+def _moments(X, block, signal_scaling):
+    return k.block_moments(X, scaled_block(block, signal_scaling))
+
+
+def _grand_mean(sums, n_time):
+    total = sum(float(s.e_sum.sum()) for s in sums)
+    n_values = n_time * sum(s.e_sum.size for s in sums)
+    return total / n_values
+
+
+def _binned_rho(stats, grand_mean, n_time, bins):
+    return k.bin_ar1(k.yule_walker_ar1(stats, grand_mean, n_time), bins)
+
+
+def _ols_stats(dm, bm):
+    return k.ols_residual_stats(dm, bm)[1]
+
+
+@dataclass
+class RunFit:
+    """The lazy fit of one run: one delayed :class:`GLMFit` per voxel block.
+
+    Attributes
+    ----------
+    design : pandas.DataFrame
+    fits : list of dask.delayed.Delayed
+        GLMFit per block, in voxel order.
+    block_sizes : tuple of int
+        Voxels per block.
+    df_residuals : int
+        n_time - rank(design).
+    """
+
+    design: object
+    fits: list
+    block_sizes: tuple
+    df_residuals: int
+
+    @property
+    def n_voxels(self) -> int:
+        """Voxels of the run."""
+        return int(sum(self.block_sizes))
+
+
+def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=0) -> RunFit:
+    """Build (not compute) the fit of one run.
+
+    Parameters
+    ----------
+    bold : dask array of shape (n_time, n_voxels)
+        Chunked along voxels only.
+    design : pandas.DataFrame of shape (n_time, n_regressors)
+    noise_model : {"ols", "ar1"}
+    bins : int
+        AR(1) coefficient bins (nilearn's default 100).
+    signal_scaling : False or 0
+        nilearn's mean scaling along time (per voxel, exact within a block).
+    """
+    if len(bold.chunks[0]) != 1:
+        bold = bold.rechunk({0: -1})  # time must be whole in each block
+    X = np.asarray(design.to_numpy(), dtype=np.float64)
+    dm = k.DesignMoments.from_design(X)
+    df_residuals = X.shape[0] - np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(float).eps)
+    blocks = bold.to_delayed().ravel()
+    moments = [dask.delayed(_moments)(X, b, signal_scaling) for b in blocks]
+    if noise_model == "ols":
+        rhos = [np.zeros(n) for n in bold.chunks[1]]
+    else:
+        stats = [dask.delayed(_ols_stats)(dm, bm) for bm in moments]
+        grand = dask.delayed(_grand_mean)(stats, X.shape[0])
+        rhos = [dask.delayed(_binned_rho)(s, grand, X.shape[0], bins) for s in stats]
+    fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
+    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals))
+
+
+def _t_block(fit, con):
+    effect, variance = k.contrast_t(fit, con)
+    return np.stack([effect, variance])
+
+
+def _f_block(fit, con):
+    effect, variance, _ = k.contrast_f(fit, con)
+    return np.concatenate([effect, variance[None]])
+
+
+def contrast(run: RunFit, con: np.ndarray, stat_type: str) -> tuple[da.Array, da.Array]:
+    """Lazy effect ((q,) voxel) and variance (voxel,) of a contrast on one run."""
+    q = 1 if stat_type == "t" else np.atleast_2d(con).shape[0]
+    fn = _t_block if stat_type == "t" else _f_block
+    parts = [da.from_delayed(dask.delayed(fn)(fit, con), shape=(q + 1, n), dtype=np.float64)
+             for fit, n in zip(run.fits, run.block_sizes)]
+    stacked = da.concatenate(parts, axis=1)
+    return stacked[:q], stacked[q]
