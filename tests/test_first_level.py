@@ -139,3 +139,17 @@ def test_bad_inputs_fail_before_any_compute(store, tiny_bids_sessions):
         model.compute_contrast("a - nope")
     with pytest.raises(InputError, match="weights but the design has"):
         model.compute_contrast(np.ones((2, 3)), stat_type="F")
+
+
+@pytest.mark.parametrize("given_mask", [True, False])
+def test_nifti_inputs_match_nilearn(tiny_bids, given_mask):
+    runs = [r for r in tiny_bids.runs if r.subject == "02"]
+    events, confounds = _inputs(tiny_bids, runs)
+    mask = str(runs[0].mask_path) if given_mask else None
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model="ar1", mask_img=mask)
+    images = [str(runs[0].bold_path)] if given_mask else [nib.load(runs[0].bold_path)]
+    ref = NilearnFLM(**params).fit([str(r.bold_path) for r in runs], events=events, confounds=confounds)
+    ours = FirstLevelModel(**params).fit(images, events=events, confounds=confounds)
+    mask_array = ref.masker_.mask_img_.get_fdata() != 0
+    np.testing.assert_array_equal(ours._grid.mask, mask_array)
+    _compare(ours, ref, mask_array, "a - b", "t", REL_L2["float32"])

@@ -11,6 +11,8 @@ nilearn's definitions exactly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -74,8 +76,12 @@ class FirstLevelModel:
 
         Parameters
         ----------
-        run_imgs : store node or list of store nodes
-            Runs of a cohort store (``chunkglm.open_cohort(...).runs[...]``).
+        run_imgs : store node, NIfTI path or image, or a list of them
+            Runs of a cohort store (``chunkglm.open_cohort(...).runs[...]``),
+            or 4-D NIfTI files/images: these are converted once into a
+            temporary store (removed with the model), masked with
+            ``mask_img`` or, when it is None, with nilearn's multi-run EPI
+            mask (which, as in nilearn, reads every run once more).
         events : DataFrame, path or list of them, optional
             Default: the events stored with each run.
         confounds : DataFrame or list of them, optional
@@ -86,7 +92,7 @@ class FirstLevelModel:
             AR(1) coefficient bins.
         """
         self._check_params(sample_masks)
-        nodes = _as_list(run_imgs)
+        nodes = self._as_nodes(_as_list(run_imgs))
         _check_nodes(nodes)
         events_list = _per_run(events, len(nodes), "events")
         confounds_list = _per_run(confounds, len(nodes), "confounds")
@@ -109,6 +115,32 @@ class FirstLevelModel:
                 "signal change per voxel, nilearn's default) or False.")
         if sample_masks is not None:
             raise InputError("sample_masks are not supported yet: pass full runs (or scrub via confounds).")
+
+    def _as_nodes(self, items):
+        from chunkglm.io.cohort import Node
+
+        if all(isinstance(item, Node) for item in items):
+            return items
+        if any(isinstance(item, Node) for item in items):
+            raise InputError("run_imgs mixes store runs and NIfTI images: give one kind.")
+        return self._convert_images(items)
+
+    def _convert_images(self, images):
+        import shutil
+        import tempfile
+        import weakref
+
+        from chunkglm.io.cohort import open_cohort
+        from chunkglm.io.convert import convert
+
+        folder = Path(tempfile.mkdtemp(prefix="chunkglm-first-level-"))
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        paths = [_stage_image(image, folder, index) for index, image in enumerate(images)]
+        mask = self.mask_img if self.mask_img is not None else _nilearn_epi_mask(paths)
+        mask_path = _stage_mask(mask, folder)
+        convert(paths, folder / "store.zarr", mask_img=mask_path)
+        cohort = open_cohort(folder / "store.zarr")
+        return [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
 
     def _design(self, node, events, confounds, design, index):
         where = f"run {index} ({node.name})"
@@ -217,6 +249,43 @@ class FirstLevelModel:
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
+
+
+def _stage_image(image, folder: Path, index: int) -> str:
+    """A file for each input run: a link to a path, or a saved in-memory image."""
+    import nibabel as nib
+
+    if isinstance(image, str | Path):
+        source = Path(image)
+        if not source.is_file():
+            raise InputError(f"run image not found: {source}")
+        suffix = ".nii.gz" if source.name.endswith(".gz") else ".nii"
+        target = folder / f"input_{index}{suffix}"
+        target.symlink_to(source.absolute())
+        return str(target)
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        target = folder / f"input_{index}.nii"
+        nib.save(image, target)
+        return str(target)
+    raise InputError(f"run_imgs entries must be store runs, NIfTI paths or images; received {type(image).__name__}.")
+
+
+def _stage_mask(mask, folder: Path) -> str:
+    import nibabel as nib
+    from nilearn.image import load_img
+
+    if isinstance(mask, str | Path):
+        return str(mask)
+    path = folder / "mask.nii"
+    nib.save(load_img(mask), path)
+    return str(path)
+
+
+def _nilearn_epi_mask(paths):
+    """The mask nilearn's FirstLevelModel computes when mask_img is None."""
+    from nilearn.maskers import MultiNiftiMasker
+
+    return MultiNiftiMasker(mask_strategy="epi").fit(paths).mask_img_
 
 
 def _as_list(value):
