@@ -329,3 +329,9 @@ def _check_width(con, design: pd.DataFrame):
             f"the contrast has {width} weights but the design has {design.shape[1]} columns "
             f"{list(design.columns)}. Give one weight per column (or a formula string).")
     return con
+
+
+# nilearn exposes it here too; the implementation lives apart from the model.
+from chunkglm.glm.from_bids import first_level_from_bids  # noqa: E402
+
+__all__ = ["FirstLevelModel", "first_level_from_bids"]

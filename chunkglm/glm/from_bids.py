@@ -1,0 +1,148 @@
+"""``first_level_from_bids`` for fMRIPrep-style folders and for cohort stores.
+
+Kept out of the model module (nilearn's first_level.py mixes them): this
+module only finds runs and their inputs, then builds FirstLevelModels.
+
+- A BIDS folder goes through nilearn's own ``first_level_from_bids``, so the
+  discovery, the sidecar timing (t_r, slice_time_ref from StartTime) and the
+  ``confounds_*`` loading strategies are nilearn's. Our models take the same
+  parameters; the NIfTI runs are converted when the models are fitted.
+- A cohort store (a path or an opened cohort) holds the same information:
+  runs are selected by BIDS entities, timing comes from the stored sidecars,
+  events from the stored events, confounds by column name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from chunkglm.errors import InputError, StoreError
+
+_MODEL_PARAMS = ("t_r", "slice_time_ref", "hrf_model", "drift_model", "high_pass", "drift_order",
+                 "fir_delays", "min_onset", "mask_img", "signal_scaling", "noise_model", "n_jobs",
+                 "minimize_memory", "verbose")
+
+
+def first_level_from_bids(dataset_path, task_label, space_label=None, sub_labels=None,
+                          img_filters=None, t_r=None, slice_time_ref=None, hrf_model="glover",
+                          drift_model="cosine", high_pass=0.01, drift_order=1, fir_delays=None,
+                          min_onset=-24, mask_img=None, signal_scaling=0, noise_model="ar1",
+                          verbose=0, n_jobs=1, minimize_memory=True, derivatives_folder="derivatives",
+                          confounds_columns=None, **kwargs):
+    """Models and fit arguments for every subject, as nilearn's function returns them.
+
+    Parameters
+    ----------
+    dataset_path : str, Path or Cohort
+        A BIDS dataset with fMRIPrep derivatives, or a cohort store.
+    task_label, space_label, sub_labels, img_filters
+        Run selection, as nilearn (``img_filters`` is a list of (entity, label)).
+    confounds_columns : list of str, optional
+        Stores only: confound columns to use (they must hold no NaN).
+    **kwargs
+        BIDS folders only: ``confounds_*`` options of nilearn's load_confounds.
+    Other parameters are FirstLevelModel's.
+
+    Returns
+    -------
+    models, models_run_imgs, models_events, models_confounds : lists, one entry per subject
+    """
+    params = {name: value for name, value in locals().items() if name in _MODEL_PARAMS}
+    params["fir_delays"] = (0,) if fir_delays is None else fir_delays
+    cohort = _as_cohort(dataset_path)
+    if cohort is None:
+        if confounds_columns is not None:
+            raise InputError("confounds_columns applies to cohort stores; for BIDS folders use "
+                             "nilearn's confounds_strategy=... keywords.")
+        return _from_folder(dataset_path, task_label, space_label, sub_labels, img_filters,
+                            derivatives_folder, params, kwargs)
+    if kwargs:
+        raise InputError(f"unknown keyword arguments for a cohort store: {sorted(kwargs)}; "
+                         "select confounds with confounds_columns=[...].")
+    return _from_store(cohort, task_label, space_label, sub_labels, img_filters, confounds_columns, params)
+
+
+def _as_cohort(dataset_path):
+    from chunkglm.io.cohort import Cohort, open_cohort
+
+    if isinstance(dataset_path, Cohort):
+        return dataset_path
+    path = Path(str(dataset_path))
+    if "://" in str(dataset_path) or (path / "zarr.json").is_file():
+        try:
+            return open_cohort(dataset_path)
+        except StoreError:
+            return None
+    return None
+
+
+def _from_folder(dataset_path, task_label, space_label, sub_labels, img_filters,
+                 derivatives_folder, params, kwargs):
+    from nilearn.glm.first_level import first_level_from_bids as nilearn_from_bids
+
+    from chunkglm.glm.first_level import FirstLevelModel
+
+    nilearn_params = {k: v for k, v in params.items() if k != "fir_delays"}
+    nilearn_params["fir_delays"] = list(params["fir_delays"])
+    models, run_imgs, events, confounds = nilearn_from_bids(
+        str(dataset_path), task_label, space_label=space_label, sub_labels=sub_labels,
+        img_filters=img_filters, derivatives_folder=derivatives_folder, **nilearn_params, **kwargs)
+    ours = []
+    for model in models:
+        mine = {name: getattr(model, name) for name in _MODEL_PARAMS}
+        ours.append(FirstLevelModel(**mine, subject_label=model.subject_label))
+    return ours, run_imgs, events, confounds
+
+
+def _from_store(cohort, task_label, space_label, sub_labels, img_filters, columns, params):
+    from chunkglm.glm.first_level import FirstLevelModel
+
+    filters = dict(img_filters or [])
+    nodes = cohort.select(task=task_label, sub=sub_labels, space=space_label, **filters)
+    if not nodes:
+        raise InputError(
+            f"no run of {cohort.location} matches task={task_label!r}, space={space_label!r}, "
+            f"subjects={sub_labels!r}, filters={filters}.")
+    by_subject = defaultdict(list)
+    for node in sorted(nodes, key=lambda n: n.name):
+        by_subject[node.entities.get("sub")].append(node)
+    models, run_imgs, events, confounds = [], [], [], []
+    for subject, runs in sorted(by_subject.items()):
+        timing = _store_timing(runs, params)
+        models.append(FirstLevelModel(**{**params, **timing}, subject_label=subject))
+        run_imgs.append(runs)
+        events.append([node.events for node in runs])
+        confounds.append(None if columns is None else [_columns(node, columns) for node in runs])
+    return models, run_imgs, events, confounds
+
+
+def _store_timing(runs, params):
+    """t_r and slice_time_ref from the stored sidecars (one value per subject).
+
+    As nilearn: slice_time_ref is StartTime / RepetitionTime, and 0 when the
+    sidecars have no StartTime.
+    """
+    timing = {}
+    for name, key in (("t_r", "RepetitionTime"), ("slice_time_ref", "slice_time_ref")):
+        if params[name] is not None:
+            continue
+        values = {node.attrs.get(key) for node in runs}
+        if name == "slice_time_ref" and values == {None}:
+            values = {0.0}
+        if len(values) != 1 or None in values:
+            raise InputError(
+                f"{key} differs between the runs of subject {runs[0].entities.get('sub')} or is "
+                f"missing ({sorted(map(str, values))}): pass {name}=... explicitly.")
+        timing[name] = values.pop()
+    return timing
+
+
+def _columns(node, columns):
+    table = node.confounds
+    if table is None:
+        raise InputError(f"{node.name} has no stored confounds; convert it with its confounds TSV.")
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise InputError(f"{node.name} has no confound column(s) {missing}; it has {list(table.columns)}.")
+    return table[list(columns)]
