@@ -43,3 +43,19 @@ def _generate(folder: Path, size: str) -> dict:
             "mask": str(Path(run.mask_path).absolute()), "size": size}
     (folder / MANIFEST).write_text(json.dumps(info, indent=1))
     return {**info, "generated_s": time.perf_counter() - start}
+
+
+def run_tables(run: dict) -> dict:
+    """The events and confounds TSVs of the one run of :func:`synthetic_run`.
+
+    ``events``: the raw BIDS ``*_events.tsv`` under ``<root>/sub-*/func``;
+    ``confounds``: fMRIPrep's ``*_desc-confounds_timeseries.tsv`` next to the
+    preprocessed bold file.
+    """
+    prefix = Path(run["bold"]).name.split("_space-")[0]  # sub-01_task-main_run-1
+    events = sorted(Path(run["root"]).glob(f"sub-*/**/func/{prefix}_events.tsv"))
+    confounds = sorted(Path(run["bold"]).parent.glob(f"{prefix}_desc-confounds_timeseries.tsv"))
+    if len(events) != 1 or len(confounds) != 1:
+        raise FileNotFoundError(f"expected one events and one confounds table for {prefix}; "
+                                f"found {events} and {confounds}")
+    return {"events": str(events[0]), "confounds": str(confounds[0])}

@@ -81,6 +81,8 @@ class Context:
     data_dir: Path
     size: str
     round: int = 0
+    #: What a case prepares once (round 0) and reuses in later rounds.
+    setup: dict = field(default_factory=dict)
     _measurements: dict = field(default_factory=dict, repr=False)
 
     def measure(self, step: str, **kwargs) -> Measurement:
@@ -88,7 +90,8 @@ class Context:
         result = self._measurements.setdefault(key, Measurement(step, kwargs))
         record = run_child(step, kwargs)
         result.runs.append(record)
-        options = ", ".join(f"{k}={v}" for k, v in kwargs.items() if not isinstance(v, str))  # not paths
+        options = ", ".join(f"{k}={v}" for k, v in kwargs.items()
+                            if not (isinstance(v, str) and "/" in v))  # not paths
         print(f"  round {self.round + 1}/{self.repeat} {step}({options}): {record['wall_s']:.3f} s, "
               f"peak RSS {record['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
         return result

@@ -183,6 +183,84 @@ def read_cohort(timed, store, node, start, stop):
     return fingerprint(data)
 
 
+# --- case "first_level": nilearn vs chunkglm, fit + one contrast -----------
+
+#: The confounds both sides regress out: the 6 motion parameters, CSF and
+#: white matter (no n/a in these columns).
+CONFOUND_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "csf", "white_matter"]
+#: FirstLevelModel parameters, identical for nilearn and chunkglm.
+GLM_PARAMS = {"t_r": 2.0, "slice_time_ref": 0.5, "noise_model": "ar1"}
+CONTRAST = "a - b"
+
+
+def _glm_inputs(events, confounds):
+    """The events table as given and the chosen confound columns (set-up, untimed)."""
+    import pandas as pd
+
+    events_df = pd.read_csv(events, sep="\t", na_values="n/a")
+    confounds_df = pd.read_csv(confounds, sep="\t", na_values="n/a")[CONFOUND_COLUMNS]
+    return events_df, confounds_df
+
+
+def _save_maps(maps: dict, out: str, label: str) -> dict:
+    """Save the z and effect maps (for the parity check) after the timed work."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {}
+    for name in ("z_score", "effect_size"):
+        path = folder / f"{label}_{name}.nii"
+        image = maps[name]
+        nib.save(nib.Nifti1Image(np.asarray(image.get_fdata(), dtype=np.float64), image.affine), path)
+        saved[name] = str(path)
+    return saved
+
+
+@step("glm_nilearn")
+def glm_nilearn(timed, bold, mask, events, confounds, out):
+    """nilearn's FirstLevelModel on the NIfTI file: fit + compute_contrast(all)."""
+    from nilearn.glm.first_level import FirstLevelModel
+
+    events_df, confounds_df = _glm_inputs(events, confounds)
+    model = FirstLevelModel(mask_img=mask, **GLM_PARAMS)
+    with timed:
+        model.fit(bold, events=events_df, confounds=confounds_df)
+        maps = model.compute_contrast(CONTRAST, output_type="all")
+    design = model.design_matrices_[0]
+    return {"maps": _save_maps(maps, out, "nilearn"), "design_columns": list(design.columns)}
+
+
+@step("glm_chunkglm")
+def glm_chunkglm(timed, mask, events, confounds, out, label, bold=None, store=None, node=None):
+    """chunkglm's FirstLevelModel, fit + compute_contrast(all), on either
+
+    - ``bold``: the NIfTI path (fit converts it into a temporary store: timed), or
+    - ``store`` + ``node``: a store converted beforehand (opening it is set-up).
+    """
+    _import_convert_dependencies()
+    import dask.array  # noqa: F401
+    import nilearn.glm.contrasts  # noqa: F401  (contrast arithmetic, used lazily)
+    import nilearn.image  # noqa: F401
+    import xarray  # noqa: F401
+
+    from chunkglm.glm.first_level import FirstLevelModel
+    from chunkglm.io.cohort import open_cohort
+
+    events_df, confounds_df = _glm_inputs(events, confounds)
+    model = FirstLevelModel(mask_img=mask, **GLM_PARAMS)
+    opened = time.perf_counter()
+    run = bold if store is None else open_cohort(store).runs[node]
+    open_s = time.perf_counter() - opened
+    with timed:
+        model.fit(run, events=events_df, confounds=confounds_df)
+        maps = model.compute_contrast(CONTRAST, output_type="all")
+    design = model.design_matrices_[0]
+    return {"maps": _save_maps(maps, out, label), "design_columns": list(design.columns),
+            "open_store_s": open_s if store is not None else None}
+
+
 def main(argv) -> None:
     name, kwargs = argv[1], json.loads(argv[2]) if len(argv) > 2 else {}
     timed = Timed()

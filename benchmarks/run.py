@@ -24,7 +24,7 @@ side, so they carry over between machines better than seconds do.
 
 Usage::
 
-    python benchmarks/run.py [--case convert] [--repeat 2]
+    python benchmarks/run.py [--case convert|first_level|all] [--repeat 2]
                              [--data-dir benchmarks/.data] [--size realistic|small]
 
 Results go to ``benchmarks/results/<case>.json`` and ``<case>.md``
@@ -53,8 +53,8 @@ HEADERS = ["step", "wall s (best of {n})", "peak RSS MiB", "RSS at start MiB", "
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run chunkglm benchmarks side by side with their anchors.")
-    parser.add_argument("--case", choices=sorted(CASES), action="append",
-                        help="case to run (repeatable); default: all cases")
+    parser.add_argument("--case", choices=[*sorted(CASES), "all"], action="append",
+                        help="case to run (repeatable); default (or 'all'): every case")
     parser.add_argument("--repeat", type=int, default=2, help="runs per step; the best wall time is kept (default 2)")
     parser.add_argument("--data-dir", type=Path, default=HERE / ".data",
                         help="cache of generated datasets and scratch stores (default benchmarks/.data)")
@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for name in args.case or sorted(CASES):
+    names = sorted(CASES) if not args.case or "all" in args.case else list(dict.fromkeys(args.case))
+    for name in names:
         print(f"case {name!r} ({args.size}, best of {args.repeat}) ...", file=sys.stderr, flush=True)
         info = machine()
         started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -113,6 +114,7 @@ def render(result: CaseResult, info: dict, args, started: str) -> str:
         *[f"{note}\n" for note in result.notes],
         markdown_table(headers, rows),
         "",
+        *[f"{note}\n" for note in result.after],
         ("Targets missed: " + "; ".join(missed) + "." if missed else "All targets met."),
     ]
     return "\n".join(lines)
