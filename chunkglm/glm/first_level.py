@@ -192,6 +192,46 @@ class FirstLevelModel:
         images = {name: self._to_image(values) for name, values in maps.items()}
         return images if output_type == "all" else images[output_type]
 
+    # -- voxelwise model attributes (nilearn 0.14 names; lists, one per run) --------
+
+    @property
+    def r_square_(self):
+        """Per run, nilearn's r-square (a 4-D image of one volume, as nilearn's)."""
+        return self._per_run_images(lambda run: graph.r_square(run)[None], squeeze=False)
+
+    @property
+    def predicted_(self):
+        """Per run, the 4-D image of nilearn's predicted values (whitened design x beta)."""
+        return self._per_run_images(graph.predicted)
+
+    @property
+    def residuals_(self):
+        """Per run, the 4-D residual image (reads each run's data a second time)."""
+        return self._per_run_images(graph.residuals)
+
+    r_square = r_square_
+    predicted = predicted_
+    residuals = residuals_
+
+    def voxelwise(self, name: str):
+        """Lazy dask arrays, one per run, of "r_square", "predicted" or "residuals".
+
+        Shapes (voxel,) or (time, voxel); nothing is computed until asked,
+        so large outputs can be streamed, e.g. with ``dask.array.to_zarr``.
+        """
+        builders = {"r_square": graph.r_square, "predicted": graph.predicted, "residuals": graph.residuals}
+        if name not in builders:
+            raise InputError(f"voxelwise takes one of {sorted(builders)}; received {name!r}.")
+        self._check_fitted()
+        return [builders[name](run) for run in self._fits()]
+
+    def _per_run_images(self, build, squeeze=True):
+        import dask
+
+        self._check_fitted()
+        arrays = dask.compute(*[build(run) for run in self._fits()])
+        return [self._to_image(values, squeeze) for values in arrays]
+
     def _check_fitted(self):
         if not hasattr(self, "_runs"):
             raise InputError("this FirstLevelModel is not fitted yet: call fit(...) first.")
@@ -242,10 +282,10 @@ class FirstLevelModel:
             raise InputError("all contrasts provided were null contrasts.")
         return total * (1.0 / used)
 
-    def _to_image(self, values):
+    def _to_image(self, values, squeeze=True):
         """3-D image; an F contrast's (q, voxel) effect becomes q volumes, as nilearn."""
         values = np.asarray(values, dtype=np.float32)
-        if values.ndim == 2 and values.shape[0] == 1:
+        if squeeze and values.ndim == 2 and values.shape[0] == 1:
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)

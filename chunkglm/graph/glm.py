@@ -73,6 +73,9 @@ class RunFit:
     fits: list
     block_sizes: tuple
     df_residuals: int
+    moments: list = None
+    bold: da.Array = None
+    signal_scaling: object = 0
 
     @property
     def n_voxels(self) -> int:
@@ -108,7 +111,7 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         grand = dask.delayed(_grand_mean)(stats, X.shape[0])
         rhos = [dask.delayed(_binned_rho)(s, grand, X.shape[0], bins) for s in stats]
     fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
-    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals))
+    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold, signal_scaling)
 
 
 def _t_block(fit, con):
@@ -129,3 +132,33 @@ def contrast(run: RunFit, con: np.ndarray, stat_type: str) -> tuple[da.Array, da
              for fit, n in zip(run.fits, run.block_sizes)]
     stacked = da.concatenate(parts, axis=1)
     return stacked[:q], stacked[q]
+
+
+def r_square(run: RunFit) -> da.Array:
+    """Lazy r-square (voxel,): from the moments, no second read of the data."""
+    dm = k.DesignMoments.from_design(run.design.to_numpy())
+    parts = [da.from_delayed(dask.delayed(k.r_square)(dm, bm, fit), shape=(n,), dtype=np.float64)
+             for bm, fit, n in zip(run.moments, run.fits, run.block_sizes)]
+    return da.concatenate(parts)
+
+
+def predicted(run: RunFit) -> da.Array:
+    """Lazy predicted values (time, voxel): from the fits, no read of the data."""
+    X = run.design.to_numpy()
+    parts = [da.from_delayed(dask.delayed(k.predicted)(X, fit), shape=(len(X), n), dtype=np.float64)
+             for fit, n in zip(run.fits, run.block_sizes)]
+    return da.concatenate(parts, axis=1)
+
+
+def _residual_block(X, block, fit, signal_scaling):
+    return scaled_block(block, signal_scaling).astype(np.float64) - k.predicted(X, fit)
+
+
+def residuals(run: RunFit) -> da.Array:
+    """Lazy residuals Y - X~ beta (time, voxel), as nilearn: reads the data again."""
+    X = run.design.to_numpy()
+    blocks = run.bold.to_delayed().ravel()
+    parts = [da.from_delayed(dask.delayed(_residual_block)(X, b, fit, run.signal_scaling),
+                             shape=(len(X), n), dtype=np.float64)
+             for b, fit, n in zip(blocks, run.fits, run.block_sizes)]
+    return da.concatenate(parts, axis=1)

@@ -229,3 +229,24 @@ def _inverse_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Principal square root of inv(matrix), for symmetric positive definite input."""
     values, vectors = np.linalg.eigh(np.linalg.inv(matrix))
     return (vectors * np.sqrt(values)) @ vectors.T
+
+
+def r_square(dm: DesignMoments, bm: BlockMoments, fit: GLMFit) -> np.ndarray:
+    """nilearn's r-square, var(X~ beta) / var(W y) over time, from moments (voxel,)."""
+    n, rho = dm.n_time, fit.rho
+    gram_beta = np.einsum("vpq,qv->pv", np.stack([dm.whitened_gram(r) for r in fit.levels])[fit.level_index],
+                          fit.beta)
+    pred_sq = np.einsum("pv,pv->v", fit.beta, gram_beta)
+    pred_sum = dm.col_sum @ fit.beta - rho * (dm.head_sum @ fit.beta)
+    wy_sq = bm.q0 - 2 * rho * bm.q1 + rho * rho * bm.q2
+    wy_sum = bm.y_sum - rho * bm.y_head
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (pred_sq / n - (pred_sum / n) ** 2) / (wy_sq / n - (wy_sum / n) ** 2)
+
+
+def predicted(X: np.ndarray, fit: GLMFit) -> np.ndarray:
+    """nilearn's predicted values X~ beta (whitened design), shape (time, voxel)."""
+    fitted = np.asarray(X, dtype=np.float64) @ fit.beta
+    out = fitted.copy()
+    out[1:] -= fit.rho * fitted[:-1]
+    return out
