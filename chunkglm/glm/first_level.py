@@ -103,7 +103,7 @@ class FirstLevelModel:
         self._grid, self._voxels = self._voxel_selection(nodes)
         self._runs = [graph.fit_run(self._bold(node), design, self.noise_model, bins, self.signal_scaling)
                       for node, design in zip(nodes, self.design_matrices_)]
-        self._persisted = None
+        self._persisted = False
         return self
 
     def _check_params(self, sample_masks):
@@ -255,12 +255,8 @@ class FirstLevelModel:
         return out
 
     def _fits(self):
-        import dask
-
-        if self._persisted is None:
-            self._persisted = [list(dask.persist(*run.fits)) for run in self._runs]
-            for run, fits in zip(self._runs, self._persisted):
-                run.fits = fits
+        if not self._persisted:
+            persist_fits([self])
         return self._runs
 
     def _fixed_effects(self, con_vals, stat_type):
@@ -328,6 +324,30 @@ def _nilearn_epi_mask(paths):
     return MultiNiftiMasker(mask_strategy="epi").fit(paths).mask_img_
 
 
+def persist_fits(models, progress=None) -> None:
+    """Evaluate the fits of several models as one dask graph, kept in memory.
+
+    Each input chunk is read once (by its block's moments task); afterwards
+    every contrast or voxelwise map of these models is arithmetic on the
+    persisted per-block results. On a distributed cluster they stay on the
+    workers. ``progress`` wraps the evaluation (e.g. a progress bar context).
+    """
+    import contextlib
+
+    import dask
+
+    pending = [model for model in models if not model._persisted]
+    runs = [run for model in pending for run in model._runs]
+    if not runs:
+        return
+    with progress or contextlib.nullcontext():
+        persisted = dask.persist(*[run.fits for run in runs])
+    for run, fits in zip(runs, persisted):
+        run.fits = list(fits)
+    for model in pending:
+        model._persisted = True
+
+
 def _as_list(value):
     return list(value) if isinstance(value, list | tuple) else [value]
 
@@ -374,4 +394,4 @@ def _check_width(con, design: pd.DataFrame):
 # nilearn exposes it here too; the implementation lives apart from the model.
 from chunkglm.glm.from_bids import first_level_from_bids  # noqa: E402
 
-__all__ = ["FirstLevelModel", "first_level_from_bids"]
+__all__ = ["FirstLevelModel", "first_level_from_bids", "persist_fits"]
