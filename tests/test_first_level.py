@@ -202,3 +202,18 @@ def test_matches_nilearn_on_nilearns_own_generated_data(tmp_path, noise_model, d
     tolerance = REL_L2["float32"] if dtype == "float32" else 5e-5
     _compare(ours, ref, mask, np.eye(4)[0] - np.eye(4)[1], "t", tolerance)
     _compare(ours, ref, mask, np.eye(4)[:2], "F", tolerance)
+
+
+@pytest.mark.parametrize("signal_scaling", [False, (0, 1)])
+def test_other_signal_scalings_match_nilearn(tiny_bids, float_store, signal_scaling):
+    """(0, 1): nilearn scales by the float32 grand mean; we apply the same affine
+    map to float64 moments, which differs by float32 rounding of Y (~6e-8)."""
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    events, confounds = _inputs(tiny_bids, [run])
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model="ar1", signal_scaling=signal_scaling,
+                  mask_img=nib.Nifti1Image(node.grid.mask.astype(np.uint8), node.grid.affine))
+    ref = NilearnFLM(**params, minimize_memory=False).fit(str(run.bold_path), events=events, confounds=confounds)
+    ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
+    _compare(ours, ref, node.grid.mask, "a - b", "t", 1e-5 if signal_scaling else REL_L2["float32"])
+    assert _rel_l2(ours.residuals_[0], ref.residuals_[0], node.grid.mask) <= 1e-5

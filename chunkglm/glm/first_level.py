@@ -38,8 +38,9 @@ class FirstLevelModel:
         As nilearn's ``make_first_level_design_matrix`` (used underneath).
     mask_img : str or nibabel image, optional
         Restricts the store's voxels to this mask (a subset of its grid).
-    signal_scaling : False or 0
-        0: nilearn's percent-signal-change scaling per voxel; False: none.
+    signal_scaling : False, 0 or (0, 1)
+        0: nilearn's percent-signal-change scaling per voxel; (0, 1): by the
+        grand mean over voxels and time; False: none.
     noise_model : {"ar1", "ols"}
     n_jobs : int
         Ignored: the dask cluster (or the threaded scheduler) runs the work.
@@ -109,10 +110,11 @@ class FirstLevelModel:
     def _check_params(self, sample_masks):
         if self.noise_model not in NOISE_MODELS:
             raise InputError(f"noise_model must be one of {NOISE_MODELS}; received {self.noise_model!r}.")
-        if self.signal_scaling not in (False, 0):
+        if not (self.signal_scaling is False or self.signal_scaling == 0
+                or graph._is_grand(self.signal_scaling)):
             raise InputError(
                 f"signal_scaling={self.signal_scaling!r} is not available yet; use 0 (percent "
-                "signal change per voxel, nilearn's default) or False.")
+                "signal change per voxel, nilearn's default), (0, 1) (by the grand mean) or False.")
         if sample_masks is not None:
             raise InputError("sample_masks are not supported yet: pass full runs (or scrub via confounds).")
 

@@ -23,7 +23,10 @@ import numpy as np
 from chunkglm.kernels import glm as k
 
 
-def scaled_block(block: np.ndarray, signal_scaling) -> np.ndarray:
+GRAND_MEAN_SCALING = (0, 1)
+
+
+def scaled_block(block: np.ndarray, signal_scaling, grand_mean=None) -> np.ndarray:
     """nilearn's ``mean_scaling`` along time, in the data's own dtype.
 
     Time is never split across chunks, so a block holds whole voxel time
@@ -32,12 +35,25 @@ def scaled_block(block: np.ndarray, signal_scaling) -> np.ndarray:
     """
     if signal_scaling is False or signal_scaling is None:
         return block
+    if _is_grand(signal_scaling):
+        return 100 * (block / max(grand_mean, 1.0) - 1)
     mean = np.maximum(block.mean(axis=0), 1)
     return 100 * (block / mean - 1)
 
 
+def _is_grand(signal_scaling) -> bool:
+    return isinstance(signal_scaling, tuple | list) and tuple(signal_scaling) == GRAND_MEAN_SCALING
+
+
 def _moments(X, block, signal_scaling):
+    if _is_grand(signal_scaling):  # scaled afterwards, from the global mean
+        return k.block_moments(X, block)
     return k.block_moments(X, scaled_block(block, signal_scaling))
+
+
+def _data_mean(moments, n_time):
+    total = sum(float(bm.y_sum.sum()) for bm in moments)
+    return total / (n_time * sum(bm.y_sum.size for bm in moments))
 
 
 def _grand_mean(sums, n_time):
@@ -76,6 +92,18 @@ class RunFit:
     moments: list = None
     bold: da.Array = None
     signal_scaling: object = 0
+    grand_mean: object = None
+    basis: np.ndarray = None
+    r_factor: np.ndarray = None
+
+    def to_basis(self, con: np.ndarray) -> np.ndarray:
+        """Contrast weights on X -> weights on the fit's orthonormal basis Q.
+
+        With X = QR and beta = R^-1 beta_Q: c beta = (R^-T c')' beta_Q, and the
+        covariance maps the same way, so contrasts need no other change.
+        """
+        con = np.asarray(con, dtype=np.float64)
+        return np.linalg.solve(self.r_factor.T, np.atleast_2d(con).T).T.reshape(con.shape)
 
     @property
     def n_voxels(self) -> int:
@@ -94,24 +122,34 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     noise_model : {"ols", "ar1"}
     bins : int
         AR(1) coefficient bins (nilearn's default 100).
-    signal_scaling : False or 0
-        nilearn's mean scaling along time (per voxel, exact within a block).
+    signal_scaling : False, 0 or (0, 1)
+        nilearn's mean scaling: 0 along time per voxel (exact within a
+        block); (0, 1) by the grand mean of the run (a global reduction,
+        applied to the moments).
     """
     if len(bold.chunks[0]) != 1:
         bold = bold.rechunk({0: -1})  # time must be whole in each block
     X = np.asarray(design.to_numpy(), dtype=np.float64)
-    dm = k.DesignMoments.from_design(X)
     df_residuals = X.shape[0] - np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(float).eps)
+    # Fit in an orthonormal basis of the design: its Gram matrix is ~identity,
+    # so normal equations do not square the design's condition number.
+    Q, R = np.linalg.qr(X)
+    dm = k.DesignMoments.from_design(Q)
     blocks = bold.to_delayed().ravel()
-    moments = [dask.delayed(_moments)(X, b, signal_scaling) for b in blocks]
+    moments = [dask.delayed(_moments)(Q, b, signal_scaling) for b in blocks]
+    grand_mean = None
+    if _is_grand(signal_scaling):  # one global mean (a reduction), then affine moments
+        grand_mean = dask.delayed(_data_mean)(moments, Q.shape[0])
+        moments = [dask.delayed(k.scale_moments)(dm, bm, grand_mean) for bm in moments]
     if noise_model == "ols":
         rhos = [np.zeros(n) for n in bold.chunks[1]]
     else:
         stats = [dask.delayed(_ols_stats)(dm, bm) for bm in moments]
-        grand = dask.delayed(_grand_mean)(stats, X.shape[0])
-        rhos = [dask.delayed(_binned_rho)(s, grand, X.shape[0], bins) for s in stats]
+        grand = dask.delayed(_grand_mean)(stats, Q.shape[0])
+        rhos = [dask.delayed(_binned_rho)(s, grand, Q.shape[0], bins) for s in stats]
     fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
-    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold, signal_scaling)
+    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold,
+                  signal_scaling, grand_mean, Q, R)
 
 
 def _t_block(fit, con):
@@ -128,6 +166,7 @@ def contrast(run: RunFit, con: np.ndarray, stat_type: str) -> tuple[da.Array, da
     """Lazy effect ((q,) voxel) and variance (voxel,) of a contrast on one run."""
     q = 1 if stat_type == "t" else np.atleast_2d(con).shape[0]
     fn = _t_block if stat_type == "t" else _f_block
+    con = run.to_basis(con)
     parts = [da.from_delayed(dask.delayed(fn)(fit, con), shape=(q + 1, n), dtype=np.float64)
              for fit, n in zip(run.fits, run.block_sizes)]
     stacked = da.concatenate(parts, axis=1)
@@ -136,7 +175,7 @@ def contrast(run: RunFit, con: np.ndarray, stat_type: str) -> tuple[da.Array, da
 
 def r_square(run: RunFit) -> da.Array:
     """Lazy r-square (voxel,): from the moments, no second read of the data."""
-    dm = k.DesignMoments.from_design(run.design.to_numpy())
+    dm = k.DesignMoments.from_design(run.basis)
     parts = [da.from_delayed(dask.delayed(k.r_square)(dm, bm, fit), shape=(n,), dtype=np.float64)
              for bm, fit, n in zip(run.moments, run.fits, run.block_sizes)]
     return da.concatenate(parts)
@@ -144,21 +183,21 @@ def r_square(run: RunFit) -> da.Array:
 
 def predicted(run: RunFit) -> da.Array:
     """Lazy predicted values (time, voxel): from the fits, no read of the data."""
-    X = run.design.to_numpy()
+    X = run.basis  # X beta = Q beta_Q
     parts = [da.from_delayed(dask.delayed(k.predicted)(X, fit), shape=(len(X), n), dtype=np.float64)
              for fit, n in zip(run.fits, run.block_sizes)]
     return da.concatenate(parts, axis=1)
 
 
-def _residual_block(X, block, fit, signal_scaling):
-    return scaled_block(block, signal_scaling).astype(np.float64) - k.predicted(X, fit)
+def _residual_block(X, block, fit, signal_scaling, grand_mean):
+    return scaled_block(block, signal_scaling, grand_mean).astype(np.float64) - k.predicted(X, fit)
 
 
 def residuals(run: RunFit) -> da.Array:
     """Lazy residuals Y - X~ beta (time, voxel), as nilearn: reads the data again."""
-    X = run.design.to_numpy()
+    X = run.basis
     blocks = run.bold.to_delayed().ravel()
-    parts = [da.from_delayed(dask.delayed(_residual_block)(X, b, fit, run.signal_scaling),
+    parts = [da.from_delayed(dask.delayed(_residual_block)(X, b, fit, run.signal_scaling, run.grand_mean),
                              shape=(len(X), n), dtype=np.float64)
              for b, fit, n in zip(blocks, run.fits, run.block_sizes)]
     return da.concatenate(parts, axis=1)

@@ -250,3 +250,24 @@ def predicted(X: np.ndarray, fit: GLMFit) -> np.ndarray:
     out = fitted.copy()
     out[1:] -= fit.rho * fitted[:-1]
     return out
+
+
+def scale_moments(dm: DesignMoments, bm: BlockMoments, grand_mean: float) -> BlockMoments:
+    """Moments of nilearn's ``mean_scaling(Y, axis=(0, 1))`` from those of Y.
+
+    With one grand mean m over all voxels and time points, the scaled data
+    are Y' = s Y - 100 with s = 100 / max(m, 1): an affine map, so the
+    moments of Y' follow from those of Y and of X without a second pass.
+    """
+    s, c, n = 100.0 / max(grand_mean, 1.0), 100.0, dm.n_time
+    return BlockMoments(
+        m0=s * bm.m0 - c * dm.col_sum[:, None],
+        m1=s * bm.m1 - c * (dm.head_sum + dm.tail_sum)[:, None],
+        m2=s * bm.m2 - c * dm.head_sum[:, None],
+        q0=s * s * bm.q0 - 2 * c * s * bm.y_sum + c * c * n,
+        q1=s * s * bm.q1 - c * s * (bm.y_head + bm.y_tail) + c * c * (n - 1),
+        q2=s * s * bm.q2 - 2 * c * s * bm.y_head + c * c * (n - 1),
+        y_sum=s * bm.y_sum - c * n,
+        y_head=s * bm.y_head - c * (n - 1),
+        y_tail=s * bm.y_tail - c * (n - 1),
+    )
