@@ -155,13 +155,14 @@ def test_nifti_inputs_match_nilearn(tiny_bids, given_mask):
     _compare(ours, ref, mask_array, "a - b", "t", REL_L2["float32"])
 
 
-@pytest.mark.parametrize("noise_model", ["ols", "ar1"])
+@pytest.mark.parametrize("noise_model", ["ols", "ar1", "ar2"])
 def test_r_square_predicted_and_residuals_match_nilearn(tiny_bids, float_store, noise_model):
     run = tiny_bids.runs[0]
     node = float_store.runs[run.name]
     mask_img = nib.Nifti1Image(node.grid.mask.astype(np.uint8), node.grid.affine)
     events, confounds = _inputs(tiny_bids, [run])
-    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model=noise_model, mask_img=mask_img)
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model=noise_model, mask_img=mask_img,
+                  random_state=0)
     ref = NilearnFLM(**params, minimize_memory=False).fit(str(run.bold_path), events=events, confounds=confounds)
     ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
     mask = node.grid.mask
@@ -217,3 +218,19 @@ def test_other_signal_scalings_match_nilearn(tiny_bids, float_store, signal_scal
     ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
     _compare(ours, ref, node.grid.mask, "a - b", "t", 1e-5 if signal_scaling else REL_L2["float32"])
     assert _rel_l2(ours.residuals_[0], ref.residuals_[0], node.grid.mask) <= 1e-5
+
+
+@pytest.mark.parametrize("noise_model", ["ar2", "ar3"])
+def test_arn_matches_nilearn(tiny_bids, float_store, noise_model):
+    """AR(N>1): same Yule-Walker coefficients, same k-means (random_state) clusters."""
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    events, confounds = _inputs(tiny_bids, [run])
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model=noise_model, random_state=0,
+                  mask_img=nib.Nifti1Image(node.grid.mask.astype(np.uint8), node.grid.affine))
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events, confounds=confounds)
+    ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
+    _compare(ours, ref, node.grid.mask, "a - b", "t", REL_L2["float32"])
+    f_con = np.zeros((2, ref.design_matrices_[0].shape[1]))
+    f_con[0, 0] = f_con[1, 1] = 1
+    _compare(ours, ref, node.grid.mask, f_con, "F", REL_L2["float32"])

@@ -22,7 +22,6 @@ from chunkglm.graph import glm as graph
 from chunkglm.io.nifti import image_from_voxels
 
 OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
-NOISE_MODELS = ("ols", "ar1")
 
 
 class FirstLevelModel:
@@ -41,7 +40,9 @@ class FirstLevelModel:
     signal_scaling : False, 0 or (0, 1)
         0: nilearn's percent-signal-change scaling per voxel; (0, 1): by the
         grand mean over voxels and time; False: none.
-    noise_model : {"ar1", "ols"}
+    noise_model : {"ar1", "ols", "arN"}
+        "arN" (N > 1): nilearn's k-means over the AR(N) coefficients, run as
+        an explicit global pass over the (small) coefficient map.
     n_jobs : int
         Ignored: the dask cluster (or the threaded scheduler) runs the work.
     minimize_memory : bool
@@ -102,14 +103,17 @@ class FirstLevelModel:
             self._design(node, ev, conf, dm, i)
             for i, (node, ev, conf, dm) in enumerate(zip(nodes, events_list, confounds_list, designs))]
         self._grid, self._voxels = self._voxel_selection(nodes)
-        self._runs = [graph.fit_run(self._bold(node), design, self.noise_model, bins, self.signal_scaling)
+        self._runs = [graph.fit_run(self._bold(node), design, self.noise_model, bins, self.signal_scaling,
+                                    self.random_state)
                       for node, design in zip(nodes, self.design_matrices_)]
         self._persisted = False
         return self
 
     def _check_params(self, sample_masks):
-        if self.noise_model not in NOISE_MODELS:
-            raise InputError(f"noise_model must be one of {NOISE_MODELS}; received {self.noise_model!r}.")
+        try:
+            graph.ar_order(self.noise_model)
+        except ValueError as err:
+            raise InputError(str(err)) from None
         if not (self.signal_scaling is False or self.signal_scaling == 0
                 or graph._is_grand(self.signal_scaling)):
             raise InputError(

@@ -70,6 +70,86 @@ def _ols_stats(dm, bm):
     return k.ols_residual_stats(dm, bm)[1]
 
 
+def ar_order(noise_model: str) -> int:
+    """0 for "ols", N for "arN"; anything else is refused."""
+    if noise_model == "ols":
+        return 0
+    try:
+        order = int(noise_model[2:]) if noise_model.startswith("ar") else -1
+    except ValueError:
+        order = -1
+    if order < 1:
+        raise ValueError(f"noise_model must be 'ols' or 'arN' with N >= 1 (e.g. 'ar1', 'ar3'); "
+                         f"received {noise_model!r}.")
+    return order
+
+
+def _lag_block(Q, block, signal_scaling, order):
+    from chunkglm.kernels import ar
+
+    return ar.lag_moments(Q, scaled_block(block, signal_scaling), order)
+
+
+def _lag_stats(dmx, lagm):
+    from chunkglm.kernels import ar
+
+    return ar.ols_lag_stats(dmx, lagm)[1:]
+
+
+def _lag_rho(stats, grand, n_time):
+    from chunkglm.kernels import ar
+
+    lags, heads, tails = stats
+    return ar.yule_walker(lags, heads, tails, grand, n_time)
+
+
+def _lag_grand_mean(stats, n_time):
+    total = sum(float(heads[0].sum()) for _, heads, _ in stats)
+    return total / (n_time * sum(heads[0].size for _, heads, _ in stats))
+
+
+def cluster_ar(rhos, bins, random_state):
+    """nilearn's global AR(N) step: k-means over every voxel's coefficients.
+
+    Returns (levels, per-block level indices). As in nilearn, voxels are
+    grouped by their centre rounded to 2 decimals, and each group is refit
+    with the centre of its first voxel.
+    """
+    from sklearn.cluster import KMeans
+
+    coefs = np.concatenate(rhos)
+    kmeans = KMeans(n_clusters=min(bins, len(coefs)), n_init=10, random_state=random_state).fit(coefs)
+    centres = kmeans.cluster_centers_[kmeans.labels_]
+    names = np.array(["_".join(map(str, np.round(c, 2))) for c in kmeans.cluster_centers_])[kmeans.labels_]
+    unique, first, index = np.unique(names, return_index=True, return_inverse=True)
+    levels = centres[first]
+    bounds = np.cumsum([0] + [len(r) for r in rhos])
+    return levels, [index[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _fit_ar_block(dmx, lagm, clusters, position, df_residuals):
+    from chunkglm.kernels import ar
+
+    levels, indices = clusters
+    return ar.fit_ar(dmx, lagm, levels, indices[position], df_residuals)
+
+
+def _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals):
+    """The AR(N>1) graph: lag moments, OLS stats, global mean, global k-means, refits."""
+    from chunkglm.kernels import ar
+
+    if _is_grand(signal_scaling):
+        raise ValueError("signal_scaling=(0, 1) is not available with AR(N>1) noise models yet.")
+    dmx = ar.lag_moments(Q, None, order)
+    lagms = [dask.delayed(_lag_block)(Q, b, signal_scaling, order) for b in blocks]
+    stats = [dask.delayed(_lag_stats)(dmx, m) for m in lagms]
+    grand = dask.delayed(_lag_grand_mean)(stats, Q.shape[0])
+    rhos = [dask.delayed(_lag_rho)(s, grand, Q.shape[0]) for s in stats]
+    clusters = dask.delayed(cluster_ar)(rhos, bins, random_state)
+    fits = [dask.delayed(_fit_ar_block)(dmx, m, clusters, i, df_residuals) for i, m in enumerate(lagms)]
+    return lagms, fits
+
+
 @dataclass
 class RunFit:
     """The lazy fit of one run: one delayed :class:`GLMFit` per voxel block.
@@ -91,6 +171,7 @@ class RunFit:
     df_residuals: int
     moments: list = None
     bold: da.Array = None
+    order: int = 1
     signal_scaling: object = 0
     grand_mean: object = None
     basis: np.ndarray = None
@@ -111,7 +192,8 @@ class RunFit:
         return int(sum(self.block_sizes))
 
 
-def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=0) -> RunFit:
+def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=0,
+            random_state=None) -> RunFit:
     """Build (not compute) the fit of one run.
 
     Parameters
@@ -119,13 +201,15 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     bold : dask array of shape (n_time, n_voxels)
         Chunked along voxels only.
     design : pandas.DataFrame of shape (n_time, n_regressors)
-    noise_model : {"ols", "ar1"}
+    noise_model : {"ols", "ar1", "arN"}
     bins : int
-        AR(1) coefficient bins (nilearn's default 100).
+        AR(1) coefficient bins / AR(N>1) k-means clusters (nilearn's default 100).
     signal_scaling : False, 0 or (0, 1)
         nilearn's mean scaling: 0 along time per voxel (exact within a
         block); (0, 1) by the grand mean of the run (a global reduction,
         applied to the moments).
+    random_state : int, optional
+        Seed of the AR(N>1) k-means, as nilearn's.
     """
     if len(bold.chunks[0]) != 1:
         bold = bold.rechunk({0: -1})  # time must be whole in each block
@@ -136,6 +220,11 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     Q, R = np.linalg.qr(X)
     dm = k.DesignMoments.from_design(Q)
     blocks = bold.to_delayed().ravel()
+    order = ar_order(noise_model)
+    if order > 1:
+        moments, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
+        return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold, order,
+                      signal_scaling, None, Q, R)
     moments = [dask.delayed(_moments)(Q, b, signal_scaling) for b in blocks]
     grand_mean = None
     if _is_grand(signal_scaling):  # one global mean (a reduction), then affine moments
@@ -148,7 +237,7 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         grand = dask.delayed(_grand_mean)(stats, Q.shape[0])
         rhos = [dask.delayed(_binned_rho)(s, grand, Q.shape[0], bins) for s in stats]
     fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
-    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold,
+    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold, order,
                   signal_scaling, grand_mean, Q, R)
 
 
@@ -175,10 +264,21 @@ def contrast(run: RunFit, con: np.ndarray, stat_type: str) -> tuple[da.Array, da
 
 def r_square(run: RunFit) -> da.Array:
     """Lazy r-square (voxel,): from the moments, no second read of the data."""
-    dm = k.DesignMoments.from_design(run.basis)
-    parts = [da.from_delayed(dask.delayed(k.r_square)(dm, bm, fit), shape=(n,), dtype=np.float64)
+    from chunkglm.kernels import ar
+
+    order = ar_order_of(run)
+    if order > 1:
+        dm, fn = ar.lag_moments(run.basis, None, order), ar.r_square
+    else:
+        dm, fn = k.DesignMoments.from_design(run.basis), k.r_square
+    parts = [da.from_delayed(dask.delayed(fn)(dm, bm, fit), shape=(n,), dtype=np.float64)
              for bm, fit, n in zip(run.moments, run.fits, run.block_sizes)]
     return da.concatenate(parts)
+
+
+def ar_order_of(run: RunFit) -> int:
+    """The AR order the run was fitted with (0 for OLS)."""
+    return run.order
 
 
 def predicted(run: RunFit) -> da.Array:

@@ -245,10 +245,15 @@ def r_square(dm: DesignMoments, bm: BlockMoments, fit: GLMFit) -> np.ndarray:
 
 
 def predicted(X: np.ndarray, fit: GLMFit) -> np.ndarray:
-    """nilearn's predicted values X~ beta (whitened design), shape (time, voxel)."""
+    """nilearn's predicted values X~ beta (whitened design), shape (time, voxel).
+
+    ``fit.rho`` is (voxel,) for AR(1)/OLS or (voxel, N) for AR(N).
+    """
     fitted = np.asarray(X, dtype=np.float64) @ fit.beta
+    rho = fit.rho.reshape(len(fit.rho), -1)
     out = fitted.copy()
-    out[1:] -= fit.rho * fitted[:-1]
+    for lag in range(rho.shape[1]):
+        out[lag + 1:] -= rho[:, lag] * fitted[: len(fitted) - lag - 1]
     return out
 
 
