@@ -234,3 +234,44 @@ def test_arn_matches_nilearn(tiny_bids, float_store, noise_model):
     f_con = np.zeros((2, ref.design_matrices_[0].shape[1]))
     f_con[0, 0] = f_con[1, 1] = 1
     _compare(ours, ref, node.grid.mask, f_con, "F", REL_L2["float32"])
+
+
+@pytest.mark.parametrize("noise_model", ["ols", "ar1"])
+def test_sample_masks_match_nilearn(tiny_bids, float_store, noise_model):
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    events, confounds = _inputs(tiny_bids, [run])
+    keep = np.setdiff1d(np.arange(tiny_bids.n_volumes), [0, 1, 17, 18, 30])  # scrubbed volumes
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model=noise_model,
+                  mask_img=nib.Nifti1Image(node.grid.mask.astype(np.uint8), node.grid.affine))
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events, confounds=confounds, sample_masks=keep)
+    ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds, sample_masks=keep)
+    assert len(ours.design_matrices_[0]) == len(keep)
+    _compare(ours, ref, node.grid.mask, "a - b", "t", REL_L2["float32"])
+    as_bool = np.isin(np.arange(tiny_bids.n_volumes), keep)
+    same = FirstLevelModel(**params).fit(node, events=events, confounds=confounds, sample_masks=as_bool)
+    np.testing.assert_array_equal(same.compute_contrast("a - b").get_fdata(),
+                                  ours.compute_contrast("a - b").get_fdata())
+    with pytest.raises(InputError, match="outside 0..39"):
+        FirstLevelModel(**params).fit(node, events=events, sample_masks=np.array([0, 40]))
+
+
+def test_signal_scaling_1_scales_each_time_point_by_its_mean_over_voxels(tiny_bids, float_store, tmp_path):
+    """nilearn 0.14's mean_scaling(Y, axis=1) broadcasts along voxels and fails;
+    ours is the intended Y' = 100 (Y / mean_t - 1). Reference: nilearn on data
+    scaled that way beforehand (float64), with signal_scaling=False."""
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    mask = node.grid.mask
+    events, confounds = _inputs(tiny_bids, [run])
+    data = np.asarray(nib.load(run.bold_path).dataobj, dtype=np.float64)
+    row_mean = np.maximum(data[mask].mean(axis=0), 1.0)  # (time,)
+    scaled = np.zeros_like(data)
+    scaled[mask] = 100 * (data[mask] / row_mean - 1)
+    path = tmp_path / "scaled.nii"
+    nib.save(nib.Nifti1Image(scaled, nib.load(run.bold_path).affine), path)
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model="ar1",
+                  mask_img=nib.Nifti1Image(mask.astype(np.uint8), node.grid.affine))
+    ref = NilearnFLM(**params, signal_scaling=False).fit(str(path), events=events, confounds=confounds)
+    ours = FirstLevelModel(**params, signal_scaling=1).fit(node, events=events, confounds=confounds)
+    _compare(ours, ref, mask, "a - b", "t", 1e-7)

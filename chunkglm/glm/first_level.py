@@ -37,9 +37,10 @@ class FirstLevelModel:
         As nilearn's ``make_first_level_design_matrix`` (used underneath).
     mask_img : str or nibabel image, optional
         Restricts the store's voxels to this mask (a subset of its grid).
-    signal_scaling : False, 0 or (0, 1)
-        0: nilearn's percent-signal-change scaling per voxel; (0, 1): by the
-        grand mean over voxels and time; False: none.
+    signal_scaling : False, 0, 1 or (0, 1)
+        0: nilearn's percent-signal-change scaling per voxel; 1: per time
+        point by its mean over voxels (nilearn 0.14 fails on it: its division
+        broadcasts along voxels); (0, 1): by the grand mean; False: none.
     noise_model : {"ar1", "ols", "arN"}
         "arN" (N > 1): nilearn's k-means over the AR(N) coefficients, run as
         an explicit global pass over the (small) coefficient map.
@@ -88,39 +89,45 @@ class FirstLevelModel:
             Default: the events stored with each run.
         confounds : DataFrame or list of them, optional
             One row per scan, no NaN.
+        sample_masks : array or list of arrays, optional
+            Per run, the volumes to keep (indices or booleans), as nilearn's:
+            the design's rows and the data's volumes are both subset.
         design_matrices : DataFrame or list of them, optional
             Used as given instead of building designs.
         bins : int
             AR(1) coefficient bins.
         """
-        self._check_params(sample_masks)
+        self._check_params()
         nodes = self._as_nodes(_as_list(run_imgs))
         _check_nodes(nodes)
+        masks = _per_run(sample_masks, len(nodes), "sample_masks")
         events_list = _per_run(events, len(nodes), "events")
         confounds_list = _per_run(confounds, len(nodes), "confounds")
         designs = _per_run(design_matrices, len(nodes), "design_matrices")
-        self.design_matrices_ = [
-            self._design(node, ev, conf, dm, i)
-            for i, (node, ev, conf, dm) in enumerate(zip(nodes, events_list, confounds_list, designs))]
+        full = [self._design(node, ev, conf, dm, i)
+                for i, (node, ev, conf, dm) in enumerate(zip(nodes, events_list, confounds_list, designs))]
+        rows = [_sample_rows(mask, len(design), i) for i, (mask, design) in enumerate(zip(masks, full))]
+        self.design_matrices_ = [design if r is None else design.iloc[r] for design, r in zip(full, rows)]
+        for index, design in enumerate(self.design_matrices_):
+            check_rank(design, f"run {index} after sample_masks")
         self._grid, self._voxels = self._voxel_selection(nodes)
-        self._runs = [graph.fit_run(self._bold(node), design, self.noise_model, bins, self.signal_scaling,
-                                    self.random_state)
-                      for node, design in zip(nodes, self.design_matrices_)]
+        self._runs = [graph.fit_run(self._bold(node, r), design, self.noise_model, bins,
+                                    self.signal_scaling, self.random_state)
+                      for node, r, design in zip(nodes, rows, self.design_matrices_)]
         self._persisted = False
         return self
 
-    def _check_params(self, sample_masks):
+    def _check_params(self):
         try:
             graph.ar_order(self.noise_model)
         except ValueError as err:
             raise InputError(str(err)) from None
-        if not (self.signal_scaling is False or self.signal_scaling == 0
-                or graph._is_grand(self.signal_scaling)):
+        scaling = self.signal_scaling
+        if not (scaling is False or (not isinstance(scaling, bool) and scaling in (0, 1))
+                or graph._is_grand(scaling)):
             raise InputError(
-                f"signal_scaling={self.signal_scaling!r} is not available yet; use 0 (percent "
-                "signal change per voxel, nilearn's default), (0, 1) (by the grand mean) or False.")
-        if sample_masks is not None:
-            raise InputError("sample_masks are not supported yet: pass full runs (or scrub via confounds).")
+                f"signal_scaling must be False, 0 (per voxel, over time), 1 (per time point, over "
+                f"voxels) or (0, 1) (by the grand mean); received {scaling!r}.")
 
     def _as_nodes(self, items):
         from chunkglm.io.cohort import Node
@@ -180,8 +187,10 @@ class FirstLevelModel:
             return grid, None
         return grid, np.flatnonzero(mask[grid.mask])
 
-    def _bold(self, node):
+    def _bold(self, node, rows=None):
         bold = node.data().data
+        if rows is not None:  # scrubbing: keep these volumes (time stays whole per chunk)
+            bold = bold[rows]
         return bold if self._voxels is None else bold[:, self._voxels]
 
     # -- contrasts ---------------------------------------------------------------
@@ -352,6 +361,24 @@ def persist_fits(models, progress=None) -> None:
         run.fits = list(fits)
     for model in pending:
         model._persisted = True
+
+
+def _sample_rows(mask, n_scans, index):
+    """nilearn's sample_mask (indices or booleans of volumes to keep) -> indices."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        if mask.shape != (n_scans,):
+            raise InputError(f"the boolean sample_mask of run {index} has shape {mask.shape}; "
+                             f"the run has {n_scans} scans.")
+        return np.flatnonzero(mask)
+    if mask.ndim != 1 or not np.issubdtype(mask.dtype, np.integer) or len(mask) == 0:
+        raise InputError(f"sample_mask of run {index} must be 1-D volume indices or booleans; "
+                         f"received dtype {mask.dtype}, shape {mask.shape}.")
+    if mask.min() < 0 or mask.max() >= n_scans:
+        raise InputError(f"sample_mask of run {index} indexes volumes outside 0..{n_scans - 1}.")
+    return mask
 
 
 def _as_list(value):

@@ -37,6 +37,8 @@ def scaled_block(block: np.ndarray, signal_scaling, grand_mean=None) -> np.ndarr
         return block
     if _is_grand(signal_scaling):
         return 100 * (block / max(grand_mean, 1.0) - 1)
+    if signal_scaling == 1:  # per time point, by its mean over all voxels (global)
+        return 100 * (block / grand_mean[:, None] - 1)
     mean = np.maximum(block.mean(axis=0), 1)
     return 100 * (block / mean - 1)
 
@@ -45,10 +47,19 @@ def _is_grand(signal_scaling) -> bool:
     return isinstance(signal_scaling, tuple | list) and tuple(signal_scaling) == GRAND_MEAN_SCALING
 
 
-def _moments(X, block, signal_scaling):
+def _moments(X, block, signal_scaling, row_means=None):
     if _is_grand(signal_scaling):  # scaled afterwards, from the global mean
         return k.block_moments(X, block)
-    return k.block_moments(X, scaled_block(block, signal_scaling))
+    return k.block_moments(X, scaled_block(block, signal_scaling, row_means))
+
+
+def _row_sums(block):
+    return block.sum(axis=1, dtype=np.float64)
+
+
+def _row_means(sums, n_voxels):
+    """Mean over all voxels at each time point, floored at 1 as nilearn's scaling."""
+    return np.maximum(np.sum(sums, axis=0) / n_voxels, 1.0)
 
 
 def _data_mean(moments, n_time):
@@ -138,8 +149,9 @@ def _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
     """The AR(N>1) graph: lag moments, OLS stats, global mean, global k-means, refits."""
     from chunkglm.kernels import ar
 
-    if _is_grand(signal_scaling):
-        raise ValueError("signal_scaling=(0, 1) is not available with AR(N>1) noise models yet.")
+    if _is_grand(signal_scaling) or (signal_scaling == 1 and not isinstance(signal_scaling, bool)):
+        raise ValueError(f"signal_scaling={signal_scaling!r} is not available with AR(N>1) noise "
+                         "models yet; use 0 or False.")
     dmx = ar.lag_moments(Q, None, order)
     lagms = [dask.delayed(_lag_block)(Q, b, signal_scaling, order) for b in blocks]
     stats = [dask.delayed(_lag_stats)(dmx, m) for m in lagms]
@@ -225,8 +237,13 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         moments, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
         return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold, order,
                       signal_scaling, None, Q, R)
-    moments = [dask.delayed(_moments)(Q, b, signal_scaling) for b in blocks]
     grand_mean = None
+    if signal_scaling == 1 and not isinstance(signal_scaling, bool):
+        # The row means need every block: dask keeps each loaded block for both
+        # tasks, so this costs memory (the run), not a second read.
+        grand_mean = dask.delayed(_row_means)([dask.delayed(_row_sums)(b) for b in blocks],
+                                               bold.shape[1])
+    moments = [dask.delayed(_moments)(Q, b, signal_scaling, grand_mean) for b in blocks]
     if _is_grand(signal_scaling):  # one global mean (a reduction), then affine moments
         grand_mean = dask.delayed(_data_mean)(moments, Q.shape[0])
         moments = [dask.delayed(k.scale_moments)(dm, bm, grand_mean) for bm in moments]
