@@ -275,3 +275,30 @@ def test_signal_scaling_1_scales_each_time_point_by_its_mean_over_voxels(tiny_bi
     ref = NilearnFLM(**params, signal_scaling=False).fit(str(path), events=events, confounds=confounds)
     ours = FirstLevelModel(**params, signal_scaling=1).fit(node, events=events, confounds=confounds)
     _compare(ours, ref, mask, "a - b", "t", 1e-7)
+
+
+@pytest.mark.parametrize(("fwhm", "resample"), [(6.0, False), (None, True), (5.0, True)])
+def test_smoothing_and_resampling_at_conversion_match_nilearn(tiny_bids, fwhm, resample):
+    """nilearn resamples then smooths the 4-D image before masking; we do the
+    same volume by volume with nilearn's functions while converting (clipping
+    to the whole run's range, as nilearn's 4-D resample_img does). The target
+    grid (5 mm) lies inside the source field of view: voxels outside it would
+    be constant zeros, whose t values are 0/0 noise in nilearn and here alike."""
+    run = tiny_bids.runs[0]
+    events, confounds = _inputs(tiny_bids, [run])
+    target_affine = np.diag([5.0, 5.0, 5.0, 1.0])
+    target_affine[:3, 3] = [-15, -20, -15]
+    target = dict(target_affine=target_affine, target_shape=(7, 9, 7)) if resample else {}
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model="ar1", smoothing_fwhm=fwhm,
+                  mask_img=str(run.mask_path), **target)
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events, confounds=confounds)
+    ours = FirstLevelModel(**params).fit(str(run.bold_path), events=events, confounds=confounds)
+    mask = ref.masker_.mask_img_.get_fdata() != 0
+    np.testing.assert_array_equal(ours._grid.mask, mask)
+    _compare(ours, ref, mask, "a - b", "t", 1e-6)
+
+
+def test_store_runs_must_match_the_models_preprocessing(tiny_bids, float_store):
+    node = float_store.runs[tiny_bids.runs[0].name]
+    with pytest.raises(InputError, match="converted with .*smoothing_fwhm"):
+        FirstLevelModel(smoothing_fwhm=6.0).fit(node)

@@ -37,6 +37,10 @@ class FirstLevelModel:
         As nilearn's ``make_first_level_design_matrix`` (used underneath).
     mask_img : str or nibabel image, optional
         Restricts the store's voxels to this mask (a subset of its grid).
+    target_affine, target_shape, smoothing_fwhm : optional
+        As nilearn's, applied when NIfTI inputs are converted (volume by
+        volume, with nilearn's resample_img and smooth_img). Store runs must
+        have been converted with the same values (chunkglm.convert takes them).
     signal_scaling : False, 0, 1 or (0, 1)
         0: nilearn's percent-signal-change scaling per voxel; 1: per time
         point by its mean over voxels (nilearn 0.14 fails on it: its division
@@ -52,6 +56,7 @@ class FirstLevelModel:
 
     def __init__(self, t_r=None, slice_time_ref=0.0, hrf_model="glover", drift_model="cosine",
                  high_pass=0.01, drift_order=1, fir_delays=(0,), min_onset=-24, mask_img=None,
+                 target_affine=None, target_shape=None, smoothing_fwhm=None,
                  signal_scaling=0, noise_model="ar1", n_jobs=1, minimize_memory=True,
                  subject_label=None, random_state=None, verbose=0):
         self.t_r = t_r
@@ -63,6 +68,9 @@ class FirstLevelModel:
         self.fir_delays = fir_delays
         self.min_onset = min_onset
         self.mask_img = mask_img
+        self.target_affine = target_affine
+        self.target_shape = target_shape
+        self.smoothing_fwhm = smoothing_fwhm
         self.signal_scaling = signal_scaling
         self.noise_model = noise_model
         self.n_jobs = n_jobs
@@ -100,6 +108,7 @@ class FirstLevelModel:
         self._check_params()
         nodes = self._as_nodes(_as_list(run_imgs))
         _check_nodes(nodes)
+        self._check_preprocessing(nodes)
         masks = _per_run(sample_masks, len(nodes), "sample_masks")
         events_list = _per_run(events, len(nodes), "events")
         confounds_list = _per_run(confounds, len(nodes), "confounds")
@@ -132,6 +141,7 @@ class FirstLevelModel:
     def _as_nodes(self, items):
         from chunkglm.io.cohort import Node
 
+        self._converted_here = False
         if all(isinstance(item, Node) for item in items):
             return items
         if any(isinstance(item, Node) for item in items):
@@ -149,11 +159,27 @@ class FirstLevelModel:
         folder = Path(tempfile.mkdtemp(prefix="chunkglm-first-level-"))
         weakref.finalize(self, shutil.rmtree, folder, True)
         paths = [_stage_image(image, folder, index) for index, image in enumerate(images)]
-        mask = self.mask_img if self.mask_img is not None else _nilearn_epi_mask(paths)
+        mask = self.mask_img if self.mask_img is not None else _nilearn_epi_mask(
+            paths, self.target_affine, self.target_shape)
         mask_path = _stage_mask(mask, folder)
-        convert(paths, folder / "store.zarr", mask_img=mask_path)
+        convert(paths, folder / "store.zarr", mask_img=mask_path, target_affine=self.target_affine,
+                target_shape=self.target_shape, smoothing_fwhm=self.smoothing_fwhm)
         cohort = open_cohort(folder / "store.zarr")
+        self._converted_here = True  # the store's grid is the (resampled) mask already
         return [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
+
+    def _check_preprocessing(self, nodes):
+        from chunkglm.io.preprocess import SpatialPreprocessing
+        from chunkglm.io.store import node_meta
+
+        wanted = SpatialPreprocessing(self.target_affine, self.target_shape, self.smoothing_fwhm).to_attrs()
+        for node in nodes:
+            done = node_meta(node.cohort.root[node.path]).get("preprocessing", SpatialPreprocessing().to_attrs())
+            if done != wanted:
+                raise InputError(
+                    f"{node.name} was converted with {done}, but this model asks for {wanted}. "
+                    "Convert the runs with the same target_affine/target_shape/smoothing_fwhm "
+                    "(chunkglm.convert(..., smoothing_fwhm=...)) or pass NIfTI files.")
 
     def _design(self, node, events, confounds, design, index):
         where = f"run {index} ({node.name})"
@@ -174,7 +200,7 @@ class FirstLevelModel:
 
     def _voxel_selection(self, nodes):
         grid = nodes[0].grid
-        if self.mask_img is None:
+        if self.mask_img is None or self._converted_here:
             return grid, None
         from nilearn.image import load_img
 
@@ -332,11 +358,12 @@ def _stage_mask(mask, folder: Path) -> str:
     return str(path)
 
 
-def _nilearn_epi_mask(paths):
+def _nilearn_epi_mask(paths, target_affine=None, target_shape=None):
     """The mask nilearn's FirstLevelModel computes when mask_img is None."""
     from nilearn.maskers import MultiNiftiMasker
 
-    return MultiNiftiMasker(mask_strategy="epi").fit(paths).mask_img_
+    return MultiNiftiMasker(mask_strategy="epi", target_affine=target_affine,
+                            target_shape=target_shape).fit(paths).mask_img_
 
 
 def persist_fits(models, progress=None) -> None:

@@ -21,6 +21,7 @@ from chunkglm.errors import ConversionError, InputError
 from chunkglm.io import store as st
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
+from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.write_maps import MapsJob, convert_maps
 from chunkglm.io.write_run import RunJob, convert_run, source_key
 
@@ -59,7 +60,8 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
             derivatives_folder="derivatives/fmriprep", mask_img=None, collection="images",
             map_type="effect", storage_options=None, input_storage_options=None, client=None,
             chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY, overwrite=False,
-            progress=None) -> ConversionReport:
+            progress=None, target_affine=None, target_shape=None,
+            smoothing_fwhm=None) -> ConversionReport:
     """Convert fMRI images into a chunked zarr cohort store.
 
     Parameters
@@ -91,6 +93,12 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
         Replace complete nodes whose source file changed (default: refuse).
     progress : callable, optional
         Called as ``progress(done, total, node)`` after each node.
+    target_affine, target_shape : optional
+        Resample every run onto this grid while converting (continuous
+        interpolation, volume by volume, as nilearn's maskers; the mask is
+        resampled with nearest neighbours).
+    smoothing_fwhm : float, optional
+        Smooth every volume (after resampling) with nilearn's ``smooth_img``.
 
     Returns
     -------
@@ -107,7 +115,8 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
                            derivatives_folder=derivatives_folder, mask_img=mask_img,
                            collection=collection, map_type=map_type,
                            input_storage_options=input_storage_options,
-                           chunk_bytes=as_bytes(chunk_bytes), task_memory=as_bytes(task_memory))
+                           chunk_bytes=as_bytes(chunk_bytes), task_memory=as_bytes(task_memory),
+                           preprocessing=SpatialPreprocessing(target_affine, target_shape, smoothing_fwhm))
     root = st.open_root(store, storage_options, mode="a")
     report = ConversionReport(store=st.redact_url(str(store)), grids=sorted(plan.grids))
     for grid in plan.grids.values():
@@ -132,12 +141,13 @@ def _store_arg(store):
 def plan_conversion(inputs, *, task=None, space=None, subjects=None, sessions=None,
                     derivatives_folder="derivatives/fmriprep", mask_img=None, collection="images",
                     map_type="effect", input_storage_options=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
-                    task_memory=DEFAULT_TASK_MEMORY) -> _Plan:
+                    task_memory=DEFAULT_TASK_MEMORY, preprocessing=None) -> _Plan:
     """Read headers and masks, validate, and decide every node to write."""
+    prep = preprocessing or SpatialPreprocessing()
     options = {"task": task, "space": space, "subjects": subjects, "sessions": sessions,
                "mask_img": None if mask_img is None else st.redact_url(str(mask_img)),
-               "chunk_bytes": chunk_bytes, "task_memory": task_memory}
-    sizes = {"chunk_bytes": chunk_bytes, "task_memory": task_memory}
+               "chunk_bytes": chunk_bytes, "task_memory": task_memory, **prep.to_attrs()}
+    sizes = {"chunk_bytes": chunk_bytes, "task_memory": task_memory, "preprocessing": prep}
     user_mask = _read_mask(mask_img, input_storage_options) if mask_img is not None else None
     if _is_bids_folder(inputs):
         runs = discover_runs(inputs, task=task, space=space, subjects=subjects,
@@ -151,6 +161,10 @@ def plan_conversion(inputs, *, task=None, space=None, subjects=None, sessions=No
     grids, run_jobs = _plan_runs(run_files, user_mask, input_storage_options, sizes, infos)
     maps_jobs = []
     if map_paths:
+        if prep.active:
+            raise InputError("resampling/smoothing at conversion applies to 4-D runs; 3-D maps "
+                             f"were given ({map_paths[:2]}). Convert them separately.")
+        sizes = {k: v for k, v in sizes.items() if k != "preprocessing"}
         grid, job = _plan_maps(map_paths, infos, user_mask, collection, map_type, input_storage_options, sizes)
         grids[grid.grid_id] = grid
         maps_jobs.append(job)
@@ -221,16 +235,19 @@ def _plan_runs(runs, user_mask, storage_options, sizes, infos=None):
         by_grid[key].append((run, info))
     grids, jobs = {}, []
     for members in by_grid.values():
-        grid = _grid_for(members, user_mask, storage_options)
+        grid = _grid_for(members, user_mask, storage_options, sizes.get("preprocessing"))
         grids[grid.grid_id] = grid
         jobs.extend(_run_job(run, grid, storage_options, sizes) for run, _ in members)
     _check_names([job.name for job in jobs])
     return grids, jobs
 
 
-def _grid_for(members, user_mask, storage_options) -> st.Grid:
+def _grid_for(members, user_mask, storage_options, prep=None) -> st.Grid:
     run, info = members[0]
     space = run.entities.get("space", "")
+    prep = prep or SpatialPreprocessing()
+    if prep.target_affine is not None:
+        return _resampled_grid(members, user_mask, storage_options, prep, space)
     if user_mask is not None:
         return _grid_from_user_mask(user_mask, info, space)
     masks = [run.mask for run, _ in members if run.mask]
@@ -243,6 +260,21 @@ def _grid_for(members, user_mask, storage_options) -> st.Grid:
     if not masks:
         union[...] = True
     return st.Grid(info.affine, union, space)
+
+
+def _resampled_grid(members, user_mask, storage_options, prep, space) -> st.Grid:
+    """The target grid; its mask is the (union of) mask(s) resampled, nearest."""
+    affine, shape = prep.grid(None, None)
+    if user_mask is not None:
+        mask = prep.resample_mask(user_mask[1], user_mask[0])
+    else:
+        masks = [_read_mask(run.mask, storage_options) for run, _ in members if run.mask]
+        mask = np.zeros(shape, dtype=bool) if masks else np.ones(shape, dtype=bool)
+        for mask_affine, source_mask in masks:
+            mask |= prep.resample_mask(source_mask, mask_affine)
+    if not mask.any():
+        raise InputError("the mask resampled onto target_affine/target_shape has no voxel left.")
+    return st.Grid(affine, mask, space)
 
 
 def _grid_from_user_mask(user_mask, info, space):
@@ -317,10 +349,12 @@ def _pending_jobs(root, plan, report, overwrite, storage_options=None):
 
 
 def _same_source(group, job, storage_options) -> bool:
-    """Same path and size, and same mtime or (copied/touched file) same sha256."""
+    """Same path and size, and same mtime or (copied/touched file) same sha256;
+    for runs also the same resampling/smoothing."""
     meta = st.node_meta(group)
     if isinstance(job, RunJob):
-        return _same_file(meta.get("source", {}), job.source_key, job.bold, storage_options)
+        same_prep = meta.get("preprocessing", SpatialPreprocessing().to_attrs()) == job.preprocessing.to_attrs()
+        return same_prep and _same_file(meta.get("source", {}), job.source_key, job.bold, storage_options)
     old = meta.get("sources", [])
     return len(old) == len(job.source_keys) and all(
         _same_file(o, new, path, storage_options)

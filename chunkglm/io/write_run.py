@@ -26,6 +26,7 @@ from chunkglm.chunking import plan_row_slabs, plan_voxel_chunks
 from chunkglm.errors import InputError
 from chunkglm.io import store as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
+from chunkglm.io.preprocess import SpatialPreprocessing
 
 _STAGING = "_staging"
 
@@ -44,6 +45,7 @@ class RunJob:
     source_key: dict = field(default_factory=dict)
     chunk_bytes: int = 64 * 2**20
     task_memory: int = 2 * 2**30
+    preprocessing: SpatialPreprocessing = field(default_factory=SpatialPreprocessing)
 
 
 def source_key(path: str, storage_options=None) -> dict:
@@ -68,17 +70,15 @@ def convert_run(job: RunJob, store, storage_options=None, input_storage_options=
     grid = _cached_grid(root, store, job.grid_id)
     with NiftiReader(job.bold, input_storage_options) as reader:
         info = reader.info
-        _check_run_grid(info, grid, job.bold)
+        _check_run_grid(info, grid, job.bold, job.preprocessing)
         confounds = _read_table(job.confounds, input_storage_options)
         _check_confounds(confounds, info.n_volumes, job)
         events = _read_table(job.events, input_storage_options)
         node = st.start_node(root, "runs", job.name)
         try:
             plan = plan_voxel_chunks(info.n_volumes, grid.n_voxels, 4, job.chunk_bytes)
-            fidx = fortran_indices(grid.ijk, grid.shape)
-
-            def fill(out, start, stop):
-                return _fill_rows(reader, fidx, out, start, stop)
+            clip_range = _data_range(job, input_storage_options) if job.preprocessing.needs_range() else None
+            fill = _row_filler(reader, grid, job.preprocessing, clip_range)
 
             write_rows(node, "bold", ("time", "voxel"), plan, fill, job.task_memory, job.bold)
             sha256, size = reader.finish()
@@ -88,7 +88,10 @@ def convert_run(job: RunJob, store, storage_options=None, input_storage_options=
     _write_tables(node, confounds, events, info)
     attrs = _run_attrs(job, info)
     source = {**job.source_key, "sha256": sha256, "size": size}
-    st.finish_node(node, attrs, {"kind": "run", "source": source, "nifti_header": header_to_text(info.header_bytes)})
+    meta = {"kind": "run", "source": source, "preprocessing": job.preprocessing.to_attrs()}
+    if job.preprocessing.target_affine is None:  # the original header still describes the grid
+        meta["nifti_header"] = header_to_text(info.header_bytes)
+    st.finish_node(node, attrs, meta)
     return {"name": job.name, "path": job.source_key.get("path", st.redact_url(job.bold)),
             "sha256": sha256, "size": size, "shape": [info.n_volumes, grid.n_voxels]}
 
@@ -110,7 +113,9 @@ def _discard(root, name):
         del root[path]
 
 
-def _check_run_grid(info, grid, path):
+def _check_run_grid(info, grid, path, preprocessing):
+    if len(info.shape) == 4 and preprocessing.target_affine is not None:
+        return  # resampled onto the grid volume by volume
     if len(info.shape) != 4 or any(n != m for n, m in zip(info.volume_shape, grid.shape)):
         raise InputError(
             f"{path} has shape {info.shape}; its run needs a 4-D image on the grid "
@@ -118,6 +123,38 @@ def _check_run_grid(info, grid, path):
         )
     if not np.allclose(info.affine, grid.affine, atol=1e-4):
         raise InputError(f"{path}: its affine differs from its mask's affine:\n{info.affine}\nvs\n{grid.affine}")
+
+
+def _data_range(job, storage_options):
+    """[min(data, 0), max(data, 0)] of the whole run, as nilearn's resample_img clips.
+
+    A separate pass over the input (only when resampling)."""
+    low, high = 0.0, 0.0
+    with NiftiReader(job.bold, storage_options) as reader:
+        info = reader.info
+        for _, raw in reader.iter_volumes():
+            values = scale_values(raw, info.slope, info.inter)
+            low, high = min(low, float(np.nanmin(values))), max(high, float(np.nanmax(values)))
+    return low, high
+
+
+def _row_filler(reader, grid, preprocessing, clip_range=None):
+    """``fill(out, start, stop)`` for write_rows: raw volumes -> in-mask float32 rows."""
+    if not preprocessing.active:
+        fidx = fortran_indices(grid.ijk, grid.shape)
+        return lambda out, start, stop: _fill_rows(reader, fidx, out, start, stop)
+    i, j, k = grid.ijk.T
+    info = reader.info
+
+    def fill(out, start, stop):
+        finite = False
+        for index, raw in reader.iter_volumes(start=start, stop=stop):
+            volume = scale_values(raw, info.slope, info.inter).reshape(info.volume_shape, order="F")
+            out[index - start] = preprocessing.apply(volume, info.affine, clip_range)[i, j, k]
+            finite = finite or bool(np.isfinite(out[index - start]).any())
+        return finite
+
+    return fill
 
 
 def _fill_rows(reader, fidx, out, start, stop):
