@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
+    from chunkglm.cli import first_level
+
+    first_level.add_parser(sub, _add_cluster)
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

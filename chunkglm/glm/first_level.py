@@ -106,12 +106,16 @@ class FirstLevelModel:
             AR(1) coefficient bins.
         """
         self._check_params()
-        nodes = self._as_nodes(_as_list(run_imgs))
+        items = _as_list(run_imgs)
+        nodes = self._as_nodes(items)
         _check_nodes(nodes)
+        self.run_entities_ = [_input_entities(item) for item in items]
         self._check_preprocessing(nodes)
         masks = _per_run(sample_masks, len(nodes), "sample_masks")
         events_list = _per_run(events, len(nodes), "events")
         confounds_list = _per_run(confounds, len(nodes), "confounds")
+        self.confound_names_ = [None if c is None else [str(n) for n in getattr(c, "columns", [])] or None
+                                for c in confounds_list]
         designs = _per_run(design_matrices, len(nodes), "design_matrices")
         full = [self._design(node, ev, conf, dm, i)
                 for i, (node, ev, conf, dm) in enumerate(zip(nodes, events_list, confounds_list, designs))]
@@ -233,6 +237,17 @@ class FirstLevelModel:
         images = {name: self._to_image(values) for name, values in maps.items()}
         return images if output_type == "all" else images[output_type]
 
+    @property
+    def mask_img_(self):
+        """The mask of the fitted voxels, as a NIfTI image (nilearn's name)."""
+        import nibabel as nib
+
+        self._check_fitted()
+        ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
+        data = np.zeros(self._grid.shape, dtype=np.uint8)
+        data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
+        return nib.Nifti1Image(data, self._grid.affine)
+
     # -- voxelwise model attributes (nilearn 0.14 names; lists, one per run) --------
 
     @property
@@ -326,6 +341,18 @@ class FirstLevelModel:
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
+
+
+def _input_entities(item) -> dict:
+    """BIDS entities of a run input: the node's, the file name's, or none."""
+    from chunkglm.io.bids import parse_entities
+    from chunkglm.io.cohort import Node
+
+    if isinstance(item, Node):
+        return dict(item.entities)
+    if isinstance(item, str | Path):
+        return parse_entities(Path(item).name)
+    return {}
 
 
 def _stage_image(image, folder: Path, index: int) -> str:

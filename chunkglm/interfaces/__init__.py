@@ -1,0 +1,16 @@
+"""Interfaces to other formats: BIDS-like GLM derivatives.
+
+``save_glm_to_bids`` (nilearn's file set) and ``save_glm_derivatives``
+(the ``derivatives/glm`` layout) are imported on first use, so that
+``import chunkglm.interfaces`` stays cheap.
+"""
+
+__all__ = ["save_glm_derivatives", "save_glm_to_bids"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from chunkglm.interfaces import bids
+
+        return getattr(bids, name)
+    raise AttributeError(f"module 'chunkglm.interfaces' has no attribute {name!r}")

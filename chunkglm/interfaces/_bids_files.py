@@ -1,0 +1,336 @@
+"""Contents of GLM output files: contrasts, JSON metadata, cluster tables.
+
+Also the few things read from the model besides nilearn's public API
+(``design_matrices_``, ``compute_contrast``, ``r_square_``, ``residuals_``),
+gathered in :func:`run_entities`, :func:`mask_image`, :func:`repetition_times`
+and :func:`confound_names` so that there is one place to adapt.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import numpy as np
+
+from chunkglm._version import __version__
+from chunkglm.errors import InputError
+from chunkglm.interfaces._bids_names import contrast_label, weights_json
+
+#: Keyword arguments of nilearn's ``generate_report`` that shape the cluster
+#: tables, with nilearn's defaults.
+CLUSTER_DEFAULTS = {"threshold": None, "alpha": 0.001, "cluster_threshold": 0,
+                    "height_control": "fpr", "two_sided": False, "min_distance": 8.0}
+#: Keyword arguments of ``generate_report`` that only affect its HTML report.
+REPORT_ONLY = ("title", "bg_img", "plot_type", "cut_coords", "display_mode", "report_dims",
+               "first_level_contrast")
+#: nilearn 0.14's cluster-forming z threshold when height_control is None.
+DEFAULT_Z = 3.09
+SOFTWARE = {"Name": "chunkglm", "Version": __version__}
+
+
+# -- options -----------------------------------------------------------------
+
+
+def cluster_options(kwargs: dict) -> dict:
+    """nilearn's report keywords, validated as nilearn does; the cluster ones returned."""
+    unknown = sorted(set(kwargs) - set(CLUSTER_DEFAULTS) - set(REPORT_ONLY))
+    if unknown:
+        raise InputError(f"unknown keyword argument(s) {unknown}; allowed: "
+                         f"{sorted([*CLUSTER_DEFAULTS, *REPORT_ONLY])}.")
+    ignored = sorted(set(kwargs) & set(REPORT_ONLY))
+    if ignored:
+        warnings.warn(f"{ignored} only shape nilearn's HTML report, which chunkglm does not write; "
+                      "ignored.", UserWarning, stacklevel=3)
+    options = {**CLUSTER_DEFAULTS, **{k: v for k, v in kwargs.items() if k in CLUSTER_DEFAULTS}}
+    if options["height_control"] not in ("fpr", "fdr", "bonferroni", None):
+        raise InputError(f"height_control must be 'fpr', 'fdr', 'bonferroni' or None; received "
+                         f"{options['height_control']!r}.")
+    for key in ("cluster_threshold", "min_distance"):
+        if options[key] < 0:
+            raise InputError(f"{key} must be >= 0; received {options[key]!r}.")
+    if options["height_control"] is None and options["threshold"] is None:
+        options["threshold"] = DEFAULT_Z
+    elif options["height_control"] is not None and options["threshold"] is not None:
+        warnings.warn(f"threshold={options['threshold']!r} is not used with height_control="
+                      f"{options['height_control']!r} (as in nilearn); set to None.",
+                      UserWarning, stacklevel=3)
+        options["threshold"] = None
+    return options
+
+
+# -- contrasts ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    """One contrast: its name, file label, definition, stat type and weights per run."""
+
+    name: str
+    label: str
+    definition: object
+    stat_type: str
+    weights: tuple
+
+
+def as_contrast_dict(contrasts) -> dict:
+    """nilearn's ``coerce_to_dict``: a formula, weights, a list of them, or a dict."""
+    if isinstance(contrasts, dict):
+        items = dict(contrasts)
+    elif isinstance(contrasts, str):
+        items = {contrasts: contrasts}
+    elif isinstance(contrasts, list | tuple | np.ndarray):
+        single = len(contrasts) > 0 and not isinstance(contrasts[0], Iterable)
+        items = {str(contrasts): contrasts} if single else {str(c): c for c in contrasts}
+    else:
+        raise TypeError("contrasts must be a string, weights, a list of them or a dict; "
+                        f"received {type(contrasts).__name__}.")
+    if not items:
+        raise InputError("no contrast given: pass at least one, e.g. contrasts='a - b'.")
+    return items
+
+
+def contrast_specs(contrasts, contrast_types, design_matrices) -> list[ContrastSpec]:
+    """Check names, definitions and types, and evaluate the weights on every run's design.
+
+    Everything that can make a contrast fail is found here, before any file
+    is written.
+    """
+    items = as_contrast_dict(contrasts)
+    types = _check_contrast_types(contrast_types, items)
+    specs, labels = [], {}
+    for name, definition in items.items():
+        label = contrast_label(name)
+        if label in labels:
+            raise InputError(f"contrasts {labels[label]!r} and {name!r} would both be saved as "
+                             f"contrast-{label}: rename one.")
+        labels[label] = name
+        definition = _definition(name, definition)
+        weights = tuple(_weights(name, definition, dm) for dm in design_matrices)
+        if not any(np.any(w) for w in weights):
+            raise InputError(f"contrast {name!r} is null (all weights are 0) on every run.")
+        default = "t" if isinstance(definition, str) or definition.ndim == 1 else "F"
+        specs.append(ContrastSpec(name, label, definition, types.get(name, default), weights))
+    return specs
+
+
+def _check_contrast_types(contrast_types, items) -> dict:
+    if contrast_types is None:
+        return {}
+    if not isinstance(contrast_types, dict):
+        raise TypeError(f"contrast_types must be a dict or None; received {type(contrast_types).__name__}.")
+    unknown = sorted(set(contrast_types) - set(items))
+    if unknown:
+        raise InputError(f"contrast_types names {unknown}, which are not contrasts ({list(items)}).")
+    bad = {k: v for k, v in contrast_types.items() if v not in ("t", "F")}
+    if bad:
+        raise InputError(f"contrast types must be 't' or 'F'; received {bad}.")
+    return dict(contrast_types)
+
+
+def _definition(name, definition):
+    if isinstance(definition, str):
+        return definition
+    if not isinstance(definition, list | tuple | np.ndarray):
+        raise TypeError(f"contrast {name!r}: definitions must be strings or array-likes, not "
+                        f"{type(definition).__name__}.")
+    array = np.asarray(definition, dtype=float)
+    if array.ndim not in (1, 2):
+        raise InputError(f"contrast {name!r}: weights must be 1-D (t) or 2-D (F); got shape {array.shape}.")
+    return array
+
+
+def _weights(name, definition, design) -> np.ndarray:
+    from nilearn.glm.contrasts import expression_to_contrast_vector
+
+    columns = [str(c) for c in design.columns]
+    if isinstance(definition, str):
+        try:
+            return expression_to_contrast_vector(definition, columns)
+        except Exception as err:  # pandas eval raises several kinds
+            raise InputError(f"contrast {name!r} cannot be evaluated on the design columns "
+                             f"{columns}: {err}") from err
+    if np.atleast_2d(definition).shape[1] != len(columns):
+        raise InputError(f"contrast {name!r} has {np.atleast_2d(definition).shape[1]} weights but the "
+                         f"design has {len(columns)} columns {columns}.")
+    return definition
+
+
+# -- what the model knows about its inputs -------------------------------------
+
+
+def run_entities(model) -> list[dict] | None:
+    """BIDS entities of each run's input, or None when the model does not record them.
+
+    Read from ``model.run_entities_`` (one dict per run; empty for inputs
+    without BIDS names).
+    """
+    entities = getattr(model, "run_entities_", None)
+    if entities is None:
+        return None
+    entities = [dict(e or {}) for e in entities]
+    if len(entities) != len(model.design_matrices_):
+        raise InputError(f"model.run_entities_ has {len(entities)} entries for "
+                         f"{len(model.design_matrices_)} runs.")
+    return entities
+
+
+def mask_image(model):
+    """The fit mask as a uint8 NIfTI image (``model.mask_img_`` when the model has it)."""
+    import nibabel as nib
+
+    mask = getattr(model, "mask_img_", None)
+    if mask is not None:
+        from nilearn.image import load_img
+
+        mask = load_img(mask)
+        return nib.Nifti1Image((np.asarray(mask.dataobj) != 0).astype(np.uint8), mask.affine)
+    grid = getattr(model, "_grid", None)  # chunkglm's FirstLevelModel without mask_img_
+    if grid is None:
+        raise InputError("the model exposes no mask (mask_img_): cannot write the mask or clusters.")
+    voxels = getattr(model, "_voxels", None)
+    ijk = grid.ijk if voxels is None else grid.ijk[voxels]
+    data = np.zeros(grid.shape, dtype=np.uint8)
+    data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
+    return nib.Nifti1Image(data, grid.affine)
+
+
+def repetition_times(model) -> list[float]:
+    """Each run's TR: ``model.t_r``, else the spacing of its design's frame times."""
+    if getattr(model, "t_r", None) is not None:
+        return [float(model.t_r)] * len(model.design_matrices_)
+    out = []
+    for index, design in enumerate(model.design_matrices_):
+        times = np.asarray(design.index, dtype=float)
+        if len(times) < 2:
+            raise InputError(f"run {index}: t_r is unknown (model.t_r is None, one scan).")
+        out.append(float(np.round((times[-1] - times[0]) / (len(times) - 1), 6)))
+    return out
+
+
+def confound_names(model, given=None) -> list[str]:
+    """Confound column names: ``given``, else ``model.confound_names_`` (per run, merged)."""
+    names = given if given is not None else getattr(model, "confound_names_", None)
+    if names is None:
+        raise InputError("the model does not record its confound names (confound_names_): pass "
+                         "confounds=[...] (the confound columns used at fit), or [] for none.")
+    if names and not isinstance(names[0], str):  # one list per run
+        names = [n for run in names for n in run]
+    return list(dict.fromkeys(str(n) for n in names))
+
+
+# -- JSON contents -----------------------------------------------------------------
+
+
+def dataset_description(existing_path, level="first") -> dict:
+    """nilearn's dataset_description.json, generated by chunkglm.
+
+    An existing file is extended: chunkglm is added to ``GeneratedBy`` once.
+    """
+    generated = {**SOFTWARE, "Description": f"A chunkglm {level}-level GLM."}
+    if existing_path is None:
+        return {"BIDSVersion": "1.9.0", "DatasetType": "derivative", "GeneratedBy": [generated]}
+    try:
+        description = json.loads(existing_path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{existing_path} exists but cannot be read as JSON ({err}); fix or "
+                         "remove it.") from err
+    entries = description.get("GeneratedBy")
+    entries = list(entries) if isinstance(entries, list) else ([entries] if entries else [])
+    if generated not in entries:
+        entries.append(generated)
+    return {**description, "GeneratedBy": entries}
+
+
+def model_parameters(model, t_r: float) -> dict:
+    """nilearn's ``_attributes_to_dict`` for a first-level model (statmap.json)."""
+    keys = ["subject_label", "drift_model", "hrf_model", "standardize", "noise_model", "t_r",
+            "signal_scaling", "smoothing_fwhm", "slice_time_ref", "target_shape", "target_affine"]
+    if model.hrf_model == "fir":
+        keys.append("fir_delays")
+    if model.drift_model == "cosine":
+        keys.append("high_pass")
+    elif model.drift_model == "polynomial":
+        keys.append("drift_order")
+    values = {key: getattr(model, key, None) for key in sorted(keys)}
+    values["t_r"] = t_r
+    values["standardize"] = getattr(model, "standardize", False)
+    return {k: (list(np.asarray(v).tolist()) if isinstance(v, np.ndarray | tuple) else v)
+            for k, v in values.items() if v is not None}
+
+
+def derivatives_metadata(model, specs, confounds, descriptions=None) -> dict:
+    """The derivatives/glm sidecar: AnalysisLevel, Model, Contrasts, Software, Confounds."""
+    descriptions = descriptions or {}
+    columns = [[str(c) for c in dm.columns] for dm in model.design_matrices_]
+    same = all(c == columns[0] for c in columns)
+    contrasts = {}
+    for spec in specs:
+        weights = [weights_json(w) for w in spec.weights]
+        one = same and all(w == weights[0] for w in weights)
+        default = spec.definition if isinstance(spec.definition, str) else spec.name
+        contrasts[spec.label] = {"Description": descriptions.get(spec.name, default),
+                                 "Weights": weights[0] if one else weights}
+    return {
+        "AnalysisLevel": "first_level",
+        "Model": {"Type": "GLM", "HRF": model.hrf_model, "DriftModel": model.drift_model,
+                  "HighPassFilter": model.high_pass if model.drift_model == "cosine" else None,
+                  "NoiseModel": model.noise_model},
+        "Regressors": columns[0] if same else columns,
+        "Contrasts": contrasts,
+        "Software": dict(SOFTWARE),
+        "Confounds": confounds,
+    }
+
+
+def write_json(path, content, indent=4) -> None:
+    """JSON as nilearn writes it (sorted keys, 4 spaces); numpy values as numbers/lists."""
+    with open(path, "w") as handle:
+        json.dump(content, handle, indent=indent, sort_keys=indent is not None, default=_plain)
+
+
+def _plain(value):
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
+
+
+# -- clusters ------------------------------------------------------------------------
+
+
+def clusters(z_img, mask_img, options: dict):
+    """Cluster table of a contrast's z map and its parameters (clusters.tsv / .json).
+
+    As nilearn's GLM report: :func:`nilearn.glm.threshold_stats_img` on the
+    z map within the mask, then :func:`nilearn.reporting.get_clusters_table`
+    with the same ``two_sided``.
+    """
+    from nilearn.glm import threshold_stats_img
+    from nilearn.reporting import get_clusters_table
+
+    thresholded, threshold = threshold_stats_img(
+        stat_img=z_img, mask_img=mask_img, alpha=options["alpha"], threshold=options["threshold"],
+        height_control=options["height_control"], cluster_threshold=options["cluster_threshold"],
+        two_sided=options["two_sided"])
+    table = get_clusters_table(thresholded, stat_threshold=threshold,
+                               cluster_threshold=options["cluster_threshold"],
+                               two_sided=options["two_sided"], min_distance=options["min_distance"])
+    return table, cluster_details(threshold, options)
+
+
+def cluster_details(threshold, options: dict) -> dict:
+    """nilearn's ``clustering_params_to_dataframe`` (volume GLM) as a dict."""
+    threshold = float(np.around(threshold, 3))
+    alpha, height_control = options["alpha"], options["height_control"]
+    if height_control:
+        details = {"Height control": height_control,
+                   "\u03b1": f"{Decimal(alpha):.2E}" if alpha < 0.001 else alpha,
+                   "Threshold (computed)": threshold}
+    else:
+        details = {"Height control": "None", "Threshold Z": threshold}
+    details["Cluster size threshold (voxels)"] = options["cluster_threshold"]
+    details["Minimum distance (mm)"] = options["min_distance"]
+    return details

@@ -1,0 +1,134 @@
+"""Design-matrix and contrast-matrix figures, as nilearn draws them.
+
+The drawing is nilearn's (:func:`nilearn.plotting.plot_design_matrix`,
+:func:`~nilearn.plotting.plot_design_matrix_correlation`,
+:func:`~nilearn.plotting.plot_contrast_matrix`) with nilearn's figure sizes;
+the figures are plain :class:`matplotlib.figure.Figure` objects on an Agg
+canvas, never registered with pyplot. So nothing here changes the user's
+matplotlib backend, no figure is left open, and it works without a display.
+
+matplotlib is imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+#: Formats written by :func:`save_figure`, in order.
+FIGURE_FORMATS = ("png", "svg")
+
+#: nilearn adds this many inches to the height of design-matrix figures.
+_EXTRA_HEIGHT = 0.3
+
+
+def _agg_figure(figsize):
+    """A figure with one axes, on an Agg canvas, outside pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def design_matrix_figure(design_matrix):
+    """The design matrix drawn by :func:`nilearn.plotting.plot_design_matrix`.
+
+    Parameters
+    ----------
+    design_matrix : pandas.DataFrame
+        One run's design matrix (scans x regressors).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        nilearn's figure size, plus nilearn's 0.3 inch of extra height.
+    """
+    from nilearn.plotting import plot_design_matrix
+
+    names = [str(c) for c in design_matrix.columns]
+    max_len = max(len(name) for name in names)
+    height = float(np.clip(1 + 0.1 * len(design_matrix) + 0.04 * max_len, 3, 10))
+    figure, axes = _agg_figure((1 + 0.23 * len(names), height + _EXTRA_HEIGHT))
+    plot_design_matrix(design_matrix, axes=axes)
+    return figure
+
+
+def design_matrix_correlation_figure(design_matrix):
+    """Correlations of the regressors (:func:`~nilearn.plotting.plot_design_matrix_correlation`).
+
+    Parameters
+    ----------
+    design_matrix : pandas.DataFrame
+        One run's design matrix.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+        None when fewer than two columns are left once nilearn drops the
+        drift and constant columns (nilearn draws nothing either).
+    """
+    from nilearn.plotting import plot_design_matrix_correlation
+
+    kept = [c for c in design_matrix.columns
+            if c not in ("intercept", "constant") and not str(c).startswith("drift_")]
+    if len(design_matrix.columns) < 2 or not kept:
+        return None
+    figure, axes = _agg_figure((7, 5 + _EXTRA_HEIGHT))
+    plot_design_matrix_correlation(design_matrix, tri="diag", axes=axes)
+    return figure
+
+
+def contrast_matrix_figure(contrast_def, design_matrix, title):
+    """A contrast's weights over the design columns (:func:`~nilearn.plotting.plot_contrast_matrix`).
+
+    Parameters
+    ----------
+    contrast_def : str or array-like
+        Formula over the design columns, or weights (1-D: t, 2-D: F).
+    design_matrix : pandas.DataFrame
+        The run's design matrix.
+    title : str
+        Written under the matrix (nilearn writes the contrast name there).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        nilearn's width, 2 inches high (as nilearn's saved contrast figures).
+    """
+    from nilearn.plotting import plot_contrast_matrix
+
+    definition = contrast_def if isinstance(contrast_def, str) else np.asarray(contrast_def, dtype=float)
+    width = max(0.4 * design_matrix.shape[1], 5)
+    figure, axes = _agg_figure((width, 2))
+    plot_contrast_matrix(definition, design_matrix, colorbar=True, axes=axes)
+    axes.set_xlabel(title)
+    return figure
+
+
+def save_figure(figure, paths):
+    """Write one figure to several files; the format comes from each suffix.
+
+    Parameters
+    ----------
+    figure : matplotlib.figure.Figure
+    paths : sequence of str or Path
+        E.g. ``[".../design.png", ".../design.svg"]``.
+
+    Returns
+    -------
+    list of Path
+        The files written. SVG files carry no date, so equal figures give
+        equal files.
+    """
+    written = []
+    for path in map(Path, paths):
+        fmt = path.suffix.lstrip(".").lower()
+        metadata = {"Date": None} if fmt == "svg" else None
+        figure.savefig(path, format=fmt, metadata=metadata)
+        # the layout is done: later formats reuse it instead of solving it again
+        figure.set_layout_engine("none")
+        written.append(path)
+    return written
