@@ -302,3 +302,19 @@ def test_store_runs_must_match_the_models_preprocessing(tiny_bids, float_store):
     node = float_store.runs[tiny_bids.runs[0].name]
     with pytest.raises(InputError, match="converted with .*smoothing_fwhm"):
         FirstLevelModel(smoothing_fwhm=6.0).fit(node)
+
+
+def test_voxelwise_outputs_stream_into_a_store(tiny_bids, float_store, tmp_path):
+    import dask
+    import xarray as xr
+
+    node = float_store.runs[tiny_bids.runs[0].name]
+    model = FirstLevelModel(slice_time_ref=0.5).fit(node)
+    out = tmp_path / "outputs.zarr"
+    with dask.config.set(scheduler="synchronous"):
+        paths = model.voxelwise("residuals", store=out)
+    stored = xr.open_zarr(out, group=paths[0].rsplit("/", 1)[0], zarr_format=3, consolidated=False)
+    assert stored["residuals"].dims == ("time", "voxel")
+    expected = model.residuals_[0].get_fdata()[node.grid.mask].T
+    np.testing.assert_allclose(stored["residuals"].values, expected, rtol=1e-6, atol=1e-4)
+    assert stored["residuals"].data.chunks[1] == model._runs[0].block_sizes

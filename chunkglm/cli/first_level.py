@@ -1,5 +1,8 @@
 """``chunkglm first-level``: every subject of a BIDS folder or store, one graph.
 
+Writes nilearn's ``save_glm_to_bids`` file set (``OUT_DIR/sub-XX/``) and the
+derivatives/glm layout (``OUT_DIR/first_level/sub-XX/`` with its JSON).
+
 1. A BIDS folder is converted (resumably) into a store first.
 2. ``first_level_from_bids`` on the store gives one model per subject.
 3. Contrasts are checked against every design before anything is computed.
@@ -98,7 +101,7 @@ def model_contrasts(model, contrasts):
 def run(args) -> int:
     """Entry point of ``chunkglm first-level``."""
     from chunkglm.cli.main import cluster_client
-    from chunkglm.interfaces.bids import save_glm_to_bids
+    from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 
     contrasts = parse_contrasts(args.contrast)
     with cluster_client(args.cluster) as client:
@@ -111,6 +114,8 @@ def run(args) -> int:
         for done, (model, (weights, types)) in enumerate(zip(models, per_model), 1):
             save_glm_to_bids(model, weights, contrast_types=types, out_dir=args.out_dir,
                              prefix=f"sub-{model.subject_label}_task-{args.task}")
+            save_glm_derivatives(model, weights, args.out_dir, task_label=args.task, contrast_types=types,
+                                 confounds=model.confound_names_[0] or [])
             print(f"[{done}/{len(models)}] sub-{model.subject_label} written", file=sys.stderr, flush=True)
     print(f"derivatives: {Path(args.out_dir).absolute()}")
     return 0

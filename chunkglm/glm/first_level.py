@@ -269,17 +269,37 @@ class FirstLevelModel:
     predicted = predicted_
     residuals = residuals_
 
-    def voxelwise(self, name: str):
-        """Lazy dask arrays, one per run, of "r_square", "predicted" or "residuals".
+    def voxelwise(self, name: str, store=None, storage_options=None):
+        """Lazy per-run "r_square", "predicted" or "residuals", or written to a store.
 
-        Shapes (voxel,) or (time, voxel); nothing is computed until asked,
-        so large outputs can be streamed, e.g. with ``dask.array.to_zarr``.
+        Without ``store``: one dask array per run, (voxel,) or (time, voxel),
+        nothing computed. With ``store`` (a path or fsspec URL): each run's
+        array is streamed block by block into ``glm/<run>/<name>`` of that zarr
+        store (xarray-readable, voxel blocks as the run's), never held whole in
+        memory; returns the node paths written.
         """
         builders = {"r_square": graph.r_square, "predicted": graph.predicted, "residuals": graph.residuals}
         if name not in builders:
             raise InputError(f"voxelwise takes one of {sorted(builders)}; received {name!r}.")
         self._check_fitted()
-        return [builders[name](run) for run in self._fits()]
+        arrays = [builders[name](run) for run in self._fits()]
+        if store is None:
+            return arrays
+        return [self._stream_to_store(array, name, index, store, storage_options)
+                for index, array in enumerate(arrays)]
+
+    def _stream_to_store(self, array, name, index, store, storage_options):
+        import xarray as xr
+
+        from chunkglm.io.store import zarr_store
+
+        run = (self.run_entities_[index] and "_".join(f"{k}-{v}" for k, v in self.run_entities_[index].items()
+                                                      if k in ("sub", "ses", "task", "run"))) or f"run-{index}"
+        dims = ("voxel",) if array.ndim == 1 else ("time", "voxel")
+        path = f"glm/{run}"
+        data = xr.Dataset({name: (dims, array.astype(np.float32))})
+        data.to_zarr(zarr_store(store, storage_options), group=path, mode="a", zarr_format=3, consolidated=False)
+        return f"{path}/{name}"
 
     def _per_run_images(self, build, squeeze=True):
         import dask
