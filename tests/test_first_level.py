@@ -115,6 +115,7 @@ def test_fit_is_lazy_and_contrasts_reuse_one_read(store, tiny_bids_sessions, mon
     model.compute_contrast("a - b")
     model.compute_contrast("a", output_type="effect_size")
     model.compute_contrast(np.eye(2, model.design_matrices_[0].shape[1]), output_type="all")
+    model.r_square_, model.predicted_  # derived from the kept moments and fits
     assert len(calls) == len(model._runs[0].block_sizes)  # each chunk read once in all
 
 

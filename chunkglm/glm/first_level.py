@@ -429,10 +429,12 @@ def persist_fits(models, progress=None) -> None:
     runs = [run for model in pending for run in model._runs]
     if not runs:
         return
+    # The moments are kept too: r-square (and AR(N) r-square) derive from them,
+    # and recomputing them would read the data again.
     with progress or contextlib.nullcontext():
-        persisted = dask.persist(*[run.fits for run in runs])
-    for run, fits in zip(runs, persisted):
-        run.fits = list(fits)
+        persisted = dask.persist(*[(run.fits, run.moments) for run in runs])
+    for run, (fits, moments) in zip(runs, persisted):
+        run.fits, run.moments = list(fits), list(moments)
     for model in pending:
         model._persisted = True
 
