@@ -63,16 +63,15 @@ CONTRASTS = {"aMinusB": "a - b", "effectsOfInterest": "a; b"}
 def _first_level(store: Path, out: Path) -> Path:
     """Fit every subject together, write derivatives; returns their folder."""
     from chunkglm.cli.first_level import model_contrasts
-    from chunkglm.glm.first_level import first_level_from_bids, persist_fits
+    from chunkglm.glm.first_level import first_level_from_bids, fitted_in_waves
     from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 
     start = time.perf_counter()
     models, runs, events, confounds = first_level_from_bids(store, "main", confounds_columns=CONFOUNDS)
     for model, run_list, ev, conf in zip(models, runs, events, confounds):
         model.fit(run_list, events=ev, confounds=conf)
-    persist_fits(models)
     target = out / "derivatives" / "glm"
-    for model in models:
+    for model in fitted_in_waves(models):
         weights, types = model_contrasts(model, CONTRASTS)
         save_glm_to_bids(model, weights, contrast_types=types, out_dir=target,
                          prefix=f"sub-{model.subject_label}_task-main")

@@ -25,7 +25,7 @@ def test_all_subjects_in_one_graph_write_nilearn_style_derivatives(tiny_bids, tm
     done = _cli(tiny_bids.root, "-o", out, "--task", "main", "-c", "aMinusB=a - b", "-c", "effects=a; b",
                 "--confounds", "trans_x,csf", "--cluster", "none")
     assert done.returncode == 0, done.stderr
-    assert "fitting 2 subject(s), 2 run(s) in one graph" in done.stderr
+    assert "fitting 2 subject(s), 2 run(s)" in done.stderr and "[2/2] sub-02 written" in done.stderr
     for sub in ("01", "02"):  # labels as nilearn cleans them: "aMinusB" -> "aminusb"
         folder = out / f"sub-{sub}"
         assert (folder / f"sub-{sub}_task-main_contrast-aminusb_stat-z_statmap.nii.gz").is_file()
@@ -49,7 +49,7 @@ def test_on_a_real_local_cluster(tiny_bids, tmp_path):
     env = {"CHUNKGLM_CLUSTER__LOCAL__N_WORKERS": "2", "CHUNKGLM_CLUSTER__LOCAL__DASHBOARD_ADDRESS": "127.0.0.1:0"}
     done = _cli(tiny_bids.root, "-o", tmp_path / "glm", "--task", "main", "-c", "a=a", env=env)
     assert done.returncode == 0, done.stderr
-    assert "Dashboard: http://127.0.0.1:" in done.stderr and "fitted" in done.stderr
+    assert "Dashboard: http://127.0.0.1:" in done.stderr and "[2/2] sub-02 written" in done.stderr
     assert (tmp_path / "glm" / "sub-02" / "sub-02_task-main_contrast-a_stat-z_statmap.nii.gz").is_file()
 
 

@@ -319,3 +319,16 @@ def test_voxelwise_outputs_stream_into_a_store(tiny_bids, float_store, tmp_path)
     expected = model.residuals_[0].get_fdata()[node.grid.mask].T
     np.testing.assert_allclose(stored["residuals"].values, expected, rtol=1e-6, atol=1e-4)
     assert stored["residuals"].data.chunks[1] == model._runs[0].block_sizes
+
+
+def test_waves_release_each_model_after_use(tiny_bids_sessions, store):
+    from chunkglm.glm.first_level import fitted_in_waves
+
+    models = [FirstLevelModel(slice_time_ref=0.5).fit(store.runs[r.name]) for r in tiny_bids_sessions.runs[:5]]
+    expected = [FirstLevelModel(slice_time_ref=0.5).fit(store.runs[r.name]).compute_contrast("a - b").get_fdata()
+                for r in tiny_bids_sessions.runs[:5]]
+    held = []
+    for model, want in zip(fitted_in_waves(models, window=2), expected):
+        held.append(sum(bool(m._persisted) for m in models))
+        np.testing.assert_array_equal(model.compute_contrast("a - b").get_fdata(), want)
+    assert max(held) <= 4 and not any(m._persisted for m in models)  # at most two windows

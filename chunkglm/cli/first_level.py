@@ -6,8 +6,9 @@ derivatives/glm layout (``OUT_DIR/first_level/sub-XX/`` with its JSON).
 1. A BIDS folder is converted (resumably) into a store first.
 2. ``first_level_from_bids`` on the store gives one model per subject.
 3. Contrasts are checked against every design before anything is computed.
-4. The fits of all subjects are evaluated together (each chunk read once),
-   with progress; then each subject's derivatives are written.
+4. The subjects' fits are evaluated in waves on the cluster (each chunk read
+   once; a bounded number of subjects in memory, so a cohort of any size runs
+   in flat memory), and each subject's derivatives are written as it is done.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def model_contrasts(model, contrasts):
 def run(args) -> int:
     """Entry point of ``chunkglm first-level``."""
     from chunkglm.cli.main import cluster_client
+    from chunkglm.glm.first_level import fitted_in_waves
     from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 
     contrasts = parse_contrasts(args.contrast)
@@ -108,10 +110,9 @@ def run(args) -> int:
         store = _store_for(args, client)
         models = _models(args, store)
         per_model = [model_contrasts(model, contrasts) for model in models]  # fail before computing
-        print(f"fitting {len(models)} subject(s), {sum(len(m._runs) for m in models)} run(s) "
-              "in one graph", file=sys.stderr, flush=True)
-        _evaluate(models, client)
-        for done, (model, (weights, types)) in enumerate(zip(models, per_model), 1):
+        print(f"fitting {len(models)} subject(s), {sum(len(m._runs) for m in models)} run(s)",
+              file=sys.stderr, flush=True)
+        for done, (model, (weights, types)) in enumerate(zip(fitted_in_waves(models), per_model), 1):
             save_glm_to_bids(model, weights, contrast_types=types, out_dir=args.out_dir,
                              prefix=f"sub-{model.subject_label}_task-{args.task}")
             save_glm_derivatives(model, weights, args.out_dir, task_label=args.task, contrast_types=types,
@@ -119,23 +120,3 @@ def run(args) -> int:
             print(f"[{done}/{len(models)}] sub-{model.subject_label} written", file=sys.stderr, flush=True)
     print(f"derivatives: {Path(args.out_dir).absolute()}")
     return 0
-
-
-def _evaluate(models, client) -> None:
-    """Evaluate every model's fits in one graph, showing progress on stderr."""
-    from chunkglm.glm.first_level import persist_fits
-
-    if client is None:
-        from dask.diagnostics import ProgressBar
-
-        persist_fits(models, progress=ProgressBar(out=sys.stderr))
-        return
-    from distributed import as_completed, futures_of
-
-    persist_fits(models)
-    futures = futures_of([run.fits for model in models for run in model._runs])
-    step = max(1, len(futures) // 10)
-    for done, future in enumerate(as_completed(futures), 1):
-        future.result()  # raise a failed block's error here
-        if done % step == 0 or done == len(futures):
-            print(f"  fitted {done}/{len(futures)} blocks", file=sys.stderr, flush=True)

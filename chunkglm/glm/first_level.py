@@ -248,6 +248,15 @@ class FirstLevelModel:
         data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
         return nib.Nifti1Image(data, self._grid.affine)
 
+    def release(self):
+        """Drop the evaluated fits (memory, or workers' memory); the model stays
+        fitted and re-evaluates lazily (reading the data again) if asked."""
+        for run in getattr(self, "_runs", []):
+            lazy = getattr(run, "lazy_fits", None)
+            if lazy is not None:
+                run.fits, run.lazy_fits = lazy, None
+        self._persisted = False
+
     # -- voxelwise model attributes (nilearn 0.14 names; lists, one per run) --------
 
     @property
@@ -429,12 +438,10 @@ def persist_fits(models, progress=None) -> None:
     runs = [run for model in pending for run in model._runs]
     if not runs:
         return
-    # The moments are kept too: r-square (and AR(N) r-square) derive from them,
-    # and recomputing them would read the data again.
     with progress or contextlib.nullcontext():
-        persisted = dask.persist(*[(run.fits, run.moments) for run in runs])
-    for run, (fits, moments) in zip(runs, persisted):
-        run.fits, run.moments = list(fits), list(moments)
+        persisted = dask.persist(*[run.fits for run in runs])
+    for run, fits in zip(runs, persisted):
+        run.lazy_fits, run.fits = run.fits, list(fits)
     for model in pending:
         model._persisted = True
 
@@ -455,6 +462,37 @@ def _sample_rows(mask, n_scans, index):
     if mask.min() < 0 or mask.max() >= n_scans:
         raise InputError(f"sample_mask of run {index} indexes volumes outside 0..{n_scans - 1}.")
     return mask
+
+
+def fitted_in_waves(models, window=None, progress=None):
+    """Yield models with their fits evaluated, holding at most two windows at once.
+
+    For cohorts: a window of models is persisted (on a cluster, the next one
+    starts while the current one is consumed); each model yielded is released
+    when the loop moves on, so memory stays flat however many models there
+    are. ``window`` defaults to twice the number of workers (or threads).
+    """
+    window = window or _default_window()
+    batches = [models[i:i + window] for i in range(0, len(models), window)]
+    if batches:
+        persist_fits(batches[0], progress)
+    for index, batch in enumerate(batches):
+        if index + 1 < len(batches):
+            persist_fits(batches[index + 1], progress)  # asynchronous on a cluster
+        for model in batch:
+            yield model
+            model.release()
+
+
+def _default_window() -> int:
+    try:
+        from distributed import default_client
+
+        return max(2, 2 * len(default_client().scheduler_info()["workers"]))
+    except (ImportError, ValueError):
+        import os
+
+        return max(2, 2 * len(os.sched_getaffinity(0)))
 
 
 def _as_list(value):
@@ -503,4 +541,4 @@ def _check_width(con, design: pd.DataFrame):
 # nilearn exposes it here too; the implementation lives apart from the model.
 from chunkglm.glm.from_bids import first_level_from_bids  # noqa: E402
 
-__all__ = ["FirstLevelModel", "first_level_from_bids", "persist_fits"]
+__all__ = ["FirstLevelModel", "first_level_from_bids", "fitted_in_waves", "persist_fits"]

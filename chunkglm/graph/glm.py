@@ -188,6 +188,7 @@ class RunFit:
     grand_mean: object = None
     basis: np.ndarray = None
     r_factor: np.ndarray = None
+    lazy_fits: list = None
 
     def to_basis(self, con: np.ndarray) -> np.ndarray:
         """Contrast weights on X -> weights on the fit's orthonormal basis Q.
@@ -279,23 +280,15 @@ def contrast(run: RunFit, con: np.ndarray, stat_type: str) -> tuple[da.Array, da
     return stacked[:q], stacked[q]
 
 
+def _fit_r_square(fit):
+    return fit.r_square
+
+
 def r_square(run: RunFit) -> da.Array:
-    """Lazy r-square (voxel,): from the moments, no second read of the data."""
-    from chunkglm.kernels import ar
-
-    order = ar_order_of(run)
-    if order > 1:
-        dm, fn = ar.lag_moments(run.basis, None, order), ar.r_square
-    else:
-        dm, fn = k.DesignMoments.from_design(run.basis), k.r_square
-    parts = [da.from_delayed(dask.delayed(fn)(dm, bm, fit), shape=(n,), dtype=np.float64)
-             for bm, fit, n in zip(run.moments, run.fits, run.block_sizes)]
+    """Lazy r-square (voxel,): computed with each block's fit, no second read."""
+    parts = [da.from_delayed(dask.delayed(_fit_r_square)(fit), shape=(n,), dtype=np.float64)
+             for fit, n in zip(run.fits, run.block_sizes)]
     return da.concatenate(parts)
-
-
-def ar_order_of(run: RunFit) -> int:
-    """The AR order the run was fitted with (0 for OLS)."""
-    return run.order
 
 
 def predicted(run: RunFit) -> da.Array:

@@ -12,7 +12,7 @@ for X'X (D_jk) and, per voxel, for y'y (S_jk). Shapes: (time, voxel) data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -121,8 +121,9 @@ def fit_ar(dmx: LagMoments, dmy: LagMoments, levels: np.ndarray, level_index: np
     beta = np.einsum("vpq,qv->pv", cov[level_index], xwy)
     sse = wyy - np.einsum("pv,pv->v", beta, xwy)
     dispersion = sse / (dmx.n_time - dmx.cross[0][0].shape[0])
-    return GLMFit(beta, dispersion, np.asarray(levels)[level_index], np.asarray(levels), level_index,
-                  cov, df_residuals)
+    fit = GLMFit(beta, dispersion, np.asarray(levels)[level_index], np.asarray(levels), level_index,
+                 cov, df_residuals)
+    return replace(fit, r_square=r_square(dmx, dmy, fit))
 
 
 def r_square(dmx: LagMoments, dmy: LagMoments, fit: GLMFit) -> np.ndarray:

@@ -18,7 +18,7 @@ and the same for X~'X~ and ||W y||^2. Shapes: Y (time, voxel), X (time, regresso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -168,6 +168,9 @@ class GLMFit:
         Normalised covariance (X~'X~)^-1 of each level.
     df_residuals : int
         n_time - rank(X).
+    r_square : ndarray (voxel,) or None
+        nilearn's r-square, computed with the fit (it needs the moments,
+        which are then not kept).
     """
 
     beta: np.ndarray
@@ -177,6 +180,7 @@ class GLMFit:
     level_index: np.ndarray
     cov: np.ndarray
     df_residuals: int
+    r_square: np.ndarray | None = None
 
 
 def fit_whitened(dm: DesignMoments, bm: BlockMoments, rho: np.ndarray, df_residuals: int) -> GLMFit:
@@ -194,7 +198,8 @@ def fit_whitened(dm: DesignMoments, bm: BlockMoments, rho: np.ndarray, df_residu
     wyy = bm.q0 - 2 * rho * bm.q1 + rho * rho * bm.q2  # ||W y||^2
     sse = wyy - np.einsum("pv,pv->v", beta, xwy)
     dispersion = sse / (dm.n_time - dm.n_regressors)
-    return GLMFit(beta, dispersion, rho, levels, level_index, cov, df_residuals)
+    fit = GLMFit(beta, dispersion, rho, levels, level_index, cov, df_residuals)
+    return replace(fit, r_square=r_square(dm, bm, fit))
 
 
 def contrast_t(fit: GLMFit, con: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
