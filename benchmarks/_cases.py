@@ -9,11 +9,12 @@ over the rounds, and it prints and saves what the last round returns.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _data import run_tables, synthetic_run
+from _data import linked_cohort, run_tables, synthetic_run
 from _harness import Context, Measurement, markdown_table, run_child
 
 MiB = 2**20
@@ -298,4 +299,172 @@ def _parity_notes(parity: dict) -> list[str]:
     return ["\n".join(lines)]
 
 
-CASES = {"convert": convert_case, "first_level": first_level_case}
+# --- case "first_level_cohort" ---------------------------------------------
+
+COHORT_SIZES = (1, 5, 10, 20)  # runs per graph; the first is the reference
+COHORT_WORKERS = 2  # worker processes x 1 thread: one core each
+THROUGHPUT_VS_ONE = 0.8  # runs/s per core >= 0.8x the one-run graph's
+WORKER_RSS_VS_ONE = 1.2  # peak RSS per worker <= 1.2x the one-run graph's ("flat")
+WAVES = "waves"  # the extra row: the largest N through fitted_in_waves instead of one persist_fits
+
+
+def first_level_cohort_case(ctx: Context) -> CaseResult:
+    """N = 1, 5, 10, 20 runs fitted in one graph on a 2-worker local cluster."""
+    run = synthetic_run(ctx.data_dir, ctx.size)
+    tables = run_tables(run)
+    sizes = input_sizes(run["bold"], run["mask"])
+    work = ctx.work_dir("first_level_cohort")
+    store, maps = str(work / "cohort.zarr"), str(work / "maps")
+    if ctx.round == 0:  # set-up, not measured: the linked dataset (cached) and its store (per invocation)
+        ctx.setup["cohort"] = linked_cohort(run, work / "linked", max(COHORT_SIZES))
+        ctx.setup["store"] = run_child("convert_cluster", {"inputs": ctx.setup["cohort"]["root"], "store": store,
+                                                           "n_workers": COHORT_WORKERS})
+    nodes = ctx.setup["cohort"]["runs"]
+    missing = sorted(set(f"runs/{n}" for n in nodes) - set(ctx.setup["store"]["converted"]))
+    if missing:
+        raise RuntimeError(f"the cohort store lacks {missing}")
+
+    common = {"mask": run["mask"], **tables, "out": maps}
+    m = {"floor_isal": ctx.measure("floor_isal", path=run["bold"]),
+         "reference": ctx.measure("glm_chunkglm", label="in_process", store=store, node=nodes[0], **common)}
+    for n in COHORT_SIZES:
+        m[n] = ctx.measure("glm_cohort", store=store, nodes=nodes[:n], n_workers=COHORT_WORKERS, **common)
+    m[WAVES] = ctx.measure("glm_cohort", store=store, nodes=nodes[:max(COHORT_SIZES)], n_workers=COHORT_WORKERS,
+                           waves=True, **common)
+
+    keys = [*COHORT_SIZES, WAVES]
+    stats = {key: _cohort_stats(m[key]) for key in keys}
+    parity = {key: map_parity(m["reference"].extra["maps"], m[key].extra["maps"], run["mask"]) for key in keys}
+    if ctx.round == ctx.repeat - 1:  # ~3.8 GB (realistic), converted again by the next invocation
+        shutil.rmtree(store, ignore_errors=True)
+    facts = {**sizes, "nodes": nodes, "store_bytes": ctx.setup["store"]["store_mib"] * MiB,
+             "store_convert_s": ctx.setup["store"]["wall_s"], "linked_root": ctx.setup["cohort"]["root"],
+             "cohort_sizes": list(COHORT_SIZES), "workers": COHORT_WORKERS, "stats": stats, "parity": parity,
+             "events": tables["events"], "confounds": tables["confounds"]}
+    return CaseResult("first_level_cohort",
+                      f"first-level GLM (AR(1)), {max(COHORT_SIZES)} {ctx.size} runs in one graph on a "
+                      f"{COHORT_WORKERS}-worker local cluster", facts, _cohort_rows(m, stats),
+                      _cohort_notes(facts), _cohort_after(stats, parity))
+
+
+def _cohort_stats(measurement: Measurement) -> dict:
+    """Throughput and worker memory of one N (worker figures: largest over the rounds)."""
+    runs, best = measurement.runs, measurement.extra
+    n = best["n_runs"]
+
+    def largest(key):
+        return max(max(r[key]) for r in runs)
+
+    kinds = {}
+    for r in runs:
+        for kind, mib in r["persisted_by_kind_mib"].items():
+            kinds[kind] = max(kinds.get(kind, 0.0), mib)
+    return {"n_runs": n, "wall_s": measurement.wall_s, "runs_per_s": n / measurement.wall_s,
+            "runs_per_s_per_core": n / measurement.wall_s / COHORT_WORKERS,
+            "worker_peak_mib": largest("worker_peak_rss_mib"),
+            "worker_sampled_peak_mib": largest("worker_sampled_peak_mib"),
+            "worker_peak_less_persisted_mib": largest("worker_peak_less_persisted_mib"),
+            "worker_held_peak_mib": largest("worker_held_peak_mib"),
+            "worker_unmanaged_peak_mib": largest("worker_unmanaged_peak_mib"),
+            "worker_rss_start_mib": min(min(r["worker_rss_start_mib"]) for r in runs),
+            "persisted_end_mib": max(sum(r["worker_persisted_end_mib"]) for r in runs),
+            "persisted_by_kind_mib": kinds,
+            "driver_peak_mib": measurement.peak_rss_mib,
+            "identical_maps": all(r["identical_maps"] for r in runs),
+            "restarted": any(r["workers_restarted"] for r in runs),
+            "samples": min(r["n_samples"] for r in runs)}
+
+
+def _cohort_rows(m: dict, stats: dict) -> list[Row]:
+    floor, one = m["floor_isal"].wall_s, stats[COHORT_SIZES[0]]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    reference = m["reference"].wall_s
+    rows = [Row("floor: isal threaded-reader decompress of one run (reference)", m["floor_isal"], "1.00× floor"),
+            Row("chunkglm one run in process, threaded scheduler (context: the first_level store row)",
+                m["reference"], f"{1 / reference:.3f} runs/s, {1 / reference / cores:.3f}/core; "
+                                f"{reference / floor:.2f}× floor")]
+    rss_limit = WORKER_RSS_VS_ONE * one["worker_peak_mib"]
+    less_limit = WORKER_RSS_VS_ONE * one["worker_peak_less_persisted_mib"]
+    for key, s in stats.items():
+        n = s["n_runs"]
+        relative = s["runs_per_s_per_core"] / one["runs_per_s_per_core"]
+        less = s["worker_peak_less_persisted_mib"]
+        ratio = (f"{s['runs_per_s_per_core']:.3f} runs/s/core = {relative:.2f}× N=1; worker peak "
+                 f"{s['worker_peak_mib']:.0f} MiB = {s['worker_peak_mib'] / one['worker_peak_mib']:.2f}× N=1; "
+                 f"excl. persisted {less:.0f} MiB = {less / one['worker_peak_less_persisted_mib']:.2f}× N=1")
+        label = f"chunkglm {n} run{'s' if n > 1 else ''} in one graph ({COHORT_WORKERS} workers × 1 thread)"
+        if key == WAVES:
+            label = f"chunkglm {n} runs through `fitted_in_waves` ({COHORT_WORKERS} workers × 1 thread)"
+        if key == COHORT_SIZES[0]:
+            rows.append(Row(label, m[key], ratio, "— (reference of the rows below)"))
+            continue
+        rows.append(Row(label, m[key], ratio,
+                        f"≥ {THROUGHPUT_VS_ONE:g}× N=1 runs/s per core; worker peak ≤ {rss_limit:.0f} MiB "
+                        f"({WORKER_RSS_VS_ONE:g}× N=1); excl. persisted ≤ {less_limit:.0f} MiB",
+                        [Check("throughput", relative >= THROUGHPUT_VS_ONE),
+                         Check("worker RSS", s["worker_peak_mib"] <= rss_limit),
+                         Check("excl. persisted", less <= less_limit)]))
+    return rows
+
+
+def _cohort_notes(facts: dict) -> list[str]:
+    n_max = max(facts["cohort_sizes"])
+    return [
+        f"Input: {n_max} runs `sub-01` … `sub-{n_max:02d}` (task `main`, run 1) of a BIDS dataset whose "
+        f"preprocessed bold files are symlinks to the one realistic run ({facts['shape']} {facts['dtype']}, "
+        f"{facts['mask_voxels']:,} mask voxels, {facts['compressed_bytes'] / MiB:.0f} MiB compressed); mask, "
+        "confounds, events and sidecars copied per subject. Converted once per invocation, before the first "
+        f"round, on the same {facts['workers']}-worker cluster (`chunkglm.convert(bids_root, store, client=...)`: "
+        f"{facts['store_convert_s']:.0f} s, {facts['store_bytes'] / MiB:.0f} MiB on disk), not timed.",
+        f"Each N row is one fresh process: it starts a local cluster of {facts['workers']} worker processes × 1 "
+        "thread (`chunkglm.cluster.start`) and imports the task modules on the workers (set-up, untimed), then "
+        "times: one `FirstLevelModel(t_r=2.0, slice_time_ref=0.5, noise_model=\"ar1\", mask_img=<brain mask>)"
+        ".fit(run, events=<events TSV>, confounds=<6 motion + csf + white_matter>)` per run, one "
+        "`persist_fits(models)` (every fit in one dask graph), then `compute_contrast(\"a - b\", "
+        "output_type=\"all\")` of each model. The driver keeps the first model's maps and checks that every "
+        "other model's z and effect maps are equal to them (all runs hold the same data). The "
+        "`fitted_in_waves` row runs the same models through `for model in fitted_in_waves(models)` (a window "
+        "of models persisted at a time, the next one while the current is used, each model released after its "
+        "contrast) instead of one `persist_fits`: not one graph, the bounded-memory way to run a cohort.",
+        f"Throughput: runs/s per core = N / wall / {facts['workers']} cores, relative to the N=1 graph on the "
+        "same cluster. Memory: `peak RSS` and `RSS at start` in the table are the **driver** (client + "
+        "scheduler); the **worker** peak is the largest `VmHWM` (high-water RSS) of any worker process (its "
+        "whole life, imports included), over the rounds. *Excl. persisted*: the largest, over samples taken "
+        "every 0.1 s with `client.run`, of a worker's RSS less the bytes it holds at that moment of the "
+        "results still held when the work is done (what `persist_fits` keeps on the workers, by design one "
+        "set per run): the memory the worker would need if those results lived elsewhere.",
+    ]
+
+
+def _cohort_after(stats: dict, parity: dict) -> list[str]:
+    one = stats[COHORT_SIZES[0]]
+    rows = []
+    for key, s in stats.items():
+        n = s["n_runs"]
+        kinds = ", ".join(f"{kind} {mib:.0f}" for kind, mib in sorted(s["persisted_by_kind_mib"].items()))
+        rows.append([f"{n} ({key})" if key == WAVES else str(n), f"{s['wall_s']:.2f}", f"{s['wall_s'] / n:.2f}", f"{s['runs_per_s']:.3f}",
+                     f"{s['runs_per_s_per_core']:.3f}", f"{s['runs_per_s_per_core'] / one['runs_per_s_per_core']:.2f}",
+                     f"{s['worker_rss_start_mib']:.0f}", f"{s['worker_peak_mib']:.0f}",
+                     f"{s['worker_sampled_peak_mib']:.0f}", f"{s['worker_held_peak_mib']:.0f}",
+                     f"{s['worker_unmanaged_peak_mib']:.0f}", f"{s['worker_peak_less_persisted_mib']:.0f}",
+                     f"{s['persisted_end_mib']:.0f} ({kinds})", f"{s['driver_peak_mib']:.0f}",
+                     "yes" if s["identical_maps"] else "**NO**", "**yes**" if s["restarted"] else "no"])
+    memory = markdown_table(
+        ["N", "wall s", "s a run", "runs/s", "runs/s per core", "× N=1", "worker RSS at start MiB",
+         "worker peak MiB (VmHWM)", "worker peak sampled MiB", "worker results held, peak MiB",
+         "worker unmanaged, peak MiB", "worker peak excl. persisted MiB",
+         "persisted at end MiB, all workers (by task)", "driver peak MiB", "all maps equal", "worker restarted"],
+        rows)
+    worst = max(parity, key=lambda n: parity[n]["z"]["rel_l2"])
+    z, effect = parity[worst]["z"], parity[worst]["effect"]
+    return [
+        "Per N (worker figures: the largest worker, over the rounds; *sampled* every 0.1 s; *unmanaged* = "
+        "RSS − every result held):\n\n" + memory,
+        f"Parity of the first model's maps with the in-process run over the {parity[worst]['mask_voxels']:,} "
+        f"mask voxels, worst row (N={worst}): z rel L2 {z['rel_l2']:.2e}, max abs diff {z['max_abs_diff']:.2e}, "
+        f"{z['voxels_over_tol']} voxels with abs(Δz) > {Z_TOLERANCE:.0e}; effect rel L2 {effect['rel_l2']:.2e}; "
+        f"finite/non-finite mismatches {z['nonfinite_mismatch'] + effect['nonfinite_mismatch']}.",
+    ]
+
+
+CASES = {"convert": convert_case, "first_level": first_level_case, "first_level_cohort": first_level_cohort_case}

@@ -59,3 +59,62 @@ def run_tables(run: dict) -> dict:
         raise FileNotFoundError(f"expected one events and one confounds table for {prefix}; "
                                 f"found {events} and {confounds}")
     return {"events": str(events[0]), "confounds": str(confounds[0])}
+
+
+def linked_cohort(run: dict, folder: Path, n_runs: int) -> dict:
+    """A BIDS dataset of ``n_runs`` subjects that all reuse the one run of
+    :func:`synthetic_run` (cached in ``folder``; rebuilt when the source changed).
+
+    Every file of the source subject (``sub-01``: raw events and sidecar,
+    fMRIPrep mask, confounds, JSON) is copied under ``sub-01`` ... ``sub-NN``
+    with the subject label in its path and name replaced; the preprocessed
+    bold ``.nii.gz`` (~1.1 GB) is a **symlink** to the cached one, so the
+    dataset costs a few MB whatever ``n_runs``. Top-level files
+    (``dataset_description.json``) are copied, ``participants.tsv`` lists
+    the new subjects.
+
+    Returns a dict with ``root`` (str), ``subjects`` (labels without
+    ``sub-``), ``runs`` (node names, e.g. ``sub-07_task-main_run-1``) and
+    ``built_s`` (0 when reused).
+    """
+    source_root = Path(run["root"])
+    source_bold = Path(run["bold"])
+    source_sub = source_bold.name.split("_", 1)[0]  # "sub-01"
+    folder = Path(folder)
+    stamp = {"source_bold": str(source_bold), "source_size": source_bold.stat().st_size,
+             "source_mtime": source_bold.stat().st_mtime, "n_runs": n_runs}
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        info = json.loads(manifest.read_text())
+        if info.get("stamp") == stamp and Path(info["root"]).is_dir():
+            return {**info, "built_s": 0.0}
+    start = time.perf_counter()
+    if folder.exists():
+        shutil.rmtree(folder)
+    root = folder / "bids"
+    subjects = [f"{i:02d}" for i in range(1, n_runs + 1)]
+    for path in sorted(p for p in source_root.rglob("*") if p.is_file()):
+        relative = path.relative_to(source_root)
+        if source_sub not in relative.parts:  # top-level files
+            target = root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if relative.name == "participants.tsv":
+                header, *lines = path.read_text().splitlines()
+                row = next((line for line in lines if line.startswith(source_sub + "\t")), source_sub)
+                rows = [row.replace(source_sub, f"sub-{label}", 1) for label in subjects]
+                target.write_text("\n".join([header, *rows]) + "\n")
+            else:
+                shutil.copyfile(path, target)
+            continue
+        for label in subjects:
+            target = root / str(relative).replace(source_sub, f"sub-{label}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path == source_bold:
+                target.symlink_to(source_bold.absolute())
+            else:
+                shutil.copyfile(path, target)
+    node = source_bold.name.split("_space-")[0]  # sub-01_task-main_run-1
+    info = {"root": str(root.absolute()), "subjects": subjects,
+            "runs": [node.replace(source_sub, f"sub-{label}", 1) for label in subjects], "stamp": stamp}
+    manifest.write_text(json.dumps(info, indent=1))
+    return {**info, "built_s": time.perf_counter() - start}

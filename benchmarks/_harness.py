@@ -123,7 +123,30 @@ def machine() -> dict:
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
+        "source_start": source_state(),
     }
+
+
+def source_state() -> str:
+    """The chunkglm source measured: ``<commit>``, ``+N uncommitted`` when
+    ``chunkglm/`` has uncommitted files (read-only git queries), and
+    ``py <digest>``, a hash of every ``chunkglm/**/*.py`` (which tells apart
+    two different sets of uncommitted edits). The runner reads it at the start
+    and at the end of a case: on a shared checkout the code may change in between."""
+    import hashlib
+
+    repo = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted((repo / "chunkglm").rglob("*.py")):
+        digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "chunkglm"],
+                                 capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        commit, changed = "unknown commit", []
+    return commit + (f" +{len(changed)} uncommitted" if changed else "") + f", py {digest.hexdigest()[:8]}"
 
 
 def _cpu_model() -> str:

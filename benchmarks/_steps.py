@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import shutil
 import sys
@@ -259,6 +260,258 @@ def glm_chunkglm(timed, mask, events, confounds, out, label, bold=None, store=No
     design = model.design_matrices_[0]
     return {"maps": _save_maps(maps, out, label), "design_columns": list(design.columns),
             "open_store_s": open_s if store is not None else None}
+
+
+# --- case "first_level_cohort": N runs in one graph on a local cluster ------
+
+MiB = 2**20
+
+
+@step("convert_cluster")
+def convert_cluster(timed, inputs, store, n_workers=2):
+    """``chunkglm.convert`` of a BIDS dataset on a local cluster (runs in parallel).
+
+    Set-up of ``first_level_cohort`` (run through ``run_child``): the cluster
+    start is not timed, the conversion is.
+    """
+    _import_convert_dependencies()
+    from chunkglm.cluster import start
+    from chunkglm.io.convert import convert as chunkglm_convert
+
+    shutil.rmtree(store, ignore_errors=True)
+    client = start(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", verbose=False)
+    try:
+        with timed:
+            report = chunkglm_convert(inputs, store, client=client)
+    finally:
+        client.close()
+    return {"converted": report.converted, "store_mib": _tree_bytes(store) / MiB}
+
+
+def _worker_peak_rss() -> int:
+    """This worker process's peak RSS (bytes): ``VmHWM``, the high-water mark
+    of its own address space since it started.
+
+    Not ``ru_maxrss``: a worker is spawned (fork + exec) by its nanny, which
+    lives in the driver process, and Linux carries the forked copy's RSS (the
+    driver's, at that moment) into the new program's ``ru_maxrss``.
+    """
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker_memory(dask_worker) -> tuple:
+    """``(rss, {key: bytes})`` of this worker: its resident memory and the
+    size of every task result it holds.
+
+    Sizes are measured from the objects: dask's ``sizeof`` does not look
+    inside dataclasses, so its own estimate (``dask_worker.state.nbytes``)
+    counts chunkglm's per-block results (``GLMFit``, ``BlockMoments``) as a
+    few bytes each.
+    """
+    import dataclasses
+
+    import psutil
+    from dask.sizeof import sizeof
+
+    rss = psutil.Process().memory_info().rss
+    held = {}
+    for key, value in list(dask_worker.data.items()):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            held[str(key)] = sum(sizeof(getattr(value, f.name)) for f in dataclasses.fields(value))
+        else:
+            held[str(key)] = sizeof(value)
+    return rss, held
+
+
+def _worker_imports() -> None:
+    """What the GLM tasks import on a worker: set-up, as the driver's imports."""
+    import dask.array  # noqa: F401
+    import numcodecs.blosc  # noqa: F401
+    import numpy  # noqa: F401
+    import psutil  # noqa: F401
+    import zarr  # noqa: F401
+
+    import chunkglm.graph.glm  # noqa: F401
+    import chunkglm.io.cohort  # noqa: F401
+    import chunkglm.kernels.glm  # noqa: F401
+
+
+class WorkerMemory:
+    """Samples every worker's memory (:func:`_worker_memory`) with
+    ``client.run`` from a background thread, every ``interval_s``.
+
+    ``samples``: ``(seconds since start, {worker: (rss, {key: bytes})})``.
+    Sampling more often than dask's heartbeats catches short peaks; the
+    workers' own ``VmHWM`` (read at the end) catches the ones in between.
+    """
+
+    def __init__(self, client, interval_s=0.1):
+        import threading
+
+        self.client, self.interval_s = client, interval_s
+        self.samples, self.errors = [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def _loop(self):
+        while not self._stop.is_set():
+            began = time.perf_counter()
+            try:
+                memory = self.client.run(_worker_memory)
+            except Exception:  # a worker restarting: the restart check reports it
+                self.errors += 1
+            else:
+                self.samples.append((began - self._start, memory))
+            self._stop.wait(max(0.0, self.interval_s - (time.perf_counter() - began)))
+
+    def summary(self, worker, persisted: set) -> dict:
+        """Largest sampled values for ``worker`` (bytes).
+
+        ``persisted``: the keys the worker still holds when the work is done
+        (what ``persist_fits`` keeps). ``rss_less_persisted``: RSS less the
+        bytes of those keys held at that moment, i.e. the memory that would
+        be there if the persisted results lived elsewhere; ``unmanaged``:
+        RSS less every result held (interpreter, running tasks' temporaries,
+        freed memory not yet returned to the OS).
+        """
+        out = {"rss": 0, "held": 0, "rss_less_persisted": 0, "unmanaged": 0}
+        for _, memory in self.samples:
+            if worker not in memory:
+                continue
+            rss, held = memory[worker]
+            kept = sum(size for key, size in held.items() if key in persisted)
+            for name, value in (("rss", rss), ("held", sum(held.values())),
+                                ("rss_less_persisted", rss - kept), ("unmanaged", rss - sum(held.values()))):
+                out[name] = max(out[name], value)
+        return out
+
+    def timeline_mib(self, persisted: dict) -> list:
+        """``[seconds, RSS, results held, persisted results held]`` (MiB) of
+        the worker with the largest RSS, per sample."""
+        out = []
+        for t, memory in self.samples:
+            if not memory:
+                continue
+            worker = max(memory, key=lambda w: memory[w][0])
+            rss, held = memory[worker]
+            kept = sum(size for key, size in held.items() if key in persisted.get(worker, ()))
+            out.append([round(t, 2), round(rss / MiB), round(sum(held.values()) / MiB), round(kept / MiB)])
+        return out
+
+
+@step("glm_cohort")
+def glm_cohort(timed, store, nodes, mask, events, confounds, out, n_workers=2, sample_s=0.1, waves=False):
+    """One FirstLevelModel per run of ``nodes``, fitted together on a local cluster.
+
+    Set-up (untimed): imports, reading the TSVs, opening the store, starting
+    the cluster (``n_workers`` processes x 1 thread) and importing the task
+    modules on its workers. Timed: every ``fit``, one ``persist_fits`` over
+    all the models (one dask graph), then ``compute_contrast("a - b",
+    output_type="all")`` of each model. As a cohort pipeline would, the
+    driver keeps the first model's maps only (to save them for the parity
+    check) and compares every other model's z and effect maps with them
+    (``np.array_equal``, ~1 ms a run: every run holds the same data).
+
+    ``waves=True``: the same models, but evaluated with
+    ``fitted_in_waves(models)`` (a bounded window of models persisted at a
+    time, each released after its contrast) instead of one ``persist_fits``.
+
+    Memory: every worker's RSS and the results it holds are sampled every
+    ``sample_s`` s during the timed work (:class:`WorkerMemory`), and each
+    worker's ``VmHWM`` (its true peak) is read at the end.
+    """
+    _import_convert_dependencies()
+    import dask.array  # noqa: F401
+    import nilearn.glm.contrasts  # noqa: F401
+    import nilearn.image  # noqa: F401
+    import numpy as np
+    import xarray  # noqa: F401
+
+    from chunkglm.cluster import start
+    from chunkglm.glm.first_level import FirstLevelModel, persist_fits
+    from chunkglm.io.cohort import open_cohort
+
+    if waves:
+        from chunkglm.glm.first_level import fitted_in_waves
+    events_df, confounds_df = _glm_inputs(events, confounds)
+    cohort = open_cohort(store)
+    runs = [cohort.runs[node] for node in nodes]
+    compared = ("z_score", "effect_size")
+    client = start(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", verbose=False)
+    try:
+        client.wait_for_workers(n_workers)
+        client.run(_worker_imports)
+        pids = client.run(os.getpid)
+        at_start = client.run(_worker_memory)
+        with WorkerMemory(client, sample_s) as sampler:
+            with timed:
+                models = [FirstLevelModel(mask_img=mask, **GLM_PARAMS).fit(run, events=events_df,
+                                                                            confounds=confounds_df)
+                          for run in runs]
+                if waves:
+                    evaluated = fitted_in_waves(models)
+                else:
+                    persist_fits(models)
+                    evaluated = models
+                first, identical = None, True
+                for model in evaluated:
+                    maps = model.compute_contrast(CONTRAST, output_type="all")
+                    if first is None:
+                        first = maps
+                    else:
+                        identical &= all(np.array_equal(np.asanyarray(maps[k].dataobj),
+                                                        np.asanyarray(first[k].dataobj)) for k in compared)
+        at_end = client.run(_worker_memory)
+        peaks = client.run(_worker_peak_rss)
+        restarted = client.run(os.getpid) != pids
+        scheduler_tasks = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+    finally:
+        client.close()
+    workers = sorted(peaks)
+    persisted = {w: set(at_end[w][1]) for w in workers}  # what the models keep on the workers
+    sampled = [sampler.summary(w, persisted[w]) for w in workers]
+    return {
+        "n_runs": len(runs), "n_workers": len(workers),
+        "maps": _save_maps(first, out, f"cohort_{len(runs)}{'_waves' if waves else ''}"),
+        "identical_maps": bool(identical),
+        # per worker, in MiB
+        "worker_rss_start_mib": [at_start[w][0] / MiB for w in workers],
+        "worker_peak_rss_mib": [peaks[w] / MiB for w in workers],  # VmHWM (whole life)
+        "worker_sampled_peak_mib": [p["rss"] / MiB for p in sampled],
+        "worker_peak_less_persisted_mib": [p["rss_less_persisted"] / MiB for p in sampled],
+        "worker_persisted_end_mib": [sum(at_end[w][1].values()) / MiB for w in workers],
+        "worker_held_peak_mib": [p["held"] / MiB for p in sampled],
+        "worker_unmanaged_peak_mib": [p["unmanaged"] / MiB for p in sampled],
+        "persisted_by_kind_mib": _by_kind({k: v for w in workers for k, v in at_end[w][1].items()}),
+        "workers_restarted": restarted, "sampler_errors": sampler.errors, "n_samples": len(sampler.samples),
+        "scheduler_tasks_after": scheduler_tasks,
+        "memory_timeline_mib": sampler.timeline_mib(persisted),
+    }
+
+
+def _by_kind(held: dict) -> dict:
+    """MiB held per task name prefix (``fit_whitened``, ``_moments``, ...)."""
+    from dask.utils import key_split
+
+    out = {}
+    for key, size in held.items():
+        kind = key_split(key)
+        out[kind] = out.get(kind, 0) + size / MiB
+    return out
 
 
 def main(argv) -> None:

@@ -24,7 +24,7 @@ side, so they carry over between machines better than seconds do.
 
 Usage::
 
-    python benchmarks/run.py [--case convert|first_level|all] [--repeat 2]
+    python benchmarks/run.py [--case convert|first_level|first_level_cohort|all] [--repeat 2]
                              [--data-dir benchmarks/.data] [--size realistic|small]
 
 Results go to ``benchmarks/results/<case>.json`` and ``<case>.md``
@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _cases import CASES, CaseResult  # noqa: E402
-from _harness import Context, StepFailed, machine, markdown_table  # noqa: E402
+from _harness import Context, StepFailed, machine, markdown_table, source_state  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 HEADERS = ["step", "wall s (best of {n})", "peak RSS MiB", "RSS at start MiB", "ratio", "target", "met?"]
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
             print(f"case {name!r} crashed: {err}", file=sys.stderr)
             return 1
         info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        info["source_end"] = source_state()
         report = render(result, info, args, started)
         print(report)
         save(result, info, args, started, report)
@@ -105,7 +106,8 @@ def render(result: CaseResult, info: dict, args, started: str) -> str:
         f"Machine: {info['cpu_model']}, {info['cores']} cores ({info['cores_usable']} usable), "
         f"{info['memory_gib']} GiB RAM; load average {info['load_average_start'][0]} at start, "
         f"{info['load_average_end'][0]} at end. Python {info['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in info["packages"].items()) + f". Started {started}.",
+        + ", ".join(f"{k} {v}" for k, v in info["packages"].items()) + f". Started {started}. "
+        + _source_line(info),
         "",
         f"Each step ran {args.repeat}× (in rounds), each time in a fresh process, one after the other; wall = best (minimum) "
         "time of the work only (imports excluded), peak RSS = largest `ru_maxrss` of the process "
@@ -118,6 +120,13 @@ def render(result: CaseResult, info: dict, args, started: str) -> str:
         ("Targets missed: " + "; ".join(missed) + "." if missed else "All targets met."),
     ]
     return "\n".join(lines)
+
+
+def _source_line(info: dict) -> str:
+    start, end = info.get("source_start", "unknown"), info.get("source_end", "unknown")
+    if start == end:
+        return f"chunkglm source: {start}."
+    return f"chunkglm source: {start} at start, {end} at end (**changed during the run**: figures may mix both)."
 
 
 def save(result: CaseResult, info: dict, args, started: str, report: str) -> None:
