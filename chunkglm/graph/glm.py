@@ -181,9 +181,7 @@ class RunFit:
     fits: list
     block_sizes: tuple
     df_residuals: int
-    moments: list = None
     bold: da.Array = None
-    order: int = 1
     signal_scaling: object = 0
     grand_mean: object = None
     basis: np.ndarray = None
@@ -235,9 +233,9 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     blocks = bold.to_delayed().ravel()
     order = ar_order(noise_model)
     if order > 1:
-        moments, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
-        return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold, order,
-                      signal_scaling, None, Q, R)
+        _, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
+        return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
+                      signal_scaling=signal_scaling, basis=Q, r_factor=R)
     grand_mean = None
     if signal_scaling == 1 and not isinstance(signal_scaling, bool):
         # The row means need every block: dask keeps each loaded block for both
@@ -255,8 +253,8 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         grand = dask.delayed(_grand_mean)(stats, Q.shape[0])
         rhos = [dask.delayed(_binned_rho)(s, grand, Q.shape[0], bins) for s in stats]
     fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
-    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), moments, bold, order,
-                  signal_scaling, grand_mean, Q, R)
+    return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
+                  signal_scaling=signal_scaling, grand_mean=grand_mean, basis=Q, r_factor=R)
 
 
 def _t_block(fit, con):
