@@ -62,15 +62,12 @@ def _row_means(sums, n_voxels):
     return np.maximum(np.sum(sums, axis=0) / n_voxels, 1.0)
 
 
-def _data_mean(moments, n_time):
-    total = sum(float(bm.y_sum.sum()) for bm in moments)
-    return total / (n_time * sum(bm.y_sum.size for bm in moments))
+def _global_mean(per_voxel_sums, n_time):
+    """Mean over every voxel of every block and every time point, from per-voxel sums
+    (a global reduction: nilearn's grand means of the data or of the residuals)."""
+    total = sum(float(sums.sum()) for sums in per_voxel_sums)
+    return total / (n_time * sum(sums.size for sums in per_voxel_sums))
 
-
-def _grand_mean(sums, n_time):
-    total = sum(float(s.e_sum.sum()) for s in sums)
-    n_values = n_time * sum(s.e_sum.size for s in sums)
-    return total / n_values
 
 
 def _binned_rho(stats, grand_mean, n_time, bins):
@@ -114,10 +111,6 @@ def _lag_rho(stats, grand, n_time):
     return ar.yule_walker(lags, heads, tails, grand, n_time)
 
 
-def _lag_grand_mean(stats, n_time):
-    total = sum(float(heads[0].sum()) for _, heads, _ in stats)
-    return total / (n_time * sum(heads[0].size for _, heads, _ in stats))
-
 
 def cluster_ar(rhos, bins, random_state):
     """nilearn's global AR(N) step: k-means over every voxel's coefficients.
@@ -155,7 +148,7 @@ def _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
     dmx = ar.lag_moments(Q, None, order)
     lagms = [dask.delayed(_lag_block)(Q, b, signal_scaling, order) for b in blocks]
     stats = [dask.delayed(_lag_stats)(dmx, m) for m in lagms]
-    grand = dask.delayed(_lag_grand_mean)(stats, Q.shape[0])
+    grand = dask.delayed(_global_mean)([s[1][0] for s in stats], Q.shape[0])  # sums of e
     rhos = [dask.delayed(_lag_rho)(s, grand, Q.shape[0]) for s in stats]
     clusters = dask.delayed(cluster_ar)(rhos, bins, random_state)
     fits = [dask.delayed(_fit_ar_block)(dmx, m, clusters, i, df_residuals) for i, m in enumerate(lagms)]
@@ -244,13 +237,13 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
                                                bold.shape[1])
     moments = [dask.delayed(_moments)(Q, b, signal_scaling, grand_mean) for b in blocks]
     if _is_grand(signal_scaling):  # one global mean (a reduction), then affine moments
-        grand_mean = dask.delayed(_data_mean)(moments, Q.shape[0])
+        grand_mean = dask.delayed(_global_mean)([bm.y_sum for bm in moments], Q.shape[0])
         moments = [dask.delayed(k.scale_moments)(dm, bm, grand_mean) for bm in moments]
     if noise_model == "ols":
         rhos = [np.zeros(n) for n in bold.chunks[1]]
     else:
         stats = [dask.delayed(_ols_stats)(dm, bm) for bm in moments]
-        grand = dask.delayed(_grand_mean)(stats, Q.shape[0])
+        grand = dask.delayed(_global_mean)([s.e_sum for s in stats], Q.shape[0])
         rhos = [dask.delayed(_binned_rho)(s, grand, Q.shape[0], bins) for s in stats]
     fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
     return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
