@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -183,7 +184,8 @@ def test_default_config_is_the_bundled_local_yaml():
         "dashboard_address": "127.0.0.1:8787", "processes": True,
         "local_directory": None,
     }
-    assert "local" in available_configs()
+    assert dict(cfg.storage) == {"backend": "auto", "options": {}, "retries": 5}
+    assert available_configs() == ["gateway", "kubernetes", "local", "pbs", "sge", "slurm"]
     with pytest.raises(TypeError):
         cfg.options["n_workers"] = 3  # read-only
     with pytest.raises(AttributeError):
@@ -228,7 +230,7 @@ def test_unresolvable_name_lists_places_searched_and_bundled_names(tmp_path):
     assert str(tmp_path / "cluster_configs" / "no-such-cluster.yaml") in msg
     assert str(bundled_config_dir() / "no-such-cluster.yaml") in msg
     assert "CHUNKGLM_CLUSTER_CONFIGS" in msg
-    assert "Bundled configs: local" in msg
+    assert "Bundled configs: gateway, kubernetes, local, pbs, sge, slurm" in msg
     with pytest.raises(ClusterConfigError, match="no-such-cluster"):
         start("no-such-cluster")
     assert issubclass(ClusterConfigError, ValueError)
@@ -274,7 +276,7 @@ def test_unknown_type_lists_known_backends():
     msg = error_of({"type": "slurmm"})
     assert "Invalid value for 'type' in <dict>: received 'slurmm' (str)" in msg
     assert "expected one of: local, slurm, pbs, sge, gateway, kubernetes" in msg
-    assert "available in this release: local" in msg
+    assert "available in this release: local, slurm, pbs, sge, gateway, kubernetes" in msg
 
 
 def test_version_section_and_adapt_errors(tmp_path):
@@ -288,18 +290,6 @@ def test_version_section_and_adapt_errors(tmp_path):
     empty = write_yaml(tmp_path / "empty.yaml", "")
     assert "received NoneType" in error_of(str(empty))
     assert "received int" in error_of(3)
-
-
-@pytest.mark.parametrize("kind", ["slurm", "pbs", "sge", "gateway", "kubernetes"])
-def test_known_but_unavailable_backend_loads_but_does_not_start(kind):
-    cfg = load_config({"type": kind, kind: {"cores": 4}})
-    assert cfg.type == kind and dict(cfg.options) == {"cores": 4}
-    with pytest.raises(ClusterConfigError) as info:
-        start({"type": kind, kind: {"cores": 4}}, verbose=False)
-    msg = str(info.value)
-    assert f"Cluster type '{kind}' (from <dict>) is not available in this version" in msg
-    assert "available: local" in msg
-    assert "Use `type: local`" in msg
 
 
 # ---------------------------------------------------------------- environment
@@ -341,29 +331,224 @@ def test_env_overrides_are_validated_and_named(monkeypatch):
 
 
 # ---------------------------------------------------------------- redaction
-def test_secrets_are_redacted_in_repr_and_errors(monkeypatch):
-    secret_cfg = {"type": "gateway",
-                  "gateway": {"address": "https://gw.example", "password": "hunter2",
-                              "auth": {"api_token": "tok-123", "S3_Key": "AKIA"}}}
-    cfg = load_config(secret_cfg)
-    text = repr(cfg)
-    for secret in ("hunter2", "tok-123", "AKIA"):
-        assert secret not in text
-    assert "'password': '***'" in text and "https://gw.example" in text
-    assert cfg.options["password"] == "hunter2"  # the value itself is kept
-
-    with pytest.raises(ClusterConfigError) as info:
-        start(secret_cfg, verbose=False)
-    assert "hunter2" not in str(info.value)
-
-    # secrets from the environment are kept verbatim, never parsed as YAML
-    monkeypatch.setenv("CHUNKGLM_CLUSTER__GATEWAY__PASSWORD", "a: [b")
-    assert load_config(secret_cfg).options["password"] == "a: [b"
-
-    assert redact({"x": 1, "secret": "s", "nested": [{"token": "t"}]}) == {
-        "x": 1, "secret": "***", "nested": [{"token": "***"}]}
+def test_redact_hides_values_of_secret_keys_at_any_depth():
+    assert redact({"x": 1, "secret": "s", "nested": [{"token": "t"}], "S3_Key": "k",
+                   "password": None}) == {
+        "x": 1, "secret": "***", "nested": [{"token": "***"}], "S3_Key": "***",
+        "password": None}
 
 
 def test_public_api():
     for name in ("start", "load_config", "ClusterConfig", "ClusterConfigError"):
         assert name in cluster_pkg.__all__
+
+
+# ---------------------------------------------------------------- bundled configs
+BUNDLED = ["gateway", "kubernetes", "local", "pbs", "sge", "slurm"]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_bundled_config_loads_validates_and_is_commented(name):
+    path = bundled_config_dir() / f"{name}.yaml"
+    cfg = load_config(name)
+    assert cfg.type == name and Path(cfg.source) == path
+    assert (REPO / "cluster_configs" / f"{name}.yaml").read_bytes() == path.read_bytes()
+    raw = yaml.safe_load(path.read_text())
+    # every key of the backend's section is written out (and so documented)
+    assert set(raw[name]) == set(cfg.options)
+    comments = [line for line in path.read_text().splitlines() if "#" in line]
+    assert len(comments) >= len(cfg.options)
+    assert raw["storage"] == {"backend": "auto", "options": {}, "retries": 5}
+
+
+# ---------------------------------------------------------------- jobqueue sections
+@pytest.mark.parametrize("kind", ["slurm", "pbs", "sge"])
+def test_jobqueue_defaults_and_processes_default_to_cores(kind):
+    cfg = load_config({"type": kind, kind: {"cores": 8}})
+    assert cfg.options["processes"] == 8  # one single-threaded worker per core
+    assert cfg.options["memory"] == "16GiB" and cfg.options["walltime"] == "01:00:00"
+    assert cfg.options["jobs"] == 1 and cfg.options["wait_timeout"] == 600
+    assert ("resource_spec" in cfg.options) == (kind != "slurm")
+    assert isinstance(cfg.options["job_extra_directives"], tuple)  # read-only
+
+
+def test_the_slurm_test_config_shape_validates(tmp_path):
+    options = {"cores": 1, "processes": 1, "memory": "2GiB", "walltime": "00:20:00",
+               "interface": "lo", "jobs": 2, "local_directory": str(tmp_path / "w"),
+               "log_directory": str(tmp_path / "logs"), "queue": None,
+               "job_extra_directives": [],
+               "scheduler_options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    cfg = load_config({"version": 1, "type": "slurm", "slurm": options, "adapt": None})
+    assert cfg.options["jobs"] == 2 and cfg.options["interface"] == "lo"
+    assert dict(cfg.options["scheduler_options"]) == options["scheduler_options"]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("cores", "four", "expected a positive integer: cores per job"),
+    ("cores", 0, "it must be >= 1"),
+    ("memory", "lots", 'expected the memory of one job, such as "16GiB"'),
+    ("walltime", "1h", 'write it as "HH:MM:SS"'),
+    ("walltime", 3600, 'expected a time limit "HH:MM:SS"'),
+    ("job_extra_directives", "--qos=short", "expected a list of strings of extra scheduler"),
+    ("job_script_prologue", [1, 2], "expected a list of strings of shell lines"),
+    ("scheduler_options", "127.0.0.1", "expected a mapping of distributed.Scheduler arguments"),
+    ("jobs", -1, "it must be >= 0"),
+    ("wait_timeout", 0, "it must be >= 1"),
+])
+def test_jobqueue_value_errors_name_key_and_file(tmp_path, key, value, expected):
+    path = write_yaml(tmp_path / "slurm.yaml", {"type": "slurm", "slurm": {key: value}})
+    msg = error_of(str(path))
+    assert f"Invalid value for 'slurm.{key}' in {path}: received {value!r}" in msg
+    assert expected in msg and "Fix the value, for example" in msg
+
+
+def test_jobqueue_unknown_key_processes_above_cores_and_resource_spec_on_slurm():
+    msg = error_of({"type": "slurm", "slurm": {"partition": "short"}})
+    assert "Unknown key 'partition' in section 'slurm' of <dict>" in msg
+    assert "cores, processes, memory, walltime, queue, account" in msg
+    msg = error_of({"type": "pbs", "pbs": {"cores": 2, "processes": 4}})
+    assert "received processes=4 and cores=2" in msg and "Lower processes or raise cores" in msg
+    assert "Unknown key 'resource_spec' in section 'slurm'" in error_of(
+        {"type": "slurm", "slurm": {"resource_spec": "x"}})
+
+
+def test_env_overrides_reach_every_backend(monkeypatch):
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__SLURM__CORES", "4")
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__SLURM__JOB_EXTRA_DIRECTIVES", "['--qos=long']")
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__GATEWAY__WORKERS", "7")
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__STORAGE__BACKEND", "fsspec")
+    cfg = load_config("slurm")
+    assert cfg.options["cores"] == 4 and cfg.options["processes"] == 4
+    assert cfg.options["job_extra_directives"] == ("--qos=long",)
+    assert cfg.storage["backend"] == "fsspec"
+    assert load_config("gateway").options["workers"] == 7
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__TYPE", "sge")
+    assert load_config("slurm").type == "sge"  # the type too, from any file
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__SLURM__CORES", "many")
+    msg = error_of("slurm")
+    assert "overridden by environment variable CHUNKGLM_CLUSTER__SLURM__CORES" in msg
+
+
+def test_sections_of_other_backends_are_validated_too():
+    msg = error_of({"type": "local", "slurm": {"cors": 2}})
+    assert "Unknown key 'cors' in section 'slurm'" in msg
+
+
+# ---------------------------------------------------------------- gateway section
+def test_gateway_defaults_and_required_address():
+    cfg = load_config({"type": "gateway", "gateway": {"address": "https://gw.example/"}})
+    assert cfg.options["address"] == "https://gw.example"
+    assert dict(cfg.options["auth"]) == {"type": "basic", "username": None}
+    assert cfg.options["workers"] == 2 and cfg.options["shutdown_on_close"] is True
+    assert "Missing key 'address' in section 'gateway'" in error_of({"type": "gateway"})
+    assert "it must start with http:// or https://" in error_of(
+        {"type": "gateway", "gateway": {"address": "gw.example:8000"}})
+    msg = error_of({"type": "gateway", "gateway": {"address": "http://x", "auth": {"type": "ldap"}}})
+    assert "Invalid value for 'gateway.auth.type'" in msg
+    assert "choose one of: none, basic, kerberos, jupyterhub" in msg
+    assert "Unknown key 'user' in section 'gateway.auth'" in error_of(
+        {"type": "gateway", "gateway": {"address": "http://x", "auth": {"user": "a"}}})
+
+
+@pytest.mark.parametrize("secret_path", [
+    ("gateway", "auth", "password"), ("gateway", "cluster_options", "api_token"),
+    ("gateway", "password"),
+])
+def test_a_gateway_secret_in_the_file_is_an_error_that_never_shows_it(tmp_path, secret_path):
+    data = {"type": "gateway", "gateway": {"address": "https://gw.example"}}
+    node = data
+    for key in secret_path[:-1]:
+        node = node.setdefault(key, {})
+    node[secret_path[-1]] = "hunter2-secret-value"
+    path = write_yaml(tmp_path / "gw.yaml", data)
+    msg = error_of(str(path))
+    assert f"Secret-looking key '{'.'.join(secret_path)}' in {path}" in msg
+    assert "DASK_GATEWAY__AUTH__KWARGS__PASSWORD" in msg and "JUPYTERHUB_API_TOKEN" in msg
+    assert "hunter2" not in msg
+    with pytest.raises(ClusterConfigError) as info:
+        start(str(path), verbose=False)
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_secret_given_through_chunkglm_variables_is_refused_too(monkeypatch):
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__GATEWAY__AUTH__PASSWORD", "a: [b")
+    msg = error_of({"type": "gateway", "gateway": {"address": "https://gw.example"}})
+    assert "Secret-looking key 'gateway.auth.password'" in msg
+    assert "environment variable CHUNKGLM_CLUSTER__GATEWAY__AUTH__PASSWORD" in msg
+    assert "a: [b" not in msg
+
+
+# ---------------------------------------------------------------- kubernetes section
+def test_kubernetes_section_validation():
+    cfg = load_config({"type": "kubernetes", "kubernetes": {
+        "worker_command": "dask worker --nthreads 1", "resources": {"limits": {"cpu": 2}}}})
+    assert cfg.options["worker_command"] == ("dask", "worker", "--nthreads", "1")
+    assert dict(cfg.options["resources"]["limits"]) == {"cpu": "2", "memory": None}
+    assert cfg.options["name"] == "chunkglm" and cfg.options["n_workers"] == 2
+
+    def k8s(**options):
+        return error_of({"type": "kubernetes", "kubernetes": options})
+
+    assert "at most 53 lower-case letters" in k8s(name="My_Cluster")
+    assert 'use a Kubernetes quantity such as "2", "500m" or "4Gi"' in k8s(
+        resources={"requests": {"memory": "4 gigs"}})
+    assert "Unknown key 'gpu' in section 'kubernetes.resources.limits'" in k8s(
+        resources={"limits": {"gpu": 1}})
+    assert "choose one of: ClusterIP, NodePort, LoadBalancer" in k8s(scheduler_service_type="Ingress")
+    assert "the value of 'OMP_NUM_THREADS' is not a string" in k8s(env={"OMP_NUM_THREADS": 1})
+    msg = k8s(env={"AWS_SECRET_ACCESS_KEY": "abc123"})
+    assert "Secret-looking key 'kubernetes.env.AWS_SECRET_ACCESS_KEY'" in msg
+    assert "Kubernetes Secret" in msg and "abc123" not in msg
+
+
+# ---------------------------------------------------------------- storage section
+def test_storage_section_defaults_validation_and_credentials():
+    cfg = load_config({"storage": {"backend": "obstore",
+                                   "options": {"endpoint_url": "http://127.0.0.1:9000",
+                                               "region": "us-east-1"}, "retries": 0}})
+    assert cfg.storage["backend"] == "obstore" and cfg.storage["retries"] == 0
+    assert dict(cfg.storage["options"]) == {"endpoint_url": "http://127.0.0.1:9000",
+                                            "region": "us-east-1"}
+    with pytest.raises(TypeError):
+        cfg.storage["backend"] = "fsspec"  # read-only
+    assert "choose one of: auto, obstore, fsspec" in error_of({"storage": {"backend": "s3fs"}})
+    assert "it must be >= 0" in error_of({"storage": {"retries": -1}})
+    assert "Unknown key 'endpoint' in section 'storage'" in error_of({"storage": {"endpoint": "x"}})
+    for key in ("key", "secret", "aws_secret_access_key", "token"):
+        msg = error_of({"storage": {"options": {key: "AKIAXXXXSECRETVALUE"}}})
+        assert f"Secret-looking key 'storage.options.{key}'" in msg
+        assert "AWS_ACCESS_KEY_ID" in msg and "AWS_SECRET_ACCESS_KEY" in msg
+        assert "AKIAXXXX" not in msg
+
+
+# ---------------------------------------------------------------- starting
+def test_expected_workers_per_backend():
+    from chunkglm.cluster import expected_workers
+
+    assert expected_workers(load_config("local")) == 0
+    assert expected_workers(load_config({"type": "slurm", "slurm": {
+        "cores": 4, "processes": 2, "jobs": 3}})) == 6
+    assert expected_workers(load_config({"type": "slurm", "adapt": {"minimum": 2, "maximum": 8}})) == 2
+    assert expected_workers(load_config("gateway")) == 2
+    assert expected_workers(load_config({"type": "kubernetes", "kubernetes": {"n_workers": 5}})) == 5
+
+
+def test_repr_shows_options_and_storage():
+    text = repr(load_config({"type": "slurm", "slurm": {"cores": 2}}))
+    assert text.startswith("ClusterConfig(type='slurm', options={'cores': 2, 'processes': 2")
+    assert "storage={'backend': 'auto', 'options': {}, 'retries': 5}" in text
+
+
+@pytest.mark.parametrize("kind, module, package", [
+    ("slurm", "dask_jobqueue", "dask-jobqueue"),
+    ("gateway", "dask_gateway", "dask-gateway"),
+    ("kubernetes", "dask_kubernetes.operator", "dask-kubernetes"),
+])
+def test_a_missing_backend_library_names_the_pip_package(monkeypatch, kind, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    config = {"type": kind, "gateway": {"address": "http://127.0.0.1:1"}}
+    with pytest.raises(ClusterConfigError) as info:
+        start(config, verbose=False)
+    msg = str(info.value)
+    assert f"Cluster type '{kind}' (from <dict>) needs the Python package '{package}'" in msg
+    assert f"pip install {package}" in msg

@@ -19,49 +19,62 @@ received and what is expected.  Environment variables named
 ``CHUNKGLM_CLUSTER__<SECTION>__<KEY>`` override the file (double underscores
 separate levels, values are parsed with :func:`yaml.safe_load`).
 
-Only the ``local`` backend has a validated section in this version; the
-sections of the other known backends are accepted as plain mappings so that
-files written for later versions still load.
+Every backend (local, slurm, pbs, sge, gateway, kubernetes) has a validated
+section, described field by field in :mod:`chunkglm.cluster.schema`; a
+top-level ``storage`` section configures object storage.  Secrets (gateway
+passwords, tokens, S3 keys) are never read from config files: a secret-looking
+key is an error that says where the secret belongs instead.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Union
 
 import yaml
-from dask.utils import parse_bytes
 
 from chunkglm.errors import ChunkglmError
+
+from .schema import (
+    ADAPT_SCHEMA,
+    JOBQUEUE_TYPES,
+    KNOWN_TYPES,
+    REQUIRED,
+    SCHEMA_VERSION,
+    SECTION_SCHEMAS,
+    STORAGE_SCHEMA,
+    TOP_SCHEMA,
+    Field,
+)
 
 __all__ = [
     "AVAILABLE_TYPES",
     "ClusterConfig",
     "ClusterConfigError",
+    "ClusterStartError",
     "CONFIG_DIRS_ENV",
     "DEFAULT_CONFIG",
     "ENV_PREFIX",
     "KNOWN_TYPES",
+    "SCHEMA_VERSION",
     "available_configs",
     "bundled_config_dir",
+    "freeze",
     "is_secret_key",
     "load_config",
     "redact",
     "resolve_config_path",
+    "thaw",
 ]
 
-#: Schema version understood by this release.
-SCHEMA_VERSION = 1
-#: Every backend name the schema knows about (a later release adds the rest).
-KNOWN_TYPES = ("local", "slurm", "pbs", "sge", "gateway", "kubernetes")
-#: Backends that :func:`chunkglm.cluster.start` can build in this release.
-AVAILABLE_TYPES = ("local",)
+#: Backends that :func:`chunkglm.cluster.start` can build (each needs its
+#: library: dask-jobqueue, dask-gateway or dask-kubernetes).
+AVAILABLE_TYPES = KNOWN_TYPES
 #: Name of the bundled config used when ``config`` is None.
 DEFAULT_CONFIG = "local"
 #: Prefix of environment variables that override config values.
@@ -77,6 +90,10 @@ ConfigLike = Union[None, str, os.PathLike, Mapping[str, Any]]
 
 class ClusterConfigError(ChunkglmError, ValueError):
     """A cluster config could not be found, parsed, validated or started."""
+
+
+class ClusterStartError(ClusterConfigError):
+    """A valid config's cluster could not start, or its workers did not arrive."""
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +143,28 @@ def redact(value: Any) -> Any:
 # --------------------------------------------------------------------------
 # the validated result
 # --------------------------------------------------------------------------
+def freeze(value: Any) -> Any:
+    """Return a read-only copy: mappings become MappingProxyType, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Return a plain, mutable copy of a :func:`freeze`-d value (dicts, lists)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
+
+
+def _default_storage() -> Mapping[str, Any]:
+    return freeze({key: spec.default for key, spec in STORAGE_SCHEMA.items()})
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """A validated cluster configuration.
@@ -135,189 +174,33 @@ class ClusterConfig:
     type : str
         Backend name, one of :data:`KNOWN_TYPES`.
     options : Mapping[str, Any]
-        Read-only mapping of the backend's section.  For ``local`` every key
-        of the schema is present, defaults filled in, ``memory_limit``
-        converted to bytes and ``dashboard_address`` normalised to
-        ``"127.0.0.1:<port>"`` (or None when the dashboard is disabled).
+        Read-only mapping of the backend's section, every key of its schema
+        present with defaults filled in (nested mappings read-only too, lists
+        as tuples).  For ``local``, ``memory_limit`` is converted to bytes and
+        ``dashboard_address`` normalised to ``"127.0.0.1:<port>"`` (or None
+        when the dashboard is disabled).  For the dask-jobqueue backends a
+        null ``processes`` is replaced by ``cores``.
     adapt : tuple of (int, int) or None
         ``(minimum, maximum)`` number of workers for adaptive scaling.
     source : str
         Path of the YAML file the config was read from, or ``"<dict>"``.
+    storage : Mapping[str, Any]
+        Read-only object-storage settings: ``backend`` (auto, obstore or
+        fsspec), ``options`` (a mapping, never credentials) and ``retries``.
     """
 
     type: str
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     adapt: tuple[int, int] | None = None
     source: str = "<dict>"
+    storage: Mapping[str, Any] = field(default_factory=_default_storage)
 
     def __repr__(self) -> str:
         return (
-            f"ClusterConfig(type={self.type!r}, options={redact(self.options)!r}, "
-            f"adapt={self.adapt!r}, source={self.source!r})"
+            f"ClusterConfig(type={self.type!r}, options={redact(thaw(self.options))!r}, "
+            f"adapt={self.adapt!r}, source={self.source!r}, "
+            f"storage={redact(thaw(self.storage))!r})"
         )
-
-
-# --------------------------------------------------------------------------
-# value converters: return the normalised value or raise TypeError/ValueError
-# --------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _int_at_least(minimum: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if not _is_int(value):
-            raise TypeError
-        if value < minimum:
-            raise ValueError(f"it must be >= {minimum}")
-        return int(value)
-
-    return convert
-
-
-def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: None if value is None else convert(value)
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError
-    return value
-
-
-def _memory(value: Any) -> int:
-    if isinstance(value, str):
-        nbytes = parse_bytes(value)  # ValueError on an unknown unit
-    elif isinstance(value, Real) and not isinstance(value, bool):
-        nbytes = int(value)
-    else:
-        raise TypeError
-    if nbytes <= 0:
-        raise ValueError("it must be a positive size")
-    return int(nbytes)
-
-
-def _dashboard(value: Any) -> str:
-    if _is_int(value):
-        host, port = "", str(value)
-    elif isinstance(value, str):
-        host, _, port = value.strip().rpartition(":")
-    else:
-        raise TypeError
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("the port must be an integer from 0 to 65535 (0 = any free port)")
-    if host not in ("", "127.0.0.1", "localhost"):
-        raise ValueError(
-            "the local backend listens on 127.0.0.1 only; to see the dashboard "
-            "from another machine use an SSH tunnel (ssh -L 8787:127.0.0.1:8787 host)"
-        )
-    return f"127.0.0.1:{int(port)}"
-
-
-def _directory(value: Any) -> str:
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise TypeError
-    return os.path.expanduser(os.fspath(value))
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise TypeError
-    return value
-
-
-def _version(value: Any) -> int:
-    if not _is_int(value):
-        raise TypeError
-    if value != SCHEMA_VERSION:
-        raise ValueError(f"this release of chunkglm reads version {SCHEMA_VERSION}")
-    return int(value)
-
-
-def _type_name(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError
-    if value not in KNOWN_TYPES:
-        raise ValueError(f"available in this release: {', '.join(AVAILABLE_TYPES)}")
-    return value
-
-
-# --------------------------------------------------------------------------
-# schema
-# --------------------------------------------------------------------------
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class _Field:
-    expected: str
-    example: str
-    convert: Callable[[Any], Any]
-    default: Any = None
-
-
-def _section_field(name: str) -> _Field:
-    return _Field(
-        f"a mapping of {name} options, or null",
-        f"{name}: {{...}}",
-        _optional(_mapping),
-    )
-
-
-TOP_SCHEMA: dict[str, _Field] = {
-    "version": _Field(f"the integer {SCHEMA_VERSION}", "version: 1", _version, 1),
-    "type": _Field(f"one of: {', '.join(KNOWN_TYPES)}", "type: local", _type_name, "local"),
-    **{name: _section_field(name) for name in KNOWN_TYPES},
-    "adapt": _Field(
-        "null or a mapping with keys minimum and maximum",
-        "adapt: {minimum: 1, maximum: 4}",
-        _optional(_mapping),
-    ),
-}
-
-LOCAL_SCHEMA: dict[str, _Field] = {
-    "n_workers": _Field(
-        "a positive integer, or null for one worker per usable core",
-        "n_workers: 4",
-        _optional(_int_at_least(1)),
-    ),
-    "threads_per_worker": _Field(
-        "a positive integer", "threads_per_worker: 1", _int_at_least(1), 1
-    ),
-    "memory_limit": _Field(
-        'a memory size per worker such as "4GiB", "4 GB", "4000MB" or an integer '
-        "number of bytes, or null for 80% of RAM divided among the workers",
-        'memory_limit: "4GiB"',
-        _optional(_memory),
-    ),
-    "dashboard_address": _Field(
-        'an address "127.0.0.1:<port>" (or ":<port>"; port 0 = any free port), '
-        "an integer port, or null to disable the dashboard",
-        'dashboard_address: "127.0.0.1:8787"',
-        _optional(_dashboard),
-        "127.0.0.1:8787",
-    ),
-    "processes": _Field(
-        "true (worker processes) or false (threads in this process)",
-        "processes: true",
-        _boolean,
-        True,
-    ),
-    "local_directory": _Field(
-        "a directory path for worker scratch files, or null for the default",
-        'local_directory: "/tmp/chunkglm-dask"',
-        _optional(_directory),
-    ),
-}
-
-ADAPT_SCHEMA: dict[str, _Field] = {
-    "minimum": _Field(
-        "a non-negative integer number of workers", "minimum: 1", _int_at_least(0), 1
-    ),
-    "maximum": _Field(
-        "a positive integer number of workers", "maximum: 4", _int_at_least(1), _REQUIRED
-    ),
-}
 
 
 # --------------------------------------------------------------------------
@@ -345,6 +228,54 @@ def _dotted(path: tuple[str, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
+#: Where each section's secrets belong instead of the config file.
+_SECRET_HINTS = {
+    "gateway": (
+        "Give the gateway password in the environment variable "
+        "DASK_GATEWAY__AUTH__KWARGS__PASSWORD (basic auth) or the JupyterHub token "
+        "in JUPYTERHUB_API_TOKEN (jupyterhub auth); Kerberos uses your kinit ticket."
+    ),
+    "storage": (
+        "Object-store credentials come from the environment (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or the standard AWS credential "
+        "chain (AWS_PROFILE and ~/.aws/credentials, instance or pod roles)."
+    ),
+    "kubernetes": (
+        "Store it in a Kubernetes Secret and give the pods access through their "
+        "service account (e.g. IRSA or workload identity); chunkglm never writes "
+        "secrets into cluster specs."
+    ),
+}
+
+
+def _find_secret(value: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            if is_secret_key(key):
+                return path + (str(key),)
+            found = _find_secret(child, path + (str(key),))
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for child in value:
+            found = _find_secret(child, path)
+            if found:
+                return found
+    return None
+
+
+def _reject_secrets(raw: Mapping[str, Any], ctx: _Context) -> None:
+    found = _find_secret(raw, ())
+    if found is None:
+        return
+    hint = _SECRET_HINTS.get(found[0], "Provide it through the environment instead.")
+    raise ClusterConfigError(
+        f"Secret-looking key '{_dotted(found)}' in {ctx.where(found)}: secrets are "
+        f"never read from cluster config files (its value is not shown). Remove the "
+        f"key. {hint}"
+    )
+
+
 def _check_keys(raw: Mapping, schema: Mapping, path: tuple, ctx: _Context) -> None:
     for key in raw:
         if key not in schema:
@@ -356,7 +287,7 @@ def _check_keys(raw: Mapping, schema: Mapping, path: tuple, ctx: _Context) -> No
             )
 
 
-def _convert(spec: _Field, value: Any, path: tuple, ctx: _Context) -> Any:
+def _convert(spec: Field, value: Any, path: tuple, ctx: _Context) -> Any:
     try:
         return spec.convert(value)
     except (TypeError, ValueError) as exc:
@@ -370,23 +301,38 @@ def _convert(spec: _Field, value: Any, path: tuple, ctx: _Context) -> Any:
         ) from None
 
 
+def _default(spec: Field, key: str, path: tuple, ctx: _Context, required: bool) -> Any:
+    if spec.default is REQUIRED and not required:
+        return None
+    if spec.default is REQUIRED:
+        raise ClusterConfigError(
+            f"Missing key '{key}' in section '{_dotted(path)}' of "
+            f"{ctx.where(path)}: expected {spec.expected}. "
+            f"Add it, for example `{spec.example}`."
+        )
+    default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+    return copy.deepcopy(default)
+
+
 def _validate_section(
-    raw: Mapping | None, schema: Mapping[str, _Field], path: tuple, ctx: _Context
+    raw: Mapping | None,
+    schema: Mapping[str, Field],
+    path: tuple,
+    ctx: _Context,
+    required: bool = True,
 ) -> dict[str, Any]:
+    """Check keys and values of one section; ``required=False`` (sections of
+    backends not selected) accepts missing required keys."""
     raw = {} if raw is None else raw
     _check_keys(raw, schema, path, ctx)
     out = {}
     for key, spec in schema.items():
         if key in raw:
             out[key] = _convert(spec, raw[key], path + (key,), ctx)
-        elif spec.default is _REQUIRED:
-            raise ClusterConfigError(
-                f"Missing key '{key}' in section '{_dotted(path)}' of "
-                f"{ctx.where(path)}: expected {spec.expected}. "
-                f"Add it, for example `{spec.example}`."
-            )
         else:
-            out[key] = spec.default
+            out[key] = _default(spec, key, path, ctx, required)
+        if spec.schema is not None and out[key] is not None:
+            out[key] = _validate_section(out[key], spec.schema, path + (key,), ctx, required)
     return out
 
 
@@ -404,14 +350,38 @@ def _validate_adapt(raw: Mapping | None, ctx: _Context) -> tuple[int, int] | Non
     return (low, high)
 
 
+def _check_jobqueue(kind: str, options: dict[str, Any], ctx: _Context) -> None:
+    cores = options["cores"]
+    if options["processes"] is None:
+        options["processes"] = cores  # one single-threaded worker per core
+    if options["processes"] > cores:
+        path = (kind, "processes")
+        raise ClusterConfigError(
+            f"Invalid '{kind}' section in {ctx.where(path)}: received processes="
+            f"{options['processes']} and cores={cores}; every worker process needs at "
+            "least one core. Lower processes or raise cores."
+        )
+
+
 def _validate(raw: Mapping[str, Any], ctx: _Context) -> ClusterConfig:
+    _reject_secrets(raw, ctx)
     top = _validate_section(raw, TOP_SCHEMA, (), ctx)
-    local = _validate_section(top["local"], LOCAL_SCHEMA, ("local",), ctx)
-    adapt = _validate_adapt(top["adapt"], ctx)
     kind = top["type"]
-    options = local if kind == "local" else copy.deepcopy(dict(top[kind] or {}))
+    sections = {
+        name: _validate_section(top[name], SECTION_SCHEMAS[name], (name,), ctx, name == kind)
+        for name in KNOWN_TYPES
+        if name == kind or top[name] is not None
+    }
+    for name in JOBQUEUE_TYPES:
+        if name in sections:
+            _check_jobqueue(name, sections[name], ctx)
+    storage = _validate_section(top["storage"], STORAGE_SCHEMA, ("storage",), ctx)
     return ClusterConfig(
-        type=kind, options=MappingProxyType(options), adapt=adapt, source=ctx.source
+        type=kind,
+        options=freeze(sections[kind]),
+        adapt=_validate_adapt(top["adapt"], ctx),
+        source=ctx.source,
+        storage=freeze(storage),
     )
 
 

@@ -1,10 +1,12 @@
 """Build a dask.distributed cluster and Client from a :class:`ClusterConfig`.
 
-Only the ``local`` backend (:class:`distributed.LocalCluster`) exists in this
-release.  The scheduler, the workers and the dashboard listen on 127.0.0.1
-only.  The returned :class:`ClusterClient` owns its cluster: closing the
-client (or leaving ``with start() as client:``) also shuts the cluster and its
-worker processes down.
+Backends: ``local`` (:class:`distributed.LocalCluster`; scheduler, workers and
+dashboard on 127.0.0.1 only), ``slurm``/``pbs``/``sge`` (dask-jobqueue),
+``gateway`` (dask-gateway) and ``kubernetes`` (the dask-kubernetes operator),
+see :mod:`chunkglm.cluster.backends`.  The returned :class:`ClusterClient`
+owns its cluster: closing the client (or leaving ``with start() as client:``)
+also shuts the cluster down (cancels the batch jobs, stops the gateway or
+Kubernetes cluster unless ``shutdown_on_close: false``).
 
 Scripts that start worker processes must guard their entry point with
 ``if __name__ == "__main__":`` because workers are spawned, not forked.
@@ -23,10 +25,13 @@ from distributed import Client, LocalCluster
 from distributed.core import Status
 from distributed.system import MEMORY_LIMIT
 
+from . import backends
 from .config import (
     AVAILABLE_TYPES,
+    JOBQUEUE_TYPES,
     ClusterConfig,
     ClusterConfigError,
+    ClusterStartError,
     ConfigLike,
     load_config,
 )
@@ -36,6 +41,7 @@ __all__ = [
     "MEMORY_FRACTION",
     "default_memory_limit",
     "default_n_workers",
+    "expected_workers",
     "local_cluster_kwargs",
     "start",
     "total_memory",
@@ -46,14 +52,6 @@ __all__ = [
 MEMORY_FRACTION = 0.8
 #: Interface every local listener binds to.
 LOCALHOST = "127.0.0.1"
-
-_PLANNED = {
-    "slurm": "dask-jobqueue",
-    "pbs": "dask-jobqueue",
-    "sge": "dask-jobqueue",
-    "gateway": "dask-gateway",
-    "kubernetes": "the dask-kubernetes operator",
-}
 
 
 class ClusterClient(Client):
@@ -77,9 +75,27 @@ class ClusterClient(Client):
         try:
             return super().close(*args, **kwargs)
         finally:
-            if cluster is not None and cluster.status != Status.closed:
+            if cluster is not None and not _is_closed(cluster):
                 if not sys.is_finalizing():  # at exit the cluster closes itself
-                    cluster.close()
+                    _close_cluster(cluster)
+
+
+def _close_cluster(cluster: Any) -> None:
+    # SpecCluster (dask-jobqueue) asserts on close that every worker object it
+    # created has stopped.  A job whose submission failed (sbatch missing or
+    # refusing) stays "created" and would make close() fail half-way, leaving
+    # the cluster's event-loop thread running; such a job has failed.
+    for worker in list(getattr(cluster, "_created", ())):
+        if getattr(worker, "status", None) == Status.created:
+            worker.status = Status.failed
+    cluster.close()
+    backends.release_gateway(cluster)
+
+
+def _is_closed(cluster: Any) -> bool:
+    # distributed clusters use the Status enum, dask-gateway's a plain string
+    status = getattr(cluster, "status", None)
+    return status == Status.closed or status == "closed"
 
 
 # --------------------------------------------------------------------------
@@ -213,19 +229,63 @@ def _start_local(config: ClusterConfig) -> tuple[LocalCluster, str]:
 
 _BACKENDS: dict[str, Callable[[ClusterConfig], tuple[Any, str]]] = {
     "local": _start_local,
+    **{kind: backends.start_jobqueue for kind in JOBQUEUE_TYPES},
+    "gateway": backends.start_gateway,
+    "kubernetes": backends.start_kubernetes,
 }
 
 
 def _backend(config: ClusterConfig) -> Callable[[ClusterConfig], tuple[Any, str]]:
     if config.type in _BACKENDS:
         return _BACKENDS[config.type]
-    needs = _PLANNED.get(config.type, "a later release")
     raise ClusterConfigError(
-        f"Cluster type {config.type!r} (from {config.source}) is not available in "
-        f"this version of chunkglm; available: {', '.join(AVAILABLE_TYPES)}. "
-        f"Support through {needs} is planned. Use `type: local` in the config "
-        "or set CHUNKGLM_CLUSTER__TYPE=local."
+        f"Cluster type {config.type!r} (from {config.source}) is not available; "
+        f"available: {', '.join(AVAILABLE_TYPES)}. Set `type:` to one of them."
     )
+
+
+def expected_workers(config: ClusterConfig) -> int:
+    """Return how many workers :func:`start` waits for.
+
+    Parameters
+    ----------
+    config : ClusterConfig
+        A validated config.
+
+    Returns
+    -------
+    int
+        0 for ``local`` (LocalCluster starts its workers before returning);
+        with ``adapt`` its minimum; otherwise the requested workers: ``jobs *
+        processes`` (jobqueue), ``workers`` (gateway), ``n_workers``
+        (kubernetes).
+    """
+    options = config.options
+    if config.type == "local":
+        return 0
+    if config.adapt is not None:
+        return config.adapt[0]
+    if config.type in JOBQUEUE_TYPES:
+        return options["jobs"] * options["processes"]
+    return options["workers"] if config.type == "gateway" else options["n_workers"]
+
+
+def _wait_for_workers(client: Client, config: ClusterConfig) -> None:
+    n_workers = expected_workers(config)
+    timeout = config.options.get("wait_timeout")
+    if not n_workers or timeout is None:
+        return
+    try:
+        client.wait_for_workers(n_workers, timeout=timeout)
+    except TimeoutError:
+        arrived = len(client.scheduler_info(n_workers=-1)["workers"])
+        hints = backends.diagnose(client.cluster, config)
+        raise ClusterStartError(
+            f"Only {arrived} of {n_workers} {config.type} worker(s) joined the scheduler "
+            f"{client.scheduler.address} within wait_timeout={timeout} s (from "
+            f"{config.source}). {hints}\nRaise {config.type}.wait_timeout if the queue "
+            "is just slow, or set it to null not to wait."
+        ) from None
 
 
 def _apply_adapt(cluster: Any, config: ClusterConfig) -> None:
@@ -273,7 +333,12 @@ def start(config: ConfigLike = None, *, verbose: bool = True, **overrides: Any) 
     Raises
     ------
     ClusterConfigError
-        If the config is invalid or its backend is not available.
+        If the config is invalid or its backend's library is not installed.
+    ClusterStartError
+        If the cluster cannot be created, or fewer than the requested
+        workers (see :func:`expected_workers`) join within the section's
+        ``wait_timeout``; the message says where to look (queue state, job
+        logs).  The cluster is shut down first.
 
     Examples
     --------
@@ -292,4 +357,9 @@ def start(config: ConfigLike = None, *, verbose: bool = True, **overrides: Any) 
         if config_.adapt:
             summary += ", adaptive {}-{} workers".format(*config_.adapt)
         _announce(client, summary)
+    try:
+        _wait_for_workers(client, config_)
+    except BaseException:
+        client.close()
+        raise
     return client
