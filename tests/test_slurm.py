@@ -144,6 +144,20 @@ def test_jobs_that_never_start_are_reported_with_their_queue_state(slurm, tmp_pa
     wait_until(lambda: not slurm.jobs(), 30, "the pending job to be cancelled")
 
 
+def test_a_job_slurm_cannot_run_is_refused_at_once_with_sbatchs_reason(slurm, tmp_path):
+    from chunkglm.cluster import ClusterStartError, start
+
+    # far more memory than this node has: sbatch refuses it; wait_timeout would be 600 s
+    config = slurm_config(tmp_path, jobs=1, memory="4000GiB", wait_timeout=600)
+    started = time.monotonic()
+    with pytest.raises(ClusterStartError) as info:
+        start(config, verbose=False)
+    assert time.monotonic() - started < 60
+    message = str(info.value)
+    assert "sbatch --test-only" in message and "configuration is not available" in message, message
+    assert not slurm.jobs()  # nothing was queued
+
+
 def _first_level(bids_root, out: Path, cluster: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "chunkglm.cli.main", "first-level", str(bids_root),

@@ -154,6 +154,11 @@ def start_jobqueue(config: ClusterConfig) -> tuple[Any, str]:
     kwargs = jobqueue_kwargs(config)
     cluster = jobqueue_class(config)(**kwargs)
     o = config.options
+    try:
+        _check_submission(cluster, config)
+    except BaseException:
+        cluster.close()
+        raise
     if config.adapt is None:
         cluster.scale(jobs=o["jobs"])
     jobs = f"{o['jobs']} job(s)" if config.adapt is None else "jobs"
@@ -162,6 +167,27 @@ def start_jobqueue(config: ClusterConfig) -> tuple[Any, str]:
         f"{o['memory']} per job, walltime {o['walltime']}"
     )
     return cluster, summary
+
+
+def _check_submission(cluster: Any, config: ClusterConfig) -> None:
+    """Ask SLURM whether it would run the worker job at all (``sbatch
+    --test-only``: validated, never queued), so that a request no node can
+    satisfy fails now with sbatch's own words, not after ``wait_timeout``.
+    PBS and SGE have no such dry run; without ``sbatch`` on PATH the wait for
+    workers reports the problem."""
+    if config.type != "slurm":
+        return
+    try:
+        result = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(),
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if result.returncode != 0:
+        said = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        raise ClusterStartError(
+            f"SLURM refuses the worker job built from {config.source}: `sbatch --test-only` says: "
+            f"{said}\nFix cores/memory/walltime/queue/account/job_extra_directives in the slurm "
+            "section (`sinfo -o '%P %c %m %l'` lists what the partitions offer).")
 
 
 def _queue_state(kind: str, job_ids: list[str]) -> str:

@@ -84,10 +84,17 @@ def _close_cluster(cluster: Any) -> None:
     # SpecCluster (dask-jobqueue) asserts on close that every worker object it
     # created has stopped.  A job whose submission failed (sbatch missing or
     # refusing) stays "created" and would make close() fail half-way, leaving
-    # the cluster's event-loop thread running; such a job has failed.
+    # the cluster's event-loop thread running; such a job has failed.  A
+    # submitted job is closed by scancel/qdel, but dask-jobqueue's Job.close()
+    # never moves its status off "running" (seen with a job still pending when
+    # the client closed), which trips the same assertion: mark it closing, the
+    # cluster still cancels it.
     for worker in list(getattr(cluster, "_created", ())):
-        if getattr(worker, "status", None) == Status.created:
+        status = getattr(worker, "status", None)
+        if status == Status.created:
             worker.status = Status.failed
+        elif status == Status.running and getattr(worker, "job_id", None):
+            worker.status = Status.closing
     cluster.close()
     backends.release_gateway(cluster)
 
