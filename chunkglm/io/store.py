@@ -54,13 +54,22 @@ def redact_url(url: str) -> str:
 
 
 def zarr_store(store, storage_options=None, *, read_only=False):
-    """A zarr Store for a local path, an fsspec URL or an existing Store."""
+    """A zarr Store for a local path, an object-store URL or an existing Store.
+
+    Parameters
+    ----------
+    store : str, Path or zarr Store
+    storage_options : dict or chunkglm.io.storage.StorageSettings, optional
+        s3fs-style options, or backend ("auto", "obstore", "fsspec") +
+        options + retries; see :mod:`chunkglm.io.storage`.
+    read_only : bool
+    """
     if isinstance(store, zarr.abc.store.Store):
         return store
     if is_url(store):
-        from zarr.storage import FsspecStore
+        from chunkglm.io.storage import open_store
 
-        return FsspecStore.from_url(store, storage_options=storage_options or {}, read_only=read_only)
+        return open_store(store, storage_options, read_only=read_only)
     from zarr.storage import LocalStore
 
     path = str(store).removeprefix("file://")
