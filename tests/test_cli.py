@@ -61,3 +61,15 @@ def test_a_broken_cluster_config_names_the_key(tiny_bids, tmp_path):
     assert bad.returncode == 2, bad.stderr
     assert "n_worker" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_chunk_mb_sets_the_chunk_size_and_excludes_chunk_size(tiny_bids, tmp_path):
+    store = tmp_path / "c.zarr"
+    done = _cli("convert", tiny_bids.root, "-o", store, "--chunk-mb", "0.05", "--cluster", "none")
+    assert done.returncode == 0, done.stderr
+    bold = next(iter(chunkglm.open_cohort(store).runs.values())).data().data
+    n_time, blocks = bold.shape[0], bold.chunks[1]
+    assert len(blocks) > 1 and max(blocks) * n_time * 4 <= 0.05 * 2**20
+    both = _cli("convert", tiny_bids.root, "-o", tmp_path / "d.zarr", "--chunk-mb", "1",
+                "--chunk-size", "1MiB", "--cluster", "none")
+    assert both.returncode == 2 and "--chunk-mb" in both.stderr and "not both" in both.stderr

@@ -8,21 +8,27 @@ derivatives/glm layout (``OUT_DIR/first_level/sub-XX/`` with its JSON).
 3. Contrasts are checked against every design before anything is computed.
 4. The subjects' fits are evaluated in waves on the cluster (each chunk read
    once; a bounded number of subjects in memory, so a cohort of any size runs
-   in flat memory), and each subject's derivatives are written as it is done.
+   in flat memory), and each subject's derivatives are written as it is done,
+   then its provenance record (``sub-XX/sub-XX_task-T_provenance.json``),
+   last: the completion marker.
+5. Re-running skips complete subjects of the same analysis, redoes
+   interrupted ones, and refuses (unless ``--overwrite``) to mix in results
+   of other options or inputs. See :mod:`chunkglm.cli._subjects`.
 """
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from chunkglm.cli import _subjects as subjects_io
 from chunkglm.errors import InputError
 
 
-def add_parser(sub, add_cluster) -> None:
-    """Register the sub-command."""
+def add_parser(sub, add_common) -> None:
+    """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
     cmd = sub.add_parser("first-level", help="first-level GLM for every subject, BIDS derivatives out")
     cmd.add_argument("input", help="a BIDS/fMRIPrep folder or a cohort store")
     cmd.add_argument("-o", "--out-dir", required=True, help="output folder for the derivatives")
@@ -38,7 +44,12 @@ def add_parser(sub, add_cluster) -> None:
     cmd.add_argument("--drift-model", default="cosine")
     cmd.add_argument("--high-pass", type=float, default=0.01)
     cmd.add_argument("--store", help="store for a BIDS input (default: OUT_DIR/cohort.zarr)")
-    add_cluster(cmd)
+    cmd.add_argument("--chunk-mb", type=float, metavar="MB",
+                     help="MiB per chunk when a BIDS input is converted (default 64); smaller "
+                          "chunks need less worker memory. Runs already in the store keep theirs.")
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="replace complete subjects whose results came from other options or inputs")
+    add_common(cmd)
     cmd.set_defaults(func=run)
 
 
@@ -53,20 +64,37 @@ def parse_contrasts(items) -> dict[str, str]:
     return contrasts
 
 
-def _store_for(args, client):
-    from chunkglm.cli.main import print_progress
+def _store_for(args, client, reporter):
+    from chunkglm.cli.main import chunk_bytes
     from chunkglm.glm.from_bids import _as_cohort
     from chunkglm.io.convert import convert
 
     if _as_cohort(args.input) is not None:
+        if args.chunk_mb is not None:
+            reporter.line(f"note: --chunk-mb applies when a BIDS folder is converted; {args.input} "
+                          "is a store already and keeps its chunks.")
         return args.input
-    store = args.store or str(Path(args.out_dir) / "cohort.zarr")
-    convert(args.input, store, task=args.task, space=args.space, subjects=args.subject,
-            client=client, progress=print_progress)
+    store = args.store or _default_store(args.out_dir)
+    with reporter.phase("converting") as advance:
+        report = convert(args.input, store, task=args.task, space=args.space, subjects=args.subject,
+                         client=client, chunk_bytes=chunk_bytes(args.chunk_mb, None),
+                         progress=reporter.converter_callback(advance))
+    if report.skipped and args.chunk_mb is not None:
+        reporter.line(f"note: {len(report.skipped)} run(s) already in {report.store} keep their "
+                      "chunks; pass a new --store to convert them with --chunk-mb.")
     return store
 
 
+def _default_store(out_dir) -> str:
+    """``OUT_DIR/cohort.zarr`` (a URL stays a URL)."""
+    from chunkglm.io.store import is_url
+
+    text = str(out_dir)
+    return f"{text.rstrip('/')}/cohort.zarr" if is_url(text) else str(Path(text) / "cohort.zarr")
+
+
 def _models(args, store):
+    """One fitted (lazy) model per subject, with its store runs."""
     from chunkglm.glm.from_bids import first_level_from_bids
 
     columns = [c.strip() for c in args.confounds.split(",")] if args.confounds else None
@@ -76,7 +104,7 @@ def _models(args, store):
         high_pass=args.high_pass, confounds_columns=columns)
     for model, run_list, ev, conf in zip(models, runs, events, confounds):
         model.fit(run_list, events=ev, confounds=conf)
-    return models
+    return list(zip(models, runs))
 
 
 def model_contrasts(model, contrasts):
@@ -99,24 +127,105 @@ def model_contrasts(model, contrasts):
     return weights, types
 
 
+@dataclass
+class SubjectJob:
+    """One subject: its model, contrasts, inputs and the state of its outputs."""
+
+    model: object
+    weights: dict
+    types: dict
+    inputs: list
+    identity: dict
+    state: subjects_io.SubjectState
+
+    @property
+    def label(self) -> str:
+        """The subject label (``01``)."""
+        return str(self.model.subject_label)
+
+
+def analysis_options(args, contrasts, model) -> dict:
+    """The options that decide a subject's results (compared on resume)."""
+    return {"task": args.task, "space": args.space, "contrasts": contrasts,
+            "confounds": args.confounds, "noise_model": args.noise_model,
+            "hrf_model": args.hrf_model, "drift_model": args.drift_model,
+            "high_pass": args.high_pass, "slice_time_ref": model.slice_time_ref}
+
+
+def plan_subjects(args, contrasts, fitted, out) -> list[SubjectJob]:
+    """Check contrasts on every design and classify existing outputs; compute nothing."""
+    jobs = []
+    for model, nodes in fitted:
+        weights, types = model_contrasts(model, contrasts)
+        inputs = subjects_io.run_inputs(nodes)
+        identity = subjects_io.analysis_identity(analysis_options(args, contrasts, model), inputs)
+        state = subjects_io.subject_state(out, str(model.subject_label), args.task, identity)
+        jobs.append(SubjectJob(model, weights, types, inputs, identity, state))
+    conflicts = [job.state for job in jobs if job.state.status == "conflict"]
+    if conflicts and not args.overwrite:
+        raise subjects_io.conflict_error(conflicts, args.out_dir)
+    return jobs
+
+
+def _write_subject(args, job, out, context) -> None:
+    from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
+    from chunkglm.provenance import record
+
+    model = job.model
+    if job.state.status == "conflict":  # --overwrite: incomplete from here on
+        subjects_io.clear_record(out, job.label, args.task)
+    paths = save_glm_to_bids(model, job.weights, contrast_types=job.types, out_dir=args.out_dir,
+                             prefix=f"sub-{job.label}_task-{args.task}")
+    paths += save_glm_derivatives(model, job.weights, args.out_dir, task_label=args.task,
+                                  contrast_types=job.types, confounds=model.confound_names_[0] or [])
+    entries = subjects_io.output_entries(out, paths, job.label)
+    subjects_io.remove_stale(out, job.state.record, entries)
+    content = record("first-level", inputs=job.inputs, options=context["options"],
+                     cluster=context["cluster"], stopwatch=context["stopwatch"],
+                     subject=job.label, analysis=job.identity, outputs=entries)
+    marker, copy = subjects_io.record_paths(job.label, args.task)
+    out.write_json(copy, content)
+    out.write_json(marker, content)  # last: the subject is complete from here on
+
+
+def _fit_and_write(args, jobs, out, client, reporter, context) -> list[str]:
+    from chunkglm.glm.first_level import explain_worker_deaths, fitted_in_waves
+
+    todo = [job for job in jobs if job.state.status != "complete"]
+    for job in jobs:
+        if job.state.status == "complete":
+            reporter.line(f"sub-{job.label}: complete (same analysis), skipped")
+        elif job.state.status == "partial":
+            reporter.line(f"sub-{job.label}: outputs of an interrupted run, recomputed")
+    reporter.line(f"fitting {len(todo)} subject(s), {sum(len(j.model._runs) for j in todo)} run(s)")
+    models = [job.model for job in todo]
+    with reporter.phase("first-level", len(todo)) as advance, explain_worker_deaths(models, client):
+        for _, job in zip(fitted_in_waves(models), todo):  # yields job.model, fits evaluated
+            _write_subject(args, job, out, context)
+            advance(f"sub-{job.label} written")
+    return [job.label for job in todo]
+
+
 def run(args) -> int:
     """Entry point of ``chunkglm first-level``."""
-    from chunkglm.cli.main import cluster_client
-    from chunkglm.glm.first_level import fitted_in_waves
-    from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
+    from chunkglm.cli.main import cluster_client, command_options
+    from chunkglm.cli.progress import Reporter
+    from chunkglm.provenance import Stopwatch, cluster_summary, record
 
+    stopwatch = Stopwatch()
     contrasts = parse_contrasts(args.contrast)
+    reporter = Reporter(bars=not args.no_progress)
+    out = subjects_io.OutDir(args.out_dir)
     with cluster_client(args.cluster) as client:
-        store = _store_for(args, client)
-        models = _models(args, store)
-        per_model = [model_contrasts(model, contrasts) for model in models]  # fail before computing
-        print(f"fitting {len(models)} subject(s), {sum(len(m._runs) for m in models)} run(s)",
-              file=sys.stderr, flush=True)
-        for done, (model, (weights, types)) in enumerate(zip(fitted_in_waves(models), per_model), 1):
-            save_glm_to_bids(model, weights, contrast_types=types, out_dir=args.out_dir,
-                             prefix=f"sub-{model.subject_label}_task-{args.task}")
-            save_glm_derivatives(model, weights, args.out_dir, task_label=args.task, contrast_types=types,
-                                 confounds=model.confound_names_[0] or [])
-            print(f"[{done}/{len(models)}] sub-{model.subject_label} written", file=sys.stderr, flush=True)
-    print(f"derivatives: {Path(args.out_dir).absolute()}")
+        store = _store_for(args, client, reporter)
+        jobs = plan_subjects(args, contrasts, _models(args, store), out)  # fails before computing
+        context = {"options": command_options(args), "cluster": cluster_summary(client),
+                   "stopwatch": stopwatch}
+        computed = _fit_and_write(args, jobs, out, client, reporter, context)
+    skipped = [job.label for job in jobs if job.label not in computed]
+    out.write_json(f"task-{args.task}_{subjects_io.RECORD_SUFFIX}",
+                   record("first-level", inputs=[i for job in jobs for i in job.inputs],
+                          options=context["options"], cluster=context["cluster"], stopwatch=stopwatch,
+                          subjects_computed=computed, subjects_skipped=skipped))
+    print(f"derivatives: {out.url}")
     return 0

@@ -1,4 +1,4 @@
-"""The ``chunkglm`` command: ``convert``, ``info``, ``to-nifti``, ``demo``."""
+"""The ``chunkglm`` command: ``convert``, ``first-level``, ``info``, ``to-nifti``, ``demo``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,51 @@ def _add_cluster(parser):
              "'none' runs in this process without a cluster.")
 
 
+def _add_common(parser):
+    """--cluster and --no-progress (bars are drawn only when stderr is a terminal)."""
+    _add_cluster(parser)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (there are none either when stderr is not a terminal)")
+
+
+def chunk_bytes(chunk_mb, chunk_size):
+    """Bytes per chunk from ``--chunk-mb`` (MiB) or ``--chunk-size`` ("64MiB"); default 64 MiB."""
+    from chunkglm.chunking import DEFAULT_CHUNK_BYTES, as_bytes
+
+    if chunk_mb is not None and chunk_size is not None:
+        raise ChunkglmError(f"give --chunk-mb ({chunk_mb}) or --chunk-size ({chunk_size!r}), not both.")
+    if chunk_mb is not None:
+        if not chunk_mb > 0:
+            raise ChunkglmError(f"--chunk-mb must be a positive number of MiB, e.g. 16; received {chunk_mb}.")
+        return int(chunk_mb * 2**20)
+    return as_bytes(chunk_size) if chunk_size is not None else DEFAULT_CHUNK_BYTES
+
+
+def _absolute(value):
+    """Local paths as absolute paths (URLs and None unchanged); lists element-wise."""
+    import os
+
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    if value is None or (isinstance(value, str) and "://" in value and not value.startswith("file://")):
+        return value
+    return os.path.abspath(str(value).removeprefix("file://"))
+
+
+def command_options(args) -> dict:
+    """The command's arguments for provenance: secrets redacted, storage options by key."""
+    from chunkglm.provenance import strip_secrets
+
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    for key in ("input", "inputs", "out_dir", "store", "mask"):
+        if key in options:
+            options[key] = _absolute(options[key])
+    for key in ("storage_option", "input_storage_option"):
+        if options.get(key):
+            options[key] = strip_secrets(_storage_options(options[key]))
+    return {"command": args.command, **strip_secrets(options)}
+
+
 @contextmanager
 def cluster_client(config):
     """A dask client for the command's lifetime (none for ``--cluster none``)."""
@@ -53,9 +98,11 @@ def print_progress(done, total, node):
 
 
 def _cmd_convert(args):
+    from chunkglm.cli.progress import Reporter
     from chunkglm.io.convert import convert
 
-    with cluster_client(args.cluster) as client:
+    reporter = Reporter(bars=not args.no_progress)
+    with cluster_client(args.cluster) as client, reporter.phase("converting") as advance:
         report = convert(
             args.inputs[0] if len(args.inputs) == 1 else args.inputs, args.store,
             task=args.task, space=args.space, subjects=args.subject, sessions=args.session,
@@ -63,8 +110,9 @@ def _cmd_convert(args):
             collection=args.collection, map_type=args.map_type,
             storage_options=_storage_options(args.storage_option),
             input_storage_options=_storage_options(args.input_storage_option),
-            client=client, chunk_bytes=args.chunk_size, task_memory=args.task_memory,
-            overwrite=args.overwrite, progress=print_progress)
+            client=client, chunk_bytes=chunk_bytes(args.chunk_mb, args.chunk_size),
+            task_memory=args.task_memory, overwrite=args.overwrite,
+            progress=reporter.converter_callback(advance), command=command_options(args))
     print(f"store: {report.store}")
     print(f"converted {len(report.converted)} node(s), skipped {len(report.skipped)} already complete")
     return 0
@@ -111,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parser(sub)
     from chunkglm.cli import first_level
 
-    first_level.add_parser(sub, _add_cluster)
+    first_level.add_parser(sub, _add_common)
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
@@ -144,13 +192,16 @@ def _convert_parser(sub):
     conv.add_argument("--mask", help="3-D mask image defining the stored voxels")
     conv.add_argument("--collection", default="images", help="node name for 3-D inputs")
     conv.add_argument("--map-type", default="effect", help="variable name for 3-D inputs")
-    conv.add_argument("--chunk-size", default="64MiB", help="uncompressed bytes per chunk")
+    conv.add_argument("--chunk-mb", type=float, metavar="MB",
+                      help="MiB per chunk (uncompressed; default 64); smaller chunks need less "
+                           "worker memory")
+    conv.add_argument("--chunk-size", help='uncompressed bytes per chunk, e.g. "64MiB" (or --chunk-mb)')
     conv.add_argument("--task-memory", default="2GiB", help="memory one run's task may hold")
     conv.add_argument("--overwrite", action="store_true", help="replace nodes whose source changed")
     conv.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                       help="fsspec option for the store, e.g. endpoint_url=http://127.0.0.1:9000")
     conv.add_argument("--input-storage-option", action="append", metavar="KEY=VALUE")
-    _add_cluster(conv)
+    _add_common(conv)
     conv.set_defaults(func=_cmd_convert)
 
 
@@ -163,7 +214,8 @@ def main(argv=None) -> int:
         print(f"chunkglm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: complete nodes are kept; run the same command again to finish.",
+        print("interrupted: complete store nodes and subjects are kept; run the same command "
+              "again to finish.",
               file=sys.stderr)
         return 130
 

@@ -11,13 +11,14 @@ nilearn's definitions exactly.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from chunkglm.design.first_level import check_rank, run_design
-from chunkglm.errors import InputError
+from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.graph import glm as graph
 from chunkglm.io.nifti import image_from_voxels
 
@@ -110,6 +111,7 @@ class FirstLevelModel:
         nodes = self._as_nodes(items)
         _check_nodes(nodes)
         self.run_entities_ = [_input_entities(item) for item in items]
+        self._run_names = [node.name for node in nodes]
         self._check_preprocessing(nodes)
         masks = _per_run(sample_masks, len(nodes), "sample_masks")
         events_list = _per_run(events, len(nodes), "events")
@@ -314,8 +316,10 @@ class FirstLevelModel:
         import dask
 
         self._check_fitted()
-        arrays = dask.compute(*[build(run) for run in self._fits()])
-        return [self._to_image(values, squeeze) for values in arrays]
+        # Gather the voxel blocks and join them here: a worker then holds one block's
+        # result at a time (its memory scales with the chunk size), never a whole run.
+        blocks = dask.compute(*[build(run).to_delayed().ravel().tolist() for run in self._fits()])
+        return [self._to_image(np.concatenate(parts, axis=-1), squeeze) for parts in blocks]
 
     def _check_fitted(self):
         if not hasattr(self, "_runs"):
@@ -484,6 +488,146 @@ def fitted_in_waves(models, window=None, progress=None):
             model.release()
 
 
+class WorkerDiedError(ChunkglmError):
+    """A cluster worker died (most often: over its memory limit) while running a fit task.
+
+    Attributes
+    ----------
+    task : str
+        The dask key of the task.
+    location : dict or None
+        ``{"run": name, "block": index, "n_blocks": n, "voxels": (start, stop),
+        "n_time": t}`` when the task belongs to one voxel block of a run.
+    """
+
+    def __init__(self, message, task, location=None):
+        super().__init__(message)
+        self.task, self.location = task, location
+
+
+def locate_task(models, key) -> dict | None:
+    """Which run, and which voxel block of it, a dask task key belongs to.
+
+    Parameters
+    ----------
+    models : list of FirstLevelModel
+        Fitted models whose graphs may hold the task.
+    key : str or tuple
+        A dask key (as in ``distributed.scheduler.KilledWorker.task``).
+
+    Returns
+    -------
+    dict or None
+        ``run``, ``block`` (None for a run-level task such as the grand
+        mean), ``n_blocks``, ``voxels`` ((start, stop) or None), ``n_time``;
+        None when no model's fit graph holds the key.
+    """
+    for model in models:
+        for name, run in zip(getattr(model, "_run_names", []), getattr(model, "_runs", [])):
+            graph = _fit_graph(run)
+            if key in graph:
+                blocks = _nearest_blocks(graph, key)
+                block = blocks.pop() if len(blocks) == 1 else None
+                bounds = np.cumsum([0, *run.block_sizes])
+                return {"run": name, "block": block, "n_blocks": len(run.block_sizes),
+                        "voxels": None if block is None else (int(bounds[block]), int(bounds[block + 1])),
+                        "n_time": int(run.bold.shape[0])}
+    return None
+
+
+def _fit_graph(run) -> dict:
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    fits = [f for f in (run.lazy_fits or run.fits) if isinstance(f, Delayed)]
+    if not fits:
+        return {}
+    return dict(HighLevelGraph.merge(*[f.__dask_graph__() for f in fits]))
+
+
+def _nearest_blocks(graph, key) -> set:
+    """Voxel blocks of the data chunks nearest to ``key`` (breadth first, down the deps).
+
+    Data chunk keys are ``(name, 0, block)``: a block's own tasks reach one
+    chunk first; a run-level reduction reaches all of them at once.
+    """
+    from dask.core import get_dependencies
+
+    level, seen = {key}, set()
+    while level:
+        chunks = {k[-1] for k in level if isinstance(k, tuple) and len(k) == 3}
+        if chunks:
+            return chunks
+        seen |= level
+        level = {d for k in level if k in graph for d in get_dependencies(graph, k)} - seen
+    return set()
+
+
+def worker_died_error(error, models, memory_limit=None) -> WorkerDiedError:
+    """A :class:`WorkerDiedError` naming the run and voxel block of a ``KilledWorker``.
+
+    Parameters
+    ----------
+    error : distributed.scheduler.KilledWorker
+    models : list of FirstLevelModel
+        The models being evaluated.
+    memory_limit : int, optional
+        Bytes per worker, for the message.
+    """
+    from dask.utils import format_bytes
+
+    key = error.task
+    where = locate_task(models, key)
+    limit = f" ({format_bytes(memory_limit)} per worker)" if memory_limit else ""
+    if where is None:
+        place, size = f"task {key!r}", ""
+    elif where["block"] is None:
+        place, size = f"a run-level step of run {where['run']} (task {key!r})", ""
+    else:
+        start, stop = where["voxels"]
+        nbytes = (stop - start) * where["n_time"] * 4
+        place = (f"run {where['run']}, voxel block {where['block'] + 1} of {where['n_blocks']} "
+                 f"(voxels {start}-{stop - 1}; task {key!r})")
+        size = f" That block is {format_bytes(nbytes)} of float32 data."
+    message = (
+        f"a worker died while computing {place}, {error.allowed_failures + 1} time(s): most often "
+        f"it went over its memory limit{limit}.{size} Use smaller chunks: convert into a new "
+        "store with a smaller --chunk-mb (e.g. --chunk-mb 16 --store NEW.zarr), or give each "
+        "worker more memory (memory_limit in the cluster config, e.g. "
+        "CHUNKGLM_CLUSTER__LOCAL__MEMORY_LIMIT=8GiB). Complete subjects are kept.")
+    return WorkerDiedError(message, key, where)
+
+
+@contextlib.contextmanager
+def explain_worker_deaths(models, client=None):
+    """Context manager: a ``KilledWorker`` raised inside becomes a :class:`WorkerDiedError`.
+
+    Parameters
+    ----------
+    models : list of FirstLevelModel
+        The models evaluated inside the block (to locate the task).
+    client : distributed.Client, optional
+        Asked for the workers' memory limit on entry, for the message.
+    """
+    limit = _memory_limit(client)  # now, while the workers are all there
+    try:
+        yield
+    except Exception as err:
+        if type(err).__name__ != "KilledWorker" or not hasattr(err, "task"):
+            raise
+        raise worker_died_error(err, models, limit) from err
+
+
+def _memory_limit(client):
+    if client is None:
+        return None
+    try:
+        workers = client.scheduler_info()["workers"].values()
+        return max(w.get("memory_limit") or 0 for w in workers) or None
+    except Exception:  # no client, or no worker left to ask
+        return None
+
+
 def _default_window() -> int:
     try:
         from distributed import default_client
@@ -541,4 +685,5 @@ def _check_width(con, design: pd.DataFrame):
 # nilearn exposes it here too; the implementation lives apart from the model.
 from chunkglm.glm.from_bids import first_level_from_bids  # noqa: E402
 
-__all__ = ["FirstLevelModel", "first_level_from_bids", "fitted_in_waves", "persist_fits"]
+__all__ = ["FirstLevelModel", "WorkerDiedError", "explain_worker_deaths", "first_level_from_bids",
+           "fitted_in_waves", "locate_task", "persist_fits", "worker_died_error"]

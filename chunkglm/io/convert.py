@@ -61,7 +61,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
             map_type="effect", storage_options=None, input_storage_options=None, client=None,
             chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY, overwrite=False,
             progress=None, target_affine=None, target_shape=None,
-            smoothing_fwhm=None) -> ConversionReport:
+            smoothing_fwhm=None, command=None) -> ConversionReport:
     """Convert fMRI images into a chunked zarr cohort store.
 
     Parameters
@@ -99,6 +99,9 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
         resampled with nearest neighbours).
     smoothing_fwhm : float, optional
         Smooth every volume (after resampling) with nilearn's ``smooth_img``.
+    command : dict, optional
+        The command-line arguments that asked for this conversion, kept in
+        the provenance record (secrets are stripped).
 
     Returns
     -------
@@ -111,6 +114,9 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     ConversionError
         Some nodes failed while others were written; lists the failures.
     """
+    from chunkglm.provenance import Stopwatch
+
+    stopwatch = Stopwatch()
     plan = plan_conversion(inputs, task=task, space=space, subjects=subjects, sessions=sessions,
                            derivatives_folder=derivatives_folder, mask_img=mask_img,
                            collection=collection, map_type=map_type,
@@ -125,7 +131,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     results, failures = _execute(jobs, _store_arg(store), storage_options, input_storage_options, client, progress)
     report.converted = [f"{kind}/{r['name']}" for kind, r in results]
     if results:
-        st.add_provenance(root, _provenance(plan, results))
+        st.add_provenance(root, _provenance(plan, results, client, stopwatch, command))
     if failures:
         raise ConversionError(_failure_message(failures, report), failures)
     return report
@@ -432,14 +438,21 @@ def _report(progress, done, total, node):
         progress(done, total, node)
 
 
-def _provenance(plan, results) -> dict:
+def _provenance(plan, results, client, stopwatch, command=None) -> dict:
+    """The store's record of this conversion (see :mod:`chunkglm.provenance`)."""
+    from chunkglm.provenance import cluster_summary, record
+
     inputs = []
     for kind, result in results:
         if kind == "runs":
             inputs.append({"node": f"runs/{result['name']}", "path": result["path"], "sha256": result["sha256"], "size": result["size"]})
         else:
             inputs.extend({"node": f"maps/{result['name']}", **src} for src in result["sources"])
-    return {"operation": "convert", "options": plan.options, "inputs": inputs}
+    options = {**plan.options, **({"command": command} if command else {})}
+    cluster = cluster_summary(client if client is not None else _default_client())
+    full = record("convert", inputs=inputs, options=options, cluster=cluster, stopwatch=stopwatch)
+    full.pop("chunkglm_provenance")
+    return full
 
 
 def _failure_message(failures, report):

@@ -1,0 +1,102 @@
+"""Progress reporting for the ``chunkglm`` command.
+
+One bar per long phase (conversion, first-level fits) on stderr, drawn with
+:mod:`rich.progress` when stderr is a terminal. Otherwise, or with
+``--no-progress``, no bar: one plain line per finished item
+(``[3/10] runs/sub-01_...``), which logs and pipes read well.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+
+class Reporter:
+    """Phases of a command, shown as bars (TTY) or as plain lines.
+
+    Parameters
+    ----------
+    bars : bool
+        Draw bars when the stream is a terminal; False (``--no-progress``)
+        never draws any.
+    stream : file, optional
+        Default ``sys.stderr``.
+
+    Attributes
+    ----------
+    bars : bool
+        Whether bars are drawn (requested and the stream is a TTY).
+    """
+
+    def __init__(self, bars: bool = True, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.bars = bool(bars) and _is_tty(self.stream)
+        self._live = None
+
+    def line(self, text: str) -> None:
+        """Print one message line (above the bar, when one is drawn)."""
+        if self._live is not None:
+            self._live.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    @contextmanager
+    def phase(self, description: str, total: int | None = None):
+        """A phase of ``total`` items; yields ``advance(label, done=None, total=None)``.
+
+        ``advance`` counts one finished item (or sets ``done``/``total``
+        when given, for callers that know them, like the converter).
+        """
+        if not self.bars:
+            yield _PlainPhase(self.stream, total).advance
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(file=self.stream, force_terminal=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[item]}"))
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(description, total=total, item="")
+            self._live = progress.console
+
+            def advance(label, done=None, total=None):
+                if total is not None:
+                    progress.update(task, total=total)
+                if done is None:
+                    progress.advance(task)
+                else:
+                    progress.update(task, completed=done)
+                progress.update(task, item=str(label))
+
+            try:
+                yield advance
+            finally:
+                self._live = None
+
+    def converter_callback(self, advance):
+        """Adapt ``advance`` to ``chunkglm.convert``'s ``progress(done, total, node)``."""
+        def callback(done, total, node):
+            advance(node, done=done, total=total)
+        return callback
+
+
+class _PlainPhase:
+    """``[done/total] label`` lines."""
+
+    def __init__(self, stream, total):
+        self.stream, self.total, self.done = stream, total, 0
+
+    def advance(self, label, done=None, total=None):
+        self.total = total if total is not None else self.total
+        self.done = done if done is not None else self.done + 1
+        print(f"[{self.done}/{self.total if self.total is not None else '?'}] {label}",
+              file=self.stream, flush=True)
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,74 @@
+"""Progress bars on a terminal, plain lines elsewhere, none with --no-progress.
+
+The bar case runs the real command with its stderr on a pseudo-terminal
+(:mod:`pty`), as a user's shell would.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+
+BAR = "━"  # rich draws its bars with this character
+
+
+def _command(*args):
+    return [sys.executable, "-m", "chunkglm.cli.main", *map(str, args)]
+
+
+def _env():
+    return {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
+
+
+def _run_on_a_terminal(command, timeout=300) -> tuple[int, str, str]:
+    """Run with stderr on a pseudo-terminal; return (exit code, terminal output, stdout)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=slave, env=_env())
+    os.close(slave)
+    received = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not data:
+            break
+        received.append(data)
+    os.close(master)
+    stdout = proc.stdout.read().decode()
+    proc.stdout.close()
+    return proc.wait(timeout=timeout), b"".join(received).decode(errors="replace"), stdout
+
+
+def test_bars_on_a_terminal_for_conversion_and_fitting(tiny_bids, tmp_path):
+    code, terminal, stdout = _run_on_a_terminal(_command(
+        "first-level", tiny_bids.root, "-o", tmp_path / "glm", "--task", "main", "-c", "a=a",
+        "--cluster", "none"))
+    assert code == 0, terminal
+    assert BAR in terminal and "\x1b[" in terminal  # drawn (and redrawn) with escape codes
+    assert "converting" in terminal and "first-level" in terminal  # one bar per phase
+    assert "2/2" in terminal and "sub-02 written" in terminal
+    assert "[1/2]" not in terminal  # no plain lines when bars are drawn
+    assert "derivatives:" in stdout
+
+
+def test_no_progress_on_a_terminal_prints_plain_lines(tiny_bids, tmp_path):
+    code, terminal, stdout = _run_on_a_terminal(_command(
+        "convert", tiny_bids.root, "-o", tmp_path / "c.zarr", "--cluster", "none", "--no-progress"))
+    assert code == 0, terminal
+    assert BAR not in terminal and "\x1b[" not in terminal
+    assert "[2/2] runs/sub-0" in terminal and "converted 2 node(s)" in stdout
+
+
+def test_no_bars_when_stderr_is_not_a_terminal(tiny_bids, tmp_path):
+    done = subprocess.run(_command("convert", tiny_bids.root, "-o", tmp_path / "c.zarr",
+                                   "--cluster", "none"),
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert BAR not in done.stderr and "\x1b[" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("[")] == [
+        line for line in done.stderr.splitlines() if line.startswith(("[1/2] runs/", "[2/2] runs/"))]
+    assert "[2/2] runs/" in done.stderr
