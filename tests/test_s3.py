@@ -92,3 +92,37 @@ def test_credentials_in_urls_are_redacted(url):
     from chunkglm.io.store import redact_url
 
     assert "pa55word" not in redact_url(url) and redact_url(url) == "s3://bucket/x.zarr"
+
+
+def test_cli_takes_the_storage_section_of_the_cluster_config(tiny_bids, s3_server, s3_bucket, tmp_path):
+    """No --storage-option: the endpoint and backend come from the config's storage: section,
+    credentials from the environment; convert, info and first-level all reach the S3 store."""
+    import os
+
+    import yaml
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({
+        "version": 1, "type": "local",
+        "local": {"n_workers": 1, "dashboard_address": None},
+        "storage": {"backend": "obstore", "options": {"endpoint_url": s3_server["endpoint"],
+                                                      "region": "us-east-1"}, "retries": 2}}))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_server["key"],
+           "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    url = f"s3://{s3_bucket}/from-config.zarr"
+
+    def chunkglm_cli(*args):
+        result = subprocess.run([sys.executable, "-m", "chunkglm.cli.main", *args, "--cluster", str(config)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert s3_server["secret"] not in result.stdout + result.stderr
+        return result
+
+    chunkglm_cli("convert", str(tiny_bids.root), "-o", url)
+    info = chunkglm_cli("info", url)
+    assert f"runs: {len(tiny_bids.runs)}" in info.stdout
+    out = tmp_path / "derivatives"
+    chunkglm_cli("first-level", url, "-o", str(out), "--task", "main", "-c", "aMinusB=a - b",
+                 "--no-progress")
+    assert sorted(p.name for p in out.rglob("*stat-z*.nii.gz"))
+    _assert_no_secret(_bucket_bytes(s3_server, s3_bucket), s3_server)

@@ -47,6 +47,9 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--chunk-mb", type=float, metavar="MB",
                      help="MiB per chunk when a BIDS input is converted (default 64); smaller "
                           "chunks need less worker memory. Runs already in the store keep theirs.")
+    cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                     help="option of the store's object storage, e.g. endpoint_url=http://127.0.0.1:9000 "
+                          "(over the cluster config's storage: section; credentials only from the environment)")
     cmd.add_argument("--overwrite", action="store_true",
                      help="replace complete subjects whose results came from other options or inputs")
     add_common(cmd)
@@ -65,24 +68,40 @@ def parse_contrasts(items) -> dict[str, str]:
 
 
 def _store_for(args, client, reporter):
-    from chunkglm.cli.main import chunk_bytes
-    from chunkglm.glm.from_bids import _as_cohort
+    """The input as an open cohort (a BIDS folder is converted into a store first)."""
+    from chunkglm.cli.main import chunk_bytes, storage_for
+    from chunkglm.io.cohort import open_cohort
     from chunkglm.io.convert import convert
 
-    if _as_cohort(args.input) is not None:
+    storage = storage_for(args)
+    cohort = _open_if_store(args.input, storage)
+    if cohort is not None:
         if args.chunk_mb is not None:
             reporter.line(f"note: --chunk-mb applies when a BIDS folder is converted; {args.input} "
                           "is a store already and keeps its chunks.")
-        return args.input
+        return cohort
     store = args.store or _default_store(args.out_dir)
     with reporter.phase("converting") as advance:
         report = convert(args.input, store, task=args.task, space=args.space, subjects=args.subject,
                          client=client, chunk_bytes=chunk_bytes(args.chunk_mb, None),
-                         progress=reporter.converter_callback(advance))
+                         storage_options=storage, progress=reporter.converter_callback(advance))
     if report.skipped and args.chunk_mb is not None:
         reporter.line(f"note: {len(report.skipped)} run(s) already in {report.store} keep their "
                       "chunks; pass a new --store to convert them with --chunk-mb.")
-    return store
+    return open_cohort(store, storage)
+
+
+def _open_if_store(location, storage):
+    """An open cohort when ``location`` is a store (a URL or a folder with zarr.json), else None."""
+    from chunkglm.errors import StoreError
+    from chunkglm.io.cohort import open_cohort
+
+    if "://" not in str(location) and not (Path(str(location)) / "zarr.json").is_file():
+        return None
+    try:
+        return open_cohort(location, storage)
+    except StoreError:
+        return None
 
 
 def _default_store(out_dir) -> str:

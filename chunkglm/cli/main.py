@@ -25,11 +25,31 @@ def _storage_options(pairs):
     return options or None
 
 
+def storage_for(args, key="storage_option"):
+    """Storage settings of a command: the cluster config's ``storage:`` section
+    (backend, options, retries; the bundled local config's with ``--cluster
+    none``) with ``--storage-option KEY=VALUE`` pairs over its options."""
+    from chunkglm.cluster import load_config
+    from chunkglm.io.storage import storage_settings
+
+    cluster = getattr(args, "cluster", "none")
+    section = load_config(None if cluster == "none" else cluster).storage
+    return storage_settings(section, _storage_options(getattr(args, key, None)))
+
+
 def _add_cluster(parser):
     parser.add_argument(
         "--cluster", default="local", metavar="NAME|PATH",
         help="cluster config: a name from cluster_configs/ or a YAML path (default: local). "
              "'none' runs in this process without a cluster.")
+
+
+def _add_storage_cluster(parser):
+    """--cluster for commands that start no cluster: only its storage: section is read."""
+    parser.add_argument(
+        "--cluster", default="none", metavar="NAME|PATH",
+        help="cluster config whose storage: section (object-storage backend, endpoint, retries) "
+             "applies; this command starts no cluster (default: none, i.e. the defaults)")
 
 
 def _add_common(parser):
@@ -108,7 +128,7 @@ def _cmd_convert(args):
             task=args.task, space=args.space, subjects=args.subject, sessions=args.session,
             derivatives_folder=args.derivatives_folder, mask_img=args.mask,
             collection=args.collection, map_type=args.map_type,
-            storage_options=_storage_options(args.storage_option),
+            storage_options=storage_for(args),
             input_storage_options=_storage_options(args.input_storage_option),
             client=client, chunk_bytes=chunk_bytes(args.chunk_mb, args.chunk_size),
             task_memory=args.task_memory, overwrite=args.overwrite,
@@ -121,7 +141,7 @@ def _cmd_convert(args):
 def _cmd_info(args):
     from chunkglm.io.cohort import open_cohort
 
-    cohort = open_cohort(args.store, _storage_options(args.storage_option))
+    cohort = open_cohort(args.store, storage_for(args))
     meta = cohort.attrs
     print(f"store: {cohort.location}")
     print(f"format: {meta['format']} {meta['format_version']} (chunkglm {meta['chunkglm_version']})")
@@ -139,7 +159,7 @@ def _cmd_info(args):
 def _cmd_to_nifti(args):
     from chunkglm.io.cohort import open_cohort
 
-    cohort = open_cohort(args.store, _storage_options(args.storage_option))
+    cohort = open_cohort(args.store, storage_for(args))
     cohort.node(args.node).to_nifti(args.output, args.variable)
     print(args.output)
     return 0
@@ -163,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    _add_storage_cluster(info)
     info.set_defaults(func=_cmd_info)
     back = sub.add_parser("to-nifti", help="write a run or map collection back as NIfTI")
     back.add_argument("store")
@@ -170,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("output", help="output .nii or .nii.gz")
     back.add_argument("--variable", help="map variable of a collection (default: its first)")
     back.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    _add_storage_cluster(back)
     back.set_defaults(func=_cmd_to_nifti)
     demo = sub.add_parser("demo", help="run the pipeline on a synthetic dataset")
     demo.add_argument("--out", default="demo_output")
