@@ -316,14 +316,7 @@ def first_level_cohort_case(ctx: Context) -> CaseResult:
     sizes = input_sizes(run["bold"], run["mask"])
     work = ctx.work_dir("first_level_cohort")
     store, maps = str(work / "cohort.zarr"), str(work / "maps")
-    if ctx.round == 0:  # set-up, not measured: the linked dataset (cached) and its store (per invocation)
-        ctx.setup["cohort"] = linked_cohort(run, work / "linked", max(COHORT_SIZES))
-        ctx.setup["store"] = run_child("convert_cluster", {"inputs": ctx.setup["cohort"]["root"], "store": store,
-                                                           "n_workers": COHORT_WORKERS})
-    nodes = ctx.setup["cohort"]["runs"]
-    missing = sorted(set(f"runs/{n}" for n in nodes) - set(ctx.setup["store"]["converted"]))
-    if missing:
-        raise RuntimeError(f"the cohort store lacks {missing}")
+    nodes = _cohort_store(ctx, run, work, store)
 
     common = {"mask": run["mask"], **tables, "out": maps}
     m = {"floor_isal": ctx.measure("floor_isal", path=run["bold"]),
@@ -347,6 +340,20 @@ def first_level_cohort_case(ctx: Context) -> CaseResult:
                       f"first-level GLM (AR(1)), {max(COHORT_SIZES)} {ctx.size} runs in one graph on a "
                       f"{COHORT_WORKERS}-worker local cluster", facts, _cohort_rows(m, stats),
                       _cohort_notes(facts), _cohort_after(stats, parity))
+
+
+def _cohort_store(ctx: Context, run: dict, work: Path, store: str) -> list[str]:
+    """Set-up, not measured (round 0): the linked 20-run dataset (cached) and
+    its store (converted per invocation on the 2-worker cluster); the run nodes."""
+    if ctx.round == 0:
+        ctx.setup["cohort"] = linked_cohort(run, work / "linked", max(COHORT_SIZES))
+        ctx.setup["store"] = run_child("convert_cluster", {"inputs": ctx.setup["cohort"]["root"], "store": store,
+                                                           "n_workers": COHORT_WORKERS})
+    nodes = ctx.setup["cohort"]["runs"]
+    missing = sorted(set(f"runs/{n}" for n in nodes) - set(ctx.setup["store"]["converted"]))
+    if missing:
+        raise RuntimeError(f"the cohort store lacks {missing}")
+    return nodes
 
 
 def _cohort_stats(measurement: Measurement) -> dict:
@@ -493,4 +500,75 @@ def _cohort_after(stats: dict, parity: dict) -> list[str]:
     ]
 
 
-CASES = {"convert": convert_case, "first_level": first_level_case, "first_level_cohort": first_level_cohort_case}
+# --- case "scale_out" --------------------------------------------------------
+
+SCALE_RUNS = 20
+SCALING_SPEEDUP = 1.7  # 2 workers >= 1.7x faster than 1 (efficiency >= 85%)
+S3_SLOWDOWN = 1.5  # the S3 store's wall <= 1.5x the local store's
+
+
+def scale_out_case(ctx: Context) -> CaseResult:
+    """Strong scaling (1 -> 2 workers) and local vs S3 store, 20 runs through `fitted_in_waves`."""
+    from _s3 import MotoServer
+
+    run = synthetic_run(ctx.data_dir, ctx.size)
+    tables = run_tables(run)
+    sizes = input_sizes(run["bold"], run["mask"])
+    work = ctx.work_dir("scale_out")
+    store, maps = str(work / "cohort.zarr"), str(work / "maps")
+    nodes = _cohort_store(ctx, run, work, store)[:SCALE_RUNS]
+    if ctx.round == 0:  # set-up, not measured: a moto server on 127.0.0.1 holding a copy of the store
+        ctx.setup["s3"] = MotoServer().__enter__()
+        ctx.setup["s3_url"], ctx.setup["upload_s"] = ctx.setup["s3"].upload(store, "cohort.zarr")
+    s3 = ctx.setup["s3"]
+    common = {"mask": run["mask"], **tables, "out": maps, "nodes": nodes, "waves": True}
+    try:
+        m = {"floor_isal": ctx.measure("floor_isal", path=run["bold"]),
+             1: ctx.measure("glm_cohort", store=store, n_workers=1, tag="_1w", **common),
+             2: ctx.measure("glm_cohort", store=store, n_workers=2, tag="_2w", **common),
+             "s3": ctx.measure("glm_cohort", store=ctx.setup["s3_url"], n_workers=2, tag="_s3",
+                               storage_options=s3.options, **common)}
+    finally:
+        if ctx.round == ctx.repeat - 1:
+            s3.__exit__(None, None, None)
+            shutil.rmtree(store, ignore_errors=True)
+    parity = {key: map_parity(m[1].extra["maps"], m[key].extra["maps"], run["mask"]) for key in (2, "s3")}
+    speedup = m[1].wall_s / m[2].wall_s
+    slowdown = m["s3"].wall_s / m[2].wall_s
+    floor = m["floor_isal"].wall_s
+    rows = [Row("floor: isal threaded-reader decompress of one run (reference)", m["floor_isal"], "1.00× floor"),
+            Row(f"chunkglm {SCALE_RUNS} runs, local store, 1 worker × 1 thread", m[1],
+                f"{SCALE_RUNS / m[1].wall_s:.3f} runs/s; {m[1].wall_s / SCALE_RUNS / floor:.2f}× floor a run",
+                "— (reference)"),
+            Row(f"chunkglm {SCALE_RUNS} runs, local store, 2 workers × 1 thread", m[2],
+                f"{speedup:.2f}× the 1-worker wall = {speedup / 2:.0%} parallel efficiency",
+                f"≥ {SCALING_SPEEDUP:g}× (1 → 2 workers)", [Check("speedup", speedup >= SCALING_SPEEDUP)]),
+            Row(f"chunkglm {SCALE_RUNS} runs, S3 store on 127.0.0.1 (moto), 2 workers × 1 thread", m["s3"],
+                f"{slowdown:.2f}× the local store's wall", f"≤ {S3_SLOWDOWN:g}× the local store",
+                [Check("S3 slowdown", slowdown <= S3_SLOWDOWN)])]
+    facts = {**sizes, "nodes": nodes, "store_bytes": ctx.setup["store"]["store_mib"] * MiB,
+             "store_convert_s": ctx.setup["store"]["wall_s"], "upload_s": ctx.setup["upload_s"],
+             "speedup": speedup, "s3_slowdown": slowdown, "parity": parity,
+             "events": tables["events"], "confounds": tables["confounds"]}
+    notes = [
+        f"Input: the {SCALE_RUNS}-run store of the first_level_cohort case ({sizes['shape']} "
+        f"{sizes['dtype']} runs, {sizes['mask_voxels']:,} mask voxels; {facts['store_bytes'] / MiB:.0f} MiB on "
+        f"disk), converted once per invocation (not timed), and a copy of it uploaded to a moto S3 server "
+        f"(its own process, 127.0.0.1) before the first round ({facts['upload_s']:.0f} s, not timed).",
+        "Each row is one fresh process: a local cluster of N worker processes × 1 thread is started and the "
+        "task modules imported (untimed); timed: one `FirstLevelModel(noise_model=\"ar1\", ...).fit(run)` per "
+        "run, then `for model in fitted_in_waves(models): model.compute_contrast(\"a - b\", "
+        "output_type=\"all\")` (what `chunkglm first-level` does). The S3 row opens the store as "
+        "`open_cohort(\"s3://...\", storage_options={\"endpoint_url\": ...})` (the backend chunkglm picks: "
+        "obstore when installed), credentials from the environment.",
+    ]
+    worst = max(parity, key=lambda k: parity[k]["z"]["rel_l2"])
+    after = [f"Parity with the 1-worker maps over {parity[worst]['mask_voxels']:,} mask voxels, worst row "
+             f"({worst}): z rel L2 {parity[worst]['z']['rel_l2']:.2e}, effect rel L2 "
+             f"{parity[worst]['effect']['rel_l2']:.2e}."]
+    return CaseResult("scale_out", f"scale-out: {SCALE_RUNS} {ctx.size} runs, 1 vs 2 workers, local vs S3 store",
+                      facts, rows, notes, after)
+
+
+CASES = {"convert": convert_case, "first_level": first_level_case, "first_level_cohort": first_level_cohort_case,
+         "scale_out": scale_out_case}

@@ -267,6 +267,21 @@ def glm_chunkglm(timed, mask, events, confounds, out, label, bold=None, store=No
 MiB = 2**20
 
 
+@step("s3_upload")
+def s3_upload(timed, local, url, endpoint):
+    """Copy a local store folder to ``url`` on the S3 server at ``endpoint``
+    (creating the bucket); set-up of ``scale_out``, credentials from the environment."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    with timed:
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        fs.put(local.rstrip("/") + "/", url.removeprefix("s3://"), recursive=True)
+    return {"objects": len(fs.find(url.removeprefix("s3://")))}
+
+
 @step("convert_cluster")
 def convert_cluster(timed, inputs, store, n_workers=2):
     """``chunkglm.convert`` of a BIDS dataset on a local cluster (runs in parallel).
@@ -414,7 +429,8 @@ class WorkerMemory:
 
 
 @step("glm_cohort")
-def glm_cohort(timed, store, nodes, mask, events, confounds, out, n_workers=2, sample_s=0.1, waves=False):
+def glm_cohort(timed, store, nodes, mask, events, confounds, out, n_workers=2, sample_s=0.1, waves=False,
+               storage_options=None, tag=""):
     """One FirstLevelModel per run of ``nodes``, fitted together on a local cluster.
 
     Set-up (untimed): imports, reading the TSVs, opening the store, starting
@@ -425,6 +441,9 @@ def glm_cohort(timed, store, nodes, mask, events, confounds, out, n_workers=2, s
     driver keeps the first model's maps only (to save them for the parity
     check) and compares every other model's z and effect maps with them
     (``np.array_equal``, ~1 ms a run: every run holds the same data).
+
+    ``storage_options``: for a store URL (``s3://...``), passed to
+    ``open_cohort`` (credentials from the environment).
 
     ``waves=True``: the same models, but evaluated with
     ``fitted_in_waves(models)`` (a bounded window of models persisted at a
@@ -448,7 +467,7 @@ def glm_cohort(timed, store, nodes, mask, events, confounds, out, n_workers=2, s
     if waves:
         from chunkglm.glm.first_level import fitted_in_waves
     events_df, confounds_df = _glm_inputs(events, confounds)
-    cohort = open_cohort(store)
+    cohort = open_cohort(store, storage_options=storage_options)
     runs = [cohort.runs[node] for node in nodes]
     compared = ("z_score", "effect_size")
     client = start(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", verbose=False)
@@ -486,7 +505,7 @@ def glm_cohort(timed, store, nodes, mask, events, confounds, out, n_workers=2, s
     sampled = [sampler.summary(w, persisted[w]) for w in workers]
     return {
         "n_runs": len(runs), "n_workers": len(workers),
-        "maps": _save_maps(first, out, f"cohort_{len(runs)}{'_waves' if waves else ''}"),
+        "maps": _save_maps(first, out, f"cohort_{len(runs)}{'_waves' if waves else ''}{tag}"),
         "identical_maps": bool(identical),
         # per worker, in MiB
         "worker_rss_start_mib": [at_start[w][0] / MiB for w in workers],
