@@ -356,6 +356,19 @@ def _cohort_store(ctx: Context, run: dict, work: Path, store: str) -> list[str]:
     return nodes
 
 
+def _measure_s3(ctx: Context, s3, **kwargs) -> Measurement:
+    """``glm_cohort`` from the S3 store, recording the CPU time the S3 server spent meanwhile."""
+    import psutil
+
+    server = psutil.Process(s3.process.pid)
+    before = server.cpu_times()
+    measurement = ctx.measure("glm_cohort", **kwargs)
+    after = server.cpu_times()
+    cpu = (after.user - before.user) + (after.system - before.system)
+    ctx.setup.setdefault("s3_cpu", []).append(cpu)
+    return measurement
+
+
 def _cohort_stats(measurement: Measurement) -> dict:
     """Throughput and worker memory of one N (worker figures: largest over the rounds)."""
     runs, best = measurement.runs, measurement.extra
@@ -526,13 +539,14 @@ def scale_out_case(ctx: Context) -> CaseResult:
         m = {"floor_isal": ctx.measure("floor_isal", path=run["bold"]),
              1: ctx.measure("glm_cohort", store=store, n_workers=1, tag="_1w", **common),
              2: ctx.measure("glm_cohort", store=store, n_workers=2, tag="_2w", **common),
-             "s3": ctx.measure("glm_cohort", store=ctx.setup["s3_url"], n_workers=2, tag="_s3",
+             "s3": _measure_s3(ctx, s3, store=ctx.setup["s3_url"], n_workers=2, tag="_s3",
                                storage_options=s3.options, **common)}
     finally:
         if ctx.round == ctx.repeat - 1:
             s3.__exit__(None, None, None)
             shutil.rmtree(store, ignore_errors=True)
     parity = {key: map_parity(m[1].extra["maps"], m[key].extra["maps"], run["mask"]) for key in (2, "s3")}
+    server_cpu = ctx.setup["s3_cpu"][m["s3"].walls.index(m["s3"].wall_s)]  # of the best round
     speedup = m[1].wall_s / m[2].wall_s
     slowdown = m["s3"].wall_s / m[2].wall_s
     floor = m["floor_isal"].wall_s
@@ -548,7 +562,7 @@ def scale_out_case(ctx: Context) -> CaseResult:
                 [Check("S3 slowdown", slowdown <= S3_SLOWDOWN)])]
     facts = {**sizes, "nodes": nodes, "store_bytes": ctx.setup["store"]["store_mib"] * MiB,
              "store_convert_s": ctx.setup["store"]["wall_s"], "upload_s": ctx.setup["upload_s"],
-             "speedup": speedup, "s3_slowdown": slowdown, "parity": parity,
+             "speedup": speedup, "s3_slowdown": slowdown, "s3_server_cpu_s": server_cpu, "parity": parity,
              "events": tables["events"], "confounds": tables["confounds"]}
     notes = [
         f"Input: the {SCALE_RUNS}-run store of the first_level_cohort case ({sizes['shape']} "
@@ -563,7 +577,11 @@ def scale_out_case(ctx: Context) -> CaseResult:
         "obstore when installed), credentials from the environment.",
     ]
     worst = max(parity, key=lambda k: parity[k]["z"]["rel_l2"])
-    after = [f"Parity with the 1-worker maps over {parity[worst]['mask_voxels']:,} mask voxels, worst row "
+    after = [f"The S3 server is a Python process on the same 2 cores as the workers: during the best S3 "
+             f"round it used {server_cpu:.1f} s of CPU (user + system) in {m['s3'].wall_s:.1f} s of wall, "
+             f"{server_cpu / (2 * m['s3'].wall_s):.0%} of the machine's cores, which the workers did not get; "
+             "a real object store serves from other machines.",
+             f"Parity with the 1-worker maps over {parity[worst]['mask_voxels']:,} mask voxels, worst row "
              f"({worst}): z rel L2 {parity[worst]['z']['rel_l2']:.2e}, effect rel L2 "
              f"{parity[worst]['effect']['rel_l2']:.2e}."]
     return CaseResult("scale_out", f"scale-out: {SCALE_RUNS} {ctx.size} runs, 1 vs 2 workers, local vs S3 store",
