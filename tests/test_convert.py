@@ -233,3 +233,41 @@ def test_a_touched_or_copied_source_with_the_same_content_is_not_redone(tiny_bid
     finally:
         os.utime(bold, (stat.st_atime, stat.st_mtime))
     assert report.converted == [] and report.skipped == [f"runs/{tiny_bids.runs[0].name}"]
+
+
+def _start_run_node(path, index, barrier, results):
+    import zarr
+
+    from chunkglm.io import store as st
+
+    root = zarr.open_group(path, mode="r+")
+    barrier.wait()
+    try:
+        st.start_node(root, "runs", f"sub-{index:02d}_task-main_run-1")
+        results.put(None)
+    except Exception as error:  # reported to the test
+        results.put(repr(error))
+
+
+def test_runs_started_at_once_by_several_processes_on_a_fresh_store_all_succeed(tmp_path):
+    """Worker processes converting the first runs of a new store race to create ``runs/``:
+    every one must get its node (seen failing in CI as ContainsGroupError). Without the
+    guard about 3 attempts in 10 fail, so 10 attempts of 4 processes catch it ~97% of the time."""
+    import multiprocessing
+
+    import zarr
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(10):
+        path = str(tmp_path / f"s{attempt}.zarr")
+        zarr.open_group(path, mode="w")
+        barrier, results = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_start_run_node, args=(path, i, barrier, results))
+                     for i in range(4)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+        errors = [results.get(timeout=10) for _ in processes]
+        assert errors == [None] * 4, errors
+        assert len(list(zarr.open_group(path, mode="r")["runs"].group_keys())) == 4

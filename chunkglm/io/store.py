@@ -186,7 +186,10 @@ def start_node(root, kind: str, name: str) -> zarr.Group:
     path = f"{kind}/{name}"
     if path in root:
         del root[path]
-    parent = root.require_group(kind)
+    try:
+        parent = root.require_group(kind)
+    except zarr.errors.ContainsGroupError:  # another process's task created it meanwhile
+        parent = root[kind]
     return parent.create_group(name, attributes={ATTR: {"complete": False}})
 
 
