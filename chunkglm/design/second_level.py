@@ -1,0 +1,147 @@
+"""Second-level design matrices: nilearn's function, our checks.
+
+The matrix itself comes from
+:func:`nilearn.glm.first_level.make_second_level_design_matrix` (an
+``intercept`` column plus one column per confound, one row per subject in
+the order given). This module only validates inputs first, so that bad
+tables fail with an :class:`~chunkglm.errors.InputError` saying what was
+received, and checks designs given by users against the maps they model.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from chunkglm.errors import InputError
+
+__all__ = ["make_second_level_design_matrix", "check_design"]
+
+
+def make_second_level_design_matrix(subjects_label, confounds=None) -> pd.DataFrame:
+    """Design matrix of a second-level model, exactly as nilearn's.
+
+    Parameters
+    ----------
+    subjects_label : list of str
+        One label per map, in the order of the maps (the design's rows).
+    confounds : pandas.DataFrame, optional
+        A ``subject_label`` column and one column per covariate, exactly one
+        row per subject of ``subjects_label``; no NaN.
+
+    Returns
+    -------
+    pandas.DataFrame of shape (n_subjects, 1 + n_confounds)
+        ``intercept`` then the confound columns, float64.
+    """
+    from nilearn.glm.first_level.design_matrix import make_second_level_design_matrix as nilearn_design
+
+    labels = _check_labels(subjects_label, confounds is not None)
+    if confounds is not None:
+        _check_confounds(confounds, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # singularity is refused by check_design instead
+        return nilearn_design(labels, confounds)
+
+
+def _check_labels(subjects_label, matched: bool) -> list:
+    """One label per map; strings when they are matched to confounds rows (else unused)."""
+    if isinstance(subjects_label, str) or not hasattr(subjects_label, "__iter__"):
+        raise InputError(f"subjects_label must be a list of strings; received {type(subjects_label).__name__}.")
+    labels = list(subjects_label)
+    if not labels:
+        raise InputError("subjects_label is empty: give one label per map.")
+    bad = [label for label in labels if not isinstance(label, str)]
+    if bad and matched:
+        raise InputError(f"subjects_label must hold strings; received e.g. {bad[:3]!r}. "
+                         "Convert them (e.g. [f'{s:02d}' for s in subjects]).")
+    return labels
+
+
+def check_confounds_table(confounds) -> None:
+    """nilearn's rules for a second-level confounds table, as InputErrors."""
+    if not isinstance(confounds, pd.DataFrame):
+        raise InputError(f"confounds must be a pandas DataFrame; received {type(confounds).__name__}.")
+    if "subject_label" not in confounds.columns or len(confounds.columns) < 2:
+        raise InputError(
+            "confounds must have a 'subject_label' column and at least one confound column; "
+            f"received columns {list(confounds.columns)}.")
+    if not all(isinstance(s, str) for s in confounds["subject_label"]):
+        raise InputError("the 'subject_label' column of confounds must hold strings only.")
+
+
+def _check_confounds(confounds, labels) -> None:
+    check_confounds_table(confounds)
+    counts = confounds["subject_label"].value_counts()
+    twice = sorted(counts.index[counts > 1])
+    if twice:
+        raise InputError(f"confounds have more than one row for subject(s) {twice[:5]}.")
+    missing = sorted(set(labels) - set(confounds["subject_label"]))
+    if missing:
+        raise InputError(f"confounds have no row for subject(s) {missing[:5]}; "
+                         f"they have {sorted(confounds['subject_label'])[:5]}...")
+    values = confounds.drop(columns="subject_label")
+    nan_cols = [str(c) for c in values.columns if pd.to_numeric(values[c], errors="coerce").isna().any()]
+    if nan_cols:
+        raise InputError(f"confounds column(s) {nan_cols[:5]} hold NaN or non-numbers; fill or drop them.")
+
+
+def check_design(design, n_maps: int) -> pd.DataFrame:
+    """A usable second-level design: a numeric table, one row per map, full rank.
+
+    Parameters
+    ----------
+    design : pandas.DataFrame, str or Path
+        A table, or a .csv / .tsv file of one (as nilearn's).
+    n_maps : int or None
+        Maps modelled; None when not known yet (checked again later).
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    design = _load_design(design)
+    if n_maps is not None and len(design) != n_maps:
+        raise InputError(
+            f"the design matrix has {len(design)} rows but {n_maps} maps are modelled: give one "
+            "row per map, in the maps' order.")
+    try:
+        X = design.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"the design matrix must be numeric; columns {list(design.columns)}: {err}") from None
+    if not np.isfinite(X).all():
+        raise InputError("the design matrix holds NaN or infinite values; fill or drop those rows/columns.")
+    if len(set(map(str, design.columns))) != design.shape[1]:
+        raise InputError(f"the design matrix's column names are not unique: {list(design.columns)}.")
+    _check_rank(design, X)
+    return design
+
+
+def _load_design(design) -> pd.DataFrame:
+    from pathlib import Path
+
+    if isinstance(design, pd.DataFrame):
+        return design
+    if isinstance(design, str | Path):
+        path = Path(design)
+        if not path.is_file():
+            raise InputError(f"design_matrix file not found: {path}")
+        return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+    raise InputError(f"design_matrix must be a pandas DataFrame or a .csv/.tsv path; "
+                     f"received {type(design).__name__}.")
+
+
+def _check_rank(design, X) -> None:
+    eps = np.abs(X).sum() * np.finfo(np.float64).eps
+    rank = np.linalg.matrix_rank(X, eps)
+    if rank == X.shape[1]:
+        return
+    constant = [str(c) for c, col in zip(design.columns, X.T) if np.ptp(col) == 0]
+    hint = (f" Constant columns: {constant} (keep one intercept: another constant column "
+            "carries no information)." if len(constant) > 1 or not X.any(axis=0).all() else "")
+    raise InputError(
+        f"the second-level design is rank deficient (rank {rank} for {X.shape[1]} columns "
+        f"{list(design.columns)}): some columns are combinations of others, so their effects "
+        f"cannot be estimated.{hint} Remove or merge those columns.")

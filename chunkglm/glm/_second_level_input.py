@@ -1,0 +1,361 @@
+"""Second-level inputs -> one ``maps/<collection>`` node, its mask and labels.
+
+nilearn's ``SecondLevelModel`` accepts 3-D images (a list, or one 4-D image),
+a DataFrame of map paths, or fitted first-level models, and masks them with
+a ``NiftiMasker``. Here every image input is written once into a maps node
+of a cohort store (a temporary one unless the user gives a store); the
+masker's work is reproduced on the way in, with nilearn's own functions:
+
+- default mask: ``compute_background_mask`` of nilearn's sample map (the
+  mean image of a list, the first map of a DataFrame, the first model's
+  effect map of its first regressor); a user mask is used as given;
+- the mask is resampled onto ``target_affine``/``target_shape`` (nearest);
+- images not on the mask's grid are resampled onto it (continuous,
+  clipped to the range of all inputs and 0, as ``resample_img`` on the
+  concatenated images), then smoothed (``smooth_img``), then masked.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from chunkglm.errors import InputError
+
+KINDS = ("images", "dataframe", "flm", "maps")
+
+
+@dataclass(frozen=True)
+class ModelMaps:
+    """What a second-level fit reads: a maps node and the voxels of it to model.
+
+    Attributes
+    ----------
+    node : chunkglm.io.cohort.Node
+    voxels : ndarray of int or None
+        Indices into the node's voxel axis (None: all of them).
+    """
+
+    node: object
+    voxels: np.ndarray | None
+
+    @property
+    def grid(self):
+        """The node's grid (affine, shape, ijk)."""
+        return self.node.grid
+
+    @property
+    def ijk(self) -> np.ndarray:
+        """Voxel coordinates (n_voxels, 3) of the modelled voxels."""
+        ijk = self.node.grid.ijk
+        return ijk if self.voxels is None else ijk[self.voxels]
+
+    def data(self):
+        """The (image, voxel) dask array of the modelled voxels."""
+        array = self.node.data().data
+        return array if self.voxels is None else array[:, self.voxels]
+
+    def mask_img(self) -> nib.Nifti1Image:
+        """The modelled voxels as a uint8 mask on the node's grid."""
+        ijk, grid = self.ijk, self.grid
+        data = np.zeros(grid.shape, dtype=np.uint8)
+        data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
+        return nib.Nifti1Image(data, grid.affine)
+
+
+# -- what was given -------------------------------------------------------------
+
+
+def input_kind(second_level_input) -> str:
+    """One of :data:`KINDS`, or an InputError naming what was received."""
+    from chunkglm.glm.first_level import FirstLevelModel
+    from chunkglm.io.cohort import Node
+
+    if isinstance(second_level_input, pd.DataFrame):
+        return "dataframe"
+    if isinstance(second_level_input, Node):
+        if second_level_input.kind != "maps":
+            raise InputError(f"a store node given as second_level_input must be a maps collection "
+                             f"(cohort.maps[name]); received the run {second_level_input.name!r}.")
+        return "maps"
+    if isinstance(second_level_input, pd.Series):
+        return "images"
+    if isinstance(second_level_input, str | Path | nib.spatialimages.SpatialImage):
+        return "images"
+    if isinstance(second_level_input, list | tuple) and second_level_input:
+        kinds = {type(item) for item in second_level_input}
+        if all(isinstance(item, FirstLevelModel) for item in second_level_input):
+            return "flm"
+        if all(isinstance(item, str | Path | nib.spatialimages.SpatialImage) for item in second_level_input):
+            return "images"
+        raise InputError(f"second_level_input mixes or holds unsupported types {sorted(k.__name__ for k in kinds)}; "
+                         "give 3-D images (paths or nibabel), fitted chunkglm FirstLevelModels, "
+                         "a DataFrame (subject_label, map_name, effects_map_path) or a maps node.")
+    raise InputError(
+        f"second_level_input must be a list of 3-D images, one 4-D image, a DataFrame with columns "
+        f"subject_label, map_name and effects_map_path, a list of fitted FirstLevelModels or a maps "
+        f"node of a cohort store; received {type(second_level_input).__name__}.")
+
+
+def image_list(second_level_input) -> list:
+    """3-D images (paths or nibabel images) of an "images" input; a 4-D one is split."""
+    if isinstance(second_level_input, pd.Series):
+        second_level_input = second_level_input.to_list()
+    if isinstance(second_level_input, str | Path | nib.spatialimages.SpatialImage):
+        img = _load(second_level_input)
+        if img.ndim != 4:
+            raise InputError(f"a single image given as second_level_input must be 4-D (one volume per "
+                             f"map); received shape {img.shape}. Pass a list of 3-D maps instead.")
+        images = [img.slicer[..., i] for i in range(img.shape[3])]
+    else:
+        images = list(second_level_input)
+    if len(images) < 2:
+        raise InputError(f"a second-level model needs at least 2 maps; received {len(images)}.")
+    return images
+
+
+def check_images(images, resampling: bool) -> None:
+    """Each image is 3-D (or 4-D of one volume); all share a grid unless resampling."""
+    first = None
+    for index, image in enumerate(images):
+        img = _load(image)
+        if not (img.ndim == 3 or (img.ndim == 4 and img.shape[3] == 1)):
+            raise InputError(f"second_level_input[{index}] has shape {img.shape}: each map must be 3-D "
+                             "(or 4-D with a single volume).")
+        grid = (img.shape[:3], img.affine)
+        if first is None:
+            first = grid
+        elif not resampling and (grid[0] != first[0] or not np.allclose(grid[1], first[1], atol=1e-4)):
+            raise InputError(
+                f"second_level_input[{index}] is on another grid (shape {grid[0]}, affine\n{grid[1]}) than "
+                f"second_level_input[0] (shape {first[0]}, affine\n{first[1]}). Resample the maps onto one "
+                "grid, or pass target_affine and target_shape to SecondLevelModel.")
+
+
+def _load(image):
+    if isinstance(image, str | Path):
+        if not Path(image).is_file():
+            raise InputError(f"image not found: {image}")
+        return nib.load(str(image))
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        return image
+    raise InputError(f"expected a NIfTI path or a nibabel image; received {type(image).__name__}.")
+
+
+def _volume(image) -> np.ndarray:
+    data = np.asanyarray(_load(image).dataobj)
+    return data.reshape(data.shape[:3]) if data.ndim == 4 else data
+
+
+# -- the mask ---------------------------------------------------------------------
+
+
+def background_mask(sample) -> nib.Nifti1Image:
+    """nilearn's default second-level mask: ``compute_background_mask`` of the sample map.
+
+    ``sample`` is a 3-D image or a list of them (their mean, as nilearn's
+    ``mean_img``, is masked).
+    """
+    from nilearn.image import mean_img
+    from nilearn.masking import compute_background_mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if isinstance(sample, list):
+            sample = mean_img([_load(s) for s in sample], copy_header=True)
+        return compute_background_mask(_load(sample))
+
+
+def analysis_mask(mask_img, sample, target_affine=None, target_shape=None) -> nib.Nifti1Image:
+    """The mask the model uses: given or nilearn's default, then on the target grid."""
+    from nilearn.image import resample_img
+
+    if mask_img is None:
+        mask = background_mask(sample)
+    else:
+        mask = _load(mask_img)
+        if mask.ndim == 4 and mask.shape[3] == 1:
+            mask = mask.slicer[..., 0]
+        if mask.ndim != 3:
+            raise InputError(f"mask_img must be a 3-D image; received shape {mask.shape}.")
+    if target_affine is not None or target_shape is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mask = resample_img(mask, target_affine=target_affine, target_shape=target_shape,
+                                interpolation="nearest", force_resample=True, copy_header=True)
+    data = np.asarray(mask.dataobj) != 0
+    if not data.any():
+        raise InputError(
+            "the mask has no voxel: " + ("mask_img is empty (on the target grid)." if mask_img is not None
+                                          else "nilearn's background mask of the maps is empty "
+                                               "(are the maps NaN or constant everywhere?)."))
+    return nib.Nifti1Image(data.astype(np.uint8), mask.affine)
+
+
+# -- loading into a store --------------------------------------------------------
+
+
+@dataclass
+class StoreTarget:
+    """Where loaded maps go: a store path (temporary or the user's) and chunking."""
+
+    path: str
+    chunk_bytes: object
+
+
+def load_images(images, mask: nib.Nifti1Image, smoothing_fwhm, target: StoreTarget, folder: Path):
+    """Write the maps into a new maps node (processed as nilearn's masker); return the Node.
+
+    Parameters
+    ----------
+    images : list of paths or nibabel images (3-D, or 4-D of one volume)
+    mask : nibabel image
+        The analysis mask; its grid is the node's grid.
+    smoothing_fwhm : float or None
+    target : StoreTarget
+    folder : Path
+        Scratch folder for staged files.
+    """
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.io.convert import convert
+    from chunkglm.io.preprocess import SpatialPreprocessing
+
+    staged = folder / f"maps-{uuid.uuid4().hex[:8]}"
+    staged.mkdir(parents=True)
+    box = None
+    if all(_same_grid(_load(img), mask) for img in images):
+        prep = SpatialPreprocessing(None, None, smoothing_fwhm)
+    else:
+        # nilearn's masker resamples onto the mask *cropped* to its bounding box
+        # (plus one voxel) and smooths there: the crop changes smoothing's edges.
+        from nilearn.image import crop_img
+
+        cropped, box = crop_img(mask, copy=False, return_offset=True)
+        prep = SpatialPreprocessing(cropped.affine, cropped.shape[:3], smoothing_fwhm)
+    clip = _clip_range(images) if prep.needs_range() else None
+    paths = [_stage(img, staged / f"map_{i:05d}", prep, clip, mask, box) for i, img in enumerate(images)]
+    mask_path = staged / "mask.nii"
+    nib.save(mask, mask_path)
+    collection = f"second_level_{uuid.uuid4().hex[:12]}"
+    convert(paths, target.path, mask_img=str(mask_path), collection=collection,
+            chunk_bytes=target.chunk_bytes)
+    return open_cohort(target.path).maps[collection]
+
+
+def _same_grid(img, mask) -> bool:
+    return img.shape[:3] == mask.shape[:3] and np.allclose(img.affine, mask.affine, atol=1e-4)
+
+
+def _clip_range(images) -> tuple[float, float]:
+    """nilearn clips resampled data to [min(data, 0), max(data, 0)] over all maps."""
+    low, high = 0.0, 0.0
+    for img in images:
+        data = _volume(img)
+        low, high = min(low, float(np.nanmin(data))), max(high, float(np.nanmax(data)))
+    return low, high
+
+
+def _stage(image, stem: Path, prep, clip, mask, box) -> str:
+    """A 3-D NIfTI file for one map: linked as is, or saved (split, resampled, smoothed).
+
+    With ``box`` (the mask's crop, see :func:`load_images`) the processed map
+    is put back into the mask's full grid (zeros outside the box).
+    """
+    img = _load(image)
+    if not prep.active and isinstance(image, str | Path) and img.ndim == 3:
+        suffix = ".nii.gz" if str(image).endswith(".gz") else ".nii"
+        target = stem.with_name(stem.name + suffix)
+        target.symlink_to(Path(image).absolute())
+        return str(target)
+    data = _volume(img)
+    affine = img.affine
+    if prep.active:
+        data = prep.apply(np.asarray(data, dtype=np.float64 if data.dtype == np.float64 else np.float32),
+                          img.affine, clip)
+    if box is not None:
+        full = np.zeros(mask.shape[:3], dtype=data.dtype)
+        full[box] = data
+        data, affine = full, mask.affine
+    target = stem.with_name(stem.name + ".nii")
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), target)
+    return str(target)
+
+
+# -- a maps node given by the user -------------------------------------------------------
+
+
+def node_maps(node, mask_img, target_affine, target_shape, smoothing_fwhm) -> ModelMaps:
+    """A user's maps node, restricted to ``mask_img`` or to nilearn's default mask."""
+    from chunkglm.io.cohort import Node
+
+    if not isinstance(node, Node):
+        raise InputError(f"expected a maps node; received {type(node).__name__}.")
+    if target_affine is not None or target_shape is not None or smoothing_fwhm is not None:
+        raise InputError(
+            "a maps node is used on its own grid, as stored: target_affine, target_shape and "
+            "smoothing_fwhm apply when images are loaded. Pass the images (paths) instead, or "
+            "leave these parameters None.")
+    grid = node.grid
+    if len(node.data().shape) != 2 or node.data().shape[0] < 2:
+        raise InputError(f"the maps node {node.name!r} holds {node.data().shape[0]} map(s); "
+                         "a second-level model needs at least 2.")
+    if mask_img is None:
+        selected = _node_background_mask(node)
+    else:
+        mask = analysis_mask(mask_img, None)
+        selected = np.asarray(mask.dataobj) != 0
+        if mask.shape[:3] != grid.shape or not np.allclose(mask.affine, grid.affine, atol=1e-4):
+            raise InputError(f"mask_img (shape {mask.shape}) is not on the grid of the maps node "
+                             f"{node.name!r} (shape {grid.shape}); resample it onto that grid.")
+        if (selected & ~grid.mask).any():
+            raise InputError(f"mask_img selects voxels that the maps node {node.name!r} does not hold; "
+                             "convert the maps with this mask, or a larger one, first.")
+    inside = selected[grid.mask]
+    return ModelMaps(node, None if inside.all() else np.flatnonzero(inside))
+
+
+def _node_background_mask(node) -> np.ndarray:
+    """nilearn's background mask of the mean map (voxels not stored count as NaN).
+
+    An explicit global pass over the maps (one read), done at fit.
+    """
+    grid = node.grid
+    mean = node.data().data.astype(np.float64).mean(axis=0).compute()
+    volume = np.full(grid.shape, np.nan)
+    volume[grid.mask] = mean
+    mask = np.asarray(background_mask(nib.Nifti1Image(volume, grid.affine)).dataobj) != 0
+    if not mask.any():
+        raise InputError(f"nilearn's background mask of the maps node {node.name!r} is empty: "
+                         "are its maps NaN or constant everywhere?")
+    return mask & grid.mask
+
+
+def dataframe_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """nilearn's checks on a DataFrame input, and its sort by subject_label."""
+    missing = [c for c in ("subject_label", "map_name", "effects_map_path") if c not in frame.columns]
+    if missing:
+        raise InputError(f"a DataFrame second_level_input needs columns subject_label, map_name and "
+                         f"effects_map_path; it lacks {missing} (it has {list(frame.columns)}).")
+    if not all(isinstance(s, str) for s in frame["subject_label"]):
+        raise InputError("the 'subject_label' column must hold strings only.")
+    if len(frame) < 2:
+        raise InputError(f"a second-level model needs at least 2 maps; the DataFrame has {len(frame)} row(s).")
+    column = list(frame.columns).index("subject_label")
+    rows = sorted(frame.values, key=lambda row: row[column])  # nilearn's (stable) sort
+    return pd.DataFrame(rows, columns=frame.columns)
+
+
+def dataframe_maps(frame: pd.DataFrame, first_level_contrast) -> list:
+    """The effects_map_path entries whose map_name is ``first_level_contrast``."""
+    names = list(dict.fromkeys(frame["map_name"]))
+    chosen = frame[frame["map_name"] == first_level_contrast]["effects_map_path"].tolist()
+    if not chosen:
+        raise InputError(f"first_level_contrast={first_level_contrast!r} names no map: the DataFrame's "
+                         f"map_name values are {names[:10]}.")
+    return chosen

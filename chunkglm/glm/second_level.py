@@ -1,0 +1,414 @@
+"""SecondLevelModel: nilearn's API, an OLS graph over the voxel blocks of a maps node.
+
+``fit`` validates the inputs, builds the design, computes the mask (as
+nilearn's masker would) and loads image inputs once into a ``maps/`` node of
+a store (:mod:`chunkglm.glm._second_level_input`). ``compute_contrast``
+evaluates the OLS fit of the (image, voxel) array block by block with the
+first-level kernels (the image axis plays the role of time, with no
+whitening: :func:`chunkglm.graph.glm.fit_run` with ``noise_model="ols"``);
+the fit is kept, so further contrasts are arithmetic on small per-block
+results. z, stat and p maps come from nilearn's own ``Contrast``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from chunkglm.chunking import DEFAULT_CHUNK_BYTES
+from chunkglm.design.second_level import check_confounds_table, check_design, make_second_level_design_matrix
+from chunkglm.errors import InputError
+from chunkglm.glm import _second_level_input as inputs
+from chunkglm.io.nifti import image_from_voxels
+
+OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
+
+__all__ = ["SecondLevelModel", "make_second_level_design_matrix"]
+
+
+class SecondLevelModel:
+    """Second-level (group) GLM with nilearn's parameters and outputs.
+
+    Parameters
+    ----------
+    mask_img : str or nibabel image, optional
+        The analysis mask. Default: nilearn's, the background mask of the
+        sample map (mean of the maps for image inputs).
+    target_affine : ndarray (4, 4) or (3, 3), optional
+    target_shape : tuple of 3 int, optional
+        Resample maps (continuous) and the mask (nearest) onto this grid when
+        the maps are loaded, as nilearn's masker.
+    smoothing_fwhm : float, optional
+        Gaussian smoothing (mm) of each map when it is loaded.
+    memory, memory_level, n_jobs : ignored
+        The dask scheduler (threaded, or the active distributed client) runs the work.
+    verbose : int
+        Accepted for nilearn compatibility.
+    minimize_memory : bool
+        As nilearn: when True, ``r_square_``, ``residuals_`` and
+        ``predicted_`` are refused.
+    store : str or Path, optional
+        chunkglm only: a cohort store in which image inputs are loaded (as a
+        new ``maps/second_level_<id>`` node). Default: a temporary store,
+        removed with the model.
+    chunk_bytes : int or str
+        chunkglm only: target uncompressed bytes per chunk of loaded maps.
+
+    Attributes
+    ----------
+    design_matrix_ : pandas.DataFrame of shape (n_maps, n_regressors)
+    second_level_input_, confounds_ : as given to ``fit``
+    mask_img_ : nibabel image
+    n_elements_ : int
+        Voxels in the mask.
+    """
+
+    def __init__(self, mask_img=None, target_affine=None, target_shape=None, smoothing_fwhm=None,
+                 memory=None, memory_level=1, verbose=0, n_jobs=1, minimize_memory=True,
+                 store=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+        self.mask_img = mask_img
+        self.target_affine = target_affine
+        self.target_shape = target_shape
+        self.smoothing_fwhm = smoothing_fwhm
+        self.memory = memory
+        self.memory_level = memory_level
+        self.verbose = verbose
+        self.n_jobs = n_jobs
+        self.minimize_memory = minimize_memory
+        self.store = store
+        self.chunk_bytes = chunk_bytes
+
+    def __str__(self):
+        return "Second Level Model"
+
+    # -- fit -------------------------------------------------------------------
+
+    def fit(self, second_level_input, confounds=None, design_matrix=None):
+        """Validate the inputs, build the design and mask, load image maps once.
+
+        Parameters
+        ----------
+        second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel or maps node
+            As nilearn's: 3-D images (paths or nibabel) or one 4-D image
+            (need ``design_matrix``); a DataFrame with columns
+            ``subject_label``, ``map_name``, ``effects_map_path`` (the maps of
+            ``first_level_contrast`` are used at ``compute_contrast``);
+            fitted :class:`chunkglm.glm.first_level.FirstLevelModel` objects
+            (their effect maps of ``first_level_contrast``); or a maps node of
+            a cohort store (``chunkglm.open_cohort(store).maps[name]``).
+        confounds : pandas.DataFrame, optional
+            ``subject_label`` plus covariate columns (one row per subject).
+        design_matrix : pandas.DataFrame or path, optional
+            One row per map, in the maps' order.
+
+        Returns
+        -------
+        self
+        """
+        self._reset()
+        kind = inputs.input_kind(second_level_input)
+        if confounds is not None:
+            check_confounds_table(confounds)
+        if design_matrix is not None:
+            design_matrix = check_design(design_matrix, None)
+        loader = {"images": self._fit_images, "dataframe": self._fit_dataframe,
+                  "flm": self._fit_models, "maps": self._fit_node}[kind]
+        labels, n_maps = loader(second_level_input, confounds, design_matrix)
+        design = design_matrix if design_matrix is not None else make_second_level_design_matrix(labels, confounds)
+        self.design_matrix_ = check_design(design, n_maps)
+        self._kind = kind
+        self.confounds_ = confounds
+        self.n_elements_ = int(np.asarray(self.mask_img_.dataobj).astype(bool).sum())
+        return self
+
+    def _reset(self):
+        for name in ("_kind", "_maps", "_fits", "_last_run", "design_matrix_", "mask_img_"):
+            self.__dict__.pop(name, None)
+        self._maps, self._fits = {}, {}
+
+    def _fit_images(self, second_level_input, confounds, design_matrix):
+        images = inputs.image_list(second_level_input)
+        inputs.check_images(images, resampling=self.target_affine is not None)
+        if design_matrix is None:
+            raise InputError("a list of images (or a 4-D image) as second_level_input needs a "
+                             "design_matrix (one row per map); build one with "
+                             "make_second_level_design_matrix(subject_labels, confounds).")
+        self.second_level_input_ = images
+        mask = self._mask(images)
+        self._maps[None] = inputs.ModelMaps(self._load(images, mask), None)
+        return None, len(images)
+
+    def _fit_dataframe(self, frame, confounds, design_matrix):
+        frame = inputs.dataframe_rows(frame)
+        self.second_level_input_ = frame
+        self._mask(frame["effects_map_path"][0])
+        return frame["subject_label"].tolist(), None
+
+    def _fit_models(self, models, confounds, design_matrix):
+        models = list(models)
+        if len(models) < 2:
+            raise InputError(f"a second-level model needs at least 2 first-level models; received {len(models)}.")
+        _check_models(models, confounds is not None)
+        self.second_level_input_ = models
+        first = models[0]
+        self._mask(first.compute_contrast(first.design_matrices_[0].columns[0], output_type="effect_size"))
+        return [m.subject_label for m in models], len(models)
+
+    def _fit_node(self, node, confounds, design_matrix):
+        maps = inputs.node_maps(node, self.mask_img, self.target_affine, self.target_shape, self.smoothing_fwhm)
+        self.second_level_input_ = node
+        self._maps[None] = maps
+        self.mask_img_ = maps.mask_img()
+        labels = None
+        if design_matrix is None:
+            ds = node.to_dataset()
+            if "subject" not in ds.coords and "subject" not in ds:
+                raise InputError(f"the maps node {node.name!r} has no subject labels: pass design_matrix "
+                                 "(one row per map).")
+            labels = [str(s) for s in ds["subject"].values]
+        return labels, int(node.data().shape[0])
+
+    def _mask(self, sample):
+        self.mask_img_ = inputs.analysis_mask(self.mask_img, sample, self.target_affine, self.target_shape)
+        return self.mask_img_
+
+    def _load(self, images, mask):
+        folder = self._scratch()
+        store = self.store if self.store is not None else folder / "store.zarr"
+        target = inputs.StoreTarget(str(store), self.chunk_bytes)
+        return inputs.load_images(images, mask, self.smoothing_fwhm, target, folder)
+
+    def _scratch(self) -> Path:
+        if getattr(self, "_folder", None) is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="chunkglm-second-level-"))
+            weakref.finalize(self, shutil.rmtree, self._folder, True)
+        return self._folder
+
+    # -- contrasts ---------------------------------------------------------------
+
+    def compute_contrast(self, second_level_contrast=None, first_level_contrast=None,
+                         second_level_stat_type=None, output_type="z_score"):
+        """Compute a second-level contrast, as nilearn's.
+
+        Parameters
+        ----------
+        second_level_contrast : str, array of shape (p,) or (q, p), optional
+            Weights on the design's columns, or a formula over their names
+            (``"intercept - age"``). Default: ``[1]`` for a one-column design.
+        first_level_contrast : str or array, optional
+            DataFrame input: the ``map_name`` to model. First-level models:
+            their contrast whose effect maps are modelled (required).
+        second_level_stat_type : {"t", "F"}, optional
+            Default "t" for a vector, "F" for a matrix.
+        output_type : {"z_score", "stat", "p_value", "effect_size", "effect_variance", "all"}
+
+        Returns
+        -------
+        nibabel.Nifti1Image or dict of them
+            3-D float32 maps on the mask's grid (an F effect: one volume per
+            contrast row); "all" gives a dict keyed by output type.
+        """
+        from nilearn.glm.contrasts import Contrast
+
+        self._check_fitted()
+        if self._kind == "flm" and first_level_contrast is None:
+            raise InputError("second_level_input was a list of FirstLevelModels: first_level_contrast is "
+                             "required (the contrast whose effect maps are modelled).")
+        con_val = self._contrast_vector(second_level_contrast)
+        stat_type = _stat_type(con_val, second_level_stat_type)
+        if output_type not in (*OUTPUT_TYPES, "all"):
+            raise InputError(f"output_type must be one of {OUTPUT_TYPES + ('all',)}; received {output_type!r}.")
+        maps = self._maps_for(first_level_contrast)
+        run = self._fit(maps)
+        effect, variance = _compute(run, con_val, stat_type)
+        effect = effect[0] if stat_type == "t" else np.atleast_2d(effect)
+        contrast = Contrast(effect=effect, variance=variance, dim=1 if stat_type == "t" else effect.shape[0],
+                            dof=run.df_residuals, stat_type=stat_type)
+        names = OUTPUT_TYPES if output_type == "all" else (output_type,)
+        images = {}
+        for name in names:
+            img = self._to_image(maps, getattr(contrast, name)())
+            img.header["descrip"] = f"{output_type} of contrast {con_val}"  # nilearn's text
+            images[name] = img
+        return images if output_type == "all" else images[output_type]
+
+    def _check_fitted(self):
+        if not hasattr(self, "design_matrix_"):
+            raise InputError("this SecondLevelModel is not fitted yet: call fit(...) first.")
+
+    def _contrast_vector(self, contrast):
+        from nilearn.glm.contrasts import expression_to_contrast_vector
+
+        columns = [str(c) for c in self.design_matrix_.columns]
+        if contrast is None:
+            if len(columns) != 1:
+                raise InputError(f"no second_level_contrast given and the design has {len(columns)} columns "
+                                 f"{columns}: name the contrast (e.g. 'intercept' or [1, 0]).")
+            contrast = np.ones(1)
+        if isinstance(contrast, str):
+            try:
+                con = expression_to_contrast_vector(contrast, columns)
+            except Exception as err:  # pandas eval raises several kinds
+                raise InputError(f"contrast {contrast!r} cannot be evaluated on the design columns "
+                                 f"{columns}: {err}") from None
+        else:
+            con = np.asarray(contrast, dtype=float)
+        if con.size == 0 or not np.any(con):
+            raise InputError(f"the contrast {contrast!r} is null: give non-zero weights or a formula.")
+        width = np.atleast_2d(con).shape[1]
+        if con.ndim > 2 or width != len(columns):
+            raise InputError(f"the contrast has shape {con.shape} but the design has {len(columns)} columns "
+                             f"{columns}: give one weight per column (a (q, {len(columns)}) matrix for F).")
+        return con
+
+    def _maps_for(self, first_level_contrast) -> inputs.ModelMaps:
+        if self._kind in ("images", "maps"):
+            return self._maps[None]
+        key = first_level_contrast if isinstance(first_level_contrast, str) else repr(
+            np.asarray(first_level_contrast).tolist())
+        if key not in self._maps:
+            if self._kind == "dataframe":
+                images = inputs.dataframe_maps(self.second_level_input_, first_level_contrast)
+            else:
+                images = [m.compute_contrast(first_level_contrast, output_type="effect_size")
+                          for m in self.second_level_input_]
+            if len(images) != len(self.design_matrix_):
+                raise InputError(f"the design matrix has {len(self.design_matrix_)} rows but "
+                                 f"{len(images)} maps are modelled for first_level_contrast="
+                                 f"{first_level_contrast!r}: give one row per map.")
+            inputs.check_images(images, resampling=self.target_affine is not None)
+            self._maps[key] = inputs.ModelMaps(self._load(images, self.mask_img_), None)
+        return self._maps[key]
+
+    def _fit(self, maps: inputs.ModelMaps):
+        """The OLS fit of these maps, evaluated once and kept."""
+        key = id(maps)
+        if key not in self._fits:
+            self._fits[key] = _evaluate_fit(maps, self.design_matrix_)
+        self._last_run = (maps, self._fits[key])
+        return self._fits[key]
+
+    def _to_image(self, maps, values):
+        grid = maps.grid
+        return image_from_voxels(np.asarray(values), maps.ijk, grid.shape, affine=grid.affine)
+
+    # -- voxelwise model attributes (nilearn 0.14 names) ----------------------------------
+
+    @property
+    def r_square_(self):
+        """nilearn's r-square of the last contrast's fit: a 4-D image of one volume."""
+        from chunkglm.graph import glm as graph
+
+        maps, run = self._voxelwise_run()
+        return self._to_image(maps, _gather(graph.r_square(run))[None])
+
+    @property
+    def predicted_(self):
+        """Predicted values X beta of the last contrast's fit: a 4-D image, one volume per map."""
+        from chunkglm.graph import glm as graph
+
+        maps, run = self._voxelwise_run()
+        return self._to_image(maps, _gather(graph.predicted(run)))
+
+    @property
+    def residuals_(self):
+        """Residuals Y - X beta of the last contrast's fit (reads the maps again): 4-D image."""
+        from chunkglm.graph import glm as graph
+
+        maps, run = self._voxelwise_run()
+        return self._to_image(maps, _gather(graph.residuals(run)))
+
+    r_square = r_square_
+    predicted = predicted_
+    residuals = residuals_
+
+    def _voxelwise_run(self):
+        self._check_fitted()
+        if self.minimize_memory:
+            raise InputError("r_square_, residuals_ and predicted_ need SecondLevelModel(minimize_memory=False), "
+                             "as in nilearn.")
+        if getattr(self, "_last_run", None) is None:
+            raise InputError("the model has no results yet: call compute_contrast(...) first.")
+        return self._last_run
+
+
+def _stat_type(con_val, stat_type):
+    dim = con_val.shape[0] if con_val.ndim > 1 else 1
+    stat_type = stat_type or ("t" if dim == 1 else "F")
+    if stat_type not in ("t", "F"):
+        raise InputError(f"second_level_stat_type must be 't' or 'F'; received {stat_type!r}.")
+    if stat_type == "t" and dim > 1:
+        raise InputError(f"a t contrast is one row of weights; received {dim} rows. Use "
+                         "second_level_stat_type='F' for a matrix.")
+    return stat_type
+
+
+def _check_models(models, need_labels):
+    """nilearn's checks on first-level models: fitted, one grid, labels for confounds."""
+    from chunkglm.glm.first_level import FirstLevelModel
+
+    reference = None
+    for index, model in enumerate(models):
+        if not isinstance(model, FirstLevelModel) or not hasattr(model, "_runs"):
+            raise InputError(f"first-level model {index} ({getattr(model, 'subject_label', None)}) is not a "
+                             "fitted chunkglm FirstLevelModel: call fit(...) on it first.")
+        if need_labels and model.subject_label is None:
+            raise InputError(f"confounds were given, so each first-level model needs a subject_label to "
+                             f"match its row; model {index} has none (set model.subject_label = '01').")
+        mask = model.mask_img_
+        if reference is None:
+            reference = mask
+        elif mask.shape != reference.shape or not np.allclose(mask.affine, reference.affine, atol=1e-4):
+            raise InputError(f"first-level model {index} is on another grid (shape {mask.shape}) than model 0 "
+                             f"(shape {reference.shape}): all models must share one grid.")
+
+
+def _evaluate_fit(maps, design):
+    """Build the OLS graph over the maps' voxel blocks and persist the per-block fits."""
+    import dask
+
+    from chunkglm.graph import glm as graph
+
+    run = graph.fit_run(maps.data(), design, noise_model="ols", signal_scaling=False)
+    run.lazy_fits, run.fits = run.fits, list(dask.persist(*run.fits))
+    finite = dask.compute(*[dask.delayed(_any_finite)(fit) for fit in run.fits])
+    if not any(finite):
+        raise InputError(_nan_message(maps))
+    return run
+
+
+def _any_finite(fit) -> bool:
+    return bool(np.isfinite(fit.beta).all(axis=0).any())
+
+
+def _nan_message(maps) -> str:
+    """Which maps have no finite value (a second read, on this error path only)."""
+    import dask.array as da
+
+    finite = da.isfinite(maps.data()).any(axis=1).compute()
+    bad = np.flatnonzero(~finite).tolist()
+    which = (f"map(s) {bad[:10]} hold only NaN/inf in the mask" if bad
+             else "every voxel has a NaN/inf in some map")
+    return (f"no voxel can be modelled: {which}. Remove or fix those maps (or restrict mask_img to "
+            "voxels where every map is finite).")
+
+
+def _compute(run, con_val, stat_type):
+    import dask
+
+    from chunkglm.graph import glm as graph
+
+    effect, variance = dask.compute(*graph.contrast(run, con_val, stat_type))
+    return np.atleast_2d(effect), variance
+
+
+def _gather(array) -> np.ndarray:
+    """Compute a lazy (…, voxel) array block by block and join the blocks here."""
+    import dask
+
+    parts = dask.compute(*array.to_delayed().ravel().tolist())
+    return np.concatenate(parts, axis=-1)
