@@ -1,0 +1,459 @@
+"""Voxel-level thresholds (fpr, fdr, Bonferroni, fixed), map thresholding and
+All-Resolution Inference (``cluster_level_inference``).
+
+Global passes over one 3-D result map, in memory, with nilearn 0.14's
+semantics (``nilearn.glm.threshold_stats_img``): the same threshold for the
+same map and the same surviving voxels. The default mask (no ``mask_img``) is
+nilearn's own "background" mask, computed by nilearn, so that Bonferroni and
+FDR count the same voxels.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy.stats import norm
+
+from chunkglm.errors import InputError
+from chunkglm.inference.clusters import apply_cluster_extent, label_clusters
+
+HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", None)
+#: nilearn's threshold when ``height_control=None`` and none is given.
+DEFAULT_THRESHOLD = 3.0
+
+
+def fdr_threshold(z_vals, alpha):
+    """Benjamini-Hochberg FDR threshold of a set of z values.
+
+    Parameters
+    ----------
+    z_vals : array-like of shape (n_voxels,)
+        z-variates (one-sided: large values are significant).
+    alpha : float
+        FDR level, in [0, 1].
+
+    Returns
+    -------
+    float
+        The smallest z value whose p-value passes the BH step-up criterion,
+        minus 1e-12 (so that ``z >= threshold`` keeps it), or ``inf`` when
+        none passes. Identical to ``nilearn.glm.fdr_threshold``.
+    """
+    if not 0 <= alpha <= 1:
+        raise InputError(f"alpha must be between 0 and 1; got alpha={alpha!r}.")
+    z_sorted = -np.sort(-np.asarray(z_vals).ravel())
+    p_vals = norm.sf(z_sorted)
+    n_samples = len(p_vals)
+    passes = p_vals < alpha * np.linspace(1 / n_samples, 1, n_samples)
+    return z_sorted[passes][-1] - 1.0e-12 if passes.any() else np.inf
+
+
+def height_threshold(stats, alpha, height_control, two_sided, threshold=None):
+    """The voxel-level (height) threshold in z scale.
+
+    Parameters
+    ----------
+    stats : ndarray of shape (n_voxels,) or None
+        In-mask statistics; needed for 'fdr' and 'bonferroni' only.
+    alpha : float
+        p-value ('fpr', 'bonferroni') or q-value ('fdr'); halved when
+        ``two_sided``.
+    height_control : {'fpr', 'fdr', 'bonferroni', None}
+    two_sided : bool
+        Threshold ``|z|`` rather than ``z``.
+    threshold : float, optional
+        The threshold itself when ``height_control`` is None (default 3.0).
+
+    Returns
+    -------
+    float
+    """
+    alpha_ = alpha / 2 if two_sided else alpha
+    if height_control is None:
+        return DEFAULT_THRESHOLD if threshold is None else threshold
+    if height_control == "fpr":
+        return norm.isf(alpha_)
+    values = np.abs(stats) if two_sided else stats
+    if height_control == "fdr":
+        return fdr_threshold(values, alpha_)
+    return norm.isf(alpha_ / np.size(values))
+
+
+def apply_height_threshold(data, threshold, two_sided):
+    """Zero the voxels that do not pass a voxel-level threshold.
+
+    Parameters
+    ----------
+    data : ndarray
+        Statistic map (modified copy returned).
+    threshold : float
+        Two-sided: keep ``|z| >= threshold``. One-sided, threshold >= 0: keep
+        ``z >= threshold``; threshold < 0: keep ``z <= threshold`` (nilearn's
+        ``threshold_img``).
+    two_sided : bool
+
+    Returns
+    -------
+    ndarray
+    """
+    data = np.array(data, copy=True)
+    if two_sided:
+        drop = (-threshold < data) & (data < threshold)
+    elif threshold >= 0:
+        drop = data < threshold
+    else:
+        drop = data > threshold
+    data[drop] = 0
+    return data
+
+
+def threshold_stats_img(
+    stat_img=None,
+    mask_img=None,
+    alpha=0.001,
+    threshold=None,
+    height_control="fpr",
+    cluster_threshold=0,
+    two_sided=True,
+):
+    """Compute the voxel-level threshold and return the thresholded map.
+
+    Same semantics and numbers as ``nilearn.glm.threshold_stats_img``
+    (nilearn 0.14).
+
+    Parameters
+    ----------
+    stat_img : NIfTI image, path, xarray.DataArray or None
+        A 3-D statistic map (z scale). A DataArray holds the in-mask values
+        over the store's voxel axis, shape (voxel,), and needs ``mask_img``.
+        None is allowed for 'fpr' and None height control (threshold only).
+    mask_img : NIfTI image, path, grid or None
+        Voxels counted for 'fdr' and 'bonferroni' and kept in the output; on
+        the grid of ``stat_img``. None: nilearn's background mask of
+        ``stat_img`` (and no voxel is zeroed for being outside it). A grid is
+        a chunkglm ``Grid`` (``cohort.grid(id)``).
+    alpha : float, default=0.001
+        In (0, 1): p-value ('fpr', 'bonferroni') or q-value ('fdr').
+    threshold : float or None, default=None
+        z threshold, used only when ``height_control`` is None (then None
+        means 3.0).
+    height_control : {'fpr', 'fdr', 'bonferroni', None}, default='fpr'
+    cluster_threshold : float, default=0
+        Clusters (6-connected, each sign separately) smaller than this many
+        voxels are removed.
+    two_sided : bool, default=True
+        Keep both tails, ``alpha`` halved.
+
+    Returns
+    -------
+    thresholded_map : nibabel.Nifti1Image or None
+        None when ``stat_img`` is None.
+    threshold : float
+        The voxel-level threshold used.
+    """
+    _check_options(alpha, height_control, cluster_threshold, two_sided, threshold)
+    if height_control is not None and threshold is not None:
+        warnings.warn(
+            f"threshold={threshold!r} is not used with height_control={height_control!r}; "
+            "it is only used when height_control=None.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if stat_img is None:
+        if height_control in ("fdr", "bonferroni"):
+            raise InputError(
+                f"stat_img is None, but height_control={height_control!r} needs the "
+                "statistic map to count voxels; pass stat_img."
+            )
+        return None, height_threshold(None, alpha, height_control, two_sided, threshold)
+    img, mask = load_stat_map(stat_img, mask_img)
+    data = np.asanyarray(img.dataobj)
+    counted = _default_mask(img) if mask is None else mask
+    cutoff = height_threshold(data[counted], alpha, height_control, two_sided, threshold)
+    thresholded = threshold_map(data, cutoff, two_sided, cluster_threshold, mask)
+    return like_image(img, thresholded), cutoff
+
+
+def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05):
+    """Proportion of truly active voxels in each cluster (All-Resolution Inference).
+
+    Rosenblatt et al. (2018), as ``nilearn.glm.cluster_level_inference``
+    (nilearn 0.14): a Hommel value over all in-mask voxels, then for each
+    cluster (6-connected, ``z > threshold``) a lower bound on its proportion
+    of true discoveries; with several thresholds, clusters of the higher ones
+    overwrite those of the lower ones.
+
+    Parameters
+    ----------
+    stat_img : NIfTI image, path or xarray.DataArray
+        A 3-D z map. A DataArray of shape (voxel,) needs ``mask_img``.
+    mask_img : NIfTI image, path, grid or None
+        Voxels counted; on the grid of ``stat_img``. None: nilearn's
+        background mask of ``stat_img``.
+    threshold : float or list of float, default=3.0
+        Non-negative cluster-forming thresholds, z scale.
+    alpha : float, default=0.05
+        In (0, 1): level of the bound.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        The proportion of true discoveries of each voxel's cluster (0 outside
+        clusters and outside the mask), float.
+
+    Notes
+    -----
+    Kept for parity with nilearn 0.14: when every in-mask voxel has
+    ``p < alpha`` the Hommel value is 0 and the "proportion" is
+    (n + 1) / n, slightly above 1.
+    """
+    thresholds = threshold if isinstance(threshold, (list, tuple)) else [threshold]
+    if not thresholds or any(not isinstance(t, numbers.Real) or t < 0 for t in thresholds):
+        raise InputError(f"threshold must be a z value >= 0 or a list of them; got {threshold!r}.")
+    if not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
+        raise InputError(f"alpha must be a number in (0, 1); got alpha={alpha!r}.")
+    img, mask = load_stat_map(stat_img, mask_img)
+    mask = _default_mask(img) if mask is None else mask
+    stats = np.asanyarray(img.dataobj)[mask]
+    hommel = hommel_value(stats, alpha)
+    in_mask_map = np.zeros(mask.shape, dtype=stats.dtype)
+    in_mask_map[mask] = stats
+    proportion = np.zeros(stats.shape, dtype=stats.dtype)
+    for cut in sorted(thresholds):
+        labels, n_clusters = label_clusters(in_mask_map > cut)
+        labels = labels[mask]
+        members = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[members], np.arange(1, n_clusters + 2))
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            voxels = members[start:stop]
+            proportion[voxels] = true_positive_fraction(stats[voxels], hommel, alpha)
+    out = np.zeros(mask.shape, dtype=proportion.dtype)
+    out[mask] = proportion
+    return like_image(img, out, copy_header=False)
+
+
+def hommel_value(z_vals, alpha):
+    """The Hommel value of a set of z values (nilearn's ``_compute_hommel_value``).
+
+    Parameters
+    ----------
+    z_vals : ndarray of shape (n_voxels,)
+    alpha : float
+
+    Returns
+    -------
+    int
+        nilearn's quirk kept: with a single value, ``p > alpha`` as a bool.
+    """
+    p_vals = norm.sf(-np.sort(-z_vals))
+    n_samples = len(p_vals)
+    if n_samples == 1:
+        return p_vals[0] > alpha
+    if p_vals[0] > alpha:
+        return n_samples
+    if p_vals[-1] < alpha:
+        return 0
+    slope = np.max((alpha - p_vals[:-1]) / np.arange(n_samples - 1, 0, -1))
+    return int(np.minimum(np.trunc(alpha / slope), n_samples))
+
+
+def true_positive_fraction(z_vals, hommel, alpha):
+    """Lower bound on the proportion of true discoveries among ``z_vals``.
+
+    Parameters
+    ----------
+    z_vals : ndarray of shape (n_voxels,)
+        The z values of one cluster.
+    hommel : int
+        :func:`hommel_value` of the whole map.
+    alpha : float
+
+    Returns
+    -------
+    float
+    """
+    p_vals = norm.sf(-np.sort(-z_vals))
+    unique_c, counts = np.unique(np.ceil((hommel * p_vals) / alpha), return_counts=True)
+    criterion = 1 - unique_c + np.cumsum(counts)
+    return np.maximum(0, criterion.max() / len(p_vals))
+
+
+def threshold_map(data, threshold, two_sided, cluster_threshold=0, mask=None):
+    """Voxel- then cluster-level thresholding of an in-memory 3-D map.
+
+    Parameters
+    ----------
+    data : ndarray, shape (x, y, z)
+        Statistic map; NaN and inf count as 0 (as in nilearn).
+    threshold : float
+        Voxel-level threshold (see :func:`apply_height_threshold`).
+    two_sided : bool
+    cluster_threshold : float, default=0
+        Minimum cluster size in voxels.
+    mask : ndarray of bool, shape (x, y, z), optional
+        Voxels outside are set to 0.
+
+    Returns
+    -------
+    ndarray, shape (x, y, z)
+    """
+    if two_sided and threshold < 0:
+        raise InputError(
+            f"A two-sided threshold must be >= 0; got threshold={threshold!r}. "
+            "Pass its absolute value, or two_sided=False to keep values below it."
+        )
+    data = np.array(data, copy=True)
+    data[~np.isfinite(data)] = 0
+    if mask is not None:
+        data[~mask] = 0
+    data = apply_height_threshold(data, threshold, two_sided)
+    return apply_cluster_extent(data, cluster_threshold)
+
+
+def load_stat_map(stat_img, mask_img=None):
+    """A 3-D statistic image and, when given, its boolean mask on the same grid.
+
+    Parameters
+    ----------
+    stat_img : NIfTI image, path or xarray.DataArray
+        A DataArray of shape (voxel,) needs ``mask_img``: its voxel axis is the
+        in-mask voxels of that mask in C order (the cohort store's layout).
+    mask_img : NIfTI image, path, grid or None
+
+    Returns
+    -------
+    img : nibabel.Nifti1Image
+        3-D.
+    mask : ndarray of bool, shape (x, y, z), or None
+    """
+    if _is_data_array(stat_img):
+        if mask_img is None:
+            raise InputError(
+                "stat_img is an xarray.DataArray over the voxel axis, which has no grid; "
+                "pass mask_img (the mask image, or the store's grid: cohort.grid(id))."
+            )
+        mask, affine = _load_mask(mask_img, None)
+        return _image_from_data_array(stat_img, mask, affine), mask
+    img = _load_3d(stat_img)
+    if mask_img is None:
+        return img, None
+    mask, _ = _load_mask(mask_img, img)
+    return img, mask
+
+
+def _check_options(alpha, height_control, cluster_threshold, two_sided, threshold):
+    if height_control not in HEIGHT_CONTROLS:
+        raise InputError(
+            f"height_control={height_control!r} is not known; use one of "
+            "'fpr', 'fdr', 'bonferroni' or None."
+        )
+    if not isinstance(alpha, (int, float, np.number)) or not 0 < alpha < 1:
+        raise InputError(f"alpha must be a number in (0, 1); got alpha={alpha!r}.")
+    if not isinstance(cluster_threshold, (int, float, np.number)) or cluster_threshold < 0:
+        raise InputError(
+            f"cluster_threshold must be a number of voxels >= 0; got {cluster_threshold!r}."
+        )
+    if not isinstance(two_sided, (bool, np.bool_)):
+        raise InputError(f"two_sided must be True or False; got {two_sided!r}.")
+    if threshold is not None and not isinstance(threshold, (int, float, np.number)):
+        raise InputError(f"threshold must be a number or None; got {threshold!r}.")
+
+
+def _default_mask(img):
+    """nilearn's mask for ``mask_img=None``: the background mask of the map."""
+    from nilearn.maskers import NiftiMasker
+
+    masker = NiftiMasker(mask_strategy="background", standardize=None).fit(img)
+    return np.asanyarray(masker.mask_img_.dataobj).astype(bool)
+
+
+def _load_3d(stat_img):
+    if isinstance(stat_img, (str, Path)):
+        if not Path(stat_img).exists():
+            raise InputError(f"stat_img {str(stat_img)!r} does not exist; pass a NIfTI file.")
+        stat_img = nib.load(stat_img)
+    if not isinstance(stat_img, nib.spatialimages.SpatialImage):
+        raise InputError(
+            f"stat_img must be a NIfTI image, a path or an xarray.DataArray; got "
+            f"{type(stat_img).__name__}."
+        )
+    shape = stat_img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        stat_img = stat_img.slicer[..., 0]
+    elif len(shape) != 3:
+        raise InputError(
+            f"stat_img must be one 3-D map; got an image of shape {shape}. "
+            "Threshold each volume separately (nilearn.image.index_img)."
+        )
+    return stat_img
+
+
+def _load_mask(mask_img, img):
+    """Boolean mask and affine; checked against ``img``'s grid when given."""
+    from nilearn.masking import load_mask_img
+
+    if hasattr(mask_img, "mask") and hasattr(mask_img, "affine"):  # a chunkglm Grid
+        mask_img = nib.Nifti1Image(np.asarray(mask_img.mask, dtype=np.uint8), mask_img.affine)
+    mask_img = _load_3d(mask_img)
+    if img is not None and not _same_grid(mask_img, img):
+        raise InputError(
+            f"mask_img is on another grid (shape {mask_img.shape[:3]}, affine "
+            f"{np.round(mask_img.affine, 3).tolist()}) than stat_img (shape {img.shape[:3]}, "
+            f"affine {np.round(img.affine, 3).tolist()}). Resample the mask first: "
+            "nilearn.image.resample_to_img(mask_img, stat_img, interpolation='nearest')."
+        )
+    try:
+        mask, affine = load_mask_img(mask_img)
+    except ValueError as error:
+        raise InputError(f"mask_img cannot be used as a mask: {error}") from error
+    return mask, affine
+
+
+def _same_grid(a, b):
+    return a.shape[:3] == b.shape[:3] and np.allclose(a.affine, b.affine)
+
+
+def _is_data_array(value):
+    try:
+        import xarray as xr
+    except ImportError:  # pragma: no cover - xarray is a dependency
+        return False
+    return isinstance(value, xr.DataArray)
+
+
+def _image_from_data_array(values, mask, affine):
+    from chunkglm.io.nifti import image_from_voxels
+
+    values = values.squeeze(drop=True)
+    n_voxels = int(mask.sum())
+    if values.ndim != 1 or values.size != n_voxels:
+        raise InputError(
+            f"stat_img is a DataArray of shape {dict(values.sizes)}; expected one map over "
+            f"the {n_voxels} in-mask voxels of mask_img. Select one image first "
+            "(e.g. data.isel(image=0))."
+        )
+    return image_from_voxels(np.asarray(values.values), np.argwhere(mask), mask.shape,
+                             affine=affine)
+
+
+def like_image(img, data, copy_header=True):
+    """A NIfTI image with ``img``'s affine (and header) and new data.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+    data : ndarray, shape (x, y, z)
+    copy_header : bool, default=True
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        As ``nilearn.image.new_img_like`` builds it.
+    """
+    from nilearn.image import new_img_like
+
+    return new_img_like(img, data, img.affine, copy_header=copy_header)

@@ -1,0 +1,117 @@
+"""Cluster tables of statistic maps, with nilearn's names (``nilearn.reporting``).
+
+The same table as nilearn 0.14's ``get_clusters_table`` (peaks, up to three
+subpeaks per cluster at least ``min_distance`` mm apart, sizes in mm³,
+clusters sorted by peak), computed cluster by cluster on each cluster's
+bounding box instead of on the whole volume (see
+:mod:`chunkglm.inference.clusters`). Bad inputs raise
+:class:`~chunkglm.errors.InputError`; a map held as an ``xarray.DataArray``
+over the cohort store's voxel axis is accepted too.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from chunkglm.errors import InputError
+from chunkglm.inference.clusters import TABLE_COLUMNS, cluster_table_rows
+from chunkglm.inference.thresholding import like_image, load_stat_map, threshold_map
+
+__all__ = ["get_clusters_table"]
+
+
+def get_clusters_table(
+    stat_img,
+    stat_threshold,
+    cluster_threshold=None,
+    two_sided=False,
+    min_distance=8.0,
+    return_label_maps=False,
+    *,
+    mask_img=None,
+):
+    """Table of the clusters of a thresholded statistic map, with peaks and subpeaks.
+
+    Parameters
+    ----------
+    stat_img : NIfTI image, path or xarray.DataArray
+        One 3-D statistic map where larger values are more significant (z,
+        t, -log10 p). A DataArray of shape (voxel,) needs ``mask_img``.
+    stat_threshold : float
+        Cluster-forming threshold, in the scale of ``stat_img``. With
+        ``two_sided=False`` a negative threshold reports the clusters below it.
+    cluster_threshold : int or None, default=None
+        Clusters smaller than this many voxels are left out (None or 0: none).
+    two_sided : bool, default=False
+        Report positive clusters, then negative ones (``|stat| >
+        stat_threshold``).
+    min_distance : float, default=8.0
+        Minimum distance between subpeaks, in mm.
+    return_label_maps : bool, default=False
+        Also return the cluster label maps (one per tail), labels numbered
+        as the table's clusters.
+    mask_img : NIfTI image, path, grid or None, keyword-only
+        Only for a DataArray ``stat_img``: the mask whose in-mask voxels (C
+        order) form its voxel axis.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Columns "Cluster ID", "X", "Y", "Z" (mm), "Peak Stat",
+        "Cluster Size (mm3)"; subpeak rows have ids such as "1a" and an empty
+        size.
+    label_maps : list of nibabel.Nifti1Image
+        Only when ``return_label_maps`` is True.
+    """
+    _check_table_options(stat_threshold, cluster_threshold, two_sided, min_distance)
+    if mask_img is not None and not _is_data_array(stat_img):
+        raise InputError(
+            "mask_img is only used with a DataArray stat_img (to place its voxels); "
+            f"got a {type(stat_img).__name__}. Mask the image itself instead."
+        )
+    img, _ = load_stat_map(stat_img, mask_img)
+    data = threshold_map(np.asanyarray(img.dataobj), stat_threshold, two_sided,
+                         cluster_threshold or 0)
+    thresholded = like_image(img, data)
+    rows, label_maps, tails = cluster_table_rows(
+        data, thresholded.affine, np.prod(thresholded.header.get_zooms()), stat_threshold,
+        two_sided, min_distance,
+    )
+    for sign in (1, -1) if two_sided else (1,):
+        if sign not in tails:
+            side = "higher" if sign == 1 else "lower"
+            warnings.warn(f"No clusters found with stat {side} than {stat_threshold * sign}",
+                          UserWarning, stacklevel=2)
+    table = pd.DataFrame(columns=TABLE_COLUMNS, data=rows or None)
+    if not return_label_maps:
+        return table
+    return table, [like_image(thresholded, labels, copy_header=False) for labels in label_maps]
+
+
+def _check_table_options(stat_threshold, cluster_threshold, two_sided, min_distance):
+    if not isinstance(stat_threshold, numbers.Real):
+        raise InputError(f"stat_threshold must be a number; got {stat_threshold!r}.")
+    if two_sided and stat_threshold < 0:
+        raise InputError(
+            f"With two_sided=True stat_threshold must be >= 0; got {stat_threshold!r}. "
+            "Pass its absolute value, or two_sided=False for clusters below it."
+        )
+    if cluster_threshold is not None and (
+        not isinstance(cluster_threshold, numbers.Real) or cluster_threshold < 0
+    ):
+        raise InputError(
+            f"cluster_threshold must be a number of voxels >= 0 or None; got "
+            f"{cluster_threshold!r}."
+        )
+    if not isinstance(min_distance, numbers.Real) or min_distance <= 0:
+        raise InputError(f"min_distance must be a positive distance in mm; got {min_distance!r}.")
+
+
+def _is_data_array(value):
+    import xarray as xr
+
+    return isinstance(value, xr.DataArray)
