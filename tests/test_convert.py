@@ -164,6 +164,12 @@ def test_explicit_3d_images_become_a_maps_collection(tiny_bids, tmp_path):
         np.testing.assert_array_equal(ds["effect"].values[row], _scaled(path)[mask])
     img = node.to_nifti(tmp_path / "stack.nii.gz")
     assert img.shape == (*tiny_bids.shape, len(vols))
+    # the mask as an image in memory stores the same voxels
+    in_memory = tmp_path / "maps-mask-image.zarr"
+    chunkglm.convert(vols, in_memory, collection="effects", map_type="effect",
+                     mask_img=nib.load(tiny_bids.runs[0].mask_path))
+    np.testing.assert_array_equal(
+        chunkglm.open_cohort(in_memory).maps["effects"].to_dataset()["effect"].values, ds["effect"].values)
 
 
 def test_conversion_on_a_real_local_cluster_equals_in_process(tiny_bids, tiny_store, tmp_path):

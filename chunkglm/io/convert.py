@@ -9,6 +9,7 @@ that are complete and whose source file is unchanged, and redoes the others.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -74,7 +75,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
         Local path or fsspec URL (``s3://bucket/cohort.zarr``).
     task, space, subjects, sessions : str or list, optional
         BIDS filters (labels with or without their ``task-`` etc. prefix).
-    mask_img : str, optional
+    mask_img : str, path, URL or nibabel image, optional
         A 3-D mask defining the voxel axis. By default the union of the runs'
         ``desc-brain_mask`` images (BIDS), else every voxel of the grid.
     collection, map_type : str
@@ -151,7 +152,8 @@ def plan_conversion(inputs, *, task=None, space=None, subjects=None, sessions=No
     """Read headers and masks, validate, and decide every node to write."""
     prep = preprocessing or SpatialPreprocessing()
     options = {"task": task, "space": space, "subjects": subjects, "sessions": sessions,
-               "mask_img": None if mask_img is None else st.redact_url(str(mask_img)),
+               "mask_img": None if mask_img is None else (
+                   "<image in memory>" if hasattr(mask_img, "get_fdata") else st.redact_url(str(mask_img))),
                "chunk_bytes": chunk_bytes, "task_memory": task_memory, **prep.to_attrs()}
     sizes = {"chunk_bytes": chunk_bytes, "task_memory": task_memory, "preprocessing": prep}
     user_mask = _read_mask(mask_img, input_storage_options) if mask_img is not None else None
@@ -220,7 +222,15 @@ def _node_name(entities: dict) -> str:
 
 
 def _read_mask(path, storage_options):
-    """A 3-D mask image -> (affine, bool array); non-zero voxels are in."""
+    """A 3-D mask image (path, URL or nibabel image) -> (affine, bool array); non-zero voxels are in."""
+    if hasattr(path, "get_fdata") and hasattr(path, "affine"):  # an image in memory
+        shape = path.shape
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
+            raise InputError(f"the mask image has shape {shape}; a mask is a 3-D image.")
+        data = np.asanyarray(path.dataobj).reshape(shape[:3])
+        return np.asarray(path.affine, dtype=float), (data != 0).copy()
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"mask_img must be a path, a URL or a nibabel image; received {type(path).__name__}.")
     with NiftiReader(path, storage_options) as reader:
         info = reader.info
         if len(info.shape) not in (3, 4) or (len(info.shape) == 4 and info.shape[3] != 1):
