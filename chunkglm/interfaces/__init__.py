@@ -1,11 +1,12 @@
 """Interfaces to other formats: BIDS-like GLM derivatives.
 
-``save_glm_to_bids`` (nilearn's file set) and ``save_glm_derivatives``
-(the ``derivatives/glm`` layout) are imported on first use, so that
+``save_glm_to_bids`` (nilearn's file set, first and second level),
+``save_glm_derivatives`` (the ``derivatives/glm/first_level`` layout) and
+``save_group_derivatives`` (``derivatives/glm/group_level``) are imported on first use, so that
 ``import chunkglm.interfaces`` stays cheap.
 """
 
-__all__ = ["save_glm_derivatives", "save_glm_to_bids"]
+__all__ = ["save_glm_derivatives", "save_glm_to_bids", "save_group_derivatives"]
 
 
 def __getattr__(name):

@@ -262,6 +262,52 @@ def model_parameters(model, t_r: float) -> dict:
             for k, v in values.items() if v is not None}
 
 
+def group_model_parameters(model) -> dict:
+    """nilearn's ``_attributes_to_dict`` for a second-level model (statmap.json).
+
+    Of nilearn's selected attributes a SecondLevelModel has only these
+    three; None values are left out, arrays and tuples become lists.
+    """
+    values = {key: getattr(model, key, None)
+              for key in ("smoothing_fwhm", "target_affine", "target_shape")}
+    return {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray | tuple) else v)
+            for k, v in values.items() if v is not None}
+
+
+def group_metadata(model, specs, corrections: dict, descriptions=None) -> dict:
+    """The derivatives/glm group sidecar.
+
+    Parameters
+    ----------
+    model : chunkglm.glm.second_level.SecondLevelModel
+        Fitted.
+    specs : list of ContrastSpec
+    corrections : dict
+        ``{"TwoSided", "ClusterThreshold", "FDR": {...}, "FWE": {...}}``
+        with, in FDR/FWE, ``Method``, ``Alpha`` and ``Thresholds``
+        (``{label: z threshold}``; None where no voxel can pass).
+    descriptions : dict, optional
+        ``{contrast name: text}``; default the formula (or the name).
+    """
+    descriptions = descriptions or {}
+    contrasts = {}
+    for spec in specs:
+        default = spec.definition if isinstance(spec.definition, str) else spec.name
+        contrasts[spec.label] = {"Name": spec.name,
+                                 "Description": descriptions.get(spec.name, default),
+                                 "Weights": weights_json(spec.weights[0]), "Type": spec.stat_type}
+    design = model.design_matrix_
+    return {
+        "AnalysisLevel": "group_level",
+        "Model": {"Type": "GLM", "Estimator": "OLS", "Regressors": [str(c) for c in design.columns],
+                  "NumberOfMaps": int(len(design)),
+                  "SmoothingFWHM": getattr(model, "smoothing_fwhm", None)},
+        "Contrasts": contrasts,
+        "Corrections": corrections,
+        "Software": dict(SOFTWARE),
+    }
+
+
 def derivatives_metadata(model, specs, confounds, descriptions=None) -> dict:
     """The derivatives/glm sidecar: AnalysisLevel, Model, Contrasts, Software, Confounds."""
     descriptions = descriptions or {}

@@ -133,7 +133,7 @@ def _common_entities(run_entities: list[dict]) -> dict:
     return common
 
 
-def plan_bids_names(contrasts, run_entities, n_runs: int, prefix) -> BidsNames:
+def plan_bids_names(contrasts, run_entities, n_runs: int, prefix, group: bool = False) -> BidsNames:
     """All output names, as nilearn's ``_generate_filenames_output``.
 
     Parameters
@@ -147,12 +147,20 @@ def plan_bids_names(contrasts, run_entities, n_runs: int, prefix) -> BidsNames:
     n_runs : int
     prefix : str or None
         nilearn's ``prefix``; when given, input names are not used.
+    group : bool, default=False
+        A second-level model: as nilearn, everything goes to a ``group``
+        folder, names never come from the inputs, and there is no
+        ``design.json`` (no repetition time).
     """
+    if group:
+        run_entities, n_runs = None, 1
     bids = prefix is None and run_entities is not None and all(run_entities)
     prefix = "" if bids or prefix is None else prefix
     common = _common_entities(run_entities) if bids else {}
     order = ENTITY_ORDER if bids else ("run", "contrast", "stat")
-    if "sub" in common:
+    if group:
+        folder = "group"
+    elif "sub" in common:
         folder = f"sub-{common['sub']}"
     else:
         folder = prefix.split("_")[0] if prefix.startswith("sub-") else ""
@@ -163,6 +171,8 @@ def plan_bids_names(contrasts, run_entities, n_runs: int, prefix) -> BidsNames:
                       mask=bids_filename(mask_entities, "mask", "nii.gz", prefix, order),
                       statmap_json=_with_prefix(prefix, "statmap.json"))
     names.runs = [_run_names(entities, prefix, order) for entities in per_run]
+    if group:
+        del names.runs[0]["design_json"]
     for spec in contrasts:
         names.contrasts[spec.label] = _contrast_names(spec, common, per_run, prefix, order)
     check_paths(names.all_paths())
@@ -189,6 +199,28 @@ def _contrast_names(spec, common: dict, per_run: list, prefix: str, order) -> di
     out["design"] = [bids_filename({**run, "contrast": spec.label}, "design", None, prefix, order)
                      for run in per_run]
     return out
+
+
+def group_derivative_names(contrasts) -> dict:
+    """Names of the derivatives/glm group layout, per contrast label, and the sidecar.
+
+    ``group_level/group_contrast-<label>_stat-{t|F,z}.nii.gz`` and
+    ``group_level/group_contrast-<label>_{fdr,fwe}-corrected.nii.gz``;
+    the sidecar is ``group_level/group_glm.json``.
+    """
+    maps = {}
+    for spec in contrasts:
+        entities = {"contrast": spec.label}
+        maps[spec.label] = {
+            "stat": bids_filename({**entities, "stat": spec.stat_type}, None, "nii.gz", "group"),
+            "z_score": bids_filename({**entities, "stat": "z"}, None, "nii.gz", "group"),
+            "fdr": bids_filename(entities, "fdr-corrected", "nii.gz", "group"),
+            "fwe": bids_filename(entities, "fwe-corrected", "nii.gz", "group"),
+        }
+        maps[spec.label] = {k: f"group_level/{v}" for k, v in maps[spec.label].items()}
+    names = {"maps": maps, "sidecar": "group_level/group_glm.json"}
+    check_paths([p for m in maps.values() for p in m.values()] + [names["sidecar"]])
+    return names
 
 
 def check_paths(paths) -> None:

@@ -1,22 +1,27 @@
-"""Save a fitted first-level GLM as BIDS-like derivatives.
+"""Save a fitted GLM (first or second level) as BIDS-like derivatives.
 
-Two layouts:
+Three layouts:
 
 - :func:`save_glm_to_bids`: nilearn's ``save_glm_to_bids`` file set and
   file names (``sub-XX/...contrast-<label>_stat-<t|F|z|p|effect|variance>
   _statmap.nii.gz``, design matrices, figures, cluster tables, ...);
 - :func:`save_glm_derivatives`: the ``derivatives/glm`` layout
   (``first_level/sub-XX/sub-XX_task-T_contrast-C_stat-{t,z,effect}.nii.gz``
-  with one JSON sidecar per model).
+  with one JSON sidecar per model);
+- :func:`save_group_derivatives`: the ``derivatives/glm/group_level``
+  layout of a second-level model (``group_contrast-C_stat-{t,z}.nii.gz``,
+  ``group_contrast-C_{fdr,fwe}-corrected.nii.gz``, ``group_glm.json``).
 
-Both write all files into a temporary folder beside ``out_dir`` and move
+All write all files into a temporary folder beside ``out_dir`` and move
 them into ``out_dir`` only once every file is written: after an error,
 ``out_dir`` is exactly as before.
 """
 
 from __future__ import annotations
 
+import math
 import string
+import warnings
 
 from chunkglm.errors import InputError
 from chunkglm.interfaces._bids_files import (
@@ -26,6 +31,8 @@ from chunkglm.interfaces._bids_files import (
     contrast_specs,
     dataset_description,
     derivatives_metadata,
+    group_metadata,
+    group_model_parameters,
     mask_image,
     model_parameters,
     repetition_times,
@@ -37,6 +44,7 @@ from chunkglm.interfaces._bids_names import (
     bids_filename,
     check_paths,
     check_prefix,
+    group_derivative_names,
     plan_bids_names,
 )
 from chunkglm.interfaces._staging import StagedOutput
@@ -49,7 +57,7 @@ from chunkglm.report.figures import (
     save_figure,
 )
 
-__all__ = ["save_glm_to_bids", "save_glm_derivatives"]
+__all__ = ["save_glm_to_bids", "save_glm_derivatives", "save_group_derivatives"]
 
 #: Maps of the derivatives/glm layout: output key -> stat label (None: t or F).
 DERIVATIVE_STATS = {"stat": None, "z_score": "z", "effect_size": "effect"}
@@ -60,8 +68,9 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
 
     Parameters
     ----------
-    model : chunkglm.glm.first_level.FirstLevelModel
-        A fitted first-level model.
+    model : chunkglm.glm.first_level.FirstLevelModel or chunkglm.glm.second_level.SecondLevelModel
+        A fitted model. For a second-level model, see the "Second level"
+        notes below.
     contrasts : str, array-like, list of them, or dict
         A formula (``"a - b"``), weights (1-D: t, 2-D: F), a list of these,
         or a dict ``{name: formula or weights}``. Without a dict, each
@@ -96,9 +105,12 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
         ``two_sided`` (nilearn's ``save_glm_to_bids`` always thresholds
         two-sided: pass ``two_sided=True`` for its 3.29 default
         threshold). ``title``, ``bg_img``, ``plot_type``, ``cut_coords``,
-        ``display_mode``, ``report_dims``, ``first_level_contrast`` are
-        accepted for compatibility and ignored with a warning (no HTML
-        report is written).
+        ``display_mode``, ``report_dims`` are accepted for compatibility
+        and ignored with a warning (no HTML report is written).
+        ``first_level_contrast`` is passed to a second-level model's
+        ``compute_contrast`` (required when it was fitted on first-level
+        models; the ``map_name`` for a DataFrame input); ignored with a
+        warning for a first-level model.
 
     Returns
     -------
@@ -113,8 +125,8 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
         two names with one label), unsafe prefix, invalid option, or an
         output path that is a folder. Found before anything is written.
     TypeError
-        A model that is not a first-level model, a contrast name that is
-        not a string.
+        A model that is not a first- or second-level model, a contrast name
+        that is not a string.
 
     Notes
     -----
@@ -144,6 +156,25 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
     path separators or no letter or digit; the written paths are returned
     (nilearn returns the model).
 
+    Second level: as nilearn, every file goes to ``out_dir/group/`` and
+    names never come from the inputs (``prefix`` only)::
+
+        dataset_description.json
+        group/[<prefix>_]statmap.json         ModelParameters: smoothing_fwhm,
+                                              target_affine, target_shape
+        group/[<prefix>_]mask.nii.gz
+        group/[<prefix>_]design.tsv, design.{png,svg}, corrdesign.{png,svg}
+        group/[<prefix>_]contrast-<label>_stat-{effect,variance,t|F,p,z}_statmap.nii.gz
+        group/[<prefix>_]contrast-<label>_clusters.{tsv,json}
+        group/[<prefix>_]contrast-<label>_design.{png,svg}
+        group/[<prefix>_]stat-{errorts,rsquared}_statmap.nii.gz
+
+    No ``design.json`` (nilearn writes it for first-level models only).
+    ``stat-errorts`` (one volume per map) and ``stat-rsquared`` are those
+    of the last contrast's fit and need ``minimize_memory=False``: with
+    ``minimize_memory=True`` they are left out with a warning (nilearn
+    raises after writing the other files).
+
     Examples
     --------
     >>> run = chunkglm.open_cohort("cohort.zarr").runs["sub-01_task-main_run-1"]  # doctest: +SKIP
@@ -153,6 +184,8 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
     >>> [str(p.relative_to("results")) for p in paths if "stat-z" in p.name]  # doctest: +SKIP
     ['sub-01/sub-01_task-main_contrast-aMinusB_stat-z_statmap.nii.gz']
     """
+    if _is_second_level(model):
+        return _save_group_bids(model, contrasts, contrast_types, out_dir, prefix, kwargs)
     _check_model(model)
     options = cluster_options(kwargs)
     prefix = check_prefix(prefix)
@@ -163,7 +196,22 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
     return out.written
 
 
+def _is_second_level(model) -> bool:
+    from chunkglm.glm.second_level import SecondLevelModel
+
+    return isinstance(model, SecondLevelModel)
+
+
+def _check_second_level(model) -> None:
+    if getattr(model, "design_matrix_", None) is None:
+        raise InputError("the SecondLevelModel is not fitted yet: call model.fit(...) first; nothing "
+                         "was written.")
+
+
 def _check_model(model) -> None:
+    if _is_second_level(model):
+        raise TypeError("save_glm_derivatives writes the first_level layout; for a SecondLevelModel "
+                        "use save_group_derivatives (group_level layout).")
     if not hasattr(model, "compute_contrast"):
         raise TypeError(f"expected a fitted FirstLevelModel; received {type(model).__name__}.")
     if getattr(model, "design_matrices_", None) is None:
@@ -191,7 +239,8 @@ def _write_bids(model, specs, names, options, out) -> None:
 
 def _write_design(design, run_names, t_r, out, rel) -> None:
     design.to_csv(out.path(rel(run_names["design_tsv"])), sep="\t", index=False)
-    write_json(out.path(rel(run_names["design_json"])), {"RepetitionTime": t_r})
+    if t_r is not None:  # second level: no design.json (nilearn)
+        write_json(out.path(rel(run_names["design_json"])), {"RepetitionTime": t_r})
     _save_figure(design_matrix_figure(design), out, rel(run_names["design_base"]))
     correlation = design_matrix_correlation_figure(design)
     if correlation is not None:
@@ -219,6 +268,54 @@ def _write_model_maps(model, runs, out, rel) -> None:
 
 def _save_figure(figure, out, base: str) -> None:
     save_figure(figure, [out.path(f"{base}.{fmt}") for fmt in FIGURE_FORMATS])
+
+
+# -- second level, nilearn's file set ----------------------------------------------
+
+
+def _save_group_bids(model, contrasts, contrast_types, out_dir, prefix, kwargs):
+    _check_second_level(model)
+    kwargs = dict(kwargs)
+    first_level_contrast = kwargs.pop("first_level_contrast", None)
+    options = cluster_options(kwargs)
+    prefix = check_prefix(prefix)
+    specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
+    names = plan_bids_names(specs, None, 1, prefix, group=True)
+    if model.minimize_memory:
+        warnings.warn("the SecondLevelModel has minimize_memory=True: stat-errorts and stat-rsquared "
+                      "are not written (fit with minimize_memory=False to get them).",
+                      UserWarning, stacklevel=3)
+    with StagedOutput(out_dir) as out:
+        _write_group_bids(model, specs, names, options, first_level_contrast, out)
+    return out.written
+
+
+def _write_group_bids(model, specs, names, options, first_level_contrast, out) -> None:
+    def rel(name):
+        return f"{names.folder}/{name}"
+
+    write_json(out.path("dataset_description.json"),
+               dataset_description(out.existing("dataset_description.json"), level="second"))
+    write_json(out.path(rel(names.statmap_json)),
+               {"Description": "A statistical map generated by chunkglm.",
+                "ModelParameters": group_model_parameters(model)})
+    mask = mask_image(model)
+    save_image(mask, out.path(rel(names.mask)))
+    _write_design(model.design_matrix_, names.runs[0], None, out, rel)
+    for spec in specs:
+        maps = model.compute_contrast(spec.definition, first_level_contrast=first_level_contrast,
+                                      second_level_stat_type=spec.stat_type, output_type="all")
+        outputs = names.contrasts[spec.label]
+        for key in MAP_STATS:
+            save_image(maps[key], out.path(rel(outputs[key])))
+        table, details = clusters(maps["z_score"], mask, options)
+        table.to_csv(out.path(rel(outputs["clusters_tsv"])), sep="\t", index=False)
+        write_json(out.path(rel(outputs["clusters_json"])), details, indent=None)
+        figure = contrast_matrix_figure(spec.definition, model.design_matrix_, spec.name)
+        _save_figure(figure, out, rel(outputs["design"][0]))
+    if not model.minimize_memory:  # of the last contrast's fit, as nilearn
+        save_image(model.r_square_, out.path(rel(names.runs[0]["rsquared"])))
+        save_image(model.residuals_, out.path(rel(names.runs[0]["errorts"])))
 
 
 # -- derivatives/glm layout -------------------------------------------------------
@@ -339,3 +436,132 @@ def _derivative_names(specs, entities, runs, n_runs) -> dict:
     check_paths([p for m in maps.values() for p in m.values()] + designs + [sidecar])
     return names
 
+
+
+# -- derivatives/glm group_level layout ------------------------------------------------
+
+
+def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
+                           first_level_contrast=None, alpha=0.05, two_sided=True,
+                           cluster_threshold=0, descriptions=None):
+    """Save a second-level GLM in the ``derivatives/glm/group_level`` layout.
+
+    Parameters
+    ----------
+    model : chunkglm.glm.second_level.SecondLevelModel
+        A fitted second-level model.
+    contrasts : str, array-like, list of them, or dict
+        Over the design's columns, as in :func:`save_glm_to_bids` (same
+        names and labels).
+    out_dir : str or Path
+        The ``derivatives/glm`` folder; files go to ``out_dir/group_level/``.
+    contrast_types : dict, optional
+        ``{name: "t" or "F"}``, as in :func:`save_glm_to_bids`.
+    first_level_contrast : str or array-like, optional
+        Passed to ``model.compute_contrast`` (required for a model fitted on
+        first-level models).
+    alpha : float, default=0.05
+        The FDR q-value and the family-wise (Bonferroni) p-value.
+    two_sided : bool, default=True
+        Both tails kept, ``alpha`` split between them (nilearn's
+        ``threshold_stats_img`` default).
+    cluster_threshold : int, default=0
+        Clusters smaller than this many voxels are removed from the
+        corrected maps.
+    descriptions : dict, optional
+        ``{contrast name: text}`` for the sidecar; default the formula (or
+        the name, for weights).
+
+    Returns
+    -------
+    list of pathlib.Path
+        Every file written, in writing order.
+
+    Raises
+    ------
+    InputError
+        Unfitted model, invalid contrast (unknown column, wrong number of
+        weights, null), unsafe or colliding contrast name, or an invalid
+        ``alpha`` / ``cluster_threshold``. Found before anything is written.
+
+    Notes
+    -----
+    Files, with ``<C>`` the contrast label::
+
+        dataset_description.json                        (extended if it exists)
+        group_level/group_contrast-<C>_stat-{t|F,z}.nii.gz
+        group_level/group_contrast-<C>_fdr-corrected.nii.gz
+        group_level/group_contrast-<C>_fwe-corrected.nii.gz
+        group_level/group_glm.json
+
+    The corrected maps are the z map thresholded, within the model's mask,
+    by :func:`chunkglm.glm.thresholding.threshold_stats_img` (nilearn's
+    semantics) with ``height_control="fdr"`` and ``"bonferroni"``: voxels
+    below the threshold are 0. The FWE map is the parametric (Bonferroni)
+    one; a permutation max-T FWE map (from ``non_parametric_inference``)
+    is not written by this function.
+
+    The sidecar holds ``AnalysisLevel`` ("group_level"), ``Model`` (Type,
+    Estimator, Regressors, NumberOfMaps, SmoothingFWHM), ``Contrasts``
+    (label -> Name, Description, Weights, Type), ``Corrections``
+    (TwoSided, ClusterThreshold, and for FDR and FWE: Method, Alpha and
+    the z Thresholds per label, null where no voxel can pass) and
+    ``Software`` (Name, Version). Nothing is left in ``out_dir`` after an
+    error.
+    """
+    if not _is_second_level(model):
+        raise TypeError(f"expected a SecondLevelModel; received {type(model).__name__} (for a "
+                        "first-level model use save_glm_derivatives).")
+    _check_second_level(model)
+    _check_correction_options(alpha, two_sided, cluster_threshold)
+    specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
+    names = group_derivative_names(specs)
+    with StagedOutput(out_dir) as out:
+        write_json(out.path("dataset_description.json"),
+                   dataset_description(out.existing("dataset_description.json"), level="second"))
+        thresholds = {"fdr": {}, "fwe": {}}
+        for spec in specs:
+            maps = model.compute_contrast(spec.definition, first_level_contrast=first_level_contrast,
+                                          second_level_stat_type=spec.stat_type, output_type="all")
+            found = _write_group_maps(model, maps, names["maps"][spec.label],
+                                      (alpha, two_sided, cluster_threshold), out)
+            for key, value in found.items():
+                thresholds[key][spec.label] = value
+        corrections = {"TwoSided": bool(two_sided), "ClusterThreshold": cluster_threshold,
+                       "FDR": {"Method": "fdr", "Alpha": alpha, "Thresholds": thresholds["fdr"]},
+                       "FWE": {"Method": "bonferroni", "Alpha": alpha, "Thresholds": thresholds["fwe"]}}
+        write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
+    return out.written
+
+
+#: Corrected maps of the group layout: name key -> threshold_stats_img height_control.
+CORRECTIONS = {"fdr": "fdr", "fwe": "bonferroni"}
+
+
+def _write_group_maps(model, maps, outputs, settings, out) -> dict:
+    """stat and z maps, then the corrected z maps; returns the z thresholds (None if infinite)."""
+    from chunkglm.glm.thresholding import threshold_stats_img
+
+    alpha, two_sided, cluster_threshold = settings
+    save_image(maps["stat"], out.path(outputs["stat"]))
+    save_image(maps["z_score"], out.path(outputs["z_score"]))
+    found = {}
+    for key, height_control in CORRECTIONS.items():
+        image, threshold = threshold_stats_img(
+            maps["z_score"], mask_img=model.mask_img_, alpha=alpha, height_control=height_control,
+            cluster_threshold=cluster_threshold, two_sided=two_sided)
+        save_image(image, out.path(outputs[key]))
+        threshold = float(threshold)
+        found[key] = threshold if math.isfinite(threshold) else None
+    return found
+
+
+def _check_correction_options(alpha, two_sided, cluster_threshold) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise InputError(f"alpha must be a number in (0, 1); received {alpha!r}.")
+    if not isinstance(two_sided, bool):
+        raise InputError(f"two_sided must be True or False; received {two_sided!r}.")
+    if isinstance(cluster_threshold, bool) or not isinstance(cluster_threshold, int | float) \
+            or cluster_threshold < 0:
+        raise InputError(f"cluster_threshold must be a number >= 0 (voxels); received "
+                         f"{cluster_threshold!r}.")
