@@ -412,3 +412,6 @@ def _gather(array) -> np.ndarray:
 
     parts = dask.compute(*array.to_delayed().ravel().tolist())
     return np.concatenate(parts, axis=-1)
+
+
+from chunkglm.glm._nonparametric import non_parametric_inference  # noqa: E402,F401

@@ -1,0 +1,290 @@
+"""non_parametric_inference: nilearn's function, max-T over the voxel blocks of a maps node.
+
+The inputs are handled as :class:`~chunkglm.glm.second_level.SecondLevelModel`
+handles them (nilearn's input forms, default mask, resampling onto the mask,
+smoothing), so the maps are loaded once into a ``maps/`` node. The tested
+variable and the confounds are built from the design and the contrast as in
+nilearn 0.14 (``tested_var = design @ contrast``, the columns the contrast
+does not touch are confounds), and the permutation test is the engine of
+:mod:`chunkglm.graph.permutation` (nilearn's sign-flips or permutations,
+one GEMM per batch of permutations per voxel block; each block read once).
+
+This version computes max-T only: cluster size/mass (``threshold``) and TFCE
+(``tfce``) are refused with an :class:`~chunkglm.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from chunkglm.design.second_level import check_confounds_table, check_design
+from chunkglm.errors import InputError
+from chunkglm.glm import _second_level_input as inputs
+
+__all__ = ["non_parametric_inference"]
+
+
+def non_parametric_inference(second_level_input, confounds=None, design_matrix=None,
+                             second_level_contrast=None, first_level_contrast=None, mask=None,
+                             smoothing_fwhm=None, model_intercept=True, n_perm=10000,
+                             two_sided_test=False, random_state=None, n_jobs=1, verbose=0,
+                             threshold=None, tfce=False, permutations=None, store=None):
+    """Max-T permutation inference on a second-level contrast, as nilearn's.
+
+    Parameters
+    ----------
+    second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel or maps node
+        As :meth:`chunkglm.glm.second_level.SecondLevelModel.fit`.
+    confounds : pandas.DataFrame, optional
+        Checked (``subject_label`` plus covariates) but not used, as in
+        nilearn: covariates enter through ``design_matrix``.
+    design_matrix : pandas.DataFrame or path
+        Required (as in nilearn): one row per modelled map, in the maps' order
+        (build one with ``make_second_level_design_matrix``).
+    second_level_contrast : str or array of shape (n_columns,), optional
+        One t contrast: weights on the design's columns or a formula over
+        their names. Default ``[1]`` for a one-column design. The tested
+        variable is ``design_matrix @ contrast``; the columns with weight 0
+        are the confounding variables.
+    first_level_contrast : str, optional
+        DataFrame input: the ``map_name`` to model. First-level models: the
+        contrast whose effect maps are modelled (required).
+    mask : str or nibabel image, optional
+        The analysis mask; maps on another grid are resampled onto it.
+        Default: nilearn's background mask of the mean map (of the first map
+        for a DataFrame).
+    smoothing_fwhm : float, optional
+        Gaussian smoothing (mm) of each map when it is loaded.
+    model_intercept : bool, default=True
+        As nilearn: add a constant confound (unless the test is an intercept test).
+    n_perm : int, default=10000
+        Number of permutations (>= 1); ignored when ``permutations`` is given.
+    two_sided_test : bool, default=False
+        Test |t| (max of |t| over voxels per permutation).
+    random_state : None, int or numpy.random.RandomState
+        As nilearn: the same value with the same ``n_jobs`` draws nilearn's
+        exact sign-flips or permutations.
+    n_jobs : int, default=1
+        Used only to reproduce nilearn's random stream, which depends on its
+        number of jobs (capped to the CPU count, negative values count back
+        from it, as nilearn). The dask scheduler runs the work.
+    verbose : int
+        Accepted for nilearn compatibility.
+    threshold : None
+        Cluster-level inference is not computed by this version: must be None.
+    tfce : False
+        TFCE is not computed by this version: must be False.
+    permutations : array-like of shape (n_perm, n_maps), optional
+        chunkglm only: explicit permutations, for exact comparisons. +1/-1
+        sign-flips when the tested variable is a constant column without
+        confounds left after nilearn's design handling (one-sample tests),
+        sample orders otherwise (see
+        :func:`chunkglm.graph.permutation.max_t_null`). Overrides ``n_perm``
+        and ``random_state``.
+    store : str or Path, optional
+        chunkglm only: a cohort store in which image inputs are loaded.
+        Default: a temporary store, removed afterwards.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        3-D float32 map of negative log10 family-wise-error corrected
+        p-values (max-T), on the mask's grid; 0 outside the mask. nilearn
+        returns only this image when ``threshold`` is None and ``tfce`` is
+        False.
+    """
+    from chunkglm.glm.second_level import SecondLevelModel
+
+    _check_options(threshold, tfce, n_perm, permutations, mask)
+    n_jobs = nilearn_n_jobs(n_jobs)
+    design = _required_design(design_matrix)
+    if confounds is not None:
+        check_confounds_table(confounds)
+    con_val = contrast_vector(second_level_contrast, design)
+    kind = inputs.input_kind(second_level_input)
+    if kind == "flm" and first_level_contrast is None:
+        raise InputError("second_level_input is a list of FirstLevelModels: first_level_contrast is "
+                         "required (the contrast whose effect maps are modelled).")
+    _check_n_maps(kind, second_level_input, first_level_contrast, design)
+    model = SecondLevelModel(mask_img=mask, smoothing_fwhm=smoothing_fwhm, store=store)
+    model.fit(second_level_input, confounds=confounds, design_matrix=design)
+    maps = model._maps_for(first_level_contrast)
+    tested, confounding = tested_and_confounding_vars(design, con_val)
+    logp = _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
+                       random_state, permutations, n_jobs)
+    return model._to_image(maps, logp)
+
+
+# -- checks before any map is read ---------------------------------------------------------
+
+
+def _check_options(threshold, tfce, n_perm, permutations, mask) -> None:
+    from chunkglm.kernels.permutation import check_n_perm
+
+    if threshold is not None or tfce:
+        raise InputError(f"this version of non_parametric_inference computes max-T only; received "
+                         f"threshold={threshold!r}, tfce={tfce!r}. Leave threshold=None and tfce=False "
+                         "(cluster size/mass and TFCE inference are not available yet).")
+    if permutations is None:
+        check_n_perm(n_perm)
+    if mask is not None and not isinstance(mask, str) and not hasattr(mask, "affine") \
+            and not hasattr(mask, "__fspath__"):
+        raise InputError(f"mask must be a 3-D image (path or nibabel image); received "
+                         f"{type(mask).__name__}. For a NiftiMasker, pass its mask image and "
+                         "smoothing_fwhm instead.")
+
+
+def _required_design(design_matrix):
+    if design_matrix is None:
+        raise InputError("non_parametric_inference needs a design_matrix (one row per map), as "
+                         "nilearn's; build one with make_second_level_design_matrix(subject_labels, "
+                         "confounds).")
+    return check_design(design_matrix, None)
+
+
+def contrast_vector(second_level_contrast, design) -> np.ndarray:
+    """nilearn's ``_get_con_val`` for one t contrast, with InputErrors.
+
+    Parameters
+    ----------
+    second_level_contrast : None, str or array-like of shape (n_columns,) or (1, n_columns)
+    design : pandas.DataFrame of shape (n_maps, n_columns)
+
+    Returns
+    -------
+    ndarray of shape (n_columns,), float64
+    """
+    from nilearn.glm.contrasts import expression_to_contrast_vector
+
+    columns = [str(c) for c in design.columns]
+    if second_level_contrast is None:
+        if len(columns) != 1:
+            raise InputError(f"no second_level_contrast given and the design has {len(columns)} columns "
+                             f"{columns}: name the tested contrast (e.g. 'intercept' or [1, 0]).")
+        return np.ones(1)
+    if isinstance(second_level_contrast, str):
+        try:
+            con = expression_to_contrast_vector(second_level_contrast, columns)
+        except Exception as err:  # pandas eval raises several kinds
+            raise InputError(f"contrast {second_level_contrast!r} cannot be evaluated on the design "
+                             f"columns {columns}: {err}") from None
+    else:
+        try:
+            con = np.asarray(second_level_contrast, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"second_level_contrast must be numbers or a formula; received "
+                             f"{second_level_contrast!r}.") from None
+    if con.ndim == 2 and con.shape[0] == 1:
+        con = con[0]
+    if con.ndim != 1:
+        raise InputError(f"permutation inference tests one t contrast (one weight per design column); "
+                         f"received an array of shape {con.shape}. F contrasts are not supported "
+                         "(as in nilearn): test each row separately.")
+    if con.size != len(columns):
+        raise InputError(f"the contrast has {con.size} weights but the design has {len(columns)} "
+                         f"columns {columns}: give one weight per column.")
+    if not np.any(con):
+        raise InputError(f"the contrast {second_level_contrast!r} is null: give non-zero weights.")
+    return con
+
+
+def tested_and_confounding_vars(design, con_val):
+    """nilearn's split: ``design @ contrast`` and the columns with weight 0.
+
+    Returns
+    -------
+    tested : ndarray of shape (n_maps,)
+    confounding : ndarray of shape (n_maps, n_confounds) or None
+    """
+    X = design.to_numpy(dtype=np.float64)
+    untouched = con_val == 0
+    return X @ con_val, (X[:, untouched] if untouched.any() else None)
+
+
+def nilearn_n_jobs(n_jobs) -> int:
+    """The number of jobs nilearn's ``permuted_ols`` draws its random stream with."""
+    import joblib
+
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0:
+        raise InputError(f"n_jobs must be a non-zero integer (negative: all CPUs but |n_jobs| - 1); "
+                         f"received {n_jobs!r}.")
+    if n_jobs < 0:
+        return max(1, joblib.cpu_count() - int(n_jobs) + 1)  # nilearn's formula, as written there
+    return min(int(n_jobs), joblib.cpu_count())
+
+
+def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> None:
+    """One design row per modelled map, checked before the maps are loaded."""
+    if kind == "images":
+        images = inputs.image_list(second_level_input)
+        _check_same_grid(images)
+        n_maps = len(images)
+    elif kind == "dataframe":
+        frame = inputs.dataframe_rows(second_level_input)
+        n_maps = len(inputs.dataframe_maps(frame, first_level_contrast))
+    elif kind == "maps":
+        n_maps = int(second_level_input.data().shape[0])
+    else:
+        n_maps = len(second_level_input)
+    if len(design) != n_maps:
+        raise InputError(f"the design matrix has {len(design)} rows but {n_maps} maps are modelled: "
+                         "give one row per map, in the maps' order.")
+
+
+def _check_same_grid(images) -> None:
+    """nilearn's ``check_same_fov``: every map on the first map's grid (no resampling here)."""
+    first = None
+    for index, image in enumerate(images):
+        img = inputs._load(image)
+        if not (img.ndim == 3 or (img.ndim == 4 and img.shape[3] == 1)):
+            raise InputError(f"second_level_input[{index}] has shape {img.shape}: each map must be 3-D "
+                             "(or 4-D with a single volume).")
+        grid = (img.shape[:3], img.affine)
+        if first is None:
+            first = grid
+        elif grid[0] != first[0] or not np.allclose(grid[1], first[1], atol=1e-4):
+            raise InputError(
+                f"second_level_input[{index}] is on another grid (shape {grid[0]}, affine\n{grid[1]}) "
+                f"than second_level_input[0] (shape {first[0]}, affine\n{first[1]}). "
+                "non_parametric_inference does not resample the maps onto one another (as nilearn's): "
+                "resample them onto one grid first (nilearn.image.resample_to_img).")
+
+
+# -- the test ----------------------------------------------------------------------------------
+
+
+def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test, random_state,
+                permutations, n_jobs) -> np.ndarray:
+    """-log10 FWE p-values (n_voxels,); the maps are read once (with a finiteness check)."""
+    import dask
+
+    from chunkglm.graph.permutation import fwe_logp, max_t_null
+
+    data = maps.data()
+    lazy = max_t_null(data, tested, confounding, model_intercept, n_perm, two_sided_test,
+                      random_state, permutations, None, n_jobs)
+    # the same delayed blocks as the engine's, so the check shares their single read
+    # (an array reduction would be fused with its own copy of the read by dask's optimizer)
+    finite = [dask.delayed(_finite_maps, pure=True)(block) for block in _blocks(data)]
+    t, null, finite = dask.compute(lazy.t, lazy.h0_max_t, finite)
+    finite_maps = np.logical_and.reduce(finite)
+    if not finite_maps.all():
+        bad = np.flatnonzero(~finite_maps).tolist()
+        raise InputError(f"map(s) {bad[:10]} hold NaN or infinite values inside the mask: permutation "
+                         "inference needs finite values. Fix or remove those maps, or pass a mask "
+                         "that excludes the non-finite voxels.")
+    return fwe_logp(t, null, two_sided_test)
+
+
+def _blocks(data):
+    """The voxel blocks of the (image, voxel) array as the engine sees them (all images joined)."""
+    if not np.issubdtype(data.dtype, np.floating):
+        data = data.astype(np.float64)
+    if data.numblocks[0] != 1:
+        data = data.rechunk({0: -1})
+    return data.to_delayed()[0]
+
+
+def _finite_maps(block) -> np.ndarray:
+    """(n_images,) bool: the map's values in this block are all finite."""
+    return np.isfinite(block).all(axis=1)
