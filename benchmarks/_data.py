@@ -118,3 +118,82 @@ def linked_cohort(run: dict, folder: Path, n_runs: int) -> dict:
             "runs": [node.replace(source_sub, f"sub-{label}", 1) for label in subjects], "stamp": stamp}
     manifest.write_text(json.dumps(info, indent=1))
     return {**info, "built_s": time.perf_counter() - start}
+
+
+#: Second-level maps per size: N maps on a grid, a covariate correlated with the signal.
+SECOND_LEVEL_SIZES = {
+    "realistic": {"n_maps": 200, "shape": (97, 115, 97), "voxel_size": 2.0},  # MNI 2 mm
+    "small": {"n_maps": 30, "shape": (20, 24, 20), "voxel_size": 2.0},
+}
+
+
+def second_level_maps(data_dir: Path, size: str) -> dict:
+    """N subject maps (3-D float32 ``.nii.gz``), a brain-like mask and a design
+    (``covariate``, ``intercept``), cached in ``<data-dir>/<size>/second_level``.
+
+    Each map is ``intercept_map + covariate_i * slope_map + noise_i``: a smooth
+    group effect, a smooth covariate effect (``slope_map``, a few blobs), and
+    spatially smooth Gaussian noise (sigma 1.5 voxels, rescaled to unit SD),
+    inside an ellipsoid mask on the MNI 2 mm grid (``realistic``: 235,413 voxels, 200 maps of
+    (97, 115, 97)); 0 outside the mask. The covariate is standard normal,
+    seed 0, so it correlates with the signal wherever ``slope_map`` is non-zero.
+
+    Returns a dict with ``maps`` (list of str paths), ``mask``, ``design``
+    (CSV of the design matrix, one row per map), ``n_maps``, ``shape``,
+    ``mask_voxels`` and ``generated_s`` (0 when reused from the cache).
+    """
+    folder = Path(data_dir) / size / "second_level"
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        info = json.loads(manifest.read_text())
+        if all(Path(p).exists() for p in [*info["maps"], info["mask"], info["design"]]):
+            return {**info, "generated_s": 0.0}
+    return _generate_second_level(folder, size)
+
+
+def _generate_second_level(folder: Path, size: str) -> dict:
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+    from scipy.ndimage import gaussian_filter
+
+    from chunkglm.testing.synthetic import MNI_2MM_AFFINE
+
+    spec = SECOND_LEVEL_SIZES[size]
+    shape, n_maps = spec["shape"], spec["n_maps"]
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "maps").mkdir(parents=True)
+    print(f"generating {n_maps} second-level maps {shape} in {folder} (once; cached) ...", flush=True)
+    start = time.perf_counter()
+    affine = MNI_2MM_AFFINE.copy()
+    if size != "realistic":  # a small grid centred on the origin
+        affine[:3, 3] = -np.asarray(shape) * spec["voxel_size"] / 2
+    rng = np.random.default_rng(0)
+    grid = np.indices(shape, dtype=np.float32)
+    centre, radii = (np.asarray(shape) - 1) / 2, np.asarray(shape) * np.array([0.375, 0.39, 0.355])
+    mask = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(axis=0) <= 1.0
+    intercept_map = gaussian_filter(rng.standard_normal(shape), 4.0) * 20.0 + 0.3
+    slope_map = np.zeros(shape)
+    for _ in range(4):  # a few blobs where the covariate matters
+        blob = np.round(centre + rng.uniform(-0.5, 0.5, 3) * radii).astype(int)
+        slope_map[tuple(blob)] = 1.0
+    slope_map = gaussian_filter(slope_map, 3.0)
+    slope_map *= 0.8 / slope_map.max()
+    covariate = rng.standard_normal(n_maps)
+    paths = []
+    for i in range(n_maps):
+        noise = gaussian_filter(rng.standard_normal(shape), 1.5)
+        data = intercept_map + covariate[i] * slope_map + noise / noise.std()
+        data = np.where(mask, data, 0.0).astype(np.float32)
+        path = folder / "maps" / f"sub-{i + 1:04d}_effect.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), path)
+        paths.append(str(path.absolute()))
+    mask_path = folder / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), mask_path)
+    design_path = folder / "design.csv"
+    pd.DataFrame({"covariate": covariate, "intercept": np.ones(n_maps)}).to_csv(design_path, index=False)
+    info = {"maps": paths, "mask": str(mask_path.absolute()), "design": str(design_path.absolute()),
+            "n_maps": n_maps, "shape": list(shape), "mask_voxels": int(mask.sum()), "size": size}
+    (folder / MANIFEST).write_text(json.dumps(info, indent=1))
+    return {**info, "generated_s": time.perf_counter() - start}

@@ -533,6 +533,146 @@ def _by_kind(held: dict) -> dict:
     return out
 
 
+# --- case "second_level": nilearn vs chunkglm, parametric and max-T ---------
+
+SECOND_LEVEL_CONTRAST = "covariate"
+
+
+def _second_level_design(design):
+    """The design matrix CSV of ``_data.second_level_maps`` (set-up, untimed)."""
+    import pandas as pd
+
+    return pd.read_csv(design)
+
+
+def _map_paths(maps) -> list:
+    """The maps of ``_data.second_level_maps`` in design-row order (``sub-0001`` first).
+
+    Steps take the folder, not the list: the runner's progress line prints list arguments."""
+    paths = sorted(str(p) for p in Path(maps).glob("sub-*_effect.nii.gz"))
+    if not paths:
+        raise FileNotFoundError(f"no sub-*_effect.nii.gz maps in {maps}")
+    return paths
+
+
+def _save_volume(image, path: Path) -> str:
+    """Save a 3-D map as float64 ``.nii`` (after the timed work)."""
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(image.get_fdata(), dtype=np.float64), image.affine), path)
+    return str(path)
+
+
+def _second_level_imports():
+    """What chunkglm's second level imports lazily (imports are not the work)."""
+    _import_convert_dependencies()
+    import dask.array  # noqa: F401
+    import nilearn.glm.contrasts  # noqa: F401
+    import nilearn.image  # noqa: F401
+    import nilearn.masking  # noqa: F401
+    import xarray  # noqa: F401
+
+    import chunkglm.glm.second_level  # noqa: F401
+    import chunkglm.graph.glm  # noqa: F401
+    import chunkglm.graph.permutation  # noqa: F401
+
+
+@step("floor_maps")
+def floor_maps(timed, maps):
+    """Read and decompress every map once (ISA-L threaded reader), keep nothing."""
+    from isal import igzip_threaded
+
+    paths = _map_paths(maps)
+    with timed:
+        n_bytes = 0
+        for path in paths:
+            with igzip_threaded.open(path, "rb", threads=1) as handle:
+                n_bytes += _drain(handle)
+    return {"decompressed_bytes": n_bytes}
+
+
+@step("second_level_nilearn")
+def second_level_nilearn(timed, maps, mask, design, out):
+    """nilearn's SecondLevelModel(mask_img=mask).fit(paths, design) + compute_contrast(all)."""
+    from nilearn.glm.second_level import SecondLevelModel
+
+    dm = _second_level_design(design)
+    model = SecondLevelModel(mask_img=mask)
+    paths = _map_paths(maps)
+    with timed:
+        model.fit(paths, design_matrix=dm)
+        images = model.compute_contrast(SECOND_LEVEL_CONTRAST, output_type="all")
+    return {"maps": _save_maps(images, out, "nilearn"),
+            "stat": _save_volume(images["stat"], Path(out) / "nilearn_stat.nii")}
+
+
+@step("second_level_chunkglm")
+def second_level_chunkglm(timed, mask, design, out, label, maps=None, store=None, node=None):
+    """chunkglm's SecondLevelModel, fit + compute_contrast(all), on either
+
+    - ``maps``: the folder of NIfTI maps (fit loads them into a temporary store: timed), or
+    - ``store`` + ``node``: a maps node loaded beforehand (opening the store is set-up).
+    """
+    _second_level_imports()
+    from chunkglm.glm.second_level import SecondLevelModel
+    from chunkglm.io.cohort import open_cohort
+
+    dm = _second_level_design(design)
+    model = SecondLevelModel(mask_img=mask)
+    second_level_input = _map_paths(maps) if store is None else open_cohort(store).maps[node]
+    with timed:
+        model.fit(second_level_input, design_matrix=dm)
+        images = model.compute_contrast(SECOND_LEVEL_CONTRAST, output_type="all")
+    return {"maps": _save_maps(images, out, label),
+            "stat": _save_volume(images["stat"], Path(out) / f"{label}_stat.nii")}
+
+
+@step("second_level_load")
+def second_level_load(timed, maps, mask, design, store):
+    """Load the maps into ``store`` once (``SecondLevelModel(store=...).fit``):
+    set-up of the store rows; returns the maps node's name."""
+    _second_level_imports()
+    from chunkglm.glm.second_level import SecondLevelModel
+
+    shutil.rmtree(store, ignore_errors=True)
+    model = SecondLevelModel(mask_img=mask, store=store)
+    paths, dm = _map_paths(maps), _second_level_design(design)
+    with timed:
+        model.fit(paths, design_matrix=dm)
+    return {"node": model._maps[None].node.name, "store_mib": _tree_bytes(store) / MiB}
+
+
+@step("permutation_nilearn")
+def permutation_nilearn(timed, maps, mask, design, n_perm, out):
+    """nilearn's non_parametric_inference (max-T, one-sided, random_state=0, n_jobs=1)."""
+    from nilearn.glm.second_level import non_parametric_inference
+
+    dm, paths = _second_level_design(design), _map_paths(maps)
+    with timed:
+        logp = non_parametric_inference(paths, design_matrix=dm,
+                                        second_level_contrast=SECOND_LEVEL_CONTRAST,
+                                        mask=mask, n_perm=n_perm, random_state=0, n_jobs=1)
+    return {"n_perm": n_perm, "logp": _save_volume(logp, Path(out) / f"nilearn_logp_{n_perm}.nii")}
+
+
+@step("permutation_chunkglm")
+def permutation_chunkglm(timed, store, node, mask, design, n_perm, out):
+    """chunkglm's non_parametric_inference on the maps node loaded beforehand,
+    with nilearn's arguments (random_state=0 draws nilearn's permutations)."""
+    _second_level_imports()
+    from chunkglm.glm.second_level import non_parametric_inference
+    from chunkglm.io.cohort import open_cohort
+
+    dm = _second_level_design(design)
+    second_level_input = open_cohort(store).maps[node]
+    with timed:
+        logp = non_parametric_inference(second_level_input, design_matrix=dm, second_level_contrast=SECOND_LEVEL_CONTRAST,
+                                        mask=mask, n_perm=n_perm, random_state=0, n_jobs=1)
+    return {"n_perm": n_perm, "logp": _save_volume(logp, Path(out) / f"chunkglm_logp_{n_perm}.nii")}
+
+
 def main(argv) -> None:
     name, kwargs = argv[1], json.loads(argv[2]) if len(argv) > 2 else {}
     timed = Timed()
