@@ -226,13 +226,31 @@ def test_random_permutations_within_monte_carlo_error(files):
     assert not np.array_equal(p1, p2)  # different streams really were drawn
 
 
+@pytest.mark.parametrize("design_kind, two_sided", [("one_sample", True), ("covariate", False)])
+def test_cluster_size_mass_and_tfce_equal_nilearns(files, design_kind, two_sided):
+    """threshold + tfce: nilearn's dict, every map equal with the same permutations
+    (sizes exactly, t/mass/tfce to float32 rounding of equal float64 values)."""
+    paths, covariates = files
+    design = _one_sample() if design_kind == "one_sample" else _covariate_design(covariates)
+    contrast = "intercept" if design_kind == "one_sample" else "age"
+    params = dict(second_level_contrast=contrast, two_sided_test=two_sided, random_state=0, n_perm=30,
+                  threshold=0.01, tfce=True)
+    ours, theirs = _ours(paths, design, **params), _nilearn(paths, design, **params)
+    assert sorted(ours) == sorted(theirs) == sorted(
+        ["t", "logp_max_t", "tfce", "logp_max_tfce", "size", "logp_max_size", "mass", "logp_max_mass"])
+    assert theirs["size"].get_fdata().max() > 1  # clusters were formed, the comparison means something
+    for key in theirs:
+        expected = theirs[key].get_fdata().astype(np.float32)
+        np.testing.assert_allclose(ours[key].get_fdata(), expected, rtol=1e-6, atol=0, err_msg=key)
+
+
 # -- bad input, before any map is loaded ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("params, message", [
     ({"n_perm": 0}, "n_perm must be an integer >= 1; received 0"),
-    ({"threshold": 3.0}, "max-T only; received threshold=3.0"),
-    ({"tfce": True}, "max-T only"),
+    ({"threshold": 3.0}, "strictly between 0 and 1 .e.g. 0.001., or None; received 3.0"),
+    ({"tfce": "yes"}, "tfce must be True or False"),
     ({"n_jobs": 0}, "n_jobs must be a non-zero integer"),
     ({"mask": NiftiMasker()}, "For a NiftiMasker, pass its mask image"),
     ({"second_level_contrast": "intercept - weight"}, "cannot be evaluated on the design columns"),

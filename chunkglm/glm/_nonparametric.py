@@ -9,8 +9,10 @@ does not touch are confounds), and the permutation test is the engine of
 :mod:`chunkglm.graph.permutation` (nilearn's sign-flips or permutations,
 one GEMM per batch of permutations per voxel block; each block read once).
 
-This version computes max-T only: cluster size/mass (``threshold``) and TFCE
-(``tfce``) are refused with an :class:`~chunkglm.errors.InputError`.
+With ``threshold`` (cluster size and mass) or ``tfce``, whole volumes are
+needed per permutation: :func:`chunkglm.graph.permutation_volumes.volume_null`
+residualises the data once, scatters it to the workers and distributes the
+permutation batches; max-T comes from the same permutations.
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         from it, as nilearn). The dask scheduler runs the work.
     verbose : int
         Accepted for nilearn compatibility.
-    threshold : None
-        Cluster-level inference is not computed by this version: must be None.
-    tfce : False
-        TFCE is not computed by this version: must be False.
+    threshold : float in (0, 1), optional
+        Uncorrected p-value forming clusters (nilearn's): adds cluster size
+        and cluster mass maps and their -log10 FWE p-values.
+    tfce : bool, default=False
+        Adds the TFCE map and its -log10 FWE p-values.
     permutations : array-like of shape (n_perm, n_maps), optional
         chunkglm only: explicit permutations, for exact comparisons. +1/-1
         sign-flips when the tested variable is a constant column without
@@ -87,11 +90,12 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
 
     Returns
     -------
-    nibabel.Nifti1Image
-        3-D float32 map of negative log10 family-wise-error corrected
-        p-values (max-T), on the mask's grid; 0 outside the mask. nilearn
-        returns only this image when ``threshold`` is None and ``tfce`` is
-        False.
+    nibabel.Nifti1Image or dict of them
+        With ``threshold=None`` and ``tfce=False``: the 3-D float32 map of
+        -log10 family-wise-error corrected p-values (max-T), on the mask's
+        grid, 0 outside it (as nilearn). Otherwise nilearn's dict: ``t``,
+        ``logp_max_t``, plus ``tfce``, ``logp_max_tfce`` (``tfce``) and
+        ``size``, ``logp_max_size``, ``mass``, ``logp_max_mass`` (``threshold``).
     """
     from chunkglm.glm.second_level import SecondLevelModel
 
@@ -110,9 +114,13 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     model.fit(second_level_input, confounds=confounds, design_matrix=design)
     maps = model._maps_for(first_level_contrast)
     tested, confounding = tested_and_confounding_vars(design, con_val)
-    logp = _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
-                       random_state, permutations, n_jobs)
-    return model._to_image(maps, logp)
+    if threshold is None and not tfce:
+        logp = _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
+                           random_state, permutations, n_jobs)
+        return model._to_image(maps, logp)
+    outputs = _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
+                              random_state, permutations, n_jobs, threshold, tfce)
+    return {name: model._to_image(maps, values) for name, values in outputs.items()}
 
 
 # -- checks before any map is read ---------------------------------------------------------
@@ -121,10 +129,12 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
 def _check_options(threshold, tfce, n_perm, permutations, mask) -> None:
     from chunkglm.kernels.permutation import check_n_perm
 
-    if threshold is not None or tfce:
-        raise InputError(f"this version of non_parametric_inference computes max-T only; received "
-                         f"threshold={threshold!r}, tfce={tfce!r}. Leave threshold=None and tfce=False "
-                         "(cluster size/mass and TFCE inference are not available yet).")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 < threshold < 1):
+        raise InputError(f"threshold is the uncorrected p-value that forms clusters, strictly between 0 "
+                         f"and 1 (e.g. 0.001), or None; received {threshold!r}.")
+    if not isinstance(tfce, (bool, np.bool_)):
+        raise InputError(f"tfce must be True or False; received {tfce!r}.")
     if permutations is None:
         check_n_perm(n_perm)
     if mask is not None and not isinstance(mask, str) and not hasattr(mask, "affine") \
@@ -267,13 +277,51 @@ def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_te
     # (an array reduction would be fused with its own copy of the read by dask's optimizer)
     finite = [dask.delayed(_finite_maps, pure=True)(block) for block in _blocks(data)]
     t, null, finite = dask.compute(lazy.t, lazy.h0_max_t, finite)
-    finite_maps = np.logical_and.reduce(finite)
+    _check_finite(np.logical_and.reduce(finite))
+    return fwe_logp(t, null, two_sided_test)
+
+
+#: nilearn's keys, in its order, of what each option adds to the returned dict
+_VOLUME_KEYS = {"threshold": ("size", "logp_max_size", "mass", "logp_max_mass"),
+                "tfce": ("tfce", "logp_max_tfce")}
+
+
+def _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_sided_test, random_state,
+                    permutations, n_jobs, threshold, tfce) -> dict:
+    """nilearn's dict (t, logp_max_t, + size/mass with ``threshold``, + tfce with ``tfce``)
+    as voxel vectors: whole volumes per permutation (:func:`volume_null`), the data read once."""
+    import dask
+
+    from chunkglm.graph.permutation_volumes import volume_null
+
+    grid = maps.grid
+    ijk = np.asarray(maps.ijk)
+    flat = np.ravel_multi_index(tuple(ijk.T), grid.shape)
+    order = np.argsort(flat, kind="stable")  # volume_null wants the mask's voxels in C order
+    mask = np.zeros(grid.shape, dtype=bool)
+    mask[tuple(ijk.T)] = True
+    data = maps.data()
+    if not np.array_equal(order, np.arange(order.size)):
+        data = data[:, order]
+    finite = [dask.delayed(_finite_maps, pure=True)(block) for block in _blocks(data)]
+    _check_finite(np.logical_and.reduce(dask.compute(finite)[0]))
+    result = volume_null(data, mask, tested, confounding, model_intercept=model_intercept, n_perm=n_perm,
+                         two_sided_test=two_sided_test, random_state=random_state,
+                         permutations=permutations, threshold=threshold, tfce=bool(tfce), n_jobs=n_jobs)
+    keys = ["t", "logp_max_t"]
+    keys += list(_VOLUME_KEYS["tfce"]) if tfce else []
+    keys += list(_VOLUME_KEYS["threshold"]) if threshold is not None else []
+    restore = np.empty_like(order)
+    restore[order] = np.arange(order.size)
+    return {key: np.asarray(result[key], dtype=np.float64).ravel()[restore] for key in keys}
+
+
+def _check_finite(finite_maps) -> None:
     if not finite_maps.all():
         bad = np.flatnonzero(~finite_maps).tolist()
         raise InputError(f"map(s) {bad[:10]} hold NaN or infinite values inside the mask: permutation "
                          "inference needs finite values. Fix or remove those maps, or pass a mask "
                          "that excludes the non-finite voxels.")
-    return fwe_logp(t, null, two_sided_test)
 
 
 def _blocks(data):
