@@ -227,7 +227,9 @@ def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> Non
     """One design row per modelled map, checked before the maps are loaded."""
     if kind == "images":
         images = inputs.image_list(second_level_input)
-        _check_same_grid(images)
+        inputs.check_images(images, resampling=False, remedy=(
+            "non_parametric_inference does not resample the maps onto one another (as nilearn's): "
+            "resample them onto one grid first (nilearn.image.resample_to_img)."))
         n_maps = len(images)
     elif kind == "dataframe":
         frame = inputs.dataframe_rows(second_level_input)
@@ -239,25 +241,6 @@ def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> Non
     if len(design) != n_maps:
         raise InputError(f"the design matrix has {len(design)} rows but {n_maps} maps are modelled: "
                          "give one row per map, in the maps' order.")
-
-
-def _check_same_grid(images) -> None:
-    """nilearn's ``check_same_fov``: every map on the first map's grid (no resampling here)."""
-    first = None
-    for index, image in enumerate(images):
-        img = inputs._load(image)
-        if not (img.ndim == 3 or (img.ndim == 4 and img.shape[3] == 1)):
-            raise InputError(f"second_level_input[{index}] has shape {img.shape}: each map must be 3-D "
-                             "(or 4-D with a single volume).")
-        grid = (img.shape[:3], img.affine)
-        if first is None:
-            first = grid
-        elif grid[0] != first[0] or not np.allclose(grid[1], first[1], atol=1e-4):
-            raise InputError(
-                f"second_level_input[{index}] is on another grid (shape {grid[0]}, affine\n{grid[1]}) "
-                f"than second_level_input[0] (shape {first[0]}, affine\n{first[1]}). "
-                "non_parametric_inference does not resample the maps onto one another (as nilearn's): "
-                "resample them onto one grid first (nilearn.image.resample_to_img).")
 
 
 # -- the test ----------------------------------------------------------------------------------

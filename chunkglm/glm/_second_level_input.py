@@ -120,8 +120,9 @@ def image_list(second_level_input) -> list:
     return images
 
 
-def check_images(images, resampling: bool) -> None:
-    """Each image is 3-D (or 4-D of one volume); all share a grid unless resampling."""
+def check_images(images, resampling: bool, remedy: str | None = None) -> None:
+    """Each image is 3-D (or 4-D of one volume); all share a grid unless resampling.
+    ``remedy`` replaces the message's last sentence (what to do about other grids)."""
     first = None
     for index, image in enumerate(images):
         img = _load(image)
@@ -134,8 +135,8 @@ def check_images(images, resampling: bool) -> None:
         elif not resampling and (grid[0] != first[0] or not np.allclose(grid[1], first[1], atol=1e-4)):
             raise InputError(
                 f"second_level_input[{index}] is on another grid (shape {grid[0]}, affine\n{grid[1]}) than "
-                f"second_level_input[0] (shape {first[0]}, affine\n{first[1]}). Resample the maps onto one "
-                "grid, or pass target_affine and target_shape to SecondLevelModel.")
+                f"second_level_input[0] (shape {first[0]}, affine\n{first[1]}). " + (remedy or
+                "Resample the maps onto one grid, or pass target_affine and target_shape to SecondLevelModel."))
 
 
 def _load(image):
