@@ -164,26 +164,10 @@ def contrast_vector(second_level_contrast, design) -> np.ndarray:
     -------
     ndarray of shape (n_columns,), float64
     """
-    from nilearn.glm.contrasts import expression_to_contrast_vector
+    from chunkglm.glm.second_level import parse_contrast
 
     columns = [str(c) for c in design.columns]
-    if second_level_contrast is None:
-        if len(columns) != 1:
-            raise InputError(f"no second_level_contrast given and the design has {len(columns)} columns "
-                             f"{columns}: name the tested contrast (e.g. 'intercept' or [1, 0]).")
-        return np.ones(1)
-    if isinstance(second_level_contrast, str):
-        try:
-            con = expression_to_contrast_vector(second_level_contrast, columns)
-        except Exception as err:  # pandas eval raises several kinds
-            raise InputError(f"contrast {second_level_contrast!r} cannot be evaluated on the design "
-                             f"columns {columns}: {err}") from None
-    else:
-        try:
-            con = np.asarray(second_level_contrast, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise InputError(f"second_level_contrast must be numbers or a formula; received "
-                             f"{second_level_contrast!r}.") from None
+    con = parse_contrast(second_level_contrast, columns)
     if con.ndim == 2 and con.shape[0] == 1:
         con = con[0]
     if con.ndim != 1:

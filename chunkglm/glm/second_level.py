@@ -241,22 +241,8 @@ class SecondLevelModel:
             raise InputError("this SecondLevelModel is not fitted yet: call fit(...) first.")
 
     def _contrast_vector(self, contrast):
-        from nilearn.glm.contrasts import expression_to_contrast_vector
-
         columns = [str(c) for c in self.design_matrix_.columns]
-        if contrast is None:
-            if len(columns) != 1:
-                raise InputError(f"no second_level_contrast given and the design has {len(columns)} columns "
-                                 f"{columns}: name the contrast (e.g. 'intercept' or [1, 0]).")
-            contrast = np.ones(1)
-        if isinstance(contrast, str):
-            try:
-                con = expression_to_contrast_vector(contrast, columns)
-            except Exception as err:  # pandas eval raises several kinds
-                raise InputError(f"contrast {contrast!r} cannot be evaluated on the design columns "
-                                 f"{columns}: {err}") from None
-        else:
-            con = np.asarray(contrast, dtype=float)
+        con = parse_contrast(contrast, columns)
         if con.size == 0 or not np.any(con):
             raise InputError(f"the contrast {contrast!r} is null: give non-zero weights or a formula.")
         width = np.atleast_2d(con).shape[1]
@@ -412,6 +398,39 @@ def _gather(array) -> np.ndarray:
 
     parts = dask.compute(*array.to_delayed().ravel().tolist())
     return np.concatenate(parts, axis=-1)
+
+
+def parse_contrast(contrast, columns) -> np.ndarray:
+    """A second-level contrast as weights: a formula over ``columns`` (nilearn's
+    ``expression_to_contrast_vector``), numbers, or None for a one-column design.
+
+    Parameters
+    ----------
+    contrast : None, str or array-like
+    columns : list of str
+        The design's column names.
+
+    Returns
+    -------
+    ndarray of float64, as given (1-D for t, 2-D for F); shape checks are the caller's.
+    """
+    from nilearn.glm.contrasts import expression_to_contrast_vector
+
+    if contrast is None:
+        if len(columns) != 1:
+            raise InputError(f"no second_level_contrast given and the design has {len(columns)} columns "
+                             f"{columns}: name the contrast (e.g. 'intercept' or [1, 0]).")
+        return np.ones(1)
+    if isinstance(contrast, str):
+        try:
+            return np.asarray(expression_to_contrast_vector(contrast, columns), dtype=np.float64)
+        except Exception as err:  # pandas eval raises several kinds
+            raise InputError(f"contrast {contrast!r} cannot be evaluated on the design columns "
+                             f"{columns}: {err}") from None
+    try:
+        return np.asarray(contrast, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"second_level_contrast must be numbers or a formula; received {contrast!r}.") from None
 
 
 from chunkglm.glm._nonparametric import non_parametric_inference  # noqa: E402,F401
