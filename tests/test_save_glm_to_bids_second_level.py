@@ -296,6 +296,42 @@ def test_group_sidecar_content(group, saved):
     assert sidecar["Software"] == {"Name": "chunkglm", "Version": chunkglm.__version__}
 
 
+def test_group_permutation_fwe_matches_non_parametric_inference(saved, inputs, tmp_path):
+    """fwe="permutation": the logp maps are nilearn's own non_parametric_inference on the same
+    maps, design and seed (compared exactly: the same engine and permutations, float32 files),
+    the FWE map is the z map where logp_max_t > -log10(alpha); F contrasts stay Bonferroni."""
+    from nilearn.glm.second_level import non_parametric_inference as nilearn_npi
+
+    calls = []
+    out = tmp_path / "glm"
+    paths = save_group_derivatives(saved["model"], {"intercept": "intercept", "effects": np.eye(2)},
+                                   out, fwe="permutation", n_perm=200, random_state=4, tfce=True,
+                                   progress=lambda done, total: calls.append((done, total)))
+    folder = out / "group_level"
+    names = {p.relative_to(out).as_posix() for p in paths}
+    for stat in ("logpmaxt", "tfce", "logpmaxtfce"):
+        assert f"group_level/group_contrast-intercept_stat-{stat}.nii.gz" in names
+        assert f"group_level/group_contrast-effects_stat-{stat}.nii.gz" not in names
+    assert calls and calls[-1][0] == calls[-1][1]  # progress reached its total
+    ref = nilearn_npi(inputs["paths"], design_matrix=inputs["design"], second_level_contrast="intercept",
+                      mask=saved["model"].mask_img_, n_perm=200, two_sided_test=True, random_state=4,
+                      tfce=True, n_jobs=1, verbose=0)
+    inside = saved["model"].mask_img_.get_fdata() > 0
+    for stat, key in (("logpmaxt", "logp_max_t"), ("logpmaxtfce", "logp_max_tfce")):
+        ours = nib.load(folder / f"group_contrast-intercept_stat-{stat}.nii.gz").get_fdata()
+        # -log10 of k/(n_perm+1): equal p-values; 1e-6 covers the float32 files
+        np.testing.assert_allclose(ours[inside], ref[key].get_fdata()[inside], rtol=1e-6, atol=1e-6)
+    logp = nib.load(folder / "group_contrast-intercept_stat-logpmaxt.nii.gz").get_fdata()
+    z = nib.load(folder / "group_contrast-intercept_stat-z.nii.gz").get_fdata()
+    fwe = nib.load(folder / "group_contrast-intercept_fwe-corrected.nii.gz").get_fdata()
+    np.testing.assert_array_equal(fwe, np.where(logp > -np.log10(0.05), z, 0).astype(np.float32))
+    assert np.count_nonzero(fwe) > 0
+    fwe_meta = _load(folder / "group_glm.json")["Corrections"]["FWE"]
+    assert fwe_meta["Method"] == {"intercept": "permutation max-T", "effects": "bonferroni"}
+    assert fwe_meta["Permutation"]["NumberOfPermutations"] == 200
+    assert fwe_meta["Thresholds"]["intercept"] == pytest.approx(-np.log10(0.05))
+
+
 # -- bad input: a clear error, nothing written ---------------------------------------------
 
 
@@ -337,6 +373,12 @@ def test_bad_options_and_wrong_levels_are_refused(saved, existing_out, tmp_path)
             save_group_derivatives(saved["model"], "intercept", existing_out, alpha=alpha)
     with pytest.raises(InputError, match="cluster_threshold"):
         save_group_derivatives(saved["model"], "intercept", existing_out, cluster_threshold=-1)
+    with pytest.raises(InputError, match="fwe must be"):
+        save_group_derivatives(saved["model"], "intercept", existing_out, fwe="holm")
+    with pytest.raises(InputError, match="fwe='permutation'"):
+        save_group_derivatives(saved["model"], "intercept", existing_out, tfce=True)
+    with pytest.raises(InputError, match="n_perm"):
+        save_group_derivatives(saved["model"], "intercept", existing_out, fwe="permutation", n_perm=0)
     with pytest.raises(InputError, match="unknown keyword"):
         save_glm_to_bids(saved["model"], "intercept", out_dir=existing_out, colour="red")
     with pytest.raises(InputError, match="contrast-aMinusB"):  # two names, one label

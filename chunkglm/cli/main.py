@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
-    from chunkglm.cli import first_level
+    from chunkglm.cli import first_level, second_level
 
     first_level.add_parser(sub, _add_common)
+    second_level.add_parser(sub, _add_common)
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

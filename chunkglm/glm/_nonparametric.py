@@ -112,14 +112,47 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     _check_n_maps(kind, second_level_input, first_level_contrast, design)
     model = SecondLevelModel(mask_img=mask, smoothing_fwhm=smoothing_fwhm, store=store)
     model.fit(second_level_input, confounds=confounds, design_matrix=design)
+    images = permutation_maps(model, con_val, first_level_contrast, model_intercept=model_intercept,
+                              n_perm=n_perm, two_sided_test=two_sided_test,
+                              random_state=random_state, permutations=permutations, n_jobs=n_jobs,
+                              threshold=threshold, tfce=tfce)
+    return images["logp_max_t"] if threshold is None and not tfce else images
+
+
+def permutation_maps(model, con_val, first_level_contrast=None, *, model_intercept=True,
+                     n_perm=10000, two_sided_test=False, random_state=None, permutations=None,
+                     n_jobs=1, threshold=None, tfce=False, progress=None) -> dict:
+    """nilearn's permutation maps of one t contrast of a fitted SecondLevelModel.
+
+    The model's maps node and mask are used as they are (nothing is reloaded).
+
+    Parameters
+    ----------
+    model : chunkglm.glm.second_level.SecondLevelModel
+        Fitted.
+    con_val : ndarray of shape (n_columns,)
+        From :func:`contrast_vector`.
+    progress : callable, optional
+        ``progress(done, total)`` after each voxel block (max-T) or
+        permutation batch (clusters, TFCE).
+    Other parameters are :func:`non_parametric_inference`'s (already checked).
+
+    Returns
+    -------
+    dict of nibabel.Nifti1Image
+        ``t``, ``logp_max_t``, and nilearn's size/mass (``threshold``) and
+        tfce (``tfce``) maps.
+    """
     maps = model._maps_for(first_level_contrast)
-    tested, confounding = tested_and_confounding_vars(design, con_val)
+    tested, confounding = tested_and_confounding_vars(model.design_matrix_, con_val)
     if threshold is None and not tfce:
-        logp = _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
-                           random_state, permutations, n_jobs)
-        return model._to_image(maps, logp)
-    outputs = _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
-                              random_state, permutations, n_jobs, threshold, tfce)
+        t, logp = _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
+                              random_state, permutations, n_jobs, progress)
+        outputs = {"t": t, "logp_max_t": logp}
+    else:
+        outputs = _volume_outputs(maps, tested, confounding, model_intercept, n_perm,
+                                  two_sided_test, random_state, permutations, n_jobs, threshold,
+                                  tfce, progress)
     return {name: model._to_image(maps, values) for name, values in outputs.items()}
 
 
@@ -231,11 +264,15 @@ def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> Non
 
 
 def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test, random_state,
-                permutations, n_jobs) -> np.ndarray:
-    """-log10 FWE p-values (n_voxels,); the maps are read once (with a finiteness check)."""
+                permutations, n_jobs, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """t and -log10 FWE p-values (n_voxels,); the maps are read once (with a finiteness check).
+
+    ``progress(done, total)`` is called as each voxel block is done.
+    """
     import dask
 
-    from chunkglm.graph.permutation import fwe_logp, max_t_null
+    from chunkglm.graph.evaluate import compute_items
+    from chunkglm.graph.permutation import assemble_blocks, fwe_logp, max_t_null
 
     data = maps.data()
     lazy = max_t_null(data, tested, confounding, model_intercept, n_perm, two_sided_test,
@@ -243,9 +280,11 @@ def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_te
     # the same delayed blocks as the engine's, so the check shares their single read
     # (an array reduction would be fused with its own copy of the read by dask's optimizer)
     finite = [dask.delayed(_finite_maps, pure=True)(block) for block in _blocks(data)]
-    t, null, finite = dask.compute(lazy.t, lazy.h0_max_t, finite)
-    _check_finite(np.logical_and.reduce(finite))
-    return fwe_logp(t, null, two_sided_test)
+    pairs = [dask.delayed(tuple, pure=True)([part, ok]) for part, ok in zip(lazy.blocks, finite)]
+    done = compute_items(pairs, progress)
+    _check_finite(np.logical_and.reduce([ok for _, ok in done]))
+    t, null = assemble_blocks([part for part, _ in done])
+    return t, fwe_logp(t, null, two_sided_test)
 
 
 #: nilearn's keys, in its order, of what each option adds to the returned dict
@@ -254,7 +293,7 @@ _VOLUME_KEYS = {"threshold": ("size", "logp_max_size", "mass", "logp_max_mass"),
 
 
 def _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_sided_test, random_state,
-                    permutations, n_jobs, threshold, tfce) -> dict:
+                    permutations, n_jobs, threshold, tfce, progress=None) -> dict:
     """nilearn's dict (t, logp_max_t, + size/mass with ``threshold``, + tfce with ``tfce``)
     as voxel vectors: whole volumes per permutation (:func:`volume_null`), the data read once."""
     import dask
@@ -274,7 +313,8 @@ def _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_side
     _check_finite(np.logical_and.reduce(dask.compute(finite)[0]))
     result = volume_null(data, mask, tested, confounding, model_intercept=model_intercept, n_perm=n_perm,
                          two_sided_test=two_sided_test, random_state=random_state,
-                         permutations=permutations, threshold=threshold, tfce=bool(tfce), n_jobs=n_jobs)
+                         permutations=permutations, threshold=threshold, tfce=bool(tfce), n_jobs=n_jobs,
+                         progress=progress)
     keys = ["t", "logp_max_t"]
     keys += list(_VOLUME_KEYS["tfce"]) if tfce else []
     keys += list(_VOLUME_KEYS["threshold"]) if threshold is not None else []

@@ -23,7 +23,7 @@ from chunkglm.errors import InputError
 from chunkglm.kernels import permutation as kp
 from chunkglm.kernels.permutation import fwe_logp, nilearn_permutations, prepare_design
 
-__all__ = ["MaxTNull", "fwe_logp", "max_t_null", "max_t_inference", "nilearn_permutations",
+__all__ = ["MaxTNull", "assemble_blocks", "fwe_logp", "max_t_null", "max_t_inference", "nilearn_permutations",
            "prepare_design"]
 
 
@@ -41,12 +41,17 @@ class MaxTNull(NamedTuple):
         The prepared design (``design.sign_flip`` says which scheme was used).
     permutations : numpy.ndarray of shape (n_perm, n_samples)
         The effective sign-flips or sample orders that were applied.
+    blocks : list of dask.delayed.Delayed
+        Per voxel block, the pair (t_block, null_block) that ``t`` and
+        ``h0_max_t`` are assembled from (to evaluate block by block, e.g.
+        with a progress bar, then :func:`assemble_blocks`).
     """
 
     t: da.Array
     h0_max_t: da.Array
     design: kp.PermutationDesign
     permutations: np.ndarray
+    blocks: list
 
 
 def max_t_null(target_vars, tested_vars, confounding_vars=None, model_intercept=True,
@@ -95,8 +100,8 @@ def max_t_null(target_vars, tested_vars, confounding_vars=None, model_intercept=
         perms = kp.check_permutations(permutations, design)
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise InputError(f"batch_size must be a positive integer or None; received {batch_size!r}.")
-    t, null = _block_graph(maps, design, perms, bool(two_sided_test), batch_size)
-    return MaxTNull(t, null, design, perms)
+    t, null, parts = _block_graph(maps, design, perms, bool(two_sided_test), batch_size)
+    return MaxTNull(t, null, design, perms, parts)
 
 
 def max_t_inference(target_vars, tested_vars, confounding_vars=None, model_intercept=True,
@@ -140,7 +145,13 @@ def _block_graph(maps: da.Array, design, perms, two_sided_test, batch_size):
     t = da.concatenate([da.from_delayed(part[0], shape=(size,), dtype=np.float64)
                         for part, size in zip(parts, maps.chunks[1])])
     null = dask.delayed(_max_over_blocks, pure=True)([part[1] for part in parts])
-    return t, da.from_delayed(null, shape=(perms.shape[0],), dtype=np.float64)
+    return t, da.from_delayed(null, shape=(perms.shape[0],), dtype=np.float64), parts
+
+
+def assemble_blocks(block_results) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, h0_max_t)`` from the computed :attr:`MaxTNull.blocks`, in block order."""
+    t = np.concatenate([np.asarray(part[0], dtype=np.float64) for part in block_results])
+    return t, _max_over_blocks([part[1] for part in block_results])
 
 
 def _max_over_blocks(block_nulls):

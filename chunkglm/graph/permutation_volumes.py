@@ -25,6 +25,7 @@ import dask.array as da
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.graph.evaluate import active_client, compute_items
 from chunkglm.kernels import permutation as kp
 from chunkglm.kernels import volume_stats as vs
 
@@ -33,7 +34,7 @@ __all__ = ["volume_null"]
 
 def volume_null(target_vars, mask, tested_vars, confounding_vars=None, model_intercept=True,
                 n_perm=10000, two_sided_test=False, random_state=None, permutations=None,
-                threshold=None, tfce=False, batch_size=None, n_jobs=1) -> dict:
+                threshold=None, tfce=False, batch_size=None, n_jobs=1, progress=None) -> dict:
     """nilearn's ``permuted_ols`` with cluster-level and TFCE inference, for one variable.
 
     Parameters
@@ -69,6 +70,8 @@ def volume_null(target_vars, mask, tested_vars, confounding_vars=None, model_int
         Results do not depend on it.
     n_jobs : int, default=1
         Only to reproduce the stream of nilearn run with this many jobs.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each permutation batch.
 
     Returns
     -------
@@ -94,7 +97,7 @@ def volume_null(target_vars, mask, tested_vars, confounding_vars=None, model_int
                                            n_columns)
     resid = _residualised(maps, design)
     nulls = _run_batches(resid, design, perms, geometry, bool(two_sided_test), threshold_t,
-                         bool(tfce), batch_size)
+                         bool(tfce), batch_size, progress)
     return _outputs(resid, design, geometry, nulls, bool(two_sided_test), threshold_t, bool(tfce))
 
 
@@ -137,34 +140,30 @@ def _batches(n_perm, batch_size, n_workers):
     return [slice(a, min(a + int(batch_size), n_perm)) for a in range(0, n_perm, int(batch_size))]
 
 
-def _active_client():
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
-    try:
-        return default_client()
-    except ValueError:  # no client started
-        return None
-
-
-def _run_batches(resid, design, perms, geometry, two_sided_test, threshold_t, tfce, batch_size):
-    client = _active_client()
+def _run_batches(resid, design, perms, geometry, two_sided_test, threshold_t, tfce, batch_size,
+                 progress=None):
+    client = active_client()
     if client is not None:
         n_workers = sum(client.nthreads().values())
         resid_future = client.scatter(resid, broadcast=True, hash=False)
         futures = [client.submit(vs.batch_volume_null, resid_future, design, perms[part],
                                  geometry, two_sided_test, threshold_t, tfce, pure=False)
                    for part in _batches(perms.shape[0], batch_size, n_workers)]
+        if progress is not None:
+            from distributed import as_completed
+
+            for done, _ in enumerate(as_completed(futures), start=1):
+                progress(done, len(futures))
         parts = client.gather(futures)
     else:
         resid_node = dask.delayed(resid, traverse=False)
         design_node = dask.delayed(design, traverse=False)
         geometry_node = dask.delayed(geometry, traverse=False)
         kernel = dask.delayed(vs.batch_volume_null, pure=True)
-        parts = dask.compute(*[kernel(resid_node, design_node, perms[part], geometry_node,
+        parts = compute_items([kernel(resid_node, design_node, perms[part], geometry_node,
                                       two_sided_test, threshold_t, tfce)
-                               for part in _batches(perms.shape[0], batch_size, os.cpu_count())])
+                               for part in _batches(perms.shape[0], batch_size, os.cpu_count())],
+                              progress)
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 

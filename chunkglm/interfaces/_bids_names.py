@@ -201,7 +201,7 @@ def _contrast_names(spec, common: dict, per_run: list, prefix: str, order) -> di
     return out
 
 
-def group_derivative_names(contrasts) -> dict:
+def group_derivative_names(contrasts, permutation_maps=()) -> dict:
     """Names of the derivatives/glm group layout, per contrast label, and the sidecar.
 
     ``group_level/group_contrast-<label>_stat-{t|F,z}.nii.gz`` and
@@ -217,6 +217,10 @@ def group_derivative_names(contrasts) -> dict:
             "fdr": bids_filename(entities, "fdr-corrected", "nii.gz", "group"),
             "fwe": bids_filename(entities, "fwe-corrected", "nii.gz", "group"),
         }
+        if spec.stat_type == "t":
+            for key in permutation_maps:  # nilearn's names: logp_max_t -> stat-logpmaxt
+                maps[spec.label][key] = bids_filename({**entities, "stat": key.replace("_", "")},
+                                                      None, "nii.gz", "group")
         maps[spec.label] = {k: f"group_level/{v}" for k, v in maps[spec.label].items()}
     names = {"maps": maps, "sidecar": "group_level/group_glm.json"}
     check_paths([p for m in maps.values() for p in m.values()] + [names["sidecar"]])

@@ -350,6 +350,22 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
     descriptions : dict, optional
         ``{contrast name: text}`` for the sidecar; default the formula (or
         the name, for weights).
+    fwe : {"bonferroni", "permutation"}, default="bonferroni"
+        How the FWE map of t contrasts is thresholded: Bonferroni on the z
+        map, or nilearn's max-T permutation test
+        (:func:`~chunkglm.glm.second_level.non_parametric_inference`, with
+        ``two_sided_test=two_sided``); F contrasts always use Bonferroni
+        (permutation inference tests one t contrast, as in nilearn).
+    n_perm, random_state : int, optional
+        Permutations (``fwe="permutation"``), as in ``non_parametric_inference``.
+    tfce : bool, default=False
+        ``fwe="permutation"``: also write the TFCE map and its -log10 FWE
+        p-values.
+    cluster_forming_p : float in (0, 1), optional
+        ``fwe="permutation"``: nilearn's ``threshold``; also write the
+        cluster size and mass maps and their -log10 FWE p-values.
+    progress : callable, optional
+        ``progress(done, total)`` during each permutation test.
 
     Returns
     -------
@@ -443,7 +459,9 @@ def _derivative_names(specs, entities, runs, n_runs) -> dict:
 
 def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
                            first_level_contrast=None, alpha=0.05, two_sided=True,
-                           cluster_threshold=0, descriptions=None):
+                           cluster_threshold=0, descriptions=None, fwe="bonferroni",
+                           n_perm=10000, random_state=None, tfce=False,
+                           cluster_forming_p=None, progress=None):
     """Save a second-level GLM in the ``derivatives/glm/group_level`` layout.
 
     Parameters
@@ -471,6 +489,22 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
     descriptions : dict, optional
         ``{contrast name: text}`` for the sidecar; default the formula (or
         the name, for weights).
+    fwe : {"bonferroni", "permutation"}, default="bonferroni"
+        How the FWE map of t contrasts is thresholded: Bonferroni on the z
+        map, or nilearn's max-T permutation test
+        (:func:`~chunkglm.glm.second_level.non_parametric_inference`, with
+        ``two_sided_test=two_sided``); F contrasts always use Bonferroni
+        (permutation inference tests one t contrast, as in nilearn).
+    n_perm, random_state : int, optional
+        Permutations (``fwe="permutation"``), as in ``non_parametric_inference``.
+    tfce : bool, default=False
+        ``fwe="permutation"``: also write the TFCE map and its -log10 FWE
+        p-values.
+    cluster_forming_p : float in (0, 1), optional
+        ``fwe="permutation"``: nilearn's ``threshold``; also write the
+        cluster size and mass maps and their -log10 FWE p-values.
+    progress : callable, optional
+        ``progress(done, total)`` during each permutation test.
 
     Returns
     -------
@@ -493,13 +527,19 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
         group_level/group_contrast-<C>_fdr-corrected.nii.gz
         group_level/group_contrast-<C>_fwe-corrected.nii.gz
         group_level/group_glm.json
+        group_level/group_contrast-<C>_stat-<map>.nii.gz   (fwe="permutation")
+
+    with ``<map>`` one of nilearn's permutation outputs without underscores:
+    ``logpmaxt`` always, ``tfce``/``logpmaxtfce`` with ``tfce``,
+    ``size``/``logpmaxsize``/``mass``/``logpmaxmass`` with
+    ``cluster_forming_p``.
 
     The corrected maps are the z map thresholded, within the model's mask,
     by :func:`chunkglm.glm.thresholding.threshold_stats_img` (nilearn's
     semantics) with ``height_control="fdr"`` and ``"bonferroni"``: voxels
-    below the threshold are 0. The FWE map is the parametric (Bonferroni)
-    one; a permutation max-T FWE map (from ``non_parametric_inference``)
-    is not written by this function.
+    below the threshold are 0. With ``fwe="permutation"`` the FWE map of a
+    t contrast keeps the z values of the voxels whose max-T FWE p-value is
+    below ``alpha`` (then ``cluster_threshold`` applies as for the others).
 
     The sidecar holds ``AnalysisLevel`` ("group_level"), ``Model`` (Type,
     Estimator, Regressors, NumberOfMaps, SmoothingFWHM), ``Contrasts``
@@ -514,8 +554,10 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
                         "first-level model use save_glm_derivatives).")
     _check_second_level(model)
     _check_correction_options(alpha, two_sided, cluster_threshold)
+    permutation = _permutation_options(fwe, n_perm, tfce, cluster_forming_p, random_state)
     specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
-    names = group_derivative_names(specs)
+    names = group_derivative_names(specs, permutation_maps=permutation["maps"] if permutation else ())
+    con_vals = _permutation_contrasts(model, specs) if permutation else {}
     with StagedOutput(out_dir) as out:
         write_json(out.path("dataset_description.json"),
                    dataset_description(out.existing("dataset_description.json"), level="second"))
@@ -523,13 +565,18 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
         for spec in specs:
             maps = model.compute_contrast(spec.definition, first_level_contrast=first_level_contrast,
                                           second_level_stat_type=spec.stat_type, output_type="all")
+            logp = None
+            if spec.label in con_vals:
+                logp = _write_permutation_maps(model, spec, con_vals[spec.label], first_level_contrast,
+                                               two_sided, permutation, names["maps"][spec.label],
+                                               progress, out)
             found = _write_group_maps(model, maps, names["maps"][spec.label],
-                                      (alpha, two_sided, cluster_threshold), out)
+                                      (alpha, two_sided, cluster_threshold), out, logp)
             for key, value in found.items():
                 thresholds[key][spec.label] = value
         corrections = {"TwoSided": bool(two_sided), "ClusterThreshold": cluster_threshold,
                        "FDR": {"Method": "fdr", "Alpha": alpha, "Thresholds": thresholds["fdr"]},
-                       "FWE": {"Method": "bonferroni", "Alpha": alpha, "Thresholds": thresholds["fwe"]}}
+                       "FWE": _fwe_metadata(alpha, thresholds["fwe"], specs, con_vals, permutation)}
         write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
     return out.written
 
@@ -538,8 +585,12 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
 CORRECTIONS = {"fdr": "fdr", "fwe": "bonferroni"}
 
 
-def _write_group_maps(model, maps, outputs, settings, out) -> dict:
-    """stat and z maps, then the corrected z maps; returns the z thresholds (None if infinite)."""
+def _write_group_maps(model, maps, outputs, settings, out, logp_max_t=None) -> dict:
+    """stat and z maps, then the corrected z maps; returns the z thresholds (None if infinite).
+
+    With ``logp_max_t`` (a permutation test's -log10 FWE p-values), the FWE map keeps
+    the voxels where it exceeds -log10(alpha) and its threshold entry is that logp.
+    """
     from chunkglm.glm.thresholding import threshold_stats_img
 
     alpha, two_sided, cluster_threshold = settings
@@ -547,6 +598,11 @@ def _write_group_maps(model, maps, outputs, settings, out) -> dict:
     save_image(maps["z_score"], out.path(outputs["z_score"]))
     found = {}
     for key, height_control in CORRECTIONS.items():
+        if key == "fwe" and logp_max_t is not None:
+            image = _permutation_fwe_map(maps["z_score"], logp_max_t, alpha, cluster_threshold)
+            save_image(image, out.path(outputs[key]))
+            found[key] = -math.log10(alpha)
+            continue
         image, threshold = threshold_stats_img(
             maps["z_score"], mask_img=model.mask_img_, alpha=alpha, height_control=height_control,
             cluster_threshold=cluster_threshold, two_sided=two_sided)
@@ -554,6 +610,77 @@ def _write_group_maps(model, maps, outputs, settings, out) -> dict:
         threshold = float(threshold)
         found[key] = threshold if math.isfinite(threshold) else None
     return found
+
+
+def _permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold):
+    """The z map where the max-T FWE p-value is below ``alpha`` (0 elsewhere), small clusters removed."""
+    import nibabel as nib
+    import numpy as np
+
+    from chunkglm.inference.clusters import apply_cluster_extent
+
+    z = np.asarray(z_img.dataobj, dtype=np.float32)
+    logp = np.asarray(logp_img.dataobj, dtype=np.float64)
+    kept = np.where(logp > -math.log10(alpha), z, 0).astype(np.float32)
+    if cluster_threshold > 0:
+        kept = apply_cluster_extent(kept, cluster_threshold)
+    return nib.Nifti1Image(kept, z_img.affine, z_img.header)
+
+
+def _permutation_options(fwe, n_perm, tfce, cluster_forming_p, random_state):
+    """None for Bonferroni; else the checked settings and the map names to write."""
+    from chunkglm.glm._nonparametric import _check_options
+
+    if fwe not in ("bonferroni", "permutation"):
+        raise InputError(f"fwe must be 'bonferroni' or 'permutation'; received {fwe!r}.")
+    if fwe == "bonferroni":
+        if tfce or cluster_forming_p is not None:
+            raise InputError("tfce and cluster_forming_p are permutation tests: pass "
+                             "fwe='permutation' with them.")
+        return None
+    _check_options(cluster_forming_p, tfce, n_perm, None, None)
+    maps = ["logp_max_t"]
+    maps += ["tfce", "logp_max_tfce"] if tfce else []
+    maps += ["size", "logp_max_size", "mass", "logp_max_mass"] if cluster_forming_p is not None else []
+    return {"n_perm": int(n_perm), "tfce": bool(tfce), "threshold": cluster_forming_p,
+            "random_state": random_state, "maps": maps}
+
+
+def _permutation_contrasts(model, specs) -> dict:
+    """label -> contrast vector of each t contrast (checked before anything is computed)."""
+    from chunkglm.glm._nonparametric import contrast_vector
+
+    return {spec.label: contrast_vector(spec.weights[0], model.design_matrix_)
+            for spec in specs if spec.stat_type == "t"}
+
+
+def _write_permutation_maps(model, spec, con_val, first_level_contrast, two_sided, permutation,
+                            outputs, progress, out):
+    """Run the permutation test of one t contrast, write its maps; return logp_max_t."""
+    from chunkglm.glm._nonparametric import permutation_maps
+
+    images = permutation_maps(model, con_val, first_level_contrast, n_perm=permutation["n_perm"],
+                              two_sided_test=two_sided, random_state=permutation["random_state"],
+                              threshold=permutation["threshold"], tfce=permutation["tfce"],
+                              progress=progress)
+    for key in permutation["maps"]:
+        save_image(images[key], out.path(outputs[key]))
+    return images["logp_max_t"]
+
+
+def _fwe_metadata(alpha, thresholds, specs, con_vals, permutation) -> dict:
+    if permutation is None:
+        return {"Method": "bonferroni", "Alpha": alpha, "Thresholds": thresholds}
+    methods = {spec.label: ("permutation max-T" if spec.label in con_vals else "bonferroni")
+               for spec in specs}
+    state = permutation["random_state"]
+    return {"Method": methods, "Alpha": alpha, "Thresholds": thresholds,
+            "Permutation": {"NumberOfPermutations": permutation["n_perm"],
+                            "RandomState": state if isinstance(state, int) else None,
+                            "TFCE": permutation["tfce"],
+                            "ClusterFormingP": permutation["threshold"],
+                            "ThresholdsAre": "-log10 FWE p-value for permutation contrasts, "
+                                             "|z| for bonferroni ones"}}
 
 
 def _check_correction_options(alpha, two_sided, cluster_threshold) -> None:

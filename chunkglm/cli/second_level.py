@@ -1,0 +1,258 @@
+"""``chunkglm second-level``: a group GLM over first-level results, group derivatives out.
+
+Input: the output folder of ``chunkglm first-level`` (or of nilearn's
+``save_glm_to_bids``: ``sub-XX/sub-XX_..._contrast-<C>_stat-effect_statmap.nii.gz``),
+or a cohort store holding a ``maps/<collection>`` node. The maps are loaded once
+into a maps node (a store), the model is fitted over voxel blocks, and
+:func:`chunkglm.interfaces.bids.save_group_derivatives` writes
+``OUT_DIR/group_level/`` (stat and z maps, FDR and FWE corrected maps, the
+sidecar); with ``--n-perm`` the FWE maps of t contrasts come from nilearn's
+max-T permutation test (plus TFCE / cluster maps with ``--tfce`` /
+``--cluster-threshold``), with a progress bar per contrast. A provenance
+record (``group_level/group_provenance.json``) is written last.
+
+The design: an intercept (one-sample test) plus the covariates of
+``--design`` (a TSV with a ``subject_label`` or ``participant_id`` column
+and one column per covariate, e.g. BIDS ``participants.tsv``), built with
+nilearn's ``make_second_level_design_matrix``; rows follow the maps' subjects.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from chunkglm.errors import InputError
+
+_EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
+
+
+def add_parser(sub, add_common) -> None:
+    """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
+    cmd = sub.add_parser("second-level", help="group GLM (+ permutation inference), group derivatives out")
+    cmd.add_argument("input", help="a first-level derivatives folder (sub-XX/..._stat-effect_statmap.nii.gz) "
+                                   "or a cohort store with a maps collection")
+    cmd.add_argument("-o", "--out-dir", required=True, help="output folder (group_level/ goes in it)")
+    cmd.add_argument("--first-level-contrast", metavar="NAME",
+                     help="derivatives input: the first-level contrast whose effect maps are modelled "
+                          "(its name or its file label, e.g. 'a - b' or aMinusB)")
+    cmd.add_argument("--task", help="derivatives input: keep the maps of this task only")
+    cmd.add_argument("--collection", help="store input: the maps collection (default: the only one)")
+    cmd.add_argument("--design", metavar="TSV",
+                     help="covariates: a TSV with a subject_label (or participant_id) column and one "
+                          "column per covariate; the design is intercept + covariates (default: "
+                          "intercept only, a one-sample test)")
+    cmd.add_argument("-c", "--contrast", action="append", metavar="NAME=EXPRESSION",
+                     help='t contrast over the design columns, e.g. "mean=intercept" or "age=age", '
+                          'or F contrast "effects=intercept; age"; repeat (default: mean=intercept)')
+    cmd.add_argument("--mask", help="analysis mask (default: nilearn's background mask of the mean map)")
+    cmd.add_argument("--smoothing-fwhm", type=float, metavar="MM", help="smooth each map when it is loaded")
+    cmd.add_argument("--alpha", type=float, default=0.05, help="FDR q and FWE p of the corrected maps")
+    cmd.add_argument("--one-sided", action="store_true",
+                     help="positive effects only (default: two-sided corrections and |t| max-T)")
+    cmd.add_argument("--min-cluster-size", type=int, default=0, metavar="VOXELS",
+                     help="remove clusters smaller than this from the corrected maps")
+    cmd.add_argument("--n-perm", type=int, default=0, metavar="N",
+                     help="permutations for the FWE maps of t contrasts (nilearn's max-T test); "
+                          "0: Bonferroni")
+    cmd.add_argument("--tfce", action="store_true", help="with --n-perm: TFCE maps and their FWE p-values")
+    cmd.add_argument("--cluster-threshold", type=float, metavar="P",
+                     help="with --n-perm: cluster-forming uncorrected p (e.g. 0.001) for cluster size "
+                          "and mass FWE p-values (nilearn's threshold)")
+    cmd.add_argument("--random-state", type=int, help="seed of the permutations (nilearn's random_state)")
+    cmd.add_argument("--store", help="derivatives input: a store to load the maps into (default: a "
+                                     "temporary one, removed at the end)")
+    cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                     help="option of the store's object storage (see first-level)")
+    add_common(cmd)
+    cmd.set_defaults(func=run)
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def effect_maps(folder, first_level_contrast, task=None) -> tuple[list[str], list[str]]:
+    """The effect maps of one first-level contrast in a derivatives folder, one per subject.
+
+    Returns
+    -------
+    subjects, paths : list of str
+        Sorted by subject label.
+    """
+    from chunkglm.interfaces._bids_names import contrast_label
+
+    if not first_level_contrast:
+        raise InputError("a first-level derivatives input needs --first-level-contrast NAME (the "
+                         "contrast whose effect maps are modelled).")
+    # nilearn's file labels are lower case for first-level models ("a - b" -> aminusb)
+    wanted = {first_level_contrast.lower(), contrast_label(first_level_contrast).lower()}
+    root = Path(folder)
+    found, contrasts = {}, set()
+    for path in sorted(root.glob("sub-*/**/sub-*_stat-effect_statmap.nii*")):
+        match = _EFFECT.match(path.name)
+        if match is None or (task and f"_task-{task}_" not in f"_{path.name}"):
+            continue
+        subject, label = match.group(1), match.group(2)
+        contrasts.add(label)
+        if label.lower() in wanted:
+            if subject in found:
+                raise InputError(f"sub-{subject} has several effect maps of contrast {label!r} "
+                                 f"({found[subject]}, {path}); select one with --task.")
+            found[subject] = str(path)
+    if not found:
+        detail = (f"contrasts found: {sorted(contrasts)}" if contrasts
+                  else "no sub-XX/*_contrast-<C>_stat-effect_statmap.nii.gz file at all")
+        raise InputError(f"no effect map of contrast {first_level_contrast!r} in {root} ({detail}). "
+                         "Pass the output folder of `chunkglm first-level` and one of its contrasts.")
+    subjects = sorted(found)
+    return subjects, [found[s] for s in subjects]
+
+
+def store_maps(cohort, collection):
+    """The maps node to model and its subject labels (None when it has no subject coordinate)."""
+    nodes = cohort.maps
+    if collection is None:
+        if len(nodes) != 1:
+            raise InputError(f"the store holds {len(nodes)} maps collections {sorted(nodes)}: choose one "
+                             "with --collection.")
+        collection = next(iter(nodes))
+    if collection not in nodes:
+        raise InputError(f"no maps collection {collection!r} in the store; it holds {sorted(nodes)}.")
+    node = nodes[collection]
+    dataset = node.to_dataset()
+    subjects = [str(s) for s in dataset["subject"].values] if "subject" in dataset.variables else None
+    return node, subjects
+
+
+def read_covariates(path) -> pd.DataFrame:
+    """A covariates TSV as nilearn's confounds table (``subject_label`` without ``sub-``)."""
+    try:
+        table = pd.read_csv(path, sep="\t", dtype={"subject_label": str, "participant_id": str})
+    except (OSError, pd.errors.ParserError) as error:
+        raise InputError(f"cannot read the design TSV {path}: {error}") from error
+    if "subject_label" not in table.columns:
+        if "participant_id" not in table.columns:
+            raise InputError(f"the design TSV {path} has columns {list(table.columns)}: it needs a "
+                             "subject_label (or participant_id) column and one column per covariate.")
+        table = table.rename(columns={"participant_id": "subject_label"})
+    table["subject_label"] = table["subject_label"].astype(str).str.removeprefix("sub-")
+    return table
+
+
+def design_for(subjects, covariates_path, n_maps) -> pd.DataFrame:
+    """intercept (+ covariates), one row per map, in the maps' order."""
+    from chunkglm.design.second_level import make_second_level_design_matrix
+
+    if covariates_path is None:
+        return pd.DataFrame({"intercept": [1.0] * n_maps})
+    if subjects is None:
+        raise InputError("--design matches covariates to maps by subject, but the maps collection has "
+                         "no subject coordinate; convert the maps from BIDS-named files (sub-XX_...).")
+    table = read_covariates(covariates_path)
+    missing = sorted(set(subjects) - set(table["subject_label"]))
+    if missing:
+        raise InputError(f"the design TSV {covariates_path} has no row for subject(s) {missing[:10]}; "
+                         "give one row per subject whose map is modelled.")
+    table = table[table["subject_label"].isin(subjects)]
+    return make_second_level_design_matrix(list(subjects), table)
+
+
+def parse_contrasts(items) -> tuple[dict, dict]:
+    """``NAME=EXPRESSION`` items -> definitions and types (``;`` separates F rows)."""
+    from chunkglm.cli.first_level import parse_contrasts as parse_pairs
+
+    definitions, types = {}, {}
+    for name, expression in parse_pairs(items or ["mean=intercept"]).items():
+        rows = [row.strip() for row in expression.split(";") if row.strip()]
+        definitions[name] = rows[0] if len(rows) == 1 else rows
+        types[name] = "t" if len(rows) == 1 else "F"
+    return definitions, types
+
+
+def contrast_weights(definitions, design) -> dict:
+    """F rows (formulas) -> a weight matrix over the design's columns."""
+    import numpy as np
+
+    from chunkglm.glm.second_level import parse_contrast
+
+    columns = [str(c) for c in design.columns]
+    return {name: (np.vstack([parse_contrast(row, columns) for row in value])
+                   if isinstance(value, list) else value)
+            for name, value in definitions.items()}
+
+
+def _check_permutation_args(args) -> None:
+    if args.n_perm < 0:
+        raise InputError(f"--n-perm must be >= 0 (0: Bonferroni FWE); received {args.n_perm}.")
+    if args.n_perm == 0 and (args.tfce or args.cluster_threshold is not None):
+        raise InputError("--tfce and --cluster-threshold are permutation tests: give --n-perm N "
+                         "(e.g. 5000) with them.")
+
+
+# -- the command -------------------------------------------------------------------------------
+
+def _inputs(args, reporter):
+    """(second_level_input, subjects, provenance inputs)."""
+    from chunkglm.cli.first_level import _open_if_store
+    from chunkglm.cli.main import storage_for
+    from chunkglm.io.convert import file_sha256
+
+    cohort = _open_if_store(args.input, storage_for(args))
+    if cohort is not None:
+        node, subjects = store_maps(cohort, args.collection)
+        reporter.line(f"maps: {node.path} of {args.input} ({node.data().shape[0]} maps)")
+        return node, subjects, [{"node": node.path, "store": str(args.input)}]
+    if not Path(args.input).is_dir():
+        raise InputError(f"{args.input} is neither a cohort store nor a folder of first-level derivatives.")
+    subjects, paths = effect_maps(args.input, args.first_level_contrast, args.task)
+    reporter.line(f"maps: {len(paths)} effect maps of contrast {args.first_level_contrast!r}")
+    entries = [{"path": str(Path(p).absolute()), "size": Path(p).stat().st_size,
+                "sha256": file_sha256(p)} for p in paths]
+    return paths, subjects, entries
+
+
+def run(args) -> int:
+    """Entry point of ``chunkglm second-level``."""
+    from chunkglm.cli.main import cluster_client, command_options
+    from chunkglm.cli.progress import Reporter
+    from chunkglm.glm.second_level import SecondLevelModel
+    from chunkglm.interfaces.bids import save_group_derivatives
+    from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
+
+    stopwatch = Stopwatch()
+    _check_permutation_args(args)
+    definitions, types = parse_contrasts(args.contrast)
+    reporter = Reporter(bars=not args.no_progress)
+    with cluster_client(args.cluster) as client:
+        second_level_input, subjects, entries = _inputs(args, reporter)
+        n_maps = (len(second_level_input) if isinstance(second_level_input, list)
+                  else int(second_level_input.data().shape[0]))
+        design = design_for(subjects if subjects is not None else None, args.design, n_maps)
+        weights = contrast_weights(definitions, design)  # unknown columns fail here, before the fit
+        store = args.store if isinstance(second_level_input, list) else None
+        model = SecondLevelModel(mask_img=args.mask, smoothing_fwhm=args.smoothing_fwhm, store=store)
+        with reporter.phase("loading and fitting") as advance:
+            model.fit(second_level_input, design_matrix=design)
+            advance("fitted")
+        fwe = "permutation" if args.n_perm > 0 else "bonferroni"
+        with reporter.phase("permutations" if args.n_perm else "writing") as advance:
+            def progress(done, total):
+                advance("permutation blocks", done=done, total=total)
+
+            paths = save_group_derivatives(
+                model, weights, args.out_dir, contrast_types=types, alpha=args.alpha,
+                two_sided=not args.one_sided, cluster_threshold=args.min_cluster_size, fwe=fwe,
+                n_perm=args.n_perm or 10000, random_state=args.random_state, tfce=args.tfce,
+                cluster_forming_p=args.cluster_threshold, progress=progress)
+        outputs = [str(Path(p).relative_to(Path(args.out_dir))) for p in paths]
+        content = record("second-level", inputs=entries, options=command_options(args),
+                         cluster=cluster_summary(client), stopwatch=stopwatch,
+                         design={"columns": [str(c) for c in design.columns],
+                                 "subjects": subjects, "rows": int(len(design))},
+                         outputs=outputs)
+    write_record(Path(args.out_dir) / "group_level" / "group_provenance.json", content)
+    for path in outputs:
+        reporter.line(f"wrote {path}")
+    print(f"group derivatives: {Path(args.out_dir) / 'group_level'}")
+    return 0

@@ -1,0 +1,146 @@
+"""``chunkglm second-level`` as users run it: first-level derivatives (or a store) in,
+the derivatives/glm group layout out, equal to nilearn on the same maps.
+
+Tolerances: maps are float32 files; z maps compared with relative L2 <= 1e-6 over the mask
+(float32 rounding ~6e-8, see tests/test_save_glm_to_bids_second_level.py). Permutation
+-log10 p-values are k/(n_perm+1) fractions, identical given nilearn's seed: atol 1e-6 covers
+their float32 storage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.filterwarnings("ignore:No clusters found:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Attention. Design matrix is singular:UserWarning")]
+
+SHAPE = (10, 11, 9)
+AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
+N = 10
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "chunkglm.cli.main", "second-level", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def derivatives(tmp_path_factory):
+    """first-level-style folders: sub-XX/sub-XX_task-main_contrast-aminusb_stat-effect_statmap.nii.gz
+    (and another contrast as a distractor), a participants.tsv with age."""
+    root = tmp_path_factory.mktemp("first_level")
+    rng = np.random.default_rng(11)
+    ages = rng.normal(30, 8, N)
+    paths = []
+    for i in range(N):
+        sub = f"{i + 1:02d}"
+        folder = root / f"sub-{sub}"
+        folder.mkdir()
+        data = np.zeros(SHAPE, np.float32)
+        data[1:-1, 1:-1, 1:-1] = rng.normal(0.2, 1.0, (8, 9, 7))
+        data[2:5, 2:5, 2:5] += 3.0 + 0.05 * (ages[i] - 30)
+        path = folder / f"sub-{sub}_task-main_contrast-aminusb_stat-effect_statmap.nii.gz"
+        nib.save(nib.Nifti1Image(data, AFFINE), path)
+        nib.save(nib.Nifti1Image(-data, AFFINE),
+                 folder / f"sub-{sub}_task-main_contrast-b_stat-effect_statmap.nii.gz")
+        paths.append(str(path))
+    table = pd.DataFrame({"participant_id": [f"sub-{i + 1:02d}" for i in range(N)], "age": ages})
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    return {"root": root, "paths": paths, "table": table}
+
+
+def _nilearn_model(paths, design):
+    from nilearn.glm.second_level import SecondLevelModel
+
+    return SecondLevelModel().fit(paths, design_matrix=design)
+
+
+def _rel_l2(a, b, inside):
+    return np.linalg.norm((a - b)[inside]) / np.linalg.norm(b[inside])
+
+
+def test_derivatives_in_group_layout_out_equal_to_nilearn(derivatives, tmp_path):
+    from nilearn.glm.second_level import make_second_level_design_matrix, non_parametric_inference
+
+    out = tmp_path / "group"
+    done = _cli(derivatives["root"], "-o", out, "--first-level-contrast", "a - b",
+                "--design", derivatives["root"] / "participants.tsv",
+                "-c", "mean=intercept", "-c", "age=age", "--n-perm", 100, "--tfce",
+                "--random-state", 3, "--cluster", "none")
+    assert done.returncode == 0, done.stderr
+    assert "10 effect maps" in done.stderr and "[" in done.stderr  # permutation progress lines
+    folder = out / "group_level"
+    confounds = derivatives["table"].rename(columns={"participant_id": "subject_label"})
+    confounds["subject_label"] = confounds["subject_label"].str.removeprefix("sub-")
+    design = make_second_level_design_matrix([f"{i + 1:02d}" for i in range(N)], confounds)
+    ref = _nilearn_model(derivatives["paths"], design)
+    inside = ref.masker_.mask_img_.get_fdata() > 0
+    for name in ("mean", "age"):
+        z = nib.load(folder / f"group_contrast-{name}_stat-z.nii.gz").get_fdata()
+        expected = ref.compute_contrast(name if name == "age" else "intercept",
+                                        output_type="z_score").get_fdata()
+        assert _rel_l2(z, expected, inside) <= 1e-6
+    npi = non_parametric_inference(derivatives["paths"], design_matrix=design,
+                                   second_level_contrast="intercept", mask=ref.masker_.mask_img_,
+                                   n_perm=100, two_sided_test=True, random_state=3, tfce=True, n_jobs=1)
+    for stat, key in (("logpmaxt", "logp_max_t"), ("logpmaxtfce", "logp_max_tfce")):
+        ours = nib.load(folder / f"group_contrast-mean_stat-{stat}.nii.gz").get_fdata()
+        np.testing.assert_allclose(ours[inside], npi[key].get_fdata()[inside], rtol=0, atol=1e-6)
+    provenance = json.loads((folder / "group_provenance.json").read_text())
+    assert provenance["operation"] == "second-level"
+    assert provenance["design"]["columns"] == ["age", "intercept"]  # nilearn: covariates first
+    assert len(provenance["inputs"]) == N and all(len(e["sha256"]) == 64 for e in provenance["inputs"])
+    assert "group_level/group_contrast-age_fwe-corrected.nii.gz" in provenance["outputs"]
+    sidecar = json.loads((folder / "group_glm.json").read_text())
+    assert sidecar["Corrections"]["FWE"]["Method"] == {"mean": "permutation max-T",
+                                                       "age": "permutation max-T"}
+
+
+def test_store_collection_one_sample_on_a_local_cluster(derivatives, tmp_path):
+    import chunkglm
+
+    store = tmp_path / "maps.zarr"
+    chunkglm.convert(derivatives["paths"], store, collection="aminusb")
+    out = tmp_path / "group"
+    done = _cli(store, "-o", out, "--n-perm", 50, "--random-state", 0, "-c", "effects=intercept",
+                "--no-progress")  # default --cluster local: a real LocalCluster
+    assert done.returncode == 0, done.stderr
+    folder = out / "group_level"
+    from nilearn.glm.second_level import SecondLevelModel
+
+    ref = SecondLevelModel().fit(derivatives["paths"], design_matrix=pd.DataFrame({"intercept": np.ones(N)}))
+    inside = ref.masker_.mask_img_.get_fdata() > 0
+    z = nib.load(folder / "group_contrast-effects_stat-z.nii.gz").get_fdata()
+    assert _rel_l2(z, ref.compute_contrast("intercept", output_type="z_score").get_fdata(), inside) <= 1e-6
+    assert (folder / "group_contrast-effects_stat-logpmaxt.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--first-level-contrast", "nope"], "contrasts found: \\['aminusb', 'b'\\]"),
+    (["--first-level-contrast", "aMinusB", "-c", "x=height"], "height"),
+    (["--first-level-contrast", "aMinusB", "--tfce"], "give --n-perm"),
+    (["--first-level-contrast", "aMinusB", "--n-perm", "-3"], "--n-perm must be >= 0"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(derivatives, tmp_path, extra, message):
+    out = tmp_path / "group"
+    done = _cli(derivatives["root"], "-o", out, "--cluster", "none", *extra)
+    assert done.returncode != 0
+    assert re.search(message, done.stderr), done.stderr
+    assert not (out / "group_level").exists()
+
+
+def test_design_tsv_must_cover_every_subject(derivatives, tmp_path):
+    partial = tmp_path / "participants.tsv"
+    derivatives["table"].iloc[:5].to_csv(partial, sep="\t", index=False)
+    done = _cli(derivatives["root"], "-o", tmp_path / "g", "--first-level-contrast", "aminusb",
+                "--design", partial, "--cluster", "none")
+    assert done.returncode != 0 and "no row for subject(s) ['06'" in done.stderr, done.stderr
