@@ -591,6 +591,7 @@ def scale_out_case(ctx: Context) -> CaseResult:
 CASES = {"convert": convert_case, "first_level": first_level_case, "first_level_cohort": first_level_cohort_case,
          "scale_out": scale_out_case}
 
-from _cases_second_level import second_level_case  # noqa: E402  (imports this module's Row, Check, ...)
+from _cases_second_level import second_level_case, second_level_scale_case  # noqa: E402  (imports Row, ...)
 
 CASES["second_level"] = second_level_case
+CASES["second_level_scale"] = second_level_scale_case

@@ -22,6 +22,11 @@ N_PERM = {"realistic": {"nilearn": 20, "chunkglm": 1000}, "small": {"nilearn": 1
 #: values <= log10(n_perm + 1), so rounding stays below ~1e-7; a difference above
 #: this means a different null (other permutations), not rounding.
 LOGP_TOLERANCE = 1e-6
+#: Whole-volume permutation tests (TFCE; cluster mass at a cluster-forming p of 0.001):
+#: nilearn labels / integrates every permuted volume in Python-level loops (seconds per
+#: permutation at 235k voxels), so it gets fewer; the same count on both sides is the parity run.
+VOLUME_N_PERM = {"realistic": {"nilearn": 10, "chunkglm": 100}, "small": {"nilearn": 5, "chunkglm": 20}}
+VOLUME_TESTS = {"tfce": {"tfce": True}, "mass": {"threshold": 0.001}}
 
 
 def second_level_case(ctx: Context) -> CaseResult:
@@ -45,8 +50,22 @@ def second_level_case(ctx: Context) -> CaseResult:
         for count in sorted({1, n_perm["nilearn"], n_perm[side]}):
             m[(side, count)] = ctx.measure(f"permutation_{side}", n_perm=count, **args, **common)
 
+    volume_n_perm = VOLUME_N_PERM[ctx.size]
+    for test, options in VOLUME_TESTS.items():
+        for side, args in (("nilearn", {"maps": folder}), ("chunkglm", {"store": store, "node": node})):
+            for count in sorted({1, volume_n_perm["nilearn"], volume_n_perm[side]}):
+                m[(test, side, count)] = ctx.measure(f"permutation_{side}", n_perm=count, **options, **args,
+                                                     **common)
+
     parity = {key: map_parity(m["nilearn"].extra["maps"], m[key].extra["maps"], data["mask"])
               for key in ("nifti", "store")}
+    same_volume = volume_n_perm["nilearn"]
+    for test in VOLUME_TESTS:
+        parity[test] = _volume_parity(m[(test, "nilearn", same_volume)].extra[f"logp_{test}"],
+                                      m[(test, "chunkglm", same_volume)].extra[f"logp_{test}"], data["mask"])
+    volume_per_perm = {test: {side: _per_permutation({(side, c): m[(test, side, c)]
+                                                      for c in {1, volume_n_perm[side]}}, side, volume_n_perm[side])
+                              for side in ("nilearn", "chunkglm")} for test in VOLUME_TESTS}
     for key in ("nifti", "store"):
         parity[key]["t"] = _volume_parity(m["nilearn"].extra["stat"], m[key].extra["stat"], data["mask"])
     same = n_perm["nilearn"]
@@ -56,10 +75,36 @@ def second_level_case(ctx: Context) -> CaseResult:
     facts = {**{k: data[k] for k in ("n_maps", "shape", "mask_voxels")},
              "store_load_s": ctx.setup["load"]["wall_s"], "store_bytes": ctx.setup["load"]["store_mib"] * MiB,
              "n_perm": n_perm, "per_permutation_s": per_perm, "per_permutation_basis": _basis(per_perm),
-             "parity": parity}
+             "volume_n_perm": volume_n_perm, "volume_per_permutation_s": volume_per_perm, "parity": parity}
     title = f"second-level GLM and max-T permutations on {data['n_maps']} {ctx.size} maps, nilearn vs chunkglm"
-    return CaseResult("second_level", title, facts, _rows(m, n_perm, per_perm), _notes(facts),
-                      _after(parity, same))
+    rows = _rows(m, n_perm, per_perm) + _volume_rows(m, volume_n_perm, volume_per_perm)
+    return CaseResult("second_level", title, facts, rows, _notes(facts), _after(parity, same, same_volume))
+
+
+def _volume_rows(m: dict, n_perm: dict, per_perm: dict) -> list[Row]:
+    """TFCE and cluster-mass rows: reported (the issue sets no target), per-permutation ratio."""
+    rows = []
+    names = {"tfce": "tfce=True", "mass": "threshold=0.001 (cluster size + mass)"}
+    for test in VOLUME_TESTS:
+        basis = _basis(per_perm[test])
+        for side in ("nilearn", "chunkglm"):
+            for count in sorted({1, n_perm["nilearn"], n_perm[side]}):
+                label = f"{'anchor: nilearn' if side == 'nilearn' else 'chunkglm'} non_parametric_inference " \
+                        f"{names[test]}, n_perm={count}"
+                measurement = m[(test, side, count)]
+                if count == 1:
+                    rows.append(Row(label, measurement, "fixed cost", "— (subtracted)"))
+                elif count != n_perm[side]:
+                    rows.append(Row(label, measurement, f"{measurement.wall_s / count:.3f} s/perm all-in",
+                                    "— (parity run: nilearn's permutations)"))
+                else:
+                    cost = per_perm[test][side]
+                    text = f"{cost['marginal']:.3f} s/perm marginal, {cost['all_in']:.3f} all-in"
+                    if side == "chunkglm":
+                        speedup = per_perm[test]["nilearn"][basis] / cost[basis]
+                        text += f"; {speedup:.1f}× faster per permutation than nilearn ({basis})"
+                    rows.append(Row(label, measurement, text, "reported (no target in the issue)"))
+    return rows
 
 
 def _per_permutation(m: dict, side: str, count: int) -> dict:
@@ -155,12 +200,15 @@ def _notes(facts: dict) -> list[str]:
         "(n_perm − 1), so that loading and masking the maps (nilearn reads the NIfTI files in every call) and "
         "the unpermuted fit cancel; the ratio and its target use it. *All-in* = wall / n_perm. chunkglm runs "
         f"n_perm={n_perm['nilearn']} too, with nilearn's permutations (same random_state and n_jobs): the parity "
-        "run below. Cluster-size, cluster-mass and TFCE inference are not measured: chunkglm's "
-        "`non_parametric_inference` computes max-T only in this version.",
+        "run below. TFCE and cluster rows: the same call with `tfce=True`, or `threshold=0.001` (cluster "
+        f"size and mass), n_perm 1 and {facts['volume_n_perm']['nilearn']} for nilearn, 1, "
+        f"{facts['volume_n_perm']['nilearn']} (parity) and {facts['volume_n_perm']['chunkglm']} for chunkglm; "
+        "whole permuted volumes are labelled / integrated on both sides (chunkglm: batches of permutations "
+        "spread over the threads, the residualised maps shared once).",
     ]
 
 
-def _after(parity: dict, same_n_perm: int) -> list[str]:
+def _after(parity: dict, same_n_perm: int, same_volume: int) -> list[str]:
     rows = []
     for key, label in (("nifti", "chunkglm from the NIfTI maps"), ("store", "chunkglm from the maps node")):
         z, t, effect = parity[key]["z"], parity[key]["t"], parity[key]["effect"]
@@ -178,4 +226,65 @@ def _after(parity: dict, same_n_perm: int) -> list[str]:
         f"{logp['rel_l2']:.2e}, max abs diff "
         f"{logp['max_abs_diff']:.2e}, {logp['voxels_over_tol']} voxels with a difference > {LOGP_TOLERANCE:.0e}, "
         f"{logp['nonfinite_mismatch']} finite on one side only.",
+        *[f"{test.upper()} (n_perm={same_volume}, the same permutations): -log10 FWE p of "
+          f"{'TFCE' if test == 'tfce' else 'cluster mass'} rel L2 {parity[test]['rel_l2']:.2e}, max abs diff "
+          f"{parity[test]['max_abs_diff']:.2e}, {parity[test]['voxels_over_tol']} voxels over {LOGP_TOLERANCE:.0e}."
+          for test in VOLUME_TESTS],
     ]
+
+
+#: Scale case: maps per run of the step; flat memory = the worker peak at the largest N
+#: within FLAT_TOLERANCE of the smallest N's (same chunk budget, 10x the maps).
+SCALE_N = {"realistic": (500, 5000), "small": (50, 500)}
+SCALE_N_PERM = {"realistic": 100, "small": 20}
+FLAT_TOLERANCE = 1.25
+
+
+def second_level_scale_case(ctx: Context) -> CaseResult:
+    """N = 500 and 5,000 maps (MNI 2 mm) from a store on a 2-worker LocalCluster: fit + contrast
+    and a max-T test; the per-worker peak memory must not grow with N."""
+    from _data import second_level_scale_store
+
+    if ctx.size != "realistic":
+        raise SystemExit("second_level_scale has a realistic size only (its point is N = 5,000 maps)")
+    n_perm = SCALE_N_PERM[ctx.size]
+    m, stores = {}, {}
+    for n in SCALE_N[ctx.size]:
+        stores[n] = second_level_scale_store(ctx.data_dir, n)
+        m[n] = ctx.measure("second_level_scale", store=stores[n]["store"], node=stores[n]["node"],
+                           mask=stores[n]["mask"], n_perm=n_perm)
+    small, large = SCALE_N[ctx.size]
+    peak = {n: max(max(m[n].extra["worker_vmhwm_mib"].values()),
+                   max(m[n].extra["worker_sampled_rss_mib"].values())) for n in m}
+    rows = []
+    for n in (small, large):
+        extra = m[n].extra
+        text = (f"worker peak {peak[n]:.0f} MiB; fit+contrast {extra['parametric_s']:.1f} s, "
+                f"max-T {extra['permutation_s']:.1f} s ({extra['permutation_s'] / n_perm:.3f} s/perm)")
+        checks, target = [], "—"
+        if n == large:
+            ratio = peak[large] / peak[small]
+            text += f"; {ratio:.2f}× the worker peak at N={small}"
+            target = f"worker peak ≤ {FLAT_TOLERANCE:g}× N={small}'s (flat)"
+            checks = [Check("flat worker memory", ratio <= FLAT_TOLERANCE)]
+        rows.append(Row(f"chunkglm N={n:,} maps (store {stores[n]['store_gib']:.1f} GiB)", m[n], text, target,
+                        checks))
+    facts = {"n_maps": list(SCALE_N[ctx.size]), "n_perm": n_perm,
+             "store_gib": {n: stores[n]["store_gib"] for n in stores},
+             "worker_peak_mib": peak}
+    notes = [
+        "Input: `maps/scale` nodes written straight into a store (`_data.second_level_scale_store`: "
+        "235,413 voxels of the second_level case's MNI 2 mm mask, map i = smooth group map + covariate_i × "
+        "slope map + white unit noise, float32, 64 MiB chunks; 5,000 NIfTI files would be ~9 GB of gzip).",
+        f"Step: a LocalCluster of 2 worker processes × 1 thread (set-up); timed: `SecondLevelModel(mask_img="
+        "<mask>).fit(<maps node>, design_matrix=covariate + intercept)`, `compute_contrast(\"covariate\", "
+        f"output_type=\"z_score\")`, then the max-T test of the covariate with n_perm={n_perm} "
+        "(`chunkglm.glm._nonparametric.permutation_maps`, what `non_parametric_inference` runs after loading).",
+        "Worker peak: the larger of each worker's `VmHWM` (true peak RSS of the process) and its RSS "
+        "sampled every 0.2 s, over both workers. Flat memory means it does not grow with N: a voxel block holds "
+        "all N maps but its width is sized to the same 64 MiB, so 10× the maps is 10× the blocks, not bigger ones. "
+        "No anchor row: nilearn holds the whole (N, voxels) array in float64 (8.8 GiB at N=5,000, plus "
+        "copies), the in-memory wall this case is about.",
+    ]
+    return CaseResult("second_level_scale", "second-level scale: 500 vs 5,000 maps, flat worker memory",
+                      facts, rows, notes, [])

@@ -645,20 +645,34 @@ def second_level_load(timed, maps, mask, design, store):
 
 
 @step("permutation_nilearn")
-def permutation_nilearn(timed, maps, mask, design, n_perm, out):
-    """nilearn's non_parametric_inference (max-T, one-sided, random_state=0, n_jobs=1)."""
+def permutation_nilearn(timed, maps, mask, design, n_perm, out, tfce=False, threshold=None):
+    """nilearn's non_parametric_inference (max-T, one-sided, random_state=0, n_jobs=1);
+    ``tfce`` / ``threshold`` (cluster-forming p) add TFCE / cluster size and mass inference."""
     from nilearn.glm.second_level import non_parametric_inference
 
     dm, paths = _second_level_design(design), _map_paths(maps)
     with timed:
-        logp = non_parametric_inference(paths, design_matrix=dm,
-                                        second_level_contrast=SECOND_LEVEL_CONTRAST,
-                                        mask=mask, n_perm=n_perm, random_state=0, n_jobs=1)
-    return {"n_perm": n_perm, "logp": _save_volume(logp, Path(out) / f"nilearn_logp_{n_perm}.nii")}
+        result = non_parametric_inference(paths, design_matrix=dm,
+                                          second_level_contrast=SECOND_LEVEL_CONTRAST,
+                                          mask=mask, n_perm=n_perm, random_state=0, n_jobs=1,
+                                          tfce=tfce, threshold=threshold)
+    return {"n_perm": n_perm, **_permutation_outputs(result, out, f"nilearn_{n_perm}", tfce, threshold)}
+
+
+def _permutation_outputs(result, out, stem, tfce, threshold) -> dict:
+    """Save the -log10 FWE p map(s): ``logp`` (max-T), ``logp_tfce``, ``logp_mass``."""
+    if not isinstance(result, dict):
+        return {"logp": _save_volume(result, Path(out) / f"{stem}_logp.nii")}
+    saved = {"logp": _save_volume(result["logp_max_t"], Path(out) / f"{stem}_logp.nii")}
+    if tfce:
+        saved["logp_tfce"] = _save_volume(result["logp_max_tfce"], Path(out) / f"{stem}_logp_tfce.nii")
+    if threshold is not None:
+        saved["logp_mass"] = _save_volume(result["logp_max_mass"], Path(out) / f"{stem}_logp_mass.nii")
+    return saved
 
 
 @step("permutation_chunkglm")
-def permutation_chunkglm(timed, store, node, mask, design, n_perm, out):
+def permutation_chunkglm(timed, store, node, mask, design, n_perm, out, tfce=False, threshold=None):
     """chunkglm's non_parametric_inference on the maps node loaded beforehand,
     with nilearn's arguments (random_state=0 draws nilearn's permutations)."""
     _second_level_imports()
@@ -668,9 +682,54 @@ def permutation_chunkglm(timed, store, node, mask, design, n_perm, out):
     dm = _second_level_design(design)
     second_level_input = open_cohort(store).maps[node]
     with timed:
-        logp = non_parametric_inference(second_level_input, design_matrix=dm, second_level_contrast=SECOND_LEVEL_CONTRAST,
-                                        mask=mask, n_perm=n_perm, random_state=0, n_jobs=1)
-    return {"n_perm": n_perm, "logp": _save_volume(logp, Path(out) / f"chunkglm_logp_{n_perm}.nii")}
+        result = non_parametric_inference(second_level_input, design_matrix=dm,
+                                          second_level_contrast=SECOND_LEVEL_CONTRAST, mask=mask,
+                                          n_perm=n_perm, random_state=0, n_jobs=1, tfce=tfce,
+                                          threshold=threshold)
+    return {"n_perm": n_perm, **_permutation_outputs(result, out, f"chunkglm_{n_perm}", tfce, threshold)}
+
+
+@step("second_level_scale")
+def second_level_scale(timed, store, node, mask, n_perm, n_workers=2, sample_s=0.2):
+    """Scale case: SecondLevelModel fit + compute_contrast(covariate, z) and a max-T test of
+    ``n_perm`` permutations on a maps node of N maps, on a LocalCluster of ``n_workers``
+    processes x 1 thread (started in set-up), each worker's memory sampled (:class:`WorkerMemory`)
+    and its ``VmHWM`` read at the end. The design is ``covariate`` (the node's ``covariate``
+    coordinate) + ``intercept``."""
+    _second_level_imports()
+    import numpy as np
+    import pandas as pd
+
+    from chunkglm.cluster import start
+    from chunkglm.glm._nonparametric import permutation_maps
+    from chunkglm.glm.second_level import SecondLevelModel
+    from chunkglm.io.cohort import open_cohort
+
+    maps_node = open_cohort(store).maps[node]
+    covariate = np.asarray(maps_node.to_dataset()["covariate"].values, dtype=np.float64)
+    dm = pd.DataFrame({"covariate": covariate, "intercept": np.ones(covariate.size)})
+    client = start(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", verbose=False)
+    try:
+        client.run(_worker_imports)
+        client.run(lambda: __import__("chunkglm.kernels.permutation"))
+        phases = {}
+        with WorkerMemory(client, sample_s) as sampler, timed:
+            began = time.perf_counter()
+            model = SecondLevelModel(mask_img=mask).fit(maps_node, design_matrix=dm)
+            z = model.compute_contrast(SECOND_LEVEL_CONTRAST, output_type="z_score")
+            phases["parametric_s"] = time.perf_counter() - began
+            began = time.perf_counter()
+            logp = permutation_maps(model, np.array([1.0, 0.0]), n_perm=n_perm, random_state=0)["logp_max_t"]
+            phases["permutation_s"] = time.perf_counter() - began
+        peaks = client.run(_worker_peak_rss)
+        memory = {str(w): sampler.summary(w, set()) for w in peaks}
+    finally:
+        client.close()
+    values = np.asarray(z.dataobj)
+    return {"n_maps": int(covariate.size), "n_perm": n_perm, **phases,
+            "worker_vmhwm_mib": {str(w): v / MiB for w, v in peaks.items()},
+            "worker_sampled_rss_mib": {w: m["rss"] / MiB for w, m in memory.items()},
+            "z_max": float(np.nanmax(values)), "logp_max": float(np.asarray(logp.dataobj).max())}
 
 
 def main(argv) -> None:
