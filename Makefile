@@ -9,6 +9,10 @@ DEMO_OUT  ?= demo_output
 DEMO_SIZE ?= realistic
 DEMO_SUBJECTS ?= 2
 PYTEST_ARGS ?=
+# NiMARE 0.22 (the IBMA anchor) needs nilearn < 0.14: it gets its own venv, used by the
+# IBMA parity tests and benchmarks through a subprocess (never imported into .venv).
+NIMARE_VENV  := .venv-nimare
+NIMARE_STAMP := $(NIMARE_VENV)/.nimare-installed
 
 .PHONY: install demo test bench clean
 
@@ -18,17 +22,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+$(NIMARE_STAMP): requirements/nimare-reference.txt
+	@test -x $(NIMARE_VENV)/bin/python || $(PYTHON) -m venv $(NIMARE_VENV)
+	$(NIMARE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NIMARE_VENV)/bin/python -m pip install --quiet -r requirements/nimare-reference.txt
+	@touch $(NIMARE_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/chunkglm demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --subjects $(DEMO_SUBJECTS)
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
-test: $(STAMP)
+test: $(STAMP) $(NIMARE_STAMP)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-bench: $(STAMP)
+bench: $(STAMP) $(NIMARE_STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -103,9 +103,26 @@ class Context:
         return path
 
 
+def nimare_python() -> str:
+    """The interpreter of the NiMARE anchor: NiMARE 0.22 needs nilearn < 0.14, so it lives
+    in its own venv (``make bench`` creates ``.venv-nimare``); CHUNKGLM_NIMARE_PYTHON overrides."""
+    import os
+
+    path = os.environ.get("CHUNKGLM_NIMARE_PYTHON") or str(Path(__file__).resolve().parents[1]
+                                                         / ".venv-nimare" / "bin" / "python")
+    if not Path(path).is_file():
+        raise StepFailed(f"no NiMARE interpreter at {path}: run `make bench` (it creates .venv-nimare) "
+                         "or set CHUNKGLM_NIMARE_PYTHON")
+    return path
+
+
 def run_child(step: str, kwargs: dict) -> dict:
-    """One step in a fresh interpreter; returns its ``BENCH-RESULT`` record."""
-    command = [sys.executable, str(STEPS_SCRIPT), step, json.dumps(kwargs)]
+    """One step in a fresh interpreter; returns its ``BENCH-RESULT`` record.
+
+    ``nimare_*`` steps run in the NiMARE venv (:func:`nimare_python`), the others in this one.
+    """
+    python = nimare_python() if step.startswith("nimare_") else sys.executable
+    command = [python, str(STEPS_SCRIPT), step, json.dumps(kwargs)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:

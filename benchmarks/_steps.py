@@ -732,6 +732,29 @@ def second_level_scale(timed, store, node, mask, n_perm, n_workers=2, sample_s=0
             "z_max": float(np.nanmax(values)), "logp_max": float(np.asarray(logp.dataobj).max())}
 
 
+@step("nimare_ibma")
+def nimare_ibma(timed, dataset, mask, estimator, out, params=None, label=""):
+    """NiMARE 0.22 (in its own venv): ``Dataset(<json>, mask=<mask>)`` (set-up), then timed
+    ``ibma.<estimator>(**params).fit(dset)``: NiMARE reads and masks the NIfTI inside fit.
+    Saves the z map (and est/tau2 when present) for the parity check."""
+    import nimare
+    from nimare.dataset import Dataset
+    from nimare.meta import ibma
+
+    dset = Dataset(dataset, mask=mask)
+    est = getattr(ibma, estimator)(**(params or {}))
+    with timed:
+        result = est.fit(dset)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    saved = {}
+    for name in ("z", "est", "tau2"):
+        if name in result.maps:
+            path = Path(out) / f"nimare_{estimator}{label}_{name}.nii.gz"
+            result.get_map(name).to_filename(path)
+            saved[name] = str(path)
+    return {"maps": saved, "nimare": nimare.__version__}
+
+
 def main(argv) -> None:
     name, kwargs = argv[1], json.loads(argv[2]) if len(argv) > 2 else {}
     timed = Timed()

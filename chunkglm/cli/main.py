@@ -88,7 +88,7 @@ def command_options(args) -> dict:
     from chunkglm.provenance import strip_secrets
 
     options = {k: v for k, v in vars(args).items() if k != "func"}
-    for key in ("input", "inputs", "out_dir", "store", "mask"):
+    for key in ("input", "inputs", "out_dir", "store", "mask", "out", "table"):
         if key in options:
             options[key] = _absolute(options[key])
     for key in ("storage_option", "input_storage_option"):
@@ -177,10 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
-    from chunkglm.cli import first_level, second_level
+    from chunkglm.cli import first_level, meta, second_level
 
     first_level.add_parser(sub, _add_common)
     second_level.add_parser(sub, _add_common)
+    meta.add_parser(sub, _add_common)
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

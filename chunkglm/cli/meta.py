@@ -1,0 +1,110 @@
+"""``chunkglm meta``: an image-based meta-analysis over a store collection or a table of images.
+
+::
+
+    chunkglm meta --estimator DerSimonianLaird --store S --collection C --out DIR
+    chunkglm meta --estimator Stouffers --table images.tsv --out DIR --correct fdr
+
+``--table`` is a TSV with one row per image and columns among ``z, t, beta,
+varcope, se`` (NIfTI paths, relative to the table's folder or absolute),
+``sample_sizes``, ``study_id``, ``id``; it is converted once into
+``DIR/meta.zarr``. Writes the derivatives folder ``DIR/meta/`` (see
+:mod:`chunkglm.meta.outputs`) and ``DIR/meta/provenance.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chunkglm.errors import InputError
+
+ESTIMATORS = ("Fishers", "Stouffers", "WeightedStouffers", "WeightedLeastSquares", "DerSimonianLaird", "Hedges",
+              "VarianceBasedLikelihood", "SampleSizeBasedLikelihood", "PermutedOLS", "FixedEffectsHedges",
+              "FFX_GLM", "MFX_GLM", "RFX_GLM")
+CORRECTIONS = {"fdr": ("FDRCorrector", "indep"), "fdr-negcorr": ("FDRCorrector", "negcorr"),
+               "bonferroni": ("FWECorrector", "bonferroni"), "montecarlo": ("FWECorrector", "montecarlo")}
+
+
+def add_parser(sub, add_common) -> None:
+    """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
+    cmd = sub.add_parser("meta", help="image-based meta-analysis (NiMARE's IBMA estimators)")
+    cmd.add_argument("--estimator", required=True, choices=ESTIMATORS)
+    source = cmd.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="cohort store holding the collection")
+    source.add_argument("--table", help="TSV of NIfTI paths, one row per image")
+    cmd.add_argument("--collection", help="maps collection of --store")
+    cmd.add_argument("--mask", help="mask image (on the maps' grid)")
+    cmd.add_argument("-o", "--out", required=True, help="output folder")
+    cmd.add_argument("--correct", action="append", choices=sorted(CORRECTIONS),
+                     help="correction to apply (repeat for several)")
+    cmd.add_argument("--n-iters", type=int, default=5000, help="sign flips for montecarlo (default 5000)")
+    cmd.add_argument("--aggressive-mask", action="store_true",
+                     help="drop voxels missing in any study (default: fit each missing-data pattern)")
+    cmd.add_argument("--two-sided", choices=["yes", "no"], default="yes")
+    add_common(cmd)
+    cmd.set_defaults(func=run)
+
+
+def _inputs(args):
+    import pandas as pd
+
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.meta._inputs import ROLES, convert_meta_maps
+
+    if args.store:
+        if not args.collection:
+            raise InputError("--store needs --collection (the maps collection to analyse).")
+        cohort = open_cohort(args.store)
+        if args.collection not in cohort.maps:
+            raise InputError(f"{args.store} has no complete maps collection {args.collection!r}; it has "
+                             f"{sorted(cohort.maps)}.")
+        return cohort.maps[args.collection]
+    table_path = Path(args.table)
+    if not table_path.is_file():
+        raise InputError(f"--table {args.table}: no such file.")
+    table = pd.read_csv(table_path, sep="\t")
+    for role in ROLES:
+        if role in table.columns:
+            table[role] = [str(p) if Path(str(p)).is_absolute() else str(table_path.parent / str(p))
+                           for p in table[role]]
+    store = Path(args.out) / "meta.zarr"
+    return convert_meta_maps(table, store, "meta", mask_img=args.mask)
+
+
+def _estimator(args):
+    from chunkglm.meta import ibma
+
+    two_sided = args.two_sided == "yes"
+    kwargs = {"aggressive_mask": args.aggressive_mask}
+    if args.mask and args.store:
+        kwargs["mask"] = args.mask
+    if args.estimator in ("Fishers", "Stouffers", "WeightedStouffers", "PermutedOLS", "FFX_GLM", "MFX_GLM",
+                          "RFX_GLM"):
+        kwargs["two_sided"] = two_sided
+    elif not two_sided:
+        raise InputError(f"{args.estimator} has no one-sided option (NiMARE's neither).")
+    return getattr(ibma, args.estimator)(**kwargs)
+
+
+def run(args) -> int:
+    """Entry point of ``chunkglm meta``."""
+    from chunkglm.cli.main import cluster_client, command_options
+    from chunkglm.meta import correct
+    from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
+
+    stopwatch = Stopwatch()
+    estimator = _estimator(args)
+    with cluster_client(args.cluster) as client:
+        result = estimator.fit(_inputs(args))
+        for name in args.correct or []:
+            klass, method = CORRECTIONS[name]
+            kwargs = {"n_iters": args.n_iters} if method == "montecarlo" else {}
+            result = getattr(correct, klass)(method=method, **kwargs).transform(result)
+        written = result.save_derivatives(args.out)
+        options = command_options(args)
+        cluster = cluster_summary(client)
+    write_record(Path(args.out) / "meta" / "provenance.json",
+                 record("meta", inputs=[result._inputs.describe()], options=options, cluster=cluster,
+                        stopwatch=stopwatch, outputs=sorted(str(p) for p in written.values())))
+    print(f"derivatives: {Path(args.out) / 'meta'}")
+    return 0
