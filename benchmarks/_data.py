@@ -208,6 +208,17 @@ def second_level_scale_store(data_dir: Path, n_maps: int) -> dict:
     ``covariate`` (standard normal, seed 1) is an image coordinate of the node.
     Returns ``store``, ``node``, ``mask`` (the NIfTI mask), ``n_maps``, ``store_gib``.
     """
+    return _scale_store(data_dir, f"second_level_scale_{n_maps}.zarr", n_maps, "effect", "covariate")
+
+
+def meta_scale_store(data_dir: Path, n_maps: int) -> dict:
+    """As :func:`second_level_scale_store`, for IBMA: ``maps/scale`` holds ``n_maps`` z maps
+    (variable ``z``: a smooth group map scaled by a per-study factor + white unit noise) and a
+    ``sample_sizes`` coordinate (20..60); ``<data-dir>/realistic/meta_scale_<N>.zarr``."""
+    return _scale_store(data_dir, f"meta_scale_{n_maps}.zarr", n_maps, "z", "sample_sizes")
+
+
+def _scale_store(data_dir: Path, name: str, n_maps: int, variable: str, coord: str) -> dict:
     import nibabel as nib
     import numpy as np
     from scipy.ndimage import gaussian_filter
@@ -217,7 +228,7 @@ def second_level_scale_store(data_dir: Path, n_maps: int) -> dict:
     from chunkglm.io.write_run import write_rows
 
     maps = second_level_maps(data_dir, "realistic")
-    store = (Path(data_dir) / "realistic" / f"second_level_scale_{n_maps}.zarr").absolute()
+    store = (Path(data_dir) / "realistic" / name).absolute()
     done = store / "scale_manifest.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -226,11 +237,16 @@ def second_level_scale_store(data_dir: Path, n_maps: int) -> dict:
     mask_img = nib.load(maps["mask"])
     mask = np.asarray(mask_img.dataobj) > 0
     rng = np.random.default_rng(1)
-    intercept_map = (gaussian_filter(rng.standard_normal(mask.shape), 4.0) * 20.0 + 0.3)[mask]
+    group_map = (gaussian_filter(rng.standard_normal(mask.shape), 4.0) * 20.0 + 0.3)[mask]
     slope_map = np.zeros(mask.shape)
     slope_map[tuple(np.array(mask.shape) // 3)] = 1.0
     slope_map = (gaussian_filter(slope_map, 3.0) / gaussian_filter(slope_map, 3.0).max() * 0.8)[mask]
-    covariate = rng.standard_normal(n_maps)
+    if coord == "sample_sizes":
+        values = rng.integers(20, 61, n_maps).astype(np.float64)
+        scale = np.sqrt(values / 40.0)
+    else:
+        values = rng.standard_normal(n_maps)
+        scale = np.ones(n_maps)
     root = st.open_root(str(store), mode="a")
     grid_id = st.write_grid(root, st.Grid(mask_img.affine, mask, ""))
     node = st.start_node(root, "maps", "scale")
@@ -239,13 +255,14 @@ def second_level_scale_store(data_dir: Path, n_maps: int) -> dict:
     def fill(out, start, stop):
         for row in range(start, stop):
             noise = rng.standard_normal(out.shape[1], dtype=np.float32)
-            out[row - start] = intercept_map + covariate[row] * slope_map + noise
+            signal = group_map * scale[row] if coord == "sample_sizes" else group_map + values[row] * slope_map
+            out[row - start] = signal + noise
         return True
 
-    write_rows(node, "effect", ("image", "voxel"), plan, fill, 2 * 2**30, "scale maps")
+    write_rows(node, variable, ("image", "voxel"), plan, fill, 2 * 2**30, "scale maps")
     st.write_array(node, "image", np.array([f"map{i:05d}" for i in range(n_maps)], dtype=str), ("image",))
-    st.write_array(node, "covariate", covariate, ("image",))
-    st.finish_node(node, {"grid_id": grid_id, "variables": ["effect"]}, {"kind": "maps", "sources": []})
+    st.write_array(node, coord, values, ("image",))
+    st.finish_node(node, {"grid_id": grid_id, "variables": [variable]}, {"kind": "maps", "sources": []})
     info = {"store": str(store), "node": "scale", "mask": maps["mask"], "n_maps": n_maps,
             "store_gib": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**30}
     done.write_text(json.dumps(info))

@@ -755,6 +755,95 @@ def nimare_ibma(timed, dataset, mask, estimator, out, params=None, label=""):
     return {"maps": saved, "nimare": nimare.__version__}
 
 
+def _meta_imports() -> None:
+    """What a chunkglm IBMA fit imports (set-up, as the driver's other imports)."""
+    _import_convert_dependencies()
+    import dask.array  # noqa: F401
+    import pandas  # noqa: F401
+    import scipy.special  # noqa: F401
+    import scipy.stats  # noqa: F401
+
+    import chunkglm.kernels.meta  # noqa: F401
+    import chunkglm.meta.ibma  # noqa: F401
+
+
+def _save_meta_maps(result, out, stem) -> dict:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    saved = {}
+    for name in ("z", "est", "tau2"):
+        if name in result.maps:
+            path = Path(out) / f"{stem}_{name}.nii.gz"
+            result.get_map(name).to_filename(path)
+            saved[name] = str(path)
+    return saved
+
+
+@step("meta_chunkglm")
+def meta_chunkglm(timed, estimator, mask, out, table=None, store=None, node=None, params=None, label=""):
+    """chunkglm's IBMA estimator, fit + every map computed, on either
+
+    - ``table``: the TSV of NIfTI paths (fit converts the map types it reads into a
+      temporary store: timed), or
+    - ``store`` + ``node``: a maps collection converted beforehand (opening it is set-up).
+    """
+    _meta_imports()
+    import pandas as pd
+
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.meta import ibma
+
+    est = getattr(ibma, estimator)(mask=mask, **(params or {}))
+    source = pd.read_csv(table, sep="\t") if store is None else open_cohort(store).maps[node]
+    with timed:
+        result = est.fit(source)
+        maps = result.maps  # computes every map of the fit in one pass
+    return {"maps": _save_meta_maps(result, out, f"chunkglm_{estimator}{label}"), "n_maps": len(maps)}
+
+
+@step("meta_load")
+def meta_load(timed, table, mask, store):
+    """Convert every map type of the table into ``maps/meta`` of ``store`` once (set-up of the
+    store rows)."""
+    _meta_imports()
+    import pandas as pd
+
+    from chunkglm.meta._inputs import convert_meta_maps
+
+    shutil.rmtree(store, ignore_errors=True)
+    frame = pd.read_csv(table, sep="\t")
+    with timed:
+        convert_meta_maps(frame, store, "meta", mask_img=mask)
+    return {"node": "meta", "store_mib": _tree_bytes(store) / MiB}
+
+
+@step("meta_scale")
+def meta_scale(timed, store, node, estimator, n_workers=2, sample_s=0.2):
+    """Scale case: ``ibma.<estimator>().fit(<maps node>)`` and every map, on a LocalCluster of
+    ``n_workers`` processes x 1 thread (set-up); worker memory sampled and ``VmHWM`` read."""
+    _meta_imports()
+    import numpy as np
+
+    from chunkglm.cluster import start
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.meta import ibma
+
+    maps_node = open_cohort(store).maps[node]
+    client = start(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", verbose=False)
+    try:
+        client.run(_worker_imports)
+        client.run(_meta_imports)
+        with WorkerMemory(client, sample_s) as sampler, timed:
+            result = getattr(ibma, estimator)().fit(maps_node)
+            z = result.maps["z"]
+        peaks = client.run(_worker_peak_rss)
+        memory = {str(w): sampler.summary(w, set()) for w in peaks}
+    finally:
+        client.close()
+    return {"n_maps": int(maps_node.data().shape[0]), "z_max": float(np.nanmax(z)),
+            "worker_vmhwm_mib": {str(w): v / MiB for w, v in peaks.items()},
+            "worker_sampled_rss_mib": {w: m["rss"] / MiB for w, m in memory.items()}}
+
+
 def main(argv) -> None:
     name, kwargs = argv[1], json.loads(argv[2]) if len(argv) > 2 else {}
     timed = Timed()

@@ -120,11 +120,35 @@ def log_chi2_sf(q, df) -> np.ndarray:
     """log P(chi2_df > q), finite where SciPy underflows (PyMARE's ``log_chi2_sf``)."""
     q = np.asarray(q, dtype=np.float64)
     a, x = np.broadcast_arrays(np.asarray(df, dtype=np.float64) / 2.0, q / 2.0)
-    with np.errstate(divide="ignore"):
-        out = np.broadcast_to(stats.chi2.logsf(q, df), a.shape).astype(np.float64, copy=True)
+    out = _chi2_logsf(q, np.asarray(df, dtype=np.float64))
     tail = ~np.isfinite(out) & np.isfinite(x) & (x >= a + 1.0)
     if tail.any():
         out[tail] = _log_gamma_cf_tail(a[tail], x[tail])
+    return out
+
+
+def _chi2_logsf(q, df) -> np.ndarray:
+    """``scipy.stats.chi2.logsf(q, df)``, the same bits, for q >= 0 and df > 0.
+
+    SciPy's generic ``_logsf`` takes log(sf) above the median and log1p(-cdf) below it,
+    the median being ``2 gammaincinv(df/2, 0.5)`` computed per element (an inverse
+    incomplete gamma: most of the cost). Here it is computed once per distinct df (one
+    df per missing-data pattern in practice); other values go through SciPy itself.
+    """
+    q, df = np.broadcast_arrays(np.asarray(q, dtype=np.float64), df)
+    distinct = np.unique(df)
+    if distinct.size > 64 or not (np.all(q >= 0) and np.all(distinct > 0)):
+        with np.errstate(divide="ignore"):
+            return np.asarray(stats.chi2.logsf(q, df), dtype=np.float64).copy()
+    median = np.empty(q.shape)
+    for value in distinct:
+        median[df == value] = 2 * special.gammaincinv(value / 2, 0.5)
+    out = np.empty(q.shape)
+    above = q > median
+    with np.errstate(divide="ignore"):
+        out[above] = np.log(special.chdtrc(df[above], q[above]))
+        out[~above] = np.log1p(-special.chdtr(df[~above], q[~above]))
+    out[np.isinf(q)] = -np.inf
     return out
 
 

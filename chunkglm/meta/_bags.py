@@ -97,9 +97,16 @@ def voxel_patterns(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse : ndarray of int, shape (V,)
         Pattern index of each voxel.
     """
-    keys = np.ascontiguousarray(np.packbits(valid, axis=0).T)
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    patterns = np.unpackbits(unique, axis=1, count=valid.shape[0]).astype(bool)
+    n_studies, n_voxels = valid.shape
+    if valid.all():  # the usual case inside the brain: one pattern, no sort
+        return np.ones((1, n_studies), dtype=bool), np.zeros(n_voxels, dtype=np.intp)
+    keys = np.ascontiguousarray(np.packbits(valid, axis=0).T)  # (V, bytes)
+    # each voxel's bytes as one opaque (void) value: a 1-D sort comparing whole keys,
+    # much faster than np.unique(axis=0)'s row-structured sort
+    void = keys.view(np.dtype((np.void, keys.shape[1]))).reshape(-1)
+    unique, inverse = np.unique(void, return_inverse=True)
+    unique = np.frombuffer(unique.tobytes(), dtype=np.uint8).reshape(-1, keys.shape[1])
+    patterns = np.unpackbits(unique, axis=1, count=n_studies).astype(bool)
     return patterns, np.reshape(inverse, -1)
 
 
@@ -163,6 +170,8 @@ def pattern_groups(valid: np.ndarray, aggressive_mask: bool = False) -> list[tup
     if aggressive_mask:
         return [(np.ones(n_studies, dtype=bool), np.flatnonzero(valid.all(axis=0)))]
     patterns, inverse = voxel_patterns(valid)
+    if len(patterns) == 1:
+        return [(patterns[0], np.arange(n_voxels))]
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(patterns) + 1))
     return [(patterns[p], order[bounds[p]:bounds[p + 1]]) for p in range(len(patterns))]
