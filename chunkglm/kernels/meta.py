@@ -69,6 +69,8 @@ _NEWTON_RTOL = 1e-13
 #: over 8 orders of magnitude, tau2 from 0 to dominant) and on the bimodal test voxel, at a
 #: third of the objective evaluations.
 _FINE_POINTS = 4
+#: Bytes of one (K, voxel) float64 array per tile of the likelihood solver.
+_TILE_BYTES = 2 * 2**20
 _TIE_RTOL = math.sqrt(np.finfo(np.float64).eps)
 
 
@@ -484,8 +486,8 @@ class _Profile:
 
     def subset(self, idx):
         """The same terms restricted to voxels ``idx``."""
-        pick = (lambda m: m[:, idx] if m.shape[1] > 1 else m)
-        return _Profile(self.y[:, idx], pick(self.c), pick(self.a))
+        pick = (lambda m: np.ascontiguousarray(m[:, idx]) if m.shape[1] > 1 else m)
+        return _Profile(pick(self.y), pick(self.c), pick(self.a))
 
     def values(self, theta):
         """(L, S, G) at ``theta``: five passes over the block, two temporaries."""
@@ -551,6 +553,20 @@ class _NegLogLik:
 
 
 def _minimise(nll, scan):
+    """:func:`_minimise_tile` over cache-sized voxel tiles (the same bits: voxels are independent).
+
+    Every objective evaluation is a handful of passes over a (K, V) block; on a tile of
+    about :data:`_TILE_BYTES` per array they run from cache instead of memory (~2x faster).
+    """
+    n_voxels = scan.shape[1]
+    tile = max(256, _TILE_BYTES // (8 * nll.n_studies))
+    if n_voxels <= tile:
+        return _minimise_tile(nll, scan)
+    return np.concatenate([_minimise_tile(nll.subset(slice(a, a + tile)), scan[:, a:a + tile])
+                           for a in range(0, n_voxels, tile)])
+
+
+def _minimise_tile(nll, scan):
     """Per-voxel minimiser of ``nll`` over the scan's range: two scans, then safeguarded Newton.
 
     Parameters
