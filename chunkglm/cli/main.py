@@ -1,4 +1,4 @@
-"""The ``chunkglm`` command: ``convert``, ``first-level``, ``info``, ``to-nifti``, ``demo``."""
+"""The ``chunkglm`` command: convert, first-level, second-level, meta, extract, info, to-nifti, demo."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def command_options(args) -> dict:
     from chunkglm.provenance import strip_secrets
 
     options = {k: v for k, v in vars(args).items() if k != "func"}
-    for key in ("input", "inputs", "out_dir", "store", "mask", "out", "table"):
+    for key in ("input", "inputs", "out_dir", "store", "mask", "out", "table", "maps"):
         if key in options:
             options[key] = _absolute(options[key])
     for key in ("storage_option", "input_storage_option"):
@@ -177,11 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
-    from chunkglm.cli import first_level, meta, second_level
+    from chunkglm.cli import extract, first_level, meta, second_level
 
     first_level.add_parser(sub, _add_common)
     second_level.add_parser(sub, _add_common)
     meta.add_parser(sub, _add_common)
+    extract.add_parser(sub, _add_common)
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

@@ -1,0 +1,120 @@
+"""``chunkglm extract``: region signals of every run of a store or BIDS folder.
+
+1. A BIDS folder is converted (resumably) into a store first.
+2. The runs (filtered by --task/--space/--subject) go through one
+   MultiMapsMasker: one dask graph for all runs (the maps' Gram matrix once,
+   each data chunk read once).
+3. Per run, ``OUT_DIR/sub-XX[/ses-YY]/func/<entities>_desc-<atlas>_timeseries.tsv``
+   with a JSON sidecar; optionally the (run, time, region) array into the
+   store (``timeseries/<atlas>``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chunkglm.errors import InputError
+
+STANDARDIZE_CHOICES = ("zscore_sample", "zscore", "psc", "none")
+
+
+def add_parser(sub, add_common) -> None:
+    """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
+    cmd = sub.add_parser("extract", help="region signals from probabilistic maps, BIDS TSV out")
+    cmd.add_argument("input", nargs="?", help="a BIDS/fMRIPrep folder or a cohort store (or give --store)")
+    cmd.add_argument("--maps", required=True, help="4-D NIfTI of probabilistic maps (one volume per region)")
+    cmd.add_argument("-o", "--out", "--out-dir", dest="out_dir", required=True, help="output folder")
+    cmd.add_argument("--atlas", required=True, help="atlas label for desc-<atlas> (alphanumeric)")
+    cmd.add_argument("--store", help="the cohort store to read; for a BIDS input, where it is converted "
+                                     "(default OUT_DIR/cohort.zarr)")
+    cmd.add_argument("--task")
+    cmd.add_argument("--space")
+    cmd.add_argument("--subject", action="append", help="repeat for several (default: all)")
+    cmd.add_argument("--mask", help="mask_img: a 3-D mask restricting the maps")
+    cmd.add_argument("--standardize", default="none", choices=STANDARDIZE_CHOICES)
+    cmd.add_argument("--detrend", action="store_true")
+    cmd.add_argument("--low-pass", type=float, metavar="HZ")
+    cmd.add_argument("--high-pass", type=float, metavar="HZ")
+    cmd.add_argument("--t-r", type=float, metavar="S", help="default: each run's RepetitionTime")
+    cmd.add_argument("--confounds-columns", help="comma-separated stored confound columns, e.g. "
+                                                 "trans_x,trans_y,csf (n/a values become 0)")
+    cmd.add_argument("--high-variance-confounds", action="store_true")
+    cmd.add_argument("--resampling-target", default="data", choices=["data", "mask", "maps"])
+    cmd.add_argument("--to-store", action="store_true",
+                     help="also write the (run, time, region) array to the store's timeseries/<atlas>")
+    add_common(cmd)
+    cmd.set_defaults(func=run)
+
+
+def _cohort(args, client, reporter):
+    from chunkglm.cli.first_level import _open_if_store
+    from chunkglm.cli.main import storage_for
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.io.convert import convert
+
+    storage = storage_for(args)
+    if args.input is None:
+        if args.store is None:
+            raise InputError("give a BIDS folder or store as INPUT, or --store STORE.")
+        return open_cohort(args.store, storage)
+    cohort = _open_if_store(args.input, storage)
+    if cohort is not None:
+        return cohort
+    if not Path(args.input).is_dir():
+        raise InputError(f"{args.input} is neither a cohort store nor a BIDS folder.")
+    store = args.store or str(Path(args.out_dir) / "cohort.zarr")
+    with reporter.phase("converting") as advance:
+        convert(args.input, store, task=args.task, space=args.space, subjects=args.subject, client=client,
+                storage_options=storage, progress=reporter.converter_callback(advance))
+    return open_cohort(store, storage)
+
+
+def _runs(args, cohort):
+    nodes = sorted(cohort.select(task=args.task, space=args.space, sub=args.subject), key=lambda n: n.name)
+    if not nodes:
+        raise InputError(f"no run of {cohort.location} matches task={args.task!r}, space={args.space!r}, "
+                         f"subjects={args.subject!r}.")
+    return nodes
+
+
+def _confounds(args, nodes):
+    from chunkglm.glm.from_bids import _columns
+
+    if not args.confounds_columns:
+        return None
+    columns = [c.strip() for c in args.confounds_columns.split(",") if c.strip()]
+    return [_columns(node, columns).fillna(0.0) for node in nodes]
+
+
+def masker_for(args):
+    """The MultiMapsMasker the command's options describe."""
+    from chunkglm.maskers import MultiMapsMasker
+
+    return MultiMapsMasker(
+        args.maps, mask_img=args.mask, standardize=False if args.standardize == "none" else args.standardize,
+        detrend=args.detrend, low_pass=args.low_pass, high_pass=args.high_pass, t_r=args.t_r,
+        high_variance_confounds=args.high_variance_confounds, resampling_target=args.resampling_target)
+
+
+def run(args) -> int:
+    """Entry point of ``chunkglm extract``."""
+    from chunkglm.cli.main import cluster_client, storage_for
+    from chunkglm.cli.progress import Reporter
+    from chunkglm.maskers import save_timeseries, save_timeseries_to_store
+    from chunkglm.maskers.maps_masker import _label
+
+    _label(args.atlas)  # fail before any work
+    reporter = Reporter(bars=not args.no_progress)
+    with cluster_client(args.cluster) as client:
+        cohort = _cohort(args, client, reporter)
+        nodes = _runs(args, cohort)
+        masker = masker_for(args).fit(nodes)
+        reporter.line(f"extracting {masker.n_elements_} region signals from {len(nodes)} run(s)")
+        signals = masker.transform_to_xarray(nodes, confounds=_confounds(args, nodes))
+    paths = save_timeseries(signals, args.out_dir, args.atlas)
+    if args.to_store:
+        store = args.store or args.input
+        path = save_timeseries_to_store(signals, store, args.atlas, storage_for(args))
+        reporter.line(f"wrote {path} into {store}")
+    print(f"wrote {len(paths)} timeseries file(s) under {args.out_dir}")
+    return 0

@@ -1,0 +1,752 @@
+"""MultiMapsMasker / MapsMasker: nilearn's maps maskers over cohort stores.
+
+Extraction is nilearn's ``img_to_signals_maps`` least squares, computed as a
+reduction over voxel blocks (:mod:`chunkglm.graph.maps`): ``maps.T @ maps``
+once per atlas, ``maps.T @ data`` per run, then the small solve. The region
+signals are then cleaned by nilearn's own ``nilearn.signal.clean`` with the
+arguments nilearn's masker passes. All runs of one ``transform`` are one dask
+graph; each data chunk is read once (twice with ``high_variance_confounds``,
+which needs a global threshold between two passes, as nilearn's).
+
+Differences from nilearn, by design:
+
+- Store runs hold the voxels of the store's grid mask only: for them the
+  store's mask acts as part of ``mask_img`` (maps weight at voxels the store
+  lacks is ignored, with a warning). NIfTI inputs are converted into a
+  temporary store holding every voxel (or ``mask_img``'s), so they match
+  nilearn exactly.
+- ``smoothing_fwhm`` (and the data resampling of ``resampling_target`` "mask"
+  or "maps") is applied when NIfTI inputs are converted (nilearn's
+  ``resample_img``/``smooth_img``, volume by volume); store runs must have
+  been converted with the same values.
+- High-variance confounds (nilearn: from the input image as given, every
+  voxel) come from the stored run; for NIfTI inputs that are smoothed or
+  resampled, from an unprocessed copy converted alongside. Voxels outside a
+  store's mask count as constant (zero) series in the percentile.
+- 3-D maps images are refused (nilearn reads them as one map).
+- ``t_r=None`` with a filter uses the runs' stored RepetitionTime.
+- Signals are solved and cleaned in float64 and returned in nilearn's dtype.
+
+Outputs: ``transform`` gives nilearn's list of (time, region) arrays;
+``transform_to_xarray`` a labelled (run, time, region) DataArray, written by
+:func:`save_timeseries` (BIDS-derivative TSV + JSON per run) or
+:func:`save_timeseries_to_store` (``timeseries/<atlas>`` of a zarr store).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from chunkglm.errors import InputError
+from chunkglm.graph import maps as graph
+from chunkglm.kernels.maps import CleanSpec, clean_signals
+from chunkglm.maskers._maps_input import maps_source, prepare_maps, same_grid
+
+RESAMPLING_TARGETS = ("data", "mask", "maps", None)
+STANDARDIZE = ("zscore_sample", "zscore", "psc", True, False, None)
+
+
+class MultiMapsMasker:
+    """Region signals of many runs from (overlapping) probabilistic maps.
+
+    Parameters are nilearn's ``MultiNiftiMapsMasker`` (0.14); see its
+    documentation. chunkglm adds:
+
+    maps_store : str or Path, optional
+        A folder where the prepared maps are written, one zarr array per data
+        grid (``<maps_store>/<grid-id>``). By default maps up to 256 MiB
+        (float32 on the stored voxels) stay in memory and larger ones go to a
+        temporary folder, removed with the masker.
+    memory, memory_level, verbose, reports, cmap, n_jobs
+        Accepted for compatibility; dask schedules the work.
+
+    Attributes
+    ----------
+    n_elements_ : int
+        Number of maps in ``maps_img``.
+    region_indices_ : ndarray of int
+        Maps kept (indices into maps_img): the columns of the output.
+    dropped_regions_ : list of int
+        Maps dropped because they are empty inside ``mask_img`` (nilearn
+        drops them with a warning and returns only the others).
+    """
+
+    _multi = True
+
+    def __init__(self, maps_img=None, mask_img=None, allow_overlap=True, smoothing_fwhm=None,
+                 standardize=False, standardize_confounds=True, high_variance_confounds=False,
+                 detrend=False, low_pass=None, high_pass=None, t_r=None, dtype=None,
+                 resampling_target="data", keep_masked_maps=False, memory=None, memory_level=0,
+                 verbose=0, reports=True, cmap="CMRmap_r", n_jobs=1, clean_args=None, maps_store=None):
+        self.maps_img = maps_img
+        self.mask_img = mask_img
+        self.allow_overlap = allow_overlap
+        self.smoothing_fwhm = smoothing_fwhm
+        self.standardize = standardize
+        self.standardize_confounds = standardize_confounds
+        self.high_variance_confounds = high_variance_confounds
+        self.detrend = detrend
+        self.low_pass = low_pass
+        self.high_pass = high_pass
+        self.t_r = t_r
+        self.dtype = dtype
+        self.resampling_target = resampling_target
+        self.keep_masked_maps = keep_masked_maps
+        self.memory = memory
+        self.memory_level = memory_level
+        self.verbose = verbose
+        self.reports = reports
+        self.cmap = cmap
+        self.n_jobs = n_jobs
+        self.clean_args = clean_args
+        self.maps_store = maps_store
+
+    # -- fit ---------------------------------------------------------------------------
+
+    def fit(self, imgs=None, y=None):
+        """Check the maps and mask; with ``imgs``, prepare the maps on their grid.
+
+        Parameters
+        ----------
+        imgs : store run(s), NIfTI path(s) or image(s), optional
+            Data defining the grid for ``resampling_target="data"``.
+        """
+        del y
+        self._setup()
+        if imgs is not None:
+            nodes = self._as_nodes(_as_list(imgs))
+            self._fit_grid = self._grid_of(nodes)
+            self._maps_on(self._fit_grid, voxel_chunk=nodes[0].data().chunks[1][0])
+        elif self.resampling_target in ("mask", "maps"):
+            self._fit_grid = self._target_grid_without_data()
+        return self
+
+    def _setup(self):
+        """Validate parameters, read the maps' header and the mask; forget previous fits."""
+        self._check_params()
+        self._source = maps_source(self.maps_img)
+        self._mask = _load_mask(self.mask_img)
+        self._prepared: dict = {}
+        self._fit_grid = None
+        self.n_elements_ = self._source.n_maps
+        self.clean_args_ = {} if self.clean_args is None else dict(self.clean_args)
+        if not hasattr(self, "_input_dtypes"):
+            self._input_dtypes: dict = {}  # (store, run) -> dtype of the converted NIfTI
+            self._hv_sources: dict = {}  # (store, run) -> unprocessed run, for hv confounds
+
+    @property
+    def mask_img_(self):
+        """nilearn's ``mask_img_``: mask_img on the fitted grid (a NIfTI), or None."""
+        import nibabel as nib
+
+        self._check_fitted()
+        if self._mask is None:
+            return None
+        if self._fit_grid is None:
+            affine, mask = self._mask
+            return nib.Nifti1Image(mask.astype(np.int8), affine)
+        return nib.Nifti1Image(self._mask_on(self._fit_grid).astype(np.int8), self._fit_grid.affine)
+
+    def _check_params(self):
+        if self.resampling_target not in RESAMPLING_TARGETS:
+            raise InputError(f"resampling_target must be one of {RESAMPLING_TARGETS}; "
+                             f"received {self.resampling_target!r}.")
+        if self.resampling_target == "mask" and self.mask_img is None:
+            raise InputError("resampling_target has been set to 'mask' but no mask has been provided.\n"
+                             "Set resampling_target to something else or provide a mask.")
+        if self.standardize not in STANDARDIZE:
+            raise InputError(f"standardize must be one of {STANDARDIZE}; received {self.standardize!r}.")
+        if self.dtype is bool:
+            raise InputError("'dtype' cannot be bool")
+
+    def _check_fitted(self):
+        if not hasattr(self, "_source"):
+            raise InputError(f"this {type(self).__name__} is not fitted yet: call fit(...) first.")
+
+    # -- grids ---------------------------------------------------------------------------
+
+    def _target_grid_without_data(self):
+        """The grid of resampling_target "mask" or "maps" (all voxels stored)."""
+        from chunkglm.io.store import Grid
+
+        if self.resampling_target == "mask":
+            affine, mask = self._mask
+            return Grid(affine, np.ones(mask.shape, dtype=bool))
+        return Grid(self._source.affine, np.ones(self._source.shape, dtype=bool))
+
+    def _mask_on(self, grid):
+        """nilearn's ``mask_img_`` on ``grid`` (nearest-neighbour resampling), or None."""
+        if self._mask is None:
+            return None
+        affine, mask = self._mask
+        if same_grid(affine, mask.shape, grid.affine, grid.shape):
+            return mask
+        if self.resampling_target is None:
+            raise InputError(_mismatch("mask_img", affine, mask.shape, grid))
+        import nibabel as nib
+        from nilearn.image import resample_img
+
+        img = resample_img(nib.Nifti1Image(mask.astype(np.int8), affine), interpolation="nearest",
+                           target_shape=grid.shape, target_affine=grid.affine, copy=True,
+                           force_resample=True, copy_header=True)
+        resampled = np.asarray(img.dataobj) != 0
+        if not resampled.any():
+            raise InputError("mask_img has no voxel left after resampling onto the data grid.")
+        return resampled
+
+    def _maps_on(self, grid, voxel_chunk=None):
+        """The prepared maps for a grid (cached per grid)."""
+        key = grid.grid_id
+        if key not in self._prepared:
+            where = None if self.maps_store is None else f"{str(self.maps_store).rstrip('/')}/{key}"
+            prepared = prepare_maps(self._source, grid, self._mask_on(grid), voxel_chunk,
+                                    resample=self.resampling_target is not None,
+                                    maps_store=where, keep_empty=self.keep_masked_maps,
+                                    check_overlap=not self.allow_overlap)
+            self._prepared[key] = prepared
+            self.region_indices_ = prepared.kept
+            self.dropped_regions_ = prepared.dropped
+        return self._prepared[key]
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def _as_nodes(self, items):
+        from chunkglm.io.cohort import Node
+
+        if all(isinstance(item, Node) for item in items):
+            for node in items:
+                self._check_store_run(node)
+            return items
+        if any(isinstance(item, Node) for item in items):
+            raise InputError("imgs mixes store runs and NIfTI images: give one kind.")
+        return self._convert_images(items)
+
+    def _check_store_run(self, node):
+        from chunkglm.io.preprocess import SpatialPreprocessing
+        from chunkglm.io.store import node_meta
+
+        if node.kind != "runs":
+            raise InputError(f"imgs must be runs of a cohort store; received the {node.kind} node {node.name}.")
+        done = node_meta(node.cohort.root[node.path]).get("preprocessing", SpatialPreprocessing().to_attrs())
+        if done.get("smoothing_fwhm") != self.smoothing_fwhm:
+            raise InputError(
+                f"{node.name} was converted with smoothing_fwhm={done.get('smoothing_fwhm')}, but this "
+                f"masker asks for smoothing_fwhm={self.smoothing_fwhm}. nilearn smooths the data before "
+                "extraction: convert the runs with chunkglm.convert(..., smoothing_fwhm=...) or pass "
+                "the NIfTI files.")
+
+    def _convert_images(self, images):
+        from chunkglm.glm.first_level import _stage_image
+        from chunkglm.io.cohort import open_cohort
+        from chunkglm.io.convert import convert
+        from chunkglm.io.nifti import read_info
+
+        folder = Path(tempfile.mkdtemp(prefix="chunkglm-maps-masker-"))
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        paths = [_stage_image(image, folder, index) for index, image in enumerate(images)]
+        infos = [read_info(path) for path in paths]
+        bad = [(p, i.shape) for p, i in zip(images, infos) if len(i.shape) != 4]
+        if bad:
+            raise InputError(f"imgs must be 4-D images (runs); received shape {bad[0][1]} for {_name(bad[0][0])}.")
+        target = self._conversion_target(infos[0])
+        mask = self._conversion_mask(target, infos[0])
+        mask_path = None
+        if mask is not None:
+            import nibabel as nib
+
+            mask_path = folder / "mask.nii"
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), target[0] if target else infos[0].affine), mask_path)
+        convert(paths, folder / "store.zarr", mask_img=mask_path,
+                target_affine=None if target is None else target[0],
+                target_shape=None if target is None else target[1], smoothing_fwhm=self.smoothing_fwhm)
+        cohort = open_cohort(folder / "store.zarr")
+        self._input_entities = [_file_entities(item) for item in images]
+        nodes = [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
+        self._input_dtypes.update({_node_key(node): _nilearn_data_dtype(image, info)
+                                   for node, image, info in zip(nodes, images, infos)})
+        if self.high_variance_confounds and (target is not None or self.smoothing_fwhm is not None):
+            # nilearn takes them from the input images as given (not resampled, not smoothed)
+            convert(paths, folder / "raw.zarr")
+            raw = open_cohort(folder / "raw.zarr")
+            self._hv_sources.update({_node_key(node): raw.runs[node.name] for node in nodes})
+        return nodes
+
+    def _conversion_target(self, info):
+        """(affine, shape) the data are resampled onto (continuous), or None."""
+        if self.resampling_target == "mask":
+            affine, mask = self._mask
+            grid = (affine, mask.shape)
+        elif self.resampling_target == "maps":
+            grid = (self._source.affine, self._source.shape)
+        else:
+            return None
+        return None if same_grid(grid[0], grid[1], info.affine, info.volume_shape) else grid
+
+    def _conversion_mask(self, target, info):
+        """The voxels the temporary store holds: every voxel, or mask_img's (on the data grid)."""
+        from chunkglm.io.store import Grid
+
+        if self._mask is None or self.high_variance_confounds:
+            return None  # nilearn's high-variance confounds use every voxel of the image
+        affine, shape = target if target is not None else (info.affine, info.volume_shape)
+        return self._mask_on(Grid(np.asarray(affine), np.ones(shape, dtype=bool)))
+
+    def _grid_of(self, nodes):
+        grids = {node.attrs["grid_id"] for node in nodes}
+        if len(grids) > 1:
+            raise InputError(f"the runs of one masker must share a grid; received grids {sorted(grids)}. "
+                             "Use one masker per grid, or convert with one target_affine.")
+        grid = nodes[0].grid
+        if self.resampling_target in ("mask", "maps", None):
+            self._check_data_grid(grid)
+        return grid
+
+    def _check_data_grid(self, grid):
+        if self.resampling_target == "mask":
+            affine, mask = self._mask
+            if not same_grid(affine, mask.shape, grid.affine, grid.shape):
+                raise InputError(_mismatch("the store runs (resampling_target='mask': mask_img)",
+                                           affine, mask.shape, grid) + " Convert the runs with "
+                                 "target_affine/target_shape of mask_img, or pass NIfTI files.")
+        elif self.resampling_target == "maps":
+            if not same_grid(self._source.affine, self._source.shape, grid.affine, grid.shape):
+                raise InputError(_mismatch("the store runs (resampling_target='maps': maps_img)",
+                                           self._source.affine, self._source.shape, grid)
+                                 + " Convert the runs with the maps' target_affine/target_shape.")
+        elif not same_grid(self._source.affine, self._source.shape, grid.affine, grid.shape):
+            raise InputError(
+                f"maps_img has shape {self._source.shape} and affine\n{self._source.affine}\nbut the data "
+                f"have shape {tuple(grid.shape)} and affine\n{grid.affine}\nWith resampling_target=None "
+                "they must match: resample the maps (nilearn.image.resample_to_img) or set "
+                "resampling_target='data'.")
+
+    # -- transform ------------------------------------------------------------------------
+
+    def transform(self, imgs, confounds=None, sample_mask=None):
+        """Region signals: one (time, region) array per run (one array for one run).
+
+        Parameters
+        ----------
+        imgs : store run(s), NIfTI path(s) or image(s)
+        confounds : array, DataFrame, path, or a list with one per run, optional
+        sample_mask : array or list of arrays, optional
+            Volumes to keep per run (nilearn's censoring).
+        """
+        self._check_fitted()
+        single = not isinstance(imgs, list | tuple)
+        if single:
+            confounds = confounds[0] if isinstance(confounds, list) and self._multi else confounds
+            sample_mask = sample_mask[0] if isinstance(sample_mask, list) and self._multi else sample_mask
+            signals = self._extract([imgs], [confounds], [sample_mask])
+            return signals[0]
+        return self.transform_imgs(imgs, confounds, sample_mask=sample_mask)
+
+    def transform_imgs(self, imgs_list, confounds=None, n_jobs=1, sample_mask=None):
+        """Region signals of a list of runs (nilearn's ``transform_imgs``)."""
+        del n_jobs
+        self._check_fitted()
+        n = len(imgs_list)
+        return self._extract(list(imgs_list), _per_run(confounds, n, "confounds"),
+                             _per_run(sample_mask, n, "sample_mask"))
+
+    def fit_transform(self, imgs, y=None, confounds=None, sample_mask=None):
+        """``fit(imgs).transform(imgs, ...)``, converting NIfTI inputs once."""
+        del y
+        items = _as_list(imgs)
+        self._setup()
+        nodes = self._as_nodes(items)
+        self.fit(nodes)
+        self._input_entities = [_file_entities(item) for item in items]
+        return self.transform(nodes if isinstance(imgs, list | tuple) else nodes[0], confounds, sample_mask)
+
+    def transform_to_xarray(self, imgs, confounds=None, sample_mask=None):
+        """Region signals as a DataArray (run, time, region) with BIDS entities as coordinates.
+
+        Coordinates: ``run`` (store node names), ``time`` (volume index),
+        ``region`` (map index in maps_img); along ``run``: ``sub``, ``ses``,
+        ``task``, ``run_label`` (the BIDS run entity), ..., ``repetition_time``
+        and ``n_scans`` (volumes after censoring).
+
+        Runs shorter than the longest (or censored by sample_mask) are padded
+        with NaN at the end of the time axis.
+        """
+        items = _as_list(imgs)
+        nodes = self._nodes_of(items)
+        n = len(nodes)
+        signals = self._extract(nodes, _per_run(confounds, n, "confounds"), _per_run(sample_mask, n, "sample_mask"))
+        return _to_xarray(signals, nodes, self.region_indices_)
+
+    def _nodes_of(self, items):
+        from chunkglm.io.cohort import Node
+
+        return items if all(isinstance(i, Node) for i in items) else self._as_nodes(items)
+
+    def _extract(self, items, confounds, sample_masks):
+        import dask
+
+        nodes = self._nodes_of(items)
+        grid = self._grid_of(nodes)
+        datas = [node.data().data for node in nodes]
+        maps = self._maps_on(grid, voxel_chunk=datas[0].chunks[1][0])
+        self._check_overlap(maps)
+        self._warn_dropped(maps)
+        self._warn_outside(maps)
+        for index, (node, conf) in enumerate(zip(nodes, confounds)):
+            _check_confounds(conf, int(node.data().shape[0]), index)
+        projections = _batched_moments(maps, [_run_reader(node, data) for node, data in zip(nodes, datas)])
+        gram = projections.pop()
+        n_outside = int(np.prod(grid.shape)) - grid.n_voxels
+        lazy = []
+        for node, data, conf, mask, projection in zip(nodes, datas, confounds, sample_masks, projections):
+            signals = graph.region_signals(gram, projection, np.float64)
+            hv = self._hv_confounds(node, data, n_outside) if self.high_variance_confounds else None
+            dtype = self._output_dtype(maps.dtype, self._input_dtypes.get(_node_key(node), np.float32))
+            lazy.append(dask.delayed(clean_signals)(self._cleaning(), signals, conf, hv, mask,
+                                                    self._t_r(node), dtype))
+        return list(dask.compute(*lazy))
+
+    def _hv_confounds(self, node, data, n_outside):
+        """Lazy high-variance confounds of a run, from its unprocessed data when there is one."""
+        source = self._hv_sources.get(_node_key(node))
+        if source is not None:
+            data = source.data().data
+            n_outside = int(np.prod(source.grid.shape)) - source.grid.n_voxels
+            node = source
+        return graph.high_variance_confounds(data, n_outside, reread=_reread(node, data))
+
+    def _output_dtype(self, maps_dtype, data_dtype):
+        """nilearn's output dtype: its solve's (maps x data) type, or the ``dtype`` asked for."""
+        from nilearn._utils.numpy_conversions import get_target_dtype
+
+        if self.dtype is not None:
+            target = get_target_dtype(np.dtype(data_dtype), self.dtype)
+            return np.dtype(data_dtype) if target is None else np.dtype(target)
+        dtype = np.result_type(maps_dtype, data_dtype)
+        return dtype if dtype.kind == "f" else np.dtype(np.float64)
+
+    def _t_r(self, node):
+        return self.t_r if self.t_r is not None else node.attrs.get("RepetitionTime")
+
+    def _cleaning(self) -> CleanSpec:
+        filtering = self.low_pass is not None or self.high_pass is not None
+        return CleanSpec(self.detrend, self.standardize, self.standardize_confounds, self.low_pass,
+                         self.high_pass, filtering or self.t_r is not None, dict(self.clean_args_),
+                         hv_first=not self._multi)
+
+    def _check_overlap(self, maps):
+        if not self.allow_overlap and maps.overlap:
+            raise InputError("Overlap detected in the maps. The overlap may be due to the atlas itself "
+                             "or possibly introduced by resampling.")
+
+    def _warn_dropped(self, maps):
+        if maps.dropped:
+            warnings.warn(
+                "After applying mask to the maps image, maps with the following indices were "
+                f"removed: {set(maps.dropped)}. Out of {maps.n_maps} maps, the masked map image "
+                f"only contains {len(maps.kept)} maps.", UserWarning, stacklevel=3)
+
+    def _warn_outside(self, maps):
+        if maps.n_outside_maps:
+            warnings.warn(
+                f"{maps.n_outside_maps} map(s) have weight at voxels the store does not hold (outside "
+                "its mask); these voxels are left out of the extraction, as if mask_img excluded them. "
+                "Convert without a mask (or pass the NIfTI files) to include them.", UserWarning, stacklevel=3)
+
+    # -- inverse ---------------------------------------------------------------------------
+
+    def inverse_transform(self, region_signals):
+        """Voxel signals from region signals: nilearn's ``signals_to_img_maps``.
+
+        Parameters
+        ----------
+        region_signals : ndarray (time, n_elements_) or (time, n_kept), or 1-D
+            One column per map (nilearn) or per kept map.
+
+        Returns
+        -------
+        nibabel.Nifti1Image
+            4-D (3-D for 1-D input) on the fitted grid.
+        """
+        import dask
+        import nibabel as nib
+
+        self._check_fitted()
+        if self._fit_grid is None:
+            raise InputError("inverse_transform needs the data grid: call fit(imgs) first.")
+        maps = self._maps_on(self._fit_grid)
+        signals = np.asarray(region_signals)
+        flat = signals.ndim == 1
+        signals = np.atleast_2d(signals)
+        if signals.shape[1] == maps.n_maps:
+            signals = signals[:, maps.kept]
+        elif signals.shape[1] != len(maps.kept):
+            raise InputError(f"region_signals has {signals.shape[1]} columns; the masker has "
+                             f"{maps.n_maps} maps ({len(maps.kept)} kept): give one column per map.")
+        signals = signals.astype(np.result_type(signals.dtype, maps.dtype), copy=False)
+        voxels = dask.compute(graph.reconstruct(signals, maps.array("maps-inverse")))[0]
+        grid = self._fit_grid
+        data = np.zeros((*grid.shape, signals.shape[0]), dtype=voxels.dtype)
+        ijk = grid.ijk
+        data[ijk[:, 0], ijk[:, 1], ijk[:, 2], :] = voxels.T
+        return nib.Nifti1Image(data[..., 0] if flat else data, grid.affine)
+
+
+class MapsMasker(MultiMapsMasker):
+    """One run at a time: nilearn's ``NiftiMapsMasker`` parameters and results.
+
+    ``transform`` of one run returns one (time, region) array. With
+    ``high_variance_confounds``, the confounds come first, as nilearn's.
+    """
+
+    _multi = False
+
+    def __init__(self, maps_img=None, mask_img=None, allow_overlap=True, smoothing_fwhm=None,
+                 standardize=False, standardize_confounds=True, high_variance_confounds=False,
+                 detrend=False, low_pass=None, high_pass=None, t_r=None, dtype=None,
+                 resampling_target="data", keep_masked_maps=False, memory=None, memory_level=0,
+                 verbose=0, reports=True, cmap="CMRmap_r", clean_args=None, maps_store=None):
+        super().__init__(maps_img, mask_img, allow_overlap, smoothing_fwhm, standardize,
+                         standardize_confounds, high_variance_confounds, detrend, low_pass, high_pass,
+                         t_r, dtype, resampling_target, keep_masked_maps, memory, memory_level, verbose,
+                         reports, cmap, 1, clean_args, maps_store)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _load_mask(mask_img):
+    """nilearn's _load_mask: a 3-D (or 4-D, all volumes) mask -> (affine, bool array) or None."""
+    if mask_img is None:
+        return None
+    from nilearn.image import load_img
+
+    try:
+        img = load_img(mask_img)
+    except Exception as err:  # nilearn raises several kinds for unreadable inputs
+        raise InputError(f"mask_img cannot be read as an image: {err}") from err
+    data = np.asanyarray(img.dataobj)
+    data = np.nan_to_num(data.reshape(*data.shape[:3], -1)).astype(bool).all(axis=3)
+    if not data.any():
+        raise InputError("mask_img has no non-zero voxel.")
+    return np.asarray(img.affine, dtype=float), data
+
+
+def _mismatch(what, affine, shape, grid):
+    return (f"{what} has shape {tuple(shape[:3])} and affine\n{affine}\nbut the grid has shape "
+            f"{tuple(grid.shape)} and affine\n{grid.affine}.")
+
+
+#: float32 data bytes of one voxel block of a batch of runs (all its runs' chunks).
+BATCH_BYTES = 256 * 2**20
+
+
+def _batches(datas, budget=BATCH_BYTES):
+    """Indices of runs grouped by voxel blocks, each group's stacked block within ``budget``."""
+    by_chunks: dict = {}
+    for index, data in enumerate(datas):
+        by_chunks.setdefault(data.chunks[1], []).append(index)
+    batches = []
+    for chunks, members in by_chunks.items():
+        current, n_time = [], 0
+        for index in members:
+            grown = (n_time + datas[index].shape[0]) * max(chunks, default=1) * 4
+            if current and grown > budget:
+                batches.append(current)
+                current, n_time = [], 0
+            current.append(index)
+            n_time += datas[index].shape[0]
+        batches.append(current)
+    return batches
+
+
+def _batched_moments(maps, datas):
+    """Per run the lazy (region, time) ``maps.T @ data.T``, then last the Gram matrix.
+
+    Runs with the same voxel blocks are taken in batches: one task per voxel
+    block and batch reads the maps block once for all its runs (and the
+    first batch also accumulates the Gram matrix).
+    """
+    n_regions = len(maps.kept)
+    projections, gram = [None] * len(datas), None
+    for number, batch in enumerate(_batches(datas)):
+        source = maps.reader() or maps.array(f"maps-batch{number}")
+        moments = graph.moments(source, [datas[i] for i in batch], with_gram=gram is None)
+        if gram is None:
+            gram, moments = moments[:, :n_regions], moments[:, n_regions:]
+        offsets = np.cumsum([0] + [datas[i].shape[0] for i in batch])
+        for index, start, stop in zip(batch, offsets[:-1], offsets[1:]):
+            projections[index] = moments[:, start:stop]
+    return [*projections, gram]
+
+
+def _run_reader(node, data):
+    """A reader of the run's stored bold array, read inside the extraction tasks."""
+    from chunkglm.maskers._maps_input import ZarrRunReader
+
+    return ZarrRunReader(node.cohort.root[node.path]["bold"], data.chunks)
+
+
+def _reread(node, data):
+    """The run's bold array under new task names (read again by a second pass)."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    array = node.cohort.root[node.path]["bold"]
+    return da.from_zarr(array, chunks=data.chunks, name=f"bold-reread-{tokenize(node.cohort.location, node.path)}")
+
+
+def _node_key(node):
+    return (node.cohort.location, node.path)
+
+
+def _nilearn_data_dtype(image, info):
+    """The dtype nilearn's extraction sees for a run (the store holds float32)."""
+    if isinstance(image, np.ndarray) or hasattr(image, "dataobj") and isinstance(image.dataobj, np.ndarray):
+        return np.asarray(image.dataobj).dtype
+    scaled = info.slope != 1 or info.inter != 0
+    return np.dtype(np.float64) if scaled else info.dtype.newbyteorder("=")
+
+
+def _check_confounds(confounds, n_scans, index):
+    if confounds is None or isinstance(confounds, str | Path | list):
+        return
+    n_rows = len(confounds) if hasattr(confounds, "__len__") else None
+    if n_rows is not None and np.ndim(confounds) >= 1 and n_rows != n_scans:
+        raise InputError(f"the confounds of run {index} have {n_rows} rows but the run has {n_scans} "
+                         "scans: give one row per scan (before sample_mask censoring).")
+
+
+def _per_run(value, n_runs, name):
+    if value is None:
+        return [None] * n_runs
+    if not isinstance(value, list | tuple):
+        raise InputError(f"'{name}' must be None or a list with one entry per run; got {type(value).__name__}.")
+    if len(value) != n_runs:
+        raise InputError(f"number of {name} ({len(value)}) unequal to number of images ({n_runs}).")
+    return list(value)
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _name(item):
+    return str(item) if isinstance(item, str | Path) else type(item).__name__
+
+
+def _file_entities(item) -> dict:
+    from chunkglm.io.bids import parse_entities
+    from chunkglm.io.cohort import Node
+
+    if isinstance(item, Node):
+        return dict(item.entities)
+    if isinstance(item, str | Path):
+        return parse_entities(Path(item).name)
+    return {}
+
+
+# -- outputs -----------------------------------------------------------------------------
+
+_ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space")
+
+
+def _to_xarray(signals, nodes, region_indices):
+    import xarray as xr
+
+    n_time = max((s.shape[0] for s in signals), default=0)
+    n_regions = len(region_indices)
+    values = np.full((len(signals), n_time, n_regions), np.nan, dtype=np.float64)
+    for index, array in enumerate(signals):
+        values[index, :array.shape[0]] = array.reshape(array.shape[0], -1)
+    entities = [dict(node.entities) for node in nodes]
+    coords = {"run": [node.name for node in nodes], "time": np.arange(n_time),
+              "region": np.asarray(region_indices, dtype=int)}
+    for key in _ENTITY_ORDER:
+        if any(key in e for e in entities):
+            coords[_entity_coord(key)] = ("run", [str(e.get(key, "")) for e in entities])
+    coords["repetition_time"] = ("run", [float(node.attrs.get("RepetitionTime") or np.nan) for node in nodes])
+    coords["n_scans"] = ("run", [int(s.shape[0]) for s in signals])
+    return xr.DataArray(values, dims=("run", "time", "region"), coords=coords, name="region_signals")
+
+
+def _entity_coord(key):
+    """Coordinate name of a BIDS entity ("run" names the dimension: its entity is "run_label")."""
+    return "run_label" if key == "run" else key
+
+
+def _label(atlas):
+    if not isinstance(atlas, str) or not re.fullmatch(r"[A-Za-z0-9]+", atlas):
+        raise InputError(f"atlas becomes the BIDS desc- label and must be alphanumeric; received {atlas!r}.")
+    return atlas
+
+
+def timeseries_filename(entities: dict, atlas: str, fallback: str) -> str:
+    """``sub-01_ses-1_task-rest_run-1_desc-<atlas>_timeseries.tsv`` (BIDS derivatives)."""
+    parts = [f"{k}-{entities[k]}" for k in ("sub", "ses", "task", "acq", "run") if entities.get(k)]
+    prefix = "_".join(parts) if parts else fallback
+    return f"{prefix}_desc-{_label(atlas)}_timeseries.tsv"
+
+
+def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
+    """Write per-run BIDS-derivative TSV files (+ JSON sidecars) from ``transform_to_xarray``.
+
+    Files go to ``out_dir/sub-XX[/ses-YY]/func/`` (``out_dir`` for runs
+    without a subject); columns are ``map-<index>``; the NaN padding is cut.
+
+    Returns
+    -------
+    list of Path
+        The TSV files written.
+    """
+    import pandas as pd
+
+    from chunkglm._version import __version__
+
+    out = Path(out_dir)
+    _label(atlas)
+    written = []
+    width = max(3, len(str(int(signals["region"].max()) if signals.sizes["region"] else 0)))
+    columns = [f"map-{int(i):0{width}d}" for i in signals["region"].values]
+    for index in range(signals.sizes["run"]):
+        run = signals.isel(run=index)
+        entities = {k: str(run[_entity_coord(k)].item()) for k in _ENTITY_ORDER
+                    if _entity_coord(k) in run.coords and str(run[_entity_coord(k)].item())}
+        folder = out / f"sub-{entities['sub']}" if "sub" in entities else out
+        folder = folder / f"ses-{entities['ses']}" if "ses" in entities and "sub" in entities else folder
+        folder = folder / "func" if "sub" in entities else folder
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / timeseries_filename(entities, atlas, str(run["run"].item()))
+        n_scans = int(run["n_scans"].item())
+        pd.DataFrame(run.values[:n_scans], columns=columns).to_csv(path, sep="\t", index=False, na_rep="n/a")
+        t_r = float(run["repetition_time"].item())
+        sidecar = {"Columns": columns, "Atlas": atlas, "Sources": [str(run["run"].item())],
+                   **({"SamplingFrequency": 1.0 / t_r, "RepetitionTime": t_r} if np.isfinite(t_r) else {})}
+        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+        written.append(path)
+    description = out / "dataset_description.json"
+    if not description.exists():
+        description.write_text(json.dumps({
+            "Name": "chunkglm region signals", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "chunkglm", "Version": __version__}]}, indent=2))
+    return written
+
+
+def save_timeseries_to_store(signals, store, atlas: str, storage_options=None) -> str:
+    """Write the (run, time, region) DataArray to ``timeseries/<atlas>`` of a zarr store.
+
+    Returns the group path written.
+    """
+    from chunkglm.io.store import zarr_store
+
+    path = f"timeseries/{_label(atlas)}"
+    signals.to_dataset(name="region_signals").to_zarr(
+        zarr_store(store, storage_options), group=path, mode="w", zarr_format=3, consolidated=False)
+    return path
