@@ -127,15 +127,17 @@ def anchor_read(timed, bold, mask, start, stop):
 # --- chunkglm ---------------------------------------------------------------
 
 @step("convert")
-def convert(timed, inputs, store, task_memory=None):
+def convert(timed, inputs, store, task_memory=None, mask_img=None):
     """``chunkglm.convert`` into a fresh store, in this process (client=None).
 
-    ``task_memory=None`` keeps chunkglm's default.
+    ``task_memory=None`` keeps chunkglm's default; ``mask_img`` defines the voxel axis.
     """
     _import_convert_dependencies()
     from chunkglm.io.convert import convert as chunkglm_convert
 
     options = {} if task_memory is None else {"task_memory": task_memory}
+    if mask_img is not None:
+        options["mask_img"] = mask_img
     shutil.rmtree(store, ignore_errors=True)
     with timed:
         report = chunkglm_convert(inputs, store, client=None, **options)
@@ -749,10 +751,18 @@ def nimare_ibma(timed, dataset, mask, estimator, out, params=None, label=""):
     saved = {}
     for name in ("z", "est", "tau2"):
         if name in result.maps:
-            path = Path(out) / f"nimare_{estimator}{label}_{name}.nii.gz"
-            result.get_map(name).to_filename(path)
-            saved[name] = str(path)
+            saved[name] = _save_float32(result.get_map(name), Path(out) / f"nimare_{estimator}{label}_{name}.nii.gz")
     return {"maps": saved, "nimare": nimare.__version__}
+
+
+def _save_float32(img, path) -> str:
+    """Save a map as float32. NiMARE's images carry the mask's header: with a uint8 mask,
+    ``to_filename`` would quantise the map to 256 levels (slope/intercept), a ~1% error."""
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine), path)
+    return str(path)
 
 
 def _meta_imports() -> None:
@@ -772,9 +782,7 @@ def _save_meta_maps(result, out, stem) -> dict:
     saved = {}
     for name in ("z", "est", "tau2"):
         if name in result.maps:
-            path = Path(out) / f"{stem}_{name}.nii.gz"
-            result.get_map(name).to_filename(path)
-            saved[name] = str(path)
+            saved[name] = _save_float32(result.get_map(name), Path(out) / f"{stem}_{name}.nii.gz")
     return saved
 
 
@@ -842,6 +850,72 @@ def meta_scale(timed, store, node, estimator, n_workers=2, sample_s=0.2):
     return {"n_maps": int(maps_node.data().shape[0]), "z_max": float(np.nanmax(z)),
             "worker_vmhwm_mib": {str(w): v / MiB for w, v in peaks.items()},
             "worker_sampled_rss_mib": {w: m["rss"] / MiB for w, m in memory.items()}}
+
+
+MASKER_OPTIONS = {"standardize": "zscore_sample", "detrend": True}
+
+
+def _masker_tr(bold) -> float:
+    sidecar = Path(str(bold).replace(".nii.gz", ".json"))
+    return float(json.loads(sidecar.read_text())["RepetitionTime"])
+
+
+@step("masker_nilearn")
+def masker_nilearn(timed, bold, mask, maps, out):
+    """nilearn's ``MultiNiftiMapsMasker(maps, mask_img=mask, standardize='zscore_sample',
+    detrend=True, t_r=TR).fit_transform(bold)``: reads both 4-D images inside the call."""
+    import numpy as np
+    from nilearn.maskers import MultiNiftiMapsMasker
+
+    masker = MultiNiftiMapsMasker(maps, mask_img=mask, t_r=_masker_tr(bold), **MASKER_OPTIONS)
+    with timed:
+        signals = masker.fit_transform(bold)
+    path = Path(out) / "nilearn_signals.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(signals, dtype=np.float64))
+    return {"signals": str(path), "shape": list(np.shape(signals))}
+
+
+@step("masker_chunkglm")
+def masker_chunkglm(timed, bold, mask, maps, out, label, store=None, nodes=None, n_workers=0, sample_s=0.2):
+    """chunkglm's ``MultiMapsMasker`` with nilearn's arguments, on the NIfTI (converted inside the
+    call: timed) or on ``nodes`` of ``store`` (converted beforehand). ``n_workers`` > 0: on a
+    LocalCluster of that many processes x 1 thread (set-up), worker memory sampled."""
+    import numpy as np
+
+    _import_convert_dependencies()
+    import nilearn.signal  # noqa: F401
+
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.maskers import MultiMapsMasker
+
+    masker = MultiMapsMasker(maps, mask_img=mask, t_r=_masker_tr(bold), **MASKER_OPTIONS)
+    inputs = bold if store is None else [open_cohort(store).runs[n] for n in nodes]
+    client = None
+    if n_workers:
+        from chunkglm.cluster import start
+
+        client = start(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", verbose=False)
+        client.run(_worker_imports)
+    try:
+        if client is None:
+            with timed:
+                signals = masker.fit_transform(inputs)
+            extra = {}
+        else:
+            with WorkerMemory(client, sample_s) as sampler, timed:
+                signals = masker.fit_transform(inputs)
+            peaks = client.run(_worker_peak_rss)
+            extra = {"worker_vmhwm_mib": {str(w): v / MiB for w, v in peaks.items()},
+                     "worker_sampled_rss_mib": {str(w): sampler.summary(w, set())["rss"] / MiB for w in peaks}}
+    finally:
+        if client is not None:
+            client.close()
+    first = signals[0] if isinstance(signals, list) else signals
+    path = Path(out) / f"{label}_signals.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(first, dtype=np.float64))
+    return {"signals": str(path), "n_runs": len(signals) if isinstance(signals, list) else 1, **extra}
 
 
 def main(argv) -> None:

@@ -65,7 +65,9 @@ def maps_moments(maps_block: np.ndarray, data_block, with_gram: bool = True) -> 
             gram = scipy.linalg.blas.dsyrk(1.0, maps, beta=1.0, c=gram, trans=1, overwrite_c=1)
         for run, product in zip(runs, products):
             data = np.asarray(run[:, start:start + SLAB], dtype=np.float64)
-            product += maps.T @ np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0).T
+            if not np.isfinite(data).all():
+                data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+            product += (data @ maps).T  # (time, voxel) @ (voxel, region): one plain GEMM
     if with_gram:
         products.insert(0, np.triu(gram) + np.triu(gram, 1).T)  # dsyrk fills the upper triangle
     return np.hstack(products) if products else np.zeros((n_regions, 0))
