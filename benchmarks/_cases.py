@@ -601,6 +601,7 @@ from _cases_meta import meta_case, meta_scale_case  # noqa: E402
 CASES["meta"] = meta_case
 CASES["meta_scale"] = meta_scale_case
 
-from _cases_masker import masker_case  # noqa: E402
+from _cases_masker import masker_case, masker_scale_case  # noqa: E402
 
 CASES["masker"] = masker_case
+CASES["masker_scale"] = masker_scale_case

@@ -68,3 +68,50 @@ def _parity(reference: str, candidate: str) -> dict:
     ref, ours = np.load(reference), np.load(candidate)
     return {"rel_max": float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref))),
             "rel_l2": float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))}
+
+
+SCALE_RUNS = (5, 20)
+SCALE_MAPS = 1024
+FLAT_TOLERANCE = 1.25
+
+
+def masker_scale_case(ctx: Context) -> CaseResult:
+    """A 1,024-map atlas over 5 and 20 runs of a store on 2 workers: flat worker memory."""
+    from _data import linked_cohort
+
+    if ctx.size != "realistic":
+        raise SystemExit("masker_scale has a realistic size only")
+    run = synthetic_run(ctx.data_dir, "realistic")
+    atlas = gaussian_atlas(ctx.data_dir, SCALE_MAPS)
+    work = ctx.work_dir("masker_scale")
+    cohort = linked_cohort(run, work / "linked", max(SCALE_RUNS))
+    store = str(work / "cohort.zarr")
+    if ctx.round == 0:
+        ctx.setup["convert"] = run_child("convert", {"inputs": cohort["root"], "store": store,
+                                                     "mask_img": run["mask"]})
+    common = {"bold": run["bold"], "mask": run["mask"], "maps": atlas["maps"], "out": str(work / "signals")}
+    m, peak = {}, {}
+    for n in SCALE_RUNS:
+        m[n] = ctx.measure("masker_chunkglm", label=f"scale_{n}", store=store, nodes=cohort["runs"][:n],
+                           n_workers=2, **common)
+        peak[n] = max(max(m[n].extra["worker_vmhwm_mib"].values()), max(m[n].extra["worker_sampled_rss_mib"].values()))
+    small, large = SCALE_RUNS
+    rows = []
+    for n in SCALE_RUNS:
+        text, target, checks = f"worker peak {peak[n]:.0f} MiB; {m[n].wall_s / n:.1f} s per run", "—", []
+        if n == large:
+            ratio = peak[large] / peak[small]
+            text += f"; {ratio:.2f}× the worker peak with {small} runs"
+            target, checks = f"≤ {FLAT_TOLERANCE:g}× the {small}-run peak (flat)", [Check("flat worker memory",
+                                                                                           ratio <= FLAT_TOLERANCE)]
+        rows.append(Row(f"chunkglm MultiMapsMasker, {SCALE_MAPS:,} maps × {n} runs (store)", m[n], text, target, checks))
+    facts = {"n_maps": SCALE_MAPS, "runs": list(SCALE_RUNS), "worker_peak_mib": peak,
+             "convert_s": ctx.setup["convert"]["wall_s"]}
+    notes = [f"Input: {max(SCALE_RUNS)} copies of the realistic run converted into one store (set-up, "
+             f"{facts['convert_s']:.0f} s, brain mask), and {SCALE_MAPS:,} Gaussian maps on its grid "
+             "(`_data.gaussian_atlas`, σ = 6 mm). Step: a LocalCluster of 2 worker processes × 1 thread "
+             "(set-up); timed `MultiMapsMasker(maps, mask_img, standardize=\"zscore_sample\", detrend=True, "
+             "t_r).fit_transform(<runs>)`. Worker peak: the larger of each worker's `VmHWM` and its RSS sampled "
+             "every 0.2 s."]
+    return CaseResult("masker_scale", f"region signals at scale: {SCALE_MAPS:,} maps over 5 vs 20 runs",
+                      facts, rows, notes, [])

@@ -94,6 +94,19 @@ def test_parity_with_nilearn(data, params):
     assert max(_rel(o, r) for o, r in zip(ours64, ref64)) < F64
 
 
+def test_maps_given_as_a_file_equal_maps_given_as_an_image(data, tmp_path):
+    """A maps file is streamed volume by volume (a reused read buffer): every map of a group
+    must keep its own values (a file path was once read as copies of each group's last map)."""
+    path = tmp_path / "atlas.nii.gz"
+    nib.save(data["maps"], path)
+    from_file = MultiMapsMasker(str(path)).fit_transform(data["runs"])
+    from_image = MultiMapsMasker(data["maps"]).fit_transform(data["runs"])
+    for a, b in zip(from_file, from_image):
+        np.testing.assert_array_equal(a, b)
+    ref = _nilearn(str(path)).fit_transform([str(p) for p in data["runs"]])
+    assert max(_rel(o, r) for o, r in zip(from_file, ref)) < F32
+
+
 def test_high_variance_confounds_and_sample_mask(data):
     masks = [np.arange(3, T), np.r_[0:10, 15:T]]
     params = dict(high_variance_confounds=True, **CLEAN)

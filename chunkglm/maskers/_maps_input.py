@@ -67,7 +67,8 @@ class MapsSource:
             info = reader.info
             batch, start = [], 0
             for index, raw in reader.iter_volumes():
-                volume = scale_values(raw, info.slope, info.inter).astype(self.dtype, copy=False)
+                # raw is a view of the reader's reused buffer: copy (scaling may return it as is)
+                volume = np.array(scale_values(raw, info.slope, info.inter), dtype=self.dtype, copy=True)
                 batch.append(volume.reshape(self.shape, order="F"))
                 if len(batch) == group_size or index == self.n_maps - 1:
                     yield start, _finite(np.stack(batch, axis=-1))
