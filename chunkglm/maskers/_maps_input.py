@@ -65,23 +65,27 @@ class MapsSource:
 
         with NiftiReader(str(self.image)) as reader:
             info = reader.info
-            batch, start = [], 0
+            start, group = 0, None
             for index, raw in reader.iter_volumes():
-                # raw is a view of the reader's reused buffer: copy (scaling may return it as is)
-                volume = np.array(scale_values(raw, info.slope, info.inter), dtype=self.dtype, copy=True)
-                batch.append(volume.reshape(self.shape, order="F"))
-                if len(batch) == group_size or index == self.n_maps - 1:
-                    yield start, _finite(np.stack(batch, axis=-1))
-                    start, batch = index + 1, []
+                if group is None:
+                    # Fortran order: each volume is one contiguous slab, filled by a plain copy
+                    group = np.empty((*self.shape, min(group_size, self.n_maps - start)), dtype=self.dtype,
+                                     order="F")
+                # raw is a view of the reader's reused buffer: this assignment is the one copy out of it
+                group[..., index - start] = scale_values(raw, info.slope, info.inter).reshape(self.shape, order="F")
+                if index - start + 1 == group.shape[-1]:
+                    yield start, _finite(group, copy=False)
+                    start, group = index + 1, None
 
     def volume_image(self):
         """A 3-D image of the maps' grid (for resampling a mask onto it)."""
         return nib.Nifti1Image(np.zeros(self.shape, dtype=np.uint8), self.affine)
 
 
-def _finite(volumes):
-    volumes = np.array(volumes, copy=True)
-    if volumes.dtype.kind == "f":
+def _finite(volumes, copy=True):
+    """NaN and infinite values set to 0 (a copy unless ``copy=False``; untouched when all finite)."""
+    volumes = np.array(volumes, copy=copy)
+    if volumes.dtype.kind == "f" and not np.isfinite(volumes).all():
         volumes[~np.isfinite(volumes)] = 0
     return volumes
 
@@ -292,6 +296,10 @@ class _Stats:
         region = np.ones(grid.shape, dtype=bool) if mask is None else mask
         self.outside = region & ~grid.mask  # voxels nilearn uses that the store lacks
         self.mask_stored = None if mask is None else mask[self.ijk]
+        # positions in the Fortran-flattened volume: a group is gathered as (map, voxel) rows
+        self.flat_ijk = np.ravel_multi_index(self.ijk, grid.shape, order="F")
+        self.flat_mask = None if mask is None else np.flatnonzero(mask.ravel(order="F"))
+        self.flat_outside = np.flatnonzero(self.outside.ravel(order="F"))
 
     def add(self, volumes):
         """Record a group (x, y, z, g) on the grid; return its (voxel, g) stored values."""
@@ -299,11 +307,13 @@ class _Stats:
         if self.check_overlap:
             self.counts += overlap_counts(volumes)
         self.any_value = self.any_value or bool(np.any(volumes != 0))
+        # (map, voxel) rows: a free view of a Fortran-ordered group, a copy otherwise
+        rows = np.asarray(volumes).reshape(-1, volumes.shape[-1], order="F").T
         if self.mask is not None:
-            self.nonempty.extend(np.abs(volumes[self.mask]).sum(axis=0) > 0)
-        if self.outside.any():
-            self.n_outside_maps += int(np.any(volumes[self.outside] != 0, axis=0).sum())
-        values = volumes[self.ijk]
+            self.nonempty.extend(np.abs(rows[:, self.flat_mask]).sum(axis=1) > 0)
+        if self.flat_outside.size:
+            self.n_outside_maps += int(np.any(rows[:, self.flat_outside] != 0, axis=1).sum())
+        values = rows[:, self.flat_ijk].T
         if self.mask_stored is not None:
             values = np.where(self.mask_stored[:, None], values, 0).astype(values.dtype, copy=False)
         return values
