@@ -304,6 +304,13 @@ def fortran_indices(ijk: np.ndarray, shape) -> np.ndarray:
     return np.ravel_multi_index(tuple(ijk.T), tuple(shape), order="F")
 
 
+def mask_from_voxels(ijk, shape, affine) -> nib.Nifti1Image:
+    """A uint8 mask image with 1 at the voxels ``ijk`` (n_voxels, 3) of a ``shape`` grid."""
+    data = np.zeros(shape, dtype=np.uint8)
+    data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
+    return nib.Nifti1Image(data, affine)
+
+
 def image_from_voxels(values, ijk, shape, header_bytes=None, affine=None):
     """Build a float32 NIfTI image from in-mask values.
 

@@ -132,10 +132,9 @@ class MetaMaps:
 
     def mask_img(self) -> nib.Nifti1Image:
         """The analysed voxels as a uint8 mask on the node's grid."""
-        ijk, grid = self.ijk, self.grid
-        data = np.zeros(grid.shape, dtype=np.uint8)
-        data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
-        return nib.Nifti1Image(data, grid.affine)
+        from chunkglm.io.nifti import mask_from_voxels
+
+        return mask_from_voxels(self.ijk, self.grid.shape, self.grid.affine)
 
     def describe(self) -> dict:
         """Inputs for provenance: the store and collection."""

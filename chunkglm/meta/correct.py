@@ -21,6 +21,8 @@ The old API's ``cdt``/``q`` (FFX_GLM, MFX_GLM) cluster rule, see :func:`add_clus
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import dask
 import numpy as np
 from scipy import special
@@ -74,7 +76,7 @@ def uncorrected_nlogp(maps: dict, p_name="p") -> np.ndarray:
     return nlogp
 
 
-class Corrector:
+class Corrector(ABC):
     """Base of the correctors: ``transform(result)`` returns a corrected copy."""
 
     _kind = ""
@@ -135,8 +137,9 @@ class Corrector:
             out["logp"] = clip_logp(corrected / -_LOG10 + 0.0)
         return out, self._description()
 
+    @abstractmethod
     def _correct(self, nlogp, n_tests):
-        raise NotImplementedError
+        """Corrected natural-log p-values of ``nlogp`` (one per test of ``n_tests``)."""
 
     def _description(self) -> str:
         return ""
