@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from chunkglm.errors import InputError
+from chunkglm.io.nifti import load_image as _load
 
 KINDS = ("images", "dataframe", "flm", "maps")
 
@@ -136,16 +137,6 @@ def check_images(images, resampling: bool, remedy: str | None = None) -> None:
                 f"second_level_input[{index}] is on another grid (shape {grid[0]}, affine\n{grid[1]}) than "
                 f"second_level_input[0] (shape {first[0]}, affine\n{first[1]}). " + (remedy or
                 "Resample the maps onto one grid, or pass target_affine and target_shape to SecondLevelModel."))
-
-
-def _load(image):
-    if isinstance(image, str | Path):
-        if not Path(image).is_file():
-            raise InputError(f"image not found: {image}")
-        return nib.load(str(image))
-    if isinstance(image, nib.spatialimages.SpatialImage):
-        return image
-    raise InputError(f"expected a NIfTI path or a nibabel image; received {type(image).__name__}.")
 
 
 def _volume(image) -> np.ndarray:

@@ -350,22 +350,6 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
     descriptions : dict, optional
         ``{contrast name: text}`` for the sidecar; default the formula (or
         the name, for weights).
-    fwe : {"bonferroni", "permutation"}, default="bonferroni"
-        How the FWE map of t contrasts is thresholded: Bonferroni on the z
-        map, or nilearn's max-T permutation test
-        (:func:`~chunkglm.glm.second_level.non_parametric_inference`, with
-        ``two_sided_test=two_sided``); F contrasts always use Bonferroni
-        (permutation inference tests one t contrast, as in nilearn).
-    n_perm, random_state : int, optional
-        Permutations (``fwe="permutation"``), as in ``non_parametric_inference``.
-    tfce : bool, default=False
-        ``fwe="permutation"``: also write the TFCE map and its -log10 FWE
-        p-values.
-    cluster_forming_p : float in (0, 1), optional
-        ``fwe="permutation"``: nilearn's ``threshold``; also write the
-        cluster size and mass maps and their -log10 FWE p-values.
-    progress : callable, optional
-        ``progress(done, total)`` during each permutation test.
 
     Returns
     -------

@@ -304,6 +304,17 @@ def fortran_indices(ijk: np.ndarray, shape) -> np.ndarray:
     return np.ravel_multi_index(tuple(ijk.T), tuple(shape), order="F")
 
 
+def load_image(image):
+    """A nibabel image from a path or an image, or an InputError naming what was received."""
+    if isinstance(image, str | Path):
+        if not Path(image).is_file():
+            raise InputError(f"image not found: {image}")
+        return nib.load(str(image))
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        return image
+    raise InputError(f"expected a NIfTI path or a nibabel image; received {type(image).__name__}.")
+
+
 def mask_from_voxels(ijk, shape, affine) -> nib.Nifti1Image:
     """A uint8 mask image with 1 at the voxels ``ijk`` (n_voxels, 3) of a ``shape`` grid."""
     data = np.zeros(shape, dtype=np.uint8)

@@ -32,6 +32,7 @@ import pandas as pd
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
+from chunkglm.io.nifti import load_image as _load
 from chunkglm.io import store as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
 from chunkglm.io.write_run import write_rows
@@ -206,16 +207,6 @@ def _restrict(maps: MetaMaps, mask) -> MetaMaps:
     if maps.voxels is not None and voxels is not None:
         voxels = np.intersect1d(maps.voxels, voxels)
     return MetaMaps(maps.node, voxels if voxels is not None else maps.voxels, maps.keep)
-
-
-def _load(image):
-    if isinstance(image, str | Path):
-        if not Path(image).is_file():
-            raise InputError(f"image not found: {image}")
-        return nib.load(str(image))
-    if isinstance(image, nib.spatialimages.SpatialImage):
-        return image
-    raise InputError(f"expected a NIfTI path or a nibabel image; received {type(image).__name__}.")
 
 
 # -- the table ----------------------------------------------------------------------
