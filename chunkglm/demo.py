@@ -7,7 +7,13 @@
 4. Write one run back to NIfTI and check it equals the input inside the mask.
 5. First-level GLM (AR(1), motion + CSF + white-matter confounds) for every
    subject in one graph; nilearn-style BIDS outputs and the derivatives/glm
-   layout, and how well the known effect is recovered.
+   layout.
+6. Group level: a one-sample test of the subjects' ``aMinusB`` effect maps
+   with max-T permutation inference (``derivatives/glm/group_level``).
+7. Image-based meta-analysis of the same effects and their variances
+   (DerSimonianLaird, FDR-corrected; ``derivatives/meta``).
+8. An HTML report of every result (``chunkglm report``), each with the
+   provenance record this demo wrote for it; prints the group report's path.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ def _dataset(out: Path, size: str, n_subjects: int) -> Path:
     if bids.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
         print(f"reusing the synthetic dataset in {bids}")
         return bids
-    shutil.rmtree(bids, ignore_errors=True)
+    for stale in (bids, out / "cohort.zarr", out / "derivatives", out / "roundtrip"):  # made from old data
+        shutil.rmtree(stale, ignore_errors=True)
     start = time.perf_counter()
     make_synthetic_bids(bids, n_subjects=n_subjects, size=size, seed=0)
     stamp.write_text(json.dumps(params))
@@ -58,27 +65,98 @@ def _check_round_trip(cohort, bids: Path, out: Path) -> Path:
 
 CONFOUNDS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "csf", "white_matter"]
 CONTRASTS = {"aMinusB": "a - b", "effectsOfInterest": "a; b"}
+GROUP_PERMUTATIONS = 1000
 
 
-def _first_level(store: Path, out: Path) -> Path:
+def _record(path: Path, operation: str, inputs, options, client, watch) -> None:
+    """The provenance record a chunkglm command would leave (reports show it)."""
+    from chunkglm.provenance import cluster_summary, record, write_record
+
+    write_record(path, record(operation, inputs=inputs, options=options, cluster=cluster_summary(client),
+                              stopwatch=watch))
+
+
+def _first_level(store: Path, out: Path, client) -> Path:
     """Fit every subject together, write derivatives; returns their folder."""
     from chunkglm.cli.first_level import model_contrasts
     from chunkglm.glm.first_level import first_level_from_bids, fitted_in_waves
     from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
+    from chunkglm.provenance import Stopwatch
 
-    start = time.perf_counter()
+    start, watch = time.perf_counter(), Stopwatch()
     models, runs, events, confounds = first_level_from_bids(store, "main", confounds_columns=CONFOUNDS)
     for model, run_list, ev, conf in zip(models, runs, events, confounds):
         model.fit(run_list, events=ev, confounds=conf)
     target = out / "derivatives" / "glm"
     for model in fitted_in_waves(models):
         weights, types = model_contrasts(model, CONTRASTS)
-        save_glm_to_bids(model, weights, contrast_types=types, out_dir=target,
-                         prefix=f"sub-{model.subject_label}_task-main")
+        prefix = f"sub-{model.subject_label}_task-main"
+        save_glm_to_bids(model, weights, contrast_types=types, out_dir=target, prefix=prefix)
         save_glm_derivatives(model, weights, target, task_label="main", contrast_types=types,
                              confounds=CONFOUNDS)
+        _record(target / "first_level" / f"sub-{model.subject_label}" / f"{prefix}_provenance.json",
+                "first-level (chunkglm demo)", [{"store": str(store), "run": name} for name in model._run_names],
+                {"contrasts": CONTRASTS, "confounds": CONFOUNDS, "noise_model": model.noise_model}, client, watch)
     print(f"first-level GLM of {len(models)} subject(s) [{time.perf_counter() - start:.1f} s]")
     return target
+
+
+def _group_level(glm: Path, client) -> Path:
+    """One-sample test of the aMinusB effects, max-T permutation FWE; returns group_level/."""
+    import pandas as pd
+
+    from chunkglm.cli.second_level import effect_maps
+    from chunkglm.glm.second_level import SecondLevelModel
+    from chunkglm.interfaces.bids import save_group_derivatives
+    from chunkglm.provenance import Stopwatch
+
+    start, watch = time.perf_counter(), Stopwatch()
+    subjects, paths = effect_maps(glm, "aMinusB")
+    model = SecondLevelModel().fit(paths, design_matrix=pd.DataFrame({"intercept": [1.0] * len(paths)}))
+    options = {"contrasts": {"aMinusB": "intercept"}, "fwe": "permutation", "n_perm": GROUP_PERMUTATIONS,
+               "alpha": 0.05, "random_state": 0}
+    save_group_derivatives(model, options["contrasts"], glm, fwe="permutation", n_perm=GROUP_PERMUTATIONS,
+                           random_state=0)
+    folder = glm / "group_level"
+    _record(folder / "group_provenance.json", "second-level (chunkglm demo)",
+            [{"subject": s, "path": p} for s, p in zip(subjects, paths)], options, client, watch)
+    print(f"group level: one-sample test of {len(paths)} subjects, {GROUP_PERMUTATIONS} permutations "
+          f"[{time.perf_counter() - start:.1f} s]")
+    return folder
+
+
+def _meta_analysis(glm: Path, out: Path, client) -> Path:
+    """DerSimonianLaird over the subjects' aMinusB effects and variances, FDR; returns meta/."""
+    import pandas as pd
+
+    from chunkglm.cli.second_level import effect_maps
+    from chunkglm.meta.correct import FDRCorrector
+    from chunkglm.meta.ibma import DerSimonianLaird
+    from chunkglm.provenance import Stopwatch
+
+    start, watch = time.perf_counter(), Stopwatch()
+    subjects, effects = effect_maps(glm, "aMinusB")
+    table = pd.DataFrame({"beta": effects, "varcope": [p.replace("stat-effect", "stat-variance") for p in effects],
+                          "study_id": subjects})
+    estimator = DerSimonianLaird(mask=str(glm / "group_level" / "group_mask.nii.gz"))  # the group's voxels
+    result = FDRCorrector(method="indep", alpha=0.05).transform(estimator.fit(table))
+    folder = result.save_derivatives(out / "derivatives")["sidecar"].parent
+    _record(folder / "provenance.json", "meta (chunkglm demo)", table.to_dict("records"),
+            {"estimator": "DerSimonianLaird", "mask": "group_level/group_mask.nii.gz",
+             "corrector": "FDRCorrector(method='indep', alpha=0.05)"},
+            client, watch)
+    print(f"meta-analysis: DerSimonianLaird over {len(table)} effect maps, FDR "
+          f"[{time.perf_counter() - start:.1f} s]")
+    return folder
+
+
+def _reports(derivatives: Path) -> list[Path]:
+    from chunkglm.report import write_reports
+
+    start = time.perf_counter()
+    written = write_reports(derivatives, height_control="fpr", alpha=0.001, cluster_threshold=5)
+    print(f"{len(written)} HTML report(s) [{time.perf_counter() - start:.1f} s]")
+    return written
 
 
 def run_demo(out="demo_output", *, size="small", n_subjects=4, cluster="local") -> int:
@@ -99,14 +177,22 @@ def run_demo(out="demo_output", *, size="small", n_subjects=4, cluster="local") 
               f"already complete [{time.perf_counter() - start:.1f} s]")
         cohort = open_cohort(store)
         roundtrip = _check_round_trip(cohort, bids, out)
-        glm = _first_level(store, out)
+        glm = _first_level(store, out, client)
+        group = _group_level(glm, client)
+        meta = _meta_analysis(glm, out, client)
+    reports = _reports(out / "derivatives")
+    group_report = next(p for p in reports if p.parent == group)
     print("\nResults")
     print(f"  BIDS input:        {bids}")
     print(f"  cohort store:      {store}  ({cohort!r})")
     print(f"  NIfTI round trip:  {roundtrip}")
     print(f"  first-level GLM:   {glm}  (sub-XX/: nilearn's save_glm_to_bids files; "
           "first_level/: derivatives/glm layout)")
+    print(f"  group level:       {group}")
+    print(f"  meta-analysis:     {meta}")
+    print(f"  reports:           {len(reports)} pages (first_level/sub-XX/*_report.html, ...)")
     print(f"  dashboard:         {dashboard or 'none (no cluster)'}")
     print(f"  inspect:           .venv/bin/chunkglm info {store}")
+    print(f"\nGroup report: {group_report}")
     sys.stdout.flush()
     return 0

@@ -453,7 +453,8 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
                                  confounds=CONFOUNDS, descriptions={"a - b": "a versus b"})
     base = "first_level/sub-01/sub-01_task-main"
     assert _files(out) == {p.relative_to(out).as_posix() for p in paths} == {
-        "dataset_description.json", f"{base}_design-matrix.png", f"{base}_glm.json",
+        "dataset_description.json", f"{base}_design-matrix.png", f"{base}_design-matrix.tsv",
+        f"{base}_mask.nii.gz", f"{base}_glm.json",
         *(f"{base}_contrast-aMinusB_stat-{s}.nii.gz" for s in ("t", "z", "effect")),
         *(f"{base}_contrast-effects_stat-{s}.nii.gz" for s in ("F", "z", "effect"))}
     meta = json.loads((out / f"{base}_glm.json").read_text())
@@ -466,6 +467,10 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
     assert meta["Contrasts"]["aMinusB"] == {"Description": "a versus b",
                                             "Weights": [1, -1, 0, 0, 0, 0, 0]}
     assert meta["Contrasts"]["effects"]["Weights"] == np.eye(7)[:2].astype(int).tolist()
+    # the design (read back for reports) and the mask, as the model has them
+    design = pd.read_csv(out / f"{base}_design-matrix.tsv", sep="\t")
+    pd.testing.assert_frame_equal(design, ours.design_matrices_[0].reset_index(drop=True), check_exact=True)
+    np.testing.assert_array_equal(nib.load(out / f"{base}_mask.nii.gz").get_fdata(), ours.mask_img_.get_fdata())
     bids_name = saved["ours"] / "sub-01" / "sub-01_task-main_contrast-aMinusB_stat-z_statmap.nii.gz"
     np.testing.assert_array_equal(nib.load(out / f"{base}_contrast-aMinusB_stat-z.nii.gz").get_fdata(),
                                   nib.load(bids_name).get_fdata())

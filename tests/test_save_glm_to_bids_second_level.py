@@ -238,7 +238,8 @@ def group(saved):
 
 def test_group_layout_names(group):
     labels = ("intercept", "ageMinusIntercept", "effects")
-    expected = {"dataset_description.json", "group_level/group_glm.json"}
+    expected = {"dataset_description.json", "group_level/group_glm.json", "group_level/group_design-matrix.tsv",
+                "group_level/group_mask.nii.gz"}
     for label in labels:
         stat = "F" if label == "effects" else "t"
         expected |= {f"group_level/group_contrast-{label}_stat-{stat}.nii.gz",

@@ -1,4 +1,4 @@
-"""The ``chunkglm`` command: convert, first-level, second-level, meta, extract, info, to-nifti, demo."""
+"""The ``chunkglm`` command: convert, first-level, second-level, meta, extract, report, info, to-nifti, demo."""
 
 from __future__ import annotations
 
@@ -177,12 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
-    from chunkglm.cli import extract, first_level, meta, second_level
+    from chunkglm.cli import extract, first_level, meta, report, second_level
 
     first_level.add_parser(sub, _add_common)
     second_level.add_parser(sub, _add_common)
     meta.add_parser(sub, _add_common)
     extract.add_parser(sub, _add_common)
+    report.add_parser(sub)
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

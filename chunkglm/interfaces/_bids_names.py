@@ -206,7 +206,8 @@ def group_derivative_names(contrasts, permutation_maps=()) -> dict:
 
     ``group_level/group_contrast-<label>_stat-{t|F,z}.nii.gz`` and
     ``group_level/group_contrast-<label>_{fdr,fwe}-corrected.nii.gz``;
-    the sidecar is ``group_level/group_glm.json``.
+    the design matrix ``group_level/group_design-matrix.tsv``, the mask
+    ``group_level/group_mask.nii.gz``, the sidecar ``group_level/group_glm.json``.
     """
     maps = {}
     for spec in contrasts:
@@ -222,8 +223,9 @@ def group_derivative_names(contrasts, permutation_maps=()) -> dict:
                 maps[spec.label][key] = bids_filename({**entities, "stat": key.replace("_", "")},
                                                       None, "nii.gz", "group")
         maps[spec.label] = {k: f"group_level/{v}" for k, v in maps[spec.label].items()}
-    names = {"maps": maps, "sidecar": "group_level/group_glm.json"}
-    check_paths([p for m in maps.values() for p in m.values()] + [names["sidecar"]])
+    names = {"maps": maps, "design": "group_level/group_design-matrix.tsv", "mask": "group_level/group_mask.nii.gz",
+             "sidecar": "group_level/group_glm.json"}
+    check_paths([p for m in maps.values() for p in m.values()] + [names["design"], names["mask"], names["sidecar"]])
     return names
 
 

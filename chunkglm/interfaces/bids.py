@@ -362,7 +362,8 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
 
         dataset_description.json                        (extended if it exists)
         first_level/sub-XX/<s>_contrast-<label>_stat-{t|F,z,effect}.nii.gz
-        first_level/sub-XX/<s>[_run-<r>]_design-matrix.png   (run only if several)
+        first_level/sub-XX/<s>[_run-<r>]_design-matrix.{png,tsv}   (run only if several)
+        first_level/sub-XX/<s>_mask.nii.gz
         first_level/sub-XX/<s>_glm.json
 
     The sidecar holds ``AnalysisLevel`` ("first_level"), ``Model`` (Type,
@@ -391,6 +392,8 @@ def _write_derivatives(model, specs, names, metadata, out) -> None:
             save_image(maps[key], out.path(name))
     for design, name in zip(model.design_matrices_, names["designs"]):
         save_figure(design_matrix_figure(design), [out.path(name)])
+        design.to_csv(out.path(name.removesuffix(".png") + ".tsv"), sep="\t", index=False)
+    save_image(model.mask_img_, out.path(names["mask"]))
     write_json(out.path(names["sidecar"]), metadata)
 
 
@@ -432,8 +435,10 @@ def _derivative_names(specs, entities, runs, n_runs) -> dict:
     designs = [f"{base}/" + bids_filename({**entities, "run": r if n_runs > 1 else None},
                                           "design-matrix", "png") for r in run_labels]
     sidecar = f"{base}/" + bids_filename(entities, "glm", "json")
-    names = {"maps": maps, "designs": designs, "sidecar": sidecar}
-    check_paths([p for m in maps.values() for p in m.values()] + designs + [sidecar])
+    mask = f"{base}/" + bids_filename(entities, "mask", "nii.gz")
+    names = {"maps": maps, "designs": designs, "mask": mask, "sidecar": sidecar}
+    check_paths([p for m in maps.values() for p in m.values()] + designs
+                + [d.removesuffix(".png") + ".tsv" for d in designs] + [mask, sidecar])
     return names
 
 
@@ -510,6 +515,8 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
         group_level/group_contrast-<C>_stat-{t|F,z}.nii.gz
         group_level/group_contrast-<C>_fdr-corrected.nii.gz
         group_level/group_contrast-<C>_fwe-corrected.nii.gz
+        group_level/group_design-matrix.tsv
+        group_level/group_mask.nii.gz
         group_level/group_glm.json
         group_level/group_contrast-<C>_stat-<map>.nii.gz   (fwe="permutation")
 
@@ -561,6 +568,8 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
         corrections = {"TwoSided": bool(two_sided), "ClusterThreshold": cluster_threshold,
                        "FDR": {"Method": "fdr", "Alpha": alpha, "Thresholds": thresholds["fdr"]},
                        "FWE": _fwe_metadata(alpha, thresholds["fwe"], specs, con_vals, permutation)}
+        model.design_matrix_.to_csv(out.path(names["design"]), sep="\t", index=False)
+        save_image(model.mask_img_, out.path(names["mask"]))
         write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
     return out.written
 

@@ -83,7 +83,8 @@ def sidecar(result) -> dict:
         "Maps": sorted(result.maps),
         "Inputs": _jsonable(inputs),
         "Corrections": None if corrector is None else {"Corrector": type(corrector).__name__,
-                                                       "method": corrector.method},
+                                                       "method": corrector.method,
+                                                       "alpha": getattr(corrector, "alpha", None)},
         "Description": result.description_,
         "Software": {"Name": "chunkglm", "Versions": versions()},
     }
@@ -102,7 +103,7 @@ def save_derivatives(result, output_dir, names=None) -> dict[str, Path]:
     Returns
     -------
     dict
-        Map name (and ``"sidecar"``) -> written path.
+        Map name (and ``"mask"``, ``"sidecar"``) -> written path.
     """
     from chunkglm._version import __version__
 
@@ -112,6 +113,7 @@ def save_derivatives(result, output_dir, names=None) -> dict[str, Path]:
     names = list(names or result.maps)
     written = {name: save_image(result.get_map(name), folder / f"{estimator}_{_safe(name)}.nii.gz")
                for name in names}
+    written["mask"] = save_image(result._inputs.mask_img(), folder / f"{estimator}_mask.nii.gz")
     description = {"Name": "chunkglm image-based meta-analysis", "BIDSVersion": "1.9.0",
                    "DatasetType": "derivative",
                    "GeneratedBy": [{"Name": "chunkglm", "Version": __version__}]}

@@ -130,6 +130,36 @@ class MetaResult:
         data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = values
         return nib.Nifti1Image(data, grid.affine)
 
+    def generate_report(self, maps=None, title=None, bg_img="MNI152TEMPLATE", threshold=None, alpha=0.001,
+                        cluster_threshold=0, height_control="fpr", two_sided=False, min_distance=8.0,
+                        plot_type="slice", cut_coords=None, display_mode=None, report_dims=(1600, 800)):
+        """An HTML report of the meta-analysis (the options of nilearn's ``generate_report``).
+
+        The estimator and its parameters, the inputs, the methods text, the
+        mask, the z map thresholded as asked (``height_control``, ``alpha``,
+        ``threshold``, ``cluster_threshold``) with its cluster table, each
+        corrected z map (``z_corr-…``) as its corrector left it, and a
+        provenance record. Figures are embedded: the page reads offline.
+
+        Parameters
+        ----------
+        maps : list of str, optional
+            Maps to show; default "z" and every corrected z map.
+        title, bg_img, threshold, alpha, cluster_threshold, height_control, two_sided, min_distance, plot_type, \
+cut_coords, display_mode, report_dims
+            As :meth:`chunkglm.glm.first_level.FirstLevelModel.generate_report`.
+
+        Returns
+        -------
+        chunkglm.report.HTMLReport
+        """
+        from chunkglm.report.build import result_report
+
+        return result_report(self, maps, title, report_dims, bg_img=bg_img, threshold=threshold, alpha=alpha,
+                             cluster_threshold=cluster_threshold, height_control=height_control,
+                             two_sided=two_sided, min_distance=min_distance, plot_type=plot_type,
+                             cut_coords=cut_coords, display_mode=display_mode)
+
     def to_xarray(self):
         """The estimator's maps as a lazy xarray Dataset over ``voxel`` (with ``ijk``)."""
         import xarray as xr

@@ -108,6 +108,78 @@ def contrast_matrix_figure(contrast_def, design_matrix, title):
     return figure
 
 
+def _brain_figure(figsize):
+    """An empty figure on an Agg canvas, outside pyplot, for nilearn's brain displays."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, facecolor="white")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+#: Figure sizes (inches) of the stat-map displays: one-letter modes draw 7 cuts in a row.
+_STAT_MAP_SIZES = {"ortho": (10.0, 3.6), "tiled": (8.0, 6.0), "mosaic": (12.0, 8.0),
+                   "x": (12.0, 2.6), "y": (12.0, 2.6), "z": (12.0, 2.6)}
+
+
+def stat_map_figure(thresholded_img, threshold, options, title=None):
+    """A thresholded statistical map as nilearn's report draws it.
+
+    ``plot_stat_map`` (``plot_type="slice"``, no cross) or ``plot_glass_brain``
+    (``"glass"``, signed) with nilearn's report colours: a symmetric diverging
+    map for two-sided thresholds, "Reds" / "Blues_r" for one-signed maps.
+
+    Parameters
+    ----------
+    thresholded_img : nibabel.Nifti1Image
+        The map after thresholding (zeros below the threshold).
+    threshold : float
+        The voxel threshold (its absolute value is drawn).
+    options : chunkglm.report.sections.ReportOptions
+        Background, plot type, display mode, cut coordinates, sidedness.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from nilearn import DEFAULT_DIVERGING_CMAP
+    from nilearn.plotting import plot_glass_brain, plot_stat_map
+
+    cmap, symmetric = DEFAULT_DIVERGING_CMAP, bool(options.two_sided)
+    data = np.asanyarray(thresholded_img.dataobj)
+    finite = data[np.isfinite(data)]
+    if not options.two_sided and finite.size:
+        if finite.min() >= 0:
+            cmap = "Reds"
+        elif finite.max() <= 0:
+            cmap = "Blues_r"
+    figure = _brain_figure(_STAT_MAP_SIZES.get(options.display_mode, (12.0, 3.0)))
+    common = {"display_mode": options.display_mode, "cmap": cmap, "symmetric_cbar": symmetric,
+              "threshold": abs(float(threshold)), "figure": figure, "title": title}
+    if options.plot_type == "glass":
+        display = plot_glass_brain(thresholded_img, plot_abs=False, **common)
+    else:
+        display = plot_stat_map(thresholded_img, bg_img=options.background(), cut_coords=options.cut_coords,
+                                draw_cross=False, **common)
+    colorbar = getattr(display, "_cbar", None)
+    if colorbar is not None:
+        colorbar.ax.set_xlabel("Z score", labelpad=5, fontweight="bold", loc="right",
+                               color="white" if options.plot_type == "slice" else "black")
+    return figure
+
+
+def mask_figure(mask_img, options):
+    """The analysis mask over the background (``plot_roi``, axial cuts), as in nilearn's report."""
+    from nilearn.plotting import plot_roi
+
+    figure = _brain_figure((12.0, 2.6))
+    plot_roi(mask_img, bg_img=options.background(), display_mode="z", cmap="Set1", colorbar=False,
+             figure=figure)
+    return figure
+
+
 def save_figure(figure, paths):
     """Write one figure to several files; the format comes from each suffix.
 

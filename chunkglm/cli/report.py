@@ -1,0 +1,51 @@
+"""``chunkglm report DIR``: an HTML report next to every result of a derivatives folder.
+
+Finds the first-level subjects (``first_level/sub-XX/*_glm.json``), the
+group analysis (``group_level/group_glm.json``) and the meta-analyses
+(``meta/<Estimator>.json``) under DIR and writes each one's page (see
+:mod:`chunkglm.report.derivatives`), with nilearn's ``generate_report``
+thresholding options. Reads local files only; starts no cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", "none")
+
+
+def add_parser(sub, add_common=None) -> None:
+    """Register the sub-command."""
+    cmd = sub.add_parser("report", help="HTML reports of the results in a derivatives folder")
+    cmd.add_argument("derivatives", metavar="DERIVATIVES_DIR",
+                     help="a folder written by chunkglm first-level / second-level / meta (or one above it)")
+    cmd.add_argument("--title", help="page title (default: the kind of result and its contrasts)")
+    cmd.add_argument("--height-control", default="fpr", choices=HEIGHT_CONTROLS,
+                     help="how the z threshold is set (default fpr, as nilearn's generate_report)")
+    cmd.add_argument("--alpha", type=float, default=0.001, help="p-value or q-value (default 0.001)")
+    cmd.add_argument("--threshold", type=float,
+                     help="z threshold, with --height-control none (default then 3.09)")
+    cmd.add_argument("--cluster-threshold", type=int, default=0, metavar="VOXELS")
+    cmd.add_argument("--two-sided", action="store_true")
+    cmd.add_argument("--min-distance", type=float, default=8.0, metavar="MM",
+                     help="minimum distance between subpeaks of the cluster tables")
+    cmd.add_argument("--plot-type", default="slice", choices=["slice", "glass"])
+    cmd.add_argument("--display-mode", help="nilearn's cuts, e.g. z, ortho, lzry (default z / lzry)")
+    cmd.add_argument("--bg-img", default="MNI152TEMPLATE",
+                     help="background image path, MNI152TEMPLATE (default) or none")
+    cmd.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from chunkglm.report.derivatives import write_reports
+
+    height_control = None if args.height_control == "none" else args.height_control
+    bg_img = None if args.bg_img.lower() == "none" else args.bg_img
+    written = write_reports(Path(args.derivatives), title=args.title, bg_img=bg_img,
+                            threshold=args.threshold, alpha=args.alpha,
+                            cluster_threshold=args.cluster_threshold, height_control=height_control,
+                            two_sided=args.two_sided, min_distance=args.min_distance,
+                            plot_type=args.plot_type, display_mode=args.display_mode)
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,333 @@
+"""Reports of GLM and meta-analysis results, from fitted objects or from derivatives.
+
+One page layout for every kind of result; what differs is where the pieces
+come from. :func:`glm_report` takes plain pieces (parameters, design
+matrices, contrast weights, z maps, mask, provenance record) so that a
+fitted model (``FirstLevelModel.generate_report``...) and a derivatives
+folder read back from disk (:mod:`chunkglm.report.derivatives`) give the
+same page for the same results.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from chunkglm.errors import InputError
+from chunkglm.report.document import HEIGHT_DEFAULT, WIDTH_DEFAULT, HTMLReport
+from chunkglm.report.sections import (
+    Block,
+    ReportOptions,
+    Section,
+    figure_png,
+    mask_block,
+    parameters_section,
+    provenance_section,
+    render,
+    stat_map_blocks,
+    table_html,
+)
+
+#: Units nilearn appends to parameter names in its reports.
+UNITS = {"t_r": "t_r (seconds)", "high_pass": "high_pass (Hertz)", "smoothing_fwhm": "smoothing_fwhm (mm)"}
+
+
+@dataclass
+class Design:
+    """One design matrix to show: its label and either its values or a saved figure (PNG bytes)."""
+
+    label: str
+    matrix: pd.DataFrame | None = None
+    png: bytes | None = None
+
+
+@dataclass
+class GLMPieces:
+    """Everything a GLM report shows, however it was obtained."""
+
+    model_type: str
+    parameters: dict
+    designs: list[Design]
+    #: contrast name -> weights per design (None where the weights are unknown)
+    contrasts: dict[str, list]
+    #: contrast name -> z map (nibabel image)
+    stat_maps: dict
+    mask_img: object = None
+    inputs: dict = field(default_factory=dict)
+    provenance: dict | None = None
+    #: name -> map already thresholded by a correction (shown as written: non-surviving voxels are 0)
+    corrected_maps: dict = field(default_factory=dict)
+
+
+def glm_report(pieces: GLMPieces, options: ReportOptions, title=None, report_dims=None) -> HTMLReport:
+    """The page of a first- or second-level GLM (nilearn's report sections, plus provenance)."""
+    names = list(pieces.stat_maps) or list(pieces.contrasts)
+    title = title or (f"{pieces.model_type}: {', '.join(names)}" if names else pieces.model_type)
+    inputs = [Block(heading="Inputs", tables=[table_html(pieces.inputs, header=False)])] if pieces.inputs else []
+    sections = [parameters_section("Model details", _with_units(pieces.parameters), inputs),
+                Section("design", "Design matrix", [_design_block(d) for d in pieces.designs])]
+    if pieces.contrasts:
+        sections.append(Section("contrasts", "Contrasts", _contrast_blocks(pieces)))
+    if pieces.mask_img is not None:
+        sections.append(Section("mask", "Mask", [mask_block(pieces.mask_img, options,
+                                                            "The voxels analysed, over the background image")]))
+    sections.append(_stat_maps_section(pieces.stat_maps, pieces.mask_img, options, pieces.corrected_maps))
+    sections.append(provenance_section(pieces.provenance))
+    page = render(title=title, model_type=pieces.model_type, sections=sections, warnings=options.warnings)
+    return HTMLReport(page, title, *(report_dims or (WIDTH_DEFAULT, HEIGHT_DEFAULT)))
+
+
+def _with_units(parameters: dict) -> dict:
+    return {UNITS.get(key, key): value for key, value in parameters.items()}
+
+
+def _design_block(design: Design) -> Block:
+    from chunkglm.report.figures import design_matrix_correlation_figure, design_matrix_figure
+
+    if design.matrix is None:
+        import base64
+
+        from chunkglm.report.sections import Figure
+
+        return Block(heading=design.label, figures=[Figure(base64.b64encode(design.png).decode("ascii"),
+                                                           f"Design matrix {design.label}", "as saved")])
+    figures = [figure_png(design_matrix_figure(design.matrix), f"Design matrix {design.label}",
+                          f"{design.matrix.shape[0]} rows × {design.matrix.shape[1]} regressors")]
+    correlation = design_matrix_correlation_figure(design.matrix)
+    if correlation is not None:
+        figures.append(figure_png(correlation, f"Correlations of the regressors of {design.label}",
+                                  "correlations between regressors (drifts and constant left out)"))
+    return Block(heading=design.label, figures=figures)
+
+
+def _contrast_blocks(pieces: GLMPieces) -> list[Block]:
+    from chunkglm.report.figures import contrast_matrix_figure
+
+    blocks = []
+    for name, per_design in pieces.contrasts.items():
+        figures, text = [], ""
+        for design, weights in zip(pieces.designs, per_design):
+            if weights is None or design.matrix is None:
+                text = f"weights: {np.asarray(weights).tolist()}" if weights is not None else ""
+                continue
+            caption = design.label if len(pieces.designs) > 1 else ""
+            figures.append(figure_png(contrast_matrix_figure(weights, design.matrix, name),
+                                      f"Weights of contrast {name}", caption))
+        blocks.append(Block(heading=name, text=text, figures=figures))
+    return blocks
+
+
+def _stat_maps_section(stat_maps: dict, mask_img, options: ReportOptions, corrected=None) -> Section:
+    if not stat_maps:
+        return Section("statistical-maps", "Statistical maps", [Block(
+            text="No contrast was given, so no statistical map is shown: pass contrasts=...",
+            text_class="note")])
+    blocks = [block for name, img in stat_maps.items() for block in stat_map_blocks(name, img, mask_img, options)]
+    for name, img in (corrected or {}).items():
+        blocks += stat_map_blocks(name, img, mask_img, as_written(options))
+    intro = (f"Thresholded with height_control={options.height_control!r}, α = {options.alpha:g}"
+             if options.height_control else f"Thresholded at z = {options.threshold:g}")
+    intro += f", clusters of at least {options.cluster_threshold} voxels." if options.cluster_threshold else "."
+    if corrected:
+        intro += " Corrected maps are shown as written (voxels that did not survive their correction are 0)."
+    return Section("statistical-maps", "Statistical maps", blocks, intro=intro)
+
+
+def as_written(options: ReportOptions) -> ReportOptions:
+    """Options that show a corrected map as it is: every non-zero voxel, no further height control."""
+    return ReportOptions(**{**options.__dict__, "height_control": None, "threshold": 1e-6, "warnings": ()})
+
+
+def contrast_dict(contrasts) -> dict:
+    """nilearn's coercion of ``contrasts``: a name (or formula), weights, or lists/dicts of them."""
+    if contrasts is None:
+        return {}
+    if isinstance(contrasts, dict):
+        items = list(contrasts.items())
+    elif isinstance(contrasts, str | np.ndarray):
+        items = [(_name(contrasts), contrasts)]
+    elif isinstance(contrasts, list | tuple):
+        if contrasts and all(isinstance(v, numbers.Real) for v in contrasts):
+            items = [(_name(np.asarray(contrasts)), np.asarray(contrasts))]
+        else:
+            items = [(_name(c), c) for c in contrasts]
+    else:
+        raise InputError(f"contrasts must be a dict of name -> definition, a name or formula, weights, or a "
+                         f"list of them; received {type(contrasts).__name__}.")
+    for name, _ in items:
+        if not isinstance(name, str):
+            raise InputError(f"contrast names must be strings; received {name!r}.")
+    return dict(items)
+
+
+def _name(definition) -> str:
+    return definition if isinstance(definition, str) else str(np.asarray(definition).tolist())
+
+
+# -- fitted objects ---------------------------------------------------------------------
+
+
+def report_options(**kwargs) -> ReportOptions:
+    """Validated options; raises InputError naming the bad parameter."""
+    return ReportOptions.checked(**kwargs)
+
+
+def _client():
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _record(operation, inputs, options, stopwatch) -> dict:
+    from chunkglm.provenance import cluster_summary, record
+
+    return record(operation, inputs=inputs, options=options, cluster=cluster_summary(_client()),
+                  stopwatch=stopwatch, note="computed in memory for this report; wall time: computing its maps")
+
+
+def first_level_pieces(model, contrasts) -> GLMPieces:
+    """A fitted :class:`~chunkglm.glm.first_level.FirstLevelModel`'s pieces (its z maps computed)."""
+    from chunkglm.interfaces._bids_files import model_parameters, repetition_times
+
+    definitions = contrast_dict(contrasts)
+    designs = model.design_matrices_
+    labels = _run_labels(model)
+    weights = {name: [np.asarray(w) for w in model._contrast_vectors(definition)]
+               for name, definition in definitions.items()}
+    stat_maps = {name: model.compute_contrast(definition, output_type="z_score")
+                 for name, definition in definitions.items()}
+    t_r = repetition_times(model)[0]
+    inputs = {"Runs": len(designs), "Scans per run": [len(d) for d in designs],
+              "Voxels in the mask": int(np.count_nonzero(np.asanyarray(model.mask_img_.dataobj)))}
+    if labels:
+        inputs["Run names"] = labels
+    return GLMPieces("First Level Model", model_parameters(model, t_r),
+                     [Design(label, d) for label, d in zip(labels or [f"run {i + 1}" for i in range(len(designs))],
+                                                           designs)],
+                     weights, stat_maps, model.mask_img_, inputs)
+
+
+def _run_labels(model) -> list[str]:
+    names = getattr(model, "_run_names", None)
+    return [str(n) for n in names] if names else []
+
+
+def second_level_pieces(model, contrasts, first_level_contrast=None) -> GLMPieces:
+    """A fitted :class:`~chunkglm.glm.second_level.SecondLevelModel`'s pieces (its z maps computed)."""
+    from chunkglm.interfaces._bids_files import group_model_parameters
+
+    design = model.design_matrix_
+    if contrasts is None and design.shape[1] == 1:
+        contrasts = {str(design.columns[0]): [1.0]}
+    definitions = contrast_dict(contrasts)
+    weights = {name: [model._contrast_vector(definition)] for name, definition in definitions.items()}
+    stat_maps = {name: model.compute_contrast(definition, first_level_contrast=first_level_contrast,
+                                              output_type="z_score")
+                 for name, definition in definitions.items()}
+    inputs = {"Maps": int(len(design)), "Voxels in the mask": int(model.n_elements_)}
+    if first_level_contrast is not None:
+        inputs["First-level contrast"] = _name(first_level_contrast)
+    return GLMPieces("Second Level Model", group_model_parameters(model) or {"smoothing_fwhm": None},
+                     [Design("group design", design)], weights, stat_maps, model.mask_img_, inputs)
+
+
+def model_report(model, contrasts=None, first_level_contrast=None, title=None, report_dims=None,
+                 **options) -> HTMLReport:
+    """``generate_report`` of the GLM models (see their docstrings)."""
+    from chunkglm.provenance import Stopwatch
+
+    checked = report_options(**options)
+    if not hasattr(model, "design_matrices_") and not hasattr(model, "design_matrix_"):
+        raise InputError(f"{type(model).__name__} is not fitted: call fit(...) before generate_report().")
+    watch = Stopwatch()
+    second = hasattr(model, "design_matrix_") and not hasattr(model, "design_matrices_")
+    if second:
+        pieces = second_level_pieces(model, contrasts, first_level_contrast)
+        operation = "report: second-level GLM"
+    else:
+        if first_level_contrast is not None:
+            checked = ReportOptions(**{**checked.__dict__, "warnings": (
+                *checked.warnings, "first_level_contrast is ignored for a FirstLevelModel.")})
+        pieces = first_level_pieces(model, contrasts)
+        operation = "report: first-level GLM"
+    inputs = [{"design": d.label, "rows": int(len(d.matrix))} for d in pieces.designs]
+    pieces.provenance = _record(operation, inputs, pieces.parameters, watch)
+    report = glm_report(pieces, checked, title, report_dims)
+    report.provenance = pieces.provenance
+    return report
+
+
+def meta_pieces(result, maps=None) -> tuple[dict, dict, dict]:
+    """(parameters, inputs, z maps) of a :class:`~chunkglm.meta.results.MetaResult`."""
+    available = result.maps
+    names = list(maps) if maps is not None else [n for n in available if n == "z" or n.startswith("z_")]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise InputError(f"maps {missing} are not in this result; it has {sorted(available)}.")
+    if not names:
+        raise InputError(f"this result has no z map to show; pass maps=[...] among {sorted(available)}.")
+    estimator = result.estimator
+    parameters = {"estimator": type(estimator).__name__,
+                  **{k: v for k, v in estimator.get_params().items() if not k.startswith("memory")}}
+    if result.corrector is not None:
+        parameters["corrector"] = f"{type(result.corrector).__name__}(method={result.corrector.method!r})"
+    described = result._inputs.describe()
+    inputs = {"Images": described.get("n_images"), "Variables": described.get("variables"),
+              "Voxels analysed": int(np.count_nonzero(np.asanyarray(result._inputs.mask_img().dataobj))),
+              "Maps computed": sorted(available)}
+    return parameters, inputs, {name: result.get_map(name) for name in names}
+
+
+def meta_report(parameters, inputs, stat_maps, mask_img, options: ReportOptions, provenance,
+                title=None, report_dims=None, description="", corrected_alpha=0.05) -> HTMLReport:
+    """The page of an image-based meta-analysis.
+
+    NiMARE's corrected z maps (``z_corr-…``) are the z of the corrected
+    p-values (signed), not thresholded maps: they are shown above
+    ``norm.isf(corrected_alpha / 2)``, i.e. where the corrected p < alpha.
+    """
+    from scipy.stats import norm
+
+    estimator = parameters.get("estimator", "IBMA")
+    title = title or f"Image-based meta-analysis: {estimator}"
+    blocks = [Block(heading="Inputs", tables=[table_html(inputs, header=False)])]
+    if description:
+        blocks.append(Block(heading="Methods", text=description))
+    sections = [parameters_section("Estimator", parameters, blocks),
+                Section("mask", "Mask", [mask_block(mask_img, options, "The voxels analysed")])]
+    corrected = ReportOptions(**{**options.__dict__, "height_control": None, "two_sided": True, "warnings": (),
+                                 "threshold": float(norm.isf(corrected_alpha / 2))})
+    maps_blocks = []
+    for name, img in stat_maps.items():
+        maps_blocks += stat_map_blocks(name, img, mask_img, options if name == "z" else corrected)
+    intro = "The z map thresholded as asked."
+    if len(stat_maps) > 1:
+        intro += (f" Corrected maps (z of the corrected p-values, NiMARE's z_corr-…) where the corrected p < "
+                  f"{corrected_alpha:g} (|z| > {corrected.threshold:.3f}).")
+    sections.append(Section("statistical-maps", "Statistical maps", maps_blocks, intro=intro))
+    sections.append(provenance_section(provenance))
+    page = render(title=title, model_type=f"Image-based meta-analysis ({estimator})", sections=sections,
+                  warnings=options.warnings)
+    return HTMLReport(page, title, *(report_dims or (WIDTH_DEFAULT, HEIGHT_DEFAULT)))
+
+
+def result_report(result, maps=None, title=None, report_dims=None, **options) -> HTMLReport:
+    """``MetaResult.generate_report`` (see its docstring)."""
+    from chunkglm.provenance import Stopwatch
+
+    checked = report_options(**options)
+    watch = Stopwatch()
+    parameters, inputs, stat_maps = meta_pieces(result, maps)
+    provenance = _record("report: image-based meta-analysis",
+                         [{"images": inputs["Images"], "variables": inputs["Variables"]}], parameters, watch)
+    report = meta_report(parameters, inputs, stat_maps, result._inputs.mask_img(), checked, provenance,
+                         title, report_dims, getattr(result, "description_", ""),
+                         getattr(result.corrector, "alpha", None) or 0.05)
+    report.provenance = provenance
+    return report

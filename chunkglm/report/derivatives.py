@@ -1,0 +1,253 @@
+"""Reports of a derivatives folder written by chunkglm (``chunkglm report DIR``).
+
+Finds every result under ``DIR`` by its sidecar and writes one
+self-contained page next to it:
+
+======================================================  ===============================================
+sidecar                                                 report
+======================================================  ===============================================
+``first_level/sub-XX/<s>_glm.json``                     ``first_level/sub-XX/<s>_report.html``
+``group_level/group_glm.json``                          ``group_level/group_report.html``
+``meta/<Estimator>.json``                               ``meta/<Estimator>_report.html``
+======================================================  ===============================================
+
+The pages are those of ``generate_report`` on the fitted objects, built
+from the files: the design matrices (``*_design-matrix.tsv``), the contrast
+weights of the sidecar, the z maps, the mask, and the provenance record the
+command left (``*_provenance.json``), which tells which inputs, chunkglm
+version and cluster produced the results and how long it took.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from chunkglm.errors import InputError
+from chunkglm.report.build import Design, GLMPieces, glm_report, meta_report
+from chunkglm.report.sections import ReportOptions
+
+
+@dataclass(frozen=True)
+class Found:
+    """One result of a derivatives folder."""
+
+    kind: str  # "first_level", "group_level" or "meta"
+    sidecar: Path
+
+    @property
+    def report_path(self) -> Path:
+        stem = self.sidecar.name.removesuffix(".json").removesuffix("_glm")
+        return self.sidecar.with_name(f"{stem}_report.html")
+
+
+def find_results(root) -> list[Found]:
+    """Every first-level, group and meta-analysis result under ``root``, in path order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root} is not a folder: pass a derivatives folder written by chunkglm "
+                         "(e.g. derivatives/glm, or the --out folder of chunkglm meta).")
+    found = []
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith(".") or path.name.endswith("provenance.json") or \
+                path.name == "dataset_description.json":
+            continue
+        kind = _kind(path)
+        if kind:
+            found.append(Found(kind, path))
+    return found
+
+
+def _kind(path: Path) -> str | None:
+    if path.name.endswith("_glm.json"):
+        level = _read(path).get("AnalysisLevel")
+        return level if level in ("first_level", "group_level") else None
+    if path.parent.name == "meta":
+        content = _read(path)
+        return "meta" if "Estimator" in content and "Maps" in content else None
+    return None
+
+
+def _read(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read the sidecar {path}: {error}") from error
+    return content if isinstance(content, dict) else {}
+
+
+def write_reports(root, title=None, **options) -> list[Path]:
+    """Write the report of every result under ``root``; returns the pages written.
+
+    Parameters
+    ----------
+    root : str or Path
+        A derivatives folder (or any folder above one).
+    title : str, optional
+        Title of every page (default: the kind of result and its contrasts).
+    **options
+        ``generate_report``'s thresholding and display options (``alpha``,
+        ``height_control``, ``threshold``, ``cluster_threshold``,
+        ``two_sided``, ``min_distance``, ``plot_type``, ``display_mode``,
+        ``cut_coords``, ``bg_img``).
+
+    Raises
+    ------
+    InputError
+        No result under ``root`` or a bad option (checked before any page is
+        written), or results whose files are incomplete: the other results'
+        pages are written first, then the error names each missing file.
+    """
+    checked = ReportOptions.checked(**options)
+    found = find_results(root)
+    if not found:
+        raise InputError(f"no chunkglm result under {root}: expected first_level/sub-XX/*_glm.json, "
+                         "group_level/group_glm.json or meta/<Estimator>.json (written by chunkglm "
+                         "first-level, second-level and meta).")
+    written, failed = [], []
+    for result in found:
+        try:
+            report = report_of(result, checked, title)
+        except InputError as error:
+            failed.append(f"{result.sidecar}: {error}")
+            continue
+        written.append(report.save_as_html(result.report_path))
+    if failed:
+        raise InputError(f"{len(failed)} of {len(found)} result(s) could not be reported ({len(written)} page(s) "
+                         "written):\n  " + "\n  ".join(failed))
+    return written
+
+
+def report_of(result: Found, options: ReportOptions, title=None):
+    """The :class:`~chunkglm.report.HTMLReport` of one result."""
+    if result.kind == "meta":
+        return _meta(result.sidecar, options, title)
+    pieces = _first_level(result.sidecar) if result.kind == "first_level" else _group_level(result.sidecar)
+    return glm_report(pieces, options, title)
+
+
+def _load(path: Path):
+    import nibabel as nib
+
+    if not path.exists():
+        raise InputError(f"{path} is missing: the derivatives folder is incomplete (re-run the command "
+                         "that wrote it).")
+    return nib.load(path)
+
+
+def _optional(path: Path):
+    return _load(path) if path.exists() else None
+
+
+def _provenance(path: Path) -> dict | None:
+    from chunkglm.provenance import read_record
+
+    return read_record(path)
+
+
+def _designs(folder: Path, stem: str) -> list[Design]:
+    tables = sorted(folder.glob(f"{stem}*_design-matrix.tsv"))
+    if tables:
+        return [Design(_design_label(p, stem), pd.read_csv(p, sep="\t")) for p in tables]
+    return [Design(_design_label(p, stem), png=p.read_bytes()) for p in sorted(folder.glob(f"{stem}*_design-matrix.png"))]
+
+
+def _design_label(path: Path, stem: str) -> str:
+    extra = path.name.removeprefix(stem).removesuffix("_design-matrix.tsv").removesuffix("_design-matrix.png")
+    return f"{stem}{extra}"
+
+
+def _first_level(sidecar: Path) -> GLMPieces:
+    meta = _read(sidecar)
+    folder, stem = sidecar.parent, sidecar.name.removesuffix("_glm.json")
+    designs = _designs(folder, stem)
+    contrasts, stat_maps = {}, {}
+    for label, spec in (meta.get("Contrasts") or {}).items():
+        stat = "F" if (folder / f"{stem}_contrast-{label}_stat-F.nii.gz").exists() else "t"
+        contrasts[label] = _per_design(spec.get("Weights"), stat, len(designs))
+        stat_maps[label] = _load(folder / f"{stem}_contrast-{label}_stat-z.nii.gz")
+    model = meta.get("Model") or {}
+    parameters = {"hrf_model": model.get("HRF"), "drift_model": model.get("DriftModel"),
+                  "high_pass": model.get("HighPassFilter"), "noise_model": model.get("NoiseModel"),
+                  "confounds": meta.get("Confounds")}
+    mask = _optional(folder / f"{stem}_mask.nii.gz")
+    inputs = {"Runs": len(designs), "Scans per run": [len(d.matrix) for d in designs if d.matrix is not None]}
+    if mask is not None:
+        inputs["Voxels in the mask"] = int(np.count_nonzero(np.asanyarray(mask.dataobj)))
+    return GLMPieces("First Level Model", {k: v for k, v in parameters.items() if v is not None}, designs,
+                     contrasts, stat_maps, mask, inputs, _provenance(folder / f"{stem}_provenance.json"))
+
+
+def _per_design(weights, stat: str, n_designs: int) -> list:
+    """The sidecar's weights, one entry per design (one shared list when all runs agree)."""
+    if weights is None:
+        return [None] * n_designs
+    array = np.asarray(weights, dtype=float)
+    shared_ndim = 1 if stat == "t" else 2
+    if array.ndim == shared_ndim + 1 and len(array) == n_designs:
+        return list(array)
+    return [array] * n_designs
+
+
+def _group_level(sidecar: Path) -> GLMPieces:
+    meta = _read(sidecar)
+    folder = sidecar.parent
+    design_path = folder / "group_design-matrix.tsv"
+    designs = [Design("group design", pd.read_csv(design_path, sep="\t"))] if design_path.exists() else []
+    contrasts, stat_maps, corrected = {}, {}, {}
+    corrections = meta.get("Corrections") or {}
+    for label, spec in (meta.get("Contrasts") or {}).items():
+        name = spec.get("Name") or label
+        contrasts[name] = [np.asarray(spec["Weights"], dtype=float)] if "Weights" in spec else [None]
+        stat_maps[name] = _load(folder / f"group_contrast-{label}_stat-z.nii.gz")
+        for key in ("fdr", "fwe"):
+            path = folder / f"group_contrast-{label}_{key}-corrected.nii.gz"
+            if path.exists():
+                method = (corrections.get(key.upper()) or {}).get("Method")
+                method = method.get(label) if isinstance(method, dict) else method
+                corrected[f"{name} ({key.upper()}-corrected, {method}, α = "
+                          f"{(corrections.get(key.upper()) or {}).get('Alpha')})"] = _load(path)
+    model = meta.get("Model") or {}
+    parameters = {"estimator": model.get("Estimator"), "smoothing_fwhm": model.get("SmoothingFWHM"),
+                  "two_sided corrections": corrections.get("TwoSided"),
+                  "cluster_threshold of corrections": corrections.get("ClusterThreshold")}
+    mask = _optional(folder / "group_mask.nii.gz")
+    inputs = {"Maps": model.get("NumberOfMaps"), "Regressors": model.get("Regressors")}
+    if mask is not None:
+        inputs["Voxels in the mask"] = int(np.count_nonzero(np.asanyarray(mask.dataobj)))
+    pieces = GLMPieces("Second Level Model", parameters, designs, contrasts, stat_maps, mask, inputs,
+                       _provenance(folder / "group_provenance.json"))
+    pieces.corrected_maps = corrected
+    return pieces
+
+
+def _meta(sidecar: Path, options: ReportOptions, title):
+    from chunkglm.meta.outputs import _safe
+
+    meta = _read(sidecar)
+    folder, estimator = sidecar.parent, sidecar.name.removesuffix(".json")
+    names = [n for n in meta.get("Maps", []) if n == "z" or n.startswith("z_")]
+    stat_maps = {name: _load(folder / f"{estimator}_{_safe(name)}.nii.gz") for name in names}
+    if not stat_maps:
+        raise InputError(f"{sidecar} lists no z map ({meta.get('Maps')}); nothing to report.")
+    parameters = {"estimator": meta.get("Estimator"), **(meta.get("Parameters") or {})}
+    corrections = meta.get("Corrections")
+    if corrections:
+        parameters["corrector"] = f"{corrections.get('Corrector')}(method={corrections.get('method')!r})"
+    described = meta.get("Inputs") or {}
+    mask = _optional(folder / f"{estimator}_mask.nii.gz")
+    if mask is None:  # written before masks were saved: the voxels with a value
+        import nibabel as nib
+
+        z = stat_maps.get("z") or next(iter(stat_maps.values()))
+        mask = nib.Nifti1Image((np.asanyarray(z.dataobj) != 0).astype(np.uint8), z.affine)
+    inputs = {"Images": described.get("n_images"), "Variables": described.get("variables"),
+              "Voxels analysed": int(np.count_nonzero(np.asanyarray(mask.dataobj))),
+              "Maps computed": meta.get("Maps")}
+    return meta_report(parameters, inputs, stat_maps, mask, options, _provenance(folder / "provenance.json"),
+                       title, description=meta.get("Description") or "",
+                       corrected_alpha=(corrections or {}).get("alpha") or 0.05)

@@ -1,0 +1,213 @@
+"""HTML reports: generate_report of the models and meta results, chunkglm report DIR.
+
+The numbers on the page are nilearn's (threshold and cluster table computed
+by nilearn 0.14 on the same z map); a report made from the derivatives folder
+shows the same statistical maps section as the report of the fitted model;
+bad options are refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from chunkglm.errors import InputError
+from chunkglm.glm.first_level import first_level_from_bids
+from chunkglm.glm.second_level import SecondLevelModel
+from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
+from chunkglm.io.convert import convert
+from chunkglm.report import HTMLReport, find_results, write_reports
+from chunkglm.report.sections import ReportOptions, stat_map_summary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: the browser check in tests/infra
+from infra.browser import browser_check, chromium_session  # noqa: E402, F401  (pytest fixtures)
+
+CONTRASTS = {"aMinusB": "a - b", "effects": np.eye(4)[:2]}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with dask.config.set(scheduler="threads"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_bids, tmp_path_factory):
+    """Two first-level models, their derivatives, a group model and its derivatives."""
+    folder = tmp_path_factory.mktemp("report")
+    with dask.config.set(scheduler="threads"):
+        convert(tiny_bids.root, folder / "cohort.zarr")
+        models, runs, events, confounds = first_level_from_bids(folder / "cohort.zarr", "main")
+        for model, run, ev, conf in zip(models, runs, events, confounds):
+            model.fit(run, events=ev, confounds=conf)
+        glm = folder / "derivatives" / "glm"
+        for model in models:
+            prefix = f"sub-{model.subject_label}_task-main"
+            save_glm_to_bids(model, CONTRASTS, out_dir=glm, prefix=prefix)
+            save_glm_derivatives(model, CONTRASTS, glm, task_label="main", confounds=[])
+        group = SecondLevelModel().fit(models)
+        save_group_derivatives(group, {"mean": "intercept"}, glm, first_level_contrast="a - b")
+    return {"folder": folder, "models": models, "group": group, "glm": glm}
+
+
+def _tables(page: str, section: str) -> list[str]:
+    body = page.split(f'<section id="{section}">', 1)[1].split("</section>", 1)[0]
+    return re.findall(r"<table.*?</table>", body, flags=re.S)
+
+
+def test_first_level_report_sections_and_nilearn_numbers(fitted):
+    from nilearn.glm import threshold_stats_img as nilearn_threshold
+    from nilearn.reporting import get_clusters_table as nilearn_table
+
+    model = fitted["models"][0]
+    report = model.generate_report(CONTRASTS, title="sub-01 report", height_control="fdr", alpha=0.05,
+                                   two_sided=True)
+    assert isinstance(report, HTMLReport) and report.title == "sub-01 report"
+    page = report.get_standalone()
+    for section in ("parameters", "design", "contrasts", "mask", "statistical-maps", "provenance"):
+        assert f'<section id="{section}">' in page
+    assert page.count("data:image/png;base64,") >= 6  # design, correlation, 2 contrasts, mask, 2 maps
+    assert "http://" not in page and "https://" not in page  # nothing to fetch: readable offline
+    # the page's threshold and clusters are nilearn's on the same z map
+    z = model.compute_contrast("a - b")
+    options = ReportOptions.checked(height_control="fdr", alpha=0.05, two_sided=True)
+    _, threshold, table = stat_map_summary(z, model.mask_img_, options)
+    ref_img, ref_threshold = nilearn_threshold(z, mask_img=model.mask_img_, alpha=0.05, height_control="fdr",
+                                               two_sided=True)
+    assert threshold == pytest.approx(ref_threshold, rel=1e-12)
+    ref = nilearn_table(ref_img, stat_threshold=ref_threshold, two_sided=True, min_distance=8.0)
+    assert len(table) == len(ref) > 0
+    # float32 maps, peak values printed by both from the same voxels: equal to float32 precision
+    np.testing.assert_allclose(table["Peak Stat"].astype(float), ref["Peak Stat"].astype(float), rtol=1e-6)
+    np.testing.assert_array_equal(table[["X", "Y", "Z"]].astype(float), ref[["X", "Y", "Z"]].astype(float))
+    assert f"{threshold:.3f}".rstrip("0") in page
+    provenance = report.provenance
+    assert provenance["versions"]["chunkglm"] and provenance["cluster"]["type"] == "none"
+
+
+def test_report_from_derivatives_shows_what_the_model_report_shows(fitted):
+    options = {"height_control": None, "threshold": 2.0, "cluster_threshold": 2, "two_sided": True}
+    written = write_reports(fitted["glm"], **options)
+    kinds = sorted(f.kind for f in find_results(fitted["glm"]))
+    assert kinds == ["first_level", "first_level", "group_level"]
+    assert sorted(p.name for p in written) == ["group_report.html", "sub-01_task-main_report.html",
+                                               "sub-02_task-main_report.html"]
+    model = fitted["models"][0]
+    from_model = model.generate_report({"aminusb": "a - b", "effects": np.eye(4)[:2]}, **options).html
+    from_files = (fitted["glm"] / "first_level" / "sub-01" / "sub-01_task-main_report.html").read_text()
+    assert _tables(from_files, "statistical-maps") == _tables(from_model, "statistical-maps")
+    group = fitted["group"].generate_report({"mean": "intercept"}, first_level_contrast="a - b", **options).html
+    group_files = (fitted["glm"] / "group_level" / "group_report.html").read_text()
+    shared = _tables(group, "statistical-maps")
+    assert _tables(group_files, "statistical-maps")[:len(shared)] == shared
+    assert "FDR-corrected" in group_files and "FWE-corrected" in group_files
+
+
+def test_design_tsv_round_trip_gives_the_same_figures_inputs(fitted):
+    design = pd.read_csv(fitted["glm"] / "first_level" / "sub-01" / "sub-01_task-main_design-matrix.tsv", sep="\t")
+    pd.testing.assert_frame_equal(design, fitted["models"][0].design_matrices_[0].reset_index(drop=True))
+
+
+def test_report_options_are_checked_before_anything_is_computed(fitted):
+    model = fitted["models"][0]
+    for bad, match in (({"height_control": "holm"}, "height_control"), ({"alpha": 2}, "alpha"),
+                       ({"plot_type": "3d"}, "plot_type"), ({"cluster_threshold": -1}, "cluster_threshold"),
+                       ({"display_mode": "w"}, "display_mode"), ({"threshold": float("nan")}, "threshold")):
+        with pytest.raises(InputError, match=match):
+            model.generate_report("a - b", **bad)
+    with pytest.raises(InputError, match="contrast"):
+        model.generate_report("a - nothere")
+    options = ReportOptions.checked(height_control="fpr", threshold=2.5, plot_type="glass", cut_coords=[0, 0, 0])
+    assert options.threshold is None and options.cut_coords is None and options.display_mode == "lzry"
+    assert len(options.warnings) == 2  # both adjustments are said on the page
+
+
+def test_glass_brain_report_and_no_survivor(fitted):
+    model = fitted["models"][1]
+    report = model.generate_report("a - b", plot_type="glass", height_control="bonferroni", alpha=1e-12)
+    assert "No voxel survives this threshold." in report.html
+    assert "<iframe srcdoc=" in report._repr_html_()
+    report.resize(800, 400)
+    assert 'width="800"' in report.get_iframe()
+
+
+def test_meta_result_report(tmp_path):
+    import _nimare_reference as reference
+    from chunkglm.meta import FDRCorrector, ibma
+
+    spec = reference.write_maps_folder(tmp_path / "maps", seed=1)
+    table = pd.DataFrame(spec["images"])
+    result = FDRCorrector(alpha=0.05).transform(ibma.DerSimonianLaird(mask=spec["mask"]).fit(table))
+    report = result.generate_report(height_control=None, threshold=1.0)
+    page = report.html
+    assert "DerSimonianLaird" in page and "z_corr-FDR_method-indep" in page
+    # a corrected map shows the voxels whose corrected p < alpha: |z_corr| > norm.isf(alpha / 2)
+    assert "1.960" in page
+    written = result.save_derivatives(tmp_path / "out")
+    assert written["mask"].exists()
+    assert json.loads(written["sidecar"].read_text())["Corrections"]["alpha"] == 0.05
+    pages = write_reports(tmp_path / "out", height_control=None, threshold=1.0)
+    assert [p.name for p in pages] == ["DerSimonianLaird_report.html"]
+    assert _tables(pages[0].read_text(), "statistical-maps") == _tables(page, "statistical-maps")
+    with pytest.raises(InputError, match="not in this result"):
+        result.generate_report(maps=["nope"])
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "chunkglm.cli.main", "report", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_report_writes_pages_and_refuses_bad_input(fitted, tmp_path):
+    done = _cli(fitted["glm"] / "group_level", "--height-control", "none", "--threshold", "2.5",
+                "--plot-type", "glass")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("group_report.html")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _cli(empty)
+    assert done.returncode == 2 and "no chunkglm result" in done.stderr
+    before = sorted(p.name for p in (fitted["glm"] / "group_level").iterdir())
+    done = _cli(fitted["glm"], "--alpha", "2")
+    assert done.returncode == 2 and "alpha" in done.stderr
+    assert sorted(p.name for p in (fitted["glm"] / "group_level").iterdir()) == before
+
+
+def test_incomplete_derivatives_name_the_missing_file(fitted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "glm"
+    for part in ("group_level", "first_level/sub-01"):
+        shutil.copytree(fitted["glm"] / part, copy / part, ignore=shutil.ignore_patterns("*_report.html"))
+    (copy / "group_level" / "group_contrast-mean_stat-z.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"1 of 2 result\(s\)(.|\n)*group_contrast-mean_stat-z.nii.gz is missing"):
+        write_reports(copy)
+    assert not (copy / "group_level" / "group_report.html").exists()
+    assert (copy / "first_level" / "sub-01" / "sub-01_task-main_report.html").exists()  # the others are written
+
+
+def test_mask_of_report_is_the_model_mask(fitted):
+    mask = nib.load(fitted["glm"] / "first_level" / "sub-01" / "sub-01_task-main_mask.nii.gz")
+    np.testing.assert_array_equal(mask.get_fdata(), fitted["models"][0].mask_img_.get_fdata())
+
+
+def test_reports_load_in_a_real_browser(fitted, browser_check, tmp_path):
+    """Headless Chromium: no console error, no request leaving the file, every figure decodes, not blank."""
+    pages = write_reports(fitted["glm"], height_control=None, threshold=2.0, plot_type="glass")
+    pages.append(fitted["models"][0].generate_report(CONTRASTS, height_control="fpr", alpha=0.05)
+                 .save_as_html(tmp_path / "model_report.html"))
+    for page in pages:
+        result = browser_check(page, tmp_path / f"{page.stem}.png")
+        assert result.ok, (page, result.problems)
+        n_figures = page.read_text().count("data:image/png;base64,")
+        assert result.image_count == n_figures >= 4 and not result.broken_images
+        assert result.title and not result.blank
