@@ -242,6 +242,39 @@ def _ksum(values) -> np.ndarray:
     return values.sum(0)
 
 
+#: Studies multiplied together before one log in :func:`_log_ksum`.
+_LOG_GROUP = 8
+#: Partial products outside [1/_SAFE_PRODUCT, _SAFE_PRODUCT] send their voxel to the plain sum of logs.
+_SAFE_PRODUCT = 1e300
+
+
+def _log_ksum(values) -> np.ndarray:
+    """``sum_k log(values[k])`` over studies for positive values, with 8x fewer logs.
+
+    The log is most of the likelihood solver's time: studies ``k, k + n, k +
+    2n, ...`` (n = ceil(K / 8)) are multiplied first, then the n partial
+    products are logged and summed in study order. A voxel whose partial
+    products leave [1e-300, 1e300] (values beyond about 1e±37) takes the
+    plain sum of logs instead; the choice is per voxel, so results do not
+    depend on the block layout. Differs from the plain sum by a few ulps.
+    """
+    values = np.ascontiguousarray(values)
+    n_studies = values.shape[0]
+    n_rows = -(-n_studies // _LOG_GROUP)
+    if n_rows == n_studies:
+        return _ksum(np.log(values))
+    products = values[:n_rows].copy()
+    for start in range(n_rows, n_studies, n_rows):
+        rows = values[start:start + n_rows]
+        products[:len(rows)] *= rows
+    safe = (products.min(axis=0) >= 1.0 / _SAFE_PRODUCT) & (products.max(axis=0) <= _SAFE_PRODUCT)
+    out = _ksum(np.log(products, out=products))
+    if not safe.all():
+        unsafe = np.flatnonzero(~safe)
+        out[unsafe] = _ksum(np.log(values[:, unsafe]))
+    return out
+
+
 # --------------------------------------------------------------------------- combination tests
 
 
@@ -480,6 +513,7 @@ class _Profile:
 
     def __init__(self, y, c, a):
         self.y, self.c, self.a = y, c, a
+        self.unit = a.shape[1] == 1 and bool(np.all(a == 1.0))  # v = c + theta (variance-based)
         # centred once: S = sum w yc^2 - (sum w yc)^2 / sum w for any centre, and the
         # plain mean keeps the cancellation small (the scans evaluate S dozens of times)
         self.yc = y - _ksum(y) / y.shape[0]
@@ -491,9 +525,12 @@ class _Profile:
 
     def values(self, theta):
         """(L, S, G) at ``theta``: five passes over the block, two temporaries."""
-        v = self.a * theta
-        v += self.c
-        log_sum = _ksum(np.log(v))
+        if self.unit:
+            v = self.c + theta
+        else:
+            v = self.a * theta
+            v += self.c
+        log_sum = _log_ksum(v)
         w = np.reciprocal(v, out=v)
         w_sum = _ksum(w)
         wy = w * self.yc
