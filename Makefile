@@ -6,8 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.chunkglm-installed
 DEMO_OUT  ?= demo_output
-DEMO_SIZE ?= realistic
-DEMO_SUBJECTS ?= 2
+DEMO_SIZE ?= small
+DEMO_SUBJECTS ?= 6
 PYTEST_ARGS ?=
 # NiMARE 0.22 (the IBMA anchor) needs nilearn < 0.14: it gets its own venv, used by the
 # IBMA parity tests and benchmarks through a subprocess (never imported into .venv).

@@ -159,8 +159,12 @@ def _reports(derivatives: Path) -> list[Path]:
     return written
 
 
-def run_demo(out="demo_output", *, size="small", n_subjects=4, cluster="local") -> int:
+def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") -> int:
     """Run the demo; returns an exit status."""
+    from chunkglm.errors import InputError
+
+    if n_subjects < 3:
+        raise InputError(f"the demo's group analysis needs at least 3 subjects; received --subjects {n_subjects}.")
     from chunkglm.cli.main import cluster_client, print_progress
     from chunkglm.io.cohort import open_cohort
     from chunkglm.io.convert import convert

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline on a synthetic dataset")
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--size", default="small", choices=["tiny", "small", "realistic"])
-    demo.add_argument("--subjects", type=int, default=4)
+    demo.add_argument("--subjects", type=int, default=6)
     _add_cluster(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
