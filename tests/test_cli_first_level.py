@@ -43,6 +43,15 @@ def test_all_subjects_in_one_graph_write_nilearn_style_derivatives(tiny_bids, tm
     z = FirstLevelModel(slice_time_ref=0.5).fit(cohort.runs[run.name], confounds=confounds).compute_contrast("a - b")
     written = nib.load(out / "sub-01" / "sub-01_task-main_contrast-aminusb_stat-z_statmap.nii.gz")
     np.testing.assert_allclose(written.get_fdata(), z.get_fdata(), rtol=1e-6, atol=1e-6)
+    # chunkglm report: a page per subject, with the command's provenance (inputs with sha256, cluster)
+    done = subprocess.run([sys.executable, "-m", "chunkglm.cli.main", "report", str(out), "--height-control",
+                           "none", "--threshold", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    pages = [line for line in done.stdout.splitlines() if line.endswith("_report.html")]
+    assert [p.rsplit("/", 1)[1] for p in pages] == ["sub-01_task-main_report.html", "sub-02_task-main_report.html"]
+    page = (out / "first_level" / "sub-01" / "sub-01_task-main_report.html").read_text()
+    record = json.loads((out / "first_level" / "sub-01" / "sub-01_task-main_provenance.json").read_text())
+    assert "first-level" in page and record["inputs"][0]["sha256"] in page and f"{record['wall_time_s']}" in page
 
 
 def test_on_a_real_local_cluster(tiny_bids, tmp_path):

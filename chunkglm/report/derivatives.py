@@ -179,7 +179,15 @@ def _first_level(sidecar: Path) -> GLMPieces:
     if mask is not None:
         inputs["Voxels in the mask"] = int(np.count_nonzero(np.asanyarray(mask.dataobj)))
     return GLMPieces("First Level Model", {k: v for k, v in parameters.items() if v is not None}, designs,
-                     contrasts, stat_maps, mask, inputs, _provenance(folder / f"{stem}_provenance.json"))
+                     contrasts, stat_maps, mask, inputs, _first_level_provenance(folder, stem))
+
+
+def _first_level_provenance(folder: Path, stem: str) -> dict | None:
+    """The subject's record: ``<s>_provenance.json``, or the folder's only record (``chunkglm
+    first-level`` names it ``sub-XX_task-T_provenance.json``, without the session)."""
+    exact = folder / f"{stem}_provenance.json"
+    records = sorted(folder.glob("*_provenance.json"))
+    return _provenance(exact if exact.exists() or len(records) != 1 else records[0])
 
 
 def _per_design(weights, stat: str, n_designs: int) -> list:
