@@ -455,8 +455,8 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
     assert _files(out) == {p.relative_to(out).as_posix() for p in paths} == {
         "dataset_description.json", f"{base}_design-matrix.png", f"{base}_design-matrix.tsv",
         f"{base}_mask.nii.gz", f"{base}_glm.json",
-        *(f"{base}_contrast-aMinusB_stat-{s}.nii.gz" for s in ("t", "z", "effect")),
-        *(f"{base}_contrast-effects_stat-{s}.nii.gz" for s in ("F", "z", "effect"))}
+        *(f"{base}_contrast-aMinusB_stat-{s}.nii.gz" for s in ("t", "z", "effect", "variance")),
+        *(f"{base}_contrast-effects_stat-{s}.nii.gz" for s in ("F", "z", "effect", "variance"))}
     meta = json.loads((out / f"{base}_glm.json").read_text())
     assert meta["AnalysisLevel"] == "first_level"
     assert meta["Model"] == {"Type": "GLM", "HRF": "glover", "DriftModel": "cosine",
@@ -471,6 +471,9 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
     design = pd.read_csv(out / f"{base}_design-matrix.tsv", sep="\t")
     pd.testing.assert_frame_equal(design, ours.design_matrices_[0].reset_index(drop=True), check_exact=True)
     np.testing.assert_array_equal(nib.load(out / f"{base}_mask.nii.gz").get_fdata(), ours.mask_img_.get_fdata())
+    variance = saved["ours"] / "sub-01" / "sub-01_task-main_contrast-aMinusB_stat-variance_statmap.nii.gz"
+    np.testing.assert_array_equal(nib.load(out / f"{base}_contrast-aMinusB_stat-variance.nii.gz").get_fdata(),
+                                  nib.load(variance).get_fdata())
     bids_name = saved["ours"] / "sub-01" / "sub-01_task-main_contrast-aMinusB_stat-z_statmap.nii.gz"
     np.testing.assert_array_equal(nib.load(out / f"{base}_contrast-aMinusB_stat-z.nii.gz").get_fdata(),
                                   nib.load(bids_name).get_fdata())

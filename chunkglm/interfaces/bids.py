@@ -6,7 +6,7 @@ Three layouts:
   file names (``sub-XX/...contrast-<label>_stat-<t|F|z|p|effect|variance>
   _statmap.nii.gz``, design matrices, figures, cluster tables, ...);
 - :func:`save_glm_derivatives`: the ``derivatives/glm`` layout
-  (``first_level/sub-XX/sub-XX_task-T_contrast-C_stat-{t,z,effect}.nii.gz``
+  (``first_level/sub-XX/sub-XX_task-T_contrast-C_stat-{t,z,effect,variance}.nii.gz``
   with one JSON sidecar per model);
 - :func:`save_group_derivatives`: the ``derivatives/glm/group_level``
   layout of a second-level model (``group_contrast-C_stat-{t,z}.nii.gz``,
@@ -60,7 +60,7 @@ from chunkglm.report.figures import (
 __all__ = ["save_glm_to_bids", "save_glm_derivatives", "save_group_derivatives"]
 
 #: Maps of the derivatives/glm layout: output key -> stat label (None: t or F).
-DERIVATIVE_STATS = {"stat": None, "z_score": "z", "effect_size": "effect"}
+DERIVATIVE_STATS = {"stat": None, "z_score": "z", "effect_size": "effect", "effect_variance": "variance"}
 
 
 def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=None, **kwargs):
@@ -361,7 +361,7 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
     Files, with ``<s> = sub-<subject>[_ses-<session>]_task-<task>``::
 
         dataset_description.json                        (extended if it exists)
-        first_level/sub-XX/<s>_contrast-<label>_stat-{t|F,z,effect}.nii.gz
+        first_level/sub-XX/<s>_contrast-<label>_stat-{t|F,z,effect,variance}.nii.gz
         first_level/sub-XX/<s>[_run-<r>]_design-matrix.{png,tsv}   (run only if several)
         first_level/sub-XX/<s>_mask.nii.gz
         first_level/sub-XX/<s>_glm.json
