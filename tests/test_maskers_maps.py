@@ -262,12 +262,146 @@ def test_on_a_local_cluster(data, stores):
     nodes = list(whole.runs.values())
     params = dict(high_variance_confounds=True, **CLEAN)
     expected = MultiMapsMasker(data["maps"], **params).fit_transform(nodes)
+    expected_clean = MultiMapsMasker(data["maps"], **CLEAN).fit_transform(nodes)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster):
         # zarr-backed maps: the workers read them from the maps store
         masker = MultiMapsMasker(data["maps"], maps_store=data["folder"] / "cluster_maps.zarr", **params)
         ours = masker.fit_transform(nodes)
+        in_memory = MultiMapsMasker(data["maps"], **params).fit_transform(nodes)  # sparse blocks in the graph
+        streamed = MultiMapsMasker(data["maps"], **CLEAN).fit_transform(data["runs"])  # files read by workers
     assert max(_rel(o, e) for o, e in zip(ours, expected)) < 1e-6
+    assert max(_rel(o, e) for o, e in zip(in_memory, expected)) < 1e-6
+    assert max(_rel(o, e) for o, e in zip(streamed, expected_clean)) < 1e-6
+
+
+def test_prepared_maps_in_memory_spilled_and_stored_are_the_same_values(data, stores, tmp_path):
+    """Sparse in memory, spilled to zarr past the memory budget, or written to a maps store: the
+    same float32 values, at the stored voxels inside the mask, for the maps kept."""
+    from chunkglm.maskers._maps_input import maps_source, prepare_maps
+
+    grid = next(iter(stores[1].runs.values())).grid
+    values = np.asarray(data["maps"].dataobj)
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[:5] = True
+    values = values.copy()
+    values[:5, ..., 2] = 0  # map 2 is left with weight outside the mask only: dropped
+    source = maps_source(nib.Nifti1Image(values, AFFINE))
+    ijk = tuple(grid.ijk.T)
+    expected = np.where(mask[ijk][:, None], values[ijk], 0)
+    memory = prepare_maps(source, grid, mask, group_size=2)
+    assert memory.location is None and list(memory.kept) == [0, 1, 3, 4, 5] and memory.dropped == [2]
+    np.testing.assert_array_equal(memory.sparse.toarray(), expected[:, memory.kept])
+    assert memory.sparse.nnz == np.count_nonzero(expected)
+    budget = memory.sparse.nnz * 8 // 2  # int32 row + float32 value per non-zero: spills midway
+    spilled = prepare_maps(source, grid, mask, group_size=2, in_memory_bytes=budget, voxel_chunk=100)
+    stored = prepare_maps(source, grid, mask, group_size=4, maps_store=tmp_path / "m.zarr", voxel_chunk=100)
+    for zarr_backed in (spilled, stored):
+        assert zarr_backed.location is not None and zarr_backed.sparse is None
+        np.testing.assert_array_equal(zarr_backed.writer.zarray[:], expected)
+        np.testing.assert_array_equal(zarr_backed.array().compute(), expected[:, memory.kept])
+
+
+def test_overlap_counts_map_values_above_eps_only(stores):
+    from chunkglm.maskers._maps_input import maps_source, prepare_maps
+
+    grid = next(iter(stores[1].runs.values())).grid
+    values = np.zeros((*SHAPE, 2), dtype=np.float32)
+    values[:5, ..., 0], values[5:, ..., 1] = 0.5, 0.5
+    values[5, ..., 0] = np.finfo(np.float32).eps / 2  # below nilearn's eps cut: no overlap
+    assert not prepare_maps(maps_source(nib.Nifti1Image(values, AFFINE)), grid).overlap
+    values[5, 0, 0, 0] = 0.1
+    assert prepare_maps(maps_source(nib.Nifti1Image(values, AFFINE)), grid).overlap
+
+
+def test_non_finite_map_values_count_as_zero(data, tmp_path):
+    """A maps file is streamed without the group copy that zeroed NaN/inf: they still count as 0."""
+    values = np.asarray(data["maps"].dataobj).copy()
+    values[4, 5, 4, 0], values[5, 5, 4, 1], values[0, 0, 0, 2] = np.nan, np.inf, -np.inf
+    path = tmp_path / "non_finite.nii.gz"
+    nib.save(nib.Nifti1Image(values, AFFINE), path)
+    cleaned = nib.Nifti1Image(np.nan_to_num(values, nan=0, posinf=0, neginf=0), AFFINE)
+    ours = MultiMapsMasker(str(path)).fit_transform(data["runs"])
+    expected = MultiMapsMasker(cleaned).fit_transform(data["runs"])
+    for a, b in zip(ours, expected):
+        assert np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
+
+
+def test_store_mask_acts_as_mask_img(data, tmp_path):
+    """Maps weight at voxels a masked store lacks is left out, as nilearn's mask_img would."""
+    mask = np.zeros(SHAPE, dtype=np.int8)
+    mask[1:9, 1:10, 1:8] = 1
+    mask_img = nib.Nifti1Image(mask, AFFINE)
+    runs = [str(p) for p in data["runs"]]
+    chunkglm.convert(runs, tmp_path / "masked.zarr", mask_img=mask_img, chunk_bytes=4_000)
+    nodes = list(chunkglm.open_cohort(tmp_path / "masked.zarr").runs.values())
+    with pytest.warns(UserWarning, match="does not hold"):
+        ours = MultiMapsMasker(data["maps"]).fit_transform(nodes)
+    ref = _nilearn(data["maps"], mask_img=mask_img).fit_transform(runs)
+    assert max(_rel(o, r) for o, r in zip(ours, ref)) < F32
+
+
+def test_nifti_files_streamed_equal_the_converted_store(data, tmp_path, monkeypatch):
+    """NIfTI paths are read volume by volume (no store); images, and maps too large for memory,
+    go through a converted store: the same float64 sums in another order, to float32 output
+    rounding. t_r=None with a filter: the files' TR, as conversion stores it."""
+    import functools
+
+    from chunkglm.maskers import _maps_input, maps_masker
+
+    values = nib.load(data["runs"][0]).get_fdata(dtype=np.float32)
+    values[5, 5, 4, 3] = np.nan  # a voxel of some map: counts as 0 (nilearn's ensure_finite)
+    path = tmp_path / "sub-01_task-rest_run-3_bold.nii.gz"
+    img = nib.Nifti1Image(values, AFFINE)
+    img.header.set_zooms((3.0, 3.0, 3.0, 2.0))
+    nib.save(img, path)
+    paths = [str(path), str(data["runs"][1])]
+    mask = np.zeros(SHAPE, dtype=np.int8)
+    mask[1:9, 1:10, 1:8] = 1
+    params = dict(mask_img=nib.Nifti1Image(mask, AFFINE), standardize="zscore_sample", detrend=True,
+                  high_pass=0.01)
+    converted = MultiMapsMasker(data["maps"], **params).fit_transform([nib.load(p) for p in paths])
+    with monkeypatch.context() as patch:
+        patch.setattr(MultiMapsMasker, "_convert_images", None)  # no store for file paths
+        masker = MultiMapsMasker(data["maps"], **params)
+        streamed = masker.fit_transform(paths, confounds=None)
+        again = masker.transform(paths)
+        single = MapsMasker(data["maps"], **params).fit(paths[1]).transform(paths[1])
+    assert [s.dtype for s in streamed] == [c.dtype for c in converted] == [np.float32] * 2
+    assert max(_rel(s, c) for s, c in zip(streamed, converted)) < 1e-6
+    np.testing.assert_array_equal(single, streamed[1])
+    for a, b in zip(again, streamed):
+        np.testing.assert_array_equal(a, b)
+    assert masker.inverse_transform(streamed[0]).shape == (*SHAPE, T)
+    patch_prepare = functools.partial(_maps_input.prepare_maps, in_memory_bytes=0)
+    monkeypatch.setattr(maps_masker, "prepare_maps", patch_prepare)  # zarr-backed maps: via a store
+    spilled = MultiMapsMasker(data["maps"], **params).fit_transform(paths)
+    assert max(_rel(s, c) for s, c in zip(spilled, converted)) < 1e-6
+
+
+def test_each_block_is_computed_once():
+    """The Gram matrix and each run's products are slices of one sum: block tasks run once."""
+    from chunkglm.graph import maps as graph
+
+    calls = []
+
+    def read_maps(start, stop):
+        calls.append((start, stop))
+        return np.ones((stop - start, 3))
+
+    read_maps.n_regions = 3
+
+    class Run:
+        shape, chunks = (4, 10), ((4,), (5, 5))
+
+        def __call__(self, start, stop):
+            return np.ones((4, stop - start))
+
+    moments = graph.moments(read_maps, [Run(), Run()], with_gram=True)
+    signals = [graph.region_signals(moments[:, :3], moments[:, a:b], np.float64) for a, b in ((3, 7), (7, 11))]
+    dask.compute(*signals, scheduler="sync")
+    assert sorted(calls) == [(0, 5), (5, 10)]
 
 
 # -- bad inputs ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Maps and data are chunked along voxels only; the maps are rechunked to each
 run's voxel blocks (never the data), so every data chunk is read once and
 combined with the matching maps block. :func:`moments` computes G and the
 B of a batch of runs in one task per voxel block, so each maps block is read
-and converted once per batch. High-variance confounds are a second, explicit
+and converted once per batch. Runs still in NIfTI files (time-major) are
+read volume by volume instead, one task per run (:func:`volume_moments`). High-variance confounds are a second, explicit
 pass over the data (variances, then a global threshold, then the
 time x time Gram matrix of the selected voxels).
 """
@@ -21,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from chunkglm.graph.evaluate import active_client
 from chunkglm.kernels import maps as km
 
 #: Partial results combined per tree-reduction step.
@@ -38,17 +40,24 @@ def align_maps(maps: da.Array, data: da.Array) -> da.Array:
     return maps if maps.chunks == target else maps.rechunk(target)
 
 
-def moments(maps, datas: list, with_gram: bool = True) -> da.Array:
-    """``[maps.T @ maps | maps.T @ data_1.T | ...]`` (region, region * with_gram + total time).
+def moments(maps, datas: list, with_gram: bool = True) -> dask.delayed:
+    """Lazy ``[maps.T @ maps | maps.T @ data_1.T | ...]`` (region, region * with_gram + total time).
+
+    A ``Delayed``, not a dask array: its column slices (``moments[:, a:b]``)
+    are then tasks on the one summed result, never a second copy of the
+    block tasks (slices of a ``from_delayed`` array each recompute them).
 
     One task per voxel block takes the maps block and that block of every
     run of the batch, and converts the maps block once for all products.
 
     Parameters
     ----------
-    maps : dask array (voxel, region), or a reader
+    maps : dask array (voxel, region), a reader, or a list of blocks
         A reader is a picklable callable ``read(start, stop) -> (stop - start,
-        region)`` with an ``n_regions`` attribute.
+        region)``. A list holds one in-memory
+        (voxel, region) block per voxel block of the data (dense or scipy
+        sparse); each becomes a graph input of its own (:func:`graph_inputs`),
+        so batches given the same block objects share it.
     datas : list of dask arrays (time, voxel), or of readers
         Runs with the same voxel blocks (their lengths may differ). A reader
         is a picklable callable ``read(start, stop) -> (time, stop - start)``
@@ -63,28 +72,62 @@ def moments(maps, datas: list, with_gram: bool = True) -> da.Array:
     if any(data.chunks[1] != chunks for data in datas):
         raise ValueError("the runs of one batch must have the same voxel blocks")
     bounds = np.cumsum((0, *chunks))
-    if callable(maps):
-        n_regions, maps_blocks = maps.n_regions, [maps] * len(chunks)
+    if isinstance(maps, list):
+        if [block.shape[0] for block in maps] != list(chunks):
+            raise ValueError("the maps blocks must match the data's voxel blocks")
+        maps_blocks = graph_inputs(maps)
+    elif callable(maps):
+        maps_blocks = [maps] * len(chunks)
     else:
-        maps = align_maps(maps, datas[0])
-        n_regions, maps_blocks = maps.shape[1], list(maps.to_delayed().ravel())
+        maps_blocks = list(align_maps(maps, datas[0]).to_delayed().ravel())
     runs = [[data] * len(chunks) if callable(data) else list(data.to_delayed().ravel()) for data in datas]
     parts = [dask.delayed(_block_moments, pure=True)(maps_blocks[i], int(bounds[i]), int(bounds[i + 1]),
                                                      [blocks[i] for blocks in runs], with_gram)
              for i in range(len(chunks))]
-    width = n_regions * bool(with_gram) + sum(data.shape[0] for data in datas)
-    return da.from_delayed(tree_sum(parts), shape=(n_regions, width), dtype=np.float64)
+    return tree_sum(parts)
 
 
-def projection(maps, data: da.Array) -> da.Array:
-    """``maps.T @ data.T`` (region, time) of one run, as a tree reduction over voxel blocks."""
-    return moments(maps, [data], with_gram=False)
+def graph_inputs(blocks: list) -> list:
+    """In-memory arrays as graph inputs, one key per object (the same object, the same key).
+
+    With an active distributed client they are scattered to the workers
+    (the graph then carries their keys, not megabytes of maps).
+    """
+    client = active_client()
+    if client is not None:
+        return client.scatter(list(blocks))
+    return [dask.delayed(block, pure=True) for block in blocks]
 
 
 def _block_moments(maps, start, stop, data_blocks, with_gram):
     block = maps(start, stop) if callable(maps) else maps
     data = [run(start, stop) if callable(run) else run for run in data_blocks]
     return km.maps_moments(block, data, with_gram)
+
+
+def volume_moments(maps, readers: list) -> tuple:
+    """Lazy ``maps.T @ maps`` and, per run, ``maps.T @ data.T`` for runs read volume by volume.
+
+    Parameters
+    ----------
+    maps : scipy sparse matrix (voxel, region)
+        In memory; one graph key shared by every run's task.
+    readers : list of picklable callables
+        ``read()`` yields a run's volumes, each its values at the maps' voxels
+        (in the maps' row order). One task per run streams its file.
+
+    Returns
+    -------
+    (Delayed, list of Delayed)
+        The Gram matrix (region, region) and each run's (region, time) products.
+    """
+    maps = graph_inputs([maps])[0]
+    gram = dask.delayed(km.maps_gram, pure=True)(maps)
+    return gram, [dask.delayed(_volume_products, pure=True)(maps, reader) for reader in readers]
+
+
+def _volume_products(maps, reader):
+    return km.volume_products(maps, reader())
 
 
 def tree_sum(parts: list, split_every: int = SPLIT_EVERY):
@@ -102,7 +145,7 @@ def _add(*arrays):
     return total
 
 
-def region_signals(gram_matrix: da.Array, projection_matrix: da.Array, dtype) -> dask.delayed:
+def region_signals(gram_matrix, projection_matrix, dtype) -> dask.delayed:
     """Lazy (time, region) signals: the small solve, one task."""
     return dask.delayed(km.solve_region_signals, pure=True)(gram_matrix, projection_matrix, dtype)
 

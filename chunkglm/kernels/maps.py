@@ -6,7 +6,9 @@ Summed over voxel blocks, the normal equations need only
 ``G = maps.T @ maps`` (regions x regions, once per atlas) and
 ``B = maps.T @ data.T`` (regions x time, per run); the solve then happens on
 these small matrices. Shapes are explicit: data blocks are ``(time, voxel)``,
-maps blocks ``(voxel, region)``. Products are accumulated in float64.
+maps blocks ``(voxel, region)``, dense or scipy sparse (probabilistic maps
+are mostly zero: sparse blocks cost their non-zero values only). Products
+are accumulated in float64.
 Also here: nilearn's high-variance confounds in two passes over blocks, and
 the cleaning of the small (time, region) signals with nilearn's ``clean``.
 """
@@ -19,11 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
+import scipy.sparse
 
 
 #: Voxels converted to float64 at a time inside a block (bounds the temporaries:
 #: 8192 voxels x 1,024 maps x 8 bytes = 64 MiB).
 SLAB = 8192
+#: Dense maps blocks with at most this fraction of non-zero values take the sparse path.
+SPARSE_DENSITY = 0.1
+#: Voxels of data converted at a time on the sparse path (a cache-sized (voxel, time) slab).
+SPARSE_SLAB = 1024
 
 
 def maps_gram(maps_block: np.ndarray) -> np.ndarray:
@@ -39,14 +46,17 @@ def maps_projection(maps_block: np.ndarray, data_block: np.ndarray) -> np.ndarra
 def maps_moments(maps_block: np.ndarray, data_block, with_gram: bool = True) -> np.ndarray:
     """``[maps.T @ maps | maps.T @ data.T]`` of one block, float64.
 
-    The maps are converted to float64 one slab of voxels at a time, once for
-    all products (the Gram matrix by a symmetric rank-k update: half the
-    flops of a general product). Non-finite data count as 0 (nilearn's
-    ``ensure_finite``).
+    Probabilistic maps are mostly zero: a sparse block (or a dense one with at
+    most :data:`SPARSE_DENSITY` non-zero values) costs only its non-zero
+    values, and the data of voxels no map covers are never converted (they
+    add 0). Dense blocks are converted to float64 one slab of voxels at a
+    time, once for all products (the Gram matrix by a symmetric rank-k
+    update: half the flops of a general product). Sums are float64 either
+    way. Non-finite data count as 0 (nilearn's ``ensure_finite``).
 
     Parameters
     ----------
-    maps_block : ndarray of shape (voxel, region)
+    maps_block : ndarray or scipy sparse matrix of shape (voxel, region)
     data_block : ndarray of shape (time, voxel), a list of them (several runs'
         blocks of the same voxels; their products are joined along time), or None
     with_gram : bool
@@ -56,6 +66,12 @@ def maps_moments(maps_block: np.ndarray, data_block, with_gram: bool = True) -> 
     ndarray of shape (region, region * with_gram + total time)
     """
     runs = [] if data_block is None else list(data_block) if isinstance(data_block, list | tuple) else [data_block]
+    if not scipy.sparse.issparse(maps_block):
+        maps_block = np.asarray(maps_block)
+        if np.count_nonzero(maps_block) <= SPARSE_DENSITY * maps_block.size:
+            maps_block = scipy.sparse.csr_matrix(maps_block)
+    if scipy.sparse.issparse(maps_block):
+        return _sparse_moments(scipy.sparse.csr_matrix(maps_block), runs, with_gram)
     n_regions = maps_block.shape[1]
     gram = np.zeros((n_regions, n_regions), order="F") if with_gram else None
     products = [np.zeros((n_regions, run.shape[0])) for run in runs]
@@ -71,6 +87,54 @@ def maps_moments(maps_block: np.ndarray, data_block, with_gram: bool = True) -> 
     if with_gram:
         products.insert(0, np.triu(gram) + np.triu(gram, 1).T)  # dsyrk fills the upper triangle
     return np.hstack(products) if products else np.zeros((n_regions, 0))
+
+
+def _sparse_moments(maps, runs: list, with_gram: bool) -> np.ndarray:
+    """:func:`maps_moments` of a CSR (voxel, region) block: float64 sums over its non-zeros."""
+    maps = maps.astype(np.float64)
+    n_regions = maps.shape[1]
+    parts = [(maps.T @ maps).toarray()] if with_gram else []
+    covered = np.flatnonzero(np.diff(maps.indptr))  # voxels of some map: the others add 0
+    for run in runs:
+        product = np.zeros((n_regions, run.shape[0]))
+        for start in range(0, covered.size, SPARSE_SLAB):
+            voxels = covered[start:start + SPARSE_SLAB]
+            # (voxel, time) float64 rows: each voxel's series contiguous for the sparse product
+            data = np.asarray(_columns(run, voxels).T, dtype=np.float64, order="C")
+            if not np.isfinite(data).all():
+                data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+            product += maps[voxels].T @ data  # (region, voxel) sparse @ (voxel, time)
+        parts.append(product)
+    return np.hstack(parts) if parts else np.zeros((n_regions, 0))
+
+
+def _columns(run: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """``run[:, voxels]``: a view when the (sorted) voxels are one contiguous range."""
+    if voxels.size and voxels[-1] - voxels[0] + 1 == voxels.size:
+        return run[:, voxels[0]:voxels[-1] + 1]
+    return np.take(run, voxels, axis=1)
+
+
+def volume_products(maps, volumes) -> np.ndarray:
+    """``maps.T @ data.T`` (region, time), float64, of a run given volume by volume.
+
+    For runs read in time order (a NIfTI file): each volume's values at the
+    maps' voxels give one column. Non-finite data count as 0.
+
+    Parameters
+    ----------
+    maps : scipy sparse matrix or ndarray (voxel, region)
+    volumes : iterable of ndarray (voxel,)
+    """
+    maps_t = (scipy.sparse.csr_matrix(maps.T, dtype=np.float64) if scipy.sparse.issparse(maps)
+              else np.asarray(maps, dtype=np.float64).T)
+    columns = []
+    for values in volumes:
+        values = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(values).all():
+            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        columns.append(maps_t @ values)
+    return np.column_stack(columns) if columns else np.zeros((maps.shape[1], 0))
 
 
 def solve_region_signals(gram: np.ndarray, projection: np.ndarray, dtype=np.float64) -> np.ndarray:
@@ -159,16 +223,16 @@ def high_variance_components(gram: np.ndarray, n_confounds: int = 5) -> np.ndarr
 # -- maps preparation ------------------------------------------------------------------
 
 
-def overlap_counts(volumes: np.ndarray) -> np.ndarray:
-    """Per voxel, how many maps of a group are > 0 after nilearn's eps cut.
+def counted_in_overlap(values: np.ndarray) -> np.ndarray:
+    """Which map values count for nilearn's ``allow_overlap=False`` check (bool, same shape).
 
-    ``volumes`` has shape (x, y, z, map); nilearn zeroes float values below
-    the dtype's eps before counting, for its ``allow_overlap=False`` check.
+    nilearn zeroes float values below the dtype's eps, then counts the maps
+    > 0 at each voxel; a voxel overlaps when two maps count there.
     """
-    data = np.asarray(volumes)
-    if data.dtype.kind == "f":
-        data = np.where(data < np.finfo(data.dtype).eps, 0, data)
-    return (data > 0).sum(axis=-1)
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        return values >= np.finfo(values.dtype.newbyteorder("=")).eps
+    return values > 0
 
 
 # -- signal cleaning (nilearn's own, with its masker's arguments) -------------------------

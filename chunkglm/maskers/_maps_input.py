@@ -1,30 +1,34 @@
-"""Maps image -> (voxel, region) dask array on a store grid, a group of maps at a time.
+"""Maps image -> sparse (voxel, region) maps on a store grid, one map at a time.
 
 nilearn loads the whole 4-D maps image, resamples it onto the data grid
 (``resample_img``, interpolation "linear"), restricts it to the mask, drops
-maps left empty, and solves over the masked voxels. Here the maps are read
-in groups of ``group_size`` volumes (streamed from the file, never the whole
-image), each group is resampled with nilearn's own ``resample_img`` (linear
+maps left empty, and solves over the masked voxels. Here a maps file on the
+data grid is streamed volume by volume (never the whole image, no copy of a
+volume); maps on another grid are read in groups of ``group_size`` volumes
+and each group is resampled with nilearn's own ``resample_img`` (linear
 interpolation acts volume by volume and never leaves the input range, so a
-group gives the same numbers as the whole image), gathered at the store
-grid's voxels and either kept in memory or written to a zarr array whose
-chunks are (voxel block, group). Peak memory: one group on the full grid.
+group gives the same numbers as the whole image). Of each map only its
+non-zero values at the store grid's voxels are kept: probabilistic maps are
+sparse, so they are held in memory as a CSR (voxel, map) matrix, or, when
+their non-zero values exceed ``in_memory_bytes`` (or a ``maps_store`` is
+given), written densely to a zarr array whose chunks are (voxel block,
+group). Peak memory: one group on the full grid, plus the non-zero values.
 """
 
 from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from chunkglm.errors import InputError
-from chunkglm.kernels.maps import overlap_counts
+from chunkglm.kernels.maps import counted_in_overlap
 
-#: Maps whose (voxel, region) float32 array is at most this are held in memory.
+#: Maps whose non-zero values (with their voxel indices) take at most this are held in memory.
 IN_MEMORY_BYTES = 256 * 2**20
 #: Bytes of one group of resampled maps on the full grid (float64).
 GROUP_BYTES = 128 * 2**20
@@ -61,21 +65,29 @@ class MapsSource:
             yield start, _finite(volumes)
 
     def _file_groups(self, group_size):
+        start, group = 0, None
+        for index, volume in self.file_volumes():
+            if group is None:
+                # Fortran order: each volume is one contiguous slab, filled by a plain copy
+                group = np.empty((*self.shape, min(group_size, self.n_maps - start)), dtype=self.dtype, order="F")
+            group[..., index - start] = volume.reshape(self.shape, order="F")
+            if index - start + 1 == group.shape[-1]:
+                yield start, _finite(group, copy=False)
+                start, group = index + 1, None
+
+    def file_volumes(self):
+        """Yield ``(index, volume)`` of a maps file: flat, Fortran order, scaled, not copied.
+
+        ``volume`` is a view of the reader's reused buffer (unscaled files): use it
+        before asking for the next one. Non-finite values are left as they are.
+        """
         from chunkglm.io.nifti import NiftiReader, scale_values
 
         with NiftiReader(str(self.image)) as reader:
             info = reader.info
-            start, group = 0, None
+            unscaled = info.slope == 1 and info.inter == 0 and info.dtype.kind == "f"
             for index, raw in reader.iter_volumes():
-                if group is None:
-                    # Fortran order: each volume is one contiguous slab, filled by a plain copy
-                    group = np.empty((*self.shape, min(group_size, self.n_maps - start)), dtype=self.dtype,
-                                     order="F")
-                # raw is a view of the reader's reused buffer: this assignment is the one copy out of it
-                group[..., index - start] = scale_values(raw, info.slope, info.inter).reshape(self.shape, order="F")
-                if index - start + 1 == group.shape[-1]:
-                    yield start, _finite(group, copy=False)
-                    start, group = index + 1, None
+                yield index, raw if unscaled else scale_values(raw, info.slope, info.inter)
 
     def volume_image(self):
         """A 3-D image of the maps' grid (for resampling a mask onto it)."""
@@ -133,7 +145,7 @@ def same_grid(affine_a, shape_a, affine_b, shape_b) -> bool:
 
 @dataclass
 class PreparedMaps:
-    """Maps on a store grid, ready for extraction.
+    """Maps on a store grid, ready for extraction: a CSR matrix in memory, or a zarr array.
 
     Attributes
     ----------
@@ -157,11 +169,32 @@ class PreparedMaps:
     dtype: np.dtype
     overlap: bool
     n_outside_maps: int = 0
+    _blocks: dict = field(default_factory=dict, repr=False)
 
     @property
     def location(self) -> str | None:
         """The zarr array holding the maps, or None when they are in memory."""
         return self.writer.location
+
+    @property
+    def sparse(self):
+        """The kept maps as a scipy CSR matrix (voxel, n_kept) when held in memory, else None."""
+        return self.writer.matrix
+
+    def blocks(self, chunks) -> list | None:
+        """In-memory maps cut into the CSR blocks of voxel ``chunks`` (the data's), else None.
+
+        The same block objects for the same chunks (cached): graphs built from
+        them share one key per block (see :func:`chunkglm.graph.maps.moments`).
+        """
+        matrix = self.sparse
+        if matrix is None:
+            return None
+        chunks = tuple(int(c) for c in chunks)
+        if chunks not in self._blocks:
+            bounds = np.cumsum((0, *chunks))
+            self._blocks[chunks] = [matrix[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return self._blocks[chunks]
 
     def reader(self):
         """A picklable ``read(start, stop)`` of the kept maps' voxel rows (zarr-backed maps), or None."""
@@ -170,11 +203,10 @@ class PreparedMaps:
         return ZarrMapsReader(self.writer.zarray, None if len(self.kept) == self.n_maps else self.kept)
 
     def array(self, tag: str = "maps"):
-        """The kept maps as a dask array (voxel, n_kept), voxel chunks as the data's.
+        """Zarr-backed maps: the kept maps as a dask array (voxel, n_kept), chunked by voxel blocks.
 
-        Zarr-backed maps get task names unique to ``tag``: each consumer
-        (the Gram matrix, each run) then reads its own blocks and frees them
-        at once, instead of the scheduler holding blocks shared by many runs.
+        Task names are unique to ``tag``: each consumer reads its own blocks
+        and frees them at once, instead of the scheduler holding shared blocks.
         """
         array = self.writer.dask_array(tag)
         return array if len(self.kept) == self.n_maps else array[:, self.kept]
@@ -203,7 +235,8 @@ def prepare_maps(source: MapsSource, grid, mask=None, voxel_chunk: int | None = 
     group_size : int, optional
         Maps resampled per step; default from :data:`GROUP_BYTES`.
     in_memory_bytes : int
-        Maps up to this size (float32) stay in memory; larger ones go to zarr.
+        Maps whose non-zero values (and indices) take up to this stay in memory
+        (sparse); larger ones go to zarr.
     keep_empty : bool
         nilearn's ``keep_masked_maps``: keep maps left empty by the mask.
     check_overlap : bool
@@ -217,17 +250,34 @@ def prepare_maps(source: MapsSource, grid, mask=None, voxel_chunk: int | None = 
     voxel_chunk = voxel_chunk or max(n_voxels, 1)
     writer = _Writer(n_voxels, n_maps, voxel_chunk, group_size, maps_store, in_memory_bytes)
     stats = _Stats(grid, mask, check_overlap)
-    for start, volumes in source.groups(group_size):
-        if needs_resampling:
-            volumes = _resample(volumes, source.affine, grid)
-        values = stats.add(volumes)
-        writer.write(start, values)
+    dtype = None
+    for index, volume, volume_dtype in _flat_volumes(source, grid, group_size, needs_resampling):
+        dtype = dtype or volume_dtype
+        writer.add(index, *stats.add(volume))
     stats.check(needs_resampling)
     kept = np.flatnonzero(stats.nonempty) if mask is not None and not keep_empty else np.arange(n_maps)
     dropped = [int(i) for i in np.setdiff1d(np.arange(n_maps), kept)]
-    dtype = stats.dtype or source.dtype
-    writer.finish()
+    dtype = dtype or source.dtype
+    writer.finish(dtype, kept)
     return PreparedMaps(writer, kept, dropped, n_maps, np.dtype(dtype), stats.overlap, stats.n_outside_maps)
+
+
+def _flat_volumes(source, grid, group_size, resample):
+    """Yield ``(index, volume, dtype)``: each map on ``grid``, flat in Fortran order.
+
+    A maps file on the grid is streamed volume by volume without copies;
+    otherwise groups of ``group_size`` maps are read (and resampled). ``dtype``
+    is the maps' dtype as nilearn would hold them.
+    """
+    if not resample and isinstance(source.image, str | Path):
+        for index, volume in source.file_volumes():
+            yield index, volume, source.dtype
+        return
+    for start, volumes in source.groups(group_size):
+        if resample:
+            volumes = _resample(volumes, source.affine, grid)
+        for offset in range(volumes.shape[-1]):
+            yield start + offset, np.ravel(volumes[..., offset], order="F"), volumes.dtype
 
 
 def _grid_mismatch(source, grid):
@@ -282,41 +332,71 @@ class ZarrRunReader:
         return self.zarray[:, start:stop]
 
 
+@dataclass(frozen=True)
+class NiftiVolumeReader:
+    """Reads a 4-D NIfTI run volume by volume: each volume's values at ``positions``.
+
+    ``positions`` are flat (Fortran-order) positions in a volume; the values
+    are scaled as nibabel does, in float32 (as a store holds them).
+    """
+
+    path: str
+    positions: np.ndarray
+
+    def __call__(self):
+        from chunkglm.io.nifti import NiftiReader, scale_values
+
+        with NiftiReader(self.path) as reader:
+            info = reader.info
+            for _, raw in reader.iter_volumes():
+                yield scale_values(raw[self.positions], info.slope, info.inter)
+
+
 class _Stats:
-    """What nilearn checks on the whole maps image, accumulated group by group."""
+    """What nilearn checks on the whole maps image, accumulated map by map.
+
+    Each map is one flat (Fortran-order) volume on the grid; only its
+    non-zero entries are looked at after one comparison pass.
+    """
 
     def __init__(self, grid, mask, check_overlap=True):
-        self.grid, self.mask, self.check_overlap = grid, mask, check_overlap
-        self.ijk = tuple(grid.ijk.T)
-        self.counts = np.zeros(grid.shape, dtype=np.int32)
+        self.mask = mask
+        n_flat = int(np.prod(grid.shape))
+        self.counts = np.zeros(n_flat, dtype=np.int32) if check_overlap else None
         self.nonempty: list = []
         self.any_value = False
         self.n_outside_maps = 0
-        self.dtype = None
         region = np.ones(grid.shape, dtype=bool) if mask is None else mask
-        self.outside = region & ~grid.mask  # voxels nilearn uses that the store lacks
-        self.mask_stored = None if mask is None else mask[self.ijk]
-        # positions in the Fortran-flattened volume: a group is gathered as (map, voxel) rows
-        self.flat_ijk = np.ravel_multi_index(self.ijk, grid.shape, order="F")
-        self.flat_mask = None if mask is None else np.flatnonzero(mask.ravel(order="F"))
-        self.flat_outside = np.flatnonzero(self.outside.ravel(order="F"))
+        outside = (region & ~grid.mask).ravel(order="F")  # voxels nilearn uses that the store lacks
+        self.outside = outside if outside.any() else None
+        self.in_mask = None if mask is None else mask.ravel(order="F")
+        # flat position -> stored voxel (row of the maps), -1 where not stored or outside the mask
+        flat_ijk = np.ravel_multi_index(tuple(grid.ijk.T), grid.shape, order="F")
+        rows = np.arange(grid.n_voxels, dtype=np.int32)
+        if mask is not None:
+            inside = mask.ravel(order="F")[flat_ijk]
+            flat_ijk, rows = flat_ijk[inside], rows[inside]
+        self.row_of = np.full(n_flat, -1, dtype=np.int32)
+        self.row_of[flat_ijk] = rows
 
-    def add(self, volumes):
-        """Record a group (x, y, z, g) on the grid; return its (voxel, g) stored values."""
-        self.dtype = self.dtype or volumes.dtype
-        if self.check_overlap:
-            self.counts += overlap_counts(volumes)
-        self.any_value = self.any_value or bool(np.any(volumes != 0))
-        # (map, voxel) rows: a free view of a Fortran-ordered group, a copy otherwise
-        rows = np.asarray(volumes).reshape(-1, volumes.shape[-1], order="F").T
-        if self.mask is not None:
-            self.nonempty.extend(np.abs(rows[:, self.flat_mask]).sum(axis=1) > 0)
-        if self.flat_outside.size:
-            self.n_outside_maps += int(np.any(rows[:, self.flat_outside] != 0, axis=1).sum())
-        values = rows[:, self.flat_ijk].T
-        if self.mask_stored is not None:
-            values = np.where(self.mask_stored[:, None], values, 0).astype(values.dtype, copy=False)
-        return values
+    def add(self, volume):
+        """Record one map (flat, Fortran order); return its (rows, values) at the stored voxels."""
+        where = np.flatnonzero(volume != 0)  # NaN and inf included: dropped just below
+        values = volume[where]
+        if values.dtype.kind == "f":
+            finite = np.isfinite(values)
+            if not finite.all():  # nilearn: non-finite map values are 0
+                where, values = where[finite], values[finite]
+        self.any_value = self.any_value or bool(where.size)
+        if self.counts is not None:
+            self.counts[where[counted_in_overlap(values)]] += 1
+        if self.in_mask is not None:
+            self.nonempty.append(bool(self.in_mask[where].any()))
+        if self.outside is not None:
+            self.n_outside_maps += bool(self.outside[where].any())
+        rows = self.row_of[where]
+        stored = rows >= 0
+        return rows[stored], values[stored]
 
     def check(self, resampled):
         if not self.any_value:
@@ -326,21 +406,31 @@ class _Stats:
 
     @property
     def overlap(self) -> bool:
-        return bool((self.counts > 1).any())
+        return self.counts is not None and bool((self.counts > 1).any())
 
 
 class _Writer:
-    """Holds the (voxel, map) values in memory, or writes them to a zarr array."""
+    """Holds the maps' non-zero values in memory (sparse), or writes them to a zarr array.
+
+    Maps are added one at a time and kept as sparse (row, value) lists while
+    their bytes stay within ``in_memory_bytes``; past it (or with a
+    ``maps_store``), every group of ``group_size`` maps is written densely to
+    a zarr array chunked (voxel block, group).
+    """
 
     def __init__(self, n_voxels, n_maps, voxel_chunk, group_size, maps_store, in_memory_bytes):
-        self.shape, self.chunk = (n_voxels, n_maps), voxel_chunk
+        self.shape, self.chunk, self.group_size = (n_voxels, n_maps), voxel_chunk, group_size
         self.cleanup, self.location = [], None
-        self.memory = maps_store is None and n_voxels * n_maps * 4 <= in_memory_bytes
-        self.parts: list = []
+        self.budget = in_memory_bytes
+        self.memory = maps_store is None
+        self.parts: list = []  # in memory: (map, rows, values) of every map added
+        self.pending: list = []  # zarr: the maps of the group being filled
+        self.nbytes = 0
+        self.matrix = None
         if not self.memory:
-            self.zarray = self._open(maps_store, (min(voxel_chunk, max(n_voxels, 1)), group_size))
+            self._open(maps_store)
 
-    def _open(self, maps_store, chunks):
+    def _open(self, maps_store):
         import zarr
 
         from chunkglm.io.store import compressor
@@ -349,34 +439,51 @@ class _Writer:
             folder = tempfile.TemporaryDirectory(prefix="chunkglm-maps-")
             self.cleanup.append(folder)  # removed with the PreparedMaps
             maps_store = Path(folder.name) / "maps.zarr"
-        self.location = str(maps_store)
-        return zarr.create_array(store=str(maps_store), shape=self.shape, chunks=chunks, dtype="float32",
-                                 compressors=[compressor()], zarr_format=3, overwrite=True, fill_value=0.0)
+        self.memory, self.location = False, str(maps_store)
+        chunks = (min(self.chunk, max(self.shape[0], 1)), self.group_size)
+        self.zarray = zarr.create_array(store=str(maps_store), shape=self.shape, chunks=chunks, dtype="float32",
+                                        compressors=[compressor()], zarr_format=3, overwrite=True,
+                                        fill_value=0.0)
 
-    def write(self, start, values):
+    def add(self, index, rows, values):
+        """Map ``index``'s non-zero values at stored voxel ``rows`` (maps come in order)."""
         if self.memory:
-            self.parts.append(values)
-        else:
-            self.zarray[:, start:start + values.shape[1]] = values.astype(np.float32, copy=False)
+            self.parts.append((index, rows, values))
+            self.nbytes += rows.nbytes + values.nbytes
+            if self.nbytes > self.budget:  # too large for memory: to zarr, the groups done so far included
+                parts, self.parts = self.parts, []
+                self._open(None)
+                for part in parts:
+                    self._add_dense(*part)
+            return
+        self._add_dense(index, rows, values)
 
-    def finish(self):
-        """All groups written: join the in-memory parts."""
+    def _add_dense(self, index, rows, values):
+        self.pending.append((rows, values))
+        if (index + 1) % self.group_size == 0 or index + 1 == self.shape[1]:
+            start = index + 1 - len(self.pending)
+            group = np.zeros((self.shape[0], len(self.pending)), dtype=np.float32)
+            for column, (rows_, values_) in enumerate(self.pending):
+                group[rows_, column] = values_
+            self.zarray[:, start:start + group.shape[1]] = group
+            self.pending = []
+
+    def finish(self, dtype, kept):
+        """All maps added: join the in-memory parts into a CSR (voxel, kept map) matrix of ``dtype``."""
         if self.memory:
-            import uuid
+            import scipy.sparse
 
-            import dask.array as da
-
-            data = np.concatenate(self.parts, axis=1) if self.parts else np.zeros(self.shape)
-            self.parts = []
-            # one dask array, shared by every consumer (small: it is in memory anyway)
-            self.in_memory = da.from_array(data, chunks=(self.chunk, self.shape[1]),
-                                           name=f"maps-{uuid.uuid4().hex}")
+            parts, self.parts = self.parts, []
+            rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.int32)
+            columns = np.repeat([p[0] for p in parts], [p[1].size for p in parts]).astype(np.int32)
+            dtype = np.result_type(dtype, np.float32)  # scipy.sparse has no float16; ints as floats
+            values = (np.concatenate([p[2] for p in parts]) if parts else np.zeros(0)).astype(dtype, copy=False)
+            matrix = scipy.sparse.csr_matrix((values, (rows, columns)), shape=self.shape, dtype=dtype)
+            self.matrix = matrix if len(kept) == self.shape[1] else matrix[:, kept].tocsr()
 
     def dask_array(self, tag="maps"):
         import dask.array as da
         from dask.base import tokenize
 
-        if self.memory:
-            return self.in_memory
         name = f"{tag}-{tokenize(self.location, tag)}"
         return da.from_zarr(self.zarray, chunks=(self.chunk, self.shape[1]), name=name)

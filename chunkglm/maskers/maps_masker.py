@@ -7,14 +7,20 @@ signals are then cleaned by nilearn's own ``nilearn.signal.clean`` with the
 arguments nilearn's masker passes. All runs of one ``transform`` are one dask
 graph; each data chunk is read once (twice with ``high_variance_confounds``,
 which needs a global threshold between two passes, as nilearn's).
+Probabilistic maps are mostly zero: they are held as a sparse (voxel, map)
+matrix, and only their non-zero values cost work.
+
+NIfTI files that need no resampling, smoothing or high-variance confounds
+are read as they are, volume by volume (one task per run: a file is stored
+time-major, so this is its single streaming pass); other NIfTI inputs are
+converted into a temporary store first.
 
 Differences from nilearn, by design:
 
 - Store runs hold the voxels of the store's grid mask only: for them the
   store's mask acts as part of ``mask_img`` (maps weight at voxels the store
-  lacks is ignored, with a warning). NIfTI inputs are converted into a
-  temporary store holding every voxel (or ``mask_img``'s), so they match
-  nilearn exactly.
+  lacks is ignored, with a warning). NIfTI inputs are read (or converted)
+  with every voxel (or ``mask_img``'s), so they match nilearn exactly.
 - ``smoothing_fwhm`` (and the data resampling of ``resampling_target`` "mask"
   or "maps") is applied when NIfTI inputs are converted (nilearn's
   ``resample_img``/``smooth_img``, volume by volume); store runs must have
@@ -41,6 +47,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +69,9 @@ class MultiMapsMasker:
 
     maps_store : str or Path, optional
         A folder where the prepared maps are written, one zarr array per data
-        grid (``<maps_store>/<grid-id>``). By default maps up to 256 MiB
-        (float32 on the stored voxels) stay in memory and larger ones go to a
+        grid (``<maps_store>/<grid-id>``), and NIfTI runs are then converted
+        into a store. By default the maps stay in memory as a sparse matrix
+        while their non-zero values take up to 256 MiB; larger ones go to a
         temporary folder, removed with the masker.
     memory, memory_level, verbose, reports, cmap, n_jobs
         Accepted for compatibility; dask schedules the work.
@@ -121,8 +129,17 @@ class MultiMapsMasker:
         """
         del y
         self._setup()
-        if imgs is not None:
-            nodes = self._as_nodes(_as_list(imgs))
+        if imgs is None:
+            return self._fit(None)
+        files = self._file_runs(_as_list(imgs))
+        if files is not None:  # NIfTI files read as they are: the maps are ready on their grid
+            self._fit_grid = files[0].grid
+            return self
+        return self._fit(self._as_nodes(_as_list(imgs)))
+
+    def _fit(self, nodes):
+        """Fit after :meth:`_setup`: the grid of ``nodes`` (store runs) and the maps on it."""
+        if nodes is not None:
             self._fit_grid = self._grid_of(nodes)
             self._maps_on(self._fit_grid, voxel_chunk=nodes[0].data().chunks[1][0])
         elif self.resampling_target in ("mask", "maps"):
@@ -244,14 +261,13 @@ class MultiMapsMasker:
                 "the NIfTI files.")
 
     def _convert_images(self, images):
-        from chunkglm.glm.first_level import _stage_image
         from chunkglm.io.cohort import open_cohort
         from chunkglm.io.convert import convert
         from chunkglm.io.nifti import read_info
 
         folder = Path(tempfile.mkdtemp(prefix="chunkglm-maps-masker-"))
         weakref.finalize(self, shutil.rmtree, folder, True)
-        paths = [_stage_image(image, folder, index) for index, image in enumerate(images)]
+        paths = [_stage_run(image, folder, index) for index, image in enumerate(images)]
         infos = [read_info(path) for path in paths]
         bad = [(p, i.shape) for p, i in zip(images, infos) if len(i.shape) != 4]
         if bad:
@@ -362,8 +378,13 @@ class MultiMapsMasker:
         del y
         items = _as_list(imgs)
         self._setup()
+        files = self._file_runs(items)
+        if files is not None:
+            self._fit_grid = files[0].grid
+            self._input_entities = [_file_entities(item) for item in items]
+            return self.transform(imgs, confounds, sample_mask)
         nodes = self._as_nodes(items)
-        self.fit(nodes)
+        self._fit(nodes)
         self._input_entities = [_file_entities(item) for item in items]
         return self.transform(nodes if isinstance(imgs, list | tuple) else nodes[0], confounds, sample_mask)
 
@@ -389,9 +410,68 @@ class MultiMapsMasker:
 
         return items if all(isinstance(i, Node) for i in items) else self._as_nodes(items)
 
-    def _extract(self, items, confounds, sample_masks):
+    def _file_runs(self, items):
+        """NIfTI files to read volume by volume as they are, or None when they need a store.
+
+        Runs need converting into a (temporary) store when they are resampled
+        or smoothed, for high-variance confounds (two passes over voxels), for
+        maps kept in a zarr array, or when they are not all files on one grid.
+        """
+        if (self.high_variance_confounds or self.smoothing_fwhm is not None or self.maps_store is not None
+                or not items or not all(isinstance(i, str | Path) and Path(i).is_file() for i in items)):
+            return None
+        from chunkglm.io.nifti import read_info
+        from chunkglm.io.store import Grid
+
+        infos = [read_info(str(item)) for item in items]
+        first = infos[0]
+        if any(len(info.shape) != 4 or not same_grid(info.affine, info.volume_shape, first.affine,
+                                                      first.volume_shape) for info in infos):
+            return None  # the store path gives the errors
+        if self._conversion_target(first) is not None:
+            return None
+        mask = self._conversion_mask(None, first)
+        grid = Grid(np.asarray(first.affine, dtype=float),
+                    np.ones(first.volume_shape, dtype=bool) if mask is None else mask)
+        if self.resampling_target in ("mask", "maps", None):
+            self._check_data_grid(grid)
+        if self._maps_on(grid).sparse is None:  # zarr-backed: prepared again in the store's blocks
+            self._prepared.pop(grid.grid_id)
+            return None
+        return [_FileRun(str(item), info, grid) for item, info in zip(items, infos)]
+
+    def _extract_files(self, files, confounds, sample_masks):
+        """Region signals of NIfTI runs, each streamed volume by volume in one task."""
+        from chunkglm.maskers._maps_input import NiftiVolumeReader
+
+        grid = files[0].grid
+        maps = self._maps_on(grid)
+        self._check_overlap(maps)
+        self._warn_dropped(maps)
+        for index, (run, conf) in enumerate(zip(files, confounds)):
+            _check_confounds(conf, run.info.n_volumes, index)
+        covered = np.flatnonzero(np.diff(maps.sparse.indptr))  # voxels of some map: the others add 0
+        positions = np.ravel_multi_index(tuple(grid.ijk[covered].T), grid.shape, order="F")
+        gram, projections = graph.volume_moments(maps.sparse[covered],
+                                                 [NiftiVolumeReader(run.path, positions) for run in files])
+        dtypes = [self._output_dtype(maps.dtype, _nilearn_data_dtype(run.path, run.info)) for run in files]
+        t_rs = [self.t_r if self.t_r is not None else _file_t_r(run.info) for run in files]
+        return self._clean_all(gram, projections, [None] * len(files), dtypes, t_rs, confounds, sample_masks)
+
+    def _clean_all(self, gram, projections, hvs, dtypes, t_rs, confounds, sample_masks):
+        """Solve and clean every run's signals (one dask computation)."""
         import dask
 
+        lazy = [dask.delayed(clean_signals)(self._cleaning(), graph.region_signals(gram, projection, np.float64),
+                                            conf, hv, mask, t_r, dtype)
+                for projection, hv, dtype, t_r, conf, mask in zip(projections, hvs, dtypes, t_rs, confounds,
+                                                                  sample_masks)]
+        return list(dask.compute(*lazy))
+
+    def _extract(self, items, confounds, sample_masks):
+        files = self._file_runs(items)
+        if files is not None:
+            return self._extract_files(files, confounds, sample_masks)
         nodes = self._nodes_of(items)
         grid = self._grid_of(nodes)
         datas = [node.data().data for node in nodes]
@@ -404,14 +484,12 @@ class MultiMapsMasker:
         projections = _batched_moments(maps, [_run_reader(node, data) for node, data in zip(nodes, datas)])
         gram = projections.pop()
         n_outside = int(np.prod(grid.shape)) - grid.n_voxels
-        lazy = []
-        for node, data, conf, mask, projection in zip(nodes, datas, confounds, sample_masks, projections):
-            signals = graph.region_signals(gram, projection, np.float64)
-            hv = self._hv_confounds(node, data, n_outside) if self.high_variance_confounds else None
-            dtype = self._output_dtype(maps.dtype, self._input_dtypes.get(_node_key(node), np.float32))
-            lazy.append(dask.delayed(clean_signals)(self._cleaning(), signals, conf, hv, mask,
-                                                    self._t_r(node), dtype))
-        return list(dask.compute(*lazy))
+        hvs = [self._hv_confounds(node, data, n_outside) if self.high_variance_confounds else None
+               for node, data in zip(nodes, datas)]
+        dtypes = [self._output_dtype(maps.dtype, self._input_dtypes.get(_node_key(node), np.float32))
+                  for node in nodes]
+        return self._clean_all(gram, projections, hvs, dtypes, [self._t_r(node) for node in nodes], confounds,
+                               sample_masks)
 
     def _hv_confounds(self, node, data, n_outside):
         """Lazy high-variance confounds of a run, from its unprocessed data when there is one."""
@@ -491,7 +569,10 @@ class MultiMapsMasker:
             raise InputError(f"region_signals has {signals.shape[1]} columns; the masker has "
                              f"{maps.n_maps} maps ({len(maps.kept)} kept): give one column per map.")
         signals = signals.astype(np.result_type(signals.dtype, maps.dtype), copy=False)
-        voxels = dask.compute(graph.reconstruct(signals, maps.array("maps-inverse")))[0]
+        if maps.sparse is not None:  # in memory: (voxel, region) @ (region, time)
+            voxels = np.asarray(maps.sparse.astype(signals.dtype) @ signals.T).T
+        else:
+            voxels = dask.compute(graph.reconstruct(signals, maps.array("maps-inverse")))[0]
         grid = self._fit_grid
         data = np.zeros((*grid.shape, signals.shape[0]), dtype=voxels.dtype)
         ijk = grid.ijk
@@ -526,11 +607,18 @@ def _load_mask(mask_img):
     """nilearn's _load_mask: a 3-D (or 4-D, all volumes) mask -> (affine, bool array) or None."""
     if mask_img is None:
         return None
-    from nilearn.image import load_img
+    import nibabel as nib
 
     try:
-        img = load_img(mask_img)
-    except Exception as err:  # nilearn raises several kinds for unreadable inputs
+        if isinstance(mask_img, nib.spatialimages.SpatialImage):
+            img = mask_img
+        elif isinstance(mask_img, str | Path) and Path(mask_img).is_file():
+            img = nib.load(str(mask_img))  # as nilearn's load_img, without importing nilearn.image
+        else:  # wildcards, lists of images, ...: nilearn's own loader
+            from nilearn.image import load_img
+
+            img = load_img(mask_img)
+    except Exception as err:  # nibabel and nilearn raise several kinds for unreadable inputs
         raise InputError(f"mask_img cannot be read as an image: {err}") from err
     data = np.asanyarray(img.dataobj)
     data = np.nan_to_num(data.reshape(*data.shape[:3], -1)).astype(bool).all(axis=3)
@@ -577,7 +665,7 @@ def _batched_moments(maps, datas):
     n_regions = len(maps.kept)
     projections, gram = [None] * len(datas), None
     for number, batch in enumerate(_batches(datas)):
-        source = maps.reader() or maps.array(f"maps-batch{number}")
+        source = maps.blocks(datas[batch[0]].chunks[1]) or maps.reader()
         moments = graph.moments(source, [datas[i] for i in batch], with_gram=gram is None)
         if gram is None:
             gram, moments = moments[:, :n_regions], moments[:, n_regions:]
@@ -601,6 +689,45 @@ def _reread(node, data):
 
     array = node.cohort.root[node.path]["bold"]
     return da.from_zarr(array, chunks=data.chunks, name=f"bold-reread-{tokenize(node.cohort.location, node.path)}")
+
+
+def _stage_run(image, folder: Path, index: int) -> str:
+    """A file for each input run: a link to a path, or a saved in-memory image.
+
+    As ``chunkglm.glm.first_level._stage_image``, without importing the GLM
+    modules (and nilearn.glm) for a masker.
+    """
+    import nibabel as nib
+
+    if isinstance(image, str | Path):
+        source = Path(image)
+        if not source.is_file():
+            raise InputError(f"run image not found: {source}")
+        target = folder / f"input_{index}{'.nii.gz' if source.name.endswith('.gz') else '.nii'}"
+        target.symlink_to(source.absolute())
+        return str(target)
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        target = folder / f"input_{index}.nii"
+        nib.save(image, target)
+        return str(target)
+    raise InputError(f"imgs entries must be store runs, NIfTI paths or images; received {type(image).__name__}.")
+
+
+@dataclass(frozen=True)
+class _FileRun:
+    """A NIfTI run read as it is (no store): its path, header and grid."""
+
+    path: str
+    info: object
+    grid: object
+
+
+def _file_t_r(info):
+    """The run's RepetitionTime as conversion stores it: the 4th zoom, in seconds."""
+    from chunkglm.io.write_run import _seconds
+
+    zooms = [float(z) for z in info.header.get_zooms()]
+    return _seconds(zooms[3], info) if len(zooms) > 3 else None
 
 
 def _node_key(node):
