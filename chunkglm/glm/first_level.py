@@ -21,11 +21,12 @@ from chunkglm.design.first_level import check_rank, run_design
 from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.graph import glm as graph
 from chunkglm.io.nifti import image_from_voxels
+from chunkglm.report.mixin import GLMReportMixin
 
 OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
 
 
-class FirstLevelModel:
+class FirstLevelModel(GLMReportMixin):
     """First-level GLM with nilearn's parameters (see nilearn's docs).
 
     Parameters
@@ -161,10 +162,11 @@ class FirstLevelModel:
 
         from chunkglm.io.cohort import open_cohort
         from chunkglm.io.convert import convert
+        from chunkglm.io.nifti import stage_image
 
         folder = Path(tempfile.mkdtemp(prefix="chunkglm-first-level-"))
         weakref.finalize(self, shutil.rmtree, folder, True)
-        paths = [_stage_image(image, folder, index) for index, image in enumerate(images)]
+        paths = [stage_image(image, folder, index) for index, image in enumerate(images)]
         mask = self.mask_img if self.mask_img is not None else _nilearn_epi_mask(
             paths, self.target_affine, self.target_shape)
         mask_path = _stage_mask(mask, folder)
@@ -258,59 +260,6 @@ class FirstLevelModel:
             if lazy is not None:
                 run.fits, run.lazy_fits = lazy, None
         self._persisted = False
-
-    def generate_report(self, contrasts=None, first_level_contrast=None, title=None,
-                        bg_img="MNI152TEMPLATE", threshold=None, alpha=0.001, cluster_threshold=0,
-                        height_control="fpr", two_sided=False, min_distance=8.0, plot_type="slice",
-                        cut_coords=None, display_mode=None, report_dims=(1600, 800)):
-        """An HTML report of the fitted model, as nilearn's ``generate_report``.
-
-        Model parameters, inputs, design matrices and their correlations,
-        contrast weights, the mask, each contrast's thresholded z map with its
-        cluster table (chunkglm's ``threshold_stats_img`` and
-        ``get_clusters_table``: nilearn's numbers), and a provenance record
-        (chunkglm version, the cluster that computed the maps, wall time).
-        Figures are drawn by nilearn and embedded: the page reads offline.
-
-        Parameters
-        ----------
-        contrasts : dict, str, array or list of them, optional
-            As nilearn's: ``{name: definition}``, a formula, weights, or a list.
-        first_level_contrast : str or array, optional
-            Ignored (nilearn warns the same): a first-level model has no first-level contrast.
-        title : str, optional
-            Default: the model type and the contrast names.
-        bg_img : image, "MNI152TEMPLATE" or None
-            Background of the maps and the mask.
-        threshold : float, optional
-            z threshold, used only with ``height_control=None`` (then default 3.09).
-        alpha : float, default=0.001
-            p-value ('fpr', 'bonferroni') or q-value ('fdr').
-        cluster_threshold : int, default=0
-            Clusters smaller than this many voxels are not shown.
-        height_control : {"fpr", "fdr", "bonferroni", None}, default="fpr"
-        two_sided : bool, default=False
-        min_distance : float, default=8.0
-            Minimum distance (mm) between subpeaks in the cluster tables.
-        plot_type : {"slice", "glass"}, default="slice"
-        cut_coords : optional
-            Cuts of the slice plots (nilearn's).
-        display_mode : str, optional
-            Default "z" for slices, "lzry" for glass brains.
-        report_dims : (int, int)
-            Width and height of the report within a notebook.
-
-        Returns
-        -------
-        chunkglm.report.HTMLReport
-            ``save_as_html(path)``, ``open_in_browser()``, shown inline in notebooks.
-        """
-        from chunkglm.report.build import model_report
-
-        return model_report(self, contrasts, first_level_contrast, title, report_dims, bg_img=bg_img,
-                            threshold=threshold, alpha=alpha, cluster_threshold=cluster_threshold,
-                            height_control=height_control, two_sided=two_sided, min_distance=min_distance,
-                            plot_type=plot_type, cut_coords=cut_coords, display_mode=display_mode)
 
     # -- voxelwise model attributes (nilearn 0.14 names; lists, one per run) --------
 
@@ -439,25 +388,6 @@ def _input_entities(item) -> dict:
     if isinstance(item, str | Path):
         return parse_entities(Path(item).name)
     return {}
-
-
-def _stage_image(image, folder: Path, index: int) -> str:
-    """A file for each input run: a link to a path, or a saved in-memory image."""
-    import nibabel as nib
-
-    if isinstance(image, str | Path):
-        source = Path(image)
-        if not source.is_file():
-            raise InputError(f"run image not found: {source}")
-        suffix = ".nii.gz" if source.name.endswith(".gz") else ".nii"
-        target = folder / f"input_{index}{suffix}"
-        target.symlink_to(source.absolute())
-        return str(target)
-    if isinstance(image, nib.spatialimages.SpatialImage):
-        target = folder / f"input_{index}.nii"
-        nib.save(image, target)
-        return str(target)
-    raise InputError(f"run_imgs entries must be store runs, NIfTI paths or images; received {type(image).__name__}.")
 
 
 def _stage_mask(mask, folder: Path) -> str:

@@ -24,13 +24,14 @@ from chunkglm.design.second_level import check_confounds_table, check_design, ma
 from chunkglm.errors import InputError
 from chunkglm.glm import _second_level_input as inputs
 from chunkglm.io.nifti import image_from_voxels
+from chunkglm.report.mixin import GLMReportMixin
 
 OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
 
 __all__ = ["SecondLevelModel", "make_second_level_design_matrix"]
 
 
-class SecondLevelModel:
+class SecondLevelModel(GLMReportMixin):
     """Second-level (group) GLM with nilearn's parameters and outputs.
 
     Parameters
@@ -235,60 +236,6 @@ class SecondLevelModel:
             img.header["descrip"] = f"{output_type} of contrast {con_val}"  # nilearn's text
             images[name] = img
         return images if output_type == "all" else images[output_type]
-
-    def generate_report(self, contrasts=None, first_level_contrast=None, title=None,
-                        bg_img="MNI152TEMPLATE", threshold=None, alpha=0.001, cluster_threshold=0,
-                        height_control="fpr", two_sided=False, min_distance=8.0, plot_type="slice",
-                        cut_coords=None, display_mode=None, report_dims=(1600, 800)):
-        """An HTML report of the fitted model, as nilearn's ``generate_report``.
-
-        Model parameters, inputs, design matrices and their correlations,
-        contrast weights, the mask, each contrast's thresholded z map with its
-        cluster table (chunkglm's ``threshold_stats_img`` and
-        ``get_clusters_table``: nilearn's numbers), and a provenance record
-        (chunkglm version, the cluster that computed the maps, wall time).
-        Figures are drawn by nilearn and embedded: the page reads offline.
-
-        Parameters
-        ----------
-        contrasts : dict, str, array or list of them, optional
-            As nilearn's: ``{name: definition}``, a formula, weights, or a list.
-            Default: the intercept, for a one-column design.
-        first_level_contrast : str or array, optional
-            The first-level contrast modelled (required for a model fitted on first-level models).
-        title : str, optional
-            Default: the model type and the contrast names.
-        bg_img : image, "MNI152TEMPLATE" or None
-            Background of the maps and the mask.
-        threshold : float, optional
-            z threshold, used only with ``height_control=None`` (then default 3.09).
-        alpha : float, default=0.001
-            p-value ('fpr', 'bonferroni') or q-value ('fdr').
-        cluster_threshold : int, default=0
-            Clusters smaller than this many voxels are not shown.
-        height_control : {"fpr", "fdr", "bonferroni", None}, default="fpr"
-        two_sided : bool, default=False
-        min_distance : float, default=8.0
-            Minimum distance (mm) between subpeaks in the cluster tables.
-        plot_type : {"slice", "glass"}, default="slice"
-        cut_coords : optional
-            Cuts of the slice plots (nilearn's).
-        display_mode : str, optional
-            Default "z" for slices, "lzry" for glass brains.
-        report_dims : (int, int)
-            Width and height of the report within a notebook.
-
-        Returns
-        -------
-        chunkglm.report.HTMLReport
-            ``save_as_html(path)``, ``open_in_browser()``, shown inline in notebooks.
-        """
-        from chunkglm.report.build import model_report
-
-        return model_report(self, contrasts, first_level_contrast, title, report_dims, bg_img=bg_img,
-                            threshold=threshold, alpha=alpha, cluster_threshold=cluster_threshold,
-                            height_control=height_control, two_sided=two_sided, min_distance=min_distance,
-                            plot_type=plot_type, cut_coords=cut_coords, display_mode=display_mode)
 
     def _check_fitted(self):
         if not hasattr(self, "design_matrix_"):

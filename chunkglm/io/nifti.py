@@ -315,6 +315,26 @@ def load_image(image):
     raise InputError(f"expected a NIfTI path or a nibabel image; received {type(image).__name__}.")
 
 
+def stage_image(image, folder: Path, index: int, argument: str = "run_imgs") -> str:
+    """A file for an input image: a link to a path, or an in-memory image saved into ``folder``.
+
+    ``argument`` names the caller's parameter in the error for anything else.
+    """
+    if isinstance(image, str | Path):
+        source = Path(image)
+        if not source.is_file():
+            raise InputError(f"run image not found: {source}")
+        target = Path(folder) / f"input_{index}{'.nii.gz' if source.name.endswith('.gz') else '.nii'}"
+        target.symlink_to(source.absolute())
+        return str(target)
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        target = Path(folder) / f"input_{index}.nii"
+        nib.save(image, target)
+        return str(target)
+    raise InputError(f"{argument} entries must be store runs, NIfTI paths or images; received "
+                     f"{type(image).__name__}.")
+
+
 def mask_from_voxels(ijk, shape, affine) -> nib.Nifti1Image:
     """A uint8 mask image with 1 at the voxels ``ijk`` (n_voxels, 3) of a ``shape`` grid."""
     data = np.zeros(shape, dtype=np.uint8)

@@ -263,11 +263,11 @@ class MultiMapsMasker:
     def _convert_images(self, images):
         from chunkglm.io.cohort import open_cohort
         from chunkglm.io.convert import convert
-        from chunkglm.io.nifti import read_info
+        from chunkglm.io.nifti import read_info, stage_image
 
         folder = Path(tempfile.mkdtemp(prefix="chunkglm-maps-masker-"))
         weakref.finalize(self, shutil.rmtree, folder, True)
-        paths = [_stage_run(image, folder, index) for index, image in enumerate(images)]
+        paths = [stage_image(image, folder, index, "imgs") for index, image in enumerate(images)]
         infos = [read_info(path) for path in paths]
         bad = [(p, i.shape) for p, i in zip(images, infos) if len(i.shape) != 4]
         if bad:
@@ -689,28 +689,6 @@ def _reread(node, data):
 
     array = node.cohort.root[node.path]["bold"]
     return da.from_zarr(array, chunks=data.chunks, name=f"bold-reread-{tokenize(node.cohort.location, node.path)}")
-
-
-def _stage_run(image, folder: Path, index: int) -> str:
-    """A file for each input run: a link to a path, or a saved in-memory image.
-
-    As ``chunkglm.glm.first_level._stage_image``, without importing the GLM
-    modules (and nilearn.glm) for a masker.
-    """
-    import nibabel as nib
-
-    if isinstance(image, str | Path):
-        source = Path(image)
-        if not source.is_file():
-            raise InputError(f"run image not found: {source}")
-        target = folder / f"input_{index}{'.nii.gz' if source.name.endswith('.gz') else '.nii'}"
-        target.symlink_to(source.absolute())
-        return str(target)
-    if isinstance(image, nib.spatialimages.SpatialImage):
-        target = folder / f"input_{index}.nii"
-        nib.save(image, target)
-        return str(target)
-    raise InputError(f"imgs entries must be store runs, NIfTI paths or images; received {type(image).__name__}.")
 
 
 @dataclass(frozen=True)

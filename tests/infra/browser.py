@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,6 +43,9 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/infra, also when run as a script
+from apt_packages import install, tail as _tail  # noqa: E402
 
 PACKAGES = ("chromium", "chromium-driver")
 BROWSER_NAMES = ("chromium", "chromium-browser")
@@ -93,28 +96,6 @@ def _missing() -> list[str]:
                                      ("chromedriver", find_chromedriver())) if found is None]
 
 
-def _tail(text: str | bytes | None, lines: int = 15) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return "\n".join((text or "").strip().splitlines()[-lines:])
-
-
-def _apt(args: list[str], timeout: float) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "-o", f"DPkg::Lock::Timeout={int(timeout)}", *args]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=env, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        raise BrowserUnavailable(f"`{' '.join(command)}` did not finish in {timeout:.0f} s:\n"
-                                 f"{_tail(exc.stdout)}\n{_tail(exc.stderr)}\n"
-                                 f"Install by hand: {INSTALL_HINT}") from None
-    if done.returncode != 0:
-        raise BrowserUnavailable(f"`{' '.join(command)}` failed (exit {done.returncode}):\n"
-                                 f"{_tail(done.stdout)}\n{_tail(done.stderr)}\n"
-                                 f"Install by hand: {INSTALL_HINT}")
-
-
 def ensure_chromium(timeout: float = 900.0) -> Path:
     """Install chromium and chromium-driver from apt if either is missing.
 
@@ -136,15 +117,8 @@ def ensure_chromium(timeout: float = 900.0) -> Path:
     """
     missing = _missing()
     if missing:
-        what = f"headless browser check: {', '.join(missing)} not found"
-        if os.geteuid() != 0:
-            raise BrowserUnavailable(f"{what}; installing needs root (running as uid "
-                                     f"{os.geteuid()}). Install by hand: {INSTALL_HINT}")
-        if shutil.which("apt-get") is None:
-            raise BrowserUnavailable(f"{what}; no apt-get to install {' and '.join(PACKAGES)} "
-                                     f"with. Install Chromium and a matching chromedriver on PATH.")
-        _apt(["update", "-q"], timeout)
-        _apt(["install", "-y", "-q", "--no-install-recommends", *PACKAGES], timeout)
+        install(PACKAGES, f"headless browser check: {', '.join(missing)} not found", BrowserUnavailable,
+                timeout, f"\nInstall by hand: {INSTALL_HINT}")
         still = _missing()
         if still:
             raise BrowserUnavailable(f"apt-get installed {' '.join(PACKAGES)} but "

@@ -24,11 +24,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/infra, also when run as a script
+from apt_packages import install, tail as _tail  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "slurm.conf.in"
@@ -50,26 +54,6 @@ def missing_programs() -> list[str]:
     """Return the SLURM and munge programs not found on PATH (or /usr/sbin)."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     return [name for name in DAEMONS + CLIENTS if shutil.which(name, path=path) is None]
-
-
-def _tail(text: str | bytes | None, lines: int = 15) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return "\n".join((text or "").strip().splitlines()[-lines:])
-
-
-def _apt(args: list[str], timeout: float) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "-o", f"DPkg::Lock::Timeout={int(timeout)}", *args]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=env, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        raise SlurmUnavailable(f"`{' '.join(command)}` did not finish in {timeout:.0f} s:\n"
-                               f"{_tail(exc.stdout)}\n{_tail(exc.stderr)}") from None
-    if done.returncode != 0:
-        raise SlurmUnavailable(f"`{' '.join(command)}` failed (exit {done.returncode}):\n"
-                               f"{_tail(done.stdout)}\n{_tail(done.stderr)}")
 
 
 def ensure_installed(timeout: float = 900.0) -> float:
@@ -94,15 +78,8 @@ def ensure_installed(timeout: float = 900.0) -> float:
     missing = missing_programs()
     if not missing:
         return 0.0
-    what = f"SLURM programs missing: {', '.join(missing)}"
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"{what}; installing {' and '.join(PACKAGES)} needs root "
-                               f"(running as uid {os.geteuid()}).")
-    if shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"{what}; no apt-get to install {' and '.join(PACKAGES)} with.")
     started = time.monotonic()
-    _apt(["update", "-q"], timeout)
-    _apt(["install", "-y", "-q", "--no-install-recommends", *PACKAGES], timeout)
+    install(PACKAGES, f"SLURM programs missing: {', '.join(missing)}", SlurmUnavailable, timeout)
     still = missing_programs()
     if still:
         raise SlurmUnavailable(f"apt-get installed {' '.join(PACKAGES)} but "

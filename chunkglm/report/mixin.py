@@ -1,0 +1,63 @@
+"""``generate_report`` of the GLM models (first and second level), nilearn's signature."""
+
+from __future__ import annotations
+
+
+class GLMReportMixin:
+    """Adds nilearn's ``generate_report`` to a fitted GLM model (see :mod:`chunkglm.report.build`)."""
+
+    def generate_report(self, contrasts=None, first_level_contrast=None, title=None,
+                        bg_img="MNI152TEMPLATE", threshold=None, alpha=0.001, cluster_threshold=0,
+                        height_control="fpr", two_sided=False, min_distance=8.0, plot_type="slice",
+                        cut_coords=None, display_mode=None, report_dims=(1600, 800)):
+        """An HTML report of the fitted model, as nilearn's ``generate_report``.
+
+        Model parameters, inputs, design matrices and their correlations,
+        contrast weights, the mask, each contrast's thresholded z map with its
+        cluster table (chunkglm's ``threshold_stats_img`` and
+        ``get_clusters_table``: nilearn's numbers), and a provenance record
+        (chunkglm version, the cluster that computed the maps, wall time).
+        Figures are drawn by nilearn and embedded: the page reads offline.
+
+        Parameters
+        ----------
+        contrasts : dict, str, array or list of them, optional
+            As nilearn's: ``{name: definition}``, a formula, weights, or a list.
+            Second level: default the intercept, for a one-column design.
+        first_level_contrast : str or array, optional
+            Second level: the first-level contrast modelled (required for a model
+            fitted on first-level models). Ignored, with a warning on the page, at
+            the first level.
+        title : str, optional
+            Default: the model type and the contrast names.
+        bg_img : image, "MNI152TEMPLATE" or None
+            Background of the maps and the mask.
+        threshold : float, optional
+            z threshold, used only with ``height_control=None`` (then default 3.09).
+        alpha : float, default=0.001
+            p-value ('fpr', 'bonferroni') or q-value ('fdr').
+        cluster_threshold : int, default=0
+            Clusters smaller than this many voxels are not shown.
+        height_control : {"fpr", "fdr", "bonferroni", None}, default="fpr"
+        two_sided : bool, default=False
+        min_distance : float, default=8.0
+            Minimum distance (mm) between subpeaks in the cluster tables.
+        plot_type : {"slice", "glass"}, default="slice"
+        cut_coords : optional
+            Cuts of the slice plots (nilearn's).
+        display_mode : str, optional
+            Default "z" for slices, "lzry" for glass brains.
+        report_dims : (int, int)
+            Width and height of the report within a notebook.
+
+        Returns
+        -------
+        chunkglm.report.HTMLReport
+            ``save_as_html(path)``, ``open_in_browser()``, shown inline in notebooks.
+        """
+        from chunkglm.report.build import model_report
+
+        return model_report(self, contrasts, first_level_contrast, title, report_dims, bg_img=bg_img,
+                            threshold=threshold, alpha=alpha, cluster_threshold=cluster_threshold,
+                            height_control=height_control, two_sided=two_sided, min_distance=min_distance,
+                            plot_type=plot_type, cut_coords=cut_coords, display_mode=display_mode)
