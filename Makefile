@@ -9,6 +9,9 @@ DEMO_OUT  ?= demo_output
 DEMO_SIZE ?= small
 DEMO_SUBJECTS ?= 6
 PYTEST_ARGS ?=
+# test files run in parallel processes (pytest-xdist): most tests wait on worker processes,
+# servers and schedulers, so 2 processes on 2 cores halve the wall time
+PYTEST_WORKERS ?= 2
 # NiMARE 0.22 (the IBMA anchor) needs nilearn < 0.14: it gets its own venv, used by the
 # IBMA parity tests and benchmarks through a subprocess (never imported into .venv).
 NIMARE_VENV  := .venv-nimare
@@ -35,7 +38,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: $(STAMP) $(NIMARE_STAMP)
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench: $(STAMP) $(NIMARE_STAMP)

@@ -9,9 +9,11 @@ tail), so the test can skip with it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 
 
 def tail(text: str | bytes | None, lines: int = 15) -> str:
@@ -55,5 +57,9 @@ def install(packages, what: str, error: type[Exception], timeout: float = 900.0,
                     f"{os.geteuid()}).{hint}")
     if shutil.which("apt-get") is None:
         raise error(f"{what}; no apt-get to install {' and '.join(packages)} with.{hint}")
-    _apt(["update", "-q"], timeout, error, hint)
-    _apt(["install", "-y", "-q", "--no-install-recommends", *packages], timeout, error, hint)
+    # one installer at a time: pytest-xdist workers may need SLURM and Chromium at once, and
+    # `apt-get update` does not wait for another one's lock
+    with open(os.path.join(tempfile.gettempdir(), "chunkglm-tests-apt.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _apt(["update", "-q"], timeout, error, hint)
+        _apt(["install", "-y", "-q", "--no-install-recommends", *packages], timeout, error, hint)
