@@ -101,17 +101,15 @@ def _first_level(store: Path, out: Path, client) -> Path:
     return target
 
 
-def _group_level(glm: Path, client) -> Path:
+def _group_level(glm: Path, subjects, paths, client) -> Path:
     """One-sample test of the aMinusB effects, max-T permutation FWE; returns group_level/."""
     import pandas as pd
 
-    from chunkglm.cli.second_level import effect_maps
     from chunkglm.glm.second_level import SecondLevelModel
     from chunkglm.interfaces.bids import save_group_derivatives
     from chunkglm.provenance import Stopwatch
 
     start, watch = time.perf_counter(), Stopwatch()
-    subjects, paths = effect_maps(glm, "aMinusB")
     model = SecondLevelModel().fit(paths, design_matrix=pd.DataFrame({"intercept": [1.0] * len(paths)}))
     options = {"contrasts": {"aMinusB": "intercept"}, "fwe": "permutation", "n_perm": GROUP_PERMUTATIONS,
                "alpha": 0.05, "random_state": 0}
@@ -125,17 +123,15 @@ def _group_level(glm: Path, client) -> Path:
     return folder
 
 
-def _meta_analysis(glm: Path, out: Path, client) -> Path:
+def _meta_analysis(glm: Path, subjects, effects, out: Path, client) -> Path:
     """DerSimonianLaird over the subjects' aMinusB effects and variances, FDR; returns meta/."""
     import pandas as pd
 
-    from chunkglm.cli.second_level import effect_maps
     from chunkglm.meta.correct import FDRCorrector
     from chunkglm.meta.ibma import DerSimonianLaird
     from chunkglm.provenance import Stopwatch
 
     start, watch = time.perf_counter(), Stopwatch()
-    subjects, effects = effect_maps(glm, "aMinusB")
     table = pd.DataFrame({"beta": effects, "varcope": [p.replace("stat-effect", "stat-variance") for p in effects],
                           "study_id": subjects})
     estimator = DerSimonianLaird(mask=str(glm / "group_level" / "group_mask.nii.gz"))  # the group's voxels
@@ -166,6 +162,7 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
     if n_subjects < 3:
         raise InputError(f"the demo's group analysis needs at least 3 subjects; received --subjects {n_subjects}.")
     from chunkglm.cli.main import cluster_client, print_progress
+    from chunkglm.cli.second_level import effect_maps
     from chunkglm.io.cohort import open_cohort
     from chunkglm.io.convert import convert
 
@@ -182,8 +179,9 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
         cohort = open_cohort(store)
         roundtrip = _check_round_trip(cohort, bids, out)
         glm = _first_level(store, out, client)
-        group = _group_level(glm, client)
-        meta = _meta_analysis(glm, out, client)
+        subjects, effects = effect_maps(glm, "aMinusB")  # the group's and the meta-analysis' inputs
+        group = _group_level(glm, subjects, effects, client)
+        meta = _meta_analysis(glm, subjects, effects, out, client)
     reports = _reports(out / "derivatives")
     group_report = next(p for p in reports if p.parent == group)
     print("\nResults")

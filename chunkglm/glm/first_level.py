@@ -20,6 +20,7 @@ import pandas as pd
 from chunkglm.design.first_level import check_rank, run_design
 from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.graph import glm as graph
+from chunkglm.io.bids import input_entities
 from chunkglm.io.nifti import image_from_voxels
 from chunkglm.report.mixin import GLMReportMixin
 
@@ -111,7 +112,7 @@ class FirstLevelModel(GLMReportMixin):
         items = _as_list(run_imgs)
         nodes = self._as_nodes(items)
         _check_nodes(nodes)
-        self.run_entities_ = [_input_entities(item) for item in items]
+        self.run_entities_ = [input_entities(item) for item in items]
         self._run_names = [node.name for node in nodes]
         self._check_preprocessing(nodes)
         masks = _per_run(sample_masks, len(nodes), "sample_masks")
@@ -376,18 +377,6 @@ class FirstLevelModel(GLMReportMixin):
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
-
-
-def _input_entities(item) -> dict:
-    """BIDS entities of a run input: the node's, the file name's, or none."""
-    from chunkglm.io.bids import parse_entities
-    from chunkglm.io.cohort import Node
-
-    if isinstance(item, Node):
-        return dict(item.entities)
-    if isinstance(item, str | Path):
-        return parse_entities(Path(item).name)
-    return {}
 
 
 def _stage_mask(mask, folder: Path) -> str:

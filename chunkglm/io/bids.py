@@ -42,6 +42,17 @@ def parse_entities(filename: str) -> dict:
     return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
 
 
+def input_entities(item) -> dict:
+    """BIDS entities of an input image: a store node's, a file name's, or none (in-memory images)."""
+    from chunkglm.io.cohort import Node
+
+    if isinstance(item, Node):
+        return dict(item.entities)
+    if isinstance(item, str | Path):
+        return parse_entities(Path(item).name)
+    return {}
+
+
 def bids_name(entities: dict) -> str:
     """Join the entities that identify a run, in BIDS order."""
     parts = [f"{key}-{entities[key]}" for key in ENTITY_ORDER if key in entities]

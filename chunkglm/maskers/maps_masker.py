@@ -54,6 +54,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
+from chunkglm.io.bids import input_entities
 from chunkglm.kernels.maps import CleanSpec, clean_signals
 from chunkglm.maskers._maps_input import maps_source, prepare_maps, same_grid
 
@@ -284,7 +285,7 @@ class MultiMapsMasker:
                 target_affine=None if target is None else target[0],
                 target_shape=None if target is None else target[1], smoothing_fwhm=self.smoothing_fwhm)
         cohort = open_cohort(folder / "store.zarr")
-        self._input_entities = [_file_entities(item) for item in images]
+        self._input_entities = [input_entities(item) for item in images]
         nodes = [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
         self._input_dtypes.update({_node_key(node): _nilearn_data_dtype(image, info)
                                    for node, image, info in zip(nodes, images, infos)})
@@ -381,11 +382,11 @@ class MultiMapsMasker:
         files = self._file_runs(items)
         if files is not None:
             self._fit_grid = files[0].grid
-            self._input_entities = [_file_entities(item) for item in items]
+            self._input_entities = [input_entities(item) for item in items]
             return self.transform(imgs, confounds, sample_mask)
         nodes = self._as_nodes(items)
         self._fit(nodes)
-        self._input_entities = [_file_entities(item) for item in items]
+        self._input_entities = [input_entities(item) for item in items]
         return self.transform(nodes if isinstance(imgs, list | tuple) else nodes[0], confounds, sample_mask)
 
     def transform_to_xarray(self, imgs, confounds=None, sample_mask=None):
@@ -745,17 +746,6 @@ def _as_list(value):
 
 def _name(item):
     return str(item) if isinstance(item, str | Path) else type(item).__name__
-
-
-def _file_entities(item) -> dict:
-    from chunkglm.io.bids import parse_entities
-    from chunkglm.io.cohort import Node
-
-    if isinstance(item, Node):
-        return dict(item.entities)
-    if isinstance(item, str | Path):
-        return parse_entities(Path(item).name)
-    return {}
 
 
 # -- outputs -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ same page for the same results.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ from chunkglm.report.sections import (
     figure_png,
     mask_block,
     parameters_section,
+    png_figure,
     provenance_section,
     render,
     stat_map_blocks,
@@ -88,12 +89,8 @@ def _design_block(design: Design) -> Block:
     from chunkglm.report.figures import design_matrix_correlation_figure, design_matrix_figure
 
     if design.matrix is None:
-        import base64
-
-        from chunkglm.report.sections import Figure
-
-        return Block(heading=design.label, figures=[Figure(base64.b64encode(design.png).decode("ascii"),
-                                                           f"Design matrix {design.label}", "as saved")])
+        return Block(heading=design.label, figures=[png_figure(design.png, f"Design matrix {design.label}",
+                                                               "as saved")])
     figures = [figure_png(design_matrix_figure(design.matrix), f"Design matrix {design.label}",
                           f"{design.matrix.shape[0]} rows × {design.matrix.shape[1]} regressors")]
     correlation = design_matrix_correlation_figure(design.matrix)
@@ -138,7 +135,7 @@ def _stat_maps_section(stat_maps: dict, mask_img, options: ReportOptions, correc
 
 def as_written(options: ReportOptions) -> ReportOptions:
     """Options that show a corrected map as it is: every non-zero voxel, no further height control."""
-    return ReportOptions(**{**options.__dict__, "height_control": None, "threshold": 1e-6, "warnings": ()})
+    return replace(options, height_control=None, threshold=1e-6, warnings=())
 
 
 def contrast_dict(contrasts) -> dict:
@@ -168,11 +165,6 @@ def _name(definition) -> str:
 
 
 # -- fitted objects ---------------------------------------------------------------------
-
-
-def report_options(**kwargs) -> ReportOptions:
-    """Validated options; raises InputError naming the bad parameter."""
-    return ReportOptions.checked(**kwargs)
 
 
 def _client():
@@ -242,20 +234,19 @@ def model_report(model, contrasts=None, first_level_contrast=None, title=None, r
     """``generate_report`` of the GLM models (see their docstrings)."""
     from chunkglm.provenance import Stopwatch
 
-    checked = report_options(**options)
-    if not hasattr(model, "design_matrices_") and not hasattr(model, "design_matrix_"):
-        raise InputError(f"{type(model).__name__} is not fitted: call fit(...) before generate_report().")
+    checked = ReportOptions.checked(**options)
     watch = Stopwatch()
-    second = hasattr(model, "design_matrix_") and not hasattr(model, "design_matrices_")
-    if second:
+    if hasattr(model, "design_matrices_"):
+        if first_level_contrast is not None:
+            checked = replace(checked, warnings=(*checked.warnings,
+                                                 "first_level_contrast is ignored for a FirstLevelModel."))
+        pieces = first_level_pieces(model, contrasts)
+        operation = "report: first-level GLM"
+    elif hasattr(model, "design_matrix_"):
         pieces = second_level_pieces(model, contrasts, first_level_contrast)
         operation = "report: second-level GLM"
     else:
-        if first_level_contrast is not None:
-            checked = ReportOptions(**{**checked.__dict__, "warnings": (
-                *checked.warnings, "first_level_contrast is ignored for a FirstLevelModel.")})
-        pieces = first_level_pieces(model, contrasts)
-        operation = "report: first-level GLM"
+        raise InputError(f"{type(model).__name__} is not fitted: call fit(...) before generate_report().")
     inputs = [{"design": d.label, "rows": int(len(d.matrix))} for d in pieces.designs]
     pieces.provenance = _record(operation, inputs, pieces.parameters, watch)
     report = glm_report(pieces, checked, title, report_dims)
@@ -301,8 +292,8 @@ def meta_report(parameters, inputs, stat_maps, mask_img, options: ReportOptions,
         blocks.append(Block(heading="Methods", text=description))
     sections = [parameters_section("Estimator", parameters, blocks),
                 Section("mask", "Mask", [mask_block(mask_img, options, "The voxels analysed")])]
-    corrected = ReportOptions(**{**options.__dict__, "height_control": None, "two_sided": True, "warnings": (),
-                                 "threshold": float(norm.isf(corrected_alpha / 2))})
+    corrected = replace(options, height_control=None, two_sided=True, warnings=(),
+                        threshold=float(norm.isf(corrected_alpha / 2)))
     maps_blocks = []
     for name, img in stat_maps.items():
         maps_blocks += stat_map_blocks(name, img, mask_img, options if name == "z" else corrected)
@@ -321,7 +312,7 @@ def result_report(result, maps=None, title=None, report_dims=None, **options) ->
     """``MetaResult.generate_report`` (see its docstring)."""
     from chunkglm.provenance import Stopwatch
 
-    checked = report_options(**options)
+    checked = ReportOptions.checked(**options)
     watch = Stopwatch()
     parameters, inputs, stat_maps = meta_pieces(result, maps)
     provenance = _record("report: image-based meta-analysis",

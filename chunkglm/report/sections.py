@@ -15,7 +15,6 @@ numbers; the defaults are those of nilearn's ``generate_report``.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 import numbers
@@ -141,11 +140,16 @@ class Section:
     intro: str = ""
 
 
+def png_figure(png: bytes, alt: str, caption: str = "") -> Figure:
+    """Embed PNG bytes (base64)."""
+    return Figure(base64.b64encode(png).decode("ascii"), alt, caption)
+
+
 def figure_png(figure, alt: str, caption: str = "") -> Figure:
-    """Embed a matplotlib figure (drawn outside pyplot) as base64 PNG."""
+    """Embed a matplotlib figure (drawn outside pyplot) as PNG."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")
-    return Figure(base64.b64encode(buffer.getvalue()).decode("ascii"), alt, caption)
+    return png_figure(buffer.getvalue(), alt, caption)
 
 
 def table_html(values, *, header=True, index=True, precision=3) -> str:
@@ -163,8 +167,11 @@ def _cell(value, precision) -> str:
     if isinstance(value, numbers.Integral):
         return str(value)
     if isinstance(value, numbers.Real):
-        return "" if math.isnan(value) else f"{value:.{precision}g}" if abs(value) >= 1e4 or (
-            value and abs(value) < 1e-3) else f"{value:.{precision}f}".rstrip("0").rstrip(".") or "0"
+        if math.isnan(value):
+            return ""
+        if abs(value) >= 1e4 or 0 < abs(value) < 1e-3:
+            return f"{value:.{precision}g}"
+        return f"{value:.{precision}f}".rstrip("0").rstrip(".") or "0"
     if isinstance(value, list | tuple | np.ndarray):
         return ", ".join(_cell(v, precision) for v in np.ravel(value).tolist())
     if isinstance(value, dict):
@@ -185,8 +192,7 @@ def stat_map_blocks(name: str, stat_img, mask_img, options: ReportOptions, stat_
     thresholded map and ``get_clusters_table`` lists its clusters with peaks
     and subpeaks at least ``min_distance`` mm apart.
     """
-    with warnings.catch_warnings():  # "nothing survives" is said on the page instead
-        warnings.filterwarnings("ignore", message="No clusters found")
+    with warnings.catch_warnings():  # nilearn's "empty mask" when nothing survives: the page says so
         warnings.filterwarnings("ignore", message="empty mask")
         return _stat_map_blocks(name, stat_img, mask_img, options, stat_label)
 
@@ -313,8 +319,3 @@ def render(*, title: str, model_type: str, sections: list[Section], subtitle: st
     return template.render(title=title, model_type=model_type, subtitle=subtitle, sections=sections,
                            warnings=list(warnings), version=__version__, nilearn_version=version("nilearn"),
                            generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
-
-
-def escape(text) -> str:
-    """HTML-escaped text (for names placed into hand-written HTML)."""
-    return html.escape(str(text))
