@@ -340,3 +340,46 @@ def test_first_level_models_as_input(tmp_path):
     # first levels differ from ours by ~3e-8, which could move a rank)
     maps = [m.compute_contrast("a - b", output_type="effect_size") for m in models]
     _assert_equal(ours, _nilearn(maps, design, mask=mask, random_state=0))
+
+
+# -- ties of the permutation null (identity and mirror sign-flips recur among 2^n patterns) -------------
+
+
+def _few_maps(n, seed):
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        data = np.zeros((8, 8, 8), np.float32)
+        data[2:6, 2:6, 2:6] = rng.normal(0.5, 1.0, (4, 4, 4))
+        images.append(nib.Nifti1Image(data, np.eye(4)))
+    return images, pd.DataFrame({"intercept": np.ones(n)})
+
+
+@pytest.mark.parametrize("n, seed, n_perm", [(6, 0, 200), (8, 6, 1000), (8, 6, 5000), (10, 0, 3000)])
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_null_maxima_tie_with_the_observed_peak_as_nilearns(n, seed, n_perm, two_sided):
+    """With n maps there are 2^n sign patterns: at n_perm >> 2^n the identity (and, two-sided,
+    the mirror) recurs, and nilearn's null then holds maxima *equal* to the observed peak,
+    which count as reaching it. The peak's p can never go below 1/2^n of an exact test
+    (seed 6 of 8 maps: chunkglm gave -log10 p = 3.0 at n_perm=1000, nilearn 2.05)."""
+    images, design = _few_maps(n, seed)
+    params = dict(two_sided_test=two_sided, random_state=0, n_perm=n_perm)
+    ours = _ours(images, design, **params).get_fdata(dtype=np.float32)
+    theirs = _nilearn(images, design, **params).get_fdata(dtype=np.float64).astype(np.float32)
+    np.testing.assert_array_equal(ours, theirs)  # same permutations: the same ranks (module docstring)
+    flips = nilearn_permutations(n, n_perm, sign_flip=True, random_state=0)
+    ties = np.sum(np.all(flips == 1, axis=1)) + (np.sum(np.all(flips == -1, axis=1)) if two_sided else 0)
+    assert ties > 0  # the case really has recurring identity flips
+    # p >= (1 + ties) / (n_perm + 1): other flips may exceed the peak too; 1e-6: float32 logp
+    assert 10.0 ** -ours.max() >= (1 + ties) / (n_perm + 1) * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_tfce_and_cluster_null_maxima_tie_as_nilearns(two_sided):
+    """The identity's TFCE, cluster size and mass maps are the observed ones, bit for bit."""
+    images, design = _few_maps(6, 0)
+    params = dict(two_sided_test=two_sided, random_state=0, n_perm=300, threshold=0.05, tfce=True)
+    ours, theirs = _ours(images, design, **params), _nilearn(images, design, **params)
+    for key in ("logp_max_t", "logp_max_tfce", "logp_max_size", "logp_max_mass"):
+        np.testing.assert_array_equal(ours[key].get_fdata(dtype=np.float32),
+                                      theirs[key].get_fdata().astype(np.float32), err_msg=key)

@@ -307,3 +307,25 @@ def test_bad_inputs_are_explained():
                    n_perm=5)
     with pytest.raises(InputError, match=r"batch_size must be a positive integer"):
         max_t_null(_maps(), tested, n_perm=5, batch_size=0)
+
+
+def test_permutations_equivalent_to_the_original_are_found():
+    """Identity and mirror flips, shuffles within equal design rows: +1 / -1; others 0."""
+    one_sample = kp.prepare_design(np.ones(4))
+    flips = np.array([[1, 1, 1, 1], [-1, -1, -1, -1], [1, -1, 1, 1]], dtype=float)
+    np.testing.assert_array_equal(kp.original_equivalents(one_sample, flips), [1, -1, 0])
+    two_groups = kp.prepare_design(np.array([0.0, 0.0, 1.0, 1.0]))
+    orders = np.array([[1, 0, 3, 2], [2, 3, 0, 1], [0, 2, 1, 3]])
+    np.testing.assert_array_equal(kp.original_equivalents(two_groups, orders), [1, -1, 0])
+
+
+def test_tied_null_maxima_are_the_observed_peak_itself():
+    rng = np.random.default_rng(3)
+    design = kp.prepare_design(np.ones(6))
+    block = rng.normal(0.3, 1.0, (6, 50))
+    flips = np.vstack([np.ones(6), -np.ones(6), rng.choice([-1.0, 1.0], (20, 6))])
+    for two_sided in (True, False):
+        t, null = kp.block_max_t(block, design, flips, two_sided, batch_size=7)
+        score = np.abs(t) if two_sided else t
+        assert null[0] == score.max()
+        assert null[1] == (np.abs(t).max() if two_sided else (-t).max())

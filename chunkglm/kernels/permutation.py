@@ -315,6 +315,68 @@ def _voxel_tiles(n_samples, n_voxels):
     return [(a, min(a + size, n_voxels)) for a in range(0, n_voxels, size)]
 
 
+def original_equivalents(design: PermutationDesign, permutations) -> np.ndarray:
+    """Which permutations leave the t map unchanged, or exactly negate it.
+
+    nilearn flips the signs of the data (or shuffles the design) and computes
+    each permuted t with the same arithmetic as the original one, so a
+    permutation whose effective weights equal the original ones (the identity
+    flips, a shuffle within equal design rows) gives the original t map *bit
+    for bit*, and the mirror flips give its exact negative. Those null maxima
+    then tie with the observed peak and count as reaching it. Computed through
+    batched products, they would land a rounding error off and the peak's FWE
+    p-value would drop below what an exact test allows (1/256 for 8 maps).
+
+    Parameters
+    ----------
+    design : PermutationDesign
+    permutations : ndarray of shape (n_perm, n_samples)
+        As in :func:`batch_max_t`.
+
+    Returns
+    -------
+    ndarray of shape (n_perm,), int8
+        +1 where the permuted t map equals the original, -1 where it equals
+        its negative (tested row negated; confound rows only enter squared, so
+        each may have either sign), 0 elsewhere.
+    """
+    weights = _batch_weights(design, permutations)
+    rows = design.rows[:, None, :]
+    plus = np.all(weights == rows, axis=2)
+    minus = np.all(weights == -rows, axis=2)
+    confounds_kept = np.all(plus[1:] | minus[1:], axis=0)
+    sign = np.zeros(permutations.shape[0], dtype=np.int8)
+    sign[plus[0] & confounds_kept] = 1
+    sign[minus[0] & ~plus[0] & confounds_kept] = -1
+    return sign
+
+
+def tie_exact_maxima(null, equivalents, t, two_sided_test) -> np.ndarray:
+    """Set the null maxima of :func:`original_equivalents` permutations from ``t`` itself.
+
+    Parameters
+    ----------
+    null : ndarray of shape (n_perm,)
+        Per-permutation maxima over the voxels of ``t``; updated in place.
+    equivalents : ndarray of shape (n_perm,)
+        Output of :func:`original_equivalents`.
+    t : ndarray of shape (n_voxels,)
+        The original t-scores of the same voxels.
+    two_sided_test : bool
+
+    Returns
+    -------
+    ndarray, ``null``
+    """
+    if not equivalents.any() or t.size == 0:
+        return null
+    for sign in (1, -1):
+        score = sign * t
+        score = np.abs(score) if two_sided_test else score
+        null[equivalents == sign] = np.fmax.reduce(score)
+    return null
+
+
 def block_max_t(block, design: PermutationDesign, permutations, two_sided_test=False,
                 batch_size=None):
     """Original t and the per-permutation max over the voxels of one block.
@@ -350,7 +412,8 @@ def block_max_t(block, design: PermutationDesign, permutations, two_sided_test=F
         for i in range(0, n_perm, size):
             part = batch_max_t(tile, design, permutations[i:i + size], two_sided_test)
             np.fmax(null[i:i + size], part, out=null[i:i + size])
-    return original_t(resid, design), null
+    t = original_t(resid, design)
+    return t, tie_exact_maxima(null, original_equivalents(design, permutations), t, two_sided_test)
 
 
 def fwe_logp(t, h0_max_t, two_sided_test=False) -> np.ndarray:

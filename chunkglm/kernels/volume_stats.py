@@ -29,7 +29,7 @@ from scipy import ndimage, sparse, stats
 from scipy.sparse import csgraph
 
 from chunkglm.errors import InputError
-from chunkglm.kernels.permutation import PermutationDesign
+from chunkglm.kernels.permutation import PermutationDesign, original_equivalents, original_t
 
 #: nilearn's connectivity for clusters and TFCE: faces only.
 FACE_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
@@ -451,6 +451,8 @@ def batch_volume_null(resid, design: PermutationDesign, permutations, geometry: 
     if tfce:
         out["h0_max_tfce"] = np.zeros(n_batch)
     step = gemm_group_size(design, resid.shape[1])
+    equivalents = original_equivalents(design, permutations)
+    original = original_t(resid, design) if equivalents.any() else None
     for start in range(0, n_batch, step):
         group = permutations[start:start + step]
         # Every GEMM has the same shape (the last group padded): BLAS then sums each
@@ -459,6 +461,8 @@ def batch_volume_null(resid, design: PermutationDesign, permutations, geometry: 
         padded = np.concatenate([group, np.repeat(group[-1:], step - group.shape[0], axis=0)])
         t_maps = permutation_t_maps(resid, design, padded)[: group.shape[0]]
         for i, t in enumerate(t_maps, start):
+            if equivalents[i]:  # the original map itself (or its negative): ties stay exact
+                t = original * float(equivalents[i])
             _one_permutation(out, i, t, geometry, two_sided_test, threshold_t, tfce)
     return out
 
