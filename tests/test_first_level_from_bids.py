@@ -56,5 +56,51 @@ def test_store_errors(tiny_bids, tmp_path):
         first_level_from_bids(store, "rest")
     with pytest.raises(InputError, match=r"no confound column\(s\) \['nope'\]"):
         first_level_from_bids(store, "main", confounds_columns=["nope"])
-    with pytest.raises(InputError, match="confounds_columns=\\[...\\]"):
+    with pytest.raises(RuntimeError, match="confounds_columns=\\[...\\]"):
         first_level_from_bids(store, "main", confounds_strategy=("motion",))
+
+
+SETTINGS = dict(smoothing_fwhm=6.0, target_affine=np.diag([4.0, 4.0, 4.0, 1.0]), target_shape=(10, 11, 9),
+                hrf_model="spm + derivative", drift_model="polynomial", drift_order=2, high_pass=0.02,
+                min_onset=-12, signal_scaling=(0, 1), noise_model="ols", minimize_memory=False,
+                fir_delays=[0, 1], n_jobs=2)
+
+
+def _assert_settings(models, reference=None):
+    for model in models:
+        for name, value in SETTINGS.items():
+            got = getattr(model, name)
+            np.testing.assert_array_equal(np.asarray(got, dtype=object), np.asarray(value, dtype=object),
+                                          err_msg=name)
+            if reference is not None:  # nilearn's own model got the same value
+                np.testing.assert_array_equal(np.asarray(getattr(reference, name), dtype=object),
+                                              np.asarray(value, dtype=object), err_msg=name)
+
+
+def test_every_model_setting_reaches_the_models_from_a_folder(tiny_bids):
+    """Regression: smoothing_fwhm, target_affine and target_shape were silently dropped."""
+    args = dict(task_label="main", space_label=SPACE, derivatives_folder="derivatives/fmriprep", **SETTINGS)
+    models, *_ = first_level_from_bids(tiny_bids.root, exclude_subjects=["02"], **args)
+    ref_models, *_ = nilearn_from_bids(str(tiny_bids.root), exclude_subjects=["02"], **args)
+    assert [m.subject_label for m in models] == [m.subject_label for m in ref_models] == ["01"]
+    _assert_settings(models, ref_models[0])
+
+
+def test_every_model_setting_reaches_the_models_from_a_store(tiny_bids, tmp_path):
+    store = tmp_path / "c.zarr"
+    chunkglm.convert(tiny_bids.root, store)
+    models, *_ = first_level_from_bids(store, "main", exclude_subjects=["01"], **SETTINGS)
+    assert [m.subject_label for m in models] == ["02"]
+    _assert_settings(models)
+
+
+def test_unknown_or_unsupported_settings_are_refused(tiny_bids, tmp_path):
+    with pytest.raises(RuntimeError, match="Unknown keyword arguments"):
+        first_level_from_bids(tiny_bids.root, "main", space_label=SPACE, smoothing=5.0,
+                              derivatives_folder="derivatives/fmriprep")
+    with pytest.raises(ValueError, match=r"does not support \['standardize'\]"):
+        first_level_from_bids(tiny_bids.root, "main", standardize=True)
+    store = tmp_path / "c.zarr"
+    chunkglm.convert(tiny_bids.root, store)
+    with pytest.raises(RuntimeError, match="Unknown keyword arguments.*smoothing"):
+        first_level_from_bids(store, "main", smoothing=5.0)

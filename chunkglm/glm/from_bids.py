@@ -19,16 +19,20 @@ from pathlib import Path
 
 from chunkglm.errors import InputError, StoreError
 
-_MODEL_PARAMS = ("t_r", "slice_time_ref", "hrf_model", "drift_model", "high_pass", "drift_order",
-                 "fir_delays", "min_onset", "mask_img", "signal_scaling", "noise_model", "n_jobs",
-                 "minimize_memory", "verbose")
+# nilearn's FirstLevelModel parameters that chunkglm's model does not take (yet). Left at
+# nilearn's defaults they change nothing; any other value is refused rather than dropped.
+_UNSUPPORTED_DEFAULTS = {"memory": None, "memory_level": 1, "standardize": False}
+_SELECTION = ("dataset_path", "task_label", "space_label", "sub_labels", "exclude_subjects",
+              "img_filters", "derivatives_folder", "confounds_columns", "kwargs")
 
 
 def first_level_from_bids(dataset_path, task_label, space_label=None, sub_labels=None,
-                          img_filters=None, t_r=None, slice_time_ref=None, hrf_model="glover",
-                          drift_model="cosine", high_pass=0.01, drift_order=1, fir_delays=None,
-                          min_onset=-24, mask_img=None, signal_scaling=0, noise_model="ar1",
-                          verbose=0, n_jobs=1, minimize_memory=True, derivatives_folder="derivatives",
+                          exclude_subjects=None, img_filters=None, t_r=None, slice_time_ref=None,
+                          hrf_model="glover", drift_model="cosine", high_pass=0.01, drift_order=1,
+                          fir_delays=None, min_onset=-24, mask_img=None, target_affine=None,
+                          target_shape=None, smoothing_fwhm=None, memory=None, memory_level=1,
+                          standardize=False, signal_scaling=0, noise_model="ar1", verbose=0, n_jobs=1,
+                          minimize_memory=True, derivatives_folder="derivatives",
                           confounds_columns=None, **kwargs):
     """Models and fit arguments for every subject, as nilearn's function returns them.
 
@@ -36,31 +40,46 @@ def first_level_from_bids(dataset_path, task_label, space_label=None, sub_labels
     ----------
     dataset_path : str, Path or Cohort
         A BIDS dataset with fMRIPrep derivatives, or a cohort store.
-    task_label, space_label, sub_labels, img_filters
+    task_label, space_label, sub_labels, exclude_subjects, img_filters
         Run selection, as nilearn (``img_filters`` is a list of (entity, label)).
+    memory, memory_level, standardize
+        nilearn's FirstLevelModel parameters that chunkglm's model does not
+        take: accepted at nilearn's defaults (None, 1, False), refused
+        (``ValueError``) otherwise so that no setting is silently dropped.
     confounds_columns : list of str, optional
         Stores only: confound columns to use (they must hold no NaN).
     **kwargs
         BIDS folders only: ``confounds_*`` options of nilearn's load_confounds.
-    Other parameters are FirstLevelModel's.
+        Any other keyword raises ``RuntimeError`` (nilearn's class and wording).
+    Other parameters are FirstLevelModel's; every one of them reaches the
+    models returned.
 
     Returns
     -------
     models, models_run_imgs, models_events, models_confounds : lists, one entry per subject
     """
-    params = {name: value for name, value in locals().items() if name in _MODEL_PARAMS}
+    arguments = dict(locals())
+    unsupported = {name: arguments.pop(name) for name in _UNSUPPORTED_DEFAULTS}
+    changed = {k: v for k, v in unsupported.items() if v is not _UNSUPPORTED_DEFAULTS[k]
+               and v != _UNSUPPORTED_DEFAULTS[k]}
+    if changed:
+        raise ValueError(f"first_level_from_bids received {changed}: chunkglm's FirstLevelModel does "
+                         f"not support {sorted(changed)} yet; leave them at nilearn's defaults "
+                         f"{ {k: _UNSUPPORTED_DEFAULTS[k] for k in changed} }.")
+    params = {name: value for name, value in arguments.items() if name not in _SELECTION}
     params["fir_delays"] = (0,) if fir_delays is None else fir_delays
     cohort = _as_cohort(dataset_path)
     if cohort is None:
         if confounds_columns is not None:
             raise InputError("confounds_columns applies to cohort stores; for BIDS folders use "
                              "nilearn's confounds_strategy=... keywords.")
-        return _from_folder(dataset_path, task_label, space_label, sub_labels, img_filters,
-                            derivatives_folder, params, kwargs)
+        return _from_folder(dataset_path, task_label, space_label, sub_labels, exclude_subjects,
+                            img_filters, derivatives_folder, params, kwargs)
     if kwargs:
-        raise InputError(f"unknown keyword arguments for a cohort store: {sorted(kwargs)}; "
-                         "select confounds with confounds_columns=[...].")
-    return _from_store(cohort, task_label, space_label, sub_labels, img_filters, confounds_columns, params)
+        raise RuntimeError(f"Unknown keyword arguments for a cohort store: {sorted(kwargs)}; "
+                           "select confounds with confounds_columns=[...].")
+    return _from_store(cohort, task_label, space_label, sub_labels, exclude_subjects, img_filters,
+                       confounds_columns, params)
 
 
 def _as_cohort(dataset_path):
@@ -77,29 +96,34 @@ def _as_cohort(dataset_path):
     return None
 
 
-def _from_folder(dataset_path, task_label, space_label, sub_labels, img_filters,
+def _from_folder(dataset_path, task_label, space_label, sub_labels, exclude_subjects, img_filters,
                  derivatives_folder, params, kwargs):
+    """nilearn discovers runs, timing and confounds; its models' settings become ours, all of them."""
     from nilearn.glm.first_level import first_level_from_bids as nilearn_from_bids
 
     from chunkglm.glm.first_level import FirstLevelModel
 
-    nilearn_params = {k: v for k, v in params.items() if k != "fir_delays"}
-    nilearn_params["fir_delays"] = list(params["fir_delays"])
+    nilearn_params = {**params, "fir_delays": list(params["fir_delays"])}
     models, run_imgs, events, confounds = nilearn_from_bids(
         str(dataset_path), task_label, space_label=space_label, sub_labels=sub_labels,
-        img_filters=img_filters, derivatives_folder=derivatives_folder, **nilearn_params, **kwargs)
+        exclude_subjects=exclude_subjects, img_filters=img_filters,
+        derivatives_folder=derivatives_folder, **nilearn_params, **kwargs)
     ours = []
     for model in models:
-        mine = {name: getattr(model, name) for name in _MODEL_PARAMS}
+        # nilearn fills t_r and slice_time_ref from the sidecars; everything else is what we passed
+        mine = {**params, "t_r": model.t_r, "slice_time_ref": model.slice_time_ref}
         ours.append(FirstLevelModel(**mine, subject_label=model.subject_label))
     return ours, run_imgs, events, confounds
 
 
-def _from_store(cohort, task_label, space_label, sub_labels, img_filters, columns, params):
+def _from_store(cohort, task_label, space_label, sub_labels, exclude_subjects, img_filters, columns,
+                params):
     from chunkglm.glm.first_level import FirstLevelModel
 
     filters = dict(img_filters or [])
     nodes = cohort.select(task=task_label, sub=sub_labels, space=space_label, **filters)
+    excluded = set(exclude_subjects or ())
+    nodes = [node for node in nodes if node.entities.get("sub") not in excluded]
     if not nodes:
         raise InputError(
             f"no run of {cohort.location} matches task={task_label!r}, space={space_label!r}, "
