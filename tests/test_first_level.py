@@ -332,3 +332,39 @@ def test_waves_release_each_model_after_use(tiny_bids_sessions, store):
         held.append(sum(bool(m._persisted) for m in models))
         np.testing.assert_array_equal(model.compute_contrast("a - b").get_fdata(), want)
     assert max(held) <= 4 and not any(m._persisted for m in models)  # at most two windows
+
+
+def test_null_contrast_for_one_run_and_tables_as_paths_match_nilearn(tiny_bids_sessions, tmp_path):
+    """Regressions: a zero contrast for one run raised LinAlgError; design_matrices given as a
+    file path was read character by character; events and confounds as Path objects failed."""
+    runs = [r for r in tiny_bids_sessions.runs if r.subject == "01"][:2]
+    events, confounds = _inputs(tiny_bids_sessions, runs)
+    confound_paths = []
+    for i, table in enumerate(confounds):
+        confound_paths.append(tmp_path / f"confounds_{i}.tsv")
+        table.to_csv(confound_paths[-1], sep="\t", index=False)
+    mask = str(runs[0].mask_path)
+    params = dict(t_r=tiny_bids_sessions.tr, slice_time_ref=0.5, noise_model="ar1", mask_img=mask)
+    images = [str(r.bold_path) for r in runs]
+    ref = NilearnFLM(**params).fit(images, events=events, confounds=confounds)
+    ours = FirstLevelModel(**params).fit(images, events=[r.events_path for r in runs],
+                                         confounds=confound_paths)
+    mask_array = ref.masker_.mask_img_.get_fdata() != 0
+    n_columns = ref.design_matrices_[0].shape[1]
+    one_run = [np.eye(n_columns)[:1], np.zeros((1, n_columns))]
+    with pytest.warns(UserWarning, match="Contrast for run 1 is null"):
+        _compare(ours, ref, mask_array, one_run, "t", REL_L2["int16"])
+    with pytest.raises(ValueError, match="All contrasts provided were null contrasts"):
+        ours.compute_contrast([np.zeros(n_columns)] * 2)
+
+    design_path = tmp_path / "design.tsv"
+    ref.design_matrices_[0].to_csv(design_path, sep="\t", index=False)
+    for given in (str(design_path), design_path):
+        ours = FirstLevelModel(mask_img=mask).fit(images[0], design_matrices=given)
+        theirs = NilearnFLM(mask_img=mask).fit(images[0], design_matrices=given)
+        pd.testing.assert_frame_equal(ours.design_matrices_[0], theirs.design_matrices_[0])
+        _compare(ours, theirs, mask_array, "a", "t", REL_L2["int16"])
+    with pytest.raises(ValueError, match="Tables to load can only be TSV or CSV"):
+        FirstLevelModel(mask_img=mask).fit(images[0], design_matrices=tmp_path / "design.txt")
+    with pytest.raises(TypeError, match="design_matrices can only be a pandas DataFrame"):
+        FirstLevelModel(mask_img=mask).fit(images[0], design_matrices=3)

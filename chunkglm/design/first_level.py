@@ -7,13 +7,39 @@ frame times and validates inputs, then calls
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 from nilearn.glm.first_level import make_first_level_design_matrix
 
 from chunkglm.errors import InputError
 
-__all__ = ["make_first_level_design_matrix", "frame_times", "run_design", "check_events"]
+__all__ = ["make_first_level_design_matrix", "frame_times", "run_design", "check_events", "read_table"]
+
+
+def read_table(table, name: str):
+    """A DataFrame or array as given; a TSV/CSV path (str or os.PathLike) read, as nilearn reads them.
+
+    Raises
+    ------
+    TypeError
+        Neither a table, an array nor a path (nilearn's class and wording).
+    ValueError
+        A path whose suffix is neither .tsv nor .csv.
+    """
+    if isinstance(table, os.PathLike):
+        table = os.fspath(table)
+    if isinstance(table, pd.DataFrame | np.ndarray):
+        return table
+    if not isinstance(table, str):
+        raise TypeError(f"{name} can only be a pandas DataFrame, a Path object or a string, or a numpy "
+                        f"array. A {type(table)} was provided.")
+    suffix = os.path.splitext(table)[1]
+    if suffix not in (".tsv", ".csv"):
+        raise ValueError(f"Tables to load can only be TSV or CSV.\nGot {table}: give {name} as a "
+                         ".tsv (tab-separated) or .csv file, or as a DataFrame.")
+    return pd.read_csv(table, sep="\t" if suffix == ".tsv" else ",")
 
 
 def frame_times(n_scans: int, t_r: float, slice_time_ref: float = 0.0) -> np.ndarray:
@@ -24,8 +50,9 @@ def frame_times(n_scans: int, t_r: float, slice_time_ref: float = 0.0) -> np.nda
 
 def check_events(events, where: str) -> pd.DataFrame:
     """Events need onset and duration; durations are not negative."""
+    events = read_table(events, "events")
     if not isinstance(events, pd.DataFrame):
-        events = pd.read_csv(events, sep="\t") if isinstance(events, str) else pd.DataFrame(events)
+        events = pd.DataFrame(events)
     missing = [c for c in ("onset", "duration") if c not in events]
     if missing:
         raise InputError(f"events of {where} lack column(s) {missing}; found {list(events.columns)}.")
@@ -39,6 +66,7 @@ def check_confounds(confounds, n_scans: int, where: str) -> pd.DataFrame | None:
     """Confounds: one row per scan, no NaN (fill fMRIPrep's first-row n/a first)."""
     if confounds is None:
         return None
+    confounds = read_table(confounds, "confounds")
     frame = confounds if isinstance(confounds, pd.DataFrame) else pd.DataFrame(np.asarray(confounds))
     if len(frame) != n_scans:
         raise InputError(f"confounds of {where} have {len(frame)} rows but the run has {n_scans} scans.")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+import warnings
 
 import numpy as np
 import pandas as pd
 
-from chunkglm.design.first_level import check_rank, run_design
+from chunkglm.design.first_level import check_rank, read_table, run_design
 from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.graph import glm as graph
 from chunkglm.io.bids import input_entities
@@ -202,8 +203,15 @@ class FirstLevelModel(GLMReportMixin):
                                 hrf_model=self.hrf_model, drift_model=self.drift_model,
                                 high_pass=self.high_pass, drift_order=self.drift_order,
                                 fir_delays=self.fir_delays, min_onset=self.min_onset, where=where)
-        elif len(design) != n_scans:
-            raise InputError(f"the design matrix of {where} has {len(design)} rows for {n_scans} scans.")
+        else:
+            design = read_table(design, "design_matrices")
+            if not isinstance(design, pd.DataFrame):
+                raise TypeError(f"design_matrices of {where} must be DataFrames or paths to TSV/CSV "
+                                f"files (nilearn needs column names for contrasts); received an array "
+                                f"of shape {np.shape(design)}.")
+            if len(design) != n_scans:
+                raise InputError(f"the design matrix of {where} has {len(design)} rows for {n_scans} "
+                                 "scans.")
         check_rank(design, where)
         return design
 
@@ -356,18 +364,22 @@ class FirstLevelModel(GLMReportMixin):
         from nilearn.glm.contrasts import Contrast
 
         runs = self._fits()
-        lazy = [graph.contrast(run, con, stat_type) for run, con in zip(runs, con_vals)]
-        computed = dask.compute(*lazy)
-        total, used = None, 0
-        for (effect, variance), run, con in zip(computed, runs, con_vals):
+        # a null contrast leaves its run out of the fixed effects, as nilearn's; it is not even
+        # computed (its covariance c cov c' is singular)
+        used_runs = [(run, con) for run, con in zip(runs, con_vals) if np.any(con)]
+        for index, con in enumerate(con_vals):
             if not np.any(con):
-                continue
+                warnings.warn(f"Contrast for run {index} is null.", UserWarning, stacklevel=3)
+        computed = dask.compute(*[graph.contrast(run, con, stat_type) for run, con in used_runs])
+        total, used = None, 0
+        for (effect, variance), (run, con) in zip(computed, used_runs):
             part = Contrast(effect=np.atleast_2d(effect), variance=variance, dim=effect.shape[0],
                             dof=run.df_residuals, stat_type=stat_type)
             total = part if total is None else total + part
             used += 1
         if used == 0:
-            raise InputError("all contrasts provided were null contrasts.")
+            raise InputError("All contrasts provided were null contrasts: give at least one run a "
+                             "non-zero contrast.")
         return total * (1.0 / used)
 
     def _to_image(self, values, squeeze=True):
