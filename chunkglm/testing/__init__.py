@@ -1,4 +1,6 @@
-"""Testing utilities: deterministic synthetic BIDS / fMRIPrep-like datasets."""
+"""Testing utilities: deterministic synthetic BIDS / fMRIPrep-like datasets, assertions."""
+
+from chunkglm.testing.assertions import assert_close_to_scale, assert_maps_close, rel_l2
 
 from chunkglm.testing.synthetic import (
     SIZES,
@@ -10,6 +12,9 @@ from chunkglm.testing.synthetic import (
 )
 
 __all__ = [
+    "assert_close_to_scale",
+    "assert_maps_close",
+    "rel_l2",
     "SIZES",
     "SPACE",
     "GroundTruth",
