@@ -22,6 +22,8 @@ import numpy as np
 from chunkglm.design.second_level import check_confounds_table, check_design
 from chunkglm.errors import InputError
 from chunkglm.glm import _second_level_input as inputs
+from chunkglm.graph.finite import finite_array
+from chunkglm.kernels.finite import warn
 
 __all__ = ["non_parametric_inference"]
 
@@ -265,7 +267,8 @@ def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> Non
 
 def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test, random_state,
                 permutations, n_jobs, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """t and -log10 FWE p-values (n_voxels,); the maps are read once (with a finiteness check).
+    """t and -log10 FWE p-values (n_voxels,); the maps are read once (NaN/inf set to 0 on the way,
+    as nilearn's masker does, and counted for the warning in the same tasks).
 
     ``progress(done, total)`` is called as each voxel block is done.
     """
@@ -274,15 +277,13 @@ def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_te
     from chunkglm.graph.evaluate import compute_items
     from chunkglm.graph.permutation import assemble_blocks, fwe_logp, max_t_null
 
-    data = maps.data()
+    data, counts = finite_array(_floating(maps.data()))
     lazy = max_t_null(data, tested, confounding, model_intercept, n_perm, two_sided_test,
                       random_state, permutations, None, n_jobs)
-    # the same delayed blocks as the engine's, so the check shares their single read
-    # (an array reduction would be fused with its own copy of the read by dask's optimizer)
-    finite = [dask.delayed(_finite_maps, pure=True)(block) for block in _blocks(data)]
-    pairs = [dask.delayed(tuple, pure=True)([part, ok]) for part, ok in zip(lazy.blocks, finite)]
+    # each block's result with its count: the same task read the block for both
+    pairs = [dask.delayed(tuple, pure=True)([part, count]) for part, count in zip(lazy.blocks, counts)]
     done = compute_items(pairs, progress)
-    _check_finite(np.logical_and.reduce([ok for _, ok in done]))
+    warn(sum(count for _, count in done), "the second-level input maps")
     t, null = assemble_blocks([part for part, _ in done])
     return t, fwe_logp(t, null, two_sided_test)
 
@@ -296,8 +297,6 @@ def _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_side
                     permutations, n_jobs, threshold, tfce, progress=None) -> dict:
     """nilearn's dict (t, logp_max_t, + size/mass with ``threshold``, + tfce with ``tfce``)
     as voxel vectors: whole volumes per permutation (:func:`volume_null`), the data read once."""
-    import dask
-
     from chunkglm.graph.permutation_volumes import volume_null
 
     grid = maps.grid
@@ -309,12 +308,12 @@ def _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_side
     data = maps.data()
     if not np.array_equal(order, np.arange(order.size)):
         data = data[:, order]
-    finite = [dask.delayed(_finite_maps, pure=True)(block) for block in _blocks(data)]
-    _check_finite(np.logical_and.reduce(dask.compute(finite)[0]))
+    data, counts = finite_array(_floating(data))  # nilearn's masker: NaN/inf -> 0
     result = volume_null(data, mask, tested, confounding, model_intercept=model_intercept, n_perm=n_perm,
                          two_sided_test=two_sided_test, random_state=random_state,
                          permutations=permutations, threshold=threshold, tfce=bool(tfce), n_jobs=n_jobs,
-                         progress=progress)
+                         progress=progress, compute_with=counts)
+    warn(sum(result["computed_with"]), "the second-level input maps")
     keys = ["t", "logp_max_t"]
     keys += list(_VOLUME_KEYS["tfce"]) if tfce else []
     keys += list(_VOLUME_KEYS["threshold"]) if threshold is not None else []
@@ -323,23 +322,6 @@ def _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_side
     return {key: np.asarray(result[key], dtype=np.float64).ravel()[restore] for key in keys}
 
 
-def _check_finite(finite_maps) -> None:
-    if not finite_maps.all():
-        bad = np.flatnonzero(~finite_maps).tolist()
-        raise InputError(f"map(s) {bad[:10]} hold NaN or infinite values inside the mask: permutation "
-                         "inference needs finite values. Fix or remove those maps, or pass a mask "
-                         "that excludes the non-finite voxels.")
-
-
-def _blocks(data):
-    """The voxel blocks of the (image, voxel) array as the engine sees them (all images joined)."""
-    if not np.issubdtype(data.dtype, np.floating):
-        data = data.astype(np.float64)
-    if data.numblocks[0] != 1:
-        data = data.rechunk({0: -1})
-    return data.to_delayed()[0]
-
-
-def _finite_maps(block) -> np.ndarray:
-    """(n_images,) bool: the map's values in this block are all finite."""
-    return np.isfinite(block).all(axis=1)
+def _floating(data):
+    """The (image, voxel) maps in a floating dtype (as the permutation engine reads them)."""
+    return data if np.issubdtype(data.dtype, np.floating) else data.astype(np.float64)

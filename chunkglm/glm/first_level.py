@@ -133,6 +133,7 @@ class FirstLevelModel(GLMReportMixin):
                                     self.signal_scaling, self.random_state)
                       for node, r, design in zip(nodes, rows, self.design_matrices_)]
         self._persisted = False
+        self._nonfinite_warned = False
         return self
 
     def _check_params(self):
@@ -357,7 +358,22 @@ class FirstLevelModel(GLMReportMixin):
     def _fits(self):
         if not self._persisted:
             persist_fits([self])
+        self._warn_nonfinite()
         return self._runs
+
+    def _warn_nonfinite(self):
+        """Once per fit: nilearn's masker set the runs' NaN/inf values to 0, and so did the fit
+        (the counts were persisted with the fits: no read of the data here)."""
+        import dask
+
+        from chunkglm.kernels.finite import warn
+
+        if getattr(self, "_nonfinite_warned", True):
+            return
+        counts = dask.compute([run.nonfinite for run in self._runs])[0]
+        for name, per_block in zip(self._run_names, counts):
+            warn(sum(per_block), f"run {name}")
+        self._nonfinite_warned = True
 
     def _fixed_effects(self, con_vals, stat_type):
         import dask
@@ -426,10 +442,10 @@ def persist_fits(models, progress=None) -> None:
     runs = [run for model in pending for run in model._runs]
     if not runs:
         return
-    with progress or contextlib.nullcontext():
-        persisted = dask.persist(*[run.fits for run in runs])
-    for run, fits in zip(runs, persisted):
-        run.lazy_fits, run.fits = run.fits, list(fits)
+    with progress or contextlib.nullcontext():  # the NaN/inf counts come from the same reads
+        persisted = dask.persist(*[(run.fits, run.nonfinite) for run in runs])
+    for run, (fits, counts) in zip(runs, persisted):
+        run.lazy_fits, run.fits, run.nonfinite = run.fits, list(fits), list(counts)
     for model in pending:
         model._persisted = True
 

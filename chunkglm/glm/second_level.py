@@ -355,33 +355,21 @@ def _check_models(models, need_labels):
 
 
 def _evaluate_fit(maps, design):
-    """Build the OLS graph over the maps' voxel blocks and persist the per-block fits."""
+    """Build the OLS graph over the maps' voxel blocks and persist the per-block fits.
+
+    As nilearn's masker, NaN/inf values of the maps count as 0 (a warning gives
+    how many voxels held one; the counts come from the same reads as the fits).
+    """
     import dask
 
     from chunkglm.graph import glm as graph
+    from chunkglm.kernels.finite import warn
 
     run = graph.fit_run(maps.data(), design, noise_model="ols", signal_scaling=False)
-    run.lazy_fits, run.fits = run.fits, list(dask.persist(*run.fits))
-    finite = dask.compute(*[dask.delayed(_any_finite)(fit) for fit in run.fits])
-    if not any(finite):
-        raise InputError(_nan_message(maps))
+    fits, counts = dask.persist(run.fits, run.nonfinite)
+    run.lazy_fits, run.fits, run.nonfinite = run.fits, list(fits), list(counts)
+    warn(sum(dask.compute(run.nonfinite)[0]), "the second-level input maps")
     return run
-
-
-def _any_finite(fit) -> bool:
-    return bool(np.isfinite(fit.beta).all(axis=0).any())
-
-
-def _nan_message(maps) -> str:
-    """Which maps have no finite value (a second read, on this error path only)."""
-    import dask.array as da
-
-    finite = da.isfinite(maps.data()).any(axis=1).compute()
-    bad = np.flatnonzero(~finite).tolist()
-    which = (f"map(s) {bad[:10]} hold only NaN/inf in the mask" if bad
-             else "every voxel has a NaN/inf in some map")
-    return (f"no voxel can be modelled: {which}. Remove or fix those maps (or restrict mask_img to "
-            "voxels where every map is finite).")
 
 
 def _compute(run, con_val, stat_type):

@@ -20,6 +20,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from chunkglm.graph.finite import finite_blocks, finite_values
 from chunkglm.kernels import glm as k
 
 
@@ -180,6 +181,7 @@ class RunFit:
     basis: np.ndarray = None
     r_factor: np.ndarray = None
     lazy_fits: list = None
+    nonfinite: list = None
 
     def to_basis(self, con: np.ndarray) -> np.ndarray:
         """Contrast weights on X -> weights on the fit's orthonormal basis Q.
@@ -223,12 +225,13 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     # so normal equations do not square the design's condition number.
     Q, R = np.linalg.qr(X)
     dm = k.DesignMoments.from_design(Q)
-    blocks = bold.to_delayed().ravel()
+    # nilearn's masker sets NaN/inf to 0: done once per block as it is read, with a count
+    blocks, nonfinite = finite_blocks(bold.to_delayed().ravel())
     order = ar_order(noise_model)
     if order > 1:
         _, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
         return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
-                      signal_scaling=signal_scaling, basis=Q, r_factor=R)
+                      signal_scaling=signal_scaling, basis=Q, r_factor=R, nonfinite=nonfinite)
     grand_mean = None
     if signal_scaling == 1 and not isinstance(signal_scaling, bool):
         # The row means need every block: dask keeps each loaded block for both
@@ -247,7 +250,8 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         rhos = [dask.delayed(_binned_rho)(s, grand, Q.shape[0], bins) for s in stats]
     fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
     return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
-                  signal_scaling=signal_scaling, grand_mean=grand_mean, basis=Q, r_factor=R)
+                  signal_scaling=signal_scaling, grand_mean=grand_mean, basis=Q, r_factor=R,
+                  nonfinite=nonfinite)
 
 
 def _t_block(fit, con):
@@ -297,7 +301,7 @@ def _residual_block(X, block, fit, signal_scaling, grand_mean):
 def residuals(run: RunFit) -> da.Array:
     """Lazy residuals Y - X~ beta (time, voxel), as nilearn: reads the data again."""
     X = run.basis
-    blocks = run.bold.to_delayed().ravel()
+    blocks = finite_values(run.bold).to_delayed().ravel()
     parts = [da.from_delayed(dask.delayed(_residual_block)(X, b, fit, run.signal_scaling, run.grand_mean),
                              shape=(len(X), n), dtype=np.float64)
              for b, fit, n in zip(blocks, run.fits, run.block_sizes)]

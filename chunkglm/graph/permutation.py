@@ -140,8 +140,10 @@ def _block_graph(maps: da.Array, design, perms, two_sided_test, batch_size):
     perms_node = dask.delayed(perms, pure=True)
     design_node = dask.delayed(design, pure=True, traverse=False)
     kernel = dask.delayed(kp.block_max_t, pure=True, nout=2)
+    # unoptimized: the blocks keep their tasks' keys, so what else a caller computes from
+    # the same tasks (e.g. non-finite counts, graph.finite) shares their single read
     parts = [kernel(block, design_node, perms_node, two_sided_test, batch_size)
-             for block in maps.to_delayed()[0]]
+             for block in maps.to_delayed(optimize_graph=False)[0]]
     t = da.concatenate([da.from_delayed(part[0], shape=(size,), dtype=np.float64)
                         for part, size in zip(parts, maps.chunks[1])])
     null = dask.delayed(_max_over_blocks, pure=True)([part[1] for part in parts])

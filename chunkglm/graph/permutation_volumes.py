@@ -34,7 +34,8 @@ __all__ = ["volume_null"]
 
 def volume_null(target_vars, mask, tested_vars, confounding_vars=None, model_intercept=True,
                 n_perm=10000, two_sided_test=False, random_state=None, permutations=None,
-                threshold=None, tfce=False, batch_size=None, n_jobs=1, progress=None) -> dict:
+                threshold=None, tfce=False, batch_size=None, n_jobs=1, progress=None,
+                compute_with=()) -> dict:
     """nilearn's ``permuted_ols`` with cluster-level and TFCE inference, for one variable.
 
     Parameters
@@ -72,6 +73,10 @@ def volume_null(target_vars, mask, tested_vars, confounding_vars=None, model_int
         Only to reproduce the stream of nilearn run with this many jobs.
     progress : callable, optional
         Called as ``progress(done, total)`` after each permutation batch.
+    compute_with : list of dask.delayed.Delayed, optional
+        Computed in the same pass as the residualised maps (e.g. per-block
+        counts made by the tasks that read the maps, so they are not read
+        twice); returned, computed, under ``computed_with``.
 
     Returns
     -------
@@ -84,6 +89,7 @@ def volume_null(target_vars, mask, tested_vars, confounding_vars=None, model_int
         With ``tfce``: ``tfce``, ``logp_max_tfce`` (n_voxels,) and
         ``h0_max_tfce`` (n_perm,). Nulls are in permutation order (nilearn's
         rows, one regressor); maps are 1-D (nilearn's are (1, n_voxels)).
+        ``computed_with`` (when ``compute_with`` is given): its values, in order.
     """
     design = kp.prepare_design(tested_vars, confounding_vars, model_intercept)
     geometry = vs.volume_geometry(mask)
@@ -95,10 +101,11 @@ def volume_null(target_vars, mask, tested_vars, confounding_vars=None, model_int
         n_columns = vs.nilearn_confound_columns(tested_vars, confounding_vars, model_intercept)
         threshold_t = vs.cluster_forming_t(threshold, bool(two_sided_test), design.n_samples,
                                            n_columns)
-    resid = _residualised(maps, design)
+    resid, computed_with = _residualised(maps, design, compute_with)
     nulls = _run_batches(resid, design, perms, geometry, bool(two_sided_test), threshold_t,
                          bool(tfce), batch_size, progress)
-    return _outputs(resid, design, geometry, nulls, bool(two_sided_test), threshold_t, bool(tfce))
+    out = _outputs(resid, design, geometry, nulls, bool(two_sided_test), threshold_t, bool(tfce))
+    return {**out, "computed_with": list(computed_with)} if compute_with else out
 
 
 def _as_sample_voxel(target_vars, n_samples, n_voxels) -> da.Array:
@@ -120,10 +127,16 @@ def _permutations(design, n_perm, random_state, permutations, n_jobs):
     return kp.nilearn_permutations(design.n_samples, n_perm, design.sign_flip, random_state, n_jobs)
 
 
-def _residualised(maps: da.Array, design) -> np.ndarray:
-    """The whole (n_samples, V) residualised maps, computed block by block, as one array."""
-    resid = maps.map_blocks(kp.residualise_block, design, dtype=np.float64)
-    return np.ascontiguousarray(resid.compute())
+def _residualised(maps: da.Array, design, compute_with=()) -> tuple[np.ndarray, list]:
+    """The whole (n_samples, V) residualised maps, computed block by block, as one array
+    (and ``compute_with``, computed in the same pass)."""
+    # delayed blocks of the unoptimized graph: ``compute_with`` made from the same tasks
+    # shares their read (an optimized array graph would fuse its own copy of the read)
+    design_node = dask.delayed(design, pure=True, traverse=False)
+    parts = [dask.delayed(kp.residualise_block, pure=True)(block, design_node)
+             for block in maps.to_delayed(optimize_graph=False)[0]]
+    resid, computed_with = dask.compute(parts, list(compute_with))
+    return np.ascontiguousarray(np.concatenate(resid, axis=1)), computed_with
 
 
 def _check_batch_size(batch_size):
