@@ -72,9 +72,10 @@ def validity(images: dict[str, np.ndarray], stored_dtype="float32") -> np.ndarra
 
 
 def check_variances(values: np.ndarray, name: str = "varcope") -> None:
-    """Refuse negative variances (NiMARE silently drops them; here it is an input error)."""
+    """Refuse negative variances (NiMARE silently drops them; here it is an input error).
+    -inf is not one: like NaN and +inf it is non-finite, which NiMARE drops and so do we."""
     with np.errstate(invalid="ignore"):
-        bad = values < 0
+        bad = (values < 0) & np.isfinite(values)
     if bad.any():
         studies = np.flatnonzero(bad.any(axis=1))
         raise InputError(

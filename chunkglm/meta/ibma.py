@@ -32,6 +32,7 @@ import numpy as np
 from chunkglm._version import __version__
 from chunkglm.errors import InputError
 from chunkglm.meta import _bags
+from chunkglm.meta._blocks import _ROLE_OF, _fit_block, _image_any_valid, _image_roles, _role, _stored_roles
 from chunkglm.meta._inputs import DERIVATIONS, MetaMaps, resolve
 from chunkglm.meta.results import MetaResult
 
@@ -271,10 +272,12 @@ class IBMAEstimator:
             sizes = sizes[rows]
         params, per_study = self._split_params(self._kernel_params())
         outputs = self._outputs()
+        # one row more than the maps: which voxels held a NaN/inf (MetaResult's warning)
         return da.map_blocks(
             _fit_block, *blocks, kernel_name=self._kernel_name(), roles=roles, stored=stored,
             aliases=aliases, row_scale=self._row_scale(blocks, stored, rows), sample_sizes=sizes,
-            params=params, per_study=per_study, aggressive=self.aggressive_mask, outputs=outputs, chunks=((len(outputs),), blocks[0].chunks[1]), dtype=np.float64,
+            params=params, per_study=per_study, aggressive=self.aggressive_mask, outputs=outputs,
+            chunks=((len(outputs) + 1,), blocks[0].chunks[1]), dtype=np.float64,
             token=f"meta-{type(self).__name__}")
 
     @staticmethod
@@ -315,73 +318,6 @@ def _check_kwargs(name, kwargs):
     if resample:
         raise InputError(f"{name}: {resample} set how NiMARE resamples images onto the mask; chunkglm never "
                          "resamples (maps on another grid are refused). Resample the maps first.")
-
-
-#: Kernel argument name -> map type it reads (old API kernels call beta "con").
-_ROLE_OF = {"con": "beta"}
-
-
-def _role(arg: str, aliases=None) -> str:
-    return (aliases or _ROLE_OF).get(arg, arg)
-
-
-def _stored_roles(roles, maps: MetaMaps | None = None, aliases=None) -> list[str]:
-    """Stored map types to read for kernel inputs ``roles`` (derived ones read their sources)."""
-    stored = []
-    for arg in _image_roles(roles):
-        role = _role(arg, aliases)
-        if maps is not None and role not in maps.variables and role in DERIVATIONS:
-            sources = [s for s in DERIVATIONS[role] if s != "sample_sizes"]
-        else:
-            sources = [role]
-        stored += [s for s in sources if s not in stored]
-    return stored
-
-
-def _image_roles(roles) -> list[str]:
-    return [r for r in roles if r != "sample_sizes"]
-
-
-def _role_arrays(blocks, stored, roles, sample_sizes, aliases=None) -> dict:
-    """float64 (K, v) arrays by kernel argument, derived ones computed from their sources."""
-    data = {role: np.asarray(b, dtype=np.float64) for role, b in zip(stored, blocks)}
-    arrays = {}
-    for arg in _image_roles(roles):
-        role = _role(arg, aliases)
-        if role in data:
-            arrays[arg] = data[role]
-        elif role == "varcope":
-            arrays[arg] = data["se"] ** 2  # NiMARE's se_to_varcope
-        elif role == "se":
-            arrays[arg] = np.sqrt(np.where(data["varcope"] >= 0, data["varcope"], np.nan))
-        elif role == "z":
-            arrays[arg] = _t_to_z(data["t"], sample_sizes[:, None] - 1.0)
-    return arrays
-
-
-def _t_to_z(t, dof):
-    """NiMARE's ``t_to_z`` (one-tailed log survival, sign restored)."""
-    return _kernels().t_to_z(t, dof)
-
-
-def _fit_block(*blocks, kernel_name, roles, stored, aliases, row_scale, sample_sizes, params, per_study,
-               aggressive, outputs):
-    """One voxel block: validity, patterns, one kernel call per pattern."""
-    arrays = _role_arrays(blocks, stored, roles, sample_sizes, aliases)
-    if row_scale is not None:
-        arrays = {k: v / row_scale[:, None] for k, v in arrays.items()}
-    dtype = blocks[0].dtype if np.issubdtype(blocks[0].dtype, np.floating) else np.float32
-    valid = _bags.validity({r: arrays[r] for r in _image_roles(roles)}, dtype)
-    args = {r: sample_sizes if r == "sample_sizes" else arrays[r] for r in roles}
-    kernel = _kernels().KERNELS[kernel_name]
-    return _bags.fit_patterns(kernel, args, valid, outputs, params, aggressive_mask=aggressive,
-                              per_study=per_study)
-
-
-def _image_any_valid(*blocks, roles, stored, sample_sizes, aliases):
-    arrays = _role_arrays(blocks, stored, roles, sample_sizes, aliases)
-    valid = _bags.validity({r: arrays[r] for r in _image_roles(roles)}, blocks[0].dtype)
-    return valid.any(axis=1, keepdims=True)
 
 
 # -- new API ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import copy
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.kernels.finite import LEFT_OUT, warn
 
 FLOAT = np.float32
 
@@ -47,8 +48,9 @@ class MetaResult:
     ----------
     estimator : estimator instance
         The fitted estimator (holds its inputs, for Monte Carlo corrections).
-    lazy : dask.array.Array of shape (n_maps, n_voxels)
-        The maps, in ``names`` order.
+    lazy : dask.array.Array of shape (n_maps + 1, n_voxels)
+        The maps, in ``names`` order, then a row flagging (1) the voxels where an
+        input held a NaN/inf (counted for a warning when the maps are computed).
     names : list of str
         NiMARE's map names.
     inputs : chunkglm.meta._inputs.MetaMaps
@@ -80,6 +82,7 @@ class MetaResult:
         """All maps, computed on first access (one pass over the inputs)."""
         if self._maps is None:
             values = np.asarray(self._lazy.compute())
+            warn(int(np.count_nonzero(values[len(self._names)])), "the meta-analysis inputs", LEFT_OUT)
             self._maps = {name: store_map(name, values[i]) for i, name in enumerate(self._names)}
             for hook in self._hooks:
                 self._maps.update({k: store_map(k, v) for k, v in hook(self._maps).items()})
