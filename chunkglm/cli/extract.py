@@ -20,6 +20,8 @@ STANDARDIZE_CHOICES = ("zscore_sample", "zscore", "psc", "none")
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
+    from chunkglm.cli.main import add_allow_incomplete
+
     cmd = sub.add_parser("extract", help="region signals from probabilistic maps, BIDS TSV out")
     cmd.add_argument("input", nargs="?", help="a BIDS/fMRIPrep folder or a cohort store (or give --store)")
     cmd.add_argument("--maps", required=True, help="4-D NIfTI of probabilistic maps (one volume per region)")
@@ -40,6 +42,7 @@ def add_parser(sub, add_common) -> None:
                                                  "trans_x,trans_y,csf (n/a values become 0)")
     cmd.add_argument("--high-variance-confounds", action="store_true")
     cmd.add_argument("--resampling-target", default="data", choices=["data", "mask", "maps"])
+    add_allow_incomplete(cmd)
     cmd.add_argument("--to-store", action="store_true",
                      help="also write the (run, time, region) array to the store's timeseries/<atlas>")
     add_common(cmd)
@@ -56,8 +59,8 @@ def _cohort(args, client, reporter):
     if args.input is None:
         if args.store is None:
             raise InputError("give a BIDS folder or store as INPUT, or --store STORE.")
-        return open_cohort(args.store, storage)
-    cohort = _open_if_store(args.input, storage)
+        return open_cohort(args.store, storage, allow_incomplete=args.allow_incomplete)
+    cohort = _open_if_store(args.input, storage, args.allow_incomplete)
     if cohort is not None:
         return cohort
     if not Path(args.input).is_dir():
@@ -66,7 +69,7 @@ def _cohort(args, client, reporter):
     with reporter.phase("converting") as advance:
         convert(args.input, store, task=args.task, space=args.space, subjects=args.subject, client=client,
                 storage_options=storage, progress=reporter.converter_callback(advance))
-    return open_cohort(store, storage)
+    return open_cohort(store, storage, allow_incomplete=args.allow_incomplete)
 
 
 def _runs(args, cohort):
@@ -98,7 +101,7 @@ def masker_for(args):
 
 def run(args) -> int:
     """Entry point of ``chunkglm extract``."""
-    from chunkglm.cli.main import cluster_client, storage_for
+    from chunkglm.cli.main import cluster_client, print_skipped, storage_for
     from chunkglm.cli.progress import Reporter
     from chunkglm.maskers import save_timeseries, save_timeseries_to_store
     from chunkglm.maskers.maps_masker import _label
@@ -108,6 +111,7 @@ def run(args) -> int:
     with cluster_client(args.cluster) as client:
         cohort = _cohort(args, client, reporter)
         nodes = _runs(args, cohort)
+        print_skipped(cohort, reporter.line)
         masker = masker_for(args).fit(nodes)
         reporter.line(f"extracting {masker.n_elements_} region signals from {len(nodes)} run(s)")
         signals = masker.transform_to_xarray(nodes, confounds=_confounds(args, nodes))

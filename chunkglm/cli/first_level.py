@@ -29,6 +29,8 @@ from chunkglm.errors import InputError
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
+    from chunkglm.cli.main import add_allow_incomplete
+
     cmd = sub.add_parser("first-level", help="first-level GLM for every subject, BIDS derivatives out")
     cmd.add_argument("input", help="a BIDS/fMRIPrep folder or a cohort store")
     cmd.add_argument("-o", "--out-dir", required=True, help="output folder for the derivatives")
@@ -52,6 +54,7 @@ def add_parser(sub, add_common) -> None:
                           "(over the cluster config's storage: section; credentials only from the environment)")
     cmd.add_argument("--overwrite", action="store_true",
                      help="replace complete subjects whose results came from other options or inputs")
+    add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
 
@@ -74,7 +77,7 @@ def _store_for(args, client, reporter):
     from chunkglm.io.convert import convert
 
     storage = storage_for(args)
-    cohort = _open_if_store(args.input, storage)
+    cohort = _open_if_store(args.input, storage, args.allow_incomplete)
     if cohort is not None:
         if args.chunk_mb is not None:
             reporter.line(f"note: --chunk-mb applies when a BIDS folder is converted; {args.input} "
@@ -88,10 +91,10 @@ def _store_for(args, client, reporter):
     if report.skipped and args.chunk_mb is not None:
         reporter.line(f"note: {len(report.skipped)} run(s) already in {report.store} keep their "
                       "chunks; pass a new --store to convert them with --chunk-mb.")
-    return open_cohort(store, storage)
+    return open_cohort(store, storage, allow_incomplete=args.allow_incomplete)
 
 
-def _open_if_store(location, storage):
+def _open_if_store(location, storage, allow_incomplete=False):
     """An open cohort when ``location`` is a store (a URL or a folder with zarr.json), else None."""
     from chunkglm.errors import StoreError
     from chunkglm.io.cohort import open_cohort
@@ -99,7 +102,7 @@ def _open_if_store(location, storage):
     if "://" not in str(location) and not (Path(str(location)) / "zarr.json").is_file():
         return None
     try:
-        return open_cohort(location, storage)
+        return open_cohort(location, storage, allow_incomplete=allow_incomplete)
     except StoreError:
         return None
 
@@ -227,7 +230,7 @@ def _fit_and_write(args, jobs, out, client, reporter, context) -> list[str]:
 
 def run(args) -> int:
     """Entry point of ``chunkglm first-level``."""
-    from chunkglm.cli.main import cluster_client, command_options
+    from chunkglm.cli.main import cluster_client, command_options, print_skipped
     from chunkglm.cli.progress import Reporter
     from chunkglm.provenance import Stopwatch, cluster_summary, record
 
@@ -238,6 +241,7 @@ def run(args) -> int:
     with cluster_client(args.cluster) as client:
         store = _store_for(args, client, reporter)
         jobs = plan_subjects(args, contrasts, _models(args, store), out)  # fails before computing
+        print_skipped(store, reporter.line)
         context = {"options": command_options(args), "cluster": cluster_summary(client),
                    "stopwatch": stopwatch}
         computed = _fit_and_write(args, jobs, out, client, reporter, context)

@@ -1,4 +1,5 @@
-"""The ``chunkglm`` command: convert, first-level, second-level, meta, extract, report, info, to-nifti, demo."""
+"""The ``chunkglm`` command: convert, first-level, second-level, meta, extract, report, info, verify,
+to-nifti, demo."""
 
 from __future__ import annotations
 
@@ -57,6 +58,20 @@ def _add_common(parser):
     _add_cluster(parser)
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (there are none either when stderr is not a terminal)")
+
+
+def add_allow_incomplete(parser) -> None:
+    """--allow-incomplete for commands that read a store's nodes."""
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="skip incomplete store nodes (a conversion cut off) instead of refusing "
+                             "the store; the skipped nodes are printed")
+
+
+def print_skipped(cohort, line=None) -> None:
+    """One line per incomplete node a selection skipped (--allow-incomplete)."""
+    for path in getattr(cohort, "skipped", []):
+        text = f"skipped incomplete node {path} (--allow-incomplete)"
+        line(text) if line is not None else print(text, file=sys.stderr, flush=True)
 
 
 def chunk_bytes(chunk_mb, chunk_size):
@@ -177,13 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
-    from chunkglm.cli import extract, first_level, meta, report, second_level
+    from chunkglm.cli import extract, first_level, meta, report, second_level, verify
 
     first_level.add_parser(sub, _add_common)
     second_level.add_parser(sub, _add_common)
     meta.add_parser(sub, _add_common)
     extract.add_parser(sub, _add_common)
     report.add_parser(sub)
+    verify.add_parser(sub, _add_storage_cluster)
     info = sub.add_parser("info", help="summarise a cohort store")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")

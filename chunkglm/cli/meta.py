@@ -27,6 +27,8 @@ CORRECTIONS = {"fdr": ("FDRCorrector", "indep"), "fdr-negcorr": ("FDRCorrector",
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
+    from chunkglm.cli.main import add_allow_incomplete
+
     cmd = sub.add_parser("meta", help="image-based meta-analysis (NiMARE's IBMA estimators)")
     cmd.add_argument("--estimator", required=True, choices=ESTIMATORS)
     source = cmd.add_mutually_exclusive_group(required=True)
@@ -41,6 +43,7 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--aggressive-mask", action="store_true",
                      help="drop voxels missing in any study (default: fit each missing-data pattern)")
     cmd.add_argument("--two-sided", choices=["yes", "no"], default="yes")
+    add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
 
@@ -54,11 +57,11 @@ def _inputs(args):
     if args.store:
         if not args.collection:
             raise InputError("--store needs --collection (the maps collection to analyse).")
-        cohort = open_cohort(args.store)
-        if args.collection not in cohort.maps:
+        cohort = open_cohort(args.store, allow_incomplete=args.allow_incomplete)
+        if args.collection not in cohort.maps and args.collection not in cohort.maps.incomplete:
             raise InputError(f"{args.store} has no complete maps collection {args.collection!r}; it has "
                              f"{sorted(cohort.maps)}.")
-        return cohort.maps[args.collection]
+        return cohort.maps[args.collection]  # an incomplete collection raises, naming it
     table_path = Path(args.table)
     if not table_path.is_file():
         raise InputError(f"--table {args.table}: no such file.")

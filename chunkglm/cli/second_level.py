@@ -31,6 +31,8 @@ _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
+    from chunkglm.cli.main import add_allow_incomplete
+
     cmd = sub.add_parser("second-level", help="group GLM (+ permutation inference), group derivatives out")
     cmd.add_argument("input", help="a first-level derivatives folder (sub-XX/..._stat-effect_statmap.nii.gz) "
                                    "or a cohort store with a maps collection")
@@ -66,6 +68,7 @@ def add_parser(sub, add_common) -> None:
                                      "temporary one, removed at the end)")
     cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                      help="option of the store's object storage (see first-level)")
+    add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
 
@@ -110,14 +113,19 @@ def effect_maps(folder, first_level_contrast, task=None) -> tuple[list[str], lis
 
 
 def store_maps(cohort, collection):
-    """The maps node to model and its subject labels (None when it has no subject coordinate)."""
+    """The maps node to model and its subject labels (None when it has no subject coordinate).
+
+    An incomplete collection is never modelled: asked for by name it raises; when the
+    only collection is chosen, incomplete ones are refused (or skipped, --allow-incomplete).
+    """
     nodes = cohort.maps
     if collection is None:
+        cohort.check_selection([f"maps/{n}" for n in nodes.incomplete])
         if len(nodes) != 1:
             raise InputError(f"the store holds {len(nodes)} maps collections {sorted(nodes)}: choose one "
                              "with --collection.")
         collection = next(iter(nodes))
-    if collection not in nodes:
+    if collection not in nodes and collection not in nodes.incomplete:
         raise InputError(f"no maps collection {collection!r} in the store; it holds {sorted(nodes)}.")
     node = nodes[collection]
     dataset = node.to_dataset()
@@ -195,12 +203,13 @@ def _check_permutation_args(args) -> None:
 def _inputs(args, reporter):
     """(second_level_input, subjects, provenance inputs)."""
     from chunkglm.cli.first_level import _open_if_store
-    from chunkglm.cli.main import storage_for
+    from chunkglm.cli.main import print_skipped, storage_for
     from chunkglm.io.convert import file_sha256
 
-    cohort = _open_if_store(args.input, storage_for(args))
+    cohort = _open_if_store(args.input, storage_for(args), args.allow_incomplete)
     if cohort is not None:
         node, subjects = store_maps(cohort, args.collection)
+        print_skipped(cohort, reporter.line)
         reporter.line(f"maps: {node.path} of {args.input} ({node.data().shape[0]} maps)")
         return node, subjects, [{"node": node.path, "store": str(args.input)}]
     if not Path(args.input).is_dir():

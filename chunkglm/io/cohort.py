@@ -1,12 +1,17 @@
 """``chunkglm.open_cohort``: a lazy, labelled view of a cohort store.
 
-Only complete nodes are visible. Node data come back as xarray Datasets
-backed by dask arrays whose chunks are the store's chunks, so nothing is read
-until a computation asks for it.
+Only complete nodes can be read. Selecting runs or map collections that
+include incomplete nodes (a conversion cut off, or still running) raises
+StoreError naming them, unless the cohort is opened with
+``allow_incomplete=True``, which skips them with a warning. Node data come
+back as xarray Datasets backed by dask arrays whose chunks are the store's
+chunks, so nothing is read until a computation asks for it; reads check each
+chunk's presence and checksum (:mod:`chunkglm.io.integrity`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,6 +19,8 @@ import xarray as xr
 
 from chunkglm.errors import InputError, StoreError
 from chunkglm.io import store as st
+from chunkglm.io.bids import parse_entities
+from chunkglm.io.integrity import CheckedStore
 from chunkglm.io.nifti import header_from_text, image_from_voxels, save_image
 
 
@@ -55,10 +62,29 @@ class Node:
         """The voxel grid (affine, shape, mask)."""
         return self.cohort.grid(self.attrs["grid_id"])
 
+    @property
+    def zarr_store(self):
+        """The store as this node's reads see it: missing or corrupt chunks raise
+        StoreError naming the node and the chunk (nodes with an inventory)."""
+        arrays = dict(self.attrs.get(st.ATTR, {})).get("arrays")
+        return self.cohort.zarr_store if not arrays else CheckedStore(self.cohort.zarr_store, self.path, arrays)
+
+    def zarr_array(self, name: str):
+        """One of the node's zarr arrays, read through :attr:`zarr_store`."""
+        import zarr
+
+        return zarr.open_array(self.zarr_store, path=f"{self.path}/{name}", mode="r", zarr_format=3)
+
     def to_dataset(self) -> xr.Dataset:
-        """The node as a lazy xarray Dataset (dask arrays, store chunks)."""
-        return xr.open_zarr(self.cohort.zarr_store, group=self.path, zarr_format=3,
-                            consolidated=False, chunks={})
+        """The node as a lazy xarray Dataset (dask arrays, store chunks).
+
+        Raises StoreError when the node is no longer complete (its marker is
+        read with the dataset: no extra request).
+        """
+        ds = xr.open_zarr(self.zarr_store, group=self.path, zarr_format=3, consolidated=False, chunks={})
+        if not dict(ds.attrs.get(st.ATTR, {})).get("complete"):
+            raise StoreError(incomplete_message([self.path], self.cohort.location, selected=True))
+        return ds
 
     def data(self, variable: str | None = None) -> xr.DataArray:
         """The (time|image, voxel) array: ``bold`` for runs, the map type for maps."""
@@ -131,12 +157,18 @@ class Cohort:
         Local path or fsspec URL.
     storage_options : dict, optional
         fsspec options (endpoint, credentials) for URLs; never stored.
+    allow_incomplete : bool
+        Skip incomplete nodes that a selection matches (with a warning; they
+        are listed in :attr:`skipped`) instead of raising StoreError.
     """
 
-    def __init__(self, store, storage_options=None):
+    def __init__(self, store, storage_options=None, *, allow_incomplete=False):
         self.location = st.redact_url(str(store))
         self.zarr_store = st.zarr_store(store, storage_options, read_only=True)
         self.root = st.open_root(self.zarr_store, mode="r")
+        self.allow_incomplete = bool(allow_incomplete)
+        #: Incomplete node paths that selections skipped (``allow_incomplete=True``).
+        self.skipped: list[str] = []
         self._grids: dict[str, st.Grid] = {}
 
     def __repr__(self):
@@ -150,12 +182,12 @@ class Cohort:
 
     @cached_property
     def runs(self) -> dict[str, Node]:
-        """Complete run nodes by name."""
+        """Complete run nodes by name (an incomplete one's name raises StoreError)."""
         return self._nodes("runs")
 
     @cached_property
     def maps(self) -> dict[str, Node]:
-        """Complete map collections by name."""
+        """Complete map collections by name (an incomplete one's name raises StoreError)."""
         return self._nodes("maps")
 
     @cached_property
@@ -169,7 +201,21 @@ class Cohort:
         return [f"{kind}/{n}" for kind in st.KINDS for n, ok in st.node_status(self.root, kind).items() if not ok]
 
     def _nodes(self, kind):
-        return {n: Node(self, kind, n) for n, ok in st.node_status(self.root, kind).items() if ok}
+        status = st.node_status(self.root, kind)
+        return _Nodes(self, kind, {n: Node(self, kind, n) for n, ok in status.items() if ok},
+                      sorted(n for n, ok in status.items() if not ok))
+
+    def check_selection(self, incomplete: list[str]) -> None:
+        """Refuse (StoreError) or, with ``allow_incomplete``, skip and warn about
+        the incomplete node paths a selection matched."""
+        if not incomplete:
+            return
+        if not self.allow_incomplete:
+            raise StoreError(incomplete_message(incomplete, self.location))
+        new = [path for path in incomplete if path not in self.skipped]
+        self.skipped.extend(new)
+        if new:
+            warnings.warn(f"skipping incomplete node(s) of {self.location}: {', '.join(new)}", stacklevel=3)
 
     def grid(self, grid_id: str) -> st.Grid:
         """Load one grid (affine, shape, mask)."""
@@ -181,6 +227,8 @@ class Cohort:
         """A node by path (``runs/<name>``, ``maps/<name>``) or bare run name."""
         kind, _, name = path.partition("/") if "/" in path else ("runs", "", path)
         nodes = {"runs": self.runs, "maps": self.maps}.get(kind, {})
+        if name in getattr(nodes, "incomplete", ()):
+            raise StoreError(incomplete_message([f"{kind}/{name}"], self.location, selected=True))
         if name not in nodes:
             raise StoreError(
                 f"{self.location} has no complete node {path!r}. It has runs "
@@ -192,13 +240,19 @@ class Cohort:
         """Runs whose BIDS entities match, e.g. ``select(sub=["01", "02"], task="main")``.
 
         Values may be a label or a list of labels, with or without prefix.
+        Incomplete runs that match (by the entities of their name) raise
+        StoreError, or are skipped when the cohort allows incomplete nodes.
         """
         wanted = {key: _labels(value, key) for key, value in entities.items() if value is not None}
         unknown = set(wanted) - {"sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space"}
         if unknown:
             raise InputError(f"unknown BIDS entities {sorted(unknown)}; use sub, ses, task, run, acq, ...")
-        return [node for node in self.runs.values()
-                if all(str(node.entities.get(k)) in v for k, v in wanted.items())]
+
+        def matches(found):
+            return all(str(found.get(k)) in v for k, v in wanted.items())
+
+        self.check_selection([f"runs/{name}" for name in self.runs.incomplete if matches(parse_entities(name))])
+        return [node for node in self.runs.values() if matches(node.entities)]
 
     def to_datatree(self) -> xr.DataTree:
         """The whole store as a lazy xarray DataTree."""
@@ -209,12 +263,33 @@ class Cohort:
         return self.node(path).to_nifti(out, variable)
 
 
+class _Nodes(dict):
+    """Complete nodes by name; the name of an incomplete one raises StoreError (not KeyError)."""
+
+    def __init__(self, cohort, kind, nodes, incomplete):
+        super().__init__(nodes)
+        self.cohort, self.kind, self.incomplete = cohort, kind, list(incomplete)
+
+    def __missing__(self, name):
+        if name in self.incomplete:
+            raise StoreError(incomplete_message([f"{self.kind}/{name}"], self.cohort.location, selected=True))
+        raise KeyError(name)
+
+
+def incomplete_message(paths, location, selected=False) -> str:
+    """One message for incomplete nodes a selection hit: which, why, what to do."""
+    skip = ("" if selected else ", or pass allow_incomplete=True (--allow-incomplete) to skip them")
+    return (f"{location} has {len(paths)} incomplete node(s) among those selected: {', '.join(paths)} "
+            "(a conversion was cut off or is still running; an incomplete node is never read). "
+            f"Re-run `chunkglm convert` on the same inputs to complete them{skip}.")
+
+
 def _labels(value, key):
     values = [value] if isinstance(value, str | int) else list(value)
     return {str(v).removeprefix(f"{key}-") for v in values}
 
 
-def open_cohort(store, storage_options=None) -> Cohort:
+def open_cohort(store, storage_options=None, *, allow_incomplete=False) -> Cohort:
     """Open a cohort store lazily.
 
     Parameters
@@ -223,6 +298,8 @@ def open_cohort(store, storage_options=None) -> Cohort:
         Local path or fsspec URL, e.g. ``s3://bucket/cohort.zarr``.
     storage_options : dict, optional
         fsspec options for URLs (endpoint, credentials); used only to connect.
+    allow_incomplete : bool
+        Selections skip incomplete nodes (with a warning) instead of raising.
 
     Returns
     -------
@@ -237,5 +314,5 @@ def open_cohort(store, storage_options=None) -> Cohort:
     >>> run = cohort.select(sub="01", task="main")[0]  # doctest: +SKIP
     >>> run.to_dataset().bold  # (time, voxel) dask-backed  # doctest: +SKIP
     """
-    return Cohort(store, storage_options)
+    return Cohort(store, storage_options, allow_incomplete=allow_incomplete)
 

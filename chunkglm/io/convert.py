@@ -24,7 +24,10 @@ from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.write_maps import MapsJob, convert_maps
-from chunkglm.io.write_run import RunJob, convert_run, source_key
+from chunkglm.io.sources import file_sha256, same_source, source_key
+from chunkglm.io.write_run import RunJob, convert_run
+
+__all__ = ["ConversionReport", "convert", "file_sha256", "plan_conversion"]
 
 DEFAULT_TASK_MEMORY = 2 * 2**30
 
@@ -130,6 +133,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
         st.write_grid(root, grid)
     jobs = _pending_jobs(root, plan, report, overwrite, input_storage_options)
     results, failures = _execute(jobs, _store_arg(store), storage_options, input_storage_options, client, progress)
+    results = _check_converted(root, results, failures)
     report.converted = [f"{kind}/{r['name']}" for kind, r in results]
     if results:
         st.add_provenance(root, _provenance(plan, results, client, stopwatch, command))
@@ -367,33 +371,7 @@ def _pending_jobs(root, plan, report, overwrite, storage_options=None):
 def _same_source(group, job, storage_options) -> bool:
     """Same path and size, and same mtime or (copied/touched file) same sha256;
     for runs also the same resampling/smoothing."""
-    meta = st.node_meta(group)
-    if isinstance(job, RunJob):
-        same_prep = meta.get("preprocessing", SpatialPreprocessing().to_attrs()) == job.preprocessing.to_attrs()
-        return same_prep and _same_file(meta.get("source", {}), job.source_key, job.bold, storage_options)
-    old = meta.get("sources", [])
-    return len(old) == len(job.source_keys) and all(
-        _same_file(o, new, path, storage_options)
-        for o, new, path in zip(old, job.source_keys, job.images))
-
-
-def _same_file(old: dict, new: dict, path: str, storage_options) -> bool:
-    if old.get("path") != new["path"] or old.get("size") != new["size"]:
-        return False
-    return old.get("mtime") == new.get("mtime") or old.get("sha256") == file_sha256(path, storage_options)
-
-
-def file_sha256(path: str, storage_options=None) -> str:
-    """sha256 of a local file or fsspec URL, read in 8 MiB blocks."""
-    import hashlib
-
-    import fsspec
-
-    digest = hashlib.sha256()
-    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
-        while block := handle.read(8 * 2**20):
-            digest.update(block)
-    return digest.hexdigest()
+    return same_source(st.node_meta(group), job, storage_options)
 
 
 def _task(kind, job, store, storage_options, input_storage_options):
@@ -417,21 +395,45 @@ def _execute(jobs, store, storage_options, input_storage_options, client, progre
 
 
 def _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress):
-    from distributed import as_completed
+    """Submit one task per node; return only once every task has ended.
+
+    A worker that dies holding a finished task's result makes dask run the
+    task again; tasks are idempotent (a complete node from the same source is
+    returned as it is), and the futures are waited on -- re-runs included --
+    before they are released, so no task still runs when this returns.
+    """
+    from distributed import as_completed, wait
 
     token = uuid.uuid4().hex[:8]  # readable keys on the dashboard, unique per call
     futures = {client.submit(_task, kind, job, store, storage_options, input_storage_options,
                              key=f"convert-{kind}-{job.name}-{token}"): f"{kind}/{job.name}"
                for kind, job in jobs}
     results, failures = [], {}
-    for done, future in enumerate(as_completed(futures), 1):
-        node = futures[future]
-        try:
-            results.append(future.result())
-        except Exception as err:
-            failures[node] = f"{type(err).__name__}: {err}"
-        _report(progress, done, len(futures), node)
+    try:
+        for done, future in enumerate(as_completed(futures), 1):
+            node = futures[future]
+            try:
+                results.append(future.result())
+            except Exception as err:
+                failures[node] = f"{type(err).__name__}: {err}"
+            _report(progress, done, len(futures), node)
+        wait(list(futures))  # a task re-run after a worker died is pending again: wait for it
+    finally:
+        client.cancel(list(futures))
     return results, failures
+
+
+def _check_converted(root, results, failures):
+    """Every node reported converted must be complete now; move the others to failures."""
+    status = {kind: st.node_status(root, kind) for kind in ("runs", "maps")}
+    kept = []
+    for kind, result in results:
+        if status[kind].get(result["name"]):
+            kept.append((kind, result))
+        else:
+            failures[f"{kind}/{result['name']}"] = ("its task reported success but the node is not "
+                                                    "complete in the store (written over meanwhile?)")
+    return kept
 
 
 def _default_client():

@@ -24,7 +24,7 @@ from functools import cached_property
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.errors import UnstableSpecificationWarning
 
 from chunkglm._version import __version__
@@ -41,6 +41,26 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 def compressor():
     """Blosc/zstd with byte shuffle: fast to decode, good on float32 images."""
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
+def checked_codecs(dtype) -> tuple:
+    """The compressors of every array chunkglm writes: compression, then a
+    crc32c of the compressed bytes (checked on every read, before decoding)."""
+    if np.dtype(dtype).kind in "OUT":  # variable-length strings: zarr's default compressor
+        return (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+    return (compressor(), Crc32cCodec())
+
+
+def fill_value(dtype):
+    """NaN for floats (a chunk read as the fill value cannot pass as data), 0 for
+    numbers, none for strings. Every chunk is written anyway (see ARRAY_CONFIG)."""
+    kind = np.dtype(dtype).kind
+    return None if kind in "OUT" else np.nan if kind in "fc" else 0
+
+
+#: Write every chunk, even one equal to the fill value: a chunk the store does
+#: not have is then always a damage, never an "empty" chunk.
+ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def is_url(store) -> bool:
@@ -193,10 +213,97 @@ def start_node(root, kind: str, name: str) -> zarr.Group:
     return parent.create_group(name, attributes={ATTR: {"complete": False}})
 
 
+#: Where a new version of a complete node is written before it replaces it.
+REPLACING = "_replacing"
+
+
+def begin_version(root, kind: str, name: str) -> zarr.Group:
+    """A group to write a new version of ``kind/name`` into; never deletes a complete node.
+
+    Without a complete node there, the node itself (an incomplete one is
+    cleared first). With one, a staging node ``_replacing/<kind>/<name>``
+    that :func:`publish_version` swaps in once it is complete.
+    """
+    check_node_name(name)
+    path = f"{kind}/{name}"
+    if path not in root or not is_complete(root[path]):
+        return start_node(root, kind, name)
+    staging = f"{REPLACING}/{kind}/{name}"
+    if staging in root:
+        del root[staging]
+    parent = root.require_group(f"{REPLACING}/{kind}")
+    return parent.create_group(name, attributes={ATTR: {"complete": False}})
+
+
+def publish_version(root, kind: str, name: str, group) -> None:
+    """Make a complete version written by :func:`begin_version` the node's."""
+    if group.path.strip("/") != f"{kind}/{name}":
+        swap_in(root, kind, name)
+
+
+def discard_version(root, group) -> None:
+    """Remove what a failed attempt wrote, unless it is complete."""
+    if group.path in root and not is_complete(root[group.path]):
+        del root[group.path]
+
+
+def swap_in(root, kind: str, name: str) -> None:
+    """Copy the complete staging version over ``kind/name``, marker last.
+
+    The node is marked incomplete first (pointing at the staging version),
+    so at every moment one complete copy exists; an interrupted swap is
+    finished by :func:`resume_swap`.
+    """
+    staging, path = f"{REPLACING}/{kind}/{name}", f"{kind}/{name}"
+    root.require_group(path).attrs.put({ATTR: {"complete": False, "replacing_from": staging}})
+    _copy_prefix(root.store, _key(root, staging), _key(root, path))
+    del root[staging]
+
+
+def resume_swap(root, kind: str, name: str) -> bool:
+    """Finish a swap an earlier process started; True when there was one."""
+    staging = f"{REPLACING}/{kind}/{name}"
+    if staging not in root or not is_complete(root[staging]):
+        return False
+    swap_in(root, kind, name)
+    return True
+
+
+def _key(root, path: str) -> str:
+    return "/".join(p for p in (root.path, path) if p)
+
+
+def _copy_prefix(store, source: str, target: str) -> None:
+    """Make the keys under ``target`` those under ``source``; the group document last."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def copy():
+        proto = default_buffer_prototype()
+        new = [k async for k in store.list_prefix(f"{source}/")]
+        old = [k async for k in store.list_prefix(f"{target}/")]
+        relative = {k[len(source) + 1:] for k in new}
+        for key in sorted(relative - {"zarr.json"}):
+            await store.set(f"{target}/{key}", await store.get(f"{source}/{key}", proto))
+        for key in old:
+            if key[len(target) + 1:] not in relative:
+                await store.delete(key)
+        await store.set(f"{target}/zarr.json", await store.get(f"{source}/zarr.json", proto))
+
+    sync(copy())
+
+
 def finish_node(group, attrs: dict, meta: dict) -> None:
-    """Write the node's attributes and its completion marker, in one write."""
+    """Write the node's attributes and its completion marker, in one write.
+
+    The marker records the node's arrays (stored chunks, checksum): the
+    inventory readers and ``chunkglm verify`` check the store against.
+    """
+    from chunkglm.io.integrity import node_inventory
+
     full = dict(attrs)
-    full[ATTR] = {**meta, "complete": True, "written": _now(), "chunkglm_version": __version__}
+    full[ATTR] = {**meta, "arrays": node_inventory(group), "complete": True, "written": _now(),
+                  "chunkglm_version": __version__}
     group.attrs.put(full)
 
 
@@ -205,9 +312,7 @@ def write_array(group, name, data, dims, *, chunks=None, shards=None, attrs=None
     data = np.asarray(data)
     if data.dtype.kind in "OU":
         data = data.astype(str)
-        codecs = "auto"
-    else:
-        codecs = (compressor(),)
+    codecs = checked_codecs(data.dtype)
     with warnings.catch_warnings():
         # zarr notes that its variable-length string dtype may still change
         warnings.simplefilter("ignore", UnstableSpecificationWarning)
@@ -227,7 +332,8 @@ def _create(group, name, data, dims, chunks, shards, codecs, attrs):
         compressors=codecs,
         dimension_names=dims,
         attributes=attrs or {},
-        fill_value=None if data.dtype.kind in "U" else 0,
+        fill_value=fill_value(data.dtype),
+        config=ARRAY_CONFIG,
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from chunkglm.chunking import plan_voxel_chunks
 from chunkglm.io import store as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
-from chunkglm.io.write_run import write_rows
+from chunkglm.io.write_run import existing_result, write_rows
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,18 @@ class MapsJob:
     task_memory: int = 2 * 2**30
 
 
-def convert_maps(job: MapsJob, store, storage_options=None, input_storage_options=None) -> dict:
-    """Write ``maps/<job.name>``; return a summary with each image's sha256."""
+def convert_maps(job: MapsJob, store, storage_options=None, input_storage_options=None, *,
+                 replace=False) -> dict:
+    """Write ``maps/<job.name>``; return a summary with each image's sha256.
+
+    Idempotent and never deleting a complete node, as
+    :func:`chunkglm.io.write_run.convert_run`.
+    """
     root = st.open_root(store, storage_options, mode="a")
+    st.resume_swap(root, "maps", job.name)
+    done = None if replace else existing_result(root, "maps", job, input_storage_options)
+    if done is not None:
+        return done
     grid = st.read_grid(root, job.grid_id)
     fidx = fortran_indices(grid.ijk, grid.shape)
     hashes, header_bytes = [], []
@@ -50,18 +59,27 @@ def convert_maps(job: MapsJob, store, storage_options=None, input_storage_option
             finite = finite or bool(np.isfinite(out[row]).any())
         return finite
 
-    node = st.start_node(root, "maps", job.name)
+    node = st.begin_version(root, "maps", job.name)
     try:
         plan = plan_voxel_chunks(len(job.images), grid.n_voxels, 4, job.chunk_bytes)
         write_rows(node, job.variable, ("image", "voxel"), plan, fill, job.task_memory, f"collection {job.name!r}")
+        _write_coords(node, job)
     except BaseException:
-        del root[f"maps/{job.name}"]
+        st.discard_version(root, node)
         raise
-    _write_coords(node, job)
     sources = [{**key, "sha256": sha, "size": size} for key, (sha, size) in zip(job.source_keys, hashes)]
     attrs = {"grid_id": job.grid_id, "variables": [job.variable]}
-    st.finish_node(node, attrs, {"kind": "maps", "sources": sources, "nifti_header": header_to_text(header_bytes[0])})
+    st.finish_node(node, attrs, {"kind": "maps", "sources": sources, "nifti_header": header_to_text(header_bytes[0]),
+                                 "inputs": _job_record(job)})
+    st.publish_version(root, "maps", job.name, node)
     return {"name": job.name, "n_images": len(job.images), "sources": sources}
+
+
+def _job_record(job) -> dict:
+    """What a repair needs to stack the images again (their paths are in ``sources``)."""
+    coords = {name: [str(v) for v in values] for name, values in job.coords.items()}
+    return {"variable": job.variable, "labels": list(job.labels), "coords": coords,
+            "chunk_bytes": job.chunk_bytes, "task_memory": job.task_memory}
 
 
 def _write_coords(node, job):

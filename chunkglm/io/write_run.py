@@ -27,6 +27,9 @@ from chunkglm.errors import InputError
 from chunkglm.io import store as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
 from chunkglm.io.preprocess import SpatialPreprocessing
+from chunkglm.io.sources import file_sha256, same_source, source_key
+
+__all__ = ["RunJob", "convert_run", "existing_result", "source_key", "write_rows"]
 
 _STAGING = "_staging"
 
@@ -48,25 +51,22 @@ class RunJob:
     preprocessing: SpatialPreprocessing = field(default_factory=SpatialPreprocessing)
 
 
-def source_key(path: str, storage_options=None) -> dict:
-    """Identify an input file cheaply (path, size, mtime) to decide skips."""
-    if not st.is_url(path):
-        stat = os.stat(path)
-        return {"path": os.path.abspath(path), "size": stat.st_size, "mtime": int(stat.st_mtime)}
-    import fsspec
-
-    fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    info = fs.info(fpath)
-    return {"path": st.redact_url(path), "size": int(info.get("size", -1)), "mtime": str(info.get("LastModified", info.get("mtime", "")))}
-
-
-def convert_run(job: RunJob, store, storage_options=None, input_storage_options=None) -> dict:
+def convert_run(job: RunJob, store, storage_options=None, input_storage_options=None, *,
+                replace=False) -> dict:
     """Write ``runs/<job.name>``; return a summary (name, sha256, size, shape).
 
-    An existing incomplete node is deleted first; the completion marker is
-    written last, so an interrupted task leaves a node the next run redoes.
+    Idempotent: a node already complete from the same source is returned as
+    it is (a task dask runs twice does nothing the second time), unless
+    ``replace`` (a repair). A complete node is never deleted: its new version
+    is staged and swapped in (:func:`chunkglm.io.store.begin_version`). The
+    completion marker is written last, so an interrupted task leaves a node
+    the next run redoes.
     """
     root = st.open_root(store, storage_options, mode="a")
+    st.resume_swap(root, "runs", job.name)
+    done = None if replace else existing_result(root, "runs", job, input_storage_options)
+    if done is not None:
+        return done
     grid = _cached_grid(root, store, job.grid_id)
     with NiftiReader(job.bold, input_storage_options) as reader:
         info = reader.info
@@ -74,26 +74,58 @@ def convert_run(job: RunJob, store, storage_options=None, input_storage_options=
         confounds = _read_table(job.confounds, input_storage_options)
         _check_confounds(confounds, info.n_volumes, job)
         events = _read_table(job.events, input_storage_options)
-        node = st.start_node(root, "runs", job.name)
+        node = st.begin_version(root, "runs", job.name)
         try:
-            plan = plan_voxel_chunks(info.n_volumes, grid.n_voxels, 4, job.chunk_bytes)
-            clip_range = _data_range(job, input_storage_options) if job.preprocessing.needs_range() else None
-            fill = _row_filler(reader, grid, job.preprocessing, clip_range)
-
-            write_rows(node, "bold", ("time", "voxel"), plan, fill, job.task_memory, job.bold)
-            sha256, size = reader.finish()
+            sha256, size = _write_run(node, job, reader, grid, input_storage_options)
+            _write_tables(node, confounds, events, info)
         except BaseException:
-            _discard(root, job.name)
+            st.discard_version(root, node)
             raise
-    _write_tables(node, confounds, events, info)
-    attrs = _run_attrs(job, info)
     source = {**job.source_key, "sha256": sha256, "size": size}
-    meta = {"kind": "run", "source": source, "preprocessing": job.preprocessing.to_attrs()}
+    meta = {"kind": "run", "source": source, "preprocessing": job.preprocessing.to_attrs(),
+            "inputs": _job_record(job, input_storage_options)}
     if job.preprocessing.target_affine is None:  # the original header still describes the grid
         meta["nifti_header"] = header_to_text(info.header_bytes)
-    st.finish_node(node, attrs, meta)
+    st.finish_node(node, _run_attrs(job, info), meta)
+    st.publish_version(root, "runs", job.name, node)
     return {"name": job.name, "path": job.source_key.get("path", st.redact_url(job.bold)),
             "sha256": sha256, "size": size, "shape": [info.n_volumes, grid.n_voxels]}
+
+
+def _write_run(node, job, reader, grid, input_storage_options):
+    info = reader.info
+    plan = plan_voxel_chunks(info.n_volumes, grid.n_voxels, 4, job.chunk_bytes)
+    clip_range = _data_range(job, input_storage_options) if job.preprocessing.needs_range() else None
+    fill = _row_filler(reader, grid, job.preprocessing, clip_range)
+    write_rows(node, "bold", ("time", "voxel"), plan, fill, job.task_memory, job.bold)
+    return reader.finish()
+
+
+def existing_result(root, kind, job, storage_options=None) -> dict | None:
+    """The summary of a node already complete from ``job``'s files, else None."""
+    path = f"{kind}/{job.name}"
+    if path not in root or not st.is_complete(root[path]):
+        return None
+    meta = st.node_meta(root[path])
+    if not same_source(meta, job, storage_options):
+        return None
+    if kind == "maps":
+        return {"name": job.name, "n_images": len(job.images), "sources": meta["sources"]}
+    source = meta["source"]
+    return {"name": job.name, "path": source["path"], "sha256": source["sha256"],
+            "size": source["size"], "shape": list(root[path]["bold"].shape)}
+
+
+def _job_record(job, storage_options) -> dict:
+    """What a repair needs to convert the run again: its tables (with sha256) and sizes."""
+    tables = {}
+    for role in ("confounds", "events"):
+        path = getattr(job, role)
+        if path is not None:
+            local = path if st.is_url(path) else os.path.abspath(path)
+            tables[role] = {"path": st.redact_url(local), "sha256": file_sha256(path, storage_options)}
+    return {"tables": tables, "chunk_bytes": job.chunk_bytes,
+            "task_memory": job.task_memory}
 
 
 _GRID_CACHE: dict = {}
@@ -105,12 +137,6 @@ def _cached_grid(root, store, grid_id):
     if key not in _GRID_CACHE:
         _GRID_CACHE[key] = st.read_grid(root, grid_id)
     return _GRID_CACHE[key]
-
-
-def _discard(root, name):
-    path = f"runs/{name}"
-    if path in root:
-        del root[path]
 
 
 def _check_run_grid(info, grid, path, preprocessing):
@@ -221,7 +247,8 @@ def release_free_memory() -> None:
 def _create_float_array(node, name, shape, chunks, shards, dims):
     return node.create_array(
         name, shape=shape, dtype="float32", chunks=chunks, shards=shards,
-        compressors=(st.compressor(),), dimension_names=dims, fill_value=0,
+        compressors=st.checked_codecs("float32"), dimension_names=dims,
+        fill_value=st.fill_value("float32"), config=st.ARRAY_CONFIG,
     )
 
 

@@ -680,7 +680,7 @@ def _run_reader(node, data):
     """A reader of the run's stored bold array, read inside the extraction tasks."""
     from chunkglm.maskers._maps_input import ZarrRunReader
 
-    return ZarrRunReader(node.cohort.root[node.path]["bold"], data.chunks)
+    return ZarrRunReader(node.zarr_array("bold"), data.chunks)  # missing/corrupt chunks raise
 
 
 def _reread(node, data):
@@ -688,7 +688,7 @@ def _reread(node, data):
     import dask.array as da
     from dask.base import tokenize
 
-    array = node.cohort.root[node.path]["bold"]
+    array = node.zarr_array("bold")  # missing/corrupt chunks raise
     return da.from_zarr(array, chunks=data.chunks, name=f"bold-reread-{tokenize(node.cohort.location, node.path)}")
 
 
