@@ -104,7 +104,7 @@ def run(args) -> int:
     from chunkglm.cli.main import cluster_client, print_skipped, storage_for
     from chunkglm.cli.progress import Reporter
     from chunkglm.maskers import save_timeseries, save_timeseries_to_store
-    from chunkglm.maskers.maps_masker import _label
+    from chunkglm.maskers.outputs import _label
 
     _label(args.atlas)  # fail before any work
     reporter = Reporter(bars=not args.no_progress)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dask
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 
 from chunkglm.graph.evaluate import active_client
 from chunkglm.kernels import maps as km
@@ -150,6 +151,20 @@ def region_signals(gram_matrix, projection_matrix, dtype) -> dask.delayed:
     return dask.delayed(km.solve_region_signals, pure=True)(gram_matrix, projection_matrix, dtype)
 
 
+def cleaned_signals(spec: km.CleanSpec, gram, projections: list, hvs: list, dtypes: list, t_rs: list,
+                    confounds: list, sample_masks: list) -> list:
+    """Every run's (time, region) signals, solved and cleaned (:func:`~chunkglm.kernels.maps.clean_signals`).
+
+    One dask computation for all runs: the Gram matrix and the block
+    products they share are computed once.
+    """
+    lazy = [dask.delayed(km.clean_signals)(spec, region_signals(gram, projection, np.float64),
+                                           conf, hv, mask, t_r, dtype)
+            for projection, hv, dtype, t_r, conf, mask in zip(projections, hvs, dtypes, t_rs, confounds,
+                                                              sample_masks)]
+    return list(dask.compute(*lazy))
+
+
 def high_variance_confounds(data: da.Array, n_outside: int = 0, n_confounds: int = 5,
                             percentile: float = 2.0, reread: da.Array | None = None) -> dask.delayed:
     """Lazy (time, n_confounds) high-variance confounds of a run, nilearn's definition.
@@ -199,3 +214,22 @@ def reconstruct(region_signals: np.ndarray, maps: da.Array) -> da.Array:
 
 def _reconstruct_block(maps_block, signals):
     return km.reconstruct(signals, maps_block)
+
+
+def voxel_signals(region_signals: np.ndarray, maps: da.Array) -> np.ndarray:
+    """(time, voxel) voxel signals ``signals @ maps.T`` (:func:`reconstruct`, computed)."""
+    return dask.compute(reconstruct(region_signals, maps))[0]
+
+
+def zarr_maps(zarray, voxel_chunk: int, location: str, tag: str = "maps") -> da.Array:
+    """A (voxel, map) zarr array of prepared maps as a dask array chunked by voxel blocks.
+
+    Task names are unique to ``tag`` (and the array's ``location``).
+    """
+    name = f"{tag}-{tokenize(location, tag)}"
+    return da.from_zarr(zarray, chunks=(voxel_chunk, zarray.shape[1]), name=name)
+
+
+def reread_run(zarray, chunks, location: str, path: str) -> da.Array:
+    """A run's stored (time, voxel) array under new task names, for a second pass over it."""
+    return da.from_zarr(zarray, chunks=chunks, name=f"bold-reread-{tokenize(location, path)}")

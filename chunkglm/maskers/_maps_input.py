@@ -24,8 +24,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import scipy.sparse
+import zarr
+from nilearn.image import resample_img
 
 from chunkglm.errors import InputError
+from chunkglm.graph import maps as graph
+from chunkglm.io.nifti import NiftiReader, read_info, scale_values
+from chunkglm.io.store import compressor
 from chunkglm.kernels.maps import counted_in_overlap
 
 #: Maps whose non-zero values (with their voxel indices) take at most this are held in memory.
@@ -81,8 +87,6 @@ class MapsSource:
         ``volume`` is a view of the reader's reused buffer (unscaled files): use it
         before asking for the next one. Non-finite values are left as they are.
         """
-        from chunkglm.io.nifti import NiftiReader, scale_values
-
         with NiftiReader(str(self.image)) as reader:
             info = reader.info
             unscaled = info.slope == 1 and info.inter == 0 and info.dtype.kind == "f"
@@ -107,8 +111,6 @@ def maps_source(maps_img) -> MapsSource:
     if maps_img is None:
         raise InputError("maps_img is None: give a 4-D image of probabilistic maps (path or nibabel image).")
     if isinstance(maps_img, str | Path):
-        from chunkglm.io.nifti import read_info
-
         if not Path(maps_img).is_file():
             raise InputError(f"maps_img not found: {maps_img}")
         info = read_info(str(maps_img))
@@ -288,8 +290,6 @@ def _grid_mismatch(source, grid):
 
 
 def _resample(volumes, affine, grid):
-    from nilearn.image import resample_img
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, message="Resampling binary images")
         img = resample_img(nib.Nifti1Image(volumes, affine), interpolation="linear",
@@ -344,8 +344,6 @@ class NiftiVolumeReader:
     positions: np.ndarray
 
     def __call__(self):
-        from chunkglm.io.nifti import NiftiReader, scale_values
-
         with NiftiReader(self.path) as reader:
             info = reader.info
             for _, raw in reader.iter_volumes():
@@ -431,10 +429,6 @@ class _Writer:
             self._open(maps_store)
 
     def _open(self, maps_store):
-        import zarr
-
-        from chunkglm.io.store import compressor
-
         if maps_store is None:
             folder = tempfile.TemporaryDirectory(prefix="chunkglm-maps-")
             self.cleanup.append(folder)  # removed with the PreparedMaps
@@ -471,8 +465,6 @@ class _Writer:
     def finish(self, dtype, kept):
         """All maps added: join the in-memory parts into a CSR (voxel, kept map) matrix of ``dtype``."""
         if self.memory:
-            import scipy.sparse
-
             parts, self.parts = self.parts, []
             rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=np.int32)
             columns = np.repeat([p[0] for p in parts], [p[1].size for p in parts]).astype(np.int32)
@@ -482,8 +474,4 @@ class _Writer:
             self.matrix = matrix if len(kept) == self.shape[1] else matrix[:, kept].tocsr()
 
     def dask_array(self, tag="maps"):
-        import dask.array as da
-        from dask.base import tokenize
-
-        name = f"{tag}-{tokenize(self.location, tag)}"
-        return da.from_zarr(self.zarray, chunks=(self.chunk, self.shape[1]), name=name)
+        return graph.zarr_maps(self.zarray, self.chunk, self.location, tag)

@@ -41,8 +41,6 @@ Outputs: ``transform`` gives nilearn's list of (time, region) arrays;
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import tempfile
 import warnings
@@ -50,13 +48,29 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from nilearn._utils.numpy_conversions import get_target_dtype
+from nilearn.image import load_img, resample_img
 
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
 from chunkglm.io.bids import input_entities
-from chunkglm.kernels.maps import CleanSpec, clean_signals
-from chunkglm.maskers._maps_input import maps_source, prepare_maps, same_grid
+from chunkglm.io.cohort import Node, open_cohort
+from chunkglm.io.convert import convert
+from chunkglm.io.nifti import read_info, stage_image
+from chunkglm.io.preprocess import SpatialPreprocessing
+from chunkglm.io.store import Grid, node_meta
+from chunkglm.io.write_run import _seconds
+from chunkglm.kernels.maps import CleanSpec
+from chunkglm.maskers._maps_input import (
+    NiftiVolumeReader,
+    ZarrRunReader,
+    maps_source,
+    prepare_maps,
+    same_grid,
+)
+from chunkglm.maskers.outputs import to_xarray
 
 RESAMPLING_TARGETS = ("data", "mask", "maps", None)
 STANDARDIZE = ("zscore_sample", "zscore", "psc", True, False, None)
@@ -163,8 +177,6 @@ class MultiMapsMasker:
     @property
     def mask_img_(self):
         """nilearn's ``mask_img_``: mask_img on the fitted grid (a NIfTI), or None."""
-        import nibabel as nib
-
         self._check_fitted()
         if self._mask is None:
             return None
@@ -193,8 +205,6 @@ class MultiMapsMasker:
 
     def _target_grid_without_data(self):
         """The grid of resampling_target "mask" or "maps" (all voxels stored)."""
-        from chunkglm.io.store import Grid
-
         if self.resampling_target == "mask":
             affine, mask = self._mask
             return Grid(affine, np.ones(mask.shape, dtype=bool))
@@ -209,9 +219,6 @@ class MultiMapsMasker:
             return mask
         if self.resampling_target is None:
             raise InputError(_mismatch("mask_img", affine, mask.shape, grid))
-        import nibabel as nib
-        from nilearn.image import resample_img
-
         img = resample_img(nib.Nifti1Image(mask.astype(np.int8), affine), interpolation="nearest",
                            target_shape=grid.shape, target_affine=grid.affine, copy=True,
                            force_resample=True, copy_header=True)
@@ -237,8 +244,6 @@ class MultiMapsMasker:
     # -- inputs ------------------------------------------------------------------------
 
     def _as_nodes(self, items):
-        from chunkglm.io.cohort import Node
-
         if all(isinstance(item, Node) for item in items):
             for node in items:
                 self._check_store_run(node)
@@ -248,9 +253,6 @@ class MultiMapsMasker:
         return self._convert_images(items)
 
     def _check_store_run(self, node):
-        from chunkglm.io.preprocess import SpatialPreprocessing
-        from chunkglm.io.store import node_meta
-
         if node.kind != "runs":
             raise InputError(f"imgs must be runs of a cohort store; received the {node.kind} node {node.name}.")
         done = node_meta(node.cohort.root[node.path]).get("preprocessing", SpatialPreprocessing().to_attrs())
@@ -262,10 +264,6 @@ class MultiMapsMasker:
                 "the NIfTI files.")
 
     def _convert_images(self, images):
-        from chunkglm.io.cohort import open_cohort
-        from chunkglm.io.convert import convert
-        from chunkglm.io.nifti import read_info, stage_image
-
         folder = Path(tempfile.mkdtemp(prefix="chunkglm-maps-masker-"))
         weakref.finalize(self, shutil.rmtree, folder, True)
         paths = [stage_image(image, folder, index, "imgs") for index, image in enumerate(images)]
@@ -277,8 +275,6 @@ class MultiMapsMasker:
         mask = self._conversion_mask(target, infos[0])
         mask_path = None
         if mask is not None:
-            import nibabel as nib
-
             mask_path = folder / "mask.nii"
             nib.save(nib.Nifti1Image(mask.astype(np.uint8), target[0] if target else infos[0].affine), mask_path)
         convert(paths, folder / "store.zarr", mask_img=mask_path,
@@ -309,8 +305,6 @@ class MultiMapsMasker:
 
     def _conversion_mask(self, target, info):
         """The voxels the temporary store holds: every voxel, or mask_img's (on the data grid)."""
-        from chunkglm.io.store import Grid
-
         if self._mask is None or self.high_variance_confounds:
             return None  # nilearn's high-variance confounds use every voxel of the image
         affine, shape = target if target is not None else (info.affine, info.volume_shape)
@@ -404,11 +398,9 @@ class MultiMapsMasker:
         nodes = self._nodes_of(items)
         n = len(nodes)
         signals = self._extract(nodes, _per_run(confounds, n, "confounds"), _per_run(sample_mask, n, "sample_mask"))
-        return _to_xarray(signals, nodes, self.region_indices_)
+        return to_xarray(signals, nodes, self.region_indices_)
 
     def _nodes_of(self, items):
-        from chunkglm.io.cohort import Node
-
         return items if all(isinstance(i, Node) for i in items) else self._as_nodes(items)
 
     def _file_runs(self, items):
@@ -421,9 +413,6 @@ class MultiMapsMasker:
         if (self.high_variance_confounds or self.smoothing_fwhm is not None or self.maps_store is not None
                 or not items or not all(isinstance(i, str | Path) and Path(i).is_file() for i in items)):
             return None
-        from chunkglm.io.nifti import read_info
-        from chunkglm.io.store import Grid
-
         infos = [read_info(str(item)) for item in items]
         first = infos[0]
         if any(len(info.shape) != 4 or not same_grid(info.affine, info.volume_shape, first.affine,
@@ -443,8 +432,6 @@ class MultiMapsMasker:
 
     def _extract_files(self, files, confounds, sample_masks):
         """Region signals of NIfTI runs, each streamed volume by volume in one task."""
-        from chunkglm.maskers._maps_input import NiftiVolumeReader
-
         grid = files[0].grid
         maps = self._maps_on(grid)
         self._check_overlap(maps)
@@ -461,13 +448,8 @@ class MultiMapsMasker:
 
     def _clean_all(self, gram, projections, hvs, dtypes, t_rs, confounds, sample_masks):
         """Solve and clean every run's signals (one dask computation)."""
-        import dask
-
-        lazy = [dask.delayed(clean_signals)(self._cleaning(), graph.region_signals(gram, projection, np.float64),
-                                            conf, hv, mask, t_r, dtype)
-                for projection, hv, dtype, t_r, conf, mask in zip(projections, hvs, dtypes, t_rs, confounds,
-                                                                  sample_masks)]
-        return list(dask.compute(*lazy))
+        return graph.cleaned_signals(self._cleaning(), gram, projections, hvs, dtypes, t_rs, confounds,
+                                     sample_masks)
 
     def _extract(self, items, confounds, sample_masks):
         files = self._file_runs(items)
@@ -503,8 +485,6 @@ class MultiMapsMasker:
 
     def _output_dtype(self, maps_dtype, data_dtype):
         """nilearn's output dtype: its solve's (maps x data) type, or the ``dtype`` asked for."""
-        from nilearn._utils.numpy_conversions import get_target_dtype
-
         if self.dtype is not None:
             target = get_target_dtype(np.dtype(data_dtype), self.dtype)
             return np.dtype(data_dtype) if target is None else np.dtype(target)
@@ -554,9 +534,6 @@ class MultiMapsMasker:
         nibabel.Nifti1Image
             4-D (3-D for 1-D input) on the fitted grid.
         """
-        import dask
-        import nibabel as nib
-
         self._check_fitted()
         if self._fit_grid is None:
             raise InputError("inverse_transform needs the data grid: call fit(imgs) first.")
@@ -573,7 +550,7 @@ class MultiMapsMasker:
         if maps.sparse is not None:  # in memory: (voxel, region) @ (region, time)
             voxels = np.asarray(maps.sparse.astype(signals.dtype) @ signals.T).T
         else:
-            voxels = dask.compute(graph.reconstruct(signals, maps.array("maps-inverse")))[0]
+            voxels = graph.voxel_signals(signals, maps.array("maps-inverse"))
         grid = self._fit_grid
         data = np.zeros((*grid.shape, signals.shape[0]), dtype=voxels.dtype)
         ijk = grid.ijk
@@ -608,16 +585,12 @@ def _load_mask(mask_img):
     """nilearn's _load_mask: a 3-D (or 4-D, all volumes) mask -> (affine, bool array) or None."""
     if mask_img is None:
         return None
-    import nibabel as nib
-
     try:
         if isinstance(mask_img, nib.spatialimages.SpatialImage):
             img = mask_img
         elif isinstance(mask_img, str | Path) and Path(mask_img).is_file():
-            img = nib.load(str(mask_img))  # as nilearn's load_img, without importing nilearn.image
+            img = nib.load(str(mask_img))  # as nilearn's load_img
         else:  # wildcards, lists of images, ...: nilearn's own loader
-            from nilearn.image import load_img
-
             img = load_img(mask_img)
     except Exception as err:  # nibabel and nilearn raise several kinds for unreadable inputs
         raise InputError(f"mask_img cannot be read as an image: {err}") from err
@@ -678,18 +651,13 @@ def _batched_moments(maps, datas):
 
 def _run_reader(node, data):
     """A reader of the run's stored bold array, read inside the extraction tasks."""
-    from chunkglm.maskers._maps_input import ZarrRunReader
-
     return ZarrRunReader(node.zarr_array("bold"), data.chunks)  # missing/corrupt chunks raise
 
 
 def _reread(node, data):
     """The run's bold array under new task names (read again by a second pass)."""
-    import dask.array as da
-    from dask.base import tokenize
-
     array = node.zarr_array("bold")  # missing/corrupt chunks raise
-    return da.from_zarr(array, chunks=data.chunks, name=f"bold-reread-{tokenize(node.cohort.location, node.path)}")
+    return graph.reread_run(array, data.chunks, node.cohort.location, node.path)
 
 
 @dataclass(frozen=True)
@@ -703,8 +671,6 @@ class _FileRun:
 
 def _file_t_r(info):
     """The run's RepetitionTime as conversion stores it: the 4th zoom, in seconds."""
-    from chunkglm.io.write_run import _seconds
-
     zooms = [float(z) for z in info.header.get_zooms()]
     return _seconds(zooms[3], info) if len(zooms) > 3 else None
 
@@ -746,102 +712,3 @@ def _as_list(value):
 
 def _name(item):
     return str(item) if isinstance(item, str | Path) else type(item).__name__
-
-
-# -- outputs -----------------------------------------------------------------------------
-
-_ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space")
-
-
-def _to_xarray(signals, nodes, region_indices):
-    import xarray as xr
-
-    n_time = max((s.shape[0] for s in signals), default=0)
-    n_regions = len(region_indices)
-    values = np.full((len(signals), n_time, n_regions), np.nan, dtype=np.float64)
-    for index, array in enumerate(signals):
-        values[index, :array.shape[0]] = array.reshape(array.shape[0], -1)
-    entities = [dict(node.entities) for node in nodes]
-    coords = {"run": [node.name for node in nodes], "time": np.arange(n_time),
-              "region": np.asarray(region_indices, dtype=int)}
-    for key in _ENTITY_ORDER:
-        if any(key in e for e in entities):
-            coords[_entity_coord(key)] = ("run", [str(e.get(key, "")) for e in entities])
-    coords["repetition_time"] = ("run", [float(node.attrs.get("RepetitionTime") or np.nan) for node in nodes])
-    coords["n_scans"] = ("run", [int(s.shape[0]) for s in signals])
-    return xr.DataArray(values, dims=("run", "time", "region"), coords=coords, name="region_signals")
-
-
-def _entity_coord(key):
-    """Coordinate name of a BIDS entity ("run" names the dimension: its entity is "run_label")."""
-    return "run_label" if key == "run" else key
-
-
-def _label(atlas):
-    if not isinstance(atlas, str) or not re.fullmatch(r"[A-Za-z0-9]+", atlas):
-        raise InputError(f"atlas becomes the BIDS desc- label and must be alphanumeric; received {atlas!r}.")
-    return atlas
-
-
-def timeseries_filename(entities: dict, atlas: str, fallback: str) -> str:
-    """``sub-01_ses-1_task-rest_run-1_desc-<atlas>_timeseries.tsv`` (BIDS derivatives)."""
-    parts = [f"{k}-{entities[k]}" for k in ("sub", "ses", "task", "acq", "run") if entities.get(k)]
-    prefix = "_".join(parts) if parts else fallback
-    return f"{prefix}_desc-{_label(atlas)}_timeseries.tsv"
-
-
-def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
-    """Write per-run BIDS-derivative TSV files (+ JSON sidecars) from ``transform_to_xarray``.
-
-    Files go to ``out_dir/sub-XX[/ses-YY]/func/`` (``out_dir`` for runs
-    without a subject); columns are ``map-<index>``; the NaN padding is cut.
-
-    Returns
-    -------
-    list of Path
-        The TSV files written.
-    """
-    import pandas as pd
-
-    from chunkglm._version import __version__
-
-    out = Path(out_dir)
-    _label(atlas)
-    written = []
-    width = max(3, len(str(int(signals["region"].max()) if signals.sizes["region"] else 0)))
-    columns = [f"map-{int(i):0{width}d}" for i in signals["region"].values]
-    for index in range(signals.sizes["run"]):
-        run = signals.isel(run=index)
-        entities = {k: str(run[_entity_coord(k)].item()) for k in _ENTITY_ORDER
-                    if _entity_coord(k) in run.coords and str(run[_entity_coord(k)].item())}
-        folder = out / f"sub-{entities['sub']}" if "sub" in entities else out
-        folder = folder / f"ses-{entities['ses']}" if "ses" in entities and "sub" in entities else folder
-        folder = folder / "func" if "sub" in entities else folder
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / timeseries_filename(entities, atlas, str(run["run"].item()))
-        n_scans = int(run["n_scans"].item())
-        pd.DataFrame(run.values[:n_scans], columns=columns).to_csv(path, sep="\t", index=False, na_rep="n/a")
-        t_r = float(run["repetition_time"].item())
-        sidecar = {"Columns": columns, "Atlas": atlas, "Sources": [str(run["run"].item())],
-                   **({"SamplingFrequency": 1.0 / t_r, "RepetitionTime": t_r} if np.isfinite(t_r) else {})}
-        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
-        written.append(path)
-    description = out / "dataset_description.json"
-    if not description.exists():
-        description.write_text(json.dumps({
-            "Name": "chunkglm region signals", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "chunkglm", "Version": __version__}]}, indent=2))
-    return written
-
-
-def save_timeseries_to_store(signals, store, atlas: str, storage_options=None) -> str:
-    """Write the (run, time, region) DataArray to ``timeseries/<atlas>`` of a zarr store.
-
-    Returns the group path written.
-    """
-    from chunkglm.io.store import zarr_store
-
-    path = f"timeseries/{_label(atlas)}"
-    signals.to_dataset(name="region_signals").to_zarr(
-        zarr_store(store, storage_options), group=path, mode="w", zarr_format=3, consolidated=False)
-    return path
