@@ -1,0 +1,150 @@
+"""Weighted least squares meta-regression (intercept only) and the closed-form tau^2 estimators.
+
+PyMARE's ``WeightedLeastSquares``, ``DerSimonianLaird`` and ``Hedges``, and
+NiMARE's ``FixedEffectsHedges``, followed by PyMARE's ``get_fe_stats``
+(:func:`_fe_maps`): Knapp-Hartung scales the covariance by
+``q = sum w e^2 / (K - 1)`` (0 when ``sum w e^2 <= eps``; floored at 1 for
+"knapp-hartung-conservative"), the statistic referred to t with ``K - 1`` dof
+and ``z`` matched on the log tail. A zero or non-finite ``se`` gives NaN
+``z``/``p``/``logp``, as PyMARE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import special, stats
+
+from chunkglm.errors import InputError
+from chunkglm.kernels.meta._arrays import _block, _check_correction, _dof_map, _ksum, _same_shape, _sample_sizes
+from chunkglm.kernels.meta.distributions import _EPS, _LOG2, nimare_logp
+
+
+def _wls(y, w):
+    """Intercept-only WLS: estimate, sum of weights (1 / model variance), residuals."""
+    w_sum = _ksum(w)
+    est = _ksum(w * y) / w_sum
+    return est, w_sum, y - est
+
+
+def _fe_maps(y, w, small_sample_correction, extra=None) -> dict:
+    """PyMARE's ``get_fe_stats`` after a WLS fit with weights ``w``, as NiMARE's maps."""
+    _check_correction(small_sample_correction)
+    n_studies, n_voxels = y.shape
+    est, w_sum, resid = _wls(y, w)
+    var = 1.0 / w_sum
+    dof = None
+    if small_sample_correction != "wald":
+        dof = float(n_studies - 1)
+        rss = _ksum(w * resid * resid)
+        scale = np.where(rss <= _EPS, 0.0, rss / dof)
+        if small_sample_correction == "knapp-hartung-conservative":
+            scale = np.maximum(scale, 1.0)
+        var = var * scale
+    se = np.sqrt(var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = est / se
+        if dof is None:
+            log_tail = special.log_ndtr(-np.abs(stat))
+            z = stat
+        else:
+            log_tail = stats.t.logsf(np.abs(stat), dof)
+            z = -np.sign(stat) * special.ndtri_exp(log_tail)
+        logp = np.minimum(log_tail + _LOG2, 0.0)
+    undefined = ~np.isfinite(se) | (se <= 0)
+    maps = {"z": np.where(undefined, np.nan, z), "p": np.where(undefined, np.nan, np.exp(logp)),
+            "logp": np.where(undefined, np.nan, nimare_logp(logp)), "est": est, "se": se}
+    maps.update(extra or {})
+    maps["dof"] = _dof_map(n_studies, n_voxels)
+    return maps
+
+
+def _variances(beta, varcope):
+    y = _block("beta", beta)
+    v = _block("varcope", varcope, y.shape[0])
+    _same_shape(y, v, ("beta", "varcope"))
+    return y, v
+
+
+def weighted_least_squares(beta, varcope, tau2=0.0, small_sample_correction="wald") -> dict:
+    """NiMARE 0.22 ``WeightedLeastSquares``: PyMARE WLS at a given tau^2.
+
+    Parameters
+    ----------
+    beta, varcope : ndarray of shape (K, V)
+        Effect estimates and their sampling variances.
+    tau2 : float or ndarray of shape (V,)
+        Assumed between-study variance, >= 0.
+    small_sample_correction : str
+        PyMARE's default for this estimator is "wald" (tau^2 is not estimated).
+
+    Returns
+    -------
+    dict
+        ``z``, ``p``, ``logp``, ``est``, ``se``, ``dof``.
+    """
+    y, v = _variances(beta, varcope)
+    tau2 = np.asarray(tau2, dtype=np.float64)
+    if np.any(tau2 < 0) or tau2.shape not in ((), (y.shape[1],)):
+        raise InputError(f"tau2 must be >= 0, a float or one value per voxel ({y.shape[1]},); "
+                         f"received shape {tau2.shape}, min {tau2.min() if tau2.size else None}.")
+    return _fe_maps(y, 1.0 / (v + tau2), small_sample_correction)
+
+
+def _dersimonian_laird_tau2(y, v):
+    """PyMARE's method-of-moments tau^2 (intercept-only): max(0, (Q - (K-1)) / A)."""
+    w = 1.0 / v
+    _, w_sum, resid = _wls(y, w)
+    q = _ksum(w * resid * resid)
+    a = w_sum - _ksum(w * w) / w_sum
+    return np.maximum(0.0, (q - (y.shape[0] - 1)) / a)
+
+
+def dersimonian_laird(beta, varcope, small_sample_correction="knapp-hartung") -> dict:
+    """NiMARE 0.22 ``DerSimonianLaird``: moment tau^2, then WLS with 1 / (v + tau^2).
+
+    Returns
+    -------
+    dict
+        ``z``, ``p``, ``logp``, ``est``, ``se``, ``tau2``, ``dof``.
+    """
+    y, v = _variances(beta, varcope)
+    tau2 = _dersimonian_laird_tau2(y, v)
+    return _fe_maps(y, 1.0 / (v + tau2), small_sample_correction, {"tau2": tau2})
+
+
+def hedges(beta, varcope, small_sample_correction="knapp-hartung") -> dict:
+    """NiMARE 0.22 ``Hedges``: tau^2 = max(0, (OLS RSS - (K-1)/K sum v) / (K-1)), then WLS.
+
+    Returns
+    -------
+    dict
+        ``z``, ``p``, ``logp``, ``est``, ``se``, ``tau2``, ``dof``.
+    """
+    y, v = _variances(beta, varcope)
+    k = y.shape[0]
+    resid = y - _ksum(y) / k
+    expected = _ksum((1.0 - 1.0 / k) * v)
+    tau2 = np.maximum(0.0, (_ksum(resid * resid) - expected) / (k - 1))
+    return _fe_maps(y, 1.0 / (v + tau2), small_sample_correction, {"tau2": tau2})
+
+
+def fixed_effects_hedges(t, sample_sizes, tau2=0.0, small_sample_correction="wald") -> dict:
+    """NiMARE 0.22 ``FixedEffectsHedges``: Hedges' g from t maps, then WLS at ``tau2``.
+
+    Notes
+    -----
+    d = t / sqrt(n); h = 1 - 3 / (4 (n - 1) - 1); g = d h;
+    var(g) = (n - 1)(1 + n d^2) h^2 / (n (n - 3)) - d^2 (NiMARE's ``d_to_g``).
+
+    Returns
+    -------
+    dict
+        ``z``, ``p``, ``logp``, ``est``, ``se``, ``dof``.
+    """
+    t = _block("t", t)
+    n = _sample_sizes(sample_sizes, t.shape)
+    d = t / np.sqrt(n)
+    h = 1 - (3 / (4 * (n - 1) - 1))
+    g = d * h
+    var_g = ((n - 1) * (1 + n * d**2) * (h**2) / (n * (n - 3))) - d**2
+    return weighted_least_squares(g, var_g, tau2=tau2, small_sample_correction=small_sample_correction)
