@@ -1,22 +1,17 @@
 """Per voxel block of an IBMA fit: the kernels' inputs from the stored maps, then the fit.
 
-Numpy only, run inside the tasks of :meth:`chunkglm.meta.ibma.IBMAEstimator._graph`
-(moved out of :mod:`chunkglm.meta.ibma` to keep that module small).
+Numpy only: the block functions that :meth:`chunkglm.meta.ibma.IBMAEstimator._graph` hands to
+:func:`chunkglm.graph.meta.block_maps` and :func:`chunkglm.graph.meta.rows_with_any`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from chunkglm.kernels import meta as km
 from chunkglm.kernels.finite import nonfinite_voxels
 from chunkglm.meta import _bags
 from chunkglm.meta._inputs import DERIVATIONS, MetaMaps
-
-
-def _kernels():
-    from chunkglm.kernels import meta as km
-
-    return km
 
 
 #: Kernel argument name -> map type it reads (old API kernels call beta "con").
@@ -63,7 +58,7 @@ def _role_arrays(blocks, stored, roles, sample_sizes, aliases=None) -> dict:
 
 def _t_to_z(t, dof):
     """NiMARE's ``t_to_z`` (one-tailed log survival, sign restored)."""
-    return _kernels().t_to_z(t, dof)
+    return km.t_to_z(t, dof)
 
 
 def _fit_block(*blocks, kernel_name, roles, stored, aliases, row_scale, sample_sizes, params, per_study,
@@ -88,7 +83,7 @@ def _fit_maps(blocks, kernel_name, roles, stored, aliases, row_scale, sample_siz
     dtype = blocks[0].dtype if np.issubdtype(blocks[0].dtype, np.floating) else np.float32
     valid = _bags.validity({r: arrays[r] for r in _image_roles(roles)}, dtype)
     args = {r: sample_sizes if r == "sample_sizes" else arrays[r] for r in roles}
-    kernel = _kernels().KERNELS[kernel_name]
+    kernel = km.KERNELS[kernel_name]
     return _bags.fit_patterns(kernel, args, valid, outputs, params, aggressive_mask=aggressive,
                               per_study=per_study)
 

@@ -32,9 +32,10 @@ import pandas as pd
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
-from chunkglm.io.nifti import load_image as _load
 from chunkglm.io import store as st
-from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
+from chunkglm.io.cohort import Node, open_cohort
+from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, mask_from_voxels, scale_values
+from chunkglm.io.nifti import load_image as _load
 from chunkglm.io.write_run import write_rows
 
 #: Map types a meta-analysis collection may hold.
@@ -133,8 +134,6 @@ class MetaMaps:
 
     def mask_img(self) -> nib.Nifti1Image:
         """The analysed voxels as a uint8 mask on the node's grid."""
-        from chunkglm.io.nifti import mask_from_voxels
-
         return mask_from_voxels(self.ijk, self.grid.shape, self.grid.affine)
 
     def describe(self) -> dict:
@@ -161,8 +160,6 @@ def resolve(inputs, mask=None, *, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -
     chunk_bytes : int or str
         Chunk size of a conversion.
     """
-    from chunkglm.io.cohort import Node
-
     if isinstance(inputs, MetaMaps):
         maps = inputs
     elif isinstance(inputs, Node):
@@ -287,8 +284,6 @@ def convert_meta_maps(table_or_dataset, store, collection, mask_img=None, *,
     chunkglm.io.cohort.Node
         The complete node.
     """
-    from chunkglm.io.cohort import open_cohort
-
     if _is_nimare_dataset(table_or_dataset):
         table, dataset_mask = table_from_dataset(table_or_dataset)
         mask_img = dataset_mask if mask_img is None else mask_img

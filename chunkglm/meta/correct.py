@@ -23,11 +23,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import dask
 import numpy as np
-from scipy import special
+from scipy import ndimage, special
 
 from chunkglm.errors import InputError
+from chunkglm.graph import meta as meta_graph
+from chunkglm.inference.clusters import label_clusters
+from chunkglm.kernels import meta as km
 from chunkglm.meta import _bags
 from chunkglm.meta.results import MetaResult, clip_logp, clip_p
 
@@ -223,10 +225,8 @@ def permuted_ols_montecarlo(estimator, result, n_iters=5000, sign_flips=None):
     flips = _flips(sign_flips, n_iters, n_images, estimator.random_state)
     beta = estimator._stored(maps_in, "beta")
     if rows is not None and rows.size != maps_in.n_images:
-        beta = beta[rows]
-    parts = [dask.delayed(_montecarlo_block)(block, flips, estimator.two_sided, estimator.aggressive_mask)
-             for block in beta.to_delayed().ravel()]
-    computed = dask.compute(*parts)
+        beta = meta_graph.select_images(beta, rows)
+    computed = meta_graph.per_block(_montecarlo_block, beta, flips, estimator.two_sided, estimator.aggressive_mask)
     observed_z = np.concatenate([z for z, _ in computed])
     h0_max_z = np.full(flips.shape[0], -np.inf)
     for _, null in computed:
@@ -261,8 +261,6 @@ def _flips(sign_flips, n_iters, n_images, random_state) -> np.ndarray:
 
 def _montecarlo_block(block, flips, two_sided, aggressive):
     """Observed z and per-flip null max z of one voxel block, over its missing-data patterns."""
-    from chunkglm.kernels import meta as km
-
     values = np.asarray(block, dtype=np.float64)
     valid = _bags.validity({"beta": values})
     z = np.full(values.shape[1], np.nan)
@@ -318,10 +316,6 @@ def add_cluster_maps(result: MetaResult, cdt: float, q: float, two_sided: bool) 
 
 
 def _cluster_maps(maps, inputs, cdt, q) -> dict:
-    from scipy import ndimage
-
-    from chunkglm.inference.clusters import label_clusters
-
     ijk, shape = inputs.ijk, inputs.grid.shape
     where = (ijk[:, 0], ijk[:, 1], ijk[:, 2])
     p = np.asarray(maps["p"], dtype=np.float64)

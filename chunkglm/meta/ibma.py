@@ -26,26 +26,23 @@ from __future__ import annotations
 
 import inspect
 
-import dask.array as da
 import numpy as np
+import pandas as pd
 
 from chunkglm._version import __version__
 from chunkglm.errors import InputError
+from chunkglm.graph import meta as meta_graph
+from chunkglm.kernels import meta as km
 from chunkglm.meta import _bags
 from chunkglm.meta._blocks import _ROLE_OF, _fit_block, _image_any_valid, _image_roles, _role, _stored_roles
-from chunkglm.meta._inputs import DERIVATIONS, MetaMaps, resolve
+from chunkglm.meta._inputs import DERIVATIONS, ROLES, MetaMaps, _is_nimare_dataset, resolve, table_from_dataset
+from chunkglm.meta.correct import add_cluster_maps, permuted_ols_montecarlo
 from chunkglm.meta.results import MetaResult
 
 _REGRESSION_DEFAULTS = {"weight_scheme": "rescale", "rho": 0.8}
 _WEIGHT_SCHEMES = ("rescale", "individual", "collapse")
 _SMALL_SAMPLE = ("knapp-hartung", "knapp-hartung-conservative", "wald")
 _REMOVED = ("resample", "memory_limit")
-
-
-def _kernels():
-    from chunkglm.kernels import meta as km
-
-    return km
 
 
 class IBMAEstimator:
@@ -70,7 +67,8 @@ class IBMAEstimator:
         Where NIfTI/Dataset inputs are converted (default: a temporary store).
     chunk_voxels : int, optional
         Voxels per block of the graph (default: each store chunk split so that
-        a task's float64 (K, voxel) block is about :data:`TASK_BLOCK_BYTES`).
+        a task's float64 (K, voxel) block is about
+        :data:`chunkglm.graph.meta.TASK_BLOCK_BYTES`).
     """
 
     _kernel: str = ""
@@ -98,7 +96,7 @@ class IBMAEstimator:
 
     def _roles(self) -> tuple[str, ...]:
         """Kernel inputs (keyword names) this fit passes."""
-        return tuple(_kernels().INPUTS[self._kernel_name()])
+        return tuple(km.INPUTS[self._kernel_name()])
 
     def _aliases(self) -> dict:
         """Kernel input name -> map type, where they differ (``con`` is ``beta``)."""
@@ -109,7 +107,7 @@ class IBMAEstimator:
         return None
 
     def _outputs(self) -> tuple[str, ...]:
-        return tuple(_kernels().OUTPUTS[self._kernel_name()])
+        return tuple(km.OUTPUTS[self._kernel_name()])
 
     def _description(self, n_images: int) -> str:
         return (f"An image-based meta-analysis was performed with chunkglm {__version__} on "
@@ -166,12 +164,8 @@ class IBMAEstimator:
         """A table (or NiMARE Dataset) reduced to the map types this estimator reads, so that
         only those are converted (NiMARE loads only its required inputs too); other inputs as
         given. Returns ``(inputs, mask)``: a Dataset's mask unless ``mask`` was given."""
-        import pandas as pd
-
-        from chunkglm.meta._inputs import ROLES, table_from_dataset
-
         mask = self.mask
-        if _is_dataset(dataset):
+        if _is_nimare_dataset(dataset):
             dataset, dataset_mask = table_from_dataset(dataset)
             mask = dataset_mask if mask is None else mask
         if not isinstance(dataset, pd.DataFrame):
@@ -190,8 +184,6 @@ class IBMAEstimator:
     def _tables(self) -> dict:
         """Non-map outputs (NiMARE: the assumed tau2 of WLS and FixedEffectsHedges)."""
         if hasattr(self, "tau2"):
-            import pandas as pd
-
             return {"level-estimator": pd.DataFrame(columns=["tau2"], data=[self.tau2])}
         return {}
 
@@ -240,10 +232,8 @@ class IBMAEstimator:
         """NiMARE drops images with no usable voxel before the aggressive mask (one global pass)."""
         stored = _stored_roles(roles, maps, self._aliases())
         blocks = [self._stored(maps, r) for r in stored]
-        any_valid = da.map_blocks(_image_any_valid, *blocks, roles=roles, stored=stored,
-                                  sample_sizes=maps.sample_sizes, aliases=self._aliases(),
-                                  chunks=(blocks[0].chunks[0], (1,) * blocks[0].numblocks[1]), dtype=bool)
-        keep = np.asarray(any_valid.any(axis=1).compute())
+        keep = meta_graph.rows_with_any(_image_any_valid, blocks, roles=roles, stored=stored,
+                                        sample_sizes=maps.sample_sizes, aliases=self._aliases())
         if keep.all():
             return np.arange(keep.size)
         if not drop_invalid or not keep.any():
@@ -255,10 +245,8 @@ class IBMAEstimator:
         return np.flatnonzero(keep)
 
     def _stored(self, maps: MetaMaps, role):
-        array = maps.data(role)
-        if self.chunk_voxels:
-            return array.rechunk((-1, int(self.chunk_voxels)))
-        return array.rechunk((-1, _task_blocks(array.chunks[1], array.shape[0])))
+        """A stored map type in the voxel blocks of the tasks (lazy)."""
+        return meta_graph.task_array(maps.data(role), self.chunk_voxels)
 
     def _graph(self, maps: MetaMaps, roles, rows):
         """(n_outputs, V) float64 dask array of the estimator's maps."""
@@ -266,47 +254,24 @@ class IBMAEstimator:
         stored = _stored_roles(roles, maps, aliases)
         blocks = [self._stored(maps, r) for r in stored]
         if rows is not None and rows.size != maps.n_images:
-            blocks = [b[rows] for b in blocks]
+            blocks = [meta_graph.select_images(b, rows) for b in blocks]
         sizes = maps.sample_sizes
         if sizes is not None and rows is not None:
             sizes = sizes[rows]
         params, per_study = self._split_params(self._kernel_params())
         outputs = self._outputs()
         # one row more than the maps: which voxels held a NaN/inf (MetaResult's warning)
-        return da.map_blocks(
-            _fit_block, *blocks, kernel_name=self._kernel_name(), roles=roles, stored=stored,
-            aliases=aliases, row_scale=self._row_scale(blocks, stored, rows), sample_sizes=sizes,
-            params=params, per_study=per_study, aggressive=self.aggressive_mask, outputs=outputs,
-            chunks=((len(outputs) + 1,), blocks[0].chunks[1]), dtype=np.float64,
-            token=f"meta-{type(self).__name__}")
+        return meta_graph.block_maps(
+            _fit_block, blocks, len(outputs) + 1, f"meta-{type(self).__name__}", kernel_name=self._kernel_name(),
+            roles=roles, stored=stored, aliases=aliases, row_scale=self._row_scale(blocks, stored, rows),
+            sample_sizes=sizes, params=params, per_study=per_study, aggressive=self.aggressive_mask,
+            outputs=outputs)
 
     @staticmethod
     def _split_params(params):
         """Per-study keyword values (last axis = the fitted images, e.g. sign flips) are sliced per pattern."""
         per_study = {k: np.asarray(v) for k, v in params.items() if k in ("sign_flips",) and v is not None}
         return {k: v for k, v in params.items() if k not in per_study}, per_study
-
-
-#: float64 bytes of one (K, voxel) input block inside a task: store chunks (64 MiB of float32
-#: by default) are split so that the float64 copies and kernel temporaries stay bounded.
-TASK_BLOCK_BYTES = 32 * 2**20
-
-
-def _task_blocks(store_chunks, n_images) -> tuple[int, ...]:
-    """Voxel blocks that tile each store chunk (each chunk is still read once) within the budget."""
-    target = max(256, TASK_BLOCK_BYTES // (8 * max(n_images, 1)))
-    blocks = []
-    for size in store_chunks:
-        parts = max(1, -(-size // target))
-        base, extra = divmod(size, parts)
-        blocks += [base + 1] * extra + [base] * (parts - extra)
-    return tuple(b for b in blocks if b)
-
-
-def _is_dataset(obj) -> bool:
-    from chunkglm.meta._inputs import _is_nimare_dataset
-
-    return _is_nimare_dataset(obj)
 
 
 def _check_kwargs(name, kwargs):
@@ -349,7 +314,7 @@ class _RegressionEstimator(IBMAEstimator):
 
 def _accepted(kernel_name, params) -> dict:
     """Keep the parameters the kernel takes; refuse non-default ones it does not."""
-    kernel = _kernels().KERNELS[kernel_name]
+    kernel = km.KERNELS[kernel_name]
     signature = inspect.signature(kernel).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.values())
     unknown = [k for k in params if k not in signature and not takes_any]
@@ -474,8 +439,7 @@ def _unit_variance(blocks):
     A global pass (one read of the maps) done at fit; NaN entries are ignored, zeros count
     (old NiMARE took ``np.std`` of the masked maps).
     """
-    values = blocks[0].astype(np.float64)
-    return np.asarray(da.nanstd(values, axis=1).compute())
+    return meta_graph.row_nanstd(blocks[0])
 
 
 class WeightedLeastSquares(_RegressionEstimator):
@@ -628,8 +592,6 @@ class PermutedOLS(IBMAEstimator):
         sign_flips : ndarray of shape (n_iters, K), optional
             Explicit flips (+-1) instead of NiMARE's seeded draw.
         """
-        from chunkglm.meta.correct import permuted_ols_montecarlo
-
         if self.use_sample_size:
             raise InputError("Monte Carlo FWE of PermutedOLS(use_sample_size=True) (NiMARE's CR2 sign-flip null) "
                              "is not implemented in chunkglm; use use_sample_size=False, or Bonferroni/FDR.")
@@ -662,8 +624,6 @@ class _ClusterGLM(IBMAEstimator):
 
     def fit(self, dataset, drop_invalid=True):
         """Voxelwise maps plus ``z_corr-cluster`` / ``logp_corr-cluster`` (see :mod:`chunkglm.meta.correct`)."""
-        from chunkglm.meta.correct import add_cluster_maps
-
         result = super().fit(dataset, drop_invalid)
         add_cluster_maps(result, self.cdt, self.q, self.two_sided)
         return result

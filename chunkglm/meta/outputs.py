@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from chunkglm._version import __version__
 from chunkglm.errors import InputError
 from chunkglm.io.nifti import save_image
+from chunkglm.provenance import versions
 
 _LABEL = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -66,8 +68,6 @@ def _jsonable(value):
 
 def sidecar(result) -> dict:
     """The JSON sidecar of a result: estimator, parameters, inputs, corrections, software."""
-    from chunkglm.provenance import versions
-
     estimator = result.estimator
     inputs = result._inputs.describe()
     keep = getattr(result._inputs, "keep", None)
@@ -105,8 +105,6 @@ def save_derivatives(result, output_dir, names=None) -> dict[str, Path]:
     dict
         Map name (and ``"mask"``, ``"sidecar"``) -> written path.
     """
-    from chunkglm._version import __version__
-
     folder = Path(output_dir) / "meta"
     folder.mkdir(parents=True, exist_ok=True)
     estimator = _safe(type(result.estimator).__name__)
