@@ -36,6 +36,7 @@ __all__ = [
     "is_secret_key",
     "read_record",
     "record",
+    "redact_url",
     "strip_secrets",
     "versions",
     "write_record",
@@ -65,6 +66,11 @@ def is_secret_key(name) -> bool:
     return str(name) not in _NOT_SECRET and bool(_SECRET.search(str(name)))
 
 
+def redact_url(url: str) -> str:
+    """Drop any ``user:password@`` part of a URL before it is stored or printed."""
+    return re.sub(r"(://)[^/@]*@", r"\1", str(url))
+
+
 def strip_secrets(value):
     """A copy of ``value`` safe to write: secrets replaced, URLs without credentials.
 
@@ -78,8 +84,6 @@ def strip_secrets(value):
     strings) with every secret-named key's value replaced by ``"***"`` and
     ``scheme://user:password@host`` written ``scheme://host``.
     """
-    from chunkglm.io.store import redact_url
-
     if isinstance(value, Mapping):
         return {str(k): REDACTED if is_secret_key(k) and v is not None else strip_secrets(v)
                 for k, v in value.items()}

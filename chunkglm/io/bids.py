@@ -43,14 +43,15 @@ def parse_entities(filename: str) -> dict:
 
 
 def input_entities(item) -> dict:
-    """BIDS entities of an input image: a store node's, a file name's, or none (in-memory images)."""
-    from chunkglm.io.cohort import Node
+    """BIDS entities of an input image: a store node's, a file name's, or none (in-memory images).
 
-    if isinstance(item, Node):
-        return dict(item.entities)
+    A store node (:class:`chunkglm.io.cohort.Node`) is known by its ``entities``
+    attribute: this module sits below the store's and does not import it.
+    """
     if isinstance(item, str | Path):
         return parse_entities(Path(item).name)
-    return {}
+    entities = getattr(item, "entities", None)
+    return dict(entities) if entities is not None else {}
 
 
 def bids_name(entities: dict) -> str:

@@ -15,13 +15,16 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
+import pandas as pd
 import xarray as xr
+import zarr
 
 from chunkglm.errors import InputError, StoreError
 from chunkglm.io import store as st
 from chunkglm.io.bids import parse_entities
 from chunkglm.io.integrity import CheckedStore
-from chunkglm.io.nifti import header_from_text, image_from_voxels, save_image
+from chunkglm.io.nifti import header_from_bytes, header_from_text, image_from_voxels, save_image
+from chunkglm.io.write_run import RESERVED_EVENT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,6 @@ class Node:
 
     def zarr_array(self, name: str):
         """One of the node's zarr arrays, read through :attr:`zarr_store`."""
-        import zarr
-
         return zarr.open_array(self.zarr_store, path=f"{self.path}/{name}", mode="r", zarr_format=3)
 
     def to_dataset(self) -> xr.Dataset:
@@ -97,10 +98,6 @@ class Node:
         ds = self.to_dataset()
         if "event" not in ds.dims:
             return None
-        import pandas as pd
-
-        from chunkglm.io.write_run import RESERVED_EVENT_COLUMNS
-
         columns = {}
         for name in ds.data_vars:
             if ds[name].dims == ("event",):
@@ -114,8 +111,6 @@ class Node:
         ds = self.to_dataset()
         if "confounds" not in ds:
             return None
-        import pandas as pd
-
         return pd.DataFrame(ds["confounds"].values, columns=[str(c) for c in ds["confound"].values])
 
     def to_nifti(self, path=None, variable: str | None = None):
@@ -139,8 +134,6 @@ class Node:
 
 def _as_4d_header(header_bytes, n_images):
     """Maps keep their first image's header; stacked they are a 4-D image."""
-    from chunkglm.io.nifti import header_from_bytes
-
     header = header_from_bytes(header_bytes)
     zooms = header.get_zooms()[:3]
     header.set_data_shape((*header.get_data_shape()[:3], n_images))

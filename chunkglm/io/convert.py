@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from distributed import as_completed, wait
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, as_bytes
 from chunkglm.errors import ConversionError, InputError
@@ -26,6 +27,7 @@ from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.write_maps import MapsJob, convert_maps
 from chunkglm.io.sources import file_sha256, same_source, source_key
 from chunkglm.io.write_run import RunJob, convert_run
+from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 __all__ = ["ConversionReport", "convert", "file_sha256", "plan_conversion"]
 
@@ -118,8 +120,6 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     ConversionError
         Some nodes failed while others were written; lists the failures.
     """
-    from chunkglm.provenance import Stopwatch
-
     stopwatch = Stopwatch()
     plan = plan_conversion(inputs, task=task, space=space, subjects=subjects, sessions=sessions,
                            derivatives_folder=derivatives_folder, mask_img=mask_img,
@@ -402,8 +402,6 @@ def _execute_distributed(jobs, store, storage_options, input_storage_options, cl
     returned as it is), and the futures are waited on -- re-runs included --
     before they are released, so no task still runs when this returns.
     """
-    from distributed import as_completed, wait
-
     token = uuid.uuid4().hex[:8]  # readable keys on the dashboard, unique per call
     futures = {client.submit(_task, kind, job, store, storage_options, input_storage_options,
                              key=f"convert-{kind}-{job.name}-{token}"): f"{kind}/{job.name}"
@@ -452,8 +450,6 @@ def _report(progress, done, total, node):
 
 def _provenance(plan, results, client, stopwatch, command=None) -> dict:
     """The store's record of this conversion (see :mod:`chunkglm.provenance`)."""
-    from chunkglm.provenance import cluster_summary, record
-
     inputs = []
     for kind, result in results:
         if kind == "runs":

@@ -21,6 +21,7 @@ import json
 import math
 
 import numpy as np
+from dask.base import tokenize
 from zarr.codecs import Crc32cCodec
 from zarr.storage import WrapperStore
 
@@ -112,8 +113,6 @@ class CheckedStore(WrapperStore):
         self.arrays = dict(arrays)
 
     def __dask_tokenize__(self):
-        from dask.base import tokenize
-
         return ("chunkglm-checked", tokenize(self._store), self.node,
                 json.dumps(self.arrays, sort_keys=True))
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import nibabel as nib
 import numpy as np
+from isal import igzip, igzip_threaded
 from nibabel.volumeutils import apply_read_scaling
 
 from chunkglm.errors import InputError
@@ -105,8 +108,6 @@ class _HashingReader(io.RawIOBase):
     """
 
     def __init__(self, raw):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._raw = raw
         self._sha256 = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunkglm-sha256")
@@ -142,8 +143,6 @@ def _open_raw(path: str, storage_options: dict | None):
     """Open a local path or fsspec URL for binary reading."""
     if "://" not in str(path):
         return open(path, "rb")
-    import fsspec
-
     return fsspec.open(str(path), "rb", **(storage_options or {})).open()
 
 
@@ -179,8 +178,6 @@ class NiftiReader:
         self._hasher = _HashingReader(self._raw)
         buffered = io.BufferedReader(self._hasher, buffer_size=_READ_BYTES)
         if is_gzip_path(self.path):
-            from isal import igzip_threaded
-
             # Decompression runs on ISA-L's reader thread (it releases the GIL),
             # hashing on another, voxel gathering on the caller's: ~one pass.
             self._stream = igzip_threaded.open(buffered, "rb", threads=1)
@@ -385,8 +382,6 @@ def save_image(img, path) -> Path:
     if not is_gzip_path(path):
         nib.save(img, path)
         return path
-    from isal import igzip
-
     with igzip.open(path, "wb", compresslevel=1) as handle:
         handle.write(img.to_bytes())
     return path

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
+from nilearn.image import resample_img, smooth_img
 
 from chunkglm.errors import InputError
 
@@ -55,8 +56,6 @@ class SpatialPreprocessing:
         ``clip_range``: nilearn clips resampled data to the range of the whole
         4-D input (and 0), not of each volume; the caller passes that range.
         """
-        from nilearn.image import resample_img, smooth_img
-
         img = nib.Nifti1Image(volume, affine)
         if self.target_affine is not None:
             img = resample_img(img, target_affine=self.target_affine, target_shape=self.target_shape,
@@ -76,8 +75,6 @@ class SpatialPreprocessing:
         """A mask on the source grid -> the output grid (nearest, as nilearn's maskers)."""
         if self.target_affine is None:
             return mask
-        from nilearn.image import resample_img
-
         img = resample_img(nib.Nifti1Image(mask.astype(np.uint8), affine), target_affine=self.target_affine,
                            target_shape=self.target_shape, interpolation="nearest",
                            force_resample=True, copy_header=True)

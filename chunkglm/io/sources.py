@@ -11,6 +11,10 @@ import hashlib
 import os
 
 from chunkglm.io import store as st
+from chunkglm.io.preprocess import SpatialPreprocessing
+
+import fsspec
+
 
 
 def source_key(path: str, storage_options=None) -> dict:
@@ -18,8 +22,6 @@ def source_key(path: str, storage_options=None) -> dict:
     if not st.is_url(path):
         stat = os.stat(path)
         return {"path": os.path.abspath(path), "size": stat.st_size, "mtime": int(stat.st_mtime)}
-    import fsspec
-
     fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
     info = fs.info(fpath)
     return {"path": st.redact_url(path), "size": int(info.get("size", -1)),
@@ -28,8 +30,6 @@ def source_key(path: str, storage_options=None) -> dict:
 
 def file_sha256(path: str, storage_options=None) -> str:
     """sha256 of a local file or fsspec URL, read in 8 MiB blocks."""
-    import fsspec
-
     digest = hashlib.sha256()
     with fsspec.open(path, "rb", **(storage_options or {})) as handle:
         while block := handle.read(8 * 2**20):
@@ -47,8 +47,6 @@ def same_file(old: dict, new: dict, path: str, storage_options) -> bool:
 def same_source(meta: dict, job, storage_options) -> bool:
     """Was the node whose marker is ``meta`` converted from ``job``'s files (and,
     for runs, with the same resampling/smoothing)?"""
-    from chunkglm.io.preprocess import SpatialPreprocessing
-
     if hasattr(job, "bold"):
         prep = meta.get("preprocessing", SpatialPreprocessing().to_attrs())
         return prep == job.preprocessing.to_attrs() and same_file(

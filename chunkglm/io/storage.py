@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from chunkglm.errors import StoreError
+from chunkglm.provenance import redact_url
 
 __all__ = ["BACKENDS", "DEFAULT_RETRIES", "StorageSettings", "choose_backend", "open_store",
            "storage_settings", "sync"]
@@ -201,7 +203,7 @@ def _obstore_refusal(url: str, options: Mapping) -> str | None:
     """Why obstore cannot serve ``url`` with ``options`` (None when it can)."""
     if not str(url).startswith(_OBSTORE_SCHEMES):
         return f"it serves {'/'.join(_OBSTORE_SCHEMES)} URLs only"
-    try:
+    try:  # obstore is optional: without it, fsspec serves every URL
         import obstore  # noqa: F401
         from zarr.storage import ObjectStore  # noqa: F401
     except ImportError:
@@ -246,7 +248,7 @@ def obstore_config(options: Mapping) -> tuple[dict, dict]:
 
 
 def _obstore_store(url: str, settings: StorageSettings, read_only: bool):
-    from obstore.store import S3Store
+    from obstore.store import S3Store  # optional dependency: only reached when _obstore_refusal found it
 
     bucket, prefix = _split_s3_url(url)
     config, client = obstore_config(settings.options)
@@ -288,15 +290,11 @@ def _split_s3_url(url: str) -> tuple[str, str]:
 
 
 def _redact_url(url) -> str:
-    from chunkglm.io.store import redact_url
-
     return redact_url(str(url))
 
 
 def sync(coroutine):
     """Run a zarr store coroutine from synchronous code (zarr's own event loop)."""
-    from zarr.core.sync import sync as zarr_sync
-
     return zarr_sync(coroutine)
 
 
@@ -348,7 +346,7 @@ class _ObjectStore(_ClearErrors, zarr.storage.ObjectStore):
         self._location, self._retries = url, retries
 
     def _error_types(self) -> tuple:
-        from obstore.exceptions import BaseError
+        from obstore.exceptions import BaseError  # optional dependency, present for an _ObjectStore
 
         return (BaseError, OSError, ConnectionError)
 

@@ -25,10 +25,15 @@ from functools import cached_property
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.errors import UnstableSpecificationWarning
+from zarr.storage import LocalStore
 
 from chunkglm._version import __version__
 from chunkglm.errors import IncompatibleStoreError, InputError, StoreError
+from chunkglm.io.integrity import node_inventory
+from chunkglm.io.storage import open_store, redact_url
 
 FORMAT_NAME = "chunkglm-cohort"
 #: Major.minor of the store format. Readers accept any minor of their major.
@@ -68,11 +73,6 @@ def is_url(store) -> bool:
     return isinstance(store, str) and "://" in store and not store.startswith("file://")
 
 
-def redact_url(url: str) -> str:
-    """Drop any ``user:password@`` part of a URL before it is stored or printed."""
-    return re.sub(r"(://)[^/@]*@", r"\1", str(url))
-
-
 def zarr_store(store, storage_options=None, *, read_only=False):
     """A zarr Store for a local path, an object-store URL or an existing Store.
 
@@ -87,11 +87,7 @@ def zarr_store(store, storage_options=None, *, read_only=False):
     if isinstance(store, zarr.abc.store.Store):
         return store
     if is_url(store):
-        from chunkglm.io.storage import open_store
-
         return open_store(store, storage_options, read_only=read_only)
-    from zarr.storage import LocalStore
-
     path = str(store).removeprefix("file://")
     return LocalStore(path, read_only=read_only)
 
@@ -275,9 +271,6 @@ def _key(root, path: str) -> str:
 
 def _copy_prefix(store, source: str, target: str) -> None:
     """Make the keys under ``target`` those under ``source``; the group document last."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     async def copy():
         proto = default_buffer_prototype()
         new = [k async for k in store.list_prefix(f"{source}/")]
@@ -299,8 +292,6 @@ def finish_node(group, attrs: dict, meta: dict) -> None:
     The marker records the node's arrays (stored chunks, checksum): the
     inventory readers and ``chunkglm verify`` check the store against.
     """
-    from chunkglm.io.integrity import node_inventory
-
     full = dict(attrs)
     full[ATTR] = {**meta, "arrays": node_inventory(group), "complete": True, "written": _now(),
                   "chunkglm_version": __version__}

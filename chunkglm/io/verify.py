@@ -12,10 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from chunkglm.errors import ChunkglmError
 from chunkglm.io import store as st
-from chunkglm.io.integrity import check_object, chunk_keys
+from chunkglm.io.integrity import check_object, chunk_keys, node_inventory
+from chunkglm.io.preprocess import SpatialPreprocessing
+from chunkglm.io.sources import source_key, unchanged
+from chunkglm.io.write_maps import MapsJob, convert_maps
+from chunkglm.io.write_run import RunJob, convert_run
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,6 @@ def _incomplete_line(root, path) -> str:
 
 def _legacy_inventory(group) -> dict:
     """Old nodes: check only the checksums they have; absent chunks may be fill value."""
-    from chunkglm.io.integrity import node_inventory
-
     return {name: {**entry, "objects": None} for name, entry in node_inventory(group).items()}
 
 
@@ -95,9 +99,6 @@ def _check_node(root, path, arrays) -> list[Problem]:
 
 def _check_array(root, path, name, array, entry) -> list[Problem]:
     """Read every stored object of one array once: present, checksum right."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     prefix = "/".join(p for p in (root.path, path, name) if p)
     problems = []
 
@@ -180,19 +181,12 @@ def _repair_node(root, store, kind, name, storage_options, input_storage_options
     job, why = (_run_job if kind == "runs" else _maps_job)(name, meta, attrs, input_storage_options)
     if why:
         return f"{why}; convert the current inputs again with --overwrite"
-    from chunkglm.io.write_maps import convert_maps
-    from chunkglm.io.write_run import convert_run
-
     (convert_run if kind == "runs" else convert_maps)(job, store, storage_options, input_storage_options,
                                                       replace=True)
     return None
 
 
 def _run_job(name, meta, attrs, storage_options):
-    from chunkglm.io.preprocess import SpatialPreprocessing
-    from chunkglm.io.sources import source_key, unchanged
-    from chunkglm.io.write_run import RunJob
-
     inputs, source = meta["inputs"], meta.get("source", {})
     for record in [source, *inputs.get("tables", {}).values()]:
         why = unchanged(record, storage_options)
@@ -211,9 +205,6 @@ def _run_job(name, meta, attrs, storage_options):
 
 
 def _maps_job(name, meta, attrs, storage_options):
-    from chunkglm.io.sources import source_key, unchanged
-    from chunkglm.io.write_maps import MapsJob
-
     inputs, sources = meta["inputs"], meta.get("sources", [])
     for record in sources:
         why = unchanged(record, storage_options)

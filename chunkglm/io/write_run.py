@@ -19,6 +19,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import pandas as pd
 
@@ -286,8 +287,6 @@ def _stage_rows(node, dims, plan, fill, task_memory, what):
 def _read_table(path, storage_options):
     if path is None:
         return None
-    import fsspec
-
     with fsspec.open(path, "rt", **(storage_options or {})) as handle:
         return pd.read_csv(handle, sep="\t", na_values=["n/a", "NaN", "nan"], keep_default_na=False)
 
