@@ -15,9 +15,18 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from chunkglm.errors import InputError
+from chunkglm.graph.evaluate import active_client
+from chunkglm.provenance import Stopwatch, cluster_summary, record
+from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
 from chunkglm.report.document import HEIGHT_DEFAULT, WIDTH_DEFAULT, HTMLReport
+from chunkglm.report.figures import (
+    contrast_matrix_figure,
+    design_matrix_correlation_figure,
+    design_matrix_figure,
+)
 from chunkglm.report.sections import (
     Block,
     ReportOptions,
@@ -86,8 +95,6 @@ def _with_units(parameters: dict) -> dict:
 
 
 def _design_block(design: Design) -> Block:
-    from chunkglm.report.figures import design_matrix_correlation_figure, design_matrix_figure
-
     if design.matrix is None:
         return Block(heading=design.label, figures=[png_figure(design.png, f"Design matrix {design.label}",
                                                                "as saved")])
@@ -101,8 +108,6 @@ def _design_block(design: Design) -> Block:
 
 
 def _contrast_blocks(pieces: GLMPieces) -> list[Block]:
-    from chunkglm.report.figures import contrast_matrix_figure
-
     blocks = []
     for name, per_design in pieces.contrasts.items():
         figures, text = [], ""
@@ -167,26 +172,13 @@ def _name(definition) -> str:
 # -- fitted objects ---------------------------------------------------------------------
 
 
-def _client():
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
 def _record(operation, inputs, options, stopwatch) -> dict:
-    from chunkglm.provenance import cluster_summary, record
-
-    return record(operation, inputs=inputs, options=options, cluster=cluster_summary(_client()),
+    return record(operation, inputs=inputs, options=options, cluster=cluster_summary(active_client()),
                   stopwatch=stopwatch, note="computed in memory for this report; wall time: computing its maps")
 
 
 def first_level_pieces(model, contrasts) -> GLMPieces:
     """A fitted :class:`~chunkglm.glm.first_level.FirstLevelModel`'s pieces (its z maps computed)."""
-    from chunkglm.interfaces._bids_files import model_parameters, repetition_times
-
     definitions = contrast_dict(contrasts)
     designs = model.design_matrices_
     labels = _run_labels(model)
@@ -212,8 +204,6 @@ def _run_labels(model) -> list[str]:
 
 def second_level_pieces(model, contrasts, first_level_contrast=None) -> GLMPieces:
     """A fitted :class:`~chunkglm.glm.second_level.SecondLevelModel`'s pieces (its z maps computed)."""
-    from chunkglm.interfaces._bids_files import group_model_parameters
-
     design = model.design_matrix_
     if contrasts is None and design.shape[1] == 1:
         contrasts = {str(design.columns[0]): [1.0]}
@@ -232,8 +222,6 @@ def second_level_pieces(model, contrasts, first_level_contrast=None) -> GLMPiece
 def model_report(model, contrasts=None, first_level_contrast=None, title=None, report_dims=None,
                  **options) -> HTMLReport:
     """``generate_report`` of the GLM models (see their docstrings)."""
-    from chunkglm.provenance import Stopwatch
-
     checked = ReportOptions.checked(**options)
     watch = Stopwatch()
     if hasattr(model, "design_matrices_"):
@@ -283,8 +271,6 @@ def meta_report(parameters, inputs, stat_maps, mask_img, options: ReportOptions,
     p-values (signed), not thresholded maps: they are shown above
     ``norm.isf(corrected_alpha / 2)``, i.e. where the corrected p < alpha.
     """
-    from scipy.stats import norm
-
     estimator = parameters.get("estimator", "IBMA")
     title = title or f"Image-based meta-analysis: {estimator}"
     blocks = [Block(heading="Inputs", tables=[table_html(inputs, header=False)])]
@@ -310,8 +296,6 @@ def meta_report(parameters, inputs, stat_maps, mask_img, options: ReportOptions,
 
 def result_report(result, maps=None, title=None, report_dims=None, **options) -> HTMLReport:
     """``MetaResult.generate_report`` (see its docstring)."""
-    from chunkglm.provenance import Stopwatch
-
     checked = ReportOptions.checked(**options)
     watch = Stopwatch()
     parameters, inputs, stat_maps = meta_pieces(result, maps)

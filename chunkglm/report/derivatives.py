@@ -24,10 +24,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from chunkglm.errors import InputError
+from chunkglm.io.labels import file_label
+from chunkglm.provenance import read_record
 from chunkglm.report.build import Design, GLMPieces, glm_report, meta_report
 from chunkglm.report.sections import ReportOptions
 
@@ -131,8 +134,6 @@ def report_of(result: Found, options: ReportOptions, title=None):
 
 
 def _load(path: Path):
-    import nibabel as nib
-
     if not path.exists():
         raise InputError(f"{path} is missing: the derivatives folder is incomplete (re-run the command "
                          "that wrote it).")
@@ -144,8 +145,6 @@ def _optional(path: Path):
 
 
 def _provenance(path: Path) -> dict | None:
-    from chunkglm.provenance import read_record
-
     return read_record(path)
 
 
@@ -234,12 +233,10 @@ def _group_level(sidecar: Path) -> GLMPieces:
 
 
 def _meta(sidecar: Path, options: ReportOptions, title):
-    from chunkglm.meta.outputs import _safe
-
     meta = _read(sidecar)
     folder, estimator = sidecar.parent, sidecar.name.removesuffix(".json")
     names = [n for n in meta.get("Maps", []) if n == "z" or n.startswith("z_")]
-    stat_maps = {name: _load(folder / f"{estimator}_{_safe(name)}.nii.gz") for name in names}
+    stat_maps = {name: _load(folder / f"{estimator}_{file_label(name)}.nii.gz") for name in names}
     if not stat_maps:
         raise InputError(f"{sidecar} lists no z map ({meta.get('Maps')}); nothing to report.")
     parameters = {"estimator": meta.get("Estimator"), **(meta.get("Parameters") or {})}
@@ -249,8 +246,6 @@ def _meta(sidecar: Path, options: ReportOptions, title):
     described = meta.get("Inputs") or {}
     mask = _optional(folder / f"{estimator}_mask.nii.gz")
     if mask is None:  # written before masks were saved: the voxels with a value
-        import nibabel as nib
-
         z = stat_maps.get("z") or next(iter(stat_maps.values()))
         mask = nib.Nifti1Image((np.asanyarray(z.dataobj) != 0).astype(np.uint8), z.affine)
     inputs = {"Images": described.get("n_images"), "Variables": described.get("variables"),

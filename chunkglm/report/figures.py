@@ -25,8 +25,8 @@ _EXTRA_HEIGHT = 0.3
 
 def _agg_figure(figsize):
     """A figure with one axes, on an Agg canvas, outside pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (matplotlib): imported when a figure is drawn
+    from matplotlib.figure import Figure  # heavy (matplotlib): imported when a figure is drawn
 
     figure = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(figure)
@@ -46,7 +46,7 @@ def design_matrix_figure(design_matrix):
     matplotlib.figure.Figure
         nilearn's figure size, plus nilearn's 0.3 inch of extra height.
     """
-    from nilearn.plotting import plot_design_matrix
+    from nilearn.plotting import plot_design_matrix  # heavy (matplotlib): imported when a figure is drawn
 
     names = [str(c) for c in design_matrix.columns]
     max_len = max(len(name) for name in names)
@@ -70,7 +70,7 @@ def design_matrix_correlation_figure(design_matrix):
         None when fewer than two columns are left once nilearn drops the
         drift and constant columns (nilearn draws nothing either).
     """
-    from nilearn.plotting import plot_design_matrix_correlation
+    from nilearn.plotting import plot_design_matrix_correlation  # heavy (matplotlib): imported when a figure is drawn
 
     kept = [c for c in design_matrix.columns
             if c not in ("intercept", "constant") and not str(c).startswith("drift_")]
@@ -98,7 +98,7 @@ def contrast_matrix_figure(contrast_def, design_matrix, title):
     matplotlib.figure.Figure
         nilearn's width, 2 inches high (as nilearn's saved contrast figures).
     """
-    from nilearn.plotting import plot_contrast_matrix
+    from nilearn.plotting import plot_contrast_matrix  # heavy (matplotlib): imported when a figure is drawn
 
     definition = contrast_def if isinstance(contrast_def, str) else np.asarray(contrast_def, dtype=float)
     width = max(0.4 * design_matrix.shape[1], 5)
@@ -110,8 +110,8 @@ def contrast_matrix_figure(contrast_def, design_matrix, title):
 
 def _brain_figure(figsize):
     """An empty figure on an Agg canvas, outside pyplot, for nilearn's brain displays."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (matplotlib): imported when a figure is drawn
+    from matplotlib.figure import Figure  # heavy (matplotlib): imported when a figure is drawn
 
     figure = Figure(figsize=figsize, facecolor="white")
     FigureCanvasAgg(figure)
@@ -145,7 +145,7 @@ def stat_map_figure(thresholded_img, threshold, options, title=None):
     matplotlib.figure.Figure
     """
     from nilearn import DEFAULT_DIVERGING_CMAP
-    from nilearn.plotting import plot_glass_brain, plot_stat_map
+    from nilearn.plotting import plot_glass_brain, plot_stat_map  # heavy (matplotlib): imported when a figure is drawn
 
     cmap, symmetric = DEFAULT_DIVERGING_CMAP, bool(options.two_sided)
     data = np.asanyarray(thresholded_img.dataobj)
@@ -172,7 +172,7 @@ def stat_map_figure(thresholded_img, threshold, options, title=None):
 
 def mask_figure(mask_img, options):
     """The analysis mask over the background (``plot_roi``, axial cuts), as in nilearn's report."""
-    from nilearn.plotting import plot_roi
+    from nilearn.plotting import plot_roi  # heavy (matplotlib): imported when a figure is drawn
 
     figure = _brain_figure((12.0, 2.6))
     plot_roi(mask_img, bg_img=options.background(), display_mode="z", cmap="Set1", colorbar=False,

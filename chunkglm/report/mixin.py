@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from chunkglm.report.build import model_report
+
+
 
 class GLMReportMixin:
     """Adds nilearn's ``generate_report`` to a fitted GLM model (see :mod:`chunkglm.report.build`)."""
@@ -55,8 +58,6 @@ class GLMReportMixin:
         chunkglm.report.HTMLReport
             ``save_as_html(path)``, ``open_in_browser()``, shown inline in notebooks.
         """
-        from chunkglm.report.build import model_report
-
         return model_report(self, contrasts, first_level_contrast, title, report_dims, bg_img=bg_img,
                             threshold=threshold, alpha=alpha, cluster_threshold=cluster_threshold,
                             height_control=height_control, two_sided=two_sided, min_distance=min_distance,

@@ -21,11 +21,18 @@ import numbers
 import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import version
+from importlib.resources import files
 
+import jinja2
 import numpy as np
 import pandas as pd
 
+from chunkglm._version import __version__
 from chunkglm.errors import InputError
+from chunkglm.inference.thresholding import threshold_stats_img
+from chunkglm.report.figures import mask_figure, stat_map_figure
+from chunkglm.reporting import get_clusters_table
 
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", None)
 PLOT_TYPES = ("slice", "glass")
@@ -97,7 +104,7 @@ class ReportOptions:
     def background(self):
         """The background image: nilearn's MNI152 template by default, None for none."""
         if isinstance(self.bg_img, str) and self.bg_img == "MNI152TEMPLATE":
-            from nilearn.plotting.image.utils import MNI152TEMPLATE
+            from nilearn.plotting.image.utils import MNI152TEMPLATE  # heavy (matplotlib): only when drawn
 
             return MNI152TEMPLATE
         return self.bg_img or None
@@ -199,9 +206,6 @@ def stat_map_blocks(name: str, stat_img, mask_img, options: ReportOptions, stat_
 
 def stat_map_summary(stat_img, mask_img, options: ReportOptions):
     """(thresholded map, voxel threshold, cluster table) as nilearn's report computes them."""
-    from chunkglm.inference.thresholding import threshold_stats_img
-    from chunkglm.reporting import get_clusters_table
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No clusters found")
         thresholded, threshold = threshold_stats_img(
@@ -215,8 +219,6 @@ def stat_map_summary(stat_img, mask_img, options: ReportOptions):
 
 
 def _stat_map_blocks(name, stat_img, mask_img, options, stat_label) -> list[Block]:
-    from chunkglm.report.figures import stat_map_figure
-
     thresholded, threshold, table = stat_map_summary(stat_img, mask_img, options)
     details = {"Height control": options.height_control, "α": options.alpha,
                "Threshold (computed)": float(threshold),
@@ -241,8 +243,6 @@ def _count(table) -> int:
 
 def mask_block(mask_img, options: ReportOptions, caption: str) -> Block:
     """The analysis mask over the background, as nilearn's report draws it."""
-    from chunkglm.report.figures import mask_figure
-
     n_voxels = int(np.count_nonzero(np.asanyarray(mask_img.dataobj)))
     return Block(text=f"{n_voxels} voxels in the mask.",
                  figures=[figure_png(mask_figure(mask_img, options), "Analysis mask", caption)])
@@ -307,13 +307,6 @@ def _flat(options: dict, prefix="") -> dict:
 def render(*, title: str, model_type: str, sections: list[Section], subtitle: str = "",
            warnings=()) -> str:
     """The page: the template filled with the sections (all text escaped)."""
-    from importlib.metadata import version
-    from importlib.resources import files
-
-    import jinja2
-
-    from chunkglm._version import __version__
-
     source = files("chunkglm.report").joinpath("templates/report.html").read_text(encoding="utf-8")
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(source)
     return template.render(title=title, model_type=model_type, subtitle=subtitle, sections=sections,
