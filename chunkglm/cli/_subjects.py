@@ -22,8 +22,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+
 from chunkglm.errors import InputError
+from chunkglm.io.store import is_url, node_meta
 from chunkglm.provenance import read_record, strip_secrets, write_record
+
 
 RECORD_SUFFIX = "provenance.json"
 
@@ -37,10 +41,6 @@ class OutDir:
     """
 
     def __init__(self, out_dir):
-        import fsspec
-
-        from chunkglm.io.store import is_url
-
         self.remote = is_url(str(out_dir))
         if self.remote:
             self.fs, root = fsspec.core.url_to_fs(str(out_dir))
@@ -135,8 +135,6 @@ def record_paths(subject: str, task: str) -> tuple[str, str]:
 
 def run_inputs(nodes) -> list[dict]:
     """Provenance of a subject's runs: node, source path, size, sha256 (from the store)."""
-    from chunkglm.io.store import node_meta
-
     entries = []
     for node in nodes:
         meta = node_meta(node.cohort.root[node.path])

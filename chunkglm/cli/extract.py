@@ -13,15 +13,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chunkglm.cli._common import (
+    add_allow_incomplete,
+    cluster_client,
+    open_if_store,
+    print_skipped,
+    storage_for,
+)
+from chunkglm.cli.progress import Reporter
 from chunkglm.errors import InputError
+from chunkglm.io.cohort import open_cohort
+from chunkglm.io.convert import convert
+from chunkglm.maskers import MultiMapsMasker, save_timeseries, save_timeseries_to_store
+from chunkglm.maskers.outputs import _label
 
 STANDARDIZE_CHOICES = ("zscore_sample", "zscore", "psc", "none")
 
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
-    from chunkglm.cli.main import add_allow_incomplete
-
     cmd = sub.add_parser("extract", help="region signals from probabilistic maps, BIDS TSV out")
     cmd.add_argument("input", nargs="?", help="a BIDS/fMRIPrep folder or a cohort store (or give --store)")
     cmd.add_argument("--maps", required=True, help="4-D NIfTI of probabilistic maps (one volume per region)")
@@ -50,17 +60,12 @@ def add_parser(sub, add_common) -> None:
 
 
 def _cohort(args, client, reporter):
-    from chunkglm.cli.first_level import _open_if_store
-    from chunkglm.cli.main import storage_for
-    from chunkglm.io.cohort import open_cohort
-    from chunkglm.io.convert import convert
-
     storage = storage_for(args)
     if args.input is None:
         if args.store is None:
             raise InputError("give a BIDS folder or store as INPUT, or --store STORE.")
         return open_cohort(args.store, storage, allow_incomplete=args.allow_incomplete)
-    cohort = _open_if_store(args.input, storage, args.allow_incomplete)
+    cohort = open_if_store(args.input, storage, args.allow_incomplete)
     if cohort is not None:
         return cohort
     if not Path(args.input).is_dir():
@@ -81,18 +86,25 @@ def _runs(args, cohort):
 
 
 def _confounds(args, nodes):
-    from chunkglm.glm.from_bids import _columns
-
     if not args.confounds_columns:
         return None
     columns = [c.strip() for c in args.confounds_columns.split(",") if c.strip()]
-    return [_columns(node, columns).fillna(0.0) for node in nodes]
+    return [_stored_confounds(node, columns).fillna(0.0) for node in nodes]
+
+
+def _stored_confounds(node, columns):
+    """The run's stored confounds table, restricted to ``columns`` (as first_level_from_bids reads them)."""
+    table = node.confounds
+    if table is None:
+        raise InputError(f"{node.name} has no stored confounds; convert it with its confounds TSV.")
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise InputError(f"{node.name} has no confound column(s) {missing}; it has {list(table.columns)}.")
+    return table[list(columns)]
 
 
 def masker_for(args):
     """The MultiMapsMasker the command's options describe."""
-    from chunkglm.maskers import MultiMapsMasker
-
     return MultiMapsMasker(
         args.maps, mask_img=args.mask, standardize=False if args.standardize == "none" else args.standardize,
         detrend=args.detrend, low_pass=args.low_pass, high_pass=args.high_pass, t_r=args.t_r,
@@ -101,11 +113,6 @@ def masker_for(args):
 
 def run(args) -> int:
     """Entry point of ``chunkglm extract``."""
-    from chunkglm.cli.main import cluster_client, print_skipped, storage_for
-    from chunkglm.cli.progress import Reporter
-    from chunkglm.maskers import save_timeseries, save_timeseries_to_store
-    from chunkglm.maskers.outputs import _label
-
     _label(args.atlas)  # fail before any work
     reporter = Reporter(bars=not args.no_progress)
     with cluster_client(args.cluster) as client:

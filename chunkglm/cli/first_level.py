@@ -22,15 +22,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nilearn.glm.contrasts import expression_to_contrast_vector
 
 from chunkglm.cli import _subjects as subjects_io
+from chunkglm.cli._common import (
+    add_allow_incomplete,
+    chunk_bytes,
+    cluster_client,
+    command_options,
+    open_if_store,
+    print_skipped,
+    storage_for,
+)
+from chunkglm.cli.progress import Reporter
 from chunkglm.errors import InputError
+from chunkglm.glm.first_level import _expression, explain_worker_deaths, first_level_from_bids, fitted_in_waves
+from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
+from chunkglm.io.cohort import open_cohort
+from chunkglm.io.convert import convert
+from chunkglm.io.store import is_url
+from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
-    from chunkglm.cli.main import add_allow_incomplete
-
     cmd = sub.add_parser("first-level", help="first-level GLM for every subject, BIDS derivatives out")
     cmd.add_argument("input", help="a BIDS/fMRIPrep folder or a cohort store")
     cmd.add_argument("-o", "--out-dir", required=True, help="output folder for the derivatives")
@@ -72,12 +87,8 @@ def parse_contrasts(items) -> dict[str, str]:
 
 def _store_for(args, client, reporter):
     """The input as an open cohort (a BIDS folder is converted into a store first)."""
-    from chunkglm.cli.main import chunk_bytes, storage_for
-    from chunkglm.io.cohort import open_cohort
-    from chunkglm.io.convert import convert
-
     storage = storage_for(args)
-    cohort = _open_if_store(args.input, storage, args.allow_incomplete)
+    cohort = open_if_store(args.input, storage, args.allow_incomplete)
     if cohort is not None:
         if args.chunk_mb is not None:
             reporter.line(f"note: --chunk-mb applies when a BIDS folder is converted; {args.input} "
@@ -94,31 +105,14 @@ def _store_for(args, client, reporter):
     return open_cohort(store, storage, allow_incomplete=args.allow_incomplete)
 
 
-def _open_if_store(location, storage, allow_incomplete=False):
-    """An open cohort when ``location`` is a store (a URL or a folder with zarr.json), else None."""
-    from chunkglm.errors import StoreError
-    from chunkglm.io.cohort import open_cohort
-
-    if "://" not in str(location) and not (Path(str(location)) / "zarr.json").is_file():
-        return None
-    try:
-        return open_cohort(location, storage, allow_incomplete=allow_incomplete)
-    except StoreError:
-        return None
-
-
 def _default_store(out_dir) -> str:
     """``OUT_DIR/cohort.zarr`` (a URL stays a URL)."""
-    from chunkglm.io.store import is_url
-
     text = str(out_dir)
     return f"{text.rstrip('/')}/cohort.zarr" if is_url(text) else str(Path(text) / "cohort.zarr")
 
 
 def _models(args, store):
     """One fitted (lazy) model per subject, with its store runs."""
-    from chunkglm.glm.from_bids import first_level_from_bids
-
     columns = [c.strip() for c in args.confounds.split(",")] if args.confounds else None
     models, runs, events, confounds = first_level_from_bids(
         store, args.task, space_label=args.space, sub_labels=args.subject,
@@ -131,10 +125,6 @@ def _models(args, store):
 
 def model_contrasts(model, contrasts):
     """Per model: name -> weights (t: a formula; F: a matrix of formula rows), and types."""
-    from nilearn.glm.contrasts import expression_to_contrast_vector
-
-    from chunkglm.glm.first_level import _expression
-
     columns = list(model.design_matrices_[0].columns)
     weights, types = {}, {}
     for name, expression in contrasts.items():
@@ -190,9 +180,6 @@ def plan_subjects(args, contrasts, fitted, out) -> list[SubjectJob]:
 
 
 def _write_subject(args, job, out, context) -> None:
-    from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
-    from chunkglm.provenance import record
-
     model = job.model
     if job.state.status == "conflict":  # --overwrite: incomplete from here on
         subjects_io.clear_record(out, job.label, args.task)
@@ -210,9 +197,14 @@ def _write_subject(args, job, out, context) -> None:
     out.write_json(marker, content)  # last: the subject is complete from here on
 
 
-def _fit_and_write(args, jobs, out, client, reporter, context) -> list[str]:
-    from chunkglm.glm.first_level import explain_worker_deaths, fitted_in_waves
+#: What to change when a worker dies over its memory limit, in this command's terms.
+WORKER_DIED_ADVICE = (
+    "Use smaller chunks: convert into a new store with a smaller --chunk-mb (e.g. --chunk-mb 16 "
+    "--store NEW.zarr), or give each worker more memory (memory_limit in the cluster config, e.g. "
+    "CHUNKGLM_CLUSTER__LOCAL__MEMORY_LIMIT=8GiB). Complete subjects are kept.")
 
+
+def _fit_and_write(args, jobs, out, client, reporter, context) -> list[str]:
     todo = [job for job in jobs if job.state.status != "complete"]
     for job in jobs:
         if job.state.status == "complete":
@@ -221,7 +213,8 @@ def _fit_and_write(args, jobs, out, client, reporter, context) -> list[str]:
             reporter.line(f"sub-{job.label}: outputs of an interrupted run, recomputed")
     reporter.line(f"fitting {len(todo)} subject(s), {sum(len(j.model._runs) for j in todo)} run(s)")
     models = [job.model for job in todo]
-    with reporter.phase("first-level", len(todo)) as advance, explain_worker_deaths(models, client):
+    with reporter.phase("first-level", len(todo)) as advance, \
+            explain_worker_deaths(models, client, WORKER_DIED_ADVICE):
         for _, job in zip(fitted_in_waves(models), todo):  # yields job.model, fits evaluated
             _write_subject(args, job, out, context)
             advance(f"sub-{job.label} written")
@@ -230,10 +223,6 @@ def _fit_and_write(args, jobs, out, client, reporter, context) -> list[str]:
 
 def run(args) -> int:
     """Entry point of ``chunkglm first-level``."""
-    from chunkglm.cli.main import cluster_client, command_options, print_skipped
-    from chunkglm.cli.progress import Reporter
-    from chunkglm.provenance import Stopwatch, cluster_summary, record
-
     stopwatch = Stopwatch()
     contrasts = parse_contrasts(args.contrast)
     reporter = Reporter(bars=not args.no_progress)

@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
+from chunkglm.cli._common import add_allow_incomplete, cluster_client, command_options
 from chunkglm.errors import InputError
+from chunkglm.io.cohort import open_cohort
+from chunkglm.meta import correct, ibma
+from chunkglm.meta._inputs import ROLES, convert_meta_maps
+from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
+
 
 ESTIMATORS = ("Fishers", "Stouffers", "WeightedStouffers", "WeightedLeastSquares", "DerSimonianLaird", "Hedges",
               "VarianceBasedLikelihood", "SampleSizeBasedLikelihood", "PermutedOLS", "FixedEffectsHedges",
@@ -27,8 +35,6 @@ CORRECTIONS = {"fdr": ("FDRCorrector", "indep"), "fdr-negcorr": ("FDRCorrector",
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
-    from chunkglm.cli.main import add_allow_incomplete
-
     cmd = sub.add_parser("meta", help="image-based meta-analysis (NiMARE's IBMA estimators)")
     cmd.add_argument("--estimator", required=True, choices=ESTIMATORS)
     source = cmd.add_mutually_exclusive_group(required=True)
@@ -49,11 +55,6 @@ def add_parser(sub, add_common) -> None:
 
 
 def _inputs(args):
-    import pandas as pd
-
-    from chunkglm.io.cohort import open_cohort
-    from chunkglm.meta._inputs import ROLES, convert_meta_maps
-
     if args.store:
         if not args.collection:
             raise InputError("--store needs --collection (the maps collection to analyse).")
@@ -75,8 +76,6 @@ def _inputs(args):
 
 
 def _estimator(args):
-    from chunkglm.meta import ibma
-
     two_sided = args.two_sided == "yes"
     kwargs = {"aggressive_mask": args.aggressive_mask}
     if args.mask and args.store:
@@ -91,10 +90,6 @@ def _estimator(args):
 
 def run(args) -> int:
     """Entry point of ``chunkglm meta``."""
-    from chunkglm.cli.main import cluster_client, command_options
-    from chunkglm.meta import correct
-    from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
-
     stopwatch = Stopwatch()
     estimator = _estimator(args)
     with cluster_client(args.cluster) as client:

@@ -11,6 +11,10 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
 
 class Reporter:
     """Phases of a command, shown as bars (TTY) or as plain lines.
@@ -51,9 +55,6 @@ class Reporter:
         if not self.bars:
             yield _PlainPhase(self.stream, total).advance
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         console = Console(file=self.stream, force_terminal=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[item]}"))

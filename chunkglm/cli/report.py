@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chunkglm.report.derivatives import write_reports
+
+
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", "none")
 
 
@@ -37,8 +40,6 @@ def add_parser(sub, add_common=None) -> None:
 
 
 def run(args) -> int:
-    from chunkglm.report.derivatives import write_reports
-
     height_control = None if args.height_control == "none" else args.height_control
     bg_img = None if args.bg_img.lower() == "none" else args.bg_img
     written = write_reports(Path(args.derivatives), title=args.title, bg_img=bg_img,

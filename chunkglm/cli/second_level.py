@@ -22,17 +22,32 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from chunkglm.cli._common import (
+    add_allow_incomplete,
+    cluster_client,
+    command_options,
+    open_if_store,
+    print_skipped,
+    storage_for,
+)
+from chunkglm.cli.first_level import parse_contrasts as parse_pairs
+from chunkglm.cli.progress import Reporter
+from chunkglm.design.second_level import make_second_level_design_matrix
 from chunkglm.errors import InputError
+from chunkglm.glm.second_level import SecondLevelModel, parse_contrast
+from chunkglm.interfaces._bids_names import contrast_label
+from chunkglm.interfaces.bids import save_group_derivatives
+from chunkglm.io.convert import file_sha256
+from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
 
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
-    from chunkglm.cli.main import add_allow_incomplete
-
     cmd = sub.add_parser("second-level", help="group GLM (+ permutation inference), group derivatives out")
     cmd.add_argument("input", help="a first-level derivatives folder (sub-XX/..._stat-effect_statmap.nii.gz) "
                                    "or a cohort store with a maps collection")
@@ -83,8 +98,6 @@ def effect_maps(folder, first_level_contrast, task=None) -> tuple[list[str], lis
     subjects, paths : list of str
         Sorted by subject label.
     """
-    from chunkglm.interfaces._bids_names import contrast_label
-
     if not first_level_contrast:
         raise InputError("a first-level derivatives input needs --first-level-contrast NAME (the "
                          "contrast whose effect maps are modelled).")
@@ -150,8 +163,6 @@ def read_covariates(path) -> pd.DataFrame:
 
 def design_for(subjects, covariates_path, n_maps) -> pd.DataFrame:
     """intercept (+ covariates), one row per map, in the maps' order."""
-    from chunkglm.design.second_level import make_second_level_design_matrix
-
     if covariates_path is None:
         return pd.DataFrame({"intercept": [1.0] * n_maps})
     if subjects is None:
@@ -168,8 +179,6 @@ def design_for(subjects, covariates_path, n_maps) -> pd.DataFrame:
 
 def parse_contrasts(items) -> tuple[dict, dict]:
     """``NAME=EXPRESSION`` items -> definitions and types (``;`` separates F rows)."""
-    from chunkglm.cli.first_level import parse_contrasts as parse_pairs
-
     definitions, types = {}, {}
     for name, expression in parse_pairs(items or ["mean=intercept"]).items():
         rows = [row.strip() for row in expression.split(";") if row.strip()]
@@ -180,10 +189,6 @@ def parse_contrasts(items) -> tuple[dict, dict]:
 
 def contrast_weights(definitions, design) -> dict:
     """F rows (formulas) -> a weight matrix over the design's columns."""
-    import numpy as np
-
-    from chunkglm.glm.second_level import parse_contrast
-
     columns = [str(c) for c in design.columns]
     return {name: (np.vstack([parse_contrast(row, columns) for row in value])
                    if isinstance(value, list) else value)
@@ -202,11 +207,7 @@ def _check_permutation_args(args) -> None:
 
 def _inputs(args, reporter):
     """(second_level_input, subjects, provenance inputs)."""
-    from chunkglm.cli.first_level import _open_if_store
-    from chunkglm.cli.main import print_skipped, storage_for
-    from chunkglm.io.convert import file_sha256
-
-    cohort = _open_if_store(args.input, storage_for(args), args.allow_incomplete)
+    cohort = open_if_store(args.input, storage_for(args), args.allow_incomplete)
     if cohort is not None:
         node, subjects = store_maps(cohort, args.collection)
         print_skipped(cohort, reporter.line)
@@ -223,12 +224,6 @@ def _inputs(args, reporter):
 
 def run(args) -> int:
     """Entry point of ``chunkglm second-level``."""
-    from chunkglm.cli.main import cluster_client, command_options
-    from chunkglm.cli.progress import Reporter
-    from chunkglm.glm.second_level import SecondLevelModel
-    from chunkglm.interfaces.bids import save_group_derivatives
-    from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
-
     stopwatch = Stopwatch()
     _check_permutation_args(args)
     definitions, types = parse_contrasts(args.contrast)

@@ -10,6 +10,11 @@ then checks the store again.
 
 from __future__ import annotations
 
+from chunkglm.cli._common import parse_storage_options, storage_for
+from chunkglm.io.storage import redact_url
+from chunkglm.io.verify import repair_store, verify_store
+
+
 #: Exit status when problems remain (the same as for other errors of the command).
 EXIT_DAMAGED = 2
 
@@ -36,16 +41,12 @@ def _report(problems, notes) -> None:
 
 def run(args) -> int:
     """Entry point of ``chunkglm verify``."""
-    from chunkglm.cli.main import _storage_options, storage_for
-    from chunkglm.io.store import redact_url
-    from chunkglm.io.verify import repair_store, verify_store
-
     storage = storage_for(args)
     problems, notes = verify_store(args.store, storage)
     _report(problems, notes)
     if problems and args.repair:
         repaired, unrepairable = repair_store(args.store, problems, storage,
-                                              _storage_options(args.input_storage_option))
+                                              parse_storage_options(args.input_storage_option))
         for path in repaired:
             print(f"repaired: {path}")
         for path, why in sorted(unrepairable.items()):

@@ -26,12 +26,28 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
+
+from chunkglm.cli._common import cluster_client, print_progress
+from chunkglm.cli.first_level import model_contrasts
+from chunkglm.cli.second_level import effect_maps
+from chunkglm.errors import InputError
+from chunkglm.glm.first_level import first_level_from_bids, fitted_in_waves
+from chunkglm.glm.second_level import SecondLevelModel
+from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
+from chunkglm.io.bids import discover_runs
+from chunkglm.io.cohort import open_cohort
+from chunkglm.io.convert import convert
+from chunkglm.meta.correct import FDRCorrector
+from chunkglm.meta.ibma import DerSimonianLaird
+from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
+from chunkglm.report import write_reports
+from chunkglm.testing import make_synthetic_bids
+
 
 
 def _dataset(out: Path, size: str, n_subjects: int) -> Path:
     """The synthetic BIDS root, generated once per (size, subjects)."""
-    from chunkglm.testing import make_synthetic_bids
-
     params = {"size": size, "n_subjects": n_subjects, "seed": 0}
     bids, stamp = out / "bids", out / "bids_params.json"
     if bids.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
@@ -48,8 +64,6 @@ def _dataset(out: Path, size: str, n_subjects: int) -> Path:
 
 
 def _check_round_trip(cohort, bids: Path, out: Path) -> Path:
-    from chunkglm.io.bids import discover_runs
-
     run = discover_runs(bids)[0]
     path = out / "roundtrip" / f"{run.name}_desc-roundtrip_bold.nii.gz"
     node = cohort.runs[run.name]
@@ -70,19 +84,12 @@ GROUP_PERMUTATIONS = 1000
 
 def _record(path: Path, operation: str, inputs, options, client, watch) -> None:
     """The provenance record a chunkglm command would leave (reports show it)."""
-    from chunkglm.provenance import cluster_summary, record, write_record
-
     write_record(path, record(operation, inputs=inputs, options=options, cluster=cluster_summary(client),
                               stopwatch=watch))
 
 
 def _first_level(store: Path, out: Path, client) -> Path:
     """Fit every subject together, write derivatives; returns their folder."""
-    from chunkglm.cli.first_level import model_contrasts
-    from chunkglm.glm.first_level import first_level_from_bids, fitted_in_waves
-    from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
-    from chunkglm.provenance import Stopwatch
-
     start, watch = time.perf_counter(), Stopwatch()
     models, runs, events, confounds = first_level_from_bids(store, "main", confounds_columns=CONFOUNDS)
     for model, run_list, ev, conf in zip(models, runs, events, confounds):
@@ -103,12 +110,6 @@ def _first_level(store: Path, out: Path, client) -> Path:
 
 def _group_level(glm: Path, subjects, paths, client) -> Path:
     """One-sample test of the aMinusB effects, max-T permutation FWE; returns group_level/."""
-    import pandas as pd
-
-    from chunkglm.glm.second_level import SecondLevelModel
-    from chunkglm.interfaces.bids import save_group_derivatives
-    from chunkglm.provenance import Stopwatch
-
     start, watch = time.perf_counter(), Stopwatch()
     model = SecondLevelModel().fit(paths, design_matrix=pd.DataFrame({"intercept": [1.0] * len(paths)}))
     options = {"contrasts": {"aMinusB": "intercept"}, "fwe": "permutation", "n_perm": GROUP_PERMUTATIONS,
@@ -125,12 +126,6 @@ def _group_level(glm: Path, subjects, paths, client) -> Path:
 
 def _meta_analysis(glm: Path, subjects, effects, out: Path, client) -> Path:
     """DerSimonianLaird over the subjects' aMinusB effects and variances, FDR; returns meta/."""
-    import pandas as pd
-
-    from chunkglm.meta.correct import FDRCorrector
-    from chunkglm.meta.ibma import DerSimonianLaird
-    from chunkglm.provenance import Stopwatch
-
     start, watch = time.perf_counter(), Stopwatch()
     table = pd.DataFrame({"beta": effects, "varcope": [p.replace("stat-effect", "stat-variance") for p in effects],
                           "study_id": subjects})
@@ -147,8 +142,6 @@ def _meta_analysis(glm: Path, subjects, effects, out: Path, client) -> Path:
 
 
 def _reports(derivatives: Path) -> list[Path]:
-    from chunkglm.report import write_reports
-
     start = time.perf_counter()
     written = write_reports(derivatives, height_control="fpr", alpha=0.001, cluster_threshold=5)
     print(f"{len(written)} HTML report(s) [{time.perf_counter() - start:.1f} s]")
@@ -157,15 +150,8 @@ def _reports(derivatives: Path) -> list[Path]:
 
 def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") -> int:
     """Run the demo; returns an exit status."""
-    from chunkglm.errors import InputError
-
     if n_subjects < 3:
         raise InputError(f"the demo's group analysis needs at least 3 subjects; received --subjects {n_subjects}.")
-    from chunkglm.cli.main import cluster_client, print_progress
-    from chunkglm.cli.second_level import effect_maps
-    from chunkglm.io.cohort import open_cohort
-    from chunkglm.io.convert import convert
-
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     bids = _dataset(out, size, n_subjects)
