@@ -25,10 +25,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-$(NIMARE_STAMP): requirements/nimare-reference.txt
+# NiMARE's own test modules run there against chunkglm (tests/peer/): chunkglm and pytest are
+# installed beside NiMARE, and the test images NiMARE's wheel leaves out are unpacked from
+# ../shared/peer-data/ when that folder exists (without it those tests skip, saying why).
+PEER_DATA := ../shared/peer-data/nimare_test_pain_dataset.tar.gz
+
+$(NIMARE_STAMP): requirements/nimare-reference.txt pyproject.toml
 	@test -x $(NIMARE_VENV)/bin/python || $(PYTHON) -m venv $(NIMARE_VENV)
 	$(NIMARE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(NIMARE_VENV)/bin/python -m pip install --quiet -r requirements/nimare-reference.txt
+	$(NIMARE_VENV)/bin/python -m pip install --quiet -e . 'pytest>=8,<10' 'pytest-timeout>=2.2' 'pytest-xdist>=3.5,<4'
+	@if [ -f $(PEER_DATA) ]; then \
+	  tar xzf $(PEER_DATA) -C "$$($(NIMARE_VENV)/bin/python -c 'import nimare, os; print(os.path.dirname(nimare.__file__))')/tests/data"; \
+	else echo "$(PEER_DATA) not found: NiMARE's image-based tests will skip"; fi
 	@touch $(NIMARE_STAMP)
 
 install: $(STAMP)

@@ -24,6 +24,7 @@ import builtins
 import functools
 import importlib
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,15 @@ BINDINGS = {
         ("nilearn.maskers", "NiftiMapsMasker"): ("chunkglm.maskers", "MapsMasker"),
         ("nilearn.maskers", "MultiNiftiMapsMasker"): ("chunkglm.maskers", "MultiMapsMasker"),
     },
+    "nimare": {
+        **{("nimare.meta.ibma", name): ("chunkglm.meta.ibma", name) for name in (
+            "Fishers", "Stouffers", "WeightedLeastSquares", "DerSimonianLaird", "Hedges",
+            "SampleSizeBasedLikelihood", "VarianceBasedLikelihood", "PermutedOLS",
+            "FixedEffectsHedges", "IBMAEstimator")},
+        ("nimare.correct", "FDRCorrector"): ("chunkglm.meta.correct", "FDRCorrector"),
+        ("nimare.correct", "FWECorrector"): ("chunkglm.meta.correct", "FWECorrector"),
+        ("nimare.results", "MetaResult"): ("chunkglm.meta.results", "MetaResult"),
+    },
 }
 
 _original_import = builtins.__import__
@@ -62,8 +72,16 @@ class _BoundView:
 
     def __getattr__(self, name):
         value = getattr(self._module, name)
+        if isinstance(value, types.ModuleType) and value.__name__.startswith(_package + "."):
+            return _BoundView(value)  # ``from nimare.meta import ibma`` then ``ibma.Fishers``
         entry = _bound.get(id(value))
         return entry[1] if entry is not None and entry[0] is value else value
+
+    def __setattr__(self, name, value):  # monkeypatch.setattr(view, ...) patches the module
+        setattr(self._module, name, value)
+
+    def __delattr__(self, name):
+        delattr(self._module, name)
 
     def __dir__(self):
         return dir(self._module)
@@ -115,6 +133,8 @@ def pytest_addoption(parser):
     group.addoption("--peer-bindings", default=None, help="nilearn or nimare")
     group.addoption("--peer-exclusions", default=None, help="file of test ids left out, with reasons")
     group.addoption("--peer-report", default=None, help="JSON file of outcomes per test id")
+    group.addoption("--peer-missing-data", default=None,
+                    help="FIXTURE[,FIXTURE...]=REASON: skip the tests using these fixtures")
 
 
 def pytest_configure(config):
@@ -154,6 +174,12 @@ def _excluded(nodeid: str, exclusions: dict[str, str]) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    missing = config.getoption("--peer-missing-data")
+    if missing:  # the anchor's test data are not on this machine: say so instead of failing
+        fixtures, _, reason = missing.partition("=")
+        for item in items:
+            if set(fixtures.split(",")) & set(getattr(item, "fixturenames", ())):
+                item.add_marker(pytest.mark.skip(reason=reason))
     path = config.getoption("--peer-exclusions")
     if not path:
         return

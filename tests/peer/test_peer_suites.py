@@ -21,7 +21,7 @@ from binding import read_exclusions  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("anchor", ["nilearn"])
+@pytest.mark.parametrize("anchor", ["nilearn", "nimare"])
 def test_what_passed_keeps_passing(anchor):
     suite = suites.SUITES[anchor]
     read_exclusions(suite.exclusions)  # every exclusion has its reason
