@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from binding import _excluded, read_exclusions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,6 @@ def missing_data_option(suite: Suite, root: Path) -> list[str]:
 
 def applicable_ids(suite: Suite, root: Path) -> list[str]:
     """The ids the anchor's own modules collect with the anchor's names, less the exclusions."""
-    sys.path.insert(0, str(HERE))
-    from binding import _excluded, read_exclusions
-
     done = subprocess.run(
         [suite.python, "-m", "pytest", "-q", "--co", "-p", "no:randomly", "-p", "no:cacheprovider",
          f"--rootdir={root}", "-c", os.devnull, "-o", "addopts=",
@@ -162,7 +162,8 @@ def main(argv=None):
     if args.update:
         passing = sorted(t for t, o in outcomes.items() if o == "passed")
         suite.passing.write_text("".join(f"{t}\n" for t in passing))
-        untouched = sorted(t for t, o in outcomes.items() if o == "untouched")
+        known = read_exclusions(suite.exclusions)
+        untouched = sorted(t for t, o in outcomes.items() if o == "untouched" and t not in known)
         with suite.exclusions.open("a") as out:
             out.writelines(f"{t}  # {UNTOUCHED_REASON}\n" for t in untouched)
         print(f"{len(passing)} passing ids written to {suite.passing}; {len(untouched)} untouched "
