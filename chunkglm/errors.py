@@ -29,3 +29,7 @@ class ConversionError(ChunkglmError):
     def __init__(self, message, failures):
         super().__init__(message)
         self.failures = dict(failures)
+
+
+class InputTypeError(ChunkglmError, TypeError):
+    """An input is of a type that cannot be used (nilearn raises TypeError for it)."""

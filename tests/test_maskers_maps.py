@@ -221,9 +221,9 @@ def stores(data):
 
 def test_chunked_equals_unchunked(data, stores, monkeypatch):
     """Tiny voxel blocks, zarr-backed maps, one run per batch = one block, in-memory maps, one batch."""
-    from chunkglm.maskers import maps_masker
+    from chunkglm.maskers import _helpers
 
-    monkeypatch.setattr(maps_masker, "BATCH_BYTES", 1)  # every run in its own batch
+    monkeypatch.setattr(_helpers, "BATCH_BYTES", 1)  # every run in its own batch
     tiny, whole = stores
     tiny_runs, whole_runs = list(tiny.runs.values()), list(whole.runs.values())
     assert len(tiny_runs[0].data().chunks[1]) > 10 and len(whole_runs[0].data().chunks[1]) == 1
@@ -413,10 +413,13 @@ def test_maps_on_another_grid_without_resampling(data):
         MultiMapsMasker(maps, resampling_target=None).fit_transform(data["runs"])
 
 
-def test_3d_maps_refused(data):
-    maps = nib.Nifti1Image(np.asarray(data["maps"].dataobj)[..., 0], AFFINE)
-    with pytest.raises(InputError, match="4-D image"):
-        MultiMapsMasker(maps).fit()
+def test_3d_maps_are_one_map(data):
+    """nilearn reads a 3-D maps image as one map: the same signals as its 4-D form."""
+    volume = np.asarray(data["maps"].dataobj)[..., 0]
+    three_d = MultiMapsMasker(nib.Nifti1Image(volume, AFFINE)).fit_transform(data["runs"])
+    four_d = MultiMapsMasker(nib.Nifti1Image(volume[..., None], AFFINE)).fit_transform(data["runs"])
+    assert three_d[0].shape[1] == 1
+    np.testing.assert_array_equal(three_d[0], four_d[0])
 
 
 def test_confounds_of_wrong_length(data):

@@ -93,6 +93,26 @@ class MapsSource:
             for index, raw in reader.iter_volumes():
                 yield index, raw if unscaled else scale_values(raw, info.slope, info.inter)
 
+    def any_nonzero(self) -> bool:
+        """Whether some map has a non-zero value (stops at the first group that has one)."""
+        return any(np.any(volumes) for _, volumes in self.groups(max(1, GROUP_BYTES // (8 * int(np.prod(self.shape))))))
+
+    def image_on(self, target=None):
+        """nilearn's ``maps_img_``: the maps on ``target`` ((affine, shape); None: their own grid).
+
+        On their own grid, the input image itself (a file is opened, not read);
+        on another, resampled as nilearn's fit resamples them (linear).
+        """
+        image = nib.load(str(self.image)) if isinstance(self.image, str | Path) else self.image
+        if target is None or same_grid(self.affine, self.shape, target[0], target[1]):
+            return image
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message="Resampling binary images with continuous or linear interpolation")
+            return resample_img(nib.Nifti1Image(_finite(np.asanyarray(image.dataobj)), self.affine),
+                                interpolation="linear", target_shape=tuple(target[1]), target_affine=target[0],
+                                force_resample=True, copy_header=True)
+
     def volume_image(self):
         """A 3-D image of the maps' grid (for resampling a mask onto it)."""
         return nib.Nifti1Image(np.zeros(self.shape, dtype=np.uint8), self.affine)
@@ -110,6 +130,7 @@ def maps_source(maps_img) -> MapsSource:
     """Validate a maps image (path or nibabel image) without reading its data."""
     if maps_img is None:
         raise InputError("maps_img is None: give a 4-D image of probabilistic maps (path or nibabel image).")
+    maps_img = _one_map_as_4d(maps_img)
     if isinstance(maps_img, str | Path):
         if not Path(maps_img).is_file():
             raise InputError(f"maps_img not found: {maps_img}")
@@ -128,11 +149,21 @@ def maps_source(maps_img) -> MapsSource:
     if len(shape) != 4:
         raise InputError(
             f"maps_img has shape {tuple(shape)}: probabilistic maps are a 4-D image, one volume per "
-            "map. For a single map, add a 4th axis of length 1 "
-            "(nilearn.image.new_img_like(img, data[..., None]))."
+            "map (a 3-D image is one map)."
         )
     return MapsSource(maps_img, np.asarray(affine, dtype=float), tuple(int(n) for n in shape[:3]),
                       int(shape[3]), np.dtype(dtype))
+
+
+def _one_map_as_4d(maps_img):
+    """A 3-D maps image (path or image) as a 4-D image of one map, as nilearn reads it."""
+    if isinstance(maps_img, str | Path):
+        if not Path(maps_img).is_file() or len(read_info(str(maps_img)).shape) != 3:
+            return maps_img
+        maps_img = nib.load(str(maps_img))
+    if isinstance(maps_img, nib.spatialimages.SpatialImage) and len(maps_img.shape) == 3:
+        return nib.Nifti1Image(np.asanyarray(maps_img.dataobj)[..., None], maps_img.affine)
+    return maps_img
 
 
 def _is_scaled(img):

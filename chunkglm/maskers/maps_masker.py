@@ -1,4 +1,9 @@
-"""MultiMapsMasker / MapsMasker: nilearn's maps maskers over cohort stores.
+"""NiftiMapsMasker / MultiNiftiMapsMasker: nilearn's maps maskers over cohort stores.
+
+The classes are scikit-learn estimators as nilearn's are (:mod:`chunkglm._estimator`),
+with nilearn's fitted attributes, errors, warnings and report
+(:mod:`chunkglm.maskers._report`). ``MapsMasker`` and ``MultiMapsMasker`` are
+the same classes under chunkglm's first names.
 
 Extraction is nilearn's ``img_to_signals_maps`` least squares, computed as a
 reduction over voxel blocks (:mod:`chunkglm.graph.maps`): ``maps.T @ maps``
@@ -29,7 +34,6 @@ Differences from nilearn, by design:
   voxel) come from the stored run; for NIfTI inputs that are smoothed or
   resampled, from an unprocessed copy converted alongside. Voxels outside a
   store's mask count as constant (zero) series in the percentile.
-- 3-D maps images are refused (nilearn reads them as one map).
 - ``t_r=None`` with a filter uses the runs' stored RepetitionTime.
 - Signals are solved and cleaned in float64 and returned in nilearn's dtype.
 
@@ -48,11 +52,16 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import joblib
 import nibabel as nib
+import nilearn
 import numpy as np
 from nilearn._utils.numpy_conversions import get_target_dtype
 from nilearn.image import load_img, resample_img
+from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
+from chunkglm._estimator import NilearnEstimator
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
 from chunkglm.io.bids import input_entities
@@ -70,45 +79,126 @@ from chunkglm.maskers._maps_input import (
     prepare_maps,
     same_grid,
 )
+from chunkglm.maskers._helpers import (
+    FITTED,
+    FileRun,
+    as_list,
+    batched_moments,
+    check_confounds,
+    file_t_r,
+    input_name,
+    load_mask,
+    mismatch,
+    multi_doc,
+    nilearn_data_dtype,
+    node_key,
+    per_run,
+    reread,
+    run_reader,
+)
+from chunkglm.maskers._report import MapsReportMixin
+from chunkglm.maskers._validation import check_maps_img, check_not_bool_dtype, check_single_run, fov_error
 from chunkglm.maskers.outputs import to_xarray
 
 RESAMPLING_TARGETS = ("data", "mask", "maps", None)
 STANDARDIZE = ("zscore_sample", "zscore", "psc", True, False, None)
 
 
-class MultiMapsMasker:
-    """Region signals of many runs from (overlapping) probabilistic maps.
+class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, NilearnEstimator):
+    """Region signals of one run at a time from (overlapping) probabilistic maps.
 
-    Parameters are nilearn's ``MultiNiftiMapsMasker`` (0.14); see its
-    documentation. chunkglm adds:
+    nilearn's ``NiftiMapsMasker`` (0.14), out of core: same parameters, same
+    attributes, same numbers. ``transform`` of one 4-D run gives one (time,
+    region) array (a 3-D image: one row, returned 1-D); a list of runs is
+    refused as nilearn refuses it (use :class:`MultiNiftiMapsMasker`). With
+    ``high_variance_confounds``, the confounds come first, as nilearn's.
 
+    Parameters
+    ----------
+    maps_img : 4-D Niimg-like object (path or nibabel image)
+        One probabilistic map per volume; a 3-D image is one map.
+    mask_img : 3-D Niimg-like object, optional
+        Voxels outside it are left out of the extraction.
+    allow_overlap : bool, default=True
+        If False, overlapping maps raise a ValueError.
+    smoothing_fwhm : float, optional
+        Smoothing (mm) of the data before extraction (applied when NIfTI runs
+        are converted; store runs must have been converted with it).
+    standardize : {'zscore_sample', 'zscore', 'psc', True, False, None}, default=False
+        Standardization of the region signals (nilearn.signal.clean).
+    standardize_confounds : bool, default=True
+        Standardize the confounds before regressing them out.
+    high_variance_confounds : bool, default=False
+        Add nilearn's high-variance confounds of the data.
+    detrend : bool, default=False
+        Remove linear trends from the signals.
+    low_pass : float, optional
+        Low cutoff frequency (Hz).
+    high_pass : float, optional
+        High cutoff frequency (Hz).
+    t_r : float, optional
+        Repetition time (s); by default the runs' RepetitionTime when filtering.
+    dtype : {dtype, "auto"}, optional
+        Data type of the output signals.
+    resampling_target : {"data", "mask", "maps", None}, default="data"
+        The grid everything is resampled onto (None: all grids must match).
+    keep_masked_maps : bool, default=False
+        Keep maps that are empty inside the mask (their signals are zero), with
+        nilearn's FutureWarning; by default they are dropped with a warning.
+    memory : None, str or joblib.Memory, optional
+        Accepted for nilearn compatibility and not used: chunkglm caches
+        nothing on disk (dask schedules the work; ``maps_store`` keeps the
+        prepared maps). ``memory_`` is a joblib Memory built from it, as nilearn's.
+    memory_level : int, default=0
+        Accepted for nilearn compatibility; not used (see ``memory``).
+    verbose : int, default=0
+        Accepted for nilearn compatibility; chunkglm logs nothing more with it.
+    reports : bool, default=True
+        If True, ``fit`` keeps what ``generate_report`` draws (the maps on the
+        fitted grid, a middle volume of the images given to fit).
+    cmap : str or matplotlib colormap, default="CMRmap_r"
+        Colormap of the background images in the report.
+    clean_args : dict, optional
+        Further arguments of ``nilearn.signal.clean``.
     maps_store : str or Path, optional
-        A folder where the prepared maps are written, one zarr array per data
-        grid (``<maps_store>/<grid-id>``), and NIfTI runs are then converted
-        into a store. By default the maps stay in memory as a sparse matrix
-        while their non-zero values take up to 256 MiB; larger ones go to a
-        temporary folder, removed with the masker.
-    memory, memory_level, verbose, reports, cmap, n_jobs
-        Accepted for compatibility; dask schedules the work.
+        chunkglm only: a folder where the prepared maps are written, one zarr
+        array per data grid (``<maps_store>/<grid-id>``), and NIfTI runs are
+        then converted into a store. By default the maps stay in memory as a
+        sparse matrix while their non-zero values take up to 256 MiB; larger
+        ones go to a temporary folder, removed with the masker.
 
     Attributes
     ----------
+    clean_args_ : dict
+        The arguments passed to ``nilearn.signal.clean`` (``clean_args`` or {}).
+    dropped_regions_ : list of int
+        Maps dropped because they are empty inside ``mask_img`` (nilearn drops
+        them with a warning and returns only the others).
+    maps_img_ : nibabel.nifti1.Nifti1Image
+        The maps on the fitted grid (resampled as nilearn resamples them; the
+        input image itself, not read, when no resampling is needed).
+    mask_img_ : nibabel.nifti1.Nifti1Image or None
+        The mask on the fitted grid.
+    memory_ : joblib.Memory
+        nilearn's cache object built from ``memory``; chunkglm does not use it.
     n_elements_ : int
         Number of maps in ``maps_img``.
     region_indices_ : ndarray of int
         Maps kept (indices into maps_img): the columns of the output.
-    dropped_regions_ : list of int
-        Maps dropped because they are empty inside ``mask_img`` (nilearn
-        drops them with a warning and returns only the others).
+
+    Notes
+    -----
+    See the module documentation for what differs from nilearn by design.
     """
 
-    _multi = True
+    _estimator_type = "masker"
+    _multi = False
 
     def __init__(self, maps_img=None, mask_img=None, allow_overlap=True, smoothing_fwhm=None,
                  standardize=False, standardize_confounds=True, high_variance_confounds=False,
                  detrend=False, low_pass=None, high_pass=None, t_r=None, dtype=None,
                  resampling_target="data", keep_masked_maps=False, memory=None, memory_level=0,
-                 verbose=0, reports=True, cmap="CMRmap_r", n_jobs=1, clean_args=None, maps_store=None):
+                 verbose=0, reports=True, cmap="CMRmap_r", clean_args=None, maps_store=None):
         self.maps_img = maps_img
         self.mask_img = mask_img
         self.allow_overlap = allow_overlap
@@ -128,9 +218,23 @@ class MultiMapsMasker:
         self.verbose = verbose
         self.reports = reports
         self.cmap = cmap
-        self.n_jobs = n_jobs
         self.clean_args = clean_args
         self.maps_store = maps_store
+        self._reset_report()
+
+    def _get_doc_link(self):
+        """nilearn's documentation of the class chunkglm mirrors (same name and parameters)."""
+        version = ".".join(nilearn.__version__.split(".")[:3])
+        return (f"https://nilearn.github.io/{version}/modules/generated/nilearn.maskers."
+                f"{type(self).__name__}.html")
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "maps_img_") and hasattr(self, "n_elements_")
+
+    @property
+    def _n_features_out(self):
+        """Output columns, for scikit-learn's ``set_output`` feature names."""
+        return self.n_elements_
 
     # -- fit ---------------------------------------------------------------------------
 
@@ -141,16 +245,36 @@ class MultiMapsMasker:
         ----------
         imgs : store run(s), NIfTI path(s) or image(s), optional
             Data defining the grid for ``resampling_target="data"``.
+        y : None
+            Ignored (scikit-learn's signature).
+
+        Returns
+        -------
+        self
         """
         del y
+        self._fit_inputs(imgs)
+        return self
+
+    def _fit_inputs(self, imgs):
+        """Fit; return the runs read as files (list of FileRun), store nodes, or None."""
+        if imgs is not None and not self._multi:
+            check_single_run(imgs)
         self._setup()
-        if imgs is None:
-            return self._fit(None)
-        files = self._file_runs(_as_list(imgs))
-        if files is not None:  # NIfTI files read as they are: the maps are ready on their grid
-            self._fit_grid = files[0].grid
-            return self
-        return self._fit(self._as_nodes(_as_list(imgs)))
+        runs = None
+        if imgs is not None:
+            items, _ = self._as_4d(as_list(imgs))
+            runs = self._file_runs(items)
+            if runs is not None:  # NIfTI files read as they are: the maps are ready on their grid
+                self._fit_grid = runs[0].grid
+            else:
+                runs = self._as_nodes(items)
+                self._fit(runs)
+            self._input_entities = [input_entities(item) for item in as_list(imgs)]
+        else:
+            self._fit(None)
+        self._finish_fit(imgs)
+        return runs
 
     def _fit(self, nodes):
         """Fit after :meth:`_setup`: the grid of ``nodes`` (store runs) and the maps on it."""
@@ -159,47 +283,69 @@ class MultiMapsMasker:
             self._maps_on(self._fit_grid, voxel_chunk=nodes[0].data().chunks[1][0])
         elif self.resampling_target in ("mask", "maps"):
             self._fit_grid = self._target_grid_without_data()
+            self._maps_on(self._fit_grid)  # nilearn's errors at fit (no map left in the mask)
+        else:
+            self._check_fov_without_data()
+            if not self._source.any_nonzero():
+                raise InputError("maps_img contains no map.")
         return self
 
     def _setup(self):
         """Validate parameters, read the maps' header and the mask; forget previous fits."""
+        check_maps_img(self.maps_img)
         self._check_params()
+        self._reset_report()
+        for name in FITTED:
+            self.__dict__.pop(name, None)
         self._source = maps_source(self.maps_img)
-        self._mask = _load_mask(self.mask_img)
+        self._mask = load_mask(self.mask_img)
         self._prepared: dict = {}
         self._fit_grid = None
-        self.n_elements_ = self._source.n_maps
         self.clean_args_ = {} if self.clean_args is None else dict(self.clean_args)
+        self.memory_ = self.memory if isinstance(self.memory, joblib.Memory) else joblib.Memory(
+            location=self.memory, verbose=0)
         if not hasattr(self, "_input_dtypes"):
             self._input_dtypes: dict = {}  # (store, run) -> dtype of the converted NIfTI
             self._hv_sources: dict = {}  # (store, run) -> unprocessed run, for hv confounds
 
-    @property
-    def mask_img_(self):
-        """nilearn's ``mask_img_``: mask_img on the fitted grid (a NIfTI), or None."""
-        self._check_fitted()
+    def _finish_fit(self, imgs):
+        """nilearn's fitted attributes, and what the report draws."""
+        grid = self._fit_grid
+        self.maps_img_ = self._source.image_on(None if grid is None else (grid.affine, grid.shape))
         if self._mask is None:
-            return None
-        if self._fit_grid is None:
+            self.mask_img_ = None
+        elif grid is None:
             affine, mask = self._mask
-            return nib.Nifti1Image(mask.astype(np.int8), affine)
-        return nib.Nifti1Image(self._mask_on(self._fit_grid).astype(np.int8), self._fit_grid.affine)
+            self.mask_img_ = nib.Nifti1Image(mask.astype(np.int8), affine)
+        else:
+            self.mask_img_ = nib.Nifti1Image(self._mask_on(grid).astype(np.int8), grid.affine)
+        if "region_indices_" not in self.__dict__:  # no grid yet: every map, until transform
+            self.region_indices_ = np.arange(self._source.n_maps)
+            self.dropped_regions_ = []
+        self.n_elements_ = self._source.n_maps
+        self._set_reporting_data(imgs)
+
+    def _check_fov_without_data(self):
+        if self.resampling_target is None and self._mask is not None:
+            affine, mask = self._mask
+            if not same_grid(affine, mask.shape, self._source.affine, self._source.shape):
+                raise InputError(fov_error(mismatch("mask_img", affine, mask.shape, Grid(
+                    self._source.affine, np.ones(self._source.shape, dtype=bool))) + " With "
+                    "resampling_target=None the mask and the maps must be on one grid."))
 
     def _check_params(self):
         if self.resampling_target not in RESAMPLING_TARGETS:
-            raise InputError(f"resampling_target must be one of {RESAMPLING_TARGETS}; "
+            raise InputError(f"'resampling_target' must be one of {RESAMPLING_TARGETS}; "
                              f"received {self.resampling_target!r}.")
         if self.resampling_target == "mask" and self.mask_img is None:
             raise InputError("resampling_target has been set to 'mask' but no mask has been provided.\n"
                              "Set resampling_target to something else or provide a mask.")
         if self.standardize not in STANDARDIZE:
             raise InputError(f"standardize must be one of {STANDARDIZE}; received {self.standardize!r}.")
-        if self.dtype is bool:
-            raise InputError("'dtype' cannot be bool")
+        check_not_bool_dtype(self.dtype)
 
     def _check_fitted(self):
-        if not hasattr(self, "_source"):
-            raise InputError(f"this {type(self).__name__} is not fitted yet: call fit(...) first.")
+        check_is_fitted(self)  # scikit-learn's NotFittedError, nilearn's message
 
     # -- grids ---------------------------------------------------------------------------
 
@@ -218,7 +364,7 @@ class MultiMapsMasker:
         if same_grid(affine, mask.shape, grid.affine, grid.shape):
             return mask
         if self.resampling_target is None:
-            raise InputError(_mismatch("mask_img", affine, mask.shape, grid))
+            raise InputError(fov_error(mismatch("mask_img", affine, mask.shape, grid)))
         img = resample_img(nib.Nifti1Image(mask.astype(np.int8), affine), interpolation="nearest",
                            target_shape=grid.shape, target_affine=grid.affine, copy=True,
                            force_resample=True, copy_header=True)
@@ -270,7 +416,7 @@ class MultiMapsMasker:
         infos = [read_info(path) for path in paths]
         bad = [(p, i.shape) for p, i in zip(images, infos) if len(i.shape) != 4]
         if bad:
-            raise InputError(f"imgs must be 4-D images (runs); received shape {bad[0][1]} for {_name(bad[0][0])}.")
+            raise InputError(f"imgs must be 4-D images (runs); received shape {bad[0][1]} for {input_name(bad[0][0])}.")
         target = self._conversion_target(infos[0])
         mask = self._conversion_mask(target, infos[0])
         mask_path = None
@@ -283,13 +429,13 @@ class MultiMapsMasker:
         cohort = open_cohort(folder / "store.zarr")
         self._input_entities = [input_entities(item) for item in images]
         nodes = [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
-        self._input_dtypes.update({_node_key(node): _nilearn_data_dtype(image, info)
+        self._input_dtypes.update({node_key(node): nilearn_data_dtype(image, info)
                                    for node, image, info in zip(nodes, images, infos)})
         if self.high_variance_confounds and (target is not None or self.smoothing_fwhm is not None):
             # nilearn takes them from the input images as given (not resampled, not smoothed)
             convert(paths, folder / "raw.zarr")
             raw = open_cohort(folder / "raw.zarr")
-            self._hv_sources.update({_node_key(node): raw.runs[node.name] for node in nodes})
+            self._hv_sources.update({node_key(node): raw.runs[node.name] for node in nodes})
         return nodes
 
     def _conversion_target(self, info):
@@ -324,20 +470,20 @@ class MultiMapsMasker:
         if self.resampling_target == "mask":
             affine, mask = self._mask
             if not same_grid(affine, mask.shape, grid.affine, grid.shape):
-                raise InputError(_mismatch("the store runs (resampling_target='mask': mask_img)",
+                raise InputError(mismatch("the store runs (resampling_target='mask': mask_img)",
                                            affine, mask.shape, grid) + " Convert the runs with "
                                  "target_affine/target_shape of mask_img, or pass NIfTI files.")
         elif self.resampling_target == "maps":
             if not same_grid(self._source.affine, self._source.shape, grid.affine, grid.shape):
-                raise InputError(_mismatch("the store runs (resampling_target='maps': maps_img)",
+                raise InputError(mismatch("the store runs (resampling_target='maps': maps_img)",
                                            self._source.affine, self._source.shape, grid)
                                  + " Convert the runs with the maps' target_affine/target_shape.")
         elif not same_grid(self._source.affine, self._source.shape, grid.affine, grid.shape):
-            raise InputError(
+            raise InputError(fov_error(
                 f"maps_img has shape {self._source.shape} and affine\n{self._source.affine}\nbut the data "
                 f"have shape {tuple(grid.shape)} and affine\n{grid.affine}\nWith resampling_target=None "
                 "they must match: resample the maps (nilearn.image.resample_to_img) or set "
-                "resampling_target='data'.")
+                "resampling_target='data'."))
 
     # -- transform ------------------------------------------------------------------------
 
@@ -347,41 +493,101 @@ class MultiMapsMasker:
         Parameters
         ----------
         imgs : store run(s), NIfTI path(s) or image(s)
+            A 3-D image is one volume: its signals are returned 1-D.
         confounds : array, DataFrame, path, or a list with one per run, optional
         sample_mask : array or list of arrays, optional
             Volumes to keep per run (nilearn's censoring).
+
+        Returns
+        -------
+        ndarray (time, region), or a list of them for a list of runs
         """
         self._check_fitted()
-        single = not isinstance(imgs, list | tuple)
-        if single:
-            confounds = confounds[0] if isinstance(confounds, list) and self._multi else confounds
-            sample_mask = sample_mask[0] if isinstance(sample_mask, list) and self._multi else sample_mask
-            signals = self._extract([imgs], [confounds], [sample_mask])
-            return signals[0]
-        return self.transform_imgs(imgs, confounds, sample_mask=sample_mask)
+        if isinstance(imgs, list | tuple):
+            if not self._multi:
+                check_single_run(imgs)
+            return self.transform_imgs(imgs, confounds, sample_mask=sample_mask)
+        confounds = confounds[0] if isinstance(confounds, list) and self._multi else confounds
+        sample_mask = sample_mask[0] if isinstance(sample_mask, list) and self._multi else sample_mask
+        items, flat = self._as_4d([imgs])
+        return self._flatten(self._extract(items, [confounds], [sample_mask]), flat)[0]
+
+    def transform_single_imgs(self, imgs, confounds=None, sample_mask=None):
+        """Region signals of one run (nilearn's ``transform_single_imgs``).
+
+        Parameters
+        ----------
+        imgs : store run, NIfTI path or image (3-D or 4-D)
+        confounds : array, DataFrame, path or list of them, optional
+            Confounds of this run (a list: several sets, concatenated).
+        sample_mask : array, optional
+            Volumes to keep (nilearn's censoring).
+
+        Returns
+        -------
+        ndarray (time, region); 1-D for a 3-D image
+        """
+        self._check_fitted()
+        check_single_run(imgs)
+        items, flat = self._as_4d([imgs])
+        return self._flatten(self._extract(items, [confounds], [sample_mask]), flat)[0]
 
     def transform_imgs(self, imgs_list, confounds=None, n_jobs=1, sample_mask=None):
-        """Region signals of a list of runs (nilearn's ``transform_imgs``)."""
+        """Region signals of a list of runs (nilearn's ``transform_imgs``).
+
+        ``n_jobs`` is accepted for nilearn compatibility: all runs are one dask graph.
+        """
         del n_jobs
         self._check_fitted()
         n = len(imgs_list)
-        return self._extract(list(imgs_list), _per_run(confounds, n, "confounds"),
-                             _per_run(sample_mask, n, "sample_mask"))
+        items, flat = self._as_4d(list(imgs_list))
+        return self._flatten(self._extract(items, per_run(confounds, n, "confounds"),
+                                           per_run(sample_mask, n, "sample_mask")), flat)
 
     def fit_transform(self, imgs, y=None, confounds=None, sample_mask=None):
-        """``fit(imgs).transform(imgs, ...)``, converting NIfTI inputs once."""
+        """``fit(imgs).transform(imgs, ...)``, converting NIfTI inputs once.
+
+        Parameters
+        ----------
+        imgs : store run(s), NIfTI path(s) or image(s)
+        y : None
+            Ignored.
+        confounds, sample_mask
+            As :meth:`transform`.
+        """
         del y
-        items = _as_list(imgs)
-        self._setup()
-        files = self._file_runs(items)
-        if files is not None:
-            self._fit_grid = files[0].grid
-            self._input_entities = [input_entities(item) for item in items]
+        runs = self._fit_inputs(imgs)
+        if not runs or not isinstance(runs[0], Node):
             return self.transform(imgs, confounds, sample_mask)
-        nodes = self._as_nodes(items)
-        self._fit(nodes)
-        self._input_entities = [input_entities(item) for item in items]
-        return self.transform(nodes if isinstance(imgs, list | tuple) else nodes[0], confounds, sample_mask)
+        single = not isinstance(imgs, list | tuple)
+        _, flat = self._as_4d(as_list(imgs))
+        if single:
+            confounds = confounds[0] if isinstance(confounds, list) and self._multi else confounds
+            sample_mask = sample_mask[0] if isinstance(sample_mask, list) and self._multi else sample_mask
+            return self._flatten(self._extract(runs, [confounds], [sample_mask]), flat)[0]
+        n = len(runs)
+        return self._flatten(self._extract(runs, per_run(confounds, n, "confounds"),
+                                           per_run(sample_mask, n, "sample_mask")), flat)
+
+    def _as_4d(self, items):
+        """``items`` with 3-D images as 4-D ones of one volume, and which ones were 3-D."""
+        out, flat = [], []
+        for item in items:
+            image = None
+            if isinstance(item, nib.spatialimages.SpatialImage) and len(item.shape) == 3:
+                image = item
+            elif isinstance(item, str | Path) and Path(item).is_file() and len(read_info(str(item)).shape) == 3:
+                image = nib.load(str(item))
+            flat.append(image is not None)
+            out.append(item if image is None else
+                       nib.Nifti1Image(np.asanyarray(image.dataobj)[..., None], image.affine))
+        return out, flat
+
+    def _flatten(self, signals, flat):
+        """nilearn's 1-D signals of 3-D images (unless ``set_output`` asks for a container)."""
+        if getattr(self, "_sklearn_output_config", None) is not None:
+            return signals
+        return [s[0] if one else s for s, one in zip(signals, flat)]
 
     def transform_to_xarray(self, imgs, confounds=None, sample_mask=None):
         """Region signals as a DataArray (run, time, region) with BIDS entities as coordinates.
@@ -394,10 +600,10 @@ class MultiMapsMasker:
         Runs shorter than the longest (or censored by sample_mask) are padded
         with NaN at the end of the time axis.
         """
-        items = _as_list(imgs)
+        items = as_list(imgs)
         nodes = self._nodes_of(items)
         n = len(nodes)
-        signals = self._extract(nodes, _per_run(confounds, n, "confounds"), _per_run(sample_mask, n, "sample_mask"))
+        signals = self._extract(nodes, per_run(confounds, n, "confounds"), per_run(sample_mask, n, "sample_mask"))
         return to_xarray(signals, nodes, self.region_indices_)
 
     def _nodes_of(self, items):
@@ -428,7 +634,7 @@ class MultiMapsMasker:
         if self._maps_on(grid).sparse is None:  # zarr-backed: prepared again in the store's blocks
             self._prepared.pop(grid.grid_id)
             return None
-        return [_FileRun(str(item), info, grid) for item, info in zip(items, infos)]
+        return [FileRun(str(item), info, grid) for item, info in zip(items, infos)]
 
     def _extract_files(self, files, confounds, sample_masks):
         """Region signals of NIfTI runs, each streamed volume by volume in one task."""
@@ -437,17 +643,22 @@ class MultiMapsMasker:
         self._check_overlap(maps)
         self._warn_dropped(maps)
         for index, (run, conf) in enumerate(zip(files, confounds)):
-            _check_confounds(conf, run.info.n_volumes, index)
+            check_confounds(conf, run.info.n_volumes, index)
         covered = np.flatnonzero(np.diff(maps.sparse.indptr))  # voxels of some map: the others add 0
         positions = np.ravel_multi_index(tuple(grid.ijk[covered].T), grid.shape, order="F")
         gram, projections = graph.volume_moments(maps.sparse[covered],
                                                  [NiftiVolumeReader(run.path, positions) for run in files])
-        dtypes = [self._output_dtype(maps.dtype, _nilearn_data_dtype(run.path, run.info)) for run in files]
-        t_rs = [self.t_r if self.t_r is not None else _file_t_r(run.info) for run in files]
+        dtypes = [self._output_dtype(maps.dtype, nilearn_data_dtype(run.path, run.info)) for run in files]
+        t_rs = [self.t_r if self.t_r is not None else file_t_r(run.info) for run in files]
         return self._clean_all(gram, projections, [None] * len(files), dtypes, t_rs, confounds, sample_masks)
 
     def _clean_all(self, gram, projections, hvs, dtypes, t_rs, confounds, sample_masks):
         """Solve and clean every run's signals (one dask computation)."""
+        if self.keep_masked_maps:
+            warnings.warn('Applying "mask_img" before signal extraction may result in empty region '
+                          'signals in the output. These are currently kept.\n"keep_masked_maps" parameter '
+                          'will be removed in version 0.15. Set "keep_masked_maps=False" to silence this '
+                          "warning.", FutureWarning, stacklevel=4)
         return graph.cleaned_signals(self._cleaning(), gram, projections, hvs, dtypes, t_rs, confounds,
                                      sample_masks)
 
@@ -463,25 +674,25 @@ class MultiMapsMasker:
         self._warn_dropped(maps)
         self._warn_outside(maps)
         for index, (node, conf) in enumerate(zip(nodes, confounds)):
-            _check_confounds(conf, int(node.data().shape[0]), index)
-        projections = _batched_moments(maps, [_run_reader(node, data) for node, data in zip(nodes, datas)])
+            check_confounds(conf, int(node.data().shape[0]), index)
+        projections = batched_moments(maps, [run_reader(node, data) for node, data in zip(nodes, datas)])
         gram = projections.pop()
         n_outside = int(np.prod(grid.shape)) - grid.n_voxels
         hvs = [self._hv_confounds(node, data, n_outside) if self.high_variance_confounds else None
                for node, data in zip(nodes, datas)]
-        dtypes = [self._output_dtype(maps.dtype, self._input_dtypes.get(_node_key(node), np.float32))
+        dtypes = [self._output_dtype(maps.dtype, self._input_dtypes.get(node_key(node), np.float32))
                   for node in nodes]
         return self._clean_all(gram, projections, hvs, dtypes, [self._t_r(node) for node in nodes], confounds,
                                sample_masks)
 
     def _hv_confounds(self, node, data, n_outside):
         """Lazy high-variance confounds of a run, from its unprocessed data when there is one."""
-        source = self._hv_sources.get(_node_key(node))
+        source = self._hv_sources.get(node_key(node))
         if source is not None:
             data = source.data().data
             n_outside = int(np.prod(source.grid.shape)) - source.grid.n_voxels
             node = source
-        return graph.high_variance_confounds(data, n_outside, reread=_reread(node, data))
+        return graph.high_variance_confounds(data, n_outside, reread=reread(node, data))
 
     def _output_dtype(self, maps_dtype, data_dtype):
         """nilearn's output dtype: its solve's (maps x data) type, or the ``dtype`` asked for."""
@@ -526,189 +737,74 @@ class MultiMapsMasker:
 
         Parameters
         ----------
-        region_signals : ndarray (time, n_elements_) or (time, n_kept), or 1-D
+        region_signals : ndarray or DataFrame (time, n_elements_) or (time, n_kept), or 1-D
             One column per map (nilearn) or per kept map.
 
         Returns
         -------
         nibabel.Nifti1Image
-            4-D (3-D for 1-D input) on the fitted grid.
+            4-D (3-D for 1-D input) on the fitted grid (the maps' grid when
+            ``fit`` had no images).
         """
         self._check_fitted()
-        if self._fit_grid is None:
-            raise InputError("inverse_transform needs the data grid: call fit(imgs) first.")
-        maps = self._maps_on(self._fit_grid)
+        grid = self._fit_grid if self._fit_grid is not None else self._maps_grid()
+        maps = self._maps_on(grid)
+        if hasattr(region_signals, "to_numpy"):  # pandas / polars DataFrame
+            region_signals = region_signals.to_numpy().squeeze()
         signals = np.asarray(region_signals)
         flat = signals.ndim == 1
         signals = np.atleast_2d(signals)
+        if signals.ndim != 2 or signals.shape[1] not in (maps.n_maps, len(maps.kept)):
+            expected = (maps.n_maps,) if flat else (signals.shape[0], maps.n_maps)
+            raise InputError(f"Input to 'inverse_transform' has wrong shape.\nExpected {expected}.\n"
+                             f"Got {np.shape(region_signals)}. Give one column per map "
+                             f"({len(maps.kept)} kept of {maps.n_maps}).")
         if signals.shape[1] == maps.n_maps:
             signals = signals[:, maps.kept]
-        elif signals.shape[1] != len(maps.kept):
-            raise InputError(f"region_signals has {signals.shape[1]} columns; the masker has "
-                             f"{maps.n_maps} maps ({len(maps.kept)} kept): give one column per map.")
+        if signals.dtype == bool:
+            target = self.dtype if self.dtype is not None else np.int32
+            warnings.warn(f"Casting boolean input to {target}", UserWarning, stacklevel=2)
+            signals = signals.astype(target)
+        out_dtype = get_target_dtype(signals.dtype, self.dtype)
+        out_dtype = signals.dtype if out_dtype is None else np.dtype(out_dtype)
         signals = signals.astype(np.result_type(signals.dtype, maps.dtype), copy=False)
         if maps.sparse is not None:  # in memory: (voxel, region) @ (region, time)
             voxels = np.asarray(maps.sparse.astype(signals.dtype) @ signals.T).T
         else:
             voxels = graph.voxel_signals(signals, maps.array("maps-inverse"))
-        grid = self._fit_grid
-        data = np.zeros((*grid.shape, signals.shape[0]), dtype=voxels.dtype)
+        data = np.zeros((*grid.shape, signals.shape[0]), dtype=out_dtype)
         ijk = grid.ijk
         data[ijk[:, 0], ijk[:, 1], ijk[:, 2], :] = voxels.T
-        return nib.Nifti1Image(data[..., 0] if flat else data, grid.affine)
+        image = nib.Nifti1Image(data[..., 0] if flat else data, grid.affine)
+        image.set_data_dtype(out_dtype)
+        return image
+
+    def _maps_grid(self):
+        """The maps' own grid (restricted to mask_img when it is on that grid)."""
+        mask = np.ones(self._source.shape, dtype=bool)
+        if self._mask is not None and same_grid(self._mask[0], self._mask[1].shape, self._source.affine,
+                                                self._source.shape):
+            mask = self._mask[1]
+        return Grid(self._source.affine, mask)
 
 
-class MapsMasker(MultiMapsMasker):
-    """One run at a time: nilearn's ``NiftiMapsMasker`` parameters and results.
+class MultiNiftiMapsMasker(NiftiMapsMasker):
+    __doc__ = multi_doc(NiftiMapsMasker.__doc__)
 
-    ``transform`` of one run returns one (time, region) array. With
-    ``high_variance_confounds``, the confounds come first, as nilearn's.
-    """
-
-    _multi = False
+    _multi = True
 
     def __init__(self, maps_img=None, mask_img=None, allow_overlap=True, smoothing_fwhm=None,
                  standardize=False, standardize_confounds=True, high_variance_confounds=False,
                  detrend=False, low_pass=None, high_pass=None, t_r=None, dtype=None,
                  resampling_target="data", keep_masked_maps=False, memory=None, memory_level=0,
-                 verbose=0, reports=True, cmap="CMRmap_r", clean_args=None, maps_store=None):
+                 verbose=0, reports=True, cmap="CMRmap_r", n_jobs=1, clean_args=None, maps_store=None):
+        self.n_jobs = n_jobs
         super().__init__(maps_img, mask_img, allow_overlap, smoothing_fwhm, standardize,
                          standardize_confounds, high_variance_confounds, detrend, low_pass, high_pass,
                          t_r, dtype, resampling_target, keep_masked_maps, memory, memory_level, verbose,
-                         reports, cmap, 1, clean_args, maps_store)
+                         reports, cmap, clean_args, maps_store)
 
 
-# -- helpers -------------------------------------------------------------------------------
-
-
-def _load_mask(mask_img):
-    """nilearn's _load_mask: a 3-D (or 4-D, all volumes) mask -> (affine, bool array) or None."""
-    if mask_img is None:
-        return None
-    try:
-        if isinstance(mask_img, nib.spatialimages.SpatialImage):
-            img = mask_img
-        elif isinstance(mask_img, str | Path) and Path(mask_img).is_file():
-            img = nib.load(str(mask_img))  # as nilearn's load_img
-        else:  # wildcards, lists of images, ...: nilearn's own loader
-            img = load_img(mask_img)
-    except Exception as err:  # nibabel and nilearn raise several kinds for unreadable inputs
-        raise InputError(f"mask_img cannot be read as an image: {err}") from err
-    data = np.asanyarray(img.dataobj)
-    data = np.nan_to_num(data.reshape(*data.shape[:3], -1)).astype(bool).all(axis=3)
-    if not data.any():
-        raise InputError("mask_img has no non-zero voxel.")
-    return np.asarray(img.affine, dtype=float), data
-
-
-def _mismatch(what, affine, shape, grid):
-    return (f"{what} has shape {tuple(shape[:3])} and affine\n{affine}\nbut the grid has shape "
-            f"{tuple(grid.shape)} and affine\n{grid.affine}.")
-
-
-#: float32 data bytes of one voxel block of a batch of runs (all its runs' chunks).
-BATCH_BYTES = 256 * 2**20
-
-
-def _batches(datas, budget=BATCH_BYTES):
-    """Indices of runs grouped by voxel blocks, each group's stacked block within ``budget``."""
-    by_chunks: dict = {}
-    for index, data in enumerate(datas):
-        by_chunks.setdefault(data.chunks[1], []).append(index)
-    batches = []
-    for chunks, members in by_chunks.items():
-        current, n_time = [], 0
-        for index in members:
-            grown = (n_time + datas[index].shape[0]) * max(chunks, default=1) * 4
-            if current and grown > budget:
-                batches.append(current)
-                current, n_time = [], 0
-            current.append(index)
-            n_time += datas[index].shape[0]
-        batches.append(current)
-    return batches
-
-
-def _batched_moments(maps, datas):
-    """Per run the lazy (region, time) ``maps.T @ data.T``, then last the Gram matrix.
-
-    Runs with the same voxel blocks are taken in batches: one task per voxel
-    block and batch reads the maps block once for all its runs (and the
-    first batch also accumulates the Gram matrix).
-    """
-    n_regions = len(maps.kept)
-    projections, gram = [None] * len(datas), None
-    for number, batch in enumerate(_batches(datas)):
-        source = maps.blocks(datas[batch[0]].chunks[1]) or maps.reader()
-        moments = graph.moments(source, [datas[i] for i in batch], with_gram=gram is None)
-        if gram is None:
-            gram, moments = moments[:, :n_regions], moments[:, n_regions:]
-        offsets = np.cumsum([0] + [datas[i].shape[0] for i in batch])
-        for index, start, stop in zip(batch, offsets[:-1], offsets[1:]):
-            projections[index] = moments[:, start:stop]
-    return [*projections, gram]
-
-
-def _run_reader(node, data):
-    """A reader of the run's stored bold array, read inside the extraction tasks."""
-    return ZarrRunReader(node.zarr_array("bold"), data.chunks)  # missing/corrupt chunks raise
-
-
-def _reread(node, data):
-    """The run's bold array under new task names (read again by a second pass)."""
-    array = node.zarr_array("bold")  # missing/corrupt chunks raise
-    return graph.reread_run(array, data.chunks, node.cohort.location, node.path)
-
-
-@dataclass(frozen=True)
-class _FileRun:
-    """A NIfTI run read as it is (no store): its path, header and grid."""
-
-    path: str
-    info: object
-    grid: object
-
-
-def _file_t_r(info):
-    """The run's RepetitionTime as conversion stores it: the 4th zoom, in seconds."""
-    zooms = [float(z) for z in info.header.get_zooms()]
-    return _seconds(zooms[3], info) if len(zooms) > 3 else None
-
-
-def _node_key(node):
-    return (node.cohort.location, node.path)
-
-
-def _nilearn_data_dtype(image, info):
-    """The dtype nilearn's extraction sees for a run (the store holds float32)."""
-    if isinstance(image, np.ndarray) or hasattr(image, "dataobj") and isinstance(image.dataobj, np.ndarray):
-        return np.asarray(image.dataobj).dtype
-    scaled = info.slope != 1 or info.inter != 0
-    return np.dtype(np.float64) if scaled else info.dtype.newbyteorder("=")
-
-
-def _check_confounds(confounds, n_scans, index):
-    if confounds is None or isinstance(confounds, str | Path | list):
-        return
-    n_rows = len(confounds) if hasattr(confounds, "__len__") else None
-    if n_rows is not None and np.ndim(confounds) >= 1 and n_rows != n_scans:
-        raise InputError(f"the confounds of run {index} have {n_rows} rows but the run has {n_scans} "
-                         "scans: give one row per scan (before sample_mask censoring).")
-
-
-def _per_run(value, n_runs, name):
-    if value is None:
-        return [None] * n_runs
-    if not isinstance(value, list | tuple):
-        raise InputError(f"'{name}' must be None or a list with one entry per run; got {type(value).__name__}.")
-    if len(value) != n_runs:
-        raise InputError(f"number of {name} ({len(value)}) unequal to number of images ({n_runs}).")
-    return list(value)
-
-
-def _as_list(value):
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _name(item):
-    return str(item) if isinstance(item, str | Path) else type(item).__name__
+#: The short names of chunkglm's first releases.
+MapsMasker = NiftiMapsMasker
+MultiMapsMasker = MultiNiftiMapsMasker

@@ -45,8 +45,8 @@ BINDINGS = {
             ("chunkglm.glm.thresholding", "cluster_level_inference"),
         ("nilearn.reporting", "get_clusters_table"): ("chunkglm.reporting", "get_clusters_table"),
         ("nilearn.interfaces.bids", "save_glm_to_bids"): ("chunkglm.interfaces.bids", "save_glm_to_bids"),
-        ("nilearn.maskers", "NiftiMapsMasker"): ("chunkglm.maskers", "MapsMasker"),
-        ("nilearn.maskers", "MultiNiftiMapsMasker"): ("chunkglm.maskers", "MultiMapsMasker"),
+        ("nilearn.maskers", "NiftiMapsMasker"): ("chunkglm.maskers", "NiftiMapsMasker"),
+        ("nilearn.maskers", "MultiNiftiMapsMasker"): ("chunkglm.maskers", "MultiNiftiMapsMasker"),
     },
     "nimare": {
         **{("nimare.meta.ibma", name): ("chunkglm.meta.ibma", name) for name in (
