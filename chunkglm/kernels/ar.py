@@ -19,6 +19,20 @@ import numpy as np
 from chunkglm.kernels.glm import GLMFit, solve_gram
 
 
+def ar_order(noise_model: str) -> int:
+    """0 for "ols", N for "arN"; anything else is refused (ValueError)."""
+    if noise_model == "ols":
+        return 0
+    try:
+        order = int(noise_model[2:]) if noise_model.startswith("ar") else -1
+    except ValueError:
+        order = -1
+    if order < 1:
+        raise ValueError(f"noise_model must be 'ols' or 'arN' with N >= 1 (e.g. 'ar1', 'ar3'); "
+                         f"received {noise_model!r}.")
+    return order
+
+
 @dataclass(frozen=True)
 class LagMoments:
     """Lag moments of X with Y (or X with X), orders 0..N, and partial sums.
@@ -138,3 +152,37 @@ def r_square(dmx: LagMoments, dmy: LagMoments, fit: GLMFit) -> np.ndarray:
     wy_sum = sum(a[:, k] * dmy.head[k] for k in range(size))
     with np.errstate(divide="ignore", invalid="ignore"):
         return (pred_sq / n - (pred_sum / n) ** 2) / (wyy / n - (wy_sum / n) ** 2)
+
+
+def cluster_ar(rhos: list, bins: int, random_state) -> tuple[np.ndarray, list]:
+    """nilearn's global AR(N) step: k-means over every voxel's coefficients.
+
+    Parameters
+    ----------
+    rhos : list of ndarray (voxel, N)
+        Each voxel block's Yule-Walker coefficients, in voxel order.
+    bins : int
+        Clusters (nilearn's ``bins``), at most one per voxel.
+    random_state : int, RandomState or None
+        KMeans' seed, as nilearn's.
+
+    Returns
+    -------
+    levels : ndarray (n_levels, N)
+    indices : list of ndarray of int
+        Per block, each voxel's level. As in nilearn, voxels are grouped by
+        their centre rounded to 2 decimals, and each group is refit with the
+        centre of its first voxel.
+    """
+    # scikit-learn is imported here, not with the module: it is heavy (~70 MiB) and only this
+    # global pass of AR(N>1) models needs it, while every worker imports these kernels.
+    from sklearn.cluster import KMeans
+
+    coefs = np.concatenate(rhos)
+    kmeans = KMeans(n_clusters=min(bins, len(coefs)), n_init=10, random_state=random_state).fit(coefs)
+    centres = kmeans.cluster_centers_[kmeans.labels_]
+    names = np.array(["_".join(map(str, np.round(c, 2))) for c in kmeans.cluster_centers_])[kmeans.labels_]
+    unique, first, index = np.unique(names, return_index=True, return_inverse=True)
+    levels = centres[first]
+    bounds = np.cumsum([0] + [len(r) for r in rhos])
+    return levels, [index[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

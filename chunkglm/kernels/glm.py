@@ -281,3 +281,90 @@ def scale_moments(dm: DesignMoments, bm: BlockMoments, grand_mean: float) -> Blo
         y_head=s * bm.y_head - c * (n - 1),
         y_tail=s * bm.y_tail - c * (n - 1),
     )
+
+
+# -- design basis, mean scaling and the global means of a run ----------------------------------
+
+#: nilearn's ``signal_scaling`` value for scaling by the grand mean of the run.
+GRAND_MEAN_SCALING = (0, 1)
+
+
+def orthonormal_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """An orthonormal basis Q of the design, its R factor (X = QR) and nilearn's df.
+
+    Fitting in Q keeps the Gram matrix ~identity, so normal equations do not
+    square the design's condition number.
+
+    Returns
+    -------
+    Q : ndarray (time, p)
+    R : ndarray (p, p)
+    df_residuals : int
+        n_time - rank(X), with numpy's rank at tolerance ``sum|X| * eps``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    df_residuals = X.shape[0] - np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(float).eps)
+    Q, R = np.linalg.qr(X)
+    return Q, R, int(df_residuals)
+
+
+def contrast_on_basis(r_factor: np.ndarray, con: np.ndarray) -> np.ndarray:
+    """Contrast weights on X -> weights on the orthonormal basis Q (X = QR).
+
+    With beta = R^-1 beta_Q: c beta = (R^-T c')' beta_Q, and the covariance
+    maps the same way, so contrasts need no other change.
+    """
+    con = np.asarray(con, dtype=np.float64)
+    return np.linalg.solve(r_factor.T, np.atleast_2d(con).T).T.reshape(con.shape)
+
+
+def is_grand_mean_scaling(signal_scaling) -> bool:
+    """Whether ``signal_scaling`` asks for scaling by the grand mean, nilearn's (0, 1)."""
+    return isinstance(signal_scaling, tuple | list) and tuple(signal_scaling) == GRAND_MEAN_SCALING
+
+
+def scaled_block(block: np.ndarray, signal_scaling, grand_mean=None) -> np.ndarray:
+    """nilearn's ``mean_scaling`` along time, in the data's own dtype.
+
+    Time is never split across chunks, so a block holds whole voxel time
+    series and the per-voxel mean is exact. nilearn scales the masked data
+    before casting to float64; doing the same keeps results identical.
+    ``grand_mean`` is the run's grand mean (``(0, 1)``) or its per time
+    point means over voxels (``1``), global reductions done by the caller.
+    """
+    if signal_scaling is False or signal_scaling is None:
+        return block
+    if is_grand_mean_scaling(signal_scaling):
+        return 100 * (block / max(grand_mean, 1.0) - 1)
+    if signal_scaling == 1:  # per time point, by its mean over all voxels (global)
+        return 100 * (block / grand_mean[:, None] - 1)
+    mean = np.maximum(block.mean(axis=0), 1)
+    return 100 * (block / mean - 1)
+
+
+def residual_block(X: np.ndarray, block: np.ndarray, fit: GLMFit, signal_scaling, grand_mean) -> np.ndarray:
+    """nilearn's residuals Y - X~ beta of one (time, voxel) block (the data scaled as the fit's)."""
+    return scaled_block(block, signal_scaling, grand_mean).astype(np.float64) - predicted(X, fit)
+
+
+def row_sums(block: np.ndarray) -> np.ndarray:
+    """Sum over the voxels of a (time, voxel) block at each time point, in float64 (time,)."""
+    return block.sum(axis=1, dtype=np.float64)
+
+
+def row_means(sums: list, n_voxels: int) -> np.ndarray:
+    """Mean over all voxels at each time point from the blocks' :func:`row_sums`, in block
+    order, floored at 1 as nilearn's scaling."""
+    return np.maximum(np.sum(sums, axis=0) / n_voxels, 1.0)
+
+
+def sum_and_count(per_voxel_sums: np.ndarray) -> tuple[float, int]:
+    """One block's part of a grand mean: the total of its per-voxel sums, and its voxels."""
+    return float(per_voxel_sums.sum()), int(per_voxel_sums.size)
+
+
+def grand_mean(parts: list, n_time: int) -> float:
+    """Mean over every voxel of every block and every time point, from the blocks'
+    :func:`sum_and_count` in block order (nilearn's grand means of the data or residuals)."""
+    total = sum(part_sum for part_sum, _ in parts)
+    return total / (n_time * sum(count for _, count in parts))
