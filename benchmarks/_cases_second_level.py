@@ -279,7 +279,7 @@ def second_level_scale_case(ctx: Context) -> CaseResult:
         f"Step: a LocalCluster of 2 worker processes × 1 thread (set-up); timed: `SecondLevelModel(mask_img="
         "<mask>).fit(<maps node>, design_matrix=covariate + intercept)`, `compute_contrast(\"covariate\", "
         f"output_type=\"z_score\")`, then the max-T test of the covariate with n_perm={n_perm} "
-        "(`chunkglm.glm._nonparametric.permutation_maps`, what `non_parametric_inference` runs after loading).",
+        "(`chunkglm.glm.second_level.nonparametric.permutation_maps`, what `non_parametric_inference` runs after loading).",
         "Worker peak: the larger of each worker's `VmHWM` (true peak RSS of the process) and its RSS "
         "sampled every 0.2 s, over both workers. Flat memory means it does not grow with N: a voxel block holds "
         "all N maps but its width is sized to the same 64 MiB, so 10× the maps is 10× the blocks, not bigger ones. "

@@ -703,7 +703,7 @@ def second_level_scale(timed, store, node, mask, n_perm, n_workers=2, sample_s=0
     import pandas as pd
 
     from chunkglm.cluster import start
-    from chunkglm.glm._nonparametric import permutation_maps
+    from chunkglm.glm.second_level.nonparametric import permutation_maps
     from chunkglm.glm.second_level import SecondLevelModel
     from chunkglm.io.cohort import open_cohort
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import chunkglm
-from chunkglm.glm.from_bids import first_level_from_bids
+from chunkglm.glm.first_level import first_level_from_bids
 from chunkglm.testing import make_synthetic_bids
 
 CONTRASTS = ("-c", "aMinusB=a - b", "-c", "effects=a; b")

@@ -158,7 +158,7 @@ def test_smoothing_as_nilearn(files):
 
 
 def test_each_block_is_read_once(files, tmp_path, monkeypatch):
-    from chunkglm.glm import _second_level_input as inputs
+    from chunkglm.glm.second_level import inputs
 
     paths, covariates = files
     chunkglm.convert(paths, tmp_path / "r.zarr", collection="effects", chunk_bytes=N * 4 * 128)

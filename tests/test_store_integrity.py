@@ -137,7 +137,7 @@ def _make_incomplete(store, name=RUN):
 
 
 def test_first_level_from_bids_refuses_a_store_with_an_incomplete_run(store):
-    from chunkglm.glm.from_bids import first_level_from_bids
+    from chunkglm.glm.first_level import first_level_from_bids
 
     _make_incomplete(store)
     with pytest.raises(StoreError, match=rf"runs/{RUN}.*Re-run `chunkglm convert`.*allow_incomplete=True"):
@@ -174,7 +174,7 @@ def test_cli_first_level_refuses_an_incomplete_run_and_skips_it_on_request(store
 
 def test_a_deleted_chunk_fails_reads_naming_run_and_chunk(store, tmp_path):
     from chunkglm.glm.first_level import FirstLevelModel
-    from chunkglm.glm.from_bids import first_level_from_bids
+    from chunkglm.glm.first_level import first_level_from_bids
 
     chunk = _bold_chunk(store)
     chunk.unlink()

@@ -1,27 +1,33 @@
-"""Evaluate a list of independent dask items, reporting each one as it finishes.
+"""Evaluation of lazy graphs: progress over independent items, persisted fits, waves.
 
-Long graphs (permutation tests over voxel blocks or permutation batches) are
+:func:`compute_items`: long graphs (permutation tests over voxel blocks or permutation batches) are
 lists of independent items; a command wants a progress bar over them. With a
 ``distributed`` client active the items are submitted at once and counted as
 they complete (no loss of parallelism); without one they run on the local
 scheduler in groups of one item per core, counted group by group.
+
+:func:`persist_fits` evaluates the fits of first-level models once (kept in
+memory, or on the workers); :func:`fitted_in_waves` does it for a cohort, a
+window of models at a time, so that memory stays flat however many models
+there are. :func:`compute_blocks` evaluates lazy (..., voxel) arrays block by
+block and joins the blocks here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import dask
+import numpy as np
+from distributed import as_completed, default_client
 
-__all__ = ["active_client", "compute_items"]
+__all__ = ["active_client", "compute_blocks", "compute_items", "fitted_in_waves", "persist_fits",
+           "persist_runs"]
 
 
 def active_client():
     """The default ``distributed`` client, or None when none is running."""
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
     try:
         return default_client()
     except ValueError:  # no client started
@@ -44,8 +50,6 @@ def compute_items(items, progress=None) -> list:
     client = active_client()
     total = len(items)
     if client is not None:
-        from distributed import as_completed
-
         futures = client.compute(items)
         for done, _ in enumerate(as_completed(futures), start=1):
             progress(done, total)
@@ -56,3 +60,73 @@ def compute_items(items, progress=None) -> list:
         results.extend(dask.compute(*items[start:start + step]))
         progress(len(results), total)
     return results
+
+
+def compute_blocks(arrays: list) -> list[np.ndarray]:
+    """Evaluate lazy (..., voxel) dask arrays in one pass; each joined along its last axis.
+
+    The voxel blocks are gathered and joined here: a worker holds one block's
+    result at a time (its memory scales with the chunk size), never a whole array.
+    """
+    blocks = dask.compute(*[array.to_delayed().ravel().tolist() for array in arrays])
+    return [np.concatenate(parts, axis=-1) for parts in blocks]
+
+
+def persist_runs(runs: list, progress=None) -> None:
+    """Evaluate the fits of lazy runs (:class:`chunkglm.graph.glm.RunFit`) as one graph, kept.
+
+    Each run's ``fits`` and ``nonfinite`` counts become persisted results (the
+    counts come from the same reads); the lazy fits stay in ``lazy_fits``, for
+    :meth:`release` and for locating tasks (:mod:`chunkglm.graph.faults`).
+    ``progress`` wraps the evaluation (e.g. a progress bar context).
+    """
+    if not runs:
+        return
+    with progress or contextlib.nullcontext():
+        persisted = dask.persist(*[(run.fits, run.nonfinite) for run in runs])
+    for run, (fits, counts) in zip(runs, persisted):
+        run.lazy_fits, run.fits, run.nonfinite = run.fits, list(fits), list(counts)
+
+
+def persist_fits(models, progress=None) -> None:
+    """Evaluate the fits of several first-level models as one dask graph, kept in memory.
+
+    Each input chunk is read once (by its block's moments task); afterwards
+    every contrast or voxelwise map of these models is arithmetic on the
+    persisted per-block results. On a distributed cluster they stay on the
+    workers. ``progress`` wraps the evaluation (e.g. a progress bar context).
+    """
+    pending = [model for model in models if not model._persisted]
+    runs = [run for model in pending for run in model._runs]
+    if not runs:
+        return
+    persist_runs(runs, progress)
+    for model in pending:
+        model._persisted = True
+
+
+def fitted_in_waves(models, window=None, progress=None):
+    """Yield models with their fits evaluated, holding at most two windows at once.
+
+    For cohorts: a window of models is persisted (on a cluster, the next one
+    starts while the current one is consumed); each model yielded is released
+    when the loop moves on, so memory stays flat however many models there
+    are. ``window`` defaults to twice the number of workers (or threads).
+    """
+    window = window or _default_window()
+    batches = [models[i:i + window] for i in range(0, len(models), window)]
+    if batches:
+        persist_fits(batches[0], progress)
+    for index, batch in enumerate(batches):
+        if index + 1 < len(batches):
+            persist_fits(batches[index + 1], progress)  # asynchronous on a cluster
+        for model in batch:
+            yield model
+            model.release()
+
+
+def _default_window() -> int:
+    client = active_client()
+    if client is not None:
+        return max(2, 2 * len(client.scheduler_info()["workers"]))
+    return max(2, 2 * len(os.sched_getaffinity(0)))

@@ -9,7 +9,9 @@ graph of one run is::
 
 Each chunk feeds exactly one ``block_moments`` task, and every output
 (betas, contrasts, r-square, ...) depends on the moments only, so evaluating
-any set of outputs together reads each chunk once.
+any set of outputs together reads each chunk once. The run-level means (the
+residuals' grand mean of AR models, mean scaling's grand or row means) are
+tree reductions (:mod:`chunkglm.graph.reduce`) of per-block sums.
 """
 
 from __future__ import annotations
@@ -21,54 +23,58 @@ import dask.array as da
 import numpy as np
 
 from chunkglm.graph.finite import finite_blocks, finite_values
+from chunkglm.graph.reduce import concat, tree_reduce
+from chunkglm.kernels import ar
 from chunkglm.kernels import glm as k
+from chunkglm.kernels.ar import ar_order
+from chunkglm.kernels.glm import is_grand_mean_scaling
+
+__all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "image_mean",
+           "nonfinite_counts", "predicted", "r_square", "residuals"]
 
 
-GRAND_MEAN_SCALING = (0, 1)
-
-
-def scaled_block(block: np.ndarray, signal_scaling, grand_mean=None) -> np.ndarray:
-    """nilearn's ``mean_scaling`` along time, in the data's own dtype.
-
-    Time is never split across chunks, so a block holds whole voxel time
-    series and the per-voxel mean is exact. nilearn scales the masked data
-    before casting to float64; doing the same keeps results identical.
-    """
-    if signal_scaling is False or signal_scaling is None:
-        return block
-    if _is_grand(signal_scaling):
-        return 100 * (block / max(grand_mean, 1.0) - 1)
-    if signal_scaling == 1:  # per time point, by its mean over all voxels (global)
-        return 100 * (block / grand_mean[:, None] - 1)
-    mean = np.maximum(block.mean(axis=0), 1)
-    return 100 * (block / mean - 1)
-
-
-def _is_grand(signal_scaling) -> bool:
-    return isinstance(signal_scaling, tuple | list) and tuple(signal_scaling) == GRAND_MEAN_SCALING
+# -- task adapters: one kernel call per block (their names are the tasks' key prefixes) -----------
 
 
 def _moments(X, block, signal_scaling, row_means=None):
-    if _is_grand(signal_scaling):  # scaled afterwards, from the global mean
+    if is_grand_mean_scaling(signal_scaling):  # scaled afterwards, from the global mean
         return k.block_moments(X, block)
-    return k.block_moments(X, scaled_block(block, signal_scaling, row_means))
+    return k.block_moments(X, k.scaled_block(block, signal_scaling, row_means))
 
 
 def _row_sums(block):
-    return block.sum(axis=1, dtype=np.float64)
+    return [k.row_sums(block)]
 
 
-def _row_means(sums, n_voxels):
-    """Mean over all voxels at each time point, floored at 1 as nilearn's scaling."""
-    return np.maximum(np.sum(sums, axis=0) / n_voxels, 1.0)
+def _row_means(parts, n_voxels):
+    return k.row_means(concat(parts), n_voxels)
 
 
-def _global_mean(per_voxel_sums, n_time):
-    """Mean over every voxel of every block and every time point, from per-voxel sums
-    (a global reduction: nilearn's grand means of the data or of the residuals)."""
-    total = sum(float(sums.sum()) for sums in per_voxel_sums)
-    return total / (n_time * sum(sums.size for sums in per_voxel_sums))
+def _y_sum(moments):
+    return [k.sum_and_count(moments.y_sum)]
 
+
+def _e_sum(stats):
+    return [k.sum_and_count(stats.e_sum)]
+
+
+def _lag_e_sum(stats):
+    return [k.sum_and_count(stats[1][0])]  # heads[0]: the sums of e over time
+
+
+def _global_mean(parts, n_time):
+    """The finalize of a grand mean (nilearn's grand means of the data or of the residuals)."""
+    return k.grand_mean(concat(parts), n_time)
+
+
+def _grand_mean(blocks, chunk, n_time):
+    """Mean over every voxel and time point of a run: a tree reduction of per-block sums.
+
+    The combine only joins the blocks' (sum, count) in block order, and the
+    finalize sums them in that order: the same float operations as one task
+    gathering every block's sums, without such a task.
+    """
+    return tree_reduce(blocks, chunk, concat, _global_mean, finalize_args=(n_time,))
 
 
 def _binned_rho(stats, grand_mean, n_time, bins):
@@ -79,79 +85,36 @@ def _ols_stats(dm, bm):
     return k.ols_residual_stats(dm, bm)[1]
 
 
-def ar_order(noise_model: str) -> int:
-    """0 for "ols", N for "arN"; anything else is refused."""
-    if noise_model == "ols":
-        return 0
-    try:
-        order = int(noise_model[2:]) if noise_model.startswith("ar") else -1
-    except ValueError:
-        order = -1
-    if order < 1:
-        raise ValueError(f"noise_model must be 'ols' or 'arN' with N >= 1 (e.g. 'ar1', 'ar3'); "
-                         f"received {noise_model!r}.")
-    return order
-
-
 def _lag_block(Q, block, signal_scaling, order):
-    from chunkglm.kernels import ar
-
-    return ar.lag_moments(Q, scaled_block(block, signal_scaling), order)
+    return ar.lag_moments(Q, k.scaled_block(block, signal_scaling), order)
 
 
 def _lag_stats(dmx, lagm):
-    from chunkglm.kernels import ar
-
     return ar.ols_lag_stats(dmx, lagm)[1:]
 
 
 def _lag_rho(stats, grand, n_time):
-    from chunkglm.kernels import ar
-
     lags, heads, tails = stats
     return ar.yule_walker(lags, heads, tails, grand, n_time)
 
 
-
-def cluster_ar(rhos, bins, random_state):
-    """nilearn's global AR(N) step: k-means over every voxel's coefficients.
-
-    Returns (levels, per-block level indices). As in nilearn, voxels are
-    grouped by their centre rounded to 2 decimals, and each group is refit
-    with the centre of its first voxel.
-    """
-    from sklearn.cluster import KMeans
-
-    coefs = np.concatenate(rhos)
-    kmeans = KMeans(n_clusters=min(bins, len(coefs)), n_init=10, random_state=random_state).fit(coefs)
-    centres = kmeans.cluster_centers_[kmeans.labels_]
-    names = np.array(["_".join(map(str, np.round(c, 2))) for c in kmeans.cluster_centers_])[kmeans.labels_]
-    unique, first, index = np.unique(names, return_index=True, return_inverse=True)
-    levels = centres[first]
-    bounds = np.cumsum([0] + [len(r) for r in rhos])
-    return levels, [index[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def _fit_ar_block(dmx, lagm, clusters, position, df_residuals):
-    from chunkglm.kernels import ar
-
     levels, indices = clusters
     return ar.fit_ar(dmx, lagm, levels, indices[position], df_residuals)
 
 
 def _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals):
     """The AR(N>1) graph: lag moments, OLS stats, global mean, global k-means, refits."""
-    from chunkglm.kernels import ar
-
-    if _is_grand(signal_scaling) or (signal_scaling == 1 and not isinstance(signal_scaling, bool)):
+    if is_grand_mean_scaling(signal_scaling) or (signal_scaling == 1 and not isinstance(signal_scaling, bool)):
         raise ValueError(f"signal_scaling={signal_scaling!r} is not available with AR(N>1) noise "
                          "models yet; use 0 or False.")
     dmx = ar.lag_moments(Q, None, order)
     lagms = [dask.delayed(_lag_block)(Q, b, signal_scaling, order) for b in blocks]
     stats = [dask.delayed(_lag_stats)(dmx, m) for m in lagms]
-    grand = dask.delayed(_global_mean)([s[1][0] for s in stats], Q.shape[0])  # sums of e
+    grand = _grand_mean(stats, _lag_e_sum, Q.shape[0])
     rhos = [dask.delayed(_lag_rho)(s, grand, Q.shape[0]) for s in stats]
-    clusters = dask.delayed(cluster_ar)(rhos, bins, random_state)
+    # nilearn's global AR(N) step, an explicit pass over the (small) coefficient map
+    clusters = dask.delayed(ar.cluster_ar)(rhos, bins, random_state)
     fits = [dask.delayed(_fit_ar_block)(dmx, m, clusters, i, df_residuals) for i, m in enumerate(lagms)]
     return lagms, fits
 
@@ -184,13 +147,9 @@ class RunFit:
     nonfinite: list = None
 
     def to_basis(self, con: np.ndarray) -> np.ndarray:
-        """Contrast weights on X -> weights on the fit's orthonormal basis Q.
-
-        With X = QR and beta = R^-1 beta_Q: c beta = (R^-T c')' beta_Q, and the
-        covariance maps the same way, so contrasts need no other change.
-        """
-        con = np.asarray(con, dtype=np.float64)
-        return np.linalg.solve(self.r_factor.T, np.atleast_2d(con).T).T.reshape(con.shape)
+        """Contrast weights on X -> weights on the fit's orthonormal basis Q
+        (:func:`chunkglm.kernels.glm.contrast_on_basis`)."""
+        return k.contrast_on_basis(self.r_factor, con)
 
     @property
     def n_voxels(self) -> int:
@@ -219,11 +178,8 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     """
     if len(bold.chunks[0]) != 1:
         bold = bold.rechunk({0: -1})  # time must be whole in each block
-    X = np.asarray(design.to_numpy(), dtype=np.float64)
-    df_residuals = X.shape[0] - np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(float).eps)
-    # Fit in an orthonormal basis of the design: its Gram matrix is ~identity,
-    # so normal equations do not square the design's condition number.
-    Q, R = np.linalg.qr(X)
+    # Fit in an orthonormal basis of the design (well conditioned normal equations).
+    Q, R, df_residuals = k.orthonormal_design(design.to_numpy())
     dm = k.DesignMoments.from_design(Q)
     # nilearn's masker sets NaN/inf to 0: done once per block as it is read, with a count
     blocks, nonfinite = finite_blocks(bold.to_delayed().ravel())
@@ -236,17 +192,16 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     if signal_scaling == 1 and not isinstance(signal_scaling, bool):
         # The row means need every block: dask keeps each loaded block for both
         # tasks, so this costs memory (the run), not a second read.
-        grand_mean = dask.delayed(_row_means)([dask.delayed(_row_sums)(b) for b in blocks],
-                                               bold.shape[1])
+        grand_mean = tree_reduce(blocks, _row_sums, concat, _row_means, finalize_args=(bold.shape[1],))
     moments = [dask.delayed(_moments)(Q, b, signal_scaling, grand_mean) for b in blocks]
-    if _is_grand(signal_scaling):  # one global mean (a reduction), then affine moments
-        grand_mean = dask.delayed(_global_mean)([bm.y_sum for bm in moments], Q.shape[0])
+    if is_grand_mean_scaling(signal_scaling):  # one global mean (a reduction), then affine moments
+        grand_mean = _grand_mean(moments, _y_sum, Q.shape[0])
         moments = [dask.delayed(k.scale_moments)(dm, bm, grand_mean) for bm in moments]
     if noise_model == "ols":
         rhos = [np.zeros(n) for n in bold.chunks[1]]
     else:
         stats = [dask.delayed(_ols_stats)(dm, bm) for bm in moments]
-        grand = dask.delayed(_global_mean)([s.e_sum for s in stats], Q.shape[0])
+        grand = _grand_mean(stats, _e_sum, Q.shape[0])
         rhos = [dask.delayed(_binned_rho)(s, grand, Q.shape[0], bins) for s in stats]
     fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
     return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
@@ -294,15 +249,40 @@ def predicted(run: RunFit) -> da.Array:
     return da.concatenate(parts, axis=1)
 
 
-def _residual_block(X, block, fit, signal_scaling, grand_mean):
-    return scaled_block(block, signal_scaling, grand_mean).astype(np.float64) - k.predicted(X, fit)
-
-
 def residuals(run: RunFit) -> da.Array:
     """Lazy residuals Y - X~ beta (time, voxel), as nilearn: reads the data again."""
     X = run.basis
     blocks = finite_values(run.bold).to_delayed().ravel()
-    parts = [da.from_delayed(dask.delayed(_residual_block)(X, b, fit, run.signal_scaling, run.grand_mean),
+    parts = [da.from_delayed(dask.delayed(k.residual_block)(X, b, fit, run.signal_scaling, run.grand_mean),
                              shape=(len(X), n), dtype=np.float64)
              for b, fit, n in zip(blocks, run.fits, run.block_sizes)]
     return da.concatenate(parts, axis=1)
+
+
+# -- evaluation: what the models hold are numpy results ---------------------------------------
+
+
+def compute_contrasts(runs_and_contrasts: list, stat_type: str) -> list:
+    """Effect ((q,) voxel) and variance (voxel,) of a contrast on each run, in one evaluation.
+
+    Parameters
+    ----------
+    runs_and_contrasts : list of (RunFit, ndarray)
+    stat_type : {"t", "F"}
+
+    Returns
+    -------
+    list of (ndarray, ndarray), one per run
+    """
+    return list(dask.compute(*[contrast(run, con, stat_type) for run, con in runs_and_contrasts]))
+
+
+def nonfinite_counts(runs: list) -> list:
+    """Per run, the per-block numbers of voxels that held NaN/inf (from the fits' own reads
+    once the fits are persisted)."""
+    return dask.compute([run.nonfinite for run in runs])[0]
+
+
+def image_mean(array: da.Array) -> np.ndarray:
+    """Mean over the first axis of an (image, voxel) array, in float64: (voxel,)."""
+    return array.astype(np.float64).mean(axis=0).compute()

@@ -24,10 +24,8 @@ import numpy as np
 from dask.base import tokenize
 
 from chunkglm.graph.evaluate import active_client
+from chunkglm.graph.reduce import SPLIT_EVERY, tree_reduce
 from chunkglm.kernels import maps as km
-
-#: Partial results combined per tree-reduction step.
-SPLIT_EVERY = 8
 
 
 def align_maps(maps: da.Array, data: da.Array) -> da.Array:
@@ -132,14 +130,14 @@ def _volume_products(maps, reader):
 
 
 def tree_sum(parts: list, split_every: int = SPLIT_EVERY):
-    """Sum delayed arrays pairwise-by-groups: a tree of depth log(n) / log(split_every)."""
-    while len(parts) > 1:
-        parts = [dask.delayed(_add, pure=True)(*parts[i:i + split_every])
-                 for i in range(0, len(parts), split_every)]
-    return parts[0]
+    """Sum delayed arrays by groups of ``split_every``: the shared tree reduction
+    (:func:`chunkglm.graph.reduce.tree_reduce`), of depth log(n) / log(split_every)."""
+    if len(parts) == 1:
+        return parts[0]
+    return tree_reduce(parts, None, _add, split_every=split_every)
 
 
-def _add(*arrays):
+def _add(arrays):
     total = np.array(arrays[0], copy=True)
     for array in arrays[1:]:
         total += array

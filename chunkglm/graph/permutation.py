@@ -20,10 +20,12 @@ import dask.array as da
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.graph.evaluate import compute_items
+from chunkglm.graph.finite import finite_array
 from chunkglm.kernels import permutation as kp
 from chunkglm.kernels.permutation import fwe_logp, nilearn_permutations, prepare_design
 
-__all__ = ["MaxTNull", "assemble_blocks", "fwe_logp", "max_t_null", "max_t_inference", "nilearn_permutations",
+__all__ = ["MaxTNull", "assemble_blocks", "fwe_logp", "max_t_blocks", "max_t_null", "max_t_inference", "nilearn_permutations",
            "prepare_design"]
 
 
@@ -121,6 +123,39 @@ def max_t_inference(target_vars, tested_vars, confounding_vars=None, model_inter
                       two_sided_test, random_state, permutations, batch_size, n_jobs)
     t, null = dask.compute(lazy.t, lazy.h0_max_t)
     return {"t": t, "logp_max_t": fwe_logp(t, null, two_sided_test), "h0_max_t": null}
+
+
+def max_t_blocks(maps, tested_vars, confounding_vars=None, model_intercept=True, n_perm=10000,
+                 two_sided_test=False, random_state=None, permutations=None, n_jobs=1,
+                 progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """nilearn's max-T test evaluated voxel block by voxel block, NaN/inf counted on the way.
+
+    As nilearn's masker, non-finite values of the maps count as 0
+    (:func:`chunkglm.graph.finite.finite_array`); each block's task reads the
+    block once for both its part of the test and its count.
+
+    Parameters
+    ----------
+    maps : dask array (n_samples, n_voxels), floating
+    progress : callable, optional
+        ``progress(done, total)`` as each voxel block is done.
+    Other parameters are :func:`max_t_null`'s.
+
+    Returns
+    -------
+    t : ndarray (n_voxels,)
+    h0_max_t : ndarray (n_perm,)
+    nonfinite : int
+        Voxels that held a NaN or inf value.
+    """
+    data, counts = finite_array(maps)
+    lazy = max_t_null(data, tested_vars, confounding_vars, model_intercept, n_perm, two_sided_test,
+                      random_state, permutations, None, n_jobs)
+    # each block's result with its count: the same task read the block for both
+    pairs = [dask.delayed(tuple, pure=True)([part, count]) for part, count in zip(lazy.blocks, counts)]
+    done = compute_items(pairs, progress)
+    t, null = assemble_blocks([part for part, _ in done])
+    return t, null, sum(count for _, count in done)
 
 
 def _as_sample_voxel(target_vars, n_samples) -> da.Array:

@@ -622,7 +622,7 @@ def _permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold):
 
 def _permutation_options(fwe, n_perm, tfce, cluster_forming_p, random_state):
     """None for Bonferroni; else the checked settings and the map names to write."""
-    from chunkglm.glm._nonparametric import _check_options
+    from chunkglm.glm.second_level.nonparametric import _check_options
 
     if fwe not in ("bonferroni", "permutation"):
         raise InputError(f"fwe must be 'bonferroni' or 'permutation'; received {fwe!r}.")
@@ -641,7 +641,7 @@ def _permutation_options(fwe, n_perm, tfce, cluster_forming_p, random_state):
 
 def _permutation_contrasts(model, specs) -> dict:
     """label -> contrast vector of each t contrast (checked before anything is computed)."""
-    from chunkglm.glm._nonparametric import contrast_vector
+    from chunkglm.glm.second_level.nonparametric import contrast_vector
 
     return {spec.label: contrast_vector(spec.weights[0], model.design_matrix_)
             for spec in specs if spec.stat_type == "t"}
@@ -650,7 +650,7 @@ def _permutation_contrasts(model, specs) -> dict:
 def _write_permutation_maps(model, spec, con_val, first_level_contrast, two_sided, permutation,
                             outputs, progress, out):
     """Run the permutation test of one t contrast, write its maps; return logp_max_t."""
-    from chunkglm.glm._nonparametric import permutation_maps
+    from chunkglm.glm.second_level.nonparametric import permutation_maps
 
     images = permutation_maps(model, con_val, first_level_contrast, n_perm=permutation["n_perm"],
                               two_sided_test=two_sided, random_state=permutation["random_state"],

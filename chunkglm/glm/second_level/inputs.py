@@ -25,9 +25,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from nilearn.image import crop_img, mean_img, resample_img
+from nilearn.masking import compute_background_mask
 
 from chunkglm.errors import InputError
+from chunkglm.glm.first_level.model import FirstLevelModel
+from chunkglm.graph.glm import image_mean
+from chunkglm.io.cohort import Node, open_cohort
+from chunkglm.io.convert import convert
 from chunkglm.io.nifti import load_image as _load
+from chunkglm.io.nifti import mask_from_voxels
+from chunkglm.io.preprocess import SpatialPreprocessing
 
 KINDS = ("images", "dataframe", "flm", "maps")
 
@@ -64,8 +72,6 @@ class ModelMaps:
 
     def mask_img(self) -> nib.Nifti1Image:
         """The modelled voxels as a uint8 mask on the node's grid."""
-        from chunkglm.io.nifti import mask_from_voxels
-
         return mask_from_voxels(self.ijk, self.grid.shape, self.grid.affine)
 
 
@@ -74,9 +80,6 @@ class ModelMaps:
 
 def input_kind(second_level_input) -> str:
     """One of :data:`KINDS`, or an InputError naming what was received."""
-    from chunkglm.glm.first_level import FirstLevelModel
-    from chunkglm.io.cohort import Node
-
     if isinstance(second_level_input, pd.DataFrame):
         return "dataframe"
     if isinstance(second_level_input, Node):
@@ -153,9 +156,6 @@ def background_mask(sample) -> nib.Nifti1Image:
     ``sample`` is a 3-D image or a list of them (their mean, as nilearn's
     ``mean_img``, is masked).
     """
-    from nilearn.image import mean_img
-    from nilearn.masking import compute_background_mask
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if isinstance(sample, list):
@@ -165,8 +165,6 @@ def background_mask(sample) -> nib.Nifti1Image:
 
 def analysis_mask(mask_img, sample, target_affine=None, target_shape=None) -> nib.Nifti1Image:
     """The mask the model uses: given or nilearn's default, then on the target grid."""
-    from nilearn.image import resample_img
-
     if mask_img is None:
         mask = background_mask(sample)
     else:
@@ -213,10 +211,6 @@ def load_images(images, mask: nib.Nifti1Image, smoothing_fwhm, target: StoreTarg
     folder : Path
         Scratch folder for staged files.
     """
-    from chunkglm.io.cohort import open_cohort
-    from chunkglm.io.convert import convert
-    from chunkglm.io.preprocess import SpatialPreprocessing
-
     staged = folder / f"maps-{uuid.uuid4().hex[:8]}"
     staged.mkdir(parents=True)
     box = None
@@ -225,8 +219,6 @@ def load_images(images, mask: nib.Nifti1Image, smoothing_fwhm, target: StoreTarg
     else:
         # nilearn's masker resamples onto the mask *cropped* to its bounding box
         # (plus one voxel) and smooths there: the crop changes smoothing's edges.
-        from nilearn.image import crop_img
-
         cropped, box = crop_img(mask, copy=False, return_offset=True)
         prep = SpatialPreprocessing(cropped.affine, cropped.shape[:3], smoothing_fwhm)
     clip = _clip_range(images) if prep.needs_range() else None
@@ -283,8 +275,6 @@ def _stage(image, stem: Path, prep, clip, mask, box) -> str:
 
 def node_maps(node, mask_img, target_affine, target_shape, smoothing_fwhm) -> ModelMaps:
     """A user's maps node, restricted to ``mask_img`` or to nilearn's default mask."""
-    from chunkglm.io.cohort import Node
-
     if not isinstance(node, Node):
         raise InputError(f"expected a maps node; received {type(node).__name__}.")
     if target_affine is not None or target_shape is not None or smoothing_fwhm is not None:
@@ -317,7 +307,7 @@ def _node_background_mask(node) -> np.ndarray:
     An explicit global pass over the maps (one read), done at fit.
     """
     grid = node.grid
-    mean = node.data().data.astype(np.float64).mean(axis=0).compute()
+    mean = image_mean(node.data().data)
     volume = np.full(grid.shape, np.nan)
     volume[grid.mask] = mean
     mask = np.asarray(background_mask(nib.Nifti1Image(volume, grid.affine)).dataobj) != 0

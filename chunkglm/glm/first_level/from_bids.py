@@ -17,7 +17,13 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from nilearn.glm.first_level import first_level_from_bids as nilearn_from_bids
+
 from chunkglm.errors import InputError, StoreError
+from chunkglm.glm.first_level.model import FirstLevelModel
+from chunkglm.io.cohort import Cohort, open_cohort
+
+__all__ = ["first_level_from_bids"]
 
 # nilearn's FirstLevelModel parameters that chunkglm's model does not take (yet). Left at
 # nilearn's defaults they change nothing; any other value is refused rather than dropped.
@@ -83,8 +89,6 @@ def first_level_from_bids(dataset_path, task_label, space_label=None, sub_labels
 
 
 def _as_cohort(dataset_path):
-    from chunkglm.io.cohort import Cohort, open_cohort
-
     if isinstance(dataset_path, Cohort):
         return dataset_path
     path = Path(str(dataset_path))
@@ -99,10 +103,6 @@ def _as_cohort(dataset_path):
 def _from_folder(dataset_path, task_label, space_label, sub_labels, exclude_subjects, img_filters,
                  derivatives_folder, params, kwargs):
     """nilearn discovers runs, timing and confounds; its models' settings become ours, all of them."""
-    from nilearn.glm.first_level import first_level_from_bids as nilearn_from_bids
-
-    from chunkglm.glm.first_level import FirstLevelModel
-
     nilearn_params = {**params, "fir_delays": list(params["fir_delays"])}
     models, run_imgs, events, confounds = nilearn_from_bids(
         str(dataset_path), task_label, space_label=space_label, sub_labels=sub_labels,
@@ -118,8 +118,6 @@ def _from_folder(dataset_path, task_label, space_label, sub_labels, exclude_subj
 
 def _from_store(cohort, task_label, space_label, sub_labels, exclude_subjects, img_filters, columns,
                 params):
-    from chunkglm.glm.first_level import FirstLevelModel
-
     filters = dict(img_filters or [])
     nodes = cohort.select(task=task_label, sub=sub_labels, space=space_label, **filters)
     excluded = set(exclude_subjects or ())

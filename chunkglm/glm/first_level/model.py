@@ -11,18 +11,33 @@ nilearn's definitions exactly.
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
+import shutil
+import tempfile
 import warnings
+import weakref
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+import xarray as xr
+from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
+from nilearn.image import load_img
+from nilearn.maskers import MultiNiftiMasker
 
 from chunkglm.design.first_level import check_rank, read_table, run_design
-from chunkglm.errors import ChunkglmError, InputError
+from chunkglm.errors import InputError
 from chunkglm.graph import glm as graph
+from chunkglm.graph.evaluate import compute_blocks, persist_fits
 from chunkglm.io.bids import input_entities
-from chunkglm.io.nifti import image_from_voxels
+from chunkglm.io.cohort import Node, open_cohort
+from chunkglm.io.convert import convert
+from chunkglm.io.nifti import image_from_voxels, stage_image
+from chunkglm.io.preprocess import SpatialPreprocessing
+from chunkglm.io.store import node_meta, zarr_store
+from chunkglm.kernels.ar import ar_order
+from chunkglm.kernels.finite import warn
+from chunkglm.kernels.glm import is_grand_mean_scaling
 from chunkglm.report.mixin import GLMReportMixin
 
 OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
@@ -138,19 +153,17 @@ class FirstLevelModel(GLMReportMixin):
 
     def _check_params(self):
         try:
-            graph.ar_order(self.noise_model)
+            ar_order(self.noise_model)
         except ValueError as err:
             raise InputError(str(err)) from None
         scaling = self.signal_scaling
         if not (scaling is False or (not isinstance(scaling, bool) and scaling in (0, 1))
-                or graph._is_grand(scaling)):
+                or is_grand_mean_scaling(scaling)):
             raise InputError(
                 f"signal_scaling must be False, 0 (per voxel, over time), 1 (per time point, over "
                 f"voxels) or (0, 1) (by the grand mean); received {scaling!r}.")
 
     def _as_nodes(self, items):
-        from chunkglm.io.cohort import Node
-
         self._converted_here = False
         if all(isinstance(item, Node) for item in items):
             return items
@@ -159,14 +172,6 @@ class FirstLevelModel(GLMReportMixin):
         return self._convert_images(items)
 
     def _convert_images(self, images):
-        import shutil
-        import tempfile
-        import weakref
-
-        from chunkglm.io.cohort import open_cohort
-        from chunkglm.io.convert import convert
-        from chunkglm.io.nifti import stage_image
-
         folder = Path(tempfile.mkdtemp(prefix="chunkglm-first-level-"))
         weakref.finalize(self, shutil.rmtree, folder, True)
         paths = [stage_image(image, folder, index) for index, image in enumerate(images)]
@@ -180,9 +185,6 @@ class FirstLevelModel(GLMReportMixin):
         return [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
 
     def _check_preprocessing(self, nodes):
-        from chunkglm.io.preprocess import SpatialPreprocessing
-        from chunkglm.io.store import node_meta
-
         wanted = SpatialPreprocessing(self.target_affine, self.target_shape, self.smoothing_fwhm).to_attrs()
         for node in nodes:
             done = node_meta(node.cohort.root[node.path]).get("preprocessing", SpatialPreprocessing().to_attrs())
@@ -220,8 +222,6 @@ class FirstLevelModel(GLMReportMixin):
         grid = nodes[0].grid
         if self.mask_img is None or self._converted_here:
             return grid, None
-        from nilearn.image import load_img
-
         mask = np.asarray(load_img(self.mask_img).dataobj) != 0
         if mask.shape != grid.shape or (mask & ~grid.mask).any():
             raise InputError(
@@ -254,8 +254,6 @@ class FirstLevelModel(GLMReportMixin):
     @property
     def mask_img_(self):
         """The mask of the fitted voxels, as a NIfTI image (nilearn's name)."""
-        import nibabel as nib
-
         self._check_fitted()
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         data = np.zeros(self._grid.shape, dtype=np.uint8)
@@ -312,10 +310,6 @@ class FirstLevelModel(GLMReportMixin):
                 for index, array in enumerate(arrays)]
 
     def _stream_to_store(self, array, name, index, store, storage_options):
-        import xarray as xr
-
-        from chunkglm.io.store import zarr_store
-
         run = (self.run_entities_[index] and "_".join(f"{k}-{v}" for k, v in self.run_entities_[index].items()
                                                       if k in ("sub", "ses", "task", "run"))) or f"run-{index}"
         dims = ("voxel",) if array.ndim == 1 else ("time", "voxel")
@@ -325,21 +319,16 @@ class FirstLevelModel(GLMReportMixin):
         return f"{path}/{name}"
 
     def _per_run_images(self, build, squeeze=True):
-        import dask
-
         self._check_fitted()
-        # Gather the voxel blocks and join them here: a worker then holds one block's
-        # result at a time (its memory scales with the chunk size), never a whole run.
-        blocks = dask.compute(*[build(run).to_delayed().ravel().tolist() for run in self._fits()])
-        return [self._to_image(np.concatenate(parts, axis=-1), squeeze) for parts in blocks]
+        # the voxel blocks are joined here: a worker holds one block's result at a time
+        values = compute_blocks([build(run) for run in self._fits()])
+        return [self._to_image(run_values, squeeze) for run_values in values]
 
     def _check_fitted(self):
         if not hasattr(self, "_runs"):
             raise InputError("this FirstLevelModel is not fitted yet: call fit(...) first.")
 
     def _contrast_vectors(self, contrast_def):
-        from nilearn.glm.contrasts import expression_to_contrast_vector
-
         if isinstance(contrast_def, str | np.ndarray):
             con_vals = [contrast_def] * len(self._runs)
         elif isinstance(contrast_def, list | tuple) and len(contrast_def) == len(self._runs):
@@ -364,21 +353,14 @@ class FirstLevelModel(GLMReportMixin):
     def _warn_nonfinite(self):
         """Once per fit: nilearn's masker set the runs' NaN/inf values to 0, and so did the fit
         (the counts were persisted with the fits: no read of the data here)."""
-        import dask
-
-        from chunkglm.kernels.finite import warn
-
         if getattr(self, "_nonfinite_warned", True):
             return
-        counts = dask.compute([run.nonfinite for run in self._runs])[0]
+        counts = graph.nonfinite_counts(self._runs)
         for name, per_block in zip(self._run_names, counts):
             warn(sum(per_block), f"run {name}")
         self._nonfinite_warned = True
 
     def _fixed_effects(self, con_vals, stat_type):
-        import dask
-        from nilearn.glm.contrasts import Contrast
-
         runs = self._fits()
         # a null contrast leaves its run out of the fixed effects, as nilearn's; it is not even
         # computed (its covariance c cov c' is singular)
@@ -386,7 +368,7 @@ class FirstLevelModel(GLMReportMixin):
         for index, con in enumerate(con_vals):
             if not np.any(con):
                 warnings.warn(f"Contrast for run {index} is null.", UserWarning, stacklevel=3)
-        computed = dask.compute(*[graph.contrast(run, con, stat_type) for run, con in used_runs])
+        computed = graph.compute_contrasts(used_runs, stat_type)
         total, used = None, 0
         for (effect, variance), (run, con) in zip(computed, used_runs):
             part = Contrast(effect=np.atleast_2d(effect), variance=variance, dim=effect.shape[0],
@@ -408,9 +390,6 @@ class FirstLevelModel(GLMReportMixin):
 
 
 def _stage_mask(mask, folder: Path) -> str:
-    import nibabel as nib
-    from nilearn.image import load_img
-
     if isinstance(mask, str | Path):
         return str(mask)
     path = folder / "mask.nii"
@@ -420,34 +399,8 @@ def _stage_mask(mask, folder: Path) -> str:
 
 def _nilearn_epi_mask(paths, target_affine=None, target_shape=None):
     """The mask nilearn's FirstLevelModel computes when mask_img is None."""
-    from nilearn.maskers import MultiNiftiMasker
-
     return MultiNiftiMasker(mask_strategy="epi", target_affine=target_affine,
                             target_shape=target_shape).fit(paths).mask_img_
-
-
-def persist_fits(models, progress=None) -> None:
-    """Evaluate the fits of several models as one dask graph, kept in memory.
-
-    Each input chunk is read once (by its block's moments task); afterwards
-    every contrast or voxelwise map of these models is arithmetic on the
-    persisted per-block results. On a distributed cluster they stay on the
-    workers. ``progress`` wraps the evaluation (e.g. a progress bar context).
-    """
-    import contextlib
-
-    import dask
-
-    pending = [model for model in models if not model._persisted]
-    runs = [run for model in pending for run in model._runs]
-    if not runs:
-        return
-    with progress or contextlib.nullcontext():  # the NaN/inf counts come from the same reads
-        persisted = dask.persist(*[(run.fits, run.nonfinite) for run in runs])
-    for run, (fits, counts) in zip(runs, persisted):
-        run.lazy_fits, run.fits, run.nonfinite = run.fits, list(fits), list(counts)
-    for model in pending:
-        model._persisted = True
 
 
 def _sample_rows(mask, n_scans, index):
@@ -468,184 +421,11 @@ def _sample_rows(mask, n_scans, index):
     return mask
 
 
-def fitted_in_waves(models, window=None, progress=None):
-    """Yield models with their fits evaluated, holding at most two windows at once.
-
-    For cohorts: a window of models is persisted (on a cluster, the next one
-    starts while the current one is consumed); each model yielded is released
-    when the loop moves on, so memory stays flat however many models there
-    are. ``window`` defaults to twice the number of workers (or threads).
-    """
-    window = window or _default_window()
-    batches = [models[i:i + window] for i in range(0, len(models), window)]
-    if batches:
-        persist_fits(batches[0], progress)
-    for index, batch in enumerate(batches):
-        if index + 1 < len(batches):
-            persist_fits(batches[index + 1], progress)  # asynchronous on a cluster
-        for model in batch:
-            yield model
-            model.release()
-
-
-class WorkerDiedError(ChunkglmError):
-    """A cluster worker died (most often: over its memory limit) while running a fit task.
-
-    Attributes
-    ----------
-    task : str
-        The dask key of the task.
-    location : dict or None
-        ``{"run": name, "block": index, "n_blocks": n, "voxels": (start, stop),
-        "n_time": t}`` when the task belongs to one voxel block of a run.
-    """
-
-    def __init__(self, message, task, location=None):
-        super().__init__(message)
-        self.task, self.location = task, location
-
-
-def locate_task(models, key) -> dict | None:
-    """Which run, and which voxel block of it, a dask task key belongs to.
-
-    Parameters
-    ----------
-    models : list of FirstLevelModel
-        Fitted models whose graphs may hold the task.
-    key : str or tuple
-        A dask key (as in ``distributed.scheduler.KilledWorker.task``).
-
-    Returns
-    -------
-    dict or None
-        ``run``, ``block`` (None for a run-level task such as the grand
-        mean), ``n_blocks``, ``voxels`` ((start, stop) or None), ``n_time``;
-        None when no model's fit graph holds the key.
-    """
-    for model in models:
-        for name, run in zip(getattr(model, "_run_names", []), getattr(model, "_runs", [])):
-            graph = _fit_graph(run)
-            if key in graph:
-                blocks = _nearest_blocks(graph, key)
-                block = blocks.pop() if len(blocks) == 1 else None
-                bounds = np.cumsum([0, *run.block_sizes])
-                return {"run": name, "block": block, "n_blocks": len(run.block_sizes),
-                        "voxels": None if block is None else (int(bounds[block]), int(bounds[block + 1])),
-                        "n_time": int(run.bold.shape[0])}
-    return None
-
-
-def _fit_graph(run) -> dict:
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-
-    fits = [f for f in (run.lazy_fits or run.fits) if isinstance(f, Delayed)]
-    if not fits:
-        return {}
-    return dict(HighLevelGraph.merge(*[f.__dask_graph__() for f in fits]))
-
-
-def _nearest_blocks(graph, key) -> set:
-    """Voxel blocks of the data chunks nearest to ``key`` (breadth first, down the deps).
-
-    Data chunk keys are ``(name, 0, block)``: a block's own tasks reach one
-    chunk first; a run-level reduction reaches all of them at once.
-    """
-    from dask.core import get_dependencies
-
-    level, seen = {key}, set()
-    while level:
-        chunks = {k[-1] for k in level if isinstance(k, tuple) and len(k) == 3}
-        if chunks:
-            return chunks
-        seen |= level
-        level = {d for k in level if k in graph for d in get_dependencies(graph, k)} - seen
-    return set()
-
-
-def worker_died_error(error, models, memory_limit=None) -> WorkerDiedError:
-    """A :class:`WorkerDiedError` naming the run and voxel block of a ``KilledWorker``.
-
-    Parameters
-    ----------
-    error : distributed.scheduler.KilledWorker
-    models : list of FirstLevelModel
-        The models being evaluated.
-    memory_limit : int, optional
-        Bytes per worker, for the message.
-    """
-    from dask.utils import format_bytes
-
-    key = error.task
-    where = locate_task(models, key)
-    limit = f" ({format_bytes(memory_limit)} per worker)" if memory_limit else ""
-    if where is None:
-        place, size = f"task {key!r}", ""
-    elif where["block"] is None:
-        place, size = f"a run-level step of run {where['run']} (task {key!r})", ""
-    else:
-        start, stop = where["voxels"]
-        nbytes = (stop - start) * where["n_time"] * 4
-        place = (f"run {where['run']}, voxel block {where['block'] + 1} of {where['n_blocks']} "
-                 f"(voxels {start}-{stop - 1}; task {key!r})")
-        size = f" That block is {format_bytes(nbytes)} of float32 data."
-    message = (
-        f"a worker died while computing {place}, {error.allowed_failures + 1} time(s): most often "
-        f"it went over its memory limit{limit}.{size} Use smaller chunks: convert into a new "
-        "store with a smaller --chunk-mb (e.g. --chunk-mb 16 --store NEW.zarr), or give each "
-        "worker more memory (memory_limit in the cluster config, e.g. "
-        "CHUNKGLM_CLUSTER__LOCAL__MEMORY_LIMIT=8GiB). Complete subjects are kept.")
-    return WorkerDiedError(message, key, where)
-
-
-@contextlib.contextmanager
-def explain_worker_deaths(models, client=None):
-    """Context manager: a ``KilledWorker`` raised inside becomes a :class:`WorkerDiedError`.
-
-    Parameters
-    ----------
-    models : list of FirstLevelModel
-        The models evaluated inside the block (to locate the task).
-    client : distributed.Client, optional
-        Asked for the workers' memory limit on entry, for the message.
-    """
-    limit = _memory_limit(client)  # now, while the workers are all there
-    try:
-        yield
-    except Exception as err:
-        if type(err).__name__ != "KilledWorker" or not hasattr(err, "task"):
-            raise
-        raise worker_died_error(err, models, limit) from err
-
-
-def _memory_limit(client):
-    if client is None:
-        return None
-    try:
-        workers = client.scheduler_info()["workers"].values()
-        return max(w.get("memory_limit") or 0 for w in workers) or None
-    except Exception:  # no client, or no worker left to ask
-        return None
-
-
-def _default_window() -> int:
-    try:
-        from distributed import default_client
-
-        return max(2, 2 * len(default_client().scheduler_info()["workers"]))
-    except (ImportError, ValueError):
-        import os
-
-        return max(2, 2 * len(os.sched_getaffinity(0)))
-
-
 def _as_list(value):
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _check_nodes(nodes):
-    from chunkglm.io.cohort import Node
-
     bad = [type(n).__name__ for n in nodes if not isinstance(n, Node) or n.kind != "runs"]
     if bad:
         raise InputError(
@@ -682,8 +462,4 @@ def _check_width(con, design: pd.DataFrame):
     return con
 
 
-# nilearn exposes it here too; the implementation lives apart from the model.
-from chunkglm.glm.from_bids import first_level_from_bids  # noqa: E402
-
-__all__ = ["FirstLevelModel", "WorkerDiedError", "explain_worker_deaths", "first_level_from_bids",
-           "fitted_in_waves", "locate_task", "persist_fits", "worker_died_error"]
+__all__ = ["OUTPUT_TYPES", "FirstLevelModel"]

@@ -2,7 +2,7 @@
 
 ``fit`` validates the inputs, builds the design, computes the mask (as
 nilearn's masker would) and loads image inputs once into a ``maps/`` node of
-a store (:mod:`chunkglm.glm._second_level_input`). ``compute_contrast``
+a store (:mod:`chunkglm.glm.second_level.inputs`). ``compute_contrast``
 evaluates the OLS fit of the (image, voxel) array block by block with the
 first-level kernels (the image axis plays the role of time, with no
 whitening: :func:`chunkglm.graph.glm.fit_run` with ``noise_model="ols"``);
@@ -18,17 +18,22 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES
 from chunkglm.design.second_level import check_confounds_table, check_design, make_second_level_design_matrix
 from chunkglm.errors import InputError
-from chunkglm.glm import _second_level_input as inputs
+from chunkglm.glm.first_level.model import FirstLevelModel
+from chunkglm.glm.second_level import inputs
+from chunkglm.graph import glm as graph
+from chunkglm.graph.evaluate import compute_blocks, persist_runs
 from chunkglm.io.nifti import image_from_voxels
+from chunkglm.kernels.finite import warn
 from chunkglm.report.mixin import GLMReportMixin
 
 OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
 
-__all__ = ["SecondLevelModel", "make_second_level_design_matrix"]
+__all__ = ["OUTPUT_TYPES", "SecondLevelModel", "make_second_level_design_matrix", "parse_contrast"]
 
 
 class SecondLevelModel(GLMReportMixin):
@@ -213,8 +218,6 @@ class SecondLevelModel(GLMReportMixin):
             3-D float32 maps on the mask's grid (an F effect: one volume per
             contrast row); "all" gives a dict keyed by output type.
         """
-        from nilearn.glm.contrasts import Contrast
-
         self._check_fitted()
         if self._kind == "flm" and first_level_contrast is None:
             raise InputError("second_level_input was a list of FirstLevelModels: first_level_contrast is "
@@ -288,24 +291,18 @@ class SecondLevelModel(GLMReportMixin):
     @property
     def r_square_(self):
         """nilearn's r-square of the last contrast's fit: a 4-D image of one volume."""
-        from chunkglm.graph import glm as graph
-
         maps, run = self._voxelwise_run()
         return self._to_image(maps, _gather(graph.r_square(run))[None])
 
     @property
     def predicted_(self):
         """Predicted values X beta of the last contrast's fit: a 4-D image, one volume per map."""
-        from chunkglm.graph import glm as graph
-
         maps, run = self._voxelwise_run()
         return self._to_image(maps, _gather(graph.predicted(run)))
 
     @property
     def residuals_(self):
         """Residuals Y - X beta of the last contrast's fit (reads the maps again): 4-D image."""
-        from chunkglm.graph import glm as graph
-
         maps, run = self._voxelwise_run()
         return self._to_image(maps, _gather(graph.residuals(run)))
 
@@ -336,8 +333,6 @@ def _stat_type(con_val, stat_type):
 
 def _check_models(models, need_labels):
     """nilearn's checks on first-level models: fitted, one grid, labels for confounds."""
-    from chunkglm.glm.first_level import FirstLevelModel
-
     reference = None
     for index, model in enumerate(models):
         if not isinstance(model, FirstLevelModel) or not hasattr(model, "_runs"):
@@ -360,33 +355,20 @@ def _evaluate_fit(maps, design):
     As nilearn's masker, NaN/inf values of the maps count as 0 (a warning gives
     how many voxels held one; the counts come from the same reads as the fits).
     """
-    import dask
-
-    from chunkglm.graph import glm as graph
-    from chunkglm.kernels.finite import warn
-
     run = graph.fit_run(maps.data(), design, noise_model="ols", signal_scaling=False)
-    fits, counts = dask.persist(run.fits, run.nonfinite)
-    run.lazy_fits, run.fits, run.nonfinite = run.fits, list(fits), list(counts)
-    warn(sum(dask.compute(run.nonfinite)[0]), "the second-level input maps")
+    persist_runs([run])
+    warn(sum(graph.nonfinite_counts([run])[0]), "the second-level input maps")
     return run
 
 
 def _compute(run, con_val, stat_type):
-    import dask
-
-    from chunkglm.graph import glm as graph
-
-    effect, variance = dask.compute(*graph.contrast(run, con_val, stat_type))
+    effect, variance = graph.compute_contrasts([(run, con_val)], stat_type)[0]
     return np.atleast_2d(effect), variance
 
 
 def _gather(array) -> np.ndarray:
     """Compute a lazy (…, voxel) array block by block and join the blocks here."""
-    import dask
-
-    parts = dask.compute(*array.to_delayed().ravel().tolist())
-    return np.concatenate(parts, axis=-1)
+    return compute_blocks([array])[0]
 
 
 def parse_contrast(contrast, columns) -> np.ndarray:
@@ -403,8 +385,6 @@ def parse_contrast(contrast, columns) -> np.ndarray:
     -------
     ndarray of float64, as given (1-D for t, 2-D for F); shape checks are the caller's.
     """
-    from nilearn.glm.contrasts import expression_to_contrast_vector
-
     if contrast is None:
         if len(columns) != 1:
             raise InputError(f"no second_level_contrast given and the design has {len(columns)} columns "
@@ -420,6 +400,3 @@ def parse_contrast(contrast, columns) -> np.ndarray:
         return np.asarray(contrast, dtype=np.float64)
     except (TypeError, ValueError):
         raise InputError(f"second_level_contrast must be numbers or a formula; received {contrast!r}.") from None
-
-
-from chunkglm.glm._nonparametric import non_parametric_inference  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """non_parametric_inference: nilearn's function, max-T over the voxel blocks of a maps node.
 
-The inputs are handled as :class:`~chunkglm.glm.second_level.SecondLevelModel`
+The inputs are handled as :class:`~chunkglm.glm.second_level.model.SecondLevelModel`
 handles them (nilearn's input forms, default mask, resampling onto the mask,
 smoothing), so the maps are loaded once into a ``maps/`` node. The tested
 variable and the confounds are built from the design and the contrast as in
@@ -17,15 +17,20 @@ permutation batches; max-T comes from the same permutations.
 
 from __future__ import annotations
 
+import joblib
 import numpy as np
 
 from chunkglm.design.second_level import check_confounds_table, check_design
 from chunkglm.errors import InputError
-from chunkglm.glm import _second_level_input as inputs
+from chunkglm.glm.second_level import inputs
+from chunkglm.glm.second_level.model import SecondLevelModel, parse_contrast
 from chunkglm.graph.finite import finite_array
+from chunkglm.graph.permutation import max_t_blocks
+from chunkglm.graph.permutation_volumes import volume_null
 from chunkglm.kernels.finite import warn
+from chunkglm.kernels.permutation import check_n_perm, fwe_logp
 
-__all__ = ["non_parametric_inference"]
+__all__ = ["contrast_vector", "non_parametric_inference", "permutation_maps", "tested_and_confounding_vars"]
 
 
 def non_parametric_inference(second_level_input, confounds=None, design_matrix=None,
@@ -99,8 +104,6 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         ``logp_max_t``, plus ``tfce``, ``logp_max_tfce`` (``tfce``) and
         ``size``, ``logp_max_size``, ``mass``, ``logp_max_mass`` (``threshold``).
     """
-    from chunkglm.glm.second_level import SecondLevelModel
-
     _check_options(threshold, tfce, n_perm, permutations, mask)
     n_jobs = nilearn_n_jobs(n_jobs)
     design = _required_design(design_matrix)
@@ -162,8 +165,6 @@ def permutation_maps(model, con_val, first_level_contrast=None, *, model_interce
 
 
 def _check_options(threshold, tfce, n_perm, permutations, mask) -> None:
-    from chunkglm.kernels.permutation import check_n_perm
-
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0 < threshold < 1):
         raise InputError(f"threshold is the uncorrected p-value that forms clusters, strictly between 0 "
@@ -199,8 +200,6 @@ def contrast_vector(second_level_contrast, design) -> np.ndarray:
     -------
     ndarray of shape (n_columns,), float64
     """
-    from chunkglm.glm.second_level import parse_contrast
-
     columns = [str(c) for c in design.columns]
     con = parse_contrast(second_level_contrast, columns)
     if con.ndim == 2 and con.shape[0] == 1:
@@ -232,8 +231,6 @@ def tested_and_confounding_vars(design, con_val):
 
 def nilearn_n_jobs(n_jobs) -> int:
     """The number of jobs nilearn's ``permuted_ols`` draws its random stream with."""
-    import joblib
-
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0:
         raise InputError(f"n_jobs must be a non-zero integer (negative: all CPUs but |n_jobs| - 1); "
                          f"received {n_jobs!r}.")
@@ -272,19 +269,10 @@ def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_te
 
     ``progress(done, total)`` is called as each voxel block is done.
     """
-    import dask
-
-    from chunkglm.graph.evaluate import compute_items
-    from chunkglm.graph.permutation import assemble_blocks, fwe_logp, max_t_null
-
-    data, counts = finite_array(_floating(maps.data()))
-    lazy = max_t_null(data, tested, confounding, model_intercept, n_perm, two_sided_test,
-                      random_state, permutations, None, n_jobs)
-    # each block's result with its count: the same task read the block for both
-    pairs = [dask.delayed(tuple, pure=True)([part, count]) for part, count in zip(lazy.blocks, counts)]
-    done = compute_items(pairs, progress)
-    warn(sum(count for _, count in done), "the second-level input maps")
-    t, null = assemble_blocks([part for part, _ in done])
+    t, null, nonfinite = max_t_blocks(_floating(maps.data()), tested, confounding, model_intercept,
+                                      n_perm, two_sided_test, random_state, permutations, n_jobs,
+                                      progress)
+    warn(nonfinite, "the second-level input maps")
     return t, fwe_logp(t, null, two_sided_test)
 
 
@@ -297,8 +285,6 @@ def _volume_outputs(maps, tested, confounding, model_intercept, n_perm, two_side
                     permutations, n_jobs, threshold, tfce, progress=None) -> dict:
     """nilearn's dict (t, logp_max_t, + size/mass with ``threshold``, + tfce with ``tfce``)
     as voxel vectors: whole volumes per permutation (:func:`volume_null`), the data read once."""
-    from chunkglm.graph.permutation_volumes import volume_null
-
     grid = maps.grid
     ijk = np.asarray(maps.ijk)
     flat = np.ravel_multi_index(tuple(ijk.T), grid.shape)
