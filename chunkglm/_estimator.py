@@ -63,5 +63,9 @@ class NilearnEstimator(BaseEstimator):
         return nilearn_tags(super().__sklearn_tags__(), self._estimator_type,
                             niimg_like=self._niimg_like, surf_img=self._surf_img)
 
+    def _more_tags(self):
+        """The tags again, under scikit-learn < 1.6's name (nilearn's estimators keep both)."""
+        return self.__sklearn_tags__()
+
     def __sklearn_is_fitted__(self) -> bool:  # overridden by subclasses with their attributes
         return any(name.endswith("_") and not name.startswith("__") for name in vars(self))

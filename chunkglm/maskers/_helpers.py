@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def load_mask(mask_img):
     except Exception as err:  # nibabel and nilearn raise several kinds for unreadable inputs
         raise InputError(f"mask_img cannot be read as an image: {err}") from err
     data = np.asanyarray(img.dataobj)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        warnings.warn("Non-finite values detected. These values will be replaced with zeros.",
+                      UserWarning, stacklevel=4)
     data = np.nan_to_num(data.reshape(*data.shape[:3], -1)).astype(bool).all(axis=3)
     if not data.any():
         raise InputError("mask_img has no non-zero voxel.")
@@ -144,11 +148,13 @@ def nilearn_data_dtype(image, info):
 
 
 def check_confounds(confounds, n_scans, index):
+    if isinstance(confounds, str | Path) and not Path(confounds).is_file():
+        raise FileNotFoundError(f"confounds file not found: {confounds}")
     if confounds is None or isinstance(confounds, str | Path | list):
         return
     n_rows = len(confounds) if hasattr(confounds, "__len__") else None
     if n_rows is not None and np.ndim(confounds) >= 1 and n_rows != n_scans:
-        raise InputError(f"the confounds of run {index} have {n_rows} rows but the run has {n_scans} "
+        raise InputError(f"Confound signal has an incorrect length: the confounds of run {index} have {n_rows} rows but the run has {n_scans} "
                          "scans: give one row per scan (before sample_mask censoring).")
 
 

@@ -6,13 +6,17 @@ match on them keep working) and goes on with what to do.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nilearn.exceptions import DimensionError
+from nilearn.image import concat_imgs
 
-from chunkglm.errors import ChunkglmError, InputTypeError
+from chunkglm.errors import ChunkglmError, InputError, InputTypeError
+from chunkglm.io.cohort import Node
+from chunkglm.io.nifti import read_info
 
 
 class ImageDimensionError(ChunkglmError, DimensionError):
@@ -53,3 +57,57 @@ def check_not_bool_dtype(dtype):
 def fov_error(detail: str) -> str:
     """nilearn's wording for grids that differ where resampling_target=None requires them equal."""
     return f"Following field of view errors were detected:\n{detail}"
+
+
+def single_run(imgs):
+    """One run for NiftiMapsMasker: a list of 3-D images is one 4-D run (nilearn concatenates
+    them); a list of 4-D runs raises nilearn's DimensionError."""
+    if not isinstance(imgs, list | tuple):
+        return imgs
+    if imgs and all(_ndim(item) == 3 for item in imgs):
+        return concat_imgs(list(imgs))
+    raise ImageDimensionError(5, 4, "NiftiMapsMasker takes one run (a 3-D or 4-D image): for a "
+                              "list of runs, use MultiNiftiMapsMasker (chunkglm.maskers).")
+
+
+def _ndim(item):
+    if isinstance(item, nib.spatialimages.SpatialImage):
+        return len(item.shape)
+    if isinstance(item, str | Path) and Path(item).is_file():
+        return len(read_info(str(item)).shape)
+    return None
+
+
+def check_input_type(item):
+    """nilearn's TypeError for inputs that are not images (a SurfaceImage, an array...)."""
+    if not isinstance(item, str | Path | nib.spatialimages.SpatialImage | Node):
+        raise InputTypeError(f"input should be a NiftiLike object or an iterable of NiftiLike object. "
+                             f"Got: {type(item).__name__}. chunkglm's maps maskers take NIfTI paths or "
+                             "images, or runs of a cohort store.")
+    if isinstance(item, nib.spatialimages.SpatialImage) and 0 in item.shape:
+        raise InputError(f"The image is empty: it has shape {item.shape}.")
+
+
+def warn_non_finite(image):
+    """nilearn's warning for NaN or infinite values in an in-memory image (they count as 0)."""
+    data = image.dataobj
+    if isinstance(data, np.ndarray) and data.dtype.kind == "f" and not np.isfinite(data).all():
+        warnings.warn("Non-finite values detected. These values will be replaced with zeros.",
+                      UserWarning, stacklevel=4)
+
+
+def log(masker, step: str, item=None) -> None:
+    """nilearn's masker messages on stdout, by ``verbose``: "[Class.method] message"."""
+    if not masker.verbose:
+        return
+    text = "" if item is None else repr(item)
+    if masker.verbose == 1 and len(text) > 60:
+        text = text[:57] + "..."
+    messages = {"load_data": f"Loading data from {text}", "load_mask": f"Loading mask from {text}",
+                "load_regions": f"Loading regions from {text}", "resample_regions": "Resampling regions",
+                "resample_mask": "Resampling mask", "fit_done": "Finished fit",
+                "extracting": "Extracting region signals", "cleaning": "Cleaning extracted signals",
+                "inverse_transform": "Computing image from signals"}
+    method = {"fit_done": "fit", "extracting": "transform", "cleaning": "transform",
+              "inverse_transform": "inverse_transform"}.get(step, "fit")
+    print(f"[{type(masker).__name__}.{method}] {messages[step]}")

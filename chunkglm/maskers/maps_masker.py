@@ -97,7 +97,15 @@ from chunkglm.maskers._helpers import (
     run_reader,
 )
 from chunkglm.maskers._report import MapsReportMixin
-from chunkglm.maskers._validation import check_maps_img, check_not_bool_dtype, check_single_run, fov_error
+from chunkglm.maskers._validation import (
+    check_input_type,
+    check_maps_img,
+    check_not_bool_dtype,
+    fov_error,
+    log,
+    single_run,
+    warn_non_finite,
+)
 from chunkglm.maskers.outputs import to_xarray
 
 RESAMPLING_TARGETS = ("data", "mask", "maps", None)
@@ -259,10 +267,14 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
     def _fit_inputs(self, imgs):
         """Fit; return the runs read as files (list of FileRun), store nodes, or None."""
         if imgs is not None and not self._multi:
-            check_single_run(imgs)
+            imgs = single_run(imgs)
         self._setup()
+        log(self, "load_regions", self.maps_img)
+        if self.mask_img is not None:
+            log(self, "load_mask", self.mask_img)
         runs = None
         if imgs is not None:
+            log(self, "load_data", imgs)
             items, _ = self._as_4d(as_list(imgs))
             runs = self._file_runs(items)
             if runs is not None:  # NIfTI files read as they are: the maps are ready on their grid
@@ -274,6 +286,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         else:
             self._fit(None)
         self._finish_fit(imgs)
+        log(self, "fit_done")
         return runs
 
     def _fit(self, nodes):
@@ -312,6 +325,11 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         """nilearn's fitted attributes, and what the report draws."""
         grid = self._fit_grid
         self.maps_img_ = self._source.image_on(None if grid is None else (grid.affine, grid.shape))
+        if grid is not None and not same_grid(self._source.affine, self._source.shape, grid.affine, grid.shape):
+            log(self, "resample_regions")
+        if self._mask is not None and grid is not None and not same_grid(
+                self._mask[0], self._mask[1].shape, grid.affine, grid.shape):
+            log(self, "resample_mask")
         if self._mask is None:
             self.mask_img_ = None
         elif grid is None:
@@ -503,9 +521,9 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         ndarray (time, region), or a list of them for a list of runs
         """
         self._check_fitted()
+        if not self._multi:
+            imgs = single_run(imgs)
         if isinstance(imgs, list | tuple):
-            if not self._multi:
-                check_single_run(imgs)
             return self.transform_imgs(imgs, confounds, sample_mask=sample_mask)
         confounds = confounds[0] if isinstance(confounds, list) and self._multi else confounds
         sample_mask = sample_mask[0] if isinstance(sample_mask, list) and self._multi else sample_mask
@@ -528,7 +546,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         ndarray (time, region); 1-D for a 3-D image
         """
         self._check_fitted()
-        check_single_run(imgs)
+        imgs = single_run(imgs)
         items, flat = self._as_4d([imgs])
         return self._flatten(self._extract(items, [confounds], [sample_mask]), flat)[0]
 
@@ -573,12 +591,15 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         """``items`` with 3-D images as 4-D ones of one volume, and which ones were 3-D."""
         out, flat = [], []
         for item in items:
+            check_input_type(item)
             image = None
             if isinstance(item, nib.spatialimages.SpatialImage) and len(item.shape) == 3:
                 image = item
             elif isinstance(item, str | Path) and Path(item).is_file() and len(read_info(str(item)).shape) == 3:
                 image = nib.load(str(item))
             flat.append(image is not None)
+            if isinstance(item, nib.spatialimages.SpatialImage):
+                warn_non_finite(item)
             out.append(item if image is None else
                        nib.Nifti1Image(np.asanyarray(image.dataobj)[..., None], image.affine))
         return out, flat
@@ -654,6 +675,8 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
 
     def _clean_all(self, gram, projections, hvs, dtypes, t_rs, confounds, sample_masks):
         """Solve and clean every run's signals (one dask computation)."""
+        log(self, "extracting")
+        log(self, "cleaning")
         if self.keep_masked_maps:
             warnings.warn('Applying "mask_img" before signal extraction may result in empty region '
                           'signals in the output. These are currently kept.\n"keep_masked_maps" parameter '
@@ -747,6 +770,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
             ``fit`` had no images).
         """
         self._check_fitted()
+        log(self, "inverse_transform")
         grid = self._fit_grid if self._fit_grid is not None else self._maps_grid()
         maps = self._maps_on(grid)
         if hasattr(region_signals, "to_numpy"):  # pandas / polars DataFrame
@@ -775,7 +799,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         data = np.zeros((*grid.shape, signals.shape[0]), dtype=out_dtype)
         ijk = grid.ijk
         data[ijk[:, 0], ijk[:, 1], ijk[:, 2], :] = voxels.T
-        image = nib.Nifti1Image(data[..., 0] if flat else data, grid.affine)
+        image = nib.Nifti1Image(data[..., 0] if flat else data, grid.affine, dtype=out_dtype)
         image.set_data_dtype(out_dtype)
         return image
 
