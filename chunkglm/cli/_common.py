@@ -1,7 +1,7 @@
 """Helpers shared by the ``chunkglm`` sub-commands: common options, storage settings,
 the cluster client, provenance of a command's arguments.
 
-Sub-command modules import these from here (never from :mod:`chunkglm.cli.main`,
+Sub-command modules import these from here (never from :mod:`chunkglm.cli.commands`,
 which imports them all to build the parser).
 """
 
