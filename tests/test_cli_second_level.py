@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chunkglm.testing import rel_l2
+
 pytestmark = [pytest.mark.filterwarnings("ignore:No clusters found:UserWarning"),
               pytest.mark.filterwarnings("ignore:Attention. Design matrix is singular:UserWarning")]
 
@@ -64,10 +66,6 @@ def _nilearn_model(paths, design):
     return SecondLevelModel().fit(paths, design_matrix=design)
 
 
-def _rel_l2(a, b, inside):
-    return np.linalg.norm((a - b)[inside]) / np.linalg.norm(b[inside])
-
-
 def test_derivatives_in_group_layout_out_equal_to_nilearn(derivatives, tmp_path):
     from nilearn.glm.second_level import make_second_level_design_matrix, non_parametric_inference
 
@@ -88,7 +86,7 @@ def test_derivatives_in_group_layout_out_equal_to_nilearn(derivatives, tmp_path)
         z = nib.load(folder / f"group_contrast-{name}_stat-z.nii.gz").get_fdata()
         expected = ref.compute_contrast(name if name == "age" else "intercept",
                                         output_type="z_score").get_fdata()
-        assert _rel_l2(z, expected, inside) <= 1e-6
+        assert rel_l2(z, expected, inside) <= 1e-6
     npi = non_parametric_inference(derivatives["paths"], design_matrix=design,
                                    second_level_contrast="intercept", mask=ref.masker_.mask_img_,
                                    n_perm=100, two_sided_test=True, random_state=3, tfce=True, n_jobs=1)
@@ -120,7 +118,7 @@ def test_store_collection_one_sample_on_a_local_cluster(derivatives, tmp_path):
     ref = SecondLevelModel().fit(derivatives["paths"], design_matrix=pd.DataFrame({"intercept": np.ones(N)}))
     inside = ref.masker_.mask_img_.get_fdata() > 0
     z = nib.load(folder / "group_contrast-effects_stat-z.nii.gz").get_fdata()
-    assert _rel_l2(z, ref.compute_contrast("intercept", output_type="z_score").get_fdata(), inside) <= 1e-6
+    assert rel_l2(z, ref.compute_contrast("intercept", output_type="z_score").get_fdata(), inside) <= 1e-6
     assert (folder / "group_contrast-effects_stat-logpmaxt.nii.gz").is_file()
 
 

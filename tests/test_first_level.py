@@ -24,6 +24,7 @@ from nilearn.glm.first_level import FirstLevelModel as NilearnFLM
 import chunkglm
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel
+from chunkglm.testing import rel_l2
 
 REL_L2 = {"float32": 1e-7, "int16": 1e-5}
 MAPS = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
@@ -52,17 +53,11 @@ def _inputs(dataset, runs):
     return events, confounds
 
 
-def _rel_l2(ours, ref, mask):
-    assert ours.shape == ref.shape
-    a, b = ours.get_fdata()[mask], ref.get_fdata()[mask]
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
 def _compare(ours, ref, mask, con, stat_type, tolerance):
     got = ours.compute_contrast(con, stat_type=stat_type, output_type="all")
     want = ref.compute_contrast(con, stat_type=stat_type, output_type="all")
     for name in MAPS:
-        assert _rel_l2(got[name], want[name], mask) <= tolerance, name
+        assert rel_l2(got[name], want[name], mask) <= tolerance, name
         np.testing.assert_allclose(got[name].affine, want[name].affine)
 
 
@@ -173,7 +168,7 @@ def test_r_square_predicted_and_residuals_match_nilearn(tiny_bids, float_store, 
     for name in ("r_square_", "predicted_", "residuals_"):
         got, want = getattr(ours, name)[0], getattr(ref, name)[0]
         assert got.shape == want.shape, name
-        assert _rel_l2(got, want, mask) <= 1e-6, name
+        assert rel_l2(got, want, mask) <= 1e-6, name
     lazy = ours.voxelwise("residuals")[0]
     assert lazy.shape == (tiny_bids.n_volumes, int(mask.sum()))
 
@@ -218,7 +213,7 @@ def test_other_signal_scalings_match_nilearn(tiny_bids, float_store, signal_scal
     ref = NilearnFLM(**params, minimize_memory=False).fit(str(run.bold_path), events=events, confounds=confounds)
     ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
     _compare(ours, ref, node.grid.mask, "a - b", "t", 1e-5 if signal_scaling else REL_L2["float32"])
-    assert _rel_l2(ours.residuals_[0], ref.residuals_[0], node.grid.mask) <= 1e-5
+    assert rel_l2(ours.residuals_[0], ref.residuals_[0], node.grid.mask) <= 1e-5
 
 
 @pytest.mark.parametrize("noise_model", ["ar2", "ar3"])

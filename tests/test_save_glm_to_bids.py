@@ -34,7 +34,7 @@ from chunkglm.interfaces import bids as bids_module
 from chunkglm.interfaces._bids_names import contrast_label, plan_bids_names
 from chunkglm.interfaces._staging import StagedOutput
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
-from chunkglm.testing import make_synthetic_bids
+from chunkglm.testing import make_synthetic_bids, rel_l2
 
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")
 
@@ -138,11 +138,6 @@ def test_file_set_matches_nilearn_with_bids_names(fitted):
     assert f"sub-01/sub-01_task-main_run-1_{SPACE}_stat-errorts_statmap.nii.gz" in _files(out)
 
 
-def _rel_l2(a, b, mask):
-    a, b = np.asarray(a, dtype=float)[mask], np.asarray(b, dtype=float)[mask]
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
 def test_statmaps_match_nilearn(saved):
     folder = saved["ours"] / "sub-01"
     mask = nib.load(folder / "sub-01_task-main_mask.nii.gz").get_fdata() > 0
@@ -154,7 +149,7 @@ def test_statmaps_match_nilearn(saved):
         ours, ref = nib.load(saved["ours"] / name), nib.load(saved["ref"] / name)
         assert ours.shape == ref.shape, name
         np.testing.assert_allclose(ours.affine, ref.affine, err_msg=name)
-        assert _rel_l2(ours.get_fdata(), ref.get_fdata(), mask) <= REL_L2, name
+        assert rel_l2(ours.get_fdata(), ref.get_fdata(), mask) <= REL_L2, name
         assert ours.get_data_dtype() == np.float32
 
 
@@ -274,7 +269,7 @@ def test_two_runs_match_nilearn(tmp_path):
     in_mask = nib.load(mask).get_fdata() > 0
     for name in sorted(f for f in files if f.endswith("statmap.nii.gz")):
         got, want = (nib.load(tmp_path / d / name).get_fdata() for d in ("ours", "ref"))
-        assert _rel_l2(got, want, in_mask) <= REL_L2, name
+        assert rel_l2(got, want, in_mask) <= REL_L2, name
     paths = save_glm_derivatives(ours, "a - b", tmp_path / "glm", subject_label="01", task_label="main",
                                  confounds=[["csf"], ["csf"]])
     designs = sorted(p.name for p in paths if p.name.endswith("design-matrix.png"))

@@ -32,6 +32,7 @@ import chunkglm
 from chunkglm.errors import InputError
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
+from chunkglm.testing import rel_l2
 
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")
 
@@ -104,11 +105,6 @@ def _expected_from_nilearn(ref_files):
     return kept | {f[:-4] + ".svg" for f in kept if f.endswith(".png")}
 
 
-def _rel_l2(a, b, mask):
-    a, b = np.asarray(a, dtype=float)[mask], np.asarray(b, dtype=float)[mask]
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
 def _load(path):
     return json.loads(Path(path).read_text())
 
@@ -137,7 +133,7 @@ def test_statmaps_match_nilearn(saved):
         ours, ref = nib.load(saved["ours"] / name), nib.load(saved["ref"] / name)
         assert ours.shape == ref.shape, name  # errorts: one volume per map; F effect: 2
         np.testing.assert_allclose(ours.affine, ref.affine, err_msg=name)
-        assert _rel_l2(ours.get_fdata(), ref.get_fdata(), mask) <= REL_L2, name
+        assert rel_l2(ours.get_fdata(), ref.get_fdata(), mask) <= REL_L2, name
 
 
 def test_tables_and_json_match_nilearn(saved):
@@ -200,7 +196,7 @@ def test_one_sample_design_with_prefix_matches_nilearn(inputs, tmp_path):
     assert "group/grp_contrast-intercept_stat-t_statmap.nii.gz" in files
     name = "group/grp_contrast-intercept_stat-z_statmap.nii.gz"
     mask = nib.load(tmp_path / "ours" / "group" / "grp_mask.nii.gz").get_fdata() > 0
-    assert _rel_l2(nib.load(tmp_path / "ours" / name).get_fdata(),
+    assert rel_l2(nib.load(tmp_path / "ours" / name).get_fdata(),
                    nib.load(tmp_path / "nilearn" / name).get_fdata(), mask) <= REL_L2
 
 
@@ -213,7 +209,7 @@ def test_dataframe_input_passes_first_level_contrast(inputs, saved, tmp_path):
     save_glm_to_bids(model, {"intercept": "intercept"}, out_dir=tmp_path, first_level_contrast="a")
     name = "group/contrast-intercept_stat-t_statmap.nii.gz"
     mask = nib.load(tmp_path / "group" / "mask.nii.gz").get_fdata() > 0
-    assert _rel_l2(nib.load(tmp_path / name).get_fdata(),
+    assert rel_l2(nib.load(tmp_path / name).get_fdata(),
                    nib.load(saved["ref"] / name).get_fdata(), mask) <= REL_L2
 
 
@@ -262,8 +258,8 @@ def test_group_maps_and_thresholds_match_nilearn(group, saved):
         ref_z = nib.load(saved["ref"] / "group" / f"contrast-{label}_stat-z_statmap.nii.gz")
         ref_stat = nib.load(saved["ref"] / "group" / f"contrast-{label}_stat-{stat}_statmap.nii.gz")
         z = nib.load(folder / f"group_contrast-{label}_stat-z.nii.gz")
-        assert _rel_l2(z.get_fdata(), ref_z.get_fdata(), inside) <= REL_L2
-        assert _rel_l2(nib.load(folder / f"group_contrast-{label}_stat-{stat}.nii.gz").get_fdata(),
+        assert rel_l2(z.get_fdata(), ref_z.get_fdata(), inside) <= REL_L2
+        assert rel_l2(nib.load(folder / f"group_contrast-{label}_stat-{stat}.nii.gz").get_fdata(),
                        ref_stat.get_fdata(), inside) <= REL_L2
         for key, control in (("fdr", "fdr"), ("fwe", "bonferroni")):
             # nilearn on our own z map: the same voxels and threshold exactly

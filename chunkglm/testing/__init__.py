@@ -1,6 +1,11 @@
 """Testing utilities: deterministic synthetic BIDS / fMRIPrep-like datasets, assertions."""
 
-from chunkglm.testing.assertions import assert_close_to_scale, assert_maps_close, rel_l2
+from chunkglm.testing.assertions import (
+    assert_close_to_scale,
+    assert_maps_close,
+    raise_if_dask_computes,
+    rel_l2,
+)
 
 from chunkglm.testing.synthetic import (
     SIZES,
@@ -14,6 +19,7 @@ from chunkglm.testing.synthetic import (
 __all__ = [
     "assert_close_to_scale",
     "assert_maps_close",
+    "raise_if_dask_computes",
     "rel_l2",
     "SIZES",
     "SPACE",

@@ -13,9 +13,12 @@ machine's output. Two kinds recur:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import dask
 import numpy as np
 
-__all__ = ["assert_close_to_scale", "assert_maps_close", "rel_l2"]
+__all__ = ["assert_close_to_scale", "assert_maps_close", "raise_if_dask_computes", "rel_l2"]
 
 
 def assert_close_to_scale(actual, desired, rtol, err_msg=""):
@@ -57,3 +60,22 @@ def assert_maps_close(ours, reference, mask=None, rel_l2_max=1e-7, err_msg=""):
 
 def _values(x):
     return np.asarray(x.get_fdata() if hasattr(x, "get_fdata") else x, dtype=np.float64)
+
+
+@contextmanager
+def raise_if_dask_computes(max_computes=0):
+    """Fail when more than ``max_computes`` dask computations run inside the block (flox's check).
+
+    Building a graph must stay lazy: wrap the building code with this and any
+    ``compute``/``persist`` in it raises, naming how many ran.
+    """
+    count = [0]
+
+    def scheduler(dsk, keys, **kwargs):
+        count[0] += 1
+        if count[0] > max_computes:
+            raise RuntimeError(f"Too many dask computations: {count[0]} > {max_computes} allowed.")
+        return dask.get(dsk, keys, **kwargs)
+
+    with dask.config.set(scheduler=scheduler):
+        yield
