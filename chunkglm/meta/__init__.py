@@ -1,11 +1,30 @@
 """Image-based meta-analysis with NiMARE's estimators, corrections and map names.
 
-``chunkglm.meta.ibma`` holds the estimators, ``chunkglm.meta.correct`` the
-correctors, ``chunkglm.meta.results`` the :class:`MetaResult`.
+``chunkglm.meta.ibma`` holds the estimators (also importable from here, as
+``nimare.meta.<Estimator>``), ``chunkglm.meta.correct`` (``chunkglm.correct``)
+the correctors, ``chunkglm.meta.results`` (``chunkglm.results``) the :class:`MetaResult`.
 """
 
 from chunkglm.meta._inputs import convert_meta_maps
 from chunkglm.meta.correct import FDRCorrector, FWECorrector
+from chunkglm.meta.ibma import (
+    FFX_GLM,
+    MFX_GLM,
+    RFX_GLM,
+    DerSimonianLaird,
+    Fishers,
+    FixedEffectsHedges,
+    Hedges,
+    IBMAEstimator,
+    PermutedOLS,
+    SampleSizeBasedLikelihood,
+    Stouffers,
+    VarianceBasedLikelihood,
+    WeightedLeastSquares,
+    WeightedStouffers,
+)
 from chunkglm.meta.results import MetaResult
 
-__all__ = ["FDRCorrector", "FWECorrector", "MetaResult", "convert_meta_maps"]
+__all__ = ["FFX_GLM", "MFX_GLM", "RFX_GLM", "DerSimonianLaird", "FDRCorrector", "FWECorrector", "Fishers",
+           "FixedEffectsHedges", "Hedges", "IBMAEstimator", "MetaResult", "PermutedOLS", "SampleSizeBasedLikelihood",
+           "Stouffers", "VarianceBasedLikelihood", "WeightedLeastSquares", "WeightedStouffers", "convert_meta_maps"]

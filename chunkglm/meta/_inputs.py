@@ -37,6 +37,7 @@ from chunkglm.io.cohort import Node, open_cohort
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, mask_from_voxels, scale_values
 from chunkglm.io.nifti import load_image as _load
 from chunkglm.io.write_run import write_rows
+from chunkglm.meta import _nimare_inputs as nm
 
 #: Map types a meta-analysis collection may hold.
 ROLES = ("z", "t", "beta", "varcope", "se")
@@ -145,7 +146,7 @@ class MetaMaps:
 # -- what was given ----------------------------------------------------------------
 
 
-def resolve(inputs, mask=None, *, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -> MetaMaps:
+def resolve(inputs, mask=None, *, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES, resample=None) -> MetaMaps:
     """Any accepted input -> :class:`MetaMaps`.
 
     Parameters
@@ -159,6 +160,9 @@ def resolve(inputs, mask=None, *, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -
         Where NIfTI inputs are converted (default: a temporary store).
     chunk_bytes : int or str
         Chunk size of a conversion.
+    resample : dict, optional
+        ``nilearn.image.resample_to_img`` options: NIfTI maps not on the mask's grid
+        are resampled onto it at conversion (NiMARE's way); None refuses them.
     """
     if isinstance(inputs, MetaMaps):
         maps = inputs
@@ -173,7 +177,11 @@ def resolve(inputs, mask=None, *, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -
             keep = tempfile.TemporaryDirectory(prefix="chunkglm-meta-")
             store = Path(keep.name) / "meta.zarr"
         collection = f"meta_{uuid.uuid4().hex[:12]}"
-        node = convert_meta_maps(inputs, store, collection, mask_img=mask, chunk_bytes=chunk_bytes)
+        if nm.is_masker(mask) and not nm.is_voxel_masker(mask):
+            node = convert_masked(inputs, mask, store, collection, resample or nm.RESAMPLE_DEFAULTS, chunk_bytes)
+        else:
+            node = convert_meta_maps(inputs, store, collection, mask_img=nm.mask_image(mask), chunk_bytes=chunk_bytes,
+                                     resample_kwargs=resample)
         return MetaMaps(node, keep=keep)  # the mask defined the voxel axis
     else:
         raise InputError(
@@ -184,11 +192,14 @@ def resolve(inputs, mask=None, *, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -
 
 
 def _is_nimare_dataset(obj) -> bool:
-    return type(obj).__name__ == "Dataset" and hasattr(obj, "images") and hasattr(obj, "masker")
+    return nm.is_collection(obj)
 
 
 def _restrict(maps: MetaMaps, mask) -> MetaMaps:
-    img = _load(mask)
+    if nm.is_masker(mask) and not nm.is_voxel_masker(mask):
+        raise InputError(f"a {type(mask).__name__} averages across voxels: it applies to NIfTI inputs (converted "
+                         "through it), not to a stored collection; give a mask image or a NiftiMasker.")
+    img = nm.mask_image(mask)
     grid = maps.grid
     if img.shape[:3] != grid.shape or not np.allclose(img.affine, grid.affine, atol=1e-4):
         raise InputError(f"mask (shape {img.shape[:3]}) is not on the grid of the collection "
@@ -210,17 +221,11 @@ def _restrict(maps: MetaMaps, mask) -> MetaMaps:
 
 
 def table_from_dataset(dataset) -> tuple[pd.DataFrame, object]:
-    """A NiMARE Dataset's images + sample sizes as a table, and its mask image."""
-    images = dataset.images.copy()
-    table = pd.DataFrame({"id": images["id"].astype(str), "study_id": images["study_id"].astype(str)})
-    for role in ROLES:
-        if role in images.columns and images[role].notna().any():
-            table[role] = images[role].to_numpy()
-    meta = dataset.metadata
-    if "sample_sizes" in meta.columns:
-        by_id = dict(zip(meta["id"].astype(str), meta["sample_sizes"]))
-        table["sample_sizes"] = [by_id.get(i) for i in table["id"]]
-    return table, dataset.masker.mask_img
+    """A NiMARE Dataset's (or Studyset's) images + sample sizes as a table, and its mask image."""
+    table, masker = nm.table_from_collection(dataset, ROLES)
+    roles = [r for r in ROLES if r in table.columns and table[r].notna().any()]
+    table = table.drop(columns=[r for r in ROLES if r in table.columns and r not in roles])
+    return table, nm.mask_image(masker)
 
 
 def check_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -260,7 +265,8 @@ def _mean_sample_size(value, row) -> float:
 
 
 def convert_meta_maps(table_or_dataset, store, collection, mask_img=None, *,
-                      chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=_TASK_MEMORY, storage_options=None):
+                      chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=_TASK_MEMORY, storage_options=None,
+                      resample_kwargs=None):
     """Write ``maps/<collection>`` with one (image, voxel) variable per map type.
 
     Parameters
@@ -278,6 +284,10 @@ def convert_meta_maps(table_or_dataset, store, collection, mask_img=None, *,
         of the first image's grid.
     chunk_bytes : int or str
         Target uncompressed bytes per chunk (per variable).
+    resample_kwargs : dict, optional
+        Maps not on the mask's grid are resampled onto it with
+        ``nilearn.image.resample_to_img(img, mask, **resample_kwargs)`` (NiMARE's
+        way, once, here); None (default) refuses them.
 
     Returns
     -------
@@ -294,6 +304,14 @@ def convert_meta_maps(table_or_dataset, store, collection, mask_img=None, *,
                          f"received {type(table_or_dataset).__name__}.")
     table = check_table(table)
     roles = [r for r in ROLES if r in table.columns]
+    if resample_kwargs is not None and mask_img is not None:
+        with nm.temporary_folder() as folder:
+            resampled = nm.resample_paths(table, roles, mask_img, resample_kwargs, folder)
+            return _convert(resampled, roles, store, collection, mask_img, chunk_bytes, task_memory, storage_options)
+    return _convert(table, roles, store, collection, mask_img, chunk_bytes, task_memory, storage_options)
+
+
+def _convert(table, roles, store, collection, mask_img, chunk_bytes, task_memory, storage_options):
     grid = _grid(table, roles, mask_img)
     root = st.open_root(store, storage_options, mode="a")
     grid_id = st.write_grid(root, grid)
@@ -364,3 +382,33 @@ def _write_coords(node, table):
     st.write_array(node, "study_id", np.array(table["study_id"].astype(str)), ("image",))
     if "sample_sizes" in table.columns:
         st.write_array(node, "sample_sizes", np.asarray(table["sample_sizes"], dtype=np.float64), ("image",))
+
+
+def convert_masked(table, masker, store, collection, resample_kwargs, chunk_bytes=DEFAULT_CHUNK_BYTES, *,
+                   task_memory=_TASK_MEMORY, storage_options=None):
+    """Write ``maps/<collection>`` from NIfTI maps transformed by a masker that does more than
+    select voxels (e.g. a NiftiLabelsMasker: one feature per label), as NiMARE masks them.
+
+    The node's voxel axis is the masker's features, on a (n_features, 1, 1) grid; results
+    come back as images through the masker's ``inverse_transform``.
+    """
+    table = check_table(table)
+    roles = [r for r in ROLES if r in table.columns]
+    arrays = nm.masked_arrays(table, roles, masker, resample_kwargs)
+    n_features = next(iter(arrays.values())).shape[1]
+    grid = st.Grid(np.eye(4), np.ones((n_features, 1, 1), dtype=bool))
+    root = st.open_root(store, storage_options, mode="a")
+    grid_id = st.write_grid(root, grid)
+    node = st.start_node(root, "maps", collection)
+    plan = plan_voxel_chunks(len(table), grid.n_voxels, 4, chunk_bytes)
+    for role in roles:
+        def fill(out, start, stop, values=arrays[role]):
+            out[:] = values[start:stop]
+            return bool(np.isfinite(out).any())
+
+        write_rows(node, role, ("image", "voxel"), plan, fill, task_memory, f"{role} maps")
+    _write_coords(node, table)
+    st.finish_node(node, {"grid_id": grid_id, "variables": roles, "masker": type(masker).__name__},
+                   {"kind": "maps", "sources": [{"role": r, "id": str(i), "path": str(p)} for r in roles
+                                                for i, p in zip(table["id"], table[r])]})
+    return open_cohort(store, storage_options).maps[collection]

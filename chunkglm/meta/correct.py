@@ -21,19 +21,22 @@ The old API's ``cdt``/``q`` (FFX_GLM, MFX_GLM) cluster rule, see :func:`add_clus
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import inspect
+import logging
 
 import numpy as np
 from scipy import ndimage, special
 
-from chunkglm.errors import InputError
+from chunkglm.errors import InputError, InputTypeError
 from chunkglm.graph import meta as meta_graph
 from chunkglm.inference.clusters import label_clusters
 from chunkglm.kernels import meta as km
 from chunkglm.meta import _bags
-from chunkglm.meta.results import MetaResult, clip_logp, clip_p
+from chunkglm.meta._base import NiMAREBase
+from chunkglm.meta.results import MetaResult, clip_logp, clip_p, store_map
 
 _LOG10 = np.log(10.0)
+LGR = logging.getLogger("chunkglm.meta.correct")
 
 
 def nlogp_to_z(nlogp) -> np.ndarray:
@@ -78,22 +81,99 @@ def uncorrected_nlogp(maps: dict, p_name="p") -> np.ndarray:
     return nlogp
 
 
-class Corrector(ABC):
-    """Base of the correctors: ``transform(result)`` returns a corrected copy."""
+def acceptable_kwargs(method, n_positional=1) -> list[str] | None:
+    """Keyword names ``method`` accepts after its first ``n_positional`` positional parameters
+    (None: it takes ``**kwargs``, so anything)."""
+    params = list(inspect.signature(method).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    skipped = {p.name for p in positional[:n_positional]}
+    return [p.name for p in params if p.name not in skipped and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
-    _kind = ""
-    _methods: tuple[str, ...] = ()
 
-    def __init__(self, method, **kwargs):
-        self.method = method
-        self.parameters = kwargs
+class Corrector(NiMAREBase):
+    """Base of the correctors (NiMARE's ``Corrector``): ``transform(result)`` returns a corrected copy.
+
+    Keyword arguments set to None are dropped (the correction method's default applies);
+    the others are checked against the method that receives them in :meth:`transform`.
+    """
+
+    _correction_method = ""
+    _estimator_parameters: tuple[str, ...] = ()
+    _required_maps = ("p",)
+
+    def __init__(self, **kwargs):
+        self.parameters = {k: v for k, v in kwargs.items() if v is not None}
 
     @property
-    def _suffix(self) -> str:
-        return f"_corr-{self._kind}_method-{self.method}"
+    def _name_suffix(self) -> str:
+        return f"_corr-{self._correction_method.upper()}_method-{self.method}"
+
+    @classmethod
+    def _get_corrector_methods(cls) -> list[str]:
+        prefix = f"correct_{cls._correction_method}_"
+        return [name.replace(prefix, "") for name, _ in inspect.getmembers(cls, predicate=inspect.isfunction)
+                if name.startswith(prefix)]
+
+    @classmethod
+    def _get_estimator_methods(cls, estimator) -> list[str]:
+        prefix = f"correct_{cls._correction_method}_"
+        return [name.replace(prefix, "") for name, _ in inspect.getmembers(estimator, predicate=inspect.ismethod)
+                if name.startswith(prefix)]
+
+    @classmethod
+    def inspect(cls, result) -> list[str]:
+        """Valid ``method`` values for ``result`` (the corrector's own and its estimator's), logged by kind."""
+        corr_methods = cls._get_corrector_methods()
+        est_methods = cls._get_estimator_methods(result.estimator)
+        everything = sorted(set(corr_methods + est_methods))
+        corr_methods = [f"{m} (overridden)" if m in est_methods else m for m in corr_methods]
+        LGR.info(f"Available non-specific methods: {', '.join(corr_methods)}\n"
+                 f"Available Estimator-specific methods: {', '.join(est_methods)}")
+        return everything
+
+    def _estimator_kwargs(self) -> dict:
+        kwargs = dict(self.parameters)
+        for name in self._estimator_parameters:
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        return kwargs
+
+    def _validate_parameters(self, correction_method, parameters) -> None:
+        accepted = acceptable_kwargs(correction_method, n_positional=1)
+        if accepted is None:
+            return
+        unexpected = sorted(set(parameters) - set(accepted))
+        if unexpected:
+            name = getattr(correction_method, "__qualname__", str(correction_method))
+            raise InputTypeError(
+                f"{type(self).__name__}(method='{self.method}') was given "
+                f"{', '.join(repr(k) for k in unexpected)}, which {name} does not accept. "
+                f"Accepted keyword arguments: {', '.join(accepted) if accepted else '(none)'}.")
+
+    def _collect_inputs(self, result) -> None:
+        if not isinstance(result, MetaResult):
+            raise InputError("First argument to transform() must be an instance of class MetaResult, not "
+                             f"{type(result)}.")
+        corr_methods = self._get_corrector_methods()
+        est_methods = self._get_estimator_methods(result.estimator)
+        if self.method not in corr_methods + est_methods:
+            raise InputError(f"Unsupported {self._correction_method} correction method '{self.method}'\n"
+                             f"\tAvailable native methods: {', '.join(corr_methods)}\n"
+                             f"\tAvailable estimator methods: {', '.join(est_methods)}")
+        for name in self._required_maps:
+            if result.maps.get(name) is None:
+                raise InputError(f"{type(self)} requires '{name}' maps to be present in the MetaResult, "
+                                 "but none were found.")
 
     def transform(self, result: MetaResult) -> MetaResult:
-        """Apply the correction; maps are added under NiMARE's names.
+        """Apply the correction to a copy of ``result``; maps are added under NiMARE's names.
+
+        An estimator's own ``correct_<fwe|fdr>_<method>`` takes precedence (it returns
+        ``(maps, tables, description)``); otherwise the corrector's method corrects the
+        p map (and the logp map past the float32 floor of p).
 
         Parameters
         ----------
@@ -102,49 +182,44 @@ class Corrector(ABC):
         Returns
         -------
         MetaResult
-            A copy with the corrected maps added.
         """
         if not isinstance(result, MetaResult):
-            raise InputError(f"First argument to transform() must be a MetaResult, not {type(result).__name__}.")
-        estimator_method = getattr(result.estimator, f"correct_{self._kind.lower()}_{self.method}", None)
-        if estimator_method is not None:
-            maps, description = estimator_method(result, **self._estimator_kwargs())
-        elif self.method in self._methods:
-            maps, description = self._voxelwise(result)
-        else:
-            raise InputError(f"Unsupported {self._kind} correction method '{self.method}' for "
-                             f"{type(result.estimator).__name__}: available {list(self._methods)}"
-                             + (" (montecarlo: PermutedOLS only)." if self._kind == "FWE" else "."))
+            raise InputError("First argument to transform() must be an instance of class MetaResult, not "
+                             f"{type(result)}.")
+        name = f"correct_{self._correction_method}_{self.method}"
         result = result.copy()
-        result.add_maps({name + self._suffix: values for name, values in maps.items()})
+        estimator = result.estimator
+        if hasattr(estimator, name):
+            method = getattr(estimator, name)
+            parameters = self._estimator_kwargs()
+            self._validate_parameters(method, parameters)
+            maps, tables, description = method(result, **parameters)
+        else:
+            self._collect_inputs(result)
+            self._validate_parameters(getattr(self, name), self.parameters)
+            maps, tables, description = self._transform(result, method=name)
+        result.maps.update({k + self._name_suffix: store_map(k + self._name_suffix, v) for k, v in maps.items()})
+        result.tables.update({k + self._name_suffix: v for k, v in tables.items()})
         result.description_ = f"{result.description_} {description}"
+        result.estimator = estimator
         result.corrector = self
         return result
 
-    def _estimator_kwargs(self) -> dict:
-        return dict(self.parameters)
-
-    def _voxelwise(self, result):
-        maps = result.maps
-        if "p" not in maps:
-            raise InputError(f"{type(self).__name__} requires a 'p' map; the result has {sorted(maps)}.")
-        nlogp = uncorrected_nlogp(maps)
-        corrected = np.full_like(nlogp, np.nan)
-        ok = ~np.isnan(nlogp)
-        corrected[ok] = self._correct(nlogp[ok], nlogp.size)
-        out = {"p": clip_p(np.exp(corrected))}
-        if "z" in maps:
-            out["z"] = (nlogp_to_z(corrected) * np.sign(maps["z"])).astype(np.float32)
-        if "logp" in maps:
-            out["logp"] = clip_logp(corrected / -_LOG10 + 0.0)
-        return out, self._description()
-
-    @abstractmethod
-    def _correct(self, nlogp, n_tests):
-        """Corrected natural-log p-values of ``nlogp`` (one per test of ``n_tests``)."""
-
-    def _description(self) -> str:
-        return ""
+    def _transform(self, result, method):
+        """The corrector's own method on each required p map (NaN voxels take no part)."""
+        maps, tables, description = {}, {}, ""
+        for name in self._required_maps:
+            nlogp = uncorrected_nlogp(result.maps, name)
+            ok = ~np.isnan(nlogp)
+            corrected = np.full_like(nlogp, np.nan)
+            corrected[ok], tables, description = getattr(self, method)(nlogp[ok])
+            maps[name] = clip_p(np.exp(corrected))
+            z_name, logp_name = ("z", "logp") if name == "p" else (name.replace("p_", "z_"), name.replace("p_", "logp_"))
+            if z_name in result.maps:
+                maps[z_name] = nlogp_to_z(corrected) * np.sign(result.maps[z_name])
+            if logp_name in result.maps:
+                maps[logp_name] = clip_logp(corrected / -_LOG10 + 0.0)
+        return maps, tables, description
 
 
 class FDRCorrector(Corrector):
@@ -155,23 +230,31 @@ class FDRCorrector(Corrector):
     method : {"indep", "negcorr"}
         Benjamini-Hochberg or Benjamini-Yekutieli.
     alpha : float
-        Kept for NiMARE compatibility (corrected p maps do not depend on it).
+        The rate the corrected maps are meant to be thresholded at (they do not
+        depend on it); forwarded to an estimator's own FDR method.
+    **kwargs
+        For the correction method (None values dropped).
     """
 
-    _kind = "FDR"
-    _methods = ("indep", "negcorr")
+    _correction_method = "fdr"
+    _estimator_parameters = ("alpha",)
 
     def __init__(self, method="indep", alpha=0.05, **kwargs):
-        super().__init__(method, **kwargs)
         self.alpha = alpha
+        self.method = method
+        super().__init__(**kwargs)
 
-    def _correct(self, nlogp, n_tests):
-        # NaN voxels are dropped before; NiMARE counts only the evaluated ones here too.
-        return nlogp_fdr(nlogp, "bh" if self.method == "indep" else "by")
+    def correct_fdr_indep(self, nlogp):
+        """Benjamini-Hochberg on natural-log p-values; returns ``(nlogp_corr, {}, description)``."""
+        description = ("False discovery rate correction was performed with the Benjamini-Hochberg procedure "
+                       "\\citep{benjamini1995controlling}.")
+        return nlogp_fdr(nlogp, "bh"), {}, description
 
-    def _description(self):
-        name = "Benjamini-Hochberg" if self.method == "indep" else "Benjamini-Yekutieli"
-        return f"False discovery rate correction was performed with the {name} procedure."
+    def correct_fdr_negcorr(self, nlogp):
+        """Benjamini-Yekutieli on natural-log p-values; returns ``(nlogp_corr, {}, description)``."""
+        description = ("False discovery rate correction was performed with the Benjamini-Yekutieli procedure "
+                       "\\citep{benjamini2001control}.")
+        return nlogp_fdr(nlogp, "by"), {}, description
 
 
 class FWECorrector(Corrector):
@@ -182,42 +265,43 @@ class FWECorrector(Corrector):
     method : {"bonferroni", "montecarlo"}
         ``montecarlo`` is the estimator's own method (PermutedOLS).
     n_iters : int, optional
-        Sign flips for ``montecarlo`` (NiMARE's default 5000 when None).
+        Sign flips for ``montecarlo`` (a positive integer; None: the estimator's default).
     n_cores : int
-        Accepted for compatibility.
-    sign_flips : ndarray of shape (n_iters, K), optional
-        Explicit flips for ``montecarlo`` (chunkglm extension).
+        Passed to the estimator's method (the dask client sets parallelism).
+    **kwargs
+        For the correction method (None values dropped), e.g. ``sign_flips``
+        (chunkglm: explicit (n_iters, K) flips for PermutedOLS).
     """
 
-    _kind = "FWE"
-    _methods = ("bonferroni",)
+    _correction_method = "fwe"
 
     def __init__(self, method="bonferroni", n_iters=None, n_cores=1, **kwargs):
-        if method not in ("bonferroni", "montecarlo"):
-            raise InputError(f"FWECorrector method must be 'bonferroni' or 'montecarlo'; received {method!r}.")
-        super().__init__(method, **kwargs)
+        if method not in ("bonferroni", "montecarlo", "predictive"):
+            raise InputError(f"Unsupported FWE correction method '{method}'")
+        if method == "montecarlo":
+            if n_iters is not None and (isinstance(n_iters, bool | np.bool_)
+                                        or not isinstance(n_iters, int | np.integer) or n_iters <= 0):
+                raise InputError("n_iters must be a positive integer when method='montecarlo'.")
+            kwargs["n_iters"] = n_iters
+            kwargs["n_cores"] = n_cores
+        self.method = method
         self.n_iters = n_iters
         self.n_cores = n_cores
+        super().__init__(**kwargs)
 
-    def _estimator_kwargs(self):
-        kwargs = dict(self.parameters)
-        if self.n_iters is not None:
-            kwargs["n_iters"] = self.n_iters
-        return kwargs
-
-    def _correct(self, nlogp, n_tests):
-        return nlogp_bonferroni(nlogp)
-
-    def _description(self):
-        return "Family-wise error rate correction was performed with the Bonferroni procedure."
+    def correct_fwe_bonferroni(self, nlogp):
+        """Bonferroni on natural-log p-values; returns ``(nlogp_corr, {}, description)``."""
+        description = ("Family-wise error rate correction was performed with the Bonferroni correction "
+                       "procedure \\citep{bonferroni1936teoria,shaffer1995multiple}.")
+        return nlogp_bonferroni(nlogp), {}, description
 
 
 # -- Monte Carlo FWE for PermutedOLS ------------------------------------------------------
 
 
 def permuted_ols_montecarlo(estimator, result, n_iters=5000, sign_flips=None):
-    """NiMARE 0.22's ``PermutedOLS.correct_fwe_montecarlo``; returns (maps, description)."""
-    maps_in = estimator.inputs_
+    """NiMARE 0.22's ``PermutedOLS.correct_fwe_montecarlo``; returns (maps, tables, description)."""
+    maps_in = estimator._meta_maps
     rows = getattr(estimator, "images_", None)
     if rows is None:  # NiMARE drops images without a usable voxel: they take no flip column
         rows = estimator._usable_images(maps_in, ("beta",), True)
@@ -244,7 +328,7 @@ def permuted_ols_montecarlo(estimator, result, n_iters=5000, sign_flips=None):
     description = ("Family-wise error rate correction was performed with a max-statistic null distribution "
                    f"generated by sign-flipping each image ({flips.shape[0]} iterations), the maximum taken "
                    "over z-statistics.")
-    return maps, description
+    return maps, {}, description
 
 
 def _flips(sign_flips, n_iters, n_images, random_state) -> np.ndarray:

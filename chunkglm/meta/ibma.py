@@ -18,8 +18,9 @@ and the old ``Stouffers(inference, null, n_iters, two_sided)`` signature.
 Differences from NiMARE (all refused with an InputError, never silently
 different): dependence groups (several images sharing a ``study_id`` with
 ``groupby=None``, or a ``groupby`` that groups images) are not modelled, so
-``weight_scheme``/``rho`` have no effect and are accepted only at their
-defaults; images are never resampled (maps on other grids are refused).
+``weight_scheme``/``rho`` have no effect. Maps not on the mask's grid are
+resampled at conversion as NiMARE resamples them (``resample__*`` options).
+The base class and the input handling are in :mod:`chunkglm.meta._estimator`.
 """
 
 from __future__ import annotations
@@ -27,262 +28,15 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
-import pandas as pd
 
-from chunkglm._version import __version__
 from chunkglm.errors import InputError
 from chunkglm.graph import meta as meta_graph
 from chunkglm.kernels import meta as km
-from chunkglm.meta import _bags
-from chunkglm.meta._blocks import _ROLE_OF, _fit_block, _image_any_valid, _image_roles, _role, _stored_roles
-from chunkglm.meta._inputs import DERIVATIONS, ROLES, MetaMaps, _is_nimare_dataset, resolve, table_from_dataset
+from chunkglm.meta._estimator import IBMAEstimator
 from chunkglm.meta.correct import add_cluster_maps, permuted_ols_montecarlo
-from chunkglm.meta.results import MetaResult
 
-_REGRESSION_DEFAULTS = {"weight_scheme": "rescale", "rho": 0.8}
 _WEIGHT_SCHEMES = ("rescale", "individual", "collapse")
 _SMALL_SAMPLE = ("knapp-hartung", "knapp-hartung-conservative", "wald")
-_REMOVED = ("resample", "memory_limit")
-
-
-class IBMAEstimator:
-    """Base class: parameters, input checks and the block graph.
-
-    Parameters
-    ----------
-    aggressive_mask : bool
-        Drop every voxel that is zero or NaN in any input map (NiMARE's
-        ``aggressive_mask=True``); default fits each missing-data pattern
-        with its own studies.
-    mask : str, Path or nibabel image, optional
-        Restricts the analysed voxels (on the collection's grid).
-    groupby : None, False, str or array-like
-        None (NiMARE's default) groups images by ``study_id``, a str by that
-        per-image coordinate, an array gives one label per image. chunkglm
-        does not model dependence groups: every label must be unique (an
-        InputError says so otherwise). False treats every image as independent.
-    memory, memory_level, generate_description
-        Accepted for NiMARE compatibility (caching does not apply here).
-    store : str or Path, optional
-        Where NIfTI/Dataset inputs are converted (default: a temporary store).
-    chunk_voxels : int, optional
-        Voxels per block of the graph (default: each store chunk split so that
-        a task's float64 (K, voxel) block is about
-        :data:`chunkglm.graph.meta.TASK_BLOCK_BYTES`).
-    """
-
-    _kernel: str = ""
-
-    def __init__(self, aggressive_mask=False, memory=None, memory_level=0, generate_description=True, *,
-                 mask=None, groupby=None, store=None, chunk_voxels=None, **kwargs):
-        _check_kwargs(type(self).__name__, kwargs)
-        self.aggressive_mask = bool(aggressive_mask)
-        self.memory = memory
-        self.memory_level = memory_level
-        self.generate_description = generate_description
-        self.mask = mask
-        self.groupby = groupby
-        self.store = store
-        self.chunk_voxels = chunk_voxels
-
-    # -- what subclasses declare ----------------------------------------------------
-
-    def _kernel_name(self) -> str:
-        return self._kernel
-
-    def _kernel_params(self) -> dict:
-        """Estimator parameters the kernel takes, by the kernel's keyword names."""
-        return {}
-
-    def _roles(self) -> tuple[str, ...]:
-        """Kernel inputs (keyword names) this fit passes."""
-        return tuple(km.INPUTS[self._kernel_name()])
-
-    def _aliases(self) -> dict:
-        """Kernel input name -> map type, where they differ (``con`` is ``beta``)."""
-        return dict(_ROLE_OF)
-
-    def _row_scale(self, blocks, stored, rows):
-        """Per-image divisor of the image inputs (old RFX_GLM's global normalisation), or None."""
-        return None
-
-    def _outputs(self) -> tuple[str, ...]:
-        return tuple(km.OUTPUTS[self._kernel_name()])
-
-    def _description(self, n_images: int) -> str:
-        return (f"An image-based meta-analysis was performed with chunkglm {__version__} on "
-                f"{n_images} images using the {type(self).__name__} estimator, reproducing "
-                "NiMARE 0.22's implementation.")
-
-    def get_params(self, deep=True) -> dict:
-        """Constructor parameters and their values (scikit-learn style)."""
-        names = []
-        for klass in type(self).__mro__:
-            if "__init__" in vars(klass) and klass is not object:
-                names += [p for p in inspect.signature(klass.__init__).parameters
-                          if p not in ("self", "kwargs", "args") and p not in names]
-        return {name: getattr(self, name) for name in names if hasattr(self, name)}
-
-    # -- fit ------------------------------------------------------------------------
-
-    def fit(self, dataset, drop_invalid=True) -> MetaResult:
-        """Fit to a maps collection, a table of NIfTI paths or a NiMARE Dataset.
-
-        Parameters
-        ----------
-        dataset : chunkglm.io.cohort.Node, pandas.DataFrame or nimare.dataset.Dataset
-            See :func:`chunkglm.meta._inputs.resolve`.
-        drop_invalid : bool
-            Drop images with no usable voxel (NiMARE's default); False raises.
-
-        Returns
-        -------
-        MetaResult
-            Lazy until a map is read.
-
-        Notes
-        -----
-        Two global passes run at fit, each one read of the inputs: with
-        ``aggressive_mask`` (which images hold any usable voxel; NiMARE drops
-        the others first) and for the old RFX tests (each map's standard
-        deviation over voxels). Otherwise fit reads only metadata.
-        """
-        inputs, mask = self._needed_images(dataset)
-        maps = resolve(inputs, mask, store=self.store)
-        self.inputs_ = maps
-        roles = self._roles()
-        self._check_inputs(maps, roles)
-        rows = self._usable_images(maps, roles, drop_invalid) if self.aggressive_mask else None
-        self.images_ = rows
-        lazy = self._graph(maps, roles, rows)
-        n_images = maps.n_images if rows is None else int(rows.size)
-        result = MetaResult(self, lazy, self._outputs(), maps, self._description(n_images))
-        result.tables.update(self._tables())
-        return result
-
-    def _needed_images(self, dataset):
-        """A table (or NiMARE Dataset) reduced to the map types this estimator reads, so that
-        only those are converted (NiMARE loads only its required inputs too); other inputs as
-        given. Returns ``(inputs, mask)``: a Dataset's mask unless ``mask`` was given."""
-        mask = self.mask
-        if _is_nimare_dataset(dataset):
-            dataset, dataset_mask = table_from_dataset(dataset)
-            mask = dataset_mask if mask is None else mask
-        if not isinstance(dataset, pd.DataFrame):
-            return dataset, mask
-        aliases = self._aliases()
-        needed = set()
-        for arg in _image_roles(self._roles()):
-            role = _role(arg, aliases)
-            if role in dataset.columns or role not in DERIVATIONS:
-                needed.add(role)
-            else:
-                needed.update(s for s in DERIVATIONS[role] if s != "sample_sizes")
-        unused = [c for c in ROLES if c in dataset.columns and c not in needed]
-        return (dataset.drop(columns=unused) if unused and needed & set(dataset.columns) else dataset), mask
-
-    def _tables(self) -> dict:
-        """Non-map outputs (NiMARE: the assumed tau2 of WLS and FixedEffectsHedges)."""
-        if hasattr(self, "tau2"):
-            return {"level-estimator": pd.DataFrame(columns=["tau2"], data=[self.tau2])}
-        return {}
-
-    def _check_inputs(self, maps: MetaMaps, roles) -> None:
-        name = type(self).__name__
-        missing = [self._aliases().get(r, _role(r)) for r in roles
-                   if self._aliases().get(r, _role(r)) not in maps.available()]
-        if missing:
-            how = {"sample_sizes": "a sample_sizes column / coordinate",
-                   "varcope": "varcope maps (or se maps: varcope = se**2)",
-                   "z": "z maps (or t maps with sample_sizes)"}
-            raise InputError(f"{name} needs {', '.join(how.get(r, f'{r} maps') for r in missing)}; the "
-                             f"collection {maps.node.name!r} holds {sorted(maps.available())}.")
-        if maps.n_images < _bags.MIN_STUDIES:
-            raise InputError(f"{name} needs at least {_bags.MIN_STUDIES} images; received {maps.n_images}. "
-                             "One image has no replication to estimate a variance from.")
-        self._check_groups(maps)
-
-    def _check_groups(self, maps: MetaMaps) -> None:
-        if self.groupby is False:
-            return
-        if self.groupby is None:
-            labels = maps.coord("study_id")
-            labels = maps.ids if labels is None else labels
-            what = "study_id"
-        elif isinstance(self.groupby, str):
-            labels = maps.coord(self.groupby)
-            if labels is None:
-                raise InputError(f"groupby={self.groupby!r} names no per-image coordinate of the collection.")
-            what = self.groupby
-        else:
-            labels = np.asarray(self.groupby).ravel()
-            what = "groupby"
-            if labels.size != maps.n_images:
-                raise InputError(f"groupby must contain one label per image: expected {maps.n_images}, "
-                                 f"got {labels.size}.")
-        values, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
-        if (counts > 1).any():
-            raise InputError(
-                f"{type(self).__name__}: images share a {what} ({values[counts > 1][:5].tolist()} ...), which "
-                "NiMARE 0.22 models as dependence groups (cluster-robust errors, Brown's method). chunkglm "
-                "does not model dependence groups: give each image its own study_id, or pass groupby=False "
-                "to treat the images as independent (this inflates significance if they share participants).")
-
-    def _usable_images(self, maps, roles, drop_invalid) -> np.ndarray:
-        """NiMARE drops images with no usable voxel before the aggressive mask (one global pass)."""
-        stored = _stored_roles(roles, maps, self._aliases())
-        blocks = [self._stored(maps, r) for r in stored]
-        keep = meta_graph.rows_with_any(_image_any_valid, blocks, roles=roles, stored=stored,
-                                        sample_sizes=maps.sample_sizes, aliases=self._aliases())
-        if keep.all():
-            return np.arange(keep.size)
-        if not drop_invalid or not keep.any():
-            raise InputError(f"{int((~keep).sum())} of {keep.size} images have no voxel with a usable value "
-                             f"in every required input ({np.asarray(maps.ids)[~keep][:10].tolist()}). "
-                             + ("Pass drop_invalid=True to drop them." if keep.any() else "Nothing to meta-analyse."))
-        if keep.sum() < _bags.MIN_STUDIES:
-            raise InputError(f"only {int(keep.sum())} image(s) hold usable values; a meta-analysis needs 2.")
-        return np.flatnonzero(keep)
-
-    def _stored(self, maps: MetaMaps, role):
-        """A stored map type in the voxel blocks of the tasks (lazy)."""
-        return meta_graph.task_array(maps.data(role), self.chunk_voxels)
-
-    def _graph(self, maps: MetaMaps, roles, rows):
-        """(n_outputs, V) float64 dask array of the estimator's maps."""
-        aliases = self._aliases()
-        stored = _stored_roles(roles, maps, aliases)
-        blocks = [self._stored(maps, r) for r in stored]
-        if rows is not None and rows.size != maps.n_images:
-            blocks = [meta_graph.select_images(b, rows) for b in blocks]
-        sizes = maps.sample_sizes
-        if sizes is not None and rows is not None:
-            sizes = sizes[rows]
-        params, per_study = self._split_params(self._kernel_params())
-        outputs = self._outputs()
-        # one row more than the maps: which voxels held a NaN/inf (MetaResult's warning)
-        return meta_graph.block_maps(
-            _fit_block, blocks, len(outputs) + 1, f"meta-{type(self).__name__}", kernel_name=self._kernel_name(),
-            roles=roles, stored=stored, aliases=aliases, row_scale=self._row_scale(blocks, stored, rows),
-            sample_sizes=sizes, params=params, per_study=per_study, aggressive=self.aggressive_mask,
-            outputs=outputs)
-
-    @staticmethod
-    def _split_params(params):
-        """Per-study keyword values (last axis = the fitted images, e.g. sign flips) are sliced per pattern."""
-        per_study = {k: np.asarray(v) for k, v in params.items() if k in ("sign_flips",) and v is not None}
-        return {k: v for k, v in params.items() if k not in per_study}, per_study
-
-
-def _check_kwargs(name, kwargs):
-    removed = [k for k in kwargs if k in _REMOVED]
-    resample = [k for k in kwargs if k.startswith("resample__")]
-    other = sorted(set(kwargs) - set(removed) - set(resample))
-    if removed or other:
-        raise TypeError(f"{name} got unexpected keyword argument(s): {', '.join(map(repr, removed + other))}.")
-    if resample:
-        raise InputError(f"{name}: {resample} set how NiMARE resamples images onto the mask; chunkglm never "
-                         "resamples (maps on another grid are refused). Resample the maps first.")
 
 
 # -- new API ---------------------------------------------------------------------------
@@ -297,8 +51,10 @@ class _RegressionEstimator(IBMAEstimator):
         if small_sample_correction is not None and small_sample_correction not in _SMALL_SAMPLE:
             raise InputError(f"Invalid small_sample_correction '{small_sample_correction}'; must be None or "
                              f"one of {sorted(_SMALL_SAMPLE)}.")
-        if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0.0 <= float(rho) <= 1.0:
-            raise InputError(f"Invalid rho {rho!r}; must be a number in [0, 1].")
+        if isinstance(rho, bool) or not isinstance(rho, int | float | np.integer | np.floating):
+            raise InputError(f"Invalid rho {rho!r}; must be a number.")
+        if not 0.0 <= float(rho) <= 1.0:
+            raise InputError(f"Invalid rho {rho!r}; must lie in [0, 1].")
         super().__init__(**kwargs)
         # Without dependence groups NiMARE passes no groups to PyMARE: both are inert.
         self.weight_scheme = weight_scheme
@@ -340,6 +96,7 @@ class Fishers(IBMAEstimator):
     """
 
     _kernel = "Fishers"
+    _voxel_averaging = "reject"
 
     def __init__(self, two_sided=True, use_sample_size=False, **kwargs):
         super().__init__(**kwargs)
@@ -374,6 +131,8 @@ class Stouffers(IBMAEstimator):
     """
 
     _kernel = "Stouffers"
+    _voxel_averaging = "reject"
+    _chunkglm_only = ("inference", "null", "n_iters", "random_state")
 
     def __init__(self, *args, inference=None, null=None, n_iters=None, two_sided=True,
                  use_sample_size=False, random_state=None, **kwargs):
@@ -428,7 +187,7 @@ def _empirical_null(null, n_iters, random_state, estimator) -> dict:
     if not isinstance(n_iters, int | np.integer) or n_iters < 1:
         raise InputError(f"null='empirical' needs n_iters, a positive number of sign flips; received {n_iters!r}.")
     rows = estimator.images_
-    n_images = estimator.inputs_.n_images if rows is None else rows.size
+    n_images = estimator._meta_maps.n_images if rows is None else rows.size
     flips = np.random.RandomState(random_state).choice((-1.0, 1.0), size=(int(n_iters), n_images))
     return {"sign_flips": flips}
 
@@ -510,6 +269,7 @@ class SampleSizeBasedLikelihood(VarianceBasedLikelihood):
     """
 
     _kernel = "SampleSizeBasedLikelihood"
+    _voxel_averaging = None
 
     def _check_inputs(self, maps, roles):
         super()._check_inputs(maps, roles)
@@ -562,6 +322,7 @@ class PermutedOLS(IBMAEstimator):
     """
 
     _kernel = "PermutedOLS"
+    _voxel_averaging = None
 
     def __init__(self, two_sided=True, use_sample_size=False, n_jobs=1, random_state=42, **kwargs):
         super().__init__(**kwargs)
@@ -617,7 +378,7 @@ class _ClusterGLM(IBMAEstimator):
 
     def _roles(self):
         roles = super()._roles()
-        inputs = getattr(self, "inputs_", None)
+        inputs = getattr(self, "_meta_maps", None)
         if inputs is not None and inputs.sample_sizes is not None and "sample_sizes" not in roles:
             roles = (*roles, "sample_sizes")  # old NiMARE passed n - 1 to flameo as varcope dof
         return roles

@@ -79,7 +79,7 @@ def sidecar(result) -> dict:
     corrector = result.corrector
     return {
         "Estimator": type(estimator).__name__,
-        "Parameters": _jsonable(estimator.get_params()),
+        "Parameters": _jsonable({**getattr(estimator, "chunkglm_params", dict)(), **estimator.get_params()}),
         "Maps": sorted(result.maps),
         "Inputs": _jsonable(inputs),
         "Corrections": None if corrector is None else {"Corrector": type(corrector).__name__,
