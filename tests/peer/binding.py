@@ -53,9 +53,9 @@ BINDINGS = {
             "Fishers", "Stouffers", "WeightedLeastSquares", "DerSimonianLaird", "Hedges",
             "SampleSizeBasedLikelihood", "VarianceBasedLikelihood", "PermutedOLS",
             "FixedEffectsHedges", "IBMAEstimator")},
-        ("nimare.correct", "FDRCorrector"): ("chunkglm.meta.correct", "FDRCorrector"),
-        ("nimare.correct", "FWECorrector"): ("chunkglm.meta.correct", "FWECorrector"),
-        ("nimare.results", "MetaResult"): ("chunkglm.meta.results", "MetaResult"),
+        ("nimare.correct", "FDRCorrector"): ("chunkglm.correct", "FDRCorrector"),
+        ("nimare.correct", "FWECorrector"): ("chunkglm.correct", "FWECorrector"),
+        ("nimare.results", "MetaResult"): ("chunkglm.results", "MetaResult"),
     },
 }
 
@@ -93,8 +93,9 @@ def _is_peer_test(module_name: str) -> bool:
 
 def _import(name, globals=None, locals=None, fromlist=(), level=0):
     module = _original_import(name, globals, locals, fromlist, level)
-    if fromlist and globals is not None and _is_peer_test(str(globals.get("__name__", ""))):
-        return _BoundView(module)
+    if globals is not None and _is_peer_test(str(globals.get("__name__", ""))) and (
+            fromlist or (level == 0 and name.split(".", 1)[0] == _package)):
+        return _BoundView(module)  # ``import nimare`` too: ``nimare.results.MetaResult`` is then chunkglm's
     return module
 
 
