@@ -30,7 +30,8 @@ from chunkglm.graph.permutation_volumes import volume_null
 from chunkglm.kernels.finite import warn
 from chunkglm.kernels.permutation import check_n_perm, fwe_logp
 
-__all__ = ["contrast_vector", "non_parametric_inference", "permutation_maps", "tested_and_confounding_vars"]
+__all__ = ["check_permutation_options", "contrast_vector", "non_parametric_inference", "permutation_maps",
+           "tested_and_confounding_vars"]
 
 
 def non_parametric_inference(second_level_input, confounds=None, design_matrix=None,
@@ -104,7 +105,7 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         ``logp_max_t``, plus ``tfce``, ``logp_max_tfce`` (``tfce``) and
         ``size``, ``logp_max_size``, ``mass``, ``logp_max_mass`` (``threshold``).
     """
-    _check_options(threshold, tfce, n_perm, permutations, mask)
+    check_permutation_options(threshold, tfce, n_perm, permutations, mask)
     n_jobs = nilearn_n_jobs(n_jobs)
     design = _required_design(design_matrix)
     if confounds is not None:
@@ -164,7 +165,11 @@ def permutation_maps(model, con_val, first_level_contrast=None, *, model_interce
 # -- checks before any map is read ---------------------------------------------------------
 
 
-def _check_options(threshold, tfce, n_perm, permutations, mask) -> None:
+def check_permutation_options(threshold=None, tfce=False, n_perm=10000, permutations=None, mask=None) -> None:
+    """Check :func:`non_parametric_inference`'s permutation settings; InputError naming the fix.
+
+    Call it before :func:`permutation_maps` (which takes its settings as checked).
+    """
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0 < threshold < 1):
         raise InputError(f"threshold is the uncorrected p-value that forms clusters, strictly between 0 "
