@@ -37,7 +37,9 @@ from types import MappingProxyType
 from typing import Any, Union
 
 import yaml
+from dask.utils import parse_bytes
 
+from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import ChunkglmError
 
 from .schema import (
@@ -64,12 +66,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "available_configs",
     "bundled_config_dir",
+    "chunk_budget",
     "freeze",
     "is_secret_key",
     "load_config",
     "redact",
     "resolve_config_path",
     "thaw",
+    "worker_memory",
 ]
 
 #: Backends that :func:`chunkglm.cluster.start` can build (each needs its
@@ -587,3 +591,33 @@ def load_config(
     environ = os.environ if environ is None else environ
     origins = _apply_overrides(raw, environ, overrides or {})
     return _validate(raw, _Context(source, origins))
+
+
+# --------------------------------------------------------------------------
+# the memory budget
+# --------------------------------------------------------------------------
+def worker_memory(config: ClusterConfig) -> int | None:
+    """Bytes of memory of one worker as the config states it, or None when it does not.
+
+    ``local``: ``memory_limit`` (None when null: the machine's share, decided at
+    start). ``slurm``/``pbs``/``sge``: the job's ``memory`` over its ``processes``.
+    ``gateway`` and ``kubernetes``: None (their worker memory is set by the
+    gateway or the pod spec).
+    """
+    options = config.options
+    if config.type == "local":
+        return options.get("memory_limit")
+    if config.type in JOBQUEUE_TYPES and options.get("memory"):
+        return parse_bytes(options["memory"]) // max(1, int(options.get("processes") or 1))
+    return None
+
+
+def chunk_budget(config: ClusterConfig, chunk_bytes=None) -> tuple[MemoryBudget, str | None]:
+    """The user's memory budget (``chunk_bytes``; None: the default) for this cluster.
+
+    A budget larger than a quarter of a worker's memory (:func:`worker_memory`)
+    is lowered to that quarter: a task holds its block, a float64 copy and the
+    kernels' temporaries. Returns the budget and a note saying it was lowered
+    (None when it was not).
+    """
+    return MemoryBudget.of(chunk_bytes).capped(worker_memory(config))

@@ -22,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from chunkglm.graph.blocks import within_budget
 from chunkglm.graph.finite import finite_blocks, finite_values
 from chunkglm.graph.reduce import concat, tree_reduce
 from chunkglm.kernels import ar
@@ -158,7 +159,7 @@ class RunFit:
 
 
 def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=0,
-            random_state=None) -> RunFit:
+            random_state=None, budget=None) -> RunFit:
     """Build (not compute) the fit of one run.
 
     Parameters
@@ -175,7 +176,11 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         applied to the moments).
     random_state : int, optional
         Seed of the AR(N>1) k-means, as nilearn's.
+    budget : chunkglm.chunking.MemoryBudget, int, str or None
+        The user's memory budget: stored chunks larger than it are split into
+        task blocks (:func:`chunkglm.graph.blocks.within_budget`); None keeps them.
     """
+    bold = within_budget(bold, budget)
     if len(bold.chunks[0]) != 1:
         bold = bold.rechunk({0: -1})  # time must be whole in each block
     # Fit in an orthonormal basis of the design (well conditioned normal equations).

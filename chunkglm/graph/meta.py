@@ -4,7 +4,7 @@ No statistics here: the estimators (:mod:`chunkglm.meta.ibma`) pass the block
 functions (:mod:`chunkglm.meta._blocks`, the kernels of :mod:`chunkglm.kernels.meta`)
 and hold what these functions return. The graphs::
 
-    stored (image, voxel) maps --task_array--> voxel blocks within TASK_BLOCK_BYTES
+    stored (image, voxel) maps --task_array--> voxel blocks within the memory budget
     blocks_1..n of one voxel range --block_maps(fit)--> (n_outputs + 1, block) float64   lazy, one pass
     blocks --rows_with_any(test)--> which images hold a usable voxel                     computed
     one map --row_nanstd--> each image's std over voxels (tree reduction)                computed
@@ -19,33 +19,28 @@ import dask
 import dask.array as da
 import numpy as np
 
-__all__ = ["TASK_BLOCK_BYTES", "block_maps", "compute", "per_block", "row_nanstd", "rows_with_any",
+from chunkglm.chunking import MemoryBudget
+
+__all__ = ["block_maps", "compute", "per_block", "row_nanstd", "rows_with_any",
            "select_images", "task_array", "task_blocks"]
 
-#: float64 bytes of one (K, voxel) input block inside a task: store chunks (64 MiB of float32
-#: by default) are split so that the float64 copies and kernel temporaries stay bounded.
-TASK_BLOCK_BYTES = 32 * 2**20
+def task_blocks(store_chunks, n_images, budget=None) -> tuple[int, ...]:
+    """Voxel blocks that tile each store chunk (each chunk is still read once) within the budget:
+    the float64 copy of a (K, voxel) input block within half of it
+    (:meth:`chunkglm.chunking.MemoryBudget.task_blocks`; 32 MiB by default)."""
+    return MemoryBudget.of(budget).task_blocks(store_chunks, n_images, itemsize=8)
 
 
-def task_blocks(store_chunks, n_images) -> tuple[int, ...]:
-    """Voxel blocks that tile each store chunk (each chunk is still read once) within the budget."""
-    target = max(256, TASK_BLOCK_BYTES // (8 * max(n_images, 1)))
-    blocks = []
-    for size in store_chunks:
-        parts = max(1, -(-size // target))
-        base, extra = divmod(size, parts)
-        blocks += [base + 1] * extra + [base] * (parts - extra)
-    return tuple(b for b in blocks if b)
-
-
-def task_array(array: da.Array, chunk_voxels=None) -> da.Array:
+def task_array(array: da.Array, chunk_voxels=None, budget=None) -> da.Array:
     """A stored (image, voxel) array in the voxel blocks of the tasks, every image in one block.
 
-    ``chunk_voxels`` fixes the block size; by default each store chunk is split by :func:`task_blocks`.
+    ``chunk_voxels`` fixes the block size; by default each store chunk is split by
+    :func:`task_blocks` for ``budget`` (a :class:`~chunkglm.chunking.MemoryBudget`, bytes, or
+    None: the package default).
     """
     if chunk_voxels:
         return array.rechunk((-1, int(chunk_voxels)))
-    return array.rechunk((-1, task_blocks(array.chunks[1], array.shape[0])))
+    return array.rechunk((-1, task_blocks(array.chunks[1], array.shape[0], budget)))
 
 
 def select_images(array: da.Array, rows) -> da.Array:

@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.graph.blocks import within_budget
 from chunkglm.graph.evaluate import compute_items
 from chunkglm.graph.finite import finite_array
 from chunkglm.kernels import permutation as kp
@@ -127,7 +128,7 @@ def max_t_inference(target_vars, tested_vars, confounding_vars=None, model_inter
 
 def max_t_blocks(maps, tested_vars, confounding_vars=None, model_intercept=True, n_perm=10000,
                  two_sided_test=False, random_state=None, permutations=None, n_jobs=1,
-                 progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+                 progress=None, budget=None) -> tuple[np.ndarray, np.ndarray, int]:
     """nilearn's max-T test evaluated voxel block by voxel block, NaN/inf counted on the way.
 
     As nilearn's masker, non-finite values of the maps count as 0
@@ -139,6 +140,9 @@ def max_t_blocks(maps, tested_vars, confounding_vars=None, model_intercept=True,
     maps : dask array (n_samples, n_voxels), floating
     progress : callable, optional
         ``progress(done, total)`` as each voxel block is done.
+    budget : chunkglm.chunking.MemoryBudget, int, str or None
+        Stored chunks larger than it are split into task blocks
+        (:func:`chunkglm.graph.blocks.within_budget`); None keeps them.
     Other parameters are :func:`max_t_null`'s.
 
     Returns
@@ -148,7 +152,7 @@ def max_t_blocks(maps, tested_vars, confounding_vars=None, model_intercept=True,
     nonfinite : int
         Voxels that held a NaN or inf value.
     """
-    data, counts = finite_array(maps)
+    data, counts = finite_array(within_budget(maps, budget))
     lazy = max_t_null(data, tested_vars, confounding_vars, model_intercept, n_perm, two_sided_test,
                       random_state, permutations, None, n_jobs)
     # each block's result with its count: the same task read the block for both

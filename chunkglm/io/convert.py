@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from distributed import as_completed, wait
 
-from chunkglm.chunking import DEFAULT_CHUNK_BYTES, as_bytes
+from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes
 from chunkglm.errors import ConversionError, InputError
 from chunkglm.io import store as st
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
@@ -30,8 +30,6 @@ from chunkglm.io.write_run import RunJob, convert_run
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 __all__ = ["ConversionReport", "convert", "file_sha256", "plan_conversion"]
-
-DEFAULT_TASK_MEMORY = 2 * 2**30
 
 
 @dataclass

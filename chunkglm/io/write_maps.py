@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chunkglm.chunking import plan_voxel_chunks
+from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, plan_voxel_chunks
 from chunkglm.io import store as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
 from chunkglm.io.write_run import existing_result, write_rows
@@ -27,8 +27,8 @@ class MapsJob:
     labels: tuple[str, ...] = ()
     coords: dict = field(default_factory=dict)
     source_keys: tuple[dict, ...] = ()
-    chunk_bytes: int = 64 * 2**20
-    task_memory: int = 2 * 2**30
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    task_memory: int = DEFAULT_TASK_MEMORY
 
 
 def convert_maps(job: MapsJob, store, storage_options=None, input_storage_options=None, *,

@@ -23,7 +23,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from chunkglm.chunking import plan_row_slabs, plan_voxel_chunks
+from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, plan_row_slabs, plan_voxel_chunks
 from chunkglm.errors import InputError
 from chunkglm.io import store as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
@@ -47,8 +47,8 @@ class RunJob:
     confounds: str | None = None
     events: str | None = None
     source_key: dict = field(default_factory=dict)
-    chunk_bytes: int = 64 * 2**20
-    task_memory: int = 2 * 2**30
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    task_memory: int = DEFAULT_TASK_MEMORY
     preprocessing: SpatialPreprocessing = field(default_factory=SpatialPreprocessing)
 
 
