@@ -223,7 +223,7 @@ def test_chunked_equals_unchunked(data, stores, monkeypatch):
     """Tiny voxel blocks, zarr-backed maps, one run per batch = one block, in-memory maps, one batch."""
     from chunkglm.maskers import _helpers
 
-    monkeypatch.setattr(_helpers, "BATCH_BYTES", 1)  # every run in its own batch
+    monkeypatch.setattr(_helpers, "batches", lambda datas, budget=None: [[i] for i in range(len(datas))])
     tiny, whole = stores
     tiny_runs, whole_runs = list(tiny.runs.values()), list(whole.runs.values())
     assert len(tiny_runs[0].data().chunks[1]) > 10 and len(whole_runs[0].data().chunks[1]) == 1

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 from nilearn.image import load_img
 
+from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
 from chunkglm.io.write_run import _seconds
@@ -65,13 +66,11 @@ def mismatch(what, affine, shape, grid):
             f"{tuple(grid.shape)} and affine\n{grid.affine}.")
 
 
-#: float32 data bytes of one voxel block of a batch of runs (all its runs' chunks).
-BATCH_BYTES = 256 * 2**20
-
-
 def batches(datas, budget=None):
-    """Indices of runs grouped by voxel blocks, each group's stacked block within ``budget``."""
-    budget = BATCH_BYTES if budget is None else budget  # read at call time (tests patch it)
+    """Indices of runs grouped by voxel blocks, each group's stacked float32 block within
+    ``budget.run_batch_bytes()`` (a :class:`~chunkglm.chunking.MemoryBudget`, bytes per chunk,
+    or None: the package default, 256 MiB per batch)."""
+    budget = MemoryBudget.of(budget).run_batch_bytes()
     by_chunks: dict = {}
     for index, data in enumerate(datas):
         by_chunks.setdefault(data.chunks[1], []).append(index)
@@ -89,7 +88,7 @@ def batches(datas, budget=None):
     return batches
 
 
-def batched_moments(maps, datas):
+def batched_moments(maps, datas, budget=None):
     """Per run the lazy (region, time) ``maps.T @ data.T``, then last the Gram matrix.
 
     Runs with the same voxel blocks are taken in batches: one task per voxel
@@ -98,7 +97,7 @@ def batched_moments(maps, datas):
     """
     n_regions = len(maps.kept)
     projections, gram = [None] * len(datas), None
-    for number, batch in enumerate(batches(datas)):
+    for number, batch in enumerate(batches(datas, budget)):
         source = maps.blocks(datas[batch[0]].chunks[1]) or maps.reader()
         moments = graph.moments(source, [datas[i] for i in batch], with_gram=gram is None)
         if gram is None:

@@ -28,16 +28,13 @@ import scipy.sparse
 import zarr
 from nilearn.image import resample_img
 
+from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
 from chunkglm.io.nifti import NiftiReader, read_info, scale_values
 from chunkglm.io.store import compressor
 from chunkglm.kernels.maps import counted_in_overlap
 
-#: Maps whose non-zero values (with their voxel indices) take at most this are held in memory.
-IN_MEMORY_BYTES = 256 * 2**20
-#: Bytes of one group of resampled maps on the full grid (float64).
-GROUP_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ class MapsSource:
 
     def any_nonzero(self) -> bool:
         """Whether some map has a non-zero value (stops at the first group that has one)."""
-        return any(np.any(volumes) for _, volumes in self.groups(max(1, GROUP_BYTES // (8 * int(np.prod(self.shape))))))
+        return any(np.any(volumes) for _, volumes in self.groups(MemoryBudget().group_size(int(np.prod(self.shape)))))
 
     def image_on(self, target=None):
         """nilearn's ``maps_img_``: the maps on ``target`` ((affine, shape); None: their own grid).
@@ -247,8 +244,8 @@ class PreparedMaps:
 
 def prepare_maps(source: MapsSource, grid, mask=None, voxel_chunk: int | None = None,
                  resample: bool = True, maps_store=None, group_size: int | None = None,
-                 in_memory_bytes: int = IN_MEMORY_BYTES, keep_empty: bool = False,
-                 check_overlap: bool = True) -> PreparedMaps:
+                 in_memory_bytes: int | None = None, keep_empty: bool = False,
+                 check_overlap: bool = True, budget=None) -> PreparedMaps:
     """Resample (if needed), mask, and chunk the maps on ``grid``'s stored voxels.
 
     Parameters
@@ -266,20 +263,24 @@ def prepare_maps(source: MapsSource, grid, mask=None, voxel_chunk: int | None = 
     maps_store : str or Path, optional
         Where large maps are written (a zarr array); default a temporary folder.
     group_size : int, optional
-        Maps resampled per step; default from :data:`GROUP_BYTES`.
-    in_memory_bytes : int
+        Maps resampled per step; default ``budget.group_size`` (128 MiB of float64 by default).
+    in_memory_bytes : int, optional
         Maps whose non-zero values (and indices) take up to this stay in memory
-        (sparse); larger ones go to zarr.
+        (sparse); larger ones go to zarr. Default ``budget.in_memory_limit()`` (256 MiB by default).
     keep_empty : bool
         nilearn's ``keep_masked_maps``: keep maps left empty by the mask.
     check_overlap : bool
         Count maps per voxel (for ``allow_overlap=False``); else ``overlap`` is False.
+    budget : chunkglm.chunking.MemoryBudget, int, str or None
+        The memory budget the defaults above derive from (None: the package default).
     """
+    budget = MemoryBudget.of(budget)
     needs_resampling = not same_grid(source.affine, source.shape, grid.affine, grid.shape)
     if needs_resampling and not resample:
         raise InputError(_grid_mismatch(source, grid))
     n_voxels, n_maps = grid.n_voxels, source.n_maps
-    group_size = group_size or max(1, GROUP_BYTES // (8 * int(np.prod(grid.shape))))
+    group_size = group_size or budget.group_size(int(np.prod(grid.shape)))
+    in_memory_bytes = budget.in_memory_limit() if in_memory_bytes is None else in_memory_bytes
     voxel_chunk = voxel_chunk or max(n_voxels, 1)
     writer = _Writer(n_voxels, n_maps, voxel_chunk, group_size, maps_store, in_memory_bytes)
     stats = _Stats(grid, mask, check_overlap)
