@@ -59,8 +59,13 @@ NIFTI_MAPS_MASKER_DOC = """Region signals of one run at a time from (overlapping
         chunkglm only: a folder where the prepared maps are written, one zarr
         array per data grid (``<maps_store>/<grid-id>``), and NIfTI runs are
         then converted into a store. By default the maps stay in memory as a
-        sparse matrix while their non-zero values take up to 256 MiB; larger
-        ones go to a temporary folder, removed with the masker.
+        sparse matrix while their non-zero values take up to 256 MiB (four
+        ``chunk_bytes``); larger ones go to a temporary folder, removed with the masker.
+    chunk_bytes : int or str, optional
+        chunkglm only: the memory budget (:class:`chunkglm.chunking.MemoryBudget`,
+        default 64 MiB): the maps kept in memory (four times it), the maps
+        resampled per step (twice it, float64) and the runs read together per
+        voxel block (four times it) derive from it.
 
     Attributes
     ----------

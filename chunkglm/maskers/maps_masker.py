@@ -62,6 +62,7 @@ from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from chunkglm._estimator import NilearnEstimator
+from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
 from chunkglm.io.bids import input_entities
@@ -123,7 +124,8 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
                  standardize=False, standardize_confounds=True, high_variance_confounds=False,
                  detrend=False, low_pass=None, high_pass=None, t_r=None, dtype=None,
                  resampling_target="data", keep_masked_maps=False, memory=None, memory_level=0,
-                 verbose=0, reports=True, cmap="CMRmap_r", clean_args=None, maps_store=None):
+                 verbose=0, reports=True, cmap="CMRmap_r", clean_args=None, maps_store=None,
+                 chunk_bytes=None):
         self.maps_img = maps_img
         self.mask_img = mask_img
         self.allow_overlap = allow_overlap
@@ -145,6 +147,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         self.cmap = cmap
         self.clean_args = clean_args
         self.maps_store = maps_store
+        self.chunk_bytes = chunk_bytes
         self._reset_report()
 
     def _get_doc_link(self):
@@ -316,7 +319,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
             prepared = prepare_maps(self._source, grid, self._mask_on(grid), voxel_chunk,
                                     resample=self.resampling_target is not None,
                                     maps_store=where, keep_empty=self.keep_masked_maps,
-                                    check_overlap=not self.allow_overlap)
+                                    check_overlap=not self.allow_overlap, budget=self.chunk_bytes)
             self._prepared[key] = prepared
             self.region_indices_ = prepared.kept
             self.dropped_regions_ = prepared.dropped
@@ -360,7 +363,8 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
             nib.save(nib.Nifti1Image(mask.astype(np.uint8), target[0] if target else infos[0].affine), mask_path)
         convert(paths, folder / "store.zarr", mask_img=mask_path,
                 target_affine=None if target is None else target[0],
-                target_shape=None if target is None else target[1], smoothing_fwhm=self.smoothing_fwhm)
+                target_shape=None if target is None else target[1], smoothing_fwhm=self.smoothing_fwhm,
+                chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes)
         cohort = open_cohort(folder / "store.zarr")
         self._input_entities = [input_entities(item) for item in images]
         nodes = [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
@@ -615,7 +619,8 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         self._warn_outside(maps)
         for index, (node, conf) in enumerate(zip(nodes, confounds)):
             check_confounds(conf, int(node.data().shape[0]), index)
-        projections = batched_moments(maps, [run_reader(node, data) for node, data in zip(nodes, datas)])
+        projections = batched_moments(maps, [run_reader(node, data) for node, data in zip(nodes, datas)],
+                                      self.chunk_bytes)
         gram = projections.pop()
         n_outside = int(np.prod(grid.shape)) - grid.n_voxels
         hvs = [self._hv_confounds(node, data, n_outside) if self.high_variance_confounds else None
@@ -738,12 +743,13 @@ class MultiNiftiMapsMasker(NiftiMapsMasker):
                  standardize=False, standardize_confounds=True, high_variance_confounds=False,
                  detrend=False, low_pass=None, high_pass=None, t_r=None, dtype=None,
                  resampling_target="data", keep_masked_maps=False, memory=None, memory_level=0,
-                 verbose=0, reports=True, cmap="CMRmap_r", n_jobs=1, clean_args=None, maps_store=None):
+                 verbose=0, reports=True, cmap="CMRmap_r", n_jobs=1, clean_args=None, maps_store=None,
+                 chunk_bytes=None):
         self.n_jobs = n_jobs
         super().__init__(maps_img, mask_img, allow_overlap, smoothing_fwhm, standardize,
                          standardize_confounds, high_variance_confounds, detrend, low_pass, high_pass,
                          t_r, dtype, resampling_target, keep_masked_maps, memory, memory_level, verbose,
-                         reports, cmap, clean_args, maps_store)
+                         reports, cmap, clean_args, maps_store, chunk_bytes)
 
 
 #: The short names of chunkglm's first releases.

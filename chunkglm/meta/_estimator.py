@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from chunkglm._version import __version__
+from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import meta as meta_graph
 from chunkglm.kernels import meta as km
@@ -67,8 +68,11 @@ class IBMAEstimator(NiMAREBase):
         Where NIfTI/Dataset inputs are converted (default: a temporary store).
     chunk_voxels : int, optional
         Voxels per block of the graph (default: each store chunk split so that
-        a task's float64 (K, voxel) block is about
-        :data:`chunkglm.graph.meta.TASK_BLOCK_BYTES`).
+        a task's float64 (K, voxel) block is within half of ``chunk_bytes``).
+    chunk_bytes : int or str, optional
+        chunkglm only: the memory budget (:class:`chunkglm.chunking.MemoryBudget`),
+        uncompressed bytes per chunk of converted inputs; task blocks derive
+        from it (:func:`chunkglm.graph.meta.task_blocks`). Default 64 MiB.
     **kwargs
         ``resample__<option>``: options of ``nilearn.image.resample_to_img`` for
         maps not on the mask's grid (NiMARE's defaults ``clip=True``,
@@ -78,11 +82,11 @@ class IBMAEstimator(NiMAREBase):
     _kernel: str = ""
     #: How a masker that averages across voxels is met: "reject", "warn" or None (NiMARE's).
     _voxel_averaging = "warn"
-    _chunkglm_only = ("store", "chunk_voxels")
+    _chunkglm_only = ("store", "chunk_voxels", "chunk_bytes")
     _min_analyses = _bags.MIN_STUDIES
 
     def __init__(self, aggressive_mask=False, memory=None, memory_level=0, generate_description=True, *,
-                 mask=None, groupby=None, store=None, chunk_voxels=None, **kwargs):
+                 mask=None, groupby=None, store=None, chunk_voxels=None, chunk_bytes=None, **kwargs):
         _check_kwargs(type(self).__name__, kwargs)
         self.aggressive_mask = aggressive_mask
         self.memory = memory
@@ -93,6 +97,7 @@ class IBMAEstimator(NiMAREBase):
         self.groupby = groupby
         self.store = store
         self.chunk_voxels = chunk_voxels
+        self.chunk_bytes = chunk_bytes
         self._resample_kwargs = nm.resample_options(kwargs)
 
     # -- what subclasses declare ----------------------------------------------------
@@ -164,7 +169,8 @@ class IBMAEstimator(NiMAREBase):
         self.masker = self.mask if self.mask is not None else getattr(collection, "masker", None)
         self._check_masker()
         converted = isinstance(inputs, pd.DataFrame)
-        maps = resolve(inputs, mask, store=self.store, resample=self._resample_kwargs)
+        maps = resolve(inputs, mask, store=self.store, resample=self._resample_kwargs,
+                       chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes)
         self._meta_maps = maps
         roles = self._roles()
         self._check_inputs(maps, roles)
@@ -348,7 +354,7 @@ class IBMAEstimator(NiMAREBase):
 
     def _stored(self, maps: MetaMaps, role):
         """A stored map type in the voxel blocks of the tasks (lazy)."""
-        return meta_graph.task_array(maps.data(role), self.chunk_voxels)
+        return meta_graph.task_array(maps.data(role), self.chunk_voxels, self.chunk_bytes)
 
     def _graph(self, maps: MetaMaps, roles, rows):
         """(n_outputs, V) float64 dask array of the estimator's maps."""

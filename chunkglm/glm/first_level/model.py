@@ -25,6 +25,7 @@ from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
 from nilearn.image import load_img
 from nilearn.maskers import MultiNiftiMasker
 
+from chunkglm.chunking import MemoryBudget
 from chunkglm.design.first_level import check_rank, read_table, run_design
 from chunkglm.errors import InputError
 from chunkglm.graph import glm as graph
@@ -71,13 +72,19 @@ class FirstLevelModel(GLMReportMixin):
         Ignored: the dask cluster (or the threaded scheduler) runs the work.
     minimize_memory : bool
         Accepted for nilearn compatibility.
+    chunk_bytes : int or str, optional
+        chunkglm only: the memory budget, uncompressed bytes per chunk
+        (``"16MiB"``; :class:`chunkglm.chunking.MemoryBudget`). Stored chunks
+        larger than it are split into smaller task blocks (each chunk is still
+        read once), and NIfTI inputs are converted with chunks of this size.
+        Default: a store's chunks as they are; 64 MiB for NIfTI inputs.
     """
 
     def __init__(self, t_r=None, slice_time_ref=0.0, hrf_model="glover", drift_model="cosine",
                  high_pass=0.01, drift_order=1, fir_delays=(0,), min_onset=-24, mask_img=None,
                  target_affine=None, target_shape=None, smoothing_fwhm=None,
                  signal_scaling=0, noise_model="ar1", n_jobs=1, minimize_memory=True,
-                 subject_label=None, random_state=None, verbose=0):
+                 subject_label=None, random_state=None, verbose=0, chunk_bytes=None):
         self.t_r = t_r
         self.slice_time_ref = slice_time_ref
         self.hrf_model = hrf_model
@@ -97,6 +104,7 @@ class FirstLevelModel(GLMReportMixin):
         self.subject_label = subject_label
         self.random_state = random_state
         self.verbose = verbose
+        self.chunk_bytes = chunk_bytes
 
     # -- fit -------------------------------------------------------------------
 
@@ -145,7 +153,7 @@ class FirstLevelModel(GLMReportMixin):
             check_rank(design, f"run {index} after sample_masks")
         self._grid, self._voxels = self._voxel_selection(nodes)
         self._runs = [graph.fit_run(self._bold(node, r), design, self.noise_model, bins,
-                                    self.signal_scaling, self.random_state)
+                                    self.signal_scaling, self.random_state, budget=self.chunk_bytes)
                       for node, r, design in zip(nodes, rows, self.design_matrices_)]
         self._persisted = False
         self._nonfinite_warned = False
@@ -179,7 +187,8 @@ class FirstLevelModel(GLMReportMixin):
             paths, self.target_affine, self.target_shape)
         mask_path = _stage_mask(mask, folder)
         convert(paths, folder / "store.zarr", mask_img=mask_path, target_affine=self.target_affine,
-                target_shape=self.target_shape, smoothing_fwhm=self.smoothing_fwhm)
+                target_shape=self.target_shape, smoothing_fwhm=self.smoothing_fwhm,
+                chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes)
         cohort = open_cohort(folder / "store.zarr")
         self._converted_here = True  # the store's grid is the (resampled) mask already
         return [cohort.runs[Path(p).name.split(".")[0]] for p in paths]

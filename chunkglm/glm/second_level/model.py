@@ -62,7 +62,10 @@ class SecondLevelModel(GLMReportMixin):
         new ``maps/second_level_<id>`` node). Default: a temporary store,
         removed with the model.
     chunk_bytes : int or str
-        chunkglm only: target uncompressed bytes per chunk of loaded maps.
+        chunkglm only: the memory budget (:class:`chunkglm.chunking.MemoryBudget`),
+        uncompressed bytes per chunk of loaded maps (default 64 MiB); stored
+        chunks larger than it are split into smaller task blocks (each chunk is
+        still read once).
 
     Attributes
     ----------
@@ -278,7 +281,7 @@ class SecondLevelModel(GLMReportMixin):
         """The OLS fit of these maps, evaluated once and kept."""
         key = id(maps)
         if key not in self._fits:
-            self._fits[key] = _evaluate_fit(maps, self.design_matrix_)
+            self._fits[key] = _evaluate_fit(maps, self.design_matrix_, self.chunk_bytes)
         self._last_run = (maps, self._fits[key])
         return self._fits[key]
 
@@ -349,13 +352,13 @@ def _check_models(models, need_labels):
                              f"(shape {reference.shape}): all models must share one grid.")
 
 
-def _evaluate_fit(maps, design):
+def _evaluate_fit(maps, design, budget=None):
     """Build the OLS graph over the maps' voxel blocks and persist the per-block fits.
 
     As nilearn's masker, NaN/inf values of the maps count as 0 (a warning gives
     how many voxels held one; the counts come from the same reads as the fits).
     """
-    run = graph.fit_run(maps.data(), design, noise_model="ols", signal_scaling=False)
+    run = graph.fit_run(maps.data(), design, noise_model="ols", signal_scaling=False, budget=budget)
     persist_runs([run])
     warn(sum(graph.nonfinite_counts([run])[0]), "the second-level input maps")
     return run

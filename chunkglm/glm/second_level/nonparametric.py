@@ -20,6 +20,7 @@ from __future__ import annotations
 import joblib
 import numpy as np
 
+from chunkglm.chunking import DEFAULT_CHUNK_BYTES
 from chunkglm.design.second_level import check_confounds_table, check_design
 from chunkglm.errors import InputError
 from chunkglm.glm.second_level import inputs
@@ -38,7 +39,8 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
                              second_level_contrast=None, first_level_contrast=None, mask=None,
                              smoothing_fwhm=None, model_intercept=True, n_perm=10000,
                              two_sided_test=False, random_state=None, n_jobs=1, verbose=0,
-                             threshold=None, tfce=False, permutations=None, store=None):
+                             threshold=None, tfce=False, permutations=None, store=None,
+                             chunk_bytes=DEFAULT_CHUNK_BYTES):
     """Max-T permutation inference on a second-level contrast, as nilearn's.
 
     Parameters
@@ -95,6 +97,8 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     store : str or Path, optional
         chunkglm only: a cohort store in which image inputs are loaded.
         Default: a temporary store, removed afterwards.
+    chunk_bytes : int or str
+        chunkglm only: the memory budget, as :class:`SecondLevelModel`'s (64 MiB).
 
     Returns
     -------
@@ -116,7 +120,7 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         raise InputError("second_level_input is a list of FirstLevelModels: first_level_contrast is "
                          "required (the contrast whose effect maps are modelled).")
     _check_n_maps(kind, second_level_input, first_level_contrast, design)
-    model = SecondLevelModel(mask_img=mask, smoothing_fwhm=smoothing_fwhm, store=store)
+    model = SecondLevelModel(mask_img=mask, smoothing_fwhm=smoothing_fwhm, store=store, chunk_bytes=chunk_bytes)
     model.fit(second_level_input, confounds=confounds, design_matrix=design)
     images = permutation_maps(model, con_val, first_level_contrast, model_intercept=model_intercept,
                               n_perm=n_perm, two_sided_test=two_sided_test,
@@ -153,7 +157,7 @@ def permutation_maps(model, con_val, first_level_contrast=None, *, model_interce
     tested, confounding = tested_and_confounding_vars(model.design_matrix_, con_val)
     if threshold is None and not tfce:
         t, logp = _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test,
-                              random_state, permutations, n_jobs, progress)
+                              random_state, permutations, n_jobs, progress, budget=model.chunk_bytes)
         outputs = {"t": t, "logp_max_t": logp}
     else:
         outputs = _volume_outputs(maps, tested, confounding, model_intercept, n_perm,
@@ -268,7 +272,7 @@ def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> Non
 
 
 def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_test, random_state,
-                permutations, n_jobs, progress=None) -> tuple[np.ndarray, np.ndarray]:
+                permutations, n_jobs, progress=None, budget=None) -> tuple[np.ndarray, np.ndarray]:
     """t and -log10 FWE p-values (n_voxels,); the maps are read once (NaN/inf set to 0 on the way,
     as nilearn's masker does, and counted for the warning in the same tasks).
 
@@ -276,7 +280,7 @@ def _max_t_logp(maps, tested, confounding, model_intercept, n_perm, two_sided_te
     """
     t, null, nonfinite = max_t_blocks(_floating(maps.data()), tested, confounding, model_intercept,
                                       n_perm, two_sided_test, random_state, permutations, n_jobs,
-                                      progress)
+                                      progress, budget)
     warn(nonfinite, "the second-level input maps")
     return t, fwe_logp(t, null, two_sided_test)
 
