@@ -16,6 +16,7 @@ import yaml
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, as_bytes
 from chunkglm.cluster import load_config, start
+from chunkglm.cluster.config import chunk_budget
 from chunkglm.errors import ChunkglmError, StoreError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.storage import storage_settings
@@ -89,6 +90,29 @@ def chunk_bytes(chunk_mb, chunk_size):
             raise ChunkglmError(f"--chunk-mb must be a positive number of MiB, e.g. 16; received {chunk_mb}.")
         return int(chunk_mb * 2**20)
     return as_bytes(chunk_size) if chunk_size is not None else DEFAULT_CHUNK_BYTES
+
+
+def add_chunk_mb(parser, what="") -> None:
+    """--chunk-mb for a command that computes: the memory budget of its models (and conversions)."""
+    parser.add_argument("--chunk-mb", type=float, metavar="MB",
+                        help="memory budget, MiB per chunk (default: a store's chunks as they are, 64 for "
+                             f"new conversions){what}; smaller values give smaller task blocks and batches, "
+                             "so less worker memory. Lowered to a quarter of the cluster config's "
+                             "memory_limit per worker when larger.")
+
+
+def command_budget(args, line=None) -> int | None:
+    """Bytes per chunk of ``--chunk-mb`` (None when not given), lowered to a quarter of a worker's
+    memory when the cluster config states a smaller one (a note says so). The default budget is
+    left as it is, so stores and results keep their sizes."""
+    if getattr(args, "chunk_mb", None) is None:
+        return None
+    cluster = getattr(args, "cluster", "none")
+    budget, note = chunk_budget(load_config(None if cluster == "none" else cluster),
+                                chunk_bytes(args.chunk_mb, None))
+    if note:
+        line(note) if line is not None else print(note, file=sys.stderr, flush=True)
+    return budget.chunk_bytes
 
 
 def _absolute(value):

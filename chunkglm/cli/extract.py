@@ -15,7 +15,10 @@ from pathlib import Path
 
 from chunkglm.cli._common import (
     add_allow_incomplete,
+    add_chunk_mb,
+    chunk_bytes,
     cluster_client,
+    command_budget,
     open_if_store,
     print_skipped,
     storage_for,
@@ -53,6 +56,7 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--high-variance-confounds", action="store_true")
     cmd.add_argument("--resampling-target", default="data", choices=["data", "mask", "maps"])
     add_allow_incomplete(cmd)
+    add_chunk_mb(cmd, " (the maps kept in memory and the runs read together derive from it)")
     cmd.add_argument("--to-store", action="store_true",
                      help="also write the (run, time, region) array to the store's timeseries/<atlas>")
     add_common(cmd)
@@ -73,6 +77,7 @@ def _cohort(args, client, reporter):
     store = args.store or str(Path(args.out_dir) / "cohort.zarr")
     with reporter.phase("converting") as advance:
         convert(args.input, store, task=args.task, space=args.space, subjects=args.subject, client=client,
+                chunk_bytes=command_budget(args) or chunk_bytes(None, None),
                 storage_options=storage, progress=reporter.converter_callback(advance))
     return open_cohort(store, storage, allow_incomplete=args.allow_incomplete)
 
@@ -108,7 +113,8 @@ def masker_for(args):
     return MultiMapsMasker(
         args.maps, mask_img=args.mask, standardize=False if args.standardize == "none" else args.standardize,
         detrend=args.detrend, low_pass=args.low_pass, high_pass=args.high_pass, t_r=args.t_r,
-        high_variance_confounds=args.high_variance_confounds, resampling_target=args.resampling_target)
+        high_variance_confounds=args.high_variance_confounds, resampling_target=args.resampling_target,
+        chunk_bytes=command_budget(args))
 
 
 def run(args) -> int:

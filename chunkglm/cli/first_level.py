@@ -29,6 +29,7 @@ from chunkglm.cli._common import (
     add_allow_incomplete,
     chunk_bytes,
     cluster_client,
+    command_budget,
     command_options,
     open_if_store,
     print_skipped,
@@ -62,8 +63,11 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--high-pass", type=float, default=0.01)
     cmd.add_argument("--store", help="store for a BIDS input (default: OUT_DIR/cohort.zarr)")
     cmd.add_argument("--chunk-mb", type=float, metavar="MB",
-                     help="MiB per chunk when a BIDS input is converted (default 64); smaller "
-                          "chunks need less worker memory. Runs already in the store keep theirs.")
+                     help="memory budget, MiB per chunk (default: a store's chunks as they are, 64 "
+                          "when a BIDS input is converted); smaller values give smaller task blocks, "
+                          "so less worker memory (stored chunks larger than it are split into task "
+                          "blocks, each still read once). Lowered to a quarter of the cluster "
+                          "config's memory_limit per worker when larger.")
     cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                      help="option of the store's object storage, e.g. endpoint_url=http://127.0.0.1:9000 "
                           "(over the cluster config's storage: section; credentials only from the environment)")
@@ -90,18 +94,15 @@ def _store_for(args, client, reporter):
     storage = storage_for(args)
     cohort = open_if_store(args.input, storage, args.allow_incomplete)
     if cohort is not None:
-        if args.chunk_mb is not None:
-            reporter.line(f"note: --chunk-mb applies when a BIDS folder is converted; {args.input} "
-                          "is a store already and keeps its chunks.")
         return cohort
     store = args.store or _default_store(args.out_dir)
     with reporter.phase("converting") as advance:
         report = convert(args.input, store, task=args.task, space=args.space, subjects=args.subject,
-                         client=client, chunk_bytes=chunk_bytes(args.chunk_mb, None),
+                         client=client, chunk_bytes=command_budget(args) or chunk_bytes(None, None),
                          storage_options=storage, progress=reporter.converter_callback(advance))
     if report.skipped and args.chunk_mb is not None:
         reporter.line(f"note: {len(report.skipped)} run(s) already in {report.store} keep their "
-                      "chunks; pass a new --store to convert them with --chunk-mb.")
+                      "stored chunks; --chunk-mb splits them into smaller task blocks.")
     return open_cohort(store, storage, allow_incomplete=args.allow_incomplete)
 
 
@@ -118,7 +119,9 @@ def _models(args, store):
         store, args.task, space_label=args.space, sub_labels=args.subject,
         noise_model=args.noise_model, hrf_model=args.hrf_model, drift_model=args.drift_model,
         high_pass=args.high_pass, confounds_columns=columns)
+    budget = command_budget(args)
     for model, run_list, ev, conf in zip(models, runs, events, confounds):
+        model.chunk_bytes = budget  # --chunk-mb: task blocks within the budget (None: the store's chunks)
         model.fit(run_list, events=ev, confounds=conf)
     return list(zip(models, runs))
 

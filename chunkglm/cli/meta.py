@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chunkglm.cli._common import add_allow_incomplete, cluster_client, command_options
+from chunkglm.cli._common import add_allow_incomplete, add_chunk_mb, cluster_client, command_budget, command_options
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.meta import correct, ibma
@@ -49,6 +49,7 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--aggressive-mask", action="store_true",
                      help="drop voxels missing in any study (default: fit each missing-data pattern)")
     cmd.add_argument("--two-sided", choices=["yes", "no"], default="yes")
+    add_chunk_mb(cmd)
     add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
@@ -77,7 +78,7 @@ def _inputs(args):
 
 def _estimator(args):
     two_sided = args.two_sided == "yes"
-    kwargs = {"aggressive_mask": args.aggressive_mask}
+    kwargs = {"aggressive_mask": args.aggressive_mask, "chunk_bytes": command_budget(args)}
     if args.mask and args.store:
         kwargs["mask"] = args.mask
     if args.estimator in ("Fishers", "Stouffers", "WeightedStouffers", "PermutedOLS", "FFX_GLM", "MFX_GLM",

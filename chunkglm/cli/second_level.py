@@ -27,7 +27,10 @@ import pandas as pd
 
 from chunkglm.cli._common import (
     add_allow_incomplete,
+    add_chunk_mb,
+    chunk_bytes,
     cluster_client,
+    command_budget,
     command_options,
     open_if_store,
     print_skipped,
@@ -79,6 +82,7 @@ def add_parser(sub, add_common) -> None:
                      help="with --n-perm: cluster-forming uncorrected p (e.g. 0.001) for cluster size "
                           "and mass FWE p-values (nilearn's threshold)")
     cmd.add_argument("--random-state", type=int, help="seed of the permutations (nilearn's random_state)")
+    add_chunk_mb(cmd)
     cmd.add_argument("--store", help="derivatives input: a store to load the maps into (default: a "
                                      "temporary one, removed at the end)")
     cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
@@ -235,7 +239,8 @@ def run(args) -> int:
         design = design_for(subjects if subjects is not None else None, args.design, n_maps)
         weights = contrast_weights(definitions, design)  # unknown columns fail here, before the fit
         store = args.store if isinstance(second_level_input, list) else None
-        model = SecondLevelModel(mask_img=args.mask, smoothing_fwhm=args.smoothing_fwhm, store=store)
+        model = SecondLevelModel(mask_img=args.mask, smoothing_fwhm=args.smoothing_fwhm, store=store,
+                                 chunk_bytes=command_budget(args) or chunk_bytes(None, None))
         with reporter.phase("loading and fitting") as advance:
             model.fit(second_level_input, design_matrix=design)
             advance("fitted")
