@@ -28,7 +28,7 @@ from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
 from chunkglm.maskers import MultiMapsMasker, save_timeseries, save_timeseries_to_store
-from chunkglm.maskers.outputs import _label
+from chunkglm.maskers.outputs import atlas_label
 
 STANDARDIZE_CHOICES = ("zscore_sample", "zscore", "psc", "none")
 
@@ -119,7 +119,7 @@ def masker_for(args):
 
 def run(args) -> int:
     """Entry point of ``chunkglm extract``."""
-    _label(args.atlas)  # fail before any work
+    atlas_label(args.atlas)  # fail before any work
     reporter = Reporter(bars=not args.no_progress)
     with cluster_client(args.cluster) as client:
         cohort = _cohort(args, client, reporter)

@@ -2,25 +2,25 @@
 
 ``MultiMapsMasker.transform_to_xarray`` gives a (run, time, region)
 DataArray (:func:`to_xarray`); :func:`save_timeseries` writes it as
-BIDS-derivative TSV + JSON files per run, :func:`save_timeseries_to_store`
-as ``timeseries/<atlas>`` of a zarr store.
+BIDS-derivative TSV + JSON files per run (named, staged and written by
+:mod:`chunkglm.io.derivatives`, as every derivative output),
+:func:`save_timeseries_to_store` as ``timeseries/<atlas>`` of a zarr store.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from chunkglm._version import __version__
-from chunkglm.errors import InputError
+from chunkglm.io.derivatives import StagedOutput, bids_filename, check_label, dataset_description, write_json
 from chunkglm.io.store import zarr_store
 
 _ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space")
+#: Entities of the timeseries file names, in order (then desc-<atlas>).
+_NAME_ENTITIES = ("sub", "ses", "task", "acq", "run")
 
 
 def to_xarray(signals, nodes, region_indices) -> xr.DataArray:
@@ -46,17 +46,16 @@ def _entity_coord(key):
     return "run_label" if key == "run" else key
 
 
-def _label(atlas):
-    if not isinstance(atlas, str) or not re.fullmatch(r"[A-Za-z0-9]+", atlas):
-        raise InputError(f"atlas becomes the BIDS desc- label and must be alphanumeric; received {atlas!r}.")
-    return atlas
+def atlas_label(atlas) -> str:
+    """The atlas name as it is: it becomes the BIDS ``desc-`` label, so letters and digits only."""
+    return check_label(atlas, "atlas (the desc- label of the file names)")
 
 
 def timeseries_filename(entities: dict, atlas: str, fallback: str) -> str:
     """``sub-01_ses-1_task-rest_run-1_desc-<atlas>_timeseries.tsv`` (BIDS derivatives)."""
-    parts = [f"{k}-{entities[k]}" for k in ("sub", "ses", "task", "acq", "run") if entities.get(k)]
-    prefix = "_".join(parts) if parts else fallback
-    return f"{prefix}_desc-{_label(atlas)}_timeseries.tsv"
+    prefix = bids_filename({k: entities[k] for k in _NAME_ENTITIES if entities.get(k)}, None, None,
+                           order=_NAME_ENTITIES)
+    return f"{prefix or fallback}_desc-{atlas_label(atlas)}_timeseries.tsv"
 
 
 def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
@@ -64,6 +63,9 @@ def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
 
     Files go to ``out_dir/sub-XX[/ses-YY]/func/`` (``out_dir`` for runs
     without a subject); columns are ``map-<index>``; the NaN padding is cut.
+    The files are written aside and moved into ``out_dir`` once all are
+    written (:class:`chunkglm.io.derivatives.StagedOutput`): after an error
+    ``out_dir`` is as it was.
 
     Returns
     -------
@@ -71,31 +73,30 @@ def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
         The TSV files written.
     """
     out = Path(out_dir)
-    _label(atlas)
+    atlas_label(atlas)
     written = []
     width = max(3, len(str(int(signals["region"].max()) if signals.sizes["region"] else 0)))
     columns = [f"map-{int(i):0{width}d}" for i in signals["region"].values]
-    for index in range(signals.sizes["run"]):
-        run = signals.isel(run=index)
-        entities = {k: str(run[_entity_coord(k)].item()) for k in _ENTITY_ORDER
-                    if _entity_coord(k) in run.coords and str(run[_entity_coord(k)].item())}
-        folder = out / f"sub-{entities['sub']}" if "sub" in entities else out
-        folder = folder / f"ses-{entities['ses']}" if "ses" in entities and "sub" in entities else folder
-        folder = folder / "func" if "sub" in entities else folder
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / timeseries_filename(entities, atlas, str(run["run"].item()))
-        n_scans = int(run["n_scans"].item())
-        pd.DataFrame(run.values[:n_scans], columns=columns).to_csv(path, sep="\t", index=False, na_rep="n/a")
-        t_r = float(run["repetition_time"].item())
-        sidecar = {"Columns": columns, "Atlas": atlas, "Sources": [str(run["run"].item())],
-                   **({"SamplingFrequency": 1.0 / t_r, "RepetitionTime": t_r} if np.isfinite(t_r) else {})}
-        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
-        written.append(path)
-    description = out / "dataset_description.json"
-    if not description.exists():
-        description.write_text(json.dumps({
-            "Name": "chunkglm region signals", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "chunkglm", "Version": __version__}]}, indent=2))
+    with StagedOutput(out) as staged:
+        for index in range(signals.sizes["run"]):
+            run = signals.isel(run=index)
+            entities = {k: str(run[_entity_coord(k)].item()) for k in _ENTITY_ORDER
+                        if _entity_coord(k) in run.coords and str(run[_entity_coord(k)].item())}
+            folder = [f"sub-{entities['sub']}"] if "sub" in entities else []
+            folder += [f"ses-{entities['ses']}"] if "ses" in entities and "sub" in entities else []
+            folder += ["func"] if "sub" in entities else []
+            relative = "/".join([*folder, timeseries_filename(entities, atlas, str(run["run"].item()))])
+            n_scans = int(run["n_scans"].item())
+            pd.DataFrame(run.values[:n_scans], columns=columns).to_csv(staged.path(relative), sep="\t",
+                                                                       index=False, na_rep="n/a")
+            t_r = float(run["repetition_time"].item())
+            sidecar = {"Columns": columns, "Atlas": atlas, "Sources": [str(run["run"].item())],
+                       **({"SamplingFrequency": 1.0 / t_r, "RepetitionTime": t_r} if np.isfinite(t_r) else {})}
+            write_json(staged.path(relative.removesuffix(".tsv") + ".json"), sidecar, indent=2, sort_keys=False)
+            written.append(out / relative)
+        if staged.existing("dataset_description.json") is None:
+            write_json(staged.path("dataset_description.json"), dataset_description("chunkglm region signals"),
+                       indent=2, sort_keys=False)
     return written
 
 
@@ -104,7 +105,7 @@ def save_timeseries_to_store(signals, store, atlas: str, storage_options=None) -
 
     Returns the group path written.
     """
-    path = f"timeseries/{_label(atlas)}"
+    path = f"timeseries/{atlas_label(atlas)}"
     signals.to_dataset(name="region_signals").to_zarr(
         zarr_store(store, storage_options), group=path, mode="w", zarr_format=3, consolidated=False)
     return path

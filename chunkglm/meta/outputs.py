@@ -13,22 +13,22 @@
     <out>/meta/<Estimator>.json                sidecar: Estimator, Parameters,
                                                 Maps, Inputs, Corrections,
                                                 Description, Software, provenance
+
+Both name, stage and write their files through :mod:`chunkglm.io.derivatives`
+(map names become labels by its ``file_label``); the files are written aside
+and moved into place once all are written.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-from chunkglm._version import __version__
 from chunkglm.errors import InputError
+from chunkglm.io.derivatives import StagedOutput, dataset_description, file_label, write_json
 from chunkglm.io.nifti import save_image
 from chunkglm.provenance import versions
-
-_LABEL = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def save_maps(result, output_dir=".", prefix="", prefix_sep="_", names=None) -> list[Path]:
@@ -38,18 +38,16 @@ def save_maps(result, output_dir=".", prefix="", prefix_sep="_", names=None) -> 
     if not prefix.endswith(prefix_sep):
         prefix = prefix + prefix_sep
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     maps = result.maps
     names = list(names or maps)
     unknown = [n for n in names if n not in maps]
     if unknown:
         raise InputError(f"no maps named {unknown}; the result has {sorted(maps)}.")
-    return [save_image(result.get_map(name), output_dir / f"{_safe(prefix + name)}.nii.gz") for name in names]
-
-
-def _safe(name: str) -> str:
-    """A file-name label: letters, digits, - and _ only; never a path."""
-    return _LABEL.sub("", name.replace("/", "-")) or "map"
+    files = [f"{file_label(prefix + name)}.nii.gz" for name in names]
+    with StagedOutput(output_dir) as out:
+        for name, file in zip(names, files):
+            save_image(result.get_map(name), out.path(file))
+    return [output_dir / file for file in files]
 
 
 def _jsonable(value):
@@ -106,17 +104,18 @@ def save_derivatives(result, output_dir, names=None) -> dict[str, Path]:
         Map name (and ``"mask"``, ``"sidecar"``) -> written path.
     """
     folder = Path(output_dir) / "meta"
-    folder.mkdir(parents=True, exist_ok=True)
-    estimator = _safe(type(result.estimator).__name__)
+    estimator = file_label(type(result.estimator).__name__)
     names = list(names or result.maps)
-    written = {name: save_image(result.get_map(name), folder / f"{estimator}_{_safe(name)}.nii.gz")
-               for name in names}
-    written["mask"] = save_image(result._inputs.mask_img(), folder / f"{estimator}_mask.nii.gz")
-    description = {"Name": "chunkglm image-based meta-analysis", "BIDSVersion": "1.9.0",
-                   "DatasetType": "derivative",
-                   "GeneratedBy": [{"Name": "chunkglm", "Version": __version__}]}
-    (folder / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
-    path = folder / f"{estimator}.json"
-    path.write_text(json.dumps(_jsonable(sidecar(result)), indent=2) + "\n")
-    written["sidecar"] = path
-    return written
+    files = {name: f"{estimator}_{file_label(name)}.nii.gz" for name in names}
+    files["mask"] = f"{estimator}_mask.nii.gz"
+    files["sidecar"] = f"{estimator}.json"
+    content = _jsonable(sidecar(result))
+    with StagedOutput(output_dir) as out:
+        for name in names:
+            save_image(result.get_map(name), out.path(f"meta/{files[name]}"))
+        save_image(result._inputs.mask_img(), out.path(f"meta/{files['mask']}"))
+        write_json(out.path("meta/dataset_description.json"),
+                   dataset_description("chunkglm image-based meta-analysis"), indent=2, sort_keys=False,
+                   newline=True)
+        write_json(out.path(f"meta/{files['sidecar']}"), content, indent=2, sort_keys=False, newline=True)
+    return {key: folder / file for key, file in files.items()}

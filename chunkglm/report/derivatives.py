@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from chunkglm.errors import InputError
-from chunkglm.io.labels import file_label
+from chunkglm.io.derivatives import file_label
 from chunkglm.provenance import read_record
 from chunkglm.report.build import Design, GLMPieces, glm_report, meta_report
 from chunkglm.report.sections import ReportOptions

@@ -1,0 +1,494 @@
+"""The derivative writer core: file-name labels, names, staged writes, JSON sidecars.
+
+Every derivative output of chunkglm is named, sanitised and written through
+this module: the GLM layouts (:mod:`chunkglm.interfaces`), the
+meta-analysis (:mod:`chunkglm.meta.outputs`) and the maps maskers
+(:mod:`chunkglm.maskers.outputs`); :mod:`chunkglm.report.derivatives` reads
+the files back with the same labels.
+
+Labels. Names given by users become parts of file names through one of
+three functions, each keeping the names chunkglm has always written:
+
+- :func:`contrast_label`: GLM contrast names, as nilearn's
+  ``_clean_contrast_name`` (camelCase words, ASCII letters and digits only:
+  ``"a - b"`` -> ``aMinusB``); names with a path separator or without a
+  letter or digit are refused. These are BIDS ``contrast-<label>`` entities.
+- :func:`file_label`: meta-analysis map names, as NiMARE writes them (letters,
+  digits, ``-`` and ``_`` kept, so ``z_corr-FDR_method-indep`` stays as it
+  is; ``/`` becomes ``-``, anything else is dropped). They are not BIDS
+  entities: NiMARE's map names hold ``_`` and ``-``, which
+  :func:`contrast_label` would change.
+- :func:`check_label`: labels the user gives as labels (subject, task,
+  atlas): kept as they are, refused unless letters and digits.
+
+No label can name a folder, and every planned path is checked
+(:func:`check_paths`, :func:`check_relative`) to stay inside the output
+folder.
+
+Staged writes. :class:`StagedOutput` gives a temporary folder beside
+``out_dir`` (in its parent, so on the same filesystem). Files are written
+there; when the ``with`` block ends without error they are moved into
+``out_dir``:
+
+- ``out_dir`` does not exist: the staged folder is renamed to it (one
+  atomic rename);
+- it exists: each file is moved in with :func:`os.replace` (atomic per
+  file). A file it replaces is first set aside, so that if any move fails
+  every moved file is taken out again, every replaced file put back and
+  every folder created removed.
+
+On any error (including KeyboardInterrupt) the temporary folder is removed
+and ``out_dir`` is as it was. Only a killed process can leave a temporary
+folder, named ``.<out_dir name>.chunkglm-<hex>``, in the parent, never
+inside ``out_dir``: a killed command never leaves a half-written file under
+a final name.
+
+``out_dir`` may also be an object-store URL (``s3://bucket/derivatives``):
+files are staged in a local temporary folder and, when the block ends
+without error, uploaded (with retries, see :mod:`chunkglm.io.storage`).
+Object stores have no atomic rename, so completeness is carried by a
+``marker``: a relative path that is deleted first and written last, once
+every other file is uploaded. A set whose marker is missing is incomplete
+(:func:`output_complete`); re-running rewrites it. The marker works the same
+on local folders (moved in last; an old marker is set aside first).
+
+JSON. :func:`write_json` writes sidecars (numpy values as numbers and
+lists) in the layout each output has always had (nilearn's sorted 4-space
+JSON for the GLM files, 2-space insertion order for the meta-analysis and
+the maskers); :func:`dataset_description` gives a derivative
+``dataset_description.json`` with chunkglm in ``GeneratedBy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import string
+import tempfile
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from zarr.core.buffer import default_buffer_prototype
+
+from chunkglm._version import __version__
+from chunkglm.errors import InputError
+from chunkglm.io.storage import open_store, sync
+from chunkglm.io.store import is_url, redact_url
+
+#: ``GeneratedBy`` / ``Software`` entry of every sidecar.
+SOFTWARE = {"Name": "chunkglm", "Version": __version__}
+#: BIDS version written in dataset_description.json.
+BIDS_VERSION = "1.9.0"
+#: nilearn's order of BIDS entities (raw, then derivatives), without the
+#: entities nilearn drops from output names (part, echo, hemi, desc).
+ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "space", "res", "den",
+                "contrast", "stat")
+
+#: Characters that can never be in a name: they would make it a path (or end it, NUL).
+PATH_CHARACTERS = ("/", "\\", "\x00")
+
+_ALNUM = frozenset(string.ascii_letters + string.digits)
+_WORDS = (("-", " Minus "), ("+", " Plus "), (">", " Gt "), ("<", " Lt "), ("_", " "))
+_FILE_LABEL = re.compile(r"[^A-Za-z0-9_-]")
+
+
+# -- labels ------------------------------------------------------------------------------------
+
+
+def contrast_label(name) -> str:
+    """A contrast name as a BIDS label, as nilearn's ``_clean_contrast_name``.
+
+    ``"a - b"`` -> ``"aMinusB"``, ``"face_vs_house"`` -> ``"faceVsHouse"``,
+    ``"a>b"`` -> ``"aGtB"``. Only ASCII letters and digits are kept.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a string.
+    InputError
+        If it holds a path separator or NUL, or no ASCII letter or digit.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"contrast names must be strings, not {type(name).__name__} ({name!r}).")
+    unsafe = [c for c in PATH_CHARACTERS if c in name]
+    if unsafe:
+        raise InputError(
+            f"contrast name {name!r} contains {unsafe[0]!r}: names become file names, so path "
+            f"separators are refused. Name the contrast, e.g. contrasts={{'myContrast': {name!r}}}.")
+    text = name
+    for old, new in _WORDS:
+        text = text.replace(old, new)
+    words = text.split(" ")
+    words = [words[0].lower()] + [word.title() for word in words[1:]]
+    label = "".join(ch for ch in " ".join(words) if ch in _ALNUM)
+    if not label:
+        raise InputError(
+            f"contrast name {name!r} has no ASCII letter or digit, so it cannot become a BIDS "
+            "label (contrast-<label>); give it a name such as 'aMinusB'.")
+    return label
+
+
+def file_label(name: str) -> str:
+    """A meta-analysis map name as a file-name label: letters, digits, ``-`` and ``_`` only.
+
+    ``/`` becomes ``-``; every other character is dropped; an empty result is
+    ``"map"``. Never a path.
+    """
+    return _FILE_LABEL.sub("", name.replace("/", "-")) or "map"
+
+
+def check_label(label, what: str) -> str:
+    """A label given as it is (subject, task, atlas): letters and digits only, else InputError."""
+    if not isinstance(label, str) or not label or any(c not in _ALNUM for c in label):
+        raise InputError(f"{what} {label!r} must be letters and digits only (a BIDS label).")
+    return label
+
+
+# -- names -------------------------------------------------------------------------------------
+
+
+def bids_filename(entities: dict, suffix: str | None, extension: str | None, prefix: str = "",
+                  order=ENTITY_ORDER) -> str:
+    """``<prefix>_<key>-<value>_..._<suffix>.<extension>``, keys in ``order``.
+
+    As nilearn's ``create_bids_filename``: entities with an empty label are
+    left out; a non-empty prefix gets a trailing ``_``. ``extension=None``
+    gives a base name (figures get one extension per format);
+    ``suffix=None`` ends the name with the last entity (``..._stat-t``).
+    """
+    parts = [f"{key}-{entities[key]}" for key in order if entities.get(key) not in (None, "")]
+    name = "_".join([*parts, suffix] if suffix else parts) + (f".{extension}" if extension else "")
+    return with_prefix(prefix, name)
+
+
+def with_prefix(prefix: str | None, name: str) -> str:
+    """``<prefix>_<name>`` (a prefix already ending with ``_`` keeps it), or ``name``."""
+    if prefix and not prefix.endswith("_"):
+        prefix += "_"
+    return f"{prefix or ''}{name}"
+
+
+def check_paths(paths) -> None:
+    """Each path is relative, without '..' or empty parts; no two are equal.
+
+    Figure base names (no extension) are checked as they are: the
+    extensions added later cannot make them unsafe.
+    """
+    seen = set()
+    for path in paths:
+        parts = PurePosixPath(path).parts
+        if (not parts or PurePosixPath(path).is_absolute() or "\\" in path
+                or any(p in ("", ".", "..") for p in parts)):
+            raise InputError(f"refusing to write {path!r}: outputs must stay inside out_dir.")
+        if path in seen:
+            raise InputError(
+                f"two outputs would be written to {path!r}: give contrasts (or runs) distinct names.")
+        seen.add(path)
+
+
+# -- JSON sidecars -----------------------------------------------------------------------------
+
+
+def write_json(path, content, *, indent=4, sort_keys=True, newline=False) -> Path:
+    """Write ``content`` as JSON; numpy values as numbers and lists. Returns ``path``.
+
+    The defaults are nilearn's layout (sorted keys, 4 spaces, no final
+    newline); the meta-analysis and the maskers write ``indent=2,
+    sort_keys=False`` (with ``newline=True`` for the meta-analysis).
+    """
+    text = json.dumps(content, indent=indent, sort_keys=sort_keys, default=_plain)
+    Path(path).write_text(text + "\n" if newline else text)
+    return Path(path)
+
+
+def _plain(value):
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
+
+
+def dataset_description(name: str | None = None, *, description: str | None = None,
+                        existing=None) -> dict:
+    """A derivative ``dataset_description.json`` generated by chunkglm.
+
+    Parameters
+    ----------
+    name : str, optional
+        The dataset's ``Name`` (first key) of a new file.
+    description : str, optional
+        The ``Description`` of chunkglm's ``GeneratedBy`` entry.
+    existing : Path, optional
+        A dataset_description.json already there: it is extended, chunkglm
+        added to ``GeneratedBy`` once (InputError if it is not JSON).
+    """
+    generated = {**SOFTWARE, **({"Description": description} if description is not None else {})}
+    if existing is None:
+        return {**({"Name": name} if name is not None else {}), "BIDSVersion": BIDS_VERSION,
+                "DatasetType": "derivative", "GeneratedBy": [generated]}
+    try:
+        content = json.loads(Path(existing).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{existing} exists but cannot be read as JSON ({err}); fix or "
+                         "remove it.") from err
+    entries = content.get("GeneratedBy")
+    entries = list(entries) if isinstance(entries, list) else ([entries] if entries else [])
+    if generated not in entries:
+        entries.append(generated)
+    return {**content, "GeneratedBy": entries}
+
+
+# -- staged writes -----------------------------------------------------------------------------
+
+
+class StagedOutput:
+    """Context manager: ``with StagedOutput(out_dir) as out: out.path("a/b.json")``.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Final folder (created, with its parents, only at commit), or an
+        object-store URL such as ``s3://bucket/derivatives``.
+    marker : str, optional
+        Relative path of a completion marker, written last. Write it like any
+        other file (``out.path(marker)``) or leave it to StagedOutput, which
+        then writes a small JSON record (files, time, chunkglm version).
+    storage_options : dict or chunkglm.io.storage.StorageSettings, optional
+        For URL out dirs; credentials otherwise come from the environment or
+        the standard AWS chain.
+
+    Attributes
+    ----------
+    out_dir : Path or str
+        The resolved final folder (a str for URLs).
+    written : list of Path or str
+        After a successful ``with`` block: the final paths (URLs for an
+        object-store out_dir), in the order they were requested.
+    """
+
+    def __init__(self, out_dir, *, marker: str | None = None, storage_options=None):
+        self.remote = is_url(str(out_dir))
+        self.out_dir = str(out_dir).rstrip("/") if self.remote else Path(out_dir).expanduser().resolve()
+        self.marker = None if marker is None else check_relative(marker)
+        self.storage_options = storage_options
+        self.written: list = []
+        self._relative: list[str] = []
+        self._tmp: Path | None = None
+
+    def __enter__(self):
+        if self.remote:
+            self._tmp = Path(tempfile.mkdtemp(prefix="chunkglm-upload-"))
+        else:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise InputError(f"out_dir {self.out_dir} exists and is not a folder.")
+            self._tmp = _make_temporary_folder(self.out_dir)
+        (self._tmp / "out").mkdir()
+        return self
+
+    @property
+    def root(self) -> Path:
+        """The staged counterpart of ``out_dir``."""
+        return self._tmp / "out"
+
+    def path(self, relative: str) -> Path:
+        """Where to write ``out_dir/relative`` now (its folder is created)."""
+        relative = check_relative(relative)
+        target = self.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if relative not in self._relative:
+            self._relative.append(relative)
+        return target
+
+    def existing(self, relative: str) -> Path | None:
+        """``out_dir/relative`` if it exists already (to merge with), else None.
+
+        For a URL out_dir the file is downloaded into the staging folder.
+        """
+        relative = check_relative(relative)
+        if self.remote:
+            return _download(self._store(), relative, self._tmp / "existing" / relative)
+        path = self.out_dir / relative
+        return path if path.is_file() else None
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._write_marker()
+                if self.remote:
+                    _upload_all(self._store(), self.root, self._staged_files(), self.marker)
+                    self.written = [f"{redact_url(self.out_dir)}/{r}" for r in self._relative]
+                else:
+                    self._commit()
+                    self.written = [self.out_dir / r for r in self._relative]
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return False
+
+    def _store(self):
+        return open_store(self.out_dir, self.storage_options)
+
+    def _staged_files(self) -> list[str]:
+        """Every staged file, relative, marker last."""
+        files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if not p.is_dir())
+        if self.marker in files:
+            files.remove(self.marker)
+            files.append(self.marker)
+        return files
+
+    def _write_marker(self):
+        if self.marker is None or (self.root / self.marker).is_file():
+            return
+        record = {"complete": True, "files": [r for r in self._relative if r != self.marker],
+                  "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "chunkglm_version": __version__}
+        self.path(self.marker).write_text(json.dumps(record, indent=2))
+
+    def _commit(self):
+        files = [Path(f) for f in self._staged_files()]
+        if not self.out_dir.exists():
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(self.root, self.out_dir)
+                return
+            except OSError:  # created meanwhile by someone else: merge file by file
+                pass
+        _check_targets(self.out_dir, files)
+        _move_all(self.root, self.out_dir, self._tmp / "replaced", files, self.marker)
+
+
+def check_relative(relative) -> str:
+    """A relative POSIX path that stays inside out_dir, or InputError."""
+    text = str(relative)
+    parts = PurePosixPath(text).parts
+    if (not text.strip() or not parts or "\\" in text or text.startswith("/") or ":" in parts[0]
+            or ".." in parts):
+        raise InputError(f"{text!r} cannot name a file inside the output folder: use a relative "
+                         "path without '..', '.', backslashes or a leading '/'.")
+    return PurePosixPath(text).as_posix()
+
+
+def output_complete(out_dir, marker: str, storage_options=None) -> bool:
+    """True when ``out_dir/marker`` exists (local folder or object-store URL)."""
+    marker = check_relative(marker)
+    if not is_url(str(out_dir)):
+        return (Path(out_dir).expanduser() / marker).is_file()
+    return sync(open_store(str(out_dir).rstrip("/"), storage_options, read_only=True).exists(marker))
+
+
+def _download(store, relative: str, target: Path) -> Path | None:
+    data = sync(store.get(relative, default_buffer_prototype()))
+    if data is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data.to_bytes())
+    return target
+
+
+def _upload_all(store, root: Path, files: list[str], marker: str | None, in_flight: int = 8) -> None:
+    """Delete the old marker, upload every file (``in_flight`` at a time), then the marker."""
+    buffer = default_buffer_prototype().buffer
+    body = [f for f in files if f != marker]
+
+    async def upload(relative, gate):
+        async with gate:
+            await store.set(relative, buffer.from_bytes((root / relative).read_bytes()))
+
+    async def run():
+        if marker is not None and await store.exists(marker):
+            await store.delete(marker)
+        gate = asyncio.Semaphore(in_flight)
+        await asyncio.gather(*(upload(f, gate) for f in body))
+        if marker is not None:
+            await upload(marker, gate)
+
+    sync(run())
+
+
+def _make_temporary_folder(out_dir: Path) -> Path:
+    """A new folder in out_dir's nearest existing ancestor, on out_dir's filesystem.
+
+    Falls back to a folder inside an existing out_dir when its parent is
+    read-only or on another filesystem (out_dir is a mount point).
+    """
+    parent = out_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    name = f".{out_dir.name or 'out'}.chunkglm-{uuid.uuid4().hex[:12]}"
+    if out_dir.exists() and os.stat(out_dir).st_dev != os.stat(parent).st_dev:
+        parent = out_dir
+    try:
+        (parent / name).mkdir()
+        return parent / name
+    except PermissionError:
+        if not out_dir.exists() or parent == out_dir:
+            raise
+        (out_dir / name).mkdir()
+        return out_dir / name
+
+
+def _check_targets(out_dir: Path, files) -> None:
+    """Refuse before moving anything if a file would land on a folder or under a file."""
+    for rel in files:
+        target = out_dir / rel
+        if target.is_dir():
+            raise InputError(f"cannot write {target}: a folder of that name exists.")
+        for parent in target.parents:
+            if parent == out_dir:
+                break
+            if parent.exists() and not parent.is_dir():
+                raise InputError(f"cannot write {target}: {parent} is a file, not a folder.")
+
+
+def _move_all(source: Path, out_dir: Path, aside: Path, files, marker=None) -> None:
+    """Move every file into out_dir; on failure undo every move, then re-raise.
+
+    An existing ``marker`` is set aside before anything else moves (the
+    marker itself comes last in ``files``), so a set cut off half-way never
+    carries a marker.
+    """
+    moved, created = [], []
+    try:
+        if marker is not None and (out_dir / marker).is_file():
+            (aside / marker).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out_dir / marker, aside / marker)
+            moved.append((Path(marker), aside / marker))
+        for rel in files:
+            target = out_dir / rel
+            created += _make_parents(target.parent, out_dir)
+            saved = None
+            if target.exists():
+                saved = aside / rel
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target, saved)
+            moved.append((rel, saved))
+            os.replace(source / rel, target)
+    except BaseException:
+        _undo(moved, created, out_dir)
+        raise
+
+
+def _make_parents(folder: Path, out_dir: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents below out_dir; return those created."""
+    missing = []
+    while folder != out_dir and not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return list(reversed(missing))
+
+
+def _undo(moved, created, out_dir: Path) -> None:
+    for rel, saved in reversed(moved):
+        target = out_dir / rel
+        target.unlink(missing_ok=True)
+        if saved is not None:
+            os.replace(saved, target)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
