@@ -14,8 +14,9 @@ import pytest
 import chunkglm
 from chunkglm.errors import InputError, StoreError
 from chunkglm.glm.first_level import FirstLevelModel
-from chunkglm.interfaces._staging import StagedOutput, check_relative, output_complete
 from chunkglm.interfaces.bids import save_glm_to_bids
+from chunkglm.io import derivatives
+from chunkglm.io.derivatives import StagedOutput, check_relative, output_complete
 from chunkglm.io.storage import StorageSettings
 from chunkglm.testing import make_synthetic_bids
 
@@ -157,8 +158,6 @@ def test_no_path_can_leave_out_dir(name, s3_bucket):
 def test_local_marker_is_moved_last_and_an_old_one_restored_when_a_move_fails(tmp_path, monkeypatch):
     import os
 
-    from chunkglm.interfaces import _staging
-
     out_dir = tmp_path / "out"
     with StagedOutput(out_dir, marker=MARKER) as out:
         out.path("a.txt").write_text("old")
@@ -171,7 +170,7 @@ def test_local_marker_is_moved_last_and_an_old_one_restored_when_a_move_fails(tm
             raise OSError("device gone")
         return real(src, dst)
 
-    monkeypatch.setattr(_staging.os, "replace", failing_replace)
+    monkeypatch.setattr(derivatives.os, "replace", failing_replace)
     with pytest.raises(OSError, match="device gone"), StagedOutput(out_dir, marker=MARKER) as out:
         out.path("a.txt").write_text("new")
     assert targets[0].name == "complete.json" and (out_dir / MARKER).read_bytes() == old_marker

@@ -29,11 +29,11 @@ import pytest
 import chunkglm
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel
-from chunkglm.interfaces import _staging
 from chunkglm.interfaces import bids as bids_module
-from chunkglm.interfaces._bids_names import contrast_label, plan_bids_names
-from chunkglm.interfaces._staging import StagedOutput
+from chunkglm.interfaces._bids_names import plan_bids_names
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
+from chunkglm.io import derivatives
+from chunkglm.io.derivatives import StagedOutput, contrast_label
 from chunkglm.testing import make_synthetic_bids, rel_l2
 
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")
@@ -360,7 +360,7 @@ def test_failure_while_moving_into_place_is_undone(fitted, existing_out, monkeyp
             raise OSError("device gone")
         return real(src, dst)
 
-    monkeypatch.setattr(_staging.os, "replace", failing_replace)
+    monkeypatch.setattr(derivatives.os, "replace", failing_replace)
     with pytest.raises(OSError, match="device gone"):
         save_glm_to_bids(fitted["ours"], ["a", "b"], out_dir=existing_out, prefix="sub-02_x")
     monkeypatch.undo()

@@ -30,8 +30,13 @@ import pytest
 
 import chunkglm
 from chunkglm.errors import InputError
-from chunkglm.glm.second_level import SecondLevelModel
-from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
+from chunkglm.glm.second_level import SecondLevelModel, check_permutation_options, permutation_maps
+from chunkglm.interfaces.bids import (
+    permutation_contrasts,
+    save_glm_derivatives,
+    save_glm_to_bids,
+    save_group_derivatives,
+)
 from chunkglm.testing import rel_l2
 
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")
@@ -294,16 +299,23 @@ def test_group_sidecar_content(group, saved):
 
 
 def test_group_permutation_fwe_matches_non_parametric_inference(saved, inputs, tmp_path):
-    """fwe="permutation": the logp maps are nilearn's own non_parametric_inference on the same
-    maps, design and seed (compared exactly: the same engine and permutations, float32 files),
-    the FWE map is the z map where logp_max_t > -log10(alpha); F contrasts stay Bonferroni."""
+    """Permutation maps given: the logp maps are nilearn's own non_parametric_inference on the
+    same maps, design and seed (compared exactly: the same engine and permutations, float32
+    files), the FWE map is the z map where logp_max_t > -log10(alpha); F contrasts stay Bonferroni."""
     from nilearn.glm.second_level import non_parametric_inference as nilearn_npi
 
     calls = []
     out = tmp_path / "glm"
-    paths = save_group_derivatives(saved["model"], {"intercept": "intercept", "effects": np.eye(2)},
-                                   out, fwe="permutation", n_perm=200, random_state=4, tfce=True,
+    contrasts = {"intercept": "intercept", "effects": np.eye(2)}
+    settings = {"n_perm": 200, "random_state": 4, "tfce": True, "threshold": None, "two_sided_test": True}
+    check_permutation_options(settings["threshold"], settings["tfce"], settings["n_perm"])
+    con_vals = permutation_contrasts(saved["model"], contrasts)
+    assert list(con_vals) == ["intercept"]  # F contrasts are not permutation-tested
+    maps = {name: permutation_maps(saved["model"], con_val, **settings,
                                    progress=lambda done, total: calls.append((done, total)))
+            for name, con_val in con_vals.items()}
+    paths = save_group_derivatives(saved["model"], contrasts, out, permutation_maps=maps,
+                                   permutation=settings)
     folder = out / "group_level"
     names = {p.relative_to(out).as_posix() for p in paths}
     for stat in ("logpmaxt", "tfce", "logpmaxtfce"):
@@ -370,12 +382,19 @@ def test_bad_options_and_wrong_levels_are_refused(saved, existing_out, tmp_path)
             save_group_derivatives(saved["model"], "intercept", existing_out, alpha=alpha)
     with pytest.raises(InputError, match="cluster_threshold"):
         save_group_derivatives(saved["model"], "intercept", existing_out, cluster_threshold=-1)
-    with pytest.raises(InputError, match="fwe must be"):
-        save_group_derivatives(saved["model"], "intercept", existing_out, fwe="holm")
-    with pytest.raises(InputError, match="fwe='permutation'"):
-        save_group_derivatives(saved["model"], "intercept", existing_out, tfce=True)
-    with pytest.raises(InputError, match="n_perm"):
-        save_group_derivatives(saved["model"], "intercept", existing_out, fwe="permutation", n_perm=0)
+    settings = {"n_perm": 10, "random_state": 0, "tfce": False, "threshold": None}
+    maps = {"intercept": {"logp_max_t": None}}
+    for kwargs, match in (({"permutation": settings}, "without permutation_maps"),
+                          ({"permutation_maps": maps}, "the settings they were computed with"),
+                          ({"permutation_maps": maps, "permutation": {**settings, "n_perm": 0}}, "n_perm"),
+                          ({"permutation_maps": maps, "permutation": {**settings, "seed": 1}}, "unknown"),
+                          ({"permutation_maps": maps, "permutation": {**settings, "tfce": True}}, "lack"),
+                          ({"permutation_maps": maps, "permutation": {**settings, "two_sided_test": False}},
+                           "two_sided_test"),
+                          ({"permutation_maps": {"age": {"logp_max_t": None}}, "permutation": settings},
+                           "not a t contrast")):
+        with pytest.raises(InputError, match=match):
+            save_group_derivatives(saved["model"], "intercept", existing_out, **kwargs)
     with pytest.raises(InputError, match="unknown keyword"):
         save_glm_to_bids(saved["model"], "intercept", out_dir=existing_out, colour="red")
     with pytest.raises(InputError, match="contrast-aMinusB"):  # two names, one label

@@ -33,8 +33,13 @@ from chunkglm.cli.first_level import model_contrasts
 from chunkglm.cli.second_level import effect_maps
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import first_level_from_bids, fitted_in_waves
-from chunkglm.glm.second_level import SecondLevelModel
-from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
+from chunkglm.glm.second_level import SecondLevelModel, permutation_maps
+from chunkglm.interfaces.bids import (
+    permutation_contrasts,
+    save_glm_derivatives,
+    save_glm_to_bids,
+    save_group_derivatives,
+)
 from chunkglm.io.bids import discover_runs
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
@@ -114,8 +119,11 @@ def _group_level(glm: Path, subjects, paths, client) -> Path:
     model = SecondLevelModel().fit(paths, design_matrix=pd.DataFrame({"intercept": [1.0] * len(paths)}))
     options = {"contrasts": {"aMinusB": "intercept"}, "fwe": "permutation", "n_perm": GROUP_PERMUTATIONS,
                "alpha": 0.05, "random_state": 0}
-    save_group_derivatives(model, options["contrasts"], glm, fwe="permutation", n_perm=GROUP_PERMUTATIONS,
-                           random_state=0)
+    settings = {"n_perm": GROUP_PERMUTATIONS, "random_state": 0, "tfce": False, "threshold": None,
+                "two_sided_test": True}
+    maps = {name: permutation_maps(model, con_val, **settings)
+            for name, con_val in permutation_contrasts(model, options["contrasts"]).items()}
+    save_group_derivatives(model, options["contrasts"], glm, permutation_maps=maps, permutation=settings)
     folder = glm / "group_level"
     _record(folder / "group_provenance.json", "second-level (chunkglm demo)",
             [{"subject": s, "path": p} for s, p in zip(subjects, paths)], options, client, watch)

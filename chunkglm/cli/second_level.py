@@ -8,7 +8,9 @@ into a maps node (a store), the model is fitted over voxel blocks, and
 ``OUT_DIR/group_level/`` (stat and z maps, FDR and FWE corrected maps, the
 sidecar); with ``--n-perm`` the FWE maps of t contrasts come from nilearn's
 max-T permutation test (plus TFCE / cluster maps with ``--tfce`` /
-``--cluster-threshold``), with a progress bar per contrast. A provenance
+``--cluster-threshold``), run first by
+:func:`chunkglm.glm.second_level.permutation_maps` with a progress bar per
+contrast. A provenance
 record (``group_level/group_provenance.json``) is written last.
 
 The design: an intercept (one-sample test) plus the covariates of
@@ -40,10 +42,15 @@ from chunkglm.cli.first_level import parse_contrasts as parse_pairs
 from chunkglm.cli.progress import Reporter
 from chunkglm.design.second_level import make_second_level_design_matrix
 from chunkglm.errors import InputError
-from chunkglm.glm.second_level import SecondLevelModel, parse_contrast
-from chunkglm.interfaces._bids_names import contrast_label
-from chunkglm.interfaces.bids import save_group_derivatives
+from chunkglm.glm.second_level import (
+    SecondLevelModel,
+    check_permutation_options,
+    parse_contrast,
+    permutation_maps,
+)
+from chunkglm.interfaces.bids import check_correction_options, permutation_contrasts, save_group_derivatives
 from chunkglm.io.convert import file_sha256
+from chunkglm.io.derivatives import contrast_label
 from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
@@ -226,6 +233,18 @@ def _inputs(args, reporter):
     return paths, subjects, entries
 
 
+def run_permutations(model, weights, types, args, progress) -> tuple[dict | None, dict | None]:
+    """The max-T permutation maps of every t contrast (``--n-perm``) and their settings; (None, None) for 0."""
+    if args.n_perm == 0:
+        return None, None
+    settings = {"n_perm": args.n_perm, "random_state": args.random_state, "tfce": args.tfce,
+                "threshold": args.cluster_threshold, "two_sided_test": not args.one_sided}
+    check_permutation_options(settings["threshold"], settings["tfce"], settings["n_perm"])
+    maps = {name: permutation_maps(model, con_val, **settings, progress=progress)
+            for name, con_val in permutation_contrasts(model, weights, types).items()}
+    return maps, settings
+
+
 def run(args) -> int:
     """Entry point of ``chunkglm second-level``."""
     stopwatch = Stopwatch()
@@ -244,16 +263,16 @@ def run(args) -> int:
         with reporter.phase("loading and fitting") as advance:
             model.fit(second_level_input, design_matrix=design)
             advance("fitted")
-        fwe = "permutation" if args.n_perm > 0 else "bonferroni"
+        check_correction_options(args.alpha, not args.one_sided, args.min_cluster_size)
         with reporter.phase("permutations" if args.n_perm else "writing") as advance:
             def progress(done, total):
                 advance("permutation blocks", done=done, total=total)
 
+            maps, settings = run_permutations(model, weights, types, args, progress)
             paths = save_group_derivatives(
                 model, weights, args.out_dir, contrast_types=types, alpha=args.alpha,
-                two_sided=not args.one_sided, cluster_threshold=args.min_cluster_size, fwe=fwe,
-                n_perm=args.n_perm or 10000, random_state=args.random_state, tfce=args.tfce,
-                cluster_forming_p=args.cluster_threshold, progress=progress)
+                two_sided=not args.one_sided, cluster_threshold=args.min_cluster_size,
+                permutation_maps=maps, permutation=settings)
         outputs = [str(Path(p).relative_to(Path(args.out_dir))) for p in paths]
         content = record("second-level", inputs=entries, options=command_options(args),
                          cluster=cluster_summary(client), stopwatch=stopwatch,

@@ -6,84 +6,31 @@ The names follow nilearn 0.14's ``_generate_filenames_output`` (see
 restricted to ASCII letters and digits (BIDS labels); a name that contains a
 path separator, or has no letter or digit, is refused. Every planned path is
 checked to be a plain relative path, and no two outputs may share a name.
+The label, file-name and path rules are those of every derivative output
+(:mod:`chunkglm.io.derivatives`); the layouts are here.
 """
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.io.derivatives import (
+    ENTITY_ORDER,
+    PATH_CHARACTERS,
+    bids_filename,
+    check_paths,
+    with_prefix,
+)
 
-_LABEL_CHARS = frozenset(string.ascii_letters + string.digits)
-_WORDS = (("-", " Minus "), ("+", " Plus "), (">", " Gt "), ("<", " Lt "), ("_", " "))
-_UNSAFE = ("/", "\\", "\x00")
 
-#: nilearn's order of BIDS entities (raw, then derivatives), without the
-#: entities nilearn drops from output names (part, echo, hemi, desc).
-ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "space", "res", "den",
-                "contrast", "stat")
 #: Entities kept across the runs of a model (when their label is unique).
 MODEL_ENTITIES = ("sub", "ses", "task", "space")
 #: Keys of ``compute_contrast(..., output_type="all")`` and their stat labels.
 MAP_STATS = {"effect_size": "effect", "stat": None, "effect_variance": "variance",
              "z_score": "z", "p_value": "p"}
-
-
-def contrast_label(name) -> str:
-    """A contrast name as a BIDS label, as nilearn's ``_clean_contrast_name``.
-
-    ``"a - b"`` -> ``"aMinusB"``, ``"face_vs_house"`` -> ``"faceVsHouse"``,
-    ``"a>b"`` -> ``"aGtB"``. Only ASCII letters and digits are kept.
-
-    Raises
-    ------
-    TypeError
-        If ``name`` is not a string.
-    InputError
-        If it holds a path separator or NUL, or no ASCII letter or digit.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"contrast names must be strings, not {type(name).__name__} ({name!r}).")
-    unsafe = [c for c in _UNSAFE if c in name]
-    if unsafe:
-        raise InputError(
-            f"contrast name {name!r} contains {unsafe[0]!r}: names become file names, so path "
-            f"separators are refused. Name the contrast, e.g. contrasts={{'myContrast': {name!r}}}.")
-    text = name
-    for old, new in _WORDS:
-        text = text.replace(old, new)
-    words = text.split(" ")
-    words = [words[0].lower()] + [word.title() for word in words[1:]]
-    label = "".join(ch for ch in " ".join(words) if ch in _LABEL_CHARS)
-    if not label:
-        raise InputError(
-            f"contrast name {name!r} has no ASCII letter or digit, so it cannot become a BIDS "
-            "label (contrast-<label>); give it a name such as 'aMinusB'.")
-    return label
-
-
-def bids_filename(entities: dict, suffix: str | None, extension: str | None, prefix: str = "",
-                  order=ENTITY_ORDER) -> str:
-    """``<prefix>_<key>-<value>_..._<suffix>.<extension>``, keys in ``order``.
-
-    As nilearn's ``create_bids_filename``: entities with an empty label are
-    left out; a non-empty prefix gets a trailing ``_``. ``extension=None``
-    gives a base name (figures get one extension per format);
-    ``suffix=None`` ends the name with the last entity (``..._stat-t``).
-    """
-    parts = [f"{key}-{entities[key]}" for key in order if entities.get(key) not in (None, "")]
-    name = "_".join([*parts, suffix] if suffix else parts) + (f".{extension}" if extension else "")
-    return _with_prefix(prefix, name)
-
-
-def _with_prefix(prefix: str | None, name: str) -> str:
-    if prefix and not prefix.endswith("_"):
-        prefix += "_"
-    return f"{prefix or ''}{name}"
 
 
 @dataclass
@@ -118,7 +65,7 @@ def check_prefix(prefix):
         return None
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a string or None, not {type(prefix).__name__}.")
-    if any(c in prefix for c in _UNSAFE) or prefix in (".", ".."):
+    if any(c in prefix for c in PATH_CHARACTERS) or prefix in (".", ".."):
         raise InputError(f"prefix {prefix!r} must not contain path separators: it starts file names.")
     return prefix
 
@@ -169,7 +116,7 @@ def plan_bids_names(contrasts, run_entities, n_runs: int, prefix, group: bool = 
     mask_entities = {k: v for k, v in common.items() if k not in ("run", "ses")}
     names = BidsNames(folder=folder,
                       mask=bids_filename(mask_entities, "mask", "nii.gz", prefix, order),
-                      statmap_json=_with_prefix(prefix, "statmap.json"))
+                      statmap_json=with_prefix(prefix, "statmap.json"))
     names.runs = [_run_names(entities, prefix, order) for entities in per_run]
     if group:
         del names.runs[0]["design_json"]
@@ -227,24 +174,6 @@ def group_derivative_names(contrasts, permutation_maps=()) -> dict:
              "sidecar": "group_level/group_glm.json"}
     check_paths([p for m in maps.values() for p in m.values()] + [names["design"], names["mask"], names["sidecar"]])
     return names
-
-
-def check_paths(paths) -> None:
-    """Each path is relative, without '..' or empty parts; no two are equal.
-
-    Figure base names (no extension) are checked as they are: the
-    extensions added later cannot make them unsafe.
-    """
-    seen = set()
-    for path in paths:
-        parts = PurePosixPath(path).parts
-        if (not parts or PurePosixPath(path).is_absolute() or "\\" in path
-                or any(p in ("", ".", "..") for p in parts)):
-            raise InputError(f"refusing to write {path!r}: outputs must stay inside out_dir.")
-        if path in seen:
-            raise InputError(
-                f"two outputs would be written to {path!r}: give contrasts (or runs) distinct names.")
-        seen.add(path)
 
 
 def weights_json(weights: np.ndarray):
