@@ -23,6 +23,7 @@ from nilearn.maskers import NiftiMasker
 import chunkglm
 from chunkglm.errors import InputError
 from chunkglm.glm.second_level import non_parametric_inference
+from chunkglm.io.inputs import MapsView
 from chunkglm.kernels.permutation import nilearn_permutations
 
 SHAPE = (12, 14, 12)
@@ -158,23 +159,21 @@ def test_smoothing_as_nilearn(files):
 
 
 def test_each_block_is_read_once(files, tmp_path, monkeypatch):
-    from chunkglm.glm.second_level import inputs
-
     paths, covariates = files
     chunkglm.convert(paths, tmp_path / "r.zarr", collection="effects", chunk_bytes=N * 4 * 128)
     node = chunkglm.open_cohort(tmp_path / "r.zarr").maps["effects"]
     reads, n_blocks = [], []
-    original = inputs.ModelMaps.data
+    original = MapsView.data
 
-    def counted(self):
+    def counted(self, role=None):
         def read(block, block_info=None):
             reads.append(block_info[0]["chunk-location"])
             return block
-        array = original(self)
+        array = original(self, role)
         n_blocks.append(array.numblocks[1])
         return array.map_blocks(read, dtype=np.float32)
 
-    monkeypatch.setattr(inputs.ModelMaps, "data", counted)
+    monkeypatch.setattr(MapsView, "data", counted)
     _ours(node, _covariate_design(covariates), second_level_contrast="age", random_state=0, n_perm=20)
     assert len(n_blocks) == 1 and n_blocks[0] > 3  # the masked voxels, in blocks
     assert sorted(reads) == [(0, i) for i in range(n_blocks[0])]  # t, null and the NaN check: one read

@@ -45,10 +45,7 @@ Outputs: ``transform`` gives nilearn's list of (time, region) arrays;
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +63,9 @@ from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
 from chunkglm.io.bids import input_entities
-from chunkglm.io.cohort import Node, open_cohort
-from chunkglm.io.convert import convert
-from chunkglm.io.nifti import read_info, stage_image
+from chunkglm.io.cohort import Node
+from chunkglm.io.inputs import stage_inputs
+from chunkglm.io.nifti import read_info
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.store import Grid, node_meta
 from chunkglm.io.write_run import _seconds
@@ -331,9 +328,6 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         if all(isinstance(item, Node) for item in items):
             for node in items:
                 self._check_store_run(node)
-            return items
-        if any(isinstance(item, Node) for item in items):
-            raise InputError("imgs mixes store runs and NIfTI images: give one kind.")
         return self._convert_images(items)
 
     def _check_store_run(self, node):
@@ -348,34 +342,30 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
                 "the NIfTI files.")
 
     def _convert_images(self, images):
-        folder = Path(tempfile.mkdtemp(prefix="chunkglm-maps-masker-"))
-        weakref.finalize(self, shutil.rmtree, folder, True)
-        paths = [stage_image(image, folder, index, "imgs") for index, image in enumerate(images)]
-        infos = [read_info(path) for path in paths]
-        bad = [(p, i.shape) for p, i in zip(images, infos) if len(i.shape) != 4]
-        if bad:
-            raise InputError(f"imgs must be 4-D images (runs); received shape {bad[0][1]} for {input_name(bad[0][0])}.")
-        target = self._conversion_target(infos[0])
-        mask = self._conversion_mask(target, infos[0])
-        mask_path = None
-        if mask is not None:
-            mask_path = folder / "mask.nii"
-            nib.save(nib.Nifti1Image(mask.astype(np.uint8), target[0] if target else infos[0].affine), mask_path)
-        convert(paths, folder / "store.zarr", mask_img=mask_path,
-                target_affine=None if target is None else target[0],
-                target_shape=None if target is None else target[1], smoothing_fwhm=self.smoothing_fwhm,
-                chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes)
-        cohort = open_cohort(folder / "store.zarr")
+        staged = stage_inputs(images, "runs", owner=self, argument="imgs", smoothing_fwhm=self.smoothing_fwhm,
+                              target_affine=lambda infos: self._conversion_target(infos[0]),
+                              mask_img=lambda infos: self._conversion_mask_img(infos[0]),
+                              chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes)
+        if not staged.converted:
+            return staged.nodes
+        nodes = staged.nodes
         self._input_entities = [input_entities(item) for item in images]
-        nodes = [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
         self._input_dtypes.update({node_key(node): nilearn_data_dtype(image, info)
-                                   for node, image, info in zip(nodes, images, infos)})
-        if self.high_variance_confounds and (target is not None or self.smoothing_fwhm is not None):
+                                   for node, image, info in zip(nodes, images, staged.infos)})
+        if self.high_variance_confounds and (self._conversion_target(staged.infos[0]) is not None
+                                             or self.smoothing_fwhm is not None):
             # nilearn takes them from the input images as given (not resampled, not smoothed)
-            convert(paths, folder / "raw.zarr")
-            raw = open_cohort(folder / "raw.zarr")
-            self._hv_sources.update({node_key(node): raw.runs[node.name] for node in nodes})
+            raw = staged.convert_again("raw.zarr")
+            self._hv_sources.update({node_key(node): run for node, run in zip(nodes, raw)})
         return nodes
+
+    def _conversion_mask_img(self, info):
+        """The mask of the temporary store (on the conversion's target grid), or None."""
+        target = self._conversion_target(info)
+        mask = self._conversion_mask(target, info)
+        if mask is None:
+            return None
+        return nib.Nifti1Image(mask.astype(np.uint8), target[0] if target else info.affine)
 
     def _conversion_target(self, info):
         """(affine, shape) the data are resampled onto (continuous), or None."""

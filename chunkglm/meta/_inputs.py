@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -34,113 +32,18 @@ from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
 from chunkglm.io import store as st
 from chunkglm.io.cohort import Node, open_cohort
-from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, mask_from_voxels, scale_values
-from chunkglm.io.nifti import load_image as _load
+from chunkglm.io.inputs import COORD_NAMES, DERIVATIONS, MAP_TYPES, STORED_NAMES, MapsView, stage_inputs, write_coords
 from chunkglm.io.write_run import write_rows
 from chunkglm.meta import _nimare_inputs as nm
 
 #: Map types a meta-analysis collection may hold.
-ROLES = ("z", "t", "beta", "varcope", "se")
-
-#: role -> (stored roles it is derived from). Applied per voxel block.
-DERIVATIONS = {"varcope": ("se",), "se": ("varcope",), "z": ("t", "sample_sizes")}
+ROLES = MAP_TYPES
 
 _TASK_MEMORY = 2 * 2**30
 
-#: Map type -> variable names it may be stored under (``chunkglm.convert`` and the
-#: second level call beta "effect" and varcope "variance").
-STORED_NAMES = {"beta": ("beta", "effect"), "varcope": ("varcope", "variance")}
-#: Per-image coordinate -> names it may be stored under.
-COORD_NAMES = {"sample_sizes": ("sample_sizes", "sample_size"), "study_id": ("study_id", "study")}
-
-
-@dataclass
-class MetaMaps:
-    """A meta-analysis collection as the estimators read it.
-
-    Attributes
-    ----------
-    node : chunkglm.io.cohort.Node
-        The ``maps/<collection>`` node.
-    voxels : ndarray of int or None
-        Indices into the node's voxel axis to analyse (None: all).
-    keep : object
-        Whatever must stay alive while the node is read (a temporary folder).
-    """
-
-    node: object
-    voxels: np.ndarray | None = None
-    keep: object = field(default=None, repr=False)
-
-    @property
-    def variables(self) -> list[str]:
-        """Map types stored in the node (``effect``/``variance`` read as ``beta``/``varcope``)."""
-        stored = list(self.node.attrs.get("variables", []))
-        found = [r for r in ROLES if any(n in stored for n in STORED_NAMES.get(r, (r,)))]
-        return found + [v for v in stored if v not in found and not any(v in n for n in STORED_NAMES.values())]
-
-    def _variable(self, role) -> str:
-        stored = list(self.node.attrs.get("variables", []))
-        return next((n for n in STORED_NAMES.get(role, (role,)) if n in stored), role)
-
-    @property
-    def n_images(self) -> int:
-        """K, the number of images (studies)."""
-        return int(self._group()["image"].shape[0])
-
-    @property
-    def ids(self) -> list[str]:
-        """Image ids, in row order."""
-        return [str(v) for v in self._group()["image"][...]]
-
-    def _group(self):
-        return self.node.cohort.root[self.node.path]
-
-    def coord(self, name) -> np.ndarray | None:
-        """A per-image coordinate (``study_id``, ``sample_sizes``) or None (read eagerly: K values)."""
-        group = self._group()
-        keys = set(group.array_keys())
-        found = next((n for n in COORD_NAMES.get(name, (name,)) if n in keys), None)
-        return None if found is None else np.asarray(group[found][...])
-
-    @property
-    def sample_sizes(self) -> np.ndarray | None:
-        """Sample size per image (NiMARE: mean of the image's ``sample_sizes`` list)."""
-        values = self.coord("sample_sizes")
-        return None if values is None else values.astype(np.float64)
-
-    @property
-    def grid(self):
-        """The node's grid (affine, shape, mask, ijk)."""
-        return self.node.grid
-
-    @property
-    def ijk(self) -> np.ndarray:
-        """(n_voxels, 3) indices of the analysed voxels."""
-        ijk = self.grid.ijk
-        return ijk if self.voxels is None else ijk[self.voxels]
-
-    def data(self, role):
-        """(K, V) float32 dask array of a stored map type."""
-        array = self.node.data(self._variable(role)).data
-        return array if self.voxels is None else array[:, self.voxels]
-
-    def available(self) -> set[str]:
-        """Roles readable as stored or derived (``sample_sizes`` included when present)."""
-        roles = set(self.variables) | ({"sample_sizes"} if self.sample_sizes is not None else set())
-        for role, sources in DERIVATIONS.items():
-            if all(s in roles for s in sources):
-                roles.add(role)
-        return roles
-
-    def mask_img(self) -> nib.Nifti1Image:
-        """The analysed voxels as a uint8 mask on the node's grid."""
-        return mask_from_voxels(self.ijk, self.grid.shape, self.grid.affine)
-
-    def describe(self) -> dict:
-        """Inputs for provenance: the store and collection."""
-        return {"store": self.node.cohort.location, "collection": self.node.name,
-                "n_images": self.n_images, "variables": self.variables}
+#: The one maps view of the store's collections (:class:`chunkglm.io.inputs.MapsView`): image ids,
+#: study ids, sample sizes, the (image, voxel) array of each map type and what can be derived.
+MetaMaps = MapsView
 
 
 # -- what was given ----------------------------------------------------------------
@@ -312,76 +215,9 @@ def convert_meta_maps(table_or_dataset, store, collection, mask_img=None, *,
 
 
 def _convert(table, roles, store, collection, mask_img, chunk_bytes, task_memory, storage_options):
-    grid = _grid(table, roles, mask_img)
-    root = st.open_root(store, storage_options, mode="a")
-    grid_id = st.write_grid(root, grid)
-    node = st.start_node(root, "maps", collection)
-    try:
-        sources, header = _write_variables(node, table, roles, grid, chunk_bytes, task_memory)
-    except BaseException:
-        del root[f"maps/{collection}"]
-        raise
-    _write_coords(node, table)
-    st.finish_node(node, {"grid_id": grid_id, "variables": roles},
-                   {"kind": "maps", "sources": sources, "nifti_header": header})
-    return open_cohort(store, storage_options).maps[collection]
-
-
-def _grid(table, roles, mask_img) -> st.Grid:
-    """The voxel grid: the mask's, after checking every image lies on it."""
-    first = _load(table[roles[0]].iloc[0])
-    if mask_img is None:
-        mask = np.ones(first.shape[:3], dtype=bool)
-        affine = first.affine
-    else:
-        img = _load(mask_img)
-        mask = np.asarray(img.dataobj).reshape(img.shape[:3]) != 0
-        affine = img.affine
-    for role in roles:
-        for row, path in enumerate(table[role]):
-            img = _load(path)
-            if img.shape[:3] != mask.shape or not np.allclose(img.affine, affine, atol=1e-4):
-                raise InputError(
-                    f"the {role} map of row {row} ({path}) is on another grid (shape {img.shape[:3]}, "
-                    f"affine\n{img.affine}) than the mask/first map (shape {mask.shape}, affine\n{affine}). "
-                    "Resample all maps onto one grid first (e.g. nilearn.image.resample_to_img).")
-            if len(img.shape) == 4 and img.shape[3] != 1:
-                raise InputError(f"the {role} map of row {row} ({path}) is 4-D {img.shape}: give one 3-D map per row.")
-    if not mask.any():
-        raise InputError("the mask holds no voxel.")
-    return st.Grid(np.asarray(affine, dtype=float), mask)
-
-
-def _write_variables(node, table, roles, grid, chunk_bytes, task_memory):
-    fidx = fortran_indices(grid.ijk, grid.shape)
-    plan = plan_voxel_chunks(len(table), grid.n_voxels, 4, chunk_bytes)
-    sources, headers = [], []
-    for role in roles:
-        paths = [str(p) for p in table[role]]
-
-        def fill(out, start, stop, paths=paths, role=role):
-            finite = False
-            for row, path in enumerate(paths[start:stop], start=start):
-                with NiftiReader(path) as reader:
-                    info = reader.info
-                    (_, raw), = reader.iter_volumes(0, 1)
-                    out[row - start] = scale_values(raw[fidx], info.slope, info.inter)
-                    sha, size = reader.finish()
-                    headers.append(info.header_bytes)
-                sources.append({"role": role, "id": str(table["id"].iloc[row]), "path": path,
-                                "sha256": sha, "size": size})
-                finite = finite or bool(np.isfinite(out[row - start]).any())
-            return finite
-
-        write_rows(node, role, ("image", "voxel"), plan, fill, task_memory, f"{role} maps")
-    return sources, header_to_text(headers[0])
-
-
-def _write_coords(node, table):
-    st.write_array(node, "image", np.array(table["id"].astype(str)), ("image",))
-    st.write_array(node, "study_id", np.array(table["study_id"].astype(str)), ("image",))
-    if "sample_sizes" in table.columns:
-        st.write_array(node, "sample_sizes", np.asarray(table["sample_sizes"], dtype=np.float64), ("image",))
+    staged = stage_inputs(table, "maps", mask_img=mask_img, map_types=roles, store=store, collection=collection,
+                          chunk_bytes=chunk_bytes, task_memory=task_memory, storage_options=storage_options)
+    return staged.nodes[0]
 
 
 def convert_masked(table, masker, store, collection, resample_kwargs, chunk_bytes=DEFAULT_CHUNK_BYTES, *,
@@ -399,16 +235,22 @@ def convert_masked(table, masker, store, collection, resample_kwargs, chunk_byte
     grid = st.Grid(np.eye(4), np.ones((n_features, 1, 1), dtype=bool))
     root = st.open_root(store, storage_options, mode="a")
     grid_id = st.write_grid(root, grid)
-    node = st.start_node(root, "maps", collection)
+    st.resume_swap(root, "maps", collection)
+    node = st.begin_version(root, "maps", collection)  # a complete node is replaced, never deleted first
     plan = plan_voxel_chunks(len(table), grid.n_voxels, 4, chunk_bytes)
-    for role in roles:
-        def fill(out, start, stop, values=arrays[role]):
-            out[:] = values[start:stop]
-            return bool(np.isfinite(out).any())
+    try:
+        for role in roles:
+            def fill(out, start, stop, values=arrays[role]):
+                out[:] = values[start:stop]
+                return bool(np.isfinite(out).any())
 
-        write_rows(node, role, ("image", "voxel"), plan, fill, task_memory, f"{role} maps")
-    _write_coords(node, table)
+            write_rows(node, role, ("image", "voxel"), plan, fill, task_memory, f"{role} maps")
+        write_coords(node, table)
+    except BaseException:
+        st.discard_version(root, node)
+        raise
     st.finish_node(node, {"grid_id": grid_id, "variables": roles, "masker": type(masker).__name__},
                    {"kind": "maps", "sources": [{"role": r, "id": str(i), "path": str(p)} for r in roles
                                                 for i, p in zip(table["id"], table[r])]})
+    st.publish_version(root, "maps", collection, node)
     return open_cohort(store, storage_options).maps[collection]

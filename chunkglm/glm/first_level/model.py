@@ -11,11 +11,7 @@ nilearn's definitions exactly.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
-import weakref
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -31,9 +27,9 @@ from chunkglm.errors import InputError
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_fits
 from chunkglm.io.bids import input_entities
-from chunkglm.io.cohort import Node, open_cohort
-from chunkglm.io.convert import convert
-from chunkglm.io.nifti import image_from_voxels, stage_image
+from chunkglm.io.cohort import Node
+from chunkglm.io.inputs import stage_inputs
+from chunkglm.io.nifti import image_from_voxels
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.store import node_meta, zarr_store
 from chunkglm.kernels.ar import ar_order
@@ -172,26 +168,14 @@ class FirstLevelModel(GLMReportMixin):
                 f"voxels) or (0, 1) (by the grand mean); received {scaling!r}.")
 
     def _as_nodes(self, items):
-        self._converted_here = False
-        if all(isinstance(item, Node) for item in items):
-            return items
-        if any(isinstance(item, Node) for item in items):
-            raise InputError("run_imgs mixes store runs and NIfTI images: give one kind.")
-        return self._convert_images(items)
-
-    def _convert_images(self, images):
-        folder = Path(tempfile.mkdtemp(prefix="chunkglm-first-level-"))
-        weakref.finalize(self, shutil.rmtree, folder, True)
-        paths = [stage_image(image, folder, index) for index, image in enumerate(images)]
-        mask = self.mask_img if self.mask_img is not None else _nilearn_epi_mask(
-            paths, self.target_affine, self.target_shape)
-        mask_path = _stage_mask(mask, folder)
-        convert(paths, folder / "store.zarr", mask_img=mask_path, target_affine=self.target_affine,
-                target_shape=self.target_shape, smoothing_fwhm=self.smoothing_fwhm,
-                chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes)
-        cohort = open_cohort(folder / "store.zarr")
-        self._converted_here = True  # the store's grid is the (resampled) mask already
-        return [cohort.runs[Path(p).name.split(".")[0]] for p in paths]
+        mask = self.mask_img if self.mask_img is not None else (
+            lambda infos: _nilearn_epi_mask([info.path for info in infos], self.target_affine, self.target_shape))
+        staged = stage_inputs(items, "runs", mask_img=mask, target_affine=self.target_affine,
+                              target_shape=self.target_shape, smoothing_fwhm=self.smoothing_fwhm,
+                              chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes,
+                              owner=self, argument="run_imgs")
+        self._converted_here = staged.converted  # the store's grid is the (resampled) mask already
+        return staged.nodes
 
     def _check_preprocessing(self, nodes):
         wanted = SpatialPreprocessing(self.target_affine, self.target_shape, self.smoothing_fwhm).to_attrs()
@@ -396,14 +380,6 @@ class FirstLevelModel(GLMReportMixin):
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
-
-
-def _stage_mask(mask, folder: Path) -> str:
-    if isinstance(mask, str | Path):
-        return str(mask)
-    path = folder / "mask.nii"
-    nib.save(load_img(mask), path)
-    return str(path)
 
 
 def _nilearn_epi_mask(paths, target_affine=None, target_shape=None):

@@ -1,10 +1,11 @@
-"""Second-level inputs -> one ``maps/<collection>`` node, its mask and labels.
+"""Second-level inputs: what was given, the mask, the maps to model.
 
 nilearn's ``SecondLevelModel`` accepts 3-D images (a list, or one 4-D image),
 a DataFrame of map paths, or fitted first-level models, and masks them with
 a ``NiftiMasker``. Here every image input is written once into a maps node
-of a cohort store (a temporary one unless the user gives a store); the
-masker's work is reproduced on the way in, with nilearn's own functions:
+of a cohort store (a temporary one unless the user gives a store) by
+:func:`chunkglm.io.inputs.stage_inputs`; the masker's work is reproduced on
+the way in, with nilearn's own functions:
 
 - default mask: ``compute_background_mask`` of nilearn's sample map (the
   mean image of a list, the first map of a DataFrame, the first model's
@@ -17,62 +18,23 @@ masker's work is reproduced on the way in, with nilearn's own functions:
 
 from __future__ import annotations
 
-import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from nilearn.image import crop_img, mean_img, resample_img
+from nilearn.image import mean_img, resample_img
 from nilearn.masking import compute_background_mask
 
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.graph.glm import image_mean
-from chunkglm.io.cohort import Node, open_cohort
-from chunkglm.io.convert import convert
+from chunkglm.io.cohort import Node
+from chunkglm.io.inputs import MapsView
 from chunkglm.io.nifti import load_image as _load
-from chunkglm.io.nifti import mask_from_voxels
-from chunkglm.io.preprocess import SpatialPreprocessing
 
 KINDS = ("images", "dataframe", "flm", "maps")
-
-
-@dataclass(frozen=True)
-class ModelMaps:
-    """What a second-level fit reads: a maps node and the voxels of it to model.
-
-    Attributes
-    ----------
-    node : chunkglm.io.cohort.Node
-    voxels : ndarray of int or None
-        Indices into the node's voxel axis (None: all of them).
-    """
-
-    node: object
-    voxels: np.ndarray | None
-
-    @property
-    def grid(self):
-        """The node's grid (affine, shape, ijk)."""
-        return self.node.grid
-
-    @property
-    def ijk(self) -> np.ndarray:
-        """Voxel coordinates (n_voxels, 3) of the modelled voxels."""
-        ijk = self.node.grid.ijk
-        return ijk if self.voxels is None else ijk[self.voxels]
-
-    def data(self):
-        """The (image, voxel) dask array of the modelled voxels."""
-        array = self.node.data().data
-        return array if self.voxels is None else array[:, self.voxels]
-
-    def mask_img(self) -> nib.Nifti1Image:
-        """The modelled voxels as a uint8 mask on the node's grid."""
-        return mask_from_voxels(self.ijk, self.grid.shape, self.grid.affine)
 
 
 # -- what was given -------------------------------------------------------------
@@ -142,11 +104,6 @@ def check_images(images, resampling: bool, remedy: str | None = None) -> None:
                 "Resample the maps onto one grid, or pass target_affine and target_shape to SecondLevelModel."))
 
 
-def _volume(image) -> np.ndarray:
-    data = np.asanyarray(_load(image).dataobj)
-    return data.reshape(data.shape[:3]) if data.ndim == 4 else data
-
-
 # -- the mask ---------------------------------------------------------------------
 
 
@@ -187,93 +144,10 @@ def analysis_mask(mask_img, sample, target_affine=None, target_shape=None) -> ni
     return nib.Nifti1Image(data.astype(np.uint8), mask.affine)
 
 
-# -- loading into a store --------------------------------------------------------
-
-
-@dataclass
-class StoreTarget:
-    """Where loaded maps go: a store path (temporary or the user's) and chunking."""
-
-    path: str
-    chunk_bytes: object
-
-
-def load_images(images, mask: nib.Nifti1Image, smoothing_fwhm, target: StoreTarget, folder: Path):
-    """Write the maps into a new maps node (processed as nilearn's masker); return the Node.
-
-    Parameters
-    ----------
-    images : list of paths or nibabel images (3-D, or 4-D of one volume)
-    mask : nibabel image
-        The analysis mask; its grid is the node's grid.
-    smoothing_fwhm : float or None
-    target : StoreTarget
-    folder : Path
-        Scratch folder for staged files.
-    """
-    staged = folder / f"maps-{uuid.uuid4().hex[:8]}"
-    staged.mkdir(parents=True)
-    box = None
-    if all(_same_grid(_load(img), mask) for img in images):
-        prep = SpatialPreprocessing(None, None, smoothing_fwhm)
-    else:
-        # nilearn's masker resamples onto the mask *cropped* to its bounding box
-        # (plus one voxel) and smooths there: the crop changes smoothing's edges.
-        cropped, box = crop_img(mask, copy=False, return_offset=True)
-        prep = SpatialPreprocessing(cropped.affine, cropped.shape[:3], smoothing_fwhm)
-    clip = _clip_range(images) if prep.needs_range() else None
-    paths = [_stage(img, staged / f"map_{i:05d}", prep, clip, mask, box) for i, img in enumerate(images)]
-    mask_path = staged / "mask.nii"
-    nib.save(mask, mask_path)
-    collection = f"second_level_{uuid.uuid4().hex[:12]}"
-    convert(paths, target.path, mask_img=str(mask_path), collection=collection,
-            chunk_bytes=target.chunk_bytes)
-    return open_cohort(target.path).maps[collection]
-
-
-def _same_grid(img, mask) -> bool:
-    return img.shape[:3] == mask.shape[:3] and np.allclose(img.affine, mask.affine, atol=1e-4)
-
-
-def _clip_range(images) -> tuple[float, float]:
-    """nilearn clips resampled data to [min(data, 0), max(data, 0)] over all maps."""
-    low, high = 0.0, 0.0
-    for img in images:
-        data = _volume(img)
-        low, high = min(low, float(np.nanmin(data))), max(high, float(np.nanmax(data)))
-    return low, high
-
-
-def _stage(image, stem: Path, prep, clip, mask, box) -> str:
-    """A 3-D NIfTI file for one map: linked as is, or saved (split, resampled, smoothed).
-
-    With ``box`` (the mask's crop, see :func:`load_images`) the processed map
-    is put back into the mask's full grid (zeros outside the box).
-    """
-    img = _load(image)
-    if not prep.active and isinstance(image, str | Path) and img.ndim == 3:
-        suffix = ".nii.gz" if str(image).endswith(".gz") else ".nii"
-        target = stem.with_name(stem.name + suffix)
-        target.symlink_to(Path(image).absolute())
-        return str(target)
-    data = _volume(img)
-    affine = img.affine
-    if prep.active:
-        data = prep.apply(np.asarray(data, dtype=np.float64 if data.dtype == np.float64 else np.float32),
-                          img.affine, clip)
-    if box is not None:
-        full = np.zeros(mask.shape[:3], dtype=data.dtype)
-        full[box] = data
-        data, affine = full, mask.affine
-    target = stem.with_name(stem.name + ".nii")
-    nib.save(nib.Nifti1Image(np.asarray(data), affine), target)
-    return str(target)
-
-
 # -- a maps node given by the user -------------------------------------------------------
 
 
-def node_maps(node, mask_img, target_affine, target_shape, smoothing_fwhm) -> ModelMaps:
+def node_maps(node, mask_img, target_affine, target_shape, smoothing_fwhm) -> MapsView:
     """A user's maps node, restricted to ``mask_img`` or to nilearn's default mask."""
     if not isinstance(node, Node):
         raise InputError(f"expected a maps node; received {type(node).__name__}.")
@@ -298,7 +172,7 @@ def node_maps(node, mask_img, target_affine, target_shape, smoothing_fwhm) -> Mo
             raise InputError(f"mask_img selects voxels that the maps node {node.name!r} does not hold; "
                              "convert the maps with this mask, or a larger one, first.")
     inside = selected[grid.mask]
-    return ModelMaps(node, None if inside.all() else np.flatnonzero(inside))
+    return MapsView(node, None if inside.all() else np.flatnonzero(inside))
 
 
 def _node_background_mask(node) -> np.ndarray:

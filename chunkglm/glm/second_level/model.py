@@ -12,10 +12,7 @@ results. z, stat and p maps come from nilearn's own ``Contrast``.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import weakref
-from pathlib import Path
+import uuid
 
 import numpy as np
 from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
@@ -27,6 +24,7 @@ from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.glm.second_level import inputs
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_runs
+from chunkglm.io.inputs import MapsView, scratch_folder, stage_inputs
 from chunkglm.io.nifti import image_from_voxels
 from chunkglm.kernels.finite import warn
 from chunkglm.report.mixin import GLMReportMixin
@@ -148,7 +146,7 @@ class SecondLevelModel(GLMReportMixin):
                              "make_second_level_design_matrix(subject_labels, confounds).")
         self.second_level_input_ = images
         mask = self._mask(images)
-        self._maps[None] = inputs.ModelMaps(self._load(images, mask), None)
+        self._maps[None] = self._load(images, mask)
         return None, len(images)
 
     def _fit_dataframe(self, frame, confounds, design_matrix):
@@ -185,17 +183,15 @@ class SecondLevelModel(GLMReportMixin):
         self.mask_img_ = inputs.analysis_mask(self.mask_img, sample, self.target_affine, self.target_shape)
         return self.mask_img_
 
-    def _load(self, images, mask):
-        folder = self._scratch()
-        store = self.store if self.store is not None else folder / "store.zarr"
-        target = inputs.StoreTarget(str(store), self.chunk_bytes)
-        return inputs.load_images(images, mask, self.smoothing_fwhm, target, folder)
-
-    def _scratch(self) -> Path:
+    def _load(self, images, mask) -> MapsView:
+        """Stack the maps into a new maps node (processed as nilearn's masker), all its voxels."""
         if getattr(self, "_folder", None) is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="chunkglm-second-level-"))
-            weakref.finalize(self, shutil.rmtree, self._folder, True)
-        return self._folder
+            self._folder = scratch_folder(self, "chunkglm-second-level-")
+        staged = stage_inputs(images, "maps", mask_img=mask, smoothing_fwhm=self.smoothing_fwhm,
+                              map_types=("effect",), chunk_bytes=self.chunk_bytes, folder=self._folder,
+                              store=self.store, collection=f"second_level_{uuid.uuid4().hex[:12]}",
+                              argument="second_level_input", resample_to_mask=True)
+        return MapsView(staged.nodes[0])
 
     # -- contrasts ---------------------------------------------------------------
 
@@ -258,7 +254,7 @@ class SecondLevelModel(GLMReportMixin):
                              f"{columns}: give one weight per column (a (q, {len(columns)}) matrix for F).")
         return con
 
-    def _maps_for(self, first_level_contrast) -> inputs.ModelMaps:
+    def _maps_for(self, first_level_contrast) -> MapsView:
         if self._kind in ("images", "maps"):
             return self._maps[None]
         key = first_level_contrast if isinstance(first_level_contrast, str) else repr(
@@ -274,10 +270,10 @@ class SecondLevelModel(GLMReportMixin):
                                  f"{len(images)} maps are modelled for first_level_contrast="
                                  f"{first_level_contrast!r}: give one row per map.")
             inputs.check_images(images, resampling=self.target_affine is not None)
-            self._maps[key] = inputs.ModelMaps(self._load(images, self.mask_img_), None)
+            self._maps[key] = self._load(images, self.mask_img_)
         return self._maps[key]
 
-    def _fit(self, maps: inputs.ModelMaps):
+    def _fit(self, maps: MapsView):
         """The OLS fit of these maps, evaluated once and kept."""
         key = id(maps)
         if key not in self._fits:
