@@ -224,7 +224,7 @@ def _scale_store(data_dir: Path, name: str, n_maps: int, variable: str, coord: s
     from scipy.ndimage import gaussian_filter
 
     from chunkglm.chunking import plan_voxel_chunks
-    from chunkglm.io import store as st
+    from chunkglm.io import layout as st
     from chunkglm.io.write_run import write_rows
 
     maps = second_level_maps(data_dir, "realistic")

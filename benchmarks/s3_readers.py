@@ -37,7 +37,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 
 import chunkglm
-from chunkglm.io.storage import StorageSettings, open_store, sync
+from chunkglm.io.backends import StorageSettings, open_store, sync
 from chunkglm.testing import make_synthetic_bids
 
 MiB = 2**20

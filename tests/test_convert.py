@@ -14,7 +14,7 @@ import xarray as xr
 
 import chunkglm
 from chunkglm.chunking import plan_voxel_chunks
-from chunkglm.io.store import open_root
+from chunkglm.io.layout import open_root
 
 
 def _scaled(path) -> np.ndarray:
@@ -244,7 +244,7 @@ def test_a_touched_or_copied_source_with_the_same_content_is_not_redone(tiny_bid
 def _start_run_node(path, index, barrier, results):
     import zarr
 
-    from chunkglm.io import store as st
+    from chunkglm.io import layout as st
 
     root = zarr.open_group(path, mode="r+")
     barrier.wait()

@@ -13,7 +13,7 @@ import pytest
 
 from chunkglm import convert, open_cohort
 from chunkglm.errors import InputError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.inputs import MapsView, StagedInputs, stage_inputs, write_maps_node
 
 SHAPE = (6, 5, 4)

@@ -89,7 +89,7 @@ def test_cli_to_s3_on_a_local_cluster_with_credentials_from_the_environment(tiny
 
 @pytest.mark.parametrize("url", ["s3://user:pa55word@bucket/x.zarr"])
 def test_credentials_in_urls_are_redacted(url):
-    from chunkglm.io.store import redact_url
+    from chunkglm.io.layout import redact_url
 
     assert "pa55word" not in redact_url(url) and redact_url(url) == "s3://bucket/x.zarr"
 

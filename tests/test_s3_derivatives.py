@@ -17,7 +17,7 @@ from chunkglm.glm.first_level import FirstLevelModel
 from chunkglm.interfaces.bids import save_glm_to_bids
 from chunkglm.io import derivatives
 from chunkglm.io.derivatives import StagedOutput, check_relative, output_complete
-from chunkglm.io.storage import StorageSettings
+from chunkglm.io.backends import StorageSettings
 from chunkglm.testing import make_synthetic_bids
 
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")

@@ -11,8 +11,8 @@ import pytest
 
 import chunkglm
 from chunkglm.errors import ChunkglmError, StoreError
-from chunkglm.io import store as st
-from chunkglm.io.storage import StorageSettings, choose_backend, open_store
+from chunkglm.io import layout as st
+from chunkglm.io.backends import StorageSettings, choose_backend, open_store
 
 BACKENDS = ["obstore", "fsspec"]
 
@@ -176,7 +176,7 @@ def test_a_cohort_on_s3_is_read_by_worker_processes(backend, tiny_bids, s3_serve
 
 def test_the_cluster_configs_storage_section_becomes_settings(s3_server, s3_bucket, tmp_path):
     from chunkglm.cluster.config import load_config
-    from chunkglm.io.storage import storage_settings
+    from chunkglm.io.backends import storage_settings
 
     path = tmp_path / "cluster.yaml"
     path.write_text("version: 1\ntype: local\nstorage:\n  backend: fsspec\n  retries: 3\n"

@@ -23,7 +23,7 @@ import zarr
 
 import chunkglm
 from chunkglm.errors import StoreError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import plan_conversion
 from chunkglm.io.write_run import convert_run

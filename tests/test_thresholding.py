@@ -28,7 +28,7 @@ from chunkglm.glm.thresholding import (
     threshold_stats_img,
 )
 from chunkglm.inference.clusters import apply_cluster_extent
-from chunkglm.io.store import Grid
+from chunkglm.io.layout import Grid
 from chunkglm.reporting import get_clusters_table
 
 SHAPE = (20, 24, 20)

@@ -19,7 +19,7 @@ from chunkglm.cluster import load_config, start
 from chunkglm.cluster.config import chunk_budget
 from chunkglm.errors import ChunkglmError, StoreError
 from chunkglm.io.cohort import open_cohort
-from chunkglm.io.storage import storage_settings
+from chunkglm.io.backends import storage_settings
 from chunkglm.provenance import strip_secrets
 
 

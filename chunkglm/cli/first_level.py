@@ -13,7 +13,7 @@ derivatives/glm layout (``OUT_DIR/first_level/sub-XX/`` with its JSON).
    last: the completion marker.
 5. Re-running skips complete subjects of the same analysis, redoes
    interrupted ones, and refuses (unless ``--overwrite``) to mix in results
-   of other options or inputs. See :mod:`chunkglm.cli._subjects`.
+   of other options or inputs. See :mod:`chunkglm.cli.resume`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from nilearn.glm.contrasts import expression_to_contrast_vector
 
-from chunkglm.cli import _subjects as subjects_io
+from chunkglm.cli import resume as subjects_io
 from chunkglm.cli._common import (
     add_allow_incomplete,
     chunk_bytes,
@@ -41,7 +41,7 @@ from chunkglm.glm.first_level import _expression, explain_worker_deaths, first_l
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
-from chunkglm.io.store import is_url
+from chunkglm.io.layout import is_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 

@@ -3,7 +3,7 @@
 Finds the first-level subjects (``first_level/sub-XX/*_glm.json``), the
 group analysis (``group_level/group_glm.json``) and the meta-analyses
 (``meta/<Estimator>.json``) under DIR and writes each one's page (see
-:mod:`chunkglm.report.derivatives`), with nilearn's ``generate_report``
+:mod:`chunkglm.report.from_derivatives`), with nilearn's ``generate_report``
 thresholding options. Reads local files only; starts no cluster.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chunkglm.report.derivatives import write_reports
+from chunkglm.report.from_derivatives import write_reports
 
 
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", "none")

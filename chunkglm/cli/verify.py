@@ -11,7 +11,7 @@ then checks the store again.
 from __future__ import annotations
 
 from chunkglm.cli._common import parse_storage_options, storage_for
-from chunkglm.io.storage import redact_url
+from chunkglm.io.backends import redact_url
 from chunkglm.io.verify import repair_store, verify_store
 
 

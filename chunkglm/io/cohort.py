@@ -20,7 +20,7 @@ import xarray as xr
 import zarr
 
 from chunkglm.errors import InputError, StoreError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.bids import parse_entities
 from chunkglm.io.integrity import CheckedStore
 from chunkglm.io.nifti import header_from_bytes, header_from_text, image_from_voxels, save_image

@@ -20,7 +20,7 @@ from distributed import as_completed, wait
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes
 from chunkglm.errors import ConversionError, InputError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
 from chunkglm.io.preprocess import SpatialPreprocessing

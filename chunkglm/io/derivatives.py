@@ -3,7 +3,7 @@
 Every derivative output of chunkglm is named, sanitised and written through
 this module: the GLM layouts (:mod:`chunkglm.interfaces`), the
 meta-analysis (:mod:`chunkglm.meta.outputs`) and the maps maskers
-(:mod:`chunkglm.maskers.outputs`); :mod:`chunkglm.report.derivatives` reads
+(:mod:`chunkglm.maskers.outputs`); :mod:`chunkglm.report.from_derivatives` reads
 the files back with the same labels.
 
 Labels. Names given by users become parts of file names through one of
@@ -45,7 +45,7 @@ a final name.
 
 ``out_dir`` may also be an object-store URL (``s3://bucket/derivatives``):
 files are staged in a local temporary folder and, when the block ends
-without error, uploaded (with retries, see :mod:`chunkglm.io.storage`).
+without error, uploaded (with retries, see :mod:`chunkglm.io.backends`).
 Object stores have no atomic rename, so completeness is carried by a
 ``marker``: a relative path that is deleted first and written last, once
 every other file is uploaded. A set whose marker is missing is incomplete
@@ -77,8 +77,8 @@ from zarr.core.buffer import default_buffer_prototype
 
 from chunkglm._version import __version__
 from chunkglm.errors import InputError
-from chunkglm.io.storage import open_store, sync
-from chunkglm.io.store import is_url, redact_url
+from chunkglm.io.backends import open_store, sync
+from chunkglm.io.layout import is_url, redact_url
 
 #: ``GeneratedBy`` / ``Software`` entry of every sidecar.
 SOFTWARE = {"Name": "chunkglm", "Version": __version__}
@@ -257,7 +257,7 @@ class StagedOutput:
         Relative path of a completion marker, written last. Write it like any
         other file (``out.path(marker)``) or leave it to StagedOutput, which
         then writes a small JSON record (files, time, chunkglm version).
-    storage_options : dict or chunkglm.io.storage.StorageSettings, optional
+    storage_options : dict or chunkglm.io.backends.StorageSettings, optional
         For URL out dirs; credentials otherwise come from the environment or
         the standard AWS chain.
 

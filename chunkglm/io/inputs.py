@@ -13,7 +13,7 @@ nodes of a cohort store. :func:`stage_inputs` turns them into store nodes:
   coordinates -- are stacked into one ``maps/<collection>`` node holding an
   ``(image, voxel)`` float32 array per map type. A complete node is never
   deleted when it is written again: the new version is staged beside it and
-  swapped in, its completion marker last (:func:`chunkglm.io.store.begin_version`).
+  swapped in, its completion marker last (:func:`chunkglm.io.layout.begin_version`).
 
 The scratch folder (and its temporary store) belongs to the caller: it is
 removed with ``owner`` (``weakref.finalize``), or with the returned
@@ -41,7 +41,7 @@ from nilearn.image import crop_img
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.cohort import Node, open_cohort
 from chunkglm.io.convert import convert
 from chunkglm.io.nifti import (NiftiReader, fortran_indices, header_to_text, mask_from_voxels, read_info,

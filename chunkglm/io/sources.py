@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.preprocess import SpatialPreprocessing
 
 import fsspec

@@ -16,7 +16,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from chunkglm.errors import ChunkglmError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.integrity import check_object, chunk_keys, node_inventory
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.sources import source_key, unchanged

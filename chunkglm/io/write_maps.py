@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, plan_voxel_chunks
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
 from chunkglm.io.write_run import existing_result, write_rows
 

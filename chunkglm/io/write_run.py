@@ -25,7 +25,7 @@ import pandas as pd
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, plan_row_slabs, plan_voxel_chunks
 from chunkglm.errors import InputError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.sources import file_sha256, same_source, source_key
@@ -59,7 +59,7 @@ def convert_run(job: RunJob, store, storage_options=None, input_storage_options=
     Idempotent: a node already complete from the same source is returned as
     it is (a task dask runs twice does nothing the second time), unless
     ``replace`` (a repair). A complete node is never deleted: its new version
-    is staged and swapped in (:func:`chunkglm.io.store.begin_version`). The
+    is staged and swapped in (:func:`chunkglm.io.layout.begin_version`). The
     completion marker is written last, so an interrupted task leaves a node
     the next run redoes.
     """

@@ -32,7 +32,7 @@ from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
 from chunkglm.io.nifti import NiftiReader, read_info, scale_values
-from chunkglm.io.store import compressor
+from chunkglm.io.layout import compressor
 from chunkglm.kernels.maps import counted_in_overlap
 
 
@@ -251,7 +251,7 @@ def prepare_maps(source: MapsSource, grid, mask=None, voxel_chunk: int | None = 
     Parameters
     ----------
     source : MapsSource
-    grid : chunkglm.io.store.Grid
+    grid : chunkglm.io.layout.Grid
         The data grid: affine, shape and stored voxels (``grid.ijk``).
     mask : ndarray of bool on the grid's shape, or None
         nilearn's ``mask_img_`` on this grid; maps are zeroed outside it and

@@ -67,7 +67,7 @@ from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import stage_inputs
 from chunkglm.io.nifti import read_info
 from chunkglm.io.preprocess import SpatialPreprocessing
-from chunkglm.io.store import Grid, node_meta
+from chunkglm.io.layout import Grid, node_meta
 from chunkglm.io.write_run import _seconds
 from chunkglm.kernels.maps import CleanSpec
 from chunkglm.maskers._maps_input import (

@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from chunkglm.io.derivatives import StagedOutput, bids_filename, check_label, dataset_description, write_json
-from chunkglm.io.store import zarr_store
+from chunkglm.io.layout import zarr_store
 
 _ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space")
 #: Entities of the timeseries file names, in order (then desc-<atlas>).

@@ -30,7 +30,7 @@ import pandas as pd
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
-from chunkglm.io import store as st
+from chunkglm.io import layout as st
 from chunkglm.io.cohort import Node, open_cohort
 from chunkglm.io.inputs import COORD_NAMES, DERIVATIONS, MAP_TYPES, STORED_NAMES, MapsView, stage_inputs, write_coords
 from chunkglm.io.write_run import write_rows

@@ -5,7 +5,7 @@
 give :class:`HTMLReport` pages: self-contained, readable offline.
 """
 
-from chunkglm.report.derivatives import find_results, write_reports
+from chunkglm.report.from_derivatives import find_results, write_reports
 from chunkglm.report.document import HTMLReport
 from chunkglm.report.figures import (
     FIGURE_FORMATS,

@@ -4,7 +4,7 @@ One page layout for every kind of result; what differs is where the pieces
 come from. :func:`glm_report` takes plain pieces (parameters, design
 matrices, contrast weights, z maps, mask, provenance record) so that a
 fitted model (``FirstLevelModel.generate_report``...) and a derivatives
-folder read back from disk (:mod:`chunkglm.report.derivatives`) give the
+folder read back from disk (:mod:`chunkglm.report.from_derivatives`) give the
 same page for the same results.
 """
 

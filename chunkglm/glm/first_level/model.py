@@ -31,7 +31,7 @@ from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import stage_inputs
 from chunkglm.io.nifti import image_from_voxels
 from chunkglm.io.preprocess import SpatialPreprocessing
-from chunkglm.io.store import node_meta, zarr_store
+from chunkglm.io.layout import node_meta, zarr_store
 from chunkglm.kernels.ar import ar_order
 from chunkglm.kernels.finite import warn
 from chunkglm.kernels.glm import is_grand_mean_scaling

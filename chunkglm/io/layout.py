@@ -33,7 +33,7 @@ from zarr.storage import LocalStore
 from chunkglm._version import __version__
 from chunkglm.errors import IncompatibleStoreError, InputError, StoreError
 from chunkglm.io.integrity import node_inventory
-from chunkglm.io.storage import open_store, redact_url
+from chunkglm.io.backends import open_store, redact_url
 
 FORMAT_NAME = "chunkglm-cohort"
 #: Major.minor of the store format. Readers accept any minor of their major.
@@ -79,9 +79,9 @@ def zarr_store(store, storage_options=None, *, read_only=False):
     Parameters
     ----------
     store : str, Path or zarr Store
-    storage_options : dict or chunkglm.io.storage.StorageSettings, optional
+    storage_options : dict or chunkglm.io.backends.StorageSettings, optional
         s3fs-style options, or backend ("auto", "obstore", "fsspec") +
-        options + retries; see :mod:`chunkglm.io.storage`.
+        options + retries; see :mod:`chunkglm.io.backends`.
     read_only : bool
     """
     if isinstance(store, zarr.abc.store.Store):

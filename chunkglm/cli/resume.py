@@ -25,7 +25,7 @@ from pathlib import Path
 import fsspec
 
 from chunkglm.errors import InputError
-from chunkglm.io.store import is_url, node_meta
+from chunkglm.io.layout import is_url, node_meta
 from chunkglm.provenance import read_record, strip_secrets, write_record
 
 
