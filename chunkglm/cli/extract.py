@@ -94,18 +94,9 @@ def _confounds(args, nodes):
     if not args.confounds_columns:
         return None
     columns = [c.strip() for c in args.confounds_columns.split(",") if c.strip()]
-    return [_stored_confounds(node, columns).fillna(0.0) for node in nodes]
+    return [node.confound_columns(columns).fillna(0.0) for node in nodes]
 
 
-def _stored_confounds(node, columns):
-    """The run's stored confounds table, restricted to ``columns`` (as first_level_from_bids reads them)."""
-    table = node.confounds
-    if table is None:
-        raise InputError(f"{node.name} has no stored confounds; convert it with its confounds TSV.")
-    missing = [c for c in columns if c not in table]
-    if missing:
-        raise InputError(f"{node.name} has no confound column(s) {missing}; it has {list(table.columns)}.")
-    return table[list(columns)]
 
 
 def masker_for(args):

@@ -113,6 +113,16 @@ class Node:
             return None
         return pd.DataFrame(ds["confounds"].values, columns=[str(c) for c in ds["confound"].values])
 
+    def confound_columns(self, columns) -> pd.DataFrame:
+        """The stored confounds table restricted to ``columns``; an InputError names what is missing."""
+        table = self.confounds
+        if table is None:
+            raise InputError(f"{self.name} has no stored confounds; convert it with its confounds TSV.")
+        missing = [c for c in columns if c not in table]
+        if missing:
+            raise InputError(f"{self.name} has no confound column(s) {missing}; it has {list(table.columns)}.")
+        return table[list(columns)]
+
     def to_nifti(self, path=None, variable: str | None = None):
         """Rebuild the NIfTI image: float32 on the original grid and header.
 

@@ -387,16 +387,21 @@ def maps_table(table: pd.DataFrame, map_types) -> pd.DataFrame:
     return table
 
 
-def _stage_maps(table, mask_img, smoothing_fwhm, map_types, folder, owner, store, collection,
-                resample_to_mask, sizes) -> StagedInputs:
-    table = maps_table(table, map_types)
-    roles = [m for m in map_types if m in table.columns]
+def check_map_paths(table, roles) -> None:
+    """Every row of ``table`` has a path in each of the map columns ``roles``, or an InputError."""
     for role in roles:
         missing = table[role].isna()
         if missing.any():
             raise InputError(
                 f"column {role!r} has no path in rows {np.flatnonzero(missing)[:10].tolist()}: every row "
                 f"needs every map column it has ({len(table)} rows). Drop those rows, or the column.")
+
+
+def _stage_maps(table, mask_img, smoothing_fwhm, map_types, folder, owner, store, collection,
+                resample_to_mask, sizes) -> StagedInputs:
+    table = maps_table(table, map_types)
+    roles = [m for m in map_types if m in table.columns]
+    check_map_paths(table, roles)
     mask = None if mask_img is None else _load(mask_img)
     folder, staged = _owned_folder(folder, owner, "chunkglm-inputs-")
     staged = staged or StagedInputs([])

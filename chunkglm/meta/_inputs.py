@@ -32,7 +32,16 @@ from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
 from chunkglm.io import layout as st
 from chunkglm.io.cohort import Node, open_cohort
-from chunkglm.io.inputs import COORD_NAMES, DERIVATIONS, MAP_TYPES, STORED_NAMES, MapsView, stage_inputs, write_coords
+from chunkglm.io.inputs import (
+    COORD_NAMES,
+    DERIVATIONS,
+    MAP_TYPES,
+    STORED_NAMES,
+    MapsView,
+    check_map_paths,
+    stage_inputs,
+    write_coords,
+)
 from chunkglm.io.write_run import write_rows
 from chunkglm.meta import _nimare_inputs as nm
 
@@ -139,12 +148,7 @@ def check_table(table: pd.DataFrame) -> pd.DataFrame:
                          f"it has {list(table.columns)}.")
     if len(table) < 2:
         raise InputError(f"a meta-analysis needs at least 2 images; the table has {len(table)} row(s).")
-    for role in roles:
-        missing = table[role].isna()
-        if missing.any():
-            raise InputError(
-                f"column {role!r} has no path in rows {np.flatnonzero(missing)[:10].tolist()}: every row "
-                f"needs every map column it has ({len(table)} rows). Drop those rows, or the column.")
+    check_map_paths(table, roles)
     table = table.reset_index(drop=True).copy()
     if "id" not in table.columns:
         table["id"] = [f"image-{i:05d}" for i in range(len(table))]

@@ -135,7 +135,7 @@ def _from_store(cohort, task_label, space_label, sub_labels, exclude_subjects, i
         models.append(FirstLevelModel(**{**params, **timing}, subject_label=subject))
         run_imgs.append(runs)
         events.append([node.events for node in runs])
-        confounds.append(None if columns is None else [_columns(node, columns) for node in runs])
+        confounds.append(None if columns is None else [node.confound_columns(columns) for node in runs])
     return models, run_imgs, events, confounds
 
 
@@ -158,13 +158,3 @@ def _store_timing(runs, params):
                 f"missing ({sorted(map(str, values))}): pass {name}=... explicitly.")
         timing[name] = values.pop()
     return timing
-
-
-def _columns(node, columns):
-    table = node.confounds
-    if table is None:
-        raise InputError(f"{node.name} has no stored confounds; convert it with its confounds TSV.")
-    missing = [c for c in columns if c not in table]
-    if missing:
-        raise InputError(f"{node.name} has no confound column(s) {missing}; it has {list(table.columns)}.")
-    return table[list(columns)]
