@@ -3,8 +3,8 @@
 Tolerances: the maps are float32 files, so both sides permute the same
 values. The -log10 FWE p-values are ranks of the original t among the max-T
 null (engine and nilearn agree to ~1e-16, tests/test_permutation.py), so with
-the same permutations they are the same float64 numbers; our image stores
-them as float32, so nilearn's values cast to float32 must be *equal*. With
+the same permutations they are the same float64 numbers (our images are
+float64, as nilearn's); compared after a cast to float32 they must be *equal*. With
 independent random permutations the FWE p-values differ by Monte Carlo
 error only: |p1 - p2| has standard deviation sqrt(2 p (1 - p) / n_perm);
 5 of those plus 2/(n_perm+1) (the rank grid) bounds it.
@@ -103,7 +103,7 @@ def test_one_sample_sign_flips_list_of_paths(files, two_sided):
     ours = _ours(paths, _one_sample(), two_sided_test=two_sided, random_state=0)
     theirs = _nilearn(paths, _one_sample(), two_sided_test=two_sided, random_state=0)
     _assert_equal(ours, theirs)
-    assert ours.get_data_dtype() == np.float32
+    assert ours.get_data_dtype() == np.float64  # as nilearn's images
 
 
 def test_two_sample_from_a_4d_image(files):
@@ -383,3 +383,16 @@ def test_tfce_and_cluster_null_maxima_tie_as_nilearns(two_sided):
     for key in ("logp_max_t", "logp_max_tfce", "logp_max_size", "logp_max_mass"):
         np.testing.assert_array_equal(ours[key].get_fdata(dtype=np.float32),
                                       theirs[key].get_fdata().astype(np.float32), err_msg=key)
+
+
+def test_images_are_float64_as_nilearns_and_the_top_rank_stays_within_its_bound():
+    """Regression (nilearn's test_with_paths, failing at random): a float32 -log10 p of the top
+    rank, -log10(1 / 6) for n_perm=5, rounds *above* nilearn's float64 bound."""
+    images, design = _few_maps(8, 6)
+    params = dict(n_perm=5, random_state=0, two_sided_test=True)
+    ours, theirs = _ours(images, design, **params), _nilearn(images, design, **params)
+    assert ours.get_data_dtype() == theirs.get_data_dtype() == np.float64
+    logp = ours.get_fdata()
+    assert logp.max() == -np.log10(1.0 / 6)  # the top rank is reached ...
+    assert np.all(logp <= -np.log10(1.0 / (5 + 1)))  # ... and not exceeded
+    np.testing.assert_array_equal(logp, theirs.get_fdata())

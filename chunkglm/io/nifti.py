@@ -339,8 +339,8 @@ def mask_from_voxels(ijk, shape, affine) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, affine)
 
 
-def image_from_voxels(values, ijk, shape, header_bytes=None, affine=None):
-    """Build a float32 NIfTI image from in-mask values.
+def image_from_voxels(values, ijk, shape, header_bytes=None, affine=None, dtype=np.float32):
+    """Build a NIfTI image (float32 unless ``dtype`` says otherwise) from in-mask values.
 
     Parameters
     ----------
@@ -355,9 +355,9 @@ def image_from_voxels(values, ijk, shape, header_bytes=None, affine=None):
     affine : ndarray of shape (4, 4), optional
         Used when there is no original header.
     """
-    values = np.asarray(values, dtype=np.float32)
+    values = np.asarray(values, dtype=dtype)
     rows = values.reshape(1, -1) if values.ndim == 1 else values
-    data = np.zeros((*shape, rows.shape[0]), dtype=np.float32)
+    data = np.zeros((*shape, rows.shape[0]), dtype=dtype)
     data[ijk[:, 0], ijk[:, 1], ijk[:, 2], :] = rows.T
     if values.ndim == 1:
         data = data[..., 0]
@@ -370,7 +370,7 @@ def image_from_voxels(values, ijk, shape, header_bytes=None, affine=None):
         img = klass(data, header.get_best_affine(), header=header)
         if data.ndim == 3:
             img.header.set_zooms(header.get_zooms()[:3])
-    img.header.set_data_dtype(np.float32)
+    img.header.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
     return img
 

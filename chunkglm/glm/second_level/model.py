@@ -281,9 +281,10 @@ class SecondLevelModel(GLMReportMixin):
         self._last_run = (maps, self._fits[key])
         return self._fits[key]
 
-    def _to_image(self, maps, values):
+    def _to_image(self, maps, values, dtype=np.float32):
         grid = maps.grid
-        return image_from_voxels(np.asarray(values), maps.ijk, grid.shape, affine=grid.affine)
+        return image_from_voxels(np.asarray(values), maps.ijk, grid.shape, affine=grid.affine,
+                                 dtype=dtype)
 
     # -- voxelwise model attributes (nilearn 0.14 names) ----------------------------------
 

@@ -125,13 +125,13 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     images = permutation_maps(model, con_val, first_level_contrast, model_intercept=model_intercept,
                               n_perm=n_perm, two_sided_test=two_sided_test,
                               random_state=random_state, permutations=permutations, n_jobs=n_jobs,
-                              threshold=threshold, tfce=tfce)
+                              threshold=threshold, tfce=tfce, dtype=np.float64)
     return images["logp_max_t"] if threshold is None and not tfce else images
 
 
 def permutation_maps(model, con_val, first_level_contrast=None, *, model_intercept=True,
                      n_perm=10000, two_sided_test=False, random_state=None, permutations=None,
-                     n_jobs=1, threshold=None, tfce=False, progress=None) -> dict:
+                     n_jobs=1, threshold=None, tfce=False, progress=None, dtype=np.float32) -> dict:
     """nilearn's permutation maps of one t contrast of a fitted SecondLevelModel.
 
     The model's maps node and mask are used as they are (nothing is reloaded).
@@ -145,6 +145,10 @@ def permutation_maps(model, con_val, first_level_contrast=None, *, model_interce
     progress : callable, optional
         ``progress(done, total)`` after each voxel block (max-T) or
         permutation batch (clusters, TFCE).
+    dtype : numpy dtype, default float32
+        Of the images (the derivatives' float32); :func:`non_parametric_inference`
+        returns float64 images, as nilearn's (a float32 -log10 p of the top rank
+        rounds above nilearn's float64 bound -log10(1 / (n_perm + 1))).
     Other parameters are :func:`non_parametric_inference`'s (already checked).
 
     Returns
@@ -163,7 +167,7 @@ def permutation_maps(model, con_val, first_level_contrast=None, *, model_interce
         outputs = _volume_outputs(maps, tested, confounding, model_intercept, n_perm,
                                   two_sided_test, random_state, permutations, n_jobs, threshold,
                                   tfce, progress)
-    return {name: model._to_image(maps, values) for name, values in outputs.items()}
+    return {name: model._to_image(maps, values, dtype) for name, values in outputs.items()}
 
 
 # -- checks before any map is read ---------------------------------------------------------
