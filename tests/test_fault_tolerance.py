@@ -112,7 +112,7 @@ def test_a_worker_killed_mid_analysis_changes_nothing(small_store):
 
 
 def test_task_keys_map_to_their_run_and_voxel_block(small_store):
-    from chunkglm.glm.first_level import _fit_graph, locate_task
+    from chunkglm.graph.faults import _fit_graph, locate_task
 
     models, runs, events, _ = first_level_from_bids(small_store, "main")
     model = models[1].fit(runs[1], events=events[1])

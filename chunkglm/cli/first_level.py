@@ -37,7 +37,8 @@ from chunkglm.cli._common import (
 )
 from chunkglm.cli.progress import Reporter
 from chunkglm.errors import InputError
-from chunkglm.glm.first_level import _expression, explain_worker_deaths, first_level_from_bids, fitted_in_waves
+from chunkglm.glm.first_level import explain_worker_deaths, first_level_from_bids, fitted_in_waves
+from chunkglm.glm.first_level.model import _expression
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert

@@ -28,7 +28,10 @@ def test_what_passed_keeps_passing(anchor):
     outcomes = suites.run(suite)
     print(suites.table(outcomes))
     recorded = suite.passing.read_text().splitlines()
-    regressed = [test_id for test_id in recorded if outcomes.get(test_id) != "passed"]
+    # without the anchor's test data (../shared/peer-data) the tests reading it skip, saying why
+    data_missing = bool(suites.missing_data_option(suite, suites.package_folder(suite)))
+    kept = ("passed", "skipped") if data_missing else ("passed",)
+    regressed = [test_id for test_id in recorded if outcomes.get(test_id) not in kept]
     assert not regressed, (f"{len(regressed)} {anchor} tests that passed against chunkglm no longer "
                            f"do: {regressed[:20]}")
     assert recorded, "no passing id recorded: the suite measured nothing"

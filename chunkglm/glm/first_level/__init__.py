@@ -18,10 +18,6 @@ from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.graph.evaluate import fitted_in_waves, persist_fits
 from chunkglm.graph.faults import WorkerDiedError, explain_worker_deaths, locate_task, worker_died_error
 
-# private names imported from here by earlier callers (the CLI's contrast parsing, tests)
-from chunkglm.glm.first_level.model import _expression  # noqa: E402,F401  isort: skip
-from chunkglm.graph.faults import _fit_graph  # noqa: E402,F401  isort: skip
-
 __all__ = ["FirstLevelModel", "WorkerDiedError", "explain_worker_deaths", "first_level_from_bids",
            "fitted_in_waves", "locate_task", "make_first_level_design_matrix", "persist_fits",
            "worker_died_error"]
