@@ -141,18 +141,22 @@ def fit_patterns(
     aggressive_mask : bool
         Fit only voxels usable in every study.
     per_study : dict of name -> ndarray (..., K), optional
-        Keyword arguments with one entry per study.
+        Keyword arguments with one entry per study. ``groups`` (dependence-group
+        codes) also leaves unfitted (NaN) a pattern whose studies are all of one group.
 
     Returns
     -------
     ndarray of shape (len(outputs), V), float64
-        NaN where no pattern with at least :data:`MIN_STUDIES` studies covers a voxel.
+        NaN where no pattern with at least :data:`MIN_STUDIES` studies (and groups) covers a voxel.
     """
     n_voxels = valid.shape[1]
     out = np.full((len(outputs), n_voxels), np.nan)
+    groups = (per_study or {}).get("groups")
     for rows, voxels in pattern_groups(valid, aggressive_mask):
         if voxels.size == 0 or rows.sum() < MIN_STUDIES:
             continue
+        if groups is not None and np.unique(groups[rows]).size < MIN_STUDIES:
+            continue  # one dependence group: no independent replication (NiMARE leaves it NaN)
         result = _call(kernel, arrays, rows, voxels, params, per_study or {}, n_voxels)
         for i, name in enumerate(outputs):
             out[i, voxels] = result[name]

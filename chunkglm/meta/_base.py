@@ -93,7 +93,9 @@ class FittedInputs(MutableMapping):
     ``id`` (analysis ids), ``<type>_maps`` ((K, V) arrays of the in-mask values,
     read from the store on first access), ``sample_sizes`` (each analysis' list, as
     NiMARE keeps them), ``contrast_names`` (an integer dependence-group code per
-    image), ``corr_matrix`` (None) and, with ``aggressive_mask``, the voxel mask.
+    image), ``corr_matrix`` (the null correlation of the combination tests' groups, or None),
+    and, as NiMARE's, ``aggressive_mask`` (the voxels usable in every image) with
+    ``aggressive_mask=True``, ``data_bags`` (each missing-data pattern's rows and voxels) without.
     """
 
     def __init__(self, values: dict, loaders: dict):
@@ -102,7 +104,8 @@ class FittedInputs(MutableMapping):
 
     def __getitem__(self, key):
         if key not in self._values and key in self._loaders:
-            self._values[key] = np.asarray(self._loaders.pop(key)())
+            value = self._loaders.pop(key)()
+            self._values[key] = value if isinstance(value, dict) else np.asarray(value)
         return self._values[key]
 
     def __setitem__(self, key, value):

@@ -61,9 +61,11 @@ class IBMAEstimator(NiMAREBase):
         combination tests (Fishers, Stouffers) and warned about by the others.
     groupby : None, False, str or array-like
         None (NiMARE's default) groups images by ``study_id``, a str by that
-        per-image coordinate, an array gives one label per image. chunkglm
-        does not model dependence groups: every label must be unique (an
-        InputError says so otherwise). False treats every image as independent.
+        per-image coordinate, an array gives one label per image; images
+        sharing a label are a dependence group, modelled as NiMARE 0.22 models
+        them (:mod:`chunkglm.kernels.meta.dependence`). False treats every
+        image as independent. A missing-data pattern whose images all belong to
+        one group is not fitted (NaN), as in NiMARE.
     store : str or Path, optional
         Where NIfTI/Dataset inputs are converted (default: a temporary store).
     chunk_voxels : int, optional
@@ -84,6 +86,9 @@ class IBMAEstimator(NiMAREBase):
     _voxel_averaging = "warn"
     _chunkglm_only = ("store", "chunk_voxels", "chunk_bytes")
     _min_analyses = _bags.MIN_STUDIES
+    #: Whether the kernel models dependence groups (NiMARE 0.22's new-API estimators); the
+    #: old-API classes (NiMARE 0.0.x had no groups) refuse repeated labels instead.
+    _models_dependence = False
 
     def __init__(self, aggressive_mask=False, memory=None, memory_level=0, generate_description=True, *,
                  mask=None, groupby=None, store=None, chunk_voxels=None, chunk_bytes=None, **kwargs):
@@ -269,9 +274,13 @@ class IBMAEstimator(NiMAREBase):
             values["sample_sizes"] = ([nm.sample_size_list(raw[i]) for i in select] if raw is not None
                                       else [[float(v)] for v in sizes[select]])
         values["contrast_names"] = self._group_codes(maps, select)
-        loaders = {name: (lambda role=role: _read_rows(maps, role, rows)) for name, role in
-                   self._image_input_fields().items() if role in maps.variables}
-        self.inputs_ = FittedInputs(values, loaders)
+        fields = {name: role for name, role in self._image_input_fields().items() if role in maps.variables}
+        loaders = {name: (lambda role=role: _read_rows(maps, role, rows)) for name, role in fields.items()}
+        if self.aggressive_mask:
+            loaders["aggressive_mask"] = lambda: _validity(inputs, fields).all(axis=0)
+        else:
+            loaders["data_bags"] = lambda: _data_bags(inputs, fields)
+        inputs = self.inputs_ = FittedInputs(values, loaders)
         if collection is not None and rows is not None and rows.size != maps.n_images:
             keep = np.zeros(maps.n_images, dtype=bool)
             keep[rows] = True
@@ -321,12 +330,25 @@ class IBMAEstimator(NiMAREBase):
         return labels
 
     def _group_codes(self, maps: MetaMaps, select) -> np.ndarray:
+        """NiMARE's ``contrast_names``: labels coded in their sorted str order (every image its
+        own code with ``groupby=False``, NiMARE's warning when that hides repeated labels)."""
         labels = self._group_labels(maps, select)
-        if self.groupby is not False:
+        if self.groupby is False:
+            repeated = len(labels) - len(set(labels))
+            if repeated:
+                LGR.warning(f"{repeated} image(s) share a group with another image, but groupby=False was "
+                            "requested, so they will be treated as independent. This inflates significance.")
+            labels = list(np.asarray(maps.ids)[select])
+        elif not self._models_dependence:
             _refuse_groups(type(self).__name__, labels, "study_id" if self.groupby is None else
                            (self.groupby if isinstance(self.groupby, str) else "groupby"))
         codes = {label: i for i, label in enumerate(sorted(set(labels), key=str))}
         return np.array([codes[label] for label in labels])
+
+    def _grouped(self) -> bool:
+        """Whether some fitted images share a dependence group."""
+        codes = np.asarray(self.inputs_["contrast_names"])
+        return np.unique(codes).size < codes.size
 
     def _usable_images(self, maps, roles, drop_invalid) -> np.ndarray:
         """NiMARE drops images with no usable voxel, naming them (one global pass)."""
@@ -367,6 +389,8 @@ class IBMAEstimator(NiMAREBase):
         if sizes is not None and rows is not None:
             sizes = sizes[rows]
         params, per_study = self._split_params(self._kernel_params())
+        if self._grouped():
+            per_study["groups"] = np.asarray(self.inputs_["contrast_names"])
         outputs = self._outputs()
         # one row more than the maps: which voxels held a NaN/inf (MetaResult's warning)
         return meta_graph.block_maps(
@@ -410,6 +434,37 @@ def _read_rows(maps: MetaMaps, role, rows) -> np.ndarray:
     return values if rows is None else values[rows]
 
 
+def _validity(inputs, fields) -> np.ndarray:
+    """(K, V) bool: the entries usable in every image input (NiMARE's intersection of ``_usable``)."""
+    arrays = {role: inputs[name] for name, role in fields.items()}
+    return _bags.validity(arrays, next(iter(arrays.values())).dtype)
+
+
+def _data_bags(inputs, fields) -> dict:
+    """NiMARE's ``inputs_["data_bags"]``: per image input, one dict per missing-data pattern
+    fitted (``values`` (s, v) float64, ``voxel_mask`` voxel indices, ``study_mask`` image
+    indices), patterns in order of their first voxel, those with fewer than two images left
+    out; every input shares the same index arrays. Read from the store when first asked for
+    (the fit itself works block by block)."""
+    valid = _validity(inputs, fields)
+    patterns, inverse = _bags.voxel_patterns(valid)
+    first = np.full(len(patterns), inverse.size)
+    np.minimum.at(first, inverse, np.arange(inverse.size))
+    rank = np.empty(len(patterns), dtype=np.intp)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(patterns))
+    order = np.argsort(rank[inverse], kind="stable")
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(rank[inverse], minlength=len(patterns)))))
+    bags = []
+    for p in range(len(patterns)):
+        voxels = order[bounds[p]:bounds[p + 1]]
+        studies = np.flatnonzero(valid[:, voxels[0]])
+        if studies.size >= _bags.MIN_STUDIES:
+            bags.append((voxels, studies))
+    return {name: [{"values": np.asarray(inputs[name][np.ix_(studies, voxels)], dtype=np.float64),
+                    "voxel_mask": voxels, "study_mask": studies} for voxels, studies in bags]
+            for name in fields}
+
+
 def _narrow(collection, keep):
     """The collection restricted to the analyses kept (a Studyset's ``select_analyses``, a Dataset's ``slice``)."""
     if hasattr(collection, "select_analyses"):
@@ -423,10 +478,10 @@ def _refuse_groups(name, labels, what):
     values, counts = np.unique(np.asarray([str(v) for v in labels]), return_counts=True)
     if (counts > 1).any():
         raise InputError(
-            f"{name}: images share a {what} ({values[counts > 1][:5].tolist()} ...), which "
-            "NiMARE 0.22 models as dependence groups (cluster-robust errors, Brown's method). chunkglm "
-            "does not model dependence groups: give each image its own study_id, or pass groupby=False "
-            "to treat the images as independent (this inflates significance if they share participants).")
+            f"{name}: images share a {what} ({values[counts > 1][:5].tolist()} ...). {name} is NiMARE "
+            "0.0.x's API, which had no dependence groups: give each image its own study_id, pass "
+            "groupby=False to treat the images as independent (this inflates significance if they share "
+            "participants), or use a NiMARE 0.22 estimator, which models the groups.")
 
 
 def _check_kwargs(name, kwargs):

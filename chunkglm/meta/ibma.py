@@ -15,10 +15,11 @@ New API (NiMARE >= 0.1): :class:`Fishers`, :class:`Stouffers`,
 :class:`FFX_GLM`, :class:`MFX_GLM`, :class:`RFX_GLM`, :class:`WeightedStouffers`
 and the old ``Stouffers(inference, null, n_iters, two_sided)`` signature.
 
-Differences from NiMARE (all refused with an InputError, never silently
-different): dependence groups (several images sharing a ``study_id`` with
-``groupby=None``, or a ``groupby`` that groups images) are not modelled, so
-``weight_scheme``/``rho`` have no effect. Maps not on the mask's grid are
+Dependence groups (several images sharing a ``study_id`` with
+``groupby=None``, or a ``groupby`` that groups images) are modelled as NiMARE
+0.22 models them: the regression estimators through PyMARE's
+``weight_scheme``/``rho``, CR2 standard errors and Satterthwaite dof
+(:mod:`chunkglm.kernels.meta.dependence`). Maps not on the mask's grid are
 resampled at conversion as NiMARE resamples them (``resample__*`` options).
 The base class and the input handling are in :mod:`chunkglm.meta._estimator`.
 """
@@ -43,7 +44,14 @@ _SMALL_SAMPLE = ("knapp-hartung", "knapp-hartung-conservative", "wald")
 
 
 class _RegressionEstimator(IBMAEstimator):
-    """PyMARE meta-regression estimators: ``weight_scheme``, ``rho``, ``small_sample_correction``."""
+    """PyMARE meta-regression estimators: ``weight_scheme``, ``rho``, ``small_sample_correction``.
+
+    ``weight_scheme`` and ``rho`` apply where images share a dependence group (without
+    groups PyMARE has nothing to rescale or collapse); ``small_sample_correction`` applies
+    where they do not (with groups, CR2 errors and Satterthwaite dof replace it), as in NiMARE.
+    """
+
+    _models_dependence = True
 
     def __init__(self, weight_scheme="rescale", rho=0.8, small_sample_correction=None, **kwargs):
         if weight_scheme not in _WEIGHT_SCHEMES:
@@ -56,7 +64,6 @@ class _RegressionEstimator(IBMAEstimator):
         if not 0.0 <= float(rho) <= 1.0:
             raise InputError(f"Invalid rho {rho!r}; must lie in [0, 1].")
         super().__init__(**kwargs)
-        # Without dependence groups NiMARE passes no groups to PyMARE: both are inert.
         self.weight_scheme = weight_scheme
         self.rho = float(rho)
         self.small_sample_correction = small_sample_correction
@@ -65,6 +72,8 @@ class _RegressionEstimator(IBMAEstimator):
         params = {}
         if self.small_sample_correction is not None:
             params["small_sample_correction"] = self.small_sample_correction
+        if self._grouped():
+            params.update(weight_scheme=self.weight_scheme, rho=self.rho)
         return _accepted(self._kernel_name(), params)
 
 

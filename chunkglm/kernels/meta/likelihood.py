@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.kernels.meta import dependence as dep
 from chunkglm.kernels.meta._arrays import _block, _ksum, _log_ksum, _sample_sizes
 from chunkglm.kernels.meta.distributions import _EPS, _TINY
 from chunkglm.kernels.meta.wls import _dersimonian_laird_tau2, _fe_maps, _variances, _wls
@@ -245,15 +246,17 @@ def _reml(method):
     return method == "reml"
 
 
-def variance_based_likelihood(beta, varcope, method="ml",
-                              small_sample_correction="knapp-hartung") -> dict:
+def variance_based_likelihood(beta, varcope, method="ml", small_sample_correction="knapp-hartung",
+                              groups=None, weight_scheme="rescale", rho=0.8) -> dict:
     """NiMARE 0.22 ``VarianceBasedLikelihood``: ML/REML tau^2, then WLS with 1 / (v + tau^2).
 
     Notes
     -----
     Minimises PyMARE's profiled negative log-likelihood
     0.5 (sum log(v + tau^2) + sum w (y - b)^2 [+ log sum w]) (REML adds the
-    bracket) over tau^2 >= 0 (see module notes for the solver).
+    bracket) over tau^2 >= 0 (see module notes for the solver). With dependence
+    groups (``groups``: see :func:`chunkglm.kernels.meta.wls.weighted_least_squares`)
+    the likelihood is that of the collapsed groups under "rescale" and "collapse".
 
     Returns
     -------
@@ -261,6 +264,9 @@ def variance_based_likelihood(beta, varcope, method="ml",
         ``z``, ``p``, ``logp``, ``est``, ``se``, ``tau2``, ``dof``.
     """
     y, v = _variances(beta, varcope)
+    if dep.has_dependence(groups):
+        return dep.grouped_fit(y, v, groups, weight_scheme, rho, lambda yy, vv: _vbl_tau2(yy, vv, method),
+                               extra=lambda tau2: {"tau2": tau2})
     tau2 = _vbl_tau2(y, v, method)
     return _fe_maps(y, 1.0 / (v + tau2), small_sample_correction, {"tau2": tau2})
 
@@ -277,8 +283,8 @@ def _ssbl_problem(y, n, method):
     return _NegLogLik(_Profile(y, inv_n, 1.0 - inv_n), _reml(method), True, y.shape[0])
 
 
-def sample_size_based_likelihood(beta, sample_sizes, method="ml",
-                                 small_sample_correction="knapp-hartung") -> dict:
+def sample_size_based_likelihood(beta, sample_sizes, method="ml", small_sample_correction="knapp-hartung",
+                                 groups=None, weight_scheme="rescale", rho=0.8) -> dict:
     """NiMARE 0.22 ``SampleSizeBasedLikelihood``: tau^2 and a common sigma^2 from sample sizes.
 
     Notes
@@ -286,7 +292,10 @@ def sample_size_based_likelihood(beta, sample_sizes, method="ml",
     PyMARE's parameterisation: ratio r = tau^2 / (tau^2 + sigma^2) in [0, 1],
     unit variances r + (1 - r) / n, scale = sum (y - b)^2 / v_unit / (K - ddof)
     (ddof = 1 for REML), sigma^2 = scale (1 - r), tau^2 = scale r; the
-    coefficient is then the WLS fit with v = sigma^2 / n and tau^2.
+    coefficient is then the WLS fit with v = sigma^2 / n and tau^2. With
+    dependence groups (``groups``: see :func:`chunkglm.kernels.meta.wls.weighted_least_squares`)
+    the variance components come from the groups collapsed with an effective
+    sample size under "rescale" and "collapse" (PyMARE's ``collapse_groups_by_n``).
 
     Returns
     -------
@@ -301,6 +310,29 @@ def sample_size_based_likelihood(beta, sample_sizes, method="ml",
     """
     y = _block("beta", beta)
     n = np.broadcast_to(_sample_sizes(sample_sizes, y.shape), y.shape)
+    if dep.has_dependence(groups):
+        dep._check_scheme(weight_scheme, rho)
+        grouping = dep.Groups(groups)
+        if weight_scheme == "collapse":
+            y, n = dep.collapse_by_n(y, n, grouping, rho)
+            grouping = dep.Groups(np.arange(grouping.n_groups))
+            fit_y, fit_n = y, n
+        elif weight_scheme == "rescale":
+            fit_y, fit_n = dep.collapse_by_n(y, n, grouping, rho)
+        else:
+            fit_y, fit_n = y, n
+        sigma2, tau2 = _ssbl_components(fit_y, fit_n, method)
+        v = sigma2 / n
+        w = (dep.correlated_effects_weights(v, grouping, tau2) if weight_scheme == "rescale"
+             else 1.0 / (v + tau2))
+        est, var, dof = dep.cluster_robust(y, w, grouping)
+        return dep.robust_maps(est, var, dof, {"tau2": tau2, "sigma2": sigma2})
+    sigma2, tau2 = _ssbl_components(y, n, method)
+    return _fe_maps(y, 1.0 / (sigma2 / n + tau2), small_sample_correction, {"tau2": tau2, "sigma2": sigma2})
+
+
+def _ssbl_components(y, n, method):
+    """(sigma^2, tau^2) of the sample-size-based likelihood, all voxels at once."""
     spread = n.std(axis=0)
     if np.any(spread < np.sqrt(_EPS)):
         raise InputError("SampleSizeBasedLikelihood cannot separate tau^2 from sigma^2 when every "
@@ -308,7 +340,7 @@ def sample_size_based_likelihood(beta, sample_sizes, method="ml",
                          f"({n[0, 0]:g}). Use VarianceBasedLikelihood with variance maps instead.")
     if np.any(spread < n.mean(axis=0) / 10):
         warnings.warn("Sample sizes are too close in some voxels; the sample size-based likelihood "
-                      "estimator may fail (PyMARE's warning).", UserWarning, stacklevel=2)
+                      "estimator may fail (PyMARE's warning).", UserWarning, stacklevel=3)
     nll = _ssbl_problem(y, n, method)
     v_dim = y.shape[1]
     ratio = _minimise(nll, _scan_points(np.zeros(v_dim), np.ones(v_dim)))
@@ -316,10 +348,7 @@ def sample_size_based_likelihood(beta, sample_sizes, method="ml",
     _, _, resid = _wls(y, 1.0 / v_unit)
     ddof = 1 if _reml(method) else 0
     scale = np.maximum(_ksum(resid * resid / v_unit), _TINY) / (y.shape[0] - ddof)
-    sigma2, tau2 = scale * (1.0 - ratio), scale * ratio
-    maps = _fe_maps(y, 1.0 / (sigma2 / n + tau2), small_sample_correction,
-                    {"tau2": tau2, "sigma2": sigma2})
-    return maps
+    return scale * (1.0 - ratio), scale * ratio
 
 
 def sample_size_based_nll(beta, sample_sizes, ratio, method="ml") -> np.ndarray:

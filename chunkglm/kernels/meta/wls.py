@@ -15,6 +15,7 @@ import numpy as np
 from scipy import special, stats
 
 from chunkglm.errors import InputError
+from chunkglm.kernels.meta import dependence as dep
 from chunkglm.kernels.meta._arrays import _block, _check_correction, _dof_map, _ksum, _same_shape, _sample_sizes
 from chunkglm.kernels.meta.distributions import _EPS, _LOG2, nimare_logp
 
@@ -65,7 +66,17 @@ def _variances(beta, varcope):
     return y, v
 
 
-def weighted_least_squares(beta, varcope, tau2=0.0, small_sample_correction="wald") -> dict:
+_GROUPS_DOC = """groups : array of shape (K,), optional
+        Dependence-group label of each study. Where a label repeats, PyMARE's
+        grouped model applies (:mod:`.dependence`: ``weight_scheme``, ``rho``, CR2
+        errors, Satterthwaite dof; ``small_sample_correction`` then has no effect).
+    weight_scheme : {"rescale", "individual", "collapse"}
+    rho : float
+        Assumed within-group correlation, in [0, 1]."""
+
+
+def weighted_least_squares(beta, varcope, tau2=0.0, small_sample_correction="wald", groups=None,
+                           weight_scheme="rescale", rho=0.8) -> dict:
     """NiMARE 0.22 ``WeightedLeastSquares``: PyMARE WLS at a given tau^2.
 
     Parameters
@@ -76,6 +87,8 @@ def weighted_least_squares(beta, varcope, tau2=0.0, small_sample_correction="wal
         Assumed between-study variance, >= 0.
     small_sample_correction : str
         PyMARE's default for this estimator is "wald" (tau^2 is not estimated).
+    groups, weight_scheme, rho
+        See :data:`_GROUPS_DOC` (dependence groups).
 
     Returns
     -------
@@ -87,6 +100,8 @@ def weighted_least_squares(beta, varcope, tau2=0.0, small_sample_correction="wal
     if np.any(tau2 < 0) or tau2.shape not in ((), (y.shape[1],)):
         raise InputError(f"tau2 must be >= 0, a float or one value per voxel ({y.shape[1]},); "
                          f"received shape {tau2.shape}, min {tau2.min() if tau2.size else None}.")
+    if dep.has_dependence(groups):
+        return dep.grouped_fit(y, v, groups, weight_scheme, rho, lambda *_: tau2)
     return _fe_maps(y, 1.0 / (v + tau2), small_sample_correction)
 
 
@@ -99,8 +114,12 @@ def _dersimonian_laird_tau2(y, v):
     return np.maximum(0.0, (q - (y.shape[0] - 1)) / a)
 
 
-def dersimonian_laird(beta, varcope, small_sample_correction="knapp-hartung") -> dict:
+def dersimonian_laird(beta, varcope, small_sample_correction="knapp-hartung", groups=None,
+                      weight_scheme="rescale", rho=0.8) -> dict:
     """NiMARE 0.22 ``DerSimonianLaird``: moment tau^2, then WLS with 1 / (v + tau^2).
+
+    With dependence groups (``groups``, see :data:`_GROUPS_DOC`) and ``"rescale"``,
+    tau^2 is the correlated-effects moment estimator.
 
     Returns
     -------
@@ -108,12 +127,28 @@ def dersimonian_laird(beta, varcope, small_sample_correction="knapp-hartung") ->
         ``z``, ``p``, ``logp``, ``est``, ``se``, ``tau2``, ``dof``.
     """
     y, v = _variances(beta, varcope)
+    if dep.has_dependence(groups):
+        return dep.grouped_fit(y, v, groups, weight_scheme, rho, _dersimonian_laird_tau2,
+                               lambda yy, vv, g: dep.correlated_effects_tau2(yy, vv, g, rho),
+                               extra=lambda tau2: {"tau2": tau2})
     tau2 = _dersimonian_laird_tau2(y, v)
     return _fe_maps(y, 1.0 / (v + tau2), small_sample_correction, {"tau2": tau2})
 
 
-def hedges(beta, varcope, small_sample_correction="knapp-hartung") -> dict:
+def _hedges_tau2(y, v):
+    """Hedges' tau^2 (intercept only): max(0, (OLS RSS - (K-1)/K sum v) / (K-1))."""
+    k = y.shape[0]
+    resid = y - _ksum(y) / k
+    expected = _ksum((1.0 - 1.0 / k) * v)
+    return np.maximum(0.0, (_ksum(resid * resid) - expected) / (k - 1))
+
+
+def hedges(beta, varcope, small_sample_correction="knapp-hartung", groups=None, weight_scheme="rescale",
+           rho=0.8) -> dict:
     """NiMARE 0.22 ``Hedges``: tau^2 = max(0, (OLS RSS - (K-1)/K sum v) / (K-1)), then WLS.
+
+    With dependence groups (``groups``, see :data:`_GROUPS_DOC`), tau^2 comes from the
+    collapsed groups under "rescale" and "collapse".
 
     Returns
     -------
@@ -121,14 +156,14 @@ def hedges(beta, varcope, small_sample_correction="knapp-hartung") -> dict:
         ``z``, ``p``, ``logp``, ``est``, ``se``, ``tau2``, ``dof``.
     """
     y, v = _variances(beta, varcope)
-    k = y.shape[0]
-    resid = y - _ksum(y) / k
-    expected = _ksum((1.0 - 1.0 / k) * v)
-    tau2 = np.maximum(0.0, (_ksum(resid * resid) - expected) / (k - 1))
+    if dep.has_dependence(groups):
+        return dep.grouped_fit(y, v, groups, weight_scheme, rho, _hedges_tau2, extra=lambda tau2: {"tau2": tau2})
+    tau2 = _hedges_tau2(y, v)
     return _fe_maps(y, 1.0 / (v + tau2), small_sample_correction, {"tau2": tau2})
 
 
-def fixed_effects_hedges(t, sample_sizes, tau2=0.0, small_sample_correction="wald") -> dict:
+def fixed_effects_hedges(t, sample_sizes, tau2=0.0, small_sample_correction="wald", groups=None,
+                         weight_scheme="rescale", rho=0.8) -> dict:
     """NiMARE 0.22 ``FixedEffectsHedges``: Hedges' g from t maps, then WLS at ``tau2``.
 
     Notes
@@ -147,4 +182,5 @@ def fixed_effects_hedges(t, sample_sizes, tau2=0.0, small_sample_correction="wal
     h = 1 - (3 / (4 * (n - 1) - 1))
     g = d * h
     var_g = ((n - 1) * (1 + n * d**2) * (h**2) / (n * (n - 3))) - d**2
-    return weighted_least_squares(g, var_g, tau2=tau2, small_sample_correction=small_sample_correction)
+    return weighted_least_squares(g, var_g, tau2=tau2, small_sample_correction=small_sample_correction,
+                                  groups=groups, weight_scheme=weight_scheme, rho=rho)

@@ -1,0 +1,136 @@
+"""Dependence groups (several images of one study) against the real NiMARE 0.22.
+
+The maps of ``_nimare_reference.write_maps_folder`` (K = 8, several missing-data
+patterns) with study ids that put images 0-1 and 2-4 in one study each
+(5 groups), fitted by NiMARE in ``.venv-nimare`` and by chunkglm.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+
+import _nimare_reference as reference
+from chunkglm.kernels.meta import dependence
+from chunkglm.meta import convert_meta_maps, ibma
+from test_meta_parity import ROOT, _python, assert_maps_equal
+
+STUDIES = ["s-a", "s-a", "s-b", "s-b", "s-b", "s-c", "s-d", "s-e"]
+
+FITS = {
+    "wls": ("WeightedLeastSquares", {}),
+    "wls_tau_collapse": ("WeightedLeastSquares", {"tau2": 0.05, "weight_scheme": "collapse"}),
+    "wls_individual": ("WeightedLeastSquares", {"weight_scheme": "individual"}),
+    "dsl": ("DerSimonianLaird", {}),
+    "dsl_rho0": ("DerSimonianLaird", {"rho": 0.0}),
+    "dsl_individual": ("DerSimonianLaird", {"weight_scheme": "individual"}),
+    "dsl_collapse": ("DerSimonianLaird", {"weight_scheme": "collapse"}),
+    "dsl_aggr": ("DerSimonianLaird", {"aggressive_mask": True}),
+    "hedges": ("Hedges", {}),
+    "hedges_collapse": ("Hedges", {"weight_scheme": "collapse"}),
+    "feh": ("FixedEffectsHedges", {}),
+    "vbl_ml": ("VarianceBasedLikelihood", {"method": "ml"}),
+    "vbl_reml_individual": ("VarianceBasedLikelihood", {"method": "reml", "weight_scheme": "individual"}),
+    "ssbl": ("SampleSizeBasedLikelihood", {}),
+    "ssbl_collapse": ("SampleSizeBasedLikelihood", {"weight_scheme": "collapse"}),
+}
+# The likelihood estimators solve for tau2 numerically (see test_meta_parity: chunkglm's Newton
+# converges to ~1e-13, PyMARE's bounded minimiser stops at its xtol of 1e-6 in the search
+# variable), so what depends on tau2 agrees to that tolerance; the closed forms (CR2 and
+# Satterthwaite in closed form for the intercept-only model) agree to float32 rounding of
+# NiMARE's stored maps (1e-6 relative) with 1e-7 absolute for tau2 near 0.
+OPTIMISED = ("vbl_ml", "vbl_reml_individual", "ssbl", "ssbl_collapse")
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dependence")
+    spec = reference.write_maps_folder(folder / "maps")
+    for image, study in zip(spec["images"], STUDIES):
+        image["study_id"] = study
+    table = pd.DataFrame(spec["images"])
+    node = convert_meta_maps(table, folder / "meta.zarr", "studies", mask_img=spec["mask"])
+    spec["fits"] = [{"name": n, "class": c, "params": p} for n, (c, p) in FITS.items()]
+    spec_path, out = folder / "spec.json", folder / "nimare.npz"
+    spec_path.write_text(json.dumps(spec))
+    run = subprocess.run([_python(), str(ROOT / "tests" / "_nimare_reference.py"), str(spec_path), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = np.load(out)
+    maps = {}
+    for key in data.files:
+        if "/" in key:
+            fit, name = key.split("/", 1)
+            maps.setdefault(fit, {})[name] = data[key]
+    return {"node": node, "nimare": maps}
+
+
+@pytest.mark.parametrize("name", sorted(FITS))
+def test_grouped_maps_equal_nimare(name, grouped):
+    klass, params = FITS[name]
+    with dask.config.set(scheduler="synchronous"):
+        result = getattr(ibma, klass)(**params).fit(grouped["node"])
+        maps = result.maps
+    if name in OPTIMISED:
+        assert_maps_equal(maps, grouped["nimare"][name], rtol=1e-4, atol=1e-6)
+    else:
+        assert_maps_equal(maps, grouped["nimare"][name], rtol=1e-6, atol=1e-7)
+
+
+def test_groups_change_the_maps_and_dof_is_satterthwaite(grouped):
+    with dask.config.set(scheduler="synchronous"):
+        grouped_fit = ibma.DerSimonianLaird(aggressive_mask=True).fit(grouped["node"]).maps
+        naive = ibma.DerSimonianLaird(aggressive_mask=True, groupby=False).fit(grouped["node"]).maps
+    dof = grouped_fit["dof"][np.isfinite(grouped_fit["dof"])]
+    assert dof.size and np.all(dof < 7) and not np.allclose(dof, np.round(dof))
+    assert np.all(naive["dof"][np.isfinite(naive["dof"])] == 7)
+    valid = np.isfinite(grouped_fit["p"]) & np.isfinite(naive["p"])
+    assert not np.allclose(grouped_fit["est"][valid], naive["est"][valid])
+
+
+def test_single_group_pattern_is_not_fitted():
+    """A missing-data pattern whose images all come from one study is NaN (NiMARE skips it)."""
+    rng = np.random.default_rng(0)
+    beta, varcope = rng.normal(size=(4, 6)), rng.uniform(0.5, 1.0, (4, 6))
+    beta[2:, 4:] = np.nan
+    from chunkglm.kernels import meta as km
+    from chunkglm.meta import _bags
+    valid = _bags.validity({"beta": beta, "varcope": varcope}, np.float64)
+    out = _bags.fit_patterns(km.KERNELS["DerSimonianLaird"], {"beta": np.nan_to_num(beta), "varcope": varcope},
+                             valid, km.OUTPUTS["DerSimonianLaird"], {"weight_scheme": "rescale", "rho": 0.8},
+                             per_study={"groups": np.array([0, 0, 1, 1])})
+    assert np.isnan(out[:, 4:]).all() and np.isfinite(out[:, :4]).all()
+
+
+def test_cluster_robust_closed_form_equals_the_general_sandwich():
+    """The intercept-only CR2 closed form against the general formula (explicit matrices)."""
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 0, 0, 1, 2, 2, 3])
+    y, w = rng.normal(size=(7, 3)), rng.uniform(0.5, 2.0, (7, 3))
+    est, var, dof = dependence.cluster_robust(y, w, dependence.Groups(labels))
+    for col in range(3):
+        wc = w[:, col]
+        bread = 1.0 / wc.sum()
+        e = y[:, col] - (wc * y[:, col]).sum() * bread
+        meat, blocks = 0.0, []
+        for g in np.unique(labels):
+            rows = labels == g
+            xt = np.sqrt(wc[rows])[:, None]
+            vals, vecs = np.linalg.eigh(np.eye(rows.sum()) - xt @ xt.T * bread)
+            adjust = vecs @ np.diag(vals ** -0.5) @ vecs.T
+            meat += (xt.T @ adjust @ (np.sqrt(wc[rows]) * e[rows])).item() ** 2
+            b = np.zeros(7)
+            b[rows] = (adjust @ xt).ravel() * bread
+            blocks.append(b)
+        # Satterthwaite: G = (I - H) B with H the whitened hat matrix
+        xt_all = np.sqrt(wc)[:, None]
+        g_mat = (np.eye(7) - xt_all @ xt_all.T * bread) @ np.stack(blocks, axis=1)
+        s = g_mat.T @ g_mat
+        # float64 sums of 7 terms: agreement to ~1e-15 relative, 1e-12 leaves margin
+        np.testing.assert_allclose(var[col], bread ** 2 * meat, rtol=1e-12)
+        np.testing.assert_allclose(dof[col], np.trace(s) ** 2 / np.trace(s @ s), rtol=1e-12)
