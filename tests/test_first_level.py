@@ -127,9 +127,6 @@ def test_bad_inputs_fail_before_any_compute(store, tiny_bids_sessions):
         FirstLevelModel().fit(node, confounds=node.confounds[["trans_x_derivative1"]])
     with pytest.raises(InputError, match="rows but the run has"):
         FirstLevelModel().fit(node, confounds=node.confounds.iloc[:-1][["csf"]])
-    dup = node.confounds[["csf"]].assign(csf2=lambda f: f["csf"] * 2)
-    with pytest.raises(InputError, match="rank deficient"):
-        FirstLevelModel().fit(node, confounds=dup)
     model = FirstLevelModel().fit(node)
     with pytest.raises(InputError, match="cannot be evaluated"):
         model.compute_contrast("a - nope")
@@ -363,3 +360,29 @@ def test_null_contrast_for_one_run_and_tables_as_paths_match_nilearn(tiny_bids_s
         FirstLevelModel(mask_img=mask).fit(images[0], design_matrices=tmp_path / "design.txt")
     with pytest.raises(TypeError, match="design_matrices can only be a pandas DataFrame"):
         FirstLevelModel(mask_img=mask).fit(images[0], design_matrices=3)
+
+
+@pytest.mark.parametrize("noise_model", ["ols", "ar1"])
+def test_rank_deficient_design_is_fitted_as_nilearn_fits_it(tiny_bids, float_store, noise_model):
+    """A duplicated confound (csf and 2 csf): nilearn fits it with pinv (minimum-norm betas,
+    t/F df n - rank, dispersion SSE / (n - p)); chunkglm does the same in an SVD basis, with a
+    warning. An estimable contrast and the non-estimable csf column (its minimum-norm share)
+    equal nilearn's.
+
+    Tolerance: OLS, the full-rank one (both drop the same null direction). AR(1): nilearn's
+    design builder regularises the null direction to 1e-15 of the largest singular value, and
+    scipy's pinv of the *whitened* design (cut-off max(n, p) eps, relative) may keep it, adding
+    rounding noise amplified by up to 1e15 x eps ~ 0.2 along a direction the contrasts are
+    orthogonal to within ~1e-6 (measured 1.4e-6 on z): 1e-5."""
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    events, confounds = _inputs(tiny_bids, [run])
+    confounds = [confounds[0].assign(csf2=lambda f: f["csf"] * 2)]
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model=noise_model,
+                  mask_img=nib.Nifti1Image(node.grid.mask.astype(np.uint8), node.grid.affine))
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events, confounds=confounds)
+    with pytest.warns(UserWarning, match="rank deficient.*fitted as nilearn fits it"):
+        ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
+    tolerance = REL_L2["float32"] if noise_model == "ols" else 1e-5
+    _compare(ours, ref, node.grid.mask, "a - b", "t", tolerance)
+    _compare(ours, ref, node.grid.mask, "csf", "t", tolerance)

@@ -7,6 +7,8 @@ frame times and validates inputs, then calls
 
 from __future__ import annotations
 
+import warnings
+
 import os
 
 import numpy as np
@@ -92,13 +94,13 @@ def run_design(n_scans, t_r, slice_time_ref, events, confounds, *, hrf_model, dr
 
 
 def check_rank(design: pd.DataFrame, where: str) -> None:
-    """Refuse rank-deficient designs before any data is read."""
+    """Warn about a rank-deficient design, which is fitted as nilearn fits it (pseudo-inverse)."""
     X = design.to_numpy(dtype=np.float64)
-    eps = np.abs(X).sum() * np.finfo(np.float64).eps
-    rank = np.linalg.matrix_rank(X, eps)
+    rank = np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(np.float64).eps)  # nilearn's df rank
     if rank < X.shape[1]:
-        raise InputError(
+        warnings.warn(
             f"the design matrix of {where} is rank deficient (rank {rank} for {X.shape[1]} "
-            f"columns {list(design.columns)}): some regressors are linear combinations of others. "
-            "Remove duplicated or constant confounds, or events that never occur."
-        )
+            f"columns {list(design.columns)}): it is fitted as nilearn fits it (pseudo-inverse: "
+            "minimum-norm betas, residual df n_scans - rank), and contrasts of regressors that are "
+            "linear combinations of others are not estimable. Remove duplicated or constant "
+            "confounds, or events that never occur.", UserWarning, stacklevel=3)

@@ -88,8 +88,8 @@ def _check_confounds(confounds, labels) -> None:
         raise InputError(f"confounds column(s) {nan_cols[:5]} hold NaN or non-numbers; fill or drop them.")
 
 
-def check_design(design, n_maps: int) -> pd.DataFrame:
-    """A usable second-level design: a numeric table, one row per map, full rank.
+def check_design(design, n_maps: int, full_rank: bool = False) -> pd.DataFrame:
+    """A usable second-level design: a numeric table, one row per map.
 
     Parameters
     ----------
@@ -97,6 +97,10 @@ def check_design(design, n_maps: int) -> pd.DataFrame:
         A table, or a .csv / .tsv file of one (as nilearn's).
     n_maps : int or None
         Maps modelled; None when not known yet (checked again later).
+    full_rank : bool
+        Refuse a rank-deficient design (permutation inference: nilearn's
+        permuted_ols returns all-zero maps for one). Otherwise it is fitted
+        as nilearn fits it (pseudo-inverse), with a warning.
 
     Returns
     -------
@@ -115,7 +119,7 @@ def check_design(design, n_maps: int) -> pd.DataFrame:
         raise InputError("the design matrix holds NaN or infinite values; fill or drop those rows/columns.")
     if len(set(map(str, design.columns))) != design.shape[1]:
         raise InputError(f"the design matrix's column names are not unique: {list(design.columns)}.")
-    _check_rank(design, X)
+    _check_rank(design, X, full_rank)
     return design
 
 
@@ -133,15 +137,21 @@ def _load_design(design) -> pd.DataFrame:
                      f"received {type(design).__name__}.")
 
 
-def _check_rank(design, X) -> None:
-    eps = np.abs(X).sum() * np.finfo(np.float64).eps
-    rank = np.linalg.matrix_rank(X, eps)
+def _check_rank(design, X, full_rank) -> None:
+    rank = np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(np.float64).eps)  # nilearn's df rank
     if rank == X.shape[1]:
         return
     constant = [str(c) for c, col in zip(design.columns, X.T) if np.ptp(col) == 0]
     hint = (f" Constant columns: {constant} (keep one intercept: another constant column "
             "carries no information)." if len(constant) > 1 or not X.any(axis=0).all() else "")
-    raise InputError(
+    if full_rank:
+        raise InputError(
+            f"the second-level design is rank deficient (rank {rank} for {X.shape[1]} columns "
+            f"{list(design.columns)}): some columns are combinations of others, so permutation "
+            f"inference cannot separate their effects (nilearn's returns all-zero maps).{hint} "
+            "Remove or merge those columns.")
+    warnings.warn(
         f"the second-level design is rank deficient (rank {rank} for {X.shape[1]} columns "
-        f"{list(design.columns)}): some columns are combinations of others, so their effects "
-        f"cannot be estimated.{hint} Remove or merge those columns.")
+        f"{list(design.columns)}): it is fitted as nilearn fits it (pseudo-inverse: minimum-norm "
+        f"betas, residual df n_maps - rank), and contrasts of columns that are combinations of "
+        f"others are not estimable.{hint} Remove or merge those columns.", UserWarning, stacklevel=4)

@@ -99,12 +99,12 @@ def _lag_rho(stats, grand, n_time):
     return ar.yule_walker(lags, heads, tails, grand, n_time)
 
 
-def _fit_ar_block(dmx, lagm, clusters, position, df_residuals):
+def _fit_ar_block(dmx, lagm, clusters, position, df_residuals, n_columns):
     levels, indices = clusters
-    return ar.fit_ar(dmx, lagm, levels, indices[position], df_residuals)
+    return ar.fit_ar(dmx, lagm, levels, indices[position], df_residuals, n_columns)
 
 
-def _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals):
+def _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals, n_columns):
     """The AR(N>1) graph: lag moments, OLS stats, global mean, global k-means, refits."""
     if is_grand_mean_scaling(signal_scaling) or (signal_scaling == 1 and not isinstance(signal_scaling, bool)):
         raise ValueError(f"signal_scaling={signal_scaling!r} is not available with AR(N>1) noise "
@@ -116,7 +116,8 @@ def _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
     rhos = [dask.delayed(_lag_rho)(s, grand, Q.shape[0]) for s in stats]
     # nilearn's global AR(N) step, an explicit pass over the (small) coefficient map
     clusters = dask.delayed(ar.cluster_ar)(rhos, bins, random_state)
-    fits = [dask.delayed(_fit_ar_block)(dmx, m, clusters, i, df_residuals) for i, m in enumerate(lagms)]
+    fits = [dask.delayed(_fit_ar_block)(dmx, m, clusters, i, df_residuals, n_columns)
+            for i, m in enumerate(lagms)]
     return lagms, fits
 
 
@@ -190,7 +191,8 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     blocks, nonfinite = finite_blocks(bold.to_delayed().ravel())
     order = ar_order(noise_model)
     if order > 1:
-        _, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals)
+        _, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals,
+                           design.shape[1])
         return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
                       signal_scaling=signal_scaling, basis=Q, r_factor=R, nonfinite=nonfinite)
     grand_mean = None
@@ -208,7 +210,8 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         stats = [dask.delayed(_ols_stats)(dm, bm) for bm in moments]
         grand = _grand_mean(stats, _e_sum, Q.shape[0])
         rhos = [dask.delayed(_binned_rho)(s, grand, Q.shape[0], bins) for s in stats]
-    fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals) for bm, rho in zip(moments, rhos)]
+    fits = [dask.delayed(k.fit_whitened)(dm, bm, rho, df_residuals, design.shape[1])
+            for bm, rho in zip(moments, rhos)]
     return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
                   signal_scaling=signal_scaling, grand_mean=grand_mean, basis=Q, r_factor=R,
                   nonfinite=nonfinite)

@@ -122,8 +122,10 @@ def _weights(rho: np.ndarray) -> np.ndarray:
 
 
 def fit_ar(dmx: LagMoments, dmy: LagMoments, levels: np.ndarray, level_index: np.ndarray,
-           df_residuals: int) -> GLMFit:
-    """Refit every voxel under its AR(N) level (cluster centre), vectorised."""
+           df_residuals: int, n_columns: int | None = None) -> GLMFit:
+    """Refit every voxel under its AR(N) level (cluster centre), vectorised.
+
+    ``n_columns``: the design's column count (see :func:`chunkglm.kernels.glm.fit_whitened`)."""
     a = _weights(np.atleast_2d(levels))  # (level, N+1)
     size = a.shape[1]
     grams = np.stack([sum(a[l, j] * a[l, k] * dmx.cross[j][k] for j in range(size) for k in range(size))
@@ -134,7 +136,7 @@ def fit_ar(dmx: LagMoments, dmy: LagMoments, levels: np.ndarray, level_index: np
     wyy = sum(av[:, j] * av[:, k] * dmy.auto[j][k] for j in range(size) for k in range(size))
     beta = np.einsum("vpq,qv->pv", cov[level_index], xwy)
     sse = wyy - np.einsum("pv,pv->v", beta, xwy)
-    dispersion = sse / (dmx.n_time - dmx.cross[0][0].shape[0])
+    dispersion = sse / (dmx.n_time - (dmx.cross[0][0].shape[0] if n_columns is None else n_columns))
     fit = GLMFit(beta, dispersion, np.asarray(levels)[level_index], np.asarray(levels), level_index,
                  cov, df_residuals)
     return replace(fit, r_square=r_square(dmx, dmy, fit))

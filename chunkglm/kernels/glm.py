@@ -183,8 +183,13 @@ class GLMFit:
     r_square: np.ndarray | None = None
 
 
-def fit_whitened(dm: DesignMoments, bm: BlockMoments, rho: np.ndarray, df_residuals: int) -> GLMFit:
+def fit_whitened(dm: DesignMoments, bm: BlockMoments, rho: np.ndarray, df_residuals: int,
+                 n_columns: int | None = None) -> GLMFit:
     """Refit every voxel under its own AR(1) coefficient, vectorised.
+
+    ``n_columns``: the design's column count p (default the basis'): nilearn
+    divides the SSE by n_time - p even for a rank-deficient design, whose
+    basis has fewer columns (its t/F df stay n_time - rank).
 
     Voxels sharing a coefficient share one (X~'X~)^-1 (at most 2 x bins small
     matrices); the data enter only through the moments, so no voxel is
@@ -197,7 +202,7 @@ def fit_whitened(dm: DesignMoments, bm: BlockMoments, rho: np.ndarray, df_residu
     beta = np.einsum("vpq,qv->pv", cov[level_index], xwy)
     wyy = bm.q0 - 2 * rho * bm.q1 + rho * rho * bm.q2  # ||W y||^2
     sse = wyy - np.einsum("pv,pv->v", beta, xwy)
-    dispersion = sse / (dm.n_time - dm.n_regressors)
+    dispersion = sse / (dm.n_time - (dm.n_regressors if n_columns is None else n_columns))
     fit = GLMFit(beta, dispersion, rho, levels, level_index, cov, df_residuals)
     return replace(fit, r_square=r_square(dm, bm, fit))
 
@@ -290,22 +295,38 @@ GRAND_MEAN_SCALING = (0, 1)
 
 
 def orthonormal_design(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """An orthonormal basis Q of the design, its R factor (X = QR) and nilearn's df.
+    """An orthonormal basis Q of the design's columns, its R factor (X = QR) and nilearn's df.
 
     Fitting in Q keeps the Gram matrix ~identity, so normal equations do not
     square the design's condition number.
 
+    A full-rank design gets its QR factors (Q: time x p, R: p x p). A
+    rank-deficient one (rank r < p at numpy's tolerance ``sum|X| * eps``, the
+    rank nilearn's df uses) gets Q = U_r and R = S_r V_r' (r x p) from its
+    SVD: betas mapped back with pinv(R) are then the minimum-norm solution,
+    nilearn's pinv solution (the whitened design has the same null space).
+
     Returns
     -------
-    Q : ndarray (time, p)
-    R : ndarray (p, p)
+    Q : ndarray (time, rank)
+    R : ndarray (rank, p)
     df_residuals : int
-        n_time - rank(X), with numpy's rank at tolerance ``sum|X| * eps``.
+        n_time - rank(X).
     """
     X = np.asarray(X, dtype=np.float64)
-    df_residuals = X.shape[0] - np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(float).eps)
-    Q, R = np.linalg.qr(X)
-    return Q, R, int(df_residuals)
+    rank = design_rank(X)
+    if rank == X.shape[1]:
+        Q, R = np.linalg.qr(X)
+    else:
+        U, S, Vt = np.linalg.svd(X, full_matrices=False)
+        Q, R = U[:, :rank], S[:rank, None] * Vt[:rank]
+    return Q, R, int(X.shape[0] - rank)
+
+
+def design_rank(X: np.ndarray) -> int:
+    """numpy's rank of a design at nilearn's tolerance ``sum|X| * eps`` (its OLS df)."""
+    X = np.asarray(X, dtype=np.float64)
+    return int(np.linalg.matrix_rank(X, np.abs(X).sum() * np.finfo(float).eps))
 
 
 def contrast_on_basis(r_factor: np.ndarray, con: np.ndarray) -> np.ndarray:
@@ -315,7 +336,11 @@ def contrast_on_basis(r_factor: np.ndarray, con: np.ndarray) -> np.ndarray:
     maps the same way, so contrasts need no other change.
     """
     con = np.asarray(con, dtype=np.float64)
-    return np.linalg.solve(r_factor.T, np.atleast_2d(con).T).T.reshape(con.shape)
+    if r_factor.shape[0] == r_factor.shape[1]:
+        return np.linalg.solve(r_factor.T, np.atleast_2d(con).T).T.reshape(con.shape)
+    # rank deficient (R: rank x p): c beta = c pinv(R) beta_Q, nilearn's pinv estimate
+    weights = np.atleast_2d(con) @ np.linalg.pinv(r_factor)
+    return weights[0] if con.ndim == 1 else weights
 
 
 def is_grand_mean_scaling(signal_scaling) -> bool:

@@ -198,7 +198,7 @@ def _required_design(design_matrix):
         raise InputError("non_parametric_inference needs a design_matrix (one row per map), as "
                          "nilearn's; build one with make_second_level_design_matrix(subject_labels, "
                          "confounds).")
-    return check_design(design_matrix, None)
+    return check_design(design_matrix, None, full_rank=True)
 
 
 def contrast_vector(second_level_contrast, design) -> np.ndarray:
