@@ -23,6 +23,12 @@ from test_meta_parity import ROOT, _python, assert_maps_equal
 STUDIES = ["s-a", "s-a", "s-b", "s-b", "s-b", "s-c", "s-d", "s-e"]
 
 FITS = {
+    "fishers": ("Fishers", {}),
+    "fishers_one_n": ("Fishers", {"two_sided": False, "use_sample_size": True}),
+    "fishers_aggr": ("Fishers", {"aggressive_mask": True}),
+    "stouffers": ("Stouffers", {}),
+    "stouffers_n": ("Stouffers", {"use_sample_size": True}),
+    "stouffers_one_aggr": ("Stouffers", {"two_sided": False, "aggressive_mask": True}),
     "wls": ("WeightedLeastSquares", {}),
     "wls_tau_collapse": ("WeightedLeastSquares", {"tau2": 0.05, "weight_scheme": "collapse"}),
     "wls_individual": ("WeightedLeastSquares", {"weight_scheme": "individual"}),
@@ -91,6 +97,40 @@ def test_groups_change_the_maps_and_dof_is_satterthwaite(grouped):
     assert np.all(naive["dof"][np.isfinite(naive["dof"])] == 7)
     valid = np.isfinite(grouped_fit["p"]) & np.isfinite(naive["p"])
     assert not np.allclose(grouped_fit["est"][valid], naive["est"][valid])
+
+
+def test_null_correlation_equals_nimare():
+    """Per-block moments summed equal NiMARE's whole-array null correlation (with and without gaps)."""
+    script = """
+import json, sys
+import numpy as np
+from nimare.meta.ibma import _null_correlation
+z = np.load(sys.argv[1])
+groups = np.array(json.loads(sys.argv[2]))
+np.save(sys.argv[3], _null_correlation(z, groups))
+"""
+    from chunkglm.kernels.meta import correlation
+    import tempfile
+    from pathlib import Path
+    rng = np.random.default_rng(3)
+    groups = [0, 0, 1, 1, 1, 2, 3, 4]
+    z = rng.normal(size=(8, 900)) + rng.normal(size=900)
+    z[[0, 1]] += rng.normal(size=900)
+    for gaps in (False, True):
+        if gaps:
+            z[2, :100] = 0.0
+            z[6, 300:420] = np.nan
+        with tempfile.TemporaryDirectory() as tmp:
+            path, out = Path(tmp) / "z.npy", Path(tmp) / "corr.npy"
+            np.save(path, z)
+            run = subprocess.run([_python(), "-c", script, str(path), json.dumps(groups), str(out)],
+                                 capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr[-2000:]
+            expected = np.load(out)
+        parts = [correlation.null_correlation_moments(z[:, s]) for s in (slice(0, 250), slice(250, 900))]
+        ours = correlation.null_correlation(correlation.add_moments(parts), groups)
+        # the same sums in another order (per block, then added): 1e-13 absolute on values in [-1, 1]
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-13)
 
 
 def test_single_group_pattern_is_not_fitted():

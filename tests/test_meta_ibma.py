@@ -304,14 +304,19 @@ def test_maps_on_different_grids(data, tmp_path):
         convert_meta_maps(table, tmp_path / "s.zarr", "grids")
 
 
-def test_dependence_groups_are_refused(data, tmp_path):
+def test_dependence_groups_are_refused_by_the_old_api_only(data, tmp_path):
+    """NiMARE 0.0.x had no dependence groups: its classes refuse repeated study ids; the 0.22 ones model them."""
     table = data["table"].copy()
     table.loc[1, "study_id"] = table.loc[0, "study_id"]
     node = convert_meta_maps(table, tmp_path / "s.zarr", "groups", mask_img=data["spec"]["mask"])
     with pytest.raises(InputError, match="groupby=False"):
-        ibma.Stouffers().fit(node)
+        ibma.Stouffers("rfx").fit(node)
+    with pytest.raises(InputError, match="groupby=False"):
+        ibma.RFX_GLM().fit(node)
     independent = ibma.Stouffers(groupby=False).fit(node).maps
     np.testing.assert_array_equal(independent["z"], ibma.Stouffers().fit(data["node"]).maps["z"])
+    grouped = ibma.Stouffers().fit(node).maps
+    assert not np.allclose(grouped["z"], independent["z"], equal_nan=True)
 
 
 def test_bad_parameters(data):

@@ -88,6 +88,12 @@ def _fit_maps(blocks, kernel_name, roles, stored, aliases, row_scale, sample_siz
                               per_study=per_study)
 
 
+def _correlation_moments(block, *, roles, stored, sample_sizes, aliases):
+    """The null-correlation moments of one voxel block of the first image input (the z maps)."""
+    arrays = _role_arrays([block], stored, roles, sample_sizes, aliases)
+    return km.null_correlation_moments(arrays[_image_roles(roles)[0]])
+
+
 def _image_any_valid(*blocks, roles, stored, sample_sizes, aliases):
     arrays = _role_arrays(blocks, stored, roles, sample_sizes, aliases)
     valid = _bags.validity({r: arrays[r] for r in _image_roles(roles)}, blocks[0].dtype)

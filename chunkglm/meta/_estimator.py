@@ -11,6 +11,7 @@ estimator reads, as NiMARE does.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 
@@ -25,7 +26,15 @@ from chunkglm.kernels import meta as km
 from chunkglm.meta import _bags
 from chunkglm.meta import _nimare_inputs as nm
 from chunkglm.meta._base import FittedInputs, NiMAREBase
-from chunkglm.meta._blocks import _ROLE_OF, _fit_block, _image_any_valid, _image_roles, _role, _stored_roles
+from chunkglm.meta._blocks import (
+    _ROLE_OF,
+    _correlation_moments,
+    _fit_block,
+    _image_any_valid,
+    _image_roles,
+    _role,
+    _stored_roles,
+)
 from chunkglm.meta._inputs import DERIVATIONS, ROLES, MetaMaps, resolve
 from chunkglm.meta.results import MetaResult
 
@@ -89,6 +98,8 @@ class IBMAEstimator(NiMAREBase):
     #: Whether the kernel models dependence groups (NiMARE 0.22's new-API estimators); the
     #: old-API classes (NiMARE 0.0.x had no groups) refuse repeated labels instead.
     _models_dependence = False
+    #: Whether the kernel reads the null correlation between grouped images (the combination tests).
+    _requires_corr_matrix = False
 
     def __init__(self, aggressive_mask=False, memory=None, memory_level=0, generate_description=True, *,
                  mask=None, groupby=None, store=None, chunk_voxels=None, chunk_bytes=None, **kwargs):
@@ -182,6 +193,8 @@ class IBMAEstimator(NiMAREBase):
         rows = self._usable_images(maps, roles, drop_invalid) if self.aggressive_mask or converted else None
         self.images_ = rows
         self._set_inputs(maps, rows, inputs if converted else None, collection)
+        if self._requires_corr_matrix and self._grouped():
+            self.inputs_["corr_matrix"] = self._null_correlation(maps, roles, rows)
         lazy = self._graph(maps, roles, rows)
         n_images = maps.n_images if rows is None else int(rows.size)
         masker = mask if nm.is_masker(mask) and not nm.is_voxel_masker(mask) else None
@@ -274,6 +287,8 @@ class IBMAEstimator(NiMAREBase):
             values["sample_sizes"] = ([nm.sample_size_list(raw[i]) for i in select] if raw is not None
                                       else [[float(v)] for v in sizes[select]])
         values["contrast_names"] = self._group_codes(maps, select)
+        if isinstance(self.groupby, str):  # NiMARE collects the field as a metadata input
+            values["dependence_groups"] = self._group_labels(maps, select)
         fields = {name: role for name, role in self._image_input_fields().items() if role in maps.variables}
         loaders = {name: (lambda role=role: _read_rows(maps, role, rows)) for name, role in fields.items()}
         if self.aggressive_mask:
@@ -374,6 +389,27 @@ class IBMAEstimator(NiMAREBase):
                              f"{int(keep.sum())} image(s) hold usable values.")
         return np.flatnonzero(keep)
 
+    def _null_correlation(self, maps: MetaMaps, roles, rows):
+        """NiMARE's ``corr_matrix``: the null correlation between the fitted images' first input
+        (z), from per-block moments summed (one global pass over it), or None when no two images
+        share two usable voxels (NiMARE's warning)."""
+        aliases = self._aliases()
+        stored = _stored_roles(roles, maps, aliases)
+        block = self._stored(maps, stored[0])
+        if rows is not None and rows.size != maps.n_images:
+            block = meta_graph.select_images(block, rows)
+        sizes = maps.sample_sizes if rows is None or maps.sample_sizes is None else maps.sample_sizes[rows]
+        moments = meta_graph.per_block(functools.partial(
+            _correlation_moments, roles=roles, stored=stored[:1], sample_sizes=sizes, aliases=aliases), block)
+        codes = np.asarray(self.inputs_["contrast_names"])
+        corr = km.null_correlation(km.add_moments(moments), codes)
+        if corr is None:
+            LGR.warning("No two of the %d image(s) have two voxels both are valid at, so the null correlation "
+                        "between them cannot be estimated. They are still grouped, but the reference "
+                        "distribution will not be inflated for the correlation within a group, so p-values "
+                        "may be anti-conservative.", codes.size)
+        return corr
+
     def _stored(self, maps: MetaMaps, role):
         """A stored map type in the voxel blocks of the tasks (lazy)."""
         return meta_graph.task_array(maps.data(role), self.chunk_voxels, self.chunk_bytes)
@@ -390,7 +426,11 @@ class IBMAEstimator(NiMAREBase):
             sizes = sizes[rows]
         params, per_study = self._split_params(self._kernel_params())
         if self._grouped():
-            per_study["groups"] = np.asarray(self.inputs_["contrast_names"])
+            codes = np.asarray(self.inputs_["contrast_names"])
+            per_study["groups"] = codes
+            if self._requires_corr_matrix:
+                params["corr"] = self.inputs_["corr_matrix"]
+                per_study["image_index"] = np.arange(codes.size)
         outputs = self._outputs()
         # one row more than the maps: which voxels held a NaN/inf (MetaResult's warning)
         return meta_graph.block_maps(

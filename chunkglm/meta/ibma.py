@@ -106,6 +106,8 @@ class Fishers(IBMAEstimator):
 
     _kernel = "Fishers"
     _voxel_averaging = "reject"
+    _models_dependence = True
+    _requires_corr_matrix = True
 
     def __init__(self, two_sided=True, use_sample_size=False, **kwargs):
         super().__init__(**kwargs)
@@ -141,6 +143,7 @@ class Stouffers(IBMAEstimator):
 
     _kernel = "Stouffers"
     _voxel_averaging = "reject"
+    _requires_corr_matrix = True
     _chunkglm_only = ("inference", "null", "n_iters", "random_state")
 
     def __init__(self, *args, inference=None, null=None, n_iters=None, two_sided=True,
@@ -167,6 +170,10 @@ class Stouffers(IBMAEstimator):
 
     def _kernel_name(self):
         return "RFX_GLM" if self.inference == "rfx" else "Stouffers"
+
+    @property
+    def _models_dependence(self):
+        return self.inference == "ffx"  # the old random-effects t-test had no dependence groups
 
     def _roles(self):
         roles = super()._roles()

@@ -32,7 +32,9 @@ flips instead (BLAS order), which is why their ties are taken within sqrt(eps).
 Modules, as PyMARE splits its estimators:
 
 - :mod:`.distributions`: log-space normal / t / chi^2 tails (``t_to_z``, ``nimare_logp``, ...)
-- :mod:`.combination`: Fisher's and Stouffer's combination tests
+- :mod:`.combination`: Fisher's and Stouffer's combination tests (grouped: Brown's method, group-level Stouffer)
+- :mod:`.correlation`: the null correlation between images the grouped combination tests read
+- :mod:`.dependence`: dependence groups in the meta-regression estimators (weights, CR2, Satterthwaite)
 - :mod:`.wls`: weighted least squares, DerSimonian-Laird and Hedges tau^2, FixedEffectsHedges
 - :mod:`.likelihood`: the ML/REML profile-likelihood solver (VarianceBased/SampleSizeBased)
 - :mod:`.ols`: one-sample t and PermutedOLS's parametric maps
@@ -45,6 +47,7 @@ Every name is re-exported here: ``from chunkglm.kernels import meta; meta.fisher
 
 from chunkglm.kernels.meta._arrays import SMALL_SAMPLE_CORRECTIONS, _ksum, _log_ksum
 from chunkglm.kernels.meta.combination import fishers, stouffers
+from chunkglm.kernels.meta.correlation import add_moments, null_correlation, null_correlation_moments
 from chunkglm.kernels.meta.distributions import log_chi2_sf, nimare_logp, t_to_nlogp, t_to_z
 from chunkglm.kernels.meta.glm import ffx_glm, mfx_glm, rfx_glm
 from chunkglm.kernels.meta.likelihood import (
@@ -59,8 +62,9 @@ from chunkglm.kernels.meta.sign_flip import empirical_p, sign_flip_counts, sign_
 from chunkglm.kernels.meta.wls import dersimonian_laird, fixed_effects_hedges, hedges, weighted_least_squares
 
 __all__ = [
-    "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "dersimonian_laird", "empirical_p", "ffx_glm",
-    "fishers", "fixed_effects_hedges", "hedges", "log_chi2_sf", "mfx_glm", "nimare_logp", "one_sample_t",
+    "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "add_moments", "dersimonian_laird", "empirical_p",
+    "ffx_glm", "fishers", "fixed_effects_hedges", "hedges", "log_chi2_sf", "mfx_glm", "nimare_logp",
+    "null_correlation", "null_correlation_moments", "one_sample_t",
     "permuted_ols_parametric", "rfx_glm", "sample_size_based_likelihood", "sample_size_based_nll",
     "sign_flip_counts", "sign_flip_max_null", "sign_flip_t", "stouffers", "t_to_nlogp", "t_to_z",
     "variance_based_likelihood", "variance_based_nll", "weighted_least_squares", "weighted_mean_satterthwaite_dof",
