@@ -17,7 +17,7 @@ import pytest
 
 import _nimare_reference as reference
 from chunkglm.kernels.meta import dependence
-from chunkglm.meta import convert_meta_maps, ibma
+from chunkglm.meta import FWECorrector, convert_meta_maps, ibma
 from test_meta_parity import ROOT, _python, assert_maps_equal
 
 STUDIES = ["s-a", "s-a", "s-b", "s-b", "s-b", "s-c", "s-d", "s-e"]
@@ -44,7 +44,13 @@ FITS = {
     "vbl_reml_individual": ("VarianceBasedLikelihood", {"method": "reml", "weight_scheme": "individual"}),
     "ssbl": ("SampleSizeBasedLikelihood", {}),
     "ssbl_collapse": ("SampleSizeBasedLikelihood", {"weight_scheme": "collapse"}),
+    "pols": ("PermutedOLS", {}),
+    "pols_n_one": ("PermutedOLS", {"use_sample_size": True, "two_sided": False}),
+    "pols_aggr": ("PermutedOLS", {"aggressive_mask": True}),
 }
+# Monte Carlo FWE (sign flips of whole groups, one null over every pattern) on the PermutedOLS fits:
+# the same seeded flips as NiMARE, so the maps agree to float32 rounding.
+MONTECARLO = {"pols": 60, "pols_n_one": 50, "pols_aggr": 40}
 # The likelihood estimators solve for tau2 numerically (see test_meta_parity: chunkglm's Newton
 # converges to ~1e-13, PyMARE's bounded minimiser stops at its xtol of 1e-6 in the search
 # variable), so what depends on tau2 agrees to that tolerance; the closed forms (CR2 and
@@ -61,7 +67,9 @@ def grouped(tmp_path_factory):
         image["study_id"] = study
     table = pd.DataFrame(spec["images"])
     node = convert_meta_maps(table, folder / "meta.zarr", "studies", mask_img=spec["mask"])
-    spec["fits"] = [{"name": n, "class": c, "params": p} for n, (c, p) in FITS.items()]
+    spec["fits"] = [{"name": n, "class": c, "params": p,
+                     "corrections": [["FWECorrector", {"method": "montecarlo", "n_iters": MONTECARLO[n]}]]
+                     if n in MONTECARLO else []} for n, (c, p) in FITS.items()]
     spec_path, out = folder / "spec.json", folder / "nimare.npz"
     spec_path.write_text(json.dumps(spec))
     run = subprocess.run([_python(), str(ROOT / "tests" / "_nimare_reference.py"), str(spec_path), str(out)],
@@ -81,6 +89,8 @@ def test_grouped_maps_equal_nimare(name, grouped):
     klass, params = FITS[name]
     with dask.config.set(scheduler="synchronous"):
         result = getattr(ibma, klass)(**params).fit(grouped["node"])
+        if name in MONTECARLO:
+            result = FWECorrector(method="montecarlo", n_iters=MONTECARLO[name]).transform(result)
         maps = result.maps
     if name in OPTIMISED:
         assert_maps_equal(maps, grouped["nimare"][name], rtol=1e-4, atol=1e-6)

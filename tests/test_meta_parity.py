@@ -42,7 +42,7 @@ FITS = {
     "pols": ("PermutedOLS", {}, [["FWECorrector", {"method": "montecarlo", "n_iters": 60}]]),
     "pols_aggr": ("PermutedOLS", {"aggressive_mask": True, "two_sided": False},
                   [["FWECorrector", {"method": "montecarlo", "n_iters": 40}]]),
-    "pols_n": ("PermutedOLS", {"use_sample_size": True}, []),
+    "pols_n": ("PermutedOLS", {"use_sample_size": True}, [["FWECorrector", {"method": "montecarlo", "n_iters": 30}]]),
 }
 
 # Closed forms (and PermutedOLS's sign-flip null, drawn from the same seed) agree to the last

@@ -326,19 +326,23 @@ class PermutedOLS(IBMAEstimator):
     ----------
     two_sided : bool
     use_sample_size : bool
-        Weight studies by sample size (CR2 t, Satterthwaite dof); its Monte
-        Carlo correction is not implemented.
+        Weight studies by sample size (CR2 t, Satterthwaite dof).
     n_jobs : int
         Accepted for compatibility (the dask client sets parallelism).
     random_state : int
         Seed of the sign flips of :meth:`correct_fwe_montecarlo` (NiMARE draws
-        ``RandomState(random_state).choice((-1, 1), (n_iters, K))``; so does chunkglm).
+        ``RandomState(random_state).choice((-1, 1), (n_iters, n_blocks))``; so does chunkglm).
+
+    Dependence groups are exchangeability blocks, as in NiMARE 0.22: each group's
+    mean map enters the test (K becomes the number of groups), its sample size the
+    group's mean, and the sign flips of the FWE correction flip whole groups.
 
     Maps: ``t``, ``z``, ``p``, ``logp``, ``dof``.
     """
 
     _kernel = "PermutedOLS"
     _voxel_averaging = None
+    _models_dependence = True
 
     def __init__(self, two_sided=True, use_sample_size=False, n_jobs=1, random_state=42, **kwargs):
         super().__init__(**kwargs)
@@ -366,12 +370,10 @@ class PermutedOLS(IBMAEstimator):
             Number of sign flips.
         n_cores : int
             Accepted for compatibility.
-        sign_flips : ndarray of shape (n_iters, K), optional
-            Explicit flips (+-1) instead of NiMARE's seeded draw.
+        sign_flips : ndarray of shape (n_iters, n_blocks), optional
+            Explicit flips (+-1) instead of NiMARE's seeded draw, one column per
+            exchangeability block (dependence group, in sorted-label order; or image).
         """
-        if self.use_sample_size:
-            raise InputError("Monte Carlo FWE of PermutedOLS(use_sample_size=True) (NiMARE's CR2 sign-flip null) "
-                             "is not implemented in chunkglm; use use_sample_size=False, or Bonferroni/FDR.")
         return permuted_ols_montecarlo(self, result, n_iters, sign_flips)
 
 

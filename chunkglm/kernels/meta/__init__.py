@@ -56,16 +56,30 @@ from chunkglm.kernels.meta.likelihood import (
     variance_based_likelihood,
     variance_based_nll,
 )
-from chunkglm.kernels.meta.ols import one_sample_t, permuted_ols_parametric, weighted_mean_satterthwaite_dof
+from chunkglm.kernels.meta.ols import (
+    collapse_blocks,
+    one_sample_t,
+    permuted_ols_parametric,
+    weighted_mean_satterthwaite_dof,
+)
 from chunkglm.kernels.meta.registry import INPUTS, KERNELS, OUTPUTS
-from chunkglm.kernels.meta.sign_flip import empirical_p, sign_flip_counts, sign_flip_max_null, sign_flip_t
+from chunkglm.kernels.meta.sign_flip import (
+    empirical_p,
+    sign_flip_counts,
+    sign_flip_max_null,
+    sign_flip_t,
+    weighted_sign_flip_max_null,
+    weighted_sign_flip_t,
+)
 from chunkglm.kernels.meta.wls import dersimonian_laird, fixed_effects_hedges, hedges, weighted_least_squares
 
 __all__ = [
-    "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "add_moments", "dersimonian_laird", "empirical_p",
+    "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "add_moments", "collapse_blocks",
+    "dersimonian_laird", "empirical_p",
     "ffx_glm", "fishers", "fixed_effects_hedges", "hedges", "log_chi2_sf", "mfx_glm", "nimare_logp",
     "null_correlation", "null_correlation_moments", "one_sample_t",
     "permuted_ols_parametric", "rfx_glm", "sample_size_based_likelihood", "sample_size_based_nll",
     "sign_flip_counts", "sign_flip_max_null", "sign_flip_t", "stouffers", "t_to_nlogp", "t_to_z",
     "variance_based_likelihood", "variance_based_nll", "weighted_least_squares", "weighted_mean_satterthwaite_dof",
+    "weighted_sign_flip_max_null", "weighted_sign_flip_t",
 ]

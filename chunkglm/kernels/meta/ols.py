@@ -6,6 +6,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 from chunkglm.kernels.meta._arrays import _block, _ksum, _sample_sizes
+from chunkglm.kernels.meta.dependence import Groups, has_dependence
 from chunkglm.kernels.meta.distributions import nimare_logp, t_to_nlogp, t_to_z
 
 
@@ -54,8 +55,21 @@ def weighted_mean_satterthwaite_dof(weights) -> float:
     return float(max(dof, 1.0)) if np.isfinite(dof) else 1.0
 
 
-def permuted_ols_parametric(beta, two_sided=True, use_sample_size=False, sample_sizes=None) -> dict:
-    """NiMARE 0.22 ``PermutedOLS`` maps (no groups): intercept-only OLS t, its z and p.
+def collapse_blocks(beta, groups, sample_sizes=None):
+    """NiMARE 0.22 ``PermutedOLS``'s exchangeability blocks: each dependence group's mean map and,
+    with sample sizes, its mean sample size (one weight per group). Groups in sorted-label order."""
+    grouping = Groups(groups)
+    y = grouping.mean(beta)
+    n = None if sample_sizes is None else grouping.mean(np.asarray(sample_sizes, dtype=np.float64)[:, None])[:, 0]
+    return y, n
+
+
+def permuted_ols_parametric(beta, two_sided=True, use_sample_size=False, sample_sizes=None, groups=None) -> dict:
+    """NiMARE 0.22 ``PermutedOLS`` maps: intercept-only OLS t, its z and p.
+
+    With dependence groups (``groups``, a label per study, one repeated) the test
+    runs on each group's mean map (:func:`collapse_blocks`), K becoming the number
+    of groups, as NiMARE's exchangeability blocks.
 
     Parameters
     ----------
@@ -73,6 +87,10 @@ def permuted_ols_parametric(beta, two_sided=True, use_sample_size=False, sample_
         (sign-flip null over all bags).
     """
     y = _block("beta", beta)
+    if has_dependence(groups):
+        if use_sample_size:
+            sample_sizes = _sample_sizes(sample_sizes, y.shape)[:, 0]
+        y, sample_sizes = collapse_blocks(y, groups, sample_sizes if use_sample_size else None)
     k = y.shape[0]
     if use_sample_size:
         w = _sample_sizes(sample_sizes, y.shape)
