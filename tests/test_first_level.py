@@ -386,3 +386,69 @@ def test_rank_deficient_design_is_fitted_as_nilearn_fits_it(tiny_bids, float_sto
     tolerance = REL_L2["float32"] if noise_model == "ols" else 1e-5
     _compare(ours, ref, node.grid.mask, "a - b", "t", tolerance)
     _compare(ours, ref, node.grid.mask, "csf", "t", tolerance)
+
+
+@pytest.mark.parametrize("standardize", [True, "psc"])
+def test_standardize_as_nilearns(tiny_bids, float_store, standardize):
+    """nilearn 0.14 sets standardize_ to None for every valid signal_scaling (False == 0 in its
+    check), so standardize changes no map: same maps as nilearn's at the float32 tolerance."""
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    events, confounds = _inputs(tiny_bids, [run])
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model="ar1", signal_scaling=False,
+                  standardize=standardize,
+                  mask_img=nib.Nifti1Image(node.grid.mask.astype(np.uint8), node.grid.affine))
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events, confounds=confounds)
+    ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
+    assert ours.standardize_ == ref.standardize_
+    _compare(ours, ref, node.grid.mask, "a - b", "t", REL_L2["float32"])
+    with pytest.raises(InputError, match="'standardize' must be one of"):
+        FirstLevelModel(standardize="zscore").fit(node, events=events)
+
+
+def test_fitted_attributes_as_nilearns(tiny_bids):
+    """masker_ (a fitted NiftiMasker on the model's mask, or the given fitted masker), n_elements_,
+    fir_delays_, standardize_ and memory_ as nilearn sets them; an unfitted masker is refused
+    with sklearn's NotFittedError, as nilearn's."""
+    from nilearn.maskers import NiftiMasker
+    from sklearn.exceptions import NotFittedError
+
+    run = tiny_bids.runs[0]
+    events, confounds = _inputs(tiny_bids, [run])
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5)
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events)
+    ours = FirstLevelModel(**params).fit(str(run.bold_path), events=events)
+    assert isinstance(ours.masker_, NiftiMasker)
+    np.testing.assert_array_equal(ours.masker_.mask_img_.get_fdata(), ref.masker_.mask_img_.get_fdata())
+    assert ours.n_elements_ == ref.n_elements_
+    assert ours.fir_delays_ == ref.fir_delays_ and ours.standardize_ == ref.standardize_
+    assert ours.memory_.location == ref.memory_.location
+    masker = NiftiMasker(run.mask_path).fit()
+    model = FirstLevelModel(mask_img=masker, **params).fit(str(run.bold_path), events=events)
+    assert model.masker_ is masker
+    assert model.n_elements_ == int((nib.load(run.mask_path).get_fdata() != 0).sum())
+    with pytest.raises(NotFittedError, match="NiftiMasker instance is not fitted yet"):
+        FirstLevelModel(mask_img=NiftiMasker(run.mask_path), **params).fit(str(run.bold_path), events=events)
+
+
+@pytest.mark.parametrize("noise_model", ["ols", "ar1"])
+def test_labels_and_results_as_nilearns(tiny_bids, float_store, noise_model):
+    """labels_ and results_ (theta, cov, dispersion, df) equal nilearn's per label; theta to the
+    float32 parity tolerance (relative), the rest likewise."""
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    events, confounds = _inputs(tiny_bids, [run])
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model=noise_model,
+                  mask_img=nib.Nifti1Image(node.grid.mask.astype(np.uint8), node.grid.affine))
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events, confounds=confounds)
+    ours = FirstLevelModel(**params).fit(node, events=events, confounds=confounds)
+    assert FirstLevelModel().__sklearn_is_fitted__() is False and not hasattr(FirstLevelModel(), "labels_")
+    labels, results = ours.labels_[0], ours.results_[0]
+    np.testing.assert_array_equal(labels, ref.labels_[0])
+    assert results.keys() == ref.results_[0].keys()
+    for key, theirs in ref.results_[0].items():
+        mine = results[key]
+        for name in ("theta", "cov", "dispersion"):
+            got, want = getattr(mine, name), getattr(theirs, name)
+            assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want), (key, name)
+        assert mine.df_residuals == theirs.df_residuals

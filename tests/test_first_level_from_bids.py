@@ -63,7 +63,7 @@ def test_store_errors(tiny_bids, tmp_path):
 SETTINGS = dict(smoothing_fwhm=6.0, target_affine=np.diag([4.0, 4.0, 4.0, 1.0]), target_shape=(10, 11, 9),
                 hrf_model="spm + derivative", drift_model="polynomial", drift_order=2, high_pass=0.02,
                 min_onset=-12, signal_scaling=(0, 1), noise_model="ols", minimize_memory=False,
-                fir_delays=[0, 1], n_jobs=2)
+                fir_delays=[0, 1], n_jobs=2, memory_level=0, standardize="psc")
 
 
 def _assert_settings(models, reference=None):
@@ -94,12 +94,10 @@ def test_every_model_setting_reaches_the_models_from_a_store(tiny_bids, tmp_path
     _assert_settings(models)
 
 
-def test_unknown_or_unsupported_settings_are_refused(tiny_bids, tmp_path):
+def test_unknown_settings_are_refused(tiny_bids, tmp_path):
     with pytest.raises(RuntimeError, match="Unknown keyword arguments"):
         first_level_from_bids(tiny_bids.root, "main", space_label=SPACE, smoothing=5.0,
                               derivatives_folder="derivatives/fmriprep")
-    with pytest.raises(ValueError, match=r"does not support \['standardize'\]"):
-        first_level_from_bids(tiny_bids.root, "main", standardize=True)
     store = tmp_path / "c.zarr"
     chunkglm.convert(tiny_bids.root, store)
     with pytest.raises(RuntimeError, match="Unknown keyword arguments.*smoothing"):

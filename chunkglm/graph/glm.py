@@ -294,3 +294,12 @@ def nonfinite_counts(runs: list) -> list:
 def image_mean(array: da.Array) -> np.ndarray:
     """Mean over the first axis of an (image, voxel) array, in float64: (voxel,)."""
     return array.astype(np.float64).mean(axis=0).compute()
+
+
+def gathered_fits(run: RunFit) -> list:
+    """The per-block :class:`~chunkglm.kernels.glm.GLMFit` of a (persisted) run, here.
+
+    Small per block (betas, dispersions, AR levels): what nilearn's ``labels_``
+    and ``results_`` hold for the whole run.
+    """
+    return list(dask.compute(*run.fits))

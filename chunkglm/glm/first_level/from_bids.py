@@ -27,7 +27,6 @@ __all__ = ["first_level_from_bids"]
 
 # nilearn's FirstLevelModel parameters that chunkglm's model does not take (yet). Left at
 # nilearn's defaults they change nothing; any other value is refused rather than dropped.
-_UNSUPPORTED_DEFAULTS = {"memory": None, "memory_level": 1, "standardize": False}
 _SELECTION = ("dataset_path", "task_label", "space_label", "sub_labels", "exclude_subjects",
               "img_filters", "derivatives_folder", "confounds_columns", "kwargs")
 
@@ -48,10 +47,6 @@ def first_level_from_bids(dataset_path, task_label, space_label=None, sub_labels
         A BIDS dataset with fMRIPrep derivatives, or a cohort store.
     task_label, space_label, sub_labels, exclude_subjects, img_filters
         Run selection, as nilearn (``img_filters`` is a list of (entity, label)).
-    memory, memory_level, standardize
-        nilearn's FirstLevelModel parameters that chunkglm's model does not
-        take: accepted at nilearn's defaults (None, 1, False), refused
-        (``ValueError``) otherwise so that no setting is silently dropped.
     confounds_columns : list of str, optional
         Stores only: confound columns to use (they must hold no NaN).
     **kwargs
@@ -65,15 +60,7 @@ def first_level_from_bids(dataset_path, task_label, space_label=None, sub_labels
     models, models_run_imgs, models_events, models_confounds : lists, one entry per subject
     """
     arguments = dict(locals())
-    unsupported = {name: arguments.pop(name) for name in _UNSUPPORTED_DEFAULTS}
-    changed = {k: v for k, v in unsupported.items() if v is not _UNSUPPORTED_DEFAULTS[k]
-               and v != _UNSUPPORTED_DEFAULTS[k]}
-    if changed:
-        raise ValueError(f"first_level_from_bids received {changed}: chunkglm's FirstLevelModel does "
-                         f"not support {sorted(changed)} yet; leave them at nilearn's defaults "
-                         f"{ {k: _UNSUPPORTED_DEFAULTS[k] for k in changed} }.")
     params = {name: value for name, value in arguments.items() if name not in _SELECTION}
-    params["fir_delays"] = (0,) if fir_delays is None else fir_delays
     cohort = _as_cohort(dataset_path)
     if cohort is None:
         if confounds_columns is not None:
@@ -103,7 +90,8 @@ def _as_cohort(dataset_path):
 def _from_folder(dataset_path, task_label, space_label, sub_labels, exclude_subjects, img_filters,
                  derivatives_folder, params, kwargs):
     """nilearn discovers runs, timing and confounds; its models' settings become ours, all of them."""
-    nilearn_params = {**params, "fir_delays": list(params["fir_delays"])}
+    delays = params["fir_delays"]
+    nilearn_params = {**params, "fir_delays": None if delays is None else list(delays)}
     models, run_imgs, events, confounds = nilearn_from_bids(
         str(dataset_path), task_label, space_label=space_label, sub_labels=sub_labels,
         exclude_subjects=exclude_subjects, img_filters=img_filters,

@@ -19,11 +19,17 @@ import pandas as pd
 import xarray as xr
 from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
 from nilearn.image import load_img
-from nilearn.maskers import MultiNiftiMasker
+from joblib import Memory
+from nilearn.maskers import MultiNiftiMasker, NiftiMasker
+
+from nilearn.maskers.masker_validation import check_embedded_masker
+from sklearn.base import clone
+from sklearn.utils.validation import check_is_fitted
 
 from chunkglm.chunking import MemoryBudget
 from chunkglm.design.first_level import check_rank, read_table, run_design
 from chunkglm.errors import InputError
+from chunkglm.glm.first_level.results import labels_and_results
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_fits
 from chunkglm.io.bids import input_entities
@@ -35,12 +41,13 @@ from chunkglm.io.layout import node_meta, zarr_store
 from chunkglm.kernels.ar import ar_order
 from chunkglm.kernels.finite import warn
 from chunkglm.kernels.glm import is_grand_mean_scaling
+from chunkglm._estimator import NilearnEstimator
 from chunkglm.report.mixin import GLMReportMixin
 
 OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
 
 
-class FirstLevelModel(GLMReportMixin):
+class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     """First-level GLM with nilearn's parameters (see nilearn's docs).
 
     Parameters
@@ -51,12 +58,26 @@ class FirstLevelModel(GLMReportMixin):
         Fraction of the TR at which the design is sampled (nilearn default 0).
     hrf_model, drift_model, high_pass, drift_order, fir_delays, min_onset
         As nilearn's ``make_first_level_design_matrix`` (used underneath).
-    mask_img : str or nibabel image, optional
-        Restricts the store's voxels to this mask (a subset of its grid).
+    mask_img : str, nibabel image, fitted NiftiMasker or False, optional
+        Restricts the store's voxels to this mask (a subset of its grid). A
+        fitted ``NiftiMasker`` gives its mask and its target_affine,
+        target_shape and smoothing_fwhm (overriding the model's, with
+        nilearn's warning); it becomes ``masker_``. False: every voxel of
+        the images' grid (nilearn's "no masking").
     target_affine, target_shape, smoothing_fwhm : optional
         As nilearn's, applied when NIfTI inputs are converted (volume by
         volume, with nilearn's resample_img and smooth_img). Store runs must
         have been converted with the same values (chunkglm.convert takes them).
+    memory, memory_level : optional
+        Accepted as nilearn's and handed to ``masker_``, but chunkglm caches
+        nothing with joblib: NIfTI inputs are converted once per fit into a
+        temporary store (convert them with ``chunkglm.convert`` and pass the
+        store's runs to reuse the conversion). ``memory_`` is the
+        ``joblib.Memory`` nilearn would use.
+    standardize : False, True, "zscore_sample" or "psc"
+        As nilearn 0.14's, which never standardises: its ``standardize_`` is
+        None whenever ``signal_scaling in [0, 1, (0, 1)]``, true of every
+        valid value (False == 0). Validated, recorded, handed to ``masker_``.
     signal_scaling : False, 0, 1 or (0, 1)
         0: nilearn's percent-signal-change scaling per voxel; 1: per time
         point by its mean over voxels (nilearn 0.14 fails on it: its division
@@ -67,7 +88,12 @@ class FirstLevelModel(GLMReportMixin):
     n_jobs : int
         Ignored: the dask cluster (or the threaded scheduler) runs the work.
     minimize_memory : bool
-        Accepted for nilearn compatibility.
+        Accepted for nilearn compatibility: chunkglm always keeps only the
+        per-block fits (small); residuals, predicted values and r-square are
+        computed from them when asked for, whatever its value.
+    reports : bool
+        As nilearn 0.14's; chunkglm keeps what a report needs either way
+        (design matrices and the mask), so it changes nothing else.
     chunk_bytes : int or str, optional
         chunkglm only: the memory budget, uncompressed bytes per chunk
         (``"16MiB"``; :class:`chunkglm.chunking.MemoryBudget`). Stored chunks
@@ -77,10 +103,11 @@ class FirstLevelModel(GLMReportMixin):
     """
 
     def __init__(self, t_r=None, slice_time_ref=0.0, hrf_model="glover", drift_model="cosine",
-                 high_pass=0.01, drift_order=1, fir_delays=(0,), min_onset=-24, mask_img=None,
-                 target_affine=None, target_shape=None, smoothing_fwhm=None,
-                 signal_scaling=0, noise_model="ar1", n_jobs=1, minimize_memory=True,
-                 subject_label=None, random_state=None, verbose=0, chunk_bytes=None):
+                 high_pass=0.01, drift_order=1, fir_delays=None, min_onset=-24, mask_img=None,
+                 target_affine=None, target_shape=None, smoothing_fwhm=None, memory=None,
+                 memory_level=1, standardize=False, signal_scaling=0, noise_model="ar1", verbose=0,
+                 n_jobs=1, minimize_memory=True, subject_label=None, random_state=None, reports=True,
+                 chunk_bytes=None):
         self.t_r = t_r
         self.slice_time_ref = slice_time_ref
         self.hrf_model = hrf_model
@@ -93,14 +120,33 @@ class FirstLevelModel(GLMReportMixin):
         self.target_affine = target_affine
         self.target_shape = target_shape
         self.smoothing_fwhm = smoothing_fwhm
+        self.memory = memory
+        self.memory_level = memory_level
+        self.standardize = standardize
         self.signal_scaling = signal_scaling
         self.noise_model = noise_model
+        self.verbose = verbose
         self.n_jobs = n_jobs
         self.minimize_memory = minimize_memory
         self.subject_label = subject_label
         self.random_state = random_state
-        self.verbose = verbose
+        self.reports = reports
         self.chunk_bytes = chunk_bytes
+
+    _estimator_type = "glm"
+
+    def __str__(self):
+        return "First Level Model"
+
+    def _is_volume_glm(self) -> bool:
+        """nilearn's: this model fits volumes (chunkglm has no surface GLM yet)."""
+        return True
+
+    def _is_first_level_glm(self) -> bool:
+        return True
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "_runs")
 
     # -- fit -------------------------------------------------------------------
 
@@ -129,6 +175,10 @@ class FirstLevelModel(GLMReportMixin):
             AR(1) coefficient bins.
         """
         self._check_params()
+        self.fir_delays_ = [0] if self.fir_delays is None else self.fir_delays
+        self.memory_ = self.memory if isinstance(self.memory, Memory) else Memory(self.memory, verbose=0)
+        self.standardize_ = _standardize_strategy(self.standardize, self.signal_scaling)
+        self._embedded = self._embedded_masker()
         items = _as_list(run_imgs)
         nodes = self._as_nodes(items)
         _check_nodes(nodes)
@@ -153,7 +203,44 @@ class FirstLevelModel(GLMReportMixin):
                       for node, r, design in zip(nodes, rows, self.design_matrices_)]
         self._persisted = False
         self._nonfinite_warned = False
+        self.masker_ = self._fitted_masker()
+        self.n_elements_ = int(self._grid.mask.sum() if self._voxels is None else len(self._voxels))
         return self
+
+    def _embedded_masker(self):
+        """nilearn's embedded NiftiMasker: from a given (fitted) masker's parameters, with
+        nilearn's warning where they override the model's, or from the model's."""
+        given = self.mask_img
+        if _is_masker(given):
+            check_is_fitted(given)  # nilearn's NotFittedError ("NiftiMasker instance is not fitted yet")
+        masker = check_embedded_masker(self, masker_type="nii", ignore=["high_pass"])
+        if _is_masker(given) and getattr(given, "mask_img_", None) is None:
+            masker.mask_img = None  # nilearn: a fitted masker without a mask -> computed from the runs
+        return masker
+
+    def _preprocessing(self):
+        """(target_affine, target_shape, smoothing_fwhm) applied to NIfTI inputs: a given
+        masker's (nilearn transforms with it), else the model's."""
+        masker = self._embedded
+        return masker.target_affine, masker.target_shape, masker.smoothing_fwhm
+
+    def _mask_param(self):
+        """The mask image to fit in: a given masker's mask, a mask image, False (the whole
+        grid) or None (nilearn's multi-run EPI mask)."""
+        if _is_masker(self.mask_img):
+            return self._embedded.mask_img
+        return self.mask_img
+
+    def _fitted_masker(self):
+        """``masker_``: the given fitted masker, or a NiftiMasker fitted on the model's mask."""
+        given = self.mask_img
+        if _is_masker(given) and getattr(given, "mask_img_", None) is not None:
+            given.standardize = self.standardize_  # as nilearn does
+            return given
+        masker = clone(self._embedded)
+        masker.mask_img = self.mask_img_
+        masker.standardize = self.standardize_
+        return masker.fit()
 
     def _check_params(self):
         try:
@@ -168,17 +255,21 @@ class FirstLevelModel(GLMReportMixin):
                 f"voxels) or (0, 1) (by the grand mean); received {scaling!r}.")
 
     def _as_nodes(self, items):
-        mask = self.mask_img if self.mask_img is not None else (
-            lambda infos: _nilearn_epi_mask([info.path for info in infos], self.target_affine, self.target_shape))
-        staged = stage_inputs(items, "runs", mask_img=mask, target_affine=self.target_affine,
-                              target_shape=self.target_shape, smoothing_fwhm=self.smoothing_fwhm,
+        target_affine, target_shape, smoothing_fwhm = self._preprocessing()
+        mask = self._mask_param()
+        if mask is None:
+            mask = lambda infos: _nilearn_epi_mask([info.path for info in infos], target_affine, target_shape)  # noqa: E731
+        elif mask is False:
+            mask = None  # every voxel of the grid
+        staged = stage_inputs(items, "runs", mask_img=mask, target_affine=target_affine,
+                              target_shape=target_shape, smoothing_fwhm=smoothing_fwhm,
                               chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes,
                               owner=self, argument="run_imgs")
         self._converted_here = staged.converted  # the store's grid is the (resampled) mask already
         return staged.nodes
 
     def _check_preprocessing(self, nodes):
-        wanted = SpatialPreprocessing(self.target_affine, self.target_shape, self.smoothing_fwhm).to_attrs()
+        wanted = SpatialPreprocessing(*self._preprocessing()).to_attrs()
         for node in nodes:
             done = node_meta(node.cohort.root[node.path]).get("preprocessing", SpatialPreprocessing().to_attrs())
             if done != wanted:
@@ -198,7 +289,7 @@ class FirstLevelModel(GLMReportMixin):
             design = run_design(n_scans, float(t_r), self.slice_time_ref, events, confounds,
                                 hrf_model=self.hrf_model, drift_model=self.drift_model,
                                 high_pass=self.high_pass, drift_order=self.drift_order,
-                                fir_delays=self.fir_delays, min_onset=self.min_onset, where=where)
+                                fir_delays=self.fir_delays_, min_onset=self.min_onset, where=where)
         else:
             design = read_table(design, "design_matrices")
             if not isinstance(design, pd.DataFrame):
@@ -213,9 +304,10 @@ class FirstLevelModel(GLMReportMixin):
 
     def _voxel_selection(self, nodes):
         grid = nodes[0].grid
-        if self.mask_img is None or self._converted_here:
+        mask_param = self._mask_param()
+        if mask_param is None or mask_param is False or self._converted_here:
             return grid, None
-        mask = np.asarray(load_img(self.mask_img).dataobj) != 0
+        mask = np.asarray(load_img(mask_param).dataobj) != 0
         if mask.shape != grid.shape or (mask & ~grid.mask).any():
             raise InputError(
                 f"mask_img (shape {mask.shape}) must select voxels of the store's grid {grid.shape} "
@@ -282,6 +374,26 @@ class FirstLevelModel(GLMReportMixin):
     r_square = r_square_
     predicted = predicted_
     residuals = residuals_
+
+    @property
+    def labels_(self):
+        """Per run, nilearn's label of each voxel (0.0 for OLS, the binned AR(1) coefficient as
+        text, the AR(N) cluster's rounded coefficients); computed from the fits when read."""
+        return [labels for labels, _ in self._labels_and_results()]
+
+    @property
+    def results_(self):
+        """Per run, nilearn's {label: results} (:class:`RegressionSummary`: theta, cov,
+        dispersion, df_residuals, df_model); computed from the fits when read, holding every
+        voxel's betas (p x voxels per run)."""
+        return [results for _, results in self._labels_and_results()]
+
+    def _labels_and_results(self):
+        if not hasattr(self, "_runs"):
+            raise AttributeError("'FirstLevelModel' object has no attribute 'labels_'/'results_' "
+                                 "before fit: call fit(...) first.")
+        return [labels_and_results(graph.gathered_fits(run), run.r_factor, self.noise_model,
+                                   len(run.basis)) for run in self._fits()]
 
     def voxelwise(self, name: str, store=None, storage_options=None):
         """Lazy per-run "r_square", "predicted" or "residuals", or written to a store.
@@ -380,6 +492,25 @@ class FirstLevelModel(GLMReportMixin):
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
+
+
+def _is_masker(value) -> bool:
+    return isinstance(value, NiftiMasker)
+
+
+def _standardize_strategy(standardize, signal_scaling):
+    """nilearn 0.14's ``standardize_``: True means "zscore_sample", and it is None whenever
+    ``signal_scaling in [0, 1, (0, 1)]``, which holds for every valid value, False included
+    (False == 0): nilearn's FirstLevelModel never standardises, and neither does this one."""
+    if standardize not in (False, True, None, *STANDARDIZE_STRATEGIES):
+        raise InputError(f"'standardize' must be one of {[False, True, *STANDARDIZE_STRATEGIES]}; "
+                         f"received {standardize!r}.")
+    strategy = {False: None, True: "zscore_sample"}.get(standardize, standardize)
+    return None if signal_scaling in [0, 1, (0, 1)] else strategy
+
+
+#: nilearn's standardize strategies (``signal.standardize_signal``)
+STANDARDIZE_STRATEGIES = ("zscore_sample", "psc")
 
 
 def _nilearn_epi_mask(paths, target_affine=None, target_shape=None):
