@@ -367,3 +367,29 @@ def test_rank_deficient_design_is_fitted_as_nilearn_fits_it(files):
     for contrast in ("age", "intercept"):
         _, theirs = _nilearn(paths, design=design, contrast=contrast)
         _assert_parity(model.compute_contrast(contrast, output_type="all"), theirs)
+
+
+def test_fitted_attributes_as_nilearns(files, tmp_path):
+    """masker_, n_elements_, labels_ and results_ (after compute_contrast) as nilearn's; a
+    fitted NiftiMasker as mask_img is used as is, an unfitted one raises NotFittedError."""
+    from nilearn.maskers import NiftiMasker
+    from sklearn.exceptions import NotFittedError
+
+    paths, covariates = files
+    design = _covariate_design(covariates)
+    theirs, _ = _nilearn(paths, design=design, contrast="age")
+    ours = SecondLevelModel().fit(paths, design_matrix=design)
+    assert not hasattr(ours, "labels_")
+    ours.compute_contrast("age")
+    assert isinstance(ours.masker_, NiftiMasker) and ours.n_elements_ == theirs.n_elements_
+    np.testing.assert_array_equal(ours.masker_.mask_img_.get_fdata(), theirs.masker_.mask_img_.get_fdata())
+    np.testing.assert_array_equal(ours.labels_, theirs.labels_)
+    mine, want = ours.results_[0.0], theirs.results_[0.0]
+    # float32 maps on both sides, float64 fits: the parity tolerance
+    assert np.linalg.norm(mine.theta - want.theta) <= RTOL * np.linalg.norm(want.theta)
+    assert np.allclose(mine.cov, want.cov, rtol=1e-10) and mine.df_residuals == want.df_residuals
+    masker = NiftiMasker(theirs.masker_.mask_img_).fit()
+    model = SecondLevelModel(mask_img=masker).fit(paths, design_matrix=design)
+    assert model.masker_ is masker and model.n_elements_ == theirs.n_elements_
+    with pytest.raises(NotFittedError, match="NiftiMasker instance is not fitted yet"):
+        SecondLevelModel(mask_img=NiftiMasker(theirs.masker_.mask_img_)).fit(paths, design_matrix=design)

@@ -15,12 +15,19 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
+from joblib import Memory
 from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
+from nilearn.maskers import NiftiMasker
+from nilearn.maskers.masker_validation import check_embedded_masker
+from sklearn.base import clone
+from sklearn.utils.validation import check_is_fitted
 
+from chunkglm._estimator import NilearnEstimator
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES
 from chunkglm.design.second_level import check_confounds_table, check_design, make_second_level_design_matrix
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level.model import FirstLevelModel
+from chunkglm.glm.first_level.results import labels_and_results
 from chunkglm.glm.second_level import inputs
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_runs
@@ -34,27 +41,33 @@ OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
 __all__ = ["OUTPUT_TYPES", "SecondLevelModel", "make_second_level_design_matrix", "parse_contrast"]
 
 
-class SecondLevelModel(GLMReportMixin):
+class SecondLevelModel(GLMReportMixin, NilearnEstimator):
     """Second-level (group) GLM with nilearn's parameters and outputs.
 
     Parameters
     ----------
-    mask_img : str or nibabel image, optional
+    mask_img : str, nibabel image or fitted NiftiMasker, optional
         The analysis mask. Default: nilearn's, the background mask of the
-        sample map (mean of the maps for image inputs).
+        sample map (mean of the maps for image inputs). A fitted NiftiMasker
+        gives its mask, target_affine, target_shape and smoothing_fwhm
+        (overriding the model's, with nilearn's warning) and becomes ``masker_``.
     target_affine : ndarray (4, 4) or (3, 3), optional
     target_shape : tuple of 3 int, optional
         Resample maps (continuous) and the mask (nearest) onto this grid when
         the maps are loaded, as nilearn's masker.
     smoothing_fwhm : float, optional
         Gaussian smoothing (mm) of each map when it is loaded.
-    memory, memory_level, n_jobs : ignored
-        The dask scheduler (threaded, or the active distributed client) runs the work.
+    memory, memory_level, n_jobs : accepted, not used
+        The dask scheduler (threaded, or the active distributed client) runs
+        the work and nothing is cached with joblib; ``memory_`` is the
+        ``joblib.Memory`` nilearn would use, and ``masker_`` gets them.
     verbose : int
         Accepted for nilearn compatibility.
     minimize_memory : bool
         As nilearn: when True, ``r_square_``, ``residuals_`` and
         ``predicted_`` are refused.
+    reports : bool
+        As nilearn 0.14's; chunkglm keeps what a report needs either way.
     store : str or Path, optional
         chunkglm only: a cohort store in which image inputs are loaded (as a
         new ``maps/second_level_<id>`` node). Default: a temporary store,
@@ -70,13 +83,20 @@ class SecondLevelModel(GLMReportMixin):
     design_matrix_ : pandas.DataFrame of shape (n_maps, n_regressors)
     second_level_input_, confounds_ : as given to ``fit``
     mask_img_ : nibabel image
+    masker_ : nilearn NiftiMasker
+        Fitted on ``mask_img_`` (or the given fitted masker).
     n_elements_ : int
         Voxels in the mask.
+    labels_, results_ : after ``compute_contrast``
+        nilearn's, of the last contrast's fit (see
+        :func:`chunkglm.glm.first_level.results.labels_and_results`).
     """
+
+    _estimator_type = "glm"
 
     def __init__(self, mask_img=None, target_affine=None, target_shape=None, smoothing_fwhm=None,
                  memory=None, memory_level=1, verbose=0, n_jobs=1, minimize_memory=True,
-                 store=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+                 reports=True, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
         self.mask_img = mask_img
         self.target_affine = target_affine
         self.target_shape = target_shape
@@ -86,11 +106,58 @@ class SecondLevelModel(GLMReportMixin):
         self.verbose = verbose
         self.n_jobs = n_jobs
         self.minimize_memory = minimize_memory
+        self.reports = reports
         self.store = store
         self.chunk_bytes = chunk_bytes
 
     def __str__(self):
         return "Second Level Model"
+
+    def _is_volume_glm(self) -> bool:
+        """nilearn's: this model fits volumes (chunkglm has no surface GLM yet)."""
+        return True
+
+    def _is_first_level_glm(self) -> bool:
+        return False
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return getattr(self, "second_level_input_", None) is not None
+
+    def _embedded_masker(self):
+        """nilearn's embedded NiftiMasker (a given fitted masker's parameters, with nilearn's
+        warning where they override the model's)."""
+        if isinstance(self.mask_img, NiftiMasker):
+            check_is_fitted(self.mask_img)  # nilearn's NotFittedError
+        return check_embedded_masker(self, masker_type="nii")
+
+    def _preprocessing(self):
+        """(mask, target_affine, target_shape, smoothing_fwhm): a given masker's, else the model's."""
+        masker = self._embedded
+        return masker.mask_img, masker.target_affine, masker.target_shape, masker.smoothing_fwhm
+
+    def _fitted_masker(self):
+        if isinstance(self.mask_img, NiftiMasker) and getattr(self.mask_img, "mask_img_", None) is not None:
+            return self.mask_img
+        masker = clone(self._embedded)
+        masker.mask_img = self.mask_img_
+        return masker.fit()
+
+    @property
+    def labels_(self):
+        """nilearn's labels of the last contrast's fit (0.0 for every voxel: OLS)."""
+        return self._labels_and_results()[0]
+
+    @property
+    def results_(self):
+        """nilearn's {0.0: results} of the last contrast's fit (theta, cov, dispersion, df)."""
+        return self._labels_and_results()[1]
+
+    def _labels_and_results(self):
+        if getattr(self, "_last_run", None) is None:
+            raise AttributeError("'SecondLevelModel' object has no attribute 'labels_'/'results_' "
+                                 "before compute_contrast(...).")
+        run = self._last_run[1]
+        return labels_and_results(graph.gathered_fits(run), run.r_factor, "ols", len(run.basis))
 
     # -- fit -------------------------------------------------------------------
 
@@ -117,6 +184,8 @@ class SecondLevelModel(GLMReportMixin):
         self
         """
         self._reset()
+        self.memory_ = self.memory if isinstance(self.memory, Memory) else Memory(self.memory, verbose=0)
+        self._embedded = self._embedded_masker()
         kind = inputs.input_kind(second_level_input)
         if confounds is not None:
             check_confounds_table(confounds)
@@ -130,6 +199,7 @@ class SecondLevelModel(GLMReportMixin):
         self._kind = kind
         self.confounds_ = confounds
         self.n_elements_ = int(np.asarray(self.mask_img_.dataobj).astype(bool).sum())
+        self.masker_ = self._fitted_masker()
         return self
 
     def _reset(self):
@@ -139,7 +209,7 @@ class SecondLevelModel(GLMReportMixin):
 
     def _fit_images(self, second_level_input, confounds, design_matrix):
         images = inputs.image_list(second_level_input)
-        inputs.check_images(images, resampling=self.target_affine is not None)
+        inputs.check_images(images, resampling=self._preprocessing()[1] is not None)
         if design_matrix is None:
             raise InputError("a list of images (or a 4-D image) as second_level_input needs a "
                              "design_matrix (one row per map); build one with "
@@ -166,7 +236,7 @@ class SecondLevelModel(GLMReportMixin):
         return [m.subject_label for m in models], len(models)
 
     def _fit_node(self, node, confounds, design_matrix):
-        maps = inputs.node_maps(node, self.mask_img, self.target_affine, self.target_shape, self.smoothing_fwhm)
+        maps = inputs.node_maps(node, *self._preprocessing())
         self.second_level_input_ = node
         self._maps[None] = maps
         self.mask_img_ = maps.mask_img()
@@ -180,14 +250,15 @@ class SecondLevelModel(GLMReportMixin):
         return labels, int(node.data().shape[0])
 
     def _mask(self, sample):
-        self.mask_img_ = inputs.analysis_mask(self.mask_img, sample, self.target_affine, self.target_shape)
+        mask, target_affine, target_shape, _ = self._preprocessing()
+        self.mask_img_ = inputs.analysis_mask(mask, sample, target_affine, target_shape)
         return self.mask_img_
 
     def _load(self, images, mask) -> MapsView:
         """Stack the maps into a new maps node (processed as nilearn's masker), all its voxels."""
         if getattr(self, "_folder", None) is None:
             self._folder = scratch_folder(self, "chunkglm-second-level-")
-        staged = stage_inputs(images, "maps", mask_img=mask, smoothing_fwhm=self.smoothing_fwhm,
+        staged = stage_inputs(images, "maps", mask_img=mask, smoothing_fwhm=self._preprocessing()[3],
                               map_types=("effect",), chunk_bytes=self.chunk_bytes, folder=self._folder,
                               store=self.store, collection=f"second_level_{uuid.uuid4().hex[:12]}",
                               argument="second_level_input", resample_to_mask=True)
@@ -269,7 +340,7 @@ class SecondLevelModel(GLMReportMixin):
                 raise InputError(f"the design matrix has {len(self.design_matrix_)} rows but "
                                  f"{len(images)} maps are modelled for first_level_contrast="
                                  f"{first_level_contrast!r}: give one row per map.")
-            inputs.check_images(images, resampling=self.target_affine is not None)
+            inputs.check_images(images, resampling=self._preprocessing()[1] is not None)
             self._maps[key] = self._load(images, self.mask_img_)
         return self._maps[key]
 
