@@ -43,7 +43,7 @@ $(NIMARE_STAMP): requirements/nimare-reference.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/chunkglm demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --subjects $(DEMO_SUBJECTS)
+	$(BIN)/chunkglm demo -o $(DEMO_OUT) --size $(DEMO_SIZE) --subjects $(DEMO_SUBJECTS)
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: $(STAMP) $(NIMARE_STAMP)

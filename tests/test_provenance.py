@@ -118,7 +118,7 @@ def test_secrets_in_arguments_and_storage_options_are_redacted():
          "--input-storage-option", f"session_token={FAKE_SECRET}"])
     options = command_options(args)
     assert FAKE_SECRET not in json.dumps(options)
-    assert options["store"] == "s3://bucket/c.zarr"
+    assert options["output_dir"] == "s3://bucket/c.zarr"  # -o/--output-dir
     assert options["storage_option"]["secret"] == REDACTED
     assert options["storage_option"]["endpoint_url"] == "http://127.0.0.1:9000"
     nested = strip_secrets({"client_kwargs": {"aws_secret_access_key": FAKE_SECRET}, "password": "x",

@@ -12,9 +12,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import dask
 import yaml
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, as_bytes
+from chunkglm.cli._args import add_cluster_options
 from chunkglm.cluster import load_config, start
 from chunkglm.cluster.config import chunk_budget
 from chunkglm.errors import ChunkglmError, StoreError
@@ -39,29 +41,25 @@ def parse_storage_options(pairs):
 def storage_for(args, key="storage_option"):
     """Storage settings of a command: the cluster config's ``storage:`` section
     (backend, options, retries; the bundled local config's with ``--cluster
-    none``) with ``--storage-option KEY=VALUE`` pairs over its options."""
-    cluster = getattr(args, "cluster", "none")
+    none`` or ``--scheduler``) with ``--storage-option KEY=VALUE`` pairs over its options."""
+    cluster, _ = resolve_cluster(args)
     section = load_config(None if cluster == "none" else cluster).storage
     return storage_settings(section, parse_storage_options(getattr(args, key, None)))
 
 
 def add_cluster(parser):
-    parser.add_argument(
-        "--cluster", default="local", metavar="NAME|PATH",
-        help="cluster config: a name from cluster_configs/ or a YAML path (default: local). "
-             "'none' runs in this process without a cluster.")
+    """--cluster, --scheduler and --workers of a command that computes (see :func:`cluster_client`)."""
+    add_cluster_options(parser)
 
 
 def add_storage_cluster(parser):
     """--cluster for commands that start no cluster: only its storage: section is read."""
-    parser.add_argument(
-        "--cluster", default="none", metavar="NAME|PATH",
-        help="cluster config whose storage: section (object-storage backend, endpoint, retries) "
-             "applies; this command starts no cluster (default: none, i.e. the defaults)")
+    add_cluster_options(parser, starts_cluster=False)
 
 
 def add_common(parser):
-    """--cluster and --no-progress (bars are drawn only when stderr is a terminal)."""
+    """--cluster, --scheduler, --workers and --no-progress (bars are drawn only when stderr is a
+    terminal)."""
     add_cluster(parser)
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (there are none either when stderr is not a terminal)")
@@ -107,7 +105,7 @@ def command_budget(args, line=None) -> int | None:
     left as it is, so stores and results keep their sizes."""
     if getattr(args, "chunk_mb", None) is None:
         return None
-    cluster = getattr(args, "cluster", "none")
+    cluster, _ = resolve_cluster(args)
     budget, note = chunk_budget(load_config(None if cluster == "none" else cluster),
                                 chunk_bytes(args.chunk_mb, None))
     if note:
@@ -126,8 +124,8 @@ def _absolute(value):
 
 def command_options(args) -> dict:
     """The command's arguments for provenance: secrets redacted, storage options by key."""
-    options = {k: v for k, v in vars(args).items() if k != "func"}
-    for key in ("input", "inputs", "out_dir", "store", "mask", "out", "table", "maps"):
+    options = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
+    for key in ("input", "inputs", "output_dir", "store", "mask", "table", "maps", "design"):
         if key in options:
             options[key] = _absolute(options[key])
     for key in ("storage_option", "input_storage_option"):
@@ -136,13 +134,81 @@ def command_options(args) -> dict:
     return {"command": args.command, **strip_secrets(options)}
 
 
+def resolve_cluster(args) -> tuple[str, str | None]:
+    """(cluster config, scheduler address) of a command's arguments.
+
+    ``--scheduler`` (or, when neither it nor ``--cluster`` is given, the
+    ``DASK_SCHEDULER_ADDRESS`` environment variable) attaches to a running
+    scheduler: the config is then ``"none"`` (its storage defaults apply).
+    Otherwise ``--cluster`` (default ``local``). ``args`` may be a config name.
+    """
+    if isinstance(args, str):
+        return args, None
+    cluster, scheduler = getattr(args, "cluster", None), getattr(args, "scheduler", None)
+    if scheduler is not None and cluster not in (None, "none") and scheduler.strip():
+        raise ChunkglmError(f"give --cluster ({cluster}) or --scheduler ({scheduler}), not both: "
+                            "--cluster starts a cluster, --scheduler uses a running one.")
+    if scheduler is None and cluster is None:
+        scheduler = os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    if scheduler is not None:
+        if not scheduler.strip() or any(c.isspace() for c in scheduler):
+            raise ChunkglmError(f"--scheduler takes a scheduler address such as tcp://host:8786; "
+                                f"received {scheduler!r}.")
+        return "none", scheduler.strip()
+    return (cluster if cluster is not None else "local"), None
+
+
+def _workers(args, cluster, scheduler) -> dict:
+    """``--workers N`` as the local cluster's ``n_workers`` (an error anywhere else)."""
+    workers = getattr(args, "workers", None)
+    if workers is None:
+        return {}
+    if workers < 1:
+        raise ChunkglmError(f"--workers takes a number of workers >= 1; received {workers}.")
+    if scheduler is not None:
+        raise ChunkglmError(f"--workers sizes a local cluster; the scheduler at {scheduler} has its own "
+                            "workers (leave out --workers, or --scheduler to start a local cluster).")
+    if cluster == "none":
+        raise ChunkglmError("--workers sizes a local cluster, but --cluster none runs in this process; "
+                            "leave out one of them.")
+    kind = load_config(cluster).type
+    if kind != "local":
+        raise ChunkglmError(f"--workers sizes the local cluster; the config {cluster!r} is of type "
+                            f"{kind!r}: set its worker count in the config instead.")
+    return {"n_workers": workers}
+
+
+def attach(address: str, stream=None):
+    """A Client of the running scheduler at ``address`` (a one-line error when it cannot be reached)."""
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ChunkglmError(f"cannot reach the dask scheduler at {address} ({type(err).__name__}: {err}); "
+                            "check that it runs (`dask scheduler`) and the address of --scheduler or "
+                            "DASK_SCHEDULER_ADDRESS.") from err
+    workers = len(client.scheduler_info().get("workers", {}))
+    print(f"Scheduler: {client.scheduler.address} (running scheduler, {workers} worker(s))",
+          file=stream or sys.stderr, flush=True)
+    print(f"Dashboard: {client.dashboard_link or 'none'}", file=stream or sys.stderr, flush=True)
+    return client
+
+
 @contextmanager
-def cluster_client(config):
-    """A dask client for the command's lifetime (none for ``--cluster none``)."""
-    if config == "none":
+def cluster_client(args):
+    """A dask client for the command's lifetime: attached to ``--scheduler`` (closed, the
+    scheduler left running), started from ``--cluster`` (shut down at the end), or none for
+    ``--cluster none``. ``args`` may also be a config name."""
+    cluster, scheduler = resolve_cluster(args)
+    overrides = _workers(args, cluster, scheduler)
+    if scheduler is not None:
+        client = attach(scheduler)
+    elif cluster == "none":
         yield None
         return
-    client = start(config)
+    else:
+        client = start(cluster, **overrides)
     try:
         yield client
     finally:

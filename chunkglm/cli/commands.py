@@ -3,11 +3,21 @@ extract, report, info, verify, to-nifti, demo. The entry point is :mod:`chunkglm
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
 from chunkglm._version import __version__
 from chunkglm.cli import demo, extract, first_level, meta, report, second_level, verify
+from chunkglm.cli._args import (
+    EXIT_ERROR,
+    Parser,
+    add_list,
+    add_output_dir,
+    missing_required,
+    old_two_sided_values,
+    path_value,
+    split_list,
+)
 from chunkglm.cli._common import add_cluster, add_storage_cluster, chunk_bytes, cluster_client, command_options
 from chunkglm.cli._common import add_common as _add_common  # tests build sub-parsers with it
 from chunkglm.cli._common import parse_storage_options, storage_for
@@ -19,10 +29,11 @@ from chunkglm.io.convert import convert
 
 def _cmd_convert(args):
     reporter = Reporter(bars=not args.no_progress)
-    with cluster_client(args.cluster) as client, reporter.phase("converting") as advance:
+    with cluster_client(args) as client, reporter.phase("converting") as advance:
         report = convert(
-            args.inputs[0] if len(args.inputs) == 1 else args.inputs, args.store,
-            task=args.task, space=args.space, subjects=args.subject, sessions=args.session,
+            args.inputs[0] if len(args.inputs) == 1 else args.inputs, args.output_dir,
+            task=args.task, space=args.space, subjects=split_list(args.subject),
+            sessions=split_list(args.session),
             derivatives_folder=args.derivatives_folder, mask_img=args.mask,
             collection=args.collection, map_type=args.map_type,
             storage_options=storage_for(args),
@@ -59,13 +70,14 @@ def _cmd_to_nifti(args):
 
 
 def _cmd_demo(args):
-    return demo.run_demo(args.out, size=args.size, n_subjects=args.subjects, cluster=args.cluster)
+    return demo.run_demo(args.output_dir, size=args.size, n_subjects=args.subjects, cluster=args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The argument parser (exposed for tests and documentation)."""
-    parser = argparse.ArgumentParser(prog="chunkglm", description="Out-of-core fMRI statistics.")
-    parser.add_argument("--version", action="version", version=f"chunkglm {__version__}")
+    parser = Parser(prog="chunkglm", description="Out-of-core fMRI statistics.")
+    parser.add_argument("--version", action="version", version=f"chunkglm {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
     first_level.add_parser(sub, _add_common)
@@ -75,22 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(sub)
     verify.add_parser(sub, add_storage_cluster)
     info = sub.add_parser("info", help="summarise a cohort store")
-    info.add_argument("store")
-    info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    info.add_argument("store", type=path_value, help="the store's path or URL")
+    add_storage_option(info)
     add_storage_cluster(info)
     info.set_defaults(func=_cmd_info)
     back = sub.add_parser("to-nifti", help="write a run or map collection back as NIfTI")
-    back.add_argument("store")
+    back.add_argument("store", type=path_value, help="the store's path or URL")
     back.add_argument("node", help="runs/<name>, maps/<name> or a run name")
-    back.add_argument("output", help="output .nii or .nii.gz")
+    back.add_argument("output", type=path_value, help="output .nii or .nii.gz")
     back.add_argument("--variable", help="map variable of a collection (default: its first)")
-    back.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    add_storage_option(back)
     add_storage_cluster(back)
     back.set_defaults(func=_cmd_to_nifti)
     demo_cmd = sub.add_parser("demo", help="run the pipeline on a synthetic dataset")
-    demo_cmd.add_argument("--out", default="demo_output")
-    demo_cmd.add_argument("--size", default="small", choices=["tiny", "small", "realistic"])
-    demo_cmd.add_argument("--subjects", type=int, default=6)
+    add_output_dir(demo_cmd, "folder for the dataset, the store and every result (default: demo_output)",
+                   "--out", required=False)
+    demo_cmd.set_defaults(output_dir=path_value("demo_output"))
+    demo_cmd.add_argument("--size", default="small", choices=["tiny", "small", "realistic"],
+                          help="size of the synthetic images")
+    demo_cmd.add_argument("--subjects", type=int, default=6, help="number of synthetic subjects")
     add_cluster(demo_cmd)
     demo_cmd.set_defaults(func=_cmd_demo)
     return parser
@@ -98,40 +113,84 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _convert_parser(sub):
     conv = sub.add_parser("convert", help="BIDS derivatives or NIfTI files -> cohort store")
-    conv.add_argument("inputs", nargs="+", help="a BIDS/fMRIPrep folder, or NIfTI files")
-    conv.add_argument("-o", "--store", required=True, help="store path or URL (s3://bucket/x.zarr)")
-    conv.add_argument("--task")
-    conv.add_argument("--space")
-    conv.add_argument("--subject", action="append", help="repeat for several")
-    conv.add_argument("--session", action="append", help="repeat for several")
-    conv.add_argument("--derivatives-folder", default="derivatives/fmriprep")
-    conv.add_argument("--mask", help="3-D mask image defining the stored voxels")
+    conv.add_argument("inputs", nargs="+", type=path_value, help="a BIDS/fMRIPrep folder, or NIfTI files")
+    add_output_dir(conv, "the store to write: a path or URL (s3://bucket/x.zarr)", "--store")
+    conv.add_argument("--task", help="BIDS input: keep the runs of this task (default: all tasks)")
+    conv.add_argument("--space", help="BIDS input: keep the runs of this space (default: every space)")
+    add_list(conv, "--subject", metavar="LABEL", help_text="BIDS input: subjects to convert, e.g. "
+             "--subject 01 02 (default: all)")
+    add_list(conv, "--session", metavar="LABEL", help_text="BIDS input: sessions to convert "
+             "(default: all)")
+    conv.add_argument("--derivatives-folder", default="derivatives/fmriprep",
+                      help="BIDS input: the folder of the preprocessed runs, relative to the BIDS root")
+    conv.add_argument("--mask", type=path_value, help="3-D mask image defining the stored voxels "
+                      "(default: the union of the runs' desc-brain_mask images, else every voxel)")
     conv.add_argument("--collection", default="images", help="node name for 3-D inputs")
     conv.add_argument("--map-type", default="effect", help="variable name for 3-D inputs")
     conv.add_argument("--chunk-mb", type=float, metavar="MB",
                       help="MiB per chunk (uncompressed; default 64); smaller chunks need less "
                            "worker memory")
-    conv.add_argument("--chunk-size", help='uncompressed bytes per chunk, e.g. "64MiB" (or --chunk-mb)')
+    conv.add_argument("--chunk-size", help='uncompressed bytes per chunk, e.g. "64MiB", instead of '
+                                           "--chunk-mb (default: 64MiB)")
     conv.add_argument("--task-memory", default="2GiB", help="memory one run's task may hold")
-    conv.add_argument("--overwrite", action="store_true", help="replace nodes whose source changed")
-    conv.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                      help="fsspec option for the store, e.g. endpoint_url=http://127.0.0.1:9000")
-    conv.add_argument("--input-storage-option", action="append", metavar="KEY=VALUE")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace nodes whose source changed (default: refuse to)")
+    add_storage_option(conv)
+    conv.add_argument("--input-storage-option", action="append", metavar="KEY=VALUE",
+                      help="fsspec option for object-storage inputs; repeat (default: none)")
     _add_common(conv)
     conv.set_defaults(func=_cmd_convert)
 
 
+def add_storage_option(parser) -> None:
+    """--storage-option KEY=VALUE (repeatable) for a command that reads or writes a store."""
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="fsspec option of the store's object storage, e.g. "
+                             "endpoint_url=http://127.0.0.1:9000; repeat (default: the cluster "
+                             "config's storage: section; credentials only from the environment)")
+
+
+def _one_line(err: BaseException) -> str:
+    """An error message on one line (a message of several lines joined with '; ')."""
+    text = str(err).strip() or type(err).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (2 for input errors)."""
-    args = build_parser().parse_args(argv)
+    """Entry point; returns the exit status (2 for every error, 130 when interrupted).
+
+    Every error is one line on stderr, never a traceback: chunkglm's own errors and the
+    environment's (a missing file, a read-only folder, a full disk) say what happened;
+    anything else is named as unexpected (``CHUNKGLM_TRACEBACK=1`` shows its traceback).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["meta"]:
+        argv = old_two_sided_values(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = missing_required(args)
+    if missing:
+        print(f"chunkglm {args.command}: error: the following arguments are required: "
+              f"{', '.join(missing)} (see chunkglm {args.command} --help)", file=sys.stderr)
+        return EXIT_ERROR
     try:
         return args.func(args)
     except ChunkglmError as err:
-        print(f"chunkglm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"chunkglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:
+        print(f"chunkglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted: complete store nodes and subjects are kept; run the same command "
               "again to finish.",
               file=sys.stderr)
         return 130
+    except Exception as err:  # a defect of chunkglm: still one line, with how to see more
+        if os.environ.get("CHUNKGLM_TRACEBACK"):
+            raise
+        print(f"chunkglm {args.command}: error: unexpected {type(err).__name__}: {_one_line(err)} "
+              "(this is a chunkglm defect: run again with CHUNKGLM_TRACEBACK=1 for the traceback "
+              "and report it)", file=sys.stderr)
+        return EXIT_ERROR
 

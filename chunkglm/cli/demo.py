@@ -157,7 +157,11 @@ def _reports(derivatives: Path) -> list[Path]:
 
 
 def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") -> int:
-    """Run the demo; returns an exit status."""
+    """Run the demo; returns an exit status.
+
+    ``cluster``: a cluster config name, or the command's arguments (``--cluster``,
+    ``--scheduler``, ``--workers``; see :func:`chunkglm.cli._common.cluster_client`).
+    """
     if n_subjects < 3:
         raise InputError(f"the demo's group analysis needs at least 3 subjects; received --subjects {n_subjects}.")
     out = Path(out).absolute()

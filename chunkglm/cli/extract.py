@@ -4,7 +4,7 @@
 2. The runs (filtered by --task/--space/--subject) go through one
    MultiMapsMasker: one dask graph for all runs (the maps' Gram matrix once,
    each data chunk read once).
-3. Per run, ``OUT_DIR/sub-XX[/ses-YY]/func/<entities>_desc-<atlas>_timeseries.tsv``
+3. Per run, ``OUTPUT_DIR/sub-XX[/ses-YY]/func/<entities>_desc-<atlas>_timeseries.tsv``
    with a JSON sidecar; optionally the (run, time, region) array into the
    store (``timeseries/<atlas>``).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chunkglm.cli._args import add_list, add_output_dir, deprecated_alias, path_value, split_list
 from chunkglm.cli._common import (
     add_allow_incomplete,
     add_chunk_mb,
@@ -36,29 +37,40 @@ STANDARDIZE_CHOICES = ("zscore_sample", "zscore", "psc", "none")
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
     cmd = sub.add_parser("extract", help="region signals from probabilistic maps, BIDS TSV out")
-    cmd.add_argument("input", nargs="?", help="a BIDS/fMRIPrep folder or a cohort store (or give --store)")
-    cmd.add_argument("--maps", required=True, help="4-D NIfTI of probabilistic maps (one volume per region)")
-    cmd.add_argument("-o", "--out", "--out-dir", dest="out_dir", required=True, help="output folder")
+    cmd.add_argument("input", nargs="?", type=path_value,
+                     help="a BIDS/fMRIPrep folder or a cohort store (or give --store)")
+    cmd.add_argument("--maps", required=True, type=path_value,
+                     help="4-D NIfTI of probabilistic maps (one volume per region)")
+    add_output_dir(cmd, "output folder", "--out-dir", "--out")
     cmd.add_argument("--atlas", required=True, help="atlas label for desc-<atlas> (alphanumeric)")
-    cmd.add_argument("--store", help="the cohort store to read; for a BIDS input, where it is converted "
-                                     "(default OUT_DIR/cohort.zarr)")
-    cmd.add_argument("--task")
-    cmd.add_argument("--space")
-    cmd.add_argument("--subject", action="append", help="repeat for several (default: all)")
-    cmd.add_argument("--mask", help="mask_img: a 3-D mask restricting the maps")
-    cmd.add_argument("--standardize", default="none", choices=STANDARDIZE_CHOICES)
-    cmd.add_argument("--detrend", action="store_true")
-    cmd.add_argument("--low-pass", type=float, metavar="HZ")
-    cmd.add_argument("--high-pass", type=float, metavar="HZ")
+    cmd.add_argument("--store", type=path_value,
+                     help="the cohort store to read; for a BIDS input, where it is converted "
+                          "(default OUTPUT_DIR/cohort.zarr)")
+    cmd.add_argument("--task", help="keep the runs of this task (default: all tasks)")
+    cmd.add_argument("--space", help="keep the runs of this space (default: every space)")
+    add_list(cmd, "--subject", metavar="LABEL", help_text="subjects to extract, e.g. --subject 01 02 "
+             "(default: all)")
+    cmd.add_argument("--mask", type=path_value,
+                     help="mask_img: a 3-D mask restricting the maps (default: none)")
+    cmd.add_argument("--standardize", default="none", choices=STANDARDIZE_CHOICES,
+                     help="nilearn's standardize of the signals")
+    cmd.add_argument("--detrend", action="store_true", help="remove a linear trend (nilearn's detrend)")
+    cmd.add_argument("--low-pass", type=float, metavar="HZ", help="low-pass cut-off (default: none)")
+    cmd.add_argument("--high-pass", type=float, metavar="HZ", help="high-pass cut-off (default: none)")
     cmd.add_argument("--t-r", type=float, metavar="S", help="default: each run's RepetitionTime")
-    cmd.add_argument("--confounds-columns", help="comma-separated stored confound columns, e.g. "
-                                                 "trans_x,trans_y,csf (n/a values become 0)")
-    cmd.add_argument("--high-variance-confounds", action="store_true")
-    cmd.add_argument("--resampling-target", default="data", choices=["data", "mask", "maps"])
+    add_list(cmd, "--confounds", metavar="COLUMN",
+             help_text="stored confound columns regressed out, e.g. --confounds trans_x trans_y csf "
+                       "(n/a values become 0; default: none)")
+    deprecated_alias(cmd, "--confounds-columns", dest="confounds", new="--confounds", kind="extend")
+    cmd.add_argument("--high-variance-confounds", action="store_true",
+                     help="add nilearn's high-variance confounds")
+    cmd.add_argument("--resampling-target", default="data", choices=["data", "mask", "maps"],
+                     help="the grid the maps and data are resampled to (nilearn's resampling_target)")
     add_allow_incomplete(cmd)
     add_chunk_mb(cmd, " (the maps kept in memory and the runs read together derive from it)")
     cmd.add_argument("--to-store", action="store_true",
-                     help="also write the (run, time, region) array to the store's timeseries/<atlas>")
+                     help="also write the (run, time, region) array to the store's timeseries/<atlas> "
+                          "(default: TSV files only)")
     add_common(cmd)
     cmd.set_defaults(func=run)
 
@@ -74,26 +86,28 @@ def _cohort(args, client, reporter):
         return cohort
     if not Path(args.input).is_dir():
         raise InputError(f"{args.input} is neither a cohort store nor a BIDS folder.")
-    store = args.store or str(Path(args.out_dir) / "cohort.zarr")
+    store = args.store or str(Path(args.output_dir) / "cohort.zarr")
     with reporter.phase("converting") as advance:
-        convert(args.input, store, task=args.task, space=args.space, subjects=args.subject, client=client,
+        convert(args.input, store, task=args.task, space=args.space, subjects=split_list(args.subject),
+                client=client,
                 chunk_bytes=command_budget(args) or chunk_bytes(None, None),
                 storage_options=storage, progress=reporter.converter_callback(advance))
     return open_cohort(store, storage, allow_incomplete=args.allow_incomplete)
 
 
 def _runs(args, cohort):
-    nodes = sorted(cohort.select(task=args.task, space=args.space, sub=args.subject), key=lambda n: n.name)
+    subjects = split_list(args.subject)
+    nodes = sorted(cohort.select(task=args.task, space=args.space, sub=subjects), key=lambda n: n.name)
     if not nodes:
         raise InputError(f"no run of {cohort.location} matches task={args.task!r}, space={args.space!r}, "
-                         f"subjects={args.subject!r}.")
+                         f"subjects={subjects!r}.")
     return nodes
 
 
 def _confounds(args, nodes):
-    if not args.confounds_columns:
+    columns = split_list(args.confounds)
+    if not columns:
         return None
-    columns = [c.strip() for c in args.confounds_columns.split(",") if c.strip()]
     return [node.confound_columns(columns).fillna(0.0) for node in nodes]
 
 
@@ -112,17 +126,17 @@ def run(args) -> int:
     """Entry point of ``chunkglm extract``."""
     atlas_label(args.atlas)  # fail before any work
     reporter = Reporter(bars=not args.no_progress)
-    with cluster_client(args.cluster) as client:
+    with cluster_client(args) as client:
         cohort = _cohort(args, client, reporter)
         nodes = _runs(args, cohort)
         print_skipped(cohort, reporter.line)
         masker = masker_for(args).fit(nodes)
         reporter.line(f"extracting {masker.n_elements_} region signals from {len(nodes)} run(s)")
         signals = masker.transform_to_xarray(nodes, confounds=_confounds(args, nodes))
-    paths = save_timeseries(signals, args.out_dir, args.atlas)
+    paths = save_timeseries(signals, args.output_dir, args.atlas)
     if args.to_store:
         store = args.store or args.input
         path = save_timeseries_to_store(signals, store, args.atlas, storage_for(args))
         reporter.line(f"wrote {path} into {store}")
-    print(f"wrote {len(paths)} timeseries file(s) under {args.out_dir}")
+    print(f"wrote {len(paths)} timeseries file(s) under {args.output_dir}")
     return 0

@@ -1,7 +1,7 @@
 """``chunkglm first-level``: every subject of a BIDS folder or store, one graph.
 
-Writes nilearn's ``save_glm_to_bids`` file set (``OUT_DIR/sub-XX/``) and the
-derivatives/glm layout (``OUT_DIR/first_level/sub-XX/`` with its JSON).
+Writes nilearn's ``save_glm_to_bids`` file set (``OUTPUT_DIR/sub-XX/``) and the
+derivatives/glm layout (``OUTPUT_DIR/first_level/sub-XX/`` with its JSON).
 
 1. A BIDS folder is converted (resumably) into a store first.
 2. ``first_level_from_bids`` on the store gives one model per subject.
@@ -25,6 +25,7 @@ import numpy as np
 from nilearn.glm.contrasts import expression_to_contrast_vector
 
 from chunkglm.cli import resume as subjects_io
+from chunkglm.cli._args import add_list, add_output_dir, path_value, require, split_list
 from chunkglm.cli._common import (
     add_allow_incomplete,
     chunk_bytes,
@@ -49,20 +50,27 @@ from chunkglm.provenance import Stopwatch, cluster_summary, record
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
     cmd = sub.add_parser("first-level", help="first-level GLM for every subject, BIDS derivatives out")
-    cmd.add_argument("input", help="a BIDS/fMRIPrep folder or a cohort store")
-    cmd.add_argument("-o", "--out-dir", required=True, help="output folder for the derivatives")
-    cmd.add_argument("--task", required=True)
-    cmd.add_argument("--space")
-    cmd.add_argument("--subject", action="append", help="repeat for several (default: all)")
-    cmd.add_argument("-c", "--contrast", action="append", required=True, metavar="NAME=EXPRESSION",
-                     help='t contrast "aMinusB=a - b" (a formula over design columns), or F '
-                          'contrast "effects=a; b" (one formula per row); repeat')
-    cmd.add_argument("--confounds", help="comma-separated confound columns, e.g. trans_x,trans_y,csf")
-    cmd.add_argument("--noise-model", default="ar1", choices=["ar1", "ols"])
-    cmd.add_argument("--hrf-model", default="glover")
-    cmd.add_argument("--drift-model", default="cosine")
-    cmd.add_argument("--high-pass", type=float, default=0.01)
-    cmd.add_argument("--store", help="store for a BIDS input (default: OUT_DIR/cohort.zarr)")
+    cmd.add_argument("input", type=path_value, help="a BIDS/fMRIPrep folder or a cohort store")
+    add_output_dir(cmd, "output folder for the derivatives", "--out-dir", "--out")
+    cmd.add_argument("--task", required=True, help="the task whose runs are modelled")
+    cmd.add_argument("--space", help="the runs' space (default: the only one)")
+    add_list(cmd, "--subject", metavar="LABEL", help_text="subjects to model, e.g. --subject 01 02 "
+             "(default: all)")
+    add_list(cmd, "-c", "--contrast", metavar="NAME=EXPRESSION",
+             help_text='t contrast "aMinusB=a - b" (a formula over design columns), or F '
+                       'contrast "effects=a; b" (one formula per row); several: -c "a=a" "b=b" '
+                       "(required)")
+    require(cmd, "contrast", "-c/--contrast")
+    add_list(cmd, "--confounds", metavar="COLUMN",
+             help_text="confound columns of the runs' confounds TSV, e.g. --confounds trans_x trans_y csf "
+                       "(default: none)")
+    cmd.add_argument("--noise-model", default="ar1", choices=["ar1", "ols"], help="nilearn's noise_model")
+    cmd.add_argument("--hrf-model", default="glover", help="nilearn's hrf_model")
+    cmd.add_argument("--drift-model", default="cosine", help="nilearn's drift_model")
+    cmd.add_argument("--high-pass", type=float, default=0.01, metavar="HZ",
+                     help="nilearn's high_pass (cosine drift cut-off)")
+    cmd.add_argument("--store", type=path_value,
+                     help="store for a BIDS input (default: OUTPUT_DIR/cohort.zarr)")
     cmd.add_argument("--chunk-mb", type=float, metavar="MB",
                      help="memory budget, MiB per chunk (default: a store's chunks as they are, 64 "
                           "when a BIDS input is converted); smaller values give smaller task blocks, "
@@ -71,9 +79,11 @@ def add_parser(sub, add_common) -> None:
                           "config's memory_limit per worker when larger.")
     cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                      help="option of the store's object storage, e.g. endpoint_url=http://127.0.0.1:9000 "
-                          "(over the cluster config's storage: section; credentials only from the environment)")
+                          "(over the cluster config's storage: section; credentials only from the "
+                          "environment); repeat (default: none)")
     cmd.add_argument("--overwrite", action="store_true",
-                     help="replace complete subjects whose results came from other options or inputs")
+                     help="replace complete subjects whose results came from other options or inputs "
+                          "(default: refuse to)")
     add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
@@ -96,9 +106,9 @@ def _store_for(args, client, reporter):
     cohort = open_if_store(args.input, storage, args.allow_incomplete)
     if cohort is not None:
         return cohort
-    store = args.store or _default_store(args.out_dir)
+    store = args.store or _default_store(args.output_dir)
     with reporter.phase("converting") as advance:
-        report = convert(args.input, store, task=args.task, space=args.space, subjects=args.subject,
+        report = convert(args.input, store, task=args.task, space=args.space, subjects=split_list(args.subject),
                          client=client, chunk_bytes=command_budget(args) or chunk_bytes(None, None),
                          storage_options=storage, progress=reporter.converter_callback(advance))
     if report.skipped and args.chunk_mb is not None:
@@ -108,16 +118,16 @@ def _store_for(args, client, reporter):
 
 
 def _default_store(out_dir) -> str:
-    """``OUT_DIR/cohort.zarr`` (a URL stays a URL)."""
+    """``OUTPUT_DIR/cohort.zarr`` (a URL stays a URL)."""
     text = str(out_dir)
     return f"{text.rstrip('/')}/cohort.zarr" if is_url(text) else str(Path(text) / "cohort.zarr")
 
 
 def _models(args, store):
     """One fitted (lazy) model per subject, with its store runs."""
-    columns = [c.strip() for c in args.confounds.split(",")] if args.confounds else None
+    columns = split_list(args.confounds) or None
     models, runs, events, confounds = first_level_from_bids(
-        store, args.task, space_label=args.space, sub_labels=args.subject,
+        store, args.task, space_label=args.space, sub_labels=split_list(args.subject),
         noise_model=args.noise_model, hrf_model=args.hrf_model, drift_model=args.drift_model,
         high_pass=args.high_pass, confounds_columns=columns)
     budget = command_budget(args)
@@ -163,9 +173,16 @@ class SubjectJob:
 def analysis_options(args, contrasts, model) -> dict:
     """The options that decide a subject's results (compared on resume)."""
     return {"task": args.task, "space": args.space, "contrasts": contrasts,
-            "confounds": args.confounds, "noise_model": args.noise_model,
+            "confounds": _confounds_option(args.confounds), "noise_model": args.noise_model,
             "hrf_model": args.hrf_model, "drift_model": args.drift_model,
             "high_pass": args.high_pass, "slice_time_ref": model.slice_time_ref}
+
+
+def _confounds_option(values):
+    """The confounds as the records have always held them: one comma-separated string (or None),
+    so a re-run with the list spelling resumes the subjects of the comma spelling."""
+    columns = split_list(values)
+    return ",".join(columns) if columns else None
 
 
 def plan_subjects(args, contrasts, fitted, out) -> list[SubjectJob]:
@@ -179,7 +196,7 @@ def plan_subjects(args, contrasts, fitted, out) -> list[SubjectJob]:
         jobs.append(SubjectJob(model, weights, types, inputs, identity, state))
     conflicts = [job.state for job in jobs if job.state.status == "conflict"]
     if conflicts and not args.overwrite:
-        raise subjects_io.conflict_error(conflicts, args.out_dir)
+        raise subjects_io.conflict_error(conflicts, args.output_dir)
     return jobs
 
 
@@ -187,9 +204,9 @@ def _write_subject(args, job, out, context) -> None:
     model = job.model
     if job.state.status == "conflict":  # --overwrite: incomplete from here on
         subjects_io.clear_record(out, job.label, args.task)
-    paths = save_glm_to_bids(model, job.weights, contrast_types=job.types, out_dir=args.out_dir,
+    paths = save_glm_to_bids(model, job.weights, contrast_types=job.types, out_dir=args.output_dir,
                              prefix=f"sub-{job.label}_task-{args.task}")
-    paths += save_glm_derivatives(model, job.weights, args.out_dir, task_label=args.task,
+    paths += save_glm_derivatives(model, job.weights, args.output_dir, task_label=args.task,
                                   contrast_types=job.types, confounds=model.confound_names_[0] or [])
     entries = subjects_io.output_entries(out, paths, job.label)
     subjects_io.remove_stale(out, job.state.record, entries)
@@ -230,8 +247,8 @@ def run(args) -> int:
     stopwatch = Stopwatch()
     contrasts = parse_contrasts(args.contrast)
     reporter = Reporter(bars=not args.no_progress)
-    out = subjects_io.OutDir(args.out_dir)
-    with cluster_client(args.cluster) as client:
+    out = subjects_io.OutDir(args.output_dir)
+    with cluster_client(args) as client:
         store = _store_for(args, client, reporter)
         jobs = plan_subjects(args, contrasts, _models(args, store), out)  # fails before computing
         print_skipped(store, reporter.line)

@@ -2,8 +2,8 @@
 
 ::
 
-    chunkglm meta --estimator DerSimonianLaird --store S --collection C --out DIR
-    chunkglm meta --estimator Stouffers --table images.tsv --out DIR --correct fdr
+    chunkglm meta --estimator DerSimonianLaird --store S --collection C -o DIR
+    chunkglm meta --estimator Stouffers --table images.tsv -o DIR --correct fdr
 
 ``--table`` is a TSV with one row per image and columns among ``z, t, beta,
 varcope, se`` (NIfTI paths, relative to the table's folder or absolute),
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, path_value
 from chunkglm.cli._common import add_allow_incomplete, add_chunk_mb, cluster_client, command_budget, command_options
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
@@ -36,19 +37,21 @@ CORRECTIONS = {"fdr": ("FDRCorrector", "indep"), "fdr-negcorr": ("FDRCorrector",
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
     cmd = sub.add_parser("meta", help="image-based meta-analysis (NiMARE's IBMA estimators)")
-    cmd.add_argument("--estimator", required=True, choices=ESTIMATORS)
+    cmd.add_argument("--estimator", required=True, choices=ESTIMATORS, help="NiMARE's IBMA estimator")
     source = cmd.add_mutually_exclusive_group(required=True)
-    source.add_argument("--store", help="cohort store holding the collection")
-    source.add_argument("--table", help="TSV of NIfTI paths, one row per image")
-    cmd.add_argument("--collection", help="maps collection of --store")
-    cmd.add_argument("--mask", help="mask image (on the maps' grid)")
-    cmd.add_argument("-o", "--out", required=True, help="output folder")
-    cmd.add_argument("--correct", action="append", choices=sorted(CORRECTIONS),
-                     help="correction to apply (repeat for several)")
-    cmd.add_argument("--n-iters", type=int, default=5000, help="sign flips for montecarlo (default 5000)")
+    source.add_argument("--store", type=path_value, help="cohort store holding the collection (this or --table)")
+    source.add_argument("--table", type=path_value, help="TSV of NIfTI paths, one row per image (this or --store)")
+    cmd.add_argument("--collection", help="maps collection of --store (required with --store, no default)")
+    cmd.add_argument("--mask", type=path_value, help="mask image on the maps' grid (default: every "
+                                                     "voxel of the store's collection or of the maps)")
+    add_output_dir(cmd, "output folder (meta/ goes in it)", "--out")
+    add_list(cmd, "--correct", choices=sorted(CORRECTIONS), metavar="METHOD",
+             help_text=f"corrections to apply, e.g. --correct fdr bonferroni; one of {sorted(CORRECTIONS)} "
+                       "(default: none)")
+    cmd.add_argument("--n-iters", type=int, default=5000, help="sign flips for montecarlo")
     cmd.add_argument("--aggressive-mask", action="store_true",
                      help="drop voxels missing in any study (default: fit each missing-data pattern)")
-    cmd.add_argument("--two-sided", choices=["yes", "no"], default="yes")
+    add_sidedness(cmd, True, "test")
     add_chunk_mb(cmd)
     add_allow_incomplete(cmd)
     add_common(cmd)
@@ -72,12 +75,12 @@ def _inputs(args):
         if role in table.columns:
             table[role] = [str(p) if Path(str(p)).is_absolute() else str(table_path.parent / str(p))
                            for p in table[role]]
-    store = Path(args.out) / "meta.zarr"
+    store = Path(args.output_dir) / "meta.zarr"
     return convert_meta_maps(table, store, "meta", mask_img=args.mask)
 
 
 def _estimator(args):
-    two_sided = args.two_sided == "yes"
+    two_sided = args.two_sided
     kwargs = {"aggressive_mask": args.aggressive_mask, "chunk_bytes": command_budget(args)}
     if args.mask and args.store:
         kwargs["mask"] = args.mask
@@ -93,17 +96,17 @@ def run(args) -> int:
     """Entry point of ``chunkglm meta``."""
     stopwatch = Stopwatch()
     estimator = _estimator(args)
-    with cluster_client(args.cluster) as client:
+    with cluster_client(args) as client:
         result = estimator.fit(_inputs(args))
         for name in args.correct or []:
             klass, method = CORRECTIONS[name]
             kwargs = {"n_iters": args.n_iters} if method == "montecarlo" else {}
             result = getattr(correct, klass)(method=method, **kwargs).transform(result)
-        written = result.save_derivatives(args.out)
+        written = result.save_derivatives(args.output_dir)
         options = command_options(args)
         cluster = cluster_summary(client)
-    write_record(Path(args.out) / "meta" / "provenance.json",
+    write_record(Path(args.output_dir) / "meta" / "provenance.json",
                  record("meta", inputs=[result._inputs.describe()], options=options, cluster=cluster,
                         stopwatch=stopwatch, outputs=sorted(str(p) for p in written.values())))
-    print(f"derivatives: {Path(args.out) / 'meta'}")
+    print(f"derivatives: {Path(args.output_dir) / 'meta'}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chunkglm.cli._args import add_sidedness, path_value
 from chunkglm.report.from_derivatives import write_reports
 
 
@@ -20,7 +21,7 @@ HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", "none")
 def add_parser(sub, add_common=None) -> None:
     """Register the sub-command."""
     cmd = sub.add_parser("report", help="HTML reports of the results in a derivatives folder")
-    cmd.add_argument("derivatives", metavar="DERIVATIVES_DIR",
+    cmd.add_argument("derivatives", metavar="DERIVATIVES_DIR", type=path_value,
                      help="a folder written by chunkglm first-level / second-level / meta (or one above it)")
     cmd.add_argument("--title", help="page title (default: the kind of result and its contrasts)")
     cmd.add_argument("--height-control", default="fpr", choices=HEIGHT_CONTROLS,
@@ -28,11 +29,14 @@ def add_parser(sub, add_common=None) -> None:
     cmd.add_argument("--alpha", type=float, default=0.001, help="p-value or q-value (default 0.001)")
     cmd.add_argument("--threshold", type=float,
                      help="z threshold, with --height-control none (default then 3.09)")
-    cmd.add_argument("--cluster-threshold", type=int, default=0, metavar="VOXELS")
-    cmd.add_argument("--two-sided", action="store_true")
+    cmd.add_argument("--cluster-threshold", type=int, default=0, metavar="VOXELS",
+                     help="clusters smaller than this many voxels are not shown or listed "
+                          "(nilearn's cluster_threshold)")
+    add_sidedness(cmd, False, "thresholds (nilearn's two_sided)")
     cmd.add_argument("--min-distance", type=float, default=8.0, metavar="MM",
                      help="minimum distance between subpeaks of the cluster tables")
-    cmd.add_argument("--plot-type", default="slice", choices=["slice", "glass"])
+    cmd.add_argument("--plot-type", default="slice", choices=["slice", "glass"],
+                     help="nilearn's plot_type of the maps")
     cmd.add_argument("--display-mode", help="nilearn's cuts, e.g. z, ortho, lzry (default z / lzry)")
     cmd.add_argument("--bg-img", default="MNI152TEMPLATE",
                      help="background image path, MNI152TEMPLATE (default) or none")

@@ -188,7 +188,7 @@ def conflict_error(states: list[SubjectState], out_dir) -> InputError:
     return InputError(
         f"{out_dir} already holds complete first-level results of {len(states)} subject(s) "
         "computed with other options or inputs:\n" + "\n".join(lines)
-        + "\nNothing was written. Pass --overwrite to replace them, or choose another --out-dir.")
+        + "\nNothing was written. Pass --overwrite to replace them, or choose another -o/--output-dir.")
 
 
 def clear_record(out: OutDir, subject: str, task: str) -> None:

@@ -5,10 +5,10 @@ Input: the output folder of ``chunkglm first-level`` (or of nilearn's
 or a cohort store holding a ``maps/<collection>`` node. The maps are loaded once
 into a maps node (a store), the model is fitted over voxel blocks, and
 :func:`chunkglm.interfaces.bids.save_group_derivatives` writes
-``OUT_DIR/group_level/`` (stat and z maps, FDR and FWE corrected maps, the
+``OUTPUT_DIR/group_level/`` (stat and z maps, FDR and FWE corrected maps, the
 sidecar); with ``--n-perm`` the FWE maps of t contrasts come from nilearn's
 max-T permutation test (plus TFCE / cluster maps with ``--tfce`` /
-``--cluster-threshold``), run first by
+``--cluster-forming-p``), run first by
 :func:`chunkglm.glm.second_level.permutation_maps` with a progress bar per
 contrast. A provenance
 record (``group_level/group_provenance.json``) is written last.
@@ -21,12 +21,15 @@ nilearn's ``make_second_level_design_matrix``; rows follow the maps' subjects.
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, deprecated_alias, path_value
 from chunkglm.cli._common import (
     add_allow_incomplete,
     add_chunk_mb,
@@ -59,44 +62,83 @@ _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
     cmd = sub.add_parser("second-level", help="group GLM (+ permutation inference), group derivatives out")
-    cmd.add_argument("input", help="a first-level derivatives folder (sub-XX/..._stat-effect_statmap.nii.gz) "
-                                   "or a cohort store with a maps collection")
-    cmd.add_argument("-o", "--out-dir", required=True, help="output folder (group_level/ goes in it)")
+    cmd.add_argument("input", type=path_value,
+                     help="a first-level derivatives folder (sub-XX/..._stat-effect_statmap.nii.gz) "
+                          "or a cohort store with a maps collection")
+    add_output_dir(cmd, "output folder (group_level/ goes in it)", "--out-dir", "--out")
     cmd.add_argument("--first-level-contrast", metavar="NAME",
                      help="derivatives input: the first-level contrast whose effect maps are modelled "
-                          "(its name or its file label, e.g. 'a - b' or aMinusB)")
-    cmd.add_argument("--task", help="derivatives input: keep the maps of this task only")
+                          "(its name or its file label, e.g. 'a - b' or aMinusB; required for a "
+                          "derivatives input, no default)")
+    cmd.add_argument("--task", help="derivatives input: keep the maps of this task only (default: all)")
     cmd.add_argument("--collection", help="store input: the maps collection (default: the only one)")
-    cmd.add_argument("--design", metavar="TSV",
-                     help="covariates: a TSV with a subject_label (or participant_id) column and one "
-                          "column per covariate; the design is intercept + covariates (default: "
-                          "intercept only, a one-sample test)")
-    cmd.add_argument("-c", "--contrast", action="append", metavar="NAME=EXPRESSION",
-                     help='t contrast over the design columns, e.g. "mean=intercept" or "age=age", '
-                          'or F contrast "effects=intercept; age"; repeat (default: mean=intercept)')
-    cmd.add_argument("--mask", help="analysis mask (default: nilearn's background mask of the mean map)")
-    cmd.add_argument("--smoothing-fwhm", type=float, metavar="MM", help="smooth each map when it is loaded")
+    add_design_options(cmd)
+    add_list(cmd, "-c", "--contrast", metavar="NAME=EXPRESSION",
+             help_text='t contrast over the design columns, e.g. "mean=intercept" or "age=age", '
+                       'or F contrast "effects=intercept; age"; several: -c "mean=intercept" "age=age" '
+                       "(default: mean=intercept)")
+    cmd.add_argument("--mask", type=path_value,
+                     help="analysis mask (default: nilearn's background mask of the mean map)")
+    cmd.add_argument("--smoothing-fwhm", type=float, metavar="MM",
+                     help="smooth each map when it is loaded (default: no smoothing)")
     cmd.add_argument("--alpha", type=float, default=0.05, help="FDR q and FWE p of the corrected maps")
-    cmd.add_argument("--one-sided", action="store_true",
-                     help="positive effects only (default: two-sided corrections and |t| max-T)")
-    cmd.add_argument("--min-cluster-size", type=int, default=0, metavar="VOXELS",
-                     help="remove clusters smaller than this from the corrected maps")
+    add_sidedness(cmd, True, "tests (FDR, FWE and max-T corrections)")
+    deprecated_alias(cmd, "--min-cluster-size", dest="cluster_threshold", new="--cluster-threshold",
+                     type=int)
+    cmd.add_argument("--cluster-threshold", action=_ClusterThreshold, default=0, metavar="VOXELS",
+                     help="remove clusters smaller than this many voxels from the corrected maps "
+                          "(nilearn's cluster_threshold, as in `chunkglm report`)")
+    cmd.add_argument("--cluster-forming-p", type=float, metavar="P",
+                     help="with --n-perm: cluster-forming uncorrected p (e.g. 0.001) for cluster size "
+                          "and mass FWE p-values (nilearn's threshold; default: none, no cluster "
+                          "inference)")
     cmd.add_argument("--n-perm", type=int, default=0, metavar="N",
                      help="permutations for the FWE maps of t contrasts (nilearn's max-T test); "
                           "0: Bonferroni")
     cmd.add_argument("--tfce", action="store_true", help="with --n-perm: TFCE maps and their FWE p-values")
-    cmd.add_argument("--cluster-threshold", type=float, metavar="P",
-                     help="with --n-perm: cluster-forming uncorrected p (e.g. 0.001) for cluster size "
-                          "and mass FWE p-values (nilearn's threshold)")
-    cmd.add_argument("--random-state", type=int, help="seed of the permutations (nilearn's random_state)")
+    cmd.add_argument("--random-state", type=int,
+                     help="seed of the permutations (nilearn's random_state; default: none, a new "
+                          "seed each run)")
     add_chunk_mb(cmd)
-    cmd.add_argument("--store", help="derivatives input: a store to load the maps into (default: a "
-                                     "temporary one, removed at the end)")
+    cmd.add_argument("--store", type=path_value,
+                     help="derivatives input: a store to load the maps into (default: a "
+                          "temporary one, removed at the end)")
     cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                     help="option of the store's object storage (see first-level)")
+                     help="option of the store's object storage (see first-level); repeat "
+                          "(default: none)")
     add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
+
+
+class _ClusterThreshold(argparse.Action):
+    """``--cluster-threshold VOXELS``; its old meaning, a cluster-forming p in (0, 1), still works
+    with a note (a voxel count is a whole number, so the two cannot be confused)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            value = float(values)
+        except ValueError:
+            parser.error(f"{option_string} takes a cluster size in voxels (a whole number >= 0); "
+                         f"received {values!r}")
+        if 0 < value < 1:
+            print(f"{parser.prog}: note: {option_string} {values} as a cluster-forming p is deprecated; "
+                  f"use --cluster-forming-p {values} ({option_string} is a cluster size in voxels, "
+                  "as in `chunkglm report` and nilearn)", file=sys.stderr)
+            namespace.cluster_forming_p = value
+            return
+        if value < 0 or value != int(value):
+            parser.error(f"{option_string} takes a cluster size in voxels (a whole number >= 0); "
+                         f"received {values!r}; a cluster-forming p goes to --cluster-forming-p")
+        setattr(namespace, self.dest, int(value))
+
+
+def add_design_options(cmd) -> None:
+    """--design (a participants-style TSV)."""
+    cmd.add_argument("--design", metavar="TSV", type=path_value,
+                     help="covariates: a TSV with a subject_label (or participant_id) column and one "
+                          "column per covariate; the design is intercept + covariates (default: "
+                          "intercept only, a one-sample test)")
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -209,9 +251,14 @@ def contrast_weights(definitions, design) -> dict:
 def _check_permutation_args(args) -> None:
     if args.n_perm < 0:
         raise InputError(f"--n-perm must be >= 0 (0: Bonferroni FWE); received {args.n_perm}.")
-    if args.n_perm == 0 and (args.tfce or args.cluster_threshold is not None):
-        raise InputError("--tfce and --cluster-threshold are permutation tests: give --n-perm N "
+    if args.n_perm == 0 and (args.tfce or args.cluster_forming_p is not None):
+        raise InputError("--tfce and --cluster-forming-p are permutation tests: give --n-perm N "
                          "(e.g. 5000) with them.")
+
+
+def relative_output(path, output_dir) -> str:
+    """``path`` (a file the writers returned, resolved) relative to ``output_dir`` (as given)."""
+    return Path(path).resolve().relative_to(Path(output_dir).resolve()).as_posix()
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -238,7 +285,7 @@ def run_permutations(model, weights, types, args, progress) -> tuple[dict | None
     if args.n_perm == 0:
         return None, None
     settings = {"n_perm": args.n_perm, "random_state": args.random_state, "tfce": args.tfce,
-                "threshold": args.cluster_threshold, "two_sided_test": not args.one_sided}
+                "threshold": args.cluster_forming_p, "two_sided_test": args.two_sided}
     check_permutation_options(settings["threshold"], settings["tfce"], settings["n_perm"])
     maps = {name: permutation_maps(model, con_val, **settings, progress=progress)
             for name, con_val in permutation_contrasts(model, weights, types).items()}
@@ -251,7 +298,7 @@ def run(args) -> int:
     _check_permutation_args(args)
     definitions, types = parse_contrasts(args.contrast)
     reporter = Reporter(bars=not args.no_progress)
-    with cluster_client(args.cluster) as client:
+    with cluster_client(args) as client:
         second_level_input, subjects, entries = _inputs(args, reporter)
         n_maps = (len(second_level_input) if isinstance(second_level_input, list)
                   else int(second_level_input.data().shape[0]))
@@ -263,24 +310,24 @@ def run(args) -> int:
         with reporter.phase("loading and fitting") as advance:
             model.fit(second_level_input, design_matrix=design)
             advance("fitted")
-        check_correction_options(args.alpha, not args.one_sided, args.min_cluster_size)
+        check_correction_options(args.alpha, args.two_sided, args.cluster_threshold)
         with reporter.phase("permutations" if args.n_perm else "writing") as advance:
             def progress(done, total):
                 advance("permutation blocks", done=done, total=total)
 
             maps, settings = run_permutations(model, weights, types, args, progress)
             paths = save_group_derivatives(
-                model, weights, args.out_dir, contrast_types=types, alpha=args.alpha,
-                two_sided=not args.one_sided, cluster_threshold=args.min_cluster_size,
+                model, weights, args.output_dir, contrast_types=types, alpha=args.alpha,
+                two_sided=args.two_sided, cluster_threshold=args.cluster_threshold,
                 permutation_maps=maps, permutation=settings)
-        outputs = [str(Path(p).relative_to(Path(args.out_dir))) for p in paths]
+        outputs = [relative_output(p, args.output_dir) for p in paths]
         content = record("second-level", inputs=entries, options=command_options(args),
                          cluster=cluster_summary(client), stopwatch=stopwatch,
                          design={"columns": [str(c) for c in design.columns],
                                  "subjects": subjects, "rows": int(len(design))},
                          outputs=outputs)
-    write_record(Path(args.out_dir) / "group_level" / "group_provenance.json", content)
+    write_record(Path(args.output_dir) / "group_level" / "group_provenance.json", content)
     for path in outputs:
         reporter.line(f"wrote {path}")
-    print(f"group derivatives: {Path(args.out_dir) / 'group_level'}")
+    print(f"group derivatives: {Path(args.output_dir) / 'group_level'}")
     return 0

@@ -10,6 +10,7 @@ then checks the store again.
 
 from __future__ import annotations
 
+from chunkglm.cli._args import path_value
 from chunkglm.cli._common import parse_storage_options, storage_for
 from chunkglm.io.backends import redact_url
 from chunkglm.io.verify import repair_store, verify_store
@@ -22,12 +23,15 @@ EXIT_DAMAGED = 2
 def add_parser(sub, add_storage_cluster) -> None:
     """Register the sub-command."""
     cmd = sub.add_parser("verify", help="check every node, chunk and checksum of a store (--repair fixes)")
-    cmd.add_argument("store")
+    cmd.add_argument("store", type=path_value, help="the store's path or URL")
     cmd.add_argument("--repair", action="store_true",
-                     help="convert damaged runs/collections again from their unchanged sources")
-    cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+                     help="convert damaged runs/collections again from their unchanged sources "
+                          "(default: only report)")
+    cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                     help="fsspec option of the store's object storage; repeat (default: none)")
     cmd.add_argument("--input-storage-option", action="append", metavar="KEY=VALUE",
-                     help="fsspec option for the recorded source files (--repair)")
+                     help="fsspec option for the recorded source files (--repair); repeat "
+                          "(default: none)")
     add_storage_cluster(cmd)
     cmd.set_defaults(func=run)
 
