@@ -142,3 +142,62 @@ def test_design_tsv_must_cover_every_subject(derivatives, tmp_path):
     done = _cli(derivatives["root"], "-o", tmp_path / "g", "--first-level-contrast", "aminusb",
                 "--design", partial, "--cluster", "none")
     assert done.returncode != 0 and "no row for subject(s) ['06'" in done.stderr, done.stderr
+
+
+def _participants(derivatives, tmp_path):
+    """participants.tsv as BIDS writes them: text columns, n/a values, a column not to model."""
+    table = derivatives["table"].copy()
+    table["sex"] = ["M", "F"] * (N // 2)
+    table["site"] = ["b", "a", "c-2", "a", "b"] * (N // 5)
+    table["handedness"] = ["R"] * (N - 1) + ["n/a"]  # unusable: a missing value
+    table["species"] = "homo sapiens"  # unusable: one value
+    path = tmp_path / "participants.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    return table, path
+
+
+def test_categorical_covariates_are_dummy_coded_with_the_reference_level_stated(derivatives, tmp_path):
+    from nilearn.glm.second_level import make_second_level_design_matrix
+
+    table, path = _participants(derivatives, tmp_path)
+    out = tmp_path / "group"
+    done = _cli(derivatives["root"], "-o", out, "--first-level-contrast", "aminusb", "--design", path,
+                "--covariates", "age", "sex", "site", "--center-covariates", "--reference", "site=b",
+                "-c", "mean=intercept", "-c", "male=sex_M", "--cluster", "none")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "group_level" / "group_provenance.json").read_text())
+    covariates = record["design"]["covariates"]
+    assert covariates["sex"] == {"Type": "categorical", "Levels": ["F", "M"], "ReferenceLevel": "F",
+                                 "Columns": ["sex_M"]}
+    assert covariates["site"]["ReferenceLevel"] == "b" and covariates["site"]["Columns"] == ["site_a", "site_c_2"]
+    assert covariates["age"]["MeanCentered"] is True
+    assert covariates["age"]["Mean"] == pytest.approx(table["age"].mean())
+    # the same design by hand, through nilearn
+    manual = pd.DataFrame({"subject_label": [f"{i + 1:02d}" for i in range(N)],
+                           "age": table["age"] - table["age"].mean(),
+                           "sex_M": (table["sex"] == "M").astype(float),
+                           "site_a": (table["site"] == "a").astype(float),
+                           "site_c_2": (table["site"] == "c-2").astype(float)})
+    design = make_second_level_design_matrix(list(manual["subject_label"]), manual)
+    assert record["design"]["columns"] == list(design.columns)
+    ref = _nilearn_model(derivatives["paths"], design)
+    inside = ref.masker_.mask_img_.get_fdata() > 0
+    for name, expression in (("mean", "intercept"), ("male", "sex_M")):
+        z = nib.load(out / "group_level" / f"group_contrast-{name}_stat-z.nii.gz").get_fdata()
+        assert rel_l2(z, ref.compute_contrast(expression, output_type="z_score").get_fdata(), inside) <= 1e-6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--covariates", "age", "handedness"], "covariate 'handedness' of the design TSV .* has no value \\(n/a\\) "
+                                            "for subject\\(s\\) \\['10'\\]"),
+    (["--covariates", "species"], "'species' .* is 'homo sapiens' for every modelled subject"),
+    (["--covariates", "weight"], "covariate\\(s\\) \\['weight'\\] are not columns of .* its columns are"),
+    (["--covariates", "sex", "--reference", "sex=X"], "reference level 'X' of covariate 'sex' is not one of"),
+])
+def test_only_chosen_unusable_covariates_are_refused_with_the_reason(derivatives, tmp_path, extra, message):
+    _, path = _participants(derivatives, tmp_path)
+    done = _cli(derivatives["root"], "-o", tmp_path / "g", "--first-level-contrast", "aminusb",
+                "--design", path, "--cluster", "none", *extra)
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2 and "Traceback" not in done.stderr  # maps: line + error
+    assert not (tmp_path / "g" / "group_level").exists()

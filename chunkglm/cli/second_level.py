@@ -15,8 +15,12 @@ record (``group_level/group_provenance.json``) is written last.
 
 The design: an intercept (one-sample test) plus the covariates of
 ``--design`` (a TSV with a ``subject_label`` or ``participant_id`` column
-and one column per covariate, e.g. BIDS ``participants.tsv``), built with
-nilearn's ``make_second_level_design_matrix``; rows follow the maps' subjects.
+and one column per covariate, e.g. BIDS ``participants.tsv``; ``--covariates``
+picks columns, text columns are dummy coded against a reference level, numeric
+ones mean-centred with ``--center-covariates``; see
+:mod:`chunkglm.design.covariates`), built with nilearn's
+``make_second_level_design_matrix``; rows follow the maps' subjects. The
+provenance record states each covariate's coding (``design.covariates``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, deprecated_alias, path_value
+from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, deprecated_alias, path_value, split_list
 from chunkglm.cli._common import (
     add_allow_incomplete,
     add_chunk_mb,
@@ -43,6 +47,7 @@ from chunkglm.cli._common import (
 )
 from chunkglm.cli.first_level import parse_contrasts as parse_pairs
 from chunkglm.cli.progress import Reporter
+from chunkglm.design.covariates import MISSING, encode_covariates, parse_reference
 from chunkglm.design.second_level import make_second_level_design_matrix
 from chunkglm.errors import InputError
 from chunkglm.glm.second_level import (
@@ -134,11 +139,22 @@ class _ClusterThreshold(argparse.Action):
 
 
 def add_design_options(cmd) -> None:
-    """--design (a participants-style TSV)."""
+    """--design (a participants-style TSV), --covariates, --center-covariates, --reference."""
     cmd.add_argument("--design", metavar="TSV", type=path_value,
-                     help="covariates: a TSV with a subject_label (or participant_id) column and one "
-                          "column per covariate; the design is intercept + covariates (default: "
-                          "intercept only, a one-sample test)")
+                     help="covariates table: a TSV with a subject_label (or participant_id) column and "
+                          "one column per covariate, e.g. BIDS participants.tsv; the design is intercept "
+                          "+ covariates (default: intercept only, a one-sample test)")
+    add_list(cmd, "--covariates", metavar="COLUMN",
+             help_text="the columns of --design to model, e.g. --covariates age sex; text columns are "
+                       "dummy coded, one 0/1 column <column>_<level> per level but the reference "
+                       "(default: every column of --design)")
+    cmd.add_argument("--center-covariates", action="store_true",
+                     help="subtract each numeric covariate's mean over the modelled subjects, so the "
+                          "intercept is the mean effect at the mean covariate (default: values as given)")
+    add_list(cmd, "--reference", metavar="COLUMN=LEVEL",
+             help_text="the reference level of a categorical covariate, absorbed by the intercept, e.g. "
+                       "--reference sex=F; also makes a numeric column categorical (default: the first "
+                       "level in sorted order)")
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -200,10 +216,11 @@ def store_maps(cohort, collection):
 
 
 def read_covariates(path) -> pd.DataFrame:
-    """A covariates TSV as nilearn's confounds table (``subject_label`` without ``sub-``)."""
+    """A covariates TSV with a ``subject_label`` column (labels without ``sub-``); ``n/a`` is missing."""
     try:
-        table = pd.read_csv(path, sep="\t", dtype={"subject_label": str, "participant_id": str})
-    except (OSError, pd.errors.ParserError) as error:
+        table = pd.read_csv(path, sep="\t", dtype={"subject_label": str, "participant_id": str},
+                            na_values=list(MISSING))
+    except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError are ValueErrors
         raise InputError(f"cannot read the design TSV {path}: {error}") from error
     if "subject_label" not in table.columns:
         if "participant_id" not in table.columns:
@@ -211,13 +228,25 @@ def read_covariates(path) -> pd.DataFrame:
                              "subject_label (or participant_id) column and one column per covariate.")
         table = table.rename(columns={"participant_id": "subject_label"})
     table["subject_label"] = table["subject_label"].astype(str).str.removeprefix("sub-")
+    counts = table["subject_label"].value_counts()
+    twice = sorted(counts.index[counts > 1])
+    if twice:
+        raise InputError(f"the design TSV {path} has several rows for subject(s) {twice[:10]}; give one row "
+                         "per subject.")
     return table
 
 
-def design_for(subjects, covariates_path, n_maps) -> pd.DataFrame:
-    """intercept (+ covariates), one row per map, in the maps' order."""
+def design_for(subjects, covariates_path, n_maps, columns=None, *, center=False,
+               reference=None) -> tuple[pd.DataFrame, dict]:
+    """intercept (+ covariates), one row per map, in the maps' order; and the covariates'
+    description (types, levels, reference levels, means) for the output's JSON."""
     if covariates_path is None:
-        return pd.DataFrame({"intercept": [1.0] * n_maps})
+        given = [flag for flag, value in (("--covariates", columns), ("--center-covariates", center),
+                                          ("--reference", reference)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)} select(s) columns of --design TSV; give --design "
+                             "participants.tsv with it.")
+        return pd.DataFrame({"intercept": [1.0] * n_maps}), {}
     if subjects is None:
         raise InputError("--design matches covariates to maps by subject, but the maps collection has "
                          "no subject coordinate; convert the maps from BIDS-named files (sub-XX_...).")
@@ -226,8 +255,10 @@ def design_for(subjects, covariates_path, n_maps) -> pd.DataFrame:
     if missing:
         raise InputError(f"the design TSV {covariates_path} has no row for subject(s) {missing[:10]}; "
                          "give one row per subject whose map is modelled.")
-    table = table[table["subject_label"].isin(subjects)]
-    return make_second_level_design_matrix(list(subjects), table)
+    covariates, description = encode_covariates(table, subjects, columns, center=center,
+                                                reference=parse_reference(reference),
+                                                source=f"the design TSV {covariates_path}")
+    return make_second_level_design_matrix(list(subjects), covariates), description
 
 
 def parse_contrasts(items) -> tuple[dict, dict]:
@@ -302,7 +333,8 @@ def run(args) -> int:
         second_level_input, subjects, entries = _inputs(args, reporter)
         n_maps = (len(second_level_input) if isinstance(second_level_input, list)
                   else int(second_level_input.data().shape[0]))
-        design = design_for(subjects if subjects is not None else None, args.design, n_maps)
+        design, covariates = design_for(subjects, args.design, n_maps, split_list(args.covariates),
+                                        center=args.center_covariates, reference=args.reference)
         weights = contrast_weights(definitions, design)  # unknown columns fail here, before the fit
         store = args.store if isinstance(second_level_input, list) else None
         model = SecondLevelModel(mask_img=args.mask, smoothing_fwhm=args.smoothing_fwhm, store=store,
@@ -324,7 +356,8 @@ def run(args) -> int:
         content = record("second-level", inputs=entries, options=command_options(args),
                          cluster=cluster_summary(client), stopwatch=stopwatch,
                          design={"columns": [str(c) for c in design.columns],
-                                 "subjects": subjects, "rows": int(len(design))},
+                                 "subjects": subjects, "rows": int(len(design)),
+                                 "covariates": covariates},
                          outputs=outputs)
     write_record(Path(args.output_dir) / "group_level" / "group_provenance.json", content)
     for path in outputs:
