@@ -29,8 +29,8 @@ import pytest
 import chunkglm
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel
-from chunkglm.interfaces import bids as bids_module
-from chunkglm.interfaces._bids_names import plan_bids_names
+from chunkglm.glm.io import bids as bids_module
+from chunkglm.glm.io._bids_names import plan_bids_names
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 from chunkglm.io import derivatives
 from chunkglm.io.derivatives import StagedOutput, contrast_label
@@ -180,7 +180,7 @@ def test_tables_and_json_match_nilearn(saved):
 def test_model_parameters_match_nilearn_for_other_settings():
     from nilearn.glm.first_level import FirstLevelModel as NilearnFLM
 
-    from chunkglm.interfaces._bids_files import model_parameters
+    from chunkglm.glm.io._bids_files import model_parameters
 
     settings = dict(t_r=2.0, hrf_model="fir", fir_delays=[0, 1], drift_model="polynomial",
                     drift_order=2, subject_label="01", noise_model="ols", signal_scaling=False)

@@ -162,7 +162,7 @@ def test_tables_and_json_match_nilearn(saved):
 def test_model_parameters_match_nilearn_for_other_settings():
     from nilearn.glm.second_level import SecondLevelModel as NilearnModel
 
-    from chunkglm.interfaces._bids_files import group_model_parameters
+    from chunkglm.glm.io._bids_files import group_model_parameters
 
     settings = dict(smoothing_fwhm=6.0, target_affine=np.diag([4.0, 4, 4, 1]), target_shape=(10, 12, 10))
     ref = json.loads(json.dumps(NilearnModel(**settings)._attributes_to_dict(), default=list))

@@ -21,7 +21,9 @@ from chunkglm.errors import InputError
 from chunkglm.inference.clusters import TABLE_COLUMNS, cluster_table_rows
 from chunkglm.inference.thresholding import like_image, load_stat_map, threshold_map
 
-__all__ = ["get_clusters_table"]
+from chunkglm.reporting.html_report import HEIGHT_DEFAULT, WIDTH_DEFAULT, HTMLReport
+
+__all__ = ["HTMLReport", "get_clusters_table", "make_glm_report"]
 
 
 def get_clusters_table(
@@ -115,3 +117,20 @@ def _is_data_array(value):
     import xarray as xr
 
     return isinstance(value, xr.DataArray)
+
+
+def make_glm_report(model, contrasts=None, first_level_contrast=None, title=None, bg_img="MNI152TEMPLATE",
+                    threshold=3.09, alpha=0.001, cluster_threshold=0, height_control="fpr",
+                    two_sided=False, min_distance=8.0, plot_type="slice", cut_coords=None,
+                    display_mode=None, report_dims=(WIDTH_DEFAULT, HEIGHT_DEFAULT)):
+    """nilearn's ``make_glm_report``: the fitted model's ``generate_report`` with these settings
+    (``first_level_contrast`` only for a second-level model), with nilearn 0.14's FutureWarning."""
+    warnings.warn("From release 0.15.0, make_glm_report will be deprecated. Use generate_report "
+                  "method of the GLM model instead.", FutureWarning, stacklevel=2)
+    settings = dict(contrasts=contrasts, title=title, bg_img=bg_img, threshold=threshold, alpha=alpha,
+                    cluster_threshold=cluster_threshold, height_control=height_control,
+                    two_sided=two_sided, min_distance=min_distance, plot_type=plot_type,
+                    cut_coords=cut_coords, display_mode=display_mode, report_dims=report_dims)
+    if str(model) == "Second Level Model":
+        settings["first_level_contrast"] = first_level_contrast
+    return model.generate_report(**settings)

@@ -16,7 +16,7 @@ from decimal import Decimal
 import numpy as np
 
 from chunkglm.errors import InputError
-from chunkglm.interfaces._bids_names import weights_json
+from chunkglm.glm.io._bids_names import weights_json
 from chunkglm.io.derivatives import SOFTWARE, contrast_label
 from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
 

@@ -1,0 +1,729 @@
+"""Save a fitted GLM (first or second level) as BIDS-like derivatives.
+
+Three layouts:
+
+- :func:`save_glm_to_bids`: nilearn's ``save_glm_to_bids`` file set and
+  file names (``sub-XX/...contrast-<label>_stat-<t|F|z|p|effect|variance>
+  _statmap.nii.gz``, design matrices, figures, cluster tables, ...);
+- :func:`save_glm_derivatives`: the ``derivatives/glm`` layout
+  (``first_level/sub-XX/sub-XX_task-T_contrast-C_stat-{t,z,effect,variance}.nii.gz``
+  with one JSON sidecar per model);
+- :func:`save_group_derivatives`: the ``derivatives/glm/group_level``
+  layout of a second-level model (``group_contrast-C_stat-{t,z}.nii.gz``,
+  ``group_contrast-C_{fdr,fwe}-corrected.nii.gz``, ``group_glm.json``).
+
+All write all files into a temporary folder beside ``out_dir`` and move
+them into ``out_dir`` only once every file is written: after an error,
+``out_dir`` is exactly as before.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import nibabel as nib
+import numpy as np
+
+from chunkglm.errors import InputError
+from chunkglm.glm.second_level import SecondLevelModel
+from chunkglm.glm.second_level.nonparametric import check_permutation_options, contrast_vector
+from chunkglm.glm.thresholding import threshold_stats_img
+from chunkglm.inference.clusters import apply_cluster_extent
+from chunkglm.glm.io._bids_files import (
+    cluster_options,
+    clusters,
+    confound_names,
+    contrast_specs,
+    derivatives_metadata,
+    group_metadata,
+    group_model_parameters,
+    mask_image,
+    model_parameters,
+    repetition_times,
+    run_entities,
+)
+from chunkglm.glm.io._bids_names import (
+    MAP_STATS,
+    check_prefix,
+    group_derivative_names,
+    plan_bids_names,
+)
+from chunkglm.io.derivatives import (
+    StagedOutput,
+    bids_filename,
+    check_label,
+    check_paths,
+    dataset_description,
+    write_json,
+)
+from chunkglm.io.nifti import save_image
+from chunkglm.report.figures import (
+    FIGURE_FORMATS,
+    contrast_matrix_figure,
+    design_matrix_correlation_figure,
+    design_matrix_figure,
+    save_figure,
+)
+
+__all__ = ["check_correction_options", "permutation_contrasts", "save_glm_derivatives", "save_glm_to_bids",
+           "save_group_derivatives"]
+
+#: Maps of the derivatives/glm layout: output key -> stat label (None: t or F).
+DERIVATIVE_STATS = {"stat": None, "z_score": "z", "effect_size": "effect", "effect_variance": "variance"}
+
+
+def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=None, **kwargs):
+    """Save GLM results to BIDS-like files, as :func:`nilearn.glm.save_glm_to_bids`.
+
+    Parameters
+    ----------
+    model : chunkglm.glm.first_level.FirstLevelModel or chunkglm.glm.second_level.SecondLevelModel
+        A fitted model. For a second-level model, see the "Second level"
+        notes below.
+    contrasts : str, array-like, list of them, or dict
+        A formula (``"a - b"``), weights (1-D: t, 2-D: F), a list of these,
+        or a dict ``{name: formula or weights}``. Without a dict, each
+        contrast is named after its definition (nilearn's rule). Names
+        become ``contrast-<label>`` entities with nilearn's camelCase
+        conversion (``"a - b"`` -> ``aMinusB``), keeping ASCII letters and
+        digits only.
+    contrast_types : dict, optional
+        ``{name: "t" or "F"}`` for some contrasts; default t for formulas
+        and 1-D weights, F for 2-D weights. Used to compute the maps too
+        (nilearn only uses it in the file name).
+    out_dir : str or Path, default="."
+        Output folder; created if needed. Existing files of the same names
+        are replaced; other files are left alone.
+    prefix : str, optional
+        Prepended (with ``_``) to the file names. When None and the model
+        knows the BIDS entities of its inputs (``model.run_entities_``:
+        runs of a cohort store, or NIfTI files with BIDS names), names are
+        built from them
+        (``sub-01_task-main_run-1_space-X_...``) in a ``sub-<label>``
+        folder, as nilearn does for inputs given as file names. ``""``
+        turns that off. A prefix starting with ``sub-<label>_`` also puts
+        the files in a ``sub-<label>`` folder.
+    **kwargs
+        nilearn's report options that shape the cluster tables:
+        ``threshold``, ``alpha`` (0.001), ``height_control`` ("fpr"),
+        ``cluster_threshold`` (0), ``two_sided`` (False), ``min_distance``
+        (8.0), with the semantics of nilearn's GLM report: the z map is
+        thresholded within the mask by
+        :func:`nilearn.glm.threshold_stats_img` and tabulated by
+        :func:`nilearn.reporting.get_clusters_table`, both with
+        ``two_sided`` (nilearn's ``save_glm_to_bids`` always thresholds
+        two-sided: pass ``two_sided=True`` for its 3.29 default
+        threshold). ``title``, ``bg_img``, ``plot_type``, ``cut_coords``,
+        ``display_mode``, ``report_dims`` are accepted for compatibility
+        and ignored with a warning (no HTML report is written).
+        ``first_level_contrast`` is passed to a second-level model's
+        ``compute_contrast`` (required when it was fitted on first-level
+        models; the ``map_name`` for a DataFrame input); ignored with a
+        warning for a first-level model.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Every file written, in ``out_dir``, in writing order.
+
+    Raises
+    ------
+    InputError
+        Invalid contrast (unknown column, wrong number of weights, null),
+        unsafe or colliding contrast name (``"../x"``, ``"a/b"``, ``""``,
+        two names with one label), unsafe prefix, invalid option, or an
+        output path that is a folder. Found before anything is written.
+    TypeError
+        A model that is not a first- or second-level model, a contrast name
+        that is not a string.
+
+    Notes
+    -----
+    Whatever the error, also one raised while writing or moving files
+    into place, ``out_dir`` is left as it was (files are written in a
+    temporary folder beside it, then moved in).
+
+    Files (``<e>`` stands for the entities or prefix; see nilearn)::
+
+        dataset_description.json            (extended if it exists)
+        [sub-XX/][<prefix>_]statmap.json    model parameters
+        [sub-XX/]<e>_mask.nii.gz
+        [sub-XX/]<e>_design.{tsv,json,png,svg}        one per run
+        [sub-XX/]<e>_corrdesign.{png,svg}             one per run
+        [sub-XX/]<e>_stat-{errorts,rsquared}_statmap.nii.gz   one per run
+        [sub-XX/]<e>_contrast-<label>_stat-{effect,variance,t|F,p,z}_statmap.nii.gz
+        [sub-XX/]<e>_contrast-<label>_clusters.{tsv,json}
+        [sub-XX/]<e>_contrast-<label>_design.{png,svg}        one per run
+
+    Differences from nilearn 0.14: no ``report.html``; figures also as SVG;
+    cluster tables from the z map (nilearn thresholds the variance map),
+    thresholded as nilearn's report does (``two_sided`` for both steps,
+    within the mask); maps are float32; ``stat-errorts`` and
+    ``stat-rsquared`` are written whatever ``minimize_memory``;
+    ``contrast_types`` also sets the statistic computed; on error nothing
+    is left; contrast names are refused rather than changed when they hold
+    path separators or no letter or digit; the written paths are returned
+    (nilearn returns the model).
+
+    Second level: as nilearn, every file goes to ``out_dir/group/`` and
+    names never come from the inputs (``prefix`` only)::
+
+        dataset_description.json
+        group/[<prefix>_]statmap.json         ModelParameters: smoothing_fwhm,
+                                              target_affine, target_shape
+        group/[<prefix>_]mask.nii.gz
+        group/[<prefix>_]design.tsv, design.{png,svg}, corrdesign.{png,svg}
+        group/[<prefix>_]contrast-<label>_stat-{effect,variance,t|F,p,z}_statmap.nii.gz
+        group/[<prefix>_]contrast-<label>_clusters.{tsv,json}
+        group/[<prefix>_]contrast-<label>_design.{png,svg}
+        group/[<prefix>_]stat-{errorts,rsquared}_statmap.nii.gz
+
+    No ``design.json`` (nilearn writes it for first-level models only).
+    ``stat-errorts`` (one volume per map) and ``stat-rsquared`` are those
+    of the last contrast's fit and need ``minimize_memory=False``: with
+    ``minimize_memory=True`` they are left out with a warning (nilearn
+    raises after writing the other files).
+
+    Examples
+    --------
+    >>> run = chunkglm.open_cohort("cohort.zarr").runs["sub-01_task-main_run-1"]  # doctest: +SKIP
+    >>> model = FirstLevelModel(slice_time_ref=0.5).fit(run)  # doctest: +SKIP
+    >>> paths = save_glm_to_bids(model, "a - b", out_dir="results",
+    ...                          prefix="sub-01_task-main")  # doctest: +SKIP
+    >>> [str(p.relative_to("results")) for p in paths if "stat-z" in p.name]  # doctest: +SKIP
+    ['sub-01/sub-01_task-main_contrast-aMinusB_stat-z_statmap.nii.gz']
+    """
+    if _is_second_level(model):
+        return _save_group_bids(model, contrasts, contrast_types, out_dir, prefix, kwargs)
+    _check_model(model)
+    options = cluster_options(kwargs)
+    prefix = check_prefix(prefix)
+    specs = contrast_specs(contrasts, contrast_types, model.design_matrices_)
+    names = plan_bids_names(specs, run_entities(model), len(model.design_matrices_), prefix)
+    with StagedOutput(out_dir) as out:
+        _write_bids(model, specs, names, options, out)
+    return out.written
+
+
+def _is_second_level(model) -> bool:
+    return isinstance(model, SecondLevelModel)
+
+
+def _check_second_level(model) -> None:
+    if getattr(model, "design_matrix_", None) is None:
+        raise InputError("the SecondLevelModel is not fitted yet: call model.fit(...) first; nothing "
+                         "was written.")
+
+
+def _check_model(model) -> None:
+    if _is_second_level(model):
+        raise TypeError("save_glm_derivatives writes the first_level layout; for a SecondLevelModel "
+                        "use save_group_derivatives (group_level layout).")
+    if not hasattr(model, "compute_contrast"):
+        raise TypeError(f"expected a fitted FirstLevelModel; received {type(model).__name__}.")
+    if getattr(model, "design_matrices_", None) is None:
+        raise InputError("the model is not fitted yet: call model.fit(...) first.")
+
+
+def _write_bids(model, specs, names, options, out) -> None:
+    def rel(name):
+        return f"{names.folder}/{name}" if names.folder else name
+
+    _write_description(out, "first")
+    t_rs = repetition_times(model)
+    write_json(out.path(rel(names.statmap_json)),
+               {"Description": "A statistical map generated by chunkglm.",
+                "ModelParameters": model_parameters(model, t_rs[0])})
+    mask = mask_image(model)
+    save_image(mask, out.path(rel(names.mask)))
+    for design, run_names, t_r in zip(model.design_matrices_, names.runs, t_rs):
+        _write_design(design, run_names, t_r, out, rel)
+    for spec in specs:
+        _write_contrast(model, spec, names.contrasts[spec.label], mask, options, out, rel)
+    _write_model_maps(model, names.runs, out, rel)
+
+
+def _write_design(design, run_names, t_r, out, rel) -> None:
+    design.to_csv(out.path(rel(run_names["design_tsv"])), sep="\t", index=False)
+    if t_r is not None:  # second level: no design.json (nilearn)
+        write_json(out.path(rel(run_names["design_json"])), {"RepetitionTime": t_r})
+    _save_figure(design_matrix_figure(design), out, rel(run_names["design_base"]))
+    correlation = design_matrix_correlation_figure(design)
+    if correlation is not None:
+        _save_figure(correlation, out, rel(run_names["corrdesign_base"]))
+
+
+def _write_contrast(model, spec, outputs, mask, options, out, rel) -> None:
+    maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
+    for key in MAP_STATS:
+        save_image(maps[key], out.path(rel(outputs[key])))
+    table, details = clusters(maps["z_score"], mask, options)
+    table.to_csv(out.path(rel(outputs["clusters_tsv"])), sep="\t", index=False)
+    write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
+    for design, base in zip(model.design_matrices_, outputs["design"]):
+        _save_figure(contrast_matrix_figure(spec.definition, design, spec.name), out, rel(base))
+
+
+def _write_model_maps(model, runs, out, rel) -> None:
+    """stat-rsquared (from the fit's moments), then stat-errorts (reads the data again)."""
+    for run_names, image in zip(runs, model.r_square_):
+        save_image(image, out.path(rel(run_names["rsquared"])))
+    for run_names, image in zip(runs, model.residuals_):
+        save_image(image, out.path(rel(run_names["errorts"])))
+
+
+def _write_description(out, level: str) -> None:
+    """dataset_description.json (an existing one is extended, as nilearn does)."""
+    write_json(out.path("dataset_description.json"),
+               dataset_description(description=f"A chunkglm {level}-level GLM.",
+                                   existing=out.existing("dataset_description.json")))
+
+
+def _save_figure(figure, out, base: str) -> None:
+    save_figure(figure, [out.path(f"{base}.{fmt}") for fmt in FIGURE_FORMATS])
+
+
+# -- second level, nilearn's file set ----------------------------------------------
+
+
+def _save_group_bids(model, contrasts, contrast_types, out_dir, prefix, kwargs):
+    _check_second_level(model)
+    kwargs = dict(kwargs)
+    first_level_contrast = kwargs.pop("first_level_contrast", None)
+    options = cluster_options(kwargs)
+    prefix = check_prefix(prefix)
+    specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
+    names = plan_bids_names(specs, None, 1, prefix, group=True)
+    if model.minimize_memory:
+        warnings.warn("the SecondLevelModel has minimize_memory=True: stat-errorts and stat-rsquared "
+                      "are not written (fit with minimize_memory=False to get them).",
+                      UserWarning, stacklevel=3)
+    with StagedOutput(out_dir) as out:
+        _write_group_bids(model, specs, names, options, first_level_contrast, out)
+    return out.written
+
+
+def _write_group_bids(model, specs, names, options, first_level_contrast, out) -> None:
+    def rel(name):
+        return f"{names.folder}/{name}"
+
+    _write_description(out, "second")
+    write_json(out.path(rel(names.statmap_json)),
+               {"Description": "A statistical map generated by chunkglm.",
+                "ModelParameters": group_model_parameters(model)})
+    mask = mask_image(model)
+    save_image(mask, out.path(rel(names.mask)))
+    _write_design(model.design_matrix_, names.runs[0], None, out, rel)
+    for spec in specs:
+        maps = model.compute_contrast(spec.definition, first_level_contrast=first_level_contrast,
+                                      second_level_stat_type=spec.stat_type, output_type="all")
+        outputs = names.contrasts[spec.label]
+        for key in MAP_STATS:
+            save_image(maps[key], out.path(rel(outputs[key])))
+        table, details = clusters(maps["z_score"], mask, options)
+        table.to_csv(out.path(rel(outputs["clusters_tsv"])), sep="\t", index=False)
+        write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
+        figure = contrast_matrix_figure(spec.definition, model.design_matrix_, spec.name)
+        _save_figure(figure, out, rel(outputs["design"][0]))
+    if not model.minimize_memory:  # of the last contrast's fit, as nilearn
+        save_image(model.r_square_, out.path(rel(names.runs[0]["rsquared"])))
+        save_image(model.residuals_, out.path(rel(names.runs[0]["errorts"])))
+
+
+# -- derivatives/glm layout -------------------------------------------------------
+
+
+def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_label=None,
+                         session_label=None, contrast_types=None, confounds=None,
+                         descriptions=None):
+    """Save a first-level GLM in the ``derivatives/glm`` layout.
+
+    Parameters
+    ----------
+    model : chunkglm.glm.first_level.FirstLevelModel
+        A fitted first-level model.
+    contrasts : str, array-like, list of them, or dict
+        As in :func:`save_glm_to_bids` (same names and labels).
+    out_dir : str or Path
+        The ``derivatives/glm`` folder; files go to
+        ``out_dir/first_level/sub-<subject>/``.
+    task_label : str, optional
+        Default: the task entity shared by the model's runs.
+    subject_label : str, optional
+        Default: ``model.subject_label``, else the runs' shared subject.
+    session_label : str, optional
+        Default: the runs' shared session, if any (then ``ses-<label>`` is
+        in the names).
+    contrast_types : dict, optional
+        As in :func:`save_glm_to_bids`.
+    confounds : list of str, optional
+        Confound column names for the sidecar; default the model's
+        ``confound_names_``. Pass ``[]`` for a model without confounds.
+    descriptions : dict, optional
+        ``{contrast name: text}`` for the sidecar; default the formula (or
+        the name, for weights).
+
+    Returns
+    -------
+    list of pathlib.Path
+        Every file written, in writing order.
+
+    Notes
+    -----
+    Files, with ``<s> = sub-<subject>[_ses-<session>]_task-<task>``::
+
+        dataset_description.json                        (extended if it exists)
+        first_level/sub-XX/<s>_contrast-<label>_stat-{t|F,z,effect,variance}.nii.gz
+        first_level/sub-XX/<s>[_run-<r>]_design-matrix.{png,tsv}   (run only if several)
+        first_level/sub-XX/<s>_mask.nii.gz
+        first_level/sub-XX/<s>_glm.json
+
+    The sidecar holds ``AnalysisLevel`` ("first_level"), ``Model`` (Type,
+    HRF, DriftModel, HighPassFilter, NoiseModel), ``Regressors`` (design
+    columns), ``Contrasts`` (label -> Description, Weights over the
+    regressors; one list per run when runs differ), ``Software`` (Name,
+    Version) and ``Confounds``. Like :func:`save_glm_to_bids`, nothing is
+    left in ``out_dir`` after an error.
+    """
+    _check_model(model)
+    specs = contrast_specs(contrasts, contrast_types, model.design_matrices_)
+    entities = _derivative_entities(model, subject_label, session_label, task_label)
+    metadata = derivatives_metadata(model, specs, confound_names(model, confounds), descriptions)
+    names = _derivative_names(specs, entities, run_entities(model) or [], len(model.design_matrices_))
+    with StagedOutput(out_dir) as out:
+        _write_derivatives(model, specs, names, metadata, out)
+    return out.written
+
+
+def _write_derivatives(model, specs, names, metadata, out) -> None:
+    _write_description(out, "first")
+    for spec in specs:
+        maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
+        for key, name in names["maps"][spec.label].items():
+            save_image(maps[key], out.path(name))
+    for design, name in zip(model.design_matrices_, names["designs"]):
+        save_figure(design_matrix_figure(design), [out.path(name)])
+        design.to_csv(out.path(name.removesuffix(".png") + ".tsv"), sep="\t", index=False)
+    save_image(model.mask_img_, out.path(names["mask"]))
+    write_json(out.path(names["sidecar"]), metadata)
+
+
+def _derivative_entities(model, subject, session, task) -> dict:
+    runs = run_entities(model) or []
+
+    def shared(key):
+        labels = {str(e[key]) for e in runs if e.get(key) is not None}
+        return labels.pop() if len(labels) == 1 else None
+
+    entities = {"sub": subject if subject is not None else (getattr(model, "subject_label", None)
+                                                             or shared("sub")),
+                "ses": session if session is not None else shared("ses"),
+                "task": task if task is not None else shared("task")}
+    for key, what in (("sub", "subject_label"), ("task", "task_label")):
+        if entities[key] is None:
+            raise InputError(f"the {what} is unknown (the model's runs do not give one): pass "
+                             f"{what}=...")
+    for key, label in entities.items():
+        if label is not None:
+            entities[key] = check_label(str(label).removeprefix(f"{key}-"), f"{key} label")
+    return entities
+
+
+def _derivative_names(specs, entities, runs, n_runs) -> dict:
+    base = f"first_level/sub-{entities['sub']}"
+    maps = {spec.label: {key: f"{base}/" + bids_filename(
+        {**entities, "contrast": spec.label, "stat": stat or spec.stat_type}, None, "nii.gz")
+        for key, stat in DERIVATIVE_STATS.items()} for spec in specs}
+    run_labels = [str((runs[i] if i < len(runs) else {}).get("run") or "") for i in range(n_runs)]
+    if "" in run_labels or len(set(run_labels)) < n_runs:  # e.g. run-1 of two sessions
+        run_labels = [str(i + 1) for i in range(n_runs)]
+    designs = [f"{base}/" + bids_filename({**entities, "run": r if n_runs > 1 else None},
+                                          "design-matrix", "png") for r in run_labels]
+    sidecar = f"{base}/" + bids_filename(entities, "glm", "json")
+    mask = f"{base}/" + bids_filename(entities, "mask", "nii.gz")
+    names = {"maps": maps, "designs": designs, "mask": mask, "sidecar": sidecar}
+    check_paths([p for m in maps.values() for p in m.values()] + designs
+                + [d.removesuffix(".png") + ".tsv" for d in designs] + [mask, sidecar])
+    return names
+
+
+
+# -- derivatives/glm group_level layout ------------------------------------------------
+
+
+def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
+                           first_level_contrast=None, alpha=0.05, two_sided=True,
+                           cluster_threshold=0, descriptions=None, permutation_maps=None,
+                           permutation=None):
+    """Save a second-level GLM in the ``derivatives/glm/group_level`` layout.
+
+    Parameters
+    ----------
+    model : chunkglm.glm.second_level.SecondLevelModel
+        A fitted second-level model.
+    contrasts : str, array-like, list of them, or dict
+        Over the design's columns, as in :func:`save_glm_to_bids` (same
+        names and labels).
+    out_dir : str or Path
+        The ``derivatives/glm`` folder; files go to ``out_dir/group_level/``.
+    contrast_types : dict, optional
+        ``{name: "t" or "F"}``, as in :func:`save_glm_to_bids`.
+    first_level_contrast : str or array-like, optional
+        Passed to ``model.compute_contrast`` (required for a model fitted on
+        first-level models).
+    alpha : float, default=0.05
+        The FDR q-value and the family-wise p-value.
+    two_sided : bool, default=True
+        Both tails kept, ``alpha`` split between them (nilearn's
+        ``threshold_stats_img`` default).
+    cluster_threshold : int, default=0
+        Clusters smaller than this many voxels are removed from the
+        corrected maps.
+    descriptions : dict, optional
+        ``{contrast name: text}`` for the sidecar; default the formula (or
+        the name, for weights).
+    permutation_maps : dict, optional
+        ``{contrast name: maps}`` for t contrasts whose FWE map comes from
+        nilearn's max-T permutation test instead of Bonferroni: ``maps`` is
+        what :func:`chunkglm.glm.second_level.permutation_maps` returned for
+        the contrast's vector (see :func:`permutation_contrasts`), run with
+        ``two_sided_test=two_sided``. Other contrasts (F contrasts always)
+        are Bonferroni-corrected.
+    permutation : dict
+        With ``permutation_maps``: the settings they were computed with, the
+        keywords of ``permutation_maps`` (``n_perm``, ``random_state``,
+        ``tfce``, ``threshold``, optionally ``two_sided_test``), checked by
+        :func:`chunkglm.glm.second_level.check_permutation_options`. They
+        choose the maps written and fill the sidecar.
+
+    Returns
+    -------
+    list of pathlib.Path
+        Every file written, in writing order.
+
+    Raises
+    ------
+    InputError
+        Unfitted model, invalid contrast (unknown column, wrong number of
+        weights, null), unsafe or colliding contrast name, an invalid
+        ``alpha`` / ``cluster_threshold``, or permutation maps that are not
+        those of the contrasts and settings given. Found before anything is
+        written.
+
+    Examples
+    --------
+    The permutation test runs first, then the files are written:
+
+    >>> from chunkglm.glm.second_level import check_permutation_options, permutation_maps
+    >>> settings = {"n_perm": 5000, "random_state": 0, "tfce": False, "threshold": None,
+    ...             "two_sided_test": True}
+    >>> check_permutation_options(settings["threshold"], settings["tfce"],
+    ...                           settings["n_perm"])  # doctest: +SKIP
+    >>> maps = {name: permutation_maps(model, con_val, **settings)  # doctest: +SKIP
+    ...         for name, con_val in permutation_contrasts(model, "intercept").items()}
+    >>> save_group_derivatives(model, "intercept", "derivatives/glm", permutation_maps=maps,
+    ...                        permutation=settings)  # doctest: +SKIP
+
+    Notes
+    -----
+    Files, with ``<C>`` the contrast label::
+
+        dataset_description.json                        (extended if it exists)
+        group_level/group_contrast-<C>_stat-{t|F,z}.nii.gz
+        group_level/group_contrast-<C>_fdr-corrected.nii.gz
+        group_level/group_contrast-<C>_fwe-corrected.nii.gz
+        group_level/group_design-matrix.tsv
+        group_level/group_mask.nii.gz
+        group_level/group_glm.json
+        group_level/group_contrast-<C>_stat-<map>.nii.gz   (permutation_maps)
+
+    with ``<map>`` one of nilearn's permutation outputs without underscores:
+    ``logpmaxt`` always, ``tfce``/``logpmaxtfce`` with ``tfce``,
+    ``size``/``logpmaxsize``/``mass``/``logpmaxmass`` with ``threshold``.
+
+    The corrected maps are the z map thresholded, within the model's mask,
+    by :func:`chunkglm.glm.thresholding.threshold_stats_img` (nilearn's
+    semantics) with ``height_control="fdr"`` and ``"bonferroni"``: voxels
+    below the threshold are 0. With permutation maps the FWE map of a t
+    contrast keeps the z values of the voxels whose max-T FWE p-value is
+    below ``alpha`` (then ``cluster_threshold`` applies as for the others).
+
+    The sidecar holds ``AnalysisLevel`` ("group_level"), ``Model`` (Type,
+    Estimator, Regressors, NumberOfMaps, SmoothingFWHM), ``Contrasts``
+    (label -> Name, Description, Weights, Type), ``Corrections``
+    (TwoSided, ClusterThreshold, and for FDR and FWE: Method, Alpha and
+    the z Thresholds per label, null where no voxel can pass) and
+    ``Software`` (Name, Version). Nothing is left in ``out_dir`` after an
+    error.
+    """
+    if not _is_second_level(model):
+        raise TypeError(f"expected a SecondLevelModel; received {type(model).__name__} (for a "
+                        "first-level model use save_glm_derivatives).")
+    _check_second_level(model)
+    check_correction_options(alpha, two_sided, cluster_threshold)
+    specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
+    settings, tested = _permutation_inputs(specs, permutation_maps, permutation, two_sided)
+    names = group_derivative_names(specs, permutation_maps=settings["maps"] if settings else ())
+    with StagedOutput(out_dir) as out:
+        _write_description(out, "second")
+        thresholds = {"fdr": {}, "fwe": {}}
+        for spec in specs:
+            maps = model.compute_contrast(spec.definition, first_level_contrast=first_level_contrast,
+                                          second_level_stat_type=spec.stat_type, output_type="all")
+            logp = None
+            if spec.label in tested:
+                for key in settings["maps"]:
+                    save_image(tested[spec.label][key], out.path(names["maps"][spec.label][key]))
+                logp = tested[spec.label]["logp_max_t"]
+            found = _write_group_maps(model, maps, names["maps"][spec.label],
+                                      (alpha, two_sided, cluster_threshold), out, logp)
+            for key, value in found.items():
+                thresholds[key][spec.label] = value
+        corrections = {"TwoSided": bool(two_sided), "ClusterThreshold": cluster_threshold,
+                       "FDR": {"Method": "fdr", "Alpha": alpha, "Thresholds": thresholds["fdr"]},
+                       "FWE": _fwe_metadata(alpha, thresholds["fwe"], specs, tested, settings)}
+        model.design_matrix_.to_csv(out.path(names["design"]), sep="\t", index=False)
+        save_image(model.mask_img_, out.path(names["mask"]))
+        write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
+    return out.written
+
+
+def permutation_contrasts(model, contrasts, contrast_types=None) -> dict:
+    """The t contrasts a permutation test can give the FWE maps of, as contrast vectors.
+
+    Parameters
+    ----------
+    model : chunkglm.glm.second_level.SecondLevelModel
+        Fitted.
+    contrasts, contrast_types
+        As for :func:`save_group_derivatives` (checked the same way).
+
+    Returns
+    -------
+    dict
+        ``{contrast name: ndarray of shape (n_columns,)}``, the ``con_val``
+        of :func:`chunkglm.glm.second_level.permutation_maps`, for every t
+        contrast (F contrasts are not permutation-tested, as in nilearn).
+    """
+    _check_second_level(model)
+    specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
+    return {spec.name: contrast_vector(spec.weights[0], model.design_matrix_)
+            for spec in specs if spec.stat_type == "t"}
+
+
+#: Corrected maps of the group layout: name key -> threshold_stats_img height_control.
+CORRECTIONS = {"fdr": "fdr", "fwe": "bonferroni"}
+#: Permutation maps written, in order: always, with tfce, with a cluster-forming threshold.
+PERMUTATION_MAPS = (("logp_max_t",), ("tfce", "logp_max_tfce"),
+                    ("size", "logp_max_size", "mass", "logp_max_mass"))
+
+
+def _write_group_maps(model, maps, outputs, settings, out, logp_max_t=None) -> dict:
+    """stat and z maps, then the corrected z maps; returns the z thresholds (None if infinite).
+
+    With ``logp_max_t`` (a permutation test's -log10 FWE p-values), the FWE map keeps
+    the voxels where it exceeds -log10(alpha) and its threshold entry is that logp.
+    """
+    alpha, two_sided, cluster_threshold = settings
+    save_image(maps["stat"], out.path(outputs["stat"]))
+    save_image(maps["z_score"], out.path(outputs["z_score"]))
+    found = {}
+    for key, height_control in CORRECTIONS.items():
+        if key == "fwe" and logp_max_t is not None:
+            image = _permutation_fwe_map(maps["z_score"], logp_max_t, alpha, cluster_threshold)
+            save_image(image, out.path(outputs[key]))
+            found[key] = -math.log10(alpha)
+            continue
+        image, threshold = threshold_stats_img(
+            maps["z_score"], mask_img=model.mask_img_, alpha=alpha, height_control=height_control,
+            cluster_threshold=cluster_threshold, two_sided=two_sided)
+        save_image(image, out.path(outputs[key]))
+        threshold = float(threshold)
+        found[key] = threshold if math.isfinite(threshold) else None
+    return found
+
+
+def _permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold):
+    """The z map where the max-T FWE p-value is below ``alpha`` (0 elsewhere), small clusters removed."""
+    z = np.asarray(z_img.dataobj, dtype=np.float32)
+    logp = np.asarray(logp_img.dataobj, dtype=np.float64)
+    kept = np.where(logp > -math.log10(alpha), z, 0).astype(np.float32)
+    if cluster_threshold > 0:
+        kept = apply_cluster_extent(kept, cluster_threshold)
+    return nib.Nifti1Image(kept, z_img.affine, z_img.header)
+
+
+def _permutation_inputs(specs, permutation_maps, permutation, two_sided):
+    """(settings, {label: maps}) of the permutation-tested contrasts; (None, {}) without any.
+
+    Checks, before anything is written, that the maps are those of t contrasts among
+    ``specs``, computed with checked settings and ``two_sided``, and hold every map to write.
+    """
+    if not permutation_maps:
+        if permutation is not None:
+            raise InputError("permutation settings were given without permutation_maps: pass the maps "
+                             "computed with them (chunkglm.glm.second_level.permutation_maps).")
+        return None, {}
+    if not isinstance(permutation, dict):
+        raise InputError("permutation_maps need permutation={'n_perm': ..., 'random_state': ..., 'tfce': ..., "
+                         "'threshold': ...}: the settings they were computed with.")
+    unknown = sorted(set(permutation) - {"n_perm", "random_state", "tfce", "threshold", "two_sided_test"})
+    if unknown:
+        raise InputError(f"unknown permutation setting(s) {unknown}; allowed: n_perm, random_state, tfce, "
+                         "threshold, two_sided_test.")
+    settings = {"n_perm": permutation.get("n_perm", 10000), "tfce": permutation.get("tfce", False),
+                "threshold": permutation.get("threshold"), "random_state": permutation.get("random_state")}
+    check_permutation_options(settings["threshold"], settings["tfce"], settings["n_perm"])
+    if "two_sided_test" in permutation and bool(permutation["two_sided_test"]) != two_sided:
+        raise InputError(f"the permutation maps were computed with two_sided_test="
+                         f"{permutation['two_sided_test']!r} but two_sided={two_sided!r}: compute them "
+                         "with two_sided_test=two_sided.")
+    settings["n_perm"] = int(settings["n_perm"])
+    settings["tfce"] = bool(settings["tfce"])
+    groups = (True, settings["tfce"], settings["threshold"] is not None)
+    settings["maps"] = [key for group, wanted in zip(PERMUTATION_MAPS, groups) if wanted for key in group]
+    by_name = {spec.name: spec for spec in specs}
+    tested = {}
+    for name, maps in permutation_maps.items():
+        spec = by_name.get(name)
+        if spec is None or spec.stat_type != "t":
+            t_names = [s.name for s in specs if s.stat_type == "t"]
+            raise InputError(f"permutation maps given for {name!r}, which is not a t contrast of this call "
+                             f"(t contrasts: {t_names}).")
+        missing = [key for key in settings["maps"] if key not in maps]
+        if missing:
+            raise InputError(f"the permutation maps of contrast {name!r} lack {missing}: compute them with "
+                             "the tfce / threshold settings given in permutation.")
+        tested[spec.label] = maps
+    return settings, tested
+
+
+def _fwe_metadata(alpha, thresholds, specs, tested, settings) -> dict:
+    if settings is None:
+        return {"Method": "bonferroni", "Alpha": alpha, "Thresholds": thresholds}
+    methods = {spec.label: ("permutation max-T" if spec.label in tested else "bonferroni")
+               for spec in specs}
+    state = settings["random_state"]
+    return {"Method": methods, "Alpha": alpha, "Thresholds": thresholds,
+            "Permutation": {"NumberOfPermutations": settings["n_perm"],
+                            "RandomState": state if isinstance(state, int) else None,
+                            "TFCE": settings["tfce"],
+                            "ClusterFormingP": settings["threshold"],
+                            "ThresholdsAre": "-log10 FWE p-value for permutation contrasts, "
+                                             "|z| for bonferroni ones"}}
+
+
+def check_correction_options(alpha, two_sided, cluster_threshold) -> None:
+    """Check :func:`save_group_derivatives`' ``alpha``, ``two_sided`` and ``cluster_threshold``.
+
+    For callers that run a long permutation test first: they fail before it.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise InputError(f"alpha must be a number in (0, 1); received {alpha!r}.")
+    if not isinstance(two_sided, bool):
+        raise InputError(f"two_sided must be True or False; received {two_sided!r}.")
+    if isinstance(cluster_threshold, bool) or not isinstance(cluster_threshold, int | float) \
+            or cluster_threshold < 0:
+        raise InputError(f"cluster_threshold must be a number >= 0 (voxels); received "
+                         f"{cluster_threshold!r}.")
