@@ -43,6 +43,7 @@ from chunkglm.interfaces.bids import (
 from chunkglm.io.bids import discover_runs
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
+from chunkglm.io.derivatives import source_datasets
 from chunkglm.meta.correct import FDRCorrector
 from chunkglm.meta.ibma import DerSimonianLaird
 from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
@@ -176,10 +177,11 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
               f"already complete [{time.perf_counter() - start:.1f} s]")
         cohort = open_cohort(store)
         roundtrip = _check_round_trip(cohort, bids, out)
-        glm = _first_level(store, out, client)
-        subjects, effects = effect_maps(glm, "aMinusB")  # the group's and the meta-analysis' inputs
-        group = _group_level(glm, subjects, effects, client)
-        meta = _meta_analysis(glm, subjects, effects, out, client)
+        with source_datasets([bids]):  # dataset_description.json's SourceDatasets
+            glm = _first_level(store, out, client)
+            subjects, effects = effect_maps(glm, "aMinusB")  # the group's and the meta-analysis' inputs
+            group = _group_level(glm, subjects, effects, client)
+            meta = _meta_analysis(glm, subjects, effects, out, client)
     reports = _reports(out / "derivatives")
     group_report = next(p for p in reports if p.parent == group)
     print("\nResults")

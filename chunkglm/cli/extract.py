@@ -28,6 +28,7 @@ from chunkglm.cli.progress import Reporter
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
+from chunkglm.io.derivatives import source_datasets
 from chunkglm.maskers import MultiMapsMasker, save_timeseries, save_timeseries_to_store
 from chunkglm.maskers.outputs import atlas_label
 
@@ -133,7 +134,8 @@ def run(args) -> int:
         masker = masker_for(args).fit(nodes)
         reporter.line(f"extracting {masker.n_elements_} region signals from {len(nodes)} run(s)")
         signals = masker.transform_to_xarray(nodes, confounds=_confounds(args, nodes))
-    paths = save_timeseries(signals, args.output_dir, args.atlas)
+    with source_datasets([args.input or args.store]):
+        paths = save_timeseries(signals, args.output_dir, args.atlas)
     if args.to_store:
         store = args.store or args.input
         path = save_timeseries_to_store(signals, store, args.atlas, storage_for(args))

@@ -43,6 +43,7 @@ from chunkglm.glm.first_level.model import _expression
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
+from chunkglm.io.derivatives import source_datasets
 from chunkglm.io.layout import is_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
@@ -254,7 +255,8 @@ def run(args) -> int:
         print_skipped(store, reporter.line)
         context = {"options": command_options(args), "cluster": cluster_summary(client),
                    "stopwatch": stopwatch}
-        computed = _fit_and_write(args, jobs, out, client, reporter, context)
+        with source_datasets([args.input]):
+            computed = _fit_and_write(args, jobs, out, client, reporter, context)
     skipped = [job.label for job in jobs if job.label not in computed]
     out.write_json(f"task-{args.task}_{subjects_io.RECORD_SUFFIX}",
                    record("first-level", inputs=[i for job in jobs for i in job.inputs],

@@ -21,6 +21,7 @@ import pandas as pd
 from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, path_value
 from chunkglm.cli._common import add_allow_incomplete, add_chunk_mb, cluster_client, command_budget, command_options
 from chunkglm.errors import InputError
+from chunkglm.io.derivatives import source_datasets
 from chunkglm.io.cohort import open_cohort
 from chunkglm.meta import correct, ibma
 from chunkglm.meta._inputs import ROLES, convert_meta_maps
@@ -102,7 +103,8 @@ def run(args) -> int:
             klass, method = CORRECTIONS[name]
             kwargs = {"n_iters": args.n_iters} if method == "montecarlo" else {}
             result = getattr(correct, klass)(method=method, **kwargs).transform(result)
-        written = result.save_derivatives(args.output_dir)
+        with source_datasets([args.store or args.table]):
+            written = result.save_derivatives(args.output_dir)
         options = command_options(args)
         cluster = cluster_summary(client)
     write_record(Path(args.output_dir) / "meta" / "provenance.json",

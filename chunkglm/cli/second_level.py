@@ -58,7 +58,7 @@ from chunkglm.glm.second_level import (
 )
 from chunkglm.interfaces.bids import check_correction_options, permutation_contrasts, save_group_derivatives
 from chunkglm.io.convert import file_sha256
-from chunkglm.io.derivatives import contrast_label
+from chunkglm.io.derivatives import contrast_label, source_datasets
 from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
@@ -348,10 +348,11 @@ def run(args) -> int:
                 advance("permutation blocks", done=done, total=total)
 
             maps, settings = run_permutations(model, weights, types, args, progress)
-            paths = save_group_derivatives(
-                model, weights, args.output_dir, contrast_types=types, alpha=args.alpha,
-                two_sided=args.two_sided, cluster_threshold=args.cluster_threshold,
-                permutation_maps=maps, permutation=settings)
+            with source_datasets([args.input]):
+                paths = save_group_derivatives(
+                    model, weights, args.output_dir, contrast_types=types, alpha=args.alpha,
+                    two_sided=args.two_sided, cluster_threshold=args.cluster_threshold,
+                    permutation_maps=maps, permutation=settings)
         outputs = [relative_output(p, args.output_dir) for p in paths]
         content = record("second-level", inputs=entries, options=command_options(args),
                          cluster=cluster_summary(client), stopwatch=stopwatch,

@@ -138,7 +138,7 @@ class Node:
             header = _as_4d_header(header, len(values))
         img = image_from_voxels(values, grid.ijk, grid.shape, header, grid.affine)
         if path is not None:
-            save_image(img, path)
+            save_image(img, path, units=False)  # the source's header, units included
         return img
 
 

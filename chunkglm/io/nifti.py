@@ -375,13 +375,44 @@ def image_from_voxels(values, ijk, shape, header_bytes=None, affine=None, dtype=
     return img
 
 
-def save_image(img, path) -> Path:
-    """Save a nibabel image; ``.nii.gz`` is compressed with ISA-L (fast)."""
+#: Units a written NIfTI header states where its own say "unknown" (the grids are in mm, TRs in s).
+DEFAULT_UNITS = ("mm", "sec")
+
+
+def image_bytes(img, units: bool = True) -> bytes | None:
+    """The single-file NIfTI bytes of ``img`` (None for other formats).
+
+    ``units``: a header whose spatial or temporal unit is "unknown" gets mm / s
+    (:data:`DEFAULT_UNITS`) in the written bytes; ``img`` itself is left as it is.
+    """
+    header = getattr(img, "header", None)
+    if not isinstance(img, nib.Nifti1Image) or not isinstance(header, nib.Nifti1Header):
+        return None
+    raw = bytearray(img.to_bytes())
+    if units:
+        written = type(header).from_fileobj(io.BytesIO(bytes(raw)), check=False)
+        space, time = written.get_xyzt_units()
+        if "unknown" in (space, time):
+            written.set_xyzt_units(DEFAULT_UNITS[0] if space == "unknown" else space,
+                                   DEFAULT_UNITS[1] if time == "unknown" else time)
+            block = written.binaryblock
+            raw[:len(block)] = block
+    return bytes(raw)
+
+
+def save_image(img, path, *, units: bool = True) -> Path:
+    """Save a nibabel image, byte for byte the same on every run.
+
+    ``.nii.gz`` is compressed with ISA-L (fast) into a gzip member without a file
+    name or a time stamp (``mtime`` 0), so the same image always gives the same
+    file. NIfTI headers state their units (see :func:`image_bytes`; ``units=False``
+    keeps the header as it is, e.g. to write a converted run back).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not is_gzip_path(path):
+    raw = image_bytes(img, units)
+    if raw is None:
         nib.save(img, path)
         return path
-    with igzip.open(path, "wb", compresslevel=1) as handle:
-        handle.write(img.to_bytes())
+    path.write_bytes(igzip.compress(raw, compresslevel=1, mtime=0) if is_gzip_path(path) else raw)
     return path
