@@ -263,6 +263,17 @@ class VarianceBasedLikelihood(_RegressionEstimator):
     ----------
     method : {"ml", "reml"}
 
+    Notes
+    -----
+    tau^2 maximises the same profile likelihood as PyMARE's, but with a bracketed
+    Newton solver (:mod:`chunkglm.kernels.meta.likelihood`) where PyMARE runs a
+    bounded scan and golden-section search. Where a voxel's profile has two basins
+    PyMARE may stop in the worse one; chunkglm keeps the better optimum. On NiMARE's
+    own test data (21 studies, 1,000 voxels) that is 2 voxels under ML (tau^2 2.2 and
+    7.2 against NiMARE's 48.3 and 65.5) and 1 under REML, each with a higher
+    likelihood by PyMARE's own objective (tests/test_meta_likelihood_optimum.py);
+    everywhere else the maps agree to PyMARE's optimiser tolerance.
+
     Maps: ``z``, ``p``, ``logp``, ``est``, ``se``, ``tau2``, ``dof``.
     """
 
