@@ -143,6 +143,29 @@ np.save(sys.argv[3], _null_correlation(z, groups))
         np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("kernel", ["fishers", "stouffers"])
+def test_a_cancelling_group_is_left_out(kernel):
+    """A group whose images correlate -1 under the null has aggregated-z variance 0: NiMARE drops it
+    from the model before PyMARE sees it (``_screen_dependence_groups``); the rest is fitted as usual."""
+    from chunkglm.kernels import meta as km
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(6, 40))
+    groups = np.array([0, 0, 1, 1, 2, 3])
+    corr = np.eye(6)
+    corr[0, 1] = corr[1, 0] = -1.0
+    corr[2, 3] = corr[3, 2] = 0.4
+    fit = getattr(km, kernel)
+    dropped = fit(z, groups=groups, corr=corr, image_index=np.arange(6))
+    rest = fit(z[2:], groups=groups[2:], corr=corr[2:, 2:], image_index=np.arange(4))
+    for name in ("z", "p", "logp", "dof"):
+        np.testing.assert_array_equal(dropped[name], rest[name], err_msg=name)
+    assert np.all(dropped["dof"] == 2)  # three groups left
+    # a group whose images do not cancel changes the result
+    corr[0, 1] = corr[1, 0] = 0.3
+    kept = fit(z, groups=groups, corr=corr, image_index=np.arange(6))
+    assert np.all(kept["dof"] == 3) and not np.allclose(kept["z"], rest["z"])
+
+
 def test_single_group_pattern_is_not_fitted():
     """A missing-data pattern whose images all come from one study is NaN (NiMARE skips it)."""
     rng = np.random.default_rng(0)
@@ -184,3 +207,14 @@ def test_cluster_robust_closed_form_equals_the_general_sandwich():
         # float64 sums of 7 terms: agreement to ~1e-15 relative, 1e-12 leaves margin
         np.testing.assert_allclose(var[col], bread ** 2 * meat, rtol=1e-12)
         np.testing.assert_allclose(dof[col], np.trace(s) ** 2 / np.trace(s @ s), rtol=1e-12)
+
+
+def test_cancelling_group_is_named_in_a_warning(caplog):
+    est = ibma.Stouffers()
+    est.inputs_ = {"id": ["i0", "i1", "i2"]}
+    est._group_label_of = {0: "study-x", 1: "study-y"}
+    corr = np.eye(3)
+    corr[0, 1] = corr[1, 0] = -1.0
+    with caplog.at_level("WARNING"):
+        est._warn_cancelling_groups(corr, np.array([0, 0, 1]))
+    assert "study-x" in caplog.text and "i0, i1" in caplog.text and "cancel" in caplog.text

@@ -358,6 +358,7 @@ class IBMAEstimator(NiMAREBase):
             _refuse_groups(type(self).__name__, labels, "study_id" if self.groupby is None else
                            (self.groupby if isinstance(self.groupby, str) else "groupby"))
         codes = {label: i for i, label in enumerate(sorted(set(labels), key=str))}
+        self._group_label_of = {code: label for label, code in codes.items()}
         return np.array([codes[label] for label in labels])
 
     def _grouped(self) -> bool:
@@ -403,12 +404,30 @@ class IBMAEstimator(NiMAREBase):
             _correlation_moments, roles=roles, stored=stored[:1], sample_sizes=sizes, aliases=aliases), block)
         codes = np.asarray(self.inputs_["contrast_names"])
         corr = km.null_correlation(km.add_moments(moments), codes)
+        if corr is not None:
+            self._warn_cancelling_groups(corr, codes)
         if corr is None:
             LGR.warning("No two of the %d image(s) have two voxels both are valid at, so the null correlation "
                         "between them cannot be estimated. They are still grouped, but the reference "
                         "distribution will not be inflated for the correlation within a group, so p-values "
                         "may be anti-conservative.", codes.size)
         return corr
+
+    def _warn_cancelling_groups(self, corr, codes) -> None:
+        """NiMARE's warning for a dependence group whose images cancel (aggregated-z variance <= 1e-12):
+        the kernels leave it out of every missing-data pattern where it cancels."""
+        ids = np.asarray(self.inputs_["id"])
+        for code in np.unique(codes):
+            rows = np.flatnonzero(codes == code)
+            if rows.size < 2:
+                continue
+            variance = float(corr[np.ix_(rows, rows)].sum() / rows.size ** 2)
+            if not np.isfinite(variance) or variance <= km.CANCELLATION_FLOOR:
+                LGR.warning("Dependence group %s (image(s) %s) is excluded wherever all its images are present: "
+                            "its aggregated z statistic has variance %.3g, so its images cancel and carry no "
+                            "information. Usually one contrast was uploaded in both directions, or the group's "
+                            "contrasts partition one cohort.", getattr(self, "_group_label_of", {}).get(code, code),
+                            ", ".join(map(str, ids[rows])), variance)
 
     def _stored(self, maps: MetaMaps, role):
         """A stored map type in the voxel blocks of the tasks (lazy)."""

@@ -46,7 +46,7 @@ Every name is re-exported here: ``from chunkglm.kernels import meta; meta.fisher
 """
 
 from chunkglm.kernels.meta._arrays import SMALL_SAMPLE_CORRECTIONS, _ksum, _log_ksum
-from chunkglm.kernels.meta.combination import fishers, stouffers
+from chunkglm.kernels.meta.combination import CANCELLATION_FLOOR, fishers, stouffers
 from chunkglm.kernels.meta.correlation import add_moments, null_correlation, null_correlation_moments
 from chunkglm.kernels.meta.distributions import log_chi2_sf, nimare_logp, t_to_nlogp, t_to_z
 from chunkglm.kernels.meta.glm import ffx_glm, mfx_glm, rfx_glm
@@ -74,7 +74,7 @@ from chunkglm.kernels.meta.sign_flip import (
 from chunkglm.kernels.meta.wls import dersimonian_laird, fixed_effects_hedges, hedges, weighted_least_squares
 
 __all__ = [
-    "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "add_moments", "collapse_blocks",
+    "CANCELLATION_FLOOR", "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "add_moments", "collapse_blocks",
     "dersimonian_laird", "empirical_p",
     "ffx_glm", "fishers", "fixed_effects_hedges", "hedges", "log_chi2_sf", "mfx_glm", "nimare_logp",
     "null_correlation", "null_correlation_moments", "one_sample_t",
