@@ -7,6 +7,7 @@ which imports them all to build the parser).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from chunkglm.cluster.config import chunk_budget
 from chunkglm.errors import ChunkglmError, StoreError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.backends import storage_settings
+from chunkglm.io.derivatives import StagedOutput
+from chunkglm.io.layout import is_url, redact_url
 from chunkglm.provenance import strip_secrets
 
 
@@ -213,6 +216,33 @@ def cluster_client(args):
         yield client
     finally:
         client.close()
+
+
+def output_location(output_dir, *parts) -> str:
+    """``output_dir/parts...`` for a local folder or an object-store URL."""
+    text = str(output_dir)
+    if is_url(text):
+        return "/".join([text.rstrip("/"), *parts])
+    return str(Path(text).joinpath(*parts))
+
+
+def relative_output(path, output_dir) -> str:
+    """A written file (a resolved path, or a URL as the writers return it) relative to
+    ``output_dir``, for provenance records and messages."""
+    text = str(output_dir)
+    if is_url(text):
+        prefix = redact_url(text.rstrip("/")) + "/"
+        return str(path).removeprefix(prefix)
+    return Path(path).resolve().relative_to(Path(text).resolve()).as_posix()
+
+
+def write_output_record(output_dir, relative: str, content: dict, storage=None) -> str:
+    """Write a provenance record (secrets stripped) to ``output_dir/relative``, a local folder or
+    an object store, through the derivative staging (atomic); returns where it went."""
+    with StagedOutput(output_dir, storage_options=storage) as out:
+        out.path(relative).write_text(json.dumps(strip_secrets(content), indent=2, sort_keys=False) + "\n")
+    return redact_url(output_location(output_dir, relative)) if is_url(str(output_dir)) else \
+        output_location(output_dir, relative)
 
 
 def print_progress(done, total, node):

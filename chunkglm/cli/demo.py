@@ -165,6 +165,9 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
     """
     if n_subjects < 3:
         raise InputError(f"the demo's group analysis needs at least 3 subjects; received --subjects {n_subjects}.")
+    if "://" in str(out):
+        raise InputError(f"the demo writes its synthetic dataset and results to a local folder; received "
+                         f"-o {out}. Give a local folder (the other commands take s3:// outputs).")
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     bids = _dataset(out, size, n_subjects)

@@ -21,6 +21,7 @@ from chunkglm.cli._common import (
     cluster_client,
     command_budget,
     open_if_store,
+    output_location,
     print_skipped,
     storage_for,
 )
@@ -29,6 +30,7 @@ from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
 from chunkglm.io.derivatives import source_datasets
+from chunkglm.io.layout import redact_url
 from chunkglm.maskers import MultiMapsMasker, save_timeseries, save_timeseries_to_store
 from chunkglm.maskers.outputs import atlas_label
 
@@ -87,7 +89,7 @@ def _cohort(args, client, reporter):
         return cohort
     if not Path(args.input).is_dir():
         raise InputError(f"{args.input} is neither a cohort store nor a BIDS folder.")
-    store = args.store or str(Path(args.output_dir) / "cohort.zarr")
+    store = args.store or output_location(args.output_dir, "cohort.zarr")
     with reporter.phase("converting") as advance:
         convert(args.input, store, task=args.task, space=args.space, subjects=split_list(args.subject),
                 client=client,
@@ -140,5 +142,5 @@ def run(args) -> int:
         store = args.store or args.input
         path = save_timeseries_to_store(signals, store, args.atlas, storage_for(args))
         reporter.line(f"wrote {path} into {store}")
-    print(f"wrote {len(paths)} timeseries file(s) under {args.output_dir}")
+    print(f"wrote {len(paths)} timeseries file(s) under {redact_url(str(args.output_dir))}")
     return 0

@@ -19,13 +19,23 @@ from pathlib import Path
 import pandas as pd
 
 from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, path_value
-from chunkglm.cli._common import add_allow_incomplete, add_chunk_mb, cluster_client, command_budget, command_options
+from chunkglm.cli._common import (
+    add_allow_incomplete,
+    add_chunk_mb,
+    cluster_client,
+    command_budget,
+    command_options,
+    output_location,
+    storage_for,
+    write_output_record,
+)
 from chunkglm.errors import InputError
 from chunkglm.io.derivatives import source_datasets
 from chunkglm.io.cohort import open_cohort
 from chunkglm.meta import correct, ibma
 from chunkglm.meta._inputs import ROLES, convert_meta_maps
-from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
+from chunkglm.io.layout import redact_url
+from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 
 ESTIMATORS = ("Fishers", "Stouffers", "WeightedStouffers", "WeightedLeastSquares", "DerSimonianLaird", "Hedges",
@@ -76,7 +86,7 @@ def _inputs(args):
         if role in table.columns:
             table[role] = [str(p) if Path(str(p)).is_absolute() else str(table_path.parent / str(p))
                            for p in table[role]]
-    store = Path(args.output_dir) / "meta.zarr"
+    store = output_location(args.output_dir, "meta.zarr")
     return convert_meta_maps(table, store, "meta", mask_img=args.mask)
 
 
@@ -107,8 +117,9 @@ def run(args) -> int:
             written = result.save_derivatives(args.output_dir)
         options = command_options(args)
         cluster = cluster_summary(client)
-    write_record(Path(args.output_dir) / "meta" / "provenance.json",
-                 record("meta", inputs=[result._inputs.describe()], options=options, cluster=cluster,
-                        stopwatch=stopwatch, outputs=sorted(str(p) for p in written.values())))
-    print(f"derivatives: {Path(args.output_dir) / 'meta'}")
+    outputs = sorted(f"meta/{Path(str(p)).name}" for p in written.values())
+    write_output_record(args.output_dir, "meta/provenance.json",
+                        record("meta", inputs=[result._inputs.describe()], options=options, cluster=cluster,
+                               stopwatch=stopwatch, outputs=outputs), storage_for(args))
+    print(f"derivatives: {redact_url(output_location(args.output_dir, 'meta'))}")
     return 0

@@ -42,8 +42,11 @@ from chunkglm.cli._common import (
     command_budget,
     command_options,
     open_if_store,
+    output_location,
     print_skipped,
+    relative_output,
     storage_for,
+    write_output_record,
 )
 from chunkglm.cli.first_level import parse_contrasts as parse_pairs
 from chunkglm.cli.progress import Reporter
@@ -59,7 +62,8 @@ from chunkglm.glm.second_level import (
 from chunkglm.interfaces.bids import check_correction_options, permutation_contrasts, save_group_derivatives
 from chunkglm.io.convert import file_sha256
 from chunkglm.io.derivatives import contrast_label, source_datasets
-from chunkglm.provenance import Stopwatch, cluster_summary, record, write_record
+from chunkglm.io.layout import redact_url
+from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
 
@@ -287,11 +291,6 @@ def _check_permutation_args(args) -> None:
                          "(e.g. 5000) with them.")
 
 
-def relative_output(path, output_dir) -> str:
-    """``path`` (a file the writers returned, resolved) relative to ``output_dir`` (as given)."""
-    return Path(path).resolve().relative_to(Path(output_dir).resolve()).as_posix()
-
-
 # -- the command -------------------------------------------------------------------------------
 
 def _inputs(args, reporter):
@@ -360,8 +359,8 @@ def run(args) -> int:
                                  "subjects": subjects, "rows": int(len(design)),
                                  "covariates": covariates},
                          outputs=outputs)
-    write_record(Path(args.output_dir) / "group_level" / "group_provenance.json", content)
+    write_output_record(args.output_dir, "group_level/group_provenance.json", content, storage_for(args))
     for path in outputs:
         reporter.line(f"wrote {path}")
-    print(f"group derivatives: {Path(args.output_dir) / 'group_level'}")
+    print(f"group derivatives: {redact_url(output_location(args.output_dir, 'group_level'))}")
     return 0

@@ -346,7 +346,7 @@ def _stage_runs(images, mask_img, target_affine, target_shape, smoothing_fwhm, f
         target = target_affine(infos)
         target_affine, target_shape = (None, None) if target is None else target
     mask = mask_img(infos) if callable(mask_img) else mask_img
-    store = Path(store) if store is not None else folder / "store.zarr"
+    store = _store_location(store, folder)
     convert(paths, store, mask_img=_mask_path(mask, folder), target_affine=target_affine,
             target_shape=target_shape, smoothing_fwhm=smoothing_fwhm, **sizes)
     cohort = open_cohort(store, sizes["storage_options"])
@@ -408,11 +408,19 @@ def _stage_maps(table, mask_img, smoothing_fwhm, map_types, folder, owner, store
     work = folder / f"maps-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
     table = _staged_files(table, roles, mask, smoothing_fwhm, resample_to_mask, work)
-    store = Path(store) if store is not None else folder / "store.zarr"
+    store = _store_location(store, folder)
     collection = collection or f"maps_{uuid.uuid4().hex[:12]}"
     node = write_maps_node(table, roles, store, collection, mask, **sizes)
     staged.nodes, staged.converted, staged.folder = [node], True, folder
     return staged
+
+
+def _store_location(store, folder: Path):
+    """The store inputs are staged into: as given (a local path, or an object-store URL kept as a
+    string), else ``folder/store.zarr``."""
+    if store is None:
+        return folder / "store.zarr"
+    return str(store) if st.is_url(str(store)) else Path(store)
 
 
 def _staged_files(table, roles, mask, smoothing_fwhm, resample_to_mask, work):

@@ -67,17 +67,18 @@ def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
     written (:class:`chunkglm.io.derivatives.StagedOutput`): after an error
     ``out_dir`` is as it was.
 
+    ``out_dir`` may be an object-store URL (``s3://bucket/x``): the files are
+    then uploaded by the staging, with the environment's credentials.
+
     Returns
     -------
-    list of Path
-        The TSV files written.
+    list of Path or str
+        The TSV files written (URLs, credentials removed, for an object store).
     """
-    out = Path(out_dir)
     atlas_label(atlas)
-    written = []
     width = max(3, len(str(int(signals["region"].max()) if signals.sizes["region"] else 0)))
     columns = [f"map-{int(i):0{width}d}" for i in signals["region"].values]
-    with StagedOutput(out) as staged:
+    with StagedOutput(out_dir) as staged:
         for index in range(signals.sizes["run"]):
             run = signals.isel(run=index)
             entities = {k: str(run[_entity_coord(k)].item()) for k in _ENTITY_ORDER
@@ -93,11 +94,10 @@ def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
             sidecar = {"Columns": columns, "Atlas": atlas, "Sources": [str(run["run"].item())],
                        **({"SamplingFrequency": 1.0 / t_r, "RepetitionTime": t_r} if np.isfinite(t_r) else {})}
             write_json(staged.path(relative.removesuffix(".tsv") + ".json"), sidecar, indent=2, sort_keys=False)
-            written.append(out / relative)
         if staged.existing("dataset_description.json") is None:
             write_json(staged.path("dataset_description.json"), dataset_description("chunkglm region signals"),
                        indent=2, sort_keys=False)
-    return written
+    return [path for path in staged.written if str(path).endswith("_timeseries.tsv")]
 
 
 def save_timeseries_to_store(signals, store, atlas: str, storage_options=None) -> str:
