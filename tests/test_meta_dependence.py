@@ -174,10 +174,32 @@ def test_single_group_pattern_is_not_fitted():
     from chunkglm.kernels import meta as km
     from chunkglm.meta import _bags
     valid = _bags.validity({"beta": beta, "varcope": varcope}, np.float64)
+    skipped = np.zeros(6, dtype=bool)
     out = _bags.fit_patterns(km.KERNELS["DerSimonianLaird"], {"beta": np.nan_to_num(beta), "varcope": varcope},
                              valid, km.OUTPUTS["DerSimonianLaird"], {"weight_scheme": "rescale", "rho": 0.8},
-                             per_study={"groups": np.array([0, 0, 1, 1])})
+                             per_study={"groups": np.array([0, 0, 1, 1])}, skipped=skipped)
     assert np.isnan(out[:, 4:]).all() and np.isfinite(out[:, :4]).all()
+    np.testing.assert_array_equal(skipped, [False] * 4 + [True] * 2)  # reported (MetaResult warns, as NiMARE)
+
+
+def test_single_group_voxels_are_warned_about(tmp_path, caplog):
+    """Voxels where only the two images of study s-a are usable: NaN, and NiMARE's warning."""
+    import nibabel as nib
+    spec = reference.write_maps_folder(tmp_path / "maps", seed=2)
+    for k, (image, study) in enumerate(zip(spec["images"], STUDIES)):
+        image["study_id"] = study
+        if k >= 2:  # every other image misses the slab x = 0
+            img = nib.load(image["beta"])
+            data = np.asarray(img.dataobj).copy()
+            data[0] = 0.0
+            nib.save(nib.Nifti1Image(data, img.affine), image["beta"])
+    node = convert_meta_maps(pd.DataFrame(spec["images"]), tmp_path / "meta.zarr", "studies", mask_img=spec["mask"])
+    with dask.config.set(scheduler="synchronous"), caplog.at_level("WARNING"):
+        maps = ibma.DerSimonianLaird().fit(node).maps
+    assert "Skipped" in caplog.text and "single group" in caplog.text
+    with dask.config.set(scheduler="synchronous"):
+        independent = ibma.DerSimonianLaird(groupby=False).fit(node).maps
+    assert np.isnan(maps["z"]).sum() > np.isnan(independent["z"]).sum()
 
 
 def test_cluster_robust_closed_form_equals_the_general_sandwich():

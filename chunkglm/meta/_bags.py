@@ -120,6 +120,7 @@ def fit_patterns(
     *,
     aggressive_mask: bool = False,
     per_study: dict[str, np.ndarray] | None = None,
+    skipped: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fit ``kernel`` once per missing-data pattern of one voxel block.
 
@@ -143,6 +144,8 @@ def fit_patterns(
     per_study : dict of name -> ndarray (..., K), optional
         Keyword arguments with one entry per study. ``groups`` (dependence-group
         codes) also leaves unfitted (NaN) a pattern whose studies are all of one group.
+    skipped : ndarray of bool, shape (V,), optional
+        Set True here for the voxels of such one-group patterns (NiMARE warns about them).
 
     Returns
     -------
@@ -156,6 +159,8 @@ def fit_patterns(
         if voxels.size == 0 or rows.sum() < MIN_STUDIES:
             continue
         if groups is not None and np.unique(groups[rows]).size < MIN_STUDIES:
+            if skipped is not None:
+                skipped[voxels] = True
             continue  # one dependence group: no independent replication (NiMARE leaves it NaN)
         result = _call(kernel, arrays, rows, voxels, params, per_study or {}, n_voxels)
         for i, name in enumerate(outputs):

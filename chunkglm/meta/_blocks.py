@@ -64,19 +64,22 @@ def _t_to_z(t, dof):
 def _fit_block(*blocks, kernel_name, roles, stored, aliases, row_scale, sample_sizes, params, per_study,
                aggressive, outputs):
     """One voxel block: validity, patterns, one kernel call per pattern; then a row flagging
-    the voxels with a NaN/inf input.
+    the voxels with a NaN/inf input (+1) and those of a pattern of one dependence group, not
+    fitted (+2).
 
     Non-finite values are not set to 0 here (nilearn's way): NiMARE's IBMA estimators drop
     every entry that is not finite or is 0 (``nimare.meta.utils._usable``, also what
     ``aggressive_mask`` masks out), and :func:`_bags.validity` does the same.
     """
+    skipped = np.zeros(blocks[0].shape[1], dtype=bool)
     maps = _fit_maps(blocks, kernel_name, roles, stored, aliases, row_scale, sample_sizes, params,
-                     per_study, aggressive, outputs)
-    return np.concatenate([maps, nonfinite_voxels(*blocks)[None].astype(maps.dtype)])
+                     per_study, aggressive, outputs, skipped)
+    flags = nonfinite_voxels(*blocks).astype(maps.dtype) + 2.0 * skipped
+    return np.concatenate([maps, flags[None]])
 
 
 def _fit_maps(blocks, kernel_name, roles, stored, aliases, row_scale, sample_sizes, params, per_study,
-              aggressive, outputs):
+              aggressive, outputs, skipped=None):
     arrays = _role_arrays(blocks, stored, roles, sample_sizes, aliases)
     if row_scale is not None:
         arrays = {k: v / row_scale[:, None] for k, v in arrays.items()}
@@ -85,7 +88,7 @@ def _fit_maps(blocks, kernel_name, roles, stored, aliases, row_scale, sample_siz
     args = {r: sample_sizes if r == "sample_sizes" else arrays[r] for r in roles}
     kernel = km.KERNELS[kernel_name]
     return _bags.fit_patterns(kernel, args, valid, outputs, params, aggressive_mask=aggressive,
-                              per_study=per_study)
+                              per_study=per_study, skipped=skipped)
 
 
 def _correlation_moments(block, *, roles, stored, sample_sizes, aliases):

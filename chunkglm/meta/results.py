@@ -135,7 +135,8 @@ class MetaResult(NiMAREBase):
     @classmethod
     def _from_graph(cls, estimator, lazy, names, inputs, description="", masker=None) -> MetaResult:
         """A result over a lazy (map, voxel) graph: ``lazy`` holds the maps in ``names`` order, then a
-        row flagging (1) the voxels where an input held a NaN/inf; ``inputs`` the collection analysed."""
+        row flagging the voxels where an input held a NaN/inf (+1) and those left unfitted because
+        their images all come from one dependence group (+2); ``inputs`` the collection analysed."""
         new = cls.__new__(cls)
         new.estimator, new.corrector, new.diagnostics = estimator, None, []
         new._init_lazy(lazy, names, inputs, masker)
@@ -167,7 +168,13 @@ class MetaResult(NiMAREBase):
         """All maps, computed on first access (one pass over the inputs)."""
         if self._maps is None:
             values = meta_graph.compute(self._lazy)
-            warn(int(np.count_nonzero(values[len(self._names)])), "the meta-analysis inputs", LEFT_OUT)
+            flags = values[len(self._names)]
+            warn(int(np.count_nonzero(np.mod(flags, 2))), "the meta-analysis inputs", LEFT_OUT)
+            skipped = int(np.count_nonzero(flags >= 2))
+            if skipped:
+                LGR.warning("Skipped %d voxel(s) whose valid images all come from a single group. One group "
+                            "carries no independent replication to estimate a variance from, so those voxels "
+                            "are NaN.", skipped)
             self._maps = {name: store_map(name, values[i]) for i, name in enumerate(self._names)}
             for hook in self._hooks:
                 self._maps.update({k: store_map(k, v) for k, v in hook(self._maps).items()})
