@@ -70,3 +70,22 @@ def test_a_bad_contrast_fails_before_any_glm_work(tiny_bids, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["cohort.zarr"]  # no derivative written
     malformed = _cli(tiny_bids.root, "-o", out, "--task", "main", "-c", "no-equals-sign", "--cluster", "none")
     assert malformed.returncode == 2 and "NAME=EXPRESSION" in malformed.stderr
+
+
+def test_a_failed_overwrite_validates_before_deleting_anything(tiny_bids, tmp_path):
+    """Issue 18 item 7: a bad contrast name with --overwrite exited 2 after deleting the subjects'
+    completion records; every output name is now checked before anything is touched."""
+    out = tmp_path / "glm"
+    done = _cli(tiny_bids.root, "-o", out, "--task", "main", "-c", "a=a", "--cluster", "none")
+    assert done.returncode == 0, done.stderr
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "cohort.zarr" not in p.parts}
+    records = [p for p in before if p.name.endswith("_provenance.json") and p.parent.parent == out]
+    assert len(records) == 2
+    for contrasts, message in ((["-c", f"{'a' * 300}=a"], "over the 255"),
+                               (["-c", "aMinusB=a - b", "-c", "a-b=a"], "both become the file label")):
+        bad = _cli(out / "cohort.zarr", "-o", out, "--task", "main", *contrasts, "--overwrite",
+                   "--cluster", "none")
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and "fitting" not in bad.stderr
+        after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "cohort.zarr" not in p.parts}
+        assert after == before  # nothing deleted, nothing written

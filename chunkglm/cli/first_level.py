@@ -18,6 +18,7 @@ derivatives/glm layout (``OUTPUT_DIR/first_level/sub-XX/`` with its JSON).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from chunkglm.glm.first_level.model import _expression
 from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
-from chunkglm.io.derivatives import source_datasets
+from chunkglm.io.derivatives import contrast_label, source_datasets
 from chunkglm.io.layout import is_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
@@ -186,8 +187,52 @@ def _confounds_option(values):
     return ",".join(columns) if columns else None
 
 
+#: The longest suffix of the file names written per contrast (nilearn's save_glm_to_bids set).
+LONGEST_SUFFIX = "_stat-variance_statmap.nii.gz"
+#: File-name length limit where the file system cannot be asked (object stores; BIDS tools).
+PORTABLE_NAME_MAX = 255
+
+
+def _name_max(output_dir) -> int:
+    """The longest file name the output folder's file system takes."""
+    if is_url(str(output_dir)):
+        return PORTABLE_NAME_MAX
+    folder = Path(output_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return min(PORTABLE_NAME_MAX, os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return PORTABLE_NAME_MAX
+
+
+def check_file_names(args, contrasts, subjects) -> None:
+    """Every file name the outputs will have is valid and distinct, before anything is touched.
+
+    Contrast names become labels (nilearn's rule, lower-cased in the file names): two names
+    with one label would overwrite each other's files; a name whose files would be longer than
+    the file system allows would fail half-way through writing.
+    """
+    labels = {}
+    for name in contrasts:
+        label = contrast_label(name).lower()
+        if label in labels:
+            raise InputError(f"contrasts {labels[label]!r} and {name!r} both become the file label "
+                             f"contrast-{label}, so one would overwrite the other's files; rename one.")
+        labels[label] = name
+    limit = _name_max(args.output_dir)
+    for label, name in labels.items():
+        longest = max(len(f"sub-{s}_task-{args.task}_contrast-{label}{LONGEST_SUFFIX}") for s in subjects)
+        if longest > limit:
+            raise InputError(f"contrast name {name[:40]!r}... ({len(name)} characters) makes file names of "
+                             f"{longest} characters, over the {limit} the output folder takes; give it a "
+                             "shorter name.")
+
+
 def plan_subjects(args, contrasts, fitted, out) -> list[SubjectJob]:
-    """Check contrasts on every design and classify existing outputs; compute nothing."""
+    """Check contrasts on every design and every output name, and classify existing outputs;
+    compute, write and delete nothing (so a failed --overwrite leaves every subject as it was)."""
+    check_file_names(args, contrasts, [str(model.subject_label) for model, _ in fitted])
     jobs = []
     for model, nodes in fitted:
         weights, types = model_contrasts(model, contrasts)
