@@ -191,7 +191,7 @@ def _saved(img, folder, index):
     ([], "runs", r"run_imgs is empty: give at least one image"),
     (pd.DataFrame({"effect": ["x.nii"]}), "runs", r"run_imgs was a DataFrame.*runs are 4-D images"),
     (pd.DataFrame({"other": ["x.nii"]}), "maps", r"no map column.*it has \['other'\]"),
-    ("/nonexistent/run.nii.gz", "runs", r"not found: /nonexistent/run.nii.gz"),
+    ("/nonexistent/run.nii.gz", "runs", r"File not found: '/nonexistent/run.nii.gz'"),
 ])
 def test_bad_inputs_say_what_was_received_and_what_to_give(bad, kind, message):
     with pytest.raises(InputError, match=message):

@@ -268,7 +268,7 @@ def test_bad_designs(files):
     paths, covariates = files
     with pytest.raises(InputError, match="needs a design_matrix"):
         non_parametric_inference(paths)
-    with pytest.raises(InputError, match="has 19 rows but 20 maps"):
+    with pytest.raises(InputError, match="19 rows in design matrix do not match with 20 maps"):
         non_parametric_inference(paths, design_matrix=_one_sample().iloc[:19])
     constant = pd.DataFrame({"intercept": np.ones(N), "ones": np.ones(N) * 2.0})
     with pytest.raises(InputError, match="rank deficient.*Constant columns: \\['intercept', 'ones'\\]"):

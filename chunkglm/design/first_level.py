@@ -69,14 +69,21 @@ def check_confounds(confounds, n_scans: int, where: str) -> pd.DataFrame | None:
     if confounds is None:
         return None
     confounds = read_table(confounds, "confounds")
-    frame = confounds if isinstance(confounds, pd.DataFrame) else pd.DataFrame(np.asarray(confounds))
+    if isinstance(confounds, pd.DataFrame):
+        frame = confounds
+    else:  # nilearn's names for the columns of an array
+        values = np.asarray(confounds)
+        values = values[:, None] if values.ndim == 1 else values
+        frame = pd.DataFrame(values, columns=[f"confound_{i}" for i in range(values.shape[1])])
     if len(frame) != n_scans:
-        raise InputError(f"confounds of {where} have {len(frame)} rows but the run has {n_scans} scans.")
+        raise InputError(f"Rows in confounds does not match n_scans in run_img: confounds of {where} "
+                         f"have {len(frame)} rows but the run has {n_scans} scans.")
     nan_cols = [str(c) for c in frame.columns if frame[c].isna().any()]
     if nan_cols:
         raise InputError(
-            f"confounds of {where} contain NaN in {nan_cols[:5]} (fMRIPrep leaves the first row of "
-            "derivative columns empty). Fill them (e.g. confounds.fillna(0)) or drop those columns."
+            f"Extra regressors contain NaN values: confounds of {where} contain NaN in "
+            f"{nan_cols[:5]} (fMRIPrep leaves the first row of derivative columns empty). Fill them "
+            "(e.g. confounds.fillna(0)) or drop those columns."
         )
     return frame
 

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from chunkglm.errors import InputError
+from chunkglm.errors import InputError, InputTypeError
 
 __all__ = ["make_second_level_design_matrix", "check_design"]
 
@@ -109,8 +109,8 @@ def check_design(design, n_maps: int, full_rank: bool = False) -> pd.DataFrame:
     design = _load_design(design)
     if n_maps is not None and len(design) != n_maps:
         raise InputError(
-            f"the design matrix has {len(design)} rows but {n_maps} maps are modelled: give one "
-            "row per map, in the maps' order.")
+            f"'design_matrix' does not match the number of maps considered. {len(design)} rows in "
+            f"design matrix do not match with {n_maps} maps: give one row per map, in the maps' order.")
     try:
         X = design.to_numpy(dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -130,11 +130,14 @@ def _load_design(design) -> pd.DataFrame:
         return design
     if isinstance(design, str | Path):
         path = Path(design)
+        if path.suffix not in (".tsv", ".csv"):
+            raise InputError(f"Tables to load can only be TSV or CSV.\nGot {path}: give the design "
+                             "matrix as a .tsv/.csv file or a pandas DataFrame.")
         if not path.is_file():
             raise InputError(f"design_matrix file not found: {path}")
         return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
-    raise InputError(f"design_matrix must be a pandas DataFrame or a .csv/.tsv path; "
-                     f"received {type(design).__name__}.")
+    raise InputTypeError(f"'design_matrix' must be a str, pathlib.Path or a pandas.DataFrame.\n"
+                         f"Got {type(design).__name__}: give one row per map, in the maps' order.")
 
 
 def _check_rank(design, X, full_rank) -> None:

@@ -468,7 +468,7 @@ def _stage_map(image, stem: Path, prep, clip, mask, box) -> str:
     """
     if not prep.active and isinstance(image, str | Path):
         if not Path(image).is_file():
-            raise InputError(f"map image not found: {image}")
+            raise InputError(f"File not found: '{image}' (no such map image).")
         return str(image)
     img = _load(image)
     data = _volume(img)

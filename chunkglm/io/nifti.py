@@ -305,7 +305,7 @@ def load_image(image):
     """A nibabel image from a path or an image, or an InputError naming what was received."""
     if isinstance(image, str | Path):
         if not Path(image).is_file():
-            raise InputError(f"image not found: {image}")
+            raise InputError(f"File not found: '{image}' (no such image file).")
         return nib.load(str(image))
     if isinstance(image, nib.spatialimages.SpatialImage):
         return image
@@ -320,7 +320,7 @@ def stage_image(image, folder: Path, index: int, argument: str = "run_imgs") -> 
     if isinstance(image, str | Path):
         source = Path(image)
         if not source.is_file():
-            raise InputError(f"run image not found: {source}")
+            raise InputError(f"File not found: '{source}' (no such run image).")
         target = Path(folder) / f"input_{index}{'.nii.gz' if source.name.endswith('.gz') else '.nii'}"
         target.symlink_to(source.absolute())
         return str(target)

@@ -11,6 +11,7 @@ nilearn's definitions exactly.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import nibabel as nib
@@ -23,12 +24,13 @@ from joblib import Memory
 from nilearn.maskers import MultiNiftiMasker, NiftiMasker
 
 from nilearn.maskers.masker_validation import check_embedded_masker
+from scipy.sparse import issparse
 from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from chunkglm.chunking import MemoryBudget
 from chunkglm.design.first_level import check_rank, read_table, run_design
-from chunkglm.errors import InputError
+from chunkglm.errors import InputError, InputTypeError
 from chunkglm.glm.first_level.results import labels_and_results
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_fits
@@ -175,6 +177,9 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
             AR(1) coefficient bins.
         """
         self._check_params()
+        _refuse_sparse(run_imgs)
+        if design_matrices is not None:
+            self._warn_ignored(events, confounds)
         self.fir_delays_ = [0] if self.fir_delays is None else self.fir_delays
         self.memory_ = self.memory if isinstance(self.memory, Memory) else Memory(self.memory, verbose=0)
         self.standardize_ = _standardize_strategy(self.standardize, self.signal_scaling)
@@ -206,6 +211,21 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         self.masker_ = self._fitted_masker()
         self.n_elements_ = int(self._grid.mask.sum() if self._voxels is None else len(self._voxels))
         return self
+
+    def _warn_ignored(self, events, confounds):
+        """nilearn's warnings: with design matrices, events, confounds and the design settings
+        given at init (those not at their defaults) are not used."""
+        given = [name for name, value in (("confounds", confounds), ("events", events)) if value is not None]
+        if given:
+            warnings.warn(f"If design matrices are supplied, {' and '.join(given)} will be ignored.",
+                          UserWarning, stacklevel=3)
+        defaults = inspect.signature(type(self).__init__).parameters
+        settings = [name for name in ("drift_model", "drift_order", "fir_delays", "high_pass", "hrf_model",
+                                      "min_onset", "slice_time_ref", "t_r")
+                    if getattr(self, name) != defaults[name].default]
+        if settings:
+            warnings.warn(f"If design matrices are supplied, [{', '.join(settings)}] will be ignored.",
+                          UserWarning, stacklevel=3)
 
     def _embedded_masker(self):
         """nilearn's embedded NiftiMasker: from a given (fitted) masker's parameters, with
@@ -251,8 +271,9 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         if not (scaling is False or (not isinstance(scaling, bool) and scaling in (0, 1))
                 or is_grand_mean_scaling(scaling)):
             raise InputError(
-                f"signal_scaling must be False, 0 (per voxel, over time), 1 (per time point, over "
-                f"voxels) or (0, 1) (by the grand mean); received {scaling!r}.")
+                f"'signal_scaling' must be one of [False, 0, 1, (0, 1)].\n{scaling!r} was provided: "
+                "False (none), 0 (per voxel, over time), 1 (per time point, over voxels) or (0, 1) "
+                "(by the grand mean).")
 
     def _as_nodes(self, items):
         target_affine, target_shape, smoothing_fwhm = self._preprocessing()
@@ -435,13 +456,23 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
 
     def _contrast_vectors(self, contrast_def):
         if isinstance(contrast_def, str | np.ndarray):
-            con_vals = [contrast_def] * len(self._runs)
-        elif isinstance(contrast_def, list | tuple) and len(contrast_def) == len(self._runs):
+            con_vals = [contrast_def]
+        elif isinstance(contrast_def, list | tuple):
             con_vals = list(contrast_def)
         else:
-            raise InputError(
-                f"contrast_def must be a string, an array, or a list with one per run "
-                f"({len(self._runs)}); received {contrast_def!r}.")
+            raise InputError(f"contrast_def must be an array or str or list of (array or str); received "
+                             f"{contrast_def!r}.")
+        n_runs = len(self._runs)
+        if len(con_vals) == 1 and n_runs > 1:
+            warnings.warn(
+                f"The same contrast will be used for all {n_runs} runs. If the design matrices are not "
+                "the same for all runs, (for example with different column names or column order "
+                "across runs) you should pass contrast as an expression using the name of the "
+                "conditions as they appear in the design matrices.", RuntimeWarning, stacklevel=3)
+            con_vals = con_vals * n_runs
+        elif len(con_vals) != n_runs:
+            raise InputError(f"{len(con_vals)} contrasts given, while there are {n_runs} runs. Give one "
+                             "contrast, or one per run.")
         out = []
         for con, design in zip(con_vals, self.design_matrices_):
             if isinstance(con, str):
@@ -492,6 +523,14 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
+
+
+def _refuse_sparse(run_imgs):
+    items = run_imgs if isinstance(run_imgs, list | tuple) else [run_imgs]
+    sparse = [type(item).__name__ for item in items if issparse(item)]
+    if sparse:
+        raise InputTypeError(f"run_imgs: sparse input is not supported (received {sparse[:3]}); give "
+                             "4-D NIfTI images or runs of a cohort store.")
 
 
 def _is_masker(value) -> bool:
@@ -557,7 +596,8 @@ def _per_run(value, n_runs, name):
         return [None] * n_runs
     values = list(value) if isinstance(value, list | tuple) else [value]
     if len(values) != n_runs:
-        raise InputError(f"{name} has {len(values)} entries for {n_runs} runs: give one per run.")
+        raise InputError(f"len(run_imgs) {n_runs} does not match len({name}) {len(values)}: give one "
+                         f"{name} entry per run.")
     return values
 
 

@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 from nilearn.image import mean_img, resample_img
 from nilearn.masking import compute_background_mask
+from scipy.sparse import issparse
 
-from chunkglm.errors import InputError
+from chunkglm.errors import InputError, InputTypeError
 from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.graph.glm import image_mean
 from chunkglm.io.cohort import Node
@@ -54,18 +55,37 @@ def input_kind(second_level_input) -> str:
     if isinstance(second_level_input, str | Path | nib.spatialimages.SpatialImage):
         return "images"
     if isinstance(second_level_input, list | tuple) and second_level_input:
-        kinds = {type(item) for item in second_level_input}
+        if len(second_level_input) < 2:
+            raise InputTypeError("A second level model requires a list with at least two first level "
+                                 f"models or niimgs; received {len(second_level_input)}.")
+        for index, item in enumerate(second_level_input):
+            if not isinstance(item, type(second_level_input[0])) and not (
+                    _is_image(item) and _is_image(second_level_input[0])):
+                raise InputTypeError(
+                    f"Elements of 'second_level_input' must be of the same type. Got object type "
+                    f"{type(item)} at idx {index}: give all images, or all fitted FirstLevelModels.")
         if all(isinstance(item, FirstLevelModel) for item in second_level_input):
             return "flm"
-        if all(isinstance(item, str | Path | nib.spatialimages.SpatialImage) for item in second_level_input):
+        if all(_is_image(item) for item in second_level_input):
             return "images"
-        raise InputError(f"second_level_input mixes or holds unsupported types {sorted(k.__name__ for k in kinds)}; "
-                         "give 3-D images (paths or nibabel), fitted chunkglm FirstLevelModels, "
-                         "a DataFrame (subject_label, map_name, effects_map_path) or a maps node.")
-    raise InputError(
-        f"second_level_input must be a list of 3-D images, one 4-D image, a DataFrame with columns "
-        f"subject_label, map_name and effects_map_path, a list of fitted FirstLevelModels or a maps "
-        f"node of a cohort store; received {type(second_level_input).__name__}.")
+    if issparse(second_level_input):
+        raise InputTypeError(f"second_level_input: sparse input is not supported (received "
+                             f"{type(second_level_input).__name__}); give NIfTI images.")
+    raise InputTypeError(_type_error_message(second_level_input))
+
+
+def _is_image(item) -> bool:
+    return isinstance(item, str | Path | nib.spatialimages.SpatialImage)
+
+
+def _type_error_message(second_level_input) -> str:
+    """nilearn's message (its wording, chunkglm's input forms added), then the remedy."""
+    got = ([type(x) for x in second_level_input] if isinstance(second_level_input, list | tuple)
+           else type(second_level_input))
+    return ("'second_level_input' must be either:\n- a pandas DataFrame,\n- a Niimg-like object\n"
+            "- a pandas Series of Niimg-like object\n- a list of Niimg-like objects\n"
+            "- a list of FirstLevelModel objects\n- a maps node of a chunkglm cohort store.\n"
+            f"Got {got} instead. (SurfaceImage inputs are not supported by chunkglm yet.)")
 
 
 def image_list(second_level_input) -> list:
@@ -92,14 +112,14 @@ def check_images(images, resampling: bool, remedy: str | None = None) -> None:
     for index, image in enumerate(images):
         img = _load(image)
         if not (img.ndim == 3 or (img.ndim == 4 and img.shape[3] == 1)):
-            raise InputError(f"second_level_input[{index}] has shape {img.shape}: each map must be 3-D "
-                             "(or 4-D with a single volume).")
+            raise InputError(f"When passing a list of Nifti image, each image must be 3D, or 4D with "
+                             f"single volume. Got 'second_level_input[{index}].shape={img.shape}'.")
         grid = (img.shape[:3], img.affine)
         if first is None:
             first = grid
         elif not resampling and (grid[0] != first[0] or not np.allclose(grid[1], first[1], atol=1e-4)):
             raise InputError(
-                f"second_level_input[{index}] is on another grid (shape {grid[0]}, affine\n{grid[1]}) than "
+                f"Following field of view errors were detected: second_level_input[{index}] is on another grid (shape {grid[0]}, affine\n{grid[1]}) than "
                 f"second_level_input[0] (shape {first[0]}, affine\n{first[1]}). " + (remedy or
                 "Resample the maps onto one grid, or pass target_affine and target_shape to SecondLevelModel."))
 
@@ -195,10 +215,11 @@ def dataframe_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """nilearn's checks on a DataFrame input, and its sort by subject_label."""
     missing = [c for c in ("subject_label", "map_name", "effects_map_path") if c not in frame.columns]
     if missing:
-        raise InputError(f"a DataFrame second_level_input needs columns subject_label, map_name and "
-                         f"effects_map_path; it lacks {missing} (it has {list(frame.columns)}).")
+        raise InputError(f"'second_level_input' DataFrame must have columns 'subject_label', "
+                         f"'map_name' and 'effects_map_path'. It lacks {missing} (it has "
+                         f"{list(frame.columns)}).")
     if not all(isinstance(s, str) for s in frame["subject_label"]):
-        raise InputError("the 'subject_label' column must hold strings only.")
+        raise InputError("'subject_label' column must contain only strings (e.g. '01', not 1).")
     if len(frame) < 2:
         raise InputError(f"a second-level model needs at least 2 maps; the DataFrame has {len(frame)} row(s).")
     column = list(frame.columns).index("subject_label")

@@ -211,8 +211,8 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         images = inputs.image_list(second_level_input)
         inputs.check_images(images, resampling=self._preprocessing()[1] is not None)
         if design_matrix is None:
-            raise InputError("a list of images (or a 4-D image) as second_level_input needs a "
-                             "design_matrix (one row per map); build one with "
+            raise InputError("List of niimgs as 'second_level_input' require a design matrix to be "
+                             "provided (one row per map); build one with "
                              "make_second_level_design_matrix(subject_labels, confounds).")
         self.second_level_input_ = images
         mask = self._mask(images)
@@ -318,11 +318,16 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         columns = [str(c) for c in self.design_matrix_.columns]
         con = parse_contrast(contrast, columns)
         if con.size == 0 or not np.any(con):
-            raise InputError(f"the contrast {contrast!r} is null: give non-zero weights or a formula.")
+            raise InputError("Contrast is null. Second_level_contrast must be a valid contrast vector, a "
+                             "list/array of 0s and 1s, a string, or a string expression; received "
+                             f"{contrast!r}.")
         width = np.atleast_2d(con).shape[1]
         if con.ndim > 2 or width != len(columns):
-            raise InputError(f"the contrast has shape {con.shape} but the design has {len(columns)} columns "
-                             f"{columns}: give one weight per column (a (q, {len(columns)}) matrix for F).")
+            nilearns = (f"t contrasts should be of length P={len(columns)}, but it has length {width}."
+                        if con.ndim == 1 else
+                        f"F contrasts should have {len(columns)} columns, but it has {width}.")
+            raise InputError(f"{nilearns} The design has columns {columns}: give one weight per column "
+                             f"(a (q, {len(columns)}) matrix for F).")
         return con
 
     def _maps_for(self, first_level_contrast) -> MapsView:
@@ -337,9 +342,10 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
                 images = [m.compute_contrast(first_level_contrast, output_type="effect_size")
                           for m in self.second_level_input_]
             if len(images) != len(self.design_matrix_):
-                raise InputError(f"the design matrix has {len(self.design_matrix_)} rows but "
-                                 f"{len(images)} maps are modelled for first_level_contrast="
-                                 f"{first_level_contrast!r}: give one row per map.")
+                raise InputError(f"'design_matrix' does not match the number of maps considered. "
+                                 f"{len(self.design_matrix_)} rows in design matrix do not match with "
+                                 f"{len(images)} maps (first_level_contrast={first_level_contrast!r}): "
+                                 "give one row per map.")
             inputs.check_images(images, resampling=self._preprocessing()[1] is not None)
             self._maps[key] = self._load(images, self.mask_img_)
         return self._maps[key]
@@ -384,10 +390,14 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
     def _voxelwise_run(self):
         self._check_fitted()
         if self.minimize_memory:
-            raise InputError("r_square_, residuals_ and predicted_ need SecondLevelModel(minimize_memory=False), "
-                             "as in nilearn.")
+            raise AttributeError(
+                "To access voxelwise attributes like R-squared, residuals, and predictions, the "
+                "`SecondLevelModel`-object needs to store there attributes. To do so, set "
+                "`minimize_memory` to `False` when initializing the `SecondLevelModel`-object "
+                "(chunkglm keeps only per-block fits either way; nilearn's rule is kept).")
         if getattr(self, "_last_run", None) is None:
-            raise InputError("the model has no results yet: call compute_contrast(...) first.")
+            raise InputError("The model has no results. No contrast has been computed yet: call "
+                             "compute_contrast(...) first.")
         return self._last_run
 
 

@@ -268,8 +268,9 @@ def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> Non
     else:
         n_maps = len(second_level_input)
     if len(design) != n_maps:
-        raise InputError(f"the design matrix has {len(design)} rows but {n_maps} maps are modelled: "
-                         "give one row per map, in the maps' order.")
+        raise InputError(f"'design_matrix' does not match the number of maps considered. {len(design)} "
+                         f"rows in design matrix do not match with {n_maps} maps: give one row per map, "
+                         "in the maps' order.")
 
 
 # -- the test ----------------------------------------------------------------------------------
