@@ -66,15 +66,6 @@ def _variances(beta, varcope):
     return y, v
 
 
-_GROUPS_DOC = """groups : array of shape (K,), optional
-        Dependence-group label of each study. Where a label repeats, PyMARE's
-        grouped model applies (:mod:`.dependence`: ``weight_scheme``, ``rho``, CR2
-        errors, Satterthwaite dof; ``small_sample_correction`` then has no effect).
-    weight_scheme : {"rescale", "individual", "collapse"}
-    rho : float
-        Assumed within-group correlation, in [0, 1]."""
-
-
 def weighted_least_squares(beta, varcope, tau2=0.0, small_sample_correction="wald", groups=None,
                            weight_scheme="rescale", rho=0.8) -> dict:
     """NiMARE 0.22 ``WeightedLeastSquares``: PyMARE WLS at a given tau^2.
@@ -87,8 +78,13 @@ def weighted_least_squares(beta, varcope, tau2=0.0, small_sample_correction="wal
         Assumed between-study variance, >= 0.
     small_sample_correction : str
         PyMARE's default for this estimator is "wald" (tau^2 is not estimated).
-    groups, weight_scheme, rho
-        See :data:`_GROUPS_DOC` (dependence groups).
+    groups : array of shape (K,), optional
+        Dependence-group label of each study. Where a label repeats, PyMARE's
+        grouped model applies (:mod:`.dependence`: ``weight_scheme``, ``rho``, CR2
+        errors, Satterthwaite dof; ``small_sample_correction`` then has no effect).
+    weight_scheme : {"rescale", "individual", "collapse"}
+    rho : float
+        Assumed within-group correlation, in [0, 1].
 
     Returns
     -------
@@ -118,8 +114,9 @@ def dersimonian_laird(beta, varcope, small_sample_correction="knapp-hartung", gr
                       weight_scheme="rescale", rho=0.8) -> dict:
     """NiMARE 0.22 ``DerSimonianLaird``: moment tau^2, then WLS with 1 / (v + tau^2).
 
-    With dependence groups (``groups``, see :data:`_GROUPS_DOC`) and ``"rescale"``,
-    tau^2 is the correlated-effects moment estimator.
+    With dependence groups (``groups``, ``weight_scheme``, ``rho``: see
+    :func:`weighted_least_squares`) and ``"rescale"``, tau^2 is the correlated-effects
+    moment estimator.
 
     Returns
     -------
@@ -147,8 +144,9 @@ def hedges(beta, varcope, small_sample_correction="knapp-hartung", groups=None, 
            rho=0.8) -> dict:
     """NiMARE 0.22 ``Hedges``: tau^2 = max(0, (OLS RSS - (K-1)/K sum v) / (K-1)), then WLS.
 
-    With dependence groups (``groups``, see :data:`_GROUPS_DOC`), tau^2 comes from the
-    collapsed groups under "rescale" and "collapse".
+    With dependence groups (``groups``, ``weight_scheme``, ``rho``: see
+    :func:`weighted_least_squares`), tau^2 comes from the collapsed groups under
+    "rescale" and "collapse".
 
     Returns
     -------
