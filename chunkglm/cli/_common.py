@@ -148,7 +148,7 @@ def resolve_cluster(args) -> tuple[str, str | None]:
     if isinstance(args, str):
         return args, None
     cluster, scheduler = getattr(args, "cluster", None), getattr(args, "scheduler", None)
-    if scheduler is not None and cluster not in (None, "none") and scheduler.strip():
+    if scheduler is not None and cluster is not None:
         raise ChunkglmError(f"give --cluster ({cluster}) or --scheduler ({scheduler}), not both: "
                             "--cluster starts a cluster, --scheduler uses a running one.")
     if scheduler is None and cluster is None:
@@ -195,6 +195,9 @@ def attach(address: str, stream=None):
     print(f"Scheduler: {client.scheduler.address} (running scheduler, {workers} worker(s))",
           file=stream or sys.stderr, flush=True)
     print(f"Dashboard: {client.dashboard_link or 'none'}", file=stream or sys.stderr, flush=True)
+    if not workers:
+        print(f"note: no worker is connected to {address} yet; the work waits for workers to join "
+              f"(e.g. `dask worker {address}`)", file=stream or sys.stderr, flush=True)
     return client
 
 
