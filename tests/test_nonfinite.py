@@ -131,7 +131,7 @@ def test_first_level_residuals_read_the_zeroed_values(tiny_bids, nan_run, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = NilearnFLM(**params, minimize_memory=False).fit(str(path), events=events)
-        ours = FirstLevelModel(**params).fit(str(path), events=events)
+        ours = FirstLevelModel(**params, minimize_memory=False).fit(str(path), events=events)
         got, want = ours.residuals_[0].get_fdata(), ref.residuals_[0].get_fdata()
     mask = nib.load(run.mask_path).get_fdata() != 0
     # tests/test_first_level.py: residuals agree to ~3e-8 relative L2, bounded at 1e-6

@@ -393,3 +393,16 @@ def test_fitted_attributes_as_nilearns(files, tmp_path):
     assert model.masker_ is masker and model.n_elements_ == theirs.n_elements_
     with pytest.raises(NotFittedError, match="NiftiMasker instance is not fitted yet"):
         SecondLevelModel(mask_img=NiftiMasker(theirs.masker_.mask_img_)).fit(paths, design_matrix=design)
+
+
+def test_parameter_errors_as_nilearns(files):
+    """nilearn's classes and wording: confounds not a DataFrame -> TypeError; an empty or
+    non-string stat type -> "'stat_type' must be one of" (an empty string is not the default)."""
+    paths, covariates = files
+    design = _covariate_design(covariates)
+    with pytest.raises(TypeError, match="confounds must be a pandas DataFrame"):
+        SecondLevelModel().fit(paths, confounds=[], design_matrix=design)
+    model = SecondLevelModel().fit(paths, design_matrix=design)
+    for bad in ("", [], "z"):
+        with pytest.raises(InputError, match="'stat_type' must be one of"):
+            model.compute_contrast("age", second_level_stat_type=bad)

@@ -57,14 +57,15 @@ def check_events(events, where: str) -> pd.DataFrame:
         events = pd.DataFrame(events)
     missing = [c for c in ("onset", "duration") if c not in events]
     if missing:
-        raise InputError(f"events of {where} lack column(s) {missing}; found {list(events.columns)}.")
+        raise InputError(f"The provided events data has no {missing[0]} column: events of {where} lack "
+                         f"column(s) {missing}; found {list(events.columns)}.")
     if (pd.to_numeric(events["duration"], errors="coerce") < 0).any():
         bad = events.loc[events["duration"] < 0].head(3)
         raise InputError(f"events of {where} have negative durations, e.g.\n{bad}")
     return events
 
 
-def check_confounds(confounds, n_scans: int, where: str) -> pd.DataFrame | None:
+def check_confounds(confounds, n_scans: int, where: str, index: int = 0) -> pd.DataFrame | None:
     """Confounds: one row per scan, no NaN (fill fMRIPrep's first-row n/a first)."""
     if confounds is None:
         return None
@@ -76,8 +77,8 @@ def check_confounds(confounds, n_scans: int, where: str) -> pd.DataFrame | None:
         values = values[:, None] if values.ndim == 1 else values
         frame = pd.DataFrame(values, columns=[f"confound_{i}" for i in range(values.shape[1])])
     if len(frame) != n_scans:
-        raise InputError(f"Rows in confounds does not match n_scans in run_img: confounds of {where} "
-                         f"have {len(frame)} rows but the run has {n_scans} scans.")
+        raise InputError(f"Rows in confounds does not match n_scans in run_img at index {index}. "
+                         f"Confounds of {where} have {len(frame)} rows but the run has {n_scans} scans.")
     nan_cols = [str(c) for c in frame.columns if frame[c].isna().any()]
     if nan_cols:
         raise InputError(
@@ -89,10 +90,11 @@ def check_confounds(confounds, n_scans: int, where: str) -> pd.DataFrame | None:
 
 
 def run_design(n_scans, t_r, slice_time_ref, events, confounds, *, hrf_model, drift_model,
-               high_pass, drift_order, fir_delays, min_onset, where="run") -> pd.DataFrame:
-    """The design matrix of one run, exactly as nilearn's FirstLevelModel builds it."""
+               high_pass, drift_order, fir_delays, min_onset, where="run", index=0) -> pd.DataFrame:
+    """The design matrix of one run (run ``index`` of the model), exactly as nilearn's
+    FirstLevelModel builds it; confounds are checked first, as nilearn does."""
+    confounds = check_confounds(confounds, n_scans, where, index)
     events = check_events(events, where) if events is not None else None
-    confounds = check_confounds(confounds, n_scans, where)
     names = None if confounds is None else [str(c) for c in confounds.columns]
     return make_first_level_design_matrix(
         frame_times(n_scans, t_r, slice_time_ref), events, hrf_model, drift_model, high_pass,

@@ -63,13 +63,15 @@ def _check_labels(subjects_label, matched: bool) -> list:
 def check_confounds_table(confounds) -> None:
     """nilearn's rules for a second-level confounds table, as InputErrors."""
     if not isinstance(confounds, pd.DataFrame):
-        raise InputError(f"confounds must be a pandas DataFrame; received {type(confounds).__name__}.")
-    if "subject_label" not in confounds.columns or len(confounds.columns) < 2:
-        raise InputError(
-            "confounds must have a 'subject_label' column and at least one confound column; "
-            f"received columns {list(confounds.columns)}.")
+        raise InputTypeError(f"confounds must be a pandas DataFrame; received {type(confounds).__name__}.")
+    if "subject_label" not in confounds.columns:
+        raise InputError(f"confounds DataFrame must contain column 'subject_label'; received columns "
+                         f"{list(confounds.columns)}.")
+    if len(confounds.columns) < 2:
+        raise InputError('confounds should contain at least 2 columns one called "subject_label" and '
+                         f"the other with a given confound; received columns {list(confounds.columns)}.")
     if not all(isinstance(s, str) for s in confounds["subject_label"]):
-        raise InputError("the 'subject_label' column of confounds must hold strings only.")
+        raise InputError("subject_label column must contain only strings (e.g. '01', not 1).")
 
 
 def _check_confounds(confounds, labels) -> None:

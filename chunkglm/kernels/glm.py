@@ -108,8 +108,16 @@ class OLSResiduals:
 
 
 def solve_gram(gram: np.ndarray) -> np.ndarray:
-    """(X~'X~)^-1, which equals nilearn's pinv(X~) pinv(X~)' for a full-rank design."""
-    return np.linalg.inv(gram)
+    """(X~'X~)^-1, which equals nilearn's pinv(X~) pinv(X~)' for a full-rank design.
+
+    A singular whitened Gram matrix (e.g. as many scans left as regressors after
+    sample masks, where the AR(1) coefficient of an exact fit is degenerate) gets
+    the pseudo-inverse, nilearn's pinv(X~) pinv(X~)'.
+    """
+    try:
+        return np.linalg.inv(gram)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(gram)
 
 
 def ols_residual_stats(dm: DesignMoments, bm: BlockMoments) -> tuple[np.ndarray, OLSResiduals]:

@@ -90,9 +90,11 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     n_jobs : int
         Ignored: the dask cluster (or the threaded scheduler) runs the work.
     minimize_memory : bool
-        Accepted for nilearn compatibility: chunkglm always keeps only the
-        per-block fits (small); residuals, predicted values and r-square are
-        computed from them when asked for, whatever its value.
+        As nilearn's: ``r_square_``, ``predicted_`` and ``residuals_`` need
+        ``minimize_memory=False`` (otherwise an AttributeError, as nilearn's).
+        chunkglm keeps only the per-block fits (small) either way and computes
+        those maps from them when asked; :meth:`voxelwise` gives them lazily
+        whatever its value.
     reports : bool
         As nilearn 0.14's; chunkglm keeps what a report needs either way
         (design matrices and the mask), so it changes nothing else.
@@ -304,13 +306,18 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         n_scans = int(node.data().shape[0])
         if design is None:
             t_r = self.t_r if self.t_r is not None else node.attrs.get("RepetitionTime")
-            if t_r is None:
-                raise InputError(f"t_r is unknown for {where}: pass t_r=...")
             events = node.events if events is None else events
+            if events is None:
+                raise InputError(f"events or design matrices must be provided: {where} has no events "
+                                 "stored with it; pass events=... or design_matrices=....")
+            if t_r is None:
+                raise InputError(f"t_r not given to FirstLevelModel object to compute design from events "
+                                 f"(and {where} records no RepetitionTime): pass t_r=....")
             design = run_design(n_scans, float(t_r), self.slice_time_ref, events, confounds,
                                 hrf_model=self.hrf_model, drift_model=self.drift_model,
                                 high_pass=self.high_pass, drift_order=self.drift_order,
-                                fir_delays=self.fir_delays_, min_onset=self.min_onset, where=where)
+                                fir_delays=self.fir_delays_, min_onset=self.min_onset, where=where,
+                                index=index)
         else:
             design = read_table(design, "design_matrices")
             if not isinstance(design, pd.DataFrame):
@@ -351,7 +358,7 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         con_vals = self._contrast_vectors(contrast_def)
         stat_type = stat_type or ("t" if np.asarray(con_vals[0]).ndim == 1 else "F")
         if output_type not in (*OUTPUT_TYPES, "all"):
-            raise InputError(f"output_type must be one of {OUTPUT_TYPES + ('all',)}; received {output_type!r}.")
+            raise InputError(f"'output_type' must be one of {[*OUTPUT_TYPES, 'all']}; received {output_type!r}.")
         contrast = self._fixed_effects(con_vals, stat_type)
         maps = {name: getattr(contrast, name)() for name in OUTPUT_TYPES}
         images = {name: self._to_image(values) for name, values in maps.items()}
@@ -380,17 +387,44 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     @property
     def r_square_(self):
         """Per run, nilearn's r-square (a 4-D image of one volume, as nilearn's)."""
-        return self._per_run_images(lambda run: graph.r_square(run)[None], squeeze=False)
+        self._check_voxelwise()
+        return self.voxelwise_images("r_square")
 
     @property
     def predicted_(self):
         """Per run, the 4-D image of nilearn's predicted values (whitened design x beta)."""
-        return self._per_run_images(graph.predicted)
+        self._check_voxelwise()
+        return self.voxelwise_images("predicted")
 
     @property
     def residuals_(self):
         """Per run, the 4-D residual image (reads each run's data a second time)."""
-        return self._per_run_images(graph.residuals)
+        self._check_voxelwise()
+        return self.voxelwise_images("residuals")
+
+    def voxelwise_images(self, name: str) -> list:
+        """Per run, the image of "r_square" (4-D of one volume), "predicted" or "residuals"
+        (4-D; reads each run's data again), whatever ``minimize_memory`` (chunkglm keeps the
+        per-block fits either way): what ``r_square_``, ``predicted_`` and ``residuals_`` give."""
+        builders = {"r_square": (lambda run: graph.r_square(run)[None], False),
+                    "predicted": (graph.predicted, True), "residuals": (graph.residuals, True)}
+        if name not in builders:
+            raise InputError(f"voxelwise_images takes one of {sorted(builders)}; received {name!r}.")
+        build, squeeze = builders[name]
+        return self._per_run_images(build, squeeze=squeeze)
+
+    def _check_voxelwise(self):
+        """nilearn's rule: voxelwise attributes need minimize_memory=False (an AttributeError,
+        so ``hasattr`` is False as for nilearn's model). chunkglm computes them from the per-block
+        fits either way; :meth:`voxelwise` gives them lazily whatever minimize_memory is."""
+        if self.minimize_memory:
+            raise AttributeError(
+                "To access voxelwise attributes like R-squared, residuals, and predictions, the "
+                "`FirstLevelModel`-object needs to store there attributes. To do so, set "
+                "`minimize_memory` to `False` when initializing the `FirstLevelModel`-object "
+                "(or use chunkglm's model.voxelwise('residuals'), lazy, whatever minimize_memory is).")
+        if not hasattr(self, "_runs"):
+            raise InputError("The model has not been fit yet: call fit(...) first.")
 
     r_square = r_square_
     predicted = predicted_

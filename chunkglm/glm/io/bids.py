@@ -267,9 +267,9 @@ def _write_contrast(model, spec, outputs, mask, options, out, rel) -> None:
 
 def _write_model_maps(model, runs, out, rel) -> None:
     """stat-rsquared (from the fit's moments), then stat-errorts (reads the data again)."""
-    for run_names, image in zip(runs, model.r_square_):
+    for run_names, image in zip(runs, model.voxelwise_images("r_square")):
         save_image(image, out.path(rel(run_names["rsquared"])))
-    for run_names, image in zip(runs, model.residuals_):
+    for run_names, image in zip(runs, model.voxelwise_images("residuals")):
         save_image(image, out.path(rel(run_names["errorts"])))
 
 

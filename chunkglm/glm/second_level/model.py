@@ -295,7 +295,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         con_val = self._contrast_vector(second_level_contrast)
         stat_type = _stat_type(con_val, second_level_stat_type)
         if output_type not in (*OUTPUT_TYPES, "all"):
-            raise InputError(f"output_type must be one of {OUTPUT_TYPES + ('all',)}; received {output_type!r}.")
+            raise InputError(f"'output_type' must be one of {[*OUTPUT_TYPES, 'all']}; received {output_type!r}.")
         maps = self._maps_for(first_level_contrast)
         run = self._fit(maps)
         effect, variance = _compute(run, con_val, stat_type)
@@ -403,9 +403,11 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
 def _stat_type(con_val, stat_type):
     dim = con_val.shape[0] if con_val.ndim > 1 else 1
-    stat_type = stat_type or ("t" if dim == 1 else "F")
-    if stat_type not in ("t", "F"):
-        raise InputError(f"second_level_stat_type must be 't' or 'F'; received {stat_type!r}.")
+    if stat_type is None:
+        stat_type = "t" if dim == 1 else "F"
+    if not isinstance(stat_type, str) or stat_type not in ("t", "F"):
+        raise InputError(f"'stat_type' must be one of ['t', 'F'] (second_level_stat_type); received "
+                         f"{stat_type!r}.")
     if stat_type == "t" and dim > 1:
         raise InputError(f"a t contrast is one row of weights; received {dim} rows. Use "
                          "second_level_stat_type='F' for a matrix.")
