@@ -13,6 +13,7 @@ No dask and no chunkglm model package is imported here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 from sklearn.base import BaseEstimator
 from sklearn.utils import InputTags as _SkInputTags
@@ -58,6 +59,20 @@ class NilearnEstimator(BaseEstimator):
     _estimator_type: str | None = None
     _niimg_like = True
     _surf_img = False
+    #: the nilearn module whose documentation page describes the class chunkglm mirrors
+    _nilearn_module: str | None = None
+
+    def _get_doc_link(self) -> str:
+        """The page of nilearn's documentation for the class this one mirrors (same name and
+        parameters), for the installed nilearn version; "" when there is none."""
+        if self._nilearn_module is None:
+            return ""
+        try:
+            release = ".".join(version("nilearn").split(".")[:3])
+        except PackageNotFoundError:  # pragma: no cover - nilearn is a dependency
+            release = "stable"
+        return (f"https://nilearn.github.io/{release}/modules/generated/{self._nilearn_module}."
+                f"{type(self).__name__}.html")
 
     def __sklearn_tags__(self):
         return nilearn_tags(super().__sklearn_tags__(), self._estimator_type,

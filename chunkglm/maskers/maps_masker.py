@@ -51,7 +51,6 @@ from pathlib import Path
 
 import joblib
 import nibabel as nib
-import nilearn
 import numpy as np
 from nilearn._utils.numpy_conversions import get_target_dtype
 from nilearn.image import load_img, resample_img
@@ -115,6 +114,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
     __doc__ = NIFTI_MAPS_MASKER_DOC
 
     _estimator_type = "masker"
+    _nilearn_module = "nilearn.maskers"
     _multi = False
 
     def __init__(self, maps_img=None, mask_img=None, allow_overlap=True, smoothing_fwhm=None,
@@ -146,12 +146,6 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         self.maps_store = maps_store
         self.chunk_bytes = chunk_bytes
         self._reset_report()
-
-    def _get_doc_link(self):
-        """nilearn's documentation of the class chunkglm mirrors (same name and parameters)."""
-        version = ".".join(nilearn.__version__.split(".")[:3])
-        return (f"https://nilearn.github.io/{version}/modules/generated/nilearn.maskers."
-                f"{type(self).__name__}.html")
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "maps_img_") and hasattr(self, "n_elements_")

@@ -50,60 +50,108 @@ OUTPUT_TYPES = ("z_score", "stat", "p_value", "effect_size", "effect_variance")
 
 
 class FirstLevelModel(GLMReportMixin, NilearnEstimator):
-    """First-level GLM with nilearn's parameters (see nilearn's docs).
+    """First-level GLM with nilearn's parameters and outputs (see nilearn's documentation).
 
     Parameters
     ----------
-    t_r : float, optional
+    t_r : float or None, default=None
         Repetition time (s); default each run's ``RepetitionTime``.
-    slice_time_ref : float
-        Fraction of the TR at which the design is sampled (nilearn default 0).
-    hrf_model, drift_model, high_pass, drift_order, fir_delays, min_onset
+    slice_time_ref : float, default=0.0
+        Fraction of the TR at which the design is sampled.
+    hrf_model : str, callable or list, default="glover"
         As nilearn's ``make_first_level_design_matrix`` (used underneath).
-    mask_img : str, nibabel image, fitted NiftiMasker or False, optional
+    drift_model : {"cosine", "polynomial", None}, default="cosine"
+        As nilearn's.
+    high_pass : float, default=0.01
+        Cosine drift cut-off (Hz).
+    drift_order : int, default=1
+        Polynomial drift order.
+    fir_delays : list of int or None, default=None
+        FIR delays (scans); None means [0] (``fir_delays_``).
+    min_onset : float, default=-24
+        Earliest onset (s) relative to the first scan.
+    mask_img : str, nibabel image, fitted NiftiMasker, False or None, default=None
         Restricts the store's voxels to this mask (a subset of its grid). A
         fitted ``NiftiMasker`` gives its mask and its target_affine,
         target_shape and smoothing_fwhm (overriding the model's, with
         nilearn's warning); it becomes ``masker_``. False: every voxel of
-        the images' grid (nilearn's "no masking").
-    target_affine, target_shape, smoothing_fwhm : optional
-        As nilearn's, applied when NIfTI inputs are converted (volume by
-        volume, with nilearn's resample_img and smooth_img). Store runs must
-        have been converted with the same values (chunkglm.convert takes them).
-    memory, memory_level : optional
+        the images' grid. None: nilearn's multi-run EPI mask.
+    target_affine : ndarray (4, 4) or (3, 3), or None, default=None
+        As nilearn's: applied when NIfTI inputs are converted (volume by
+        volume, nilearn's resample_img). Store runs must have been converted
+        with the same value (chunkglm.convert takes it).
+    target_shape : tuple of 3 int or None, default=None
+        As target_affine.
+    smoothing_fwhm : float or None, default=None
+        Gaussian smoothing (mm) at conversion, nilearn's smooth_img.
+    memory : None, str, Path or joblib.Memory, default=None
         Accepted as nilearn's and handed to ``masker_``, but chunkglm caches
         nothing with joblib: NIfTI inputs are converted once per fit into a
         temporary store (convert them with ``chunkglm.convert`` and pass the
         store's runs to reuse the conversion). ``memory_`` is the
         ``joblib.Memory`` nilearn would use.
-    standardize : False, True, "zscore_sample" or "psc"
+    memory_level : int, default=1
+        Handed to ``masker_``; see ``memory``.
+    standardize : False, True, "zscore_sample" or "psc", default=False
         As nilearn 0.14's, which never standardises: its ``standardize_`` is
         None whenever ``signal_scaling in [0, 1, (0, 1)]``, true of every
         valid value (False == 0). Validated, recorded, handed to ``masker_``.
-    signal_scaling : False, 0, 1 or (0, 1)
+    signal_scaling : False, 0, 1 or (0, 1), default=0
         0: nilearn's percent-signal-change scaling per voxel; 1: per time
         point by its mean over voxels (nilearn 0.14 fails on it: its division
         broadcasts along voxels); (0, 1): by the grand mean; False: none.
-    noise_model : {"ar1", "ols", "arN"}
+    noise_model : {"ar1", "ols", "arN"}, default="ar1"
         "arN" (N > 1): nilearn's k-means over the AR(N) coefficients, run as
         an explicit global pass over the (small) coefficient map.
-    n_jobs : int
-        Ignored: the dask cluster (or the threaded scheduler) runs the work.
-    minimize_memory : bool
+    verbose : int, default=0
+        Accepted for nilearn compatibility; progress is reported by
+        chunkglm's progress bars and the dask dashboard.
+    n_jobs : int, default=1
+        Not used: the dask cluster (or the threaded scheduler) runs the work.
+    minimize_memory : bool, default=True
         As nilearn's: ``r_square_``, ``predicted_`` and ``residuals_`` need
         ``minimize_memory=False`` (otherwise an AttributeError, as nilearn's).
         chunkglm keeps only the per-block fits (small) either way and computes
         those maps from them when asked; :meth:`voxelwise` gives them lazily
         whatever its value.
-    reports : bool
+    subject_label : str or None, default=None
+        Identifies the model when passed to a SecondLevelModel.
+    random_state : int, RandomState or None, default=None
+        Seed of the AR(N>1) k-means, as nilearn's.
+    reports : bool, default=True
         As nilearn 0.14's; chunkglm keeps what a report needs either way
         (design matrices and the mask), so it changes nothing else.
-    chunk_bytes : int or str, optional
+    chunk_bytes : int, str or None, default=None
         chunkglm only: the memory budget, uncompressed bytes per chunk
         (``"16MiB"``; :class:`chunkglm.chunking.MemoryBudget`). Stored chunks
         larger than it are split into smaller task blocks (each chunk is still
         read once), and NIfTI inputs are converted with chunks of this size.
         Default: a store's chunks as they are; 64 MiB for NIfTI inputs.
+
+    Attributes
+    ----------
+    design_matrices_ : list of pandas.DataFrame
+        Design matrices used to fit the GLM (after sample masks).
+    fir_delays_ : list
+        The FIR delays used (``fir_delays``, or [0]).
+    masker_ : nilearn.maskers.NiftiMasker
+        Fitted on the model's mask (or the given fitted masker).
+    memory_ : joblib.Memory
+        As nilearn's (see ``memory``).
+    n_elements_ : int
+        Number of voxels in the mask.
+    standardize_ : None
+        As nilearn 0.14's (see ``standardize``).
+    run_entities_ : list of dict
+        BIDS entities of each run (chunkglm; used for output file names).
+    confound_names_ : list
+        Per run, the confound column names given (chunkglm; for reports).
+    mask_img_ : nibabel image
+        The mask of the fitted voxels.
+    labels_, results_ : list
+        nilearn's, per run; computed from the per-block fits when read.
+    r_square_, predicted_, residuals_ : list of images
+        nilearn's voxelwise attributes (need ``minimize_memory=False``).
     """
 
     def __init__(self, t_r=None, slice_time_ref=0.0, hrf_model="glover", drift_model="cosine",
@@ -138,6 +186,7 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         self.chunk_bytes = chunk_bytes
 
     _estimator_type = "glm"
+    _nilearn_module = "nilearn.glm.first_level"
 
     def __str__(self):
         return "First Level Model"

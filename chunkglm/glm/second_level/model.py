@@ -46,53 +46,70 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
     Parameters
     ----------
-    mask_img : str, nibabel image or fitted NiftiMasker, optional
+    mask_img : str, nibabel image, fitted NiftiMasker or None, default=None
         The analysis mask. Default: nilearn's, the background mask of the
         sample map (mean of the maps for image inputs). A fitted NiftiMasker
         gives its mask, target_affine, target_shape and smoothing_fwhm
         (overriding the model's, with nilearn's warning) and becomes ``masker_``.
-    target_affine : ndarray (4, 4) or (3, 3), optional
-    target_shape : tuple of 3 int, optional
+    target_affine : ndarray (4, 4) or (3, 3), or None, default=None
         Resample maps (continuous) and the mask (nearest) onto this grid when
         the maps are loaded, as nilearn's masker.
-    smoothing_fwhm : float, optional
+    target_shape : tuple of 3 int or None, default=None
+        As target_affine.
+    smoothing_fwhm : float or None, default=None
         Gaussian smoothing (mm) of each map when it is loaded.
-    memory, memory_level, n_jobs : accepted, not used
-        The dask scheduler (threaded, or the active distributed client) runs
-        the work and nothing is cached with joblib; ``memory_`` is the
-        ``joblib.Memory`` nilearn would use, and ``masker_`` gets them.
-    verbose : int
-        Accepted for nilearn compatibility.
-    minimize_memory : bool
+    memory : None, str, Path or joblib.Memory, default=None
+        Accepted, not used for computing: the dask scheduler runs the work
+        and nothing is cached with joblib; ``memory_`` is the
+        ``joblib.Memory`` nilearn would use, and ``masker_`` gets it.
+    memory_level : int, default=1
+        Handed to ``masker_``; see ``memory``.
+    verbose : int, default=0
+        Accepted for nilearn compatibility; progress is reported by
+        chunkglm's progress bars and the dask dashboard.
+    n_jobs : int, default=1
+        Not used: the dask scheduler (threaded, or the active distributed
+        client) runs the work.
+    minimize_memory : bool, default=True
         As nilearn: when True, ``r_square_``, ``residuals_`` and
-        ``predicted_`` are refused.
-    reports : bool
+        ``predicted_`` raise nilearn's AttributeError.
+    reports : bool, default=True
         As nilearn 0.14's; chunkglm keeps what a report needs either way.
-    store : str or Path, optional
+    store : str, Path or None, default=None
         chunkglm only: a cohort store in which image inputs are loaded (as a
         new ``maps/second_level_<id>`` node). Default: a temporary store,
         removed with the model.
-    chunk_bytes : int or str
+    chunk_bytes : int or str, default=64 MiB
         chunkglm only: the memory budget (:class:`chunkglm.chunking.MemoryBudget`),
-        uncompressed bytes per chunk of loaded maps (default 64 MiB); stored
-        chunks larger than it are split into smaller task blocks (each chunk is
-        still read once).
+        uncompressed bytes per chunk of loaded maps; stored chunks larger than
+        it are split into smaller task blocks (each chunk is still read once).
 
     Attributes
     ----------
     design_matrix_ : pandas.DataFrame of shape (n_maps, n_regressors)
-    second_level_input_, confounds_ : as given to ``fit``
+        The design used.
+    second_level_input_ : as given to ``fit``
+        The input maps (a list of images or models, a DataFrame or a node).
+    confounds_ : pandas.DataFrame or None
+        As given to ``fit``.
     mask_img_ : nibabel image
-    masker_ : nilearn NiftiMasker
+        The analysis mask.
+    masker_ : nilearn.maskers.NiftiMasker
         Fitted on ``mask_img_`` (or the given fitted masker).
+    memory_ : joblib.Memory
+        As nilearn's (see ``memory``).
     n_elements_ : int
         Voxels in the mask.
     labels_, results_ : after ``compute_contrast``
         nilearn's, of the last contrast's fit (see
         :func:`chunkglm.glm.first_level.results.labels_and_results`).
+    r_square_, predicted_, residuals_ : images
+        nilearn's voxelwise attributes of the last contrast's fit (need
+        ``minimize_memory=False``).
     """
 
     _estimator_type = "glm"
+    _nilearn_module = "nilearn.glm.second_level"
 
     def __init__(self, mask_img=None, target_affine=None, target_shape=None, smoothing_fwhm=None,
                  memory=None, memory_level=1, verbose=0, n_jobs=1, minimize_memory=True,
