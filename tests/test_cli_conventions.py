@@ -275,3 +275,36 @@ def test_workers_sizes_the_local_cluster(tiny_bids, tmp_path, capsys, monkeypatc
         _one_line_error(code, err, "convert")
         assert message in err, err
     assert not (tmp_path / "d.zarr").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "in", "-o", "s", "--task-memory", "abc"], "argument --task-memory: a size such as"),
+    (["convert", "in", "-o", "s", "--chunk-size", "-5"], "argument --chunk-size: a size such as"),
+    (["first-level", "in", "-o", "o", "--task", "t", "-c", "a=a", "--high-pass", "-1"],
+     "argument --high-pass: a number >= 0 is needed; received '-1'"),
+    (["first-level", "in", "-o", "o", "--task", "t", "-c", "a=a", "--hrf-model", "nope"],
+     "argument --hrf-model: invalid choice: 'nope'"),
+    (["second-level", "in", "-o", "o", "--alpha", "5"], "argument --alpha: a p-value between 0 and 1"),
+    (["second-level", "in", "-o", "o", "--smoothing-fwhm", "x"], "argument --smoothing-fwhm: a number is needed"),
+    (["meta", "--estimator", "Hedges", "--table", "t", "-o", "o", "--n-iters", "0"], "argument --n-iters: a whole"),
+    (["extract", "in", "--maps", "m", "--atlas", "a", "-o", "o", "--t-r", "0"], "argument --t-r: a number > 0"),
+    (["report", "d", "--alpha", "0"], "argument --alpha: a p-value"),
+])
+def test_a_bad_option_value_is_a_one_line_usage_error(argv, message, capsys):
+    """Issue 18 item 8's user errors that the command line can tell at once (they were tracebacks or
+    errors named as defects)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    _one_line_error(exit_.value.code, err, argv[0])
+    assert message in err, err
+
+
+def test_drift_model_none_and_convert_onto_a_file(tmp_path, capsys):
+    args = build_parser().parse_args(["first-level", "in", "-o", "o", "--task", "t", "-c", "a=a",
+                                      "--drift-model", "none"])
+    assert args.drift_model is None
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _run(capsys, "convert", tmp_path, "-o", tmp_path / "afile", "--cluster", "none")
+    _one_line_error(code, err, "convert")
+    assert "is an existing file; give a folder" in err

@@ -173,3 +173,64 @@ def add_cluster_options(parser, *, starts_cluster=True) -> None:
         "--workers", type=int, metavar="N",
         help="number of workers of the local cluster (default: the config's n_workers, one per "
              "usable core)")
+
+
+# -- value types: a bad value is a one-line usage error naming the option's rule ----------------
+
+
+def _number(text, kind=float):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{'a whole number' if kind is int else 'a number'} is needed; "
+                                         f"received {text!r}") from None
+
+
+def nonnegative(text) -> float:
+    """A number >= 0 (a cut-off frequency, a smoothing width, a distance)."""
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a number >= 0 is needed; received {text!r}")
+    return value
+
+
+def positive(text) -> float:
+    """A number > 0 (a repetition time)."""
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a number > 0 is needed; received {text!r}")
+    return value
+
+
+def positive_int(text) -> int:
+    """A whole number >= 1 (an iteration count)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1 is needed; received {text!r}")
+    return value
+
+
+def probability(text) -> float:
+    """A p- or q-value in (0, 1)."""
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a p-value between 0 and 1 (exclusive) is needed; received {text!r}")
+    return value
+
+
+def byte_size(text) -> str:
+    """A size such as "2GiB", "512MB" or a number of bytes (checked, kept as given)."""
+    from chunkglm.chunking import as_bytes
+
+    try:
+        if as_bytes(text) <= 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f'a size such as "2GiB", "512MiB" or a number of bytes is needed; '
+                                         f"received {text!r}") from None
+    return text
+
+
+def none_or(text):
+    """``none`` (any case) -> None, anything else as given."""
+    return None if str(text).lower() == "none" else text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from chunkglm._version import __version__
 from chunkglm.cli import demo, extract, first_level, meta, report, second_level, verify
@@ -15,6 +16,7 @@ from chunkglm.cli._args import (
     add_output_dir,
     missing_required,
     old_two_sided_values,
+    byte_size,
     path_value,
     split_list,
 )
@@ -22,12 +24,16 @@ from chunkglm.cli._common import add_cluster, add_storage_cluster, chunk_bytes, 
 from chunkglm.cli._common import add_common as _add_common  # tests build sub-parsers with it
 from chunkglm.cli._common import parse_storage_options, storage_for
 from chunkglm.cli.progress import Reporter
-from chunkglm.errors import ChunkglmError
+from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
+from chunkglm.io.layout import is_url
 
 
 def _cmd_convert(args):
+    if not is_url(args.output_dir) and Path(args.output_dir).is_file():
+        raise InputError(f"-o {args.output_dir} is an existing file; give a folder (new, or a store "
+                         "to add runs to) for the store.")
     reporter = Reporter(bars=not args.no_progress)
     with cluster_client(args) as client, reporter.phase("converting") as advance:
         report = convert(
@@ -130,9 +136,10 @@ def _convert_parser(sub):
     conv.add_argument("--chunk-mb", type=float, metavar="MB",
                       help="MiB per chunk (uncompressed; default 64); smaller chunks need less "
                            "worker memory")
-    conv.add_argument("--chunk-size", help='uncompressed bytes per chunk, e.g. "64MiB", instead of '
+    conv.add_argument("--chunk-size", type=byte_size, help='uncompressed bytes per chunk, e.g. "64MiB", instead of '
                                            "--chunk-mb (default: 64MiB)")
-    conv.add_argument("--task-memory", default="2GiB", help="memory one run's task may hold")
+    conv.add_argument("--task-memory", default="2GiB", type=byte_size,
+                      help="memory one run's task may hold; longer runs stream through a staging array")
     conv.add_argument("--overwrite", action="store_true",
                       help="replace nodes whose source changed (default: refuse to)")
     add_storage_option(conv)

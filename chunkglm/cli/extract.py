@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chunkglm.cli._args import add_list, add_output_dir, deprecated_alias, path_value, split_list
+from chunkglm.cli._args import add_list, add_output_dir, deprecated_alias, path_value, positive, split_list
 from chunkglm.cli._common import (
     add_allow_incomplete,
     add_chunk_mb,
@@ -58,9 +58,10 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--standardize", default="none", choices=STANDARDIZE_CHOICES,
                      help="nilearn's standardize of the signals")
     cmd.add_argument("--detrend", action="store_true", help="remove a linear trend (nilearn's detrend)")
-    cmd.add_argument("--low-pass", type=float, metavar="HZ", help="low-pass cut-off (default: none)")
-    cmd.add_argument("--high-pass", type=float, metavar="HZ", help="high-pass cut-off (default: none)")
-    cmd.add_argument("--t-r", type=float, metavar="S", help="default: each run's RepetitionTime")
+    cmd.add_argument("--low-pass", type=positive, metavar="HZ", help="low-pass cut-off (default: none)")
+    cmd.add_argument("--high-pass", type=positive, metavar="HZ", help="high-pass cut-off (default: none)")
+    cmd.add_argument("--t-r", type=positive, metavar="S",
+                     help="repetition time in seconds (default: each run's RepetitionTime)")
     add_list(cmd, "--confounds", metavar="COLUMN",
              help_text="stored confound columns regressed out, e.g. --confounds trans_x trans_y csf "
                        "(n/a values become 0; default: none)")

@@ -26,7 +26,7 @@ import numpy as np
 from nilearn.glm.contrasts import expression_to_contrast_vector
 
 from chunkglm.cli import resume as subjects_io
-from chunkglm.cli._args import add_list, add_output_dir, path_value, require, split_list
+from chunkglm.cli._args import add_list, add_output_dir, none_or, nonnegative, path_value, require, split_list
 from chunkglm.cli._common import (
     add_allow_incomplete,
     chunk_bytes,
@@ -49,6 +49,11 @@ from chunkglm.io.layout import is_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 
+#: nilearn's hrf_model names (a custom model needs the Python API).
+HRF_MODELS = ("glover", "spm", "glover + derivative", "glover + derivative + dispersion", "spm + derivative",
+              "spm + derivative + dispersion", "fir")
+
+
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
     cmd = sub.add_parser("first-level", help="first-level GLM for every subject, BIDS derivatives out")
@@ -67,9 +72,11 @@ def add_parser(sub, add_common) -> None:
              help_text="confound columns of the runs' confounds TSV, e.g. --confounds trans_x trans_y csf "
                        "(default: none)")
     cmd.add_argument("--noise-model", default="ar1", choices=["ar1", "ols"], help="nilearn's noise_model")
-    cmd.add_argument("--hrf-model", default="glover", help="nilearn's hrf_model")
-    cmd.add_argument("--drift-model", default="cosine", help="nilearn's drift_model")
-    cmd.add_argument("--high-pass", type=float, default=0.01, metavar="HZ",
+    cmd.add_argument("--hrf-model", default="glover", choices=HRF_MODELS, metavar="MODEL",
+                     help=f"nilearn's hrf_model, one of {list(HRF_MODELS)}")
+    cmd.add_argument("--drift-model", default="cosine", type=none_or, choices=["cosine", "polynomial", None],
+                     metavar="MODEL", help="nilearn's drift_model: cosine, polynomial or none")
+    cmd.add_argument("--high-pass", type=nonnegative, default=0.01, metavar="HZ",
                      help="nilearn's high_pass (cosine drift cut-off)")
     cmd.add_argument("--store", type=path_value,
                      help="store for a BIDS input (default: OUTPUT_DIR/cohort.zarr)")

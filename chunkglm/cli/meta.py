@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, path_value
+from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, path_value, positive_int
 from chunkglm.cli._common import (
     add_allow_incomplete,
     add_chunk_mb,
@@ -59,7 +59,7 @@ def add_parser(sub, add_common) -> None:
     add_list(cmd, "--correct", choices=sorted(CORRECTIONS), metavar="METHOD",
              help_text=f"corrections to apply, e.g. --correct fdr bonferroni; one of {sorted(CORRECTIONS)} "
                        "(default: none)")
-    cmd.add_argument("--n-iters", type=int, default=5000, help="sign flips for montecarlo")
+    cmd.add_argument("--n-iters", type=positive_int, default=5000, help="sign flips for montecarlo")
     cmd.add_argument("--aggressive-mask", action="store_true",
                      help="drop voxels missing in any study (default: fit each missing-data pattern)")
     add_sidedness(cmd, True, "test")

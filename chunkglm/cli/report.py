@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chunkglm.cli._args import add_sidedness, path_value
+from chunkglm.cli._args import add_sidedness, nonnegative, path_value, probability
 from chunkglm.report.from_derivatives import write_reports
 
 
@@ -26,14 +26,14 @@ def add_parser(sub, add_common=None) -> None:
     cmd.add_argument("--title", help="page title (default: the kind of result and its contrasts)")
     cmd.add_argument("--height-control", default="fpr", choices=HEIGHT_CONTROLS,
                      help="how the z threshold is set (default fpr, as nilearn's generate_report)")
-    cmd.add_argument("--alpha", type=float, default=0.001, help="p-value or q-value (default 0.001)")
+    cmd.add_argument("--alpha", type=probability, default=0.001, help="p-value or q-value (default 0.001)")
     cmd.add_argument("--threshold", type=float,
                      help="z threshold, with --height-control none (default then 3.09)")
     cmd.add_argument("--cluster-threshold", type=int, default=0, metavar="VOXELS",
                      help="clusters smaller than this many voxels are not shown or listed "
                           "(nilearn's cluster_threshold)")
     add_sidedness(cmd, False, "thresholds (nilearn's two_sided)")
-    cmd.add_argument("--min-distance", type=float, default=8.0, metavar="MM",
+    cmd.add_argument("--min-distance", type=nonnegative, default=8.0, metavar="MM",
                      help="minimum distance between subpeaks of the cluster tables")
     cmd.add_argument("--plot-type", default="slice", choices=["slice", "glass"],
                      help="nilearn's plot_type of the maps")

@@ -33,7 +33,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chunkglm.cli._args import add_list, add_output_dir, add_sidedness, deprecated_alias, path_value, split_list
+from chunkglm.cli._args import (
+    add_list,
+    add_output_dir,
+    add_sidedness,
+    deprecated_alias,
+    nonnegative,
+    path_value,
+    probability,
+    split_list,
+)
 from chunkglm.cli._common import (
     add_allow_incomplete,
     add_chunk_mb,
@@ -88,9 +97,9 @@ def add_parser(sub, add_common) -> None:
                        "(default: mean=intercept)")
     cmd.add_argument("--mask", type=path_value,
                      help="analysis mask (default: nilearn's background mask of the mean map)")
-    cmd.add_argument("--smoothing-fwhm", type=float, metavar="MM",
+    cmd.add_argument("--smoothing-fwhm", type=nonnegative, metavar="MM",
                      help="smooth each map when it is loaded (default: no smoothing)")
-    cmd.add_argument("--alpha", type=float, default=0.05, help="FDR q and FWE p of the corrected maps")
+    cmd.add_argument("--alpha", type=probability, default=0.05, help="FDR q and FWE p of the corrected maps")
     add_sidedness(cmd, True, "tests (FDR, FWE and max-T corrections)")
     deprecated_alias(cmd, "--min-cluster-size", dest="cluster_threshold", new="--cluster-threshold",
                      type=int)
