@@ -51,6 +51,9 @@ def test_relative_home_and_trailing_slash_paths_for_every_command(bids3, tmp_pat
     assert f"store: {store}" in out and (store / "zarr.json").is_file()
     assert not (tmp_path / "~").exists()
 
+    (tmp_path / "home" / "my.yaml").write_text("version: 1\ntype: local\n")
+    args = build_parser().parse_args(["convert", "in", "-o", "s", "--cluster", "~/my.yaml"])
+    assert args.cluster == str(tmp_path / "home" / "my.yaml")
     code, out, err = _run(capsys, "info", "~/c.zarr/")
     assert code == 0 and "runs: 3" in out, err
 

@@ -152,16 +152,22 @@ def old_two_sided_values(argv: list[str]) -> list[str]:
     return out
 
 
+def cluster_value(text) -> str:
+    """A config name as given; a path starting with ``~`` expanded (names are looked up as given)."""
+    text = str(text)
+    return os.path.expanduser(text) if text.startswith("~") else text
+
+
 def add_cluster_options(parser, *, starts_cluster=True) -> None:
     """--cluster (a config), --scheduler (a running scheduler) and --workers (local cluster size)."""
     if not starts_cluster:
         parser.add_argument(
-            "--cluster", default="none", metavar="NAME|PATH",
+            "--cluster", default="none", metavar="NAME|PATH", type=cluster_value,
             help="cluster config whose storage: section (object-storage backend, endpoint, retries) "
                  "applies; this command starts no cluster (default: none, i.e. the defaults)")
         return
     parser.add_argument(
-        "--cluster", metavar="NAME|PATH",
+        "--cluster", metavar="NAME|PATH", type=cluster_value,
         help="cluster config: a name from cluster_configs/ or a YAML path; 'none' runs in this "
              "process without a cluster (default: local, or the scheduler of --scheduler / "
              "DASK_SCHEDULER_ADDRESS when one is given)")
