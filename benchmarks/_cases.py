@@ -596,9 +596,10 @@ from _cases_second_level import second_level_case, second_level_scale_case  # no
 CASES["second_level"] = second_level_case
 CASES["second_level_scale"] = second_level_scale_case
 
-from _cases_meta import meta_case, meta_scale_case  # noqa: E402
+from _cases_meta import meta_case, meta_dependence_case, meta_scale_case  # noqa: E402
 
 CASES["meta"] = meta_case
+CASES["meta_dependence"] = meta_dependence_case
 CASES["meta_scale"] = meta_scale_case
 
 from _cases_masker import masker_case, masker_scale_case  # noqa: E402

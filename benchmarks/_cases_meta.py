@@ -2,14 +2,20 @@
 
 ``meta``: K = 30 and K = 300 studies on the MNI 2 mm grid (``_data.meta_maps``: beta,
 varcope, z, t NIfTI per study, sample sizes), NiMARE 0.22 (in ``.venv-nimare``) from the
-NIfTI files, chunkglm from the same files and from a store. ``meta_scale``: K = 1,000 and
-10,000 z maps in a store, flat worker memory. Registered in ``_cases.CASES``.
+NIfTI files, chunkglm from the same files and from a store. ``meta_dependence``: K = 60
+images from 20 studies (dependence groups), NiMARE vs chunkglm from the NIfTI.
+``meta_scale``: K = 1,000 and 10,000 z maps in a store, flat worker memory. Registered in
+``_cases.CASES``.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 from _cases import MiB, CaseResult, Check, Row
-from _data import meta_maps, meta_scale_store
+from _data import MANIFEST, meta_maps, meta_scale_store, second_level_maps
 from _harness import Context, markdown_table, run_child
 
 NIFTI_SPEEDUP = 5.0  # each estimator >= 5x faster than NiMARE from the same NIfTI inputs
@@ -125,6 +131,122 @@ def _after(parity: dict) -> list[str]:
     table = markdown_table(["K", "estimator", "map", "rel L2 vs NiMARE", "max abs diff", "finite on one side only"],
                            rows)
     return ["Parity with NiMARE over the mask (chunkglm from the store, last round):\n\n" + table]
+
+
+#: The dependence-group case: 60 images from 20 studies (3 contrasts each).
+DEPENDENCE_IMAGES, DEPENDENCE_STUDIES = 60, 20
+#: A combination test (null correlation + group-level Stouffer), a moment estimator (correlated-effects
+#: tau2, CR2, Satterthwaite) and a likelihood estimator (tau2 of the collapsed groups).
+DEPENDENCE_ESTIMATORS = ("Stouffers", "DerSimonianLaird", "VarianceBasedLikelihood")
+
+
+def meta_dependence_maps(data_dir: Path) -> dict:
+    """60 images from 20 studies on the MNI 2 mm grid (the mask of ``_data.second_level_maps``),
+    cached in ``<data-dir>/realistic/meta_dependence``.
+
+    Study s (sample size n_s in [20, 60], shared by its 3 contrasts) has a smooth noise field
+    shared by its contrasts; contrast c: ``varcope = v (1 + 0.5 tanh(field)) * 30 / n_s``,
+    ``beta = effect_c + sqrt(varcope + 0.05) * (sqrt(0.6) shared_s + sqrt(0.4) own_c)``
+    (within-study correlation 0.6), ``z = t = beta / sqrt(varcope)``; 0 outside the mask.
+    Returns ``table`` (TSV: id, study_id, sample_sizes, beta, varcope, z, t), ``nimare`` (a
+    Dataset JSON: 20 studies of 3 contrasts), ``mask``, ``mask_voxels``, ``generated_s``.
+    """
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+    from scipy.ndimage import gaussian_filter
+
+    folder = (Path(data_dir) / "realistic" / "meta_dependence").absolute()
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        return {**json.loads(manifest.read_text()), "generated_s": 0.0}
+    base = second_level_maps(data_dir, "realistic")
+    (folder / "maps").mkdir(parents=True, exist_ok=True)
+    print(f"generating {DEPENDENCE_IMAGES} images of {DEPENDENCE_STUDIES} studies in {folder} (once; cached) ...",
+          flush=True)
+    start = time.perf_counter()
+    mask_img = nib.load(base["mask"])
+    mask = np.asarray(mask_img.dataobj) > 0
+    rng = np.random.default_rng(11)
+    effect = np.zeros(mask.shape)
+    for _ in range(5):
+        effect[tuple(rng.integers(20, 75, 3))] = 1.0
+    effect = gaussian_filter(effect, 4.0)
+    effect *= 0.6 / effect.max()
+    pool = [gaussian_filter(rng.standard_normal(mask.shape), 2.0) for _ in range(10)]
+    pool = [(f / f[mask].std()).astype(np.float32) for f in pool]
+
+    def field():
+        a, b = rng.choice(len(pool), 2, replace=False)
+        return (pool[a] * rng.standard_normal() + pool[b] * rng.standard_normal()) / np.sqrt(2)
+
+    per_study = DEPENDENCE_IMAGES // DEPENDENCE_STUDIES
+    rows, studies = [], {}
+    for s in range(DEPENDENCE_STUDIES):
+        study, n = f"study-{s + 1:03d}", int(rng.integers(20, 61))
+        shared = field()
+        for c in range(per_study):
+            varcope = rng.uniform(0.5, 1.5) * (1 + 0.5 * np.tanh(pool[rng.integers(len(pool))])) * 30.0 / n
+            beta = effect * (1.0 + 0.2 * c) + np.sqrt(varcope + 0.05) * (np.sqrt(0.6) * shared
+                                                                         + np.sqrt(0.4) * field())
+            z = beta / np.sqrt(varcope)
+            paths = {}
+            for name, values in (("beta", beta), ("varcope", varcope), ("z", z), ("t", z)):
+                path = folder / "maps" / f"{study}_contrast-{c + 1}_{name}.nii.gz"
+                nib.save(nib.Nifti1Image(np.where(mask, values, 0).astype(np.float32), mask_img.affine), path)
+                paths[name] = str(path)
+            rows.append({"id": f"{study}-{c + 1}", "study_id": study, "sample_sizes": n, **paths})
+            studies.setdefault(study, {"contrasts": {}})["contrasts"][str(c + 1)] = {
+                "images": dict(paths), "metadata": {"sample_sizes": [n]}}
+    table = folder / "images.tsv"
+    pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
+    nimare = folder / "nimare_dataset.json"
+    nimare.write_text(json.dumps(studies))
+    info = {"table": str(table), "nimare": str(nimare), "mask": base["mask"], "mask_voxels": int(mask.sum())}
+    manifest.write_text(json.dumps(info, indent=1))
+    return {**info, "generated_s": time.perf_counter() - start}
+
+
+def meta_dependence_case(ctx: Context) -> CaseResult:
+    """K = 60 images from 20 studies: NiMARE 0.22 vs chunkglm from the same NIfTI, dependence groups modelled."""
+    if ctx.size != "realistic":
+        raise SystemExit("meta_dependence has a realistic size only (the MNI 2 mm grid)")
+    data = meta_dependence_maps(ctx.data_dir)
+    out = str(ctx.work_dir("meta_dependence") / "maps")
+    m, parity, rows = {}, {}, []
+    for est in DEPENDENCE_ESTIMATORS:
+        m[(est, "nimare")] = ctx.measure("nimare_ibma", dataset=data["nimare"], estimator=est, mask=data["mask"],
+                                         out=out, label="_dependence")
+        m[(est, "nifti")] = ctx.measure("meta_chunkglm", estimator=est, table=data["table"], mask=data["mask"],
+                                        out=out, label="_dependence")
+        parity[est] = _parity(m[(est, "nimare")].extra["maps"], m[(est, "nifti")].extra["maps"], data["mask"])
+    for est in DEPENDENCE_ESTIMATORS:
+        anchor, ours = m[(est, "nimare")], m[(est, "nifti")]
+        speedup = anchor.wall_s / ours.wall_s
+        rows.append(Row(f"{est}: anchor NiMARE 0.22 (NIfTI)", anchor, "1×"))
+        rows.append(Row(f"{est}: chunkglm from the NIfTI (converts the maps it reads)", ours,
+                        f"{speedup:.1f}× faster than NiMARE", f"≥ {NIFTI_SPEEDUP:g}× faster",
+                        [Check("speed-up", speedup >= NIFTI_SPEEDUP)]))
+    facts = {"n_images": DEPENDENCE_IMAGES, "n_studies": DEPENDENCE_STUDIES, "mask_voxels": data["mask_voxels"],
+             "parity": {est: v for est, v in parity.items()}}
+    notes = [
+        f"Input (`_cases_meta.meta_dependence_maps`): {DEPENDENCE_IMAGES} images from {DEPENDENCE_STUDIES} studies "
+        f"(3 contrasts each, one sample size per study, noise correlated 0.6 within a study) on the MNI 2 mm grid "
+        f"({data['mask_voxels']:,} voxels in the mask); beta, varcope, z = t float32 `.nii.gz`.",
+        "Both sides group the images by study (NiMARE 0.22's default `groupby=None`): Stouffers estimates the null "
+        "correlation between the images (a global pass) and combines one standardised mean per study; "
+        "DerSimonianLaird and VarianceBasedLikelihood use PyMARE's rescaled weights, CR2 errors and Satterthwaite "
+        "dof. NiMARE rows: `Dataset(<json>, mask=<mask>)` (set-up), timed `ibma.<Estimator>().fit(dset)`. chunkglm "
+        "rows: timed `ibma.<Estimator>(mask=<mask>).fit(<table>)` + every map (converts the map types it reads "
+        "into a temporary store, then the graph).",
+    ]
+    after = []
+    for est, maps in parity.items():
+        for name, p in maps.items():
+            after.append([est, name, f"{p['rel_l2']:.2e}", f"{p['max_abs_diff']:.2e}", str(p["nonfinite_mismatch"])])
+    table = markdown_table(["estimator", "map", "rel L2 vs NiMARE", "max abs diff", "finite on one side only"], after)
+    return CaseResult("meta_dependence", "IBMA with dependence groups: 60 images from 20 studies (MNI 2 mm), "
+                      "NiMARE vs chunkglm", facts, rows, notes, ["Parity with NiMARE over the mask:\n\n" + table])
 
 
 def meta_scale_case(ctx: Context) -> CaseResult:
