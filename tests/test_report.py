@@ -60,7 +60,7 @@ def fitted(tiny_bids, tmp_path_factory):
 
 
 def _tables(page: str, section: str) -> list[str]:
-    body = page.split(f'<section id="{section}">', 1)[1].split("</section>", 1)[0]
+    body = page.split(f'<section id="{section}-UUID-', 1)[1].split("</section>", 1)[0]
     return re.findall(r"<table.*?</table>", body, flags=re.S)
 
 
@@ -73,8 +73,8 @@ def test_first_level_report_sections_and_nilearn_numbers(fitted):
                                    two_sided=True)
     assert isinstance(report, HTMLReport) and report.title == "sub-01 report"
     page = report.get_standalone()
-    for section in ("parameters", "design", "contrasts", "mask", "statistical-maps", "provenance"):
-        assert f'<section id="{section}">' in page
+    for section in ("model-details", "design-matrix", "contrasts", "mask", "statistical-maps", "provenance"):
+        assert f'<section id="{section}-UUID-' in page
     assert page.count("data:image/png;base64,") >= 6  # design, correlation, 2 contrasts, mask, 2 maps
     assert "http://" not in page and "https://" not in page  # nothing to fetch: readable offline
     # the page's threshold and clusters are nilearn's on the same z map
@@ -134,8 +134,9 @@ def test_report_options_are_checked_before_anything_is_computed(fitted):
 def test_glass_brain_report_and_no_survivor(fitted):
     model = fitted["models"][1]
     report = model.generate_report("a - b", plot_type="glass", height_control="bonferroni", alpha=1e-12)
-    assert "No voxel survives this threshold." in report.html
-    assert "<iframe srcdoc=" in report._repr_html_()
+    assert "No suprathreshold cluster: no voxel survives this threshold." in report.html
+    assert report._repr_html_() == report.body and "<head>" not in report.body  # nilearn: the body inline
+    assert "<iframe srcdoc=" in report.get_iframe()
     report.resize(800, 400)
     assert 'width="800"' in report.get_iframe()
 
@@ -211,3 +212,96 @@ def test_reports_load_in_a_real_browser(fitted, browser_check, tmp_path):
         n_figures = page.read_text().count("data:image/png;base64,")
         assert result.image_count == n_figures >= 4 and not result.broken_images
         assert result.title and not result.blank
+
+
+# -- nilearn 0.14's generate_report behaviour (its test_glm_reporter.py checks these on its own pages) --------
+
+
+@pytest.fixture(scope="module")
+def small_runs():
+    """A first-level model fitted on three small runs (nilearn's generator) and its contrast."""
+    from nilearn._utils.data_gen import generate_fake_fmri_data_and_design
+
+    from chunkglm.glm.first_level import FirstLevelModel
+
+    _, imgs, designs = generate_fake_fmri_data_and_design([(7, 7, 7, 5), (7, 7, 7, 10), (7, 7, 7, 15)], rk=6)
+    with dask.config.set(scheduler="threads"):
+        model = FirstLevelModel(standardize=None).fit(imgs, design_matrices=designs)
+    return model, np.eye(6)[[1]], (imgs, designs)
+
+
+def _messages(record) -> list[str]:
+    return [str(w.message) for w in record]
+
+
+def test_report_is_a_nilearn_report_with_its_ids_and_one_panel_per_run(small_runs):
+    from nilearn.reporting import HTMLReport as NilearnHTMLReport
+
+    import warnings
+
+    from nilearn.glm.first_level import FirstLevelModel as NilearnFirstLevelModel
+
+    model, contrast, (imgs, designs) = small_runs
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        report = model.generate_report(contrasts=contrast)
+    # the model's own (nilearn's "same contrast for all runs"...) only: none from drawing empty cuts
+    assert not [m for m in _messages(record) if "masked element" in m or "report" in m], _messages(record)
+    assert isinstance(report, NilearnHTMLReport)
+    page = str(report)
+    assert page.count('id="carousel-obj-') == 3 and 'id="carousel-navbar"' in page
+    for marker in ('<nav class="navbar pure-g fw-bold" id="menu"', '<a id="navbar-contrasts-link',
+                   '<a id="navbar-matrix-link', '<a href="#statistical-maps', 'id="mask-UUID-',
+                   "The mask includes "):
+        assert marker in page, marker
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = str(NilearnFirstLevelModel(standardize=None).fit(imgs, design_matrices=designs)
+                        .generate_report())
+    coverage = re.search(r"The mask includes (\d+) voxels \(([\d.]+) %\) of the image.", reference).groups()
+    assert f"The mask includes {coverage[0]} voxels ({coverage[1]} %) of the image." in page
+    with pytest.warns(UserWarning, match="Using default instead"):
+        report.width = "wide"
+    assert report.width == 800  # nilearn's HTMLDocument default
+
+
+def test_report_warnings_are_nilearns_and_on_the_page(small_runs):
+    model, contrast, _ = small_runs
+    with pytest.warns(UserWarning) as record:
+        report = model.generate_report(contrasts=contrast, first_level_contrast=contrast, threshold=2,
+                                       plot_type="glass", cut_coords=[1.0, 2.0, 3.0])
+    messages = [m for m in _messages(record) if "'" in m]  # the report's own (the model's are nilearn's too)
+    assert len(messages) == 3 and len(set(messages)) == 3, messages
+    for expected in ("'first_level_contrast' is ignored", "'threshold' is only used when 'height_control=None'",
+                     "'cut_coords' was set to None"):
+        assert any(expected in m for m in messages), expected
+        assert expected.replace("'", "&#39;") in str(report)
+    with pytest.warns(UserWarning, match="No contrast passed during report generation."):
+        page = str(model.generate_report())
+    assert '<a id="navbar-contrasts-link' not in page and '<a href="#statistical-maps' not in page
+    with pytest.warns(FutureWarning, match="the default 'threshold' will be set to"):
+        model.generate_report(contrasts=contrast, height_control=None)
+
+
+def test_report_option_errors_carry_nilearns_words(small_runs):
+    model, contrast, _ = small_runs
+    for bad, words in (({"min_distance": -8}, "'min_distance' must be > 0"),
+                       ({"cluster_threshold": -10}, "'cluster_threshold' must be > 0"),
+                       ({"plot_type": "junk"}, "'plot_type' must be one of"),
+                       ({"height_control": "knights_of_ni"}, "must be one of")):
+        with pytest.raises(ValueError, match=words):
+            model.generate_report(contrasts=contrast, **bad)
+
+
+@pytest.mark.parametrize("level", ["first", "second"])
+def test_unfitted_model_gives_an_empty_report_with_nilearns_warning(level):
+    from chunkglm.glm.first_level import FirstLevelModel
+
+    model = FirstLevelModel() if level == "first" else SecondLevelModel()
+    with pytest.warns(UserWarning, match="This estimator has not been fit yet.") as record:
+        page = str(model.generate_report(title="empty"))
+    assert len(record) == 1
+    for marker in ('id="warnings"', "No statistical map was provided.", "No mask was provided.", "empty"):
+        assert marker in page, marker
+    assert '<a id="navbar-matrix-link' not in page and 'id="design-matrix-' not in page

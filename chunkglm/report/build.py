@@ -11,6 +11,7 @@ same page for the same results.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,9 +30,11 @@ from chunkglm.report.figures import (
 )
 from chunkglm.report.sections import (
     Block,
+    Panel,
     ReportOptions,
     Section,
     figure_png,
+    file_figure,
     mask_block,
     parameters_section,
     png_figure,
@@ -47,11 +50,14 @@ UNITS = {"t_r": "t_r (seconds)", "high_pass": "high_pass (Hertz)", "smoothing_fw
 
 @dataclass
 class Design:
-    """One design matrix to show: its label and either its values or a saved figure (PNG bytes)."""
+    """One design matrix to show: its label and its values, a saved figure (PNG bytes) or a figure file."""
 
     label: str
     matrix: pd.DataFrame | None = None
     png: bytes | None = None
+    #: figure files beside the page (relative paths or absolute): the design and its correlations
+    src: str | None = None
+    correlation_src: str | None = None
 
 
 @dataclass
@@ -70,21 +76,32 @@ class GLMPieces:
     provenance: dict | None = None
     #: name -> map already thresholded by a correction (shown as written: non-surviving voxels are 0)
     corrected_maps: dict = field(default_factory=dict)
+    #: contrast name -> the figure file of its weights for each design (instead of drawing them)
+    contrast_srcs: dict = field(default_factory=dict)
 
 
 def glm_report(pieces: GLMPieces, options: ReportOptions, title=None, report_dims=None) -> HTMLReport:
-    """The page of a first- or second-level GLM (nilearn's report sections, plus provenance)."""
+    """The page of a first- or second-level GLM (nilearn's report sections, plus provenance).
+
+    The sections are nilearn's, with its ids: model details, the design
+    matrices and contrast weights of each run (a carousel when there are
+    several runs), the mask, the statistical maps; then chunkglm's
+    provenance record. An unfitted model's page has the parameters only,
+    and says that there is no mask and no statistical map.
+    """
     names = list(pieces.stat_maps) or list(pieces.contrasts)
     title = title or (f"{pieces.model_type}: {', '.join(names)}" if names else pieces.model_type)
     inputs = [Block(heading="Inputs", tables=[table_html(pieces.inputs, header=False)])] if pieces.inputs else []
-    sections = [parameters_section("Model details", _with_units(pieces.parameters), inputs),
-                Section("design", "Design matrix", [_design_block(d) for d in pieces.designs])]
-    if pieces.contrasts:
-        sections.append(Section("contrasts", "Contrasts", _contrast_blocks(pieces)))
+    sections = [parameters_section("Model details", _with_units(pieces.parameters), inputs)]
+    if pieces.designs:
+        sections.append(Section("runs", "Design matrices and contrasts", panels=_run_panels(pieces)))
     if pieces.mask_img is not None:
         sections.append(Section("mask", "Mask", [mask_block(pieces.mask_img, options,
                                                             "The voxels analysed, over the background image")]))
-    sections.append(_stat_maps_section(pieces.stat_maps, pieces.mask_img, options, pieces.corrected_maps))
+    else:
+        sections.append(Section("mask", "Mask", [Block(text="No mask was provided.", text_class="note")]))
+    sections.append(_stat_maps_section(pieces.stat_maps, pieces.mask_img, options, pieces.corrected_maps,
+                                       fitted=bool(pieces.designs)))
     sections.append(provenance_section(pieces.provenance))
     page = render(title=title, model_type=pieces.model_type, sections=sections, warnings=options.warnings)
     return HTMLReport(page, title, *(report_dims or (WIDTH_DEFAULT, HEIGHT_DEFAULT)))
@@ -94,39 +111,60 @@ def _with_units(parameters: dict) -> dict:
     return {UNITS.get(key, key): value for key, value in parameters.items()}
 
 
+def _run_panels(pieces: GLMPieces) -> list[Panel]:
+    """One panel per design (run): its design matrix, its correlations, its contrasts' weights."""
+    panels = []
+    for index, design in enumerate(pieces.designs):
+        contrasts = Section("contrasts", "Contrasts", _contrast_blocks(pieces, index, design),
+                            nav_id="navbar-contrasts-link", in_nav=bool(pieces.contrasts))
+        panels.append(Panel(design.label, [
+            Section("design-matrix", "Design matrix", [_design_block(design)], nav_id="navbar-matrix-link"),
+            contrasts]))
+    return panels
+
+
 def _design_block(design: Design) -> Block:
+    if design.src is not None:
+        figures = [file_figure(design.src, f"Design matrix {design.label}")]
+        if design.correlation_src is not None:
+            figures.append(file_figure(design.correlation_src, f"Correlations of the regressors of {design.label}"))
+        return Block(figures=figures)
     if design.matrix is None:
-        return Block(heading=design.label, figures=[png_figure(design.png, f"Design matrix {design.label}",
-                                                               "as saved")])
+        return Block(figures=[png_figure(design.png, f"Design matrix {design.label}", "as saved")])
     figures = [figure_png(design_matrix_figure(design.matrix), f"Design matrix {design.label}",
                           f"{design.matrix.shape[0]} rows × {design.matrix.shape[1]} regressors")]
     correlation = design_matrix_correlation_figure(design.matrix)
     if correlation is not None:
         figures.append(figure_png(correlation, f"Correlations of the regressors of {design.label}",
                                   "correlations between regressors (drifts and constant left out)"))
-    return Block(heading=design.label, figures=figures)
+    return Block(figures=figures)
 
 
-def _contrast_blocks(pieces: GLMPieces) -> list[Block]:
+def _contrast_blocks(pieces: GLMPieces, index: int, design: Design) -> list[Block]:
+    if not pieces.contrasts:
+        return [Block(text="No contrast was provided.", text_class="note")]
     blocks = []
     for name, per_design in pieces.contrasts.items():
-        figures, text = [], ""
-        for design, weights in zip(pieces.designs, per_design):
-            if weights is None or design.matrix is None:
-                text = f"weights: {np.asarray(weights).tolist()}" if weights is not None else ""
-                continue
-            caption = design.label if len(pieces.designs) > 1 else ""
-            figures.append(figure_png(contrast_matrix_figure(weights, design.matrix, name),
-                                      f"Weights of contrast {name}", caption))
-        blocks.append(Block(heading=name, text=text, figures=figures))
+        srcs = pieces.contrast_srcs.get(name)
+        if srcs is not None:
+            blocks.append(Block(heading=name, figures=[file_figure(srcs[index], f"Weights of contrast {name}")]))
+            continue
+        weights = per_design[index] if index < len(per_design) else None
+        if weights is None or design.matrix is None:
+            text = f"weights: {np.asarray(weights).tolist()}" if weights is not None else ""
+            blocks.append(Block(heading=name, text=text))
+            continue
+        blocks.append(Block(heading=name, figures=[figure_png(contrast_matrix_figure(weights, design.matrix, name),
+                                                              f"Weights of contrast {name}")]))
     return blocks
 
 
-def _stat_maps_section(stat_maps: dict, mask_img, options: ReportOptions, corrected=None) -> Section:
-    if not stat_maps:
+def _stat_maps_section(stat_maps: dict, mask_img, options: ReportOptions, corrected=None,
+                       fitted=True) -> Section:
+    if not stat_maps and not corrected:
+        hint = " Pass contrasts=... to see them." if fitted else " Fit the model, then pass contrasts=..."
         return Section("statistical-maps", "Statistical maps", [Block(
-            text="No contrast was given, so no statistical map is shown: pass contrasts=...",
-            text_class="note")])
+            text="No statistical map was provided." + hint, text_class="note")], in_nav=False)
     blocks = [block for name, img in stat_maps.items() for block in stat_map_blocks(name, img, mask_img, options)]
     for name, img in (corrected or {}).items():
         blocks += stat_map_blocks(name, img, mask_img, as_written(options))
@@ -205,8 +243,6 @@ def _run_labels(model) -> list[str]:
 def second_level_pieces(model, contrasts, first_level_contrast=None) -> GLMPieces:
     """A fitted :class:`~chunkglm.glm.second_level.SecondLevelModel`'s pieces (its z maps computed)."""
     design = model.design_matrix_
-    if contrasts is None and design.shape[1] == 1:
-        contrasts = {str(design.columns[0]): [1.0]}
     definitions = contrast_dict(contrasts)
     weights = {name: [model._contrast_vector(definition)] for name, definition in definitions.items()}
     stat_maps = {name: model.compute_contrast(definition, first_level_contrast=first_level_contrast,
@@ -219,22 +255,64 @@ def second_level_pieces(model, contrasts, first_level_contrast=None) -> GLMPiece
                      [Design("group design", design)], weights, stat_maps, model.mask_img_, inputs)
 
 
+def unfitted_pieces(model) -> GLMPieces:
+    """An unfitted model's pieces: its parameters only (nilearn's "empty" report)."""
+    first = model._is_first_level_glm()
+    keys = (("subject_label", "drift_model", "hrf_model", "noise_model", "t_r", "signal_scaling",
+             "smoothing_fwhm", "slice_time_ref", "target_shape", "target_affine") if first
+            else ("smoothing_fwhm", "target_affine", "target_shape"))
+    parameters = {key: getattr(model, key, None) for key in keys}
+    parameters = {key: (np.asarray(value).tolist() if isinstance(value, np.ndarray | tuple) else value)
+                  for key, value in parameters.items() if value is not None}
+    return GLMPieces("First Level Model" if first else "Second Level Model", parameters, [], {}, {})
+
+
+#: nilearn's words for a report of an unfitted model (a UserWarning and on the page).
+UNFITTED_MESSAGE = "This estimator has not been fit yet. Make sure to run `fit` before inspecting reports."
+#: nilearn's words when no contrast is given for a fitted model.
+NO_CONTRAST_MESSAGE = "No contrast passed during report generation."
+
+
 def model_report(model, contrasts=None, first_level_contrast=None, title=None, report_dims=None,
                  **options) -> HTMLReport:
-    """``generate_report`` of the GLM models (see their docstrings)."""
+    """``generate_report`` of the GLM models (see their docstrings).
+
+    nilearn 0.14's behaviour: options are checked first (ValueError with
+    nilearn's words); each adjustment of the options (``threshold`` unused
+    with a ``height_control``, ``cut_coords`` with a glass brain,
+    ``first_level_contrast`` at the first level), a missing contrast and an
+    unfitted model are said once as a UserWarning and on the page; with
+    ``height_control=None`` and the 3.09 threshold, nilearn's FutureWarning
+    about its next default. An unfitted model gives a page of its
+    parameters instead of an error.
+    """
     checked = ReportOptions.checked(**options)
+    notes = list(checked.warnings)
     watch = Stopwatch()
-    if hasattr(model, "design_matrices_"):
-        if first_level_contrast is not None:
-            checked = replace(checked, warnings=(*checked.warnings,
-                                                 "first_level_contrast is ignored for a FirstLevelModel."))
-        pieces = first_level_pieces(model, contrasts)
-        operation = "report: first-level GLM"
-    elif hasattr(model, "design_matrix_"):
-        pieces = second_level_pieces(model, contrasts, first_level_contrast)
-        operation = "report: second-level GLM"
+    first_level = model._is_first_level_glm()
+    if first_level and first_level_contrast is not None:
+        notes.insert(0, "'first_level_contrast' is ignored for FirstLevelModel. Setting first_level_contrast=None.")
+        first_level_contrast = None
+    if checked.height_control is None and checked.threshold == 3.09:
+        warnings.warn("From nilearn version>=0.15, the default 'threshold' will be set to 3.090232306167813 "
+                      "(nilearn's DEFAULT_Z_THRESHOLD, norm.isf(0.001)); chunkglm follows nilearn: pass "
+                      "threshold= explicitly to keep a value.", FutureWarning, stacklevel=3)
+    if not model.__sklearn_is_fitted__():
+        notes.append(UNFITTED_MESSAGE)
+        pieces = unfitted_pieces(model)
+        operation = "report: unfitted GLM"
     else:
-        raise InputError(f"{type(model).__name__} is not fitted: call fit(...) before generate_report().")
+        if contrasts is None:
+            notes.append(NO_CONTRAST_MESSAGE)
+        if first_level:
+            pieces = first_level_pieces(model, contrasts)
+            operation = "report: first-level GLM"
+        else:
+            pieces = second_level_pieces(model, contrasts, first_level_contrast)
+            operation = "report: second-level GLM"
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    checked = replace(checked, warnings=tuple(notes))
     inputs = [{"design": d.label, "rows": int(len(d.matrix))} for d in pieces.designs]
     pieces.provenance = _record(operation, inputs, pieces.parameters, watch)
     report = glm_report(pieces, checked, title, report_dims)

@@ -12,6 +12,8 @@ matplotlib is imported only when a figure is drawn.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -158,11 +160,12 @@ def stat_map_figure(thresholded_img, threshold, options, title=None):
     figure = _brain_figure(_STAT_MAP_SIZES.get(options.display_mode, (12.0, 3.0)))
     common = {"display_mode": options.display_mode, "cmap": cmap, "symmetric_cbar": symmetric,
               "threshold": abs(float(threshold)), "figure": figure, "title": title}
-    if options.plot_type == "glass":
-        display = plot_glass_brain(thresholded_img, plot_abs=False, **common)
-    else:
-        display = plot_stat_map(thresholded_img, bg_img=options.background(), cut_coords=options.cut_coords,
-                                draw_cross=False, **common)
+    with _quiet_empty_cuts():
+        if options.plot_type == "glass":
+            display = plot_glass_brain(thresholded_img, plot_abs=False, **common)
+        else:
+            display = plot_stat_map(thresholded_img, bg_img=options.background(), cut_coords=options.cut_coords,
+                                    draw_cross=False, **common)
     colorbar = getattr(display, "_cbar", None)
     if colorbar is not None:
         colorbar.ax.set_xlabel("Z score", labelpad=5, fontweight="bold", loc="right",
@@ -175,9 +178,20 @@ def mask_figure(mask_img, options):
     from nilearn.plotting import plot_roi  # heavy (matplotlib): imported when a figure is drawn
 
     figure = _brain_figure((12.0, 2.6))
-    plot_roi(mask_img, bg_img=options.background(), display_mode="z", cmap="Set1", colorbar=False,
-             figure=figure)
+    with _quiet_empty_cuts():
+        plot_roi(mask_img, bg_img=options.background(), display_mode="z", cmap="Set1", colorbar=False,
+                 figure=figure)
     return figure
+
+
+@contextmanager
+def _quiet_empty_cuts():
+    """Silence numpy's "converting a masked element to nan", which nilearn's plotting triggers on every
+    cut that holds no voxel of the overlay (a small mask over the MNI template): the cut is drawn empty,
+    which is the figure's point, and the warning tells the user nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Warning: converting a masked element to nan")
+        yield
 
 
 def save_figure(figure, paths):

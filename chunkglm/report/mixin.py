@@ -13,7 +13,17 @@ class GLMReportMixin:
                         bg_img="MNI152TEMPLATE", threshold=None, alpha=0.001, cluster_threshold=0,
                         height_control="fpr", two_sided=False, min_distance=8.0, plot_type="slice",
                         cut_coords=None, display_mode=None, report_dims=(1600, 800)):
-        """An HTML report of the fitted model, as nilearn's ``generate_report``.
+        """An HTML report of the model, as nilearn's ``generate_report``.
+
+        As nilearn 0.14: an unfitted model gives a page of its parameters
+        (no mask, no maps) with nilearn's "This estimator has not been fit
+        yet." UserWarning; no ``contrasts`` gives no maps, with nilearn's
+        "No contrast passed during report generation." warning; options that
+        are not used (``threshold`` with a ``height_control``, ``cut_coords``
+        with a glass brain, ``first_level_contrast`` at the first level) are
+        said in nilearn's words, as a warning and on the page; invalid
+        options raise ValueError with nilearn's message first. The page has
+        nilearn's section ids and one carousel panel per run.
 
         Model parameters, inputs, design matrices and their correlations,
         contrast weights, the mask, each contrast's thresholded z map with its
@@ -26,11 +36,11 @@ class GLMReportMixin:
         ----------
         contrasts : dict, str, array or list of them, optional
             As nilearn's: ``{name: definition}``, a formula, weights, or a list.
-            Second level: default the intercept, for a one-column design.
+            None: no statistical map (nilearn's warning).
         first_level_contrast : str or array, optional
             Second level: the first-level contrast modelled (required for a model
-            fitted on first-level models). Ignored, with a warning on the page, at
-            the first level.
+            fitted on first-level models). Ignored at the first level, with
+            nilearn's warning (and on the page).
         title : str, optional
             Default: the model type and the contrast names.
         bg_img : image, "MNI152TEMPLATE" or None

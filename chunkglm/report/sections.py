@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import uuid
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -62,11 +63,17 @@ class ReportOptions:
 
     @classmethod
     def checked(cls, **kwargs) -> ReportOptions:
-        """Validated options, with nilearn's adjustments (and its warnings, kept for the page)."""
+        """Validated options, with nilearn's adjustments (and its warnings, kept for the page).
+
+        Invalid values raise :class:`~chunkglm.errors.InputError` (a ValueError)
+        whose message starts with nilearn 0.14's (``'plot_type' must be one
+        of ...``), followed by what to pass instead.
+        """
         notes = []
         height_control = kwargs.get("height_control", "fpr")
         if height_control not in HEIGHT_CONTROLS:
-            raise InputError(f"height_control must be one of {HEIGHT_CONTROLS}; received {height_control!r}.")
+            raise InputError(f"'height_control' must be one of {HEIGHT_CONTROLS}. Got {height_control=}: "
+                             "'fpr', 'fdr' or 'bonferroni' control alpha, None thresholds at 'threshold'.")
         alpha = kwargs.get("alpha", 0.001)
         if not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
             raise InputError(f"alpha must be a number in (0, 1); received {alpha!r}.")
@@ -76,24 +83,28 @@ class ReportOptions:
         if height_control is None and threshold is None:
             threshold = 3.09  # nilearn 0.14's report default
         elif height_control is not None and threshold is not None:
-            notes.append(f"threshold={threshold!r} is not used with height_control={height_control!r}: "
-                         "it is only used when height_control=None.")
+            notes.append(f"'threshold={float(threshold)!r}' is not used with 'height_control={height_control!r}'. "
+                         "'threshold' is only used when 'height_control=None'. 'threshold' was set to 'None'.")
             threshold = None
         cluster_threshold = kwargs.get("cluster_threshold", 0)
         if not isinstance(cluster_threshold, numbers.Real) or cluster_threshold < 0:
-            raise InputError(f"cluster_threshold must be a number of voxels >= 0; received {cluster_threshold!r}.")
+            raise InputError(f"'cluster_threshold' must be > 0. Got {cluster_threshold=}: give a number of "
+                             "voxels >= 0 (0 keeps every cluster).")
         min_distance = kwargs.get("min_distance", 8.0)
         if not isinstance(min_distance, numbers.Real) or min_distance < 0:
-            raise InputError(f"min_distance must be a distance in mm >= 0; received {min_distance!r}.")
+            raise InputError(f"'min_distance' must be > 0. Got {min_distance=}: give a distance in mm between "
+                             "subpeaks (default 8).")
         plot_type = kwargs.get("plot_type", "slice")
         if plot_type not in PLOT_TYPES:
-            raise InputError(f"plot_type must be one of {PLOT_TYPES}; received {plot_type!r}.")
+            raise InputError(f"'plot_type' must be one of {{'slice', 'glass'}}. Got {plot_type=}: 'slice' draws "
+                             "cuts over the background, 'glass' a glass brain.")
         display_mode = kwargs.get("display_mode") or DEFAULT_DISPLAY_MODE[plot_type]
         if display_mode not in DISPLAY_MODES:
             raise InputError(f"display_mode must be one of {DISPLAY_MODES}; received {display_mode!r}.")
         cut_coords = kwargs.get("cut_coords")
         if cut_coords is not None and plot_type == "glass":
-            notes.append("cut_coords is not used with plot_type='glass'.")
+            notes.append(f"'cut_coords={cut_coords!r}' is not used with 'plot_type={plot_type!r}'. "
+                         "'cut_coords' is only used when 'plot_type='slice''. 'cut_coords' was set to None.")
             cut_coords = None
         return cls(bg_img=kwargs.get("bg_img", "MNI152TEMPLATE"), threshold=threshold, alpha=float(alpha),
                    cluster_threshold=cluster_threshold, height_control=height_control,
@@ -118,9 +129,9 @@ class ReportOptions:
 
 @dataclass
 class Figure:
-    """A PNG figure embedded in the page."""
+    """A figure of the page: a PNG embedded (a ``data:`` URI) or a file beside the page."""
 
-    png: str
+    src: str
     alt: str
     caption: str = ""
 
@@ -139,17 +150,41 @@ class Block:
 
 @dataclass
 class Section:
-    """A titled part of the page (one entry of the navigation bar)."""
+    """A titled part of the page (one entry of the navigation bar).
 
-    id: str
+    ``anchor`` names the section's HTML id (``<anchor>-<page id>``, nilearn's
+    ids: ``model-details``, ``mask``, ``statistical-maps``...); ``nav_id``
+    gives its link in the navigation bar an id too (nilearn's
+    ``navbar-contrasts-link``...), ``in_nav=False`` leaves it out of the bar.
+    A section with ``panels`` is a carousel: one panel per run, each with its
+    own sections (design matrix, contrasts), one shown at a time.
+    """
+
+    anchor: str
     title: str
     blocks: list[Block] = field(default_factory=list)
     intro: str = ""
+    nav_id: str = ""
+    in_nav: bool = True
+    panels: list[Panel] = field(default_factory=list)
+
+
+@dataclass
+class Panel:
+    """One run of a carousel section: its label and its sections."""
+
+    label: str
+    parts: list[Section] = field(default_factory=list)
 
 
 def png_figure(png: bytes, alt: str, caption: str = "") -> Figure:
     """Embed PNG bytes (base64)."""
-    return Figure(base64.b64encode(png).decode("ascii"), alt, caption)
+    return Figure("data:image/png;base64," + base64.b64encode(png).decode("ascii"), alt, caption)
+
+
+def file_figure(path: str, alt: str, caption: str = "") -> Figure:
+    """A figure file the page links to (a path relative to the page, or absolute)."""
+    return Figure(str(path), alt, caption)
 
 
 def figure_png(figure, alt: str, caption: str = "") -> Figure:
@@ -188,7 +223,8 @@ def _cell(value, precision) -> str:
 
 def parameters_section(title: str, parameters: dict, extra_blocks=()) -> Section:
     """The model's parameters (and any further blocks, e.g. its inputs)."""
-    return Section("parameters", title, [Block(tables=[table_html(parameters, header=False)]), *extra_blocks])
+    return Section("model-details", title, [Block(tables=[table_html(parameters, header=False)]),
+                                            *extra_blocks])
 
 
 def stat_map_blocks(name: str, stat_img, mask_img, options: ReportOptions, stat_label="z") -> list[Block]:
@@ -233,7 +269,7 @@ def _stat_map_blocks(name, stat_img, mask_img, options, stat_label) -> list[Bloc
         blocks.append(Block(text=f"{_count(table)} cluster(s); peaks and subpeaks in mm (world coordinates).",
                             tables=[table_html(table, index=False, precision=3)]))
     else:
-        blocks.append(Block(text="No voxel survives this threshold.", text_class="note"))
+        blocks.append(Block(text="No suprathreshold cluster: no voxel survives this threshold.", text_class="note"))
     return blocks
 
 
@@ -243,8 +279,10 @@ def _count(table) -> int:
 
 def mask_block(mask_img, options: ReportOptions, caption: str) -> Block:
     """The analysis mask over the background, as nilearn's report draws it."""
-    n_voxels = int(np.count_nonzero(np.asanyarray(mask_img.dataobj)))
-    return Block(text=f"{n_voxels} voxels in the mask.",
+    data = np.asanyarray(mask_img.dataobj)
+    n_voxels = int(np.count_nonzero(data))
+    coverage = 100.0 * n_voxels / max(data.size, 1)
+    return Block(text=f"The mask includes {n_voxels} voxels ({coverage:0.1f} %) of the image.",
                  figures=[figure_png(mask_figure(mask_img, options), "Analysis mask", caption)])
 
 
@@ -309,6 +347,7 @@ def render(*, title: str, model_type: str, sections: list[Section], subtitle: st
     """The page: the template filled with the sections (all text escaped)."""
     source = files("chunkglm.report").joinpath("templates/report.html").read_text(encoding="utf-8")
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(source)
+    runs = max((len(section.panels) for section in sections), default=0)
     return template.render(title=title, model_type=model_type, subtitle=subtitle, sections=sections,
-                           warnings=list(warnings), version=__version__, nilearn_version=version("nilearn"),
+                           warnings=list(warnings), uid=f"UUID-{uuid.uuid4().hex[:12]}", carousel_runs=runs, version=__version__, nilearn_version=version("nilearn"),
                            generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))

@@ -1,25 +1,36 @@
 """An HTML report: one self-contained page, shown in notebooks, saved, opened.
 
-The same methods as nilearn's :class:`nilearn.reporting.HTMLReport`
-(``save_as_html``, ``open_in_browser``, ``get_iframe``, ``get_standalone``,
-``resize``, ``_repr_html_``), so code written for nilearn's reports works on
-chunkglm's. Figures are embedded in the page (base64 PNG): the file reads
-offline and can be mailed or archived alone.
+:class:`HTMLReport` is a :class:`nilearn.reporting.HTMLReport` (code that
+checks ``isinstance(report, nilearn.reporting.HTMLReport)`` keeps working)
+with the same methods and attributes: ``body`` (what a notebook shows
+inline, ``_repr_html_()``), ``width`` / ``height`` (an invalid value falls
+back on nilearn's default with nilearn's warning), ``resize``,
+``get_iframe``, ``get_standalone``. Two differences: ``save_as_html`` writes
+the page itself (nilearn writes it wrapped in an ``<iframe srcdoc=...>``),
+and ``open_in_browser`` opens that file instead of serving the page from a
+short-lived local server. Figures are embedded in the page (base64 PNG) or,
+for the page ``save_glm_to_bids`` writes, files beside it: the page reads
+offline either way.
 """
 
 from __future__ import annotations
 
-import html
 import os
+import re
 import tempfile
 import webbrowser
 from pathlib import Path
 
-#: nilearn's default size (pixels) of a report shown in a notebook.
+from nilearn.reporting.html_report import HTMLReport as _NilearnHTMLReport
+
+#: nilearn's default size (pixels) of a GLM report shown in a notebook (``report_dims``).
 WIDTH_DEFAULT, HEIGHT_DEFAULT = 1600, 800
 
+_BODY = re.compile(r"<body[^>]*>(.*)</body>", re.DOTALL)
+_STYLE = re.compile(r"<style[^>]*>.*?</style>", re.DOTALL)
 
-class HTMLReport:
+
+class HTMLReport(_NilearnHTMLReport):
     """A rendered report.
 
     Parameters
@@ -30,31 +41,28 @@ class HTMLReport:
         The page's title.
     width, height : int
         Size of the frame the report is shown in within a notebook.
+
+    Attributes
+    ----------
+    html : str
+        The whole page (``get_standalone()``, ``str(report)``).
+    body : str
+        The page's style and body, without the document head: what
+        ``_repr_html_`` gives a notebook, as nilearn's reports.
     """
 
     def __init__(self, html: str, title: str = "", width: int = WIDTH_DEFAULT,
                  height: int = HEIGHT_DEFAULT):
+        # nilearn's constructor fills its own page template; this one holds a finished page. Nor is the
+        # report counted among nilearn's open "views" (whose 10th triggers a memory warning): the page is
+        # a string, not a served plot.
         self.html = html
+        self.head_tpl = ""
         self.title = title
+        self.body = _body(html)
+        self._temp_file = None
+        self._temp_file_removing_proc = None
         self.resize(width, height)
-
-    def resize(self, width: int, height: int) -> HTMLReport:
-        """Set the size of the notebook frame; returns the report."""
-        self.width, self.height = int(width), int(height)
-        return self
-
-    def get_standalone(self) -> str:
-        """The whole page, as saved by :meth:`save_as_html`."""
-        return self.html
-
-    def get_iframe(self, width: int | None = None, height: int | None = None) -> str:
-        """An ``<iframe>`` holding the page (how notebooks show it)."""
-        width, height = width or self.width, height or self.height
-        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" width="{width}" '
-                f'height="{height}" frameborder="0"></iframe>')
-
-    def _repr_html_(self) -> str:
-        return self.get_iframe()
 
     def __str__(self) -> str:
         return self.html
@@ -73,3 +81,11 @@ class HTMLReport:
         path = self.save_as_html(file_name)
         webbrowser.open(path.absolute().as_uri())
         return path
+
+
+def _body(page: str) -> str:
+    """The page's <style> elements and the content of its <body> (the page itself if it has none)."""
+    found = _BODY.search(page)
+    if found is None:
+        return page
+    return "".join(_STYLE.findall(page)) + found.group(1)
