@@ -454,3 +454,17 @@ def test_labels_and_results_as_nilearns(tiny_bids, float_store, noise_model):
             got, want = getattr(mine, name), getattr(theirs, name)
             assert np.linalg.norm(got - want) <= 1e-6 * np.linalg.norm(want), (key, name)
         assert mine.df_residuals == theirs.df_residuals
+
+
+def test_nifti_inputs_need_t_r_and_events_as_nilearns(tiny_bids):
+    """NIfTI inputs: t_r must be given (nilearn does not read it from the header) and events or
+    design matrices are required; an empty contrast is refused with nilearn's wording."""
+    run = tiny_bids.runs[0]
+    events, _ = _inputs(tiny_bids, [run])
+    with pytest.raises(InputError, match="t_r not given to FirstLevelModel object"):
+        FirstLevelModel(slice_time_ref=0.5).fit(str(run.bold_path), events=events)
+    with pytest.raises(InputError, match="events or design matrices must be provided"):
+        FirstLevelModel(t_r=tiny_bids.tr).fit(str(run.bold_path))
+    model = FirstLevelModel(t_r=tiny_bids.tr, slice_time_ref=0.5).fit(str(run.bold_path), events=events)
+    with pytest.raises(InputError, match="t contrasts cannot be empty"):
+        model.compute_contrast(np.array([]))

@@ -256,7 +256,7 @@ def test_cluster_size_mass_and_tfce_equal_nilearns(files, design_kind, two_sided
     ({"second_level_contrast": [1.0, 0.0]}, "2 weights but the design has 3 columns"),
     ({"second_level_contrast": np.eye(3)}, "F contrasts are not supported"),
     ({"second_level_contrast": [0.0, 0.0, 0.0]}, "is null"),
-    ({"second_level_contrast": None}, "no second_level_contrast given"),
+    ({"second_level_contrast": None}, "No second-level contrast is specified"),
 ])
 def test_bad_options(files, params, message):
     paths, covariates = files

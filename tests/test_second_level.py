@@ -292,7 +292,7 @@ def test_design_errors(files):
         model.compute_contrast("weight")
     with pytest.raises(InputError, match="F contrasts should have 2 columns, but it has 3"):
         model.compute_contrast([[1.0, 0.0, 0.0]], second_level_stat_type="F")
-    with pytest.raises(InputError, match="no second_level_contrast"):
+    with pytest.raises(InputError, match="No second-level contrast is specified"):
         model.compute_contrast()
     with pytest.raises(InputError, match="null"):
         model.compute_contrast([0.0, 0.0])

@@ -354,14 +354,16 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         where = f"run {index} ({node.name})"
         n_scans = int(node.data().shape[0])
         if design is None:
-            t_r = self.t_r if self.t_r is not None else node.attrs.get("RepetitionTime")
+            # nilearn needs t_r for NIfTI inputs; a store run converted with its sidecar knows it
+            t_r = self.t_r if self.t_r is not None or self._converted_here else node.attrs.get("RepetitionTime")
             events = node.events if events is None else events
             if events is None:
                 raise InputError(f"events or design matrices must be provided: {where} has no events "
                                  "stored with it; pass events=... or design_matrices=....")
             if t_r is None:
                 raise InputError(f"t_r not given to FirstLevelModel object to compute design from events "
-                                 f"(and {where} records no RepetitionTime): pass t_r=....")
+                                 f"({where}: NIfTI inputs, or a store run without RepetitionTime): "
+                                 "pass t_r=....")
             design = run_design(n_scans, float(t_r), self.slice_time_ref, events, confounds,
                                 hrf_model=self.hrf_model, drift_model=self.drift_model,
                                 high_pass=self.high_pass, drift_order=self.drift_order,
@@ -693,6 +695,9 @@ def _expression(expr, columns, parse):
 
 
 def _check_width(con, design: pd.DataFrame):
+    if np.size(con) == 0:
+        raise InputError(f"t contrasts cannot be empty: got {con!r}. Give one weight per column of "
+                         f"{list(design.columns)} (or a formula string).")
     width = np.atleast_2d(con).shape[1]
     if width != design.shape[1]:
         raise InputError(

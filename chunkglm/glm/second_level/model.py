@@ -487,8 +487,8 @@ def parse_contrast(contrast, columns) -> np.ndarray:
     """
     if contrast is None:
         if len(columns) != 1:
-            raise InputError(f"no second_level_contrast given and the design has {len(columns)} columns "
-                             f"{columns}: name the contrast (e.g. 'intercept' or [1, 0]).")
+            raise InputError(f"No second-level contrast is specified, and the design has {len(columns)} "
+                             f"columns {columns}: name the contrast (e.g. 'intercept' or [1, 0]).")
         return np.ones(1)
     if isinstance(contrast, str):
         try:
