@@ -267,7 +267,9 @@ def test_workers_sizes_the_local_cluster(tiny_bids, tmp_path, capsys, monkeypatc
                            env={"CHUNKGLM_CLUSTER__LOCAL__DASHBOARD_ADDRESS": "127.0.0.1:0"})
     assert done.returncode == 0, done.stderr
     assert "(local, 1 worker" in done.stderr
-    monkeypatch.setenv("DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT", "1s")
+    import dask
+
+    monkeypatch.setitem(dask.config.config["distributed"]["comm"]["timeouts"], "connect", "1s")  # nothing listens
     for extra, message in ((["--workers", "0"], "--workers takes a number of workers >= 1; received 0"),
                            (["--workers", "2", "--cluster", "none"], "--cluster none runs in this process"),
                            (["--scheduler", "tcp://127.0.0.1:9", "--cluster", "local"], "not both"),
