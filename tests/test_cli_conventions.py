@@ -313,3 +313,13 @@ def test_drift_model_none_and_convert_onto_a_file(tmp_path, capsys):
     code, _, err = _run(capsys, "convert", tmp_path, "-o", tmp_path / "afile", "--cluster", "none")
     _one_line_error(code, err, "convert")
     assert "is an existing file; give a folder" in err
+
+
+def test_a_library_message_is_printed_once_per_command(bids3, tmp_path, capsys):
+    """nilearn prints "A 'modulation' column was found ..." for every subject's design (issue 17
+    item 4: each third-party message at most once per command); other lines pass unchanged."""
+    code, out, err = _run(capsys, "first-level", bids3.root, "-o", tmp_path / "fl", "--task", "main", "-c", "a=a",
+                          "--cluster", "none", "--no-progress")
+    assert code == 0, err
+    assert out.count("A 'modulation' column was found") == 1, out
+    assert f"derivatives: {tmp_path / 'fl'}" in out

@@ -23,7 +23,7 @@ from chunkglm.cli._args import (
 from chunkglm.cli._common import add_cluster, add_storage_cluster, chunk_bytes, cluster_client, command_options
 from chunkglm.cli._common import add_common as _add_common  # tests build sub-parsers with it
 from chunkglm.cli._common import parse_storage_options, storage_for
-from chunkglm.cli.progress import Reporter
+from chunkglm.cli.progress import Reporter, library_lines_once
 from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
@@ -181,7 +181,8 @@ def main(argv=None) -> int:
               f"{', '.join(missing)} (see chunkglm {args.command} --help)", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return args.func(args)
+        with library_lines_once():  # nilearn's per-subject messages, once per command
+            return args.func(args)
     except ChunkglmError as err:
         print(f"chunkglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR

@@ -4,10 +4,16 @@ One bar per long phase (conversion, first-level fits) on stderr, drawn with
 :mod:`rich.progress` when stderr is a terminal. Otherwise, or with
 ``--no-progress``, no bar: one plain line per finished item
 (``[3/10] runs/sub-01_...``), which logs and pipes read well.
+
+Libraries' log lines (nilearn prints ``[function] message`` on stdout, e.g.
+"A 'modulation' column was found" for every subject's design) are shown once
+per command (:func:`library_lines_once`).
 """
 
 from __future__ import annotations
 
+import io
+import re
 import sys
 from contextlib import contextmanager
 
@@ -101,3 +107,49 @@ def _is_tty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+#: A library's log line: nilearn's ``[make_first_level_design_matrix] A 'modulation' column ...``.
+LIBRARY_LINE = re.compile(r"^\[[A-Za-z_][\w.]*\] \S")
+
+
+class _OnceLines(io.TextIOBase):
+    """A text stream that writes each library log line once, every other line as it comes."""
+
+    def __init__(self, stream):
+        self._stream, self._seen, self._partial = stream, set(), ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            if LIBRARY_LINE.match(line):
+                if line in self._seen:
+                    continue
+                self._seen.add(line)
+            self._stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:  # a line without its end yet (print(..., end="")): written as it is
+            self._stream.write(self._partial)
+            self._partial = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return _is_tty(self._stream)
+
+
+@contextmanager
+def library_lines_once():
+    """Within the block, a library's log line on stdout (``[function] message``) is printed once."""
+    original = sys.stdout
+    sys.stdout = _OnceLines(original)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = original
