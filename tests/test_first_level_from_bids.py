@@ -102,3 +102,20 @@ def test_unknown_settings_are_refused(tiny_bids, tmp_path):
     chunkglm.convert(tiny_bids.root, store)
     with pytest.raises(RuntimeError, match="Unknown keyword arguments.*smoothing"):
         first_level_from_bids(store, "main", smoothing=5.0)
+
+
+def test_mask_from_derivatives_and_dataset_path_type(tiny_bids, tmp_path):
+    """mask_img="derivatives": each model gets its subject's brain mask as an image (nilearn's
+    from the fMRIPrep folder; a store's stored mask); a dataset_path of another type is a
+    TypeError naming the types accepted, as nilearn's."""
+    import nibabel as nib
+
+    models, *_ = first_level_from_bids(tiny_bids.root, "main", space_label=SPACE,
+                                       derivatives_folder="derivatives/fmriprep", mask_img="derivatives")
+    assert models and all(isinstance(m.mask_img, nib.Nifti1Image) for m in models)
+    store = tmp_path / "c.zarr"
+    chunkglm.convert(tiny_bids.root, store)
+    models, *_ = first_level_from_bids(store, "main", mask_img="derivatives")
+    assert models and all(isinstance(m.mask_img, nib.Nifti1Image) for m in models)
+    with pytest.raises(TypeError, match="'dataset_path' must be of type"):
+        first_level_from_bids(2, "main")

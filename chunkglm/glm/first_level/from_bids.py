@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 from nilearn.glm.first_level import first_level_from_bids as nilearn_from_bids
 
-from chunkglm.errors import InputError, StoreError
+from chunkglm.errors import InputError, InputTypeError, StoreError
 from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.io.cohort import Cohort, open_cohort
 
@@ -61,6 +63,9 @@ def first_level_from_bids(dataset_path, task_label, space_label=None, sub_labels
     """
     arguments = dict(locals())
     params = {name: value for name, value in arguments.items() if name not in _SELECTION}
+    if not isinstance(dataset_path, str | Path | Cohort):
+        raise InputTypeError(f"'dataset_path' must be of type str, pathlib.Path or a chunkglm Cohort; "
+                             f"received {type(dataset_path).__name__}.")
     cohort = _as_cohort(dataset_path)
     if cohort is None:
         if confounds_columns is not None:
@@ -98,8 +103,10 @@ def _from_folder(dataset_path, task_label, space_label, sub_labels, exclude_subj
         derivatives_folder=derivatives_folder, **nilearn_params, **kwargs)
     ours = []
     for model in models:
-        # nilearn fills t_r and slice_time_ref from the sidecars; everything else is what we passed
-        mine = {**params, "t_r": model.t_r, "slice_time_ref": model.slice_time_ref}
+        # nilearn fills t_r and slice_time_ref from the sidecars, and mask_img="derivatives" with
+        # the subject's brain mask; everything else is what we passed
+        mine = {**params, "t_r": model.t_r, "slice_time_ref": model.slice_time_ref,
+                "mask_img": model.mask_img}
         ours.append(FirstLevelModel(**mine, subject_label=model.subject_label))
     return ours, run_imgs, events, confounds
 
@@ -120,7 +127,10 @@ def _from_store(cohort, task_label, space_label, sub_labels, exclude_subjects, i
     models, run_imgs, events, confounds = [], [], [], []
     for subject, runs in sorted(by_subject.items()):
         timing = _store_timing(runs, params)
-        models.append(FirstLevelModel(**{**params, **timing}, subject_label=subject))
+        mask = params["mask_img"]
+        if isinstance(mask, str) and mask == "derivatives":  # the subject's stored (brain) mask
+            mask = nib.Nifti1Image(runs[0].grid.mask.astype(np.uint8), runs[0].grid.affine)
+        models.append(FirstLevelModel(**{**params, **timing, "mask_img": mask}, subject_label=subject))
         run_imgs.append(runs)
         events.append([node.events for node in runs])
         confounds.append(None if columns is None else [node.confound_columns(columns) for node in runs])
