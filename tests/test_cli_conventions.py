@@ -323,3 +323,13 @@ def test_a_library_message_is_printed_once_per_command(bids3, tmp_path, capsys):
     assert code == 0, err
     assert out.count("A 'modulation' column was found") == 1, out
     assert f"derivatives: {tmp_path / 'fl'}" in out
+
+
+def test_the_demo_summary_does_not_offer_a_closed_dashboard():
+    """Issue 17 item 4: the demo printed the dashboard link after its cluster had shut down."""
+    from chunkglm.cli.demo import dashboard_line
+
+    link = "http://127.0.0.1:8787/status"
+    assert dashboard_line(link, None) == f"closed with the demo's cluster (it was {link} while the demo ran)"
+    assert dashboard_line(link, "tcp://127.0.0.1:8786") == f"{link} (the running scheduler's)"
+    assert dashboard_line(None, None) == "none (no cluster)"

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from chunkglm.cli._common import cluster_client, print_progress
+from chunkglm.cli._common import cluster_client, print_progress, resolve_cluster
 from chunkglm.cli.first_level import model_contrasts
 from chunkglm.cli.second_level import effect_maps
 from chunkglm.errors import InputError
@@ -157,6 +157,16 @@ def _reports(derivatives: Path) -> list[Path]:
     return written
 
 
+def dashboard_line(dashboard, scheduler) -> str:
+    """The summary's dashboard entry, written after the work: a cluster the demo started is shut
+    down by then (its link was printed when it started); a running scheduler's stays up."""
+    if not dashboard:
+        return "none (no cluster)"
+    if scheduler is not None:
+        return f"{dashboard} (the running scheduler's)"
+    return f"closed with the demo's cluster (it was {dashboard} while the demo ran)"
+
+
 def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") -> int:
     """Run the demo; returns an exit status.
 
@@ -196,7 +206,7 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
     print(f"  group level:       {group}")
     print(f"  meta-analysis:     {meta}")
     print(f"  reports:           {len(reports)} pages (first_level/sub-XX/*_report.html, ...)")
-    print(f"  dashboard:         {dashboard or 'none (no cluster)'}")
+    print(f"  dashboard:         {dashboard_line(dashboard, resolve_cluster(cluster)[1])}")
     print(f"  inspect:           .venv/bin/chunkglm info {store}")
     print(f"\nGroup report: {group_report}")
     sys.stdout.flush()
