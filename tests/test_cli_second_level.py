@@ -76,6 +76,8 @@ def test_derivatives_in_group_layout_out_equal_to_nilearn(derivatives, tmp_path)
                 "--random-state", 3, "--cluster", "none")
     assert done.returncode == 0, done.stderr
     assert "10 effect maps" in done.stderr and "[" in done.stderr  # permutation progress lines
+    for name in ("mean", "age"):  # each contrast's permutations named (issue 17 item 4)
+        assert f"] contrast {name}: permutation blocks" in done.stderr, done.stderr
     folder = out / "group_level"
     confounds = derivatives["table"].rename(columns={"participant_id": "subject_label"})
     confounds["subject_label"] = confounds["subject_label"].str.removeprefix("sub-")

@@ -72,3 +72,23 @@ def test_no_bars_when_stderr_is_not_a_terminal(tiny_bids, tmp_path):
     assert [line for line in done.stderr.splitlines() if line.startswith("[")] == [
         line for line in done.stderr.splitlines() if line.startswith(("[1/2] runs/", "[2/2] runs/"))]
     assert "[2/2] runs/" in done.stderr
+
+
+def test_bars_show_the_time_remaining():
+    """Issue 17 item 4: the bars had no ETA."""
+    import io
+
+    from chunkglm.cli.progress import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    reporter = Reporter(bars=True, stream=stream)
+    assert reporter.bars
+    with reporter.phase("permutations, contrast mean (1/2)", total=4) as advance:
+        advance("block", done=1, total=4)
+    drawn = stream.getvalue()
+    assert "permutations, contrast mean (1/2)" in drawn and "eta" in drawn
+    assert "0:00:0" in drawn or "-:--:--" in drawn  # rich's remaining-time column

@@ -18,7 +18,14 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 
@@ -63,7 +70,8 @@ class Reporter:
             return
         console = Console(file=self.stream, force_terminal=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[item]}"))
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[item]}"))
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task(description, total=total, item="")
             self._live = progress.console

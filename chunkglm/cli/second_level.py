@@ -10,7 +10,7 @@ sidecar); with ``--n-perm`` the FWE maps of t contrasts come from nilearn's
 max-T permutation test (plus TFCE / cluster maps with ``--tfce`` /
 ``--cluster-forming-p``), run first by
 :func:`chunkglm.glm.second_level.permutation_maps` with a progress bar per
-contrast. A provenance
+contrast, named. A provenance
 record (``group_level/group_provenance.json``) is written last.
 
 The design: an intercept (one-sample test) plus the covariates of
@@ -319,15 +319,25 @@ def _inputs(args, reporter):
     return paths, subjects, entries
 
 
-def run_permutations(model, weights, types, args, progress) -> tuple[dict | None, dict | None]:
-    """The max-T permutation maps of every t contrast (``--n-perm``) and their settings; (None, None) for 0."""
+def run_permutations(model, weights, types, args, reporter) -> tuple[dict | None, dict | None]:
+    """The max-T permutation maps of every t contrast (``--n-perm``) and their settings; (None, None) for 0.
+
+    One progress bar per contrast, named (``permutations, contrast age (2/3)``), over its voxel
+    blocks; without bars, lines ``[3/8] contrast age: permutation blocks``.
+    """
     if args.n_perm == 0:
         return None, None
     settings = {"n_perm": args.n_perm, "random_state": args.random_state, "tfce": args.tfce,
                 "threshold": args.cluster_forming_p, "two_sided_test": args.two_sided}
     check_permutation_options(settings["threshold"], settings["tfce"], settings["n_perm"])
-    maps = {name: permutation_maps(model, con_val, **settings, progress=progress)
-            for name, con_val in permutation_contrasts(model, weights, types).items()}
+    tested = permutation_contrasts(model, weights, types)
+    maps = {}
+    for number, (name, con_val) in enumerate(tested.items(), 1):
+        with reporter.phase(f"permutations, contrast {name} ({number}/{len(tested)})") as advance:
+            def progress(done, total, advance=advance, name=name):
+                advance(f"contrast {name}: permutation blocks", done=done, total=total)
+
+            maps[name] = permutation_maps(model, con_val, **settings, progress=progress)
     return maps, settings
 
 
@@ -351,16 +361,12 @@ def run(args) -> int:
             model.fit(second_level_input, design_matrix=design)
             advance("fitted")
         check_correction_options(args.alpha, args.two_sided, args.cluster_threshold)
-        with reporter.phase("permutations" if args.n_perm else "writing") as advance:
-            def progress(done, total):
-                advance("permutation blocks", done=done, total=total)
-
-            maps, settings = run_permutations(model, weights, types, args, progress)
-            with source_datasets([args.input]):
-                paths = save_group_derivatives(
-                    model, weights, args.output_dir, contrast_types=types, alpha=args.alpha,
-                    two_sided=args.two_sided, cluster_threshold=args.cluster_threshold,
-                    permutation_maps=maps, permutation=settings)
+        maps, settings = run_permutations(model, weights, types, args, reporter)
+        with reporter.phase("writing"), source_datasets([args.input]):
+            paths = save_group_derivatives(
+                model, weights, args.output_dir, contrast_types=types, alpha=args.alpha,
+                two_sided=args.two_sided, cluster_threshold=args.cluster_threshold,
+                permutation_maps=maps, permutation=settings)
         outputs = [relative_output(p, args.output_dir) for p in paths]
         content = record("second-level", inputs=entries, options=command_options(args),
                          cluster=cluster_summary(client), stopwatch=stopwatch,
