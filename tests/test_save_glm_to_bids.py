@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import types
+import re
 import warnings
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel
 from chunkglm.glm.io import bids as bids_module
 from chunkglm.glm.io._bids_names import plan_bids_names
-from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
+from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, write_glm_to_bids
 from chunkglm.io import derivatives
 from chunkglm.io.derivatives import StagedOutput, contrast_label
 from chunkglm.testing import make_synthetic_bids, rel_l2
@@ -96,7 +97,7 @@ def saved(fitted):
     """nilearn's and our outputs with a prefix (works whatever the model records)."""
     tmp, ours = fitted["tmp"], fitted["ours"]
     ref_dir = _nilearn_save(fitted, tmp / "nilearn_prefix", PREFIX)
-    paths = save_glm_to_bids(ours, _contrasts(ours.design_matrices_[0].shape[1]),
+    paths = write_glm_to_bids(ours, _contrasts(ours.design_matrices_[0].shape[1]),
                              out_dir=tmp / "ours_prefix", prefix=PREFIX, two_sided=True)
     return {"ref": ref_dir, "ours": tmp / "ours_prefix", "paths": paths}
 
@@ -106,9 +107,8 @@ def _files(root: Path) -> set[str]:
 
 
 def _expected_from_nilearn(ref_files):
-    """nilearn's set without its HTML report, plus an SVG beside every PNG."""
-    kept = {f for f in ref_files if not f.endswith("report.html")}
-    return kept | {f[:-4] + ".svg" for f in kept if f.endswith(".png")}
+    """nilearn's set (its report.html included), plus an SVG beside every PNG."""
+    return set(ref_files) | {f[:-4] + ".svg" for f in ref_files if f.endswith(".png")}
 
 
 def _snapshot(root: Path) -> dict:
@@ -237,7 +237,7 @@ def test_contrast_labels_match_nilearn():
 def test_model_maps_written_with_minimize_memory(fitted, tmp_path):
     ours = fitted["ours"]
     assert ours.minimize_memory is True  # nilearn 0.14 would raise half-way
-    paths = save_glm_to_bids(ours, "a", out_dir=tmp_path / "out", prefix="")
+    paths = write_glm_to_bids(ours, "a", out_dir=tmp_path / "out", prefix="")
     names = {p.name for p in paths}
     assert {"stat-errorts_statmap.nii.gz", "stat-rsquared_statmap.nii.gz", "statmap.json",
             "mask.nii.gz", "contrast-a_stat-t_statmap.nii.gz", "design.png"} <= names
@@ -348,7 +348,7 @@ def test_failure_midway_leaves_nothing(fitted, existing_out, monkeypatch, where)
 
 
 def test_failure_while_moving_into_place_is_undone(fitted, existing_out, monkeypatch):
-    old = save_glm_to_bids(fitted["ours"], {"a": "a"}, out_dir=existing_out, prefix="sub-02_x")
+    old = write_glm_to_bids(fitted["ours"], {"a": "a"}, out_dir=existing_out, prefix="sub-02_x")
     for path in old[1:]:  # mark the previous outputs, to see that they come back
         path.write_bytes(b"previous version")
     before = _snapshot(existing_out)
@@ -372,7 +372,7 @@ def test_failure_while_moving_into_place_is_undone(fitted, existing_out, monkeyp
 
 def test_existing_folder_is_merged_and_files_replaced(fitted, existing_out):
     for _ in range(2):
-        paths = save_glm_to_bids(fitted["ours"], {"a": "a"}, out_dir=existing_out)
+        paths = write_glm_to_bids(fitted["ours"], {"a": "a"}, out_dir=existing_out)
     assert (existing_out / "sub-02" / "keep.txt").read_text() == "other subject"
     description = json.loads((existing_out / "dataset_description.json").read_text())
     assert description["Name"] == "study"
@@ -483,3 +483,48 @@ def test_derivatives_need_subject_and_task_labels(fitted, tmp_path):
         save_glm_derivatives(ours, "a", tmp_path / "glm", subject_label="0_1", task_label="main",
                              confounds=[])
     assert not (tmp_path / "glm").exists()
+
+
+# -- nilearn 0.14's save_glm_to_bids: returns the model, writes the report page, its warnings --------------
+
+
+def _said(record, words) -> int:
+    return sum(words in str(w.message) for w in record)
+
+
+def test_save_returns_the_model_and_writes_the_report_page_on_the_files_written(fitted, tmp_path):
+    model = fitted["ours"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        # nilearn 0.14's positional order: model, contrasts, first_level_contrast, contrast_types, out_dir
+        returned = save_glm_to_bids(model, {"a minus b": "a - b"}, None, {"a minus b": "t"}, tmp_path / "out",
+                                    "sub-01_task-main", threshold=1.0)
+    assert returned is model
+    assert _said(record, "'threshold' was set to 'None'") == 1  # said once, as nilearn (by the report)
+    folder = tmp_path / "out" / "sub-01"
+    page = (folder / "sub-01_task-main_report.html").read_text()
+    assert "a minus b" in page and "No contrast passed" not in page
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    files = [s for s in sources if not s.startswith("data:")]
+    # the design, its correlations and the contrast weights are the PNG files beside the page
+    assert sorted(files) == ["sub-01_task-main_contrast-aMinusB_design.png", "sub-01_task-main_corrdesign.png",
+                             "sub-01_task-main_design.png"]
+    assert all((folder / f).is_file() for f in files)
+
+
+def test_save_options_and_prefix_as_nilearn(fitted, tmp_path):
+    model = fitted["ours"]
+    with pytest.raises(ValueError, match="must be one of"):
+        save_glm_to_bids(model, "a", out_dir=tmp_path / "x", foo="bar")
+    with pytest.raises(TypeError, match="contrast definitions must be strings or array_likes"):
+        save_glm_to_bids(model, {"effects of interest": 5}, out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="'min_distance' must be > 0"):
+        save_glm_to_bids(model, "a", out_dir=tmp_path / "x", min_distance=-1)
+    assert not (tmp_path / "x").exists()
+    with pytest.warns(UserWarning, match="prefix=1 is not a string"):
+        write_glm_to_bids(model, "a", out_dir=tmp_path / "int", prefix=1, height_control=None, threshold=1.0)
+    assert (tmp_path / "int" / "report.html").is_file() and (tmp_path / "int" / "design.tsv").is_file()
+    with pytest.warns(FutureWarning, match="the default 'threshold' will be set to"):
+        save_glm_to_bids(model, "a", out_dir=tmp_path / "future", prefix="", height_control=None)
+    with pytest.warns(UserWarning, match="'first_level_contrast' is ignored"):
+        save_glm_to_bids(model, "a", "a", out_dir=tmp_path / "flc", prefix="")

@@ -215,15 +215,16 @@ def _record(operation, inputs, options, stopwatch) -> dict:
                   stopwatch=stopwatch, note="computed in memory for this report; wall time: computing its maps")
 
 
-def first_level_pieces(model, contrasts) -> GLMPieces:
-    """A fitted :class:`~chunkglm.glm.first_level.FirstLevelModel`'s pieces (its z maps computed)."""
+def first_level_pieces(model, contrasts, stat_maps=None) -> GLMPieces:
+    """A fitted :class:`~chunkglm.glm.first_level.FirstLevelModel`'s pieces (its z maps computed unless given)."""
     definitions = contrast_dict(contrasts)
     designs = model.design_matrices_
     labels = _run_labels(model)
     weights = {name: [np.asarray(w) for w in model._contrast_vectors(definition)]
                for name, definition in definitions.items()}
-    stat_maps = {name: model.compute_contrast(definition, output_type="z_score")
-                 for name, definition in definitions.items()}
+    if stat_maps is None:
+        stat_maps = {name: model.compute_contrast(definition, output_type="z_score")
+                     for name, definition in definitions.items()}
     t_r = repetition_times(model)[0]
     inputs = {"Runs": len(designs), "Scans per run": [len(d) for d in designs],
               "Voxels in the mask": int(np.count_nonzero(np.asanyarray(model.mask_img_.dataobj)))}
@@ -240,14 +241,15 @@ def _run_labels(model) -> list[str]:
     return [str(n) for n in names] if names else []
 
 
-def second_level_pieces(model, contrasts, first_level_contrast=None) -> GLMPieces:
-    """A fitted :class:`~chunkglm.glm.second_level.SecondLevelModel`'s pieces (its z maps computed)."""
+def second_level_pieces(model, contrasts, first_level_contrast=None, stat_maps=None) -> GLMPieces:
+    """A fitted :class:`~chunkglm.glm.second_level.SecondLevelModel`'s pieces (its z maps computed unless given)."""
     design = model.design_matrix_
     definitions = contrast_dict(contrasts)
     weights = {name: [model._contrast_vector(definition)] for name, definition in definitions.items()}
-    stat_maps = {name: model.compute_contrast(definition, first_level_contrast=first_level_contrast,
-                                              output_type="z_score")
-                 for name, definition in definitions.items()}
+    if stat_maps is None:
+        stat_maps = {name: model.compute_contrast(definition, first_level_contrast=first_level_contrast,
+                                                  output_type="z_score")
+                     for name, definition in definitions.items()}
     inputs = {"Maps": int(len(design)), "Voxels in the mask": int(model.n_elements_)}
     if first_level_contrast is not None:
         inputs["First-level contrast"] = _name(first_level_contrast)
@@ -273,8 +275,22 @@ UNFITTED_MESSAGE = "This estimator has not been fit yet. Make sure to run `fit` 
 NO_CONTRAST_MESSAGE = "No contrast passed during report generation."
 
 
+@dataclass
+class SavedResults:
+    """What ``save_glm_to_bids`` computed and wrote that its report page shows instead of redoing it.
+
+    ``stat_maps``: contrast name -> z map; ``design_srcs``: per design, its
+    figure file and its correlation figure file (or None), relative to the
+    page; ``contrast_srcs``: contrast name -> its weights figure file per design.
+    """
+
+    stat_maps: dict
+    design_srcs: list
+    contrast_srcs: dict
+
+
 def model_report(model, contrasts=None, first_level_contrast=None, title=None, report_dims=None,
-                 **options) -> HTMLReport:
+                 saved: SavedResults | None = None, **options) -> HTMLReport:
     """``generate_report`` of the GLM models (see their docstrings).
 
     nilearn 0.14's behaviour: options are checked first (ValueError with
@@ -284,7 +300,9 @@ def model_report(model, contrasts=None, first_level_contrast=None, title=None, r
     unfitted model are said once as a UserWarning and on the page; with
     ``height_control=None`` and the 3.09 threshold, nilearn's FutureWarning
     about its next default. An unfitted model gives a page of its
-    parameters instead of an error.
+    parameters instead of an error. With ``saved`` (``save_glm_to_bids``),
+    the z maps are those already computed and the figures are the files
+    written beside the page.
     """
     checked = ReportOptions.checked(**options)
     notes = list(checked.warnings)
@@ -304,12 +322,17 @@ def model_report(model, contrasts=None, first_level_contrast=None, title=None, r
     else:
         if contrasts is None:
             notes.append(NO_CONTRAST_MESSAGE)
+        stat_maps = saved.stat_maps if saved is not None else None
         if first_level:
-            pieces = first_level_pieces(model, contrasts)
+            pieces = first_level_pieces(model, contrasts, stat_maps)
             operation = "report: first-level GLM"
         else:
-            pieces = second_level_pieces(model, contrasts, first_level_contrast)
+            pieces = second_level_pieces(model, contrasts, first_level_contrast, stat_maps)
             operation = "report: second-level GLM"
+        if saved is not None:
+            for design, (src, correlation_src) in zip(pieces.designs, saved.design_srcs):
+                design.src, design.correlation_src = src, correlation_src
+            pieces.contrast_srcs = dict(saved.contrast_srcs)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
     checked = replace(checked, warnings=tuple(notes))

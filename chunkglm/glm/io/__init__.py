@@ -8,7 +8,8 @@ from chunkglm.glm.io.bids import (
     save_glm_derivatives,
     save_glm_to_bids,
     save_group_derivatives,
+    write_glm_to_bids,
 )
 
 __all__ = ["check_correction_options", "permutation_contrasts", "save_glm_derivatives",
-           "save_glm_to_bids", "save_group_derivatives"]
+           "save_glm_to_bids", "save_group_derivatives", "write_glm_to_bids"]

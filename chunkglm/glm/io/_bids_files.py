@@ -8,7 +8,6 @@ gathered in :func:`run_entities`, :func:`mask_image`, :func:`confound_names` and
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -19,14 +18,14 @@ from chunkglm.errors import InputError
 from chunkglm.glm.io._bids_names import weights_json
 from chunkglm.io.derivatives import SOFTWARE, contrast_label
 from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
+from chunkglm.report.sections import ReportOptions
 
 #: Keyword arguments of nilearn's ``generate_report`` that shape the cluster
 #: tables, with nilearn's defaults.
 CLUSTER_DEFAULTS = {"threshold": None, "alpha": 0.001, "cluster_threshold": 0,
                     "height_control": "fpr", "two_sided": False, "min_distance": 8.0}
-#: Keyword arguments of ``generate_report`` that only affect its HTML report.
-REPORT_ONLY = ("title", "bg_img", "plot_type", "cut_coords", "display_mode", "report_dims",
-               "first_level_contrast")
+#: Keyword arguments of ``generate_report`` that only affect the report page.
+REPORT_ONLY = ("title", "bg_img", "plot_type", "cut_coords", "display_mode", "report_dims")
 #: nilearn 0.14's cluster-forming z threshold when height_control is None.
 DEFAULT_Z = 3.09
 
@@ -34,30 +33,31 @@ DEFAULT_Z = 3.09
 # -- options -----------------------------------------------------------------
 
 
-def cluster_options(kwargs: dict) -> dict:
-    """nilearn's report keywords, validated as nilearn does; the cluster ones returned."""
-    unknown = sorted(set(kwargs) - set(CLUSTER_DEFAULTS) - set(REPORT_ONLY))
+def report_keywords(kwargs: dict) -> dict:
+    """``save_glm_to_bids``' keyword arguments: those of ``generate_report`` (nilearn's rule).
+
+    Unknown ones raise InputError (a ValueError) with nilearn's words; the
+    values are checked as ``generate_report`` checks them (nilearn's errors),
+    before anything is computed or written. Nothing is warned here: the
+    report written at the end says each adjustment once.
+    """
+    allowed = [*CLUSTER_DEFAULTS, *REPORT_ONLY]
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise InputError(f"unknown keyword argument(s) {unknown}; allowed: "
-                         f"{sorted([*CLUSTER_DEFAULTS, *REPORT_ONLY])}.")
-    ignored = sorted(set(kwargs) & set(REPORT_ONLY))
-    if ignored:
-        warnings.warn(f"{ignored} only shape nilearn's HTML report, which chunkglm does not write; "
-                      "ignored.", UserWarning, stacklevel=3)
+        raise InputError(f"unknown keyword argument(s) {unknown}: Extra key-word must be one of {allowed} "
+                         "(the options of generate_report).")
+    ReportOptions.checked(**kwargs)
+    return dict(kwargs)
+
+
+def cluster_options(kwargs: dict) -> dict:
+    """The options that shape the cluster tables, with nilearn's adjustments (said by the report)."""
+    report_keywords(kwargs)
     options = {**CLUSTER_DEFAULTS, **{k: v for k, v in kwargs.items() if k in CLUSTER_DEFAULTS}}
-    if options["height_control"] not in ("fpr", "fdr", "bonferroni", None):
-        raise InputError(f"height_control must be 'fpr', 'fdr', 'bonferroni' or None; received "
-                         f"{options['height_control']!r}.")
-    for key in ("cluster_threshold", "min_distance"):
-        if options[key] < 0:
-            raise InputError(f"{key} must be >= 0; received {options[key]!r}.")
     if options["height_control"] is None and options["threshold"] is None:
         options["threshold"] = DEFAULT_Z
-    elif options["height_control"] is not None and options["threshold"] is not None:
-        warnings.warn(f"threshold={options['threshold']!r} is not used with height_control="
-                      f"{options['height_control']!r} (as in nilearn); set to None.",
-                      UserWarning, stacklevel=3)
-        options["threshold"] = None
+    elif options["height_control"] is not None:
+        options["threshold"] = None  # nilearn: only used with height_control=None
     return options
 
 
@@ -134,8 +134,8 @@ def _definition(name, definition):
     if isinstance(definition, str):
         return definition
     if not isinstance(definition, list | tuple | np.ndarray):
-        raise TypeError(f"contrast {name!r}: definitions must be strings or array-likes, not "
-                        f"{type(definition).__name__}.")
+        raise TypeError(f"contrast definitions must be strings or array_likes: contrast {name!r} is a "
+                        f"{type(definition).__name__}; give a formula ('a - b') or weights (1-D: t, 2-D: F).")
     array = np.asarray(definition, dtype=float)
     if array.ndim not in (1, 2):
         raise InputError(f"contrast {name!r}: weights must be 1-D (t) or 2-D (F); got shape {array.shape}.")

@@ -40,6 +40,7 @@ from chunkglm.glm.io._bids_files import (
     group_model_parameters,
     mask_image,
     model_parameters,
+    report_keywords,
     repetition_times,
     run_entities,
 )
@@ -58,6 +59,7 @@ from chunkglm.io.derivatives import (
     write_json,
 )
 from chunkglm.io.nifti import save_image
+from chunkglm.report.build import SavedResults, model_report
 from chunkglm.report.figures import (
     FIGURE_FORMATS,
     contrast_matrix_figure,
@@ -67,14 +69,15 @@ from chunkglm.report.figures import (
 )
 
 __all__ = ["check_correction_options", "permutation_contrasts", "save_glm_derivatives", "save_glm_to_bids",
-           "save_group_derivatives"]
+           "save_group_derivatives", "write_glm_to_bids"]
 
 #: Maps of the derivatives/glm layout: output key -> stat label (None: t or F).
 DERIVATIVE_STATS = {"stat": None, "z_score": "z", "effect_size": "effect", "effect_variance": "variance"}
 
 
-def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=None, **kwargs):
-    """Save GLM results to BIDS-like files, as :func:`nilearn.glm.save_glm_to_bids`.
+def save_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_types=None, out_dir=".", prefix=None,
+                     **kwargs):
+    """Save GLM results to BIDS-like files, as :func:`nilearn.glm.save_glm_to_bids`; returns the model.
 
     Parameters
     ----------
@@ -88,6 +91,10 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
         become ``contrast-<label>`` entities with nilearn's camelCase
         conversion (``"a - b"`` -> ``aMinusB``), keeping ASCII letters and
         digits only.
+    first_level_contrast : str or array-like, optional
+        Second level: passed to ``compute_contrast`` (required when the model
+        was fitted on first-level models; the ``map_name`` for a DataFrame
+        input). Ignored for a first-level model, with nilearn's warning.
     contrast_types : dict, optional
         ``{name: "t" or "F"}`` for some contrasts; default t for formulas
         and 1-D weights, F for 2-D weights. Used to compute the maps too
@@ -96,7 +103,8 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
         Output folder; created if needed. Existing files of the same names
         are replaced; other files are left alone.
     prefix : str, optional
-        Prepended (with ``_``) to the file names. When None and the model
+        Prepended (with ``_``) to the file names. A value that is not a
+        string means no prefix (nilearn's rule), with a warning. When None and the model
         knows the BIDS entities of its inputs (``model.run_entities_``:
         runs of a cohort store, or NIfTI files with BIDS names), names are
         built from them
@@ -105,27 +113,25 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
         turns that off. A prefix starting with ``sub-<label>_`` also puts
         the files in a ``sub-<label>`` folder.
     **kwargs
-        nilearn's report options that shape the cluster tables:
-        ``threshold``, ``alpha`` (0.001), ``height_control`` ("fpr"),
-        ``cluster_threshold`` (0), ``two_sided`` (False), ``min_distance``
-        (8.0), with the semantics of nilearn's GLM report: the z map is
-        thresholded within the mask by
+        The options of the model's ``generate_report`` (nilearn's rule;
+        another keyword raises ValueError): ``threshold``, ``alpha``
+        (0.001), ``height_control`` ("fpr"), ``cluster_threshold`` (0),
+        ``two_sided`` (False), ``min_distance`` (8.0) shape the cluster
+        tables and the report, with the semantics of nilearn's GLM report:
+        the z map is thresholded within the mask by
         :func:`nilearn.glm.threshold_stats_img` and tabulated by
         :func:`nilearn.reporting.get_clusters_table`, both with
         ``two_sided`` (nilearn's ``save_glm_to_bids`` always thresholds
         two-sided: pass ``two_sided=True`` for its 3.29 default
         threshold). ``title``, ``bg_img``, ``plot_type``, ``cut_coords``,
-        ``display_mode``, ``report_dims`` are accepted for compatibility
-        and ignored with a warning (no HTML report is written).
-        ``first_level_contrast`` is passed to a second-level model's
-        ``compute_contrast`` (required when it was fitted on first-level
-        models; the ``map_name`` for a DataFrame input); ignored with a
-        warning for a first-level model.
+        ``display_mode``, ``report_dims`` shape the report page
+        (``report.html``), as ``generate_report``'s.
 
     Returns
     -------
-    list of pathlib.Path
-        Every file written, in ``out_dir``, in writing order.
+    model
+        The model given (nilearn 0.14). :func:`write_glm_to_bids` takes the
+        same arguments and returns the paths written.
 
     Raises
     ------
@@ -155,16 +161,18 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
         [sub-XX/]<e>_contrast-<label>_stat-{effect,variance,t|F,p,z}_statmap.nii.gz
         [sub-XX/]<e>_contrast-<label>_clusters.{tsv,json}
         [sub-XX/]<e>_contrast-<label>_design.{png,svg}        one per run
+        [sub-XX/][<prefix>_]report.html     generate_report's page; its figures are the PNG files
+                                            beside it, its z maps those written
 
-    Differences from nilearn 0.14: no ``report.html``; figures also as SVG;
+    Differences from nilearn 0.14: figures also as SVG; ``report.html`` is the page itself
+    (nilearn writes it wrapped in an ``<iframe srcdoc=...>``);
     cluster tables from the z map (nilearn thresholds the variance map),
     thresholded as nilearn's report does (``two_sided`` for both steps,
     within the mask); maps are float32; ``stat-errorts`` and
     ``stat-rsquared`` are written whatever ``minimize_memory``;
     ``contrast_types`` also sets the statistic computed; on error nothing
     is left; contrast names are refused rather than changed when they hold
-    path separators or no letter or digit; the written paths are returned
-    (nilearn returns the model).
+    path separators or no letter or digit.
 
     Second level: as nilearn, every file goes to ``out_dir/group/`` and
     names never come from the inputs (``prefix`` only)::
@@ -178,6 +186,7 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
         group/[<prefix>_]contrast-<label>_clusters.{tsv,json}
         group/[<prefix>_]contrast-<label>_design.{png,svg}
         group/[<prefix>_]stat-{errorts,rsquared}_statmap.nii.gz
+        group/[<prefix>_]report.html
 
     No ``design.json`` (nilearn writes it for first-level models only).
     ``stat-errorts`` (one volume per map) and ``stat-rsquared`` are those
@@ -189,21 +198,51 @@ def save_glm_to_bids(model, contrasts, contrast_types=None, out_dir=".", prefix=
     --------
     >>> run = chunkglm.open_cohort("cohort.zarr").runs["sub-01_task-main_run-1"]  # doctest: +SKIP
     >>> model = FirstLevelModel(slice_time_ref=0.5).fit(run)  # doctest: +SKIP
-    >>> paths = save_glm_to_bids(model, "a - b", out_dir="results",
-    ...                          prefix="sub-01_task-main")  # doctest: +SKIP
+    >>> paths = write_glm_to_bids(model, "a - b", out_dir="results",
+    ...                           prefix="sub-01_task-main")  # doctest: +SKIP
     >>> [str(p.relative_to("results")) for p in paths if "stat-z" in p.name]  # doctest: +SKIP
     ['sub-01/sub-01_task-main_contrast-aMinusB_stat-z_statmap.nii.gz']
     """
+    write_glm_to_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, **kwargs)
+    return model
+
+
+def write_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_types=None, out_dir=".",
+                      prefix=None, **kwargs) -> list:
+    """:func:`save_glm_to_bids`, returning every file written (``pathlib.Path``, in writing order)."""
+    report = report_keywords(kwargs)
+    prefix = _prefix(prefix)
     if _is_second_level(model):
-        return _save_group_bids(model, contrasts, contrast_types, out_dir, prefix, kwargs)
+        return _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, report)
     _check_model(model)
-    options = cluster_options(kwargs)
+    if first_level_contrast is not None:
+        warnings.warn("'first_level_contrast' is ignored for FirstLevelModel. Setting first_level_contrast=None.",
+                      UserWarning, stacklevel=3)
+    options = cluster_options(report)
     prefix = check_prefix(prefix)
     specs = contrast_specs(contrasts, contrast_types, model.design_matrices_)
     names = plan_bids_names(specs, run_entities(model), len(model.design_matrices_), prefix)
     with StagedOutput(out_dir) as out:
-        _write_bids(model, specs, names, options, out)
+        saved = _write_bids(model, specs, names, options, out)
+        _write_report(model, specs, names, saved, None, report, out)
     return out.written
+
+
+def _prefix(prefix):
+    if prefix is None or isinstance(prefix, str):
+        return prefix
+    warnings.warn(f"prefix={prefix!r} is not a string: no prefix is used (nilearn's rule); pass a string, or "
+                  "'' for none.", UserWarning, stacklevel=4)
+    return ""
+
+
+def _write_report(model, specs, names, saved, first_level_contrast, report, out) -> None:
+    """``report.html`` beside the files: generate_report's page on the maps and figures just written."""
+    statmap = names.statmap_json
+    page = statmap[:-len("statmap.json")] + "report.html"
+    html = model_report(model, {spec.name: spec.definition for spec in specs}, first_level_contrast,
+                        saved=saved, **report)
+    html.save_as_html(out.path(f"{names.folder}/{page}" if names.folder else page))
 
 
 def _is_second_level(model) -> bool:
@@ -237,14 +276,24 @@ def _write_bids(model, specs, names, options, out) -> None:
                 "ModelParameters": model_parameters(model, t_rs[0])})
     mask = mask_image(model)
     save_image(mask, out.path(rel(names.mask)))
-    for design, run_names, t_r in zip(model.design_matrices_, names.runs, t_rs):
-        _write_design(design, run_names, t_r, out, rel)
+    design_srcs = [_write_design(design, run_names, t_r, out, rel)
+                   for design, run_names, t_r in zip(model.design_matrices_, names.runs, t_rs)]
+    saved = SavedResults({}, design_srcs, {})
     for spec in specs:
-        _write_contrast(model, spec, names.contrasts[spec.label], mask, options, out, rel)
+        z_map = _write_contrast(model, spec, names.contrasts[spec.label], mask, options, out, rel)
+        saved.stat_maps[spec.name] = z_map
+        saved.contrast_srcs[spec.name] = [_png(base) for base in names.contrasts[spec.label]["design"]]
     _write_model_maps(model, names.runs, out, rel)
+    return saved
 
 
-def _write_design(design, run_names, t_r, out, rel) -> None:
+def _png(base: str) -> str:
+    """A figure's PNG file as the report page beside it names it."""
+    return f"{base.rsplit('/', 1)[-1]}.png"
+
+
+def _write_design(design, run_names, t_r, out, rel) -> tuple:
+    """The design's files; returns its figure files as the report links them (design, correlations)."""
     design.to_csv(out.path(rel(run_names["design_tsv"])), sep="\t", index=False)
     if t_r is not None:  # second level: no design.json (nilearn)
         write_json(out.path(rel(run_names["design_json"])), {"RepetitionTime": t_r})
@@ -252,9 +301,11 @@ def _write_design(design, run_names, t_r, out, rel) -> None:
     correlation = design_matrix_correlation_figure(design)
     if correlation is not None:
         _save_figure(correlation, out, rel(run_names["corrdesign_base"]))
+    return _png(run_names["design_base"]), (_png(run_names["corrdesign_base"]) if correlation is not None else None)
 
 
-def _write_contrast(model, spec, outputs, mask, options, out, rel) -> None:
+def _write_contrast(model, spec, outputs, mask, options, out, rel):
+    """The contrast's maps, cluster table and weights figures; returns its z map."""
     maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
     for key in MAP_STATS:
         save_image(maps[key], out.path(rel(outputs[key])))
@@ -263,6 +314,7 @@ def _write_contrast(model, spec, outputs, mask, options, out, rel) -> None:
     write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
     for design, base in zip(model.design_matrices_, outputs["design"]):
         _save_figure(contrast_matrix_figure(spec.definition, design, spec.name), out, rel(base))
+    return maps["z_score"]
 
 
 def _write_model_maps(model, runs, out, rel) -> None:
@@ -287,10 +339,8 @@ def _save_figure(figure, out, base: str) -> None:
 # -- second level, nilearn's file set ----------------------------------------------
 
 
-def _save_group_bids(model, contrasts, contrast_types, out_dir, prefix, kwargs):
+def _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, kwargs):
     _check_second_level(model)
-    kwargs = dict(kwargs)
-    first_level_contrast = kwargs.pop("first_level_contrast", None)
     options = cluster_options(kwargs)
     prefix = check_prefix(prefix)
     specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
@@ -300,7 +350,8 @@ def _save_group_bids(model, contrasts, contrast_types, out_dir, prefix, kwargs):
                       "are not written (fit with minimize_memory=False to get them).",
                       UserWarning, stacklevel=3)
     with StagedOutput(out_dir) as out:
-        _write_group_bids(model, specs, names, options, first_level_contrast, out)
+        saved = _write_group_bids(model, specs, names, options, first_level_contrast, out)
+        _write_report(model, specs, names, saved, first_level_contrast, kwargs, out)
     return out.written
 
 
@@ -314,7 +365,7 @@ def _write_group_bids(model, specs, names, options, first_level_contrast, out) -
                 "ModelParameters": group_model_parameters(model)})
     mask = mask_image(model)
     save_image(mask, out.path(rel(names.mask)))
-    _write_design(model.design_matrix_, names.runs[0], None, out, rel)
+    saved = SavedResults({}, [_write_design(model.design_matrix_, names.runs[0], None, out, rel)], {})
     for spec in specs:
         maps = model.compute_contrast(spec.definition, first_level_contrast=first_level_contrast,
                                       second_level_stat_type=spec.stat_type, output_type="all")
@@ -326,9 +377,12 @@ def _write_group_bids(model, specs, names, options, first_level_contrast, out) -
         write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
         figure = contrast_matrix_figure(spec.definition, model.design_matrix_, spec.name)
         _save_figure(figure, out, rel(outputs["design"][0]))
+        saved.stat_maps[spec.name] = maps["z_score"]
+        saved.contrast_srcs[spec.name] = [_png(outputs["design"][0])]
     if not model.minimize_memory:  # of the last contrast's fit, as nilearn
         save_image(model.r_square_, out.path(rel(names.runs[0]["rsquared"])))
         save_image(model.residuals_, out.path(rel(names.runs[0]["errorts"])))
+    return saved
 
 
 # -- derivatives/glm layout -------------------------------------------------------
