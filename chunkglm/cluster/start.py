@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import dask
 import psutil
 from dask.utils import format_bytes
 from distributed import Client, LocalCluster
@@ -26,6 +27,7 @@ from distributed.core import Status
 from distributed.system import MEMORY_LIMIT
 
 from . import backends
+from .main_guard import REIMPORTING_METHODS, unguarded_call_site
 from .config import (
     AVAILABLE_TYPES,
     JOBQUEUE_TYPES,
@@ -315,6 +317,27 @@ def _announce(client: Client, summary: str, stream: TextIO | None = None) -> Non
     print(f"Dashboard: {link or 'disabled (dashboard_address: null)'}", file=stream, flush=True)
 
 
+def _check_main_guard(config: ClusterConfig) -> None:
+    """Refuse at once a local cluster of worker processes started from a script's top level
+    without ``if __name__ == "__main__":`` (its workers would import the script again and die;
+    see :mod:`chunkglm.cluster.main_guard`)."""
+    if config.type != "local" or not config.options["processes"]:
+        return
+    if dask.config.get("distributed.worker.multiprocessing-method") not in REIMPORTING_METHODS:
+        return
+    site = unguarded_call_site(sys._getframe(2))
+    if site is None:
+        return
+    script, line = site
+    raise ClusterStartError(
+        f"a local cluster is started at the top level of {script} (line {line}) without "
+        "`if __name__ == \"__main__\":`. Its worker processes import that script again, so each would "
+        "start another cluster and die (multiprocessing's 'bootstrapping phase' error) while this "
+        "process waited for them. Put the code that starts the cluster under "
+        "`if __name__ == \"__main__\":` (or in a function called from there), or use threads "
+        "(processes: false in the config, CHUNKGLM_CLUSTER__LOCAL__PROCESSES=false).")
+
+
 def start(config: ConfigLike = None, *, verbose: bool = True, **overrides: Any) -> Client:
     """Start a dask cluster described by a config and connect a Client to it.
 
@@ -353,6 +376,7 @@ def start(config: ConfigLike = None, *, verbose: bool = True, **overrides: Any) 
     ...     total = dask.array.ones(1000, chunks=100).sum().compute()
     """
     config_ = load_config(config, overrides=overrides)
+    _check_main_guard(config_)
     cluster, summary = _backend(config_)(config_)
     try:
         _apply_adapt(cluster, config_)
