@@ -305,3 +305,14 @@ def test_unfitted_model_gives_an_empty_report_with_nilearns_warning(level):
     for marker in ('id="warnings"', "No statistical map was provided.", "No mask was provided.", "empty"):
         assert marker in page, marker
     assert '<a id="navbar-matrix-link' not in page and 'id="design-matrix-' not in page
+
+
+def test_reporting_data_gives_nilearns_view_of_the_inputs(fitted):
+    from chunkglm.glm.first_level import FirstLevelModel
+
+    model = fitted["models"][0]
+    view = model._reporting_data
+    assert list(view["run_imgs"]) == list(range(len(model.design_matrices_)))
+    assert [run["entities"] for run in view["run_imgs"].values()] == model.run_entities_
+    assert view["run_imgs"][0]["entities"]["sub"] == "01"
+    assert FirstLevelModel()._reporting_data == {} and fitted["group"]._reporting_data == {}

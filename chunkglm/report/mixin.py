@@ -9,6 +9,23 @@ from chunkglm.report.build import model_report
 class GLMReportMixin:
     """Adds nilearn's ``generate_report`` to a fitted GLM model (see :mod:`chunkglm.report.build`)."""
 
+    @property
+    def _reporting_data(self) -> dict:
+        """nilearn's private record of a fitted first-level model's inputs, as a read-only view.
+
+        nilearn's models keep in ``_reporting_data`` what their report and
+        ``save_glm_to_bids`` read about the inputs; code written against it
+        (nilearn's own tests) finds ``{"run_imgs": {run index: {"entities":
+        BIDS entities of the input}}}`` here, built from ``run_entities_``
+        on each access (so changing the dict changes nothing). Empty before
+        fit and for a second-level model. nilearn's other keys (trial types,
+        the files written by ``save_glm_to_bids``) are not given.
+        """
+        entities = getattr(self, "run_entities_", None)
+        if entities is None or not self._is_first_level_glm():
+            return {}
+        return {"run_imgs": {index: {"entities": dict(e or {})} for index, e in enumerate(entities)}}
+
     def generate_report(self, contrasts=None, first_level_contrast=None, title=None,
                         bg_img="MNI152TEMPLATE", threshold=None, alpha=0.001, cluster_threshold=0,
                         height_control="fpr", two_sided=False, min_distance=8.0, plot_type="slice",
