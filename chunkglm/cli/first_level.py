@@ -41,7 +41,7 @@ from chunkglm.cli.progress import Reporter
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import explain_worker_deaths, first_level_from_bids, fitted_in_waves
 from chunkglm.glm.first_level.model import _expression
-from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids
+from chunkglm.interfaces.bids import save_glm_derivatives, write_glm_to_bids
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
 from chunkglm.io.derivatives import contrast_label, source_datasets
@@ -257,8 +257,8 @@ def _write_subject(args, job, out, context) -> None:
     model = job.model
     if job.state.status == "conflict":  # --overwrite: incomplete from here on
         subjects_io.clear_record(out, job.label, args.task)
-    paths = save_glm_to_bids(model, job.weights, contrast_types=job.types, out_dir=args.output_dir,
-                             prefix=f"sub-{job.label}_task-{args.task}")
+    paths = write_glm_to_bids(model, job.weights, contrast_types=job.types, out_dir=args.output_dir,
+                              prefix=f"sub-{job.label}_task-{args.task}")
     paths += save_glm_derivatives(model, job.weights, args.output_dir, task_label=args.task,
                                   contrast_types=job.types, confounds=model.confound_names_[0] or [])
     entries = subjects_io.output_entries(out, paths, job.label)
