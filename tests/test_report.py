@@ -316,3 +316,17 @@ def test_reporting_data_gives_nilearns_view_of_the_inputs(fitted):
     assert [run["entities"] for run in view["run_imgs"].values()] == model.run_entities_
     assert view["run_imgs"][0]["entities"]["sub"] == "01"
     assert FirstLevelModel()._reporting_data == {} and fitted["group"]._reporting_data == {}
+
+
+def test_saved_report_page_and_run_carousel_load_in_a_real_browser(small_runs, browser_check, tmp_path):
+    """save_glm_to_bids' page links the PNG files beside it; three runs give the carousel (its script runs)."""
+    model, contrast, _ = small_runs
+    save_glm_to_bids(model, {"c1": contrast[0]}, out_dir=tmp_path / "out", prefix="", height_control=None,
+                     threshold=1.0)
+    page = tmp_path / "out" / "report.html"
+    text = page.read_text()
+    linked = [src for src in re.findall(r'<img src="([^"]+)"', text) if not src.startswith("data:")]
+    assert len(linked) == 9 and all((page.parent / src).is_file() for src in linked)  # 3 runs x 3 figures
+    result = browser_check(page, tmp_path / "saved.png")
+    assert result.ok, result.problems
+    assert result.image_count == text.count("<img ") and not result.broken_images
