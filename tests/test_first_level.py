@@ -468,3 +468,19 @@ def test_nifti_inputs_need_t_r_and_events_as_nilearns(tiny_bids):
     model = FirstLevelModel(t_r=tiny_bids.tr, slice_time_ref=0.5).fit(str(run.bold_path), events=events)
     with pytest.raises(InputError, match="t contrasts cannot be empty"):
         model.compute_contrast(np.array([]))
+
+
+def test_maps_are_float64_as_nilearns_and_derivatives_float32(tiny_bids, float_store, tmp_path):
+    """compute_contrast hands out float64 images as nilearn's (fixed effects of float32 images
+    would differ from the float64 computation by float32 rounding); derivative files stay float32."""
+    from chunkglm.glm.io import save_glm_to_bids
+
+    run = tiny_bids.runs[0]
+    node = float_store.runs[run.name]
+    events, _ = _inputs(tiny_bids, [run])
+    model = FirstLevelModel(t_r=tiny_bids.tr, slice_time_ref=0.5).fit(node, events=events)
+    maps = model.compute_contrast("a - b", output_type="all")
+    assert {img.get_data_dtype() for img in maps.values()} == {np.dtype(np.float64)}
+    save_glm_to_bids(model, "a - b", out_dir=tmp_path / "out")
+    written = list((tmp_path / "out").rglob("*_statmap.nii.gz"))
+    assert written and {nib.load(p).get_data_dtype() for p in written} == {np.dtype(np.float32)}

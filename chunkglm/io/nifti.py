@@ -400,6 +400,18 @@ def image_bytes(img, units: bool = True) -> bytes | None:
     return bytes(raw)
 
 
+def save_map(img, path, *, units: bool = True) -> Path:
+    """:func:`save_image` for a derivative map: float64 data are written as float32, the
+    derivatives' dtype (the models hand out float64 images, as nilearn's); other dtypes
+    (masks, integer maps) as they are."""
+    if img.get_data_dtype() == np.float64:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        header = img.header.copy()
+        header.set_data_dtype(np.float32)
+        img = type(img)(data, img.affine, header)
+    return save_image(img, path, units=units)
+
+
 def save_image(img, path, *, units: bool = True) -> Path:
     """Save a nibabel image, byte for byte the same on every run.
 

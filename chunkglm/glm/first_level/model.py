@@ -602,12 +602,13 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         return total * (1.0 / used)
 
     def _to_image(self, values, squeeze=True):
-        """3-D image; an F contrast's (q, voxel) effect becomes q volumes, as nilearn."""
-        values = np.asarray(values, dtype=np.float32)
+        """3-D float64 image, as nilearn's; an F contrast's (q, voxel) effect becomes q volumes."""
+        values = np.asarray(values, dtype=np.float64)
         if squeeze and values.ndim == 2 and values.shape[0] == 1:
             values = values[0]
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
-        return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine)
+        return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine,
+                                 dtype=np.float64)
 
 
 def _refuse_sparse(run_imgs):

@@ -58,7 +58,7 @@ from chunkglm.io.derivatives import (
     dataset_description,
     write_json,
 )
-from chunkglm.io.nifti import save_image
+from chunkglm.io.nifti import save_map as save_image  # derivative maps: float32
 from chunkglm.report.build import SavedResults, model_report
 from chunkglm.report.figures import (
     FIGURE_FORMATS,

@@ -302,7 +302,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         Returns
         -------
         nibabel.Nifti1Image or dict of them
-            3-D float32 maps on the mask's grid (an F effect: one volume per
+            3-D float64 maps (as nilearn's) on the mask's grid (an F effect: one volume per
             contrast row); "all" gives a dict keyed by output type.
         """
         self._check_fitted()
@@ -375,7 +375,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         self._last_run = (maps, self._fits[key])
         return self._fits[key]
 
-    def _to_image(self, maps, values, dtype=np.float32):
+    def _to_image(self, maps, values, dtype=np.float64):
         grid = maps.grid
         return image_from_voxels(np.asarray(values), maps.ijk, grid.shape, affine=grid.affine,
                                  dtype=dtype)
