@@ -20,6 +20,7 @@ from nilearn.glm import fdr_threshold as nilearn_fdr_threshold
 from nilearn.glm import threshold_stats_img as nilearn_threshold_stats_img
 from nilearn.reporting import get_clusters_table as nilearn_get_clusters_table
 from scipy.ndimage import gaussian_filter
+from scipy.stats import norm
 
 from chunkglm.errors import InputError
 from chunkglm.glm.thresholding import (
@@ -28,6 +29,7 @@ from chunkglm.glm.thresholding import (
     threshold_stats_img,
 )
 from chunkglm.inference.clusters import apply_cluster_extent
+from chunkglm.inference.thresholding import StatImageDimensionError
 from chunkglm.io.layout import Grid
 from chunkglm.reporting import get_clusters_table
 
@@ -299,23 +301,23 @@ def test_clusters_table_sizes_and_order_from_the_label_maps(stat_img, mask_img):
 
 def test_bad_input_is_a_clear_error(stat_img, mask_img, tmp_path):
     four_d = nib.Nifti1Image(np.zeros((*SHAPE, 2), np.float32), AFFINE)
-    with pytest.raises(InputError, match=r"3-D map; got an image of shape \(20, 24, 20, 2\)"):
-        threshold_stats_img(four_d)
-    with pytest.raises(InputError, match="3-D map"):
+    with pytest.raises(StatImageDimensionError, match=r"3-D map; got an image of shape \(20, 24, 20, 2\)"):
         get_clusters_table(four_d, 2.0)
-    with pytest.raises(InputError, match="height_control='holm' is not known"):
+    with pytest.raises(TypeError, match="Input data has incompatible dimensionality"):
+        cluster_level_inference(four_d, threshold=2.0)
+    with pytest.raises(InputError, match=r"'height_control' must be one of .*\n'holm' was provided"):
         threshold_stats_img(stat_img, height_control="holm")
-    for alpha in (0, 1, 1.5, -0.1):
-        with pytest.raises(InputError, match=rf"alpha must be a number in \(0, 1\); got alpha={alpha}"):
+    for alpha in (1.5, -0.1):
+        with pytest.raises(InputError, match=rf"alpha should be between 0 and 1. {alpha} was provided"):
             threshold_stats_img(stat_img, alpha=alpha)
     other_grid = nib.Nifti1Image(np.ones((10, 12, 10), np.uint8), np.diag([4.0, 4, 4, 1]))
     with pytest.raises(InputError, match=r"mask_img is on another grid \(shape \(10, 12, 10\)"):
         threshold_stats_img(stat_img, mask_img=other_grid)
-    with pytest.raises(InputError, match="two-sided threshold must be >= 0; got threshold=-2"):
+    with pytest.raises(InputError, match='"threshold" should not be a negative value when two_sided=True'):
         threshold_stats_img(stat_img, threshold=-2.0, height_control=None)
-    with pytest.raises(InputError, match="cluster_threshold must be a number of voxels >= 0"):
+    with pytest.raises(InputError, match="'cluster_threshold' must be > 0. Got cluster_threshold=-1"):
         threshold_stats_img(stat_img, cluster_threshold=-1)
-    with pytest.raises(InputError, match="needs the statistic map"):
+    with pytest.raises(InputError, match="'stat_img' cannot be None for height_control='fdr'"):
         threshold_stats_img(None, height_control="fdr")
     with pytest.raises(InputError, match="does not exist"):
         threshold_stats_img(str(tmp_path / "missing.nii.gz"))
@@ -324,23 +326,24 @@ def test_bad_input_is_a_clear_error(stat_img, mask_img, tmp_path):
         threshold_stats_img(values)
     with pytest.raises(InputError, match=r"expected one map over the \d+ in-mask voxels"):
         threshold_stats_img(values, mask_img=mask_img)
-    with pytest.raises(InputError, match="two_sided=True stat_threshold must be >= 0"):
+    with pytest.raises(InputError, match='"threshold" should not be a negative value when two_sided=True'):
         get_clusters_table(stat_img, -2.0, two_sided=True)
-    with pytest.raises(InputError, match="min_distance must be a positive distance"):
+    with pytest.raises(InputError, match="'min_distance' must be positive"):
         get_clusters_table(stat_img, 2.0, min_distance=0)
-    with pytest.raises(InputError, match=r"threshold must be a z value >= 0 or a list of them; got \[2.0, -1.0\]"):
+    with pytest.raises(InputError, match=r"'threshold' cannot be negative or contain negative values. "
+                                         r"Got: 'threshold=\[2.0, -1.0\]'"):
         cluster_level_inference(stat_img, threshold=[2.0, -1.0])
-    with pytest.raises(InputError, match=r"alpha must be a number in \(0, 1\); got alpha=2"):
-        cluster_level_inference(stat_img, alpha=2)
+    with pytest.raises(InputError, match="alpha should be between 0 and 1. 2 was provided"):
+        cluster_level_inference(stat_img, threshold=2.0, alpha=2)
     with pytest.raises(InputError, match="mask_img is on another grid"):
-        cluster_level_inference(stat_img, mask_img=other_grid)
+        cluster_level_inference(stat_img, threshold=2.0, mask_img=other_grid)
     grid = Grid(affine=AFFINE, mask=np.ones(SHAPE, bool))
     with pytest.raises(InputError, match="only used with a DataArray"):
         get_clusters_table(stat_img, 2.0, mask_img=grid)
 
 
 def test_ignored_threshold_warns(stat_img):
-    with pytest.warns(UserWarning, match="only used when height_control=None"):
+    with pytest.warns(UserWarning, match="'threshold' is only used when 'height_control=None'"):
         threshold_stats_img(stat_img, threshold=2.0, height_control="fpr")
 
 
@@ -349,3 +352,172 @@ def test_clusters_table_is_a_dataframe_without_clusters(stat_img):
         warnings.simplefilter("ignore")
         table = get_clusters_table(stat_img, 50.0)
     assert isinstance(table, pd.DataFrame) and table.empty
+
+
+# -- nilearn's errors, warnings and input forms (issue 15, items 2 and 6) ---------------------
+
+
+def _outcome(function, *args, **kwargs):
+    """(exception or None, [(warning category, message)]) of one call, every warning recorded."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            function(*args, **kwargs)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - the class is what is compared
+            error = exc
+    return error, [(w.category, str(w.message)) for w in caught if "MaskWarning" not in w.category.__name__]
+
+
+def _assert_as_nilearn(ours_fn, nilearn_fn, *args, **kwargs):
+    """The same exception class (or none) with nilearn's message inside ours, and nilearn's
+    warnings (category and text) among ours."""
+    ours, ours_warnings = _outcome(ours_fn, *args, **kwargs)
+    theirs, their_warnings = _outcome(nilearn_fn, *args, **kwargs)
+    if theirs is None:
+        assert ours is None, ours
+    else:
+        assert isinstance(ours, type(theirs)), (ours, theirs)
+        assert str(theirs).strip().split("\n")[0] in str(ours), (str(ours), str(theirs))
+    for category, message in their_warnings:
+        if "FigureCanvasAgg" in message:
+            continue
+        assert any(issubclass(c, category) and message.strip() in m for c, m in ours_warnings), \
+            (message, ours_warnings)
+
+
+@pytest.mark.parametrize("height_control", [None, "fpr", "fdr", "bonferroni"])
+@pytest.mark.parametrize("threshold", [None, 3, 3.0, 2.9, 3.090232306167813, -2.0])
+def test_threshold_stats_img_warnings_and_errors_as_nilearn(stat_img, height_control, threshold):
+    # nilearn's FutureWarning for the 3.0 threshold (height_control=None only), its UserWarning
+    # for a threshold given with a height control, its negative two-sided threshold error
+    _assert_as_nilearn(threshold_stats_img, nilearn_threshold_stats_img, stat_img,
+                       threshold=threshold, height_control=height_control)
+    ours = _outcome(threshold_stats_img, stat_img, threshold=threshold, height_control=height_control)[1]
+    theirs = _outcome(nilearn_threshold_stats_img, stat_img, threshold=threshold,
+                      height_control=height_control)[1]
+    assert sum(c is FutureWarning for c, _ in ours) == sum(c is FutureWarning for c, _ in theirs)
+
+
+@pytest.mark.parametrize("call", [
+    dict(stat_img=None, height_control="fdr"),
+    dict(stat_img=None, height_control="bonferroni"),
+    dict(stat_img=None, height_control="plop"),
+    dict(height_control="knights_of_ni"),
+    dict(cluster_threshold=-10),
+    dict(alpha=-0.1, height_control="fdr", two_sided=False),  # nilearn's message has alpha / 2 if two-sided
+    dict(alpha=0.0, height_control="bonferroni"),  # nilearn's closed interval: an infinite threshold
+    dict(height_control="fdr", threshold=-2, two_sided=True),  # threshold unused: no error
+    dict(height_control=None, threshold=1000.0),  # nilearn's "But, you have given threshold="
+    dict(height_control=None, threshold=-1000.0, two_sided=False),
+])
+def test_threshold_stats_img_bad_calls_as_nilearn(stat_img, call):
+    call = {"stat_img": stat_img, **call}
+    _assert_as_nilearn(threshold_stats_img, nilearn_threshold_stats_img, **call)
+
+
+def test_fdr_threshold_alpha_as_nilearn():
+    z = np.linspace(-3, 5, 50)
+    for alpha in (-0.1, 1.5):
+        _assert_as_nilearn(fdr_threshold, nilearn_fdr_threshold, z, alpha)
+    assert fdr_threshold(z, 0.0) == nilearn_fdr_threshold(z, 0.0) == np.inf
+
+
+def test_threshold_stats_img_of_a_4d_image_as_nilearn(stat_img, mask_img):
+    # nilearn thresholds every volume, with one threshold computed over all volumes' values,
+    # and returns the input's shape (a 4-D image of one volume stays 4-D)
+    data = np.stack([_z_map(0), _z_map(1), -_z_map(2)], axis=-1)
+    for volumes in (data, data[..., :1]):
+        img = nib.Nifti1Image(volumes, AFFINE)
+        for kwargs in (dict(height_control="fdr", alpha=0.05), dict(height_control="bonferroni"),
+                       dict(height_control=None, threshold=2.5, cluster_threshold=10),
+                       dict(height_control="fdr", mask_img=mask_img, two_sided=False)):
+            ours, ours_t = threshold_stats_img(img, **kwargs)
+            theirs, their_t = _nilearn(img, **kwargs)
+            assert ours.shape == theirs.shape == img.shape
+            # the same formula on the same values: equal to rounding (1e-12 in z)
+            np.testing.assert_allclose(ours_t, their_t, rtol=0, atol=1e-12)
+            np.testing.assert_array_equal(ours.get_fdata(), theirs.get_fdata())
+
+
+def test_non_finite_values_warn_as_nilearn(stat_img):
+    data = _z_map()[..., None].copy()  # nilearn's test: a 4-D image of one volume
+    data[0, 0, 0] = np.nan
+    data[1, 1, 1] = np.inf
+    img = nib.Nifti1Image(data, AFFINE)
+    _assert_as_nilearn(get_clusters_table, nilearn_get_clusters_table, img, 2.5)
+    _assert_as_nilearn(threshold_stats_img, nilearn_threshold_stats_img, img, threshold=2.5,
+                       height_control=None)
+    with pytest.warns(UserWarning, match="Non-finite values detected"):
+        table = get_clusters_table(img, 2.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_same_table(table, nilearn_get_clusters_table(img, 2.5))
+
+
+@pytest.mark.parametrize("call", [
+    dict(stat_threshold=1000),
+    dict(stat_threshold=4.9, cluster_threshold=1000),
+    dict(stat_threshold=-1000, two_sided=False),
+    dict(stat_threshold=-1, two_sided=True),
+    dict(stat_threshold=0.1, min_distance=-4),
+    dict(stat_threshold=2.0, two_sided=True),
+])
+def test_get_clusters_table_errors_and_warnings_as_nilearn(stat_img, call):
+    _assert_as_nilearn(get_clusters_table, nilearn_get_clusters_table, stat_img, **call)
+
+
+def test_get_clusters_table_of_several_volumes_raises_nilearn_dimension_error(stat_img):
+    four_d = nib.Nifti1Image(np.stack([_z_map(0), _z_map(1)], axis=-1), AFFINE)
+    _assert_as_nilearn(get_clusters_table, nilearn_get_clusters_table, four_d, 2.0)
+
+
+@pytest.mark.parametrize("threshold", [3, 3.0, 2.9, 3.090232306167813, [3.0], [2.0, 3.0], -1, [-1, 2]])
+def test_cluster_level_inference_warnings_and_errors_as_nilearn(stat_img, threshold):
+    _assert_as_nilearn(cluster_level_inference, nilearn_cluster_level_inference, stat_img,
+                       threshold=threshold)
+    ours = _outcome(cluster_level_inference, stat_img, threshold=threshold)[1]
+    theirs = _outcome(nilearn_cluster_level_inference, stat_img, threshold=threshold)[1]
+    assert sum(c is FutureWarning for c, _ in ours) == sum(c is FutureWarning for c, _ in theirs)
+
+
+@pytest.mark.parametrize("call", [dict(alpha=-1, threshold=2.0), dict(alpha=2, threshold=2.0)])
+def test_cluster_level_inference_bad_alpha_as_nilearn(stat_img, call):
+    _assert_as_nilearn(cluster_level_inference, nilearn_cluster_level_inference, stat_img, **call)
+
+
+def test_cluster_level_inference_of_several_volumes_raises_nilearn_dimension_error():
+    four_d = nib.Nifti1Image(np.stack([_z_map(0), _z_map(1)], axis=-1), AFFINE)
+    _assert_as_nilearn(cluster_level_inference, nilearn_cluster_level_inference, four_d, threshold=0.5)
+    one_volume = nib.Nifti1Image(_z_map(0)[..., None], AFFINE)  # counts as 3-D, as in nilearn
+    np.testing.assert_array_equal(
+        cluster_level_inference(one_volume, threshold=2.5).get_fdata(),
+        nilearn_cluster_level_inference(one_volume, threshold=2.5).get_fdata())
+
+
+def test_cluster_level_inference_verbose_draws_nilearn_figure():
+    # nilearn's verbose figure: the sorted p-values, the Hommel line and the zero line
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    shape = (7, 8, 9)
+    p = np.linspace(1.0 / np.prod(shape), 1.0 - 1.0 / np.prod(shape), np.prod(shape))
+    data = norm.isf(p).reshape(shape)
+    data[2:4, 5:7, 6:8] = 5.0  # nilearn's test_all_resolution_inference map
+    img = nib.Nifti1Image(data, np.eye(4))
+    figures = []
+    for function in (cluster_level_inference, nilearn_cluster_level_inference):
+        plt.close("all")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = function(img, threshold=3.090232306167813, alpha=0.05, verbose=1)
+        assert plt.get_fignums(), function
+        figures.append([np.asarray(line.get_xydata()) for line in plt.gcf().axes[0].lines])
+        assert np.sum(result.get_fdata() > 0) == 8
+    plt.close("all")
+    ours, theirs = figures
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)

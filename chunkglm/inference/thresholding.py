@@ -18,12 +18,48 @@ import nibabel as nib
 import numpy as np
 from scipy.stats import norm
 
-from chunkglm.errors import InputError
+from nilearn.exceptions import DimensionError
+
+from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.inference.clusters import apply_cluster_extent, label_clusters
+from chunkglm.kernels.finite import NILEARN_MESSAGE, _stack_level
 
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", None)
 #: nilearn's threshold when ``height_control=None`` and none is given.
 DEFAULT_THRESHOLD = 3.0
+#: The default nilearn 0.14 announces for 0.15 (its ``DEFAULT_Z_THRESHOLD``, ``norm.isf(0.001)``).
+NEXT_DEFAULT_THRESHOLD = norm.isf(0.001)
+
+
+class StatImageDimensionError(ChunkglmError, DimensionError):
+    """nilearn's DimensionError (a TypeError): a statistic image that is not one 3-D map."""
+
+    def __init__(self, file_dimension: int, required_dimension: int, remedy: str = ""):
+        super().__init__(file_dimension, required_dimension)
+        self.remedy = remedy
+
+    def __str__(self):
+        return f"{self.message} {self.remedy}".rstrip()  # nilearn's message, then the remedy
+
+
+def warn_default_threshold(threshold) -> None:
+    """nilearn 0.14's FutureWarning, given whenever the threshold used is 3.0."""
+    warnings.warn(
+        f"\nFrom nilearn version>=0.15, the default 'threshold' will be set to "
+        f"{NEXT_DEFAULT_THRESHOLD}. (chunkglm follows nilearn's defaults; this warning is "
+        f"nilearn's, given whenever threshold={threshold!r}: pass another value to silence it.)",
+        FutureWarning,
+        stacklevel=_stack_level(),
+    )
+
+
+def check_alpha(alpha) -> None:
+    """nilearn's check (and wording) for a p- or q-value level: a number in [0, 1]."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+        raise InputError(
+            f"alpha should be between 0 and 1. {alpha!r} was provided: give a p-value (fpr, "
+            "bonferroni) or q-value (fdr) level such as 0.05."
+        )
 
 
 def fdr_threshold(z_vals, alpha):
@@ -43,8 +79,7 @@ def fdr_threshold(z_vals, alpha):
         minus 1e-12 (so that ``z >= threshold`` keeps it), or ``inf`` when
         none passes. Identical to ``nilearn.glm.fdr_threshold``.
     """
-    if not 0 <= alpha <= 1:
-        raise InputError(f"alpha must be between 0 and 1; got alpha={alpha!r}.")
+    check_alpha(alpha)
     z_sorted = -np.sort(-np.asarray(z_vals).ravel())
     p_vals = norm.sf(z_sorted)
     n_samples = len(p_vals)
@@ -122,25 +157,31 @@ def threshold_stats_img(
 ):
     """Compute the voxel-level threshold and return the thresholded map.
 
-    Same semantics and numbers as ``nilearn.glm.threshold_stats_img``
-    (nilearn 0.14).
+    Same semantics, numbers, errors and warnings as
+    ``nilearn.glm.threshold_stats_img`` (nilearn 0.14).
 
     Parameters
     ----------
     stat_img : NIfTI image, path, xarray.DataArray or None
-        A 3-D statistic map (z scale). A DataArray holds the in-mask values
-        over the store's voxel axis, shape (voxel,), and needs ``mask_img``.
-        None is allowed for 'fpr' and None height control (threshold only).
+        A 3-D statistic map (z scale), or a 4-D image as nilearn takes it:
+        the threshold is computed over the values of all its volumes and
+        each volume is thresholded (clusters are formed volume by volume);
+        the returned map keeps the input's shape. A DataArray holds the
+        in-mask values over the store's voxel axis, shape (voxel,), and needs
+        ``mask_img``. None is allowed for 'fpr' and None height control
+        (threshold only).
     mask_img : NIfTI image, path, grid or None
         Voxels counted for 'fdr' and 'bonferroni' and kept in the output; on
         the grid of ``stat_img``. None: nilearn's background mask of
         ``stat_img`` (and no voxel is zeroed for being outside it). A grid is
         a chunkglm ``Grid`` (``cohort.grid(id)``).
     alpha : float, default=0.001
-        In (0, 1): p-value ('fpr', 'bonferroni') or q-value ('fdr').
+        In [0, 1]: p-value ('fpr', 'bonferroni') or q-value ('fdr').
     threshold : float or None, default=None
         z threshold, used only when ``height_control`` is None (then None
-        means 3.0).
+        means 3.0, with nilearn's FutureWarning about its next default);
+        with another ``height_control`` it is not used (nilearn's
+        UserWarning says so).
     height_control : {'fpr', 'fdr', 'bonferroni', None}, default='fpr'
     cluster_threshold : float, default=0
         Clusters (6-connected, each sign separately) smaller than this many
@@ -154,23 +195,39 @@ def threshold_stats_img(
         None when ``stat_img`` is None.
     threshold : float
         The voxel-level threshold used.
+
+    Warns
+    -----
+    FutureWarning
+        ``height_control=None`` with the threshold 3.0 (nilearn announces
+        another default).
+    UserWarning
+        ``threshold`` given with a ``height_control``; the threshold above
+        the map's largest (absolute) value; NaN or infinite values (set to 0).
     """
-    _check_options(alpha, height_control, cluster_threshold, two_sided, threshold)
-    if height_control is not None and threshold is not None:
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)):
+        raise InputError(f"threshold must be a number or None; got {threshold!r}.")
+    if height_control is None:
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        if threshold == DEFAULT_THRESHOLD:
+            warn_default_threshold(threshold)
+    elif threshold is not None:
         warnings.warn(
-            f"threshold={threshold!r} is not used with height_control={height_control!r}; "
-            "it is only used when height_control=None.",
+            f"\n'threshold={float(threshold)!r}' is not used with 'height_control={height_control!r}'."
+            "\n'threshold' is only used when 'height_control=None'. \n'threshold' was set to 'None'. ",
             UserWarning,
-            stacklevel=2,
+            stacklevel=_stack_level(),
         )
+        threshold = None
+    _check_options(alpha, height_control, cluster_threshold, two_sided)
     if stat_img is None:
         if height_control in ("fdr", "bonferroni"):
             raise InputError(
-                f"stat_img is None, but height_control={height_control!r} needs the "
-                "statistic map to count voxels; pass stat_img."
+                f"'stat_img' cannot be None for height_control={height_control!r}: this control "
+                "counts the map's voxels; pass stat_img."
             )
         return None, height_threshold(None, alpha, height_control, two_sided, threshold)
-    img, mask = load_stat_map(stat_img, mask_img)
+    img, mask = load_stat_map(stat_img, mask_img, volumes=True)
     data = np.asanyarray(img.dataobj)
     counted = _default_mask(img) if mask is None else mask
     cutoff = height_threshold(data[counted], alpha, height_control, two_sided, threshold)
@@ -178,7 +235,7 @@ def threshold_stats_img(
     return like_image(img, thresholded), cutoff
 
 
-def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05):
+def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, verbose=0):
     """Proportion of truly active voxels in each cluster (All-Resolution Inference).
 
     Rosenblatt et al. (2018), as ``nilearn.glm.cluster_level_inference``
@@ -190,14 +247,22 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05):
     Parameters
     ----------
     stat_img : NIfTI image, path or xarray.DataArray
-        A 3-D z map. A DataArray of shape (voxel,) needs ``mask_img``.
+        A 3-D z map (a 4-D image of one volume counts as 3-D; more volumes
+        raise nilearn's DimensionError). A DataArray of shape (voxel,) needs
+        ``mask_img``.
     mask_img : NIfTI image, path, grid or None
         Voxels counted; on the grid of ``stat_img``. None: nilearn's
         background mask of ``stat_img``.
     threshold : float or list of float, default=3.0
-        Non-negative cluster-forming thresholds, z scale.
+        Non-negative cluster-forming thresholds, z scale. The value 3.0 gives
+        nilearn's FutureWarning about its next default.
     alpha : float, default=0.05
-        In (0, 1): level of the bound.
+        In [0, 1]: level of the bound.
+    verbose : int, default=0
+        As nilearn: above 0, draws (matplotlib, not blocking) the sorted
+        p-values of the in-mask voxels and the line giving the Hommel value,
+        when that value is not trivial (some but not all p-values below
+        ``alpha``).
 
     Returns
     -------
@@ -211,15 +276,21 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05):
     ``p < alpha`` the Hommel value is 0 and the "proportion" is
     (n + 1) / n, slightly above 1.
     """
+    if not isinstance(threshold, (list, tuple)) and threshold == DEFAULT_THRESHOLD:
+        warn_default_threshold(threshold)  # nilearn compares the value as given: a list never warns
     thresholds = threshold if isinstance(threshold, (list, tuple)) else [threshold]
-    if not thresholds or any(not isinstance(t, numbers.Real) or t < 0 for t in thresholds):
+    if not thresholds or any(isinstance(t, bool) or not isinstance(t, numbers.Real) for t in thresholds):
         raise InputError(f"threshold must be a z value >= 0 or a list of them; got {threshold!r}.")
-    if not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
-        raise InputError(f"alpha must be a number in (0, 1); got alpha={alpha!r}.")
+    if any(t < 0 for t in thresholds):
+        raise InputError(
+            "'threshold' cannot be negative or contain negative values. "
+            f"Got: 'threshold={threshold!r}'. Give cluster-forming z values >= 0."
+        )
     img, mask = load_stat_map(stat_img, mask_img)
+    check_alpha(alpha)
     mask = _default_mask(img) if mask is None else mask
     stats = np.asanyarray(img.dataobj)[mask]
-    hommel = hommel_value(stats, alpha)
+    hommel = hommel_value(stats, alpha, verbose=verbose)
     in_mask_map = np.zeros(mask.shape, dtype=stats.dtype)
     in_mask_map[mask] = stats
     proportion = np.zeros(stats.shape, dtype=stats.dtype)
@@ -236,13 +307,16 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05):
     return like_image(img, out, copy_header=False)
 
 
-def hommel_value(z_vals, alpha):
+def hommel_value(z_vals, alpha, verbose=0):
     """The Hommel value of a set of z values (nilearn's ``_compute_hommel_value``).
 
     Parameters
     ----------
     z_vals : ndarray of shape (n_voxels,)
     alpha : float
+    verbose : int, default=0
+        Above 0, draw nilearn's figure of the sorted p-values and the Hommel
+        line (only when the value is not trivial, as nilearn).
 
     Returns
     -------
@@ -258,7 +332,26 @@ def hommel_value(z_vals, alpha):
     if p_vals[-1] < alpha:
         return 0
     slope = np.max((alpha - p_vals[:-1]) / np.arange(n_samples - 1, 0, -1))
-    return int(np.minimum(np.trunc(alpha / slope), n_samples))
+    hommel = np.trunc(alpha / slope)
+    if verbose > 0:
+        _plot_hommel(p_vals, hommel, alpha)
+    return int(np.minimum(hommel, n_samples))
+
+
+def _plot_hommel(p_vals, hommel, alpha):
+    """nilearn's verbose figure: sorted p-values, the Hommel line, the zero line."""
+    try:
+        from matplotlib import pyplot as plt
+    except ImportError:
+        warnings.warn('"verbose" option requires the package Matplotlib. Please install it using '
+                      "`pip install matplotlib`.", UserWarning, stacklevel=_stack_level())
+        return
+    n_samples = len(p_vals)
+    plt.figure()
+    plt.plot(np.arange(1, 1 + n_samples), p_vals, "o")
+    plt.plot([n_samples - hommel, n_samples], [0, alpha])
+    plt.plot([0, n_samples], [0, 0], "k")
+    plt.show(block=False)
 
 
 def true_positive_fraction(z_vals, hommel, alpha):
@@ -283,12 +376,13 @@ def true_positive_fraction(z_vals, hommel, alpha):
 
 
 def threshold_map(data, threshold, two_sided, cluster_threshold=0, mask=None):
-    """Voxel- then cluster-level thresholding of an in-memory 3-D map.
+    """Voxel- then cluster-level thresholding of an in-memory map, as nilearn's ``threshold_img``.
 
     Parameters
     ----------
-    data : ndarray, shape (x, y, z)
-        Statistic map; NaN and inf count as 0 (as in nilearn).
+    data : ndarray, shape (x, y, z) or (x, y, z, volume)
+        Statistic map(s); NaN and inf count as 0, with nilearn's warning.
+        Volumes are thresholded one by one (clusters within each volume).
     threshold : float
         Voxel-level threshold (see :func:`apply_height_threshold`).
     two_sided : bool
@@ -299,23 +393,61 @@ def threshold_map(data, threshold, two_sided, cluster_threshold=0, mask=None):
 
     Returns
     -------
-    ndarray, shape (x, y, z)
+    ndarray, the shape of ``data``
+
+    Warns
+    -----
+    UserWarning
+        nilearn's: non-finite values replaced with zeros; a threshold beyond
+        the (in-mask) values of the map.
     """
     if two_sided and threshold < 0:
         raise InputError(
-            f"A two-sided threshold must be >= 0; got threshold={threshold!r}. "
-            "Pass its absolute value, or two_sided=False to keep values below it."
+            f'"threshold" should not be a negative value when two_sided=True. Got '
+            f"threshold={threshold!r}: pass its absolute value, or two_sided=False to keep the "
+            "values below it."
         )
     data = np.array(data, copy=True)
-    data[~np.isfinite(data)] = 0
+    finite = np.isfinite(data)
+    if not finite.all():
+        warnings.warn(NILEARN_MESSAGE, UserWarning, stacklevel=_stack_level())
+        data[~finite] = 0
     if mask is not None:
+        warn_threshold_beyond_values(data[mask], threshold, two_sided)
         data[~mask] = 0
+    else:
+        warn_threshold_beyond_values(data, threshold, two_sided)
+    if data.ndim == 4:
+        for volume in range(data.shape[3]):
+            data[..., volume] = apply_cluster_extent(
+                apply_height_threshold(data[..., volume], threshold, two_sided), cluster_threshold)
+        return data
     data = apply_height_threshold(data, threshold, two_sided)
     return apply_cluster_extent(data, cluster_threshold)
 
 
-def load_stat_map(stat_img, mask_img=None):
-    """A 3-D statistic image and, when given, its boolean mask on the same grid.
+def warn_threshold_beyond_values(values, threshold, two_sided) -> None:
+    """nilearn's warning (``check_threshold``) for a threshold that no value reaches.
+
+    A threshold >= 0 is compared with the largest value (absolute value when
+    ``two_sided``, non-negative values otherwise); a negative one with the
+    smallest non-positive value.
+    """
+    values = np.asarray(values)
+    if threshold >= 0:
+        values = np.abs(values) if two_sided else values[values >= 0]
+        if values.size and threshold > values.max():
+            warnings.warn(f"The given float value must not exceed {values.max()}. But, you have given "
+                          f"threshold={float(threshold)}.", UserWarning, stacklevel=_stack_level())
+    else:
+        values = values[values <= 0]
+        if values.size and threshold < values.min():
+            warnings.warn(f"The given float value must not be less than {values.min()}. But, you have "
+                          f"given threshold={float(threshold)}.", UserWarning, stacklevel=_stack_level())
+
+
+def load_stat_map(stat_img, mask_img=None, volumes=False):
+    """A statistic image and, when given, its boolean mask on the same grid.
 
     Parameters
     ----------
@@ -323,11 +455,14 @@ def load_stat_map(stat_img, mask_img=None):
         A DataArray of shape (voxel,) needs ``mask_img``: its voxel axis is the
         in-mask voxels of that mask in C order (the cohort store's layout).
     mask_img : NIfTI image, path, grid or None
+    volumes : bool, default=False
+        Accept 4-D images, kept as they are. Otherwise a 4-D image of one
+        volume is made 3-D and others raise nilearn's DimensionError.
 
     Returns
     -------
     img : nibabel.Nifti1Image
-        3-D.
+        3-D (or 4-D with ``volumes``).
     mask : ndarray of bool, shape (x, y, z), or None
     """
     if _is_data_array(stat_img):
@@ -338,29 +473,31 @@ def load_stat_map(stat_img, mask_img=None):
             )
         mask, affine = _load_mask(mask_img, None)
         return _image_from_data_array(stat_img, mask, affine), mask
-    img = _load_3d(stat_img)
+    img = _load_image(stat_img, volumes=volumes)
     if mask_img is None:
         return img, None
     mask, _ = _load_mask(mask_img, img)
     return img, mask
 
 
-def _check_options(alpha, height_control, cluster_threshold, two_sided, threshold):
+def _check_options(alpha, height_control, cluster_threshold, two_sided):
     if height_control not in HEIGHT_CONTROLS:
         raise InputError(
-            f"height_control={height_control!r} is not known; use one of "
-            "'fpr', 'fdr', 'bonferroni' or None."
+            f"'height_control' must be one of {list(HEIGHT_CONTROLS)}.\n'{height_control}' was "
+            "provided."
         )
-    if not isinstance(alpha, (int, float, np.number)) or not 0 < alpha < 1:
-        raise InputError(f"alpha must be a number in (0, 1); got alpha={alpha!r}.")
-    if not isinstance(cluster_threshold, (int, float, np.number)) or cluster_threshold < 0:
+    check_alpha(alpha)
+    if isinstance(cluster_threshold, bool) or not isinstance(cluster_threshold, numbers.Real):
         raise InputError(
             f"cluster_threshold must be a number of voxels >= 0; got {cluster_threshold!r}."
         )
+    if cluster_threshold < 0:
+        raise InputError(
+            f"'cluster_threshold' must be > 0. Got cluster_threshold={cluster_threshold!r}: give a "
+            "minimum cluster size in voxels (0 keeps every cluster)."
+        )
     if not isinstance(two_sided, (bool, np.bool_)):
         raise InputError(f"two_sided must be True or False; got {two_sided!r}.")
-    if threshold is not None and not isinstance(threshold, (int, float, np.number)):
-        raise InputError(f"threshold must be a number or None; got {threshold!r}.")
 
 
 def _default_mask(img):
@@ -372,6 +509,10 @@ def _default_mask(img):
 
 
 def _load_3d(stat_img):
+    return _load_image(stat_img, volumes=False)
+
+
+def _load_image(stat_img, volumes=False):
     if isinstance(stat_img, (str, Path)):
         if not Path(stat_img).exists():
             raise InputError(f"stat_img {str(stat_img)!r} does not exist; pass a NIfTI file.")
@@ -382,12 +523,15 @@ def _load_3d(stat_img):
             f"{type(stat_img).__name__}."
         )
     shape = stat_img.shape
+    if volumes and len(shape) in (3, 4):
+        return stat_img
     if len(shape) == 4 and shape[3] == 1:
         stat_img = stat_img.slicer[..., 0]
     elif len(shape) != 3:
-        raise InputError(
+        raise StatImageDimensionError(
+            len(shape), 3,
             f"stat_img must be one 3-D map; got an image of shape {shape}. "
-            "Threshold each volume separately (nilearn.image.index_img)."
+            "Threshold each volume separately (nilearn.image.index_img).",
         )
     return stat_img
 

@@ -29,7 +29,7 @@ __all__ = ["HTMLReport", "get_clusters_table", "make_glm_report"]
 def get_clusters_table(
     stat_img,
     stat_threshold,
-    cluster_threshold=None,
+    cluster_threshold=0,
     two_sided=False,
     min_distance=8.0,
     return_label_maps=False,
@@ -42,11 +42,14 @@ def get_clusters_table(
     ----------
     stat_img : NIfTI image, path or xarray.DataArray
         One 3-D statistic map where larger values are more significant (z,
-        t, -log10 p). A DataArray of shape (voxel,) needs ``mask_img``.
+        t, -log10 p); a 4-D image of one volume counts as 3-D, more volumes
+        raise nilearn's DimensionError (a TypeError). NaN and infinite values
+        count as 0, with nilearn's warning. A DataArray of shape (voxel,)
+        needs ``mask_img``.
     stat_threshold : float
         Cluster-forming threshold, in the scale of ``stat_img``. With
         ``two_sided=False`` a negative threshold reports the clusters below it.
-    cluster_threshold : int or None, default=None
+    cluster_threshold : int or None, default=0
         Clusters smaller than this many voxels are left out (None or 0: none).
     two_sided : bool, default=False
         Report positive clusters, then negative ones (``|stat| >
@@ -68,6 +71,13 @@ def get_clusters_table(
         size.
     label_maps : list of nibabel.Nifti1Image
         Only when ``return_label_maps`` is True.
+
+    Warns
+    -----
+    UserWarning
+        nilearn's: non-finite values replaced with zeros; a threshold beyond
+        the map's values ("But, you have given threshold=..."); no cluster
+        found in a tail.
     """
     _check_table_options(stat_threshold, cluster_threshold, two_sided, min_distance)
     if mask_img is not None and not _is_data_array(stat_img):
@@ -99,8 +109,9 @@ def _check_table_options(stat_threshold, cluster_threshold, two_sided, min_dista
         raise InputError(f"stat_threshold must be a number; got {stat_threshold!r}.")
     if two_sided and stat_threshold < 0:
         raise InputError(
-            f"With two_sided=True stat_threshold must be >= 0; got {stat_threshold!r}. "
-            "Pass its absolute value, or two_sided=False for clusters below it."
+            f'"threshold" should not be a negative value when two_sided=True. Got '
+            f"stat_threshold={stat_threshold!r}: pass its absolute value, or two_sided=False for "
+            "the clusters below it."
         )
     if cluster_threshold is not None and (
         not isinstance(cluster_threshold, numbers.Real) or cluster_threshold < 0
@@ -110,7 +121,8 @@ def _check_table_options(stat_threshold, cluster_threshold, two_sided, min_dista
             f"{cluster_threshold!r}."
         )
     if not isinstance(min_distance, numbers.Real) or min_distance <= 0:
-        raise InputError(f"min_distance must be a positive distance in mm; got {min_distance!r}.")
+        raise InputError(f"'min_distance' must be positive. Got min_distance={min_distance!r}: give the "
+                         "minimum distance between subpeaks in mm (nilearn's default is 8).")
 
 
 def _is_data_array(value):
