@@ -484,3 +484,23 @@ def test_maps_are_float64_as_nilearns_and_derivatives_float32(tiny_bids, float_s
     save_glm_to_bids(model, "a - b", out_dir=tmp_path / "out")
     written = list((tmp_path / "out").rglob("*_statmap.nii.gz"))
     assert written and {nib.load(p).get_data_dtype() for p in written} == {np.dtype(np.float32)}
+
+
+def test_target_affine_without_target_shape_matches_nilearn(tiny_bids):
+    """nilearn resamples onto a target_affine given alone with the shape holding the reference
+    field of view (the mask's, else the runs'); the same grid and maps here. Tolerance: the
+    resampled float32 data on both sides, as test_smoothing_and_resampling_at_conversion_match_nilearn.
+    (Without a mask image nilearn's EPI mask of these tiny resampled runs is empty: it fails.)"""
+    given_mask = True
+    run = tiny_bids.runs[0]
+    events, _ = _inputs(tiny_bids, [run])
+    params = dict(t_r=tiny_bids.tr, slice_time_ref=0.5, noise_model="ols",
+                  target_affine=np.diag([5.0, 5.0, 5.0, 1.0]),
+                  mask_img=str(run.mask_path) if given_mask else None)
+    ref = NilearnFLM(**params).fit(str(run.bold_path), events=events)
+    ours = FirstLevelModel(**params).fit(str(run.bold_path), events=events)
+    assert ours.mask_img_.shape == ref.masker_.mask_img_.shape
+    np.testing.assert_allclose(ours.mask_img_.affine, ref.masker_.mask_img_.affine)
+    mask = ref.masker_.mask_img_.get_fdata() != 0
+    np.testing.assert_array_equal(ours.mask_img_.get_fdata() != 0, mask)
+    _compare(ours, ref, mask, "a - b", "t", 1e-5)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
-from nilearn.image import load_img
+from nilearn.image import load_img, resample_img
 from joblib import Memory
 from nilearn.maskers import MultiNiftiMasker, NiftiMasker
 
@@ -236,6 +236,7 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         self.standardize_ = _standardize_strategy(self.standardize, self.signal_scaling)
         self._embedded = self._embedded_masker()
         items = _as_list(run_imgs)
+        self._resolve_target(items)
         nodes = self._as_nodes(items)
         _check_nodes(nodes)
         self.run_entities_ = [input_entities(item) for item in items]
@@ -291,9 +292,33 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
 
     def _preprocessing(self):
         """(target_affine, target_shape, smoothing_fwhm) applied to NIfTI inputs: a given
-        masker's (nilearn transforms with it), else the model's."""
+        masker's (nilearn transforms with it), else the model's; a target_affine without
+        target_shape resolved to the grid nilearn's resampling gives (see _resolve_target)."""
         masker = self._embedded
+        resolved = getattr(self, "_target_grid", None)
+        if resolved is not None:
+            return (*resolved, masker.smoothing_fwhm)
         return masker.target_affine, masker.target_shape, masker.smoothing_fwhm
+
+    def _resolve_target(self, items):
+        """nilearn resamples onto a target_affine given alone with the shape that holds the
+        reference image's field of view: the mask's (NiftiMasker resamples it first) or, without
+        a mask image, the runs' (they share one, as nilearn checks). The same (affine, shape) is
+        then given to the conversion explicitly, so the grid and the values are nilearn's."""
+        self._target_grid = None
+        masker = self._embedded
+        if masker.target_affine is None or masker.target_shape is not None:
+            return
+        mask = self._mask_param()
+        reference = mask if mask is not None and mask is not False else items[0]
+        if isinstance(reference, Node):
+            raise InputError("target_affine without target_shape needs NIfTI inputs or a mask image: "
+                             "store runs were converted onto a grid already; give target_shape too.")
+        img = load_img(reference)
+        volume = nib.Nifti1Image(np.zeros(img.shape[:3], np.int8), img.affine)
+        out = resample_img(volume, target_affine=masker.target_affine, interpolation="nearest",
+                           force_resample=True, copy_header=True)
+        self._target_grid = (out.affine, tuple(int(n) for n in out.shape[:3]))
 
     def _mask_param(self):
         """The mask image to fit in: a given masker's mask, a mask image, False (the whole
