@@ -251,7 +251,9 @@ def test_cluster_size_mass_and_tfce_equal_nilearns(files, design_kind, two_sided
     ({"threshold": 3.0}, "strictly between 0 and 1 .e.g. 0.001., or None; received 3.0"),
     ({"tfce": "yes"}, "tfce must be True or False"),
     ({"n_jobs": 0}, "n_jobs must be a non-zero integer"),
-    ({"mask": NiftiMasker()}, "For a NiftiMasker, pass its mask image"),
+    ({"mask": NiftiMasker(standardize="zscore_sample")}, "which chunkglm does not apply"),
+    ({"mask": NiftiMasker(mask_strategy="epi")}, "chunkglm computes nilearn's background mask only"),
+    ({"mask": 3}, "mask must be a 3-D image .path or nibabel image. or a NiftiMasker"),
     ({"second_level_contrast": "intercept - weight"}, "cannot be evaluated on the design columns"),
     ({"second_level_contrast": [1.0, 0.0]}, "2 weights but the design has 3 columns"),
     ({"second_level_contrast": np.eye(3)}, "F contrasts are not supported"),
@@ -266,7 +268,7 @@ def test_bad_options(files, params, message):
 
 def test_bad_designs(files):
     paths, covariates = files
-    with pytest.raises(InputError, match="needs a design_matrix"):
+    with pytest.raises(InputError, match="List of niimgs as 'second_level_input' require a design matrix"):
         non_parametric_inference(paths)
     with pytest.raises(InputError, match="19 rows in design matrix do not match with 20 maps"):
         non_parametric_inference(paths, design_matrix=_one_sample().iloc[:19])
@@ -396,3 +398,105 @@ def test_images_are_float64_as_nilearns_and_the_top_rank_stays_within_its_bound(
     assert logp.max() == -np.log10(1.0 / 6)  # the top rank is reached ...
     assert np.all(logp <= -np.log10(1.0 / (5 + 1)))  # ... and not exceeded
     np.testing.assert_array_equal(logp, theirs.get_fdata())
+
+
+# -- nilearn's mask=NiftiMasker, input errors and zero-df designs (issue 15, items 2 and 6) ----------
+
+
+def _box_mask():
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[2:9, 2:11, 2:9] = 1
+    return nib.Nifti1Image(mask, AFFINE)
+
+
+@pytest.mark.parametrize("masker_params, smoothing_fwhm, warning", [
+    ({"mask_img": "box"}, None, None),
+    ({"mask_img": "box", "smoothing_fwhm": 4.0}, None, None),  # the masker's smoothing
+    ({"mask_img": "box", "smoothing_fwhm": 4.0}, 6.0, "Parameter 'smoothing_fwhm' of the masker overridden"),
+    ({"mask_img": "box"}, 6.0, "smoothing_fwhm=6.0 is not used"),  # nilearn keeps the masker's None
+    ({}, None, None),  # no mask image: nilearn's background mask of the maps
+    ({"mask_img": "box", "target_affine": np.diag([4.0, 4.0, 4.0])}, None, None),  # resampled mask
+])
+def test_niftimasker_as_mask_as_nilearn(files, masker_params, smoothing_fwhm, warning):
+    # nilearn clones the masker and uses its mask, resampling and smoothing (smoothing_fwhm
+    # overrides the masker's only when both are set); same permutations: the same -log10 p
+    paths, covariates = files
+    masker_params = {**masker_params, "standardize": None}
+    if masker_params.get("mask_img") == "box":
+        masker_params["mask_img"] = _box_mask()
+    design = _covariate_design(covariates)
+    params = {"second_level_contrast": "age", "random_state": 4, "smoothing_fwhm": smoothing_fwhm}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = non_parametric_inference(paths, design_matrix=design, n_perm=N_PERM,
+                                        mask=NiftiMasker(**masker_params), **params)
+    messages = [str(w.message) for w in caught]
+    if warning is not None:
+        assert any(warning in m for m in messages), messages
+    theirs = _nilearn(paths, design, mask=NiftiMasker(**masker_params), **params)
+    _assert_equal(ours, theirs)
+    fitted = NiftiMasker(**masker_params).fit(paths[0])  # a fitted masker is cloned, as nilearn
+    _assert_equal(_ours(paths, design, mask=fitted, **params), theirs)
+
+
+def _outcome(function, *args, **kwargs):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            function(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the class and message are compared
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("case", ["single_model", "none", "one_image", "mixed", "missing_file",
+                                  "no_design", "null_contrast", "empty_contrast", "no_contrast"])
+def test_input_errors_as_nilearn(files, case):
+    """The exception class nilearn raises, with nilearn's message inside ours, checked in nilearn's
+    order (the input before the design)."""
+    from nilearn.glm.first_level import FirstLevelModel as NilearnFirstLevelModel
+    from nilearn.glm.second_level import non_parametric_inference as nilearn_npi
+
+    paths, covariates = files
+    images = [nib.load(p) for p in paths[:3]]
+    three = pd.DataFrame({"intercept": np.ones(3)})
+    calls = {
+        "single_model": ((NilearnFirstLevelModel(),), {}),
+        "none": ((None,), {"second_level_contrast": "intercept"}),
+        "one_image": (([images[0]],), {}),
+        "mixed": (([*images, []],), {}),
+        "missing_file": (("random string object",), {}),
+        "no_design": ((images,), {}),
+        "null_contrast": ((images,), {"design_matrix": three, "second_level_contrast": [0.0]}),
+        "empty_contrast": ((images,), {"design_matrix": three, "second_level_contrast": []}),
+        "no_contrast": ((images,), {"design_matrix": pd.DataFrame(np.eye(3), columns=list("abc"))}),
+    }
+    args, kwargs = calls[case]
+    ours = _outcome(non_parametric_inference, *args, n_perm=5, **kwargs)
+    theirs = _outcome(nilearn_npi, *args, n_perm=5, **kwargs)
+    assert theirs is not None
+    assert isinstance(ours, type(theirs)), (ours, theirs)
+    # nilearn's first line, less what names surface images (chunkglm has none yet) and its end
+    expected = str(theirs).split("\n")[0].split(" instead")[0].replace(" or surface images", "").rstrip(".")
+    assert expected in str(ours), (str(ours), str(theirs))
+
+
+def test_no_residual_degrees_of_freedom_as_nilearn():
+    # nilearn's test_cluster_level_with_covariates: 3 maps, a tested intercept and 2 covariates
+    # leave 0 residual degrees of freedom; nilearn computes on (t = 0 or NaN, p = 1, no cluster)
+    rng = np.random.default_rng(0)
+    maps = [nib.Nifti1Image(d, AFFINE) for d in _maps(rng, 3, np.array([1.0, 2.0, 3.0]))]
+    design = pd.DataFrame({"cov1": rng.random(3), "cov2": rng.random(3), "intercept": 1.0})
+    for params in ({"model_intercept": False, "second_level_contrast": "intercept", "threshold": 0.1},
+                   {"second_level_contrast": "cov1", "tfce": True, "threshold": 0.1, "two_sided_test": True}):
+        params = {**params, "mask": _box_mask(), "random_state": 0, "n_perm": 20}
+        with pytest.warns(UserWarning, match="no residual degrees of freedom"):
+            ours = non_parametric_inference(maps, design_matrix=design, **params)
+        theirs = _nilearn(maps, design, **params)
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            # t is 0 or NaN on both sides (NaN where rounding leaves exactly no residual,
+            # which differs with the summation order), so NaN counts as 0 here; the rest is exact
+            np.testing.assert_array_equal(np.nan_to_num(ours[key].get_fdata()),
+                                          np.nan_to_num(theirs[key].get_fdata()), err_msg=key)
+        assert np.all(np.nan_to_num(ours["t"].get_fdata()) == 0)

@@ -299,8 +299,8 @@ def test_bad_inputs_are_explained():
         max_t_null(_maps(), age, permutations=np.zeros((2, N_SAMPLES), dtype=int))
     with pytest.raises(InputError, match=r"one variable .* received shape \(20, 2\)"):
         max_t_null(_maps(), np.ones((N_SAMPLES, 2)), n_perm=5)
-    with pytest.raises(InputError, match=r"no degrees of freedom"):
-        max_t_null(_maps()[:3], age[:3], np.random.default_rng(0).standard_normal((3, 1)),
+    with pytest.raises(InputError, match=r"no degrees of freedom"):  # 3 confound columns, 3 samples
+        max_t_null(_maps()[:3], age[:3], np.random.default_rng(0).standard_normal((3, 2)),
                    n_perm=5)
     with pytest.raises(InputError, match=r"batch_size must be a positive integer"):
         max_t_null(_maps(), tested, n_perm=5, batch_size=0)

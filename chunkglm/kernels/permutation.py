@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.kernels.finite import _stack_level
 
 # Cache-sized work units (the hot loop is memory-bound otherwise): bytes of the
 # (1 + k) P x V products of one GEMM batch, and of one residualised voxel tile.
@@ -119,10 +120,16 @@ def prepare_design(tested_vars, confounding_vars=None, model_intercept=True) -> 
         covars = ones if covars is None else np.hstack([covars, ones])
     covars = None if covars is None else _orthonormalize(covars)
     design = PermutationDesign(_residualise_tested(tested, covars), covars, sign_flip)
-    if design.dof_factor < 1:
+    if design.dof_factor < 0:
         raise InputError(f"The design leaves no degrees of freedom: {n_samples} samples for the "
                          f"tested variable and {design.n_covars} independent confound column(s). "
                          "Give more samples or fewer confounds.")
+    if design.dof_factor == 0:  # nilearn computes on: t = b sqrt(0 / rss) is 0 (NaN where rss is 0)
+        warnings.warn(f"The design leaves no residual degrees of freedom ({n_samples} samples: the "
+                      f"tested variable and {design.n_covars} independent confound column(s)), so "
+                      "every t-score is 0 (or NaN, as rounding falls) and every p-value 1, as "
+                      "nilearn's permuted_ols computes them. Give more samples or fewer confounds "
+                      "for a usable test.", UserWarning, stacklevel=_stack_level())
     return design
 
 

@@ -139,7 +139,9 @@ def cluster_forming_t(threshold, two_sided_test, n_samples, n_confound_columns) 
     Returns
     -------
     float
-        ``t.isf(threshold / 2 if two-sided else threshold, n - 1 - n_confound_columns)``.
+        ``t.isf(threshold / 2 if two-sided else threshold, n - 1 - n_confound_columns)``;
+        NaN without residual degrees of freedom (nilearn's value: no voxel exceeds it, so
+        there is no cluster).
     """
     numeric = isinstance(threshold, (int, float, np.floating, np.integer))
     if isinstance(threshold, bool) or not numeric or not 0 < threshold < 1:
@@ -147,6 +149,8 @@ def cluster_forming_t(threshold, two_sided_test, n_samples, n_confound_columns) 
                          f"received {threshold!r}. For example threshold=0.001.")
     dof = n_samples - (1 + n_confound_columns)
     threshold_t = float(stats.t.isf(threshold / 2 if two_sided_test else threshold, df=dof))
+    if dof <= 0:  # no residual degrees of freedom: nilearn's threshold is NaN, no voxel exceeds it
+        return float("nan")
     if not threshold_t > 0:  # nilearn would then treat the background as one cluster
         raise InputError(f"threshold={threshold!r} gives a cluster-forming t of {threshold_t:.3g} "
                          "<= 0, so every voxel would belong to a cluster. Give a p-value below "

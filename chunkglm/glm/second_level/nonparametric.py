@@ -17,18 +17,22 @@ permutation batches; max-T comes from the same permutations.
 
 from __future__ import annotations
 
+import warnings
+
 import joblib
 import numpy as np
+from nilearn.maskers import NiftiMasker
+from sklearn.base import clone
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES
 from chunkglm.design.second_level import check_confounds_table, check_design
-from chunkglm.errors import InputError
+from chunkglm.errors import InputError, InputTypeError
 from chunkglm.glm.second_level import inputs
 from chunkglm.glm.second_level.model import SecondLevelModel, parse_contrast
 from chunkglm.graph.finite import finite_array
 from chunkglm.graph.permutation import max_t_blocks
 from chunkglm.graph.permutation_volumes import volume_null
-from chunkglm.kernels.finite import warn
+from chunkglm.kernels.finite import _stack_level, warn
 from chunkglm.kernels.permutation import check_n_perm, fwe_logp
 
 __all__ = ["check_permutation_options", "contrast_vector", "non_parametric_inference", "permutation_maps",
@@ -51,8 +55,10 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         Checked (``subject_label`` plus covariates) but not used, as in
         nilearn: covariates enter through ``design_matrix``.
     design_matrix : pandas.DataFrame or path
-        Required (as in nilearn): one row per modelled map, in the maps' order
-        (build one with ``make_second_level_design_matrix``).
+        Required (as in nilearn, with its errors): one row per modelled map,
+        in the maps' order (build one with ``make_second_level_design_matrix``).
+        A design that leaves no residual degrees of freedom gives nilearn's
+        t-scores of 0 and p-values of 1, with a warning.
     second_level_contrast : str or array of shape (n_columns,), optional
         One t contrast: weights on the design's columns or a formula over
         their names. Default ``[1]`` for a one-column design. The tested
@@ -61,12 +67,18 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     first_level_contrast : str, optional
         DataFrame input: the ``map_name`` to model. First-level models: the
         contrast whose effect maps are modelled (required).
-    mask : str or nibabel image, optional
+    mask : str, nibabel image or nilearn NiftiMasker, optional
         The analysis mask; maps on another grid are resampled onto it.
         Default: nilearn's background mask of the mean map (of the first map
-        for a DataFrame).
+        for a DataFrame). A ``NiftiMasker`` (fitted or not) is used as
+        nilearn uses it (see :func:`masker_settings`): its ``mask_img``
+        (resampled onto its ``target_affine``/``target_shape``), or without
+        one nilearn's background mask of the maps; its ``smoothing_fwhm``.
     smoothing_fwhm : float, optional
-        Gaussian smoothing (mm) of each map when it is loaded.
+        Gaussian smoothing (mm) of each map when it is loaded. With a
+        ``NiftiMasker`` as ``mask``: it overrides the masker's own smoothing
+        (nilearn's warning), and is not used when the masker has none (as in
+        nilearn; a warning says so).
     model_intercept : bool, default=True
         As nilearn: add a constant confound (unless the test is an intercept test).
     n_perm : int, default=10000
@@ -111,16 +123,22 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     """
     check_permutation_options(threshold, tfce, n_perm, permutations, mask)
     n_jobs = nilearn_n_jobs(n_jobs)
-    design = _required_design(design_matrix)
+    kind = inputs.input_kind(second_level_input)
+    images = _checked_images(second_level_input) if kind == "images" else None
+    design = _required_design(design_matrix, kind)
     if confounds is not None:
         check_confounds_table(confounds)
+    if isinstance(mask, NiftiMasker):  # nilearn sets its masker up before reading the contrast
+        mask, target_affine, target_shape, smoothing_fwhm = masker_settings(mask, smoothing_fwhm)
+    else:
+        target_affine = target_shape = None
     con_val = contrast_vector(second_level_contrast, design)
-    kind = inputs.input_kind(second_level_input)
     if kind == "flm" and first_level_contrast is None:
         raise InputError("second_level_input is a list of FirstLevelModels: first_level_contrast is "
                          "required (the contrast whose effect maps are modelled).")
-    _check_n_maps(kind, second_level_input, first_level_contrast, design)
-    model = SecondLevelModel(mask_img=mask, smoothing_fwhm=smoothing_fwhm, store=store, chunk_bytes=chunk_bytes)
+    _check_n_maps(kind, second_level_input, first_level_contrast, design, images)
+    model = SecondLevelModel(mask_img=mask, target_affine=target_affine, target_shape=target_shape,
+                             smoothing_fwhm=smoothing_fwhm, store=store, chunk_bytes=chunk_bytes)
     model.fit(second_level_input, confounds=confounds, design_matrix=design)
     images = permutation_maps(model, con_val, first_level_contrast, model_intercept=model_intercept,
                               n_perm=n_perm, two_sided_test=two_sided_test,
@@ -186,18 +204,93 @@ def check_permutation_options(threshold=None, tfce=False, n_perm=10000, permutat
         raise InputError(f"tfce must be True or False; received {tfce!r}.")
     if permutations is None:
         check_n_perm(n_perm)
-    if mask is not None and not isinstance(mask, str) and not hasattr(mask, "affine") \
+    if mask is not None and not isinstance(mask, (str, NiftiMasker)) and not hasattr(mask, "affine") \
             and not hasattr(mask, "__fspath__"):
-        raise InputError(f"mask must be a 3-D image (path or nibabel image); received "
-                         f"{type(mask).__name__}. For a NiftiMasker, pass its mask image and "
-                         "smoothing_fwhm instead.")
+        raise InputError(f"mask must be a 3-D image (path or nibabel image) or a NiftiMasker; received "
+                         f"{type(mask).__name__}.")
 
 
-def _required_design(design_matrix):
+#: NiftiMasker parameters that change the masked values, with the values that leave them as they are
+_SIGNAL_PARAMETERS = {"standardize": (False, None), "detrend": (False,), "low_pass": (None,),
+                      "high_pass": (None,), "high_variance_confounds": (False,), "clean_args": (None,),
+                      "runs": (None,), "dtype": (None,)}
+
+
+def masker_settings(masker, smoothing_fwhm):
+    """What nilearn's ``non_parametric_inference`` takes from a NiftiMasker given as ``mask``.
+
+    nilearn clones the masker (a fitted one is refitted), lets
+    ``smoothing_fwhm`` override the masker's own smoothing (with its warning)
+    when both are set, keeps the masker's when ``smoothing_fwhm`` is None, and
+    ignores ``smoothing_fwhm`` when the masker has none (chunkglm warns that
+    it is not used). The mask is the masker's ``mask_img`` (resampled onto its
+    ``target_affine``/``target_shape``) or, without one, nilearn's background
+    mask of the maps (the masker's default strategy).
+
+    Parameters
+    ----------
+    masker : nilearn.maskers.NiftiMasker
+    smoothing_fwhm : float or None
+
+    Returns
+    -------
+    tuple
+        (mask_img, target_affine, target_shape, smoothing_fwhm) for
+        :class:`SecondLevelModel`.
+
+    Raises
+    ------
+    InputError
+        For masker settings chunkglm does not apply to second-level maps
+        (signal cleaning: standardize, detrend, filters, ...; another mask
+        strategy than 'background' without a mask image), rather than
+        ignoring them.
+    """
+    masker = clone(masker)
+    if smoothing_fwhm is not None:
+        if masker.smoothing_fwhm is not None:
+            warnings.warn("Parameter 'smoothing_fwhm' of the masker overridden.", UserWarning,
+                          stacklevel=_stack_level())
+            masker.smoothing_fwhm = smoothing_fwhm
+        else:
+            warnings.warn(f"smoothing_fwhm={smoothing_fwhm!r} is not used: the masker given as mask has "
+                          "smoothing_fwhm=None, which nilearn's non_parametric_inference keeps (no "
+                          "smoothing). Set the masker's smoothing_fwhm to smooth the maps.", UserWarning,
+                          stacklevel=_stack_level())
+    changed = {name: getattr(masker, name) for name, neutral in _SIGNAL_PARAMETERS.items()
+               if not any(getattr(masker, name) is value for value in neutral)}
+    if changed:
+        raise InputError(f"the NiftiMasker given as mask sets {changed}, which chunkglm does not apply to "
+                         "second-level maps; give a masker with only a mask, resampling "
+                         "(target_affine, target_shape) and smoothing_fwhm, or preprocess the maps first.")
+    if masker.mask_img is None and (masker.mask_strategy != "background" or masker.mask_args):
+        raise InputError(f"the NiftiMasker given as mask has no mask_img and mask_strategy="
+                         f"{masker.mask_strategy!r}, mask_args={masker.mask_args!r}: chunkglm computes "
+                         "nilearn's background mask only. Give the masker a mask_img (e.g. the "
+                         "mask_img_ of a masker fitted on the maps).")
+    return masker.mask_img, masker.target_affine, masker.target_shape, masker.smoothing_fwhm
+
+
+def _checked_images(second_level_input) -> list:
+    """nilearn's checks of image inputs (files found, 3-D, one grid), before the design's."""
+    images = inputs.image_list(second_level_input)
+    inputs.check_images(images, resampling=False, remedy=(
+        "non_parametric_inference does not resample the maps onto one another (as nilearn's): "
+        "resample them onto one grid first (nilearn.image.resample_to_img)."))
+    return images
+
+
+def _required_design(design_matrix, kind):
+    if design_matrix is None and kind == "images":
+        raise InputError("List of niimgs as 'second_level_input' require a design matrix to be provided. "
+                         "Give one row per map, in the maps' order; build one with "
+                         "make_second_level_design_matrix(subject_labels, confounds).")
     if design_matrix is None:
-        raise InputError("non_parametric_inference needs a design_matrix (one row per map), as "
-                         "nilearn's; build one with make_second_level_design_matrix(subject_labels, "
-                         "confounds).")
+        raise InputTypeError("design_matrix can only be a pandas DataFrame, a Path object or a string, or "
+                             "a numpy array. A <class 'NoneType'> was provided at idx 0. "
+                             "non_parametric_inference needs a design matrix (one row per map), as "
+                             "nilearn's; build one with make_second_level_design_matrix(subject_labels, "
+                             "confounds).")
     return check_design(design_matrix, None, full_rank=True)
 
 
@@ -214,6 +307,10 @@ def contrast_vector(second_level_contrast, design) -> np.ndarray:
     ndarray of shape (n_columns,), float64
     """
     columns = [str(c) for c in design.columns]
+    if second_level_contrast is not None and not isinstance(second_level_contrast, str):
+        weights = np.asarray(second_level_contrast)
+        if weights.size == 0 or (np.issubdtype(weights.dtype, np.number) and not np.any(weights)):
+            raise InputError(_NULL_CONTRAST.format(second_level_contrast))
     con = parse_contrast(second_level_contrast, columns)
     if con.ndim == 2 and con.shape[0] == 1:
         con = con[0]
@@ -225,8 +322,14 @@ def contrast_vector(second_level_contrast, design) -> np.ndarray:
         raise InputError(f"the contrast has {con.size} weights but the design has {len(columns)} "
                          f"columns {columns}: give one weight per column.")
     if not np.any(con):
-        raise InputError(f"the contrast {second_level_contrast!r} is null: give non-zero weights.")
+        raise InputError(_NULL_CONTRAST.format(second_level_contrast))
     return con
+
+
+#: nilearn's message for a null (or empty) contrast, then the remedy
+_NULL_CONTRAST = ("Contrast is null. Second_level_contrast must be a valid contrast vector, a list/array "
+                  "of 0s and 1s, a string, or a string expression. Received {!r}: give non-zero weights, "
+                  "one per design column.")
 
 
 def tested_and_confounding_vars(design, con_val):
@@ -252,13 +355,9 @@ def nilearn_n_jobs(n_jobs) -> int:
     return min(int(n_jobs), joblib.cpu_count())
 
 
-def _check_n_maps(kind, second_level_input, first_level_contrast, design) -> None:
+def _check_n_maps(kind, second_level_input, first_level_contrast, design, images=None) -> None:
     """One design row per modelled map, checked before the maps are loaded."""
     if kind == "images":
-        images = inputs.image_list(second_level_input)
-        inputs.check_images(images, resampling=False, remedy=(
-            "non_parametric_inference does not resample the maps onto one another (as nilearn's): "
-            "resample them onto one grid first (nilearn.image.resample_to_img)."))
         n_maps = len(images)
     elif kind == "dataframe":
         frame = inputs.dataframe_rows(second_level_input)
