@@ -253,8 +253,12 @@ def test_first_level_models_as_input(tmp_path):
     _assert_parity(ours, same_maps)
     for first_level in ours_first:
         first_level.subject_label = None
-    with pytest.raises(InputError, match="needs a subject_label"):
+    with pytest.raises(InputError, match="need to provide the attribute 'subject_label'"):
         SecondLevelModel().fit(ours_first, confounds=confounds)
+    # nilearn's own fitted models are accepted too: their effect maps are nilearn's
+    from_nilearns = SecondLevelModel().fit(theirs_first, confounds=confounds)
+    _assert_parity(from_nilearns.compute_contrast("age", first_level_contrast="a - b", output_type="all"),
+                   theirs)
     one_sample = SecondLevelModel().fit(ours_first)  # no confounds: labels are not needed
     assert list(one_sample.design_matrix_.columns) == ["intercept"]
     _, theirs = _nilearn(maps, one_sample.design_matrix_, mask_img=model.mask_img_)

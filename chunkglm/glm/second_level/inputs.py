@@ -64,7 +64,7 @@ def input_kind(second_level_input) -> str:
                 raise InputTypeError(
                     f"Elements of 'second_level_input' must be of the same type. Got object type "
                     f"{type(item)} at idx {index}: give all images, or all fitted FirstLevelModels.")
-        if all(isinstance(item, FirstLevelModel) for item in second_level_input):
+        if all(is_first_level_model(item) for item in second_level_input):
             return "flm"
         if all(_is_image(item) for item in second_level_input):
             return "images"
@@ -72,6 +72,28 @@ def input_kind(second_level_input) -> str:
         raise InputTypeError(f"second_level_input: sparse input is not supported (received "
                              f"{type(second_level_input).__name__}); give NIfTI images.")
     raise InputTypeError(_type_error_message(second_level_input))
+
+
+def is_first_level_model(item) -> bool:
+    """chunkglm's FirstLevelModel, or nilearn's own (its effect maps are nilearn's computation,
+    read as images: fitted nilearn models from existing scripts can be brought to chunkglm)."""
+    if isinstance(item, FirstLevelModel):
+        return True
+    return any(f"{cls.__module__}.{cls.__name__}" == "nilearn.glm.first_level.first_level.FirstLevelModel"
+               for cls in type(item).__mro__)
+
+
+def is_fitted_first_level(model) -> bool:
+    if isinstance(model, FirstLevelModel):
+        return hasattr(model, "_runs")
+    return getattr(model, "labels_", None) is not None and getattr(model, "results_", None) is not None
+
+
+def first_level_mask(model):
+    """The mask image of a fitted first-level model (chunkglm's or nilearn's)."""
+    if isinstance(model, FirstLevelModel):
+        return model.mask_img_
+    return model.masker_.mask_img_
 
 
 def _is_image(item) -> bool:

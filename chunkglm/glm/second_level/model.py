@@ -435,13 +435,14 @@ def _check_models(models, need_labels):
     """nilearn's checks on first-level models: fitted, one grid, labels for confounds."""
     reference = None
     for index, model in enumerate(models):
-        if not isinstance(model, FirstLevelModel) or not hasattr(model, "_runs"):
-            raise InputError(f"first-level model {index} ({getattr(model, 'subject_label', None)}) is not a "
-                             "fitted chunkglm FirstLevelModel: call fit(...) on it first.")
+        if not inputs.is_first_level_model(model) or not inputs.is_fitted_first_level(model):
+            raise InputError(f"Model {getattr(model, 'subject_label', None)} at index {index} has not been "
+                             "fit yet: call fit(...) on it first.")
         if need_labels and model.subject_label is None:
-            raise InputError(f"confounds were given, so each first-level model needs a subject_label to "
-                             f"match its row; model {index} has none (set model.subject_label = '01').")
-        mask = model.mask_img_
+            raise InputError(f"In case confounds are provided, first level objects need to provide the "
+                             f"attribute 'subject_label'; model {index} has none (set "
+                             "model.subject_label = '01').")
+        mask = inputs.first_level_mask(model)
         if reference is None:
             reference = mask
         elif mask.shape != reference.shape or not np.allclose(mask.affine, reference.affine, atol=1e-4):
