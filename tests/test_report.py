@@ -320,9 +320,15 @@ def test_reporting_data_gives_nilearns_view_of_the_inputs(fitted):
 
 def test_saved_report_page_and_run_carousel_load_in_a_real_browser(small_runs, browser_check, tmp_path):
     """save_glm_to_bids' page links the PNG files beside it; three runs give the carousel (its script runs)."""
+    import warnings
+
     model, contrast, _ = small_runs
-    save_glm_to_bids(model, {"c1": contrast[0]}, out_dir=tmp_path / "out", prefix="", height_control=None,
-                     threshold=1.0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        save_glm_to_bids(model, {"c1": contrast[0]}, out_dir=tmp_path / "out", prefix="", height_control=None,
+                         threshold=1.0)
+    # the page reuses the maps and weight figures just written: the contrast is evaluated (and warned about) once
+    assert sum("The same contrast will be used for all 3 runs" in m for m in _messages(record)) == 1
     page = tmp_path / "out" / "report.html"
     text = page.read_text()
     linked = [src for src in re.findall(r'<img src="([^"]+)"', text) if not src.startswith("data:")]

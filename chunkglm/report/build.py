@@ -220,11 +220,13 @@ def first_level_pieces(model, contrasts, stat_maps=None) -> GLMPieces:
     definitions = contrast_dict(contrasts)
     designs = model.design_matrices_
     labels = _run_labels(model)
-    weights = {name: [np.asarray(w) for w in model._contrast_vectors(definition)]
-               for name, definition in definitions.items()}
     if stat_maps is None:
+        weights = {name: [np.asarray(w) for w in model._contrast_vectors(definition)]
+                   for name, definition in definitions.items()}
         stat_maps = {name: model.compute_contrast(definition, output_type="z_score")
                      for name, definition in definitions.items()}
+    else:  # save_glm_to_bids: the weights were drawn into the files the page links (and said their warnings)
+        weights = {name: [None] * len(designs) for name in definitions}
     t_r = repetition_times(model)[0]
     inputs = {"Runs": len(designs), "Scans per run": [len(d) for d in designs],
               "Voxels in the mask": int(np.count_nonzero(np.asanyarray(model.mask_img_.dataobj)))}
