@@ -4,7 +4,9 @@ The suite runs in its own pytest process (the anchor's package as rootdir);
 this test prints the per-module table and fails if a test id recorded in
 ``<anchor>_passing.txt`` no longer passes, or if the exclusion file gives an
 id without a reason. Record progress with ``python tests/peer/suites.py
-nilearn --update``.
+nilearn --update``. The two anchors' suites are collected from two files
+(``test_peer_nilearn.py``, ``test_peer_nimare.py``) so that ``make test``'s
+two workers run them side by side (``--dist loadfile``).
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suites  # noqa: E402
 from binding import read_exclusions  # noqa: E402
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("anchor", ["nilearn", "nimare"])
-def test_what_passed_keeps_passing(anchor):
+def check_what_passed_keeps_passing(anchor):
     suite = suites.SUITES[anchor]
     read_exclusions(suite.exclusions)  # every exclusion has its reason
     outcomes = suites.run(suite)
