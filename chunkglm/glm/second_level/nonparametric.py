@@ -92,8 +92,10 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         Used only to reproduce nilearn's random stream, which depends on its
         number of jobs (capped to the CPU count, negative values count back
         from it, as nilearn). The dask scheduler runs the work.
-    verbose : int
-        Accepted for nilearn compatibility.
+    verbose : int, default=0
+        Not used: nilearn prints its progress messages with it; chunkglm's
+        progress is the dask scheduler's (its dashboard). Accepted so that
+        nilearn's calls run unchanged.
     threshold : float in (0, 1), optional
         Uncorrected p-value forming clusters (nilearn's): adds cluster size
         and cluster mass maps and their -log10 FWE p-values.
