@@ -8,11 +8,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nilearn.image import load_img
+from nilearn.image import get_data, load_img
 
 from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
+from chunkglm.io.cohort import Node
+from chunkglm.io.nifti import read_info
 from chunkglm.io.write_run import _seconds
 from chunkglm.maskers._maps_input import ZarrRunReader
 
@@ -57,7 +59,8 @@ def load_mask(mask_img):
                       UserWarning, stacklevel=4)
     data = np.nan_to_num(data.reshape(*data.shape[:3], -1)).astype(bool).all(axis=3)
     if not data.any():
-        raise InputError("mask_img has no non-zero voxel.")
+        raise InputError("The mask is invalid as it is empty: it masks all data. mask_img has no "
+                         "non-zero voxel: give a mask with at least one voxel set.")
     return np.asarray(img.affine, dtype=float), data
 
 
@@ -173,3 +176,45 @@ def as_list(value):
 
 def input_name(item):
     return str(item) if isinstance(item, str | Path) else type(item).__name__
+
+
+def input_grid(item):
+    """(affine, 3-D shape) of a run given to ``transform`` (image, NIfTI path or store run), or None."""
+    if isinstance(item, nib.spatialimages.SpatialImage):
+        return item.affine, tuple(item.shape[:3])
+    if isinstance(item, Node):
+        return item.grid.affine, tuple(item.grid.shape)
+    if isinstance(item, str | Path) and Path(item).is_file():
+        info = read_info(str(item))
+        return info.affine, tuple(info.volume_shape)
+    return None
+
+
+def read_image(data, affine):
+    """A fitted image in the state nilearn's fit leaves its own: data read through ``get_data``.
+
+    nilearn's fit reads ``mask_img_``'s array with ``get_data``, which keeps it
+    on the image; such an image pickles (and ``joblib.hash``-es) the same
+    before and after a user reads it again, which caches keyed on the fitted
+    masker rely on.
+    """
+    image = nib.Nifti1Image(data, affine)
+    get_data(image)
+    return image
+
+
+def downcast_int64(data):
+    """nilearn's images of 64-bit ints: int32 when the values fit (with its warning), else kept."""
+    if data.dtype not in (np.int64, np.uint64):
+        return data
+    limits = np.iinfo(np.int32)
+    if data.size == 0 or (limits.min <= data.min() and data.max() <= limits.max):
+        warnings.warn("Data array used to create a new image contains 64-bit ints. Many tools such as "
+                      "FSL and SPM cannot deal with int64 in Nifti images, so for compatibility the data "
+                      "has been converted to int32.", UserWarning, stacklevel=3)
+        return data.astype(np.int32)
+    warnings.warn("Data array used to create a new image contains 64-bit ints, and some values too "
+                  "large to store in 32-bit ints. The resulting image thus contains 64-bit ints, which "
+                  "may cause some compatibility issues with some other tools or an error when saving "
+                  "the image to a Nifti file.", UserWarning, stacklevel=3)
+    return data

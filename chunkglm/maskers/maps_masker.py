@@ -82,7 +82,9 @@ from chunkglm.maskers._helpers import (
     as_list,
     batched_moments,
     check_confounds,
+    downcast_int64,
     file_t_r,
+    input_grid,
     input_name,
     load_mask,
     mismatch,
@@ -90,6 +92,7 @@ from chunkglm.maskers._helpers import (
     nilearn_data_dtype,
     node_key,
     per_run,
+    read_image,
     reread,
     run_reader,
 )
@@ -245,9 +248,9 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
             self.mask_img_ = None
         elif grid is None:
             affine, mask = self._mask
-            self.mask_img_ = nib.Nifti1Image(mask.astype(np.int8), affine)
+            self.mask_img_ = read_image(mask.astype(np.int8), affine)
         else:
-            self.mask_img_ = nib.Nifti1Image(self._mask_on(grid).astype(np.int8), grid.affine)
+            self.mask_img_ = read_image(self._mask_on(grid).astype(np.int8), grid.affine)
         if "region_indices_" not in self.__dict__:  # no grid yet: every map, until transform
             self.region_indices_ = np.arange(self._source.n_maps)
             self.dropped_regions_ = []
@@ -510,10 +513,11 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         return out, flat
 
     def _flatten(self, signals, flat):
-        """nilearn's 1-D signals of 3-D images (unless ``set_output`` asks for a container)."""
+        """nilearn's signals of 3-D images (unless ``set_output`` asks for a container): 1-D, one
+        value per map, and 0-D for a single map (nilearn squeezes the volume and the map axes)."""
         if getattr(self, "_sklearn_output_config", None) is not None:
             return signals
-        return [s[0] if one else s for s, one in zip(signals, flat)]
+        return [np.squeeze(s[0]) if one else s for s, one in zip(signals, flat)]
 
     def transform_to_xarray(self, imgs, confounds=None, sample_mask=None):
         """Region signals as a DataArray (run, time, region) with BIDS entities as coordinates.
@@ -591,6 +595,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
                                      sample_masks)
 
     def _extract(self, items, confounds, sample_masks):
+        self._warn_resampling_at_transform(items)
         files = self._file_runs(items)
         if files is not None:
             return self._extract_files(files, confounds, sample_masks)
@@ -613,6 +618,34 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
                   for node in nodes]
         return self._clean_all(gram, projections, hvs, dtypes, [self._t_r(node) for node in nodes], confounds,
                                sample_masks)
+
+    def _warn_resampling_at_transform(self, items):
+        """nilearn's warnings when ``transform`` gets runs on another grid than the fitted one.
+
+        resampling_target "data": the maps (``maps_img_``) and the mask (``mask_img_``) are
+        resampled onto these runs for this call (the fitted masker is left unchanged);
+        "maps": the runs are resampled onto the maps. Once per call, not per run.
+        """
+        if self.resampling_target not in ("data", "maps"):
+            return
+        grids = [input_grid(item) for item in items]
+        grids = [g for g in grids if g is not None]
+        if self.resampling_target == "maps":
+            affine, shape = self._source.affine, self._source.shape
+            if any(not same_grid(a, s, affine, shape) for a, s in grids):
+                warnings.warn("Resampling images at transform time...\nTo avoid this warning, make sure to "
+                              "resample the images you want to transform to the shape of the maps or set "
+                              "resampling_target to 'data'.", UserWarning, stacklevel=4)
+            return
+        if any(not same_grid(a, s, self.maps_img_.affine, self.maps_img_.shape[:3]) for a, s in grids):
+            warnings.warn("Resampling maps at transform time...\nTo avoid this warning, make sure to pass "
+                          "the images you want to transform to fit() first, or directly use fit_transform().",
+                          UserWarning, stacklevel=4)
+        mask = self.mask_img_
+        if mask is not None and any(not same_grid(a, s, mask.affine, mask.shape[:3]) for a, s in grids):
+            warnings.warn("Resampling mask at transform time...\nTo avoid this warning, make sure to pass "
+                          "the images you want to transform to fit() first, or directly use fit_transform().",
+                          UserWarning, stacklevel=4)
 
     def _hv_confounds(self, node, data, n_outside):
         """Lazy high-variance confounds of a run, from its unprocessed data when there is one."""
@@ -705,7 +738,8 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         data = np.zeros((*grid.shape, signals.shape[0]), dtype=out_dtype)
         ijk = grid.ijk
         data[ijk[:, 0], ijk[:, 1], ijk[:, 2], :] = voxels.T
-        image = nib.Nifti1Image(data[..., 0] if flat else data, grid.affine, dtype=out_dtype)
+        # nilearn's header keeps the dtype asked for; its array of int64 becomes int32 (nibabel's rule)
+        image = nib.Nifti1Image(downcast_int64(data[..., 0] if flat else data), grid.affine)
         image.set_data_dtype(out_dtype)
         return image
 
