@@ -39,9 +39,10 @@ there; when the ``with`` block ends without error they are moved into
 
 On any error (including KeyboardInterrupt) the temporary folder is removed
 and ``out_dir`` is as it was. Only a killed process can leave a temporary
-folder, named ``.<out_dir name>.chunkglm-<hex>``, in the parent, never
-inside ``out_dir``: a killed command never leaves a half-written file under
-a final name.
+folder, named ``.<out_dir name>.chunkglm-<host>-<pid>-<hex>``, in the
+parent, never inside ``out_dir``: a killed command never leaves a
+half-written file under a final name, and the next write to ``out_dir``
+removes the folders of processes that are gone (:mod:`chunkglm.io.scratch`).
 
 ``out_dir`` may also be an object-store URL (``s3://bucket/derivatives``):
 files are staged in a local temporary folder and, when the block ends
@@ -71,7 +72,6 @@ import shutil
 import string
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path, PurePosixPath
@@ -83,6 +83,7 @@ from chunkglm._version import __version__
 from chunkglm.errors import InputError
 from chunkglm.io.backends import open_store, sync
 from chunkglm.io.layout import is_url, redact_url
+from chunkglm.io.scratch import owned_name, remove_stale
 
 #: ``GeneratedBy`` / ``Software`` entry of every sidecar.
 SOFTWARE = {"Name": "chunkglm", "Version": __version__}
@@ -344,7 +345,9 @@ class StagedOutput:
 
     def __enter__(self):
         if self.remote:
-            self._tmp = Path(tempfile.mkdtemp(prefix="chunkglm-upload-"))
+            remove_stale(tempfile.gettempdir(), "chunkglm-upload-")  # left by killed uploads
+            self._tmp = Path(tempfile.gettempdir()) / owned_name("chunkglm-upload-")
+            self._tmp.mkdir(mode=0o700)
         else:
             if self.out_dir.exists() and not self.out_dir.is_dir():
                 raise InputError(f"out_dir {self.out_dir} exists and is not a folder.")
@@ -479,9 +482,11 @@ def _make_temporary_folder(out_dir: Path) -> Path:
     parent = out_dir.parent
     while not parent.exists():
         parent = parent.parent
-    name = f".{out_dir.name or 'out'}.chunkglm-{uuid.uuid4().hex[:12]}"
+    prefix = f".{out_dir.name or 'out'}.chunkglm-"
+    name = owned_name(prefix)
     if out_dir.exists() and os.stat(out_dir).st_dev != os.stat(parent).st_dev:
         parent = out_dir
+    remove_stale(parent, prefix)  # left by a killed run of this command
     try:
         (parent / name).mkdir()
         return parent / name

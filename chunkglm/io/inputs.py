@@ -48,6 +48,7 @@ from chunkglm.io.nifti import (NiftiReader, fortran_indices, header_to_text, mas
                                scale_values, stage_image)
 from chunkglm.io.nifti import load_image as _load
 from chunkglm.io.preprocess import SpatialPreprocessing
+from chunkglm.io.scratch import owned_name, remove_stale
 from chunkglm.io.write_run import write_rows
 
 __all__ = ["COORD_NAMES", "DERIVATIONS", "MAP_TYPES", "STORED_NAMES", "MapsView", "StagedInputs",
@@ -203,7 +204,9 @@ class StagedInputs:
 
 def scratch_folder(owner, prefix: str) -> Path:
     """A new temporary folder, removed (with everything in it) when ``owner`` is collected."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    remove_stale(tempfile.gettempdir(), prefix)  # left by killed processes
+    folder = Path(tempfile.gettempdir()) / owned_name(prefix)
+    folder.mkdir(mode=0o700)
     weakref.finalize(owner, shutil.rmtree, folder, True)
     return folder
 
