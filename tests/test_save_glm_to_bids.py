@@ -528,3 +528,25 @@ def test_save_options_and_prefix_as_nilearn(fitted, tmp_path):
         save_glm_to_bids(model, "a", out_dir=tmp_path / "future", prefix="", height_control=None)
     with pytest.warns(UserWarning, match="'first_level_contrast' is ignored"):
         save_glm_to_bids(model, "a", "a", out_dir=tmp_path / "flc", prefix="")
+
+
+def test_report_after_save_shows_the_saved_contrasts_from_their_files(tmp_path):
+    """nilearn: generate_report() without contrasts after save_glm_to_bids shows what was saved."""
+    from nilearn._utils.data_gen import generate_fake_fmri_data_and_design
+
+    _, imgs, designs = generate_fake_fmri_data_and_design([(7, 8, 9, 10), (7, 8, 9, 10)], rk=3)
+    model = FirstLevelModel(minimize_memory=False).fit(imgs, design_matrices=designs)
+    assert save_glm_to_bids(model, {"BBB-AAA": np.array([-1, 1, 0])}, out_dir=tmp_path, height_control=None,
+                            threshold=1.0) is model
+    with pytest.warns(UserWarning, match="No contrast passed during report generation."):  # said, as nilearn
+        page = str(model.generate_report(height_control=None, threshold=1.0))
+    assert "BBB-AAA" in page
+    linked = [src for src in re.findall(r'<img src="([^"]+)"', page) if not src.startswith("data:")]
+    assert f"{tmp_path / 'run-1_design.png'}" in linked and f"{tmp_path / 'run-1_corrdesign.png'}" in linked
+    assert f"{tmp_path / 'run-2_contrast-bbbMinusAaa_design.png'}" in linked
+    assert all(Path(src).is_file() for src in linked)
+    other = str(model.generate_report(contrasts={"AAA-BBB": np.array([1, -1, 0])}))
+    assert "AAA-BBB" in other and "BBB-AAA" not in other and str(tmp_path) not in other
+    model.fit(imgs, design_matrices=designs)  # a new fit: the saved results are no longer its own
+    with pytest.warns(UserWarning, match="No contrast passed"):
+        assert "BBB-AAA" not in str(model.generate_report())

@@ -271,6 +271,20 @@ def unfitted_pieces(model) -> GLMPieces:
     return GLMPieces("First Level Model" if first else "Second Level Model", parameters, [], {}, {})
 
 
+def _saved_report(model, contrasts, saved):
+    """(contrasts, saved results) of the last ``save_glm_to_bids`` of this fit, if any.
+
+    nilearn: ``generate_report()`` without contrasts after ``save_glm_to_bids``
+    shows the contrasts saved, from the files written (figures linked by
+    their absolute paths, z maps read back).
+    """
+    memo = getattr(model, "_saved_bids_report", None)
+    current = model.design_matrices_ if model._is_first_level_glm() else model.design_matrix_
+    if memo is None or memo["design_matrices"] is not current:
+        return contrasts, saved
+    return memo["contrasts"], memo["saved"]
+
+
 #: nilearn's words for a report of an unfitted model (a UserWarning and on the page).
 UNFITTED_MESSAGE = "This estimator has not been fit yet. Make sure to run `fit` before inspecting reports."
 #: nilearn's words when no contrast is given for a fitted model.
@@ -304,7 +318,9 @@ def model_report(model, contrasts=None, first_level_contrast=None, title=None, r
     about its next default. An unfitted model gives a page of its
     parameters instead of an error. With ``saved`` (``save_glm_to_bids``),
     the z maps are those already computed and the figures are the files
-    written beside the page.
+    written beside the page; without contrasts after a ``save_glm_to_bids``
+    of this fit, the page shows the contrasts saved, from its files
+    (nilearn's behaviour; "No contrast passed" is still said, as nilearn).
     """
     checked = ReportOptions.checked(**options)
     notes = list(checked.warnings)
@@ -324,6 +340,7 @@ def model_report(model, contrasts=None, first_level_contrast=None, title=None, r
     else:
         if contrasts is None:
             notes.append(NO_CONTRAST_MESSAGE)
+            contrasts, saved = _saved_report(model, contrasts, saved)
         stat_maps = saved.stat_maps if saved is not None else None
         if first_level:
             pieces = first_level_pieces(model, contrasts, stat_maps)

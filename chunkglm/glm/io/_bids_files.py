@@ -18,6 +18,7 @@ from chunkglm.errors import InputError
 from chunkglm.glm.io._bids_names import weights_json
 from chunkglm.io.derivatives import SOFTWARE, contrast_label
 from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
+from chunkglm.report.build import SavedResults
 from chunkglm.report.sections import ReportOptions
 
 #: Keyword arguments of nilearn's ``generate_report`` that shape the cluster
@@ -305,3 +306,27 @@ def cluster_details(threshold, options: dict) -> dict:
     details["Cluster size threshold (voxels)"] = options["cluster_threshold"]
     details["Minimum distance (mm)"] = options["min_distance"]
     return details
+
+
+def remember_report(model, specs, names, saved, out) -> None:
+    """After ``save_glm_to_bids`` wrote into a local folder: what a later ``generate_report()``
+    without contrasts shows (nilearn's behaviour), read from the files written.
+
+    Kept on the model as ``_saved_bids_report`` with the design matrices of the fit
+    it belongs to: a refit model (new design matrices) no longer uses it. Only file
+    paths are kept (the z maps are read back when a report is made), not images.
+    """
+    if out.remote:  # figures on an object store cannot be linked from a page made elsewhere
+        return
+    folder = out.out_dir / names.folder if names.folder else out.out_dir
+    first = model._is_first_level_glm()
+
+    def where(name):
+        return str(folder / name) if name is not None else None
+
+    files = SavedResults(
+        {spec.name: folder / names.contrasts[spec.label]["z_score"] for spec in specs},
+        [(where(design), where(correlation)) for design, correlation in saved.design_srcs],
+        {name: [where(src) for src in srcs] for name, srcs in saved.contrast_srcs.items()})
+    model._saved_bids_report = {"design_matrices": model.design_matrices_ if first else model.design_matrix_,
+                                "contrasts": {spec.name: spec.definition for spec in specs}, "saved": files}

@@ -40,6 +40,7 @@ from chunkglm.glm.io._bids_files import (
     group_model_parameters,
     mask_image,
     model_parameters,
+    remember_report,
     report_keywords,
     repetition_times,
     run_entities,
@@ -225,6 +226,7 @@ def write_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_type
     with StagedOutput(out_dir) as out:
         saved = _write_bids(model, specs, names, options, out)
         _write_report(model, specs, names, saved, None, report, out)
+    remember_report(model, specs, names, saved, out)
     return out.written
 
 
@@ -352,6 +354,7 @@ def _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out
     with StagedOutput(out_dir) as out:
         saved = _write_group_bids(model, specs, names, options, first_level_contrast, out)
         _write_report(model, specs, names, saved, first_level_contrast, kwargs, out)
+    remember_report(model, specs, names, saved, out)
     return out.written
 
 
