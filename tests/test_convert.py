@@ -277,3 +277,25 @@ def test_runs_started_at_once_by_several_processes_on_a_fresh_store_all_succeed(
         errors = [results.get(timeout=10) for _ in processes]
         assert errors == [None] * 4, errors
         assert len(list(zarr.open_group(path, mode="r")["runs"].group_keys())) == 4
+
+
+def test_concurrent_conversions_keep_every_provenance_record(tmp_path):
+    """Four conversions into one store at once (one subject each, separate processes): every
+    run written and every conversion's record kept (each record is a group of its own; the old
+    single root list was rewritten by each, keeping 1 of 4)."""
+    import subprocess
+    import sys
+
+    from chunkglm.testing import make_synthetic_bids
+
+    data = make_synthetic_bids(tmp_path / "bids", n_subjects=5, size="tiny", seed=4)
+    store = tmp_path / "c.zarr"
+    chunkglm.convert(data.root, store, subjects=["01"])  # the store exists before the race
+    code = "import sys, chunkglm; chunkglm.convert(sys.argv[1], sys.argv[2], subjects=[sys.argv[3]])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(data.root), str(store), sub])
+             for sub in ("02", "03", "04", "05")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
+    cohort = chunkglm.open_cohort(store)
+    assert sorted(n.split("_")[0] for n in cohort.runs) == [f"sub-0{i}" for i in range(1, 6)]
+    records = cohort.attrs["provenance"]
+    assert len(records) == 5 and all(r["operation"] == "convert" for r in records)

@@ -180,8 +180,9 @@ class Cohort:
 
     @property
     def attrs(self) -> dict:
-        """Root attributes: format, versions, provenance."""
-        return dict(self.root.attrs[st.ATTR])
+        """Root attributes: format, versions, and ``provenance``, every operation's record
+        (:func:`chunkglm.io.layout.provenance_records`), oldest first."""
+        return {**dict(self.root.attrs[st.ATTR]), "provenance": st.provenance_records(self.root)}
 
     @cached_property
     def runs(self) -> dict[str, Node]:

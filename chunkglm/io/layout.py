@@ -16,8 +16,11 @@ off half-way is recognised and rewritten, never read.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import socket
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -328,12 +331,35 @@ def _create(group, name, data, dims, chunks, shards, codecs, attrs):
     )
 
 
+#: Where each operation's provenance record is kept: one group per record, never rewritten.
+PROVENANCE = "_provenance"
+
+
 def add_provenance(root, record: dict) -> None:
-    """Append one operation record (never credentials) to the root attributes."""
-    meta = dict(root.attrs[ATTR])
-    meta["provenance"] = [*meta.get("provenance", []), {"time": _now(), **record}]
-    meta["chunkglm_version_last"] = __version__
-    root.attrs[ATTR] = meta
+    """Add one operation record (never credentials) as a group of its own.
+
+    Concurrent conversions into one store each add their own group; nothing
+    shared is read, changed and written back, so no record overwrites another
+    (the root attributes' list, written by earlier versions, is read too:
+    :func:`provenance_records`).
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    try:
+        parent = root.require_group(PROVENANCE)
+    except zarr.errors.ContainsGroupError:  # another process created it meanwhile
+        parent = root[PROVENANCE]
+    name = f"{stamp}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    parent.create_group(re.sub(r"[^A-Za-z0-9_.-]", "", name),
+                        attributes={ATTR: {"time": _now(), "chunkglm_version": __version__, **record}})
+
+
+def provenance_records(root) -> list[dict]:
+    """Every operation record of the store, oldest first (root list, then the groups)."""
+    records = list(dict(root.attrs[ATTR]).get("provenance", []))
+    if PROVENANCE in root:
+        parent = root[PROVENANCE]
+        records += [dict(parent[name].attrs[ATTR]) for name in sorted(parent.group_keys())]
+    return records
 
 
 @dataclass(frozen=True, eq=False)
