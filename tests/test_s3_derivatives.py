@@ -14,7 +14,7 @@ import pytest
 import chunkglm
 from chunkglm.errors import InputError, StoreError
 from chunkglm.glm.first_level import FirstLevelModel
-from chunkglm.interfaces.bids import save_glm_to_bids
+from chunkglm.interfaces.bids import write_glm_to_bids
 from chunkglm.io import derivatives
 from chunkglm.io.derivatives import StagedOutput, check_relative, output_complete
 from chunkglm.io.backends import StorageSettings
@@ -63,8 +63,8 @@ def test_save_glm_to_bids_on_s3_gives_the_local_files_and_bytes(backend, model, 
     if backend == "fsspec":  # the standard botocore chain, through s3fs
         monkeypatch.setattr(StagedOutput, "__init__", _with_storage(StorageSettings("fsspec")))
     contrasts = {"a - b": "a - b", "a": "a"}
-    local = save_glm_to_bids(model, contrasts, out_dir=tmp_path / "derivs", prefix="sub-01_task-main")
-    urls = save_glm_to_bids(model, contrasts, out_dir=f"s3://{s3_bucket}/derivs", prefix="sub-01_task-main")
+    local = write_glm_to_bids(model, contrasts, out_dir=tmp_path / "derivs", prefix="sub-01_task-main")
+    urls = write_glm_to_bids(model, contrasts, out_dir=f"s3://{s3_bucket}/derivs", prefix="sub-01_task-main")
     assert urls == [f"s3://{s3_bucket}/derivs/{p.relative_to(tmp_path / 'derivs').as_posix()}" for p in local]
     remote, expected = _objects(s3_env, s3_bucket, "derivs"), _local(tmp_path / "derivs")
     assert sorted(remote) == sorted(expected) and len(remote) > 20
@@ -77,8 +77,10 @@ def test_save_glm_to_bids_on_s3_gives_the_local_files_and_bytes(backend, model, 
 def _content(name: str, blob: bytes) -> bytes:
     """What two writes of the same result share, byte for byte. The writers are not
     byte-reproducible even locally: gzip stores its write time in the header of every
-    .nii.gz, matplotlib gives SVG elements random ids. So: .nii.gz compared
-    decompressed, SVG ids blanked; every other file compared as written."""
+    .nii.gz, matplotlib gives SVG elements random ids, the report page holds its own id,
+    the time it was made and its provenance record (wall time). So: .nii.gz compared
+    decompressed, SVG ids blanked, the report page by its figures; every other file
+    compared as written."""
     import gzip
     import re
 
@@ -86,6 +88,8 @@ def _content(name: str, blob: bytes) -> bytes:
         return gzip.decompress(blob)
     if name.endswith(".svg"):
         return re.sub(rb'(id="|#)[a-z]+[0-9a-f]{10}\b', rb"\1ID", blob)
+    if name.endswith("report.html"):
+        return b"\n".join(re.findall(rb'<img src="[^"]*"', blob))
     return blob
 
 
