@@ -143,3 +143,20 @@ def test_inverse_transform_is_unchanged_by_a_transform_on_another_grid():
     after = masker.inverse_transform(signals)
     assert after.shape == before.shape == (9, 10, 11, 3)
     np.testing.assert_array_equal(get_data(after), get_data(before))
+
+
+def test_multi_masker_one_run_sample_mask_forms():
+    """A multi masker given one run: the forms NiftiMapsMasker takes, and the run's entry of a list.
+
+    nilearn's MultiNiftiMapsMasker raises TypeError for a list of indices as the run's entry
+    (``[[1, 2, 4]]``); chunkglm takes it as the indices it spells. Numbers: nilearn's single masker.
+    """
+    run = _run(5)
+    expected = nilearn_maskers.NiftiMapsMasker(maps_img=_maps(), standardize=None).fit(run).transform(
+        run, sample_mask=np.asarray([1, 2, 4]))
+    masker = MultiNiftiMapsMasker(maps_img=_maps(), standardize=None).fit(run)
+    keep = np.asarray([False, True, True, False, True])
+    for form in (np.asarray([1, 2, 4]), keep, [[1, 2, 4]], [keep.tolist()], [np.asarray([1, 2, 4])]):
+        got = masker.transform(run, sample_mask=form)
+        assert got.shape == (3, 2)
+        np.testing.assert_allclose(got, expected, rtol=2e-7)  # float32 store, as above

@@ -218,3 +218,19 @@ def downcast_int64(data):
                   "may cause some compatibility issues with some other tools or an error when saving "
                   "the image to a Nifti file.", UserWarning, stacklevel=3)
     return data
+
+
+def one_run_sample_mask(sample_mask):
+    """A multi masker's ``sample_mask`` for one run given alone: the run's entry of the list.
+
+    As nilearn, a list is one entry per run and the first is this run's. An entry
+    that is a plain list of indices or booleans (``[[1, 2, 4]]``) is taken as the
+    array it spells; nilearn raises TypeError ("'int' object is not iterable") there.
+    An array (not a list) is the run's own mask, as for NiftiMapsMasker.
+    """
+    if not isinstance(sample_mask, list):
+        return sample_mask
+    entry = sample_mask[0]
+    if isinstance(entry, list | tuple) and all(np.ndim(value) == 0 for value in entry):
+        return np.asarray(entry)
+    return entry

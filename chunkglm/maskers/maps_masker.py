@@ -91,6 +91,7 @@ from chunkglm.maskers._helpers import (
     multi_doc,
     nilearn_data_dtype,
     node_key,
+    one_run_sample_mask,
     per_run,
     read_image,
     reread,
@@ -434,7 +435,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         if isinstance(imgs, list | tuple):
             return self.transform_imgs(imgs, confounds, sample_mask=sample_mask)
         confounds = confounds[0] if isinstance(confounds, list) and self._multi else confounds
-        sample_mask = sample_mask[0] if isinstance(sample_mask, list) and self._multi else sample_mask
+        sample_mask = one_run_sample_mask(sample_mask) if self._multi else sample_mask
         items, flat = self._as_4d([imgs])
         return self._flatten(self._extract(items, [confounds], [sample_mask]), flat)[0]
 
@@ -489,7 +490,7 @@ class NiftiMapsMasker(MapsReportMixin, ClassNamePrefixFeaturesOutMixin, Transfor
         _, flat = self._as_4d(as_list(imgs))
         if single:
             confounds = confounds[0] if isinstance(confounds, list) and self._multi else confounds
-            sample_mask = sample_mask[0] if isinstance(sample_mask, list) and self._multi else sample_mask
+            sample_mask = one_run_sample_mask(sample_mask) if self._multi else sample_mask
             return self._flatten(self._extract(runs, [confounds], [sample_mask]), flat)[0]
         n = len(runs)
         return self._flatten(self._extract(runs, per_run(confounds, n, "confounds"),
