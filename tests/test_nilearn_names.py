@@ -40,6 +40,15 @@ def test_one_object_behind_every_path():
     from chunkglm import glm, interfaces, reporting
     from chunkglm.glm import io, thresholding
 
-    assert glm.save_glm_to_bids is io.save_glm_to_bids is interfaces.bids.save_glm_to_bids
+    assert glm.save_glm_to_bids is io.save_glm_to_bids  # interfaces.bids: a warning wrapper (below)
     assert glm.threshold_stats_img is thresholding.threshold_stats_img
     assert reporting.HTMLReport.__module__ == "chunkglm.reporting.html_report"
+
+
+def test_interfaces_path_warns_as_nilearns(tmp_path):
+    """nilearn 0.14 warns (FutureWarning) when save_glm_to_bids is imported from
+    nilearn.interfaces; chunkglm.interfaces.bids.save_glm_to_bids does the same, then saves."""
+    from chunkglm.interfaces import bids
+
+    with pytest.warns(FutureWarning, match="moved to 'chunkglm.glm'"), pytest.raises(Exception):
+        bids.save_glm_to_bids(object(), "a", out_dir=tmp_path)  # warns first, then the model is refused

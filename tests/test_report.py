@@ -23,7 +23,7 @@ import pytest
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import first_level_from_bids
 from chunkglm.glm.second_level import SecondLevelModel
-from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
+from chunkglm.glm.io import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
 from chunkglm.io.convert import convert
 from chunkglm.report import HTMLReport, find_results, write_reports
 from chunkglm.report.sections import ReportOptions, stat_map_summary

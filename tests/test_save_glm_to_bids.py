@@ -32,7 +32,7 @@ from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel
 from chunkglm.glm.io import bids as bids_module
 from chunkglm.glm.io._bids_names import plan_bids_names
-from chunkglm.interfaces.bids import save_glm_derivatives, save_glm_to_bids, write_glm_to_bids
+from chunkglm.glm.io import save_glm_derivatives, save_glm_to_bids, write_glm_to_bids
 from chunkglm.io import derivatives
 from chunkglm.io.derivatives import StagedOutput, contrast_label
 from chunkglm.testing import make_synthetic_bids, rel_l2
@@ -107,8 +107,9 @@ def _files(root: Path) -> set[str]:
 
 
 def _expected_from_nilearn(ref_files):
-    """nilearn's set (its report.html included), plus an SVG beside every PNG."""
-    return set(ref_files) | {f[:-4] + ".svg" for f in ref_files if f.endswith(".png")}
+    """nilearn's set (its report.html included), plus an SVG beside every PNG and the
+    .bidsignore of the names BIDS does not define (tests/test_bids_validator.py)."""
+    return set(ref_files) | {f[:-4] + ".svg" for f in ref_files if f.endswith(".png")} | {".bidsignore"}
 
 
 def _snapshot(root: Path) -> dict:
@@ -448,7 +449,7 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
                                  confounds=CONFOUNDS, descriptions={"a - b": "a versus b"})
     base = "first_level/sub-01/sub-01_task-main"
     assert _files(out) == {p.relative_to(out).as_posix() for p in paths} == {
-        "dataset_description.json", f"{base}_design-matrix.png", f"{base}_design-matrix.tsv",
+        ".bidsignore", "dataset_description.json", f"{base}_design-matrix.png", f"{base}_design-matrix.tsv",
         f"{base}_mask.nii.gz", f"{base}_glm.json",
         *(f"{base}_contrast-aMinusB_stat-{s}.nii.gz" for s in ("t", "z", "effect", "variance")),
         *(f"{base}_contrast-effects_stat-{s}.nii.gz" for s in ("F", "z", "effect", "variance"))}
