@@ -160,3 +160,13 @@ def test_multi_masker_one_run_sample_mask_forms():
         got = masker.transform(run, sample_mask=form)
         assert got.shape == (3, 2)
         np.testing.assert_allclose(got, expected, rtol=2e-7)  # float32 store, as above
+
+
+@pytest.mark.parametrize("argument", ["confounds", "sample_mask"])
+def test_multi_masker_per_run_argument_not_a_list_is_nilearns_type_error(argument):
+    runs = [_run(6), _run(6, seed=2)]
+    for masker in _both("MultiNiftiMapsMasker", maps_img=_maps(), standardize=None):
+        with pytest.raises(TypeError, match=f"'{argument}' must be a None or a list. Got int"):
+            masker.fit_transform(runs, **{argument: 1})
+        with pytest.raises(ValueError, match=f"number of {argument} .* unequal to number of images"):
+            masker.fit_transform(runs, **{argument: [np.arange(4) if argument == "sample_mask" else None]})

@@ -11,7 +11,7 @@ import numpy as np
 from nilearn.image import get_data, load_img
 
 from chunkglm.chunking import MemoryBudget
-from chunkglm.errors import InputError
+from chunkglm.errors import InputError, InputTypeError
 from chunkglm.graph import maps as graph
 from chunkglm.io.cohort import Node
 from chunkglm.io.nifti import read_info
@@ -164,7 +164,8 @@ def per_run(value, n_runs, name):
     if value is None:
         return [None] * n_runs
     if not isinstance(value, list | tuple):
-        raise InputError(f"'{name}' must be None or a list with one entry per run; got {type(value).__name__}.")
+        raise InputTypeError(f"'{name}' must be a None or a list. Got {type(value).__name__}. Give one "
+                             f"entry per run (None for a run without {name}).")
     if len(value) != n_runs:
         raise InputError(f"number of {name} ({len(value)}) unequal to number of images ({n_runs}).")
     return list(value)
