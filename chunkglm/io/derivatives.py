@@ -53,6 +53,16 @@ every other file is uploaded. A set whose marker is missing is incomplete
 (:func:`output_complete`); re-running rewrites it. The marker works the same
 on local folders (moved in last; an old marker is set aside first).
 
+BIDS validation. Each derivatives dataset chunkglm writes (a folder where a
+``dataset_description.json`` is staged) gets a ``.bidsignore`` beside that
+file: :data:`BIDSIGNORE` (the names BIDS does not define yet: nilearn's
+GLM file set, the derivatives/glm layout, chunkglm's records, reports and
+stores) plus the patterns the writer adds with :meth:`StagedOutput.ignore`
+(the meta-analysis' NiMARE map names, the maskers' time series). An existing
+``.bidsignore`` keeps its lines; missing patterns are appended. The BIDS
+validator (``bids-validator-deno``, tests/test_bids_validator.py) then
+reports no error on these datasets.
+
 JSON. :func:`write_json` writes sidecars (numpy values as numbers and
 lists) in the layout each output has always had (nilearn's sorted 4-space
 JSON for the GLM files, 2-space insertion order for the meta-analysis and
@@ -93,6 +103,25 @@ BIDS_VERSION = "1.9.0"
 #: entities nilearn drops from output names (part, echo, hemi, desc).
 ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "space", "res", "den",
                 "contrast", "stat")
+
+#: File names chunkglm writes that BIDS does not define (yet), as ``.bidsignore`` patterns
+#: (gitignore syntax; a name without "/" matches at any depth, a folder by its bare name).
+BIDSIGNORE = (
+    # nilearn's save_glm_to_bids file set (with or without a prefix; "group": its second level):
+    # statistical maps (BEP041), their model JSON, design matrices, figures, cluster tables
+    "*statmap.nii.gz", "*statmap.json", "*design.tsv", "*design.json", "*design.png", "*design.svg",
+    "*clusters.tsv", "*clusters.json", "group",
+    # masks named after a prefix that is not BIDS (prefix="study1": study1_mask.nii.gz); masks
+    # with BIDS names (sub-*) are still checked
+    "*_mask.nii.gz", "!sub-*_mask.nii.gz",
+    # the derivatives/glm layout: first_level/sub-XX/..._stat-<s>.nii.gz, group_level/...
+    "first_level", "group_level",
+    # chunkglm's provenance records, HTML reports, cohort stores (zarr) inside an output folder
+    "*provenance.json", "*.html", "*.zarr",
+)
+#: File name of the patterns above in a dataset, and the first line of a new one.
+BIDSIGNORE_FILE = ".bidsignore"
+_BIDSIGNORE_HEADER = "# Written by chunkglm: file names BIDS does not define (yet); the BIDS validator skips them."
 
 #: Characters that can never be in a name: they would make it a path (or end it, NUL).
 PATH_CHARACTERS = ("/", "\\", "\x00")
@@ -341,6 +370,7 @@ class StagedOutput:
         self.storage_options = storage_options
         self.written: list = []
         self._relative: list[str] = []
+        self._ignored: dict[str, list[str]] = {}
         self._tmp: Path | None = None
 
     def __enter__(self):
@@ -380,9 +410,23 @@ class StagedOutput:
         path = self.out_dir / relative
         return path if path.is_file() else None
 
+    def ignore(self, patterns, dataset: str = "") -> None:
+        """Add ``.bidsignore`` patterns (file names BIDS does not define) to the derivatives
+        dataset in the folder ``dataset`` (relative; ``""``: out_dir itself). Its
+        ``.bidsignore`` is written at the end, with :data:`BIDSIGNORE`, even if no
+        dataset_description.json is staged this time."""
+        folder = "" if dataset in ("", ".") else check_relative(dataset)
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        for pattern in patterns:
+            if not isinstance(pattern, str) or not pattern.strip() or "\n" in pattern:
+                raise InputError(f"{pattern!r} is not a .bidsignore pattern.")
+        known = self._ignored.setdefault(folder, [])
+        known += [p for p in patterns if p not in known]
+
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
+                self._write_bidsignore()
                 self._write_marker()
                 if self.remote:
                     _upload_all(self._store(), self.root, self._staged_files(), self.marker)
@@ -404,6 +448,25 @@ class StagedOutput:
             files.remove(self.marker)
             files.append(self.marker)
         return files
+
+    def _write_bidsignore(self):
+        """``.bidsignore`` beside each staged dataset_description.json (and in each folder given
+        to :meth:`ignore`): an existing file's lines kept, missing patterns appended."""
+        folders = [str(PurePosixPath(r).parent) for r in self._relative
+                   if PurePosixPath(r).name == "dataset_description.json"]
+        folders = [("" if f == "." else f) for f in folders] + list(self._ignored)
+        for folder in dict.fromkeys(folders):
+            relative = f"{folder}/{BIDSIGNORE_FILE}" if folder else BIDSIGNORE_FILE
+            existing = self.existing(relative)
+            lines = existing.read_text().splitlines() if existing is not None else [_BIDSIGNORE_HEADER]
+            missing = [p for p in dict.fromkeys((*BIDSIGNORE, *self._ignored.get(folder, ())))
+                       if p not in lines]
+            if missing or existing is None:
+                self.path(relative).write_text("".join(f"{line}\n" for line in lines + missing))
+                self._relative.remove(relative)  # listed in ``written`` after its description
+                description = f"{folder}/dataset_description.json" if folder else "dataset_description.json"
+                at = self._relative.index(description) + 1 if description in self._relative else 0
+                self._relative.insert(at, relative)
 
     def _write_marker(self):
         if self.marker is None or (self.root / self.marker).is_file():

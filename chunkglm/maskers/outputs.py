@@ -21,6 +21,9 @@ from chunkglm.io.layout import zarr_store
 _ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space")
 #: Entities of the timeseries file names, in order (then desc-<atlas>).
 _NAME_ENTITIES = ("sub", "ses", "task", "acq", "run")
+#: The time series files in the output's .bidsignore: BIDS has no ``_timeseries`` suffix for
+#: func derivatives yet (BEP012), so the validator would refuse the names.
+TIMESERIES_BIDSIGNORE = ("*_timeseries.tsv", "*_timeseries.json")
 
 
 def to_xarray(signals, nodes, region_indices) -> xr.DataArray:
@@ -79,6 +82,7 @@ def save_timeseries(signals, out_dir, atlas: str) -> list[Path]:
     width = max(3, len(str(int(signals["region"].max()) if signals.sizes["region"] else 0)))
     columns = [f"map-{int(i):0{width}d}" for i in signals["region"].values]
     with StagedOutput(out_dir) as staged:
+        staged.ignore(TIMESERIES_BIDSIGNORE)  # BEP012's time series: not in BIDS yet
         for index in range(signals.sizes["run"]):
             run = signals.isel(run=index)
             entities = {k: str(run[_entity_coord(k)].item()) for k in _ENTITY_ORDER

@@ -13,6 +13,10 @@
     <out>/meta/<Estimator>.json                sidecar: Estimator, Parameters,
                                                 Maps, Inputs, Corrections,
                                                 Description, Software, provenance
+    <out>/meta/.bidsignore                     NiMARE's map names (and the JSON of
+                                                all maps) are not BIDS names: listed
+                                                here, so the BIDS validator checks
+                                                the rest
 
 Both name, stage and write their files through :mod:`chunkglm.io.derivatives`
 (map names become labels by its ``file_label``); the files are written aside
@@ -111,6 +115,7 @@ def save_derivatives(result, output_dir, names=None) -> dict[str, Path]:
     files["sidecar"] = f"{estimator}.json"
     content = _jsonable(sidecar(result))
     with StagedOutput(output_dir) as out:
+        out.ignore([f"{estimator}_*", files["sidecar"]], "meta")
         for name in names:
             save_image(result.get_map(name), out.path(f"meta/{files[name]}"))
         save_image(result._inputs.mask_img(), out.path(f"meta/{files['mask']}"))

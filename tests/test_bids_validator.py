@@ -1,0 +1,155 @@
+"""Every derivatives dataset chunkglm writes passes the BIDS validator (issue 17, item 9).
+
+The validator is ``bids-validator-deno`` from PyPI (the test extra): the BIDS
+project's TypeScript validator bundled with its schema, run by the ``deno``
+wheel. It runs here with the network denied (``--deny-net``): it needs none.
+
+The datasets are those of the command line on the tiny synthetic BIDS data
+(first-level with both layouts, the cohort store and the reports inside its
+output folder; second-level; meta; extract) and of the Python API
+(nilearn's ``save_glm_to_bids`` file set of a second-level model, and of a
+first-level model saved with a prefix that is not BIDS). Errors fail the
+test; warnings (no README, no Authors, recommended mask keys) are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections import Counter
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+import chunkglm
+from chunkglm.cli.commands import main
+from chunkglm.errors import InputError
+from chunkglm.glm import save_glm_to_bids
+from chunkglm.glm.first_level import FirstLevelModel
+from chunkglm.glm.second_level import SecondLevelModel
+from chunkglm.io.derivatives import BIDSIGNORE, StagedOutput, code_url
+
+validator = pytest.importorskip("bids_validator_deno", reason="bids-validator-deno (test extra) not installed")
+
+pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning",
+                                        "ignore:The given float value must not exceed:UserWarning")
+
+
+def validate(folder) -> list[dict]:
+    """The validator's issues on ``folder`` (offline); its warnings are printed."""
+    from deno import find_deno_bin
+
+    bundle = os.path.join(os.path.dirname(validator.__file__), "bids-validator.js")
+    done = subprocess.run(
+        [os.fsdecode(find_deno_bin()), "run", "--no-prompt", "--deny-net", "--allow-read", "--allow-env",
+         bundle, str(folder), "--format", "json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "DENO_NO_UPDATE_CHECK": "1"})
+    assert done.stdout.startswith("{"), done.stderr
+    issues = json.loads(done.stdout)["issues"]["issues"]
+    assert done.returncode == (16 if any(i["severity"] == "error" for i in issues) else 0), done.stderr
+    warned = Counter((i["code"], i.get("location", "")) for i in issues if i["severity"] != "error")
+    for (code, location), count in sorted(warned.items()):
+        print(f"{folder.name}: warning {code} {location}" + (f" (x{count})" if count > 1 else ""))
+    return issues
+
+
+def _errors(issues) -> list[str]:
+    return [f"{i['code']} {i.get('location', '')} {i.get('issueMessage', '')}".strip()
+            for i in issues if i["severity"] == "error"]
+
+
+def _run(*argv):
+    assert main([str(a) for a in argv]) == 0, argv
+
+
+@pytest.fixture(scope="module")
+def datasets(tiny_bids, tmp_path_factory):
+    """Folder of each derivatives dataset chunkglm wrote from tiny_bids."""
+    tmp = tmp_path_factory.mktemp("bids_validator")
+    fl, group, meta, ts = tmp / "fl", tmp / "group", tmp / "meta_out", tmp / "ts"
+    _run("first-level", tiny_bids.root, "-o", fl, "--task", "main", "-c", "aMinusB=a - b", "effects=a; b",
+         "--confounds", "trans_x", "csf", "--cluster", "none", "--no-progress")
+    _run("second-level", fl, "-o", group, "--first-level-contrast", "aMinusB", "--cluster", "none",
+         "--no-progress")
+    effects = sorted(fl.glob("sub-*/*_contrast-aminusb_stat-effect_statmap.nii.gz"))
+    table = pd.DataFrame({"beta": [str(p) for p in effects],
+                          "varcope": [str(p).replace("stat-effect", "stat-variance") for p in effects]})
+    table.to_csv(tmp / "studies.tsv", sep="\t", index=False)
+    _run("meta", "--estimator", "DerSimonianLaird", "--table", tmp / "studies.tsv", "-o", meta,
+         "--cluster", "none")
+    store = fl / "cohort.zarr"
+    grid = chunkglm.open_cohort(store).runs[tiny_bids.runs[0].name].grid  # two maps inside its mask
+    maps = np.abs(np.random.default_rng(0).normal(size=(*grid.shape, 2))) * grid.mask[..., None]
+    atlas = tmp / "atlas.nii.gz"
+    nib.save(nib.Nifti1Image(maps.astype(np.float32), grid.affine), atlas)
+    _run("extract", store, "--maps", atlas, "--atlas", "toy", "-o", ts, "--cluster", "none", "--no-progress")
+
+    run = tiny_bids.runs[0]  # the Python API: nilearn's file sets, a prefix that is not BIDS
+    model = FirstLevelModel().fit(chunkglm.open_cohort(store).runs[run.name],
+                                  events=pd.read_csv(run.events_path, sep="\t"))
+    save_glm_to_bids(model, {"aMinusB": "a - b"}, out_dir=tmp / "api_first", prefix="study1")
+    second = SecondLevelModel(minimize_memory=False).fit([str(p) for p in effects] * 2,
+                                    design_matrix=pd.DataFrame({"intercept": np.ones(2 * len(effects))}))
+    save_glm_to_bids(second, "intercept", out_dir=tmp / "api_group")
+    return {"first-level": fl, "second-level": group, "meta": meta / "meta", "extract": ts,
+            "api-first-level-prefix": tmp / "api_first", "api-second-level": tmp / "api_group"}
+
+
+@pytest.mark.parametrize("name", ["first-level", "second-level", "meta", "extract", "api-first-level-prefix",
+                                  "api-second-level"])
+def test_every_derivatives_dataset_passes_the_bids_validator(datasets, name):
+    folder = datasets[name]
+    issues = validate(folder)
+    assert _errors(issues) == []
+    description = json.loads((folder / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
+    generated = description["GeneratedBy"][-1]
+    assert generated["Name"] == "chunkglm" and generated["Version"] == chunkglm.__version__
+    assert generated.get("CodeURL") == code_url()  # none while the package declares no URL
+    if not name.startswith("api"):  # the command line says what it read
+        assert description["SourceDatasets"] and all(s["URL"].startswith("file://")
+                                                      for s in description["SourceDatasets"])
+    assert (folder / ".bidsignore").read_text().splitlines()[1:len(BIDSIGNORE) + 1] == list(BIDSIGNORE)
+
+
+def test_without_bidsignore_the_validator_refuses_the_names_and_with_it_still_checks_bids_names(
+        datasets, tmp_path):
+    """The check is not vacuous: nilearn's names, the glm layout and the store are errors without the
+    .bidsignore; with it, a file that claims a BIDS name (sub-*_mask) is still checked."""
+    copy = tmp_path / "fl"
+    shutil.copytree(datasets["first-level"], copy)
+    (copy / ".bidsignore").unlink()
+    errors = _errors(validate(copy))
+    for name in ("_stat-z_statmap.nii.gz", "/first_level/", "/cohort.zarr/", "_provenance.json", "_report.html"):
+        assert any(name in e for e in errors), (name, errors)
+    shutil.copy(datasets["first-level"] / ".bidsignore", copy / ".bidsignore")
+    mask = copy / "sub-01" / "sub-01_task-main_mask.nii.gz"
+    mask.rename(mask.with_name("sub-01_task-main_bad-_mask.nii.gz"))
+    errors = _errors(validate(copy))
+    assert errors and all("sub-01_task-main_bad-_mask.nii.gz" in e for e in errors), errors
+
+
+def test_bidsignore_keeps_its_lines_and_is_written_beside_each_dataset_description(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".bidsignore").write_text("my_notes.txt\n*statmap.nii.gz\n")
+    with StagedOutput(out) as staged:
+        staged.path("dataset_description.json").write_text("{}")
+        staged.path("sub/dataset_description.json").write_text("{}")
+        staged.ignore("Fishers_*", "sub")
+        with pytest.raises(InputError, match="not a .bidsignore pattern"):
+            staged.ignore(["a\nb"])
+    lines = (out / ".bidsignore").read_text().splitlines()
+    assert lines[:2] == ["my_notes.txt", "*statmap.nii.gz"]  # kept, not repeated
+    assert lines[2:] == [p for p in BIDSIGNORE if p != "*statmap.nii.gz"]
+    assert (out / "sub" / ".bidsignore").read_text().splitlines()[1:] == [*BIDSIGNORE, "Fishers_*"]
+    with StagedOutput(out) as staged:  # nothing missing: the file is left as it is
+        staged.path("dataset_description.json").write_text("{}")
+    assert staged.written == [out / "dataset_description.json"]
+    with StagedOutput(out) as staged:  # no dataset here: no .bidsignore
+        staged.path("maps/a.nii.gz").write_bytes(b"")
+    assert not (out / "maps" / ".bidsignore").exists()
