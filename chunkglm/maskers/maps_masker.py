@@ -36,6 +36,9 @@ Differences from nilearn, by design:
   store's mask count as constant (zero) series in the percentile.
 - ``t_r=None`` with a filter uses the runs' stored RepetitionTime.
 - Signals are solved and cleaned in float64 and returned in nilearn's dtype.
+- MultiNiftiMapsMasker given one run takes a plain list of indices or booleans
+  as that run's entry of ``sample_mask`` (``[[1, 2, 4]]``), as NiftiMapsMasker
+  takes it; nilearn's raises TypeError ("'int' object is not iterable").
 
 Outputs: ``transform`` gives nilearn's list of (time, region) arrays;
 ``transform_to_xarray`` a labelled (run, time, region) DataArray, written by
