@@ -31,7 +31,7 @@ from chunkglm.errors import InputError
 from chunkglm.glm import save_glm_to_bids
 from chunkglm.glm.first_level import FirstLevelModel
 from chunkglm.glm.second_level import SecondLevelModel
-from chunkglm.io.derivatives import BIDSIGNORE, StagedOutput, code_url
+from chunkglm.io.derivatives import BIDSIGNORE, StagedOutput, code_url, container, software
 
 validator = pytest.importorskip("bids_validator_deno", reason="bids-validator-deno (test extra) not installed")
 
@@ -110,6 +110,7 @@ def test_every_derivatives_dataset_passes_the_bids_validator(datasets, name):
     generated = description["GeneratedBy"][-1]
     assert generated["Name"] == "chunkglm" and generated["Version"] == chunkglm.__version__
     assert generated.get("CodeURL") == code_url()  # none while the package declares no URL
+    assert generated.get("Container") == container()  # the validator checks it where there is one
     if not name.startswith("api"):  # the command line says what it read
         assert description["SourceDatasets"] and all(s["URL"].startswith("file://")
                                                       for s in description["SourceDatasets"])
@@ -153,3 +154,35 @@ def test_bidsignore_keeps_its_lines_and_is_written_beside_each_dataset_descripti
     with StagedOutput(out) as staged:  # no dataset here: no .bidsignore
         staged.path("maps/a.nii.gz").write_bytes(b"")
     assert not (out / "maps" / ".bidsignore").exists()
+
+
+def test_the_container_is_named_where_there_is_one(tmp_path, monkeypatch):
+    """GeneratedBy.Container (BIDS: Type, Tag) and the glm layout's Software.Container (the image,
+    as the LAION layout's page shows "nilearn/nilearn:0.10.0"; issue 17 item 10)."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert container({}, bare) is None
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / ".dockerenv").touch()
+    assert container({}, docker) == {"Type": "docker"}
+    assert container({"CHUNKGLM_CONTAINER": "chunkglm/chunkglm:0.1.0"}, docker) == {
+        "Type": "docker", "Tag": "chunkglm/chunkglm:0.1.0"}
+    podman = tmp_path / "podman"
+    (podman / "run").mkdir(parents=True)
+    (podman / "run" / ".containerenv").write_text('engine="podman-4.9"\nimage="docker.io/lab/glm:2"\n')
+    assert container({}, podman) == {"Type": "podman", "Tag": "docker.io/lab/glm:2"}
+    assert container({"APPTAINER_CONTAINER": "/images/glm.sif", "APPTAINER_NAME": "glm.sif"}, docker) == {
+        "Type": "apptainer", "Tag": "glm.sif"}
+    assert container({"SINGULARITY_CONTAINER": "/images/old.simg"}, bare) == {"Type": "singularity",
+                                                                              "Tag": "old.simg"}
+    assert container({"container": "oci"}, bare) == {"Type": "oci"}
+
+    import chunkglm.io.derivatives as derivatives
+
+    monkeypatch.setattr(derivatives, "container", lambda: {"Type": "docker", "Tag": "lab/chunkglm:1"})
+    assert software() == {"Name": "chunkglm", "Version": chunkglm.__version__, "Container": "lab/chunkglm:1"}
+    assert derivatives.dataset_description("x")["GeneratedBy"][0]["Container"] == {"Type": "docker",
+                                                                                 "Tag": "lab/chunkglm:1"}
+    monkeypatch.setattr(derivatives, "container", lambda: None)
+    assert software() == {"Name": "chunkglm", "Version": chunkglm.__version__}

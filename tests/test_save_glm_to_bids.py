@@ -34,7 +34,7 @@ from chunkglm.glm.io import bids as bids_module
 from chunkglm.glm.io._bids_names import plan_bids_names
 from chunkglm.glm.io import save_glm_derivatives, save_glm_to_bids, write_glm_to_bids
 from chunkglm.io import derivatives
-from chunkglm.io.derivatives import StagedOutput, contrast_label
+from chunkglm.io.derivatives import StagedOutput, contrast_label, software
 from chunkglm.testing import make_synthetic_bids, rel_l2
 
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")
@@ -457,7 +457,7 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
     assert meta["AnalysisLevel"] == "first_level"
     assert meta["Model"] == {"Type": "GLM", "HRF": "glover", "DriftModel": "cosine",
                              "HighPassFilter": 0.01, "NoiseModel": "ar1"}
-    assert meta["Software"] == {"Name": "chunkglm", "Version": chunkglm.__version__}
+    assert meta["Software"] == software()  # with "Container" when run in one
     assert meta["Confounds"] == CONFOUNDS
     assert meta["Regressors"] == list(ours.design_matrices_[0].columns)
     assert meta["Contrasts"]["aMinusB"] == {"Description": "a versus b",

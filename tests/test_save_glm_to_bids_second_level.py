@@ -38,6 +38,7 @@ from chunkglm.glm.io import (
     save_group_derivatives,
     write_glm_to_bids,
 )
+from chunkglm.io.derivatives import container, software
 from chunkglm.testing import rel_l2
 
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")
@@ -157,7 +158,8 @@ def test_tables_and_json_match_nilearn(saved):
     assert {k: v for k, v in description.items() if k != "GeneratedBy"} == \
         {k: v for k, v in ref_description.items() if k != "GeneratedBy"}
     assert description["GeneratedBy"] == [{"Name": "chunkglm", "Version": chunkglm.__version__,
-                                           "Description": "A chunkglm second-level GLM."}]
+                                           "Description": "A chunkglm second-level GLM.",
+                                           **({"Container": container()} if container() else {})}]
 
 
 def test_model_parameters_match_nilearn_for_other_settings():
@@ -296,7 +298,7 @@ def test_group_sidecar_content(group, saved):
     assert (corrections["TwoSided"], corrections["ClusterThreshold"]) == (True, 0)
     assert (corrections["FDR"]["Method"], corrections["FDR"]["Alpha"]) == ("fdr", 0.05)
     assert (corrections["FWE"]["Method"], corrections["FWE"]["Alpha"]) == ("bonferroni", 0.05)
-    assert sidecar["Software"] == {"Name": "chunkglm", "Version": chunkglm.__version__}
+    assert sidecar["Software"] == software()  # with "Container" when run in one
 
 
 def test_group_permutation_fwe_matches_non_parametric_inference(saved, inputs, tmp_path):

@@ -259,6 +259,46 @@ def code_url() -> str | None:
     return next(iter(urls), None) or meta.get("Home-page") or None
 
 
+def container(environ=None, root="/") -> dict | None:
+    """The software container chunkglm runs in, as BIDS' ``GeneratedBy.Container``
+    (``{"Type", "Tag"}``), or None outside one.
+
+    ``CHUNKGLM_CONTAINER`` names the image (``chunkglm/chunkglm:0.1.0``; an image sets it);
+    Apptainer and Singularity say theirs (``APPTAINER_NAME``, ``SINGULARITY_NAME``); Podman
+    writes it in ``/run/.containerenv``; Docker only leaves ``/.dockerenv`` (Type without Tag
+    unless ``CHUNKGLM_CONTAINER`` is set); else the ``container`` variable (systemd's
+    convention) gives the Type.
+    """
+    env = os.environ if environ is None else environ
+    root = Path(root)
+    tag, kind = env.get("CHUNKGLM_CONTAINER") or None, None
+    for name in ("APPTAINER", "SINGULARITY"):
+        if env.get(f"{name}_CONTAINER") or env.get(f"{name}_NAME"):
+            kind = name.lower()
+            tag = tag or env.get(f"{name}_NAME") or Path(env[f"{name}_CONTAINER"]).name
+            break
+    else:
+        if (root / "run" / ".containerenv").is_file():
+            kind = "podman"
+            found = re.search(r'^image="([^"]+)"', (root / "run" / ".containerenv").read_text(errors="replace"),
+                              re.MULTILINE)
+            tag = tag or (found.group(1) if found else None)
+        elif (root / ".dockerenv").exists():
+            kind = "docker"
+        elif env.get("container"):
+            kind = env["container"]
+    if kind is None and tag is None:
+        return None
+    return {key: value for key, value in (("Type", kind), ("Tag", tag)) if value}
+
+
+def software() -> dict:
+    """The ``Software`` entry of the GLM layout's sidecars: chunkglm's Name and Version, and
+    ``Container`` (the image, else the container's type) when it runs in one."""
+    found = container()
+    return {**SOFTWARE, **({"Container": found.get("Tag") or found["Type"]} if found else {})}
+
+
 _SOURCES: ContextVar[tuple] = ContextVar("chunkglm_source_datasets", default=())
 
 
@@ -304,13 +344,16 @@ def dataset_description(name: str | None = None, *, description: str | None = No
     -------
     dict
         ``DatasetType`` derivative, ``GeneratedBy`` with chunkglm's Name,
-        Version and CodeURL (when the package declares one), ``SourceDatasets``
-        when known.
+        Version, CodeURL (when the package declares one) and Container (when
+        it runs in one, :func:`container`), ``SourceDatasets`` when known.
     """
     generated = {**SOFTWARE, **({"Description": description} if description is not None else {})}
     url = code_url()
     if url:
         generated["CodeURL"] = url
+    image = container()
+    if image:
+        generated["Container"] = image
     entries_in = [source_entry(s) for s in sources] if sources is not None else list(_SOURCES.get())
     if existing is None:
         content = {**({"Name": name} if name is not None else {}), "BIDSVersion": BIDS_VERSION,

@@ -16,7 +16,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 from chunkglm.glm.io._bids_names import weights_json
-from chunkglm.io.derivatives import SOFTWARE, contrast_label
+from chunkglm.io.derivatives import contrast_label, software
 from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
 from chunkglm.report.build import SavedResults
 from chunkglm.report.sections import ReportOptions
@@ -242,7 +242,7 @@ def group_metadata(model, specs, corrections: dict, descriptions=None) -> dict:
                   "SmoothingFWHM": getattr(model, "smoothing_fwhm", None)},
         "Contrasts": contrasts,
         "Corrections": corrections,
-        "Software": dict(SOFTWARE),
+        "Software": software(),
     }
 
 
@@ -265,7 +265,7 @@ def derivatives_metadata(model, specs, confounds, descriptions=None) -> dict:
                   "NoiseModel": model.noise_model},
         "Regressors": columns[0] if same else columns,
         "Contrasts": contrasts,
-        "Software": dict(SOFTWARE),
+        "Software": software(),
         "Confounds": confounds,
     }
 
