@@ -152,6 +152,27 @@ def pytest_configure(config):
         _bound[id(anchor)] = (anchor, _watched(ours))
     builtins.__import__ = _import
     config._peer_outcomes = {}
+    if table == "nilearn":
+        _harness_sees_ours()
+
+
+#: nilearn's estimator-check module decides which checks apply, and what they expect, with
+#: ``isinstance`` against nilearn's classes; each chunkglm class stands for the class it mirrors
+#: there too (isinstance takes a tuple), so the checks nilearn runs on its class run on ours.
+HARNESS_CLASSES = {
+    "FirstLevelModel": ("chunkglm.glm.first_level", "FirstLevelModel"),
+    "SecondLevelModel": ("chunkglm.glm.second_level", "SecondLevelModel"),
+    "NiftiMapsMasker": ("chunkglm.maskers", "NiftiMapsMasker"),
+    "MultiNiftiMapsMasker": ("chunkglm.maskers", "MultiNiftiMapsMasker"),
+    "_MultiMixin": ("chunkglm.maskers", "MultiNiftiMapsMasker"),  # nilearn's multi-run maskers
+}
+
+
+def _harness_sees_ours():
+    checks = importlib.import_module("nilearn._utils.estimator_checks")
+    for name, (module, ours) in HARNESS_CLASSES.items():
+        theirs = getattr(checks, name)
+        setattr(checks, name, (theirs, getattr(importlib.import_module(module), ours)))
 
 
 def pytest_unconfigure(config):
