@@ -50,5 +50,5 @@ def test_interfaces_path_warns_as_nilearns(tmp_path):
     nilearn.interfaces; chunkglm.interfaces.bids.save_glm_to_bids does the same, then saves."""
     from chunkglm.interfaces import bids
 
-    with pytest.warns(FutureWarning, match="moved to 'chunkglm.glm'"), pytest.raises(Exception):
+    with pytest.warns(FutureWarning, match="Please import from 'nilearn.glm' instead: with chunkglm, import it from 'chunkglm.glm'"), pytest.raises(Exception):
         bids.save_glm_to_bids(object(), "a", out_dir=tmp_path)  # warns first, then the model is refused

@@ -22,8 +22,9 @@ __all__ = ["check_correction_options", "permutation_contrasts", "save_glm_deriva
 
 def save_glm_to_bids(*args, **kwargs):
     """:func:`chunkglm.glm.save_glm_to_bids`, with nilearn 0.14's FutureWarning for this path."""
-    warnings.warn("'save_glm_to_bids' has been moved to 'chunkglm.glm' (as nilearn's to "
-                  "'nilearn.glm' in version 0.13). Importing from 'chunkglm.interfaces' will be "
-                  "possible until the release that follows nilearn 0.15.0. Please import from "
-                  "'chunkglm.glm' instead.", FutureWarning, stacklevel=2)
+    # nilearn's words first (code matching on them keeps working), then where chunkglm's lives
+    warnings.warn("'save_glm_to_bids' has been moved to 'nilearn.glm' in version 0.13. Please import "
+                  "from 'nilearn.glm' instead: with chunkglm, import it from 'chunkglm.glm' "
+                  "(chunkglm.interfaces.bids keeps it while nilearn's path exists, until nilearn "
+                  "0.15.0).", FutureWarning, stacklevel=2)
     return _save_glm_to_bids(*args, **kwargs)
