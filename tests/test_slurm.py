@@ -87,7 +87,11 @@ def registered_workers(log_directory: Path) -> list[Path]:
 
 
 def files_under(root: Path) -> set[Path]:
-    return {path.relative_to(root) for path in root.rglob("*") if path.is_file()}
+    """The files of an output folder; a store's provenance records are named after their time,
+    host and process (one group each, chunkglm.io.layout.add_provenance): counted, not named."""
+    files = {path.relative_to(root) for path in root.rglob("*") if path.is_file()}
+    return {p if "_provenance" not in p.parts else Path(*p.parts[:p.parts.index("_provenance") + 1], "<record>")
+            for p in files}
 
 
 def queued_ids(slurm: LocalSlurm) -> set[str]:
