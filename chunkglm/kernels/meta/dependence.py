@@ -32,10 +32,9 @@ Numpy only.
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
 
 from chunkglm.errors import InputError
-from chunkglm.kernels.meta.distributions import _LOG2, nimare_logp
+from chunkglm.kernels.meta.distributions import fe_stat_maps
 
 WEIGHT_SCHEMES = ("individual", "rescale", "collapse")
 #: PyMARE's floor on 1 - leverage (``_MIN_LEVERAGE_COMPLEMENT``).
@@ -145,16 +144,7 @@ def cluster_robust(y, w, groups: Groups):
 
 def robust_maps(est, var, dof, extra=None) -> dict:
     """PyMARE's ``get_fe_stats`` on the t reference with per-voxel dof, as NiMARE's maps."""
-    se = np.sqrt(var)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        stat = est / se
-        log_tail = stats.t.logsf(np.abs(stat), dof)
-        z = -np.sign(stat) * special.ndtri_exp(log_tail)
-        logp = np.minimum(log_tail + _LOG2, 0.0)
-    undefined = ~np.isfinite(se) | (se <= 0)
-    maps = {"z": np.where(undefined, np.nan, z), "p": np.where(undefined, np.nan, np.exp(logp)),
-            "logp": np.where(undefined, np.nan, nimare_logp(logp)), "est": est, "se": se}
-    maps.update(extra or {})
+    maps = fe_stat_maps(est, np.sqrt(var), dof, extra)
     maps["dof"] = dof
     return maps
 

@@ -120,3 +120,24 @@ def _log_gamma_cf_tail(a, x):
         if not active.any():
             break
     return -x + a * np.log(x) - special.gammaln(a) + np.log(h)
+
+
+def fe_stat_maps(est, se, dof=None, extra=None) -> dict:
+    """PyMARE's ``get_fe_stats`` maps from an estimate and its standard error, as NiMARE's:
+    z, p, logp (two-sided), est and se, plus ``extra``; the normal reference when ``dof`` is
+    None, else Student's t with ``dof`` (a number or one per voxel). NaN where se is not
+    positive and finite. The caller adds its ``dof`` map."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = est / se
+        if dof is None:
+            log_tail = special.log_ndtr(-np.abs(stat))
+            z = stat
+        else:
+            log_tail = stats.t.logsf(np.abs(stat), dof)
+            z = -np.sign(stat) * special.ndtri_exp(log_tail)
+        logp = np.minimum(log_tail + _LOG2, 0.0)
+    undefined = ~np.isfinite(se) | (se <= 0)
+    maps = {"z": np.where(undefined, np.nan, z), "p": np.where(undefined, np.nan, np.exp(logp)),
+            "logp": np.where(undefined, np.nan, nimare_logp(logp)), "est": est, "se": se}
+    maps.update(extra or {})
+    return maps

@@ -111,6 +111,12 @@ def sign_flip_max_null(values, flips, two_sided=True) -> np.ndarray:
         Combine blocks with ``np.fmax``; -inf for an empty block, NaN where
         every voxel is constant.
     """
+    return _max_null(values, flips, two_sided, lambda y, batch: sign_flip_t(y, batch, constant_as_zero=False))
+
+
+def _max_null(values, flips, two_sided, t_of) -> np.ndarray:
+    """Max over the block's voxels of ``t_of(y, flips batch)`` (|t| when two-sided), flips in
+    batches sized to the block; -inf for an empty block, NaN ignored as by ``np.fmax``."""
     y = _block("values", values)
     flips = _check_flips(flips, y.shape[0])
     out = np.full(flips.shape[0], -np.inf)
@@ -118,8 +124,8 @@ def sign_flip_max_null(values, flips, two_sided=True) -> np.ndarray:
         return out
     starts, size = _flip_batches(flips.shape[0], y.shape[1])
     for start in starts:
-        null = sign_flip_t(y, flips[start:start + size], constant_as_zero=False)
-        out[start:start + size] = np.fmax.reduce(np.abs(null) if two_sided else null, axis=1)
+        t = t_of(y, flips[start:start + size])
+        out[start:start + size] = np.fmax.reduce(np.abs(t) if two_sided else t, axis=1)
     return out
 
 
@@ -145,13 +151,4 @@ def weighted_sign_flip_t(values, weights, signs) -> np.ndarray:
 def weighted_sign_flip_max_null(values, weights, flips, two_sided=True) -> np.ndarray:
     """Max over this block's voxels of each sign-flipped weighted CR2 t (|t| when two-sided);
     combine blocks with ``np.fmax`` (NiMARE 0.22 ``PermutedOLS(use_sample_size=True)``'s null)."""
-    y = _block("values", values)
-    flips = _check_flips(flips, y.shape[0])
-    out = np.full(flips.shape[0], -np.inf)
-    if not y.shape[1]:
-        return out
-    starts, size = _flip_batches(flips.shape[0], y.shape[1])
-    for start in starts:
-        t = weighted_sign_flip_t(y, weights, flips[start:start + size])
-        out[start:start + size] = np.fmax.reduce(np.abs(t) if two_sided else t, axis=1)
-    return out
+    return _max_null(values, flips, two_sided, lambda y, batch: weighted_sign_flip_t(y, weights, batch))

@@ -12,12 +12,11 @@ and ``z`` matched on the log tail. A zero or non-finite ``se`` gives NaN
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
 
 from chunkglm.errors import InputError
 from chunkglm.kernels.meta import dependence as dep
 from chunkglm.kernels.meta._arrays import _block, _check_correction, _dof_map, _ksum, _same_shape, _sample_sizes
-from chunkglm.kernels.meta.distributions import _EPS, _LOG2, nimare_logp
+from chunkglm.kernels.meta.distributions import _EPS, fe_stat_maps
 
 
 def _wls(y, w):
@@ -41,20 +40,7 @@ def _fe_maps(y, w, small_sample_correction, extra=None) -> dict:
         if small_sample_correction == "knapp-hartung-conservative":
             scale = np.maximum(scale, 1.0)
         var = var * scale
-    se = np.sqrt(var)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        stat = est / se
-        if dof is None:
-            log_tail = special.log_ndtr(-np.abs(stat))
-            z = stat
-        else:
-            log_tail = stats.t.logsf(np.abs(stat), dof)
-            z = -np.sign(stat) * special.ndtri_exp(log_tail)
-        logp = np.minimum(log_tail + _LOG2, 0.0)
-    undefined = ~np.isfinite(se) | (se <= 0)
-    maps = {"z": np.where(undefined, np.nan, z), "p": np.where(undefined, np.nan, np.exp(logp)),
-            "logp": np.where(undefined, np.nan, nimare_logp(logp)), "est": est, "se": se}
-    maps.update(extra or {})
+    maps = fe_stat_maps(est, np.sqrt(var), dof, extra)
     maps["dof"] = _dof_map(n_studies, n_voxels)
     return maps
 
