@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from typing import Any
 
 import dask
@@ -311,9 +312,8 @@ def start_gateway(config: ClusterConfig) -> tuple[Any, str]:
     auth = gateway_auth(config)
     kwargs = gateway_kwargs(config)
     try:
-        cluster = gateway.GatewayCluster(auth=auth, **kwargs)
+        cluster = _create_gateway_cluster(gateway.GatewayCluster, auth, kwargs)
     except Exception as exc:  # noqa: BLE001 - aiohttp, HTTP and option errors alike
-        _close_failed_gateway_clusters(gateway.GatewayCluster)
         raise ClusterStartError(
             f"Could not create a cluster on the dask-gateway at {kwargs['address']} "
             f"(from {config.source}): {type(exc).__name__}: {exc}. Check the address, "
@@ -326,6 +326,41 @@ def start_gateway(config: ClusterConfig) -> tuple[Any, str]:
     if config.adapt is None:
         summary += f", {config.options['workers']} workers"
     return cluster, summary
+
+
+# A request on a pooled keep-alive connection that the gateway closed meanwhile
+# (after its 401 answer, which every first request gets) fails inside aiohttp
+# before anything is sent: an AssertionError from aiohttp's connection code, or
+# a connector error.  Such a start is tried again, twice at most; an answer of
+# the gateway (refused credentials, invalid options) is never retried.
+_GATEWAY_ATTEMPTS = 3
+
+
+def _nothing_was_sent(exc: BaseException) -> bool:
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - dask-gateway depends on aiohttp
+        return False
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return True
+    if type(exc) is AssertionError:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is not None and "aiohttp" in tb.tb_frame.f_code.co_filename
+    return False
+
+
+def _create_gateway_cluster(cls: type, auth: Any, kwargs: dict[str, Any]) -> Any:
+    for attempt in range(1, _GATEWAY_ATTEMPTS + 1):
+        try:
+            return cls(auth=auth, **kwargs)
+        except Exception as exc:
+            _close_failed_gateway_clusters(cls)
+            if attempt == _GATEWAY_ATTEMPTS or not _nothing_was_sent(exc):
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _close_failed_gateway_clusters(cls: type) -> None:
