@@ -66,3 +66,32 @@ def test_other_hosts_and_other_prefixes_are_left_alone(tmp_path):
         folder.mkdir()
     assert remove_stale(tmp_path, ".out.chunkglm-") == []
     assert foreign.exists() and unrelated.exists()
+
+
+def test_meta_and_maps_temporary_folders_are_owned_and_collected_without_warnings(tmp_path, monkeypatch):
+    # The meta-analysis inputs and the maps maskers' scratch stores used tempfile's
+    # TemporaryDirectory: a killed process left them for good, and garbage collection
+    # removed the others with a ResourceWarning (seen counted by another test's warnings).
+    import gc
+    import warnings
+
+    from chunkglm.io.scratch import TemporaryFolder
+
+    _killed("""
+        from chunkglm.io.scratch import TemporaryFolder
+        keep = TemporaryFolder("chunkglm-meta-")
+        open(keep.name + "/meta.zarr", "w").write("x")
+    """, env={"TMPDIR": str(tmp_path)})
+    assert len(list(tmp_path.glob("chunkglm-meta-*"))) == 1
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = TemporaryFolder("chunkglm-meta-")
+        assert [str(p) for p in tmp_path.glob("chunkglm-meta-*")] == [folder.name]  # the dead one's is gone
+        name = folder.name
+        del folder
+        gc.collect()
+        assert not Path(name).exists()
+        with TemporaryFolder("chunkglm-resample-") as name:
+            assert Path(name).is_dir()
+        assert not Path(name).exists()

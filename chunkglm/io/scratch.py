@@ -12,7 +12,9 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import uuid
+import weakref
 from pathlib import Path
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
@@ -53,3 +55,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+class TemporaryFolder:
+    """``tempfile.TemporaryDirectory`` with an owned name (see :func:`owned_name`).
+
+    Creating one removes the folders of ``prefix`` left in the temporary
+    directory by killed processes of this host. The folder is removed by
+    :meth:`cleanup`, at the end of a ``with`` block (which gives its path as a
+    string, as ``TemporaryDirectory`` does), or when the object is collected,
+    without the ``ResourceWarning`` ``TemporaryDirectory`` gives then.
+    """
+
+    def __init__(self, prefix: str, parent=None):
+        parent = Path(parent if parent is not None else tempfile.gettempdir())
+        remove_stale(parent, prefix)
+        self.name = str(parent / owned_name(prefix))
+        os.mkdir(self.name, 0o700)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.name, True)
+
+    def cleanup(self) -> None:
+        """Remove the folder and everything in it (again: nothing happens)."""
+        self._finalizer()
+
+    def __enter__(self) -> str:
+        return self.name
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def __repr__(self) -> str:
+        return f"<TemporaryFolder {self.name!r}>"

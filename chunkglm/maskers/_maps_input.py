@@ -17,7 +17,6 @@ group). Peak memory: one group on the full grid, plus the non-zero values.
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from nilearn.image import resample_img
 from chunkglm.chunking import MemoryBudget
 from chunkglm.errors import InputError
 from chunkglm.graph import maps as graph
+from chunkglm.io.inputs import scratch_folder
 from chunkglm.io.nifti import NiftiReader, read_info, scale_values
 from chunkglm.io.layout import compressor
 from chunkglm.kernels.maps import counted_in_overlap
@@ -450,7 +450,7 @@ class _Writer:
 
     def __init__(self, n_voxels, n_maps, voxel_chunk, group_size, maps_store, in_memory_bytes):
         self.shape, self.chunk, self.group_size = (n_voxels, n_maps), voxel_chunk, group_size
-        self.cleanup, self.location = [], None
+        self.location = None
         self.budget = in_memory_bytes
         self.memory = maps_store is None
         self.parts: list = []  # in memory: (map, rows, values) of every map added
@@ -462,9 +462,8 @@ class _Writer:
 
     def _open(self, maps_store):
         if maps_store is None:
-            folder = tempfile.TemporaryDirectory(prefix="chunkglm-maps-")
-            self.cleanup.append(folder)  # removed with the PreparedMaps
-            maps_store = Path(folder.name) / "maps.zarr"
+            # removed with the PreparedMaps; a killed process's folder by the next one
+            maps_store = scratch_folder(self, "chunkglm-maps-") / "maps.zarr"
         self.memory, self.location = False, str(maps_store)
         chunks = (min(self.chunk, max(self.shape[0], 1)), self.group_size)
         self.zarray = zarr.create_array(store=str(maps_store), shape=self.shape, chunks=chunks, dtype="float32",

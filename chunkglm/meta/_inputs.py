@@ -21,7 +21,6 @@ are computed on the fly from the stored maps (see :data:`DERIVATIONS`).
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from chunkglm.io.inputs import (
     stage_inputs,
     write_coords,
 )
+from chunkglm.io.scratch import TemporaryFolder
 from chunkglm.io.write_run import write_rows
 from chunkglm.meta import _nimare_inputs as nm
 
@@ -86,7 +86,7 @@ def resolve(inputs, mask=None, *, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES, r
     elif isinstance(inputs, pd.DataFrame) or _is_nimare_dataset(inputs):
         keep = None
         if store is None:
-            keep = tempfile.TemporaryDirectory(prefix="chunkglm-meta-")
+            keep = TemporaryFolder("chunkglm-meta-")  # removed with the MetaMaps
             store = Path(keep.name) / "meta.zarr"
         collection = f"meta_{uuid.uuid4().hex[:12]}"
         if nm.is_masker(mask) and not nm.is_voxel_masker(mask):

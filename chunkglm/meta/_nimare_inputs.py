@@ -22,7 +22,6 @@ converted from there.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from chunkglm.errors import InputError
+from chunkglm.io.scratch import TemporaryFolder
 
 #: NiMARE's resampling defaults (``IBMAEstimator._resample_kwargs``).
 RESAMPLE_DEFAULTS = {"clip": True, "interpolation": "linear", "copy_header": True}
@@ -191,4 +191,4 @@ def masked_arrays(table, roles, masker, options) -> dict[str, np.ndarray]:
 
 def temporary_folder(prefix="chunkglm-resample-"):
     """A temporary folder for resampled copies (removed once converted)."""
-    return tempfile.TemporaryDirectory(prefix=prefix)
+    return TemporaryFolder(prefix)
