@@ -32,10 +32,10 @@ def test_all_subjects_in_one_graph_write_nilearn_style_derivatives(tiny_bids, tm
         assert (folder / f"sub-{sub}_task-main_contrast-effects_stat-F_statmap.nii.gz").is_file()
         assert (folder / f"sub-{sub}_task-main_stat-rsquared_statmap.nii.gz").is_file()
         glm = out / "first_level" / f"sub-{sub}"  # the derivatives/glm layout
-        assert (glm / f"sub-{sub}_task-main_contrast-aminusb_stat-z.nii.gz").is_file()
+        assert (glm / f"sub-{sub}_task-main_contrast-aMinusB_stat-z.nii.gz").is_file()  # verbatim (LAION)
         meta = json.loads((glm / f"sub-{sub}_task-main_glm.json").read_text())
         assert meta["Model"]["NoiseModel"] == "ar1" and meta["Confounds"] == ["trans_x", "csf"]
-        assert meta["Software"]["Name"] == "chunkglm" and meta["Contrasts"]["aminusb"]["Description"] == "a - b"
+        assert meta["Software"]["Name"] == "chunkglm" and meta["Contrasts"]["aMinusB"]["Description"] == "a - b"
     # the z map equals the Python API's on the same store and inputs
     cohort = chunkglm.open_cohort(out / "cohort.zarr")
     run = tiny_bids.runs[0]

@@ -55,7 +55,7 @@ def test_first_and_second_level_rerun_write_identical_nifti_and_a_complete_descr
     assert outputs["one"].keys() == outputs["two"].keys() and len(outputs["one"]) > 10
     different = [name for name in outputs["one"] if outputs["one"][name] != outputs["two"][name]]
     assert not different
-    for name in ("first_level/sub-01/sub-01_task-main_contrast-aminusb_stat-z.nii.gz",
+    for name in ("first_level/sub-01/sub-01_task-main_contrast-aMinusB_stat-z.nii.gz",
                  "group_level/group_contrast-mean_stat-z.nii.gz"):
         folder = tmp_path / "two" / ("fl" if name.startswith("first") else "group")
         assert nib.load(folder / name).header.get_xyzt_units() == ("mm", "sec")

@@ -475,6 +475,34 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
                                   nib.load(bids_name).get_fdata())
 
 
+def test_derivatives_layout_keeps_contrast_names_verbatim(fitted, tmp_path):
+    """The LAION layout's page: contrast faceVsBaseline is file label contrast-faceVsBaseline
+    (issue 17 item 10); nilearn's file set folds it (facevsbaseline), as nilearn does."""
+    ours = fitted["ours"]
+    contrasts = {"aVsBaseline": "a", "aMinusB": "a - b", "b_vs_a": "b - a"}
+    out = tmp_path / "glm"
+    save_glm_derivatives(ours, contrasts, out, task_label="main", subject_label="01")
+    base = "first_level/sub-01/sub-01_task-main"
+    for label in ("aVsBaseline", "aMinusB", "bVsA"):
+        for stat in ("t", "z", "effect", "variance"):
+            assert (out / f"{base}_contrast-{label}_stat-{stat}.nii.gz").is_file(), (label, stat)
+    assert sorted(json.loads((out / f"{base}_glm.json").read_text())["Contrasts"]) == ["aMinusB", "aVsBaseline",
+                                                                                       "bVsA"]
+    assert not list(out.rglob("*contrast-avsbaseline*"))
+    nilearn_set = write_glm_to_bids(ours, {"aVsBaseline": "a"}, out_dir=tmp_path / "nl", prefix=PREFIX)
+    assert any("contrast-avsbaseline_stat-z_statmap" in p.name for p in nilearn_set)  # nilearn's rule
+    assert derivatives.glm_label("Face - House") == "FaceMinusHouse"  # the user's capitals kept
+
+
+def test_names_one_file_apart_by_case_are_refused(fitted, tmp_path):
+    """"a - b" and "aMinusB" are both contrast-aMinusB in the derivatives/glm layout (and one
+    file on a case-insensitive file system in nilearn's): refused before writing."""
+    with pytest.raises(InputError, match="rename one"):
+        save_glm_derivatives(fitted["ours"], {"a - b": "a - b", "aMinusB": "a - b"}, tmp_path / "glm",
+                             task_label="main", subject_label="01")
+    assert not (tmp_path / "glm").exists()
+
+
 def test_derivatives_need_subject_and_task_labels(fitted, tmp_path):
     ours = fitted["ours"]
     if getattr(ours, "run_entities_", None) is None:

@@ -254,6 +254,17 @@ def test_group_layout_names(group):
     assert sorted(p.relative_to(group["out"]).as_posix() for p in group["paths"]) == sorted(expected)
 
 
+def test_group_layout_keeps_contrast_names_verbatim(saved, tmp_path):
+    """group_contrast-meanVsZero, not meanvszero (the LAION layout; issue 17 item 10)."""
+    save_group_derivatives(saved["model"], {"meanVsZero": "intercept"}, tmp_path, alpha=0.05)
+    names = {p.name for p in (tmp_path / "group_level").iterdir()}
+    assert {"group_contrast-meanVsZero_stat-t.nii.gz", "group_contrast-meanVsZero_stat-z.nii.gz",
+            "group_contrast-meanVsZero_fdr-corrected.nii.gz", "group_contrast-meanVsZero_fwe-corrected.nii.gz"} <= names
+    meta = json.loads((tmp_path / "group_level" / "group_glm.json").read_text())
+    assert list(meta["Contrasts"]) == ["meanVsZero"]
+    assert list(meta["Corrections"]["FDR"]["Thresholds"]) == ["meanVsZero"]
+
+
 def test_group_maps_and_thresholds_match_nilearn(group, saved):
     from nilearn.glm import threshold_stats_img
 

@@ -9,10 +9,13 @@ the files back with the same labels.
 Labels. Names given by users become parts of file names through one of
 three functions, each keeping the names chunkglm has always written:
 
-- :func:`contrast_label`: GLM contrast names, as nilearn's
-  ``_clean_contrast_name`` (camelCase words, ASCII letters and digits only:
-  ``"a - b"`` -> ``aMinusB``); names with a path separator or without a
-  letter or digit are refused. These are BIDS ``contrast-<label>`` entities.
+- :func:`contrast_label`: GLM contrast names in nilearn's file set, as
+  nilearn's ``_clean_contrast_name`` (camelCase words, ASCII letters and
+  digits only: ``"a - b"`` -> ``aMinusB``, case folded: ``faceVsBaseline`` ->
+  ``facevsbaseline``); names with a path separator or without a letter or
+  digit are refused. These are BIDS ``contrast-<label>`` entities.
+  :func:`glm_label` is the same for the derivatives/glm (LAION) layout,
+  without the case folding (``faceVsBaseline`` stays ``faceVsBaseline``).
 - :func:`file_label`: meta-analysis map names, as NiMARE writes them (letters,
   digits, ``-`` and ``_`` kept, so ``z_corr-FDR_method-indep`` stays as it
   is; ``/`` becomes ``-``, anything else is dropped). They are not BIDS
@@ -138,7 +141,10 @@ def contrast_label(name) -> str:
     """A contrast name as a BIDS label, as nilearn's ``_clean_contrast_name``.
 
     ``"a - b"`` -> ``"aMinusB"``, ``"face_vs_house"`` -> ``"faceVsHouse"``,
-    ``"a>b"`` -> ``"aGtB"``. Only ASCII letters and digits are kept.
+    ``"a>b"`` -> ``"aGtB"``. Only ASCII letters and digits are kept. nilearn
+    folds case: the first word is lower-cased and the others title-cased, so
+    ``"faceVsBaseline"`` -> ``"facevsbaseline"`` (nilearn's file set keeps
+    this rule; the derivatives/glm layout uses :func:`glm_label`).
 
     Raises
     ------
@@ -147,6 +153,29 @@ def contrast_label(name) -> str:
     InputError
         If it holds a path separator or NUL, or no ASCII letter or digit.
     """
+    return _camel_label(name, keep_case=False)
+
+
+def glm_label(name) -> str:
+    """A contrast name as the derivatives/glm (LAION) layout's label: the user's name verbatim.
+
+    A name that already is a BIDS label (ASCII letters and digits) is kept as
+    it is: ``"faceVsBaseline"`` -> ``"faceVsBaseline"`` (:func:`contrast_label`,
+    nilearn's rule, gives ``facevsbaseline``). Other names go through
+    nilearn's camelCase conversion without folding the case of the user's
+    letters, only upper-casing the first letter of each later word:
+    ``"a - b"`` -> ``"aMinusB"``, ``"face_vs_house"`` -> ``"faceVsHouse"``,
+    ``"Face - House"`` -> ``"FaceMinusHouse"``.
+
+    Raises
+    ------
+    TypeError, InputError
+        As :func:`contrast_label`.
+    """
+    return _camel_label(name, keep_case=True)
+
+
+def _camel_label(name, *, keep_case: bool) -> str:
     if not isinstance(name, str):
         raise TypeError(f"contrast names must be strings, not {type(name).__name__} ({name!r}).")
     unsafe = [c for c in PATH_CHARACTERS if c in name]
@@ -158,7 +187,10 @@ def contrast_label(name) -> str:
     for old, new in _WORDS:
         text = text.replace(old, new)
     words = text.split(" ")
-    words = [words[0].lower()] + [word.title() for word in words[1:]]
+    if keep_case:
+        words = [words[0]] + [word[:1].upper() + word[1:] for word in words[1:]]
+    else:
+        words = [words[0].lower()] + [word.title() for word in words[1:]]
     label = "".join(ch for ch in " ".join(words) if ch in _ALNUM)
     if not label:
         raise InputError(

@@ -16,7 +16,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 from chunkglm.glm.io._bids_names import weights_json
-from chunkglm.io.derivatives import contrast_label, software
+from chunkglm.io.derivatives import contrast_label, glm_label, software
 from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
 from chunkglm.report.build import SavedResults
 from chunkglm.report.sections import ReportOptions
@@ -67,13 +67,18 @@ def cluster_options(kwargs: dict) -> dict:
 
 @dataclass(frozen=True)
 class ContrastSpec:
-    """One contrast: its name, file label, definition, stat type and weights per run."""
+    """One contrast: its name, file labels, definition, stat type and weights per run.
+
+    ``label`` is nilearn's (its file set), ``glm_label`` the derivatives/glm layout's (the
+    name verbatim when it is a BIDS label, see :func:`chunkglm.io.derivatives.glm_label`).
+    """
 
     name: str
     label: str
     definition: object
     stat_type: str
     weights: tuple
+    glm_label: str = ""
 
 
 def as_contrast_dict(contrasts) -> dict:
@@ -103,17 +108,18 @@ def contrast_specs(contrasts, contrast_types, design_matrices) -> list[ContrastS
     types = _check_contrast_types(contrast_types, items)
     specs, labels = [], {}
     for name, definition in items.items():
-        label = contrast_label(name)
-        if label in labels:
-            raise InputError(f"contrasts {labels[label]!r} and {name!r} would both be saved as "
-                             f"contrast-{label}: rename one.")
-        labels[label] = name
+        label, verbatim = contrast_label(name), glm_label(name)
+        for key in (label, verbatim.lower()):  # .lower(): one file on case-insensitive file systems
+            if key in labels:
+                raise InputError(f"contrasts {labels[key]!r} and {name!r} would both be saved as "
+                                 f"contrast-{label if key == label else verbatim}: rename one.")
+        labels.update({label: name, verbatim.lower(): name})
         definition = _definition(name, definition)
         weights = tuple(_weights(name, definition, dm) for dm in design_matrices)
         if not any(np.any(w) for w in weights):
             raise InputError(f"contrast {name!r} is null (all weights are 0) on every run.")
         default = "t" if isinstance(definition, str) or definition.ndim == 1 else "F"
-        specs.append(ContrastSpec(name, label, definition, types.get(name, default), weights))
+        specs.append(ContrastSpec(name, label, definition, types.get(name, default), weights, verbatim))
     return specs
 
 
@@ -231,7 +237,7 @@ def group_metadata(model, specs, corrections: dict, descriptions=None) -> dict:
     contrasts = {}
     for spec in specs:
         default = spec.definition if isinstance(spec.definition, str) else spec.name
-        contrasts[spec.label] = {"Name": spec.name,
+        contrasts[spec.glm_label] = {"Name": spec.name,
                                  "Description": descriptions.get(spec.name, default),
                                  "Weights": weights_json(spec.weights[0]), "Type": spec.stat_type}
     design = model.design_matrix_
@@ -256,7 +262,7 @@ def derivatives_metadata(model, specs, confounds, descriptions=None) -> dict:
         weights = [weights_json(w) for w in spec.weights]
         one = same and all(w == weights[0] for w in weights)
         default = spec.definition if isinstance(spec.definition, str) else spec.name
-        contrasts[spec.label] = {"Description": descriptions.get(spec.name, default),
+        contrasts[spec.glm_label] = {"Description": descriptions.get(spec.name, default),
                                  "Weights": weights[0] if one else weights}
     return {
         "AnalysisLevel": "first_level",

@@ -151,14 +151,15 @@ def _contrast_names(spec, common: dict, per_run: list, prefix: str, order) -> di
 def group_derivative_names(contrasts, permutation_maps=()) -> dict:
     """Names of the derivatives/glm group layout, per contrast label, and the sidecar.
 
-    ``group_level/group_contrast-<label>_stat-{t|F,z}.nii.gz`` and
+    ``group_level/group_contrast-<label>_stat-{t|F,z}.nii.gz`` (``<label>``: the spec's
+    ``glm_label``, the name as the user gave it when it is a BIDS label) and
     ``group_level/group_contrast-<label>_{fdr,fwe}-corrected.nii.gz``;
     the design matrix ``group_level/group_design-matrix.tsv``, the mask
     ``group_level/group_mask.nii.gz``, the sidecar ``group_level/group_glm.json``.
     """
     maps = {}
     for spec in contrasts:
-        entities = {"contrast": spec.label}
+        entities = {"contrast": spec.glm_label}  # the user's name verbatim (LAION layout)
         maps[spec.label] = {
             "stat": bids_filename({**entities, "stat": spec.stat_type}, None, "nii.gz", "group"),
             "z_score": bids_filename({**entities, "stat": "z"}, None, "nii.gz", "group"),

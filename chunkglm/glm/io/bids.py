@@ -428,7 +428,11 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
 
     Notes
     -----
-    Files, with ``<s> = sub-<subject>[_ses-<session>]_task-<task>``::
+    Files, with ``<s> = sub-<subject>[_ses-<session>]_task-<task>`` and ``<label>`` the
+    contrast's name as given when it is a BIDS label (letters and digits: ``faceVsBaseline``
+    stays ``contrast-faceVsBaseline``, as the LAION layout's page shows; nilearn's file set
+    folds it to ``facevsbaseline``), else converted as :func:`chunkglm.io.derivatives.glm_label`
+    says (``"a - b"`` -> ``aMinusB``)::
 
         dataset_description.json                        (extended if it exists)
         first_level/sub-XX/<s>_contrast-<label>_stat-{t|F,z,effect,variance}.nii.gz
@@ -490,7 +494,7 @@ def _derivative_entities(model, subject, session, task) -> dict:
 def _derivative_names(specs, entities, runs, n_runs) -> dict:
     base = f"first_level/sub-{entities['sub']}"
     maps = {spec.label: {key: f"{base}/" + bids_filename(
-        {**entities, "contrast": spec.label, "stat": stat or spec.stat_type}, None, "nii.gz")
+        {**entities, "contrast": spec.glm_label, "stat": stat or spec.stat_type}, None, "nii.gz")
         for key, stat in DERIVATIVE_STATS.items()} for spec in specs}
     run_labels = [str((runs[i] if i < len(runs) else {}).get("run") or "") for i in range(n_runs)]
     if "" in run_labels or len(set(run_labels)) < n_runs:  # e.g. run-1 of two sessions
@@ -584,7 +588,8 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
 
     Notes
     -----
-    Files, with ``<C>`` the contrast label::
+    Files, with ``<C>`` the contrast label (the name verbatim when it is a BIDS label, as in
+    :func:`save_glm_derivatives`)::
 
         dataset_description.json                        (extended if it exists)
         group_level/group_contrast-<C>_stat-{t|F,z}.nii.gz
@@ -636,7 +641,7 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
             found = _write_group_maps(model, maps, names["maps"][spec.label],
                                       (alpha, two_sided, cluster_threshold), out, logp)
             for key, value in found.items():
-                thresholds[key][spec.label] = value
+                thresholds[key][spec.glm_label] = value
         corrections = {"TwoSided": bool(two_sided), "ClusterThreshold": cluster_threshold,
                        "FDR": {"Method": "fdr", "Alpha": alpha, "Thresholds": thresholds["fdr"]},
                        "FWE": _fwe_metadata(alpha, thresholds["fwe"], specs, tested, settings)}
@@ -759,7 +764,7 @@ def _permutation_inputs(specs, permutation_maps, permutation, two_sided):
 def _fwe_metadata(alpha, thresholds, specs, tested, settings) -> dict:
     if settings is None:
         return {"Method": "bonferroni", "Alpha": alpha, "Thresholds": thresholds}
-    methods = {spec.label: ("permutation max-T" if spec.label in tested else "bonferroni")
+    methods = {spec.glm_label: ("permutation max-T" if spec.label in tested else "bonferroni")
                for spec in specs}
     state = settings["random_state"]
     return {"Method": methods, "Alpha": alpha, "Thresholds": thresholds,
