@@ -9,6 +9,8 @@ and hold what these functions return. The graphs::
     blocks --rows_with_any(test)--> which images hold a usable voxel                     computed
     one map --row_nanstd--> each image's std over voxels (tree reduction)                computed
     blocks --per_block(fn)--> fn(block) for every voxel block                            computed
+    windows of one map --window_sums(fn)--> fn(window, ...) summed over blocks           lazy (with the maps)
+    numpy (image, voxel) array --from_numpy--> the same in task blocks                   (in-memory old API)
 
 Every store chunk is read once per graph: task blocks tile store chunks, never straddle them.
 """
@@ -21,8 +23,9 @@ import numpy as np
 
 from chunkglm.chunking import MemoryBudget
 
-__all__ = ["block_maps", "compute", "per_block", "row_nanstd", "rows_with_any",
-           "select_images", "task_array", "task_blocks"]
+__all__ = ["block_maps", "block_windows", "compute", "compute_together", "from_numpy", "per_block", "row_nanstd",
+           "rows_with_any", "select_images", "task_array", "task_blocks", "window_sums"]
+
 
 def task_blocks(store_chunks, n_images, budget=None) -> tuple[int, ...]:
     """Voxel blocks that tile each store chunk (each chunk is still read once) within the budget:
@@ -93,3 +96,55 @@ def per_block(fn, array: da.Array, *args) -> tuple:
 def compute(lazy) -> np.ndarray:
     """The values of a lazy array as numpy."""
     return np.asarray(lazy.compute())
+
+
+def compute_together(*lazy) -> tuple:
+    """Several lazy results (arrays, ``window_sums``) computed in one graph: the input chunks
+    they share are read once."""
+    return dask.compute(*lazy)
+
+
+def from_numpy(values, chunk_voxels=None, budget=None) -> da.Array:
+    """An in-memory (image, voxel) array in the voxel blocks of the tasks (as :func:`task_array`)."""
+    values = np.asarray(values)
+    array = da.from_array(values, chunks=(values.shape[0], values.shape[1] or 1))
+    return task_array(array, chunk_voxels, budget)
+
+
+def block_windows(array: da.Array, back) -> list[tuple[int, int, int, int]]:
+    """For every voxel block ``[start, stop)`` of ``array``: ``(start, stop, lo, stop)`` where
+    ``lo`` is the first voxel any voxel of the block reaches through ``back`` ((voxel, n) indices
+    of other voxels, -1 for none), so that ``array[:, lo:stop]`` holds the block and those voxels."""
+    back = np.asarray(back)
+    bounds = np.concatenate(([0], np.cumsum(array.chunks[1])))
+    out = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        reached = back[start:stop]
+        reached = reached[reached >= 0]
+        lo = int(min(start, reached.min())) if reached.size else int(start)
+        out.append((int(start), int(stop), lo, int(stop)))
+    return out
+
+
+def window_sums(fn, array: da.Array, back, n_out: int) -> da.Array:
+    """Lazy (n_out,) sum over voxel blocks of ``fn(array[:, lo:stop], here, back_local)``.
+
+    ``here`` are the window positions of the block's voxels, ``back_local`` the window positions
+    of the voxels ``back`` names for them (-1 kept): a block reads its own chunk and the tail of
+    the chunks before it that its neighbours lie in. A dask array, so that computed with the
+    maps (:func:`compute_together`) it is optimised in one graph with them: the chunks both
+    read are read once.
+    """
+    back = np.asarray(back)
+    parts = []
+    for start, stop, lo, hi in block_windows(array, back):
+        window = array[:, lo:hi]
+        window = window.rechunk((window.shape[0], window.shape[1]))
+        local = np.where(back[start:stop] >= 0, back[start:stop] - lo, -1)
+        parts.append(da.map_blocks(_window_part, window, fn=fn, here=np.arange(start - lo, stop - lo), back=local,
+                                   drop_axis=1, chunks=((n_out,),), dtype=np.float64))
+    return da.stack(parts).sum(axis=0)
+
+
+def _window_part(window, *, fn, here, back):
+    return np.asarray(fn(window, here, back), dtype=np.float64)

@@ -220,6 +220,8 @@ class IBMAEstimator(NiMAREBase):
         to the analyses holding all of them (NiMARE's ``collect_inputs``), so that only those are
         converted. Returns ``(inputs, mask, collection)``: a collection's mask unless ``mask`` was given."""
         mask, collection = self.mask, None
+        if isinstance(dataset, pd.DataFrame):
+            dataset = nm.with_new_image_types(dataset)
         if nm.is_collection(dataset):
             collection = dataset
             dataset, masker = nm.table_from_collection(dataset, ROLES)

@@ -141,7 +141,9 @@ def table_from_dataset(dataset) -> tuple[pd.DataFrame, object]:
 
 
 def check_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Validate a table of map paths; return it with ``id``, ``study_id``, ``sample_sizes`` settled."""
+    """Validate a table of map paths; return it with ``id``, ``study_id``, ``sample_sizes`` settled
+    (a ``con`` column, NiMARE 0.0.x's name, is the ``beta`` maps)."""
+    table = nm.with_new_image_types(table)
     roles = [r for r in ROLES if r in table.columns]
     if not roles:
         raise InputError(f"the table has no map column: give paths in columns among {list(ROLES)}; "

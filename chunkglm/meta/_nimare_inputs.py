@@ -62,6 +62,25 @@ def sample_size_list(value) -> list[float] | None:
     return out or None
 
 
+#: NiMARE 0.0.x's image types -> today's (its Datasets and ``FFX_GLM``/``RFX_GLM`` read ``con``).
+OLD_IMAGE_TYPES = {"con": "beta"}
+
+
+def with_new_image_types(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with NiMARE 0.0.x's image-type columns renamed (``con`` -> ``beta``).
+
+    A column under both names is refused: they are one map type, and which to read is not ours to guess.
+    """
+    old = [c for c in OLD_IMAGE_TYPES if c in table.columns]
+    if not old:
+        return table
+    both = [c for c in old if OLD_IMAGE_TYPES[c] in table.columns]
+    if both:
+        raise InputError(f"the images have both {both[0]!r} and {OLD_IMAGE_TYPES[both[0]]!r} columns: "
+                         f"{both[0]!r} is NiMARE 0.0.x's name for {OLD_IMAGE_TYPES[both[0]]!r} maps; keep one of them.")
+    return table.rename(columns={c: OLD_IMAGE_TYPES[c] for c in old})
+
+
 def table_from_collection(collection, roles) -> tuple[pd.DataFrame, object]:
     """A Dataset's or Studyset's images and sample sizes as a table, and its masker (or None).
 
@@ -69,7 +88,8 @@ def table_from_collection(collection, roles) -> tuple[pd.DataFrame, object]:
     ----------
     collection : nimare.dataset.Dataset or nimare.nimads.Studyset
     roles : sequence of str
-        Map types to keep as columns (those the table holds a path for).
+        Map types to keep as columns (those the table holds a path for); an ``images``
+        column of NiMARE 0.0.x's ``con`` type is read as ``beta``.
 
     Returns
     -------
@@ -78,7 +98,7 @@ def table_from_collection(collection, roles) -> tuple[pd.DataFrame, object]:
         when the metadata has them, ``sample_sizes`` (a list per analysis, or None).
     masker : nilearn masker or None
     """
-    images = collection.images
+    images = with_new_image_types(collection.images)
     table = pd.DataFrame({"id": images["id"].astype(str).to_numpy(),
                           "study_id": images["study_id"].astype(str).to_numpy()})
     for role in roles:

@@ -12,8 +12,9 @@ New API (NiMARE >= 0.1): :class:`Fishers`, :class:`Stouffers`,
 :class:`WeightedLeastSquares`, :class:`DerSimonianLaird`, :class:`Hedges`,
 :class:`VarianceBasedLikelihood`, :class:`SampleSizeBasedLikelihood`,
 :class:`PermutedOLS`, :class:`FixedEffectsHedges`. Old API (NiMARE 0.0.x):
-:class:`FFX_GLM`, :class:`MFX_GLM`, :class:`RFX_GLM`, :class:`WeightedStouffers`
-and the old ``Stouffers(inference, null, n_iters, two_sided)`` signature.
+:class:`FFX_GLM`, :class:`MFX_GLM`, :class:`RFX_GLM`, :class:`WeightedStouffers`,
+the old ``Stouffers(inference, null, n_iters, two_sided)`` signature and the module
+functions :func:`ffx_glm`, :func:`mfx_glm`, :func:`fsl_glm` (:mod:`chunkglm.meta._old_api`).
 
 Dependence groups (several images sharing a ``study_id`` with
 ``groupby=None``, or a ``groupby`` that groups images) are modelled as NiMARE
@@ -33,7 +34,9 @@ import numpy as np
 from chunkglm.errors import InputError
 from chunkglm.graph import meta as meta_graph
 from chunkglm.kernels import meta as km
+from chunkglm.meta import grf
 from chunkglm.meta._estimator import IBMAEstimator
+from chunkglm.meta._old_api import ffx_glm, fsl_glm, mfx_glm
 from chunkglm.meta.correct import add_cluster_maps, permuted_ols_montecarlo
 
 _WEIGHT_SCHEMES = ("rescale", "individual", "collapse")
@@ -392,15 +395,39 @@ class PermutedOLS(IBMAEstimator):
 
 
 class _ClusterGLM(IBMAEstimator):
-    """FFX/MFX GLM of the old API: voxelwise maps, then the cluster-level rule of ``cdt``/``q``."""
+    """FFX/MFX GLM of the old API: voxelwise maps, then the cluster-level rule of ``cdt``/``q``.
 
-    def __init__(self, cdt=0.01, q=0.05, two_sided=True, **kwargs):
+    Two rules (``cluster``), each adding ``z_corr-cluster`` (z inside significant
+    clusters, 0 elsewhere: old NiMARE's ``thresh_z``, also readable under that name
+    with ``get_map``) and ``labels_corr-cluster``, computed with the maps:
+
+    - ``"fdr"`` (default; distribution-free, needs no smoothness): voxels with
+      uncorrected ``p < cdt`` (the estimator's p, two-sided when ``two_sided``), split
+      by the sign of z, 6-connected; a cluster is kept when its peak voxel passes
+      Benjamini-Hochberg FDR at ``q`` over all analysed voxels
+      (:func:`chunkglm.meta.correct.add_cluster_maps`). It controls the FDR of peaks,
+      not the family-wise error of cluster extent, and ignores cluster size.
+    - ``"grf"``: the old NiMARE 0.0.x meaning (FSL ``smoothest`` + ``cluster``):
+      ``z > cdt_z`` (``cdt_z`` the two-tailed z of ``cdt``, whatever ``two_sided``;
+      ``-z > cdt_z`` too when ``two_sided``), 26-connected, a cluster kept when its
+      Gaussian-random-field p-value (from its size in voxels and the residuals'
+      smoothness) is below ``q`` (:mod:`chunkglm.meta.grf`); adds
+      ``logp_corr-cluster`` (-log10 cluster p of every supra-threshold cluster) and
+      ``result.metadata["smoothness"]`` (FWHM per axis in voxels, dLh, resels, volume).
+    """
+
+    _chunkglm_only = IBMAEstimator._chunkglm_only + ("cluster",)
+
+    def __init__(self, cdt=0.01, q=0.05, two_sided=True, cluster="fdr", **kwargs):
         super().__init__(**kwargs)
         if not 0 < cdt < 1 or not 0 < q < 1:
             raise InputError(f"cdt and q must be probabilities in (0, 1); received cdt={cdt!r}, q={q!r}.")
         self.cdt = cdt
         self.q = q
         self.two_sided = two_sided
+        self.cluster = grf.check_cluster_rule(cluster)
+        if cluster == "grf":
+            grf.check_cluster_z(grf.cdt_to_z(cdt))
 
     def _kernel_params(self):
         return _accepted(self._kernel, {"two_sided": self.two_sided})
@@ -413,9 +440,15 @@ class _ClusterGLM(IBMAEstimator):
         return roles
 
     def fit(self, dataset, drop_invalid=True):
-        """Voxelwise maps plus ``z_corr-cluster`` / ``logp_corr-cluster`` (see :mod:`chunkglm.meta.correct`)."""
+        """Voxelwise maps plus the cluster maps of the ``cluster`` rule (see the class notes)."""
         result = super().fit(dataset, drop_invalid)
-        add_cluster_maps(result, self.cdt, self.q, self.two_sided)
+        if grf.check_cluster_rule(self.cluster) == "grf":
+            con = self._stored(self._meta_maps, "beta")
+            if self.images_ is not None and self.images_.size != self._meta_maps.n_images:
+                con = meta_graph.select_images(con, self.images_)
+            grf.add_grf_cluster_maps(result, con, self.cdt, self.q, self.two_sided)
+        else:
+            add_cluster_maps(result, self.cdt, self.q, self.two_sided)
         return result
 
 
@@ -429,6 +462,9 @@ class FFX_GLM(_ClusterGLM):  # noqa: N801 - NiMARE's name
     q : float
         Cluster-level significance.
     two_sided : bool
+    cluster : {"fdr", "grf"}
+        chunkglm only: the cluster rule (see :class:`_ClusterGLM`); ``"grf"`` is the old
+        NiMARE meaning of ``cdt``/``q`` (FSL's Gaussian random field cluster p).
     """
 
     _kernel = "FFX_GLM"
@@ -439,7 +475,7 @@ class MFX_GLM(_ClusterGLM):  # noqa: N801
 
     Parameters
     ----------
-    cdt, q, two_sided
+    cdt, q, two_sided, cluster
         As :class:`FFX_GLM`.
     """
 
@@ -498,4 +534,4 @@ class WeightedStouffers(IBMAEstimator):
 
 __all__ = ["DerSimonianLaird", "FFX_GLM", "Fishers", "FixedEffectsHedges", "Hedges", "IBMAEstimator", "MFX_GLM",
            "PermutedOLS", "RFX_GLM", "SampleSizeBasedLikelihood", "Stouffers", "VarianceBasedLikelihood",
-           "WeightedLeastSquares", "WeightedStouffers"]
+           "WeightedLeastSquares", "WeightedStouffers", "ffx_glm", "fsl_glm", "mfx_glm"]

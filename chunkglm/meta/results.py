@@ -28,6 +28,8 @@ from chunkglm.meta.outputs import save_derivatives, save_maps
 from chunkglm.report.build import result_report
 
 FLOAT = np.float32
+#: NiMARE 0.0.x's map names (its ``fsl_glm`` dict) -> today's.
+OLD_MAP_NAMES = {"cope": "est", "log_p": "logp", "thresh_z": "z_corr-cluster"}
 LGR = logging.getLogger("chunkglm.meta.results")
 
 #: BibTeX entries of the works chunkglm's methods texts cite (as NiMARE's references.bib has them).
@@ -167,7 +169,9 @@ class MetaResult(NiMAREBase):
     def maps(self) -> dict[str, np.ndarray]:
         """All maps, computed on first access (one pass over the inputs)."""
         if self._maps is None:
-            values = meta_graph.compute(self._lazy)
+            values, *extras = meta_graph.compute_together(self._lazy, *[lazy for _, lazy in self._hooks
+                                                                         if lazy is not None])
+            values, extras = np.asarray(values), iter(extras)
             flags = values[len(self._names)]
             warn(int(np.count_nonzero(np.mod(flags, 2))), "the meta-analysis inputs", LEFT_OUT)
             skipped = int(np.count_nonzero(flags >= 2))
@@ -176,17 +180,21 @@ class MetaResult(NiMAREBase):
                             "carries no independent replication to estimate a variance from, so those voxels "
                             "are NaN.", skipped)
             self._maps = {name: store_map(name, values[i]) for i, name in enumerate(self._names)}
-            for hook in self._hooks:
-                self._maps.update({k: store_map(k, v) for k, v in hook(self._maps).items()})
+            for hook, lazy in self._hooks:
+                derived = hook(self._maps) if lazy is None else hook(self._maps, next(extras))
+                self._maps.update({k: store_map(k, v) for k, v in derived.items()})
         return self._maps
 
     @maps.setter
     def maps(self, value):
         self._maps = dict(value)
 
-    def add_hook(self, hook) -> None:
-        """``hook(maps) -> {name: values}``: derived maps computed with the maps (global passes)."""
-        self._hooks.append(hook)
+    def add_hook(self, hook, lazy=None) -> None:
+        """``hook(maps) -> {name: values}``: derived maps computed with the maps (global passes).
+
+        With ``lazy`` (a dask collection), ``hook(maps, value)`` receives its value, computed in
+        the same graph as the maps (input chunks they share are read once)."""
+        self._hooks.append((hook, lazy))
         self._maps = None
 
     def add_maps(self, maps: dict) -> None:
@@ -238,10 +246,13 @@ class MetaResult(NiMAREBase):
         Parameters
         ----------
         name : str
-            Key of :attr:`maps`.
+            Key of :attr:`maps`; the old (0.0.x) names ``cope``, ``log_p`` and ``thresh_z``
+            give ``est``, ``logp`` and ``z_corr-cluster`` where the result has no map so named.
         return_type : {"image", "array"}
         """
         maps = self.maps
+        if name not in maps:
+            name = OLD_MAP_NAMES.get(name, name)
         if maps.get(name) is None:
             raise InputError(f"No map with name '{name}' found; maps are {sorted(maps)}.")
         if return_type == "array":

@@ -40,6 +40,7 @@ Modules, as PyMARE splits its estimators:
 - :mod:`.ols`: one-sample t and PermutedOLS's parametric maps
 - :mod:`.glm`: the old API's FFX_GLM, MFX_GLM and RFX_GLM
 - :mod:`.sign_flip`: sign-flip t, counts, empirical p and max-statistic null
+- :mod:`.grf`: FSL's smoothness from residuals and Gaussian-random-field cluster p (old FFX/MFX ``cdt``/``q``)
 - :mod:`.registry`: :data:`KERNELS`, :data:`INPUTS`, :data:`OUTPUTS`
 
 Every name is re-exported here: ``from chunkglm.kernels import meta; meta.fishers(...)``.
@@ -50,6 +51,15 @@ from chunkglm.kernels.meta.combination import CANCELLATION_FLOOR, fishers, stouf
 from chunkglm.kernels.meta.correlation import add_moments, null_correlation, null_correlation_moments
 from chunkglm.kernels.meta.distributions import log_chi2_sf, nimare_logp, t_to_nlogp, t_to_z
 from chunkglm.kernels.meta.glm import ffx_glm, mfx_glm, rfx_glm
+from chunkglm.kernels.meta.grf import (
+    backward_neighbours,
+    cluster_p,
+    expected_clusters,
+    expected_voxels,
+    neighbour_sums,
+    smoothness,
+    standardise,
+)
 from chunkglm.kernels.meta.likelihood import (
     sample_size_based_likelihood,
     sample_size_based_nll,
@@ -74,7 +84,8 @@ from chunkglm.kernels.meta.sign_flip import (
 from chunkglm.kernels.meta.wls import dersimonian_laird, fixed_effects_hedges, hedges, weighted_least_squares
 
 __all__ = [
-    "CANCELLATION_FLOOR", "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "add_moments", "collapse_blocks",
+    "CANCELLATION_FLOOR", "INPUTS", "KERNELS", "OUTPUTS", "SMALL_SAMPLE_CORRECTIONS", "add_moments", "backward_neighbours",
+    "cluster_p", "collapse_blocks", "expected_clusters", "expected_voxels", "neighbour_sums", "smoothness", "standardise",
     "dersimonian_laird", "empirical_p",
     "ffx_glm", "fishers", "fixed_effects_hedges", "hedges", "log_chi2_sf", "mfx_glm", "nimare_logp",
     "null_correlation", "null_correlation_moments", "one_sample_t",
