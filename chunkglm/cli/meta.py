@@ -4,16 +4,19 @@
 
     chunkglm meta --estimator DerSimonianLaird --store S --collection C -o DIR
     chunkglm meta --estimator Stouffers --table images.tsv -o DIR --correct fdr
+    chunkglm meta --estimator DerSimonianLaird --table images.tsv -o DIR --groupby study --rho 0.5
 
 ``--table`` is a TSV with one row per image and columns among ``z, t, beta,
 varcope, se`` (NIfTI paths, relative to the table's folder or absolute),
-``sample_sizes``, ``study_id``, ``id``; it is converted once into
+``sample_sizes``, ``study_id``, ``id`` (``con``, NiMARE 0.0.x's name, is read as ``beta``);
+it is converted once into
 ``DIR/meta.zarr``. Writes the derivatives folder ``DIR/meta/`` (see
 :mod:`chunkglm.meta.outputs`) and ``DIR/meta/provenance.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +37,7 @@ from chunkglm.io.derivatives import source_datasets
 from chunkglm.io.cohort import open_cohort
 from chunkglm.meta import correct, ibma
 from chunkglm.meta._inputs import ROLES, convert_meta_maps
+from chunkglm.meta._nimare_inputs import with_new_image_types
 from chunkglm.io.layout import redact_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
@@ -41,8 +45,23 @@ from chunkglm.provenance import Stopwatch, cluster_summary, record
 ESTIMATORS = ("Fishers", "Stouffers", "WeightedStouffers", "WeightedLeastSquares", "DerSimonianLaird", "Hedges",
               "VarianceBasedLikelihood", "SampleSizeBasedLikelihood", "PermutedOLS", "FixedEffectsHedges",
               "FFX_GLM", "MFX_GLM", "RFX_GLM")
+#: The estimators with NiMARE's weight_scheme / rho (PyMARE meta-regression).
+REGRESSION_ESTIMATORS = ("WeightedLeastSquares", "DerSimonianLaird", "Hedges", "VarianceBasedLikelihood",
+                         "SampleSizeBasedLikelihood", "FixedEffectsHedges")
+WEIGHT_SCHEMES = ("rescale", "individual", "collapse")
 CORRECTIONS = {"fdr": ("FDRCorrector", "indep"), "fdr-negcorr": ("FDRCorrector", "negcorr"),
                "bonferroni": ("FWECorrector", "bonferroni"), "montecarlo": ("FWECorrector", "montecarlo")}
+
+
+def unit_interval(text) -> float:
+    """A correlation in [0, 1] (``--rho``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number is needed; received {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a number between 0 and 1 is needed; received {text!r}")
+    return value
 
 
 def add_parser(sub, add_common) -> None:
@@ -62,6 +81,16 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--n-iters", type=positive_int, default=5000, help="sign flips for montecarlo")
     cmd.add_argument("--aggressive-mask", action="store_true",
                      help="drop voxels missing in any study (default: fit each missing-data pattern)")
+    cmd.add_argument("--groupby", metavar="COLUMN",
+                     help="dependence groups: images with the same value in this --table column (or per-image "
+                          "coordinate of the --store collection) are one group, modelled as NiMARE 0.22 models "
+                          "them; 'none' treats every image as independent (default: study_id, NiMARE's)")
+    cmd.add_argument("--weight-scheme", choices=WEIGHT_SCHEMES,
+                     help="how images of one dependence group are weighted (NiMARE's weight_scheme; "
+                          "regression estimators only; default rescale)")
+    cmd.add_argument("--rho", type=unit_interval,
+                     help="assumed correlation between the images of one dependence group (NiMARE's rho; "
+                          "regression estimators only; default 0.8)")
     add_sidedness(cmd, True, "test")
     add_chunk_mb(cmd)
     add_allow_incomplete(cmd)
@@ -81,7 +110,7 @@ def _inputs(args):
     table_path = Path(args.table)
     if not table_path.is_file():
         raise InputError(f"--table {args.table}: no such file.")
-    table = pd.read_csv(table_path, sep="\t")
+    table = with_new_image_types(pd.read_csv(table_path, sep="\t"))
     for role in ROLES:
         if role in table.columns:
             table[role] = [str(p) if Path(str(p)).is_absolute() else str(table_path.parent / str(p))
@@ -100,7 +129,30 @@ def _estimator(args):
         kwargs["two_sided"] = two_sided
     elif not two_sided:
         raise InputError(f"{args.estimator} has no one-sided option (NiMARE's neither).")
+    for option, name in (("--weight-scheme", "weight_scheme"), ("--rho", "rho")):
+        if getattr(args, name) is None:
+            continue
+        if args.estimator not in REGRESSION_ESTIMATORS:
+            raise InputError(f"{option} applies to the regression estimators {list(REGRESSION_ESTIMATORS)} "
+                             f"(NiMARE's {name}); {args.estimator} has none.")
+        kwargs[name] = getattr(args, name)
+    if args.groupby is not None:
+        kwargs["groupby"] = _groupby(args)
     return getattr(ibma, args.estimator)(**kwargs)
+
+
+def _groupby(args):
+    """``--groupby``: False for 'none'; a --table column's values (any column, one label per row);
+    a --store collection's per-image coordinate by name."""
+    if args.groupby.lower() == "none":
+        return False
+    if not args.table:
+        return args.groupby
+    columns = pd.read_csv(args.table, sep="\t", nrows=0).columns
+    if args.groupby not in columns:
+        raise InputError(f"--groupby {args.groupby}: the table {args.table} has no such column; it has "
+                         f"{list(columns)}.")
+    return pd.read_csv(args.table, sep="\t", usecols=[args.groupby], dtype=str)[args.groupby].tolist()
 
 
 def run(args) -> int:
