@@ -5,8 +5,9 @@ project's TypeScript validator bundled with its schema, run by the ``deno``
 wheel. It runs here with the network denied (``--deny-net``): it needs none.
 
 The datasets are those of the command line on the tiny synthetic BIDS data
-(first-level with both layouts, the cohort store and the reports inside its
-output folder; second-level; meta; extract) and of the Python API
+(first-level with its default derivatives/glm layout, and with both layouts
+and residuals, the cohort store and the reports inside its output folder;
+second-level; meta; extract) and of the Python API
 (nilearn's ``save_glm_to_bids`` file set of a second-level model, and of a
 first-level model saved with a prefix that is not BIDS). Errors fail the
 test; warnings (no README, no Authors, recommended mask keys) are printed.
@@ -73,9 +74,11 @@ def datasets(tiny_bids, tmp_path_factory):
     fl, group, meta, ts = tmp / "fl", tmp / "group", tmp / "meta_out", tmp / "ts"
     _run("first-level", tiny_bids.root, "-o", fl, "--task", "main", "-c", "aMinusB=a - b", "effects=a; b",
          "--confounds", "trans_x", "csf", "--cluster", "none", "--no-progress")
+    _run("first-level", fl / "cohort.zarr", "-o", tmp / "fl_both", "--task", "main", "-c", "aMinusB=a - b",
+         "--layout", "both", "--save-residuals", "--cluster", "none", "--no-progress")
     _run("second-level", fl, "-o", group, "--first-level-contrast", "aMinusB", "--cluster", "none",
          "--no-progress")
-    effects = sorted(fl.glob("sub-*/*_contrast-aminusb_stat-effect_statmap.nii.gz"))
+    effects = sorted(fl.glob("first_level/sub-*/*_contrast-aMinusB_stat-effect.nii.gz"))
     table = pd.DataFrame({"beta": [str(p) for p in effects],
                           "varcope": [str(p).replace("stat-effect", "stat-variance") for p in effects]})
     table.to_csv(tmp / "studies.tsv", sep="\t", index=False)
@@ -95,11 +98,11 @@ def datasets(tiny_bids, tmp_path_factory):
     second = SecondLevelModel(minimize_memory=False).fit([str(p) for p in effects] * 2,
                                     design_matrix=pd.DataFrame({"intercept": np.ones(2 * len(effects))}))
     save_glm_to_bids(second, "intercept", out_dir=tmp / "api_group")
-    return {"first-level": fl, "second-level": group, "meta": meta / "meta", "extract": ts,
+    return {"first-level": fl, "first-level-both": tmp / "fl_both", "second-level": group, "meta": meta / "meta", "extract": ts,
             "api-first-level-prefix": tmp / "api_first", "api-second-level": tmp / "api_group"}
 
 
-@pytest.mark.parametrize("name", ["first-level", "second-level", "meta", "extract", "api-first-level-prefix",
+@pytest.mark.parametrize("name", ["first-level", "first-level-both", "second-level", "meta", "extract", "api-first-level-prefix",
                                   "api-second-level"])
 def test_every_derivatives_dataset_passes_the_bids_validator(datasets, name):
     folder = datasets[name]
@@ -122,12 +125,19 @@ def test_without_bidsignore_the_validator_refuses_the_names_and_with_it_still_ch
     """The check is not vacuous: nilearn's names, the glm layout and the store are errors without the
     .bidsignore; with it, a file that claims a BIDS name (sub-*_mask) is still checked."""
     copy = tmp_path / "fl"
-    shutil.copytree(datasets["first-level"], copy)
+    shutil.copytree(datasets["first-level-both"], copy)
     (copy / ".bidsignore").unlink()
     errors = _errors(validate(copy))
-    for name in ("_stat-z_statmap.nii.gz", "/first_level/", "/cohort.zarr/", "_provenance.json", "_report.html"):
+    for name in ("_stat-z_statmap.nii.gz", "_stat-errorts_statmap.nii.gz", "/first_level/", "_provenance.json",
+                 "_report.html"):
         assert any(name in e for e in errors), (name, errors)
-    shutil.copy(datasets["first-level"] / ".bidsignore", copy / ".bidsignore")
+    lean = tmp_path / "fl_glm"  # the default layout, with the store converted into the output folder
+    shutil.copytree(datasets["first-level"], lean)
+    (lean / ".bidsignore").unlink()
+    errors = _errors(validate(lean))
+    for name in ("/first_level/", "/cohort.zarr/", "_provenance.json"):
+        assert any(name in e for e in errors), (name, errors)
+    shutil.copy(datasets["first-level-both"] / ".bidsignore", copy / ".bidsignore")
     mask = copy / "sub-01" / "sub-01_task-main_mask.nii.gz"
     mask.rename(mask.with_name("sub-01_task-main_bad-_mask.nii.gz"))
     errors = _errors(validate(copy))

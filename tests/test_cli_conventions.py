@@ -60,7 +60,7 @@ def test_relative_home_and_trailing_slash_paths_for_every_command(bids3, tmp_pat
     code, out, err = _run(capsys, "first-level", "~/c.zarr", "-o", "./fl/", "--task", "main",
                           "-c", "aMinusB=a - b", "--confounds", "trans_x", "csf", "--cluster", "none")
     assert code == 0, err
-    assert (tmp_path / "fl" / "sub-03" / "sub-03_task-main_contrast-aminusb_stat-z_statmap.nii.gz").is_file()
+    assert (tmp_path / "fl" / "first_level" / "sub-03" / "sub-03_task-main_contrast-aMinusB_stat-z.nii.gz").is_file()
 
     code, out, err = _run(capsys, "second-level", "fl/", "-o", "group/", "--first-level-contrast", "aMinusB",
                           "--cluster", "none")
@@ -71,8 +71,9 @@ def test_relative_home_and_trailing_slash_paths_for_every_command(bids3, tmp_pat
 
     subjects = ("01", "02", "03")  # paths relative to the table's folder
     table = pd.DataFrame({
-        "beta": [f"../fl/sub-{s}/sub-{s}_task-main_contrast-aminusb_stat-effect_statmap.nii.gz" for s in subjects],
-        "varcope": [f"../fl/sub-{s}/sub-{s}_task-main_contrast-aminusb_stat-variance_statmap.nii.gz"
+        "beta": [f"../fl/first_level/sub-{s}/sub-{s}_task-main_contrast-aMinusB_stat-effect.nii.gz"
+                 for s in subjects],
+        "varcope": [f"../fl/first_level/sub-{s}/sub-{s}_task-main_contrast-aMinusB_stat-variance.nii.gz"
                     for s in subjects]})
     (tmp_path / "tables").mkdir()
     table.to_csv(tmp_path / "tables" / "studies.tsv", sep="\t", index=False)

@@ -53,9 +53,10 @@ def test_every_command_writes_its_outputs_to_s3(s3_env, s3_bucket, tmp_path, mon
     chunkglm.convert(bids.root, store)
 
     _run(capsys, "first-level", store, "-o", f"{url}/fl", "--task", "main", "-c", "aMinusB=a - b",
-         "--cluster", "none", "--no-progress")
+         "--cluster", "none", "--no-progress", "--layout", "both")
     keys, _ = _keys(s3_env, s3_bucket, "fl")
     assert "sub-02/sub-02_task-main_contrast-aminusb_stat-z_statmap.nii.gz" in keys
+    assert "first_level/sub-02/sub-02_task-main_contrast-aMinusB_stat-z.nii.gz" in keys
     assert "sub-02/sub-02_task-main_provenance.json" in keys
 
     local_fl = tmp_path / "fl"  # second-level and meta read local first-level maps
@@ -73,8 +74,8 @@ def test_every_command_writes_its_outputs_to_s3(s3_env, s3_bucket, tmp_path, mon
         "DatasetType"] == "derivative"
 
     table = pd.DataFrame({
-        "beta": [str(p) for p in sorted(local_fl.glob("sub-*/*_contrast-aminusb_stat-effect_statmap.nii.gz"))],
-        "varcope": [str(p) for p in sorted(local_fl.glob("sub-*/*_contrast-aminusb_stat-variance_statmap.nii.gz"))]})
+        "beta": [str(p) for p in sorted(local_fl.glob("first_level/sub-*/*_contrast-aMinusB_stat-effect.nii.gz"))],
+        "varcope": [str(p) for p in sorted(local_fl.glob("first_level/sub-*/*_contrast-aMinusB_stat-variance.nii.gz"))]})
     table.to_csv(tmp_path / "studies.tsv", sep="\t", index=False)
     _run(capsys, "meta", "--estimator", "DerSimonianLaird", "--table", "studies.tsv", "-o", f"{url}/meta_out",
          "--cluster", "none")

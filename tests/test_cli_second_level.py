@@ -203,3 +203,25 @@ def test_only_chosen_unusable_covariates_are_refused_with_the_reason(derivatives
     assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2 and "Traceback" not in done.stderr  # maps: line + error
     assert not (tmp_path / "g" / "group_level").exists()
+
+
+def test_reads_the_glm_layout_first_level_writes_by_default(tmp_path):
+    """first_level/sub-XX/..._contrast-aMinusB_stat-effect.nii.gz (chunkglm first-level's default
+    --layout glm) is read; with both layouts (--layout both, the same maps twice) the glm copy
+    is taken once, not reported as two maps per subject; nilearn's set alone still works."""
+    from chunkglm.cli.second_level import effect_maps
+
+    image = nib.Nifti1Image(np.ones(SHAPE, np.float32), AFFINE)
+    for sub in ("01", "02"):
+        for path in (tmp_path / "first_level" / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aMinusB_stat-effect.nii.gz",
+                     tmp_path / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aminusb_stat-effect_statmap.nii.gz"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(image, path)
+    for name in ("aMinusB", "a - b", "aminusb"):
+        subjects, paths = effect_maps(tmp_path, name)
+        assert subjects == ["01", "02"] and all("/first_level/" in p and p.endswith("_stat-effect.nii.gz")
+                                                for p in paths), paths
+    for sub in ("01", "02"):
+        (tmp_path / "first_level" / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aMinusB_stat-effect.nii.gz").unlink()
+    subjects, paths = effect_maps(tmp_path, "aMinusB")
+    assert subjects == ["01", "02"] and all(p.endswith("_statmap.nii.gz") for p in paths)

@@ -47,12 +47,13 @@ def test_first_and_second_level_rerun_write_identical_nifti_and_a_complete_descr
     for attempt in ("one", "two"):
         fl, group = tmp_path / attempt / "fl", tmp_path / attempt / "group"
         assert main(["first-level", str(store), "-o", str(fl), "--task", "main", "-c", "aMinusB=a - b",
-                     "--cluster", "none", "--no-progress"]) == 0
+                     "--cluster", "none", "--no-progress", "--layout", "both", "--save-residuals"]) == 0
         assert main(["second-level", str(fl), "-o", str(group), "--first-level-contrast", "aMinusB",
                      "--cluster", "none", "--no-progress"]) == 0
         outputs[attempt] = {**_nifti_bytes(fl), **_nifti_bytes(group)}
         time.sleep(1.1)
     assert outputs["one"].keys() == outputs["two"].keys() and len(outputs["one"]) > 10
+    assert "sub-01/sub-01_task-main_stat-errorts_statmap.nii.gz" in outputs["one"]  # every file set
     different = [name for name in outputs["one"] if outputs["one"][name] != outputs["two"][name]]
     assert not different
     for name in ("first_level/sub-01/sub-01_task-main_contrast-aMinusB_stat-z.nii.gz",

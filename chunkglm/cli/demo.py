@@ -6,8 +6,8 @@
 3. Convert every run into a cohort store, with progress.
 4. Write one run back to NIfTI and check it equals the input inside the mask.
 5. First-level GLM (AR(1), motion + CSF + white-matter confounds) for every
-   subject in one graph; nilearn-style BIDS outputs and the derivatives/glm
-   layout.
+   subject in one graph; the derivatives/glm layout (``chunkglm first-level``'s
+   default ``--layout glm``: one copy of each map, no residuals).
 6. Group level: a one-sample test of the subjects' ``aMinusB`` effect maps
    with max-T permutation inference (``derivatives/glm/group_level``).
 7. Image-based meta-analysis of the same effects and their variances
@@ -34,12 +34,7 @@ from chunkglm.cli.second_level import effect_maps
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import first_level_from_bids, fitted_in_waves
 from chunkglm.glm.second_level import SecondLevelModel, permutation_maps
-from chunkglm.interfaces.bids import (
-    permutation_contrasts,
-    save_glm_derivatives,
-    save_glm_to_bids,
-    save_group_derivatives,
-)
+from chunkglm.interfaces.bids import permutation_contrasts, save_glm_derivatives, save_group_derivatives
 from chunkglm.io.bids import discover_runs
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
@@ -104,9 +99,8 @@ def _first_level(store: Path, out: Path, client) -> Path:
     for model in fitted_in_waves(models):
         weights, types = model_contrasts(model, CONTRASTS)
         prefix = f"sub-{model.subject_label}_task-main"
-        save_glm_to_bids(model, weights, contrast_types=types, out_dir=target, prefix=prefix)
         save_glm_derivatives(model, weights, target, task_label="main", contrast_types=types,
-                             confounds=CONFOUNDS)
+                             confounds=CONFOUNDS)  # as `chunkglm first-level` (--layout glm) writes
         _record(target / "first_level" / f"sub-{model.subject_label}" / f"{prefix}_provenance.json",
                 "first-level (chunkglm demo)", [{"store": str(store), "run": name} for name in model._run_names],
                 {"contrasts": CONTRASTS, "confounds": CONFOUNDS, "noise_model": model.noise_model}, client, watch)
@@ -201,8 +195,8 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
     print(f"  BIDS input:        {bids}")
     print(f"  cohort store:      {store}  ({cohort!r})")
     print(f"  NIfTI round trip:  {roundtrip}")
-    print(f"  first-level GLM:   {glm}  (sub-XX/: nilearn's save_glm_to_bids files; "
-          "first_level/: derivatives/glm layout)")
+    print(f"  first-level GLM:   {glm}  (first_level/sub-XX/: the derivatives/glm layout; "
+          "`chunkglm first-level --layout nilearn|both` adds nilearn's save_glm_to_bids files)")
     print(f"  group level:       {group}")
     print(f"  meta-analysis:     {meta}")
     print(f"  reports:           {len(reports)} pages (first_level/sub-XX/*_report.html, ...)")

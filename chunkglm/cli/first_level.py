@@ -1,15 +1,19 @@
 """``chunkglm first-level``: every subject of a BIDS folder or store, one graph.
 
-Writes nilearn's ``save_glm_to_bids`` file set (``OUTPUT_DIR/sub-XX/``) and the
-derivatives/glm layout (``OUTPUT_DIR/first_level/sub-XX/`` with its JSON).
+Writes the derivatives/glm layout (``OUTPUT_DIR/first_level/sub-XX/`` with its
+JSON; ``--layout glm``, the default), nilearn's ``save_glm_to_bids`` file set
+(``OUTPUT_DIR/sub-XX/``; ``--layout nilearn``) or both (``--layout both``).
+Each run's residuals (4-D) only with ``--save-residuals``.
 
-1. A BIDS folder is converted (resumably) into a store first.
+1. A BIDS folder is converted (resumably) into a store first (``--store``,
+   default ``OUTPUT_DIR/cohort.zarr``).
 2. ``first_level_from_bids`` on the store gives one model per subject.
 3. Contrasts are checked against every design before anything is computed.
 4. The subjects' fits are evaluated in waves on the cluster (each chunk read
    once; a bounded number of subjects in memory, so a cohort of any size runs
    in flat memory), and each subject's derivatives are written as it is done,
-   then its provenance record (``sub-XX/sub-XX_task-T_provenance.json``),
+   then its provenance record (``sub-XX_task-T_provenance.json``, in
+   ``sub-XX/`` with nilearn's file set, else in ``first_level/sub-XX/``),
    last: the completion marker.
 5. Re-running skips complete subjects of the same analysis, redoes
    interrupted ones, and refuses (unless ``--overwrite``) to mix in results
@@ -78,8 +82,7 @@ def add_parser(sub, add_common) -> None:
                      metavar="MODEL", help="nilearn's drift_model: cosine, polynomial or none")
     cmd.add_argument("--high-pass", type=nonnegative, default=0.01, metavar="HZ",
                      help="nilearn's high_pass (cosine drift cut-off)")
-    cmd.add_argument("--store", type=path_value,
-                     help="store for a BIDS input (default: OUTPUT_DIR/cohort.zarr)")
+    add_output_options(cmd)
     cmd.add_argument("--chunk-mb", type=float, metavar="MB",
                      help="memory budget, MiB per chunk (default: a store's chunks as they are, 64 "
                           "when a BIDS input is converted); smaller values give smaller task blocks, "
@@ -98,6 +101,35 @@ def add_parser(sub, add_common) -> None:
     cmd.set_defaults(func=run)
 
 
+#: --layout values: what each writes per subject.
+LAYOUTS = ("glm", "nilearn", "both")
+
+
+def add_output_options(cmd) -> None:
+    """--layout, --save-residuals and --store (where a BIDS input is converted to)."""
+    cmd.add_argument(
+        "--layout", choices=LAYOUTS, default="glm",
+        help="file set per subject. glm (default, the lean one): the derivatives/glm layout, "
+             "first_level/sub-XX/ with one copy of each map (t|F, z, effect, variance per contrast), "
+             "the design matrix, the mask and one JSON sidecar; `chunkglm report` and `chunkglm "
+             "second-level` read it. nilearn: nilearn's save_glm_to_bids file set in sub-XX/ (also p "
+             "maps, cluster tables, r-squared, PNG and SVG figures, a report page; about twice the "
+             "files and time of glm). both: the two, so every map twice (the only choice before "
+             "--layout existed)")
+    cmd.add_argument(
+        "--save-residuals", action="store_true",
+        help="also write each run's residuals (stat-errorts, 4-D float32: one more file as large as "
+             "the run, and a second read of its data): nilearn's sub-XX/..._stat-errorts_statmap.nii.gz "
+             "with --layout nilearn or both, else first_level/sub-XX/..._stat-errorts.nii.gz "
+             "(default: not written)")
+    cmd.add_argument(
+        "--store", type=path_value, metavar="PATH",
+        help="BIDS input: the cohort store it is converted into, a folder or URL, kept so that a "
+             "re-run (or second-level, extract) skips the conversion; it holds the runs' in-mask "
+             "voxels, about as large as the input BOLD files (default: OUTPUT_DIR/cohort.zarr). "
+             "Refused with a store input, which is read where it is")
+
+
 def parse_contrasts(items) -> dict[str, str]:
     """``["aMinusB=a - b"]`` -> ``{"aMinusB": "a - b"}``."""
     contrasts = {}
@@ -114,6 +146,10 @@ def _store_for(args, client, reporter):
     storage = storage_for(args)
     cohort = open_if_store(args.input, storage, args.allow_incomplete)
     if cohort is not None:
+        if args.store is not None:
+            raise InputError(f"--store {args.store}: the input {args.input} is already a cohort store, "
+                             "read where it is; --store names where a BIDS input is converted to. "
+                             "Leave --store out.")
         return cohort
     store = args.store or _default_store(args.output_dir)
     with reporter.phase("converting") as advance:
@@ -184,7 +220,8 @@ def analysis_options(args, contrasts, model) -> dict:
     return {"task": args.task, "space": args.space, "contrasts": contrasts,
             "confounds": _confounds_option(args.confounds), "noise_model": args.noise_model,
             "hrf_model": args.hrf_model, "drift_model": args.drift_model,
-            "high_pass": args.high_pass, "slice_time_ref": model.slice_time_ref}
+            "high_pass": args.high_pass, "slice_time_ref": model.slice_time_ref,
+            "outputs": {"layout": args.layout, "residuals": args.save_residuals}}
 
 
 def _confounds_option(values):
@@ -257,17 +294,22 @@ def _write_subject(args, job, out, context) -> None:
     model = job.model
     if job.state.status == "conflict":  # --overwrite: incomplete from here on
         subjects_io.clear_record(out, job.label, args.task)
-    paths = write_glm_to_bids(model, job.weights, contrast_types=job.types, out_dir=args.output_dir,
-                              prefix=f"sub-{job.label}_task-{args.task}")
-    paths += save_glm_derivatives(model, job.weights, args.output_dir, task_label=args.task,
-                                  contrast_types=job.types, confounds=model.confound_names_[0] or [])
+    paths = []
+    if args.layout in ("glm", "both"):
+        paths += save_glm_derivatives(model, job.weights, args.output_dir, task_label=args.task,
+                                      contrast_types=job.types, confounds=model.confound_names_[0] or [],
+                                      residuals=args.save_residuals and args.layout == "glm")
+    if args.layout in ("nilearn", "both"):
+        paths += write_glm_to_bids(model, job.weights, contrast_types=job.types, out_dir=args.output_dir,
+                                   prefix=f"sub-{job.label}_task-{args.task}", residuals=args.save_residuals)
     entries = subjects_io.output_entries(out, paths, job.label)
     subjects_io.remove_stale(out, job.state.record, entries)
     content = record("first-level", inputs=job.inputs, options=context["options"],
                      cluster=context["cluster"], stopwatch=context["stopwatch"],
                      subject=job.label, analysis=job.identity, outputs=entries)
-    marker, copy = subjects_io.record_paths(job.label, args.task)
-    out.write_json(copy, content)
+    marker, *copies = subjects_io.record_paths(job.label, args.task, args.layout)
+    for copy in copies:
+        out.write_json(copy, content)
     out.write_json(marker, content)  # last: the subject is complete from here on
 
 

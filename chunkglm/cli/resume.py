@@ -1,12 +1,14 @@
 """Per-subject completion records of ``chunkglm first-level`` (resume, provenance).
 
 A subject's outputs count as complete only when its record
-``OUT_DIR/sub-XX/sub-XX_task-T_provenance.json`` exists: it is written last,
-atomically, after both file sets (nilearn's and derivatives/glm, each
-committed atomically by the staging) and after its copy in
-``OUT_DIR/first_level/sub-XX/``. The record holds what decides the results
-(the ``analysis``: options, contrasts and the runs' source checksums), so a
-re-run can tell
+``sub-XX_task-T_provenance.json`` exists in the folder of the last file set
+written: ``OUT_DIR/sub-XX/`` with nilearn's file set (``--layout nilearn`` or
+``both``), else ``OUT_DIR/first_level/sub-XX/`` (``--layout glm``). It is
+written last, atomically, after the file sets (each committed atomically by
+the staging) and after its copy in the other layout's folder (``both``). The
+record holds what decides the results and the files written (the
+``analysis``: options, contrasts, layout, residuals and the runs' source
+checksums), so a re-run can tell
 
 - ``complete``: same analysis, every listed output present -> skipped;
 - ``conflict``: complete, but another analysis -> refused (or, with
@@ -127,10 +129,19 @@ def subject_folders(subject: str) -> tuple[str, str]:
     return f"sub-{subject}", f"first_level/sub-{subject}"
 
 
-def record_paths(subject: str, task: str) -> tuple[str, str]:
-    """(marker in ``sub-XX/``, its copy in ``first_level/sub-XX/``), relative paths."""
+#: The layouts of ``chunkglm first-level`` and the folders they write a subject's files in
+#: (subject_folders' order); a subject's record is in each, the marker in the first.
+LAYOUT_FOLDERS = {"nilearn": (0,), "glm": (1,), "both": (0, 1)}
+#: What records written before ``--layout`` / ``--save-residuals`` existed were made with.
+OLD_OUTPUTS = {"layout": "both", "residuals": True}
+
+
+def record_paths(subject: str, task: str, layout: str = "both") -> tuple[str, ...]:
+    """(marker, its copies), relative paths: ``sub-XX/`` then ``first_level/sub-XX/`` for the
+    folders ``layout`` writes (both: the marker in ``sub-XX/``, a copy in ``first_level/``)."""
     name = f"sub-{subject}_task-{task}_{RECORD_SUFFIX}"
-    return tuple(f"{folder}/{name}" for folder in subject_folders(subject))
+    folders = subject_folders(subject)
+    return tuple(f"{folders[i]}/{name}" for i in LAYOUT_FOLDERS[layout])
 
 
 def run_inputs(nodes) -> list[dict]:
@@ -159,10 +170,14 @@ def analysis_identity(options: dict, inputs: list[dict]) -> dict:
 
 def subject_state(out: OutDir, subject: str, task: str, identity: dict) -> SubjectState:
     """Classify a subject's existing outputs (see the module docstring)."""
-    record = out.read_json(record_paths(subject, task)[0])
+    record = next((found for found in map(out.read_json, record_paths(subject, task, "both"))
+                   if found is not None), None)
     present = out.sizes(*subject_folders(subject))
     if record is not None:
-        differences = _differences(record.get("analysis", {}), identity)
+        analysis = record.get("analysis", {})
+        if "outputs" in identity and isinstance(analysis, dict):  # a record of before --layout
+            analysis = {"outputs": OLD_OUTPUTS, **analysis}
+        differences = _differences(analysis, identity)
         if differences:  # even if some of its files are gone: never mix two analyses
             return SubjectState(subject, "conflict", record, differences)
         outputs = record.get("outputs") or []
@@ -193,7 +208,7 @@ def conflict_error(states: list[SubjectState], out_dir) -> InputError:
 
 def clear_record(out: OutDir, subject: str, task: str) -> None:
     """Remove a subject's records (it becomes incomplete) before it is rewritten."""
-    for relative in record_paths(subject, task):
+    for relative in record_paths(subject, task, "both"):
         out.remove(relative)
 
 

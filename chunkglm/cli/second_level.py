@@ -75,14 +75,20 @@ from chunkglm.io.layout import redact_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
+_GLM_EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect\.nii(\.gz)?$")
+#: Where first-level effect maps are, in the order searched: the derivatives/glm layout
+#: (``chunkglm first-level``'s default), then nilearn's save_glm_to_bids file set.
+EFFECT_LAYOUTS = (("first_level/sub-*/sub-*_stat-effect.nii*", _GLM_EFFECT),
+                  ("sub-*/**/sub-*_stat-effect_statmap.nii*", _EFFECT))
 
 
 def add_parser(sub, add_common) -> None:
     """Register the sub-command (``add_common`` adds --cluster and --no-progress)."""
     cmd = sub.add_parser("second-level", help="group GLM (+ permutation inference), group derivatives out")
     cmd.add_argument("input", type=path_value,
-                     help="a first-level derivatives folder (sub-XX/..._stat-effect_statmap.nii.gz) "
-                          "or a cohort store with a maps collection")
+                     help="a first-level derivatives folder (first_level/sub-XX/..._stat-effect.nii.gz, "
+                          "or nilearn's sub-XX/..._stat-effect_statmap.nii.gz) or a cohort store with a "
+                          "maps collection")
     add_output_dir(cmd, "output folder (group_level/ goes in it)", "--out-dir", "--out")
     cmd.add_argument("--first-level-contrast", metavar="NAME",
                      help="derivatives input: the first-level contrast whose effect maps are modelled "
@@ -175,6 +181,11 @@ def add_design_options(cmd) -> None:
 def effect_maps(folder, first_level_contrast, task=None) -> tuple[list[str], list[str]]:
     """The effect maps of one first-level contrast in a derivatives folder, one per subject.
 
+    The derivatives/glm layout (``first_level/sub-XX/..._contrast-C_stat-effect.nii.gz``) is
+    read when it holds the contrast, else nilearn's file set
+    (``sub-XX/..._contrast-C_stat-effect_statmap.nii.gz``): a folder with both (``--layout
+    both``) holds the same maps twice. Contrast labels match whatever their case.
+
     Returns
     -------
     subjects, paths : list of str
@@ -183,12 +194,31 @@ def effect_maps(folder, first_level_contrast, task=None) -> tuple[list[str], lis
     if not first_level_contrast:
         raise InputError("a first-level derivatives input needs --first-level-contrast NAME (the "
                          "contrast whose effect maps are modelled).")
-    # nilearn's file labels are lower case for first-level models ("a - b" -> aminusb)
+    # nilearn's file labels are lower case for first-level models ("a - b" -> aminusb), the
+    # derivatives/glm layout's keep the user's case (aMinusB)
     wanted = {first_level_contrast.lower(), contrast_label(first_level_contrast).lower()}
     root = Path(folder)
     found, contrasts = {}, set()
-    for path in sorted(root.glob("sub-*/**/sub-*_stat-effect_statmap.nii*")):
-        match = _EFFECT.match(path.name)
+    for pattern, regex in EFFECT_LAYOUTS:
+        found = _layout_maps(root, pattern, regex, wanted, task, contrasts)
+        if found:
+            break
+    if not found:
+        detail = (f"contrasts found: {sorted(contrasts)}" if contrasts
+                  else "no first_level/sub-XX/*_contrast-<C>_stat-effect.nii.gz or "
+                       "sub-XX/*_contrast-<C>_stat-effect_statmap.nii.gz file at all")
+        raise InputError(f"no effect map of contrast {first_level_contrast!r} in {root} ({detail}). "
+                         "Pass the output folder of `chunkglm first-level` and one of its contrasts.")
+    subjects = sorted(found)
+    return subjects, [found[s] for s in subjects]
+
+
+def _layout_maps(root, pattern, regex, wanted, task, contrasts) -> dict:
+    """``{subject: path}`` of the wanted contrast's effect maps of one layout; adds every
+    contrast label seen to ``contrasts``."""
+    found = {}
+    for path in sorted(root.glob(pattern)):
+        match = regex.match(path.name)
         if match is None or (task and f"_task-{task}_" not in f"_{path.name}"):
             continue
         subject, label = match.group(1), match.group(2)
@@ -198,13 +228,7 @@ def effect_maps(folder, first_level_contrast, task=None) -> tuple[list[str], lis
                 raise InputError(f"sub-{subject} has several effect maps of contrast {label!r} "
                                  f"({found[subject]}, {path}); select one with --task.")
             found[subject] = str(path)
-    if not found:
-        detail = (f"contrasts found: {sorted(contrasts)}" if contrasts
-                  else "no sub-XX/*_contrast-<C>_stat-effect_statmap.nii.gz file at all")
-        raise InputError(f"no effect map of contrast {first_level_contrast!r} in {root} ({detail}). "
-                         "Pass the output folder of `chunkglm first-level` and one of its contrasts.")
-    subjects = sorted(found)
-    return subjects, [found[s] for s in subjects]
+    return found
 
 
 def store_maps(cohort, collection):

@@ -15,6 +15,7 @@ from decimal import Decimal
 import numpy as np
 
 from chunkglm.errors import InputError
+from chunkglm.glm.second_level.nonparametric import check_permutation_options
 from chunkglm.glm.io._bids_names import weights_json
 from chunkglm.io.derivatives import contrast_label, glm_label, software
 from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
@@ -336,3 +337,71 @@ def remember_report(model, specs, names, saved, out) -> None:
         {name: [where(src) for src in srcs] for name, srcs in saved.contrast_srcs.items()})
     model._saved_bids_report = {"design_matrices": model.design_matrices_ if first else model.design_matrix_,
                                 "contrasts": {spec.name: spec.definition for spec in specs}, "saved": files}
+
+
+# -- permutation maps of the group layout ----------------------------------
+
+
+#: Permutation maps written, in order: always, with tfce, with a cluster-forming threshold.
+PERMUTATION_MAPS = (("logp_max_t",), ("tfce", "logp_max_tfce"),
+                    ("size", "logp_max_size", "mass", "logp_max_mass"))
+
+
+def permutation_inputs(specs, permutation_maps, permutation, two_sided):
+    """(settings, {label: maps}) of the permutation-tested contrasts; (None, {}) without any.
+
+    Checks, before anything is written, that the maps are those of t contrasts among
+    ``specs``, computed with checked settings and ``two_sided``, and hold every map to write.
+    """
+    if not permutation_maps:
+        if permutation is not None:
+            raise InputError("permutation settings were given without permutation_maps: pass the maps "
+                             "computed with them (chunkglm.glm.second_level.permutation_maps).")
+        return None, {}
+    if not isinstance(permutation, dict):
+        raise InputError("permutation_maps need permutation={'n_perm': ..., 'random_state': ..., 'tfce': ..., "
+                         "'threshold': ...}: the settings they were computed with.")
+    unknown = sorted(set(permutation) - {"n_perm", "random_state", "tfce", "threshold", "two_sided_test"})
+    if unknown:
+        raise InputError(f"unknown permutation setting(s) {unknown}; allowed: n_perm, random_state, tfce, "
+                         "threshold, two_sided_test.")
+    settings = {"n_perm": permutation.get("n_perm", 10000), "tfce": permutation.get("tfce", False),
+                "threshold": permutation.get("threshold"), "random_state": permutation.get("random_state")}
+    check_permutation_options(settings["threshold"], settings["tfce"], settings["n_perm"])
+    if "two_sided_test" in permutation and bool(permutation["two_sided_test"]) != two_sided:
+        raise InputError(f"the permutation maps were computed with two_sided_test="
+                         f"{permutation['two_sided_test']!r} but two_sided={two_sided!r}: compute them "
+                         "with two_sided_test=two_sided.")
+    settings["n_perm"] = int(settings["n_perm"])
+    settings["tfce"] = bool(settings["tfce"])
+    groups = (True, settings["tfce"], settings["threshold"] is not None)
+    settings["maps"] = [key for group, wanted in zip(PERMUTATION_MAPS, groups) if wanted for key in group]
+    by_name = {spec.name: spec for spec in specs}
+    tested = {}
+    for name, maps in permutation_maps.items():
+        spec = by_name.get(name)
+        if spec is None or spec.stat_type != "t":
+            t_names = [s.name for s in specs if s.stat_type == "t"]
+            raise InputError(f"permutation maps given for {name!r}, which is not a t contrast of this call "
+                             f"(t contrasts: {t_names}).")
+        missing = [key for key in settings["maps"] if key not in maps]
+        if missing:
+            raise InputError(f"the permutation maps of contrast {name!r} lack {missing}: compute them with "
+                             "the tfce / threshold settings given in permutation.")
+        tested[spec.label] = maps
+    return settings, tested
+
+
+def fwe_metadata(alpha, thresholds, specs, tested, settings) -> dict:
+    if settings is None:
+        return {"Method": "bonferroni", "Alpha": alpha, "Thresholds": thresholds}
+    methods = {spec.glm_label: ("permutation max-T" if spec.label in tested else "bonferroni")
+               for spec in specs}
+    state = settings["random_state"]
+    return {"Method": methods, "Alpha": alpha, "Thresholds": thresholds,
+            "Permutation": {"NumberOfPermutations": settings["n_perm"],
+                            "RandomState": state if isinstance(state, int) else None,
+                            "TFCE": settings["tfce"],
+                            "ClusterFormingP": settings["threshold"],
+                            "ThresholdsAre": "-log10 FWE p-value for permutation contrasts, "
+                                             "|z| for bonferroni ones"}}

@@ -27,7 +27,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 from chunkglm.glm.second_level import SecondLevelModel
-from chunkglm.glm.second_level.nonparametric import check_permutation_options, contrast_vector
+from chunkglm.glm.second_level.nonparametric import contrast_vector
 from chunkglm.glm.thresholding import threshold_stats_img
 from chunkglm.inference.clusters import apply_cluster_extent
 from chunkglm.glm.io._bids_files import (
@@ -37,9 +37,11 @@ from chunkglm.glm.io._bids_files import (
     contrast_specs,
     derivatives_metadata,
     group_metadata,
+    fwe_metadata,
     group_model_parameters,
     mask_image,
     model_parameters,
+    permutation_inputs,
     remember_report,
     report_keywords,
     repetition_times,
@@ -209,12 +211,18 @@ def save_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_types
 
 
 def write_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_types=None, out_dir=".",
-                      prefix=None, **kwargs) -> list:
-    """:func:`save_glm_to_bids`, returning every file written (``pathlib.Path``, in writing order)."""
+                      prefix=None, *, residuals=True, **kwargs) -> list:
+    """:func:`save_glm_to_bids`, returning every file written (``pathlib.Path``, in writing order).
+
+    ``residuals=False`` (keyword only; not nilearn's) leaves out the ``stat-errorts`` files:
+    at first level one 4-D file per run, as large as the run, that reads the data a second
+    time; at second level one volume per input map. ``stat-rsquared`` is written either way.
+    """
     report = report_keywords(kwargs)
     prefix = _prefix(prefix)
     if _is_second_level(model):
-        return _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, report)
+        return _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, report,
+                                residuals)
     _check_model(model)
     if first_level_contrast is not None:
         warnings.warn("'first_level_contrast' is ignored for FirstLevelModel. Setting first_level_contrast=None.",
@@ -224,7 +232,7 @@ def write_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_type
     specs = contrast_specs(contrasts, contrast_types, model.design_matrices_)
     names = plan_bids_names(specs, run_entities(model), len(model.design_matrices_), prefix)
     with StagedOutput(out_dir) as out:
-        saved = _write_bids(model, specs, names, options, out)
+        saved = _write_bids(model, specs, names, options, out, residuals)
         _write_report(model, specs, names, saved, None, report, out)
     remember_report(model, specs, names, saved, out)
     return out.written
@@ -267,7 +275,7 @@ def _check_model(model) -> None:
         raise InputError("the model is not fitted yet: call model.fit(...) first.")
 
 
-def _write_bids(model, specs, names, options, out) -> None:
+def _write_bids(model, specs, names, options, out, residuals=True) -> None:
     def rel(name):
         return f"{names.folder}/{name}" if names.folder else name
 
@@ -285,7 +293,7 @@ def _write_bids(model, specs, names, options, out) -> None:
         z_map = _write_contrast(model, spec, names.contrasts[spec.label], mask, options, out, rel)
         saved.stat_maps[spec.name] = z_map
         saved.contrast_srcs[spec.name] = [_png(base) for base in names.contrasts[spec.label]["design"]]
-    _write_model_maps(model, names.runs, out, rel)
+    _write_model_maps(model, names.runs, out, rel, residuals)
     return saved
 
 
@@ -319,10 +327,12 @@ def _write_contrast(model, spec, outputs, mask, options, out, rel):
     return maps["z_score"]
 
 
-def _write_model_maps(model, runs, out, rel) -> None:
+def _write_model_maps(model, runs, out, rel, residuals=True) -> None:
     """stat-rsquared (from the fit's moments), then stat-errorts (reads the data again)."""
     for run_names, image in zip(runs, model.voxelwise_images("r_square")):
         save_image(image, out.path(rel(run_names["rsquared"])))
+    if not residuals:
+        return
     for run_names, image in zip(runs, model.voxelwise_images("residuals")):
         save_image(image, out.path(rel(run_names["errorts"])))
 
@@ -341,7 +351,8 @@ def _save_figure(figure, out, base: str) -> None:
 # -- second level, nilearn's file set ----------------------------------------------
 
 
-def _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, kwargs):
+def _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, kwargs,
+                     residuals=True):
     _check_second_level(model)
     options = cluster_options(kwargs)
     prefix = check_prefix(prefix)
@@ -352,13 +363,13 @@ def _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out
                       "are not written (fit with minimize_memory=False to get them).",
                       UserWarning, stacklevel=3)
     with StagedOutput(out_dir) as out:
-        saved = _write_group_bids(model, specs, names, options, first_level_contrast, out)
+        saved = _write_group_bids(model, specs, names, options, first_level_contrast, out, residuals)
         _write_report(model, specs, names, saved, first_level_contrast, kwargs, out)
     remember_report(model, specs, names, saved, out)
     return out.written
 
 
-def _write_group_bids(model, specs, names, options, first_level_contrast, out) -> None:
+def _write_group_bids(model, specs, names, options, first_level_contrast, out, residuals=True) -> None:
     def rel(name):
         return f"{names.folder}/{name}"
 
@@ -384,7 +395,8 @@ def _write_group_bids(model, specs, names, options, first_level_contrast, out) -
         saved.contrast_srcs[spec.name] = [_png(outputs["design"][0])]
     if not model.minimize_memory:  # of the last contrast's fit, as nilearn
         save_image(model.r_square_, out.path(rel(names.runs[0]["rsquared"])))
-        save_image(model.residuals_, out.path(rel(names.runs[0]["errorts"])))
+        if residuals:
+            save_image(model.residuals_, out.path(rel(names.runs[0]["errorts"])))
     return saved
 
 
@@ -393,7 +405,7 @@ def _write_group_bids(model, specs, names, options, first_level_contrast, out) -
 
 def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_label=None,
                          session_label=None, contrast_types=None, confounds=None,
-                         descriptions=None):
+                         descriptions=None, residuals=False):
     """Save a first-level GLM in the ``derivatives/glm`` layout.
 
     Parameters
@@ -420,6 +432,10 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
     descriptions : dict, optional
         ``{contrast name: text}`` for the sidecar; default the formula (or
         the name, for weights).
+    residuals : bool, default=False
+        Also write each run's residuals (``stat-errorts``, 4-D, as large as
+        the run in float32; computing them reads the run's data a second
+        time).
 
     Returns
     -------
@@ -439,6 +455,7 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
         first_level/sub-XX/<s>[_run-<r>]_design-matrix.{png,tsv}   (run only if several)
         first_level/sub-XX/<s>_mask.nii.gz
         first_level/sub-XX/<s>_glm.json
+        first_level/sub-XX/<s>[_run-<r>]_stat-errorts.nii.gz       (residuals=True; run only if several)
 
     The sidecar holds ``AnalysisLevel`` ("first_level"), ``Model`` (Type,
     HRF, DriftModel, HighPassFilter, NoiseModel), ``Regressors`` (design
@@ -453,11 +470,11 @@ def save_glm_derivatives(model, contrasts, out_dir, *, task_label=None, subject_
     metadata = derivatives_metadata(model, specs, confound_names(model, confounds), descriptions)
     names = _derivative_names(specs, entities, run_entities(model) or [], len(model.design_matrices_))
     with StagedOutput(out_dir) as out:
-        _write_derivatives(model, specs, names, metadata, out)
+        _write_derivatives(model, specs, names, metadata, out, residuals)
     return out.written
 
 
-def _write_derivatives(model, specs, names, metadata, out) -> None:
+def _write_derivatives(model, specs, names, metadata, out, residuals=False) -> None:
     _write_description(out, "first")
     for spec in specs:
         maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
@@ -468,6 +485,9 @@ def _write_derivatives(model, specs, names, metadata, out) -> None:
         design.to_csv(out.path(name.removesuffix(".png") + ".tsv"), sep="\t", index=False)
     save_image(model.mask_img_, out.path(names["mask"]))
     write_json(out.path(names["sidecar"]), metadata)
+    if residuals:  # last: the second read of the data
+        for name, image in zip(names["residuals"], model.voxelwise_images("residuals")):
+            save_image(image, out.path(name))
 
 
 def _derivative_entities(model, subject, session, task) -> dict:
@@ -501,11 +521,13 @@ def _derivative_names(specs, entities, runs, n_runs) -> dict:
         run_labels = [str(i + 1) for i in range(n_runs)]
     designs = [f"{base}/" + bids_filename({**entities, "run": r if n_runs > 1 else None},
                                           "design-matrix", "png") for r in run_labels]
+    residuals = [f"{base}/" + bids_filename({**entities, "run": r if n_runs > 1 else None, "stat": "errorts"},
+                                            None, "nii.gz") for r in run_labels]
     sidecar = f"{base}/" + bids_filename(entities, "glm", "json")
     mask = f"{base}/" + bids_filename(entities, "mask", "nii.gz")
-    names = {"maps": maps, "designs": designs, "mask": mask, "sidecar": sidecar}
+    names = {"maps": maps, "designs": designs, "mask": mask, "sidecar": sidecar, "residuals": residuals}
     check_paths([p for m in maps.values() for p in m.values()] + designs
-                + [d.removesuffix(".png") + ".tsv" for d in designs] + [mask, sidecar])
+                + [d.removesuffix(".png") + ".tsv" for d in designs] + [mask, sidecar] + residuals)
     return names
 
 
@@ -625,7 +647,7 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
     _check_second_level(model)
     check_correction_options(alpha, two_sided, cluster_threshold)
     specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
-    settings, tested = _permutation_inputs(specs, permutation_maps, permutation, two_sided)
+    settings, tested = permutation_inputs(specs, permutation_maps, permutation, two_sided)
     names = group_derivative_names(specs, permutation_maps=settings["maps"] if settings else ())
     with StagedOutput(out_dir) as out:
         _write_description(out, "second")
@@ -644,7 +666,7 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
                 thresholds[key][spec.glm_label] = value
         corrections = {"TwoSided": bool(two_sided), "ClusterThreshold": cluster_threshold,
                        "FDR": {"Method": "fdr", "Alpha": alpha, "Thresholds": thresholds["fdr"]},
-                       "FWE": _fwe_metadata(alpha, thresholds["fwe"], specs, tested, settings)}
+                       "FWE": fwe_metadata(alpha, thresholds["fwe"], specs, tested, settings)}
         model.design_matrix_.to_csv(out.path(names["design"]), sep="\t", index=False)
         save_image(model.mask_img_, out.path(names["mask"]))
         write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
@@ -676,11 +698,6 @@ def permutation_contrasts(model, contrasts, contrast_types=None) -> dict:
 
 #: Corrected maps of the group layout: name key -> threshold_stats_img height_control.
 CORRECTIONS = {"fdr": "fdr", "fwe": "bonferroni"}
-#: Permutation maps written, in order: always, with tfce, with a cluster-forming threshold.
-PERMUTATION_MAPS = (("logp_max_t",), ("tfce", "logp_max_tfce"),
-                    ("size", "logp_max_size", "mass", "logp_max_mass"))
-
-
 def _write_group_maps(model, maps, outputs, settings, out, logp_max_t=None) -> dict:
     """stat and z maps, then the corrected z maps; returns the z thresholds (None if infinite).
 
@@ -714,66 +731,6 @@ def _permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold):
     if cluster_threshold > 0:
         kept = apply_cluster_extent(kept, cluster_threshold)
     return nib.Nifti1Image(kept, z_img.affine, z_img.header)
-
-
-def _permutation_inputs(specs, permutation_maps, permutation, two_sided):
-    """(settings, {label: maps}) of the permutation-tested contrasts; (None, {}) without any.
-
-    Checks, before anything is written, that the maps are those of t contrasts among
-    ``specs``, computed with checked settings and ``two_sided``, and hold every map to write.
-    """
-    if not permutation_maps:
-        if permutation is not None:
-            raise InputError("permutation settings were given without permutation_maps: pass the maps "
-                             "computed with them (chunkglm.glm.second_level.permutation_maps).")
-        return None, {}
-    if not isinstance(permutation, dict):
-        raise InputError("permutation_maps need permutation={'n_perm': ..., 'random_state': ..., 'tfce': ..., "
-                         "'threshold': ...}: the settings they were computed with.")
-    unknown = sorted(set(permutation) - {"n_perm", "random_state", "tfce", "threshold", "two_sided_test"})
-    if unknown:
-        raise InputError(f"unknown permutation setting(s) {unknown}; allowed: n_perm, random_state, tfce, "
-                         "threshold, two_sided_test.")
-    settings = {"n_perm": permutation.get("n_perm", 10000), "tfce": permutation.get("tfce", False),
-                "threshold": permutation.get("threshold"), "random_state": permutation.get("random_state")}
-    check_permutation_options(settings["threshold"], settings["tfce"], settings["n_perm"])
-    if "two_sided_test" in permutation and bool(permutation["two_sided_test"]) != two_sided:
-        raise InputError(f"the permutation maps were computed with two_sided_test="
-                         f"{permutation['two_sided_test']!r} but two_sided={two_sided!r}: compute them "
-                         "with two_sided_test=two_sided.")
-    settings["n_perm"] = int(settings["n_perm"])
-    settings["tfce"] = bool(settings["tfce"])
-    groups = (True, settings["tfce"], settings["threshold"] is not None)
-    settings["maps"] = [key for group, wanted in zip(PERMUTATION_MAPS, groups) if wanted for key in group]
-    by_name = {spec.name: spec for spec in specs}
-    tested = {}
-    for name, maps in permutation_maps.items():
-        spec = by_name.get(name)
-        if spec is None or spec.stat_type != "t":
-            t_names = [s.name for s in specs if s.stat_type == "t"]
-            raise InputError(f"permutation maps given for {name!r}, which is not a t contrast of this call "
-                             f"(t contrasts: {t_names}).")
-        missing = [key for key in settings["maps"] if key not in maps]
-        if missing:
-            raise InputError(f"the permutation maps of contrast {name!r} lack {missing}: compute them with "
-                             "the tfce / threshold settings given in permutation.")
-        tested[spec.label] = maps
-    return settings, tested
-
-
-def _fwe_metadata(alpha, thresholds, specs, tested, settings) -> dict:
-    if settings is None:
-        return {"Method": "bonferroni", "Alpha": alpha, "Thresholds": thresholds}
-    methods = {spec.glm_label: ("permutation max-T" if spec.label in tested else "bonferroni")
-               for spec in specs}
-    state = settings["random_state"]
-    return {"Method": methods, "Alpha": alpha, "Thresholds": thresholds,
-            "Permutation": {"NumberOfPermutations": settings["n_perm"],
-                            "RandomState": state if isinstance(state, int) else None,
-                            "TFCE": settings["tfce"],
-                            "ClusterFormingP": settings["threshold"],
-                            "ThresholdsAre": "-log10 FWE p-value for permutation contrasts, "
-                                             "|z| for bonferroni ones"}}
 
 
 def check_correction_options(alpha, two_sided, cluster_threshold) -> None:
