@@ -13,6 +13,10 @@ class StoreError(ChunkglmError):
     """The cohort store is missing, unreadable or not a chunkglm store."""
 
 
+class NodeBusyError(StoreError):
+    """Another conversion is writing the same store node right now."""
+
+
 class IncompatibleStoreError(StoreError):
     """The store was written by a chunkglm whose format this version cannot read."""
 

@@ -62,9 +62,14 @@ def _files(node_dir: Path) -> dict:
 
 
 def _arrays(path) -> dict:
+    """Every array of every node's current version (what readers read)."""
     root = zarr.open_group(str(path), mode="r")
-    return {f"{kind}/{node}/{name}": array[...] for kind in ("grids", "runs") for node in root[kind].group_keys()
-            for name, array in root[f"{kind}/{node}"].arrays()}
+    out = {}
+    for kind in ("grids", "runs"):
+        for node in root[kind].group_keys():
+            data = st.data_path(f"{kind}/{node}", st.node_meta(root[f"{kind}/{node}"]))
+            out.update({f"{kind}/{node}/{name}": array[...] for name, array in root[data].arrays()})
+    return out
 
 
 def _bold_chunk(store, name=RUN, index=1) -> Path:

@@ -5,7 +5,8 @@ crc32c does not match, leftovers of interrupted writes) and exits 0 when the
 store is clean, 2 otherwise (:data:`EXIT_DAMAGED`). ``--repair`` converts the
 damaged runs and map collections again from their recorded source files when
 those are unchanged (same sha256), says which cannot be repaired and why,
-then checks the store again.
+removes replaced versions of nodes whose grace time has passed (see
+:func:`chunkglm.io.layout.keep_replaced`), then checks the store again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from chunkglm.cli._args import path_value
 from chunkglm.cli._common import parse_storage_options, storage_for
 from chunkglm.io.backends import redact_url
-from chunkglm.io.verify import repair_store, verify_store
+from chunkglm.io.verify import remove_replaced, repair_store, verify_store
 
 
 #: Exit status when problems remain (the same as for other errors of the command).
@@ -48,13 +49,15 @@ def run(args) -> int:
     storage = storage_for(args)
     problems, notes = verify_store(args.store, storage)
     _report(problems, notes)
-    if problems and args.repair:
+    if args.repair:
         repaired, unrepairable = repair_store(args.store, problems, storage,
                                               parse_storage_options(args.input_storage_option))
         for path in repaired:
             print(f"repaired: {path}")
         for path, why in sorted(unrepairable.items()):
             print(f"cannot repair {path}: {why}")
+        for path in remove_replaced(args.store, storage):
+            print(f"removed replaced version: {path}")
         problems, _ = verify_store(args.store, storage)
         if problems:
             print("after repair:")

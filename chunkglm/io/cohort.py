@@ -22,7 +22,7 @@ import zarr
 from chunkglm.errors import InputError, StoreError
 from chunkglm.io import layout as st
 from chunkglm.io.bids import parse_entities
-from chunkglm.io.integrity import CheckedStore
+from chunkglm.io.integrity import CheckedStore, replaced_message
 from chunkglm.io.nifti import header_from_bytes, header_from_text, image_from_voxels, save_image
 from chunkglm.io.write_run import RESERVED_EVENT_COLUMNS
 
@@ -52,7 +52,8 @@ class Node:
 
     @cached_property
     def attrs(self) -> dict:
-        """The node's attributes (entities, RepetitionTime, sidecar, ...)."""
+        """The node's attributes (entities, RepetitionTime, sidecar, ...), read once
+        (when the cohort lists its nodes): they name the version this node reads."""
         return self.cohort.root[self.path].attrs.asdict()
 
     @property
@@ -66,15 +67,23 @@ class Node:
         return self.cohort.grid(self.attrs["grid_id"])
 
     @property
+    def data_path(self) -> str:
+        """Where the node's arrays are: its current version when :attr:`attrs` were read
+        (resolved once: a replacement switched in later is not mixed into this node's reads)."""
+        return st.data_path(self.path, dict(self.attrs.get(st.ATTR, {})))
+
+    @property
     def zarr_store(self):
         """The store as this node's reads see it: missing or corrupt chunks raise
         StoreError naming the node and the chunk (nodes with an inventory)."""
         arrays = dict(self.attrs.get(st.ATTR, {})).get("arrays")
-        return self.cohort.zarr_store if not arrays else CheckedStore(self.cohort.zarr_store, self.path, arrays)
+        if not arrays:
+            return self.cohort.zarr_store
+        return CheckedStore(self.cohort.zarr_store, self.data_path, arrays)
 
     def zarr_array(self, name: str):
         """One of the node's zarr arrays, read through :attr:`zarr_store`."""
-        return zarr.open_array(self.zarr_store, path=f"{self.path}/{name}", mode="r", zarr_format=3)
+        return zarr.open_array(self.zarr_store, path=f"{self.data_path}/{name}", mode="r", zarr_format=3)
 
     def to_dataset(self) -> xr.Dataset:
         """The node as a lazy xarray Dataset (dask arrays, store chunks).
@@ -82,10 +91,22 @@ class Node:
         Raises StoreError when the node is no longer complete (its marker is
         read with the dataset: no extra request).
         """
-        ds = xr.open_zarr(self.zarr_store, group=self.path, zarr_format=3, consolidated=False, chunks={})
+        try:
+            ds = xr.open_zarr(self.zarr_store, group=self.data_path, zarr_format=3, consolidated=False, chunks={})
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            self._refuse_if_replaced()
+            raise
         if not dict(ds.attrs.get(st.ATTR, {})).get("complete"):
             raise StoreError(incomplete_message([self.path], self.cohort.location, selected=True))
+        if not set(dict(self.attrs.get(st.ATTR, {})).get("arrays") or {}) <= set(ds.variables):
+            self._refuse_if_replaced()
         return ds
+
+    def _refuse_if_replaced(self) -> None:
+        """StoreError when the version this node reads was replaced and removed since."""
+        current = st.data_path(self.path, st.node_meta(self.cohort.root[self.path]))
+        if current != self.data_path:
+            raise StoreError(replaced_message(self.data_path))
 
     def data(self, variable: str | None = None) -> xr.DataArray:
         """The (time|image, voxel) array: ``bold`` for runs, the map type for maps."""
@@ -132,7 +153,7 @@ class Node:
         """
         grid = self.grid
         values = self.data(variable).values
-        header_text = st.node_meta(self.cohort.root[self.path]).get("nifti_header")
+        header_text = dict(self.attrs.get(st.ATTR, {})).get("nifti_header")
         header = header_from_text(header_text) if header_text else None
         if self.kind == "maps" and header is not None:
             header = _as_4d_header(header, len(values))
@@ -205,9 +226,13 @@ class Cohort:
         return [f"{kind}/{n}" for kind in st.KINDS for n, ok in st.node_status(self.root, kind).items() if not ok]
 
     def _nodes(self, kind):
-        status = st.node_status(self.root, kind)
-        return _Nodes(self, kind, {n: Node(self, kind, n) for n, ok in status.items() if ok},
-                      sorted(n for n, ok in status.items() if not ok))
+        found = st.node_attributes(self.root, kind)
+        nodes = {}
+        for name, attrs in found.items():
+            if attrs:
+                node = nodes[name] = Node(self, kind, name)
+                node.__dict__["attrs"] = attrs  # read once, here: the version this cohort reads
+        return _Nodes(self, kind, nodes, sorted(n for n, attrs in found.items() if not attrs))
 
     def check_selection(self, incomplete: list[str]) -> None:
         """Refuse (StoreError) or, with ``allow_incomplete``, skip and warn about

@@ -19,7 +19,7 @@ import numpy as np
 from distributed import as_completed, wait
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes
-from chunkglm.errors import ConversionError, InputError
+from chunkglm.errors import ConversionError, InputError, NodeBusyError
 from chunkglm.io import layout as st
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
@@ -463,8 +463,17 @@ def _provenance(plan, results, client, stopwatch, command=None) -> dict:
 
 def _failure_message(failures, report):
     lines = [f"  {node}: {message}" for node, message in sorted(failures.items())]
+    busy = {node for node, message in failures.items() if message.startswith(f"{NodeBusyError.__name__}:")}
+    if busy == set(failures):
+        advice = ("\nAnother conversion is writing these nodes: wait for it to end, then run the same "
+                  "conversion again: complete nodes are skipped.")
+    elif busy:
+        advice = ("\nFix the inputs of the others (another conversion is writing "
+                  f"{', '.join(sorted(busy))}: let it end) and run the same conversion again: complete "
+                  "nodes are skipped.")
+    else:
+        advice = "\nFix these inputs and run the same conversion again: complete nodes are skipped."
     return (
         f"{len(failures)} node(s) could not be converted into {report.store}; the other "
-        f"{len(report.converted)} were written completely:\n" + "\n".join(lines)
-        + "\nFix these inputs and run the same conversion again: complete nodes are skipped."
+        f"{len(report.converted)} were written completely:\n" + "\n".join(lines) + advice
     )

@@ -112,7 +112,7 @@ class MapsView:
         return [str(v) for v in self._group()["image"][...]]
 
     def _group(self):
-        return self.node.cohort.root[self.node.path]
+        return self.node.cohort.root[self.node.data_path]
 
     def coord(self, name) -> np.ndarray | None:
         """A per-image coordinate (``study_id``, ``sample_sizes``, ``subject``...) or None

@@ -94,6 +94,15 @@ def corrupt_message(node: str, key: str, detail: str = "fails its crc32c checksu
     return f"{node}: chunk {key} {detail} (its bytes changed after writing); {REMEDY}."
 
 
+def replaced_message(path: str) -> str:
+    """One line for a read of a version that a replacement superseded and that was removed since."""
+    node = "/".join(path.split("/")[:2])
+    return (f"{node} was replaced by a newer conversion while this read used its previous version "
+            f"({path}), which has been removed since (replaced versions stay readable for "
+            "CHUNKGLM_KEEP_REPLACED_SECONDS, default 3600 s, after the switch). Open the store "
+            "again to read the current version.")
+
+
 class CheckedStore(WrapperStore):
     """A read-only view of one node that refuses missing and corrupt chunks.
 
@@ -143,8 +152,22 @@ class CheckedStore(WrapperStore):
         buf = await self._store.get(key, prototype, byte_range)
         found = self._chunk(key)
         if found is not None:
+            if buf is None and await self._replaced(prototype):
+                raise StoreError(replaced_message(self.node))
             self.check(found[0], found[1], buf, whole=byte_range is None)
         return buf
+
+    async def _replaced(self, prototype) -> bool:
+        """True when the node's current version is no longer the one this view reads
+        (a replacement switched in, and the old version was removed after its grace time)."""
+        node = "/".join(self.node.split("/")[:2])
+        buf = await self._store.get(f"{node}/zarr.json", prototype)
+        try:
+            meta = json.loads(buf.to_bytes())["attributes"]["chunkglm"]
+        except (AttributeError, ValueError, KeyError, TypeError):
+            return False
+        version = meta.get("version")
+        return (f"{node}/{version}" if version else node) != self.node
 
     def check(self, name: str, key: str, buf, *, whole: bool = True) -> None:
         """Raise StoreError when ``buf`` (one object of array ``name``) is missing or corrupt."""

@@ -35,6 +35,7 @@ from zarr.storage import LocalStore
 
 from chunkglm._version import __version__
 from chunkglm.errors import IncompatibleStoreError, InputError, StoreError
+from chunkglm.io import locks
 from chunkglm.io.integrity import node_inventory
 from chunkglm.io.backends import open_store, redact_url
 
@@ -107,6 +108,11 @@ def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
         The store's format major version differs from this chunkglm's.
     """
     zstore = zarr_store(store, storage_options, read_only=(mode == "r"))
+    if mode != "r" and _holds_other_files(zstore):
+        raise StoreError(
+            f"{redact_url(str(store))} is not empty and not a chunkglm cohort store (it has files "
+            "but no zarr.json). Choose an empty or new location for the store; nothing was written."
+        )
     try:
         root = zarr.open_group(zstore, mode="r" if mode == "r" else "a", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
@@ -120,13 +126,27 @@ def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
     if meta is None:
         if mode == "r" or _has_members(root):
             raise StoreError(
-                f"{redact_url(str(store))} is a zarr group but not a chunkglm cohort store "
-                "(no 'chunkglm' attributes). Choose an empty or new location."
+                f"{redact_url(str(store))} is not a chunkglm cohort store (a folder with other "
+                "files, or a zarr group without 'chunkglm' attributes). Choose an empty or new "
+                "location for the store."
             )
         root.attrs[ATTR] = _new_root_attrs()
     else:
         check_format(meta, store)
     return root
+
+
+def _holds_other_files(zstore) -> bool:
+    """True when the location has no root document but other files (not a store)."""
+    async def listing():
+        if await zstore.get("zarr.json", default_buffer_prototype()) is not None:
+            return []
+        try:
+            return [key async for key in zstore.list_dir("")]
+        except Exception:  # nothing there, or unreachable: opening the group says which
+            return []
+
+    return bool(sync(listing()))
 
 
 def _has_members(group) -> bool:
@@ -185,18 +205,28 @@ def is_complete(group) -> bool:
 
 def node_status(root, kind: str) -> dict[str, bool]:
     """Map node name -> complete? for every node under ``grids``/``runs``/``maps``."""
+    return {name: bool(attrs) for name, attrs in node_attributes(root, kind).items()}
+
+
+def node_attributes(root, kind: str) -> dict[str, dict]:
+    """Map node name -> its attributes, read once ({} for an incomplete or unreadable node).
+
+    A complete node's attributes name its current version (:func:`data_path`):
+    a reader that keeps them reads that version, whatever is switched in later.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; received {kind!r}")
     if kind not in root:
         return {}
     parent = root[kind]
-    status = {}
+    found = {}
     for name in sorted(parent.group_keys()):
         try:
-            status[name] = is_complete(parent[name])
+            attrs = parent[name].attrs.asdict()
         except Exception:  # unreadable metadata: treat as incomplete
-            status[name] = False
-    return status
+            attrs = {}
+        found[name] = attrs if dict(attrs.get(ATTR) or {}).get("complete") else {}
+    return found
 
 
 def start_node(root, kind: str, name: str) -> zarr.Group:
@@ -212,59 +242,171 @@ def start_node(root, kind: str, name: str) -> zarr.Group:
     return parent.create_group(name, attributes={ATTR: {"complete": False}})
 
 
-#: Where a new version of a complete node is written before it replaces it.
+#: Where chunkglm before versioned nodes staged a replacement (still finished or removed).
 REPLACING = "_replacing"
+#: A version folder inside a node: ``runs/<name>/v-2`` ... (the node's own arrays are version 1).
+VERSION = re.compile(r"^v-([0-9]+)$")
+#: Seconds a replaced version stays readable for readers that opened it before the switch
+#: (environment: ``CHUNKGLM_KEEP_REPLACED_SECONDS``).
+KEEP_REPLACED_SECONDS = 3600.0
+
+
+def keep_replaced() -> float:
+    """Seconds a superseded version is kept (see :data:`KEEP_REPLACED_SECONDS`)."""
+    try:
+        return max(0.0, float(os.environ.get("CHUNKGLM_KEEP_REPLACED_SECONDS", KEEP_REPLACED_SECONDS)))
+    except ValueError:
+        return KEEP_REPLACED_SECONDS
+
+
+def data_path(path: str, meta: dict) -> str:
+    """Where the arrays of node ``path`` are, from its marker ``meta`` (read once by a reader):
+    the node itself, or its current version folder after a replacement."""
+    version = meta.get("version")
+    return f"{path}/{version}" if version else path
 
 
 def begin_version(root, kind: str, name: str) -> zarr.Group:
     """A group to write a new version of ``kind/name`` into; never deletes a complete node.
 
-    Without a complete node there, the node itself (an incomplete one is
-    cleared first). With one, a staging node ``_replacing/<kind>/<name>``
-    that :func:`publish_version` swaps in once it is complete.
+    Takes the node's lock (:mod:`chunkglm.io.locks`; NodeBusyError when another
+    conversion holds it), released by :func:`publish_version` or
+    :func:`discard_version`. Without a complete node, the node itself (an
+    incomplete one is cleared first). With one, a new version folder
+    ``kind/name/v-<n>`` beside the current version, which readers never see
+    until :func:`publish_version` switches the node's marker to it.
     """
     check_node_name(name)
-    path = f"{kind}/{name}"
-    if path not in root or not is_complete(root[path]):
-        return start_node(root, kind, name)
-    staging = f"{REPLACING}/{kind}/{name}"
-    if staging in root:
-        del root[staging]
-    parent = root.require_group(f"{REPLACING}/{kind}")
-    return parent.create_group(name, attributes={ATTR: {"complete": False}})
+    locks.acquire(root, kind, name, redact_url(str(root.store)))
+    try:
+        path = f"{kind}/{name}"
+        if path not in root or not is_complete(root[path]):
+            return start_node(root, kind, name)
+        node = root[path]
+        meta = node_meta(node)
+        drop_unpublished(node, meta)
+        numbers = [1, _number(meta.get("version", ""))]
+        numbers += [_number(v) for v in node.group_keys()]
+        return node.create_group(f"v-{max(numbers) + 1}", attributes={ATTR: {"complete": False}})
+    except BaseException:
+        locks.release(root, kind, name)
+        raise
+
+
+def _number(version: str) -> int:
+    found = VERSION.match(version or "")
+    return int(found.group(1)) if found else 1
 
 
 def publish_version(root, kind: str, name: str, group) -> None:
-    """Make a complete version written by :func:`begin_version` the node's."""
-    if group.path.strip("/") != f"{kind}/{name}":
-        swap_in(root, kind, name)
+    """Make a complete version written by :func:`begin_version` the node's, and release the lock.
+
+    The switch is one write of the node's ``zarr.json`` (its attributes, its
+    completion marker and the current version's name): atomic on local disk
+    (written beside, then renamed) and on object stores (one PUT). Readers
+    resolve the version once when they open the node, so each reads the old
+    version or the new one, never a mix. The old version is kept for
+    :func:`keep_replaced` seconds (readers that opened it keep reading it),
+    then removed by the next write of the node or ``chunkglm verify --repair``.
+    """
+    try:
+        path = f"{kind}/{name}"
+        if group.path.strip("/") != path:
+            _switch(root, path, group)
+    finally:
+        locks.release(root, kind, name)
+
+
+def _switch(root, path: str, group) -> None:
+    node = root[path]
+    old = node_meta(node)
+    attrs = group.attrs.asdict()
+    superseded = {**old.get("superseded", {}), old.get("version", ""): time.time()}
+    superseded.pop(group.basename, None)
+    attrs[ATTR] = {**attrs[ATTR], "version": group.basename, "superseded": superseded}
+    node.attrs.put(attrs)
+    remove_superseded(root, path)
+
+
+def remove_superseded(root, path: str, keep: float | None = None) -> list[str]:
+    """Delete the versions of ``path`` superseded at least ``keep`` seconds ago; return them."""
+    node = root[path]
+    meta = node_meta(node)
+    keep = keep_replaced() if keep is None else keep
+    now = time.time()
+    due = sorted(v for v, when in meta.get("superseded", {}).items() if now - float(when) >= keep)
+    if not due:
+        return []
+    for version in due:  # data first: a cut-off removal leaves an entry whose data is gone
+        _delete_version(node, version)
+    attrs = node.attrs.asdict()
+    attrs[ATTR] = {**meta, "superseded": {v: t for v, t in meta["superseded"].items() if v not in due}}
+    node.attrs.put(attrs)
+    return due
+
+
+def _delete_version(node, version: str) -> None:
+    if version:
+        if version in node:
+            del node[version]
+        return
+    for name in [name for name, _ in node.arrays()]:  # version 1: the node's own arrays
+        del node[name]
+
+
+def unpublished(node, meta: dict) -> list[str]:
+    """Version folders of a complete node that are neither current nor superseded
+    (left by a replacement cut off before its switch)."""
+    known = {meta.get("version", "")} | set(meta.get("superseded", {}))
+    return sorted(v for v in node.group_keys() if VERSION.match(v) and v not in known)
+
+
+def drop_unpublished(node, meta: dict) -> list[str]:
+    """Delete :func:`unpublished` versions (the caller holds the node's lock); return them."""
+    found = unpublished(node, meta)
+    for version in found:
+        del node[version]
+    return found
 
 
 def discard_version(root, group) -> None:
-    """Remove what a failed attempt wrote, unless it is complete."""
-    if group.path in root and not is_complete(root[group.path]):
-        del root[group.path]
-
-
-def swap_in(root, kind: str, name: str) -> None:
-    """Copy the complete staging version over ``kind/name``, marker last.
-
-    The node is marked incomplete first (pointing at the staging version),
-    so at every moment one complete copy exists; an interrupted swap is
-    finished by :func:`resume_swap`.
-    """
-    staging, path = f"{REPLACING}/{kind}/{name}", f"{kind}/{name}"
-    root.require_group(path).attrs.put({ATTR: {"complete": False, "replacing_from": staging}})
-    _copy_prefix(root.store, _key(root, staging), _key(root, path))
-    del root[staging]
+    """Remove what a failed attempt wrote, unless it is complete, and release the lock."""
+    kind, name = group.path.strip("/").split("/")[:2]
+    try:
+        if group.path in root and not is_complete(root[group.path]):
+            del root[group.path]
+    finally:
+        locks.release(root, kind, name)
 
 
 def resume_swap(root, kind: str, name: str) -> bool:
-    """Finish a swap an earlier process started; True when there was one."""
-    staging = f"{REPLACING}/{kind}/{name}"
+    """Finish a replacement an earlier process wrote completely but did not switch to;
+    True when there was one (a complete unpublished version, or an older chunkglm's
+    ``_replacing`` staging node)."""
+    path = f"{kind}/{name}"
+    with locks.node_lock(root, kind, name, redact_url(str(root.store))):
+        if _finish_legacy_swap(root, kind, name):
+            return True
+        if path not in root or not is_complete(root[path]):
+            return False
+        node = root[path]
+        meta = node_meta(node)
+        ready = [v for v in unpublished(node, meta) if is_complete(node[v])]
+        if not ready:
+            return False
+        newest = max(ready, key=_number)
+        _switch(root, path, node[newest])
+        return True
+
+
+def _finish_legacy_swap(root, kind: str, name: str) -> bool:
+    """An older chunkglm staged a replacement in ``_replacing/kind/name``: copy it over the node."""
+    staging, path = f"{REPLACING}/{kind}/{name}", f"{kind}/{name}"
     if staging not in root or not is_complete(root[staging]):
         return False
-    swap_in(root, kind, name)
+    root.require_group(path).attrs.put({ATTR: {"complete": False, "replacing_from": staging}})
+    _copy_prefix(root.store, _key(root, staging), _key(root, path))
+    del root[staging]
     return True
 
 
@@ -400,12 +542,27 @@ class Grid:
         return f"{prefix}_{digest.hexdigest()[:12]}"
 
 
+#: Seconds a conversion waits for another one writing the same grid (grids are small).
+GRID_WAIT_SECONDS = 120.0
+
+
 def write_grid(root, grid: Grid) -> str:
-    """Write a grid node unless an identical complete one exists; return its id."""
+    """Write a grid node unless an identical complete one exists; return its id.
+
+    Conversions sharing a grid write it one at a time (the node's lock; the
+    others wait, then find it complete)."""
     name = grid.grid_id
     if node_status(root, "grids").get(name):
         return name
-    group = start_node(root, "grids", name)
+    with locks.node_lock(root, "grids", name, redact_url(str(root.store)), wait=GRID_WAIT_SECONDS):
+        if node_status(root, "grids").get(name):
+            return name
+        _write_grid(root, grid)
+    return name
+
+
+def _write_grid(root, grid: Grid) -> None:
+    group = start_node(root, "grids", grid.grid_id)
     write_array(group, "mask", grid.mask.astype(bool), ("x", "y", "z"))
     write_array(group, "ijk", grid.ijk, ("voxel", "axis"))
     attrs = {
@@ -415,7 +572,6 @@ def write_grid(root, grid: Grid) -> str:
         "n_voxels": grid.n_voxels,
     }
     finish_node(group, attrs, {"kind": "grid"})
-    return name
 
 
 def read_grid(root, grid_id: str) -> Grid:

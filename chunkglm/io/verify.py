@@ -3,8 +3,10 @@
 Every node's completion marker, every chunk's presence (against the chunk
 inventory the marker records) and every chunk's crc32c (each chunk is read
 once). ``repair`` converts damaged runs and map collections again from their
-recorded sources when those still have their recorded sha256, into a staged
-version swapped in only once complete.
+recorded sources when those still have their recorded sha256, into a new
+version switched to only once complete; it also finishes or removes
+replacements cut off before their switch and removes replaced versions whose
+grace time (:func:`chunkglm.io.layout.keep_replaced`) has passed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from zarr.core.sync import sync
 
 from chunkglm.errors import ChunkglmError
 from chunkglm.io import layout as st
+from chunkglm.io import locks
 from chunkglm.io.integrity import check_object, chunk_keys, node_inventory
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.sources import source_key, unchanged
@@ -57,14 +60,35 @@ def verify_store(store, storage_options=None) -> tuple[list[Problem], list[str]]
             if not complete:
                 problems.append(Problem(path, _incomplete_line(root, path)))
                 continue
-            arrays = st.node_meta(root[path]).get("arrays")
+            meta = st.node_meta(root[path])
+            data = st.data_path(path, meta)
+            arrays = meta.get("arrays")
             if arrays is None:
                 notes.append(f"{path}: written without a chunk inventory (chunkglm before crc32c); "
                              "only checksums present in its arrays are checked")
-                arrays = _legacy_inventory(root[path])
-            problems.extend(_check_node(root, path, arrays))
+                arrays = _legacy_inventory(root[data])
+            problems.extend(_check_node(root, path, data, arrays))
+            problems.extend(_unpublished(root, path, meta))
+            notes.extend(_superseded_notes(path, meta))
     problems.extend(_leftovers(root))
     return problems, notes
+
+
+def _unpublished(root, path, meta) -> list[Problem]:
+    return [Problem(path, f"{path}/{version}: a replacement of {path} cut off before its switch "
+                          "(never read); `chunkglm verify --repair` or the next conversion of the node "
+                          "finishes or removes it")
+            for version in st.unpublished(root[path], meta)]
+
+
+def _superseded_notes(path, meta) -> list[str]:
+    kept = sorted(meta.get("superseded", {}))
+    if not kept:
+        return []
+    names = ", ".join(f"{path}/{v}" if v else f"{path} (its first version)" for v in kept)
+    return [f"{path}: replaced version(s) kept for readers that opened them: {names}; removed "
+            f"{st.keep_replaced():.0f} s after their replacement by the next write of the node or "
+            "`chunkglm verify --repair`"]
 
 
 def _incomplete_line(root, path) -> str:
@@ -81,8 +105,8 @@ def _legacy_inventory(group) -> dict:
     return {name: {**entry, "objects": None} for name, entry in node_inventory(group).items()}
 
 
-def _check_node(root, path, arrays) -> list[Problem]:
-    group = root[path]
+def _check_node(root, path, data, arrays) -> list[Problem]:
+    group = root[data]
     problems = []
     present = dict(group.arrays())
     for name, entry in sorted(arrays.items()):
@@ -90,16 +114,16 @@ def _check_node(root, path, arrays) -> list[Problem]:
             problems.append(Problem(path, f"{path}: array {name} listed in its completion marker is missing; "
                                           "`chunkglm verify --repair` converts it again", True))
             continue
-        problems.extend(_check_array(root, path, name, present[name], entry))
+        problems.extend(_check_array(root, path, data, name, present[name], entry))
     for name in sorted(set(present) - set(arrays)):
         problems.append(Problem(path, f"{path}: array {name} is not in its completion marker (a leftover of "
                                       "an interrupted write?); `chunkglm verify --repair` rewrites the node", True))
     return problems
 
 
-def _check_array(root, path, name, array, entry) -> list[Problem]:
+def _check_array(root, path, data, name, array, entry) -> list[Problem]:
     """Read every stored object of one array once: present, checksum right."""
-    prefix = "/".join(p for p in (root.path, path, name) if p)
+    prefix = "/".join(p for p in (root.path, data, name) if p)
     problems = []
 
     async def scan():
@@ -146,7 +170,7 @@ def repair_store(store, problems, storage_options=None, input_storage_options=No
     repaired, unrepairable = [], {}
     for path in sorted({p.node for p in problems if p.node}):
         kind, _, name = path.partition("/")
-        if st.resume_swap(root, kind, name) or _drop_stale_staging(root, kind, name):
+        if kind != "grids" and _finish_leftovers(root, kind, name):
             repaired.append(path)
             if not any(p.damaged for p in problems if p.node == path):
                 continue
@@ -156,6 +180,30 @@ def repair_store(store, problems, storage_options=None, input_storage_options=No
         else:
             unrepairable[path] = reason
     return sorted(set(repaired) - set(unrepairable)), unrepairable
+
+
+def _finish_leftovers(root, kind, name) -> bool:
+    """Switch to a replacement written completely, or remove one cut off; True when there was one."""
+    with locks.node_lock(root, kind, name, st.redact_url(str(root.store))):
+        if st.resume_swap(root, kind, name) or _drop_stale_staging(root, kind, name):
+            return True
+        path = f"{kind}/{name}"
+        if path in root and st.is_complete(root[path]):
+            return bool(st.drop_unpublished(root[path], st.node_meta(root[path])))
+    return False
+
+
+def remove_replaced(store, storage_options=None) -> list[str]:
+    """Remove every node's replaced versions whose grace time has passed; return their paths."""
+    root = st.open_root(store, storage_options, mode="a")
+    removed = []
+    for kind in ("runs", "maps"):
+        for name, complete in st.node_status(root, kind).items():
+            path = f"{kind}/{name}"
+            if complete and st.node_meta(root[path]).get("superseded"):
+                with locks.node_lock(root, kind, name, st.redact_url(str(root.store))):
+                    removed += [f"{path}/{v}" for v in st.remove_superseded(root, path)]
+    return removed
 
 
 def _drop_stale_staging(root, kind, name) -> bool:

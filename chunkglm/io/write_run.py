@@ -26,6 +26,7 @@ import pandas as pd
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, plan_row_slabs, plan_voxel_chunks
 from chunkglm.errors import InputError
 from chunkglm.io import layout as st
+from chunkglm.io.locks import node_lock
 from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scale_values
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.sources import file_sha256, same_source, source_key
@@ -59,15 +60,23 @@ def convert_run(job: RunJob, store, storage_options=None, input_storage_options=
     Idempotent: a node already complete from the same source is returned as
     it is (a task dask runs twice does nothing the second time), unless
     ``replace`` (a repair). A complete node is never deleted: its new version
-    is staged and swapped in (:func:`chunkglm.io.layout.begin_version`). The
-    completion marker is written last, so an interrupted task leaves a node
-    the next run redoes.
+    is written beside it as a new version and switched to at its completion
+    marker (:func:`chunkglm.io.layout.begin_version`), so readers see the old
+    or the new version, never a mix. The completion marker is written last,
+    so an interrupted task leaves a node the next run redoes. The node's lock
+    is held throughout: a second conversion of it at the same time gets
+    :class:`~chunkglm.errors.NodeBusyError`.
     """
     root = st.open_root(store, storage_options, mode="a")
-    st.resume_swap(root, "runs", job.name)
-    done = None if replace else existing_result(root, "runs", job, input_storage_options)
-    if done is not None:
-        return done
+    with node_lock(root, "runs", job.name, st.redact_url(str(store))):  # NodeBusyError for a second writer
+        st.resume_swap(root, "runs", job.name)
+        done = None if replace else existing_result(root, "runs", job, input_storage_options)
+        if done is not None:
+            return done
+        return _convert(root, store, job, input_storage_options)
+
+
+def _convert(root, store, job, input_storage_options) -> dict:
     grid = _cached_grid(root, store, job.grid_id)
     with NiftiReader(job.bold, input_storage_options) as reader:
         info = reader.info
@@ -113,8 +122,9 @@ def existing_result(root, kind, job, storage_options=None) -> dict | None:
     if kind == "maps":
         return {"name": job.name, "n_images": len(job.images), "sources": meta["sources"]}
     source = meta["source"]
+    bold = root[st.data_path(path, meta)]["bold"]
     return {"name": job.name, "path": source["path"], "sha256": source["sha256"],
-            "size": source["size"], "shape": list(root[path]["bold"].shape)}
+            "size": source["size"], "shape": list(bold.shape)}
 
 
 def _job_record(job, storage_options) -> dict:
