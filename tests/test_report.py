@@ -344,3 +344,21 @@ def test_saved_report_page_and_run_carousel_load_in_a_real_browser(small_runs, b
     result = browser_check(page, tmp_path / "saved.png")
     assert result.ok, result.problems
     assert result.image_count == text.count("<img ") and not result.broken_images
+
+
+def test_saved_svg_figures_are_byte_identical_run_after_run(tmp_path):
+    from chunkglm.report.figures import design_matrix_figure, save_figure
+
+    design = pd.DataFrame(np.random.default_rng(0).normal(size=(20, 3)), columns=["a", "b", "constant"])
+    first = save_figure(design_matrix_figure(design), [tmp_path / "one.png", tmp_path / "one.svg"])
+    second = save_figure(design_matrix_figure(design), [tmp_path / "two.png", tmp_path / "two.svg"])
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.suffix
+    # and in another process (matplotlib's default salt is random per file)
+    code = ("import sys, numpy as np, pandas as pd; from chunkglm.report.figures import design_matrix_figure, "
+            "save_figure; d = pd.DataFrame(np.random.default_rng(0).normal(size=(20, 3)), "
+            "columns=['a', 'b', 'constant']); save_figure(design_matrix_figure(d), sys.argv[1:])")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "three.png"), str(tmp_path / "three.svg")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "three.svg").read_bytes() == first[1].read_bytes()

@@ -21,6 +21,9 @@ import numpy as np
 #: Formats written by :func:`save_figure`, in order.
 FIGURE_FORMATS = ("png", "svg")
 
+#: The salt of the ids in SVG files (``svg.hashsalt``): fixed, so that a figure's file is the same every run.
+SVG_HASH_SALT = "chunkglm"
+
 #: nilearn adds this many inches to the height of design-matrix figures.
 _EXTRA_HEIGHT = 0.3
 
@@ -206,14 +209,19 @@ def save_figure(figure, paths):
     Returns
     -------
     list of Path
-        The files written. SVG files carry no date, so equal figures give
-        equal files.
+        The files written. SVG files carry no date and their element ids
+        are hashes of their content with a fixed salt (matplotlib's
+        ``svg.hashsalt``; by default a random one per file), so equal
+        figures give byte-identical files, run after run.
     """
+    from matplotlib import rc_context  # heavy (matplotlib): imported when a figure is drawn
+
     written = []
     for path in map(Path, paths):
         fmt = path.suffix.lstrip(".").lower()
         metadata = {"Date": None} if fmt == "svg" else None
-        figure.savefig(path, format=fmt, metadata=metadata)
+        with rc_context({"svg.hashsalt": SVG_HASH_SALT}):
+            figure.savefig(path, format=fmt, metadata=metadata)
         # the layout is done: later formats reuse it instead of solving it again
         figure.set_layout_engine("none")
         written.append(path)
