@@ -8,6 +8,7 @@ bad options are refused before anything is written.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import subprocess
@@ -134,7 +135,9 @@ def test_report_options_are_checked_before_anything_is_computed(fitted):
 def test_glass_brain_report_and_no_survivor(fitted):
     model = fitted["models"][1]
     report = model.generate_report("a - b", plot_type="glass", height_control="bonferroni", alpha=1e-12)
-    assert "No suprathreshold cluster: no voxel survives this threshold." in report.html
+    # nothing survives: said in words, with the threshold, instead of an empty glass brain
+    assert "No voxel survives this threshold (z &gt; 7.84): nothing to draw, no cluster to list." in report.html
+    assert "Thresholded z map of a - b" not in report.html and report.findings == {"a - b": "no voxel survives"}
     assert report._repr_html_() == report.body and "<head>" not in report.body  # nilearn: the body inline
     assert "<iframe srcdoc=" in report.get_iframe()
     report.resize(800, 400)
@@ -159,6 +162,12 @@ def test_meta_result_report(tmp_path):
     pages = write_reports(tmp_path / "out", height_control=None, threshold=1.0)
     assert [p.name for p in pages] == ["DerSimonianLaird_report.html"]
     assert _tables(pages[0].read_text(), "statistical-maps") == _tables(page, "statistical-maps")
+    # the estimator table: what the estimator computes, not how chunkglm runs it (caching, store, chunks)
+    for written in (page, pages[0].read_text()):
+        estimator = _text(_tables(written, "model-details")[0])
+        for internal in ("memory", "memory_level", "store", "chunk_voxels", "chunk_bytes", "generate_description"):
+            assert f" {internal} " not in f" {estimator} ", (internal, estimator)
+        assert "DerSimonianLaird" in estimator and "weight_scheme rescale" in estimator
     with pytest.raises(InputError, match="not in this result"):
         result.generate_report(maps=["nope"])
 
@@ -170,9 +179,11 @@ def _cli(*args):
 
 def test_cli_report_writes_pages_and_refuses_bad_input(fitted, tmp_path):
     done = _cli(fitted["glm"] / "group_level", "--height-control", "none", "--threshold", "2.5",
-                "--plot-type", "glass")
+                "--plot-type", "glass", "--jobs", "2")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("group_report.html")
+    lines = done.stdout.strip().splitlines()  # the pages, then the index that links them
+    assert lines[-2].endswith("group_report.html") and lines[-1] == str(fitted["glm"] / "group_level" / "index.html")
+    assert _cli(fitted["glm"], "--jobs", "0").returncode == 2
     empty = tmp_path / "empty"
     empty.mkdir()
     done = _cli(empty)
@@ -344,6 +355,152 @@ def test_saved_report_page_and_run_carousel_load_in_a_real_browser(small_runs, b
     result = browser_check(page, tmp_path / "saved.png")
     assert result.ok, result.problems
     assert result.image_count == text.count("<img ") and not result.broken_images
+
+
+# -- issue 17 item 5: what the pages say, how they are built, the index ------------------------------------
+
+
+def _text(page: str) -> str:
+    """The page's words (tags, styles, scripts and figures removed), spaces collapsed."""
+    page = re.sub(r"<(style|script)[^>]*>.*?</\1>", " ", page, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
+
+
+def _copy_results(fitted, tmp_path, parts=("group_level", "first_level/sub-01")) -> Path:
+    import shutil
+
+    copy = tmp_path / "glm"
+    for part in parts:
+        shutil.copytree(fitted["glm"] / part, copy / part, ignore=shutil.ignore_patterns("*_report.html"))
+    return copy
+
+
+def test_first_level_pages_name_their_subject_in_the_header_and_the_tab(fitted, tmp_path):
+    write_reports(fitted["glm"], height_control=None, threshold=2.0)
+    for subject in ("01", "02"):
+        page = (fitted["glm"] / "first_level" / f"sub-{subject}" / f"sub-{subject}_task-main_report.html").read_text()
+        title = re.search(r"<title>(.*?)</title>", page).group(1)
+        assert title.startswith(f"sub-{subject} task-main · First Level Model"), title
+        assert re.search(rf"<header>\s*<h1>sub-{subject} task-main · ", page)
+    # a title given for every page keeps each page's subject in front of it
+    copy = _copy_results(fitted, tmp_path)
+    write_reports(copy, title="Study A", height_control=None, threshold=2.0)
+    page = (copy / "first_level" / "sub-01" / "sub-01_task-main_report.html").read_text()
+    assert "<title>sub-01 task-main · Study A</title>" in page
+    assert "<title>Study A</title>" in (copy / "group_level" / "group_report.html").read_text()
+    # the fitted model's own page too
+    report = fitted["models"][1].generate_report("a - b", height_control=None, threshold=2.0)
+    assert report.title.startswith("sub-02 task-main · First Level Model: a - b"), report.title
+
+
+def test_corrected_maps_state_their_correction_and_say_in_words_when_no_voxel_survives(fitted, tmp_path):
+    copy = _copy_results(fitted, tmp_path, ("group_level",))
+    fwe = copy / "group_level" / "group_contrast-mean_fwe-corrected.nii.gz"
+    img = nib.load(fwe)  # a correction that nothing survived: the map is written all zeros
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine, img.header), fwe)
+    alpha = json.loads((copy / "group_level" / "group_glm.json").read_text())["Corrections"]["FWE"]["Alpha"]
+    [page] = write_reports(copy, height_control="fpr", alpha=0.001)
+    written = page.read_text()
+    text = _text(written)
+    assert f"No voxel survives the FWE correction (bonferroni) at α = {alpha:g}: nothing to draw" in text, text
+    assert 'alt="Corrected z map of mean (FWE-corrected)"' not in written  # no empty slices
+    # the corrected maps' settings are their corrections' (α 0.05), never the report's own (α 0.001, 1e-06)
+    tables = _tables(written, "statistical-maps")
+    corrected = [t for t in tables if "Correction" in t]
+    assert len(corrected) == 2 and all(f"<td>{alpha:g}</td>" in t and "0.001" not in t for t in corrected)
+    assert "1e-06" not in written
+    assert "Corrected maps: each at the α of its correction" in text
+
+
+def test_first_level_page_shows_tr_and_slice_timing(fitted, tmp_path):
+    model = fitted["models"][0]
+    write_reports(fitted["glm"], height_control=None, threshold=2.0)
+    page = (fitted["glm"] / "first_level" / "sub-01" / "sub-01_task-main_report.html").read_text()
+    details = _text(_tables(page, "model-details")[0])
+    assert f"t_r (seconds) {model.t_r:g}" in details and f"slice_time_ref {model.slice_time_ref:g}" in details
+    # from the derivatives/glm sidecar alone (no nilearn file set beside it)
+    copy = _copy_results(fitted, tmp_path, ("first_level/sub-01",))
+    sidecar = copy / "first_level" / "sub-01" / "sub-01_task-main_glm.json"
+    content = json.loads(sidecar.read_text())
+    content["Model"].update({"RepetitionTime": 1.5, "SliceTimingRef": 0.25})
+    sidecar.write_text(json.dumps(content))
+    [page] = write_reports(copy, height_control=None, threshold=2.0)
+    details = _text(_tables(page.read_text(), "model-details")[0])
+    assert "t_r (seconds) 1.5" in details and "slice_time_ref 0.25" in details
+    del content["Model"]["RepetitionTime"], content["Model"]["SliceTimingRef"]
+    sidecar.write_text(json.dumps(content))
+    [page] = write_reports(copy, height_control=None, threshold=2.0)
+    assert "TR and slice timing not recorded" in _text(page.read_text())
+
+
+def test_glm_pages_have_a_methods_paragraph(fitted):
+    write_reports(fitted["glm"], height_control="fpr", alpha=0.001, cluster_threshold=2)
+    first = _text((fitted["glm"] / "first_level" / "sub-01" / "sub-01_task-main_report.html").read_text())
+    t_r = fitted["models"][0].t_r
+    assert (f"Methods A first-level general linear model was fitted to 1 run(s) of sub-01 ({len(fitted['models'][0].design_matrices_[0])} "
+            f"scans, TR = {t_r:g} s, slice-timing reference at") in first, first
+    assert "their z maps are shown at p < 0.001 uncorrected (one-sided), in clusters of at least 2 voxels." in first
+    group = _text((fitted["glm"] / "group_level" / "group_report.html").read_text())
+    assert "Methods A second-level general linear model (ordinary least squares) was fitted to 2 map(s)" in group
+    assert "Corrected maps: FDR correction at α = 0.05; FWE correction (bonferroni) at α = 0.05." in group
+    report = fitted["models"][0].generate_report("a - b", height_control="fdr", alpha=0.05)
+    assert "A first-level general linear model was fitted to 1 run(s) of sub-01" in _text(report.html)
+    assert "at q < 0.05 (false discovery rate" in _text(report.html)
+
+
+def _meeting_report_of(real, barrier, passed):
+    """report_of that waits until a second page is being built at the same time (once)."""
+    def report_of(result, options, title=None):
+        if not passed.value:
+            barrier.wait()  # BrokenBarrierError after its timeout if pages are built one at a time
+            passed.value = 1
+        return real(result, options, title)
+    return report_of
+
+
+def test_pages_are_built_at_once_and_indexed(fitted, tmp_path, monkeypatch):
+    import multiprocessing
+
+    from chunkglm.report import from_derivatives
+
+    copy = _copy_results(fitted, tmp_path, ("group_level", "first_level/sub-01", "first_level/sub-02"))
+    context = multiprocessing.get_context("fork")  # shared with the pool's workers whether processes or threads
+    barrier, passed = context.Barrier(2, timeout=120), context.Value("i", 0)
+    monkeypatch.setattr(from_derivatives, "report_of",
+                        _meeting_report_of(from_derivatives.report_of, barrier, passed))
+    pages = write_reports(copy, jobs=2, height_control=None, threshold=2.0)
+    assert sorted(p.name for p in pages) == ["group_report.html", "sub-01_task-main_report.html",
+                                             "sub-02_task-main_report.html"]
+    index = (copy / "index.html").read_text()
+    links = re.findall(r'<a href="([^"]+)">', index)
+    assert sorted(links) == sorted(str(p.relative_to(copy)) for p in pages)
+    assert all((copy / link).is_file() for link in links)
+    text = _text(index)
+    assert "sub-01 task-main · First Level Model" in text and "3 page(s)" in text
+    assert re.search(r"mean \(FWE-corrected\): (no voxel survives|\d+ cluster\(s\))", text), text
+
+
+def test_pool_is_of_processes_only_where_forking_is_safe(tmp_path):
+    code = ("import threading, time; from chunkglm.report.pages import executor; "
+            "print(type(executor(3, 2)).__name__); "
+            "threading.Thread(target=time.sleep, args=(2,), daemon=True).start(); "
+            "print(type(executor(3, 2)).__name__, executor(3, 1), executor(1, 4))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = "ProcessPoolExecutor" if sys.platform == "linux" else "ThreadPoolExecutor"
+    assert done.stdout.split() == [expected, "ThreadPoolExecutor", "None", "None"]
+    with pytest.raises(InputError, match="jobs must be"):
+        write_reports(tmp_path, jobs=0)
+
+
+def test_failed_results_are_named_in_the_index(fitted, tmp_path):
+    copy = _copy_results(fitted, tmp_path)
+    (copy / "group_level" / "group_contrast-mean_stat-z.nii.gz").unlink()
+    with pytest.raises(InputError, match="index.html"):
+        write_reports(copy)
+    text = _text((copy / "index.html").read_text())
+    assert "group_glm.json not reported:" in text and "group_contrast-mean_stat-z.nii.gz is missing" in text
+    assert "1 page(s), 1 result(s) not reported" in text
 
 
 def test_saved_svg_figures_are_byte_identical_run_after_run(tmp_path):

@@ -4,15 +4,18 @@ Finds the first-level subjects (``first_level/sub-XX/*_glm.json``), the
 group analysis (``group_level/group_glm.json``) and the meta-analyses
 (``meta/<Estimator>.json``) under DIR and writes each one's page (see
 :mod:`chunkglm.report.from_derivatives`), with nilearn's ``generate_report``
-thresholding options. Reads local files only; starts no cluster.
+thresholding options, several pages at once (``--jobs``), then
+``DIR/index.html``, which links them all. Prints the pages, then the index.
+Reads local files only; starts no cluster.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from chunkglm.cli._args import add_sidedness, nonnegative, path_value, probability
+from chunkglm.cli._args import add_sidedness, nonnegative, path_value, positive_int, probability
 from chunkglm.report.from_derivatives import write_reports
+from chunkglm.report.pages import INDEX_NAME
 
 
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", "none")
@@ -40,6 +43,8 @@ def add_parser(sub, add_common=None) -> None:
     cmd.add_argument("--display-mode", help="nilearn's cuts, e.g. z, ortho, lzry (default z / lzry)")
     cmd.add_argument("--bg-img", default="MNI152TEMPLATE",
                      help="background image path, MNI152TEMPLATE (default) or none")
+    cmd.add_argument("--jobs", type=positive_int, default=None, metavar="N",
+                     help="pages built at once (default: one per CPU this process may use; 1: one by one)")
     cmd.set_defaults(func=run)
 
 
@@ -50,7 +55,8 @@ def run(args) -> int:
                             threshold=args.threshold, alpha=args.alpha,
                             cluster_threshold=args.cluster_threshold, height_control=height_control,
                             two_sided=args.two_sided, min_distance=args.min_distance,
-                            plot_type=args.plot_type, display_mode=args.display_mode)
+                            plot_type=args.plot_type, display_mode=args.display_mode, jobs=args.jobs)
     for path in written:
         print(path)
+    print(Path(args.derivatives) / INDEX_NAME)
     return 0

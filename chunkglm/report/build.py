@@ -28,11 +28,14 @@ from chunkglm.report.figures import (
     design_matrix_correlation_figure,
     design_matrix_figure,
 )
+from chunkglm.report.methods import first_level_methods, second_level_methods
 from chunkglm.report.sections import (
     Block,
+    Correction,
     Panel,
     ReportOptions,
     Section,
+    corrected_map_blocks,
     figure_png,
     file_figure,
     mask_block,
@@ -74,10 +77,33 @@ class GLMPieces:
     mask_img: object = None
     inputs: dict = field(default_factory=dict)
     provenance: dict | None = None
-    #: name -> map already thresholded by a correction (shown as written: non-surviving voxels are 0)
+    #: name -> (corrected map, its :class:`~chunkglm.report.sections.Correction`)
     corrected_maps: dict = field(default_factory=dict)
     #: contrast name -> the figure file of its weights for each design (instead of drawing them)
     contrast_srcs: dict = field(default_factory=dict)
+    #: the subject label (without ``sub-``) of a first-level result, and its other entities (task, session...)
+    subject: str | None = None
+    entities: dict = field(default_factory=dict)
+    #: second level: the first-level contrast modelled, if known
+    first_level_contrast: str | None = None
+
+    def label(self) -> str:
+        """"sub-01 task-main" (the entities known), "" when none is."""
+        parts = [f"sub-{self.subject}"] if self.subject else []
+        return " ".join(parts + [f"{key}-{value}" for key, value in self.entities.items() if value])
+
+    def methods(self, options: ReportOptions) -> str:
+        """The methods paragraph (:mod:`chunkglm.report.methods`)."""
+        contrasts = list(self.stat_maps) or list(self.contrasts)
+        if self.model_type == "First Level Model":
+            scans = [len(d.matrix) for d in self.designs if d.matrix is not None]
+            return first_level_methods(self.parameters, scans, contrasts, options, self.subject)
+        design = self.designs[0].matrix if self.designs and self.designs[0].matrix is not None else None
+        regressors = [str(c) for c in design.columns] if design is not None else self.inputs.get("Regressors") or []
+        n_maps = len(design) if design is not None else self.inputs.get("Maps")
+        return second_level_methods(n_maps, regressors, contrasts, options,
+                                    [correction for _, correction in self.corrected_maps.values()],
+                                    self.first_level_contrast, self.parameters.get("smoothing_fwhm"))
 
 
 def glm_report(pieces: GLMPieces, options: ReportOptions, title=None, report_dims=None) -> HTMLReport:
@@ -90,9 +116,13 @@ def glm_report(pieces: GLMPieces, options: ReportOptions, title=None, report_dim
     and says that there is no mask and no statistical map.
     """
     names = list(pieces.stat_maps) or list(pieces.contrasts)
-    title = title or (f"{pieces.model_type}: {', '.join(names)}" if names else pieces.model_type)
-    inputs = [Block(heading="Inputs", tables=[table_html(pieces.inputs, header=False)])] if pieces.inputs else []
-    sections = [parameters_section("Model details", _with_units(pieces.parameters), inputs)]
+    label = pieces.label()
+    if title is None:  # the subject first: it is what tells the browser's tabs apart
+        title = f"{label + ' · ' if label else ''}{pieces.model_type}{': ' + ', '.join(names) if names else ''}"
+    details = [Block(heading="Inputs", tables=[table_html(pieces.inputs, header=False)])] if pieces.inputs else []
+    if pieces.designs:
+        details.append(Block(heading="Methods", text=pieces.methods(options)))
+    sections = [parameters_section("Model details", _with_units(pieces.parameters), details)]
     if pieces.designs:
         sections.append(Section("runs", "Design matrices and contrasts", panels=_run_panels(pieces)))
     if pieces.mask_img is not None:
@@ -103,8 +133,30 @@ def glm_report(pieces: GLMPieces, options: ReportOptions, title=None, report_dim
     sections.append(_stat_maps_section(pieces.stat_maps, pieces.mask_img, options, pieces.corrected_maps,
                                        fitted=bool(pieces.designs)))
     sections.append(provenance_section(pieces.provenance))
-    page = render(title=title, model_type=pieces.model_type, sections=sections, warnings=options.warnings)
-    return HTMLReport(page, title, *(report_dims or (WIDTH_DEFAULT, HEIGHT_DEFAULT)))
+    page = render(title=title, model_type=pieces.model_type, subtitle=label, sections=sections,
+                  warnings=options.warnings)
+    report = HTMLReport(page, title, *(report_dims or (WIDTH_DEFAULT, HEIGHT_DEFAULT)))
+    report.findings = findings(sections)
+    return report
+
+
+def findings(sections) -> dict:
+    """Each map's outcome on the page: its heading -> "no voxel survives" or its cluster count."""
+    out = {}
+    for section in sections:
+        if section.anchor != "statistical-maps":
+            continue
+        heading = None
+        for block in section.blocks:
+            if block.heading:
+                heading = block.heading
+            if heading is None:
+                continue
+            if "no-survivor" in block.text_class:
+                out[heading] = "no voxel survives"
+            elif block.text.endswith("peaks and subpeaks in mm (world coordinates)."):
+                out[heading] = block.text.split(";", 1)[0]
+    return out
 
 
 def _with_units(parameters: dict) -> dict:
@@ -166,19 +218,15 @@ def _stat_maps_section(stat_maps: dict, mask_img, options: ReportOptions, correc
         return Section("statistical-maps", "Statistical maps", [Block(
             text="No statistical map was provided." + hint, text_class="note")], in_nav=False)
     blocks = [block for name, img in stat_maps.items() for block in stat_map_blocks(name, img, mask_img, options)]
-    for name, img in (corrected or {}).items():
-        blocks += stat_map_blocks(name, img, mask_img, as_written(options))
+    for name, (img, correction) in (corrected or {}).items():
+        blocks += corrected_map_blocks(name, img, mask_img, options, correction)
     intro = (f"Thresholded with height_control={options.height_control!r}, α = {options.alpha:g}"
              if options.height_control else f"Thresholded at z = {options.threshold:g}")
     intro += f", clusters of at least {options.cluster_threshold} voxels." if options.cluster_threshold else "."
     if corrected:
-        intro += " Corrected maps are shown as written (voxels that did not survive their correction are 0)."
+        intro = ("Uncorrected maps: " + intro[0].lower() + intro[1:] + " Corrected maps: each at the α of its "
+                 "correction (stated with it), showing every voxel that survives it.")
     return Section("statistical-maps", "Statistical maps", blocks, intro=intro)
-
-
-def as_written(options: ReportOptions) -> ReportOptions:
-    """Options that show a corrected map as it is: every non-zero voxel, no further height control."""
-    return replace(options, height_control=None, threshold=1e-6, warnings=())
 
 
 def contrast_dict(contrasts) -> dict:
@@ -232,10 +280,24 @@ def first_level_pieces(model, contrasts, stat_maps=None) -> GLMPieces:
               "Voxels in the mask": int(np.count_nonzero(np.asanyarray(model.mask_img_.dataobj)))}
     if labels:
         inputs["Run names"] = labels
-    return GLMPieces("First Level Model", model_parameters(model, t_r),
-                     [Design(label, d) for label, d in zip(labels or [f"run {i + 1}" for i in range(len(designs))],
-                                                           designs)],
-                     weights, stat_maps, model.mask_img_, inputs)
+    pieces = GLMPieces("First Level Model", model_parameters(model, t_r),
+                       [Design(label, d) for label, d in zip(labels or [f"run {i + 1}" for i in range(len(designs))],
+                                                             designs)],
+                       weights, stat_maps, model.mask_img_, inputs)
+    subject = getattr(model, "subject_label", None)
+    pieces.subject = str(subject) if subject is not None else None
+    pieces.entities = shared_entities(getattr(model, "run_entities_", None) or [])
+    return pieces
+
+
+def shared_entities(run_entities) -> dict:
+    """The session and task every run shares (``{"ses": "1", "task": "main"}``), for the page's label."""
+    shared = {}
+    for key in ("ses", "task"):
+        values = {str((entities or {}).get(key)) for entities in run_entities if (entities or {}).get(key)}
+        if len(values) == 1 and all((entities or {}).get(key) for entities in run_entities):
+            shared[key] = values.pop()
+    return shared
 
 
 def _run_labels(model) -> list[str]:
@@ -255,8 +317,10 @@ def second_level_pieces(model, contrasts, first_level_contrast=None, stat_maps=N
     inputs = {"Maps": int(len(design)), "Voxels in the mask": int(model.n_elements_)}
     if first_level_contrast is not None:
         inputs["First-level contrast"] = _name(first_level_contrast)
-    return GLMPieces("Second Level Model", group_model_parameters(model) or {"smoothing_fwhm": None},
-                     [Design("group design", design)], weights, stat_maps, model.mask_img_, inputs)
+    pieces = GLMPieces("Second Level Model", group_model_parameters(model) or {"smoothing_fwhm": None},
+                       [Design("group design", design)], weights, stat_maps, model.mask_img_, inputs)
+    pieces.first_level_contrast = _name(first_level_contrast) if first_level_contrast is not None else None
+    return pieces
 
 
 def unfitted_pieces(model) -> GLMPieces:
@@ -372,8 +436,7 @@ def meta_pieces(result, maps=None) -> tuple[dict, dict, dict]:
     if not names:
         raise InputError(f"this result has no z map to show; pass maps=[...] among {sorted(available)}.")
     estimator = result.estimator
-    parameters = {"estimator": type(estimator).__name__,
-                  **{k: v for k, v in estimator.get_params().items() if not k.startswith("memory")}}
+    parameters = {"estimator": type(estimator).__name__, **estimator_parameters(estimator.get_params())}
     if result.corrector is not None:
         parameters["corrector"] = f"{type(result.corrector).__name__}(method={result.corrector.method!r})"
     described = result._inputs.describe()
@@ -383,35 +446,62 @@ def meta_pieces(result, maps=None) -> tuple[dict, dict, dict]:
     return parameters, inputs, {name: result.get_map(name) for name in names}
 
 
+#: Estimator parameters that say how chunkglm computes, not what: left out of the page's estimator
+#: table (NiMARE's caching, chunkglm's store and chunk sizes, the description switch). The provenance
+#: section keeps the options of the command that ran.
+EXECUTION_PARAMETERS = frozenset({"memory", "memory_level", "store", "chunk_voxels", "chunk_bytes",
+                                  "generate_description", "n_cores"})
+
+
+def estimator_parameters(parameters: dict) -> dict:
+    """An estimator's statistical parameters: ``get_params()`` without :data:`EXECUTION_PARAMETERS`."""
+    return {key: value for key, value in parameters.items() if key not in EXECUTION_PARAMETERS}
+
+
+def meta_correction(name: str, alpha) -> Correction | None:
+    """The correction of one of NiMARE's map names (``z_corr-FDR_method-indep``); None for others."""
+    if "_corr-" not in name:
+        return None
+    entities = dict(part.split("-", 1) for part in name.split("_") if "-" in part)
+    alpha = alpha or 0.05
+    return Correction(entities.get("corr", "corrected"), entities.get("method"), alpha, float(norm.isf(alpha / 2)))
+
+
 def meta_report(parameters, inputs, stat_maps, mask_img, options: ReportOptions, provenance,
                 title=None, report_dims=None, description="", corrected_alpha=0.05) -> HTMLReport:
     """The page of an image-based meta-analysis.
 
     NiMARE's corrected z maps (``z_corr-…``) are the z of the corrected
     p-values (signed), not thresholded maps: they are shown above
-    ``norm.isf(corrected_alpha / 2)``, i.e. where the corrected p < alpha.
+    ``norm.isf(corrected_alpha / 2)``, i.e. where the corrected p < alpha,
+    with the correction's settings (not the report's thresholding options).
     """
     estimator = parameters.get("estimator", "IBMA")
     title = title or f"Image-based meta-analysis: {estimator}"
     blocks = [Block(heading="Inputs", tables=[table_html(inputs, header=False)])]
     if description:
         blocks.append(Block(heading="Methods", text=description))
-    sections = [parameters_section("Estimator", parameters, blocks),
+    sections = [parameters_section("Estimator", estimator_parameters(parameters), blocks),
                 Section("mask", "Mask", [mask_block(mask_img, options, "The voxels analysed")])]
-    corrected = replace(options, height_control=None, two_sided=True, warnings=(),
-                        threshold=float(norm.isf(corrected_alpha / 2)))
-    maps_blocks = []
+    maps_blocks, corrections = [], []
     for name, img in stat_maps.items():
-        maps_blocks += stat_map_blocks(name, img, mask_img, options if name == "z" else corrected)
-    intro = "The z map thresholded as asked."
-    if len(stat_maps) > 1:
-        intro += (f" Corrected maps (z of the corrected p-values, NiMARE's z_corr-…) where the corrected p < "
-                  f"{corrected_alpha:g} (|z| > {corrected.threshold:.3f}).")
+        correction = meta_correction(name, corrected_alpha)
+        if correction is None:
+            maps_blocks += stat_map_blocks(name, img, mask_img, options)
+        else:
+            corrections.append(correction)
+            maps_blocks += corrected_map_blocks(name, img, mask_img, options, correction)
+    intro = "Uncorrected maps: the z map thresholded as asked."
+    if corrections:
+        intro += (f" Corrected maps (z of the corrected p-values, NiMARE's z_corr-…): the voxels where the corrected "
+                  f"p < {corrections[0].alpha:g} (|z| > {corrections[0].z_threshold:.3f}).")
     sections.append(Section("statistical-maps", "Statistical maps", maps_blocks, intro=intro))
     sections.append(provenance_section(provenance))
     page = render(title=title, model_type=f"Image-based meta-analysis ({estimator})", sections=sections,
                   warnings=options.warnings)
-    return HTMLReport(page, title, *(report_dims or (WIDTH_DEFAULT, HEIGHT_DEFAULT)))
+    report = HTMLReport(page, title, *(report_dims or (WIDTH_DEFAULT, HEIGHT_DEFAULT)))
+    report.findings = findings(sections)
+    return report
 
 
 def result_report(result, maps=None, title=None, report_dims=None, **options) -> HTMLReport:

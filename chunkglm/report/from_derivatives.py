@@ -32,7 +32,8 @@ from chunkglm.errors import InputError
 from chunkglm.io.derivatives import file_label
 from chunkglm.provenance import read_record
 from chunkglm.report.build import Design, GLMPieces, glm_report, meta_report
-from chunkglm.report.sections import ReportOptions
+from chunkglm.report.pages import INDEX_NAME, PageOutcome, build_pages, check_jobs, write_index
+from chunkglm.report.sections import Correction, ReportOptions
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,25 @@ def _read(path: Path) -> dict:
     return content if isinstance(content, dict) else {}
 
 
-def write_reports(root, title=None, **options) -> list[Path]:
-    """Write the report of every result under ``root``; returns the pages written.
+def write_reports(root, title=None, jobs=None, **options) -> list[Path]:
+    """Write the report of every result under ``root``, and ``root/index.html``; returns the result pages.
+
+    The pages are built in parallel (a pool of ``jobs`` workers, see
+    :mod:`chunkglm.report.pages`); then ``root/index.html`` links every
+    page, says for each map what survives (or that no voxel does) and names
+    the results that could not be reported.
 
     Parameters
     ----------
     root : str or Path
         A derivatives folder (or any folder above one).
     title : str, optional
-        Title of every page (default: the kind of result and its contrasts).
+        Title of every page (default: the subject, the kind of result and
+        its contrasts); a first-level page's title starts with its subject
+        (``sub-01 task-main · TITLE``), so that the browser's tabs differ.
+    jobs : int, optional
+        Pages built at once (default: one per CPU this process may use; 1:
+        one after the other, in this process).
     **options
         ``generate_report``'s thresholding and display options (``alpha``,
         ``height_control``, ``threshold``, ``cluster_threshold``,
@@ -103,33 +114,44 @@ def write_reports(root, title=None, **options) -> list[Path]:
     InputError
         No result under ``root`` or a bad option (checked before any page is
         written), or results whose files are incomplete: the other results'
-        pages are written first, then the error names each missing file.
+        pages and the index are written first, then the error names each
+        missing file.
     """
     checked = ReportOptions.checked(**options)
+    check_jobs(jobs)
     found = find_results(root)
     if not found:
         raise InputError(f"no chunkglm result under {root}: expected first_level/sub-XX/*_glm.json, "
                          "group_level/group_glm.json or meta/<Estimator>.json (written by chunkglm "
                          "first-level, second-level and meta).")
-    written, failed = [], []
-    for result in found:
-        try:
-            report = report_of(result, checked, title)
-        except InputError as error:
-            failed.append(f"{result.sidecar}: {error}")
-            continue
-        written.append(report.save_as_html(result.report_path))
+    outcomes = build_pages(_write_page, [(result, checked, title) for result in found], jobs)
+    write_index(Path(root), outcomes)
+    written = [outcome.page for outcome in outcomes if outcome.page is not None]
+    failed = [f"{outcome.sidecar}: {outcome.error}" for outcome in outcomes if outcome.error]
     if failed:
         raise InputError(f"{len(failed)} of {len(found)} result(s) could not be reported ({len(written)} page(s) "
-                         "written):\n  " + "\n  ".join(failed))
+                         f"written, listed in {Path(root) / INDEX_NAME}):\n  " + "\n  ".join(failed))
     return written
 
 
+def _write_page(task) -> PageOutcome:
+    """One result's page, written (a pool's task: module level, its argument one tuple)."""
+    result, options, title = task
+    try:
+        report = report_of(result, options, title)
+    except InputError as error:
+        return PageOutcome(result.kind, result.sidecar, error=str(error))
+    page = report.save_as_html(result.report_path)
+    return PageOutcome(result.kind, result.sidecar, page, report.title, getattr(report, "findings", {}))
+
+
 def report_of(result: Found, options: ReportOptions, title=None):
-    """The :class:`~chunkglm.report.HTMLReport` of one result."""
+    """The :class:`~chunkglm.report.HTMLReport` of one result (a first-level ``title`` after its subject)."""
     if result.kind == "meta":
         return _meta(result.sidecar, options, title)
     pieces = _first_level(result.sidecar) if result.kind == "first_level" else _group_level(result.sidecar)
+    if title is not None and pieces.label():
+        title = f"{pieces.label()} · {title}"
     return glm_report(pieces, options, title)
 
 
@@ -170,15 +192,56 @@ def _first_level(sidecar: Path) -> GLMPieces:
         contrasts[label] = _per_design(spec.get("Weights"), stat, len(designs))
         stat_maps[label] = _load(folder / f"{stem}_contrast-{label}_stat-z.nii.gz")
     model = meta.get("Model") or {}
+    timing = acquisition_timing(meta, folder, stem)
     parameters = {"hrf_model": model.get("HRF"), "drift_model": model.get("DriftModel"),
                   "high_pass": model.get("HighPassFilter"), "noise_model": model.get("NoiseModel"),
+                  "t_r": timing.get("t_r"), "slice_time_ref": timing.get("slice_time_ref"),
                   "confounds": meta.get("Confounds")}
     mask = _optional(folder / f"{stem}_mask.nii.gz")
     inputs = {"Runs": len(designs), "Scans per run": [len(d.matrix) for d in designs if d.matrix is not None]}
     if mask is not None:
         inputs["Voxels in the mask"] = int(np.count_nonzero(np.asanyarray(mask.dataobj)))
-    return GLMPieces("First Level Model", {k: v for k, v in parameters.items() if v is not None}, designs,
-                     contrasts, stat_maps, mask, inputs, _first_level_provenance(folder, stem))
+    if "t_r" not in timing:
+        inputs["TR and slice timing"] = ("not recorded: the sidecar has no RepetitionTime and no nilearn "
+                                         "statmap.json was found beside it")
+    pieces = GLMPieces("First Level Model", {k: v for k, v in parameters.items() if v is not None}, designs,
+                       contrasts, stat_maps, mask, inputs, _first_level_provenance(folder, stem))
+    entities = stem_entities(stem)
+    pieces.subject = entities.pop("sub", None)
+    pieces.entities = {key: entities[key] for key in ("ses", "task") if key in entities}
+    return pieces
+
+
+def stem_entities(stem: str) -> dict:
+    """The BIDS entities of a file-name stem: ``sub-01_task-main`` -> ``{"sub": "01", "task": "main"}``."""
+    return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+
+
+def acquisition_timing(sidecar: dict, folder: Path, stem: str) -> dict:
+    """``{"t_r": ..., "slice_time_ref": ...}`` of a first-level result (the keys known).
+
+    From the derivatives/glm sidecar (``RepetitionTime`` and
+    ``SliceTimingRef``, in ``Model`` or at the top), else from nilearn's
+    ``statmap.json`` of the same analysis when its file set was written too
+    (``<root>/sub-XX/<stem>_statmap.json``, or beside the sidecar).
+    """
+    model = sidecar.get("Model") or {}
+    timing = {}
+    for key, names in (("t_r", ("RepetitionTime",)), ("slice_time_ref", ("SliceTimingRef", "SliceTimeRef"))):
+        for name in names:
+            value = model.get(name, sidecar.get(name))
+            if value is not None:
+                timing[key] = value
+                break
+    if "t_r" in timing:
+        return timing
+    for statmap in (folder.parent.parent / folder.name / f"{stem}_statmap.json", folder / f"{stem}_statmap.json"):
+        if statmap.is_file():
+            parameters = _read(statmap).get("ModelParameters") or {}
+            found = {key: parameters[key] for key in ("t_r", "slice_time_ref") if parameters.get(key) is not None}
+            if "t_r" in found:
+                return {**found, **timing}
+    return timing
 
 
 def _first_level_provenance(folder: Path, stem: str) -> dict | None:
@@ -214,10 +277,7 @@ def _group_level(sidecar: Path) -> GLMPieces:
         for key in ("fdr", "fwe"):
             path = folder / f"group_contrast-{label}_{key}-corrected.nii.gz"
             if path.exists():
-                method = (corrections.get(key.upper()) or {}).get("Method")
-                method = method.get(label) if isinstance(method, dict) else method
-                corrected[f"{name} ({key.upper()}-corrected, {method}, α = "
-                          f"{(corrections.get(key.upper()) or {}).get('Alpha')})"] = _load(path)
+                corrected[f"{name} ({key.upper()}-corrected)"] = (_load(path), _correction(corrections, key.upper(), label))
     model = meta.get("Model") or {}
     parameters = {"estimator": model.get("Estimator"), "smoothing_fwhm": model.get("SmoothingFWHM"),
                   "two_sided corrections": corrections.get("TwoSided"),
@@ -230,6 +290,17 @@ def _group_level(sidecar: Path) -> GLMPieces:
                        _provenance(folder / "group_provenance.json"))
     pieces.corrected_maps = corrected
     return pieces
+
+
+def _correction(corrections: dict, kind: str, label: str) -> Correction:
+    """The group sidecar's ``Corrections[kind]`` for one contrast (its method, α, permutations)."""
+    spec = corrections.get(kind) or {}
+    method = spec.get("Method")
+    method = method.get(label) if isinstance(method, dict) else method
+    permutations = (spec.get("Permutation") or {}).get("NumberOfPermutations")
+    if method and "permutation" in str(method) and permutations:
+        method = f"{method}, {permutations} permutations"
+    return Correction(kind, method, spec.get("Alpha"))
 
 
 def _meta(sidecar: Path, options: ReportOptions, title):

@@ -20,7 +20,7 @@ import math
 import uuid
 import numbers
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import version
 from importlib.resources import files
@@ -31,6 +31,7 @@ import pandas as pd
 
 from chunkglm._version import __version__
 from chunkglm.errors import InputError
+from chunkglm.inference.clusters import TABLE_COLUMNS
 from chunkglm.inference.thresholding import threshold_stats_img
 from chunkglm.report.figures import mask_figure, stat_map_figure
 from chunkglm.reporting import get_clusters_table
@@ -248,6 +249,8 @@ def stat_map_summary(stat_img, mask_img, options: ReportOptions):
             stat_img, mask_img=mask_img, alpha=options.alpha, threshold=options.threshold,
             height_control=options.height_control, cluster_threshold=options.cluster_threshold,
             two_sided=options.two_sided)
+        if not surviving_voxels(thresholded):  # no table to search (nor get_clusters_table's warning about it)
+            return thresholded, threshold, pd.DataFrame(columns=TABLE_COLUMNS)
         table = get_clusters_table(thresholded, stat_threshold=threshold,
                                    cluster_threshold=options.cluster_threshold, two_sided=options.two_sided,
                                    min_distance=options.min_distance)
@@ -260,17 +263,104 @@ def _stat_map_blocks(name, stat_img, mask_img, options, stat_label) -> list[Bloc
                "Threshold (computed)": float(threshold),
                "Cluster size threshold (voxels)": options.cluster_threshold,
                "Minimum distance (mm)": options.min_distance}
+    tail = " (both tails)" if options.two_sided else ""
+    if not surviving_voxels(thresholded):
+        where = f"|{stat_label}|" if options.two_sided else stat_label
+        size = (f" in clusters of at least {options.cluster_threshold} voxels"
+                if options.cluster_threshold else "")
+        return [Block(heading=name, tables=[table_html(details, header=False)],
+                      text=f"No voxel survives this threshold ({where} > {abs(float(threshold)):.3g}{size}): "
+                           "nothing to draw, no cluster to list.", text_class="note no-survivor")]
     figure = stat_map_figure(thresholded, threshold, options, title=name)
-    caption = (f"{stat_label} map of {name}, thresholded at {threshold:.3g}"
-               f"{' (both tails)' if options.two_sided else ''}")
-    blocks = [Block(heading=name, tables=[table_html(details, header=False)],
-                    figures=[figure_png(figure, f"Thresholded {stat_label} map of {name}", caption)])]
+    caption = f"{stat_label} map of {name}, thresholded at {threshold:.3g}{tail}"
+    return [Block(heading=name, tables=[table_html(details, header=False)],
+                  figures=[figure_png(figure, f"Thresholded {stat_label} map of {name}", caption)]),
+            _cluster_block(table)]
+
+
+@dataclass(frozen=True)
+class Correction:
+    """How a corrected map was made, as its page states it.
+
+    ``kind``: "FDR" or "FWE"; ``method``: how (e.g. "permutation max-T",
+    "indep"); ``alpha``: the level of the correction. ``z_threshold``: the
+    map holds z of corrected p-values, shown where ``|z|`` exceeds it
+    (NiMARE's ``z_corr-…``); None: the map is written thresholded (voxels
+    that do not survive are 0) and every non-zero voxel is shown.
+    """
+
+    kind: str
+    method: str | None
+    alpha: float | None
+    z_threshold: float | None = None
+
+    def describe(self) -> str:
+        """E.g. "FWE correction (permutation max-T) at α = 0.05"."""
+        method = f" ({self.method})" if self.method and self.method.lower() != self.kind.lower() else ""
+        alpha = f" at α = {self.alpha:g}" if self.alpha is not None else ""
+        return f"{self.kind} correction{method}{alpha}"
+
+
+def corrected_map_blocks(name: str, corrected_img, mask_img, options: ReportOptions,
+                         correction: Correction) -> list[Block]:
+    """A corrected map (``name``: its heading): its correction's settings, then the voxels that survive it
+    (or, in words, that none does).
+
+    The settings table is the correction's (its α, its method), never the
+    report's own thresholding options, which apply to the uncorrected maps
+    only. Every voxel that survives is shown, of either sign; the report's
+    ``cluster_threshold`` and ``min_distance`` still shape the figure and the
+    cluster table.
+    """
+    shown = (f"|z| > {correction.z_threshold:.3f} (corrected p < {correction.alpha:g})"
+             if correction.z_threshold is not None else "every voxel that survives (non-zero in the map written)")
+    data = np.asanyarray(corrected_img.dataobj)
+    finite = np.where(np.isfinite(data), data, 0)
+    survivors = (int(np.count_nonzero(np.abs(finite) > correction.z_threshold))
+                 if correction.z_threshold is not None else int(np.count_nonzero(finite)))
+    details = {"Correction": correction.kind, "Method": correction.method, "α": correction.alpha,
+               "Shown": shown, "Voxels surviving": survivors,
+               "Cluster size threshold (voxels)": options.cluster_threshold,
+               "Minimum distance (mm)": options.min_distance}
+    heading = name
+    if not survivors:
+        return [Block(heading=heading, tables=[table_html(details, header=False)],
+                      text=f"No voxel survives the {correction.describe()}: nothing to draw, no cluster to list.",
+                      text_class="note no-survivor")]
+    threshold = correction.z_threshold if correction.z_threshold is not None else _AS_WRITTEN
+    display = replace(options, height_control=None, threshold=threshold, two_sided=True, warnings=())
+    return _drawn_corrected(heading, details, corrected_img, mask_img, display, correction)
+
+
+#: The threshold that shows a map as written: every non-zero voxel (corrected maps hold z, |z| >> this).
+_AS_WRITTEN = 1e-6
+
+
+def _drawn_corrected(heading, details, corrected_img, mask_img, display, correction) -> list[Block]:
+    thresholded, threshold, table = stat_map_summary(corrected_img, mask_img, display)
+    if not surviving_voxels(thresholded):  # survivors, but in clusters smaller than cluster_threshold
+        return [Block(heading=heading, tables=[table_html(details, header=False)],
+                      text=f"No voxel survives the {correction.describe()} in clusters of at least "
+                           f"{display.cluster_threshold} voxels: nothing to draw, no cluster to list.",
+                      text_class="note no-survivor")]
+    figure = stat_map_figure(thresholded, threshold, display, title=heading)
+    caption = f"z map of {heading}: the voxels that survive the {correction.describe()}"
+    return [Block(heading=heading, tables=[table_html(details, header=False)],
+                  figures=[figure_png(figure, f"Corrected z map of {heading}", caption)]),
+            _cluster_block(table)]
+
+
+def surviving_voxels(thresholded_img) -> int:
+    """How many voxels of a thresholded map are shown (non-zero and finite)."""
+    data = np.asanyarray(thresholded_img.dataobj)
+    return int(np.count_nonzero(np.isfinite(data) & (data != 0)))
+
+
+def _cluster_block(table) -> Block:
     if len(table):
-        blocks.append(Block(text=f"{_count(table)} cluster(s); peaks and subpeaks in mm (world coordinates).",
-                            tables=[table_html(table, index=False, precision=3)]))
-    else:
-        blocks.append(Block(text="No suprathreshold cluster: no voxel survives this threshold.", text_class="note"))
-    return blocks
+        return Block(text=f"{_count(table)} cluster(s); peaks and subpeaks in mm (world coordinates).",
+                     tables=[table_html(table, index=False, precision=3)])
+    return Block(text="No suprathreshold cluster.", text_class="note")
 
 
 def _count(table) -> int:
