@@ -225,3 +225,37 @@ def test_reads_the_glm_layout_first_level_writes_by_default(tmp_path):
         (tmp_path / "first_level" / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aMinusB_stat-effect.nii.gz").unlink()
     subjects, paths = effect_maps(tmp_path, "aMinusB")
     assert subjects == ["01", "02"] and all(p.endswith("_statmap.nii.gz") for p in paths)
+
+
+def test_layout_and_save_residuals(derivatives, tmp_path):
+    """--layout glm (default) writes group_level/ only and no residuals; nilearn writes nilearn's
+    group/ file set only (the record beside it); --save-residuals adds the residuals, one volume
+    per map, in the layout written; --layout nilearn refuses --n-perm, whose maps it cannot hold."""
+    from chunkglm.cli.commands import main
+
+    def run(out, *flags):
+        return main(["second-level", str(derivatives["root"]), "-o", str(out), "--first-level-contrast",
+                     "aMinusB", "--cluster", "none", "--no-progress", *flags])
+
+    def files(out):
+        return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+    assert run(tmp_path / "glm") == 0
+    assert {f.split("/")[0] for f in files(tmp_path / "glm")} == {".bidsignore", "dataset_description.json",
+                                                                  "group_level"}
+    assert not [f for f in files(tmp_path / "glm") if "errorts" in f]
+    assert run(tmp_path / "glm_res", "--save-residuals") == 0
+    assert set(files(tmp_path / "glm_res")) - set(files(tmp_path / "glm")) == {"group_level/group_stat-errorts.nii.gz"}
+    residuals = nib.load(tmp_path / "glm_res" / "group_level" / "group_stat-errorts.nii.gz")
+    assert residuals.shape == (*SHAPE, N)
+    assert run(tmp_path / "nl", "--layout", "nilearn") == 0
+    nilearn_files = files(tmp_path / "nl")
+    assert "group/contrast-mean_stat-z_statmap.nii.gz" in nilearn_files
+    assert "group/group_provenance.json" in nilearn_files and "group/stat-rsquared_statmap.nii.gz" in nilearn_files
+    assert not [f for f in nilearn_files if f.startswith("group_level") or "errorts" in f]
+    assert run(tmp_path / "nl_res", "--layout", "nilearn", "--save-residuals") == 0
+    assert set(files(tmp_path / "nl_res")) - set(nilearn_files) == {"group/stat-errorts_statmap.nii.gz"}
+    np.testing.assert_array_equal(nib.load(tmp_path / "nl_res" / "group" / "stat-errorts_statmap.nii.gz").get_fdata(),
+                                  residuals.get_fdata())
+    assert run(tmp_path / "refused", "--layout", "nilearn", "--n-perm", "10") == 2
+    assert not (tmp_path / "refused").exists()

@@ -418,3 +418,17 @@ def test_bad_options_and_wrong_levels_are_refused(saved, existing_out, tmp_path)
     with pytest.raises(TypeError, match="SecondLevelModel"):
         save_group_derivatives(object(), "intercept", existing_out)
     assert _snapshot(existing_out) == before
+
+
+def test_group_residuals_need_a_model_that_keeps_them(inputs, saved, tmp_path):
+    """residuals=True (chunkglm second-level --save-residuals): group_stat-errorts, one volume per
+    map, equal to the model's residuals_; refused before writing when the fit kept none."""
+    model = SecondLevelModel().fit(inputs["paths"], design_matrix=inputs["design"])
+    with pytest.raises(InputError, match="minimize_memory=False"):
+        save_group_derivatives(model, "intercept", tmp_path / "refused", residuals=True)
+    assert not (tmp_path / "refused").exists()
+    paths = save_group_derivatives(saved["model"], "intercept", tmp_path / "out", residuals=True)
+    written = tmp_path / "out" / "group_level" / "group_stat-errorts.nii.gz"
+    assert written in paths
+    np.testing.assert_allclose(nib.load(written).get_fdata(), saved["model"].residuals_.get_fdata(),
+                               rtol=1e-6, atol=1e-6)  # float32 file of the float64 image

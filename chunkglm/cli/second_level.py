@@ -6,12 +6,15 @@ or a cohort store holding a ``maps/<collection>`` node. The maps are loaded once
 into a maps node (a store), the model is fitted over voxel blocks, and
 :func:`chunkglm.interfaces.bids.save_group_derivatives` writes
 ``OUTPUT_DIR/group_level/`` (stat and z maps, FDR and FWE corrected maps, the
-sidecar); with ``--n-perm`` the FWE maps of t contrasts come from nilearn's
+sidecar; ``--layout glm``, the default), nilearn's ``save_glm_to_bids`` group
+file set goes to ``OUTPUT_DIR/group/`` (``--layout nilearn`` or ``both``), the
+residuals only with ``--save-residuals``; with ``--n-perm`` the FWE maps of t contrasts come from nilearn's
 max-T permutation test (plus TFCE / cluster maps with ``--tfce`` /
 ``--cluster-forming-p``), run first by
 :func:`chunkglm.glm.second_level.permutation_maps` with a progress bar per
 contrast, named. A provenance
-record (``group_level/group_provenance.json``) is written last.
+record (``group_level/group_provenance.json``; ``group/`` with ``--layout nilearn``) is
+written last.
 
 The design: an intercept (one-sample test) plus the covariates of
 ``--design`` (a TSV with a ``subject_label`` or ``participant_id`` column
@@ -68,7 +71,12 @@ from chunkglm.glm.second_level import (
     parse_contrast,
     permutation_maps,
 )
-from chunkglm.interfaces.bids import check_correction_options, permutation_contrasts, save_group_derivatives
+from chunkglm.interfaces.bids import (
+    check_correction_options,
+    permutation_contrasts,
+    save_group_derivatives,
+    write_glm_to_bids,
+)
 from chunkglm.io.convert import file_sha256
 from chunkglm.io.derivatives import contrast_label, source_datasets
 from chunkglm.io.layout import redact_url
@@ -105,7 +113,9 @@ def add_parser(sub, add_common) -> None:
                      help="analysis mask (default: nilearn's background mask of the mean map)")
     cmd.add_argument("--smoothing-fwhm", type=nonnegative, metavar="MM",
                      help="smooth each map when it is loaded (default: no smoothing)")
-    cmd.add_argument("--alpha", type=probability, default=0.05, help="FDR q and FWE p of the corrected maps")
+    cmd.add_argument("--alpha", type=probability, default=0.05,
+                     help="FDR q and FWE p of the corrected maps (in the glm layout; nilearn's file set has "
+                          "no corrected maps, its cluster tables use nilearn's p < 0.001)")
     add_sidedness(cmd, True, "tests (FDR, FWE and max-T corrections)")
     deprecated_alias(cmd, "--min-cluster-size", dest="cluster_threshold", new="--cluster-threshold",
                      type=int)
@@ -123,6 +133,7 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--random-state", type=int,
                      help="seed of the permutations (nilearn's random_state; default: none, a new "
                           "seed each run)")
+    add_layout_options(cmd)
     add_chunk_mb(cmd)
     cmd.add_argument("--store", type=path_value,
                      help="derivatives input: a store to load the maps into (default: a "
@@ -133,6 +144,23 @@ def add_parser(sub, add_common) -> None:
     add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
+
+
+def add_layout_options(cmd) -> None:
+    """--layout and --save-residuals, as first-level's, for the group."""
+    cmd.add_argument(
+        "--layout", choices=("glm", "nilearn", "both"), default="glm",
+        help="file set. glm (default): group_level/ (t|F and z maps, FDR and FWE corrected maps, "
+             "permutation maps, the design, the mask, one JSON sidecar), what `chunkglm report` reads. "
+             "nilearn: nilearn's save_glm_to_bids group file set in group/ (effect, variance, t|F, p, z "
+             "per contrast, cluster tables at nilearn's p < 0.001 with --cluster-threshold and "
+             "--two-sided/--one-sided, r-squared, figures, a report page); no corrected or permutation "
+             "maps, so it refuses --n-perm. both: the two")
+    cmd.add_argument(
+        "--save-residuals", action="store_true",
+        help="also write the residuals, one volume per input map (group_level/group_stat-errorts.nii.gz, "
+             "or nilearn's group/stat-errorts_statmap.nii.gz with --layout nilearn or both); the fit "
+             "then keeps them in memory (default: not written)")
 
 
 class _ClusterThreshold(argparse.Action):
@@ -317,6 +345,9 @@ def contrast_weights(definitions, design) -> dict:
 
 
 def _check_permutation_args(args) -> None:
+    if args.layout == "nilearn" and args.n_perm:
+        raise InputError("--n-perm writes permutation maps in the glm layout (group_level/), which --layout "
+                         "nilearn leaves out: use --layout both, or leave --n-perm out.")
     if args.n_perm < 0:
         raise InputError(f"--n-perm must be >= 0 (0: Bonferroni FWE); received {args.n_perm}.")
     if args.n_perm == 0 and (args.tfce or args.cluster_forming_p is not None):
@@ -365,6 +396,22 @@ def run_permutations(model, weights, types, args, reporter) -> tuple[dict | None
     return maps, settings
 
 
+def _write(args, model, weights, types, maps, settings) -> list:
+    """The file sets of ``--layout``; returns every file written."""
+    paths = []
+    if args.layout in ("glm", "both"):
+        paths += save_group_derivatives(
+            model, weights, args.output_dir, contrast_types=types, alpha=args.alpha,
+            two_sided=args.two_sided, cluster_threshold=args.cluster_threshold,
+            permutation_maps=maps, permutation=settings,
+            residuals=args.save_residuals and args.layout == "glm")
+    if args.layout in ("nilearn", "both"):
+        paths += write_glm_to_bids(model, weights, contrast_types=types, out_dir=args.output_dir,
+                                   residuals=args.save_residuals, two_sided=args.two_sided,
+                                   cluster_threshold=args.cluster_threshold)
+    return paths
+
+
 def run(args) -> int:
     """Entry point of ``chunkglm second-level``."""
     stopwatch = Stopwatch()
@@ -379,18 +426,17 @@ def run(args) -> int:
                                         center=args.center_covariates, reference=args.reference)
         weights = contrast_weights(definitions, design)  # unknown columns fail here, before the fit
         store = args.store if isinstance(second_level_input, list) else None
+        keep = args.save_residuals or args.layout != "glm"  # nilearn's set has r-squared (and residuals)
         model = SecondLevelModel(mask_img=args.mask, smoothing_fwhm=args.smoothing_fwhm, store=store,
-                                 chunk_bytes=command_budget(args) or chunk_bytes(None, None))
+                                 chunk_bytes=command_budget(args) or chunk_bytes(None, None),
+                                 minimize_memory=not keep)
         with reporter.phase("loading and fitting") as advance:
             model.fit(second_level_input, design_matrix=design)
             advance("fitted")
         check_correction_options(args.alpha, args.two_sided, args.cluster_threshold)
         maps, settings = run_permutations(model, weights, types, args, reporter)
         with reporter.phase("writing"), source_datasets([args.input]):
-            paths = save_group_derivatives(
-                model, weights, args.output_dir, contrast_types=types, alpha=args.alpha,
-                two_sided=args.two_sided, cluster_threshold=args.cluster_threshold,
-                permutation_maps=maps, permutation=settings)
+            paths = _write(args, model, weights, types, maps, settings)
         outputs = [relative_output(p, args.output_dir) for p in paths]
         content = record("second-level", inputs=entries, options=command_options(args),
                          cluster=cluster_summary(client), stopwatch=stopwatch,
@@ -398,8 +444,9 @@ def run(args) -> int:
                                  "subjects": subjects, "rows": int(len(design)),
                                  "covariates": covariates},
                          outputs=outputs)
-    write_output_record(args.output_dir, "group_level/group_provenance.json", content, storage_for(args))
+    folder = "group" if args.layout == "nilearn" else "group_level"  # beside the files written
+    write_output_record(args.output_dir, f"{folder}/group_provenance.json", content, storage_for(args))
     for path in outputs:
         reporter.line(f"wrote {path}")
-    print(f"group derivatives: {redact_url(output_location(args.output_dir, 'group_level'))}")
+    print(f"group derivatives: {redact_url(output_location(args.output_dir, folder))}")
     return 0

@@ -538,7 +538,7 @@ def _derivative_names(specs, entities, runs, n_runs) -> dict:
 def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
                            first_level_contrast=None, alpha=0.05, two_sided=True,
                            cluster_threshold=0, descriptions=None, permutation_maps=None,
-                           permutation=None):
+                           permutation=None, residuals=False):
     """Save a second-level GLM in the ``derivatives/glm/group_level`` layout.
 
     Parameters
@@ -579,6 +579,10 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
         ``tfce``, ``threshold``, optionally ``two_sided_test``), checked by
         :func:`chunkglm.glm.second_level.check_permutation_options`. They
         choose the maps written and fill the sidecar.
+    residuals : bool, default=False
+        Also write the residuals of the last contrast's fit
+        (``group_level/group_stat-errorts.nii.gz``, one volume per input
+        map); needs a model fitted with ``minimize_memory=False``.
 
     Returns
     -------
@@ -621,6 +625,7 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
         group_level/group_mask.nii.gz
         group_level/group_glm.json
         group_level/group_contrast-<C>_stat-<map>.nii.gz   (permutation_maps)
+        group_level/group_stat-errorts.nii.gz              (residuals=True)
 
     with ``<map>`` one of nilearn's permutation outputs without underscores:
     ``logpmaxt`` always, ``tfce``/``logpmaxtfce`` with ``tfce``,
@@ -646,6 +651,9 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
                         "first-level model use save_glm_derivatives).")
     _check_second_level(model)
     check_correction_options(alpha, two_sided, cluster_threshold)
+    if residuals and model.minimize_memory:
+        raise InputError("residuals=True needs the residuals the fit keeps: fit the SecondLevelModel with "
+                         "minimize_memory=False; nothing was written.")
     specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
     settings, tested = permutation_inputs(specs, permutation_maps, permutation, two_sided)
     names = group_derivative_names(specs, permutation_maps=settings["maps"] if settings else ())
@@ -670,6 +678,8 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
         model.design_matrix_.to_csv(out.path(names["design"]), sep="\t", index=False)
         save_image(model.mask_img_, out.path(names["mask"]))
         write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
+        if residuals:  # of the last contrast's fit, as nilearn's residuals_
+            save_image(model.residuals_, out.path("group_level/group_stat-errorts.nii.gz"))
     return out.written
 
 
