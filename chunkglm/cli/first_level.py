@@ -113,9 +113,9 @@ def add_output_options(cmd) -> None:
              "first_level/sub-XX/ with one copy of each map (t|F, z, effect, variance per contrast), "
              "the design matrix, the mask and one JSON sidecar; `chunkglm report` and `chunkglm "
              "second-level` read it. nilearn: nilearn's save_glm_to_bids file set in sub-XX/ (also p "
-             "maps, cluster tables, r-squared, PNG and SVG figures, a report page; about twice the "
-             "files and time of glm). both: the two, so every map twice (the only choice before "
-             "--layout existed)")
+             "maps, cluster tables, r-squared, PNG and SVG figures, a report page: on the demo twice "
+             "the disk and about 4x the time of glm, mostly its figures). both: the two, so every map "
+             "twice (with --save-residuals, what every run wrote before --layout existed)")
     cmd.add_argument(
         "--save-residuals", action="store_true",
         help="also write each run's residuals (stat-errorts, 4-D float32: one more file as large as "
@@ -125,9 +125,10 @@ def add_output_options(cmd) -> None:
     cmd.add_argument(
         "--store", type=path_value, metavar="PATH",
         help="BIDS input: the cohort store it is converted into, a folder or URL, kept so that a "
-             "re-run (or second-level, extract) skips the conversion; it holds the runs' in-mask "
-             "voxels, about as large as the input BOLD files (default: OUTPUT_DIR/cohort.zarr). "
-             "Refused with a store input, which is read where it is")
+             "re-run (or extract) skips the conversion; it holds every run's in-mask voxels, "
+             "compressed (the demo's: 43 MB for 196 MB of BOLD files; the README gives each option's "
+             "cost) (default: OUTPUT_DIR/cohort.zarr). Refused with a store input, which is read where "
+             "it is")
 
 
 def parse_contrasts(items) -> dict[str, str]:
