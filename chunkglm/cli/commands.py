@@ -1,5 +1,5 @@
 """The ``chunkglm`` command's parser and handlers: convert, first-level, second-level, meta,
-extract, report, info, verify, to-nifti, demo. The entry point is :mod:`chunkglm.cli.main`."""
+extract, app, report, info, verify, to-nifti, demo. The entry point is :mod:`chunkglm.cli.main`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from chunkglm._version import __version__
-from chunkglm.cli import demo, extract, first_level, meta, report, second_level, verify
+from chunkglm.cli import app, demo, extract, first_level, meta, report, second_level, verify
 from chunkglm.cli._args import (
     EXIT_ERROR,
     Parser,
@@ -90,6 +90,7 @@ def build_parser() -> Parser:
     second_level.add_parser(sub, _add_common)
     meta.add_parser(sub, _add_common)
     extract.add_parser(sub, _add_common)
+    app.add_parser(sub, _add_common)
     report.add_parser(sub)
     verify.add_parser(sub, add_storage_cluster)
     info = sub.add_parser("info", help="summarise a cohort store")

@@ -367,6 +367,11 @@ def scaled_block(block: np.ndarray, signal_scaling, grand_mean=None) -> np.ndarr
     """
     if signal_scaling is False or signal_scaling is None:
         return block
+    # nilearn's masked data are C-ordered (time, voxel): its float32 mean over time adds the
+    # rows one by one. A block in Fortran order (dask's fancy indexing along voxels gives one)
+    # would be summed pairwise instead, a different float32 rounding of the mean that the
+    # percent-signal scaling magnifies to ~1e-6 relative in every map.
+    block = np.ascontiguousarray(block)
     if is_grand_mean_scaling(signal_scaling):
         return 100 * (block / max(grand_mean, 1.0) - 1)
     if signal_scaling == 1:  # per time point, by its mean over all voxels (global)

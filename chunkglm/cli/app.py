@@ -1,0 +1,136 @@
+"""``chunkglm app``: a BIDS Stats Model run as a BIDS App, fitlins' arguments and derivatives.
+
+``chunkglm app BIDS_DIR OUTPUT_DIR {run,session,participant,dataset} --model model.json``
+
+1. The model is read and validated (bsmschema) before anything else: an
+   invalid model is a one-line error naming the field, and nothing is read
+   or written.
+2. The preprocessed runs (``--derivatives``, default
+   ``BIDS_DIR/derivatives/fmriprep``) are converted, resumably, into a cohort
+   store (``--store``, default ``OUTPUT_DIR/cohort.zarr``); a re-run skips
+   the runs already there.
+3. pybids builds the model's graph (design matrices, contrasts, groups) and
+   :class:`chunkglm.glm.stats_models.ModelRun` runs its nodes up to the
+   analysis level (participant = the Subject nodes), writing fitlins'
+   derivatives under ``OUTPUT_DIR/node-<name>/``, then a
+   ``dataset_description.json`` and the provenance record
+   ``OUTPUT_DIR/app_provenance.json`` (last).
+
+The output folder is a local folder (later nodes read the maps earlier ones
+wrote); object-store outputs are refused.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from chunkglm.cli._args import add_list, path_value
+from chunkglm.cli._common import (
+    add_chunk_mb,
+    cluster_client,
+    command_budget,
+    command_options,
+    print_progress,
+    relative_output,
+    write_output_record,
+)
+from chunkglm.errors import InputError
+from chunkglm.io.cohort import open_cohort
+from chunkglm.io.convert import convert, file_sha256
+from chunkglm.io.derivatives import StagedOutput, dataset_description, write_json
+from chunkglm.io.layout import is_url
+from chunkglm.provenance import Stopwatch, cluster_summary, record
+
+#: fitlins' default space.
+DEFAULT_SPACE = "MNI152NLin2009cAsym"
+#: BIDS-Apps analysis levels (chunkglm.glm.stats_models.ANALYSIS_LEVELS' keys).
+ANALYSIS_LEVELS = ("run", "session", "participant", "dataset")
+
+
+def add_parser(sub, add_common) -> None:
+    """Register the sub-command (``add_common`` adds --cluster, --scheduler, --workers, --no-progress)."""
+    cmd = sub.add_parser("app", help="run a BIDS Stats Model (run to dataset), fitlins' derivatives out")
+    cmd.add_argument("bids_dir", type=path_value, help="the raw BIDS dataset (events, sidecars)")
+    cmd.add_argument("output_dir", type=path_value, help="output folder for the derivatives (local)")
+    cmd.add_argument("analysis_level", choices=ANALYSIS_LEVELS,
+                     help="run the model's nodes up to this level (participant: its Subject nodes)")
+    cmd.add_argument("-m", "--model", required=True, metavar="PATH|auto",
+                     help="a BIDS Stats Model JSON file, or 'auto' for the model pybids derives from the "
+                          "events (required)")
+    add_list(cmd, "--participant-label", metavar="LABEL",
+             help_text="subjects to analyse, sub- optional: --participant-label 01 02 (default: all)")
+    cmd.add_argument("--task", help="keep the runs of this task (default: the model's Input)")
+    cmd.add_argument("--space", default=DEFAULT_SPACE, help="the preprocessed runs' space")
+    cmd.add_argument("--desc-label", default="preproc", help="the preprocessed BOLD files' desc label")
+    cmd.add_argument("-d", "--derivatives", type=path_value, metavar="DIR",
+                     help="the fMRIPrep derivatives folder (default: BIDS_DIR/derivatives/fmriprep)")
+    cmd.add_argument("--store", type=path_value, metavar="PATH",
+                     help="the cohort store the runs are converted into, kept so that a re-run skips the "
+                          "conversion (default: OUTPUT_DIR/cohort.zarr)")
+    add_chunk_mb(cmd)
+    add_common(cmd)
+    cmd.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Validate the model, convert the runs, run the model's nodes, write the derivatives."""
+    # imported here, not with the parser: pybids (bids.modeling) takes 1-3 s to import, which
+    # every other chunkglm command would pay (this is no import cycle: nothing imports cli/)
+    from chunkglm.glm.stats_models import ModelRun, load_graph, participant_labels, read_model
+
+    stopwatch = Stopwatch()
+    model = args.model if args.model == "auto" else read_model(path_value(args.model))
+    output_dir, derivatives = _folders(args)
+    store = args.store or str(Path(output_dir) / "cohort.zarr")
+    subjects = participant_labels(args.participant_label)
+    budget = command_budget(args)
+    with cluster_client(args) as client:
+        convert(derivatives, store, task=args.task, space=args.space or None, subjects=subjects,
+                client=client, progress=None if args.no_progress else print_progress,
+                command=command_options(args), **({"chunk_bytes": budget} if budget else {}))
+        cohort = open_cohort(store)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pybids' notes on unused files
+            graph = load_graph(args.bids_dir, derivatives, model, space=args.space or None, task=args.task,
+                               participants=subjects, desc=args.desc_label)
+        runner = ModelRun(graph, cohort, output_dir, space=args.space or None, desc=args.desc_label,
+                          chunk_bytes=budget, progress=None if args.no_progress else _line)
+        written = runner.run(args.analysis_level)
+        clusters = cluster_summary(client)
+    _write_description(output_dir, args.bids_dir, derivatives)
+    inputs = [{"path": str(args.bids_dir)}, {"path": str(derivatives)}, {"path": str(store)}]
+    if args.model != "auto":
+        inputs.append({"path": path_value(args.model), "sha256": file_sha256(path_value(args.model))})
+    content = record("app", inputs=inputs, options=command_options(args), cluster=clusters,
+                     stopwatch=stopwatch, outputs=[relative_output(p, output_dir) for p in written],
+                     model=model if isinstance(model, dict) else graph.model)
+    write_output_record(output_dir, "app_provenance.json", content)
+    print(f"{len(written)} file(s) written under {output_dir}")
+    return 0
+
+
+def _folders(args):
+    if is_url(args.output_dir):
+        raise InputError(f"OUTPUT_DIR {args.output_dir}: chunkglm app writes to a local folder (later nodes "
+                         "read the maps earlier ones wrote); give a local path and copy the results.")
+    if not Path(args.bids_dir).is_dir():
+        raise InputError(f"BIDS_DIR {args.bids_dir}: no such folder.")
+    derivatives = args.derivatives or str(Path(args.bids_dir) / "derivatives" / "fmriprep")
+    if not Path(derivatives).is_dir():
+        raise InputError(f"the derivatives folder {derivatives} does not exist: give the fMRIPrep output "
+                         "folder with --derivatives.")
+    return args.output_dir, derivatives
+
+
+def _write_description(output_dir, bids_dir, derivatives) -> None:
+    existing = Path(output_dir) / "dataset_description.json"
+    content = dataset_description("chunkglm BIDS Stats Models", sources=[bids_dir, derivatives],
+                                  existing=existing if existing.is_file() else None)
+    with StagedOutput(output_dir) as out:
+        write_json(out.path("dataset_description.json"), content)
+
+
+def _line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,299 @@
+"""Run a BIDS Stats Model node by node, as fitlins 0.11 does, on a cohort store.
+
+- Run nodes: one :class:`~chunkglm.glm.first_level.FirstLevelModel` per run,
+  on the run's store node, masked with the run's ``desc-brain_mask`` and
+  fitted with the design pybids builds (:mod:`.design`). The fits are
+  evaluated in waves (:func:`~chunkglm.glm.first_level.fitted_in_waves`:
+  each chunk read once, a bounded number of runs in memory), and every
+  contrast's effect, variance, t or F, z and p maps are written as each run
+  is done (an F contrast's effect has one volume per row).
+- ``"meta"`` nodes: fixed effects of their inputs' effects and variances
+  with nilearn's ``compute_fixed_effects`` (mask: nilearn's background mask of
+  the effects; not precision-weighted), writing effect, variance and t, as
+  fitlins with its ``"Meta"`` model type (fitlins 0.11 compares the type
+  with ``"Meta"``, so it runs a GLM for the specification's ``"meta"``).
+- ``"glm"`` nodes above the run: :class:`~chunkglm.glm.second_level.SecondLevelModel`
+  on their inputs' effect maps with pybids' design (mask: nilearn's
+  background mask of the mean effect), every contrast's five maps.
+
+A node reads its inputs' maps back from the files the node before it wrote
+(so only one group's maps are in memory). ``F`` contrasts are terminal (the
+specification's rule): they are not handed to the next node.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from bids.modeling.statsmodels import ContrastInfo
+from nilearn.glm.contrasts import compute_fixed_effects
+
+from chunkglm.errors import InputError
+from chunkglm.glm.first_level import FirstLevelModel, fitted_in_waves
+from chunkglm.glm.second_level import SecondLevelModel
+from chunkglm.glm.stats_models.design import run_design
+from chunkglm.glm.stats_models.outputs import MAP_NAMES, design_path, map_path, write_map
+from chunkglm.io.bids import bids_name, parse_entities
+from chunkglm.io.derivatives import StagedOutput
+
+__all__ = ["ANALYSIS_LEVELS", "ContrastMaps", "ModelRun"]
+
+#: BIDS-Apps analysis level -> the last node level it runs.
+ANALYSIS_LEVELS = {"run": "run", "session": "session", "participant": "subject", "dataset": "dataset"}
+_RANK = {"run": 0, "session": 1, "subject": 2, "dataset": 3}
+#: pybids' run-identifying entities (layout names).
+_RUN_ENTITIES = ("subject", "session", "task", "acquisition", "ceagent", "reconstruction", "direction",
+                 "run", "echo")
+_NOT_ENTITIES = ("datatype", "desc", "suffix", "extension")
+
+
+@dataclass
+class ContrastMaps:
+    """The maps one node wrote for one contrast of one group.
+
+    Attributes
+    ----------
+    entities : dict
+        pybids' entities of the contrast (the node's GroupBy values and ``contrast``).
+    test : str
+        "t", "F" or "pass".
+    files : dict
+        Stat name ("effect", "variance", "t", "F", "z", "p") -> written path.
+    """
+
+    entities: dict
+    test: str
+    files: dict = field(default_factory=dict)
+
+
+class ModelRun:
+    """One BIDS Stats Model run over a cohort store, writing fitlins' derivatives.
+
+    Parameters
+    ----------
+    graph : bids.modeling.BIDSStatsModelsGraph
+        The model's graph, collections loaded (``graph.load_collections(...)``).
+    cohort : chunkglm.io.cohort.Cohort
+        The store holding every run of the graph (converted from the same folder).
+    output_dir : Path
+        A local folder (later nodes read the maps earlier ones wrote).
+    space : str or None
+        The runs' space (for finding their BOLD and mask files).
+    desc : str
+        The preprocessed BOLD files' ``desc`` label.
+    chunk_bytes : int or None
+        Memory budget of the first-level models.
+    progress : callable, optional
+        Called with one line of text as each run or group is written.
+    """
+
+    def __init__(self, graph, cohort, output_dir, *, space=None, desc="preproc", chunk_bytes=None,
+                 progress=None):
+        self.graph = graph
+        self.cohort = cohort
+        self.output_dir = Path(output_dir)
+        self.space = space
+        self.desc = desc
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress or (lambda text: None)
+        self.written: list[Path] = []
+
+    def run(self, analysis_level: str) -> list[Path]:
+        """Run every node up to ``analysis_level`` ("run", "session", "participant" or "dataset")."""
+        last = _RANK[ANALYSIS_LEVELS[analysis_level]]
+        root = self.graph.root_node
+        if root.level != "run":
+            raise InputError(f"the model's first node ({root.name!r}) is at the {root.level!r} level; "
+                             "chunkglm app fits images, so the first node must be at the Run level.")
+        specs = root.run(group_by=root.group_by, missing_values="ignore")
+        if not specs:
+            raise InputError("pybids found no run for this model (check --task, --space, "
+                             "--participant-label and the model's Input).")
+        outputs = self._run_level(root, specs)
+        self._children(root, outputs, last)
+        return self.written
+
+    def _children(self, node, outputs, last):
+        passed = [maps for maps in outputs if maps.test != "F"]
+        for edge in node.children:
+            child = edge.destination
+            if _RANK[child.level] > last:
+                continue
+            infos = [_contrast_info(maps) for maps in passed]
+            specs = child.run(infos, group_by=child.group_by, **edge.filter)
+            child_outputs = list(chain.from_iterable(self._group(child, spec, passed) for spec in specs))
+            self._children(child, child_outputs, last)
+
+    # -- run level -----------------------------------------------------------------
+
+    def _run_level(self, node, specs) -> list[ContrastMaps]:
+        high_pass = (node.model.get("options") or {}).get("high_pass_filter_cutoff_hz")
+        models, plans = [], []
+        for spec in specs:
+            bold, mask, entities = self._run_files(spec)
+            store_node = self._store_node(bold)
+            n_volumes = int(store_node.data().shape[0])
+            where = f"run {store_node.name}"
+            design = run_design(spec.data, n_volumes, _repetition_time(spec, where), high_pass, where)
+            model = FirstLevelModel(mask_img=mask, chunk_bytes=self.chunk_bytes, subject_label=entities.get("subject"))
+            models.append(model.fit(store_node, design_matrices=design))
+            plans.append((spec, entities, design))
+        outputs = []
+        for model, (spec, entities, design) in zip(fitted_in_waves(models), plans):
+            outputs += self._write_run(node, model, spec, entities, design)
+            self.progress(f"node {node.name}: {bids_name(_short(entities))} done")
+        return outputs
+
+    def _write_run(self, node, model, spec, entities, design) -> list[ContrastMaps]:
+        outputs = []
+        with StagedOutput(self.output_dir) as out:
+            design.to_csv(out.path(design_path(node.name, entities)), sep="\t", index=False)
+            for contrast in spec.contrasts:
+                weights = _weights(contrast, design.columns, node.name)
+                test = "t" if contrast.test == "pass" else contrast.test
+                images = model.compute_contrast(weights if test == "F" else weights[0], test, "all")
+                outputs.append(self._stage(out, node.name, contrast, images))
+        self._commit(out, outputs)
+        return outputs
+
+    def _run_files(self, spec):
+        """(bold path, mask path, the run's entities) of a run-level group, as fitlins selects them."""
+        row = spec.metadata.iloc[0]
+        entities = {key: row[key] for key in _RUN_ENTITIES if key in row and not pd.isna(row[key])}
+        layout = self.graph.layout
+        query = {**entities, "suffix": "bold", "desc": self.desc, "extension": [".nii", ".nii.gz"]}
+        if self.space:
+            query["space"] = self.space
+        found = layout.get(**query)
+        if len(found) != 1:
+            raise InputError(f"{'no' if not found else len(found)} preprocessed BOLD file(s) for {entities} "
+                             f"(desc-{self.desc}, space {self.space}); give --space or --derivatives so that "
+                             "each run has one.")
+        bold = found[0].path
+        mask_query = {**layout.parse_file_entities(bold), "suffix": "mask", "desc": "brain",
+                      "extension": [".nii", ".nii.gz"]}
+        masks = layout.get(**mask_query)
+        if not masks:
+            raise InputError(f"no brain mask (desc-brain_mask) beside {bold}: chunkglm app fits each run "
+                             "in its fMRIPrep brain mask.")
+        return bold, masks[0].path, entities
+
+    def _store_node(self, bold):
+        name = bids_name(parse_entities(bold))
+        node = self.cohort.runs.get(name)
+        if node is None:
+            raise InputError(f"the cohort store {self.cohort.location} has no run {name!r} (for {bold}); "
+                             "convert the dataset with the same --task/--space/--participant-label.")
+        return node
+
+    # -- higher levels ---------------------------------------------------------------
+
+    def _group(self, node, spec, available) -> list[ContrastMaps]:
+        rows = [{k: v for k, v in row.items() if k not in _NOT_ENTITIES}
+                for row in spec.metadata.to_dict("records")]
+        inputs = [_match(row, available, node.name) for row in rows]
+        design = spec.X.reset_index(drop=True)
+        kind = str(node.model.get("type", "glm")).lower()
+        outputs = []
+        with StagedOutput(self.output_dir) as out:
+            model = None if kind == "meta" else self._second_level(inputs, design, node.name)
+            for contrast in spec.contrasts:
+                weights = _weights(contrast, design.columns, node.name)
+                if kind == "meta":
+                    images = _fixed_effects(inputs, design, weights)
+                else:
+                    test = "t" if contrast.test == "pass" else contrast.test
+                    images = model.compute_contrast(weights if test == "F" else weights[0],
+                                                    second_level_stat_type=test, output_type="all")
+                outputs.append(self._stage(out, node.name, contrast, images))
+        self._commit(out, outputs)
+        self.progress(f"node {node.name}: {_describe(spec.entities)} done")
+        return outputs
+
+    def _second_level(self, inputs, design, node_name):
+        if len(inputs) < 2:
+            raise InputError(f"node {node_name!r}: a GLM needs at least 2 input maps; this group has "
+                             f"{len(inputs)} (use \"Type\": \"meta\" to pass one input through).")
+        effects = [nib.load(maps.files["effect"]) for maps in inputs]
+        return SecondLevelModel().fit(effects, design_matrix=design)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _stage(self, out, node_name, contrast, images) -> ContrastMaps:
+        maps = ContrastMaps(dict(contrast.entities), contrast.test)
+        names = dict(MAP_NAMES, stat=contrast.test)
+        for key, img in images.items():
+            if contrast.test == "pass" and key not in ("effect_size", "effect_variance"):
+                continue
+            relative = map_path(node_name, maps.entities, names[key])
+            write_map(img, out.path(relative))
+            maps.files[names[key]] = relative
+        return maps
+
+    def _commit(self, out, outputs):
+        root = Path(out.out_dir)
+        for maps in outputs:
+            maps.files = {stat: root / relative for stat, relative in maps.files.items()}
+        self.written += [Path(p) for p in out.written]
+
+
+def _repetition_time(spec, where) -> float:
+    if "RepetitionTime" not in spec.metadata:
+        raise InputError(f"{where}: no RepetitionTime in the BOLD file's sidecar.")
+    return float(spec.metadata["RepetitionTime"].iloc[0])
+
+
+def _short(entities: dict) -> dict:
+    keys = {"subject": "sub", "session": "ses", "task": "task", "acquisition": "acq", "run": "run"}
+    return {keys[k]: v for k, v in entities.items() if k in keys}
+
+
+def _describe(entities: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in entities.items()) or "all inputs"
+
+
+def _weights(contrast, columns, node_name) -> np.ndarray:
+    """The contrast as a (rows, columns) weight matrix over the design's columns (fitlins' rule)."""
+    columns = list(columns)
+    missing = [c for c in contrast.conditions if c not in columns]
+    if missing:
+        raise InputError(f"node {node_name!r}, contrast {contrast.name!r}: {missing} not among the design's "
+                         f"columns {columns}.")
+    given = np.atleast_2d(np.asarray(contrast.weights, dtype=float))
+    weights = np.zeros((given.shape[0], len(columns)))
+    for index, condition in enumerate(contrast.conditions):
+        weights[:, columns.index(condition)] = given[:, index]
+    return weights
+
+
+def _contrast_info(maps: ContrastMaps):
+    name = maps.entities["contrast"]
+    return ContrastInfo(name, [name], [1], maps.test, dict(maps.entities))
+
+
+def _match(row: dict, available, node_name) -> ContrastMaps:
+    """The input whose entities agree with every (non-missing) value of a design row."""
+    wanted = {k: v for k, v in row.items() if not (isinstance(v, float) and np.isnan(v))}
+    found = [maps for maps in available if all(maps.entities.get(k) == v for k, v in wanted.items())]
+    if len(found) != 1:
+        raise InputError(f"node {node_name!r}: {len(found)} input maps match the design row {wanted}; "
+                         "check the node's GroupBy and the edge's Filter.")
+    return found[0]
+
+
+def _fixed_effects(inputs, design, weights) -> dict:
+    """nilearn's fixed effects of the inputs the contrast's first row involves (fitlins' rule)."""
+    involved = design.loc[:, weights[0].astype(bool)].any(axis=1).to_numpy()
+    chosen = [maps for maps, keep in zip(inputs, involved) if keep]
+    effects = [nib.load(maps.files["effect"]) for maps in chosen]
+    variances = [nib.load(maps.files["variance"]) for maps in chosen]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nilearn's note that it computes a mask
+        effect, variance, stat, _ = compute_fixed_effects(effects, variances, precision_weighted=False)
+    return {"effect_size": effect, "effect_variance": variance, "stat": stat}
