@@ -16,6 +16,10 @@ PYTEST_WORKERS ?= 2
 # IBMA parity tests and benchmarks through a subprocess (never imported into .venv).
 NIMARE_VENV  := .venv-nimare
 NIMARE_STAMP := $(NIMARE_VENV)/.nimare-installed
+# fitlins 0.11 (the BIDS Stats Models anchor) needs nilearn 0.9 and pybids 0.15 (numpy < 2):
+# its own venv too, run by the parity tests through a subprocess (tests/_fitlins_reference.py).
+FITLINS_VENV  := .venv-fitlins
+FITLINS_STAMP := $(FITLINS_VENV)/.fitlins-installed
 
 .PHONY: install demo test bench clean
 
@@ -40,13 +44,19 @@ $(NIMARE_STAMP): requirements/nimare-reference.txt pyproject.toml
 	else echo "$(PEER_DATA) not found: NiMARE's image-based tests will skip"; fi
 	@touch $(NIMARE_STAMP)
 
+$(FITLINS_STAMP): requirements/fitlins-reference.txt
+	@test -x $(FITLINS_VENV)/bin/python || $(PYTHON) -m venv $(FITLINS_VENV)
+	$(FITLINS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FITLINS_VENV)/bin/python -m pip install --quiet -r requirements/fitlins-reference.txt
+	@touch $(FITLINS_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/chunkglm demo -o $(DEMO_OUT) --size $(DEMO_SIZE) --subjects $(DEMO_SUBJECTS)
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
-test: $(STAMP) $(NIMARE_STAMP)
+test: $(STAMP) $(NIMARE_STAMP) $(FITLINS_STAMP)
 	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
