@@ -259,3 +259,16 @@ def test_layout_and_save_residuals(derivatives, tmp_path):
                                   residuals.get_fdata())
     assert run(tmp_path / "refused", "--layout", "nilearn", "--n-perm", "10") == 2
     assert not (tmp_path / "refused").exists()
+
+
+def test_store_is_refused_with_a_store_input(derivatives, tmp_path):
+    """--store names where a derivatives folder's maps are loaded; with a store input it was
+    silently ignored."""
+    import chunkglm
+    from chunkglm.cli.commands import main
+
+    store = tmp_path / "maps.zarr"
+    chunkglm.convert(derivatives["paths"], store, collection="aminusb")
+    assert main(["second-level", str(store), "-o", str(tmp_path / "g"), "--store", str(tmp_path / "other.zarr"),
+                 "--cluster", "none", "--no-progress"]) == 2
+    assert not (tmp_path / "g").exists() and not (tmp_path / "other.zarr").exists()

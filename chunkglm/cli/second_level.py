@@ -136,8 +136,9 @@ def add_parser(sub, add_common) -> None:
     add_layout_options(cmd)
     add_chunk_mb(cmd)
     cmd.add_argument("--store", type=path_value,
-                     help="derivatives input: a store to load the maps into (default: a "
-                          "temporary one, removed at the end)")
+                     help="derivatives input: a store to load the maps into, kept (default: a "
+                          "temporary one, removed at the end). Refused with a store input, whose maps "
+                          "are read where they are")
     cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                      help="option of the store's object storage (see first-level); repeat "
                           "(default: none)")
@@ -286,7 +287,8 @@ def read_covariates(path) -> pd.DataFrame:
         table = pd.read_csv(path, sep="\t", dtype={"subject_label": str, "participant_id": str},
                             na_values=list(MISSING))
     except (OSError, ValueError) as error:  # pandas' ParserError and EmptyDataError are ValueErrors
-        raise InputError(f"cannot read the design TSV {path}: {error}") from error
+        raise InputError(f"cannot read the design TSV {path}: {error}. Give a tab-separated table with a "
+                         "subject_label column and one row per subject.") from error
     if "subject_label" not in table.columns:
         if "participant_id" not in table.columns:
             raise InputError(f"the design TSV {path} has columns {list(table.columns)}: it needs a "
@@ -361,6 +363,10 @@ def _inputs(args, reporter):
     """(second_level_input, subjects, provenance inputs)."""
     cohort = open_if_store(args.input, storage_for(args), args.allow_incomplete)
     if cohort is not None:
+        if args.store is not None:
+            raise InputError(f"--store {args.store}: the input {args.input} is already a cohort store, "
+                             "whose maps are read where they are; --store names where the maps of a "
+                             "derivatives folder are loaded. Leave --store out.")
         node, subjects = store_maps(cohort, args.collection)
         print_skipped(cohort, reporter.line)
         reporter.line(f"maps: {node.path} of {args.input} ({node.data().shape[0]} maps)")
