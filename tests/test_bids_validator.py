@@ -7,7 +7,7 @@ wheel. It runs here with the network denied (``--deny-net``): it needs none.
 The datasets are those of the command line on the tiny synthetic BIDS data
 (first-level with its default derivatives/glm layout, and with both layouts
 and residuals, the cohort store and the reports inside its output folder;
-second-level; meta; extract) and of the Python API
+second-level, also with both layouts and residuals; meta; extract) and of the Python API
 (nilearn's ``save_glm_to_bids`` file set of a second-level model, and of a
 first-level model saved with a prefix that is not BIDS). Errors fail the
 test; warnings (no README, no Authors, recommended mask keys) are printed.
@@ -78,6 +78,8 @@ def datasets(tiny_bids, tmp_path_factory):
          "--layout", "both", "--save-residuals", "--cluster", "none", "--no-progress")
     _run("second-level", fl, "-o", group, "--first-level-contrast", "aMinusB", "--cluster", "none",
          "--no-progress")
+    _run("second-level", fl, "-o", tmp / "group_both", "--first-level-contrast", "aMinusB", "--layout", "both",
+         "--save-residuals", "--cluster", "none", "--no-progress")
     effects = sorted(fl.glob("first_level/sub-*/*_contrast-aMinusB_stat-effect.nii.gz"))
     table = pd.DataFrame({"beta": [str(p) for p in effects],
                           "varcope": [str(p).replace("stat-effect", "stat-variance") for p in effects]})
@@ -98,12 +100,13 @@ def datasets(tiny_bids, tmp_path_factory):
     second = SecondLevelModel(minimize_memory=False).fit([str(p) for p in effects] * 2,
                                     design_matrix=pd.DataFrame({"intercept": np.ones(2 * len(effects))}))
     save_glm_to_bids(second, "intercept", out_dir=tmp / "api_group")
-    return {"first-level": fl, "first-level-both": tmp / "fl_both", "second-level": group, "meta": meta / "meta", "extract": ts,
+    return {"first-level": fl, "first-level-both": tmp / "fl_both", "second-level": group,
+            "second-level-both": tmp / "group_both", "meta": meta / "meta", "extract": ts,
             "api-first-level-prefix": tmp / "api_first", "api-second-level": tmp / "api_group"}
 
 
-@pytest.mark.parametrize("name", ["first-level", "first-level-both", "second-level", "meta", "extract", "api-first-level-prefix",
-                                  "api-second-level"])
+@pytest.mark.parametrize("name", ["first-level", "first-level-both", "second-level", "second-level-both", "meta",
+                                  "extract", "api-first-level-prefix", "api-second-level"])
 def test_every_derivatives_dataset_passes_the_bids_validator(datasets, name):
     folder = datasets[name]
     issues = validate(folder)

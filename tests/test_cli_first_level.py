@@ -182,7 +182,8 @@ def test_layout_both_writes_each_map_in_both_and_a_change_of_file_set_needs_over
     both = _files(tmp_path)
     assert "first_level/sub-02/sub-02_task-main_contrast-aMinusB_stat-z.nii.gz" in both
     assert "sub-02/sub-02_task-main_contrast-aminusb_stat-z_statmap.nii.gz" in both
-    assert {"sub-02/sub-02_task-main_provenance.json", "first_level/sub-02/sub-02_task-main_provenance.json"} <= set(both)
+    assert {"sub-02/sub-02_task-main_provenance.json",
+            "first_level/sub-02/sub-02_task-main_provenance.json"} <= set(both)
     status = main(["first-level", str(store), "-o", str(tmp_path), "--task", "main", "-c", "aMinusB=a - b",
                    "--cluster", "none", "--no-progress"])
     assert status == 2 and _files(tmp_path) == both  # other file sets than those there: refused, untouched

@@ -213,8 +213,8 @@ def test_reads_the_glm_layout_first_level_writes_by_default(tmp_path):
 
     image = nib.Nifti1Image(np.ones(SHAPE, np.float32), AFFINE)
     for sub in ("01", "02"):
-        for path in (tmp_path / "first_level" / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aMinusB_stat-effect.nii.gz",
-                     tmp_path / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aminusb_stat-effect_statmap.nii.gz"):
+        glm = tmp_path / "first_level" / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aMinusB_stat-effect.nii.gz"
+        for path in (glm, tmp_path / f"sub-{sub}" / f"sub-{sub}_task-main_contrast-aminusb_stat-effect_statmap.nii.gz"):
             path.parent.mkdir(parents=True, exist_ok=True)
             nib.save(image, path)
     for name in ("aMinusB", "a - b", "aminusb"):
