@@ -136,7 +136,8 @@ def test_glass_brain_report_and_no_survivor(fitted):
     model = fitted["models"][1]
     report = model.generate_report("a - b", plot_type="glass", height_control="bonferroni", alpha=1e-12)
     # nothing survives: said in words, with the threshold, instead of an empty glass brain
-    assert "No voxel survives this threshold (z &gt; 7.84): nothing to draw, no cluster to list." in report.html
+    assert ("No suprathreshold cluster: no voxel survives this threshold (z &gt; 7.84): nothing to draw, no cluster "
+            "to list.") in report.html
     assert "Thresholded z map of a - b" not in report.html and report.findings == {"a - b": "no voxel survives"}
     assert report._repr_html_() == report.body and "<head>" not in report.body  # nilearn: the body inline
     assert "<iframe srcdoc=" in report.get_iframe()
@@ -223,6 +224,8 @@ def test_reports_load_in_a_real_browser(fitted, browser_check, tmp_path):
         n_figures = page.read_text().count("data:image/png;base64,")
         assert result.image_count == n_figures >= 4 and not result.broken_images
         assert result.title and not result.blank
+    index = browser_check(fitted["glm"] / "index.html", tmp_path / "index.png")  # the page linking them all
+    assert index.ok and not index.blank and index.title.startswith("chunkglm reports"), index.problems
 
 
 # -- nilearn 0.14's generate_report behaviour (its test_glm_reporter.py checks these on its own pages) --------
@@ -402,7 +405,8 @@ def test_corrected_maps_state_their_correction_and_say_in_words_when_no_voxel_su
     [page] = write_reports(copy, height_control="fpr", alpha=0.001)
     written = page.read_text()
     text = _text(written)
-    assert f"No voxel survives the FWE correction (bonferroni) at α = {alpha:g}: nothing to draw" in text, text
+    assert (f"No suprathreshold cluster: no voxel survives the FWE correction (bonferroni) at α = {alpha:g}: "
+            "nothing to draw") in text, text
     assert 'alt="Corrected z map of mean (FWE-corrected)"' not in written  # no empty slices
     # the corrected maps' settings are their corrections' (α 0.05), never the report's own (α 0.001, 1e-06)
     tables = _tables(written, "statistical-maps")
@@ -436,8 +440,8 @@ def test_first_level_page_shows_tr_and_slice_timing(fitted, tmp_path):
 def test_glm_pages_have_a_methods_paragraph(fitted):
     write_reports(fitted["glm"], height_control="fpr", alpha=0.001, cluster_threshold=2)
     first = _text((fitted["glm"] / "first_level" / "sub-01" / "sub-01_task-main_report.html").read_text())
-    t_r = fitted["models"][0].t_r
-    assert (f"Methods A first-level general linear model was fitted to 1 run(s) of sub-01 ({len(fitted['models'][0].design_matrices_[0])} "
+    t_r, scans = fitted["models"][0].t_r, len(fitted["models"][0].design_matrices_[0])
+    assert (f"Methods A first-level general linear model was fitted to 1 run(s) of sub-01 ({scans} "
             f"scans, TR = {t_r:g} s, slice-timing reference at") in first, first
     assert "their z maps are shown at p < 0.001 uncorrected (one-sided), in clusters of at least 2 voxels." in first
     group = _text((fitted["glm"] / "group_level" / "group_report.html").read_text())
@@ -518,4 +522,5 @@ def test_saved_svg_figures_are_byte_identical_run_after_run(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "three.png"), str(tmp_path / "three.svg")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "three.png").read_bytes() == first[0].read_bytes()
     assert (tmp_path / "three.svg").read_bytes() == first[1].read_bytes()

@@ -277,7 +277,8 @@ def _group_level(sidecar: Path) -> GLMPieces:
         for key in ("fdr", "fwe"):
             path = folder / f"group_contrast-{label}_{key}-corrected.nii.gz"
             if path.exists():
-                corrected[f"{name} ({key.upper()}-corrected)"] = (_load(path), _correction(corrections, key.upper(), label))
+                corrected[f"{name} ({key.upper()}-corrected)"] = (_load(path),
+                                                                  _correction(corrections, key.upper(), label))
     model = meta.get("Model") or {}
     parameters = {"estimator": model.get("Estimator"), "smoothing_fwhm": model.get("SmoothingFWHM"),
                   "two_sided corrections": corrections.get("TwoSided"),

@@ -89,8 +89,8 @@ def write_index(root: Path, outcomes: list[PageOutcome]) -> Path:
     rows = []
     for outcome in outcomes:
         href = os.path.relpath(outcome.page, root).replace(os.sep, "/") if outcome.page else None
-        rows.append({"kind": _KIND_TITLES.get(outcome.kind, outcome.kind), "title": outcome.title or outcome.sidecar.name,
-                     "href": href, "error": outcome.error,
+        rows.append({"kind": _KIND_TITLES.get(outcome.kind, outcome.kind),
+                     "title": outcome.title or outcome.sidecar.name, "href": href, "error": outcome.error,
                      "findings": [f"{name}: {found}" for name, found in outcome.findings.items()]})
     kinds = []
     for row in rows:

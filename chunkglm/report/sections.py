@@ -257,6 +257,10 @@ def stat_map_summary(stat_img, mask_img, options: ReportOptions):
     return thresholded, threshold, table
 
 
+#: How a page says that nothing survives (nilearn's report's words first).
+NO_SURVIVOR = "No suprathreshold cluster: no voxel survives"
+
+
 def _stat_map_blocks(name, stat_img, mask_img, options, stat_label) -> list[Block]:
     thresholded, threshold, table = stat_map_summary(stat_img, mask_img, options)
     details = {"Height control": options.height_control, "α": options.alpha,
@@ -269,7 +273,7 @@ def _stat_map_blocks(name, stat_img, mask_img, options, stat_label) -> list[Bloc
         size = (f" in clusters of at least {options.cluster_threshold} voxels"
                 if options.cluster_threshold else "")
         return [Block(heading=name, tables=[table_html(details, header=False)],
-                      text=f"No voxel survives this threshold ({where} > {abs(float(threshold)):.3g}{size}): "
+                      text=f"{NO_SURVIVOR} this threshold ({where} > {abs(float(threshold)):.3g}{size}): "
                            "nothing to draw, no cluster to list.", text_class="note no-survivor")]
     figure = stat_map_figure(thresholded, threshold, options, title=name)
     caption = f"{stat_label} map of {name}, thresholded at {threshold:.3g}{tail}"
@@ -325,7 +329,7 @@ def corrected_map_blocks(name: str, corrected_img, mask_img, options: ReportOpti
     heading = name
     if not survivors:
         return [Block(heading=heading, tables=[table_html(details, header=False)],
-                      text=f"No voxel survives the {correction.describe()}: nothing to draw, no cluster to list.",
+                      text=f"{NO_SURVIVOR} the {correction.describe()}: nothing to draw, no cluster to list.",
                       text_class="note no-survivor")]
     threshold = correction.z_threshold if correction.z_threshold is not None else _AS_WRITTEN
     display = replace(options, height_control=None, threshold=threshold, two_sided=True, warnings=())
@@ -340,7 +344,7 @@ def _drawn_corrected(heading, details, corrected_img, mask_img, display, correct
     thresholded, threshold, table = stat_map_summary(corrected_img, mask_img, display)
     if not surviving_voxels(thresholded):  # survivors, but in clusters smaller than cluster_threshold
         return [Block(heading=heading, tables=[table_html(details, header=False)],
-                      text=f"No voxel survives the {correction.describe()} in clusters of at least "
+                      text=f"{NO_SURVIVOR} the {correction.describe()} in clusters of at least "
                            f"{display.cluster_threshold} voxels: nothing to draw, no cluster to list.",
                       text_class="note no-survivor")]
     figure = stat_map_figure(thresholded, threshold, display, title=heading)
