@@ -92,3 +92,40 @@ def test_bars_show_the_time_remaining():
     drawn = stream.getvalue()
     assert "permutations, contrast mean (1/2)" in drawn and "eta" in drawn
     assert "0:00:0" in drawn or "-:--:--" in drawn  # rich's remaining-time column
+
+
+def test_dask_errors_are_one_line_each_and_once_during_a_command():
+    # A worker lost with its host makes the in-process scheduler log the same error several
+    # times with tracebacks (seen in tests/test_hosts_netns.py); the command prints each once,
+    # as one line, and still prints every distinct one.
+    import io
+    import logging
+
+    from chunkglm.cli.progress import library_lines_once
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("distributed")
+    logger.addHandler(handler)
+    try:
+        with library_lines_once():
+            for _ in range(3):
+                try:
+                    raise TimeoutError("1/1 nanny worker(s) did not shut down within 30s: {'tcp://10.0.0.2:1'}")
+                except TimeoutError:
+                    logging.getLogger("distributed.scheduler").exception(
+                        "Exception in callback <bound method Scheduler.check_worker_ttl of <Scheduler 'tcp://x', "
+                        "workers: 1>>")
+            logging.getLogger("distributed.scheduler").error("Workers %s did not shut down", ["tcp://10.0.0.2:1"])
+            logging.getLogger("distributed.scheduler").info("Register worker %s", "a")
+        logging.getLogger("distributed.scheduler").exception("after the command", exc_info=ValueError("x"))
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[:3] == [
+        "Exception in callback Scheduler.check_worker_ttl: TimeoutError: 1/1 nanny worker(s) did not shut down "
+        "within 30s: {'tcp://10.0.0.2:1'}",
+        "Workers ['tcp://10.0.0.2:1'] did not shut down",
+        "Register worker a",
+    ]
+    assert lines[3:] == ["after the command", "ValueError: x"]  # outside the command: as the library logs

@@ -13,6 +13,7 @@ per command (:func:`library_lines_once`).
 from __future__ import annotations
 
 import io
+import logging
 import re
 import sys
 from contextlib import contextmanager
@@ -151,13 +152,58 @@ class _OnceLines(io.TextIOBase):
         return _is_tty(self._stream)
 
 
+#: The loggers whose records a command's in-process scheduler and client print on stderr.
+DASK_LOGGERS = ("distributed", "tornado", "tornado.application")
+
+
+class _OneLineRecords(logging.Filter):
+    """Each dask/tornado log record as one line, each line once: no traceback.
+
+    A lost worker (a host cut off, a node gone) makes the scheduler log the
+    same error several times with tracebacks ("Exception in callback
+    check_worker_ttl", "nanny worker(s) did not shut down"); the command goes
+    on and re-runs the lost tasks, so the user needs the fact, once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage().splitlines()[0] if record.getMessage() else ""
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            detail = str(err).splitlines()[0] if str(err) else ""
+            text = f"{text}: {type(err).__name__}: {detail}" if text else f"{type(err).__name__}: {detail}"
+        text = re.sub(r"<bound method (\S+) of <[^>]*>>", r"\1", text)  # no object reprs
+        key = f"{record.name}|{text}"
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = text, (), None, None, None
+        return True
+
+
 @contextmanager
 def library_lines_once():
-    """Within the block, a library's log line on stdout (``[function] message``) is printed once."""
+    """Within the block, a library's log line on stdout (``[function] message``) is printed once,
+    and the warnings and errors dask logs on stderr once each, as one line (:class:`_OneLineRecords`)."""
     original = sys.stdout
     sys.stdout = _OnceLines(original)
     try:
+        import distributed.config  # noqa: F401 - sets up the handlers filtered below
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    one_line = _OneLineRecords()
+    handlers = {h for name in DASK_LOGGERS for h in logging.getLogger(name).handlers}
+    for handler in handlers:
+        handler.addFilter(one_line)
+    try:
         yield
     finally:
+        for handler in handlers:
+            handler.removeFilter(one_line)
         sys.stdout.flush()
         sys.stdout = original

@@ -25,8 +25,9 @@ def unavailable() -> str | None:
     """Why network namespaces cannot be made here, or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "iproute2's `ip` is not installed"
+    for program, package in (("ip", "iproute2"), ("nsenter", "util-linux")):
+        if shutil.which(program) is None:
+            return f"{package}'s `{program}` is not installed"
     probe = f"cgprobe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -79,10 +80,19 @@ class Hosts:
     def popen(self, host: int | None, cmd: list[str], **kwargs) -> subprocess.Popen:
         """Start ``cmd`` on host ``host`` (None: in this namespace), in its own process group."""
         if host is not None:
-            cmd = ["ip", "netns", "exec", self.names[host], *cmd]
+            cmd = self.enter(host) + list(cmd)
         process = subprocess.Popen(cmd, start_new_session=True, **kwargs)
         self._processes.append(process)
         return process
+
+    def enter(self, host: int) -> list[str]:
+        """The command prefix that runs a program on host ``host``.
+
+        ``nsenter --net`` switches the network namespace only: unlike ``ip netns exec``
+        it does not remount /sys, so the programs see this machine's cgroups (slurmd
+        needs them) and its file systems.
+        """
+        return ["nsenter", f"--net=/var/run/netns/{self.names[host]}", "--"]
 
     def cut(self, host: int) -> None:
         """Take host ``host``'s link down: its packets are lost, no connection is reset."""

@@ -323,6 +323,91 @@ class LocalSlurm:
         return "".join(parts)
 
 
+class NamespacedSlurm(LocalSlurm):
+    """SLURM over several hosts: slurmctld and one ``slurmd`` per node, each in its own
+    network namespace (:class:`tests.infra.netns.Hosts`: host 0 is the controller, hosts
+    1.. are the nodes ``node1``, ``node2``, ...). Clients (sbatch, squeue, a dask scheduler)
+    run in the test's namespace and reach them through the hosts' bridge; munged's socket
+    is a file, shared by every namespace. ``SlurmdTimeout`` is short, so a node whose link
+    is cut (:meth:`Hosts.cut`) is marked down in seconds.
+    """
+
+    def __init__(self, hosts, root=None, start_timeout: float = 60.0, slurmd_timeout: int = 10):
+        super().__init__(root, start_timeout)
+        self.hosts = hosts
+        self.nodes = [f"node{i}" for i in range(1, len(hosts.names))]
+        self.slurmd_timeout = slurmd_timeout
+
+    def start(self) -> NamespacedSlurm:
+        try:
+            self._make_dirs()
+            for node in self.nodes:
+                (self.root / f"spool-{node}").mkdir(exist_ok=True)
+            self._start_munged()
+            self._write_conf()
+            self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)], host=0)
+            self._wait_for(lambda: self._ok(["scontrol", "ping"], "UP"), "slurmctld to answer")
+            for i, node in enumerate(self.nodes, start=1):
+                self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)], host=i)
+            self._wait_for(self.node_idle, "every node to be idle in sinfo")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        names = [n for n in self._procs if n.startswith("slurmd-")]
+        if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
+            self.cancel_all()
+        for name in names + ["slurmctld", "munged"]:
+            proc = self._procs.pop(name, None)
+            if proc is not None:
+                _terminate(proc)
+        for proc in self.leftover_processes():
+            _terminate(proc)
+        if self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def node_idle(self) -> bool:
+        return all(self._ok(["sinfo", "-h", "-N", "-n", node, "-o", "%N %t"], f"{node} idle")
+                   for node in self.nodes)
+
+    def node_state(self, node: str) -> str:
+        return self.run("sinfo", "-h", "-N", "-n", node, "-o", "%t", check=False).strip()
+
+    def _write_conf(self) -> None:
+        ctld_port, slurmd_port = free_ports(2)
+        text = TEMPLATE.read_text().format(
+            root=self.root, ctld_port=ctld_port, slurmd_port=slurmd_port, comm_params="",
+            munge_socket=self.munge_socket, cpus=1, memory_mb=self.memory_mb // len(self.nodes))
+        ctl = self.hosts.addresses[0]
+        nodes = "\n".join(f"NodeName={node} NodeAddr={address} CPUs=1 "
+                          f"RealMemory={self.memory_mb // len(self.nodes)} State=UNKNOWN"
+                          for node, address in zip(self.nodes, self.hosts.addresses[1:]))
+        lines = []
+        for line in text.splitlines():
+            key = line.split("=", 1)[0]
+            if key == "SlurmctldHost":
+                line = f"SlurmctldHost=localhost({ctl})"  # slurmctld accepts the name localhost
+            elif key == "CommunicationParameters":
+                continue  # each daemon has its own namespace: binding to any address stays there
+            elif key in ("SlurmdSpoolDir", "SlurmdPidFile", "SlurmdLogFile"):
+                stem, suffix = os.path.splitext(line)
+                line = f"{stem}-%n{suffix}"
+            elif key == "NodeName":
+                line = nodes
+            elif key == "PartitionName":
+                line = f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP"
+            lines.append(line)
+        lines.append(f"SlurmdTimeout={self.slurmd_timeout}")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, name: str, command: list[str], host: int | None = None, **kwargs) -> None:
+        if host is not None:
+            command = self.hosts.enter(host) + command
+        super()._spawn(name, command, **kwargs)
+
+
 def _terminate(proc: subprocess.Popen | psutil.Process, timeout: float = 15.0) -> None:
     """SIGTERM one process we started, SIGKILL it if it outlives ``timeout``."""
     try:
