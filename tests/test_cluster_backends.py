@@ -374,7 +374,7 @@ def test_first_level_cli_on_the_gateway_equals_the_local_run(gateway, tiny_bids,
     local = _first_level(tiny_bids.root, tmp_path / "local", "none", env)
     assert local.returncode == 0, local.stderr
     maps = sorted(p.relative_to(tmp_path / "local")
-                  for p in (tmp_path / "local").rglob("*_stat-z_statmap.nii.gz"))
+                  for p in (tmp_path / "local").rglob("*_stat-z.nii.gz"))  # first_level/ (the default layout)
     assert len(maps) == 2
     for relative in maps:
         expected = nib.load(tmp_path / "local" / relative).get_fdata()

@@ -141,7 +141,8 @@ def _first_level(dataset, out, *extra):
 
 
 def _marker(out: Path, sub: str) -> Path:
-    return out / f"sub-{sub}" / f"sub-{sub}_task-main_provenance.json"
+    """The subject's completion record, beside its files (the default --layout glm)."""
+    return out / "first_level" / f"sub-{sub}" / f"sub-{sub}_task-main_provenance.json"
 
 
 def _kill_group_after_first_subject(command, env, out, timeout=180.0) -> int:

@@ -26,8 +26,10 @@ def _first_level(dataset, out, *extra, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def _record(out: Path, sub: str, copy=False) -> dict:
-    folder = out / "first_level" if copy else out
+def _record(out: Path, sub: str, nilearn=False) -> dict:
+    """The subject's record: in first_level/sub-XX/ (the default --layout glm), or in nilearn's
+    sub-XX/ (where --layout both puts the completion marker)."""
+    folder = out if nilearn else out / "first_level"
     return json.loads((folder / f"sub-{sub}" / f"sub-{sub}_task-main_provenance.json").read_text())
 
 
@@ -40,7 +42,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def analysed(tiny_bids, tmp_path_factory):
     """``chunkglm first-level`` once on the two tiny subjects (a secret in its environment)."""
     out = tmp_path_factory.mktemp("prov") / "glm"
-    done = _first_level(tiny_bids, out, "-c", "aMinusB=a - b", "-c", "a=a",
+    done = _first_level(tiny_bids, out, "-c", "aMinusB=a - b", "-c", "a=a", "--layout", "both",
                         env={"AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "CHUNKGLM_TEST_TOKEN": FAKE_SECRET})
     assert done.returncode == 0, done.stderr
     return out
@@ -48,7 +50,7 @@ def analysed(tiny_bids, tmp_path_factory):
 
 def test_each_subject_folder_has_a_complete_record(tiny_bids, analysed):
     record = _record(analysed, "01")
-    assert record == _record(analysed, "01", copy=True)  # the derivatives/glm folder has it too
+    assert record == _record(analysed, "01", nilearn=True)  # nilearn's folder has it too (--layout both)
     assert record["operation"] == "first-level" and record["subject"] == "01"
     assert set(record["versions"]) == PACKAGES and record["versions"]["chunkglm"] == chunkglm.__version__
     assert record["cluster"]["type"] == "none" and record["wall_time_s"] > 0 and record["started"]
@@ -94,19 +96,19 @@ def test_other_options_are_refused_then_replaced_with_overwrite(tiny_bids, tmp_p
     assert replaced.returncode == 0, replaced.stderr
     assert _record(out, "01")["analysis"]["noise_model"] == "ols"
     # the contrast no longer asked for is gone: no mix of two analyses in one folder
-    assert not list(out.rglob("*contrast-a_*")) and list(out.rglob("*contrast-aminusb_*"))
+    assert not list(out.rglob("*contrast-a_*")) and list(out.rglob("*contrast-aMinusB_*"))
 
 
 def test_a_subject_without_its_record_is_recomputed(tiny_bids, tmp_path):
     out = tmp_path / "glm"
     assert _first_level(tiny_bids, out, "-c", "a=a").returncode == 0
-    (out / "sub-02" / "sub-02_task-main_provenance.json").unlink()  # as if killed before it
-    kept = _mtimes(out / "sub-01")
+    (out / "first_level" / "sub-02" / "sub-02_task-main_provenance.json").unlink()  # as if killed before it
+    kept = _mtimes(out / "first_level" / "sub-01")
     again = _first_level(tiny_bids, out, "-c", "a=a")
     assert again.returncode == 0, again.stderr
     assert "sub-01: complete (same analysis), skipped" in again.stderr
     assert "sub-02: outputs of an interrupted run, recomputed" in again.stderr
-    assert "[1/1] sub-02 written" in again.stderr and _mtimes(out / "sub-01") == kept
+    assert "[1/1] sub-02 written" in again.stderr and _mtimes(out / "first_level" / "sub-01") == kept
     assert _record(out, "02")["subject"] == "02"
 
 
@@ -161,7 +163,7 @@ def test_first_level_on_s3_records_resumes_and_writes_no_secret(tiny_bids, s3_se
     again = _first_level(tiny_bids, out, "-c", "a=a", "--subject", "01", env=env)
     assert again.returncode == 0 and "sub-01: complete (same analysis), skipped" in again.stderr
     fs = s3fs.S3FileSystem(**s3_server["storage_options"])
-    record = json.loads(fs.cat_file(f"{s3_bucket}/glm/sub-01/sub-01_task-main_provenance.json"))
+    record = json.loads(fs.cat_file(f"{s3_bucket}/glm/first_level/sub-01/sub-01_task-main_provenance.json"))
     assert record["outputs"] and all(fs.size(f"{s3_bucket}/glm/{o['path']}") == o["size"]
                                       for o in record["outputs"])
     for name in fs.find(f"{s3_bucket}/glm"):
