@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from nilearn.glm.first_level import make_first_level_design_matrix
 
-from chunkglm.errors import InputError
+from chunkglm.errors import ChunkglmError, InputError, InputTypeError
 
 __all__ = ["make_first_level_design_matrix", "frame_times", "run_design", "check_events", "read_table"]
 
@@ -29,6 +29,8 @@ def read_table(table, name: str):
         Neither a table, an array nor a path (nilearn's class and wording).
     ValueError
         A path whose suffix is neither .tsv nor .csv.
+    InputError
+        A file that is empty or not a table (a ValueError too).
     """
     if isinstance(table, os.PathLike):
         table = os.fspath(table)
@@ -41,7 +43,12 @@ def read_table(table, name: str):
     if suffix not in (".tsv", ".csv"):
         raise ValueError(f"Tables to load can only be TSV or CSV.\nGot {table}: give {name} as a "
                          ".tsv (tab-separated) or .csv file, or as a DataFrame.")
-    return pd.read_csv(table, sep="\t" if suffix == ".tsv" else ",")
+    try:
+        return pd.read_csv(table, sep="\t" if suffix == ".tsv" else ",")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise InputError(f"{name} file {table} cannot be read as a {suffix[1:].upper()} table "
+                         f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}): "
+                         "give a header row and one row per entry, tab-separated for .tsv.") from err
 
 
 def frame_times(n_scans: int, t_r: float, slice_time_ref: float = 0.0) -> np.ndarray:
@@ -59,8 +66,16 @@ def check_events(events, where: str) -> pd.DataFrame:
     if missing:
         raise InputError(f"The provided events data has no {missing[0]} column: events of {where} lack "
                          f"column(s) {missing}; found {list(events.columns)}.")
-    if (pd.to_numeric(events["duration"], errors="coerce") < 0).any():
-        bad = events.loc[events["duration"] < 0].head(3)
+    for column in ("onset", "duration"):
+        values = pd.to_numeric(events[column], errors="coerce")
+        text = values.isna() & events[column].notna()
+        if text.any():
+            raise InputError(f"Could not cast {column} to float in events data: the {column} column of the "
+                             f"events of {where} holds {events[column][text].iloc[0]!r} (row "
+                             f"{int(np.flatnonzero(text)[0])}); give numbers of seconds.")
+    duration = pd.to_numeric(events["duration"])
+    if (duration < 0).any():
+        bad = events.loc[duration < 0].head(3)
         raise InputError(f"events of {where} have negative durations, e.g.\n{bad}")
     return events
 
@@ -96,10 +111,17 @@ def run_design(n_scans, t_r, slice_time_ref, events, confounds, *, hrf_model, dr
     confounds = check_confounds(confounds, n_scans, where, index)
     events = check_events(events, where) if events is not None else None
     names = None if confounds is None else [str(c) for c in confounds.columns]
-    return make_first_level_design_matrix(
-        frame_times(n_scans, t_r, slice_time_ref), events, hrf_model, drift_model, high_pass,
-        drift_order, list(fir_delays), None if confounds is None else confounds.to_numpy(),
-        names, min_onset)
+    try:
+        return make_first_level_design_matrix(
+            frame_times(n_scans, t_r, slice_time_ref), events, hrf_model, drift_model, high_pass,
+            drift_order, list(fir_delays), None if confounds is None else confounds.to_numpy(),
+            names, min_onset)
+    except ChunkglmError:
+        raise
+    except TypeError as err:  # nilearn's refusals of what the user gave, with nilearn's words kept
+        raise InputTypeError(f"{err} (the design of {where})") from err
+    except ValueError as err:
+        raise InputError(f"{err} (the design of {where})") from err
 
 
 def check_rank(design: pd.DataFrame, where: str) -> None:
