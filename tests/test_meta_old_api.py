@@ -330,6 +330,18 @@ def test_grf_reads_each_store_chunk_once_for_maps_and_smoothness(old_data, tmp_p
     assert sorted(reads) == [(r, (0, i)) for r in ("beta", "se") for i in range(n_chunks)]
 
 
+def test_grf_class_maps_do_not_depend_on_the_blocks(old_data):
+    whole = MFX_GLM(cluster="grf", cdt=0.05, q=0.5).fit(old_data["node"])
+    blocked = MFX_GLM(cluster="grf", cdt=0.05, q=0.5, chunk_voxels=16).fit(old_data["node"])
+    for name, values in whole.maps.items():  # per-voxel arithmetic: equal
+        if name == "logp_corr-cluster":  # from the smoothness sums, added in another order: float32 rounding
+            np.testing.assert_allclose(blocked.maps[name], values, rtol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(blocked.maps[name], values, err_msg=name)
+    np.testing.assert_allclose(blocked.metadata["smoothness"]["fwhm"], whole.metadata["smoothness"]["fwhm"],
+                               rtol=1e-12)
+
+
 def test_old_names_are_importable_where_old_code_imports_them():
     import chunkglm.meta as meta
 
