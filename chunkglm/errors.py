@@ -9,6 +9,10 @@ class InputError(ChunkglmError, ValueError):
     """The images, tables or folders given as input cannot be used as they are."""
 
 
+class CorruptInputError(InputError):
+    """An input file's bytes are damaged (a truncated or corrupt compressed stream)."""
+
+
 class StoreError(ChunkglmError):
     """The cohort store is missing, unreadable or not a chunkglm store."""
 

@@ -167,11 +167,12 @@ def test_cli_first_level_refuses_an_incomplete_run_and_skips_it_on_request(store
     refused = _cli(*args, "-o", tmp_path / "out1")
     assert refused.returncode == 2, refused.stderr
     assert f"runs/{RUN}" in refused.stderr and "--allow-incomplete" in refused.stderr
-    assert not (tmp_path / "out1" / "sub-02").exists()  # nothing fitted
+    assert not list((tmp_path / "out1").rglob("sub-02"))  # nothing fitted
     allowed = _cli(*args, "-o", tmp_path / "out2", "--allow-incomplete")
     assert allowed.returncode == 0, allowed.stderr
     assert f"skipped incomplete node runs/{RUN} (--allow-incomplete)" in allowed.stderr
-    assert (tmp_path / "out2" / "sub-02").is_dir() and not (tmp_path / "out2" / "sub-01").exists()
+    subjects = {p.name for p in (tmp_path / "out2").rglob("sub-*") if p.is_dir()}  # sub-XX/ or first_level/sub-XX/
+    assert "sub-02" in subjects and "sub-01" not in subjects
 
 
 # -- 3. damaged chunks fail every read, naming the run and the chunk ---------------------------

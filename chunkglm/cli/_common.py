@@ -7,6 +7,7 @@ which imports them all to build the parser).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -253,11 +254,32 @@ def print_progress(done, total, node):
     print(f"[{done}/{total}] {node}", file=sys.stderr, flush=True)
 
 
+def environment_line(err: OSError, output=None) -> str:
+    """One line for an error of the environment: what failed, on which path (else the command's
+    ``output`` location), and what to do."""
+    path = getattr(err, "filename", None) or output
+    where = f" {path}" if path else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{' of' + where if where else ''} ({err.strerror}): free "
+                "space or write to another location, then run the same command again (what was "
+                "written completely is kept and skipped).")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write{where or ' the output'} ({err.strerror}): choose a writable location "
+                "(-o/--output-dir, the store) or change its permissions.")
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def open_if_store(location, storage, allow_incomplete=False):
-    """An open cohort when ``location`` is a store (a URL or a folder with zarr.json), else None."""
+    """An open cohort when ``location`` is a store (a URL or a folder with zarr.json), else None.
+
+    A local folder with a ``zarr.json`` is a zarr store: when it cannot be opened as a cohort
+    store (another format version, not chunkglm's, a broken document), that error is raised,
+    not a later one describing it as a BIDS folder."""
     if "://" not in str(location) and not (Path(str(location)) / "zarr.json").is_file():
         return None
     try:
         return open_cohort(location, storage, allow_incomplete=allow_incomplete)
     except StoreError:
-        return None
+        if "://" in str(location):
+            return None
+        raise

@@ -22,7 +22,7 @@ from chunkglm.cli._args import (
 )
 from chunkglm.cli._common import add_cluster, add_storage_cluster, chunk_bytes, cluster_client, command_options
 from chunkglm.cli._common import add_common as _add_common  # tests build sub-parsers with it
-from chunkglm.cli._common import parse_storage_options, storage_for
+from chunkglm.cli._common import environment_line, parse_storage_options, storage_for
 from chunkglm.cli.progress import Reporter, library_lines_once
 from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.io.cohort import open_cohort
@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         print(f"chunkglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as err:
-        print(f"chunkglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        line = environment_line(err, getattr(args, "output_dir", None))  # what to do, not only errno
+        print(f"chunkglm {args.command}: error: {line}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted: complete store nodes and subjects are kept; run the same command "

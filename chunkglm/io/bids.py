@@ -85,7 +85,7 @@ def find_derivatives(path: Path, derivatives_folder: str = "derivatives/fmriprep
 def _dataset_type(path: Path) -> str | None:
     description = path / "dataset_description.json"
     if description.is_file():
-        return json.loads(description.read_text()).get("DatasetType")
+        return _read_sidecar(description).get("DatasetType")
     return None
 
 
@@ -195,5 +195,18 @@ def _metadata(bold: Path, raw: Path, base: str) -> dict:
     meta = {}
     for path in layers:
         if path.is_file():
-            meta.update(json.loads(path.read_text()))
+            meta.update(_read_sidecar(path))
     return meta
+
+
+def _read_sidecar(path: Path) -> dict:
+    """A JSON sidecar's object; an InputError naming the file when it is not one."""
+    try:
+        found = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"the sidecar {path} is not valid JSON ({err}); fix or remove it. "
+                         "Nothing was written.") from err
+    if not isinstance(found, dict):
+        raise InputError(f"the sidecar {path} holds a JSON {type(found).__name__}, not an object of "
+                         "fields; fix or remove it. Nothing was written.")
+    return found

@@ -11,6 +11,7 @@ chunk's presence and checksum (:mod:`chunkglm.io.integrity`).
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -83,7 +84,10 @@ class Node:
 
     def zarr_array(self, name: str):
         """One of the node's zarr arrays, read through :attr:`zarr_store`."""
-        return zarr.open_array(self.zarr_store, path=f"{self.data_path}/{name}", mode="r", zarr_format=3)
+        try:
+            return zarr.open_array(self.zarr_store, path=f"{self.data_path}/{name}", mode="r", zarr_format=3)
+        except DAMAGED_METADATA as err:
+            raise StoreError(damaged_metadata_message(self.path, err)) from err
 
     def to_dataset(self) -> xr.Dataset:
         """The node as a lazy xarray Dataset (dask arrays, store chunks).
@@ -96,6 +100,8 @@ class Node:
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             self._refuse_if_replaced()
             raise
+        except DAMAGED_METADATA as err:
+            raise StoreError(damaged_metadata_message(self.path, err)) from err
         if not dict(ds.attrs.get(st.ATTR, {})).get("complete"):
             raise StoreError(incomplete_message([self.path], self.cohort.location, selected=True))
         if not set(dict(self.attrs.get(st.ATTR, {})).get("arrays") or {}) <= set(ds.variables):
@@ -303,6 +309,17 @@ class _Nodes(dict):
         if name in self.incomplete:
             raise StoreError(incomplete_message([f"{self.kind}/{name}"], self.cohort.location, selected=True))
         raise KeyError(name)
+
+
+#: What reading a damaged metadata document (zarr.json) raises.
+DAMAGED_METADATA = (json.JSONDecodeError, UnicodeDecodeError, zarr.errors.MetadataValidationError, TypeError)
+
+
+def damaged_metadata_message(path: str, err: Exception) -> str:
+    """One line for a node whose arrays' metadata documents cannot be read."""
+    return (f"{path}: a metadata document (zarr.json) of its arrays is damaged "
+            f"({type(err).__name__}: {err}); run `chunkglm verify STORE --repair` to re-convert the "
+            "node from its unchanged sources (or convert the inputs again with --overwrite).")
 
 
 def incomplete_message(paths, location, selected=False) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from distributed import as_completed, wait
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes
-from chunkglm.errors import ConversionError, InputError, NodeBusyError
+from chunkglm.errors import ConversionError, CorruptInputError, InputError, NodeBusyError
 from chunkglm.io import layout as st
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
@@ -58,6 +58,8 @@ class _Plan:
     runs: list
     maps: list
     options: dict
+    #: Node path -> why its file cannot be read (a damaged gzip stream): it fails alone.
+    failed: dict = field(default_factory=dict)
 
 
 def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=None,
@@ -131,6 +133,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
         st.write_grid(root, grid)
     jobs = _pending_jobs(root, plan, report, overwrite, input_storage_options)
     results, failures = _execute(jobs, _store_arg(store), storage_options, input_storage_options, client, progress)
+    failures = {**plan.failed, **failures}
     results = _check_converted(root, results, failures)
     report.converted = [f"{kind}/{r['name']}" for kind, r in results]
     if results:
@@ -162,10 +165,11 @@ def plan_conversion(inputs, *, task=None, space=None, subjects=None, sessions=No
     if _is_bids_folder(inputs):
         runs = discover_runs(inputs, task=task, space=space, subjects=subjects,
                              sessions=sessions, derivatives_folder=derivatives_folder)
-        grids, run_jobs = _plan_runs(runs, user_mask, input_storage_options, sizes)
-        return _Plan(grids, run_jobs, [], {**options, "inputs": "bids"})
+        failed = {}
+        grids, run_jobs = _plan_runs(runs, user_mask, input_storage_options, sizes, failed=failed)
+        return _Plan(grids, run_jobs, [], {**options, "inputs": "bids"}, failed)
     paths = _as_paths(inputs)
-    infos = _read_infos(paths, input_storage_options)
+    infos, failed = _read_infos(paths, input_storage_options)
     run_files = [RunFiles(bold=p, entities=_file_entities(p)) for p, i in infos.items() if _is_run(i)]
     map_paths = [p for p, i in infos.items() if not _is_run(i)]
     grids, run_jobs = _plan_runs(run_files, user_mask, input_storage_options, sizes, infos)
@@ -178,7 +182,7 @@ def plan_conversion(inputs, *, task=None, space=None, subjects=None, sessions=No
         grid, job = _plan_maps(map_paths, infos, user_mask, collection, map_type, input_storage_options, sizes)
         grids[grid.grid_id] = grid
         maps_jobs.append(job)
-    return _Plan(grids, run_jobs, maps_jobs, {**options, "inputs": "files"})
+    return _Plan(grids, run_jobs, maps_jobs, {**options, "inputs": "files"}, failed)
 
 
 def _is_bids_folder(inputs) -> bool:
@@ -196,15 +200,21 @@ def _as_paths(inputs) -> list[str]:
     return paths
 
 
-def _read_infos(paths, storage_options) -> dict[str, NiftiInfo]:
-    infos = {p: read_info(p, storage_options) for p in paths}
+def _read_infos(paths, storage_options) -> tuple[dict[str, NiftiInfo], dict[str, str]]:
+    """Headers of the files; a file whose gzip stream is damaged fails alone (node -> why)."""
+    infos, failed = {}, {}
+    for path in paths:
+        try:
+            infos[path] = read_info(path, storage_options)
+        except CorruptInputError as err:
+            failed[f"runs/{_node_name(_file_entities(path))}"] = f"{type(err).__name__}: {err}"
     for path, info in infos.items():
         if len(info.shape) not in (3, 4) or (len(info.shape) == 4 and info.shape[3] < 1):
             raise InputError(
                 f"{path} has shape {info.shape}: chunkglm converts 3-D images (maps) and "
                 "4-D images (runs). Nothing was written."
             )
-    return infos
+    return infos, failed
 
 
 def _is_run(info: NiftiInfo) -> bool:
@@ -242,11 +252,20 @@ def _read_mask(path, storage_options):
     return info.affine, mask.copy()
 
 
-def _plan_runs(runs, user_mask, storage_options, sizes, infos=None):
-    """Group runs by grid (affine+shape); the grid mask is the union of run masks."""
+def _plan_runs(runs, user_mask, storage_options, sizes, infos=None, failed=None):
+    """Group runs by grid (affine+shape); the grid mask is the union of run masks.
+
+    A run whose gzip stream is damaged is recorded in ``failed`` (node -> why) and left out,
+    so the others are still converted."""
     by_grid = defaultdict(list)
     for run in runs:
-        info = (infos or {}).get(run.bold) or read_info(run.bold, storage_options)
+        try:
+            info = (infos or {}).get(run.bold) or read_info(run.bold, storage_options)
+        except CorruptInputError as err:
+            if failed is None:
+                raise
+            failed[f"runs/{_node_name(run.entities)}"] = f"{type(err).__name__}: {err}"
+            continue
         if not _is_run(info):
             raise InputError(f"{run.bold} has shape {info.shape}; a run must be a 4-D image.")
         key = (tuple(np.round(info.affine, 4).ravel()), info.volume_shape)
@@ -461,19 +480,35 @@ def _provenance(plan, results, client, stopwatch, command=None) -> dict:
     return full
 
 
+#: What to do about each kind of node failure (see :func:`_failure_kind`).
+_ADVICE = {
+    "busy": "another conversion is writing {nodes}: wait for it to end",
+    "space": "the store's disk is full ({nodes}): free space or convert into another location",
+    "permission": "the store's location is not writable ({nodes}): fix its permissions or convert "
+                  "into another location",
+    "input": "fix the inputs of {nodes}",
+}
+
+
+def _failure_kind(message: str) -> str:
+    """busy (another writer), space (disk full), permission (read-only) or input."""
+    if message.startswith(f"{NodeBusyError.__name__}:"):
+        return "busy"
+    if "[Errno 28]" in message or "[Errno 122]" in message or "No space left" in message:
+        return "space"
+    if "[Errno 30]" in message or "[Errno 13]" in message or message.startswith("PermissionError"):
+        return "permission"
+    return "input"
+
+
 def _failure_message(failures, report):
     lines = [f"  {node}: {message}" for node, message in sorted(failures.items())]
-    busy = {node for node, message in failures.items() if message.startswith(f"{NodeBusyError.__name__}:")}
-    if busy == set(failures):
-        advice = ("\nAnother conversion is writing these nodes: wait for it to end, then run the same "
-                  "conversion again: complete nodes are skipped.")
-    elif busy:
-        advice = ("\nFix the inputs of the others (another conversion is writing "
-                  f"{', '.join(sorted(busy))}: let it end) and run the same conversion again: complete "
-                  "nodes are skipped.")
-    else:
-        advice = "\nFix these inputs and run the same conversion again: complete nodes are skipped."
+    by_kind = {}
+    for node, message in sorted(failures.items()):
+        by_kind.setdefault(_failure_kind(message), []).append(node)
+    advice = "; ".join(_ADVICE[kind].format(nodes=", ".join(nodes)) for kind, nodes in by_kind.items())
     return (
         f"{len(failures)} node(s) could not be converted into {report.store}; the other "
-        f"{len(report.converted)} were written completely:\n" + "\n".join(lines) + advice
+        f"{len(report.converted)} were written completely:\n" + "\n".join(lines)
+        + f"\n{advice[0].upper() + advice[1:]}; then run the same conversion again: complete nodes are skipped."
     )

@@ -121,7 +121,11 @@ def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
             "chunkglm.convert(inputs, store) or `chunkglm convert`."
         ) from err
     except (ValueError, zarr.errors.ContainsArrayError) as err:
-        raise StoreError(f"{redact_url(str(store))} is not a zarr v3 group: {err}") from err
+        where = redact_url(str(store)).removeprefix("file://")
+        raise StoreError(
+            f"{where} is not a readable zarr v3 group ({type(err).__name__}: {err}). If it is a cohort "
+            "store, its root zarr.json is damaged: convert the inputs again into a new store."
+        ) from err
     meta = root.attrs.get(ATTR)
     if meta is None:
         if mode == "r" or _has_members(root):
@@ -286,7 +290,7 @@ def begin_version(root, kind: str, name: str) -> zarr.Group:
         meta = node_meta(node)
         drop_unpublished(node, meta)
         numbers = [1, _number(meta.get("version", ""))]
-        numbers += [_number(v) for v in node.group_keys()]
+        numbers += [_number(v) for v in _version_folders(node)]
         return node.create_group(f"v-{max(numbers) + 1}", attributes={ATTR: {"complete": False}})
     except BaseException:
         locks.release(root, kind, name)
@@ -350,15 +354,29 @@ def _delete_version(node, version: str) -> None:
         if version in node:
             del node[version]
         return
-    for name in [name for name, _ in node.arrays()]:  # version 1: the node's own arrays
-        del node[name]
+    async def delete_own_arrays():  # version 1: the node's own arrays (listed, never parsed)
+        names = [key async for key in node.store.list_dir(node.path)]
+        for name in names:
+            if name != "zarr.json" and not VERSION.match(name):
+                await node.store.delete_dir(f"{node.path}/{name}")
+
+    sync(delete_own_arrays())
 
 
 def unpublished(node, meta: dict) -> list[str]:
     """Version folders of a complete node that are neither current nor superseded
     (left by a replacement cut off before its switch)."""
     known = {meta.get("version", "")} | set(meta.get("superseded", {}))
-    return sorted(v for v in node.group_keys() if VERSION.match(v) and v not in known)
+    return sorted(v for v in _version_folders(node) if v not in known)
+
+
+def _version_folders(node) -> list[str]:
+    """Names of the node's version folders, from a listing (no member's metadata is parsed,
+    so a damaged array document of the node does not stop a repair)."""
+    async def listing():
+        return [key async for key in node.store.list_dir(node.path)]
+
+    return sorted(v for v in sync(listing()) if VERSION.match(v))
 
 
 def drop_unpublished(node, meta: dict) -> list[str]:

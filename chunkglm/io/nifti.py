@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import zlib
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,10 @@ import fsspec
 import nibabel as nib
 import numpy as np
 from isal import igzip, igzip_threaded
+from isal.isal_zlib import error as IsalError
 from nibabel.volumeutils import apply_read_scaling
 
-from chunkglm.errors import InputError
+from chunkglm.errors import CorruptInputError, InputError
 
 _READ_BYTES = 8 * 2**20
 _HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
@@ -192,15 +195,24 @@ class NiftiReader:
                 handle.close()
 
     def _read_exact(self, n: int) -> bytes:
-        data = self._stream.read(n)
+        with self.decoding():
+            data = self._stream.read(n)
         self._pos += len(data)
         return data
 
-    def _read_header(self) -> NiftiInfo:
+    @contextmanager
+    def decoding(self):
+        """Turn a decompression failure (truncated or corrupt gzip) into an InputError naming the file."""
         try:
-            first = self._read_exact(4)
-        except OSError as err:
-            raise InputError(f"{self.path} is not a readable (gzip) file: {err}") from err
+            yield
+        except InputError:
+            raise
+        except (EOFError, OSError, zlib.error, IsalError) as err:
+            raise CorruptInputError(f"{self.path} is not a readable NIfTI file: the gzip stream is truncated or "
+                             f"corrupt ({type(err).__name__}: {err}). Re-copy or re-export the file.") from err
+
+    def _read_header(self) -> NiftiInfo:
+        first = self._read_exact(4)
         size = _header_size(first, self.path)
         header_bytes = first + self._read_exact(size - 4)
         header = header_from_bytes(header_bytes)
@@ -234,7 +246,8 @@ class NiftiReader:
         view = memoryview(buffer).cast("B")
         while self._next_volume < stop:
             index = self._next_volume
-            got = self._stream.readinto(view)
+            with self.decoding():
+                got = self._stream.readinto(view)
             self._pos += got
             if got != buffer.nbytes:
                 raise InputError(
@@ -247,10 +260,11 @@ class NiftiReader:
 
     def finish(self) -> tuple[str, int]:
         """Read to the end; return (sha256 hex of the file bytes, file size)."""
-        while self._stream.read(_READ_BYTES):
-            pass
-        while self._hasher.read(_READ_BYTES):
-            pass
+        with self.decoding():
+            while self._stream.read(_READ_BYTES):
+                pass
+            while self._hasher.read(_READ_BYTES):
+                pass
         return self._hasher.hexdigest(), self._hasher.n_bytes
 
 

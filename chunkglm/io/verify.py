@@ -20,6 +20,7 @@ from zarr.core.sync import sync
 from chunkglm.errors import ChunkglmError
 from chunkglm.io import layout as st
 from chunkglm.io import locks
+from chunkglm.io.cohort import DAMAGED_METADATA, damaged_metadata_message
 from chunkglm.io.integrity import check_object, chunk_keys, node_inventory
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.sources import source_key, unchanged
@@ -61,17 +62,24 @@ def verify_store(store, storage_options=None) -> tuple[list[Problem], list[str]]
                 problems.append(Problem(path, _incomplete_line(root, path)))
                 continue
             meta = st.node_meta(root[path])
-            data = st.data_path(path, meta)
-            arrays = meta.get("arrays")
-            if arrays is None:
-                notes.append(f"{path}: written without a chunk inventory (chunkglm before crc32c); "
-                             "only checksums present in its arrays are checked")
-                arrays = _legacy_inventory(root[data])
-            problems.extend(_check_node(root, path, data, arrays))
+            try:
+                problems.extend(_check_complete_node(root, path, meta, notes))
+            except DAMAGED_METADATA as err:
+                problems.append(Problem(path, damaged_metadata_message(path, err), True))
             problems.extend(_unpublished(root, path, meta))
             notes.extend(_superseded_notes(path, meta))
     problems.extend(_leftovers(root))
     return problems, notes
+
+
+def _check_complete_node(root, path, meta, notes) -> list[Problem]:
+    data = st.data_path(path, meta)
+    arrays = meta.get("arrays")
+    if arrays is None:
+        notes.append(f"{path}: written without a chunk inventory (chunkglm before crc32c); "
+                     "only checksums present in its arrays are checked")
+        arrays = _legacy_inventory(root[data])
+    return _check_node(root, path, data, arrays)
 
 
 def _unpublished(root, path, meta) -> list[Problem]:
@@ -202,7 +210,8 @@ def remove_replaced(store, storage_options=None) -> list[str]:
             path = f"{kind}/{name}"
             if complete and st.node_meta(root[path]).get("superseded"):
                 with locks.node_lock(root, kind, name, st.redact_url(str(root.store))):
-                    removed += [f"{path}/{v}" for v in st.remove_superseded(root, path)]
+                    removed += [f"{path}/{v}" if v else f"{path} (its first version)"
+                                for v in st.remove_superseded(root, path)]
     return removed
 
 

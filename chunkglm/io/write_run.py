@@ -81,9 +81,11 @@ def _convert(root, store, job, input_storage_options) -> dict:
     with NiftiReader(job.bold, input_storage_options) as reader:
         info = reader.info
         _check_run_grid(info, grid, job.bold, job.preprocessing)
+        _check_repetition_time(job, info)
         confounds = _read_table(job.confounds, input_storage_options)
         _check_confounds(confounds, info.n_volumes, job)
         events = _read_table(job.events, input_storage_options)
+        _check_events(events, job)
         node = st.begin_version(root, "runs", job.name)
         try:
             sha256, size = _write_run(node, job, reader, grid, input_storage_options)
@@ -309,6 +311,28 @@ def _check_confounds(confounds, n_volumes, job):
         )
 
 
+def _check_events(events, job):
+    """Onsets and durations are numbers of seconds, none missing (nilearn refuses others later)."""
+    if events is None:
+        return
+    for column in ("onset", "duration"):
+        if column not in events:
+            raise InputError(f"{job.events} has no {column!r} column (it has {list(events.columns)}); "
+                             "BIDS events need onset and duration in seconds.")
+        values = pd.to_numeric(events[column], errors="coerce")
+        bad = np.flatnonzero(~np.isfinite(values.to_numpy(dtype=np.float64)))
+        if bad.size:
+            raise InputError(
+                f"{job.events}: column {column!r} must hold a number of seconds on every row; row "
+                f"{bad[0] + 1} has {_shown(events[column].iloc[bad[0]])} ({bad.size} such row(s)). Fix the "
+                "events file."
+            )
+
+
+def _shown(value) -> str:
+    return "n/a (no value)" if pd.isna(value) else repr(str(value))
+
+
 #: Events columns that would collide with run variables are stored as ``event_<name>``.
 RESERVED_EVENT_COLUMNS = frozenset({"bold", "time", "confound", "confounds", "event"})
 
@@ -342,6 +366,27 @@ def _seconds(tr, info):
     """The 4th zoom in seconds (NIfTI allows ms and us units)."""
     unit = info.header.get_xyzt_units()[1]
     return tr / 1000.0 if unit == "msec" else tr / 1e6 if unit == "usec" else tr
+
+
+def _check_repetition_time(job, info):
+    """The sidecar's RepetitionTime is a positive number and, where the header states a time
+    unit, its TR (BIDS requires them equal; a wrong TR misplaces every event in the design)."""
+    if "RepetitionTime" not in job.metadata:
+        return
+    value = job.metadata["RepetitionTime"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
+        raise InputError(f"the sidecar of {job.bold} gives RepetitionTime {value!r}; it must be a positive "
+                         "number of seconds. Fix the sidecar.")
+    zooms = info.header.get_zooms()
+    if len(zooms) < 4 or info.header.get_xyzt_units()[1] not in ("sec", "msec", "usec") or not zooms[3] > 0:
+        return  # the header states no TR: the sidecar's is the only one
+    header = _seconds(float(zooms[3]), info)
+    if abs(header - float(value)) > 1e-4 + 1e-3 * max(header, float(value)):
+        raise InputError(
+            f"{job.bold}: its sidecar gives RepetitionTime {float(value):g} s but its NIfTI header "
+            f"{header:g} s. BIDS requires them equal, and a wrong TR misplaces every event of the design "
+            "(events past the end of the run, a rank-deficient design). Fix the sidecar or the header."
+        )
 
 
 def _run_attrs(job, info):
