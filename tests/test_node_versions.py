@@ -293,3 +293,43 @@ def test_a_lock_blocks_while_its_holder_lives(location, holder, busy):
         assert locks.holds(root, "runs", "x")
     assert not locks.holds(root, "runs", "x")
     assert root.store is not None and "runs--x" not in list(root[locks.LOCKS].group_keys())
+
+
+def test_a_holder_keeps_its_lock_fresh_with_a_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(locks, "HEARTBEAT_SECONDS", 0.2)
+    root = st.open_root(str(tmp_path / "s.zarr"), mode="a")
+    with locks.node_lock(root, "runs", "x"):
+        first = locks._read(root.store, locks._key(root, "runs", "x"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = locks._read(root.store, locks._key(root, "runs", "x"))
+            if now["heartbeat"] > first["heartbeat"]:
+                break
+        assert now["heartbeat"] > first["heartbeat"] and now["token"] == first["token"]
+    assert locks._read(root.store, locks._key(root, "runs", "x")) is None
+
+
+def test_a_replacement_left_by_an_older_chunkglm_is_finished(versions, tmp_path):
+    """Stores written before version folders staged a replacement in _replacing/ and copied it over
+    the node (marked incomplete meanwhile): a swap cut off there is still finished."""
+    import zarr
+
+    src, store = tmp_path / "run.nii.gz", tmp_path / "store.zarr"
+    _put(versions, "b", src)
+    chunkglm.convert([src], store, chunk_bytes=CHUNK_BYTES, client=None)
+    staged = store / st.REPLACING / "runs" / "run"
+    staged.parent.mkdir(parents=True)
+    shutil.copytree(store / "runs" / "run", staged)
+    for folder in (store / st.REPLACING, store / st.REPLACING / "runs"):
+        zarr.open_group(str(folder), mode="a", zarr_format=3)
+    root = st.open_root(str(store), mode="a")
+    root["runs/run"].attrs.put({st.ATTR: {"complete": False, "replacing_from": f"{st.REPLACING}/runs/run"}})
+    out = subprocess.run([sys.executable, "-m", "chunkglm.cli.main", "verify", str(store)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and f"its replacement by {st.REPLACING}/runs/run was cut off" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "chunkglm.cli.main", "verify", str(store), "--repair"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    np.testing.assert_array_equal(chunkglm.open_cohort(store).runs["run"].data().values, versions["b"][1])
+    assert f"{st.REPLACING}/runs/run" not in st.open_root(str(store))
