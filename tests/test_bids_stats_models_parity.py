@@ -1,10 +1,12 @@
 """`chunkglm app` against fitlins 0.11 (run once per module in .venv-fitlins) on the same model.
 
-The dataset: 3 synthetic subjects x 2 runs (10x12x10 grid, ~900 brain voxels, 40 volumes), each
-subject with its own brain mask. The model, run -> subject -> dataset: a Factor transformation and
-SPM-HRF convolution of the two conditions, three confounds (one with fMRIPrep's missing first
-value), the high-pass option; t contrasts per condition and their difference, an F test (terminal:
-the edge passes the t contrasts on); fixed effects per subject; a one-sample group GLM.
+The dataset: 5 synthetic subjects x 2 runs (10x12x10 grid, ~900 brain voxels, 40 volumes), each
+subject with its own brain mask. The model, examples/models/group_comparisons.json: run nodes with
+a Factor transformation and SPM-HRF convolution of the two conditions, three confounds (one with
+fMRIPrep's missing first value), the high-pass option, t contrasts per condition and their
+difference and an F test (terminal: the edge passes the t contrasts on); fixed effects per subject;
+then three dataset nodes: a one-sample GLM per contrast, an age covariate from participants.tsv
+(a t and an F test) and a two-group comparison (a Factor of participants.tsv's group).
 
 fitlins gets the same model with two spellings of its own: the subject node's type "Meta" (fitlins
 0.11 compares with "Meta"; the specification's "meta", which bsmschema requires, makes fitlins run
@@ -32,32 +34,10 @@ from chunkglm.testing.assertions import rel_l2
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = "MNI152NLin2009cAsym"
 
-MODEL = {
-    "Name": "parity", "BIDSModelVersion": "1.0.0", "Input": {"task": ["main"]},
-    "Nodes": [
-        {"Level": "Run", "Name": "run", "GroupBy": ["run", "subject"],
-         "Transformations": {"Transformer": "pybids-transforms-v1", "Instructions": [
-             {"Name": "Factor", "Input": ["trial_type"]},
-             {"Name": "Convolve", "Input": ["trial_type.a", "trial_type.b"], "Model": "spm"}]},
-         "Model": {"X": ["trial_type.a", "trial_type.b", "trans_x", "rot_z", "framewise_displacement", 1],
-                   "Type": "glm", "Options": {"HighPassFilterCutoffHz": 0.01}},
-         "Contrasts": [
-             {"Name": "a", "ConditionList": ["trial_type.a"], "Weights": [1], "Test": "t"},
-             {"Name": "b", "ConditionList": ["trial_type.b"], "Weights": [1], "Test": "t"},
-             {"Name": "aMinusB", "ConditionList": ["trial_type.a", "trial_type.b"], "Weights": [1, -1],
-              "Test": "t"},
-             {"Name": "task", "ConditionList": ["trial_type.a", "trial_type.b"], "Weights": [[1, 0], [0, 1]],
-              "Test": "F"}]},
-        {"Level": "Subject", "Name": "subject", "GroupBy": ["subject", "contrast"],
-         "Model": {"X": [1], "Type": "meta"}, "DummyContrasts": {"Test": "t"}},
-        {"Level": "Dataset", "Name": "dataset", "GroupBy": ["contrast"],
-         "Model": {"X": [1], "Type": "glm"}, "DummyContrasts": {"Test": "t"}},
-    ],
-    "Edges": [
-        {"Source": "run", "Destination": "subject", "Filter": {"contrast": ["a", "b", "aMinusB"]}},
-        {"Source": "subject", "Destination": "dataset"},
-    ],
-}
+EXAMPLES = ROOT / "examples" / "models"
+#: The subjects' table the group models read (age covariate, two groups).
+PARTICIPANTS = ("participant_id\tage\tgroup\nsub-01\t45\tcontrol\nsub-02\t53\tpatient\nsub-03\t37\tpatient\n"
+                "sub-04\t29\tcontrol\nsub-05\t61\tpatient\n")
 
 # fitlins writes these model maps per run; chunkglm app does not (yet).
 NOT_WRITTEN = ("stat-rSquare_statmap", "stat-logLikelihood_statmap")
@@ -74,9 +54,11 @@ def _fitlins_python() -> str:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("bsm")
-    ds = make_synthetic_bids(root / "ds", n_subjects=3, n_runs=2, size="tiny", seed=3)
-    (root / "model.json").write_text(json.dumps(MODEL))
-    fitlins_model = copy.deepcopy(MODEL)
+    ds = make_synthetic_bids(root / "ds", n_subjects=5, n_runs=2, size="tiny", seed=3)
+    (ds.root / "participants.tsv").write_text(PARTICIPANTS)
+    model = json.loads((EXAMPLES / "group_comparisons.json").read_text())
+    (root / "model.json").write_text(json.dumps(model))
+    fitlins_model = copy.deepcopy(model)
     fitlins_model["Nodes"][1]["Model"]["Type"] = "Meta"
     (root / "fitlins_model.json").write_text(json.dumps(fitlins_model))
     return root, ds
@@ -112,9 +94,11 @@ def test_same_map_files_as_fitlins(fitlins_out, chunkglm_out):
     theirs = {name for name in _maps(fitlins_out) if not name.endswith(tuple(f"{n}.nii.gz" for n in NOT_WRITTEN))}
     ours = set(_maps(chunkglm_out))
     assert ours == theirs
-    # 6 runs x (3 t contrasts x 5 maps + the F test's 5), 3 subjects x 3 contrasts x (effect,
-    # variance, t), 3 group contrasts x 5 maps
-    assert len(ours) == 6 * 20 + 3 * 3 * 3 + 3 * 5
+    # 10 runs x (3 t contrasts x 5 maps + the F test's 5), 5 subjects x 3 contrasts x (effect,
+    # variance, t), 3 one-sample contrasts, 2 age contrasts and 1 group contrast x 5 maps
+    assert len(ours) == 10 * 20 + 5 * 3 * 3 + 6 * 5
+    assert {name.split("/")[0] for name in ours} == {"node-run", "node-subject", "node-dataset", "node-age",
+                                                      "node-groups"}
     assert (chunkglm_out / "dataset_description.json").is_file()
     assert (chunkglm_out / "app_provenance.json").is_file()
 
@@ -128,7 +112,8 @@ def test_every_map_equals_fitlins(fitlins_out, chunkglm_out):
         assert nib.load(path).get_data_dtype() == np.float32
         np.testing.assert_allclose(nib.load(path).affine, nib.load(theirs[name]).affine)
         if a.ndim == 4:  # an F test's effect: chunkglm writes a volume per row, fitlins its first row
-            assert "contrast-task_stat-effect" in name and a.shape[3] == 2
+            assert name.split("contrast-")[1].split("_")[0] in ("task", "aMeanandage"), name
+            assert "_stat-effect_" in name and a.shape[3] == 2
             a = a[..., 0]
         # chunkglm writes float32 maps (fitlins float64): 6e-8 relative per value, and each
         # level reads the float32 maps of the one before, so rounding compounds over three
@@ -142,7 +127,7 @@ def test_every_map_equals_fitlins(fitlins_out, chunkglm_out):
 
 def test_design_matrices_equal_fitlins(fitlins_out, chunkglm_out):
     designs = sorted(p.relative_to(fitlins_out).as_posix() for p in fitlins_out.rglob("*_design.tsv"))
-    assert len(designs) == 6
+    assert len(designs) == 10
     for name in designs:
         theirs = pd.read_csv(fitlins_out / name, sep="\t")
         ours = pd.read_csv(chunkglm_out / name, sep="\t")
@@ -155,9 +140,32 @@ def test_design_matrices_equal_fitlins(fitlins_out, chunkglm_out):
 def test_participant_level_stops_after_the_subject_nodes(dataset, tmp_path):
     root, ds = dataset
     out = tmp_path / "participant"
-    code = main(["app", str(ds.root), str(out), "participant", "--model", str(root / "model.json"),
+    code = main(["app", str(ds.root), str(out), "participant", "--model", str(EXAMPLES / "one_sample.json"),
                  "--participant-label", "sub-01", "02", "--cluster", "none", "--no-progress",
                  "--store", str(tmp_path / "store.zarr")])
     assert code == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["node-run", "node-subject"]
     assert sorted(p.name for p in (out / "node-subject").iterdir()) == ["sub-01", "sub-02"]
+
+
+def test_auto_model_runs_pybids_model_from_the_events(dataset, tmp_path):
+    # pybids' auto model: each trial type against the others per run, fixed effects per subject,
+    # a one-sample test per contrast; the group effect is the mean of the subject effects and
+    # each subject's effect the mean of its runs' (no precision weighting, as fitlins)
+    root, ds = dataset
+    out = tmp_path / "auto"
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", "auto", "--cluster", "none",
+                 "--no-progress", "--store", str(tmp_path / "store.zarr")])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["node-Dataset", "node-Run", "node-Subject"]
+    load = lambda relative: np.asarray(nib.load(out / relative).dataobj, dtype=np.float64)  # noqa: E731
+    subjects = [load(f"node-Subject/sub-{run.subject}/sub-{run.subject}_contrast-runAVsOthers_stat-effect_statmap.nii.gz")
+                for run in ds.runs if run.run == 1]
+    assert len(subjects) == 5
+    runs = [load(f"node-Run/sub-01/sub-01_run-{r}_contrast-runAVsOthers_stat-effect_statmap.nii.gz") for r in (1, 2)]
+    group = load("node-Dataset/contrast-runAVsOthers_stat-effect_statmap.nii.gz")
+    inside = group != 0
+    # float32 maps averaged in float64: 1e-6 relative is float32 rounding with margin
+    np.testing.assert_allclose(group[inside], np.mean(subjects, axis=0)[inside], rtol=1e-6, atol=1e-6)
+    inside = subjects[0] != 0
+    np.testing.assert_allclose(subjects[0][inside], np.mean(runs, axis=0)[inside], rtol=1e-6, atol=1e-6)

@@ -94,9 +94,14 @@ def _layout(bids_dir, derivatives):
 
 
 def _auto_model(layout, task):
-    models = auto_model(layout, task=task) if task else auto_model(layout)
+    """pybids' model from the events: per task, each trial type against the others at the run
+    level, then fixed effects per subject (and session) and a one-sample test per contrast."""
+    models = auto_model(layout, one_vs_rest=True)
+    if task:
+        models = [m for m in models if task in m.get("Input", {}).get("task", [])]
     if not models:
-        raise InputError("--model auto: pybids derived no model (no events found).")
+        raise InputError(f"--model auto: pybids derived no model{f' for task {task!r}' if task else ''} "
+                         "(no events found).")
     if len(models) > 1:
         tasks = sorted(t for m in models for t in m.get("Input", {}).get("task", []))
         raise InputError(f"--model auto: one model per task ({', '.join(tasks)}); choose one with --task.")
