@@ -26,6 +26,7 @@ from chunkglm.glm.first_level import first_level_from_bids
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.glm.io import save_glm_derivatives, save_glm_to_bids, save_group_derivatives
 from chunkglm.io.convert import convert
+from chunkglm.provenance import Stopwatch, record, write_record
 from chunkglm.report import HTMLReport, find_results, write_reports
 from chunkglm.report.sections import ReportOptions, stat_map_summary
 
@@ -435,6 +436,14 @@ def test_first_level_page_shows_tr_and_slice_timing(fitted, tmp_path):
     sidecar.write_text(json.dumps(content))
     [page] = write_reports(copy, height_control=None, threshold=2.0)
     assert "TR and slice timing not recorded" in _text(page.read_text())
+    # nor the nilearn file set: the runs' nodes in the store that the provenance record names
+    write_record(copy / "first_level" / "sub-01" / "sub-01_task-main_provenance.json",
+                 record("first-level", inputs=[{"store": str(fitted["folder"] / "cohort.zarr"), "node": f"runs/{name}"}
+                                               for name in model._run_names],
+                        options={}, cluster=None, stopwatch=Stopwatch()))
+    [page] = write_reports(copy, height_control=None, threshold=2.0)
+    details = _text(_tables(page.read_text(), "model-details")[0])
+    assert f"t_r (seconds) {model.t_r:g}" in details and f"slice_time_ref {model.slice_time_ref:g}" in details
 
 
 def test_glm_pages_have_a_methods_paragraph(fitted):

@@ -29,7 +29,9 @@ import numpy as np
 import pandas as pd
 
 from chunkglm.errors import InputError
+from chunkglm.io.cohort import open_cohort
 from chunkglm.io.derivatives import file_label
+from chunkglm.io.layout import is_url
 from chunkglm.provenance import read_record
 from chunkglm.report.build import Design, GLMPieces, glm_report, meta_report
 from chunkglm.report.pages import INDEX_NAME, PageOutcome, build_pages, check_jobs, write_index
@@ -192,7 +194,8 @@ def _first_level(sidecar: Path) -> GLMPieces:
         contrasts[label] = _per_design(spec.get("Weights"), stat, len(designs))
         stat_maps[label] = _load(folder / f"{stem}_contrast-{label}_stat-z.nii.gz")
     model = meta.get("Model") or {}
-    timing = acquisition_timing(meta, folder, stem)
+    provenance = _first_level_provenance(folder, stem)
+    timing = acquisition_timing(meta, folder, stem, provenance)
     parameters = {"hrf_model": model.get("HRF"), "drift_model": model.get("DriftModel"),
                   "high_pass": model.get("HighPassFilter"), "noise_model": model.get("NoiseModel"),
                   "t_r": timing.get("t_r"), "slice_time_ref": timing.get("slice_time_ref"),
@@ -202,10 +205,10 @@ def _first_level(sidecar: Path) -> GLMPieces:
     if mask is not None:
         inputs["Voxels in the mask"] = int(np.count_nonzero(np.asanyarray(mask.dataobj)))
     if "t_r" not in timing:
-        inputs["TR and slice timing"] = ("not recorded: the sidecar has no RepetitionTime and no nilearn "
-                                         "statmap.json was found beside it")
+        inputs["TR and slice timing"] = ("not recorded: the sidecar has no RepetitionTime, no nilearn "
+                                         "statmap.json is beside it and the runs' store is not readable here")
     pieces = GLMPieces("First Level Model", {k: v for k, v in parameters.items() if v is not None}, designs,
-                       contrasts, stat_maps, mask, inputs, _first_level_provenance(folder, stem))
+                       contrasts, stat_maps, mask, inputs, provenance)
     entities = stem_entities(stem)
     pieces.subject = entities.pop("sub", None)
     pieces.entities = {key: entities[key] for key in ("ses", "task") if key in entities}
@@ -217,13 +220,15 @@ def stem_entities(stem: str) -> dict:
     return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
 
 
-def acquisition_timing(sidecar: dict, folder: Path, stem: str) -> dict:
+def acquisition_timing(sidecar: dict, folder: Path, stem: str, provenance: dict | None = None) -> dict:
     """``{"t_r": ..., "slice_time_ref": ...}`` of a first-level result (the keys known).
 
     From the derivatives/glm sidecar (``RepetitionTime`` and
     ``SliceTimingRef``, in ``Model`` or at the top), else from nilearn's
     ``statmap.json`` of the same analysis when its file set was written too
-    (``<root>/sub-XX/<stem>_statmap.json``, or beside the sidecar).
+    (``<root>/sub-XX/<stem>_statmap.json``, or beside the sidecar), else
+    from the runs' nodes in the cohort store the provenance record names,
+    when it is a local folder that exists here.
     """
     model = sidecar.get("Model") or {}
     timing = {}
@@ -241,7 +246,33 @@ def acquisition_timing(sidecar: dict, folder: Path, stem: str) -> dict:
             found = {key: parameters[key] for key in ("t_r", "slice_time_ref") if parameters.get(key) is not None}
             if "t_r" in found:
                 return {**found, **timing}
-    return timing
+    return {**timing_from_store(provenance), **timing}
+
+
+def timing_from_store(provenance: dict | None) -> dict:
+    """The TR and ``slice_time_ref`` of the runs a provenance record names, read from their store.
+
+    The records of ``chunkglm first-level`` and of the demo name each run's
+    store and node (``{"store": path, "node": "runs/<name>"}`` or ``"run":
+    "<name>"``); a store that is a URL or not here is not opened. One value
+    when the runs agree, else one per run.
+    """
+    values = {"t_r": [], "slice_time_ref": []}
+    cohorts = {}
+    for entry in (provenance or {}).get("inputs") or []:
+        store = entry.get("store") if isinstance(entry, dict) else None
+        name = str(entry.get("run") or entry.get("node") or "").removeprefix("runs/") if store else ""
+        if not name or is_url(store) or not Path(store).is_dir():
+            return {}
+        try:
+            cohort = cohorts.get(store) or cohorts.setdefault(store, open_cohort(store))
+            attrs = cohort.runs[name].attrs
+        except (InputError, OSError, KeyError, ValueError):  # not a store, or not this run: not recorded
+            return {}
+        values["t_r"].append(attrs.get("RepetitionTime"))
+        values["slice_time_ref"].append(attrs.get("slice_time_ref"))
+    return {key: found[0] if len(set(found)) == 1 else found
+            for key, found in values.items() if found and None not in found}
 
 
 def _first_level_provenance(folder: Path, stem: str) -> dict | None:

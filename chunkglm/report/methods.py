@@ -40,9 +40,9 @@ def first_level_methods(parameters: dict, scans: list[int], contrasts: list[str]
     who = f" of sub-{subject}" if subject else ""
     timing = [f"{sum(scans)} scans"] if scans else []
     if parameters.get("t_r") is not None:
-        timing.append(f"TR = {parameters['t_r']:g} s")
+        timing.append(f"TR = {_numbers(parameters['t_r'])} s")
     if parameters.get("slice_time_ref") is not None:
-        timing.append(f"slice-timing reference at {parameters['slice_time_ref']:g} of the TR")
+        timing.append(f"slice-timing reference at {_numbers(parameters['slice_time_ref'])} of the TR")
     sentences = [f"A first-level general linear model was fitted to {len(scans) or 'the'} run(s){who}"
                  f"{' (' + ', '.join(timing) + ')' if timing else ''} with chunkglm {__version__}, which "
                  f"reproduces nilearn {version('nilearn')}'s FirstLevelModel."]
@@ -77,6 +77,11 @@ def second_level_methods(n_maps, regressors: list[str], contrasts: list[str], op
     if smoothing_fwhm:
         sentences.append(f"The maps were smoothed with a {smoothing_fwhm:g} mm FWHM Gaussian kernel.")
     return " ".join(sentences + _contrasts_and_thresholds(contrasts, options, corrections))
+
+
+def _numbers(value) -> str:
+    """``2`` or, one per run where runs differ, ``2, 2.5``."""
+    return ", ".join(f"{v:g}" for v in value) if isinstance(value, list | tuple) else f"{value:g}"
 
 
 def _drift(parameters: dict) -> list[str]:
