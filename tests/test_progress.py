@@ -55,6 +55,24 @@ def test_bars_on_a_terminal_for_conversion_and_fitting(tiny_bids, tmp_path):
     assert "derivatives:" in stdout
 
 
+def test_first_level_bar_counts_voxel_blocks_as_they_finish_on_a_cluster(tiny_bids, tmp_path):
+    """Issue 17 item 4: the first-level bar moved once per subject; it counts voxel blocks."""
+    import re
+
+    code, terminal, stdout = _run_on_a_terminal(_command(
+        "first-level", tiny_bids.root, "-o", tmp_path / "glm", "--task", "main", "-c", "a=a",
+        "--chunk-mb", "0.02", "--workers", "1"))
+    assert code == 0, terminal
+    assert "first-level: voxel blocks fitted" in terminal and "eta" in terminal
+    counts = {(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+)", terminal.split("voxel blocks fitted", 1)[1])}
+    totals = {b for _, b in counts}
+    assert len(totals - {2}) == 1, counts  # one bar total besides the subjects' (2)
+    total = max(totals - {2})
+    assert total > 2 and (total, total) in counts  # many blocks per run, all counted
+    assert len({a for a, b in counts if b == total}) > 2  # counted as they finished, not at the end
+    assert "sub-01 written" in terminal and "sub-02 written" in terminal
+
+
 def test_no_progress_on_a_terminal_prints_plain_lines(tiny_bids, tmp_path):
     code, terminal, stdout = _run_on_a_terminal(_command(
         "convert", tiny_bids.root, "-o", tmp_path / "c.zarr", "--cluster", "none", "--no-progress"))

@@ -330,6 +330,16 @@ def _fit_and_write(args, jobs, out, client, reporter, context) -> list[str]:
             reporter.line(f"sub-{job.label}: outputs of an interrupted run, recomputed")
     reporter.line(f"fitting {len(todo)} subject(s), {sum(len(j.model._runs) for j in todo)} run(s)")
     models = [job.model for job in todo]
+    if reporter.bars:  # a bar over the voxel blocks fitted (with its ETA), a line per subject written
+        runs = {id(run): job.label for job in todo for run in job.model._runs}
+        n_blocks = sum(len(run.fits) for job in todo for run in job.model._runs)
+        with reporter.phase("first-level: voxel blocks fitted", n_blocks) as advance, \
+                explain_worker_deaths(models, client, WORKER_DIED_ADVICE):
+            waves = fitted_in_waves(models, on_block=lambda run: advance(f"sub-{runs[id(run)]}"))
+            for _, job in zip(waves, todo):  # yields job.model, fits evaluated
+                _write_subject(args, job, out, context)
+                reporter.line(f"sub-{job.label} written")
+        return [job.label for job in todo]
     with reporter.phase("first-level", len(todo)) as advance, \
             explain_worker_deaths(models, client, WORKER_DIED_ADVICE):
         for _, job in zip(fitted_in_waves(models), todo):  # yields job.model, fits evaluated

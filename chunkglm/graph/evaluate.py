@@ -20,7 +20,7 @@ import os
 
 import dask
 import numpy as np
-from distributed import as_completed, default_client
+from distributed import as_completed, default_client, futures_of
 
 __all__ = ["active_client", "compute_blocks", "compute_items", "fitted_in_waves", "persist_fits",
            "persist_runs"]
@@ -72,13 +72,16 @@ def compute_blocks(arrays: list) -> list[np.ndarray]:
     return [np.concatenate(parts, axis=-1) for parts in blocks]
 
 
-def persist_runs(runs: list, progress=None) -> None:
+def persist_runs(runs: list, progress=None, on_block=None) -> None:
     """Evaluate the fits of lazy runs (:class:`chunkglm.graph.glm.RunFit`) as one graph, kept.
 
     Each run's ``fits`` and ``nonfinite`` counts become persisted results (the
     counts come from the same reads); the lazy fits stay in ``lazy_fits``, for
     :meth:`release` and for locating tasks (:mod:`chunkglm.graph.faults`).
     ``progress`` wraps the evaluation (e.g. a progress bar context).
+    ``on_block(run)`` is called once per voxel block fitted: as each block
+    finishes with a ``distributed`` client (from the client's callback thread;
+    persisting then returns at once), after the evaluation without one.
     """
     if not runs:
         return
@@ -86,40 +89,54 @@ def persist_runs(runs: list, progress=None) -> None:
         persisted = dask.persist(*[(run.fits, run.nonfinite) for run in runs])
     for run, (fits, counts) in zip(runs, persisted):
         run.lazy_fits, run.fits, run.nonfinite = run.fits, list(fits), list(counts)
+    if on_block is not None:
+        _report_blocks(runs, on_block)
 
 
-def persist_fits(models, progress=None) -> None:
+def _report_blocks(runs, on_block) -> None:
+    for run in runs:
+        for fit in run.fits:
+            futures = futures_of(fit)
+            if not futures:  # evaluated here already
+                on_block(run)
+                continue
+            futures[0].add_done_callback(lambda _, run=run: on_block(run))
+
+
+def persist_fits(models, progress=None, on_block=None) -> None:
     """Evaluate the fits of several first-level models as one dask graph, kept in memory.
 
     Each input chunk is read once (by its block's moments task); afterwards
     every contrast or voxelwise map of these models is arithmetic on the
     persisted per-block results. On a distributed cluster they stay on the
-    workers. ``progress`` wraps the evaluation (e.g. a progress bar context).
+    workers. ``progress`` wraps the evaluation (e.g. a progress bar context);
+    ``on_block(run)`` is called per voxel block fitted (:func:`persist_runs`).
     """
     pending = [model for model in models if not model._persisted]
     runs = [run for model in pending for run in model._runs]
     if not runs:
         return
-    persist_runs(runs, progress)
+    persist_runs(runs, progress, on_block)
     for model in pending:
         model._persisted = True
 
 
-def fitted_in_waves(models, window=None, progress=None):
+def fitted_in_waves(models, window=None, progress=None, on_block=None):
     """Yield models with their fits evaluated, holding at most two windows at once.
 
     For cohorts: a window of models is persisted (on a cluster, the next one
     starts while the current one is consumed); each model yielded is released
     when the loop moves on, so memory stays flat however many models there
     are. ``window`` defaults to twice the number of workers (or threads).
+    ``on_block(run)`` is called per voxel block fitted (:func:`persist_runs`).
     """
     window = window or _default_window()
     batches = [models[i:i + window] for i in range(0, len(models), window)]
     if batches:
-        persist_fits(batches[0], progress)
+        persist_fits(batches[0], progress, on_block)
     for index, batch in enumerate(batches):
         if index + 1 < len(batches):
-            persist_fits(batches[index + 1], progress)  # asynchronous on a cluster
+            persist_fits(batches[index + 1], progress, on_block)  # asynchronous on a cluster
         for model in batch:
             yield model
             model.release()
