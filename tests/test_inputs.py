@@ -172,8 +172,10 @@ def test_a_complete_maps_node_is_replaced_never_deleted_first(images, tmp_path):
     np.testing.assert_array_equal(np.asarray(kept.data("z").values), first)
     replaced = write_maps_node(pd.DataFrame({"z": images["map_paths"][:2]}), ["z"], store, "c")
     np.testing.assert_array_equal(np.asarray(replaced.data("z").values), first[:2])
-    root = st.open_root(store)
-    assert f"{st.REPLACING}/maps/c" not in root  # staged beside, swapped in, staging removed
+    root = st.open_root(store)  # written beside the first version, switched to at its marker
+    meta = st.node_meta(root["maps/c"])
+    assert st.VERSION.match(meta["version"]) and not st.unpublished(root["maps/c"], meta), meta
+    assert st.data_path("maps/c", meta) != "maps/c"
 
 
 def _saved(img, folder, index):
