@@ -124,3 +124,130 @@ def test_any_contrast_string_gives_weights_or_chunkglms_error(text, name, design
         vector = _Model(design)._contrast_vectors(value)[0]
         assert np.isfinite(vector).all(), (key, vector)
         assert types[key] in ("t", "F")
+
+
+# -- NIfTI headers and sidecars, through the conversion -----------------------------------------
+HEADER_FIELDS = {
+    "dim": st.lists(st.integers(-3, 70000), min_size=8, max_size=8),
+    "pixdim": st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=8, max_size=8),
+    "datatype": st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 2048, 7, 3000]),
+    "bitpix": st.integers(-8, 300),
+    "vox_offset": st.sampled_from([0.0, 1.0, 352.0, 351.0, 1e9, -4.0, float("nan")]),
+    "scl_slope": st.floats(allow_nan=True, allow_infinity=True, width=32),
+    "scl_inter": st.floats(allow_nan=True, allow_infinity=True, width=32),
+    "qform_code": st.integers(-2, 5),
+    "sform_code": st.integers(-2, 5),
+    "srow_x": st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=4, max_size=4),
+    "xyzt_units": st.integers(0, 255),
+    "sizeof_hdr": st.sampled_from([348, 540, 0, 1]),
+    "magic": st.sampled_from([b"n+1", b"ni1", b"n+2", b"xyz"]),
+}
+
+
+def _bids_with(tmp, bold_bytes: bytes, sidecar: dict, gz: bool) -> None:
+    import json
+
+    func = tmp / "sub-01" / "func"
+    func.mkdir(parents=True)
+    (tmp / "dataset_description.json").write_text(json.dumps({"Name": "fuzz", "BIDSVersion": "1.9.0"}))
+    (func / f"sub-01_task-main_desc-preproc_bold.nii{'.gz' if gz else ''}").write_bytes(bold_bytes)
+    (func / "sub-01_task-main_desc-preproc_bold.json").write_text(json.dumps(sidecar))
+    (func / "sub-01_task-main_events.tsv").write_text("onset\tduration\ttrial_type\n0\t1\ta\n10\t1\tb\n")
+
+
+def _nifti_bytes(fields: dict, truncate: int | None, gz: bool) -> bytes:
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    data = np.random.default_rng(0).normal(100, 5, size=(4, 5, 3, 12)).astype(np.float32)
+    img = nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 2.0
+    raw = io.BytesIO()
+    nib.Nifti1Image(img.dataobj, img.affine, img.header).to_file_map({"image": nib.FileHolder(fileobj=raw)})
+    blob = bytearray(raw.getvalue())
+    header = np.frombuffer(blob[:348], dtype=nib.Nifti1Header().structarr.dtype).copy()
+    for name, value in fields.items():
+        try:
+            header[name] = value
+        except (ValueError, OverflowError, TypeError):
+            continue  # a value the field cannot hold at all: not a header anyone can write
+    blob[:348] = header.tobytes()
+    if truncate is not None:
+        blob = blob[:truncate % (len(blob) + 1)]
+    return gzip.compress(bytes(blob), mtime=0) if gz else bytes(blob)
+
+
+def _converted_cleanly_or_refused(tmp, store) -> None:
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.io.convert import convert
+
+    try:
+        convert(str(tmp), str(store), task="main")
+    except ChunkglmError:
+        pass
+    else:
+        runs = open_cohort(str(store)).runs
+        assert len(runs) == 1
+        run = next(iter(runs.values()))
+        assert np.isfinite(run.attrs["RepetitionTime"]) and run.attrs["RepetitionTime"] > 0
+        return
+    if store.exists():  # nothing half-written is counted as complete
+        from chunkglm.io import layout as st
+
+        root = st.open_root(str(store))
+        assert not [k for k, done in st.node_status(root, "runs").items() if done], "a failed run counted complete"
+
+
+NIFTI_FUZZ = settings(FUZZ, max_examples=40)
+
+
+def test_the_unmutated_run_converts(tmp_path):
+    """The fuzzed cases below start from this run: it must convert, or they test nothing."""
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.io.convert import convert
+
+    _bids_with(tmp_path / "bids", _nifti_bytes({}, None, True), {"RepetitionTime": 2.0, "StartTime": 0.5}, True)
+    convert(str(tmp_path / "bids"), str(tmp_path / "s.zarr"), task="main")
+    (run,) = open_cohort(str(tmp_path / "s.zarr")).runs.values()
+    assert run.attrs["RepetitionTime"] == 2.0 and run.attrs["slice_time_ref"] == 0.25
+
+
+@NIFTI_FUZZ
+@given(fields=st.dictionaries(st.sampled_from(sorted(HEADER_FIELDS)), st.none(), max_size=3).flatmap(
+           lambda chosen: st.fixed_dictionaries({k: HEADER_FIELDS[k] for k in chosen})),
+       truncate=st.one_of(st.none(), st.integers(0, 4000)), gz=st.booleans())
+def test_any_nifti_header_converts_cleanly_or_is_refused(fields, truncate, gz, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bids")
+    _bids_with(tmp, _nifti_bytes(fields, truncate, gz), {"RepetitionTime": 2.0}, gz)
+    _converted_cleanly_or_refused(tmp, tmp_path_factory.mktemp("store") / "s.zarr")
+
+
+sidecar_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), cells,
+                           st.lists(st.floats(allow_nan=True), max_size=3),
+                           st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@NIFTI_FUZZ
+@given(t_r=sidecar_values, start=sidecar_values, slice_timing=sidecar_values)
+def test_any_sidecar_timing_converts_cleanly_or_is_refused(t_r, start, slice_timing, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bids")
+    sidecar = {k: v for k, v in (("RepetitionTime", t_r), ("StartTime", start), ("SliceTiming", slice_timing))
+               if v is not None}
+    _bids_with(tmp, _nifti_bytes({}, None, True), sidecar, True)
+    store = tmp_path_factory.mktemp("store") / "s.zarr"
+    _converted_cleanly_or_refused(tmp, store)
+    if store.exists():
+        from chunkglm.glm.first_level import first_level_from_bids
+        from chunkglm.io.cohort import open_cohort
+
+        if not open_cohort(str(store)).runs:
+            return
+        try:
+            models, *_ = first_level_from_bids(str(store), "main")
+        except ChunkglmError:
+            return
+        ref = models[0].slice_time_ref
+        assert ref is None or (np.isfinite(ref) and 0 <= ref <= 1), ref

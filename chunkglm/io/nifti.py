@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 from isal import igzip, igzip_threaded
 from isal.isal_zlib import error as IsalError
+from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import apply_read_scaling
 
 from chunkglm.errors import CorruptInputError, InputError
@@ -215,16 +216,32 @@ class NiftiReader:
         first = self._read_exact(4)
         size = _header_size(first, self.path)
         header_bytes = first + self._read_exact(size - 4)
-        header = header_from_bytes(header_bytes)
-        _check_single_file(header, self.path)
-        offset = int(header.get_data_offset())
+        if len(header_bytes) < size:
+            raise CorruptInputError(f"{self.path} is truncated: its NIfTI header has {len(header_bytes)} of "
+                                    f"{size} bytes. Re-copy or re-export the file.")
+        try:
+            header = header_from_bytes(header_bytes)
+            _check_single_file(header, self.path)
+            offset = int(header.get_data_offset())
+            shape = tuple(int(n) for n in header.get_data_shape())
+            dtype = header.get_data_dtype()
+            slope, inter = header.get_slope_inter()
+        except InputError:
+            raise
+        except (HeaderDataError, ValueError, TypeError, OverflowError, KeyError) as err:
+            # nibabel refuses the header's fields (dim, datatype, offset, scaling...)
+            raise CorruptInputError(f"{self.path} has an invalid NIfTI header ({type(err).__name__}: "
+                                    f"{str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'}). "
+                                    "Re-export the image, e.g. with nibabel.") from err
+        if any(n < 0 for n in shape) or offset < size:
+            raise CorruptInputError(f"{self.path} has an invalid NIfTI header (shape {shape}, data offset "
+                                    f"{offset}). Re-export the image, e.g. with nibabel.")
         self._read_exact(max(0, offset - self._pos))  # extensions, padding
-        slope, inter = header.get_slope_inter()
         return NiftiInfo(
             path=self.path,
             header_bytes=header_bytes,
-            shape=tuple(int(n) for n in header.get_data_shape()),
-            dtype=header.get_data_dtype(),
+            shape=shape,
+            dtype=dtype,
             offset=offset,
             slope=1.0 if slope is None else slope,
             inter=0.0 if inter is None else inter,

@@ -82,6 +82,7 @@ def _convert(root, store, job, input_storage_options) -> dict:
         info = reader.info
         _check_run_grid(info, grid, job.bold, job.preprocessing)
         _check_repetition_time(job, info)
+        _check_start_time(job, info)
         confounds = _read_table(job.confounds, input_storage_options)
         _check_confounds(confounds, info.n_volumes, job)
         events = _read_table(job.events, input_storage_options)
@@ -90,6 +91,7 @@ def _convert(root, store, job, input_storage_options) -> dict:
         try:
             sha256, size = _write_run(node, job, reader, grid, input_storage_options)
             _write_tables(node, confounds, events, info)
+            st.write_voxel_coordinate(node, grid)
         except BaseException:
             st.discard_version(root, node)
             raise
@@ -387,6 +389,20 @@ def _check_repetition_time(job, info):
             f"{header:g} s. BIDS requires them equal, and a wrong TR misplaces every event of the design "
             "(events past the end of the run, a rank-deficient design). Fix the sidecar or the header."
         )
+
+
+def _check_start_time(job, info):
+    """The sidecar's StartTime (BIDS: when the reference slice was acquired, in seconds from the
+    volume's start) is a number in [0, TR]: nilearn's slice_time_ref is StartTime / TR."""
+    if "StartTime" not in job.metadata:
+        return
+    value = job.metadata["StartTime"]
+    zooms = info.header.get_zooms()
+    tr = job.metadata.get("RepetitionTime", _seconds(float(zooms[3]), info) if len(zooms) > 3 else None)
+    number = not isinstance(value, bool) and isinstance(value, int | float) and np.isfinite(value)
+    if not number or value < 0 or not tr or value > tr:
+        raise InputError(f"the sidecar of {job.bold} gives StartTime {value!r}; it must be a number of "
+                         f"seconds from 0 to the RepetitionTime ({tr!r}). Fix the sidecar.")
 
 
 def _run_attrs(job, info):
