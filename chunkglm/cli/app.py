@@ -130,6 +130,7 @@ def _write_description(output_dir, bids_dir, derivatives) -> None:
                                   existing=existing if existing.is_file() else None)
     with StagedOutput(output_dir) as out:
         write_json(out.path("dataset_description.json"), content)
+        out.ignore(["node-*"])  # fitlins' layout: BIDS defines no statistical-model derivatives yet
 
 
 def _line(text: str) -> None:

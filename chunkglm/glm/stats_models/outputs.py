@@ -2,7 +2,8 @@
 
 ``node-<node>/[sub-<s>/][ses-<S>/][sub-<s>_][ses-<S>_][task-<t>_][acq-<a>_][rec-<r>_][run-<n>_]
 [echo-<e>_][space-<sp>_]contrast-<c>_stat-<effect|variance|t|F|z|p>_statmap.nii.gz`` and, per run,
-``node-<node>/sub-<s>/..._design.tsv``, as fitlins 0.11 writes them. Node and contrast names
+``node-<node>/sub-<s>/..._design.tsv`` and ``..._stat-rSquare_statmap.nii.gz``, as fitlins 0.11
+writes them (not its ``stat-logLikelihood`` maps). Node and contrast names
 become labels by fitlins' rule (every character but ASCII letters and digits is a word break,
 words camelCased: ``"trial_type.a"`` -> ``trialTypeA``), so no name can leave the output folder.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 
-__all__ = ["MAP_NAMES", "design_path", "fitlins_label", "map_path", "write_map"]
+__all__ = ["MAP_NAMES", "design_path", "fitlins_label", "map_path", "model_map_path", "write_map"]
 
 #: pybids entity name -> file-name key, in fitlins' order.
 _ENTITY_KEYS = (("subject", "sub"), ("session", "ses"), ("task", "task"), ("acquisition", "acq"),
@@ -73,6 +74,12 @@ def design_path(node_name: str, entities: dict) -> str:
     """Relative path of a run's design matrix: ``node-run/sub-01/sub-01_task-x_run-1_design.tsv``."""
     folders, prefix = _prefix(entities, _ENTITY_KEYS[:-1])
     return "/".join([f"node-{fitlins_label(node_name, 'node')}", *folders, f"{prefix}_design.tsv"])
+
+
+def model_map_path(node_name: str, entities: dict, stat: str) -> str:
+    """Relative path of a run's model map: ``node-run/sub-01/sub-01_task-x_run-1_stat-rSquare_statmap.nii.gz``."""
+    folders, prefix = _prefix(entities, _ENTITY_KEYS[:-1])
+    return "/".join([f"node-{fitlins_label(node_name, 'node')}", *folders, f"{prefix}_stat-{stat}_statmap.nii.gz"])
 
 
 def write_map(img, path) -> None:
