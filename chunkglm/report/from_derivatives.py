@@ -56,7 +56,7 @@ def find_results(root) -> list[Found]:
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root} is not a folder: pass a derivatives folder written by chunkglm "
-                         "(e.g. derivatives/glm, or the --out folder of chunkglm meta).")
+                         "(e.g. derivatives/glm, or the -o/--output-dir folder of chunkglm meta).")
     found = []
     for path in sorted(root.rglob("*.json")):
         if path.name.startswith(".") or path.name.endswith("provenance.json") or \
