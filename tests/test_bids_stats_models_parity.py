@@ -8,6 +8,9 @@ difference and an F test (terminal: the edge passes the t contrasts on); fixed e
 then three dataset nodes: a one-sample GLM per contrast, an age covariate from participants.tsv
 (a t and an F test) and a two-group comparison (a Factor of participants.tsv's group).
 
+A second, smaller run (one subject x 2 runs) checks examples/models/parametric_modulation.json
+(Scale and Product transformations: a trial-by-trial modulator of condition a).
+
 fitlins gets the same model with two spellings of its own: the subject node's type "Meta" (fitlins
 0.11 compares with "Meta"; the specification's "meta", which bsmschema requires, makes fitlins run
 a GLM), and ``--drift-model cosine`` for the model's ``HighPassFilterCutoffHz`` of 0.01 Hz
@@ -188,3 +191,42 @@ def test_bids_validator_accepts_the_output(chunkglm_out):
     print(errors, file=sys.stderr)
     assert errors == [] and done.returncode == 0
     assert "node-*" in (chunkglm_out / ".bidsignore").read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def modulated(tmp_path_factory):
+    """One subject x 2 runs whose events carry a modulation value per trial, both tools' outputs of
+    examples/models/parametric_modulation.json at the participant level."""
+    root = tmp_path_factory.mktemp("bsm_pmod")
+    ds = make_synthetic_bids(root / "ds", n_subjects=1, n_runs=2, size="tiny", seed=5)
+    rng = np.random.default_rng(0)
+    for run in ds.runs:
+        events = pd.read_csv(run.events_path, sep="\t")
+        events["modulation"] = np.round(rng.uniform(0.5, 2.0, len(events)), 3)
+        events.to_csv(run.events_path, sep="\t", index=False, na_rep="n/a")
+    model = json.loads((EXAMPLES / "parametric_modulation.json").read_text())
+    model["Nodes"][1]["Model"]["Type"] = "Meta"  # fitlins' spelling, see the module docstring
+    (root / "fitlins_model.json").write_text(json.dumps(model))
+    command = [_fitlins_python(), str(ROOT / "tests" / "_fitlins_reference.py"), str(ds.root), str(root / "fitlins"),
+               "participant", "-m", str(root / "fitlins_model.json"), "-d", str(ds.derivatives),
+               "-w", str(root / "fitlins_work"), "--space", SPACE, "-q", "-q"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0, run.stderr[-3000:]
+    code = main(["app", str(ds.root), str(root / "chunkglm"), "participant", "--model",
+                 str(EXAMPLES / "parametric_modulation.json"), "--cluster", "none", "--no-progress"])
+    assert code == 0
+    return root / "fitlins", root / "chunkglm"
+
+
+def test_parametric_modulation_equals_fitlins(modulated):
+    fitlins, ours = modulated
+    theirs = {n for n in _maps(fitlins) if not n.endswith(tuple(f"{m}.nii.gz" for m in NOT_WRITTEN))}
+    assert set(_maps(ours)) == theirs
+    assert any("contrast-modulation_stat-t" in name for name in theirs)
+    for name, path in _maps(ours).items():
+        # float32 maps, two levels: see test_every_map_equals_fitlins
+        assert rel_l2(np.asarray(nib.load(path).dataobj, dtype=np.float64),
+                      np.asarray(nib.load(fitlins / name).dataobj, dtype=np.float64)) <= 1e-5, name
+    for design in fitlins.rglob("*_design.tsv"):
+        np.testing.assert_allclose(pd.read_csv(ours / design.relative_to(fitlins), sep="\t").to_numpy(),
+                                   pd.read_csv(design, sep="\t").to_numpy(), rtol=0, atol=1e-9)
