@@ -209,3 +209,47 @@ def test_run_fitted_in_its_own_mask_on_the_union_store_equals_nilearn(two_subjec
         b = theirs.compute_contrast("x - y", output_type=output).get_fdata()
         # same float32 data, float64 fits: only the summation order of BLAS differs (~1e-14)
         assert rel_l2(a, b) < 1e-10, output
+
+
+# -- sessions, subjects, levels -------------------------------------------------------------------
+
+SESSION_MODEL = {
+    "Name": "sessions", "BIDSModelVersion": "1.0.0", "Input": {"task": ["main"]},
+    "Nodes": [
+        {**MODEL["Nodes"][0], "GroupBy": ["run", "session", "subject"]},
+        {"Level": "Session", "Name": "session", "GroupBy": ["subject", "session", "contrast"],
+         "Model": {"X": [1], "Type": "meta"}, "DummyContrasts": {"Test": "t"}},
+        {"Level": "Subject", "Name": "subject", "GroupBy": ["subject", "contrast"],
+         "Model": {"X": [1], "Type": "meta"}, "DummyContrasts": {"Test": "t"}},
+    ],
+}
+
+
+def test_session_nodes_combine_the_runs_of_each_session(tmp_path):
+    ds = make_synthetic_bids(tmp_path / "ds", n_subjects=1, n_sessions=2, n_runs=2, size="tiny", seed=2)
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps(SESSION_MODEL))
+    out = tmp_path / "out"
+    code = main(["app", str(ds.root), str(out), "session", "--model", str(model), "--cluster", "none", "--no-progress"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["cohort.zarr", "node-run", "node-session"]
+    load = lambda relative: np.asarray(nib.load(out / relative).dataobj, dtype=np.float64)  # noqa: E731
+    for session in ("1", "2"):
+        runs = [load(f"node-run/sub-01/ses-{session}/sub-01_ses-{session}_run-{r}_contrast-a_stat-effect_statmap.nii.gz")
+                for r in (1, 2)]
+        fixed = load(f"node-session/sub-01/ses-{session}/sub-01_ses-{session}_contrast-a_stat-effect_statmap.nii.gz")
+        inside = fixed != 0
+        # nilearn's fixed effects (not precision-weighted): the mean of the runs' float32 effects
+        np.testing.assert_allclose(fixed[inside], np.mean(runs, axis=0)[inside], rtol=1e-6, atol=1e-7)
+    assert not (out / "node-subject").exists()  # the analysis level stops at the session nodes
+
+
+def test_unknown_participant_label_is_named(tmp_path, capsys):
+    ds = make_synthetic_bids(tmp_path / "ds", n_subjects=1, n_runs=1, size="tiny")
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps(MODEL))
+    code = main(["app", str(ds.root), str(tmp_path / "out"), "run", "--model", str(model), "--participant-label",
+                 "sub-07", "--cluster", "none", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "07" in err and "subjects ['01']" in err  # the conversion's message: what there is
