@@ -253,3 +253,33 @@ def test_unknown_participant_label_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "07" in err and "subjects ['01']" in err  # the conversion's message: what there is
+
+
+def _app(ds, tmp_path, model, level="participant"):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    return main(["app", str(ds.root), str(tmp_path / "out"), level, "--model", str(path), "--cluster", "none",
+                 "--no-progress", "--store", str(tmp_path / "store.zarr")])
+
+
+def test_pass_contrasts_write_effect_and_variance_only(two_subjects, tmp_path):
+    ds, _ = two_subjects
+    model = copy.deepcopy(MODEL)
+    model["Nodes"] = model["Nodes"][:1]
+    model["Nodes"][0]["Contrasts"][0]["Test"] = "pass"
+    assert _app(ds, tmp_path, model, "run") == 0
+    names = sorted(p.name for p in (tmp_path / "out" / "node-run" / "sub-01").glob("*contrast-a_*"))
+    assert names == ["sub-01_run-1_contrast-a_stat-effect_statmap.nii.gz",
+                     "sub-01_run-1_contrast-a_stat-variance_statmap.nii.gz"]
+
+
+def test_group_glm_needs_two_inputs_and_the_first_node_fits_runs(two_subjects, tmp_path, capsys):
+    ds, _ = two_subjects
+    one_run_glm = _broken(lambda m: m["Nodes"][1]["Model"].__setitem__("Type", "glm"))
+    assert _app(ds, tmp_path, one_run_glm) == 2  # each subject has one run
+    err = capsys.readouterr().err
+    assert "node 'subject': a GLM needs at least 2 input maps; this group has 1" in err
+    subject_first = _broken(lambda m: m.__setitem__("Nodes", m["Nodes"][1:]))
+    assert _app(ds, tmp_path, subject_first) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "must be at the Run level" in err
