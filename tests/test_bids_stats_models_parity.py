@@ -104,6 +104,10 @@ def test_same_map_files_as_fitlins(fitlins_out, chunkglm_out):
     assert {name.split("/")[0] for name in ours} == {"node-run", "node-subject", "node-dataset", "node-age",
                                                       "node-groups"}
     assert (chunkglm_out / "dataset_description.json").is_file()
+    figures = sorted(p.relative_to(fitlins_out).as_posix() for p in fitlins_out.rglob("*_design.svg"))
+    assert len(figures) == 10
+    for figure in figures:  # fitlins' design figures (empty in the harness) and chunkglm's, same names
+        assert (chunkglm_out / figure).read_text().lstrip().startswith("<?xml"), figure
     assert (chunkglm_out / "app_provenance.json").is_file()
 
 

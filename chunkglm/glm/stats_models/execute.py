@@ -7,7 +7,7 @@
   each chunk read once, a bounded number of runs in memory), and every
   contrast's effect, variance, t or F, z and p maps are written as each run
   is done (an F contrast's effect has one volume per row), with the run's design
-  matrix and r-square map (not fitlins' log-likelihood map).
+  matrix (TSV and SVG figure) and r-square map (not fitlins' log-likelihood map).
 - ``"meta"`` nodes: fixed effects of their inputs' effects and variances
   with nilearn's ``compute_fixed_effects`` (mask: nilearn's background mask of
   the effects; not precision-weighted), writing effect, variance and t, as
@@ -39,9 +39,17 @@ from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel, fitted_in_waves
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.glm.stats_models.design import run_design
-from chunkglm.glm.stats_models.outputs import MAP_NAMES, design_path, map_path, model_map_path, write_map
+from chunkglm.glm.stats_models.outputs import (
+    MAP_NAMES,
+    design_path,
+    figure_path,
+    map_path,
+    model_map_path,
+    write_map,
+)
 from chunkglm.io.bids import bids_name, parse_entities
 from chunkglm.io.derivatives import StagedOutput
+from chunkglm.report.figures import design_matrix_figure, save_figure
 
 __all__ = ["ANALYSIS_LEVELS", "ContrastMaps", "ModelRun"]
 
@@ -155,6 +163,7 @@ class ModelRun:
         outputs = []
         with StagedOutput(self.output_dir) as out:
             design.to_csv(out.path(design_path(node.name, entities)), sep="\t", index=False)
+            save_figure(design_matrix_figure(design), [out.path(figure_path(node.name, entities, "design"))])
             r_square = model.voxelwise_images("r_square")[0]  # from the fits: no second read
             write_map(r_square, out.path(model_map_path(node.name, entities, "rSquare")))
             for contrast in spec.contrasts:

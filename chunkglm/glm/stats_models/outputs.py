@@ -2,8 +2,9 @@
 
 ``node-<node>/[sub-<s>/][ses-<S>/][sub-<s>_][ses-<S>_][task-<t>_][acq-<a>_][rec-<r>_][run-<n>_]
 [echo-<e>_][space-<sp>_]contrast-<c>_stat-<effect|variance|t|F|z|p>_statmap.nii.gz`` and, per run,
-``node-<node>/sub-<s>/..._design.tsv`` and ``..._stat-rSquare_statmap.nii.gz``, as fitlins 0.11
-writes them (not its ``stat-logLikelihood`` maps). Node and contrast names
+``node-<node>/sub-<s>/..._design.tsv``, ``..._stat-rSquare_statmap.nii.gz`` and the design
+matrix figure ``node-<node>/reports/sub-<s>/figures/run-<n>/..._design.svg``, as fitlins 0.11 writes
+them (not its ``stat-logLikelihood`` maps, nor its correlation, contrast and glass-brain figures). Node and contrast names
 become labels by fitlins' rule (every character but ASCII letters and digits is a word break,
 words camelCased: ``"trial_type.a"`` -> ``trialTypeA``), so no name can leave the output folder.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 
-__all__ = ["MAP_NAMES", "design_path", "fitlins_label", "map_path", "model_map_path", "write_map"]
+__all__ = ["MAP_NAMES", "design_path", "figure_path", "fitlins_label", "map_path", "model_map_path", "write_map"]
 
 #: pybids entity name -> file-name key, in fitlins' order.
 _ENTITY_KEYS = (("subject", "sub"), ("session", "ses"), ("task", "task"), ("acquisition", "acq"),
@@ -74,6 +75,16 @@ def design_path(node_name: str, entities: dict) -> str:
     """Relative path of a run's design matrix: ``node-run/sub-01/sub-01_task-x_run-1_design.tsv``."""
     folders, prefix = _prefix(entities, _ENTITY_KEYS[:-1])
     return "/".join([f"node-{fitlins_label(node_name, 'node')}", *folders, f"{prefix}_design.tsv"])
+
+
+def figure_path(node_name: str, entities: dict, suffix: str) -> str:
+    """Relative path of a run's figure, as fitlins' reports:
+    ``node-run/reports/sub-01/figures/run-1/sub-01_task-x_run-1_design.svg``."""
+    folders, prefix = _prefix(entities, _ENTITY_KEYS[:-1])
+    run = _scalar(entities.get("run"))
+    figures = ["figures", *([f"run-{run}"] if run is not None else [])]
+    return "/".join([f"node-{fitlins_label(node_name, 'node')}", "reports", *folders, *figures,
+                     f"{prefix}_{suffix}.svg"])
 
 
 def model_map_path(node_name: str, entities: dict, stat: str) -> str:
