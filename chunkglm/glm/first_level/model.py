@@ -39,7 +39,7 @@ from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import stage_inputs
 from chunkglm.io.nifti import image_from_voxels
 from chunkglm.io.preprocess import SpatialPreprocessing
-from chunkglm.io.layout import node_meta, zarr_store
+from chunkglm.io.layout import ATTR, zarr_store
 from chunkglm.kernels.ar import ar_order
 from chunkglm.kernels.finite import warn
 from chunkglm.kernels.glm import is_grand_mean_scaling
@@ -368,7 +368,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     def _check_preprocessing(self, nodes):
         wanted = SpatialPreprocessing(*self._preprocessing()).to_attrs()
         for node in nodes:
-            done = node_meta(node.cohort.root[node.path]).get("preprocessing", SpatialPreprocessing().to_attrs())
+            # the marker as read when the store was opened: the version this node reads
+            done = dict(node.attrs.get(ATTR, {})).get("preprocessing", SpatialPreprocessing().to_attrs())
             if done != wanted:
                 raise InputError(
                     f"{node.name} was converted with {done}, but this model asks for {wanted}. "
