@@ -195,7 +195,9 @@ class Cohort:
     def __init__(self, store, storage_options=None, *, allow_incomplete=False):
         self.location = st.redact_url(str(store))
         self.zarr_store = st.zarr_store(store, storage_options, read_only=True)
-        self.root = st.open_root(self.zarr_store, mode="r")
+        # one read: the root document with every node's (consolidated metadata); None in
+        # stores written before it, whose nodes are then read one by one
+        self.root, self._listing = st.open_root_listing(self.zarr_store, store)
         self.allow_incomplete = bool(allow_incomplete)
         #: Incomplete node paths that selections skipped (``allow_incomplete=True``).
         self.skipped: list[str] = []
@@ -224,15 +226,16 @@ class Cohort:
     @cached_property
     def grids(self) -> list[str]:
         """Complete grid ids."""
-        return [n for n, ok in st.node_status(self.root, "grids").items() if ok]
+        return [n for n, ok in st.node_status(self.root, "grids", self._listing).items() if ok]
 
     @property
     def incomplete(self) -> list[str]:
         """Nodes whose writing was interrupted (re-run the conversion)."""
-        return [f"{kind}/{n}" for kind in st.KINDS for n, ok in st.node_status(self.root, kind).items() if not ok]
+        return [f"{kind}/{n}" for kind in st.KINDS
+                for n, ok in st.node_status(self.root, kind, self._listing).items() if not ok]
 
     def _nodes(self, kind):
-        found = st.node_attributes(self.root, kind)
+        found = st.node_attributes(self.root, kind, self._listing)
         nodes = {}
         for name, attrs in found.items():
             if attrs:
@@ -290,8 +293,9 @@ class Cohort:
         return [node for node in self.runs.values() if matches(node.entities)]
 
     def to_datatree(self) -> xr.DataTree:
-        """The whole store as a lazy xarray DataTree."""
-        return xr.open_datatree(self.zarr_store, engine="zarr", zarr_format=3, consolidated=False, chunks={})
+        """The whole store as a lazy xarray DataTree (from its consolidated metadata where it has it)."""
+        return xr.open_datatree(self.zarr_store, engine="zarr", zarr_format=3,
+                                consolidated=self._listing is not None, chunks={})
 
     def to_nifti(self, path: str, out=None, variable=None):
         """Shortcut for ``self.node(path).to_nifti(out)``."""

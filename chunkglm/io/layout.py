@@ -11,6 +11,10 @@ A node (grid, run or map collection) counts as present only when its
 ``attrs["chunkglm"]["complete"]`` is true; that attribute is written last, in
 one metadata write (atomic on local disk and on object stores), so a node cut
 off half-way is recognised and rewritten, never read.
+
+The root ``zarr.json`` inlines every node's documents (zarr v3 consolidated
+metadata, :mod:`chunkglm.io.consolidated`): opening and listing a store is
+one read; each node's completion or version switch merges its documents in.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from functools import cached_property
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.dtype import VariableLengthUTF8
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import AsyncGroup, GroupMetadata
 from zarr.core.sync import sync
 from zarr.errors import UnstableSpecificationWarning
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, StorePath
 
 from chunkglm._version import __version__
 from chunkglm.errors import IncompatibleStoreError, InputError, StoreError
-from chunkglm.io import locks
+from chunkglm.io import consolidated, locks
 from chunkglm.io.integrity import node_inventory
 from chunkglm.io.backends import open_store, redact_url
 
@@ -108,27 +114,23 @@ def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
         The store's format major version differs from this chunkglm's.
     """
     zstore = zarr_store(store, storage_options, read_only=(mode == "r"))
-    if mode != "r" and _holds_other_files(zstore):
+    if mode == "r":
+        return open_root_listing(zstore, store)[0]
+    if _holds_other_files(zstore):
         raise StoreError(
             f"{redact_url(str(store))} is not empty and not a chunkglm cohort store (it has files "
             "but no zarr.json). Choose an empty or new location for the store; nothing was written."
         )
     try:
-        root = zarr.open_group(zstore, mode="r" if mode == "r" else "a", zarr_format=3)
+        # writers see the store's own documents, never the consolidated listing of before
+        root = zarr.open_group(zstore, mode="a", zarr_format=3, use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise StoreError(
-            f"no cohort store at {redact_url(str(store))}. Create one with "
-            "chunkglm.convert(inputs, store) or `chunkglm convert`."
-        ) from err
+        raise _no_store(store) from err
     except (ValueError, zarr.errors.ContainsArrayError) as err:
-        where = redact_url(str(store)).removeprefix("file://")
-        raise StoreError(
-            f"{where} is not a readable zarr v3 group ({type(err).__name__}: {err}). If it is a cohort "
-            "store, its root zarr.json is damaged: convert the inputs again into a new store."
-        ) from err
+        raise _damaged_root(store, err) from err
     meta = root.attrs.get(ATTR)
     if meta is None:
-        if mode == "r" or _has_members(root):
+        if _has_members(root):
             raise StoreError(
                 f"{redact_url(str(store))} is not a chunkglm cohort store (a folder with other "
                 "files, or a zarr group without 'chunkglm' attributes). Choose an empty or new "
@@ -138,6 +140,55 @@ def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
     else:
         check_format(meta, store)
     return root
+
+
+def open_root_listing(zstore, store=None) -> tuple[zarr.Group, dict[str, dict] | None]:
+    """Open a store's root for reading in one request: the root group and its consolidated
+    listing (node path -> its ``zarr.json`` document; None in a store without one).
+
+    The group reads its members from the store itself (never from the listing).
+    Raises StoreError / IncompatibleStoreError as :func:`open_root`.
+    """
+    store = zstore if store is None else store
+    try:
+        document = consolidated.read_root(zstore)
+    except FileNotFoundError as err:
+        raise _no_store(store) from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _damaged_root(store, err) from err
+    if document is None:
+        raise _no_store(store)
+    if not isinstance(document, dict) or document.get("zarr_format") != 3 or document.get("node_type") != "group":
+        found = document.get("node_type") if isinstance(document, dict) else type(document).__name__
+        raise _damaged_root(store, ValueError(f"its root zarr.json is not a zarr v3 group (node_type {found!r})"))
+    listing = consolidated.listing(document)
+    try:
+        metadata = GroupMetadata.from_dict({k: v for k, v in document.items() if k != consolidated.KEY})
+    except (ValueError, TypeError, KeyError) as err:
+        raise _damaged_root(store, err) from err
+    root = zarr.Group(AsyncGroup(metadata=metadata, store_path=StorePath(zstore, "")))
+    meta = root.attrs.get(ATTR)
+    if meta is None:
+        raise StoreError(
+            f"{redact_url(str(store))} is not a chunkglm cohort store (a folder with other "
+            "files, or a zarr group without 'chunkglm' attributes). Choose an empty or new "
+            "location for the store."
+        )
+    check_format(meta, store)
+    return root, listing
+
+
+def _no_store(store) -> StoreError:
+    return StoreError(f"no cohort store at {redact_url(str(store))}. Create one with "
+                      "chunkglm.convert(inputs, store) or `chunkglm convert`.")
+
+
+def _damaged_root(store, err) -> StoreError:
+    where = redact_url(str(store)).removeprefix("file://")
+    return StoreError(
+        f"{where} is not a readable zarr v3 group ({type(err).__name__}: {err}). If it is a cohort "
+        "store, its root zarr.json is damaged: convert the inputs again into a new store."
+    )
 
 
 def _holds_other_files(zstore) -> bool:
@@ -207,19 +258,24 @@ def is_complete(group) -> bool:
     return bool(node_meta(group).get("complete"))
 
 
-def node_status(root, kind: str) -> dict[str, bool]:
-    """Map node name -> complete? for every node under ``grids``/``runs``/``maps``."""
-    return {name: bool(attrs) for name, attrs in node_attributes(root, kind).items()}
+def node_status(root, kind: str, listing: dict | None = None) -> dict[str, bool]:
+    """Map node name -> complete? for every node under ``grids``/``runs``/``maps``
+    (from ``listing``, the root's consolidated documents, when given)."""
+    return {name: bool(attrs) for name, attrs in node_attributes(root, kind, listing).items()}
 
 
-def node_attributes(root, kind: str) -> dict[str, dict]:
+def node_attributes(root, kind: str, listing: dict | None = None) -> dict[str, dict]:
     """Map node name -> its attributes, read once ({} for an incomplete or unreadable node).
 
     A complete node's attributes name its current version (:func:`data_path`):
     a reader that keeps them reads that version, whatever is switched in later.
+    With ``listing`` (the root's consolidated documents, :func:`open_root_listing`)
+    nothing is read; without it, one read per node.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; received {kind!r}")
+    if listing is not None:
+        return _listed_attributes(listing, kind)
     if kind not in root:
         return {}
     parent = root[kind]
@@ -233,6 +289,18 @@ def node_attributes(root, kind: str) -> dict[str, dict]:
     return found
 
 
+def _listed_attributes(listing: dict, kind: str) -> dict[str, dict]:
+    found = {}
+    for path in sorted(listing):
+        parent, _, name = path.partition("/")
+        if parent != kind or not name or "/" in name or listing[path].get("node_type") != "group":
+            continue
+        attrs = listing[path].get("attributes")
+        complete = isinstance(attrs, dict) and dict(attrs.get(ATTR) or {}).get("complete")
+        found[name] = dict(attrs) if complete else {}
+    return found
+
+
 def start_node(root, kind: str, name: str) -> zarr.Group:
     """Create an empty node, deleting whatever incomplete node was there."""
     check_node_name(name)
@@ -243,7 +311,9 @@ def start_node(root, kind: str, name: str) -> zarr.Group:
         parent = root.require_group(kind)
     except zarr.errors.ContainsGroupError:  # another process's task created it meanwhile
         parent = root[kind]
-    return parent.create_group(name, attributes={ATTR: {"complete": False}})
+    group = parent.create_group(name, attributes={ATTR: {"complete": False}})
+    consolidated.merge(root, path)  # listed incomplete until its completion is merged
+    return group
 
 
 #: Where chunkglm before versioned nodes staged a replacement (still finished or removed).
@@ -317,6 +387,7 @@ def publish_version(root, kind: str, name: str, group) -> None:
         path = f"{kind}/{name}"
         if group.path.strip("/") != path:
             _switch(root, path, group)
+        consolidated.merge(root, path)
     finally:
         locks.release(root, kind, name)
 
@@ -346,6 +417,7 @@ def remove_superseded(root, path: str, keep: float | None = None) -> list[str]:
     attrs = node.attrs.asdict()
     attrs[ATTR] = {**meta, "superseded": {v: t for v, t in meta["superseded"].items() if v not in due}}
     node.attrs.put(attrs)
+    consolidated.merge(root, path)
     return due
 
 
@@ -393,6 +465,7 @@ def discard_version(root, group) -> None:
     try:
         if group.path in root and not is_complete(root[group.path]):
             del root[group.path]
+            consolidated.merge(root, f"{kind}/{name}")
     finally:
         locks.release(root, kind, name)
 
@@ -414,6 +487,7 @@ def resume_swap(root, kind: str, name: str) -> bool:
             return False
         newest = max(ready, key=_number)
         _switch(root, path, node[newest])
+        consolidated.merge(root, path)
         return True
 
 
@@ -425,6 +499,8 @@ def _finish_legacy_swap(root, kind: str, name: str) -> bool:
     root.require_group(path).attrs.put({ATTR: {"complete": False, "replacing_from": staging}})
     _copy_prefix(root.store, _key(root, staging), _key(root, path))
     del root[staging]
+    consolidated.merge(root, path)
+    consolidated.merge(root, REPLACING)
     return True
 
 
@@ -462,25 +538,32 @@ def finish_node(group, attrs: dict, meta: dict) -> None:
 
 
 def write_array(group, name, data, dims, *, chunks=None, shards=None, attrs=None):
-    """Write one labelled array (dimension names as xarray reads them)."""
+    """Write one labelled array (dimension names as xarray reads them).
+
+    Text is stored as zarr v3's ``string`` data type (variable-length UTF-8,
+    ``vlen-utf8`` codec; zarr-extensions), which zarr-python writes and reads
+    without its unstable-data-type warning and other zarr v3 readers know.
+    Stores written before keep their ``fixed_length_utf32`` arrays, still read.
+    """
     data = np.asarray(data)
-    if data.dtype.kind in "OU":
-        data = data.astype(str)
+    dtype = data.dtype
+    if data.dtype.kind in "OUT":
+        data, dtype = data.astype(str).astype(object), VariableLengthUTF8()
     codecs = checked_codecs(data.dtype)
     with warnings.catch_warnings():
-        # zarr notes that its variable-length string dtype may still change
+        # a store written before (fixed-width text): zarr warns while re-encoding its documents
         warnings.simplefilter("ignore", UnstableSpecificationWarning)
-        arr = _create(group, name, data, dims, chunks, shards, codecs, attrs)
+        arr = _create(group, name, data, dtype, dims, chunks, shards, codecs, attrs)
         if data.size:
             arr[...] = data
     return arr
 
 
-def _create(group, name, data, dims, chunks, shards, codecs, attrs):
+def _create(group, name, data, dtype, dims, chunks, shards, codecs, attrs):
     return group.create_array(
         name,
         shape=data.shape,
-        dtype=data.dtype,
+        dtype=dtype,
         chunks=chunks or data.shape or (1,),
         shards=shards,
         compressors=codecs,
@@ -509,8 +592,11 @@ def add_provenance(root, record: dict) -> None:
     except zarr.errors.ContainsGroupError:  # another process created it meanwhile
         parent = root[PROVENANCE]
     name = f"{stamp}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    parent.create_group(re.sub(r"[^A-Za-z0-9_.-]", "", name),
-                        attributes={ATTR: {"time": _now(), "chunkglm_version": __version__, **record}})
+    group = parent.create_group(re.sub(r"[^A-Za-z0-9_.-]", "", name),
+                                attributes={ATTR: {"time": _now(), "chunkglm_version": __version__, **record}})
+    # the conversion's nodes are listed (one completed by a process cut off before its merge too)
+    nodes = [i["node"] for i in record.get("inputs", []) if isinstance(i, dict) and "node" in i]
+    consolidated.merge(root, group.path, ensure=sorted(set(nodes)))
 
 
 def provenance_records(root) -> list[dict]:
@@ -544,6 +630,11 @@ class Grid:
         """Voxel indices, shape (n_voxels, 3), C order."""
         return np.argwhere(self.mask).astype(np.int32)
 
+    @cached_property
+    def flat_index(self) -> np.ndarray:
+        """Each voxel's flat index into the grid, C order, shape (n_voxels,) int64."""
+        return np.ravel_multi_index(tuple(self.ijk.T), self.shape).astype(np.int64)
+
     @property
     def n_voxels(self) -> int:
         """In-mask voxels."""
@@ -576,6 +667,7 @@ def write_grid(root, grid: Grid) -> str:
         if node_status(root, "grids").get(name):
             return name
         _write_grid(root, grid)
+        consolidated.merge(root, f"grids/{name}")
     return name
 
 
@@ -583,6 +675,7 @@ def _write_grid(root, grid: Grid) -> None:
     group = start_node(root, "grids", grid.grid_id)
     write_array(group, "mask", grid.mask.astype(bool), ("x", "y", "z"))
     write_array(group, "ijk", grid.ijk, ("voxel", "axis"))
+    write_voxel_coordinate(group, grid)
     attrs = {
         "affine": np.asarray(grid.affine, dtype=float).tolist(),
         "shape": list(grid.shape),
@@ -590,6 +683,14 @@ def _write_grid(root, grid: Grid) -> None:
         "n_voxels": grid.n_voxels,
     }
     finish_node(group, attrs, {"kind": "grid"})
+
+
+def write_voxel_coordinate(group, grid: Grid) -> None:
+    """The ``voxel`` coordinate of a node: each in-mask voxel's flat index into the grid
+    (C order over x, y, z; ``numpy.unravel_index(voxel, shape)`` gives its i, j, k)."""
+    write_array(group, "voxel", grid.flat_index, ("voxel",),
+                attrs={"long_name": "flat index into the grid (C order over x, y, z)",
+                       "grid_shape": list(grid.shape)})
 
 
 def read_grid(root, grid_id: str) -> Grid:

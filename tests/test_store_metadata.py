@@ -1,0 +1,189 @@
+"""Stores anyone can open fast (issue 17 item 11).
+
+The root zarr.json carries consolidated metadata (one read lists the store,
+local or S3), kept correct by merges under the store's lock while several
+conversions write at once; plain ``xarray.open_datatree`` opens it without a
+warning; text is zarr v3's ``string`` data type; every run has a ``voxel``
+coordinate; an independent zarr v3 reader (tensorstore) reads a run's BOLD
+array, crc32c codec included, exactly as chunkglm does.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import xarray as xr
+from zarr.storage import LocalStore, LoggingStore
+
+import chunkglm
+from chunkglm.io import consolidated, layout as st
+from chunkglm.io.cohort import Cohort
+from chunkglm.testing import make_synthetic_bids
+
+
+@pytest.fixture(scope="module")
+def bids(tmp_path_factory):
+    return make_synthetic_bids(tmp_path_factory.mktemp("bids"), n_subjects=3, size="tiny", seed=4)
+
+
+@pytest.fixture(scope="module")
+def store(bids, tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "cohort.zarr"
+    chunkglm.convert(bids.root, path, task="main", client=None)
+    return path
+
+
+def _counted(path):
+    return LoggingStore(LocalStore(str(path), read_only=True), log_level="CRITICAL")
+
+
+def test_listing_a_store_is_one_read(store, bids):
+    counted = _counted(store)
+    cohort = Cohort(counted)
+    assert sorted(cohort.runs) == sorted(r.name for r in bids.runs)
+    assert cohort.grids and not cohort.incomplete
+    assert counted.counter.get("get") == 1 and not counted.counter.get("list_dir")
+    # the listed attributes are the node's own
+    name = bids.runs[0].name
+    assert cohort.runs[name].attrs == st.open_root(str(store))[f"runs/{name}"].attrs.asdict()
+
+
+def test_plain_xarray_opens_the_store_without_a_warning(store, bids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = xr.open_datatree(str(store), engine="zarr")
+        run = tree[f"runs/{bids.runs[0].name}"].dataset
+        assert run["bold"].dims == ("time", "voxel")
+        assert list(run["trial_type"].values) == list(chunkglm.open_cohort(store).runs[bids.runs[0].name]
+                                                      .events["trial_type"])
+
+
+def test_text_is_the_zarr_v3_string_type_and_voxel_a_flat_index(store, bids):
+    node = st.open_root(str(store))[f"runs/{bids.runs[0].name}"]
+    for name in ("trial_type", "confound"):
+        document = json.loads((store / node.path / name / "zarr.json").read_text())
+        assert document["data_type"] == "string"
+        assert [c["name"] for c in document["codecs"]] == ["vlen-utf8", "zstd", "crc32c"]
+    cohort = chunkglm.open_cohort(store)
+    run = cohort.runs[bids.runs[0].name]
+    voxel = run.to_dataset()["voxel"].values
+    grid = run.grid
+    np.testing.assert_array_equal(np.stack(np.unravel_index(voxel, grid.shape), axis=1), grid.ijk)
+    np.testing.assert_array_equal(np.flatnonzero(grid.mask.ravel()), voxel)
+
+
+def test_a_store_without_consolidated_metadata_is_read_and_consolidated_at_the_next_write(store, tmp_path, bids):
+    import shutil
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(store, old)
+    document = json.loads((old / "zarr.json").read_text())
+    del document["consolidated_metadata"]
+    (old / "zarr.json").write_text(json.dumps(document))
+    counted = _counted(old)
+    assert sorted(Cohort(counted).runs) == sorted(r.name for r in bids.runs)
+    assert counted.counter["get"] > len(bids.runs)  # one per node: the store as written before
+    root = st.open_root(str(old), mode="a")
+    st.add_provenance(root, {"operation": "test"})
+    counted = _counted(old)
+    cohort = Cohort(counted)
+    assert sorted(cohort.runs) == sorted(r.name for r in bids.runs) and counted.counter["get"] == 1
+    assert "test" in [r.get("operation") for r in cohort.attrs["provenance"]]
+
+
+def _merge_groups(path, worker, n):
+    root = st.open_root(path, mode="a")
+    for i in range(n):
+        group = root.require_group("maps").create_group(f"w{worker}-{i}", attributes={
+            st.ATTR: {"complete": True}, "grid_id": "none"})
+        consolidated.merge(root, group.path)
+
+
+def test_concurrent_merges_lose_no_entry(store, tmp_path):
+    """Four processes each add five nodes and merge each at once: all twenty are listed
+    (each merge reads the root under the store's lock, so none writes back an older listing)."""
+    import shutil
+
+    path = tmp_path / "shared.zarr"
+    shutil.copytree(store, path)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_merge_groups, args=(str(path), w, 5)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    listed = Cohort(str(path))._listing
+    assert {f"maps/w{w}-{i}" for w in range(4) for i in range(5)} <= set(listed)
+
+
+def _convert_subject(root, path, subject):
+    chunkglm.convert(root, path, task="main", subjects=[subject], client=None)
+
+
+def test_two_conversions_into_one_store_at_once_both_listed(bids, tmp_path):
+    path = tmp_path / "two.zarr"
+    chunkglm.convert(bids.root, path, task="main", subjects=["01"], client=None)  # grid written once
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_convert_subject, args=(str(bids.root), str(path), s))
+               for s in ("02", "03")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(300)
+        assert worker.exitcode == 0
+    counted = _counted(path)
+    assert sorted(Cohort(counted).runs) == sorted(r.name for r in bids.runs)
+    assert counted.counter["get"] == 1
+    # the listing equals a consolidation from scratch
+    listed = Cohort(str(path))._listing
+    consolidated.consolidate(st.open_root(str(path), mode="a"))
+    assert Cohort(str(path))._listing == listed
+
+
+def test_a_replacement_is_listed_at_its_switch(bids, tmp_path):
+    import os
+    import shutil
+    import time
+
+    path, src = tmp_path / "replaced.zarr", tmp_path / "run.nii.gz"
+    shutil.copyfile(bids.runs[0].bold_path, src)
+    chunkglm.convert([src], path, client=None)
+    shutil.copyfile(bids.runs[1].bold_path, src)  # a changed source: --overwrite replaces the node
+    os.utime(src, ns=(time.time_ns(), time.time_ns()))
+    chunkglm.convert([src], path, overwrite=True, client=None)
+    counted = _counted(path)
+    run = Cohort(counted).runs["run"]
+    assert counted.counter["get"] == 1 and run.data_path == "runs/run/v-2"
+    expected = np.asarray(nib.load(bids.runs[1].bold_path).dataobj, dtype=np.float32)
+    np.testing.assert_array_equal(run.data().values, expected.reshape(-1, expected.shape[-1]).T)
+
+
+def test_listing_on_s3_is_one_request(bids, s3_server, s3_bucket):
+    url = f"s3://{s3_bucket}/cohort.zarr"
+    options = s3_server["storage_options"]
+    chunkglm.convert(bids.root, url, task="main", storage_options=options, client=None)
+    counted = LoggingStore(st.zarr_store(url, options, read_only=True), log_level="CRITICAL")
+    cohort = Cohort(counted)
+    assert sorted(cohort.runs) == sorted(r.name for r in bids.runs)
+    assert counted.counter["get"] == 1 and not counted.counter.get("list_dir")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xr.open_datatree(st.zarr_store(url, options, read_only=True), engine="zarr")
+
+
+def test_tensorstore_reads_a_run_bold_array_as_chunkglm_does(store, bids):
+    ts = pytest.importorskip("tensorstore")
+    run = chunkglm.open_cohort(store).runs[bids.runs[0].name]
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / run.data_path / "bold")}}
+    array = ts.open(spec, read=True).result()
+    document = json.loads((store / run.data_path / "bold" / "zarr.json").read_text())
+    assert [c["name"] for c in document["codecs"]] == ["bytes", "blosc", "crc32c"]
+    values = array.read().result()
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(values, run.data().values)  # the same bytes: exact
