@@ -44,6 +44,10 @@ def test_all_subjects_in_one_graph_write_nilearn_style_derivatives(tiny_bids, tm
         assert (glm / f"sub-{sub}_task-main_contrast-aMinusB_stat-z.nii.gz").is_file()  # verbatim (LAION)
         meta = json.loads((glm / f"sub-{sub}_task-main_glm.json").read_text())
         assert meta["Model"]["NoiseModel"] == "ar1" and meta["Confounds"] == ["trans_x", "csf"]
+        # the design's timing, for the report's model details: as nilearn's statmap.json records it
+        nilearn_meta = json.loads((folder / f"sub-{sub}_task-main_statmap.json").read_text())["ModelParameters"]
+        assert meta["Model"]["RepetitionTime"] == nilearn_meta["t_r"] == 2.0
+        assert meta["Model"]["SliceTimingRef"] == nilearn_meta["slice_time_ref"]
         assert meta["Software"]["Name"] == "chunkglm" and meta["Contrasts"]["aMinusB"]["Description"] == "a - b"
     # the z map equals the Python API's on the same store and inputs
     cohort = chunkglm.open_cohort(out / "cohort.zarr")

@@ -254,7 +254,8 @@ def group_metadata(model, specs, corrections: dict, descriptions=None) -> dict:
 
 
 def derivatives_metadata(model, specs, confounds, descriptions=None) -> dict:
-    """The derivatives/glm sidecar: AnalysisLevel, Model, Contrasts, Software, Confounds."""
+    """The derivatives/glm sidecar: AnalysisLevel, Model (with the runs' RepetitionTime and
+    the SliceTimingRef of their designs), Contrasts, Software, Confounds."""
     descriptions = descriptions or {}
     columns = [[str(c) for c in dm.columns] for dm in model.design_matrices_]
     same = all(c == columns[0] for c in columns)
@@ -265,11 +266,16 @@ def derivatives_metadata(model, specs, confounds, descriptions=None) -> dict:
         default = spec.definition if isinstance(spec.definition, str) else spec.name
         contrasts[spec.glm_label] = {"Description": descriptions.get(spec.name, default),
                                  "Weights": weights[0] if one else weights}
+    t_r = repetition_times(model)
+    slice_time_ref = getattr(model, "slice_time_ref", None)
     return {
         "AnalysisLevel": "first_level",
         "Model": {"Type": "GLM", "HRF": model.hrf_model, "DriftModel": model.drift_model,
                   "HighPassFilter": model.high_pass if model.drift_model == "cosine" else None,
-                  "NoiseModel": model.noise_model},
+                  "NoiseModel": model.noise_model,
+                  # the design's timing (the report's model details read them here)
+                  "RepetitionTime": t_r[0] if len(set(t_r)) == 1 else t_r,
+                  "SliceTimingRef": None if slice_time_ref is None else float(slice_time_ref)},
         "Regressors": columns[0] if same else columns,
         "Contrasts": contrasts,
         "Software": software(),
