@@ -1,5 +1,7 @@
 """Exception hierarchy. Every message says what was received and what to do."""
 
+import numpy as np
+
 
 class ChunkglmError(Exception):
     """Base class of every error chunkglm raises on purpose."""
@@ -7,6 +9,11 @@ class ChunkglmError(Exception):
 
 class InputError(ChunkglmError, ValueError):
     """The images, tables or folders given as input cannot be used as they are."""
+
+
+class SingularContrastError(InputError, np.linalg.LinAlgError):
+    """An F contrast whose rows are linearly dependent on the design (nilearn raises numpy's
+    LinAlgError "Singular matrix" for it; this is one too)."""
 
 
 class CorruptInputError(InputError):

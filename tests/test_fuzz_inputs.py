@@ -251,3 +251,65 @@ def test_any_sidecar_timing_converts_cleanly_or_is_refused(t_r, start, slice_tim
             return
         ref = models[0].slice_time_ref
         assert ref is None or (np.isfinite(ref) and 0 <= ref <= 1), ref
+
+
+# -- BIDS Stats Model JSON -----------------------------------------------------------------------
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=False, width=32),
+              st.text(alphabet=string.printable, max_size=8),
+              st.sampled_from(["Run", "Session", "Subject", "Dataset", "glm", "meta", "t", "F", "run", "subject",
+                               "trial_type.a", "Factor", "Convolve", "Threshold", "Replace", "Scale", "pass"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6)
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*prefix, index))
+
+
+def _mutated(model, path, action, value):
+    import copy
+
+    model = copy.deepcopy(model)
+    if not path:
+        return value if action == "set" else model
+    parent = model
+    for part in path[:-1]:
+        parent = parent[part]
+    if action == "delete":
+        del parent[path[-1]]
+    elif action == "set":
+        parent[path[-1]] = value
+    return model
+
+
+@pytest.fixture(scope="module")
+def example_models():
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "models"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_model_json_is_valid_or_refused_with_the_fields_path(data, example_models):
+    from chunkglm.glm.stats_models.spec import validate_model
+
+    model = data.draw(st.sampled_from(example_models))
+    edits = data.draw(st.integers(1, 3))
+    for _ in range(edits):
+        path = data.draw(st.sampled_from(list(_paths(model))))
+        model = _mutated(model, path, data.draw(st.sampled_from(["set", "delete"])), data.draw(json_values))
+    try:
+        validate_model(model, "model.json")
+    except ChunkglmError as err:
+        text = str(err)
+        assert "\n" not in text and text.startswith("model.json"), text

@@ -22,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from chunkglm.errors import SingularContrastError
 from chunkglm.graph.blocks import within_budget
 from chunkglm.graph.finite import finite_blocks, finite_values
 from chunkglm.graph.reduce import concat, tree_reduce
@@ -232,6 +233,13 @@ def contrast(run: RunFit, con: np.ndarray, stat_type: str) -> tuple[da.Array, da
     q = 1 if stat_type == "t" else np.atleast_2d(con).shape[0]
     fn = _t_block if stat_type == "t" else _f_block
     con = run.to_basis(con)
+    if stat_type == "F":
+        rank = np.linalg.matrix_rank(np.atleast_2d(con))
+        if rank < q:  # c cov c' is singular at every voxel
+            raise SingularContrastError(
+                f"Singular matrix: the F contrast's {q} rows span {rank} dimension(s) of the design "
+                f"(its rows, on the design's estimable part, are linearly dependent). Drop the dependent "
+                "rows.")
     parts = [da.from_delayed(dask.delayed(fn)(fit, con), shape=(q + 1, n), dtype=np.float64)
              for fit, n in zip(run.fits, run.block_sizes)]
     stacked = da.concatenate(parts, axis=1)

@@ -39,6 +39,7 @@ from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel, fitted_in_waves
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.glm.stats_models.design import run_design
+from chunkglm.glm.stats_models.spec import pybids_refusal
 from chunkglm.glm.stats_models.outputs import (
     MAP_NAMES,
     design_path,
@@ -120,7 +121,8 @@ class ModelRun:
         if root.level != "run":
             raise InputError(f"the model's first node ({root.name!r}) is at the {root.level!r} level; "
                              "chunkglm app fits images, so the first node must be at the Run level.")
-        specs = root.run(group_by=root.group_by, missing_values="ignore")
+        with pybids_refusal(f"node {root.name!r}"):
+            specs = root.run(group_by=root.group_by, missing_values="ignore")
         if not specs:
             raise InputError("pybids found no run for this model (check --task, --space, "
                              "--participant-label and the model's Input).")
@@ -135,7 +137,8 @@ class ModelRun:
             if _RANK[child.level] > last:
                 continue
             infos = [_contrast_info(maps) for maps in passed]
-            specs = child.run(infos, group_by=child.group_by, **edge.filter)
+            with pybids_refusal(f"node {child.name!r}"):
+                specs = child.run(infos, group_by=child.group_by, **edge.filter)
             child_outputs = list(chain.from_iterable(self._group(child, spec, passed) for spec in specs))
             self._children(child, child_outputs, last)
 
@@ -277,7 +280,14 @@ def _weights(contrast, columns, node_name) -> np.ndarray:
     if missing:
         raise InputError(f"node {node_name!r}, contrast {contrast.name!r}: {missing} not among the design's "
                          f"columns {columns}.")
-    given = np.atleast_2d(np.asarray(contrast.weights, dtype=float))
+    try:
+        given = np.atleast_2d(np.asarray(contrast.weights, dtype=float))
+    except (TypeError, ValueError):
+        given = None
+    if given is None or given.ndim != 2 or given.shape[1] != len(contrast.conditions):
+        raise InputError(f"node {node_name!r}, contrast {contrast.name!r}: weights {contrast.weights!r} do not "
+                         f"give one weight per condition of {list(contrast.conditions)} (one row per test "
+                         "row, as the BIDS Stats Models specification says).")
     weights = np.zeros((given.shape[0], len(columns)))
     for index, condition in enumerate(contrast.conditions):
         weights[:, columns.index(condition)] = given[:, index]

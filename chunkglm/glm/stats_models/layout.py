@@ -16,7 +16,7 @@ import bids
 from bids.modeling import BIDSStatsModelsGraph, auto_model
 
 from chunkglm.errors import InputError
-from chunkglm.glm.stats_models.spec import read_model, validate_model
+from chunkglm.glm.stats_models.spec import pybids_refusal, read_model, validate_model
 
 __all__ = ["load_graph", "participant_labels"]
 
@@ -66,13 +66,11 @@ def load_graph(bids_dir, derivatives, model, *, space=None, task=None, participa
             raise InputError(f"--participant-label {' '.join(missing)}: no such subject in {bids_dir} "
                              f"(subjects: {' '.join(layout.get_subjects()) or 'none'}).")
         selectors["subject"] = subjects
-    try:
+    with pybids_refusal("the model's graph on this dataset"):
         graph = BIDSStatsModelsGraph(layout, spec)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             graph.load_collections(**selectors)
-    except (ValueError, KeyError) as err:
-        raise InputError(f"pybids cannot build the model's graph on this dataset: {err}") from None
     return graph
 
 

@@ -13,13 +13,16 @@ the data) is ``pybids``' ``BIDSStatsModelsGraph``'s to check.
 from __future__ import annotations
 
 import json
+import os
 import typing
+from contextlib import contextmanager
 from pathlib import Path
 
+import bids
 import pydantic
 from bsmschema.models import BIDSStatsModel
 
-from chunkglm.errors import InputError
+from chunkglm.errors import ChunkglmError, InputError
 
 __all__ = ["read_model", "validate_model"]
 
@@ -152,3 +155,45 @@ def _edge_problems(parsed: BIDSStatsModel) -> list[str]:
                 problems.append(f"Edges[{index}].{side}: no node is named {getattr(edge, side)!r} "
                                 f"(nodes: {', '.join(names)})")
     return problems
+
+
+@contextmanager
+def pybids_refusal(what: str):
+    """Within the block, an error raised inside pybids (its graph, variables, transformations or
+    contrasts, built from what the model says) becomes one InputError naming ``what``.
+
+    A model can pass the schema and still ask what the dataset cannot give (a GroupBy entity
+    the runs lack, a transformation of an absent variable, contrast weights of the wrong
+    length): pybids then raises from deep inside. Errors raised in chunkglm's own code
+    pass through unchanged.
+    """
+    try:
+        yield
+    except ChunkglmError:
+        raise
+    except Exception as err:  # noqa: BLE001 - classified by where it was raised
+        if not _raised_in_pybids(err):
+            raise
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+        raise InputError(f"{what}: pybids cannot build it from the model ({type(err).__name__}: {detail}). "
+                         "Check its GroupBy, Transformations, Model.X and Contrasts against the dataset "
+                         "and the BIDS Stats Models specification.") from err
+
+
+_PYBIDS = os.path.dirname(bids.__file__) + os.sep
+
+
+def _raised_in_pybids(err: BaseException) -> bool:
+    """Raised by pybids, or by a library pybids called (numpy, pandas, formulaic): of the
+    traceback's frames in pybids or in chunkglm, the innermost is pybids'."""
+    ours = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+    owners = []
+    tb = err.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.startswith(_PYBIDS):
+            owners.append("pybids")
+        elif filename.startswith(ours):
+            owners.append("chunkglm")
+        tb = tb.tb_next
+    return bool(owners) and owners[-1] == "pybids"
