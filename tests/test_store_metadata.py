@@ -187,3 +187,24 @@ def test_tensorstore_reads_a_run_bold_array_as_chunkglm_does(store, bids):
     values = array.read().result()
     assert values.dtype == np.float32
     np.testing.assert_array_equal(values, run.data().values)  # the same bytes: exact
+
+
+def test_a_listing_left_stale_by_a_killed_writer_is_mended_by_the_rerun(bids, tmp_path):
+    """A conversion killed between a node's completion (or switch) and its merge leaves the
+    listing without it; the same command run again lists it (the conversion's record merge
+    compares each of its nodes' documents with the listing at its end)."""
+    path = tmp_path / "stale.zarr"
+    chunkglm.convert(bids.root, path, task="main", client=None)
+    name = bids.runs[1].name
+    root_document = json.loads((path / "zarr.json").read_text())
+    entries = root_document["consolidated_metadata"]["metadata"]
+    for key in [k for k in entries if k == f"runs/{name}" or k.startswith(f"runs/{name}/")]:
+        del entries[key]
+    (path / "zarr.json").write_text(json.dumps(root_document))
+    assert name not in Cohort(str(path)).runs  # the listing is what readers trust
+    report = chunkglm.convert(bids.root, path, task="main", client=None)
+    assert f"runs/{name}" in report.skipped
+    listed = Cohort(str(path))._listing
+    assert name in Cohort(str(path)).runs
+    consolidated.consolidate(st.open_root(str(path), mode="a"))
+    assert Cohort(str(path))._listing == listed

@@ -32,7 +32,7 @@ from zarr.core.sync import sync
 
 from chunkglm.io import locks
 
-__all__ = ["KEY", "consolidate", "listing", "merge", "read_root"]
+__all__ = ["KEY", "consolidate", "listing", "mend", "merge", "read_root"]
 
 #: The root document's field holding the inlined documents.
 KEY = "consolidated_metadata"
@@ -64,15 +64,12 @@ def listing(document: dict) -> dict[str, dict] | None:
     return dict(found.get("metadata") or {})
 
 
-def merge(root, path: str, ensure=()) -> None:
+def merge(root, path: str) -> None:
     """Bring the root's consolidated entries for ``path`` (and everything under it) up to date.
 
     ``path`` is a node (``runs/<name>``), a provenance record or any group of
     the store; where it no longer exists, its entries are removed. Parents
-    missing from the listing are added. ``ensure``: node paths that must be
-    listed complete (a conversion's nodes, some perhaps completed by a process
-    cut off before its merge): those listed absent or incomplete are read
-    again. Holds the store's metadata lock.
+    missing from the listing are added. Holds the store's metadata lock.
     """
     with locks.node_lock(root, *_LOCK, wait=LOCK_WAIT_SECONDS):
         document = read_root(root.store) or {}
@@ -82,10 +79,6 @@ def merge(root, path: str, ensure=()) -> None:
         else:
             entries = {k: v for k, v in entries.items() if k != path and not k.startswith(f"{path}/")}
             entries.update(sync(_walk(root.store, path)))
-            for node in ensure:
-                if not _complete(entries.get(node)):
-                    entries = {k: v for k, v in entries.items() if k != node and not k.startswith(f"{node}/")}
-                    entries.update(sync(_walk(root.store, node)))
             parts = path.split("/")
             for depth in range(1, len(parts)):
                 parent = "/".join(parts[:depth])
@@ -94,9 +87,48 @@ def merge(root, path: str, ensure=()) -> None:
         _write_root(root.store, document, entries)
 
 
-def _complete(document) -> bool:
-    attrs = (document or {}).get("attributes") or {}
-    return bool(dict(attrs.get("chunkglm") or {}).get("complete"))
+def mend(root, paths) -> list[str]:
+    """List again the nodes of ``paths`` whose document differs from the listed one; return them.
+
+    For a conversion's nodes at its end: one that a process cut off between its
+    completion (or version switch) and its merge left out of date is mended by
+    running the same command again. Reads the root and each node's document;
+    writes the root only when something differed. Holds the store's metadata lock.
+    """
+    with locks.node_lock(root, *_LOCK, wait=LOCK_WAIT_SECONDS):
+        document = read_root(root.store) or {}
+        entries = listing(document)
+        if entries is None:
+            entries = sync(_walk(root.store, ""))
+            _write_root(root.store, document, entries)
+            return sorted(paths)
+        entries, mended = _mended(root.store, entries, paths)
+        if mended:
+            _write_root(root.store, document, entries)
+    return mended
+
+
+def _mended(zstore, entries: dict, paths) -> tuple[dict, list[str]]:
+    current = sync(_documents(zstore, list(paths)))
+    mended = sorted(p for p in paths if current.get(p) != entries.get(p))
+    for node in mended:
+        entries = {k: v for k, v in entries.items() if k != node and not k.startswith(f"{node}/")}
+        entries.update(sync(_walk(zstore, node)))
+    return entries, mended
+
+
+async def _documents(zstore, paths: list[str]) -> dict[str, dict]:
+    """The documents of ``paths`` themselves (no descendants), read concurrently."""
+    limit = asyncio.Semaphore(_CONCURRENT_READS)
+
+    async def one(path):
+        async with limit:
+            return await _walk(zstore, path, recurse=False)
+
+    found: dict[str, dict] = {}
+    for part in await asyncio.gather(*(one(p) for p in paths)):
+        found.update(part)
+    return found
 
 
 def consolidate(root) -> int:

@@ -20,6 +20,7 @@ from distributed import as_completed, wait
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes
 from chunkglm.errors import ConversionError, CorruptInputError, InputError, NodeBusyError
+from chunkglm.io import consolidated
 from chunkglm.io import layout as st
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
@@ -138,6 +139,9 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     report.converted = [f"{kind}/{r['name']}" for kind, r in results]
     if results:
         st.add_provenance(root, _provenance(plan, results, client, stopwatch, command))
+    # the listing of nodes completed or switched by a conversion cut off before its merge is mended
+    consolidated.mend(root, [f"{kind}/{job.name}" for kind, jobs in (("runs", plan.runs), ("maps", plan.maps))
+                             for job in jobs])
     if failures:
         raise ConversionError(_failure_message(failures, report), failures)
     return report

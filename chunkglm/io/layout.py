@@ -594,9 +594,7 @@ def add_provenance(root, record: dict) -> None:
     name = f"{stamp}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     group = parent.create_group(re.sub(r"[^A-Za-z0-9_.-]", "", name),
                                 attributes={ATTR: {"time": _now(), "chunkglm_version": __version__, **record}})
-    # the conversion's nodes are listed (one completed by a process cut off before its merge too)
-    nodes = [i["node"] for i in record.get("inputs", []) if isinstance(i, dict) and "node" in i]
-    consolidated.merge(root, group.path, ensure=sorted(set(nodes)))
+    consolidated.merge(root, group.path)
 
 
 def provenance_records(root) -> list[dict]:
