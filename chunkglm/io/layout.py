@@ -270,23 +270,28 @@ def node_attributes(root, kind: str, listing: dict | None = None) -> dict[str, d
     A complete node's attributes name its current version (:func:`data_path`):
     a reader that keeps them reads that version, whatever is switched in later.
     With ``listing`` (the root's consolidated documents, :func:`open_root_listing`)
-    nothing is read; without it, one read per node.
+    only the nodes it lists incomplete are read (a node is listed incomplete
+    before it is created and complete after its completion is merged: one whose
+    writer was cut off in between is complete in the store); without it, one
+    read per node.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; received {kind!r}")
     if listing is not None:
-        return _listed_attributes(listing, kind)
+        found = _listed_attributes(listing, kind)
+        return {name: attrs or _read_attributes(root, f"{kind}/{name}") for name, attrs in found.items()}
     if kind not in root:
         return {}
-    parent = root[kind]
-    found = {}
-    for name in sorted(parent.group_keys()):
-        try:
-            attrs = parent[name].attrs.asdict()
-        except Exception:  # unreadable metadata: treat as incomplete
-            attrs = {}
-        found[name] = attrs if dict(attrs.get(ATTR) or {}).get("complete") else {}
-    return found
+    return {name: _read_attributes(root, f"{kind}/{name}") for name in sorted(root[kind].group_keys())}
+
+
+def _read_attributes(root, path: str) -> dict:
+    """A node's attributes when it is complete, else {} (also when absent or unreadable)."""
+    try:
+        attrs = root[path].attrs.asdict()
+    except Exception:  # absent, or unreadable metadata: treat as incomplete
+        return {}
+    return attrs if dict(attrs.get(ATTR) or {}).get("complete") else {}
 
 
 def _listed_attributes(listing: dict, kind: str) -> dict[str, dict]:
@@ -311,9 +316,9 @@ def start_node(root, kind: str, name: str) -> zarr.Group:
         parent = root.require_group(kind)
     except zarr.errors.ContainsGroupError:  # another process's task created it meanwhile
         parent = root[kind]
-    group = parent.create_group(name, attributes={ATTR: {"complete": False}})
-    consolidated.merge(root, path)  # listed incomplete until its completion is merged
-    return group
+    # listed incomplete before it exists, until its completion is merged
+    consolidated.merge(root, path, {"zarr_format": 3, "node_type": "group", "attributes": {ATTR: {"complete": False}}})
+    return parent.create_group(name, attributes={ATTR: {"complete": False}})
 
 
 #: Where chunkglm before versioned nodes staged a replacement (still finished or removed).
