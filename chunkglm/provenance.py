@@ -19,10 +19,12 @@ is read from the environment.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
 import re
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -41,6 +43,9 @@ __all__ = [
     "versions",
     "write_record",
 ]
+
+#: This host, as the temporary files of records name it.
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 REDACTED = "***"
 #: Key names whose values are secrets (compared case-insensitively, as parts).
@@ -221,13 +226,38 @@ def write_record(path, content: dict) -> Path:
         ``path``.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    _remove_stale_partials(path)
+    partial = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
         partial.write_text(json.dumps(strip_secrets(content), indent=2, sort_keys=False) + "\n")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove the temporary files of ``path`` left by processes of this host that are gone
+    (killed between writing one and renaming it)."""
+    pattern = re.compile(re.escape(f".{path.name}.{_HOST}-") + r"(\d+)-[0-9a-f]+\.partial$")
+    try:
+        siblings = list(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
+    except OSError:
+        return
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if match and not _alive(int(match.group(1))):
+            sibling.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def read_record(path) -> dict | None:

@@ -22,12 +22,13 @@ from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes
 from chunkglm.errors import ConversionError, CorruptInputError, InputError, NodeBusyError
 from chunkglm.io import consolidated
 from chunkglm.io import layout as st
+from chunkglm.io import locks
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.write_maps import MapsJob, convert_maps
 from chunkglm.io.sources import file_sha256, same_source, source_key
-from chunkglm.io.write_run import RunJob, convert_run
+from chunkglm.io.write_run import RunJob, convert_run, existing_result
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 __all__ = ["ConversionReport", "convert", "file_sha256", "plan_conversion"]
@@ -129,6 +130,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
                            chunk_bytes=as_bytes(chunk_bytes), task_memory=as_bytes(task_memory),
                            preprocessing=SpatialPreprocessing(target_affine, target_shape, smoothing_fwhm))
     root = st.open_root(store, storage_options, mode="a")
+    locks.remove_leftovers(root)  # of conversions killed before (their locks, temporary files)
     report = ConversionReport(store=st.redact_url(str(store)), grids=sorted(plan.grids))
     for grid in plan.grids.values():
         st.write_grid(root, grid)
@@ -137,14 +139,30 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     failures = {**plan.failed, **failures}
     results = _check_converted(root, results, failures)
     report.converted = [f"{kind}/{r['name']}" for kind, r in results]
-    if results:
-        st.add_provenance(root, _provenance(plan, results, client, stopwatch, command))
+    unrecorded = _unrecorded(root, plan, report.skipped, input_storage_options)
+    if results or unrecorded:
+        st.add_provenance(root, _provenance(plan, results + unrecorded, client, stopwatch, command))
     # the listing of nodes completed or switched by a conversion cut off before its merge is mended
     consolidated.mend(root, [f"{kind}/{job.name}" for kind, jobs in (("runs", plan.runs), ("maps", plan.maps))
                              for job in jobs])
     if failures:
         raise ConversionError(_failure_message(failures, report), failures)
     return report
+
+
+def _unrecorded(root, plan, skipped, storage_options) -> list[tuple[str, dict]]:
+    """The skipped (complete, same source) nodes that no provenance record names: written by a
+    conversion killed before its record. This conversion's record names them."""
+    named = {entry.get("node") for old in st.provenance_records(root) for entry in old.get("inputs", [])}
+    jobs = {f"{kind}/{job.name}": (kind, job) for kind, jobs in (("runs", plan.runs), ("maps", plan.maps))
+            for job in jobs}
+    found = []
+    for path in skipped:
+        if path not in named and path in jobs:
+            result = existing_result(root, *jobs[path], storage_options)
+            if result is not None:
+                found.append((jobs[path][0], result))
+    return found
 
 
 def _store_arg(store):

@@ -536,12 +536,13 @@ class StagedOutput:
             lines = existing.read_text().splitlines() if existing is not None else [_BIDSIGNORE_HEADER]
             missing = [p for p in dict.fromkeys((*BIDSIGNORE, *self._ignored.get(folder, ())))
                        if p not in lines]
-            if missing or existing is None:
-                self.path(relative).write_text("".join(f"{line}\n" for line in lines + missing))
-                self._relative.remove(relative)  # listed in ``written`` after its description
-                description = f"{folder}/dataset_description.json" if folder else "dataset_description.json"
-                at = self._relative.index(description) + 1 if description in self._relative else 0
-                self._relative.insert(at, relative)
+            # written every time, unchanged or not: the record of a run resumed after a kill
+            # lists it as an undisturbed run's does
+            self.path(relative).write_text("".join(f"{line}\n" for line in lines + missing))
+            self._relative.remove(relative)  # listed in ``written`` after its description
+            description = f"{folder}/dataset_description.json" if folder else "dataset_description.json"
+            at = self._relative.index(description) + 1 if description in self._relative else 0
+            self._relative.insert(at, relative)
 
     def _write_marker(self):
         if self.marker is None or (self.root / self.marker).is_file():

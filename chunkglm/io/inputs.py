@@ -41,6 +41,7 @@ from nilearn.image import crop_img
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
+from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 from chunkglm.io.cohort import Node, open_cohort
 from chunkglm.io.convert import convert
@@ -507,6 +508,7 @@ def write_maps_node(table: pd.DataFrame, roles, store, collection, mask_img=None
     table = maps_table(table, roles)
     grid = _maps_grid(table, roles, mask_img)
     root = st.open_root(store, storage_options, mode="a")
+    locks.remove_leftovers(root)  # of writers killed before (their locks, temporary files)
     grid_id = st.write_grid(root, grid)
     st.resume_swap(root, "maps", collection)
     node = st.begin_version(root, "maps", collection)
@@ -519,6 +521,8 @@ def write_maps_node(table: pd.DataFrame, roles, store, collection, mask_img=None
     st.finish_node(node, {"grid_id": grid_id, "variables": list(roles)},
                    {"kind": "maps", "sources": sources, "nifti_header": header})
     st.publish_version(root, "maps", collection, node)
+    # a grid a writer killed before its merge completed is listed again (as convert does)
+    consolidated.mend(root, [f"grids/{grid_id}", f"maps/{collection}"])
     return open_cohort(store, storage_options).maps[collection]
 
 

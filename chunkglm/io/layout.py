@@ -197,7 +197,8 @@ def _holds_other_files(zstore) -> bool:
         if await zstore.get("zarr.json", default_buffer_prototype()) is not None:
             return []
         try:
-            return [key async for key in zstore.list_dir("")]
+            # zarr's temporary files (a writer killed before its first rename) are not a store's
+            return [key async for key in zstore.list_dir("") if not key.endswith(".partial")]
         except Exception:  # nothing there, or unreachable: opening the group says which
             return []
 

@@ -37,7 +37,8 @@ from zarr.storage import LocalStore
 
 from chunkglm.errors import NodeBusyError
 
-__all__ = ["LOCKS", "HEARTBEAT_SECONDS", "STALE_SECONDS", "acquire", "node_lock", "release"]
+__all__ = ["LOCKS", "HEARTBEAT_SECONDS", "PARTIAL_STALE_SECONDS", "STALE_SECONDS", "acquire", "node_lock",
+           "release", "remove_leftovers"]
 
 #: The group holding the locks (never a node kind).
 LOCKS = "_locks"
@@ -235,3 +236,67 @@ def node_lock(root, kind: str, name: str, location: str = "", wait: float = 0.0)
         yield
     finally:
         release(root, kind, name)
+
+
+#: zarr's temporary file of a group document (``zarr.<hex>.partial``, renamed into place
+#: microseconds after it is written) older than this is a killed writer's
+#: (environment: ``CHUNKGLM_PARTIAL_STALE_SECONDS``).
+PARTIAL_STALE_SECONDS = 60.0
+#: The groups every writer re-writes (zarr's require_group) and lock folders live in.
+_SHARED_GROUPS = ("", "grids", "runs", "maps", LOCKS, "_provenance")
+
+
+def partial_stale_after() -> float:
+    """Seconds after which a group document's temporary file is a killed writer's."""
+    try:
+        return float(os.environ.get("CHUNKGLM_PARTIAL_STALE_SECONDS", PARTIAL_STALE_SECONDS))
+    except ValueError:
+        return PARTIAL_STALE_SECONDS
+
+
+def remove_leftovers(root) -> list[str]:
+    """Remove what killed writers leave at the top of a store; return the keys removed.
+
+    - Locks whose holder is gone (:func:`is_stale`): a writer killed after its node was
+      complete leaves its lock, and no later writer of that node comes to replace it.
+    - On local disk, zarr's temporary files (``*.partial``) of the shared groups' documents
+      (the root, ``grids``, ``runs``, ``maps``, ``_locks`` and each lock's folder,
+      ``_provenance``) and of each node's own document older than :func:`partial_stale_after`:
+      a writer killed between writing one and renaming it. The arrays inside nodes are not
+      walked: an incomplete node is rewritten whole by the next conversion.
+
+    Other processes' live locks and recent temporary files are left alone.
+    """
+    removed = []
+    store, prefix = root.store, "/".join(p for p in (root.path, LOCKS) if p)
+
+    async def lock_names():
+        try:
+            return [name async for name in store.list_dir(prefix)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    for name in sync(lock_names()):
+        key = f"{prefix}/{name}/zarr.json"
+        if "--" not in name or (_store_id(root), key) in _HELD:
+            continue
+        holder = _read(store, key)
+        if holder is not None and is_stale(holder) and _read(store, key) == holder:
+            sync(store.delete(key))
+            _remove_empty_folder(store, key)
+            removed.append(key)
+    if isinstance(store, LocalStore):
+        base = store.root / root.path if root.path else store.root
+        folders = [base / group for group in _SHARED_GROUPS]
+        folders += [p for p in (base / LOCKS).glob("*--*") if p.is_dir()]
+        folders += [p for kind in _SHARED_GROUPS[1:4] for p in (base / kind).glob("*") if p.is_dir()]
+        cutoff = time.time() - partial_stale_after()
+        for folder in folders:
+            for path in folder.glob("*.partial"):
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed.append(str(path.relative_to(store.root)))
+                except OSError:  # renamed or removed meanwhile
+                    continue
+    return removed
