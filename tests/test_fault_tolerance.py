@@ -241,3 +241,42 @@ def test_a_worker_over_its_memory_limit_is_reported_with_its_block_and_a_hint(on
     assert "200.00 MiB per worker" in error and "--chunk-mb" in error and "memory_limit" in error
     assert "Traceback" not in done.stderr
     assert not _marker(tmp_path / "glm", "01").exists()  # nothing counts as complete
+
+
+# -- a worker killed at each write of a distributed conversion -------------------------
+
+
+def test_a_worker_killed_at_its_writes_during_a_distributed_conversion_loses_nothing(tiny_bids, tmp_path):
+    """Every stage of a conversion task on a worker process of a real LocalCluster (creating
+    the node, each chunk, the marker, the lock's release): the worker dies (os._exit) before
+    its k-th write, for k evenly spaced over a worker's writes. Dask runs its task again on a
+    worker the nanny restarts; convert reports every run converted and the store equals the
+    undisturbed one, file for file (tests/infra/faults.py: times and record names aside)."""
+    from distributed import Client, LocalCluster
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from infra import faults
+
+    def contents(store):  # the cluster's summary in the record may count a worker being restarted
+        files = faults.normalised(faults.local_files(store), str(store))
+        return {**files, "_provenance records": files["_provenance records"]["inputs"]}
+
+    runs = sorted(f"runs/{run.name}" for run in tiny_bids.runs)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(faults.WorkerFaults(None, str(tmp_path / "count.points"), str(tmp_path / "x")))
+        chunkglm.convert(tiny_bids.root, tmp_path / "count.zarr", client=client)
+        want = contents(tmp_path / "count.zarr")
+        per_worker = len((tmp_path / "count.points").read_text().splitlines()) // 2
+        assert per_worker >= 10
+        killed = 0
+        for k in faults.strided(per_worker, 5):
+            store, once = tmp_path / f"k{k}.zarr", tmp_path / f"k{k}.killed"
+            client.register_plugin(faults.WorkerFaults(k, str(tmp_path / f"k{k}.points"), str(once)))
+            report = chunkglm.convert(tiny_bids.root, store, client=client)
+            killed += once.exists()
+            assert sorted(report.converted) == runs, k
+            got = contents(store)
+            assert faults.differences(got, want) == [], (k, faults.differences(got, want))
+            client.wait_for_workers(2, timeout=60)
+    assert killed >= 4  # the scenario happened (a point past a worker's last write kills nobody)
