@@ -456,7 +456,10 @@ def test_derivatives_layout_and_metadata(fitted, saved, tmp_path):
     meta = json.loads((out / f"{base}_glm.json").read_text())
     assert meta["AnalysisLevel"] == "first_level"
     assert meta["Model"] == {"Type": "GLM", "HRF": "glover", "DriftModel": "cosine",
-                             "HighPassFilter": 0.01, "NoiseModel": "ar1"}
+                             "HighPassFilter": 0.01, "NoiseModel": "ar1",
+                             # the runs' TR (the spacing of the design's frame times) and slice_time_ref
+                             "RepetitionTime": float(np.diff(ours.design_matrices_[0].index)[0]),
+                             "SliceTimingRef": float(ours.slice_time_ref)}
     assert meta["Software"] == software()  # with "Container" when run in one
     assert meta["Confounds"] == CONFOUNDS
     assert meta["Regressors"] == list(ours.design_matrices_[0].columns)
