@@ -208,3 +208,22 @@ def test_a_listing_left_stale_by_a_killed_writer_is_mended_by_the_rerun(bids, tm
     assert name in Cohort(str(path)).runs
     consolidated.consolidate(st.open_root(str(path), mode="a"))
     assert Cohort(str(path))._listing == listed
+
+
+def test_a_provenance_record_left_unlisted_by_a_killed_conversion_is_listed_by_the_rerun(bids, tmp_path):
+    """Found by the kill-at-every-write matrix (tests/test_fault_matrix.py with
+    CHUNKGLM_FAULT_MATRIX=all): a conversion cut after writing its provenance record but before
+    merging it left the listing without the record for good (the record's group document is
+    new, its parent's unchanged); the next conversion's mend looks for unlisted records by name."""
+    path = tmp_path / "unlisted.zarr"
+    chunkglm.convert(bids.root, path, task="main", client=None)
+    root_document = json.loads((path / "zarr.json").read_text())
+    entries = root_document["consolidated_metadata"]["metadata"]
+    records = [k for k in entries if k.startswith(f"{st.PROVENANCE}/")]
+    assert records
+    for key in records:
+        del entries[key]
+    (path / "zarr.json").write_text(json.dumps(root_document))
+    chunkglm.convert(bids.root, path, task="main", client=None)  # nothing to convert
+    listed = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert set(records) <= set(listed)

@@ -116,11 +116,30 @@ def mend(root, paths) -> list[str]:
 
 def _mended(zstore, entries: dict, paths) -> tuple[dict, list[str]]:
     current = sync(_documents(zstore, list(paths)))
-    mended = sorted(p for p in paths if current.get(p) != entries.get(p))
+    mended = sorted(p for p in paths if current.get(p) != entries.get(p) or _unlisted_children(zstore, entries, p))
     for node in mended:
         entries = {k: v for k, v in entries.items() if k != node and not k.startswith(f"{node}/")}
         entries.update(sync(_walk(zstore, node)))
     return entries, mended
+
+
+#: Groups whose children are added without changing the group's own document (one provenance
+#: record per command): a child missing from the listing is looked for by name.
+_APPEND_ONLY = ("_provenance",)
+
+
+def _unlisted_children(zstore, entries: dict, path: str) -> bool:
+    if path not in _APPEND_ONLY:
+        return False
+
+    async def children():
+        try:
+            return {key async for key in zstore.list_dir(path) if key != "zarr.json"}
+        except (FileNotFoundError, OSError):
+            return set()
+
+    listed = {key[len(path) + 1:].split("/")[0] for key in entries if key.startswith(f"{path}/")}
+    return bool(sync(children()) - listed)
 
 
 async def _documents(zstore, paths: list[str]) -> dict[str, dict]:

@@ -143,8 +143,9 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     if results or unrecorded:
         st.add_provenance(root, _provenance(plan, results + unrecorded, client, stopwatch, command))
     # the listing of nodes completed or switched by a conversion cut off before its merge is mended
+    # (and the provenance records, when one was written just before the cut)
     consolidated.mend(root, [f"{kind}/{job.name}" for kind, jobs in (("runs", plan.runs), ("maps", plan.maps))
-                             for job in jobs])
+                             for job in jobs] + [st.PROVENANCE])
     if failures:
         raise ConversionError(_failure_message(failures, report), failures)
     return report

@@ -142,6 +142,18 @@ def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
     return root
 
 
+def list_written(store, path: str, storage_options=None) -> None:
+    """After a group was written into a cohort store by other means than this module's
+    (xarray's ``to_zarr``: time series, streamed voxelwise maps), list it in the root's
+    consolidated metadata (readers that trust the listing would not see it otherwise).
+    Nothing is done for a zarr store that is not a chunkglm store."""
+    try:
+        root = open_root(store, storage_options, mode="a")
+    except StoreError:
+        return
+    consolidated.merge(root, path)
+
+
 def open_root_listing(zstore, store=None) -> tuple[zarr.Group, dict[str, dict] | None]:
     """Open a store's root for reading in one request: the root group and its consolidated
     listing (node path -> its ``zarr.json`` document; None in a store without one).
