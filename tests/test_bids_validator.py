@@ -161,9 +161,11 @@ def test_bidsignore_keeps_its_lines_and_is_written_beside_each_dataset_descripti
     assert lines[:2] == ["my_notes.txt", "*statmap.nii.gz"]  # kept, not repeated
     assert lines[2:] == [p for p in BIDSIGNORE if p != "*statmap.nii.gz"]
     assert (out / "sub" / ".bidsignore").read_text().splitlines()[1:] == [*BIDSIGNORE, "Fishers_*"]
-    with StagedOutput(out) as staged:  # nothing missing: the file is left as it is
+    before = (out / ".bidsignore").read_bytes()
+    with StagedOutput(out) as staged:  # nothing missing: the same lines, listed with the outputs
         staged.path("dataset_description.json").write_text("{}")
-    assert staged.written == [out / "dataset_description.json"]
+    assert (out / ".bidsignore").read_bytes() == before
+    assert sorted(staged.written) == [out / ".bidsignore", out / "dataset_description.json"]
     with StagedOutput(out) as staged:  # no dataset here: no .bidsignore
         staged.path("maps/a.nii.gz").write_bytes(b"")
     assert not (out / "maps" / ".bidsignore").exists()
