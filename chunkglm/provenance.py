@@ -246,11 +246,17 @@ def _remove_stale_partials(path: Path) -> None:
         return
     for sibling in siblings:
         match = pattern.match(sibling.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             sibling.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's counts); the owner check of
+    every host-pid named leftover: temporary files, scratch folders, node locks."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -64,12 +64,12 @@ def listing(document: dict) -> dict[str, dict] | None:
     return dict(found.get("metadata") or {})
 
 
-def merge(root, path: str, placeholder: dict | None = None) -> None:
+def merge(root, path: str, listed_as: dict | None = None) -> None:
     """Bring the root's consolidated entries for ``path`` (and everything under it) up to date.
 
     ``path`` is a node (``runs/<name>``), a provenance record or any group of
     the store; where it no longer exists, its entries are removed. Parents
-    missing from the listing are added. ``placeholder``: list ``path`` with this
+    missing from the listing are added. ``listed_as``: list ``path`` with this
     document instead of reading it (a node about to be created, listed
     incomplete *before* it exists: a writer cut off in between leaves a
     listing that reports too much incomplete, never a node it does not show).
@@ -80,11 +80,11 @@ def merge(root, path: str, placeholder: dict | None = None) -> None:
         entries = listing(document)
         if entries is None:
             entries = sync(_walk(root.store, ""))
-            if placeholder is not None:
-                entries[path] = placeholder
+            if listed_as is not None:
+                entries[path] = listed_as
         else:
             entries = {k: v for k, v in entries.items() if k != path and not k.startswith(f"{path}/")}
-            entries.update({path: placeholder} if placeholder is not None else sync(_walk(root.store, path)))
+            entries.update({path: listed_as} if listed_as is not None else sync(_walk(root.store, path)))
             parts = path.split("/")
             for depth in range(1, len(parts)):
                 parent = "/".join(parts[:depth])

@@ -36,6 +36,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from chunkglm.errors import NodeBusyError
+from chunkglm.provenance import process_alive
 
 __all__ = ["LOCKS", "HEARTBEAT_SECONDS", "PARTIAL_STALE_SECONDS", "STALE_SECONDS", "acquire", "node_lock",
            "release", "remove_leftovers"]
@@ -99,20 +100,8 @@ def is_stale(holder: dict) -> bool:
     if holder.get("host") == socket.gethostname():
         pid = int(holder.get("pid", -1))
         # this process's own lock that it no longer holds (its release was cut off) is stale too
-        return pid == os.getpid() or not _alive(pid)
+        return pid == os.getpid() or not process_alive(pid)
     return time.time() - float(holder.get("heartbeat", 0)) > stale_after()
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        return True
-    return True
 
 
 def busy_message(path: str, location: str, holder: dict) -> str:
