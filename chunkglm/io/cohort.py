@@ -25,6 +25,7 @@ from chunkglm.io import layout as st
 from chunkglm.io.bids import parse_entities
 from chunkglm.io.integrity import CheckedStore, replaced_message
 from chunkglm.io.nifti import header_from_bytes, header_from_text, image_from_voxels, save_image
+from chunkglm.io import surface, surface_convert
 from chunkglm.io.write_run import RESERVED_EVENT_COLUMNS
 
 
@@ -63,8 +64,9 @@ class Node:
         return dict(self.attrs.get("entities", {}))
 
     @property
-    def grid(self) -> st.Grid:
-        """The voxel grid (affine, shape, mask)."""
+    def grid(self):
+        """The grid: a voxel grid (:class:`~chunkglm.io.layout.Grid`: affine, shape, mask) or a
+        surface grid (:class:`~chunkglm.io.surface.SurfaceGrid`: mesh or CIFTI, mask)."""
         return self.cohort.grid(self.attrs["grid_id"])
 
     @property
@@ -169,6 +171,19 @@ class Node:
         return img
 
 
+    def to_surface_image(self):
+        """A surface run as nilearn's SurfaceImage (vertices x time, float32; 0 outside the mask)."""
+        return surface_convert.to_surface_image(self)
+
+    def to_gifti(self, folder=None, stem=None) -> dict:
+        """A mesh-grid run as GIFTI images per hemisphere (see :func:`chunkglm.io.surface_convert.to_gifti`)."""
+        return surface_convert.to_gifti(self, folder, stem)
+
+    def to_cifti(self, path=None):
+        """A CIFTI-grid run as a CIFTI-2 dense series (see :func:`chunkglm.io.surface_convert.to_cifti`)."""
+        return surface_convert.to_cifti(self, path)
+
+
 def _as_4d_header(header_bytes, n_images):
     """Maps keep their first image's header; stacked they are a 4-D image."""
     header = header_from_bytes(header_bytes)
@@ -255,10 +270,10 @@ class Cohort:
         if new:
             warnings.warn(f"skipping incomplete node(s) of {self.location}: {', '.join(new)}", stacklevel=3)
 
-    def grid(self, grid_id: str) -> st.Grid:
-        """Load one grid (affine, shape, mask)."""
+    def grid(self, grid_id: str):
+        """Load one grid (volume: affine, shape, mask; surface: parts, geometry, mask)."""
         if grid_id not in self._grids:
-            self._grids[grid_id] = st.read_grid(self.root, grid_id)
+            self._grids[grid_id] = surface.read_grid(self.root, grid_id)
         return self._grids[grid_id]
 
     def node(self, path: str) -> Node:

@@ -31,7 +31,7 @@ from chunkglm.io.nifti import NiftiReader, fortran_indices, header_to_text, scal
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.sources import file_sha256, same_source, source_key
 
-__all__ = ["RunJob", "convert_run", "existing_result", "source_key", "write_rows"]
+__all__ = ["RunJob", "convert_run", "existing_result", "source_key", "write_events", "write_rows"]
 
 _STAGING = "_staging"
 
@@ -54,7 +54,7 @@ class RunJob:
 
 
 def convert_run(job: RunJob, store, storage_options=None, input_storage_options=None, *,
-                replace=False) -> dict:
+                replace=False, listed=True) -> dict:
     """Write ``runs/<job.name>``; return a summary (name, sha256, size, shape).
 
     Idempotent: a node already complete from the same source is returned as
@@ -66,6 +66,9 @@ def convert_run(job: RunJob, store, storage_options=None, input_storage_options=
     so an interrupted task leaves a node the next run redoes. The node's lock
     is held throughout: a second conversion of it at the same time gets
     :class:`~chunkglm.errors.NodeBusyError`.
+    ``listed`` False: a new node is not merged into the root's consolidated
+    metadata here (its caller listed it incomplete before and merges it after
+    the task, in a batch: :class:`chunkglm.io.consolidated.Batch`).
     """
     root = st.open_root(store, storage_options, mode="a")
     with node_lock(root, "runs", job.name, st.redact_url(str(store))):  # NodeBusyError for a second writer
@@ -73,10 +76,10 @@ def convert_run(job: RunJob, store, storage_options=None, input_storage_options=
         done = None if replace else existing_result(root, "runs", job, input_storage_options)
         if done is not None:
             return done
-        return _convert(root, store, job, input_storage_options)
+        return _convert(root, store, job, input_storage_options, listed)
 
 
-def _convert(root, store, job, input_storage_options) -> dict:
+def _convert(root, store, job, input_storage_options, listed) -> dict:
     grid = _cached_grid(root, store, job.grid_id)
     with NiftiReader(job.bold, input_storage_options) as reader:
         info = reader.info
@@ -87,13 +90,13 @@ def _convert(root, store, job, input_storage_options) -> dict:
         _check_confounds(confounds, info.n_volumes, job)
         events = _read_table(job.events, input_storage_options)
         _check_events(events, job)
-        node = st.begin_version(root, "runs", job.name)
+        node = st.begin_version(root, "runs", job.name, listed=listed)
         try:
             sha256, size = _write_run(node, job, reader, grid, input_storage_options)
             _write_tables(node, confounds, events, info)
             st.write_voxel_coordinate(node, grid)
         except BaseException:
-            st.discard_version(root, node)
+            st.discard_version(root, node, listed=listed)
             raise
     source = {**job.source_key, "sha256": sha256, "size": size}
     meta = {"kind": "run", "source": source, "preprocessing": job.preprocessing.to_attrs(),
@@ -101,7 +104,7 @@ def _convert(root, store, job, input_storage_options) -> dict:
     if job.preprocessing.target_affine is None:  # the original header still describes the grid
         meta["nifti_header"] = header_to_text(info.header_bytes)
     st.finish_node(node, _run_attrs(job, info), meta)
-    st.publish_version(root, "runs", job.name, node)
+    st.publish_version(root, "runs", job.name, node, listed=listed)
     return {"name": job.name, "path": job.source_key.get("path", st.redact_url(job.bold)),
             "sha256": sha256, "size": size, "shape": [info.n_volumes, grid.n_voxels]}
 
@@ -348,10 +351,10 @@ def _write_tables(node, confounds, events, info):
         st.write_array(node, "confound", np.array(list(confounds.columns), dtype=str), ("confound",))
         st.write_array(node, "confounds", numeric.to_numpy(), ("time", "confound"))
     if events is not None:
-        _write_events(node, events)
+        write_events(node, events)
 
 
-def _write_events(node, events):
+def write_events(node, events):
     if "onset" not in events or "duration" not in events:
         raise InputError(f"events tables need 'onset' and 'duration' columns; found {list(events.columns)}")
     for column in events.columns:

@@ -37,22 +37,25 @@ With nilearn, pass ``derivatives_folder="derivatives/fmriprep"`` to
 from __future__ import annotations
 
 import io
-import json
 from collections import namedtuple
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from chunkglm.testing.signal_model import (BASELINE_MEAN, BASELINE_VARIATION, BETA_PEAK_RANGE,  # noqa: F401
+                                           BLOB_TRUNCATION, BLOBS_PER_CONDITION, DEFAULT_NOISE_SD,
+                                           DRIFT_SD, MNI_2MM_AFFINE)
+from chunkglm.testing.signal_model import ar1_inplace as _ar1_inplace
+from chunkglm.testing.signal_model import write_json as _write_json
+from chunkglm.testing.surface import add_surface_runs
+
 __all__ = ["SIZES", "SPACE", "GroundTruth", "SyntheticDataset",
            "SyntheticRun", "make_synthetic_bids"]
 
 SPACE = "MNI152NLin2009cAsym"
-MNI_2MM_AFFINE = np.array(
-    [[2.0, 0, 0, -96], [0, 2.0, 0, -132], [0, 0, 2.0, -78], [0, 0, 0, 1]]
-)
 
 #: Size presets.  ``mask_radii`` are the semi-axes of the ellipsoidal brain
 #: mask as fractions of ``shape`` (centred on the grid centre); for
@@ -67,13 +70,6 @@ SIZES: dict[str, dict] = {
                   "mask_radii": (0.36, 0.374, 0.385)},
 }
 
-BASELINE_MEAN = 1000.0  # signal units
-BASELINE_VARIATION = 0.1  # baseline spans BASELINE_MEAN * (1 +/- 0.1)
-BETA_PEAK_RANGE = (0.02, 0.03)  # blob peak as a fraction of local baseline
-BLOBS_PER_CONDITION = 2
-BLOB_TRUNCATION = 2.5  # blobs are zero beyond this many sigmas
-DEFAULT_NOISE_SD = 10.0  # signal units (1 % of the baseline)
-DRIFT_SD = 10.0  # sd of the per-voxel drift amplitudes, signal units
 OUTSIDE_RANGE = (20.0, 50.0)  # smooth background level outside the mask
 OUTSIDE_SD = 3.0  # white noise outside the mask, clipped at 4 sd
 SUBJECT_MASK_DROP = 0.15  # fraction of boundary voxels dropped per subject
@@ -208,6 +204,7 @@ class SyntheticDataset:
     space: str
     truth: GroundTruth
     dtype: str = "float32"
+    surface: object = None  # SurfaceTruth (chunkglm.testing.surface) with surface=True
 
     @property
     def subjects(self) -> tuple:
@@ -404,16 +401,6 @@ def _drift_basis(frame_times) -> pd.DataFrame:
                         index=pd.Index(t))
 
 
-def _ar1_inplace(eps, rho, sd) -> None:
-    """Turn i.i.d. N(0, 1) ``eps`` (time, voxel) into stationary AR(1)
-    noise of sd ``sd`` in place; ``rho``, ``sd``: (voxel,) float32."""
-    innov = (sd * np.sqrt(1 - rho**2)).astype(np.float32)
-    eps[0] *= sd
-    for t in range(1, eps.shape[0]):
-        eps[t] *= innov
-        eps[t] += rho * eps[t - 1]
-
-
 def _simulate(rng, geom, regressors, coefs, rho, sd) -> np.ndarray:
     """In-mask data of one run, (time, voxel) float32 (~282 MB realistic).
 
@@ -567,11 +554,6 @@ def _write_mask(path, mask, affine, compress) -> None:
         out.write(mask.astype(np.uint8).tobytes(order="F"))
 
 
-def _write_json(path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def _write_tsv(path, frame, float_format) -> None:
     buf = io.StringIO()
     frame.to_csv(buf, sep="\t", index=False, na_rep="n/a",
@@ -707,7 +689,7 @@ def _check_args(n_subjects, n_sessions, n_runs, dtype, conditions, tr):
 def make_synthetic_bids(
     root, *, n_subjects=2, n_sessions=0, n_runs=1, task="main", size="tiny",
     shape=None, n_volumes=None, tr=2.0, dtype="float32", seed=0,
-    conditions=("a", "b"), ar1_rho=0.3, noise_sd=None, compress=True,
+    conditions=("a", "b"), ar1_rho=0.3, noise_sd=None, compress=True, surface=False,
 ) -> SyntheticDataset:
     """Write a synthetic BIDS dataset with fMRIPrep-like derivatives.
 
@@ -747,6 +729,9 @@ def make_synthetic_bids(
         the ~1000 baseline).
     compress : bool
         Write ``.nii.gz`` (isal, level 1) instead of ``.nii``.
+    surface : bool
+        Also write fsaverage5 GIFTI runs and a small CIFTI series per run, with
+        their truth in ``.surface`` (:func:`chunkglm.testing.surface.add_surface_runs`).
 
     Returns
     -------
@@ -781,5 +766,7 @@ def make_synthetic_bids(
     _write_dataset_files(root, deriv, list(sub_masks), seed)
     truth = GroundTruth(geom.mask, sub_masks, betas, baseline, rho, sd, design,
                         drift, events, conditions, float(tr) / 2.0)
-    return SyntheticDataset(root, deriv, tuple(runs), affine, shape, n_volumes,
-                            float(tr), SPACE, truth, dtype)
+    dataset = SyntheticDataset(root, deriv, tuple(runs), affine, shape, n_volumes, float(tr), SPACE, truth, dtype)
+    if surface:
+        return replace(dataset, surface=add_surface_runs(dataset, seed, ar1_rho, noise_sd))
+    return dataset

@@ -1,0 +1,359 @@
+"""Surface runs into the store and back: nilearn ``SurfaceImage``, GIFTI pairs, CIFTI-2.
+
+Into the store, :func:`convert_surface_runs` takes, per run, one of
+
+- a nilearn 0.14 :class:`~nilearn.surface.SurfaceImage` (2-D: vertices x time),
+- a GIFTI pair ``{"left": "..._hemi-L_..._bold.func.gii", "right": "..._hemi-R_...func.gii"}``
+  (one hemisphere alone is a run of that hemisphere), with the mesh given
+  (a nilearn ``PolyMesh``, or the name of a mesh nilearn ships, ``"fsaverage5"``),
+- a CIFTI-2 dense series (``*.dtseries.nii``): grayordinates x time,
+
+and writes a ``runs/<name>`` node: ``bold (time, voxel)`` float32 over the
+grid's stored elements, voxel blocks from the one planner
+(:func:`chunkglm.chunking.plan_voxel_chunks`; time never split), the element
+coordinates (``voxel``, ``hemi``) and the grid node (mesh geometry or CIFTI
+brain models, once per grid: :mod:`chunkglm.io.surface`).
+
+Back, :func:`to_surface_image`, :func:`to_gifti` and :func:`to_cifti` rebuild
+the inputs: the stored float32 values exactly (float32 inputs come back bit
+for bit; others as their float32 values, as NIfTI runs do), elements outside
+the grid's mask 0, the mesh / brain-model axis / series timing as given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes, plan_voxel_chunks
+from chunkglm.errors import InputError
+from chunkglm.io import consolidated, locks
+from chunkglm.io import layout as st
+from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, write_element_coordinates, write_grid
+from chunkglm.io.write_run import write_events, write_rows
+
+__all__ = ["SurfaceRun", "convert_surface_runs", "is_surface_input", "read_surface_run", "to_cifti",
+           "to_gifti", "to_surface_image"]
+
+#: Suffixes of the CIFTI-2 files read as runs.
+CIFTI_RUN_SUFFIXES = (".dtseries.nii",)
+
+
+class SurfaceRun:
+    """One surface run read for conversion: its grid, its (element, time) values and timing.
+
+    Attributes
+    ----------
+    grid : chunkglm.io.surface.SurfaceGrid
+        Every element stored (the caller may restrict the mask).
+    values : array-like, shape (n_elements, n_time)
+        In memory or lazy (a CIFTI file's proxy is read by time slabs).
+    t_r : float or None
+        Repetition time (s), when the source states it.
+    source : dict
+        What identifies the input (paths with sha256, or the sha256 of in-memory values).
+    cifti : dict
+        CIFTI series axis (start, step, unit) to write the run back.
+    """
+
+    def __init__(self, grid, values, t_r=None, source=None, cifti=None, by_time=False):
+        self.grid, self.values, self.t_r = grid, values, t_r
+        self.source, self.cifti, self.by_time = source or {}, cifti or {}, by_time
+
+    @property
+    def n_time(self) -> int:
+        """Volumes of the run."""
+        return int(self.values.shape[0 if self.by_time else 1])
+
+    def rows(self, start: int, stop: int, elements: np.ndarray) -> np.ndarray:
+        """Time points [start, stop) of the stored ``elements``, (time, element) float32."""
+        if self.by_time:  # CIFTI: (time, element) on disk, read one slab at a time
+            return np.asarray(self.values[start:stop], dtype=np.float32)[:, elements]
+        return np.asarray(self.values[elements, start:stop], dtype=np.float32).T
+
+
+def is_surface_input(item) -> bool:
+    """True for a SurfaceImage, a GIFTI pair (dict of hemispheres) or a CIFTI dense series path."""
+    from nilearn.surface import SurfaceImage
+
+    if isinstance(item, SurfaceImage) or isinstance(item, dict):
+        return True
+    return isinstance(item, str | Path) and str(item).endswith(CIFTI_RUN_SUFFIXES)
+
+
+# -- reading inputs ------------------------------------------------------------------------------
+
+
+def read_surface_run(item, mesh=None, space="") -> SurfaceRun:
+    """A SurfaceImage, GIFTI pair or CIFTI dense series as a :class:`SurfaceRun` (nothing written)."""
+    from nilearn.surface import SurfaceImage
+
+    if isinstance(item, SurfaceImage):
+        return _from_surface_image(item, space)
+    if isinstance(item, dict):
+        return _from_gifti(item, mesh, space)
+    if isinstance(item, str | Path) and str(item).endswith(CIFTI_RUN_SUFFIXES):
+        return _from_cifti(Path(item), space)
+    raise InputError(f"a surface run is a nilearn SurfaceImage, a GIFTI pair {{'left': path, 'right': path}} "
+                     f"or a CIFTI-2 .dtseries.nii path; received {type(item).__name__}.")
+
+
+def mesh_grid(mesh, parts, space="") -> SurfaceGrid:
+    """A mesh grid of every vertex of ``parts`` (in nilearn's order) of a nilearn ``PolyMesh``."""
+    meshes = {}
+    for part in parts:
+        if part not in mesh.parts:
+            raise InputError(f"the data have a {part!r} part but the mesh has only {sorted(mesh.parts)}.")
+        meshes[part] = (np.asarray(mesh.parts[part].coordinates), np.asarray(mesh.parts[part].faces))
+    sizes = tuple((part, int(meshes[part][0].shape[0])) for part in parts)
+    return SurfaceGrid("mesh", sizes, np.ones(sum(n for _, n in sizes), dtype=bool), space, meshes)
+
+
+def _from_surface_image(img, space) -> SurfaceRun:
+    parts = [part for part in MESH_PARTS if part in img.data.parts]
+    if len(img.shape) != 2:
+        raise InputError(f"a surface run is a 2-D SurfaceImage (vertices x time points); received shape "
+                         f"{img.shape}. Give 3-D maps to second-level models, not as runs.")
+    grid = mesh_grid(img.mesh, parts, space)
+    values = np.concatenate([np.asarray(img.data.parts[part]) for part in parts], axis=0)
+    digest = hashlib.sha256(values.dtype.str.encode() + np.ascontiguousarray(values).tobytes()).hexdigest()
+    return SurfaceRun(grid, values, source={"path": "<SurfaceImage in memory>", "sha256": digest,
+                                            "size": int(values.nbytes), "dtype": str(values.dtype)})
+
+
+def _load_mesh(mesh):
+    if isinstance(mesh, str):
+        from nilearn.datasets import load_fsaverage
+
+        try:
+            return load_fsaverage(mesh)["pial"], mesh
+        except Exception as err:  # nilearn names the meshes it has
+            raise InputError(f"mesh {mesh!r}: {err}") from err
+    if mesh is None or not hasattr(mesh, "parts"):
+        raise InputError("GIFTI runs carry no geometry: give mesh= a nilearn PolyMesh or the name of a "
+                         f"mesh nilearn ships (e.g. 'fsaverage5'); received {type(mesh).__name__}.")
+    return mesh, ""
+
+
+def _from_gifti(pair, mesh, space) -> SurfaceRun:
+    unknown = sorted(set(pair) - set(MESH_PARTS))
+    if unknown or not pair:
+        raise InputError(f"a GIFTI pair is a dict with keys among {MESH_PARTS}; received keys {sorted(pair)}.")
+    poly, named = _load_mesh(mesh)
+    parts = [part for part in MESH_PARTS if part in pair]
+    arrays, sources, steps = [], [], set()
+    for part in parts:
+        img = nib.load(str(pair[part]))
+        data = np.column_stack([d.data for d in img.darrays]) if len(img.darrays) > 1 else img.darrays[0].data
+        arrays.append(np.asarray(data).reshape(len(data), -1))
+        steps |= {d.meta.get("TimeStep") for d in img.darrays if d.meta.get("TimeStep")}
+        sources.append(_file_source(pair[part]))
+    if len({a.shape[1] for a in arrays}) > 1:
+        raise InputError(f"the hemispheres of {list(map(str, pair.values()))} have different numbers of "
+                         f"volumes {[a.shape[1] for a in arrays]}: give the two files of one run.")
+    grid = mesh_grid(poly, parts, space or named)
+    t_r = _sidecar_tr(pair[parts[0]]) or (float(steps.pop()) / 1000.0 if len(steps) == 1 else None)
+    return SurfaceRun(grid, np.concatenate(arrays, axis=0), t_r, {"files": sources})
+
+
+def _sidecar_tr(path) -> float | None:
+    """RepetitionTime of the BIDS sidecar beside a GIFTI file (``..._bold.json``), if any."""
+    stem = str(path).removesuffix(".gii").removesuffix(".func")
+    sidecar = Path(stem + ".json")
+    if not sidecar.is_file():
+        return None
+    value = json.loads(sidecar.read_text()).get("RepetitionTime")
+    return float(value) if value else None
+
+
+def _file_source(path) -> dict:
+    data = Path(path).read_bytes()
+    return {"path": str(Path(path).absolute()), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _from_cifti(path: Path, space) -> SurfaceRun:
+    from nibabel.cifti2 import BrainModelAxis, SeriesAxis
+
+    img = nib.load(str(path))
+    axes = [img.header.get_axis(i) for i in range(img.ndim)]
+    if not (isinstance(axes[0], SeriesAxis) and isinstance(axes[1], BrainModelAxis)):
+        raise InputError(f"{path} is not a CIFTI-2 dense series (series x brain models); its axes are "
+                         f"{[type(a).__name__ for a in axes]}.")
+    models = axes[1]
+    parts = tuple((str(name), len(range(*sl.indices(len(models))))) for name, sl, _ in models.iter_structures())
+    grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, models)
+    series = axes[0]
+    step = float(series.step) * {"SECOND": 1.0, "MSEC": 1e-3, "USEC": 1e-6}.get(series.unit.upper(), 1.0)
+    cifti = {"start": float(series.start), "step": float(series.step), "unit": series.unit}
+    return SurfaceRun(grid, img.dataobj, step if series.unit.upper() != "HERTZ" else None,
+                      {"files": [_file_source(path)]}, cifti, by_time=True)
+
+
+# -- writing runs ---------------------------------------------------------------------------------
+
+
+def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=None, t_r=None,
+                         events=None, chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY,
+                         storage_options=None) -> list[str]:
+    """Write surface runs into ``store`` as ``runs/<name>`` nodes; return their names.
+
+    Parameters
+    ----------
+    items : SurfaceImage, GIFTI pair dict, CIFTI path, or a list of them
+        The runs (see the module docstring); all on one grid.
+    store : str or Path
+        The cohort store (local path or fsspec URL).
+    names : list of str, optional
+        Node names; default ``surface-run-00000``...
+    mesh : nilearn PolyMesh or str, optional
+        GIFTI inputs: their mesh (or a mesh nilearn ships: "fsaverage5").
+    space : str
+        Template space recorded with the grid (``fsaverage5``, ``fsLR``).
+    mask : ndarray of bool (n_elements,), optional
+        The elements stored; default all.
+    t_r : float, optional
+        Repetition time (s) when the inputs do not state it (SurfaceImages never do).
+    events : DataFrame or list of them, optional
+        Stored with each run (``node.events``).
+    chunk_bytes, task_memory, storage_options
+        As :func:`chunkglm.convert`'s.
+    """
+    items = list(items) if isinstance(items, list | tuple) else [items]
+    names = names or [f"surface-run-{i:05d}" for i in range(len(items))]
+    events = events if isinstance(events, list | tuple) else [events] * len(items)
+    if len(names) != len(items) or len(events) != len(items):
+        raise InputError(f"{len(items)} surface runs but {len(names)} names and {len(events)} events tables: "
+                         "give one of each per run.")
+    runs = [read_surface_run(item, mesh, space) for item in items]
+    grid = runs[0].grid if mask is None else runs[0].grid.with_mask(mask)
+    for index, run in enumerate(runs[1:], 1):
+        _check_same_grid(runs[0].grid, run.grid, index)
+    root = st.open_root(store, storage_options, mode="a")
+    locks.remove_leftovers(root)
+    grid_id = write_grid(root, grid)
+    for name, run, table in zip(names, runs, events):
+        _write_run(root, st.check_node_name(name), grid, grid_id, run, t_r, table,
+                   as_bytes(chunk_bytes), as_bytes(task_memory))
+    consolidated.mend(root, [f"grids/{grid_id}", *(f"runs/{n}" for n in names)])
+    return list(names)
+
+
+def _check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None:
+    if first.kind != other.kind or first.parts != other.parts:
+        raise InputError(f"surface run {index} has {other.kind} parts {list(other.parts)}, run 0 "
+                         f"{first.kind} parts {list(first.parts)}: the runs of one conversion share one grid.")
+    if first.with_mask(other.mask).grid_id != other.grid_id:
+        raise InputError(f"surface run {index} is on another mesh (or CIFTI axis) than run 0, with the same "
+                         "numbers of vertices: the runs of one conversion share one grid.")
+
+
+def _write_run(root, name, grid, grid_id, run, t_r, events, chunk_bytes, task_memory):
+    tr = run.t_r if run.t_r is not None else t_r
+    elements = grid.flat_index
+    plan = plan_voxel_chunks(run.n_time, grid.n_voxels, 4, chunk_bytes)
+
+    def fill(out, start, stop):
+        out[:] = run.rows(start, stop, elements)
+        return bool(np.isfinite(out).any())
+
+    st.resume_swap(root, "runs", name)
+    node = st.begin_version(root, "runs", name)
+    try:
+        write_rows(node, "bold", ("time", "voxel"), plan, fill, task_memory, f"surface run {name}")
+        write_element_coordinates(node, grid)
+        node["bold"].attrs["coordinates"] = "hemi"  # xarray reads hemi as a coordinate of bold
+        frame = np.arange(run.n_time, dtype=np.float64) * (tr or 0.0)
+        st.write_array(node, "time", frame, ("time",), attrs={"units": "s"})
+        if events is not None:
+            write_events(node, pd.read_csv(events, sep="\t") if isinstance(events, str | Path) else events)
+    except BaseException:
+        st.discard_version(root, node)
+        raise
+    attrs = {"grid_id": grid_id, "RepetitionTime": tr, "slice_time_ref": None, "entities": {},
+             "shape": [run.n_time, grid.shape[0]], "grid_kind": grid.kind}
+    meta = {"kind": "run", "source": run.source, "preprocessing": _no_preprocessing(), "cifti": run.cifti}
+    st.finish_node(node, attrs, meta)
+    st.publish_version(root, "runs", name, node)
+
+
+def _no_preprocessing() -> dict:
+    from chunkglm.io.preprocess import SpatialPreprocessing
+
+    return SpatialPreprocessing().to_attrs()
+
+
+# -- back to files and images -------------------------------------------------------------------
+
+
+def _full_values(node) -> np.ndarray:
+    """(n_elements, time) float32 of a surface run: stored values, 0 outside the mask."""
+    grid = node.grid
+    values = node.data().values
+    full = np.zeros((grid.shape[0], values.shape[0]), dtype=np.float32)
+    full[grid.mask] = values.T
+    return full
+
+
+def _polymesh(grid):
+    from nilearn.surface import InMemoryMesh, PolyMesh
+
+    if grid.kind != "mesh":
+        raise InputError(f"this run's grid is a {grid.kind} grid, with no mesh geometry: write it back with "
+                         "to_cifti, or give a SurfaceImage's mesh when converting.")
+    return PolyMesh(**{part: InMemoryMesh(*grid.meshes[part]) for part, _ in grid.parts})
+
+
+def to_surface_image(node):
+    """A surface run (or map collection) as a nilearn SurfaceImage: (vertices, time) float32."""
+    from nilearn.surface import SurfaceImage
+
+    grid = node.grid
+    full = _full_values(node)
+    slices = grid.part_slices()
+    return SurfaceImage(_polymesh(grid), {part: full[slices[part]] for part, _ in grid.parts})
+
+
+def to_gifti(node, folder=None, stem=None) -> dict:
+    """A mesh-grid run as GIFTI images, one per hemisphere, one data array per volume (as fMRIPrep's
+    ``*_hemi-L_..._bold.func.gii``). Written as ``<folder>/<stem>_hemi-L_bold.func.gii`` ... when
+    ``folder`` is given; returns {part: GiftiImage}."""
+    from nibabel.gifti import GiftiDataArray, GiftiImage
+
+    grid = node.grid
+    _polymesh(grid)  # mesh grids only
+    full, slices = _full_values(node), grid.part_slices()
+    tr = node.attrs.get("RepetitionTime")
+    meta = {"TimeStep": f"{tr * 1000:g}"} if tr else {}
+    images = {}
+    for part, _ in grid.parts:
+        arrays = [GiftiDataArray(np.ascontiguousarray(full[slices[part], t]), intent="NIFTI_INTENT_TIME_SERIES",
+                                 datatype="NIFTI_TYPE_FLOAT32", meta=meta) for t in range(full.shape[1])]
+        images[part] = GiftiImage(darrays=arrays)
+        if folder is not None:
+            hemi = {"left": "L", "right": "R"}[part]
+            nib.save(images[part], Path(folder) / f"{stem or node.name}_hemi-{hemi}_bold.func.gii")
+    return images
+
+
+def to_cifti(node, path=None):
+    """A CIFTI-grid run as a CIFTI-2 dense series (time, grayordinates) float32, its brain-model
+    axis and series timing as converted; written to ``path`` when given."""
+    from nibabel.cifti2 import Cifti2Header, Cifti2Image, SeriesAxis
+
+    grid = node.grid
+    if grid.kind != "cifti":
+        raise InputError(f"this run's grid is a {grid.kind} grid: write it back with to_gifti or "
+                         "to_surface_image.")
+    full = _full_values(node)
+    series = dict(dict(node.attrs.get(st.ATTR, {})).get("cifti") or {})
+    axis = SeriesAxis(series.get("start", 0.0), series.get("step", node.attrs.get("RepetitionTime") or 1.0),
+                      full.shape[1], series.get("unit", "SECOND"))
+    img = Cifti2Image(np.ascontiguousarray(full.T), Cifti2Header.from_axes((axis, grid.brain_models)))
+    if path is not None:
+        img.to_filename(str(path))
+    return img

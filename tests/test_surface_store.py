@@ -1,0 +1,188 @@
+"""Surface grids in the cohort store: SurfaceImage, GIFTI and CIFTI runs in, and back bit for bit.
+
+The store keeps float32 values (its format); float32 inputs come back equal
+bit for bit, float64 ones as their float32 values (as NIfTI runs do).
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import xarray as xr
+from nilearn.datasets import load_fsaverage
+from nilearn.surface import InMemoryMesh, PolyMesh, SurfaceImage
+
+from chunkglm.chunking import plan_voxel_chunks
+from chunkglm.errors import InputError
+from chunkglm.io.cohort import open_cohort
+from chunkglm.io.surface import SurfaceGrid
+from chunkglm.io.surface_convert import convert_surface_runs
+from chunkglm.testing import make_synthetic_bids
+
+
+@pytest.fixture(scope="module")
+def fsaverage5():
+    return load_fsaverage("fsaverage5")["pial"]
+
+
+@pytest.fixture(scope="module")
+def surface_bids(tmp_path_factory):
+    return make_synthetic_bids(tmp_path_factory.mktemp("surface_bids"), n_subjects=1, n_runs=2, surface=True)
+
+
+def _image(mesh, n_time, dtype=np.float32, seed=0, parts=("left", "right")):
+    rng = np.random.default_rng(seed)
+    return SurfaceImage(mesh if len(parts) == 2 else PolyMesh(**{p: mesh.parts[p] for p in parts}),
+                        {p: rng.standard_normal((mesh.parts[p].n_vertices, n_time)).astype(dtype) for p in parts})
+
+
+def test_surface_image_round_trip_bit_exact(tmp_path, fsaverage5):
+    images = [_image(fsaverage5, 12, seed=s) for s in (0, 1)]
+    names = convert_surface_runs(images, tmp_path / "s.zarr", t_r=2.0, chunk_bytes=12 * 4 * 1000,
+                                 space="fsaverage5")
+    cohort = open_cohort(tmp_path / "s.zarr")
+    assert len(cohort.grids) == 1  # the geometry is stored once for both runs
+    for name, image in zip(names, images):
+        node = cohort.runs[name]
+        assert isinstance(node.grid, SurfaceGrid) and node.grid.kind == "mesh"
+        # the one planner's voxel blocks over the 20,484 vertices, time never split
+        plan = plan_voxel_chunks(12, 20484, 4, 12 * 4 * 1000)
+        assert node.data().data.chunks == ((12,), tuple(s.stop - s.start for s in plan.block_slices()))
+        back = node.to_surface_image()
+        for part in ("left", "right"):
+            assert back.data.parts[part].dtype == np.float32
+            assert np.array_equal(back.data.parts[part], image.data.parts[part])
+            assert np.array_equal(back.mesh.parts[part].coordinates, fsaverage5.parts[part].coordinates)
+            assert np.array_equal(back.mesh.parts[part].faces, fsaverage5.parts[part].faces)
+        assert node.attrs["RepetitionTime"] == 2.0
+
+
+def test_store_opens_with_plain_xarray(tmp_path, fsaverage5):
+    convert_surface_runs(_image(fsaverage5, 5), tmp_path / "s.zarr", names=["run1"], t_r=1.0)
+    tree = xr.open_datatree(tmp_path / "s.zarr", engine="zarr", zarr_format=3, chunks={})
+    run = tree["runs/run1"].to_dataset()
+    assert run["bold"].dims == ("time", "voxel")
+    assert "hemi" in run.coords  # the part of each element, a coordinate of bold
+    assert list(np.unique(run["hemi"].values)) == ["left", "right"]
+    assert (run["hemi"].values[:10242] == "left").all()
+    grid = tree[f"grids/{open_cohort(tmp_path / 's.zarr').grids[0]}"].to_dataset()
+    assert grid["coordinates_left"].shape == (10242, 3) and grid["faces_right"].shape == (20480, 3)
+
+
+def test_float64_surface_image_comes_back_as_its_float32_values(tmp_path, fsaverage5):
+    image = _image(fsaverage5, 4, dtype=np.float64)
+    convert_surface_runs(image, tmp_path / "s.zarr", names=["r"], t_r=2.0)
+    back = open_cohort(tmp_path / "s.zarr").runs["r"].to_surface_image()
+    assert np.array_equal(back.data.parts["left"], image.data.parts["left"].astype(np.float32))
+
+
+def test_one_hemisphere_and_a_mask(tmp_path, fsaverage5):
+    left = _image(fsaverage5, 6, parts=("left",))
+    mask = np.zeros(10242, dtype=bool)
+    mask[::3] = True
+    convert_surface_runs(left, tmp_path / "s.zarr", names=["l"], t_r=2.0, mask=mask)
+    node = open_cohort(tmp_path / "s.zarr").runs["l"]
+    assert node.grid.parts == (("left", 10242),) and node.data().shape == (6, mask.sum())
+    back = node.to_surface_image().data.parts["left"]
+    assert list(node.to_surface_image().data.parts) == ["left"]
+    assert np.array_equal(back[mask], left.data.parts["left"][mask]) and not back[~mask].any()
+
+
+def test_gifti_pair_round_trip(tmp_path, surface_bids):
+    files = surface_bids.surface.runs[0]
+    convert_surface_runs(files.gifti, tmp_path / "s.zarr", names=["g"], mesh="fsaverage5")
+    node = open_cohort(tmp_path / "s.zarr").runs["g"]
+    assert node.attrs["RepetitionTime"] == surface_bids.tr  # from the BIDS sidecar
+    assert node.grid.space == "fsaverage5"
+    images = node.to_gifti(tmp_path, "back")
+    for part, path in files.gifti.items():
+        original = nib.load(path)
+        hemi = {"left": "L", "right": "R"}[part]
+        written = nib.load(tmp_path / f"back_hemi-{hemi}_bold.func.gii")
+        assert len(written.darrays) == len(original.darrays) == surface_bids.n_volumes
+        for ours, theirs in zip(images[part].darrays, original.darrays):
+            assert ours.data.dtype == np.float32 and np.array_equal(ours.data, theirs.data)
+        assert np.array_equal(written.agg_data(), original.agg_data())
+    # the GIFTI run equals the SurfaceImage nilearn reads from the same files
+    nilearn_image = SurfaceImage(load_fsaverage("fsaverage5")["pial"],
+                                 {p: str(f) for p, f in files.gifti.items()})
+    assert np.array_equal(node.to_surface_image().data.parts["right"], nilearn_image.data.parts["right"])
+
+
+def test_cifti_round_trip(tmp_path, surface_bids):
+    path = surface_bids.surface.runs[1].cifti
+    convert_surface_runs(path, tmp_path / "s.zarr", names=["c"], chunk_bytes=40 * 4 * 2000)
+    node = open_cohort(tmp_path / "s.zarr").runs["c"]
+    assert node.grid.kind == "cifti" and node.data().data.numblocks[1] > 1
+    assert [p for p, _ in node.grid.parts][-1] == "CIFTI_STRUCTURE_THALAMUS_RIGHT"
+    node.to_cifti(tmp_path / "back.dtseries.nii")
+    original, back = nib.load(path), nib.load(tmp_path / "back.dtseries.nii")
+    assert back.get_data_dtype() == np.float32
+    assert np.array_equal(np.asarray(back.dataobj), np.asarray(original.dataobj))
+    for axis in (0, 1):
+        assert back.header.get_axis(axis) == original.header.get_axis(axis)
+    assert node.attrs["RepetitionTime"] == surface_bids.tr
+
+
+def test_refusals(tmp_path, fsaverage5):
+    image = _image(fsaverage5, 4)
+    flipped = PolyMesh(left=InMemoryMesh(fsaverage5.parts["left"].coordinates[::-1].copy(),
+                                         fsaverage5.parts["left"].faces),
+                       right=fsaverage5.parts["right"])
+    other = SurfaceImage(flipped, {p: image.data.parts[p] for p in ("left", "right")})
+    with pytest.raises(InputError, match="another mesh"):
+        convert_surface_runs([image, other], tmp_path / "a.zarr", t_r=2.0)
+    one_map = SurfaceImage(fsaverage5, {p: image.data.parts[p][:, 0] for p in ("left", "right")})
+    with pytest.raises(InputError, match="2-D SurfaceImage"):
+        convert_surface_runs(one_map, tmp_path / "b.zarr", t_r=2.0)
+    with pytest.raises(InputError, match="GIFTI runs carry no geometry"):
+        convert_surface_runs({"left": "x.func.gii"}, tmp_path / "c.zarr")
+    with pytest.raises(InputError, match="keys among"):
+        convert_surface_runs({"both": "x.func.gii"}, tmp_path / "d.zarr", mesh="fsaverage5")
+    convert_surface_runs(image, tmp_path / "e.zarr", names=["m"], t_r=2.0)
+    with pytest.raises(InputError, match="mesh grid: write it back with to_gifti"):
+        open_cohort(tmp_path / "e.zarr").runs["m"].to_cifti()
+    assert not (tmp_path / "a.zarr").exists()  # refused before anything was written
+
+
+def test_synthetic_surface_runs_follow_their_truth(surface_bids):
+    """OLS with the true regressors recovers the true betas per vertex: the errors, divided by
+    their exact sd under the generating AR(1) noise, are standard normal over 20,484 vertices
+    (mean and sd within 0.05 of 0 and 1: 10 sampling sds at this count)."""
+    truth, run = surface_bids.surface, surface_bids.runs[0]
+    files = truth.runs[0]
+    y = np.hstack([nib.load(files.gifti[p]).agg_data() .T for p in ("left", "right")]).astype(np.float64)
+    design = surface_bids.truth.design[run.name][["a", "b", "constant"]].to_numpy()
+    x = np.hstack([design, surface_bids.truth.drift_basis[run.name].to_numpy()])
+    beta = np.linalg.lstsq(x, y, rcond=None)[0]
+    lags = np.abs(np.subtract.outer(np.arange(len(x)), np.arange(len(x))))
+    sigma = truth.noise_sd ** 2 * truth.ar1_rho ** lags
+    pinv = np.linalg.pinv(x)
+    sd = np.sqrt(np.diag(pinv @ sigma @ pinv.T))
+    for index, condition in enumerate(("a", "b")):
+        z = (beta[index] - truth.betas[condition]) / sd[index]
+        assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05, condition
+    z_base = (beta[2] - truth.baseline) / sd[2]
+    assert abs(z_base.mean()) < 0.05 and abs(z_base.std() - 1) < 0.05
+
+
+def test_synthetic_cifti_cortex_is_the_gifti_runs(surface_bids):
+    truth = surface_bids.surface
+    files = truth.runs[1]
+    gifti = np.hstack([nib.load(files.gifti[p]).agg_data().T for p in ("left", "right")])
+    cifti = np.asarray(nib.load(files.cifti).dataobj)
+    n_left = 10242
+    index = np.concatenate([truth.cifti_vertices["left"], n_left + truth.cifti_vertices["right"]])
+    assert np.array_equal(cifti[:, :len(index)], gifti[:, index])
+    assert cifti.shape[1] == len(truth.brain_models) == len(index) + 16
+    assert np.array_equal(truth.cifti_betas["a"][:len(index)], truth.betas["a"][index])
+
+
+def test_synthetic_surface_is_deterministic_and_leaves_the_volumes_unchanged(tmp_path, surface_bids):
+    again = make_synthetic_bids(tmp_path, n_subjects=1, n_runs=2, surface=True)
+    plain = make_synthetic_bids(tmp_path / "plain", n_subjects=1, n_runs=2)
+    for ours, theirs, volume in zip(again.surface.runs, surface_bids.surface.runs, plain.runs):
+        assert ours.cifti.read_bytes() == theirs.cifti.read_bytes()
+        assert ours.gifti["left"].read_bytes() == theirs.gifti["left"].read_bytes()
+    assert again.runs[0].bold_path.read_bytes() == plain.runs[0].bold_path.read_bytes()
