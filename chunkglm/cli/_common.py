@@ -8,6 +8,7 @@ which imports them all to build the parser).
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import yaml
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, as_bytes
 from chunkglm.cli._args import add_cluster_options
 from chunkglm.cluster import load_config, start
+from chunkglm.cluster.start import default_n_workers, usable_cores
 from chunkglm.cluster.config import chunk_budget
 from chunkglm.errors import ChunkglmError, StoreError
 from chunkglm.io.cohort import open_cohort
@@ -105,13 +107,16 @@ def add_chunk_mb(parser, what="") -> None:
 
 def command_budget(args, line=None) -> int | None:
     """Bytes per chunk of ``--chunk-mb`` (None when not given), lowered to a quarter of a worker's
-    memory when the cluster config states a smaller one (a note says so). The default budget is
-    left as it is, so stores and results keep their sizes."""
-    if getattr(args, "chunk_mb", None) is None:
+    memory when the cluster config (or a command's ``--mem``, see :func:`local_overrides`) states a
+    smaller one (a note says so). The default budget is left as it is, so stores and results keep
+    their sizes, unless ``--mem`` gives the workers less than four times it."""
+    if getattr(args, "chunk_mb", None) is None and getattr(args, "memory", None) is None:
         return None
-    cluster, _ = resolve_cluster(args)
-    budget, note = chunk_budget(load_config(None if cluster == "none" else cluster),
-                                chunk_bytes(args.chunk_mb, None))
+    cluster, scheduler = resolve_cluster(args)
+    config = load_config(None if cluster == "none" else cluster,
+                         overrides=local_overrides(args, cluster, scheduler))
+    given = chunk_bytes(args.chunk_mb, None) if getattr(args, "chunk_mb", None) is not None else None
+    budget, note = chunk_budget(config, given)
     if note:
         line(note) if line is not None else print(note, file=sys.stderr, flush=True)
     return budget.chunk_bytes
@@ -162,24 +167,40 @@ def resolve_cluster(args) -> tuple[str, str | None]:
     return (cluster if cluster is not None else "local"), None
 
 
-def _workers(args, cluster, scheduler) -> dict:
-    """``--workers N`` as the local cluster's ``n_workers`` (an error anywhere else)."""
-    workers = getattr(args, "workers", None)
-    if workers is None:
+def local_overrides(args, cluster, scheduler) -> dict:
+    """The local cluster's sizes a command's arguments set: ``--workers N`` (``n_workers``) and,
+    for commands with ``--mem``, the memory of all workers together (``args.memory``, bytes),
+    shared evenly: ``memory_limit`` = memory / workers (the adaptive maximum when larger). Each is
+    an error with a running scheduler, ``--cluster none`` or a config of another type. The flags'
+    spellings in the messages are ``args._size_flags`` (e.g. ``--nprocs`` for ``chunkglm app``)."""
+    flags = {"workers": "--workers", "memory": "--mem", **(getattr(args, "_size_flags", None) or {})}
+    given = {key: getattr(args, key, None) for key in flags if getattr(args, key, None) is not None}
+    if not given:
         return {}
-    if workers < 1:
-        raise ChunkglmError(f"--workers takes a number of workers >= 1; received {workers}.")
+    workers, memory = given.get("workers"), given.get("memory")
+    if workers is not None and workers < 1:
+        raise ChunkglmError(f"{flags['workers']} takes a number of workers >= 1; received {workers}.")
+    if memory is not None and memory <= 0:
+        raise ChunkglmError(f"{flags['memory']} takes a memory size > 0 such as 8GB; received {memory} bytes.")
+    what = " and ".join(flags[key] for key in given)
+    sizes = "sizes" if len(given) == 1 else "size"
     if scheduler is not None:
-        raise ChunkglmError(f"--workers sizes a local cluster; the scheduler at {scheduler} has its own "
-                            "workers (leave out --workers, or --scheduler to start a local cluster).")
+        raise ChunkglmError(f"{what} {sizes} a local cluster; the scheduler at {scheduler} has its own "
+                            f"workers (leave out {what}, or --scheduler to start a local cluster).")
     if cluster == "none":
-        raise ChunkglmError("--workers sizes a local cluster, but --cluster none runs in this process; "
+        raise ChunkglmError(f"{what} {sizes} a local cluster, but --cluster none runs in this process; "
                             "leave out one of them.")
-    kind = load_config(cluster).type
-    if kind != "local":
-        raise ChunkglmError(f"--workers sizes the local cluster; the config {cluster!r} is of type "
-                            f"{kind!r}: set its worker count in the config instead.")
-    return {"n_workers": workers}
+    config = load_config(cluster)
+    if config.type != "local":
+        raise ChunkglmError(f"{what} {sizes} the local cluster; the config {cluster!r} is of type "
+                            f"{config.type!r}: set its worker count and memory in the config instead.")
+    overrides = {"n_workers": workers} if workers is not None else {}
+    if memory is not None:
+        n_workers = workers or config.options["n_workers"] or default_n_workers(
+            usable_cores(), config.options["threads_per_worker"])
+        sharing = max(n_workers, config.adapt[1]) if config.adapt else n_workers
+        overrides["memory_limit"] = int(memory) // sharing
+    return overrides
 
 
 def attach(address: str, stream=None):
@@ -203,19 +224,20 @@ def attach(address: str, stream=None):
 
 
 @contextmanager
-def cluster_client(args):
+def cluster_client(args, *, announce=True):
     """A dask client for the command's lifetime: attached to ``--scheduler`` (closed, the
     scheduler left running), started from ``--cluster`` (shut down at the end), or none for
-    ``--cluster none``. ``args`` may also be a config name."""
+    ``--cluster none``. ``args`` may also be a config name. ``announce=False``: no lines naming
+    the scheduler and the dashboard (a command's ``-qq``)."""
     cluster, scheduler = resolve_cluster(args)
-    overrides = _workers(args, cluster, scheduler)
+    overrides = local_overrides(args, cluster, scheduler)
     if scheduler is not None:
-        client = attach(scheduler)
+        client = attach(scheduler, None if announce else io.StringIO())
     elif cluster == "none":
         yield None
         return
     else:
-        client = start(cluster, **overrides)
+        client = start(cluster, verbose=announce, **overrides)
     try:
         yield client
     finally:

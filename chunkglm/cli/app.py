@@ -22,6 +22,7 @@ wrote); object-store outputs are refused.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ from chunkglm.cli._common import (
     relative_output,
     write_output_record,
 )
+from chunkglm.chunking import as_bytes
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert, file_sha256
@@ -71,7 +73,59 @@ def add_parser(sub, add_common) -> None:
                           "conversion (default: OUTPUT_DIR/cohort.zarr)")
     add_chunk_mb(cmd)
     add_common(cmd)
+    _add_size_and_verbosity(cmd)
     cmd.set_defaults(func=run)
+
+
+def _add_size_and_verbosity(cmd) -> None:
+    """fitlins' --n-cpus/--mem-gb (as --nprocs/--mem, fMRIPrep's spellings) and -v/-q."""
+    cmd.add_argument("--nprocs", "--n-cpus", dest="nprocs", type=int, metavar="N",
+                     help="worker processes of the local cluster, as --workers (fitlins' --n-cpus; 0: "
+                          "the default, one per usable core)")
+    cmd.add_argument("--mem", "--mem-gb", dest="memory", type=memory_size, metavar="SIZE",
+                     help="memory of the local cluster's workers together, shared evenly among them "
+                          "(their memory_limit); 8GB, 8GiB, 8000MB, or a number of GB as fitlins' "
+                          "--mem-gb. Lowers the chunk budget to a quarter of a worker's share when "
+                          "that is smaller (default: 80%% of the machine's memory)")
+    cmd.add_argument("-v", "--verbose", action="count", default=0,
+                     help="-v: also pybids' warnings while it indexes the dataset and builds the "
+                          "model (e.g. files it does not use), silenced otherwise")
+    cmd.add_argument("-q", "--quiet", action="count", default=0,
+                     help="-q: no progress lines (as --no-progress); -qq: no lines at all but errors "
+                          "(no scheduler/dashboard lines, no closing summary)")
+
+
+def memory_size(text) -> int:
+    """``--mem``: "8GB", "8GiB", "8000MB", or a bare number of GB (fitlins' ``--mem-gb``) -> bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    try:
+        size = int(value * 1e9) if value is not None else as_bytes(str(text))
+    except (TypeError, ValueError):
+        size = 0
+    if not size > 0:
+        raise argparse.ArgumentTypeError(f'a memory size such as "8GB", "8GiB" or a number of GB is '
+                                         f"needed; received {text!r}")
+    return size
+
+
+def settle_sizes_and_verbosity(args) -> int:
+    """--nprocs as --workers (one value when both are given); returns the verbosity (-v minus -q)."""
+    args._size_flags = {"workers": "--nprocs" if args.nprocs is not None else "--workers"}
+    if args.nprocs is not None:
+        if args.nprocs < 0:
+            raise InputError(f"--nprocs takes a number of worker processes >= 0 (0: the default); "
+                             f"received {args.nprocs}.")
+        if args.workers is not None and args.workers != args.nprocs:
+            raise InputError(f"--nprocs {args.nprocs} and --workers {args.workers} both set the number of "
+                             "workers; give one of them.")
+        args.workers = args.nprocs or args.workers
+    level = args.verbose - args.quiet
+    if level < 0:
+        args.no_progress = True
+    return level
 
 
 def run(args) -> int:
@@ -81,18 +135,20 @@ def run(args) -> int:
     from chunkglm.glm.stats_models import ModelRun, load_graph, participant_labels, read_model
 
     stopwatch = Stopwatch()
+    level = settle_sizes_and_verbosity(args)
     model = args.model if args.model == "auto" else read_model(path_value(args.model))
     output_dir, derivatives = _folders(args)
     store = args.store or str(Path(output_dir) / "cohort.zarr")
     subjects = participant_labels(args.participant_label)
     budget = command_budget(args)
-    with cluster_client(args) as client:
+    with cluster_client(args, announce=level > -2) as client:
         convert(derivatives, store, task=args.task, space=args.space or None, subjects=subjects,
                 client=client, progress=None if args.no_progress else print_progress,
                 command=command_options(args), **({"chunk_bytes": budget} if budget else {}))
         cohort = open_cohort(store)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # pybids' notes on unused files
+            if level < 1:
+                warnings.simplefilter("ignore", UserWarning)  # pybids' notes on unused files
             graph = load_graph(args.bids_dir, derivatives, model, space=args.space or None, task=args.task,
                                participants=subjects, desc=args.desc_label)
         runner = ModelRun(graph, cohort, output_dir, space=args.space or None, desc=args.desc_label,
@@ -107,7 +163,8 @@ def run(args) -> int:
                      stopwatch=stopwatch, outputs=[relative_output(p, output_dir) for p in written],
                      model=model if isinstance(model, dict) else graph.model)
     write_output_record(output_dir, "app_provenance.json", content)
-    print(f"{len(written)} file(s) written under {output_dir}")
+    if level > -2:
+        print(f"{len(written)} file(s) written under {output_dir}")
     return 0
 
 

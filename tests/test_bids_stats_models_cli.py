@@ -1,0 +1,143 @@
+"""`chunkglm app`'s BIDS-App options: --nprocs, --mem, --cluster, --scheduler, -v/-q each do what
+their help says (the provenance record's cluster entry is the scheduler's own view of its workers)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+from distributed import LocalCluster
+
+import chunkglm.glm.stats_models as stats_models
+from chunkglm.cli._common import command_budget
+from chunkglm.cli.app import settle_sizes_and_verbosity
+from chunkglm.cli.commands import build_parser
+from chunkglm.cli.main import main
+from chunkglm.testing import make_synthetic_bids
+
+RUN_MODEL = {
+    "Name": "runs", "BIDSModelVersion": "1.0.0", "Input": {"task": ["main"]},
+    "Nodes": [{"Level": "Run", "Name": "run", "GroupBy": ["run", "subject"],
+               "Transformations": {"Transformer": "pybids-transforms-v1", "Instructions": [
+                   {"Name": "Factor", "Input": ["trial_type"]},
+                   {"Name": "Convolve", "Input": ["trial_type.a", "trial_type.b"], "Model": "spm"}]},
+               "Model": {"X": ["trial_type.a", "trial_type.b", 1], "Type": "glm"},
+               "Contrasts": [{"Name": "a", "ConditionList": ["trial_type.a"], "Weights": [1], "Test": "t"}]}],
+}
+EFFECT = "node-run/sub-01/sub-01_run-1_contrast-a_stat-effect_statmap.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app_options")
+    ds = make_synthetic_bids(root / "ds", n_subjects=1, n_runs=1, size="tiny")
+    model = root / "model.json"
+    model.write_text(json.dumps(RUN_MODEL))
+    return ds, model
+
+
+def _app(one_run, out, *extra):
+    ds, model = one_run
+    return main(["app", str(ds.root), str(out), "run", "--model", str(model), *extra])
+
+
+def _cluster(out) -> dict:
+    return json.loads((out / "app_provenance.json").read_text())["cluster"]
+
+
+def _effect(out) -> np.ndarray:
+    return np.asarray(nib.load(out / EFFECT).dataobj)
+
+
+def test_nprocs_and_mem_size_the_local_cluster_and_qq_prints_nothing(one_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _app(one_run, out, "--nprocs", "2", "--mem", "1GB", "-qq") == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Scheduler:" not in captured.err and "done" not in captured.err, captured.err
+    cluster = _cluster(out)
+    assert (cluster["type"], cluster["n_workers"]) == ("LocalCluster", 2)
+    assert cluster["memory_limit"] == 500_000_000  # 1 GB shared by the 2 workers
+    reference = tmp_path / "none"
+    assert _app(one_run, reference, "--cluster", "none", "-qq") == 0
+    np.testing.assert_array_equal(_effect(out), _effect(reference))
+
+
+def test_cluster_config_and_mem_share_its_workers(one_run, tmp_path, capsys):
+    config = tmp_path / "two_threads.yaml"
+    config.write_text("version: 1\ntype: local\nlocal:\n  n_workers: 1\n  processes: false\n"
+                      "  dashboard_address: null\n")
+    out = tmp_path / "out"
+    assert _app(one_run, out, "--cluster", str(config), "--mem-gb", "0.75", "-q") == 0
+    captured = capsys.readouterr()
+    assert "Scheduler:" in captured.err and "done" not in captured.err  # -q: no progress lines
+    assert "file(s) written under" in captured.out
+    cluster = _cluster(out)
+    assert (cluster["n_workers"], cluster["memory_limit"]) == (1, 750_000_000)
+
+
+def test_scheduler_runs_on_the_running_cluster_and_leaves_it_running(one_run, tmp_path, capsys):
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
+        out = tmp_path / "out"
+        assert _app(one_run, out, "--scheduler", cluster.scheduler_address) == 0
+        err = capsys.readouterr().err
+        assert f"Scheduler: {cluster.scheduler_address} (running scheduler, 1 worker(s))" in err
+        assert "node run: sub-01_task-main_run-1 done" in err  # progress lines by default
+        assert _cluster(out)["n_workers"] == 1
+        assert cluster.status.name == "running"
+
+
+def test_verbose_lets_pybids_warnings_through(one_run, tmp_path, monkeypatch):
+    real = stats_models.load_graph
+
+    def warning_load_graph(*args, **kwargs):
+        warnings.warn("pybids: a file this model does not use", UserWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats_models, "load_graph", warning_load_graph)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _app(one_run, tmp_path / "quiet", "--cluster", "none", "--no-progress") == 0
+    assert not [w for w in seen if "does not use" in str(w.message)]
+    with pytest.warns(UserWarning, match="a file this model does not use"):
+        assert _app(one_run, tmp_path / "verbose", "--cluster", "none", "--no-progress", "-v") == 0
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--nprocs", "2", "--workers", "3"], "--nprocs 2 and --workers 3 both set the number of workers"),
+    (["--nprocs", "-1"], "--nprocs takes a number of worker processes >= 0"),
+    (["--mem", "1GB", "--cluster", "none"], "--mem sizes a local cluster, but --cluster none runs in this process"),
+    (["--n-cpus", "2", "--scheduler", "tcp://127.0.0.1:9"], "--nprocs sizes a local cluster; the scheduler"),
+    (["--nprocs", "2", "--mem", "1GB", "--cluster", "slurm"], "--nprocs and --mem size the local cluster; the "
+                                                              "config 'slurm' is of type 'slurm'"),
+])
+def test_size_flags_that_cannot_apply_are_one_line_errors(one_run, tmp_path, capsys, extra, words):
+    out = tmp_path / "out"
+    assert _app(one_run, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+    assert not out.exists()  # refused before anything is converted
+
+
+def test_mem_value_and_the_chunk_budget(one_run, capsys):
+    ds, model = one_run
+
+    def parse(*extra):
+        args = build_parser().parse_args(["app", str(ds.root), "out", "run", "--model", str(model), *extra])
+        settle_sizes_and_verbosity(args)  # as the command does first
+        return args
+
+    for bad in ("lots", "0", "-2GB"):
+        with pytest.raises(SystemExit):
+            parse(f"--mem={bad}")
+        assert "a memory size such as" in capsys.readouterr().err
+    assert parse("--mem", "8GiB").memory == 8 * 2**30
+    assert parse("--mem-gb", "1.5").memory == 1_500_000_000
+    # 200 MB over 2 workers: a quarter of 100 MB per worker is below the 64 MiB default budget
+    assert command_budget(parse("--nprocs", "2", "--mem", "200MB")) == 25_000_000
+    assert command_budget(parse("--nprocs", "2", "--mem", "8GB")) == 64 * 2**20  # the default stays
+    assert command_budget(parse()) is None  # neither --mem nor --chunk-mb: the store's own chunks
