@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from distributed import LocalCluster
 
@@ -16,6 +18,7 @@ from chunkglm.cli._common import command_budget
 from chunkglm.cli.app import settle_sizes_and_verbosity
 from chunkglm.cli.commands import build_parser
 from chunkglm.cli.main import main
+from chunkglm.glm.second_level import non_parametric_inference
 from chunkglm.testing import make_synthetic_bids
 
 RUN_MODEL = {
@@ -141,3 +144,65 @@ def test_mem_value_and_the_chunk_budget(one_run, capsys):
     assert command_budget(parse("--nprocs", "2", "--mem", "200MB")) == 25_000_000
     assert command_budget(parse("--nprocs", "2", "--mem", "8GB")) == 64 * 2**20  # the default stays
     assert command_budget(parse()) is None  # neither --mem nor --chunk-mb: the store's own chunks
+
+
+# -- --n-perm: the dataset nodes' max-T permutation test ----------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+
+
+def test_n_perm_maps_equal_non_parametric_inference_on_the_subject_maps(tmp_path):
+    ds = make_synthetic_bids(tmp_path / "ds", n_subjects=6, n_runs=1, size="tiny", seed=3)
+    out = tmp_path / "out"
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
+                 "--n-perm", "60", "--random-state", "5", "--alpha", "0.5", "--cluster", "none", "--no-progress"])
+    assert code == 0
+    for contrast in ("a", "aMinusB"):  # F contrasts stop at the run node; b is tested as these are
+        subject_maps = sorted((out / "node-subject").glob(f"sub-*/sub-*_contrast-{contrast}_stat-effect_statmap.nii.gz"))
+        assert len(subject_maps) == 6
+        expected = non_parametric_inference([str(p) for p in subject_maps],
+                                            design_matrix=pd.DataFrame({"intercept": [1.0] * 6}),
+                                            second_level_contrast=[1.0], n_perm=60, random_state=5,
+                                            two_sided_test=True)
+        written = out / "node-dataset"
+        logp = nib.load(written / f"contrast-{contrast}_stat-logpMaxT_statmap.nii.gz")
+        # the same code on the same float32 maps with the same sign flips: equal once stored as float32
+        np.testing.assert_array_equal(np.asarray(logp.dataobj),
+                                      np.asarray(expected.dataobj, dtype=np.float64).astype(np.float32))
+        z = np.asarray(nib.load(written / f"contrast-{contrast}_stat-z_statmap.nii.gz").dataobj)
+        fwe = np.asarray(nib.load(written / f"contrast-{contrast}_stat-z_desc-fweCorrected_statmap.nii.gz").dataobj)
+        kept = np.asarray(expected.dataobj) > -np.log10(0.5)  # --alpha 0.5: 6 subjects show little
+        np.testing.assert_array_equal(fwe, np.where(kept, z, 0))
+        assert 0 < kept.sum() < (z != 0).sum()  # some voxels kept, some not (4 and 5 of 440)
+    settings = json.loads((out / "app_provenance.json").read_text())["options"]
+    assert (settings["n_perm"], settings["random_state"]) == (60, 5)
+
+
+@pytest.mark.parametrize("extra, level, words", [
+    (["--n-perm", "10"], "participant", "the analysis level 'participant' stops before them"),
+    (["--random-state", "0"], "dataset", "--random-state set(s) the permutation test: give --n-perm N"),
+    (["--n-perm", "-3"], "dataset", "--n-perm takes a number of permutations >= 0"),
+])
+def test_n_perm_misuse_is_refused_before_anything_is_read(one_run, tmp_path, capsys, extra, level, words):
+    out = tmp_path / "out"
+    code = main(["app", str(one_run[0].root), str(out), level, "--model", str(EXAMPLES / "one_sample.json"),
+                 *extra, "--cluster", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not out.exists()
+
+
+def test_n_perm_needs_a_dataset_glm_node(one_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _app(one_run, out, "--n-perm", "10", "--cluster", "none") == 2  # RUN_MODEL: one run node
+    err = capsys.readouterr().err
+    assert "the analysis level 'run' stops before them" in err
+    ds, _ = one_run
+    model = tmp_path / "meta.json"
+    subject = {"Level": "Dataset", "Name": "all", "GroupBy": ["contrast"], "Model": {"X": [1], "Type": "meta"},
+               "DummyContrasts": {"Test": "t"}}
+    model.write_text(json.dumps({**RUN_MODEL, "Nodes": [*RUN_MODEL["Nodes"], subject]}))
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", str(model), "--n-perm", "10",
+                 "--cluster", "none"])
+    assert code == 2 and "Dataset nodes of Type 'glm'; this model has none" in capsys.readouterr().err
+    assert not out.exists()

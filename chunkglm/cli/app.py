@@ -27,7 +27,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from chunkglm.cli._args import add_list, path_value
+from chunkglm.cli._args import add_list, add_sidedness, path_value, probability
 from chunkglm.cli._common import (
     add_chunk_mb,
     cluster_client,
@@ -71,10 +71,50 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--store", type=path_value, metavar="PATH",
                      help="the cohort store the runs are converted into, kept so that a re-run skips the "
                           "conversion (default: OUTPUT_DIR/cohort.zarr)")
+    _add_permutation_options(cmd)
     add_chunk_mb(cmd)
     add_common(cmd)
     _add_size_and_verbosity(cmd)
     cmd.set_defaults(func=run)
+
+
+def _add_permutation_options(cmd) -> None:
+    """--n-perm, --random-state, --alpha and the sidedness of the dataset nodes' permutation test."""
+    cmd.add_argument("--n-perm", type=int, default=0, metavar="N",
+                     help="permutations of nilearn's max-T test for every t contrast of the Dataset "
+                          "nodes of Type glm: their -log10 FWE p map (stat-logpMaxT) and FWE-corrected z "
+                          "map (stat-z_desc-fweCorrected) beside the node's maps; 0: no permutation test")
+    cmd.add_argument("--random-state", type=int, metavar="SEED",
+                     help="with --n-perm: seed of the permutations (nilearn's random_state; default: "
+                          "none, a new seed each run, recorded in the provenance)")
+    cmd.add_argument("--alpha", type=probability, default=0.05,
+                     help="with --n-perm: the FWE rate of the stat-z_desc-fweCorrected maps")
+    add_sidedness(cmd, True, "permutation test (--n-perm)")
+
+
+def _permutation(args, model):
+    """The PermutationTest of --n-perm (None for 0); the options that need it are refused without it."""
+    from chunkglm.glm.stats_models.inference import PermutationTest
+
+    if args.n_perm < 0:
+        raise InputError(f"--n-perm takes a number of permutations >= 0 (0: none); received {args.n_perm}.")
+    if not args.n_perm:
+        given = [flag for flag, used in (("--random-state", args.random_state is not None),
+                                         ("--alpha", args.alpha != 0.05), ("--one-sided", not args.two_sided))
+                 if used]
+        if given:
+            raise InputError(f"{' and '.join(given)} set(s) the permutation test: give --n-perm N (e.g. 5000) "
+                             "with it, or leave it out.")
+        return None
+    if args.analysis_level != "dataset":
+        raise InputError(f"--n-perm tests the Dataset nodes' contrasts; the analysis level "
+                         f"{args.analysis_level!r} stops before them (run 'dataset', or leave --n-perm out).")
+    if isinstance(model, dict) and not any(str(n.get("Level", "")).lower() == "dataset"
+                                           and str((n.get("Model") or {}).get("Type", "glm")).lower() == "glm"
+                                           for n in model.get("Nodes", [])):
+        raise InputError("--n-perm tests the contrasts of Dataset nodes of Type 'glm'; this model has none "
+                         "(leave --n-perm out).")
+    return PermutationTest(args.n_perm, args.random_state, args.two_sided, args.alpha)
 
 
 def _add_size_and_verbosity(cmd) -> None:
@@ -137,6 +177,7 @@ def run(args) -> int:
     stopwatch = Stopwatch()
     level = settle_sizes_and_verbosity(args)
     model = args.model if args.model == "auto" else read_model(path_value(args.model))
+    permutation = _permutation(args, model)
     output_dir, derivatives = _folders(args)
     store = args.store or str(Path(output_dir) / "cohort.zarr")
     subjects = participant_labels(args.participant_label)
@@ -152,7 +193,8 @@ def run(args) -> int:
             graph = load_graph(args.bids_dir, derivatives, model, space=args.space or None, task=args.task,
                                participants=subjects, desc=args.desc_label)
         runner = ModelRun(graph, cohort, output_dir, space=args.space or None, desc=args.desc_label,
-                          chunk_bytes=budget, progress=None if args.no_progress else _line)
+                          chunk_bytes=budget, permutation=permutation,
+                          progress=None if args.no_progress else _line)
         written = runner.run(args.analysis_level)
         clusters = cluster_summary(client)
     _write_description(output_dir, args.bids_dir, derivatives)

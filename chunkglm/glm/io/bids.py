@@ -71,8 +71,8 @@ from chunkglm.report.figures import (
     save_figure,
 )
 
-__all__ = ["check_correction_options", "permutation_contrasts", "save_glm_derivatives", "save_glm_to_bids",
-           "save_group_derivatives", "write_glm_to_bids"]
+__all__ = ["check_correction_options", "permutation_contrasts", "permutation_fwe_map", "save_glm_derivatives",
+           "save_glm_to_bids", "save_group_derivatives", "write_glm_to_bids"]
 
 #: Maps of the derivatives/glm layout: output key -> stat label (None: t or F).
 DERIVATIVE_STATS = {"stat": None, "z_score": "z", "effect_size": "effect", "effect_variance": "variance"}
@@ -720,7 +720,7 @@ def _write_group_maps(model, maps, outputs, settings, out, logp_max_t=None) -> d
     found = {}
     for key, height_control in CORRECTIONS.items():
         if key == "fwe" and logp_max_t is not None:
-            image = _permutation_fwe_map(maps["z_score"], logp_max_t, alpha, cluster_threshold)
+            image = permutation_fwe_map(maps["z_score"], logp_max_t, alpha, cluster_threshold)
             save_image(image, out.path(outputs[key]))
             found[key] = -math.log10(alpha)
             continue
@@ -733,8 +733,23 @@ def _write_group_maps(model, maps, outputs, settings, out, logp_max_t=None) -> d
     return found
 
 
-def _permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold):
-    """The z map where the max-T FWE p-value is below ``alpha`` (0 elsewhere), small clusters removed."""
+def permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold=0):
+    """The z map where the max-T FWE p-value is below ``alpha`` (0 elsewhere), small clusters removed.
+
+    Parameters
+    ----------
+    z_img, logp_img : nibabel.Nifti1Image
+        A contrast's z map and the -log10 max-T FWE p-values of its permutation test (same grid).
+    alpha : float
+        Family-wise error rate: voxels with -log10 p > -log10(alpha) are kept.
+    cluster_threshold : int, default=0
+        Clusters smaller than this many voxels are removed.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        float32.
+    """
     z = np.asarray(z_img.dataobj, dtype=np.float32)
     logp = np.asarray(logp_img.dataobj, dtype=np.float64)
     kept = np.where(logp > -math.log10(alpha), z, 0).astype(np.float32)

@@ -98,25 +98,31 @@ class ModelRun:
     desc : str
         The preprocessed BOLD files' ``desc`` label.
     chunk_bytes : int or None
-        Memory budget of the first-level models.
+        Memory budget of the first- and second-level models (None: their default, 64 MiB).
+    permutation : chunkglm.glm.stats_models.inference.PermutationTest, optional
+        Max-T permutation FWE maps for the t contrasts of the Dataset-level ``"glm"``
+        nodes (a model without one run up to the dataset is refused).
     progress : callable, optional
         Called with one line of text as each run or group is written.
     """
 
     def __init__(self, graph, cohort, output_dir, *, space=None, desc="preproc", chunk_bytes=None,
-                 progress=None):
+                 permutation=None, progress=None):
         self.graph = graph
         self.cohort = cohort
         self.output_dir = Path(output_dir)
         self.space = space
         self.desc = desc
         self.chunk_bytes = chunk_bytes
+        self.permutation = permutation
         self.progress = progress or (lambda text: None)
         self.written: list[Path] = []
 
     def run(self, analysis_level: str) -> list[Path]:
         """Run every node up to ``analysis_level`` ("run", "session", "participant" or "dataset")."""
         last = _RANK[ANALYSIS_LEVELS[analysis_level]]
+        if self.permutation is not None:
+            self._check_permuted_nodes(analysis_level)
         root = self.graph.root_node
         if root.level != "run":
             raise InputError(f"the model's first node ({root.name!r}) is at the {root.level!r} level; "
@@ -129,6 +135,14 @@ class ModelRun:
         outputs = self._run_level(root, specs)
         self._children(root, outputs, last)
         return self.written
+
+    def _check_permuted_nodes(self, analysis_level):
+        if analysis_level != "dataset":
+            raise InputError(f"--n-perm tests the Dataset nodes' contrasts; the analysis level "
+                             f"{analysis_level!r} stops before them (run 'dataset', or leave --n-perm out).")
+        if not any(n.level == "dataset" and _kind(n) == "glm" for n in self.graph.nodes.values()):
+            raise InputError("--n-perm tests the contrasts of Dataset nodes of Type 'glm'; this model has "
+                             "none (leave --n-perm out).")
 
     def _children(self, node, outputs, last):
         passed = [maps for maps in outputs if maps.test != "F"]
@@ -214,7 +228,8 @@ class ModelRun:
                 for row in spec.metadata.to_dict("records")]
         inputs = [_match(row, available, node.name) for row in rows]
         design = spec.X.reset_index(drop=True)
-        kind = str(node.model.get("type", "glm")).lower()
+        kind = _kind(node)
+        permute = self.permutation is not None and node.level == "dataset" and kind == "glm"
         outputs = []
         with StagedOutput(self.output_dir) as out:
             model = None if kind == "meta" else self._second_level(inputs, design, node.name)
@@ -227,6 +242,8 @@ class ModelRun:
                     images = model.compute_contrast(weights if test == "F" else weights[0],
                                                     second_level_stat_type=test, output_type="all")
                 outputs.append(self._stage(out, node.name, contrast, images))
+                if permute and contrast.test == "t":
+                    self._permute(out, node.name, outputs[-1], model, weights[0], images["z_score"])
         self._commit(out, outputs)
         self.progress(f"node {node.name}: {_describe(spec.entities)} done")
         return outputs
@@ -236,7 +253,18 @@ class ModelRun:
             raise InputError(f"node {node_name!r}: a GLM needs at least 2 input maps; this group has "
                              f"{len(inputs)} (use \"Type\": \"meta\" to pass one input through).")
         effects = [nib.load(maps.files["effect"]) for maps in inputs]
-        return SecondLevelModel().fit(effects, design_matrix=design)
+        budget = {"chunk_bytes": self.chunk_bytes} if self.chunk_bytes else {}
+        return SecondLevelModel(**budget).fit(effects, design_matrix=design)
+
+    def _permute(self, out, node_name, maps, model, weights, z_img):
+        """The permutation maps of one t contrast, staged with the contrast's other maps."""
+        name = maps.entities["contrast"]
+        self.progress(f"node {node_name}: contrast {name}: {self.permutation.n_perm} permutations")
+        for key, img in self.permutation.maps(model, weights, z_img).items():
+            stat, desc = key if isinstance(key, tuple) else (key, None)
+            relative = map_path(node_name, maps.entities, stat, desc)
+            write_map(img, out.path(relative))
+            maps.files[f"{stat}_{desc}" if desc else stat] = relative
 
     # -- writing -----------------------------------------------------------------------
 
@@ -256,6 +284,10 @@ class ModelRun:
         for maps in outputs:
             maps.files = {stat: root / relative for stat, relative in maps.files.items()}
         self.written += [Path(p) for p in out.written]
+
+
+def _kind(node) -> str:
+    return str(node.model.get("type", "glm")).lower()
 
 
 def _repetition_time(spec, where) -> float:

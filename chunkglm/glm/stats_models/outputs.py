@@ -63,11 +63,13 @@ def _prefix(entities: dict, keys) -> tuple[list[str], str]:
     return folders, "_".join(parts)
 
 
-def map_path(node_name: str, entities: dict, stat: str) -> str:
-    """Relative path of one map: ``node-run/sub-01/sub-01_run-1_contrast-a_stat-t_statmap.nii.gz``."""
+def map_path(node_name: str, entities: dict, stat: str, desc: str | None = None) -> str:
+    """Relative path of one map: ``node-run/sub-01/sub-01_run-1_contrast-a_stat-t_statmap.nii.gz``
+    (``..._stat-z_desc-fweCorrected_statmap.nii.gz`` with a ``desc``, BIDS' last entity)."""
     folders, prefix = _prefix(entities, _ENTITY_KEYS)
     contrast = fitlins_label(entities["contrast"], "contrast")
-    name = "_".join(part for part in (prefix, f"contrast-{contrast}", f"stat-{stat}", "statmap") if part)
+    parts = (prefix, f"contrast-{contrast}", f"stat-{stat}", f"desc-{desc}" if desc else "", "statmap")
+    name = "_".join(part for part in parts if part)
     return "/".join([f"node-{fitlins_label(node_name, 'node')}", *folders, f"{name}.nii.gz"])
 
 
