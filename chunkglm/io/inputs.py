@@ -50,6 +50,7 @@ from chunkglm.io.nifti import (NiftiReader, fortran_indices, header_to_text, mas
 from chunkglm.io.nifti import load_image as _load
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.scratch import owned_name, remove_stale
+from chunkglm.io.surface_convert import convert_surface_runs, is_surface_input
 from chunkglm.io.write_run import write_rows
 
 __all__ = ["COORD_NAMES", "DERIVATIONS", "MAP_TYPES", "STORED_NAMES", "MapsView", "StagedInputs",
@@ -225,14 +226,16 @@ def stage_inputs(items, kind: str = "runs", *, mask_img=None, target_affine=None
     ----------
     items : store node, path, nibabel image, list of them, or pandas DataFrame
         Store nodes (all of them, of ``kind``) pass through unchanged. For
-        ``"runs"``: 4-D images. For ``"maps"``: 3-D images (or one 4-D image,
+        ``"runs"``: 4-D images, or surface runs (nilearn SurfaceImages, GIFTI
+        pairs, CIFTI series: :mod:`chunkglm.io.surface_convert`). For ``"maps"``: 3-D images (or one 4-D image,
         one map per volume) of the first of ``map_types``, or a DataFrame with
         one column of paths/images per map type, optional per-image
         coordinates (``study_id``, ``sample_sizes``, ``subject``, ``contrast``)
         and image ids (``id``).
     kind : {"runs", "maps"}
-    mask_img : path, nibabel image or callable, optional
-        The voxels stored. A callable receives the staged files' headers
+    mask_img : path, nibabel image, callable or ndarray, optional
+        The voxels stored (surface runs: a (n_vertices,) bool array over the
+        runs' parts). A callable receives the staged files' headers
         (:class:`chunkglm.io.nifti.NiftiInfo`, with ``.path``) and returns a
         mask image or None (runs only: e.g. nilearn's EPI mask of the runs).
         Default: every voxel of the grid.
@@ -278,8 +281,11 @@ def stage_inputs(items, kind: str = "runs", *, mask_img=None, target_affine=None
     if kind not in ("runs", "maps"):
         raise InputError(f"kind must be 'runs' or 'maps'; received {kind!r}.")
     argument = argument or ("run_imgs" if kind == "runs" else "maps")
-    given = _as_items(items, kind, argument)
     sizes = {"chunk_bytes": chunk_bytes, "task_memory": task_memory, "storage_options": storage_options}
+    if kind == "runs" and _surface_items(items):
+        return _stage_surface_runs(list(items) if isinstance(items, list | tuple) else [items], mask_img,
+                                   smoothing_fwhm, folder, owner, store, sizes)
+    given = _as_items(items, kind, argument)
     if not isinstance(given, pd.DataFrame) and isinstance(given[0], Node):
         return StagedInputs(_store_nodes(given, kind, argument))
     if kind == "maps":
@@ -356,6 +362,23 @@ def _stage_runs(images, mask_img, target_affine, target_shape, smoothing_fwhm, f
     cohort = open_cohort(store, sizes["storage_options"])
     staged.nodes, staged.converted, staged.folder = [cohort.runs[_stem(p)] for p in paths], True, folder
     staged.paths, staged.infos = paths, infos
+    return staged
+
+
+def _surface_items(items) -> bool:
+    """True for surface runs (SurfaceImages, GIFTI pairs, CIFTI series), one or a list of them."""
+    values = list(items) if isinstance(items, list | tuple) else [items]
+    return bool(values) and all(is_surface_input(v) for v in values)
+
+
+def _stage_surface_runs(items, mask, smoothing_fwhm, folder, owner, store, sizes) -> StagedInputs:
+    """Surface runs -> ``runs/surface-run-<i>`` nodes of the scratch store, on ``mask`` (elements)."""
+    folder, staged = _owned_folder(folder, owner, "chunkglm-inputs-")
+    staged = staged or StagedInputs([])
+    store = _store_location(store, folder)
+    names = convert_surface_runs(items, store, mask=mask, smoothing_fwhm=smoothing_fwhm, **sizes)
+    cohort = open_cohort(store, sizes["storage_options"])
+    staged.nodes, staged.converted, staged.folder = [cohort.runs[name] for name in names], True, folder
     return staged
 
 

@@ -34,6 +34,7 @@ from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes
 from chunkglm.errors import InputError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
+from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, write_element_coordinates, write_grid
 from chunkglm.io.write_run import write_events, write_rows
 
@@ -198,8 +199,8 @@ def _from_cifti(path: Path, space) -> SurfaceRun:
 
 
 def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=None, t_r=None,
-                         events=None, chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY,
-                         storage_options=None) -> list[str]:
+                         events=None, smoothing_fwhm=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
+                         task_memory=DEFAULT_TASK_MEMORY, storage_options=None) -> list[str]:
     """Write surface runs into ``store`` as ``runs/<name>`` nodes; return their names.
 
     Parameters
@@ -220,6 +221,10 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
         Repetition time (s) when the inputs do not state it (SurfaceImages never do).
     events : DataFrame or list of them, optional
         Stored with each run (``node.events``).
+    smoothing_fwhm : float, optional
+        SurfaceImage runs: smoothed along the mesh first with nilearn's ``smooth_img`` (as
+        nilearn's SurfaceMasker smooths), recorded in the nodes' preprocessing.
+        GIFTI and CIFTI runs are refused with it (convert them unsmoothed).
     chunk_bytes, task_memory, storage_options
         As :func:`chunkglm.convert`'s.
     """
@@ -229,7 +234,7 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     if len(names) != len(items) or len(events) != len(items):
         raise InputError(f"{len(items)} surface runs but {len(names)} names and {len(events)} events tables: "
                          "give one of each per run.")
-    runs = [read_surface_run(item, mesh, space) for item in items]
+    runs = [read_surface_run(_smoothed(item, smoothing_fwhm), mesh, space) for item in items]
     grid = runs[0].grid if mask is None else runs[0].grid.with_mask(mask)
     for index, run in enumerate(runs[1:], 1):
         _check_same_grid(runs[0].grid, run.grid, index)
@@ -238,7 +243,7 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     grid_id = write_grid(root, grid)
     for name, run, table in zip(names, runs, events):
         _write_run(root, st.check_node_name(name), grid, grid_id, run, t_r, table,
-                   as_bytes(chunk_bytes), as_bytes(task_memory))
+                   (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm))
     consolidated.mend(root, [f"grids/{grid_id}", *(f"runs/{n}" for n in names)])
     return list(names)
 
@@ -252,7 +257,21 @@ def _check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None
                          "numbers of vertices: the runs of one conversion share one grid.")
 
 
-def _write_run(root, name, grid, grid_id, run, t_r, events, chunk_bytes, task_memory):
+def _smoothed(item, fwhm):
+    """A SurfaceImage smoothed along its mesh (nilearn's smooth_img), or the item when no fwhm."""
+    if fwhm is None:
+        return item
+    from nilearn.image import smooth_img
+    from nilearn.surface import SurfaceImage
+
+    if not isinstance(item, SurfaceImage):
+        raise InputError(f"smoothing_fwhm at conversion applies to SurfaceImage runs; received "
+                         f"{type(item).__name__}. Convert it unsmoothed, or load it as a SurfaceImage first.")
+    return smooth_img(item, fwhm)
+
+
+def _write_run(root, name, grid, grid_id, run, t_r, events, sizes):
+    chunk_bytes, task_memory, fwhm = sizes
     tr = run.t_r if run.t_r is not None else t_r
     elements = grid.flat_index
     plan = plan_voxel_chunks(run.n_time, grid.n_voxels, 4, chunk_bytes)
@@ -276,15 +295,10 @@ def _write_run(root, name, grid, grid_id, run, t_r, events, chunk_bytes, task_me
         raise
     attrs = {"grid_id": grid_id, "RepetitionTime": tr, "slice_time_ref": None, "entities": {},
              "shape": [run.n_time, grid.shape[0]], "grid_kind": grid.kind}
-    meta = {"kind": "run", "source": run.source, "preprocessing": _no_preprocessing(), "cifti": run.cifti}
+    meta = {"kind": "run", "source": run.source, "preprocessing": SpatialPreprocessing(None, None, fwhm).to_attrs(),
+            "cifti": run.cifti}
     st.finish_node(node, attrs, meta)
     st.publish_version(root, "runs", name, node)
-
-
-def _no_preprocessing() -> dict:
-    from chunkglm.io.preprocess import SpatialPreprocessing
-
-    return SpatialPreprocessing().to_attrs()
 
 
 # -- back to files and images -------------------------------------------------------------------

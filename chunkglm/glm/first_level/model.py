@@ -21,7 +21,8 @@ import xarray as xr
 from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
 from nilearn.image import load_img, resample_img
 from joblib import Memory
-from nilearn.maskers import MultiNiftiMasker, NiftiMasker
+from nilearn.maskers import MultiNiftiMasker, NiftiMasker, SurfaceMasker
+from nilearn.surface import SurfaceImage
 
 from nilearn.maskers.masker_validation import check_embedded_masker
 from scipy.sparse import issparse
@@ -31,6 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 from chunkglm.chunking import MemoryBudget
 from chunkglm.design.first_level import check_rank, read_table, run_design
 from chunkglm.errors import InputError, InputTypeError
+from chunkglm.glm.first_level import surface_inputs as surf
 from chunkglm.glm.first_level.results import labels_and_results
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_fits
@@ -75,7 +77,10 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         fitted ``NiftiMasker`` gives its mask and its target_affine,
         target_shape and smoothing_fwhm (overriding the model's, with
         nilearn's warning); it becomes ``masker_``. False: every voxel of
-        the images' grid. None: nilearn's multi-run EPI mask.
+        the images' grid. None: nilearn's multi-run EPI mask. Surface runs
+        take a SurfaceImage mask or a fitted SurfaceMasker (None: the vertices
+        finite in every run, nilearn's); a mask with store surface runs is
+        refused (convert them with it).
     target_affine : ndarray (4, 4) or (3, 3), or None, default=None
         As nilearn's: applied when NIfTI inputs are converted (volume by
         volume, nilearn's resample_img). Store runs must have been converted
@@ -192,8 +197,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         return "First Level Model"
 
     def _is_volume_glm(self) -> bool:
-        """nilearn's: this model fits volumes (chunkglm has no surface GLM yet)."""
-        return True
+        """nilearn's: False when the mask is a surface one or the model was fitted on surface runs."""
+        return not (isinstance(self.mask_img, SurfaceImage | SurfaceMasker) or getattr(self, "_surface", False))
 
     def _is_first_level_glm(self) -> bool:
         return True
@@ -214,7 +219,10 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
             or 4-D NIfTI files/images: these are converted once into a
             temporary store (removed with the model), masked with
             ``mask_img`` or, when it is None, with nilearn's multi-run EPI
-            mask (which, as in nilearn, reads every run once more).
+            mask (which, as in nilearn, reads every run once more). 2-D
+            nilearn SurfaceImages (vertices x time) are staged the same way on
+            nilearn's surface mask (:mod:`~chunkglm.glm.first_level.surface_inputs`);
+            outputs are then SurfaceImages.
         events : DataFrame, path or list of them, optional
             Default: the events stored with each run.
         confounds : DataFrame or list of them, optional
@@ -234,8 +242,11 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         self.fir_delays_ = [0] if self.fir_delays is None else self.fir_delays
         self.memory_ = self.memory if isinstance(self.memory, Memory) else Memory(self.memory, verbose=0)
         self.standardize_ = _standardize_strategy(self.standardize, self.signal_scaling)
-        self._embedded = self._embedded_masker()
         items = _as_list(run_imgs)
+        self._surface = surf.is_surface_fit(items, self.mask_img)
+        if self._surface:
+            surf.check_surface_inputs(items, self.mask_img)
+        self._embedded = self._embedded_masker()
         self._resolve_target(items)
         nodes = self._as_nodes(items)
         _check_nodes(nodes)
@@ -285,7 +296,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         given = self.mask_img
         if _is_masker(given):
             check_is_fitted(given)  # nilearn's NotFittedError ("NiftiMasker instance is not fitted yet")
-        masker = check_embedded_masker(self, masker_type="nii", ignore=["high_pass"])
+        kind = "surface" if getattr(self, "_surface", False) else "nii"
+        masker = check_embedded_masker(self, masker_type=kind, ignore=["high_pass"])
         if _is_masker(given) and getattr(given, "mask_img_", None) is None:
             masker.mask_img = None  # nilearn: a fitted masker without a mask -> computed from the runs
         return masker
@@ -298,7 +310,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         resolved = getattr(self, "_target_grid", None)
         if resolved is not None:
             return (*resolved, masker.smoothing_fwhm)
-        return masker.target_affine, masker.target_shape, masker.smoothing_fwhm
+        # a SurfaceMasker has no target grid
+        return getattr(masker, "target_affine", None), getattr(masker, "target_shape", None), masker.smoothing_fwhm
 
     def _resolve_target(self, items):
         """nilearn resamples onto a target_affine given alone with the shape that holds the
@@ -307,7 +320,7 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         then given to the conversion explicitly, so the grid and the values are nilearn's."""
         self._target_grid = None
         masker = self._embedded
-        if masker.target_affine is None or masker.target_shape is not None:
+        if self._surface or masker.target_affine is None or masker.target_shape is not None:
             return
         mask = self._mask_param()
         reference = mask if mask is not None and mask is not False else items[0]
@@ -330,6 +343,10 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     def _fitted_masker(self):
         """``masker_``: the given fitted masker, or a NiftiMasker fitted on the model's mask."""
         given = self.mask_img
+        if self._surface:
+            masker = surf.fitted_surface_masker(self, self.mask_img_)
+            masker.standardize = self.standardize_  # as nilearn does
+            return masker
         if _is_masker(given) and getattr(given, "mask_img_", None) is not None:
             given.standardize = self.standardize_  # as nilearn does
             return given
@@ -354,7 +371,9 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     def _as_nodes(self, items):
         target_affine, target_shape, smoothing_fwhm = self._preprocessing()
         mask = self._mask_param()
-        if mask is None:
+        if self._surface and not isinstance(items[0], Node):
+            mask = surf.surface_mask(self, items)
+        elif mask is None:
             mask = lambda infos: _nilearn_epi_mask([info.path for info in infos], target_affine, target_shape)  # noqa: E731
         elif mask is False:
             mask = None  # every voxel of the grid
@@ -412,6 +431,9 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         mask_param = self._mask_param()
         if mask_param is None or mask_param is False or self._converted_here:
             return grid, None
+        if self._surface:
+            raise InputError("mask_img with store surface runs is not supported yet: convert the runs with "
+                             "the mask (chunkglm.io.surface_convert.convert_surface_runs(..., mask=...)).")
         mask = np.asarray(load_img(mask_param).dataobj) != 0
         if mask.shape != grid.shape or (mask & ~grid.mask).any():
             raise InputError(
@@ -423,6 +445,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
 
     def _bold(self, node, rows=None):
         bold = node.data().data
+        if self._surface:  # nilearn's SurfaceMasker gives float64 signals: it scales them in float64
+            bold = bold.astype(np.float64)
         if rows is not None:  # scrubbing: keep these volumes (time stays whole per chunk)
             bold = bold[rows]
         return bold if self._voxels is None else bold[:, self._voxels]
@@ -445,6 +469,9 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     def mask_img_(self):
         """The mask of the fitted voxels, as a NIfTI image (nilearn's name)."""
         self._check_fitted()
+        if self._surface:
+            count = self._grid.n_voxels if self._voxels is None else len(self._voxels)
+            return surf.elements_image(self._grid, np.ones(count, dtype=bool), self._voxels, bool)
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         data = np.zeros(self._grid.shape, dtype=np.uint8)
         data[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
@@ -633,6 +660,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         values = np.asarray(values, dtype=np.float64)
         if squeeze and values.ndim == 2 and values.shape[0] == 1:
             values = values[0]
+        if self._surface:
+            return surf.elements_image(self._grid, values, self._voxels)
         ijk = self._grid.ijk if self._voxels is None else self._grid.ijk[self._voxels]
         return image_from_voxels(values, ijk, self._grid.shape, affine=self._grid.affine,
                                  dtype=np.float64)
@@ -647,7 +676,7 @@ def _refuse_sparse(run_imgs):
 
 
 def _is_masker(value) -> bool:
-    return isinstance(value, NiftiMasker)
+    return isinstance(value, NiftiMasker | SurfaceMasker)
 
 
 def _standardize_strategy(standardize, signal_scaling):
