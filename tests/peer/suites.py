@@ -7,7 +7,7 @@ Each anchor's modules run in a pytest process of their own (rootdir: the
 anchor's installed package, so its conftest fixtures load), with the
 :mod:`binding` plugin. ``<anchor>_exclusions.txt`` lists the ids left out,
 each with its reason; ``<anchor>_passing.txt`` the ids known to pass, which
-``test_peer_nilearn.py`` and ``test_peer_nimare.py`` require to keep passing.
+``test_peer_nilearn_*.py`` and ``test_peer_nimare.py`` require to keep passing.
 """
 
 from __future__ import annotations

@@ -1,0 +1,17 @@
+"""nilearn's NiftiMapsMasker test module against chunkglm: what passed keeps passing (see peer_check.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peer_check import NILEARN_PARTS, check_what_passed_keeps_passing  # noqa: E402
+
+
+@pytest.mark.slow
+def test_what_passed_keeps_passing():
+    check_what_passed_keeps_passing("nilearn", NILEARN_PARTS["masker"])
