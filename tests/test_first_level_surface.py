@@ -141,3 +141,10 @@ def test_refusals_as_nilearn(runs, dataset, tmp_path):
         FirstLevelModel(t_r=2.0).fit(one_map, events=events[0])
     with pytest.raises(InputError, match="t_r not given"):
         FirstLevelModel().fit(images[0], events=events[0])
+    # no time point: nilearn's ValueError saying "empty", for surfaces and volumes alike
+    empty = SurfaceImage(images[0].mesh, {p: np.zeros((10242, 0), np.float32) for p in ("left", "right")})
+    design = pd.DataFrame({"constant": np.ones(0)})
+    with pytest.raises(ValueError, match="empty"):
+        FirstLevelModel().fit(empty, design_matrices=design)
+    with pytest.raises(ValueError, match="empty"):
+        FirstLevelModel().fit(nib.Nifti1Image(np.zeros((7, 9, 0)), np.eye(4)), design_matrices=design)

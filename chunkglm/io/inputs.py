@@ -348,10 +348,11 @@ def _stage_runs(images, mask_img, target_affine, target_shape, smoothing_fwhm, f
     staged = staged or StagedInputs([])
     paths = [stage_image(image, folder, index, argument) for index, image in enumerate(images)]
     infos = [read_info(path) for path in paths]
-    bad = [(image, info.shape) for image, info in zip(images, infos) if len(info.shape) != 4]
+    bad = [(image, info.shape) for image, info in zip(images, infos) if len(info.shape) != 4 or 0 in info.shape]
     if bad:
         name = str(bad[0][0]) if isinstance(bad[0][0], str | Path) else type(bad[0][0]).__name__
-        raise InputError(f"{argument} must be 4-D images (runs); received shape {bad[0][1]} for {name}.")
+        empty = "the image is empty: " if 0 in bad[0][1] else ""  # nilearn's word for it
+        raise InputError(f"{argument} must be 4-D images (runs); {empty}received shape {bad[0][1]} for {name}.")
     if callable(target_affine):
         target = target_affine(infos)
         target_affine, target_shape = (None, None) if target is None else target

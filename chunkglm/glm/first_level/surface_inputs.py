@@ -51,6 +51,9 @@ def check_surface_inputs(items, mask_img) -> None:
         if len(item.shape) != 2:
             raise InputError(f"a surface run is a 2-D SurfaceImage (vertices x time points); received shape "
                              f"{item.shape}.")
+        if 0 in item.shape:
+            raise InputError(f"The image is empty: a surface run of shape {item.shape} (vertices x time points) "
+                             "has no value to model.")
         check_polymesh_equal(images[0].mesh, item.mesh)
 
 
