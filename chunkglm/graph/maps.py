@@ -89,13 +89,19 @@ def moments(maps, datas: list, with_gram: bool = True) -> dask.delayed:
 def graph_inputs(blocks: list) -> list:
     """In-memory arrays as graph inputs, one key per object (the same object, the same key).
 
-    With an active distributed client they are scattered to the workers
-    (the graph then carries their keys, not megabytes of maps).
+    With an active distributed client they are persisted on the workers at
+    once (the graph then carries their keys, not megabytes of maps). They
+    are persisted, not scattered: the scheduler keeps each block's task (the
+    block itself), so a block lost with a worker is sent again, where
+    scattered data would be gone for good and every task needing it
+    cancelled (found by killing a worker during ``extract``,
+    tests/test_worker_loss.py).
     """
+    nodes = [dask.delayed(block, pure=True) for block in blocks]
     client = active_client()
     if client is not None:
-        return client.scatter(list(blocks))
-    return [dask.delayed(block, pure=True) for block in blocks]
+        return client.compute(nodes)
+    return nodes
 
 
 def _block_moments(maps, start, stop, data_blocks, with_gram):

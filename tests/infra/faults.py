@@ -163,6 +163,66 @@ class WorkerFaults(WorkerPlugin):
         install(self.kill_at, self.log, self.once)
 
 
+class StageFaults(WorkerPlugin):
+    """A dask worker plugin that kills the worker process running the ``kill_at``-th task of a
+    named stage: no sleeps, no timing guesses.
+
+    A *stage* is a task-name prefix (dask's ``key_split`` of the key, e.g. ``"moments"``), or
+    several joined by ``|``. Tasks are counted over all worker processes of the cluster when
+    they reach the state ``when``: ``"executing"`` (the worker dies as the task starts, losing
+    it and every result the worker held) or ``"memory"`` (it dies once the task's result is
+    held: a computed result lost, which the scheduler recomputes from its inputs). The count is
+    shared through files ``<tag>.<n>`` created with ``O_EXCL`` (the n-th task to reach the state
+    creates the n-th file), so the k-th task of the stage dies wherever it runs. Only one process
+    ever dies (``<tag>.killed`` is created before dying; a restarted worker finds the counts
+    past k and only logs).
+
+    ``log`` gets one line per counted task, ``n<TAB>key<TAB>worker pid``, and
+    ``KILLED<TAB>n<TAB>key<TAB>pid`` for the one it died at. With ``kill_at=None`` it only logs
+    (every task of the graph, all stages, ``stage=None``), to list a command's stages.
+    """
+
+    name = "chunkglm-stage-faults"
+
+    def __init__(self, stage: str | None, kill_at: int | None, tag: str, when: str = "executing"):
+        if when not in ("executing", "memory"):
+            raise ValueError(f"when must be 'executing' or 'memory'; received {when!r}")
+        self.stages = None if stage is None else frozenset(stage.split("|"))
+        self.kill_at, self.tag, self.when = kill_at, tag, when
+
+    def setup(self, worker):
+        self._log = _OS_OPEN(f"{self.tag}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _claim(self) -> int:
+        n = 1
+        while True:
+            try:
+                _OS_CLOSE(_OS_OPEN(f"{self.tag}.{n}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                return n
+            except FileExistsError:
+                n += 1
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != self.when:
+            return
+        from dask.utils import key_split
+
+        stage = key_split(key)
+        if self.stages is not None and stage not in self.stages:
+            return
+        n = self._claim()
+        line = f"{n}\t{stage}\t{key}\t{os.getpid()}\n"
+        if n == self.kill_at:
+            try:
+                _OS_CLOSE(_OS_OPEN(f"{self.tag}.killed", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                pass
+            else:
+                _OS_WRITE(self._log, f"KILLED\t{line}".encode())
+                os._exit(KILLED)
+        _OS_WRITE(self._log, line.encode())
+
+
 def _child(argv: list[str], env: dict[str, str], cwd: str, kill_at: int | None, log: str,
            output: str) -> None:
     """Run ``chunkglm argv`` in this forked process and exit with its status."""
@@ -355,5 +415,5 @@ def differences(got: dict, want: dict) -> list[str]:
     return lines
 
 
-__all__ = ["KILLED", "Run", "WorkerFaults", "differences", "install", "local_files", "normalised", "run_command",
+__all__ = ["KILLED", "Run", "StageFaults", "WorkerFaults", "differences", "install", "local_files", "normalised", "run_command",
            "run_many", "start_command", "strided"]
