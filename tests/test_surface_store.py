@@ -186,3 +186,29 @@ def test_synthetic_surface_is_deterministic_and_leaves_the_volumes_unchanged(tmp
         assert ours.cifti.read_bytes() == theirs.cifti.read_bytes()
         assert ours.gifti["left"].read_bytes() == theirs.gifti["left"].read_bytes()
     assert again.runs[0].bold_path.read_bytes() == plain.runs[0].bold_path.read_bytes()
+
+
+def test_conversion_is_resumable_and_recorded(tmp_path, fsaverage5):
+    """Converting the same runs again skips them; another source under a node's name is refused
+    (nothing written) unless overwrite; each conversion that wrote is in the store's provenance."""
+    store = tmp_path / "s.zarr"
+    image = _image(fsaverage5, 4)
+    convert_surface_runs(image, store, names=["r"], t_r=2.0)
+    first = open_cohort(store).runs["r"].attrs["chunkglm"]["written"]
+    convert_surface_runs(image, store, names=["r"], t_r=2.0)
+    cohort = open_cohort(store)
+    assert cohort.runs["r"].attrs["chunkglm"]["written"] == first
+    records = cohort.attrs["provenance"]
+    assert len(records) == 1 and records[0]["operation"] == "convert"
+    assert records[0]["inputs"][0]["node"] == "runs/r" and len(records[0]["inputs"][0]["sha256"]) == 64
+    other = _image(fsaverage5, 4, seed=5)
+    with pytest.raises(InputError, match="already has a complete runs/r"):
+        convert_surface_runs(other, store, names=["r"], t_r=2.0)
+    assert np.array_equal(open_cohort(store).runs["r"].to_surface_image().data.parts["left"],
+                          image.data.parts["left"])
+    convert_surface_runs(other, store, names=["r"], t_r=2.0, overwrite=True)
+    cohort = open_cohort(store)
+    assert np.array_equal(cohort.runs["r"].to_surface_image().data.parts["left"], other.data.parts["left"])
+    assert len(cohort.attrs["provenance"]) == 2
+    with pytest.raises(InputError, match="not a voxel grid: write it back with to_surface_image"):
+        cohort.runs["r"].to_nifti()

@@ -160,6 +160,9 @@ class Node:
         are restored. Writes ``path`` when given; returns the nibabel image.
         """
         grid = self.grid
+        if isinstance(grid, surface.SurfaceGrid):
+            raise InputError(f"{self.name} is on a {grid.kind} grid, not a voxel grid: write it back with "
+                             "to_surface_image(), to_gifti() or to_cifti().")
         values = self.data(variable).values
         header_text = dict(self.attrs.get(st.ATTR, {})).get("nifti_header")
         header = header_from_text(header_text) if header_text else None

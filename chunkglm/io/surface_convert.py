@@ -37,6 +37,7 @@ from chunkglm.io import layout as st
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, write_element_coordinates, write_grid
 from chunkglm.io.write_run import write_events, write_rows
+from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 __all__ = ["SurfaceRun", "convert_surface_runs", "is_surface_input", "read_surface_run", "to_cifti",
            "to_gifti", "to_surface_image"]
@@ -200,8 +201,12 @@ def _from_cifti(path: Path, space) -> SurfaceRun:
 
 def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=None, t_r=None,
                          events=None, smoothing_fwhm=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
-                         task_memory=DEFAULT_TASK_MEMORY, storage_options=None) -> list[str]:
+                         task_memory=DEFAULT_TASK_MEMORY, storage_options=None, overwrite=False) -> list[str]:
     """Write surface runs into ``store`` as ``runs/<name>`` nodes; return their names.
+
+    A run whose node is complete from the same source (sha256 of the files, or of a
+    SurfaceImage's values) and preprocessing is skipped; one from another source is
+    refused unless ``overwrite`` (its new version is switched in at completion).
 
     Parameters
     ----------
@@ -225,9 +230,10 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
         SurfaceImage runs: smoothed along the mesh first with nilearn's ``smooth_img`` (as
         nilearn's SurfaceMasker smooths), recorded in the nodes' preprocessing.
         GIFTI and CIFTI runs are refused with it (convert them unsmoothed).
-    chunk_bytes, task_memory, storage_options
+    chunk_bytes, task_memory, storage_options, overwrite
         As :func:`chunkglm.convert`'s.
     """
+    stopwatch = Stopwatch()
     items = list(items) if isinstance(items, list | tuple) else [items]
     names = names or [f"surface-run-{i:05d}" for i in range(len(items))]
     events = events if isinstance(events, list | tuple) else [events] * len(items)
@@ -238,13 +244,29 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     grid = runs[0].grid if mask is None else runs[0].grid.with_mask(mask)
     for index, run in enumerate(runs[1:], 1):
         _check_same_grid(runs[0].grid, run.grid, index)
+    names = [st.check_node_name(name) for name in names]
     root = st.open_root(store, storage_options, mode="a")
     locks.remove_leftovers(root)
+    for name, run in zip(names, runs):  # every refusal before anything is written
+        _check_existing(root, name, run, smoothing_fwhm, grid.grid_id, overwrite)
     grid_id = write_grid(root, grid)
+    written = []
     for name, run, table in zip(names, runs, events):
-        _write_run(root, st.check_node_name(name), grid, grid_id, run, t_r, table,
-                   (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm))
-    consolidated.mend(root, [f"grids/{grid_id}", *(f"runs/{n}" for n in names)])
+        if _existing(root, name, run, smoothing_fwhm, grid_id) != "same":
+            _write_run(root, name, grid, grid_id, run, t_r, table,
+                       (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm))
+            written.append((name, run))
+    if written:
+        options = {"inputs": "surface", "space": space, "t_r": t_r, "smoothing_fwhm": smoothing_fwhm,
+                   "chunk_bytes": as_bytes(chunk_bytes), "task_memory": as_bytes(task_memory),
+                   "n_elements": grid.n_voxels, "grid_kind": grid.kind}
+        sources = [{"node": f"runs/{name}", **source} for name, run in written
+                   for source in run.source.get("files", [run.source])]
+        full = record("convert", inputs=sources, options=options, cluster=cluster_summary(None),
+                      stopwatch=stopwatch)
+        full.pop("chunkglm_provenance")
+        st.add_provenance(root, full)
+    consolidated.mend(root, [f"grids/{grid_id}", *(f"runs/{n}" for n in names), st.PROVENANCE])
     return list(names)
 
 
@@ -255,6 +277,23 @@ def _check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None
     if first.with_mask(other.mask).grid_id != other.grid_id:
         raise InputError(f"surface run {index} is on another mesh (or CIFTI axis) than run 0, with the same "
                          "numbers of vertices: the runs of one conversion share one grid.")
+
+
+def _existing(root, name, run, fwhm, grid_id) -> str | None:
+    """"same" (a complete node from this source, preprocessing and grid), "other", or None (no node)."""
+    path = f"runs/{name}"
+    if path not in root or not st.is_complete(root[path]):
+        return None
+    meta = st.node_meta(root[path])
+    same = (meta.get("source") == run.source and root[path].attrs.get("grid_id") == grid_id
+            and meta.get("preprocessing") == SpatialPreprocessing(None, None, fwhm).to_attrs())
+    return "same" if same else "other"
+
+
+def _check_existing(root, name, run, fwhm, grid_id, overwrite) -> None:
+    if not overwrite and _existing(root, name, run, fwhm, grid_id) == "other":
+        raise InputError(f"the store already has a complete runs/{name} converted from a different source, "
+                         "mask or smoothing. Pass overwrite=True to replace it, or another name; nothing was written.")
 
 
 def _smoothed(item, fwhm):
