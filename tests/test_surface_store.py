@@ -212,3 +212,64 @@ def test_conversion_is_resumable_and_recorded(tmp_path, fsaverage5):
     assert len(cohort.attrs["provenance"]) == 2
     with pytest.raises(InputError, match="not a voxel grid: write it back with to_surface_image"):
         cohort.runs["r"].to_nifti()
+
+
+def test_surface_maps_round_trip(tmp_path, fsaverage5):
+    from chunkglm.io.surface_maps import convert_surface_maps
+
+    rng = np.random.default_rng(3)
+    one_each = [SurfaceImage(fsaverage5, {p: rng.standard_normal(10242).astype(np.float32) for p in ("left", "right")})
+                for _ in range(3)]
+    two_more = _image(fsaverage5, 2, seed=4)  # a 2-D image: one map per column
+    before = [img.shape for img in one_each]
+    convert_surface_maps([*one_each, two_more], tmp_path / "s.zarr", "effects", chunk_bytes=5 * 4 * 3000,
+                         coords={"subject": ["01", "02", "03", "04", "05"]})
+    assert [img.shape for img in one_each] == before  # the inputs are left as they were
+    node = open_cohort(tmp_path / "s.zarr").maps["effects"]
+    data = node.to_dataset()
+    assert data["effect"].dims == ("image", "voxel") and data["effect"].data.numblocks[1] > 1
+    assert list(data["subject"].values) == ["01", "02", "03", "04", "05"] and "hemi" in data.coords
+    back = node.to_surface_image()
+    assert back.shape == (20484, 5)
+    for column, img in enumerate(one_each):
+        assert np.array_equal(back.data.parts["right"][:, column], img.data.parts["right"])
+    assert np.array_equal(back.data.parts["left"][:, 3:], two_more.data.parts["left"])
+
+
+def test_cifti_dscalar_maps_round_trip(tmp_path, surface_bids):
+    from nibabel.cifti2 import Cifti2Header, Cifti2Image, ScalarAxis
+
+    from chunkglm.io.surface_maps import convert_surface_maps
+
+    truth = surface_bids.surface
+    betas = np.vstack([truth.cifti_betas[c] for c in ("a", "b")]).astype(np.float32)
+    header = Cifti2Header.from_axes((ScalarAxis(["beta_a", "beta_b"]), truth.brain_models))
+    Cifti2Image(betas, header).to_filename(str(tmp_path / "betas.dscalar.nii"))
+    convert_surface_maps(tmp_path / "betas.dscalar.nii", tmp_path / "s.zarr", "truth")
+    node = open_cohort(tmp_path / "s.zarr").maps["truth"]
+    assert list(node.to_dataset()["image"].values) == ["beta_a", "beta_b"]  # the file's map names
+    back = node.to_cifti(tmp_path / "back.dscalar.nii")
+    assert np.array_equal(np.asarray(back.dataobj), betas)
+    written = nib.load(tmp_path / "back.dscalar.nii")
+    assert written.header.get_axis(0) == header.get_axis(0) and written.header.get_axis(1) == truth.brain_models
+    with pytest.raises(InputError, match=r"CIFTI-2 \.dscalar\.nii paths; received PosixPath"):
+        convert_surface_maps(truth.runs[0].cifti, tmp_path / "s.zarr", "wrong")
+    (tmp_path / "series.dscalar.nii").write_bytes(truth.runs[0].cifti.read_bytes())  # misnamed
+    with pytest.raises(InputError, match="not a CIFTI-2 dense scalar file"):
+        convert_surface_maps(tmp_path / "series.dscalar.nii", tmp_path / "s.zarr", "wrong")
+
+
+def test_surface_maps_refusals(tmp_path, fsaverage5):
+    from chunkglm.io.surface_maps import convert_surface_maps
+
+    image = _image(fsaverage5, 2)
+    with pytest.raises(InputError, match="one value per map"):
+        convert_surface_maps(image, tmp_path / "s.zarr", "m", coords={"subject": ["01"]})
+    with pytest.raises(InputError, match="coords takes"):
+        convert_surface_maps(image, tmp_path / "s.zarr", "m", coords={"age": [1, 2]})
+    with pytest.raises(InputError, match="name each of the 2 maps once"):
+        convert_surface_maps(image, tmp_path / "s.zarr", "m", ids=["x", "x"])
+    left = _image(fsaverage5, 1, parts=("left",))
+    with pytest.raises(InputError, match="share one grid"):
+        convert_surface_maps([image, left], tmp_path / "s.zarr", "m")
+    assert not (tmp_path / "s.zarr").exists()

@@ -96,11 +96,11 @@ def read_surface_run(item, mesh=None, space="") -> SurfaceRun:
     from nilearn.surface import SurfaceImage
 
     if isinstance(item, SurfaceImage):
-        return _from_surface_image(item, space)
+        return from_surface_image(item, space)
     if isinstance(item, dict):
-        return _from_gifti(item, mesh, space)
+        return from_gifti(item, mesh, space)
     if isinstance(item, str | Path) and str(item).endswith(CIFTI_RUN_SUFFIXES):
-        return _from_cifti(Path(item), space)
+        return from_cifti(Path(item), space)
     raise InputError(f"a surface run is a nilearn SurfaceImage, a GIFTI pair {{'left': path, 'right': path}} "
                      f"or a CIFTI-2 .dtseries.nii path; received {type(item).__name__}.")
 
@@ -116,13 +116,18 @@ def mesh_grid(mesh, parts, space="") -> SurfaceGrid:
     return SurfaceGrid("mesh", sizes, np.ones(sum(n for _, n in sizes), dtype=bool), space, meshes)
 
 
-def _from_surface_image(img, space) -> SurfaceRun:
+def from_surface_image(img, space, maps=False) -> SurfaceRun:
+    """A SurfaceImage's values (n_vertices, k) and mesh grid; ``maps``: a 1-D image is one map
+    (the image itself is left as it is)."""
     parts = [part for part in MESH_PARTS if part in img.data.parts]
-    if len(img.shape) != 2:
-        raise InputError(f"a surface run is a 2-D SurfaceImage (vertices x time points); received shape "
-                         f"{img.shape}. Give 3-D maps to second-level models, not as runs.")
+    if len(img.shape) != 2 and not (maps and len(img.shape) == 1):
+        what = "surface maps are 1-D or 2-D SurfaceImages" if maps else (
+            "a surface run is a 2-D SurfaceImage (vertices x time points)")
+        raise InputError(f"{what}; received shape {img.shape}."
+                         + ("" if maps else " Give 3-D maps to second-level models, not as runs."))
     grid = mesh_grid(img.mesh, parts, space)
-    values = np.concatenate([np.asarray(img.data.parts[part]) for part in parts], axis=0)
+    values = np.concatenate([np.asarray(img.data.parts[part]).reshape(len(img.data.parts[part]), -1)
+                             for part in parts], axis=0)
     digest = hashlib.sha256(values.dtype.str.encode() + np.ascontiguousarray(values).tobytes()).hexdigest()
     return SurfaceRun(grid, values, source={"path": "<SurfaceImage in memory>", "sha256": digest,
                                             "size": int(values.nbytes), "dtype": str(values.dtype)})
@@ -142,7 +147,7 @@ def _load_mesh(mesh):
     return mesh, ""
 
 
-def _from_gifti(pair, mesh, space) -> SurfaceRun:
+def from_gifti(pair, mesh, space) -> SurfaceRun:
     unknown = sorted(set(pair) - set(MESH_PARTS))
     if unknown or not pair:
         raise InputError(f"a GIFTI pair is a dict with keys among {MESH_PARTS}; received keys {sorted(pair)}.")
@@ -178,17 +183,21 @@ def _file_source(path) -> dict:
     return {"path": str(Path(path).absolute()), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
-def _from_cifti(path: Path, space) -> SurfaceRun:
-    from nibabel.cifti2 import BrainModelAxis, SeriesAxis
+def from_cifti(path: Path, space, maps=False) -> SurfaceRun:
+    from nibabel.cifti2 import BrainModelAxis, ScalarAxis, SeriesAxis
 
     img = nib.load(str(path))
     axes = [img.header.get_axis(i) for i in range(img.ndim)]
-    if not (isinstance(axes[0], SeriesAxis) and isinstance(axes[1], BrainModelAxis)):
-        raise InputError(f"{path} is not a CIFTI-2 dense series (series x brain models); its axes are "
-                         f"{[type(a).__name__ for a in axes]}.")
+    first = ScalarAxis if maps else SeriesAxis
+    if not (isinstance(axes[0], first) and isinstance(axes[1], BrainModelAxis)):
+        what = "dense scalar file (maps x brain models)" if maps else "dense series (series x brain models)"
+        raise InputError(f"{path} is not a CIFTI-2 {what}; its axes are {[type(a).__name__ for a in axes]}.")
     models = axes[1]
     parts = tuple((str(name), len(range(*sl.indices(len(models))))) for name, sl, _ in models.iter_structures())
     grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, models)
+    if maps:
+        return SurfaceRun(grid, img.dataobj, None, {"files": [_file_source(path)]},
+                          {"names": [str(n) for n in axes[0].name]}, by_time=True)
     series = axes[0]
     step = float(series.step) * {"SECOND": 1.0, "MSEC": 1e-3, "USEC": 1e-6}.get(series.unit.upper(), 1.0)
     cifti = {"start": float(series.start), "step": float(series.step), "unit": series.unit}
@@ -243,7 +252,7 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     runs = [read_surface_run(_smoothed(item, smoothing_fwhm), mesh, space) for item in items]
     grid = runs[0].grid if mask is None else runs[0].grid.with_mask(mask)
     for index, run in enumerate(runs[1:], 1):
-        _check_same_grid(runs[0].grid, run.grid, index)
+        check_same_grid(runs[0].grid, run.grid, index)
     names = [st.check_node_name(name) for name in names]
     root = st.open_root(store, storage_options, mode="a")
     locks.remove_leftovers(root)
@@ -270,7 +279,7 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     return list(names)
 
 
-def _check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None:
+def check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None:
     if first.kind != other.kind or first.parts != other.parts:
         raise InputError(f"surface run {index} has {other.kind} parts {list(other.parts)}, run 0 "
                          f"{first.kind} parts {list(first.parts)}: the runs of one conversion share one grid.")
@@ -395,14 +404,21 @@ def to_gifti(node, folder=None, stem=None) -> dict:
 
 def to_cifti(node, path=None):
     """A CIFTI-grid run as a CIFTI-2 dense series (time, grayordinates) float32, its brain-model
-    axis and series timing as converted; written to ``path`` when given."""
-    from nibabel.cifti2 import Cifti2Header, Cifti2Image, SeriesAxis
+    axis and series timing as converted (a map collection: a dense scalar file, one map per image,
+    named by the image ids); written to ``path`` when given."""
+    from nibabel.cifti2 import Cifti2Header, Cifti2Image, ScalarAxis, SeriesAxis
 
     grid = node.grid
     if grid.kind != "cifti":
         raise InputError(f"this run's grid is a {grid.kind} grid: write it back with to_gifti or "
                          "to_surface_image.")
     full = _full_values(node)
+    if node.kind == "maps":
+        names = [str(v) for v in node.cohort.root[node.data_path]["image"][...]]
+        img = Cifti2Image(np.ascontiguousarray(full.T), Cifti2Header.from_axes((ScalarAxis(names), grid.brain_models)))
+        if path is not None:
+            img.to_filename(str(path))
+        return img
     series = dict(dict(node.attrs.get(st.ATTR, {})).get("cifti") or {})
     axis = SeriesAxis(series.get("start", 0.0), series.get("step", node.attrs.get("RepetitionTime") or 1.0),
                       full.shape[1], series.get("unit", "SECOND"))
