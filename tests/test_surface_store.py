@@ -273,3 +273,24 @@ def test_surface_maps_refusals(tmp_path, fsaverage5):
     with pytest.raises(InputError, match="share one grid"):
         convert_surface_maps([image, left], tmp_path / "s.zarr", "m")
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("cifti", [False, True])
+def test_fmriprep_surface_outputs_from_a_bids_folder(tmp_path, surface_bids, cifti):
+    """fMRIPrep's GIFTI pairs (or CIFTI series) found in a BIDS folder, converted with each run's
+    entities, events, confounds and sidecar timing (StartTime / TR = slice_time_ref)."""
+    from chunkglm.io.surface_convert import convert_surface_bids
+
+    names = convert_surface_bids(surface_bids.root, tmp_path / "s.zarr", space="fsaverage5", cifti=cifti)
+    assert names == [r.name for r in surface_bids.runs]
+    cohort = open_cohort(tmp_path / "s.zarr")
+    node = cohort.select(sub="01", run=2)[0]
+    run = surface_bids.runs[1]
+    assert node.grid.kind == ("cifti" if cifti else "mesh")
+    assert node.attrs["RepetitionTime"] == surface_bids.tr and node.attrs["slice_time_ref"] == 0.5
+    assert node.entities == {"sub": "01", "task": "main", "run": "2", "space": "fsaverage5"}
+    pd = pytest.importorskip("pandas")
+    assert node.events[["onset", "duration"]].equals(pd.read_csv(run.events_path, sep="\t")[["onset", "duration"]])
+    assert node.confounds.shape == (surface_bids.n_volumes, len(pd.read_csv(run.confounds_path, sep="\t").columns))
+    with pytest.raises(InputError, match="no surface run"):
+        convert_surface_bids(surface_bids.root, tmp_path / "t.zarr", space="fsaverage6")

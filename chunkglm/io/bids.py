@@ -120,6 +120,58 @@ def discover_runs(path, *, task=None, space=None, subjects=None, sessions=None,
     return runs
 
 
+#: fMRIPrep's surface spaces: fsaverage meshes (GIFTI pairs per run) and fsLR grayordinates (CIFTI).
+_GIFTI_RUN = "*_hemi-L_space-{space}_bold.func.gii"
+_CIFTI_RUN = "*_space-{space}_*bold.dtseries.nii"
+
+
+def discover_surface_runs(path, *, space, task=None, subjects=None, sessions=None,
+                          derivatives_folder="derivatives/fmriprep", cifti=None) -> list[RunFiles]:
+    """fMRIPrep's surface runs of one space, with their companion files.
+
+    GIFTI (``space`` ``fsaverage*``, the default there): each run is the pair
+    ``*_hemi-L_space-<space>_bold.func.gii`` / ``*_hemi-R_...`` (``RunFiles.bold`` is
+    ``{"left": path, "right": path}``). CIFTI (``space`` ``fsLR``, the default there, or
+    ``cifti=True``): each run is a ``*_space-<space>_den-<den>_bold.dtseries.nii`` (``bold`` its path). Events, confounds and
+    sidecar metadata are found as for volume runs (the run's entities without hemi/space/den).
+
+    Raises
+    ------
+    InputError
+        No run matches, or a left hemisphere file has no right one.
+    """
+    deriv, raw = find_derivatives(Path(path), derivatives_folder)
+    space = str(space).removeprefix("space-")
+    cifti = space.startswith("fsLR") if cifti is None else bool(cifti)
+    pattern = (_CIFTI_RUN if cifti else _GIFTI_RUN).format(space=space)
+    filters = {"task": _as_set(task, "task-"), "sub": _as_set(subjects, "sub-"), "ses": _as_set(sessions, "ses-")}
+    found = sorted(p for p in deriv.glob(f"sub-*/**/{pattern}") if _matches(parse_entities(p.name), filters))
+    if not found:
+        raise InputError(f"no surface run ({pattern}) under {deriv} matches "
+                         f"{ {k: sorted(v) for k, v in filters.items() if v} }.")
+    runs = [_surface_run_files(p, raw, cifti) for p in found]
+    _check_unique(runs)
+    return runs
+
+
+def _surface_run_files(bold: Path, raw: Path, cifti: bool) -> RunFiles:
+    entities = {k: v for k, v in parse_entities(bold.name).items() if k not in ("hemi", "den", "desc", "res")}
+    base = bold.name.split("_bold")[0]
+    for entity in ("hemi", "space", "den", "desc", "res"):
+        base = _without(base, entity)
+    files = str(bold)
+    if not cifti:
+        right = bold.with_name(bold.name.replace("_hemi-L_", "_hemi-R_"))
+        if not right.is_file():
+            raise InputError(f"{bold.name} has no right hemisphere {right.name} beside it: fMRIPrep writes "
+                             "both; copy it there or convert the left hemisphere alone as a GIFTI pair.")
+        files = {"left": str(bold), "right": str(right)}
+    confounds = sorted(bold.parent.glob(base + "_desc-confounds_*.tsv"))
+    events = _find_events(bold, raw, base)
+    return RunFiles(bold=files, entities=entities, confounds=str(confounds[0]) if confounds else None,
+                    events=str(events) if events else None, metadata=_metadata(bold, raw, base))
+
+
 def _no_match_message(deriv, found, filters):
     asked = {k: sorted(v) for k, v in filters.items() if v is not None}
     if not found:

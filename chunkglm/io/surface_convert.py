@@ -39,7 +39,7 @@ from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, write_element_coordinat
 from chunkglm.io.write_run import write_events, write_rows
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
-__all__ = ["SurfaceRun", "convert_surface_runs", "is_surface_input", "read_surface_run", "to_cifti",
+__all__ = ["SurfaceRun", "convert_surface_bids", "convert_surface_runs", "is_surface_input", "read_surface_run", "to_cifti",
            "to_gifti", "to_surface_image"]
 
 #: Suffixes of the CIFTI-2 files read as runs.
@@ -209,8 +209,9 @@ def from_cifti(path: Path, space, maps=False) -> SurfaceRun:
 
 
 def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=None, t_r=None,
-                         events=None, smoothing_fwhm=None, chunk_bytes=DEFAULT_CHUNK_BYTES,
-                         task_memory=DEFAULT_TASK_MEMORY, storage_options=None, overwrite=False) -> list[str]:
+                         events=None, confounds=None, metadata=None, entities=None, smoothing_fwhm=None,
+                         chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY,
+                         storage_options=None, overwrite=False) -> list[str]:
     """Write surface runs into ``store`` as ``runs/<name>`` nodes; return their names.
 
     A run whose node is complete from the same source (sha256 of the files, or of a
@@ -233,8 +234,13 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
         The elements stored; default all.
     t_r : float, optional
         Repetition time (s) when the inputs do not state it (SurfaceImages never do).
-    events : DataFrame or list of them, optional
-        Stored with each run (``node.events``).
+    events, confounds : DataFrame, TSV path, or a list of them (one per run), optional
+        Stored with each run (``node.events``, ``node.confounds``; confounds need one row per volume).
+    metadata : dict or list of them, optional
+        Per run, BIDS sidecar fields: ``RepetitionTime`` (used when the file states no TR) and
+        ``StartTime`` (``slice_time_ref = StartTime / TR``, as for volume runs).
+    entities : dict or list of them, optional
+        Per run, BIDS entities (``sub``, ``ses``, ``task``, ``run``...) for ``cohort.select``.
     smoothing_fwhm : float, optional
         SurfaceImage runs: smoothed along the mesh first with nilearn's ``smooth_img`` (as
         nilearn's SurfaceMasker smooths), recorded in the nodes' preprocessing.
@@ -245,14 +251,21 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     stopwatch = Stopwatch()
     items = list(items) if isinstance(items, list | tuple) else [items]
     names = names or [f"surface-run-{i:05d}" for i in range(len(items))]
-    events = events if isinstance(events, list | tuple) else [events] * len(items)
-    if len(names) != len(items) or len(events) != len(items):
-        raise InputError(f"{len(items)} surface runs but {len(names)} names and {len(events)} events tables: "
-                         "give one of each per run.")
+    tables = {"names": names, **{key: _per_run(value, len(items), key) for key, value in (
+        ("events", events), ("confounds", confounds), ("metadata", metadata), ("entities", entities))}}
+    wrong = {key: len(value) for key, value in tables.items() if len(value) != len(items)}
+    if wrong:
+        raise InputError(f"{len(items)} surface runs but {wrong}: give one of each per run.")
     runs = [read_surface_run(_smoothed(item, smoothing_fwhm), mesh, space) for item in items]
     grid = runs[0].grid if mask is None else runs[0].grid.with_mask(mask)
     for index, run in enumerate(runs[1:], 1):
         check_same_grid(runs[0].grid, run.grid, index)
+    for key in ("events", "confounds"):
+        tables[key] = [_table(value) for value in tables[key]]
+    for name, run, table in zip(names, runs, tables["confounds"]):
+        if table is not None and len(table) != run.n_time:
+            raise InputError(f"the confounds of surface run {name} have {len(table)} rows for {run.n_time} "
+                             "volumes: confounds need one row per volume. Nothing was written.")
     names = [st.check_node_name(name) for name in names]
     root = st.open_root(store, storage_options, mode="a")
     locks.remove_leftovers(root)
@@ -260,9 +273,10 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
         _check_existing(root, name, run, smoothing_fwhm, grid.grid_id, overwrite)
     grid_id = write_grid(root, grid)
     written = []
-    for name, run, table in zip(names, runs, events):
+    for index, (name, run) in enumerate(zip(names, runs)):
         if _existing(root, name, run, smoothing_fwhm, grid_id) != "same":
-            _write_run(root, name, grid, grid_id, run, t_r, table,
+            companions = {key: tables[key][index] for key in ("events", "confounds", "metadata", "entities")}
+            _write_run(root, name, grid, grid_id, run, t_r, companions,
                        (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm))
             written.append((name, run))
     if written:
@@ -277,6 +291,29 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
         st.add_provenance(root, full)
     consolidated.mend(root, [f"grids/{grid_id}", *(f"runs/{n}" for n in names), st.PROVENANCE])
     return list(names)
+
+
+def convert_surface_bids(path, store, *, space="fsaverage5", task=None, subjects=None, sessions=None,
+                         derivatives_folder="derivatives/fmriprep", cifti=None, mesh=None, **options) -> list[str]:
+    """fMRIPrep's surface runs of one space -> ``runs/<bids name>`` nodes; return their names.
+
+    ``space`` ``fsaverage5`` (GIFTI pairs, on ``mesh``: by default the mesh of
+    that name nilearn ships) or ``fsLR`` (CIFTI dense series; ``cifti=True``
+    for CIFTI runs of another space). Each run keeps
+    its BIDS entities, events, confounds and sidecar (RepetitionTime,
+    StartTime), as volume runs converted by :func:`chunkglm.convert` do.
+    ``options``: those of :func:`convert_surface_runs` (chunk_bytes, overwrite...).
+    """
+    from chunkglm.io.bids import discover_surface_runs
+
+    found = discover_surface_runs(path, space=space, task=task, subjects=subjects, sessions=sessions,
+                                  derivatives_folder=derivatives_folder, cifti=cifti)
+    gifti = isinstance(found[0].bold, dict)
+    return convert_surface_runs([r.bold for r in found], store, names=[r.name for r in found],
+                                mesh=(mesh or str(space).removeprefix("space-")) if gifti else None,
+                                space=str(space).removeprefix("space-"), events=[r.events for r in found],
+                                confounds=[r.confounds for r in found], metadata=[r.metadata for r in found],
+                                entities=[r.entities for r in found], **options)
 
 
 def check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None:
@@ -318,9 +355,25 @@ def _smoothed(item, fwhm):
     return smooth_img(item, fwhm)
 
 
-def _write_run(root, name, grid, grid_id, run, t_r, events, sizes):
+def _per_run(value, n, what) -> list:
+    if isinstance(value, list | tuple):
+        return list(value)
+    if value is not None and what in ("events", "confounds") and n > 1:
+        raise InputError(f"give {what} as a list, one per run ({n} runs); received one {type(value).__name__}.")
+    return [value] * n
+
+
+def _table(value):
+    if value is None or isinstance(value, pd.DataFrame):
+        return value
+    return pd.read_csv(value, sep="\t", na_values=["n/a", "NaN", "nan"], keep_default_na=False)
+
+
+def _write_run(root, name, grid, grid_id, run, t_r, companions, sizes):
     chunk_bytes, task_memory, fwhm = sizes
-    tr = run.t_r if run.t_r is not None else t_r
+    metadata, entities = dict(companions["metadata"] or {}), dict(companions["entities"] or {})
+    tr = run.t_r if run.t_r is not None else metadata.get("RepetitionTime", t_r)
+    events, confounds = companions["events"], companions["confounds"]
     elements = grid.flat_index
     plan = plan_voxel_chunks(run.n_time, grid.n_voxels, 4, chunk_bytes)
 
@@ -337,11 +390,19 @@ def _write_run(root, name, grid, grid_id, run, t_r, events, sizes):
         frame = np.arange(run.n_time, dtype=np.float64) * (tr or 0.0)
         st.write_array(node, "time", frame, ("time",), attrs={"units": "s"})
         if events is not None:
-            write_events(node, pd.read_csv(events, sep="\t") if isinstance(events, str | Path) else events)
+            write_events(node, events)
+        if confounds is not None:
+            st.write_array(node, "confound", np.array(list(confounds.columns), dtype=str), ("confound",))
+            st.write_array(node, "confounds", confounds.apply(pd.to_numeric, errors="coerce")
+                           .to_numpy(np.float64), ("time", "confound"))
     except BaseException:
         st.discard_version(root, node)
         raise
-    attrs = {"grid_id": grid_id, "RepetitionTime": tr, "slice_time_ref": None, "entities": {},
+    start = metadata.get("StartTime")
+    attrs = {"grid_id": grid_id, "RepetitionTime": tr, "entities": entities, "sidecar": metadata,
+             "slice_time_ref": float(start) / float(tr) if start is not None and tr else None,
+             **{key: entities.get(entity) for key, entity in (("subject", "sub"), ("session", "ses"),
+                                                              ("task", "task"), ("run", "run"))},
              "shape": [run.n_time, grid.shape[0]], "grid_kind": grid.kind}
     meta = {"kind": "run", "source": run.source, "preprocessing": SpatialPreprocessing(None, None, fwhm).to_attrs(),
             "cifti": run.cifti}

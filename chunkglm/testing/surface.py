@@ -7,7 +7,7 @@ every run of the dataset it writes, in the run's derivatives folder,
   (one float32 data array per volume, as fMRIPrep writes them) on the
   fsaverage5 mesh nilearn ships in its package (no download), with a BIDS
   sidecar ``<prefix>_hemi-L_space-fsaverage5_bold.json`` (RepetitionTime,
-  StartTime);
+  StartTime; the CIFTI series has its own);
 - ``<prefix>_space-fsaverage5_den-10k_bold.dtseries.nii``: a small CIFTI-2
   dense series whose brain models are the cortex of both hemispheres without
   a medial-wall-like cap (as fsLR's 91k grayordinates leave the medial wall
@@ -65,7 +65,8 @@ class SurfaceRunFiles:
     gifti : dict
         ``{"left": path, "right": path}`` of the fsaverage5 GIFTI runs.
     sidecars : dict
-        The GIFTI runs' BIDS sidecars, per hemisphere.
+        The BIDS sidecars (RepetitionTime, StartTime) of the GIFTI runs (``left``,
+        ``right``) and of the CIFTI series (``cifti``).
     cifti : pathlib.Path
         The CIFTI-2 dense series.
     """
@@ -255,4 +256,7 @@ def _write_run(dataset, run, seed, truth, index, axis, rho, sd) -> SurfaceRunFil
                                      "TaskName": dataset.runs[0].task})
     cifti = folder / f"{prefix}_space-{MESH}_den-10k_bold.dtseries.nii"
     _write_cifti(cifti, np.hstack([vertices[:, index], voxels]), axis, dataset.tr)
+    sidecars["cifti"] = folder / f"{prefix}_space-{MESH}_den-10k_bold.json"
+    _write_json(sidecars["cifti"], {"RepetitionTime": dataset.tr, "StartTime": dataset.tr / 2.0,
+                                    "TaskName": dataset.runs[0].task})
     return SurfaceRunFiles(prefix, gifti, sidecars, cifti)
