@@ -148,3 +148,32 @@ def test_refusals_as_nilearn(runs, dataset, tmp_path):
         FirstLevelModel().fit(empty, design_matrices=design)
     with pytest.raises(ValueError, match="empty"):
         FirstLevelModel().fit(nib.Nifti1Image(np.zeros((7, 9, 0)), np.eye(4)), design_matrices=design)
+
+
+@pytest.mark.parametrize("noise_model", ["ols", "ar1"])
+def test_cifti_runs_cortex_as_nilearn_on_the_gifti_runs(tmp_path, runs, dataset, noise_model):
+    """CIFTI store runs (cortex vertices + thalamus voxels) fit element by element; their cortex
+    elements hold the GIFTI runs' values (tests/test_surface_store.py), so their maps there equal
+    nilearn's fit of the GIFTI SurfaceImages. AR(1): nilearn's Yule-Walker subtracts the grand
+    mean of all residuals (here with the voxels), ~0 with an intercept: measured 1.6e-15."""
+    from nibabel.cifti2 import Cifti2Image
+
+    from chunkglm.io.surface_convert import convert_surface_bids
+
+    images, events = runs
+    convert_surface_bids(dataset.root, tmp_path / "c.zarr", space="fsaverage5", cifti=True)
+    nodes = list(open_cohort(tmp_path / "c.zarr").runs.values())
+    ours = FirstLevelModel(noise_model=noise_model, slice_time_ref=0.5).fit(nodes)
+    ref = NilearnFLM(t_r=dataset.tr, slice_time_ref=0.5, noise_model=noise_model, mask_img=False).fit(
+        images, events=events)
+    kept = dataset.surface.cifti_vertices
+    cortex = np.concatenate([kept["left"], 10242 + kept["right"]])
+    got = ours.compute_contrast("a - b", output_type="all")
+    want = ref.compute_contrast("a - b", output_type="all")
+    for name in MAPS:
+        assert isinstance(got[name], Cifti2Image) and got[name].shape == (1, len(dataset.surface.brain_models))
+        assert got[name].header.get_axis(1) == dataset.surface.brain_models
+        values = np.asarray(got[name].dataobj)[0]
+        assert rel_l2(values[:len(cortex)], _values(want[name])[cortex]) <= REL_L2, name
+        assert np.isfinite(values[len(cortex):]).all()  # the thalamus voxels are fitted too
+    assert ours.masker_ is None and np.asarray(ours.mask_img_.dataobj).all()

@@ -140,7 +140,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     fir_delays_ : list
         The FIR delays used (``fir_delays``, or [0]).
     masker_ : nilearn.maskers.NiftiMasker
-        Fitted on the model's mask (or the given fitted masker).
+        Fitted on the model's mask (or the given fitted masker); a
+        SurfaceMasker for surface runs, None for CIFTI runs.
     memory_ : joblib.Memory
         As nilearn's (see ``memory``).
     n_elements_ : int
@@ -222,7 +223,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
             mask (which, as in nilearn, reads every run once more). 2-D
             nilearn SurfaceImages (vertices x time) are staged the same way on
             nilearn's surface mask (:mod:`~chunkglm.glm.first_level.surface_inputs`);
-            outputs are then SurfaceImages.
+            outputs are then SurfaceImages. Store runs on a CIFTI grid give
+            nibabel Cifti2Image dense scalar outputs (one map per row).
         events : DataFrame, path or list of them, optional
             Default: the events stored with each run.
         confounds : DataFrame or list of them, optional
@@ -345,7 +347,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         given = self.mask_img
         if self._surface:
             masker = surf.fitted_surface_masker(self, self.mask_img_)
-            masker.standardize = self.standardize_  # as nilearn does
+            if masker is not None:  # None: CIFTI runs
+                masker.standardize = self.standardize_  # as nilearn does
             return masker
         if _is_masker(given) and getattr(given, "mask_img_", None) is not None:
             given.standardize = self.standardize_  # as nilearn does

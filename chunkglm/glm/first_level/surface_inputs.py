@@ -1,4 +1,5 @@
-"""FirstLevelModel on surface runs: nilearn's mask rules for SurfaceImages, and SurfaceImage outputs.
+"""FirstLevelModel on surface runs: nilearn's mask rules for SurfaceImages, and SurfaceImage outputs
+(CIFTI store runs: CIFTI dense scalar outputs).
 
 nilearn 0.14 fits first-level GLMs on 2-D :class:`~nilearn.surface.SurfaceImage`
 runs (vertices x time) through a ``SurfaceMasker``. The mask is nilearn's
@@ -82,22 +83,39 @@ def _polymesh(grid: SurfaceGrid):
     return PolyMesh(**{part: InMemoryMesh(*grid.meshes[part]) for part, _ in grid.parts})
 
 
-def elements_image(grid: SurfaceGrid, values, selected=None, dtype=np.float64) -> SurfaceImage:
-    """A SurfaceImage of ``values`` over the fitted elements: (voxel,) -> (n_vertices,), (k, voxel)
-    -> (n_vertices, k); 0 outside them. ``selected``: indices into the stored elements (None: all)."""
-    if grid.kind != "mesh":
-        raise InputError(f"outputs on a {grid.kind} grid have no mesh to be a SurfaceImage: fit the runs "
-                         "converted from SurfaceImages or GIFTI files.")
+def elements_image(grid: SurfaceGrid, values, selected=None, dtype=np.float64):
+    """An image of ``values`` over the fitted elements, 0 outside them. ``selected``: indices into
+    the stored elements (None: all).
+
+    Mesh grids: a SurfaceImage, (voxel,) -> (n_vertices,), (k, voxel) -> (n_vertices, k).
+    CIFTI grids (nilearn has no CIFTI image): a ``nibabel.cifti2.Cifti2Image`` dense scalar file of
+    one map per row (maps ``map-0``...), on the runs' brain-model axis.
+    """
     values = np.asarray(values, dtype=dtype)
     elements = grid.flat_index if selected is None else grid.flat_index[selected]
     full = np.zeros((grid.shape[0], *values.shape[:-1]), dtype=dtype)
     full[elements] = values.T if values.ndim == 2 else values
+    if grid.kind == "cifti":
+        return _cifti_image(grid, full)
     slices = grid.part_slices()
     return SurfaceImage(_polymesh(grid), {part: full[slices[part]] for part, _ in grid.parts})
 
 
+def _cifti_image(grid: SurfaceGrid, full: np.ndarray):
+    from nibabel.cifti2 import Cifti2Header, Cifti2Image, ScalarAxis
+
+    rows = full.reshape(len(full), -1).T  # (maps, grayordinates)
+    if rows.dtype == bool:
+        rows = rows.astype(np.uint8)  # CIFTI-2 has no boolean type
+    axis = ScalarAxis([f"map-{i}" for i in range(len(rows))])
+    return Cifti2Image(np.ascontiguousarray(rows), Cifti2Header.from_axes((axis, grid.brain_models)))
+
+
 def fitted_surface_masker(model, mask_image):
-    """``masker_``: the given fitted SurfaceMasker, else one fitted on the model's mask."""
+    """``masker_``: the given fitted SurfaceMasker, else one fitted on the model's mask (None for
+    CIFTI runs: nilearn has no CIFTI masker)."""
+    if model._grid.kind == "cifti":
+        return None
     if isinstance(model.mask_img, SurfaceMasker):
         return model.mask_img
     masker = check_embedded_masker(model, masker_type="surface", ignore=["high_pass"])
