@@ -4,6 +4,8 @@ their help says (the provenance record's cluster entry is the scheduler's own vi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from chunkglm.cli._common import command_budget
 from chunkglm.cli.app import settle_sizes_and_verbosity
 from chunkglm.cli.commands import build_parser
 from chunkglm.cli.main import main
-from chunkglm.glm.second_level import non_parametric_inference
+from chunkglm.glm.second_level import SecondLevelModel, non_parametric_inference
+from chunkglm.interfaces.bids import save_group_derivatives
 from chunkglm.testing import make_synthetic_bids
 
 RUN_MODEL = {
@@ -180,7 +183,8 @@ def test_n_perm_maps_equal_non_parametric_inference_on_the_subject_maps(tmp_path
 
 @pytest.mark.parametrize("extra, level, words", [
     (["--n-perm", "10"], "participant", "the analysis level 'participant' stops before them"),
-    (["--random-state", "0"], "dataset", "--random-state set(s) the permutation test: give --n-perm N"),
+    (["--random-state", "0"], "dataset", "--random-state set(s) the permutation test and group_level/'s"),
+    (["--random-state", "0", "--layout", "glm"], "dataset", "--random-state seeds the permutation test"),
     (["--n-perm", "-3"], "dataset", "--n-perm takes a number of permutations >= 0"),
 ])
 def test_n_perm_misuse_is_refused_before_anything_is_read(one_run, tmp_path, capsys, extra, level, words):
@@ -206,3 +210,94 @@ def test_n_perm_needs_a_dataset_glm_node(one_run, tmp_path, capsys):
                  "--cluster", "none"])
     assert code == 2 and "Dataset nodes of Type 'glm'; this model has none" in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- --layout glm|both: the derivatives/glm layout ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_subjects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app_layout")
+    ds = make_synthetic_bids(root / "ds", n_subjects=3, n_runs=1, size="tiny", seed=4)
+    return root, ds
+
+
+def _load(path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_layout_both_writes_the_glm_layout_as_second_level_does(three_subjects, tmp_path):
+    root, ds = three_subjects
+    out = tmp_path / "out"
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
+                 "--layout", "both", "--cluster", "none", "--no-progress", "--store", str(root / "store.zarr")])
+    assert code == 0
+    # first_level/: the subject node's fixed effects, under chunkglm's names
+    for subject in ("01", "02", "03"):
+        for stat, fitlins_stat in (("effect", "effect"), ("variance", "variance"), ("t", "t")):
+            ours = out / f"first_level/sub-{subject}/sub-{subject}_task-main_contrast-aMinusB_stat-{stat}.nii.gz"
+            theirs = out / f"node-subject/sub-{subject}/sub-{subject}_contrast-aMinusB_stat-{fitlins_stat}_statmap.nii.gz"
+            np.testing.assert_array_equal(_load(ours), _load(theirs))
+        assert (out / f"first_level/sub-{subject}/sub-{subject}_task-main_contrast-a_stat-z.nii.gz").is_file()
+        sidecar = json.loads((out / f"first_level/sub-{subject}/sub-{subject}_task-main_glm.json").read_text())
+        assert sidecar["AnalysisLevel"] == "first_level" and sorted(sidecar["Contrasts"]) == ["a", "aMinusB", "b"]
+    # group_level/: what save_group_derivatives writes for the same group model, one per contrast, merged
+    sidecar = json.loads((out / "group_level/group_glm.json").read_text())
+    assert sorted(sidecar["Contrasts"]) == ["a", "aMinusB", "b"]
+    assert sorted(sidecar["Corrections"]["FDR"]["Thresholds"]) == ["a", "aMinusB", "b"]
+    for contrast in ("a", "aMinusB", "b"):
+        maps = sorted(str(p) for p in out.glob(f"node-subject/sub-*/sub-*_contrast-{contrast}_stat-effect_statmap.nii.gz"))
+        model = SecondLevelModel().fit(maps, design_matrix=pd.DataFrame({"intercept": [1.0] * 3}))
+        direct = tmp_path / f"direct_{contrast}"
+        save_group_derivatives(model, {contrast: np.array([1.0])}, direct)
+        for name in (f"group_contrast-{contrast}_stat-t.nii.gz", f"group_contrast-{contrast}_stat-z.nii.gz",
+                     f"group_contrast-{contrast}_fdr-corrected.nii.gz", f"group_contrast-{contrast}_fwe-corrected.nii.gz",
+                     "group_mask.nii.gz"):
+            np.testing.assert_array_equal(_load(out / "group_level" / name), _load(direct / "group_level" / name))
+        direct_sidecar = json.loads((direct / "group_level/group_glm.json").read_text())
+        assert sidecar["Contrasts"][contrast] == direct_sidecar["Contrasts"][contrast]
+        assert sidecar["Corrections"]["FWE"]["Thresholds"][contrast] == \
+            direct_sidecar["Corrections"]["FWE"]["Thresholds"][contrast]
+        np.testing.assert_array_equal(_load(out / "group_level" / f"group_contrast-{contrast}_stat-t.nii.gz"),
+                                      _load(out / f"node-dataset/contrast-{contrast}_stat-t_statmap.nii.gz"))
+    assert _validator_errors(out) == []
+
+
+def test_layout_glm_alone_leaves_no_fitlins_files(three_subjects, tmp_path):
+    root, ds = three_subjects
+    out = tmp_path / "out"
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
+                 "--layout", "glm", "--alpha", "0.1", "--cluster", "none", "--no-progress",
+                 "--store", str(root / "store.zarr")])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "app_provenance.json", "dataset_description.json",
+                                                    "first_level", "group_level"]
+    sidecar = json.loads((out / "group_level/group_glm.json").read_text())
+    assert sidecar["Corrections"]["FDR"]["Alpha"] == 0.1  # --alpha reaches the corrections
+    outputs = json.loads((out / "app_provenance.json").read_text())["outputs"]
+    assert outputs and all(o.startswith(("first_level/", "group_level/")) for o in outputs)
+
+
+def test_layout_glm_refuses_several_dataset_glm_nodes(three_subjects, tmp_path, capsys):
+    root, ds = three_subjects
+    out = tmp_path / "out"
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "group_comparisons.json"),
+                 "--layout", "glm", "--cluster", "none", "--no-progress", "--store", str(root / "store.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--layout glm: the model has 3 Dataset nodes of Type glm" in err
+    assert not list(out.glob("node-*")) and not (out / "group_level").exists()
+
+
+def _validator_errors(folder) -> list:
+    """bids-validator-deno (test extra), offline, as tests/test_bids_validator.py runs it."""
+    validator = pytest.importorskip("bids_validator_deno")
+    from deno import find_deno_bin
+
+    bundle = os.path.join(os.path.dirname(validator.__file__), "bids-validator.js")
+    done = subprocess.run([os.fsdecode(find_deno_bin()), "run", "--no-prompt", "--deny-net", "--allow-read",
+                           "--allow-env", bundle, str(folder), "--format", "json"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "DENO_NO_UPDATE_CHECK": "1"})
+    assert done.stdout.startswith("{"), done.stderr
+    issues = json.loads(done.stdout)["issues"]["issues"]
+    return [f"{i['code']} {i.get('location', '')}" for i in issues if i["severity"] == "error"]

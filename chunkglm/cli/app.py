@@ -23,8 +23,11 @@ wrote); object-store outputs are refused.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from chunkglm.cli._args import add_list, add_sidedness, path_value, probability
@@ -71,6 +74,13 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--store", type=path_value, metavar="PATH",
                      help="the cohort store the runs are converted into, kept so that a re-run skips the "
                           "conversion (default: OUTPUT_DIR/cohort.zarr)")
+    cmd.add_argument("--layout", choices=("fitlins", "glm", "both"), default="fitlins",
+                     help="file set. fitlins: fitlins' node-<name>/ folders (every node's maps, the runs' "
+                          "designs and figures). glm: the derivatives/glm layout chunkglm's other commands "
+                          "write: first_level/ (the Subject/Session nodes' maps) and group_level/ (the "
+                          "Dataset glm node: t|F and z maps, FDR and FWE corrected maps at --alpha, the "
+                          "design, the mask, one sidecar); fitlins' files are then intermediate, in a "
+                          "temporary folder removed at the end. both: the two")
     _add_permutation_options(cmd)
     add_chunk_mb(cmd)
     add_common(cmd)
@@ -88,8 +98,9 @@ def _add_permutation_options(cmd) -> None:
                      help="with --n-perm: seed of the permutations (nilearn's random_state; default: "
                           "none, a new seed each run, recorded in the provenance)")
     cmd.add_argument("--alpha", type=probability, default=0.05,
-                     help="with --n-perm: the FWE rate of the stat-z_desc-fweCorrected maps")
-    add_sidedness(cmd, True, "permutation test (--n-perm)")
+                     help="with --n-perm: the FWE rate of the stat-z_desc-fweCorrected maps; with --layout "
+                          "glm or both: also the FDR q and FWE p of group_level/'s corrected maps")
+    add_sidedness(cmd, True, "permutation test (--n-perm) and group_level/ corrections (--layout glm)")
 
 
 def _permutation(args, model):
@@ -98,13 +109,17 @@ def _permutation(args, model):
 
     if args.n_perm < 0:
         raise InputError(f"--n-perm takes a number of permutations >= 0 (0: none); received {args.n_perm}.")
-    if not args.n_perm:
+    if not args.n_perm and args.layout == "fitlins":
         given = [flag for flag, used in (("--random-state", args.random_state is not None),
                                          ("--alpha", args.alpha != 0.05), ("--one-sided", not args.two_sided))
                  if used]
         if given:
-            raise InputError(f"{' and '.join(given)} set(s) the permutation test: give --n-perm N (e.g. 5000) "
-                             "with it, or leave it out.")
+            raise InputError(f"{' and '.join(given)} set(s) the permutation test and group_level/'s "
+                             "corrections: give --n-perm N (e.g. 5000) or --layout glm|both with it, or leave "
+                             "it out.")
+    if not args.n_perm:
+        if args.random_state is not None:
+            raise InputError("--random-state seeds the permutation test: give --n-perm N with it, or leave it out.")
         return None
     if args.analysis_level != "dataset":
         raise InputError(f"--n-perm tests the Dataset nodes' contrasts; the analysis level "
@@ -173,6 +188,7 @@ def run(args) -> int:
     # imported here, not with the parser: pybids (bids.modeling) takes 1-3 s to import, which
     # every other chunkglm command would pay (this is no import cycle: nothing imports cli/)
     from chunkglm.glm.stats_models import ModelRun, load_graph, participant_labels, read_model
+    from chunkglm.glm.stats_models.glm_layout import GlmLayout
 
     stopwatch = Stopwatch()
     level = settle_sizes_and_verbosity(args)
@@ -192,10 +208,15 @@ def run(args) -> int:
                 warnings.simplefilter("ignore", UserWarning)  # pybids' notes on unused files
             graph = load_graph(args.bids_dir, derivatives, model, space=args.space or None, task=args.task,
                                participants=subjects, desc=args.desc_label)
-        runner = ModelRun(graph, cohort, output_dir, space=args.space or None, desc=args.desc_label,
-                          chunk_bytes=budget, permutation=permutation,
-                          progress=None if args.no_progress else _line)
-        written = runner.run(args.analysis_level)
+        with _fitlins_folder(output_dir, args.layout) as fitlins_dir:
+            layout = None if args.layout == "fitlins" else GlmLayout(
+                graph, alpha=args.alpha, two_sided=args.two_sided,
+                permutation=permutation.layout_settings() if permutation else None)
+            runner = ModelRun(graph, cohort, fitlins_dir, space=args.space or None, desc=args.desc_label,
+                              chunk_bytes=budget, permutation=permutation, glm_layout=layout, glm_dir=output_dir,
+                              progress=None if args.no_progress else _line)
+            runner.run(args.analysis_level)
+            written = (runner.written if args.layout != "glm" else []) + runner.glm_written
         clusters = cluster_summary(client)
     _write_description(output_dir, args.bids_dir, derivatives)
     inputs = [{"path": str(args.bids_dir)}, {"path": str(derivatives)}, {"path": str(store)}]
@@ -208,6 +229,21 @@ def run(args) -> int:
     if level > -2:
         print(f"{len(written)} file(s) written under {output_dir}")
     return 0
+
+
+@contextmanager
+def _fitlins_folder(output_dir, layout):
+    """Where fitlins' files go: OUTPUT_DIR, or (``--layout glm``) a temporary folder inside it,
+    removed at the end (later nodes read the maps earlier ones wrote)."""
+    if layout != "glm":
+        yield output_dir
+        return
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=".chunkglm-fitlins-", dir=output_dir)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _folders(args):

@@ -25,6 +25,7 @@ specification's rule): they are not handed to the next node.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -102,12 +103,24 @@ class ModelRun:
     permutation : chunkglm.glm.stats_models.inference.PermutationTest, optional
         Max-T permutation FWE maps for the t contrasts of the Dataset-level ``"glm"``
         nodes (a model without one run up to the dataset is refused).
+    glm_layout : chunkglm.glm.stats_models.glm_layout.GlmLayout, optional
+        Also write the subject and dataset maps in the derivatives/glm layout, under
+        ``glm_dir``.
+    glm_dir : Path, optional
+        The derivatives/glm folder (default ``output_dir``).
     progress : callable, optional
         Called with one line of text as each run or group is written.
+
+    Attributes
+    ----------
+    written : list of Path
+        fitlins' files written under ``output_dir``.
+    glm_written : list of Path
+        The derivatives/glm files written under ``glm_dir``.
     """
 
     def __init__(self, graph, cohort, output_dir, *, space=None, desc="preproc", chunk_bytes=None,
-                 permutation=None, progress=None):
+                 permutation=None, glm_layout=None, glm_dir=None, progress=None):
         self.graph = graph
         self.cohort = cohort
         self.output_dir = Path(output_dir)
@@ -115,8 +128,11 @@ class ModelRun:
         self.desc = desc
         self.chunk_bytes = chunk_bytes
         self.permutation = permutation
+        self.glm_layout = glm_layout
+        self.glm_dir = Path(glm_dir) if glm_dir is not None else self.output_dir
         self.progress = progress or (lambda text: None)
         self.written: list[Path] = []
+        self.glm_written: list[Path] = []
 
     def run(self, analysis_level: str) -> list[Path]:
         """Run every node up to ``analysis_level`` ("run", "session", "participant" or "dataset")."""
@@ -230,23 +246,35 @@ class ModelRun:
         design = spec.X.reset_index(drop=True)
         kind = _kind(node)
         permute = self.permutation is not None and node.level == "dataset" and kind == "glm"
-        outputs = []
-        with StagedOutput(self.output_dir) as out:
+        outputs, group_contrasts, permuted = [], {}, {}
+        with StagedOutput(self.output_dir) as out, self._glm_output() as glm_out:
             model = None if kind == "meta" else self._second_level(inputs, design, node.name)
             for contrast in spec.contrasts:
                 weights = _weights(contrast, design.columns, node.name)
+                test = "t" if contrast.test == "pass" else contrast.test
                 if kind == "meta":
                     images = _fixed_effects(inputs, design, weights)
                 else:
-                    test = "t" if contrast.test == "pass" else contrast.test
                     images = model.compute_contrast(weights if test == "F" else weights[0],
                                                     second_level_stat_type=test, output_type="all")
-                outputs.append(self._stage(out, node.name, contrast, images))
+                outputs.append(self._stage(out, node.name, contrast, images, z_score=kind != "meta"))
                 if permute and contrast.test == "t":
-                    self._permute(out, node.name, outputs[-1], model, weights[0], images["z_score"])
+                    permuted[contrast.name] = self._permute(out, node.name, outputs[-1], model, weights[0],
+                                                            images["z_score"])
+                if glm_out is not None and contrast.test != "pass" and node.level in ("subject", "session"):
+                    self.glm_layout.subject(glm_out, node, dict(contrast.entities), test, images)
+                group_contrasts[contrast.name] = (weights if test == "F" else weights[0], test)
+            if glm_out is not None and node.level == "dataset" and kind == "glm":
+                tested = {name: c for name, c in group_contrasts.items() if c[1] in ("t", "F")}
+                self.glm_layout.group(glm_out, node, model, tested, permuted)
         self._commit(out, outputs)
+        if glm_out is not None:
+            self.glm_written += [Path(p) for p in glm_out.written]
         self.progress(f"node {node.name}: {_describe(spec.entities)} done")
         return outputs
+
+    def _glm_output(self):
+        return StagedOutput(self.glm_dir) if self.glm_layout is not None else nullcontext(None)
 
     def _second_level(self, inputs, design, node_name):
         if len(inputs) < 2:
@@ -256,22 +284,28 @@ class ModelRun:
         budget = {"chunk_bytes": self.chunk_bytes} if self.chunk_bytes else {}
         return SecondLevelModel(**budget).fit(effects, design_matrix=design)
 
-    def _permute(self, out, node_name, maps, model, weights, z_img):
-        """The permutation maps of one t contrast, staged with the contrast's other maps."""
+    def _permute(self, out, node_name, maps, model, weights, z_img) -> dict:
+        """The permutation maps of one t contrast, staged with the contrast's other maps; returns
+        nilearn's maps (``t``, ``logp_max_t``)."""
         name = maps.entities["contrast"]
         self.progress(f"node {node_name}: contrast {name}: {self.permutation.n_perm} permutations")
-        for key, img in self.permutation.maps(model, weights, z_img).items():
+        images = self.permutation.run(model, weights)
+        for key, img in self.permutation.fitlins_maps(images, z_img).items():
             stat, desc = key if isinstance(key, tuple) else (key, None)
             relative = map_path(node_name, maps.entities, stat, desc)
             write_map(img, out.path(relative))
             maps.files[f"{stat}_{desc}" if desc else stat] = relative
+        return images
 
     # -- writing -----------------------------------------------------------------------
 
-    def _stage(self, out, node_name, contrast, images) -> ContrastMaps:
+    def _stage(self, out, node_name, contrast, images, z_score=True) -> ContrastMaps:
+        """fitlins' maps of one contrast (no z map for fixed effects, as fitlins)."""
         maps = ContrastMaps(dict(contrast.entities), contrast.test)
         names = dict(MAP_NAMES, stat=contrast.test)
         for key, img in images.items():
+            if key == "z_score" and not z_score:
+                continue
             if contrast.test == "pass" and key not in ("effect_size", "effect_variance"):
                 continue
             relative = map_path(node_name, maps.entities, names[key])
@@ -349,5 +383,5 @@ def _fixed_effects(inputs, design, weights) -> dict:
     variances = [nib.load(maps.files["variance"]) for maps in chosen]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # nilearn's note that it computes a mask
-        effect, variance, stat, _ = compute_fixed_effects(effects, variances, precision_weighted=False)
-    return {"effect_size": effect, "effect_variance": variance, "stat": stat}
+        effect, variance, stat, z_score = compute_fixed_effects(effects, variances, precision_weighted=False)
+    return {"effect_size": effect, "effect_variance": variance, "stat": stat, "z_score": z_score}

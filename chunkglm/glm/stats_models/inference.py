@@ -58,8 +58,8 @@ class PermutationTest:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 < self.alpha < 1:
             raise InputError(f"the FWE alpha must be a number in (0, 1), e.g. 0.05; received {self.alpha!r}.")
 
-    def maps(self, model, weights, z_img, progress=None) -> dict:
-        """``{stat label or (stat, desc): image}`` of one t contrast of a fitted group model.
+    def run(self, model, weights, progress=None) -> dict:
+        """nilearn's permutation maps (``t``, ``logp_max_t``) of one t contrast of a fitted group model.
 
         Parameters
         ----------
@@ -67,16 +67,22 @@ class PermutationTest:
             Fitted.
         weights : ndarray of shape (n_columns,)
             The contrast over the design's columns.
-        z_img : nibabel.Nifti1Image
-            The contrast's z map (already computed for the node's other maps).
         progress : callable, optional
             ``progress(done, total)`` after each voxel block.
         """
-        images = permutation_maps(model, np.asarray(weights, dtype=float), n_perm=self.n_perm,
-                                  two_sided_test=self.two_sided_test, random_state=self.random_state,
-                                  progress=progress)
+        return permutation_maps(model, np.asarray(weights, dtype=float), n_perm=self.n_perm,
+                                two_sided_test=self.two_sided_test, random_state=self.random_state,
+                                progress=progress)
+
+    def fitlins_maps(self, images, z_img) -> dict:
+        """``{stat label or (stat, desc): image}`` written in fitlins' layout, from :meth:`run`'s
+        ``images`` and the contrast's z map."""
         logp = images["logp_max_t"]
         return {LOGP_STAT: logp, ("z", FWE_DESC): permutation_fwe_map(z_img, logp, self.alpha)}
+
+    def layout_settings(self) -> dict:
+        """The settings as :func:`chunkglm.interfaces.bids.save_group_derivatives` takes them."""
+        return {"n_perm": self.n_perm, "random_state": self.random_state, "two_sided_test": self.two_sided_test}
 
     def settings(self) -> dict:
         """For the provenance record."""
