@@ -177,3 +177,28 @@ def test_cifti_runs_cortex_as_nilearn_on_the_gifti_runs(tmp_path, runs, dataset,
         assert rel_l2(values[:len(cortex)], _values(want[name])[cortex]) <= REL_L2, name
         assert np.isfinite(values[len(cortex):]).all()  # the thalamus voxels are fitted too
     assert ours.masker_ is None and np.asarray(ours.mask_img_.dataobj).all()
+
+
+def test_first_level_from_bids_surface_folder_and_store(tmp_path, dataset):
+    """space_label='fsaverage5': from the BIDS folder (nilearn's discovery: SurfaceImage runs, timing
+    from the sidecars) and from a store of the same GIFTI runs (convert_surface_bids), both equal to
+    nilearn's first_level_from_bids models fitted on the same runs."""
+    from nilearn.glm.first_level import first_level_from_bids as nilearn_from_bids
+
+    from chunkglm.glm.first_level import first_level_from_bids
+    from chunkglm.io.surface_convert import convert_surface_bids
+
+    where = dict(derivatives_folder="derivatives/fmriprep")
+    refs, ref_imgs, ref_events, _ = nilearn_from_bids(dataset.root, "main", space_label="fsaverage5", **where)
+    want = refs[0].fit(ref_imgs[0], events=ref_events[0]).compute_contrast("a - b")
+    models, imgs, events, _ = first_level_from_bids(dataset.root, "main", space_label="fsaverage5", **where)
+    assert isinstance(imgs[0][0], SurfaceImage) and models[0].slice_time_ref == 0.5
+    got = models[0].fit(imgs[0], events=events[0]).compute_contrast("a - b")
+    assert rel_l2(_values(got), _values(want)) <= REL_L2
+    convert_surface_bids(dataset.root, tmp_path / "s.zarr", space="fsaverage5")
+    models, nodes, events, _ = first_level_from_bids(tmp_path / "s.zarr", "main", space_label="fsaverage5")
+    assert (models[0].t_r, models[0].slice_time_ref) == (dataset.tr, 0.5)  # from the stored sidecars
+    got = models[0].fit(nodes[0], events=events[0]).compute_contrast("a - b")
+    assert rel_l2(_values(got), _values(want)) <= REL_L2
+    with pytest.raises(InputError, match="on a surface grid"):
+        first_level_from_bids(tmp_path / "s.zarr", "main", mask_img="derivatives")

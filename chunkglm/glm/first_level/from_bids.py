@@ -129,6 +129,9 @@ def _from_store(cohort, task_label, space_label, sub_labels, exclude_subjects, i
         timing = _store_timing(runs, params)
         mask = params["mask_img"]
         if isinstance(mask, str) and mask == "derivatives":  # the subject's stored (brain) mask
+            if not hasattr(runs[0].grid, "affine"):
+                raise InputError("mask_img='derivatives' takes the brain mask of volume runs; these runs are "
+                                 "on a surface grid: leave mask_img None (their stored elements).")
             mask = nib.Nifti1Image(runs[0].grid.mask.astype(np.uint8), runs[0].grid.affine)
         models.append(FirstLevelModel(**{**params, **timing, "mask_img": mask}, subject_label=subject))
         run_imgs.append(runs)
