@@ -160,6 +160,66 @@ def test_the_harness_kills_where_it_is_told_and_counts_every_kind(world, tmp_pat
     assert faults.strided(5, 6) == [1, 2, 3, 4, 5] and faults.strided(101, 5) == [1, 26, 51, 76, 101]
 
 
+def test_a_convert_killed_before_listing_its_grid_is_mended_by_the_rerun(world, tmp_path):
+    """Found by the all-points matrix (CHUNKGLM_FAULT_MATRIX=all, 7 of 563 points): a convert
+    killed after a grid's completion but before the root's listing was rewritten left the grid
+    listed as a placeholder (complete: false, no affine, no arrays) for good: the re-run found
+    the grid complete and its closing mend looked at runs, maps and records only. Plain
+    ``xarray.open_datatree`` then showed a grid without its affine."""
+    argv = _local_commands(world)["convert"]
+    counted = faults.run_command(argv(tmp_path / "ref.zarr"), tmp_path / "count")
+    assert counted.code == 0, counted.output
+    root = f"{tmp_path / 'ref.zarr'}/zarr.json"
+    grid_done = max(k for k, (kind, target) in enumerate(counted.points, 1)
+                    if kind == "LocalStore.set" and "/grids/" in target and target.count("/", target.index("/grids/")) == 3)
+    k = next(k for k, (kind, target) in enumerate(counted.points, 1)
+             if k > grid_done and kind == "LocalStore.set" and target == root)
+    out = tmp_path / "killed.zarr"
+    killed = faults.run_command(argv(out), tmp_path / "kill", kill_at=k,
+                                env={"CHUNKGLM_PARTIAL_STALE_SECONDS": "0"})
+    assert killed.code == faults.KILLED and killed.killed_at.endswith("killed.zarr/zarr.json"), killed.killed_at
+    again = faults.run_command(argv(out), tmp_path / "again", env={"CHUNKGLM_PARTIAL_STALE_SECONDS": "0"})
+    assert again.code == 0, again.output
+    want = normalised(local_files(tmp_path / "ref.zarr"), str(tmp_path / "ref.zarr"))
+    assert differences(normalised(local_files(out), str(out)), want) == []
+
+
+class _Killed(BaseException):
+    """Stands for the process dying (zarr removes its temporary file on an Exception only)."""
+
+
+def test_a_convert_killed_before_renaming_its_record_into_place_leaves_no_partial_file(
+        world, tmp_path, monkeypatch):
+    """Found by the all-points matrix (CHUNKGLM_FAULT_MATRIX=all): a convert killed between writing
+    its provenance record's document (zarr's ``zarr.<hex>.partial``) and renaming it left that file
+    in ``_provenance/<record>/`` for good: the re-run's clean-up looked at the shared groups and
+    the nodes, not at records. Now the stale file and the record's empty folder are removed.
+    (In process, dying at that rename: the matrix's kill points move with the lock heartbeats'
+    writes on a loaded machine, so a count taken from another run may land elsewhere.)"""
+    import re
+
+    reference, out = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
+    chunkglm.convert(world["bids"].root, reference, client=None)
+    record, replace = re.compile(r"/_provenance/[^/]+/zarr\.json$"), os.replace
+
+    def dies_at_the_record(src, dst, *args, **kwargs):
+        if record.search(str(dst)):
+            raise _Killed
+        return replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", dies_at_the_record)
+        with pytest.raises(_Killed):
+            chunkglm.convert(world["bids"].root, out, client=None)
+    assert list((out / "_provenance").glob("*/*.partial"))  # what the killed run left
+    monkeypatch.setenv("CHUNKGLM_PARTIAL_STALE_SECONDS", "0")
+    chunkglm.convert(world["bids"].root, out, client=None)
+    assert not list((out / "_provenance").glob("*/*.partial"))
+    assert all((folder / "zarr.json").exists() for folder in (out / "_provenance").iterdir() if folder.is_dir())
+    want = normalised(local_files(reference), str(reference))
+    assert differences(normalised(local_files(out), str(out)), want) == []
+
+
 # -- S3 ---------------------------------------------------------------------------------
 
 

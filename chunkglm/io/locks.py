@@ -250,7 +250,8 @@ def remove_leftovers(root) -> list[str]:
       complete leaves its lock, and no later writer of that node comes to replace it.
     - On local disk, zarr's temporary files (``*.partial``) of the shared groups' documents
       (the root, ``grids``, ``runs``, ``maps``, ``_locks`` and each lock's folder,
-      ``_provenance``) and of each node's own document older than :func:`partial_stale_after`:
+      ``_provenance``) and of each node's and provenance record's own document older than
+      :func:`partial_stale_after` (a record folder left empty is removed):
       a writer killed between writing one and renaming it. The arrays inside nodes are not
       walked: an incomplete node is rewritten whole by the next conversion.
 
@@ -279,8 +280,9 @@ def remove_leftovers(root) -> list[str]:
         folders = [base / group for group in _SHARED_GROUPS]
         folders += [p for p in (base / LOCKS).glob("*--*") if p.is_dir()]
         folders += [p for kind in _SHARED_GROUPS[1:4] for p in (base / kind).glob("*") if p.is_dir()]
+        records = [p for p in (base / _SHARED_GROUPS[5]).glob("*") if p.is_dir()]
         cutoff = time.time() - partial_stale_after()
-        for folder in folders:
+        for folder in folders + records:
             for path in folder.glob("*.partial"):
                 try:
                     if path.stat().st_mtime < cutoff:
@@ -288,4 +290,10 @@ def remove_leftovers(root) -> list[str]:
                         removed.append(str(path.relative_to(store.root)))
                 except OSError:  # renamed or removed meanwhile
                     continue
+        for folder in records:  # a record whose stale document was never renamed into place: empty
+            if any(key.startswith(f"{folder.relative_to(store.root)}/") for key in removed):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: a record
+                    pass
     return removed
