@@ -192,7 +192,7 @@ def test_verify_repair_switches_to_a_complete_replacement_left_unswitched(versio
 
     real = st.publish_version
 
-    def killed_before_switch(root, kind, name, group):
+    def killed_before_switch(root, kind, name, group, **_):
         locks.release(root, kind, name)
         raise KeyboardInterrupt  # the process dies between finish_node and the switch
 

@@ -227,3 +227,139 @@ def test_a_provenance_record_left_unlisted_by_a_killed_conversion_is_listed_by_t
     chunkglm.convert(bids.root, path, task="main", client=None)  # nothing to convert
     listed = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
     assert set(records) <= set(listed)
+
+
+# -- batched merges: one rewrite of the root per batch of nodes, not two per node ---------------
+
+
+@pytest.fixture(scope="module")
+def ten_runs(tmp_path_factory):
+    return make_synthetic_bids(tmp_path_factory.mktemp("ten"), n_subjects=5, n_runs=2, size="tiny", seed=7)
+
+
+def _count_rewrites(monkeypatch) -> list:
+    """Every rewrite of a root document by this process (chunkglm.io.consolidated's one writer)."""
+    rewrites = []
+    write = consolidated._write_root
+
+    def counted(zstore, document, entries):
+        rewrites.append(len(entries))
+        return write(zstore, document, entries)
+
+    monkeypatch.setattr(consolidated, "_write_root", counted)
+    return rewrites
+
+
+def _full_consolidation_equals_listing(path) -> None:
+    listed = Cohort(str(path))._listing
+    consolidated.consolidate(st.open_root(str(path), mode="a"))
+    assert Cohort(str(path))._listing == listed
+
+
+@pytest.mark.parametrize("batch", [4, 100])
+def test_a_conversion_rewrites_the_root_once_per_batch_of_nodes(ten_runs, tmp_path, monkeypatch, batch):
+    """N runs: the grid's two merges, the new nodes listed incomplete (1), the ended nodes and the
+    provenance record in ceil((N + 1) / batch) merges, nothing mended: O(N / batch), where every
+    node's start and completion made 2 N + 3 before."""
+    import math
+
+    n_runs = len(ten_runs.runs)
+    monkeypatch.setattr(consolidated, "BATCH_COUNT", batch)
+    monkeypatch.setattr(consolidated, "BATCH_SECONDS", 3600.0)
+    rewrites = _count_rewrites(monkeypatch)
+    path = tmp_path / "batched.zarr"
+    report = chunkglm.convert(ten_runs.root, path, task="main", client=None)
+    assert len(report.converted) == n_runs == 10
+    assert len(rewrites) == 2 + 1 + math.ceil((n_runs + 1) / batch)
+    counted = _counted(path)
+    cohort = Cohort(counted)
+    assert sorted(cohort.runs) == sorted(r.name for r in ten_runs.runs) and not cohort.incomplete
+    assert counted.counter["get"] == 1  # every node listed complete: no marker read from the store
+    _full_consolidation_equals_listing(path)
+
+
+def test_a_distributed_conversion_merges_in_batches_from_the_client(ten_runs, tmp_path, monkeypatch):
+    """On a LocalCluster the workers merge nothing: the client lists the new nodes, then merges
+    them as their tasks end (here every 3 nodes or 0.2 s), and lists them all before returning."""
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(consolidated, "BATCH_COUNT", 3)
+    monkeypatch.setattr(consolidated, "BATCH_SECONDS", 0.2)
+    rewrites = _count_rewrites(monkeypatch)
+    path = tmp_path / "distributed.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        report = chunkglm.convert(ten_runs.root, path, task="main", client=client)
+    assert len(report.converted) == 10
+    # 2 (grid) + 1 (listed incomplete) + at most one per ended node (a due batch can hold one)
+    # + the last; at least ceil(11 / 3) batches
+    assert 3 + 4 <= len(rewrites) <= 3 + 10 + 1
+    counted = _counted(path)
+    assert sorted(Cohort(counted).runs) == sorted(r.name for r in ten_runs.runs)
+    assert counted.counter["get"] == 1
+    _full_consolidation_equals_listing(path)
+
+
+def test_a_batch_is_merged_when_full_or_due(store, tmp_path):
+    import shutil
+
+    path = tmp_path / "batch.zarr"
+    shutil.copytree(store, path)
+    root = st.open_root(str(path), mode="a")
+    now = [0.0]
+    batch = consolidated.Batch(root, count=3, seconds=10.0, clock=lambda: now[0])
+    paths = []
+    for i in range(5):
+        group = root.require_group("maps").create_group(f"b{i}", attributes={st.ATTR: {"complete": True}})
+        paths.append(group.path)
+    batch.add(paths[0])
+    now[0] = 9.0
+    batch.add(paths[1])
+    batch.flush_if_due()
+    assert batch.merges == 0 and batch.seconds_left() == pytest.approx(1.0)
+    assert paths[0] not in Cohort(str(path))._listing
+    now[0] = 10.0
+    batch.flush_if_due()  # the oldest waited 10 s: both merged in one rewrite
+    assert batch.merges == 1 and batch.seconds_left() is None
+    assert {paths[0], paths[1]} <= set(Cohort(str(path))._listing)
+    for p in paths[2:]:
+        batch.add(p)  # the third fills the batch
+    assert batch.merges == 2 and not batch.pending
+    batch.flush()  # nothing pending: no rewrite
+    assert batch.merges == 2 and set(paths) <= set(Cohort(str(path))._listing)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying (not an Exception: nothing catches it on the way)."""
+
+
+def test_a_conversion_killed_before_its_batch_merge(ten_runs, tmp_path, monkeypatch):
+    """Cut after every node was written, before any batch merge: the listing still says the nodes
+    are incomplete (plain xarray reads them marked incomplete), chunkglm's readers read their
+    markers from the store and see them complete, and the same conversion run again lists them
+    (skipping every node) exactly as a full consolidation would."""
+    path = tmp_path / "killed.zarr"
+
+    def killed(self):
+        raise _Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(consolidated.Batch, "flush", killed)
+        patched.setattr(consolidated, "BATCH_COUNT", 1000)
+        with pytest.raises(_Killed):
+            chunkglm.convert(ten_runs.root, path, task="main", client=None)
+    names = sorted(r.name for r in ten_runs.runs)
+    listing = Cohort(str(path))._listing
+    assert all(listing[f"runs/{n}"] == st.INCOMPLETE for n in names)
+    assert not any(k.startswith(f"runs/{names[0]}/") for k in listing)
+    tree = xr.open_datatree(str(path), engine="zarr")  # a reader of the listing: marked incomplete
+    assert tree[f"runs/{names[0]}"].attrs[st.ATTR] == {"complete": False}
+    counted = _counted(path)
+    cohort = Cohort(counted)
+    assert sorted(cohort.runs) == names and not cohort.incomplete  # markers read from the store
+    assert counted.counter["get"] > len(names)
+    report = chunkglm.convert(ten_runs.root, path, task="main", client=None)
+    assert sorted(report.skipped) == [f"runs/{n}" for n in names] and not report.converted
+    counted = _counted(path)
+    assert sorted(Cohort(counted).runs) == names and counted.counter["get"] == 1
+    _full_consolidation_equals_listing(path)

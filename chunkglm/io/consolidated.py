@@ -18,6 +18,24 @@ without consolidated metadata (a store written before, or a root rewritten
 by another tool) is consolidated in full at the next merge. The lock files
 (``_locks/``) are never consolidated: they are not data.
 
+Batched merges (a conversion's nodes, :class:`Batch`): rewriting the root at
+each node's start and completion costs two rewrites of a document that grows
+with the store (~7 kB per run) per run. A conversion instead lists every node
+it is about to create incomplete in one merge *before* its tasks start
+(:func:`merge_many` with ``listed_as``), the tasks merge nothing of their new
+nodes, and the client merges the nodes whose tasks ended in batches (one root
+rewrite per :data:`BATCH_COUNT` nodes or :data:`BATCH_SECONDS` seconds,
+whichever comes first, and once more before ``convert`` returns). Between a
+node's completion and its batch's merge the listing says the node is
+incomplete: chunkglm's readers (``open_cohort``) read the marker of every
+node listed incomplete from the store, so they see it complete; readers that
+trust the listing alone (``xarray.open_datatree``) see the node marked
+incomplete (its attributes as listed: ``{"chunkglm": {"complete": false}}``),
+i.e. not yet usable, never a node complete that the store does not hold. A conversion killed before its batch's merge leaves those entries
+incomplete; the next ``convert`` of the same inputs mends them (:func:`mend`),
+and ``chunkglm verify`` reports them (``--repair`` mends them). A replaced
+node (a version switch) is still merged at once, at its switch.
+
 Writers open the store without it (``use_consolidated=False``): they see the
 store's own documents, never a listing from before their change.
 """
@@ -26,13 +44,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from chunkglm.io import locks
 
-__all__ = ["KEY", "consolidate", "listing", "mend", "merge", "read_root"]
+__all__ = ["KEY", "Batch", "consolidate", "listing", "mend", "merge", "merge_many", "read_root"]
 
 #: The root document's field holding the inlined documents.
 KEY = "consolidated_metadata"
@@ -42,6 +61,10 @@ _CONCURRENT_READS = 32
 _LOCK = ("store", "metadata")
 #: Seconds a writer waits for another one's merge (a merge is one read and one write).
 LOCK_WAIT_SECONDS = 120.0
+#: Nodes merged together by a :class:`Batch` (one root rewrite each).
+BATCH_COUNT = 100
+#: Seconds a node ended may wait in a :class:`Batch` before its merge.
+BATCH_SECONDS = 10.0
 
 
 def read_root(zstore) -> dict | None:
@@ -75,22 +98,114 @@ def merge(root, path: str, listed_as: dict | None = None) -> None:
     listing that reports too much incomplete, never a node it does not show).
     Holds the store's metadata lock.
     """
+    merge_many(root, [path], listed_as)
+
+
+def merge_many(root, paths, listed_as: dict | None = None) -> None:
+    """:func:`merge` of every path of ``paths`` in one rewrite of the root (nothing when empty).
+
+    Holds the store's metadata lock while it reads the root, the documents of
+    ``paths`` (concurrently) and writes the root once.
+    """
+    paths = list(dict.fromkeys(paths))
+    if not paths:
+        return
     with locks.node_lock(root, *_LOCK, wait=LOCK_WAIT_SECONDS):
         document = read_root(root.store) or {}
         entries = listing(document)
         if entries is None:
             entries = sync(_walk(root.store, ""))
             if listed_as is not None:
-                entries[path] = listed_as
+                entries.update({path: listed_as for path in paths})
         else:
-            entries = {k: v for k, v in entries.items() if k != path and not k.startswith(f"{path}/")}
-            entries.update({path: listed_as} if listed_as is not None else sync(_walk(root.store, path)))
-            parts = path.split("/")
-            for depth in range(1, len(parts)):
-                parent = "/".join(parts[:depth])
-                if parent not in entries:
-                    entries.update(sync(_walk(root.store, parent, recurse=False)))
+            entries = _without(entries, paths)
+            if listed_as is not None:
+                entries.update({path: listed_as for path in paths})
+            else:
+                entries.update(sync(_walk_many(root.store, paths)))
+            parents = {"/".join(p.split("/")[:depth]) for p in paths for depth in range(1, p.count("/") + 1)}
+            missing = sorted(p for p in parents if p not in entries)
+            if missing:
+                entries.update(sync(_documents(root.store, missing)))
         _write_root(root.store, document, entries)
+
+
+def _without(entries: dict, paths) -> dict:
+    """``entries`` less those of ``paths`` and everything under them."""
+    gone = set(paths)
+    return {k: v for k, v in entries.items() if not any(p in gone for p in _prefixes(k))}
+
+
+def _prefixes(key: str):
+    parts = key.split("/")
+    return ("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+
+
+async def _walk_many(zstore, paths: list[str]) -> dict[str, dict]:
+    """:func:`_walk` of each path, their reads sharing one bound on concurrent requests."""
+    limit = asyncio.Semaphore(_CONCURRENT_READS)
+    found: dict[str, dict] = {}
+    for part in await asyncio.gather(*(_walk(zstore, p, limit=limit) for p in paths)):
+        found.update(part)
+    return found
+
+
+class Batch:
+    """Merges of many nodes into the root's listing, one rewrite for many nodes.
+
+    The client driving a conversion adds (:meth:`add`) each node whose task ended
+    (completed, failed or switched); the pending nodes are merged
+    (:func:`merge_many`) once :data:`BATCH_COUNT` are pending or the oldest
+    has waited :data:`BATCH_SECONDS`, and by :meth:`flush` at the end. The
+    nodes must have been listed incomplete before their tasks started (see the
+    module docstring): until their merge, readers see them incomplete.
+
+    Parameters
+    ----------
+    root : zarr.Group
+        The store's root, opened for writing.
+    count : int, optional
+        Pending nodes that trigger a merge (default :data:`BATCH_COUNT`).
+    seconds : float, optional
+        Seconds the oldest pending node may wait (default :data:`BATCH_SECONDS`).
+    clock : callable
+        Monotonic seconds (tests give their own).
+    """
+
+    def __init__(self, root, count: int | None = None, seconds: float | None = None, clock=time.monotonic):
+        self.root = root
+        self.count = max(1, int(BATCH_COUNT if count is None else count))
+        self.seconds = float(BATCH_SECONDS if seconds is None else seconds)
+        self.clock = clock
+        self.pending: list[str] = []
+        self.since: float | None = None
+        self.merges = 0
+
+    def add(self, path: str) -> None:
+        """Queue ``path`` for the next merge; merge now when the batch is full or due."""
+        if not self.pending:
+            self.since = self.clock()
+        self.pending.append(path)
+        if len(self.pending) >= self.count or self.seconds_left() == 0.0:
+            self.flush()
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the pending nodes are due (0 when due), None when none is pending."""
+        if not self.pending:
+            return None
+        return max(0.0, self.seconds - (self.clock() - self.since))
+
+    def flush_if_due(self) -> None:
+        """Merge the pending nodes when the oldest has waited long enough."""
+        if self.seconds_left() == 0.0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge every pending node now (one rewrite of the root; none when nothing is pending)."""
+        if self.pending:
+            merge_many(self.root, self.pending)
+            self.merges += 1
+        self.pending, self.since = [], None
 
 
 def mend(root, paths) -> list[str]:
@@ -181,9 +296,9 @@ def _write_root(zstore, document: dict, entries: dict) -> None:
     sync(zstore.set("zarr.json", default_buffer_prototype().buffer.from_bytes(data)))
 
 
-async def _walk(zstore, path: str, *, recurse: bool = True) -> dict[str, dict]:
+async def _walk(zstore, path: str, *, recurse: bool = True, limit=None) -> dict[str, dict]:
     """Documents of ``path`` and (``recurse``) every node below it, by path (root excluded)."""
-    limit = asyncio.Semaphore(_CONCURRENT_READS)
+    limit = limit or asyncio.Semaphore(_CONCURRENT_READS)
     found: dict[str, dict] = {}
 
     async def visit(node: str) -> None:

@@ -5,11 +5,18 @@ is raised here, before anything is written), *grids* (the driver writes the
 small grid nodes), *runs* (one task per run, in parallel on the cluster; each
 task writes its own node and marks it complete last). Re-running skips nodes
 that are complete and whose source file is unchanged, and redoes the others.
+
+The root's consolidated listing is kept in batches
+(:class:`chunkglm.io.consolidated.Batch`): the nodes to create are listed
+incomplete in one rewrite before the tasks start, the tasks merge nothing, and
+this process merges the nodes whose tasks ended, many per rewrite, and a last
+time (with the provenance record) before ``convert`` returns.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -134,18 +141,29 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     report = ConversionReport(store=st.redact_url(str(store)), grids=sorted(plan.grids))
     for grid in plan.grids.values():
         st.write_grid(root, grid)
-    jobs = _pending_jobs(root, plan, report, overwrite, input_storage_options)
-    results, failures = _execute(jobs, _store_arg(store), storage_options, input_storage_options, client, progress)
-    failures = {**plan.failed, **failures}
-    results = _check_converted(root, results, failures)
-    report.converted = [f"{kind}/{r['name']}" for kind, r in results]
-    unrecorded = _unrecorded(root, plan, report.skipped, input_storage_options)
-    if results or unrecorded:
-        st.add_provenance(root, _provenance(plan, results + unrecorded, client, stopwatch, command))
+    jobs, new = _pending_jobs(root, plan, report, overwrite, input_storage_options)
+    for kind in ("runs", "maps"):  # listed incomplete (one rewrite) before any task writes them
+        st.list_incomplete(root, kind, [job.name for k, job in jobs if k == kind and f"{kind}/{job.name}" in new])
+    listing = consolidated.Batch(root)
+    try:
+        results, failures = _execute(jobs, _store_arg(store), storage_options, input_storage_options, client,
+                                     progress, listing)
+        failures = {**plan.failed, **failures}
+        results = _check_converted(root, results, failures)
+        report.converted = [f"{kind}/{r['name']}" for kind, r in results]
+        unrecorded = _unrecorded(root, plan, report.skipped, input_storage_options)
+        if results or unrecorded:
+            record = _provenance(plan, results + unrecorded, client, stopwatch, command)
+            listing.add(st.add_provenance(root, record, listed=False))
+    finally:
+        listing.flush()  # also when interrupted: the nodes written so far are listed complete
     # the listing of nodes completed or switched by a conversion cut off before its merge is mended
-    # (and the provenance records, when one was written just before the cut)
-    consolidated.mend(root, [f"{kind}/{job.name}" for kind, jobs in (("runs", plan.runs), ("maps", plan.maps))
-                             for job in jobs] + [st.PROVENANCE])
+    # (its grids too: one cut off between a grid's completion and its merge left the grid listed
+    # as a placeholder, without its attributes and arrays; and the provenance records, when one
+    # was written just before the cut)
+    consolidated.mend(root, [f"grids/{grid_id}" for grid_id in plan.grids]
+                      + [f"{kind}/{job.name}" for kind, jobs in (("runs", plan.runs), ("maps", plan.maps))
+                         for job in jobs] + [st.PROVENANCE])
     if failures:
         raise ConversionError(_failure_message(failures, report), failures)
     return report
@@ -388,13 +406,15 @@ def _plan_maps(paths, infos, user_mask, collection, map_type, storage_options, s
 
 
 def _pending_jobs(root, plan, report, overwrite, storage_options=None):
-    """Drop jobs whose node is complete with an unchanged source."""
-    pending = []
+    """Drop jobs whose node is complete with an unchanged source; return the others (kind, job)
+    and the paths of those whose node is not complete (new nodes, not replacements)."""
+    pending, new = [], set()
     for kind, jobs in (("runs", plan.runs), ("maps", plan.maps)):
         status = st.node_status(root, kind)
         for job in jobs:
             if not status.get(job.name):
                 pending.append((kind, job))
+                new.add(f"{kind}/{job.name}")
             elif _same_source(root[f"{kind}/{job.name}"], job, storage_options):
                 report.skipped.append(f"{kind}/{job.name}")
             elif overwrite:
@@ -405,7 +425,7 @@ def _pending_jobs(root, plan, report, overwrite, storage_options=None):
                     "different or changed file. Pass overwrite=True (--overwrite) to replace "
                     "it, or convert into another store. Nothing was written."
                 )
-    return pending
+    return pending, new
 
 
 def _same_source(group, job, storage_options) -> bool:
@@ -415,12 +435,18 @@ def _same_source(group, job, storage_options) -> bool:
 
 
 def _task(kind, job, store, storage_options, input_storage_options):
+    """Write one node; its listing is merged by the client's batch (``listed=False``)."""
     fn = convert_run if kind == "runs" else convert_maps
-    return kind, fn(job, store, storage_options, input_storage_options)
+    return kind, fn(job, store, storage_options, input_storage_options, listed=False)
 
 
-def _execute(jobs, store, storage_options, input_storage_options, client, progress):
-    """Run the node tasks (on the cluster when there is one); collect failures."""
+def _execute(jobs, store, storage_options, input_storage_options, client, progress, listing):
+    """Run the node tasks (on the cluster when there is one); collect failures.
+
+    Each node whose task ended (written or failed) is added to ``listing``
+    (a :class:`~chunkglm.io.consolidated.Batch`), which merges it into the
+    root's consolidated metadata with others.
+    """
     client = client if client is not None else _default_client()
     results, failures = [], {}
     if client is None:
@@ -429,18 +455,26 @@ def _execute(jobs, store, storage_options, input_storage_options, client, progre
                 results.append(_task(kind, job, store, storage_options, input_storage_options))
             except Exception as err:  # one bad run must not lose the others
                 failures[f"{kind}/{job.name}"] = f"{type(err).__name__}: {err}"
+            listing.add(f"{kind}/{job.name}")
             _report(progress, done, len(jobs), f"{kind}/{job.name}")
         return results, failures
-    return _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress)
+    return _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress, listing)
 
 
-def _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress):
+#: Seconds between looks at finished tasks while nodes wait for their batch's merge.
+_POLL_SECONDS = 0.1
+
+
+def _execute_distributed(jobs, store, storage_options, input_storage_options, client, progress, listing):
     """Submit one task per node; return only once every task has ended.
 
     A worker that dies holding a finished task's result makes dask run the
     task again; tasks are idempotent (a complete node from the same source is
     returned as it is), and the futures are waited on -- re-runs included --
     before they are released, so no task still runs when this returns.
+    While ended nodes wait for their merge, finished tasks are looked for
+    every :data:`_POLL_SECONDS`, so the batch is merged when due even if no
+    other task ends meanwhile.
     """
     token = uuid.uuid4().hex[:8]  # readable keys on the dashboard, unique per call
     futures = {client.submit(_task, kind, job, store, storage_options, input_storage_options,
@@ -448,13 +482,20 @@ def _execute_distributed(jobs, store, storage_options, input_storage_options, cl
                for kind, job in jobs}
     results, failures = [], {}
     try:
-        for done, future in enumerate(as_completed(futures), 1):
-            node = futures[future]
-            try:
-                results.append(future.result())
-            except Exception as err:
-                failures[node] = f"{type(err).__name__}: {err}"
-            _report(progress, done, len(futures), node)
+        finished, done = as_completed(list(futures)), 0
+        while not finished.is_empty():
+            ready = finished.next_batch(block=not listing.pending)
+            if not ready:
+                time.sleep(_POLL_SECONDS)
+            for future in ready:
+                node, done = futures[future], done + 1
+                try:
+                    results.append(future.result())
+                except Exception as err:
+                    failures[node] = f"{type(err).__name__}: {err}"
+                listing.add(node)
+                _report(progress, done, len(futures), node)
+            listing.flush_if_due()
         wait(list(futures))  # a task re-run after a worker died is pending again: wait for it
     finally:
         client.cancel(list(futures))

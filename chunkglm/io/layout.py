@@ -285,14 +285,15 @@ def node_attributes(root, kind: str, listing: dict | None = None) -> dict[str, d
     With ``listing`` (the root's consolidated documents, :func:`open_root_listing`)
     only the nodes it lists incomplete are read (a node is listed incomplete
     before it is created and complete after its completion is merged: one whose
-    writer was cut off in between is complete in the store); without it, one
-    read per node.
+    writer was cut off in between is complete in the store; one listed but not
+    in the store, never started, is left out); without it, one read per node.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; received {kind!r}")
     if listing is not None:
-        found = _listed_attributes(listing, kind)
-        return {name: attrs or _read_attributes(root, f"{kind}/{name}") for name, attrs in found.items()}
+        found = {name: attrs or _stored_attributes(root, f"{kind}/{name}")
+                 for name, attrs in _listed_attributes(listing, kind).items()}
+        return {name: attrs for name, attrs in found.items() if attrs is not None}
     if kind not in root:
         return {}
     return {name: _read_attributes(root, f"{kind}/{name}") for name in sorted(root[kind].group_keys())}
@@ -303,6 +304,17 @@ def _read_attributes(root, path: str) -> dict:
     try:
         attrs = root[path].attrs.asdict()
     except Exception:  # absent, or unreadable metadata: treat as incomplete
+        return {}
+    return attrs if dict(attrs.get(ATTR) or {}).get("complete") else {}
+
+
+def _stored_attributes(root, path: str) -> dict | None:
+    """:func:`_read_attributes`, or None when the store has no node at ``path``."""
+    try:
+        attrs = root[path].attrs.asdict()
+    except KeyError:
+        return None
+    except Exception:  # unreadable metadata: a node there, incomplete
         return {}
     return attrs if dict(attrs.get(ATTR) or {}).get("complete") else {}
 
@@ -319,19 +331,42 @@ def _listed_attributes(listing: dict, kind: str) -> dict[str, dict]:
     return found
 
 
-def start_node(root, kind: str, name: str) -> zarr.Group:
-    """Create an empty node, deleting whatever incomplete node was there."""
+#: How a node about to be written is listed in the root's consolidated metadata until its
+#: completion is merged: an incomplete group (readers of chunkglm read its marker from the store).
+INCOMPLETE = {"zarr_format": 3, "node_type": "group", "attributes": {ATTR: {"complete": False}}}
+
+
+def start_node(root, kind: str, name: str, *, listed: bool = True) -> zarr.Group:
+    """Create an empty node, deleting whatever incomplete node was there.
+
+    ``listed``: list it incomplete in the root's consolidated metadata first
+    (False: the caller did, :func:`list_incomplete`, and merges it when done).
+    """
     check_node_name(name)
     path = f"{kind}/{name}"
     if path in root:
         del root[path]
-    try:
-        parent = root.require_group(kind)
-    except zarr.errors.ContainsGroupError:  # another process's task created it meanwhile
-        parent = root[kind]
-    # listed incomplete before it exists, until its completion is merged
-    consolidated.merge(root, path, {"zarr_format": 3, "node_type": "group", "attributes": {ATTR: {"complete": False}}})
+    parent = _require_group(root, kind)
+    if listed:  # listed incomplete before it exists, until its completion is merged
+        consolidated.merge(root, path, INCOMPLETE)
     return parent.create_group(name, attributes={ATTR: {"complete": False}})
+
+
+def _require_group(root, path: str) -> zarr.Group:
+    try:
+        return root.require_group(path)
+    except zarr.errors.ContainsGroupError:  # another process's task created it meanwhile
+        return root[path]
+
+
+def list_incomplete(root, kind: str, names) -> None:
+    """List the nodes ``kind/<name>`` of ``names`` incomplete in the root's consolidated metadata,
+    in one rewrite of the root: before a conversion's tasks write them with ``listed=False``
+    (:class:`chunkglm.io.consolidated.Batch` merges them once written)."""
+    names = [check_node_name(name) for name in names]
+    if names:
+        _require_group(root, kind)
+        consolidated.merge_many(root, [f"{kind}/{name}" for name in names], INCOMPLETE)
 
 
 #: Where chunkglm before versioned nodes staged a replacement (still finished or removed).
@@ -358,7 +393,7 @@ def data_path(path: str, meta: dict) -> str:
     return f"{path}/{version}" if version else path
 
 
-def begin_version(root, kind: str, name: str) -> zarr.Group:
+def begin_version(root, kind: str, name: str, *, listed: bool = True) -> zarr.Group:
     """A group to write a new version of ``kind/name`` into; never deletes a complete node.
 
     Takes the node's lock (:mod:`chunkglm.io.locks`; NodeBusyError when another
@@ -367,13 +402,14 @@ def begin_version(root, kind: str, name: str) -> zarr.Group:
     incomplete one is cleared first). With one, a new version folder
     ``kind/name/v-<n>`` beside the current version, which readers never see
     until :func:`publish_version` switches the node's marker to it.
+    ``listed``: as :func:`start_node`'s (the node of a conversion's batch).
     """
     check_node_name(name)
     locks.acquire(root, kind, name, redact_url(str(root.store)))
     try:
         path = f"{kind}/{name}"
         if path not in root or not is_complete(root[path]):
-            return start_node(root, kind, name)
+            return start_node(root, kind, name, listed=listed)
         node = root[path]
         meta = node_meta(node)
         drop_unpublished(node, meta)
@@ -390,7 +426,7 @@ def _number(version: str) -> int:
     return int(found.group(1)) if found else 1
 
 
-def publish_version(root, kind: str, name: str, group) -> None:
+def publish_version(root, kind: str, name: str, group, *, listed: bool = True) -> None:
     """Make a complete version written by :func:`begin_version` the node's, and release the lock.
 
     The switch is one write of the node's ``zarr.json`` (its attributes, its
@@ -400,12 +436,20 @@ def publish_version(root, kind: str, name: str, group) -> None:
     version or the new one, never a mix. The old version is kept for
     :func:`keep_replaced` seconds (readers that opened it keep reading it),
     then removed by the next write of the node or ``chunkglm verify --repair``.
+
+    The node's documents are merged into the root's consolidated metadata,
+    unless ``listed`` is False and the node is new (not a switch): its caller
+    listed it incomplete and merges it in a batch. A switch is always merged
+    at once (a listing naming the superseded version would send readers to
+    data removed once :func:`keep_replaced` has passed).
     """
     try:
         path = f"{kind}/{name}"
-        if group.path.strip("/") != path:
+        switched = group.path.strip("/") != path
+        if switched:
             _switch(root, path, group)
-        consolidated.merge(root, path)
+        if switched or listed:
+            consolidated.merge(root, path)
     finally:
         locks.release(root, kind, name)
 
@@ -477,13 +521,15 @@ def drop_unpublished(node, meta: dict) -> list[str]:
     return found
 
 
-def discard_version(root, group) -> None:
-    """Remove what a failed attempt wrote, unless it is complete, and release the lock."""
+def discard_version(root, group, *, listed: bool = True) -> None:
+    """Remove what a failed attempt wrote, unless it is complete, and release the lock
+    (``listed`` False: the caller merges the node's listing, as :func:`publish_version`'s)."""
     kind, name = group.path.strip("/").split("/")[:2]
     try:
         if group.path in root and not is_complete(root[group.path]):
             del root[group.path]
-            consolidated.merge(root, f"{kind}/{name}")
+            if listed:
+                consolidated.merge(root, f"{kind}/{name}")
     finally:
         locks.release(root, kind, name)
 
@@ -596,23 +642,23 @@ def _create(group, name, data, dtype, dims, chunks, shards, codecs, attrs):
 PROVENANCE = "_provenance"
 
 
-def add_provenance(root, record: dict) -> None:
-    """Add one operation record (never credentials) as a group of its own.
+def add_provenance(root, record: dict, *, listed: bool = True) -> str:
+    """Add one operation record (never credentials) as a group of its own; return its path.
 
     Concurrent conversions into one store each add their own group; nothing
     shared is read, changed and written back, so no record overwrites another
     (the root attributes' list, written by earlier versions, is read too:
-    :func:`provenance_records`).
+    :func:`provenance_records`). ``listed`` False: the caller merges the
+    record into the root's consolidated metadata (with a batch of nodes).
     """
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    try:
-        parent = root.require_group(PROVENANCE)
-    except zarr.errors.ContainsGroupError:  # another process created it meanwhile
-        parent = root[PROVENANCE]
+    parent = _require_group(root, PROVENANCE)
     name = f"{stamp}-{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     group = parent.create_group(re.sub(r"[^A-Za-z0-9_.-]", "", name),
                                 attributes={ATTR: {"time": _now(), "chunkglm_version": __version__, **record}})
-    consolidated.merge(root, group.path)
+    if listed:
+        consolidated.merge(root, group.path)
+    return group.path
 
 
 def provenance_records(root) -> list[dict]:

@@ -32,10 +32,10 @@ class MapsJob:
 
 
 def convert_maps(job: MapsJob, store, storage_options=None, input_storage_options=None, *,
-                 replace=False) -> dict:
+                 replace=False, listed=True) -> dict:
     """Write ``maps/<job.name>``; return a summary with each image's sha256.
 
-    Idempotent and never deleting a complete node, as
+    Idempotent and never deleting a complete node, and ``listed`` as
     :func:`chunkglm.io.write_run.convert_run`.
     """
     root = st.open_root(store, storage_options, mode="a")
@@ -59,19 +59,19 @@ def convert_maps(job: MapsJob, store, storage_options=None, input_storage_option
             finite = finite or bool(np.isfinite(out[row]).any())
         return finite
 
-    node = st.begin_version(root, "maps", job.name)
+    node = st.begin_version(root, "maps", job.name, listed=listed)
     try:
         plan = plan_voxel_chunks(len(job.images), grid.n_voxels, 4, job.chunk_bytes)
         write_rows(node, job.variable, ("image", "voxel"), plan, fill, job.task_memory, f"collection {job.name!r}")
         _write_coords(node, job)
     except BaseException:
-        st.discard_version(root, node)
+        st.discard_version(root, node, listed=listed)
         raise
     sources = [{**key, "sha256": sha, "size": size} for key, (sha, size) in zip(job.source_keys, hashes)]
     attrs = {"grid_id": job.grid_id, "variables": [job.variable]}
     st.finish_node(node, attrs, {"kind": "maps", "sources": sources, "nifti_header": header_to_text(header_bytes[0]),
                                  "inputs": _job_record(job)})
-    st.publish_version(root, "maps", job.name, node)
+    st.publish_version(root, "maps", job.name, node, listed=listed)
     return {"name": job.name, "n_images": len(job.images), "sources": sources}
 
 
