@@ -294,3 +294,19 @@ def test_fmriprep_surface_outputs_from_a_bids_folder(tmp_path, surface_bids, cif
     assert node.confounds.shape == (surface_bids.n_volumes, len(pd.read_csv(run.confounds_path, sep="\t").columns))
     with pytest.raises(InputError, match="no surface run"):
         convert_surface_bids(surface_bids.root, tmp_path / "t.zarr", space="fsaverage6")
+
+
+def test_gifti_runs_converted_one_at_a_time(tmp_path, surface_bids):
+    """GIFTI runs are read while being written, one at a time (nibabel parses a file whole): a run
+    on another grid met on the way is refused by name, the runs before it stay complete, and the
+    conversion run again skips them."""
+    pairs = [files.gifti for files in surface_bids.surface.runs]
+    store = tmp_path / "s.zarr"
+    with pytest.raises(InputError, match="surface run 1 has mesh parts"):
+        convert_surface_runs([pairs[0], {"left": pairs[1]["left"]}], store, names=["a", "b"], mesh="fsaverage5")
+    cohort = open_cohort(store)
+    assert sorted(cohort.runs) == ["a"] and not cohort.incomplete
+    written = cohort.runs["a"].attrs["chunkglm"]["written"]
+    convert_surface_runs(pairs, store, names=["a", "b"], mesh="fsaverage5")
+    cohort = open_cohort(store)
+    assert cohort.runs["a"].attrs["chunkglm"]["written"] == written and sorted(cohort.runs) == ["a", "b"]

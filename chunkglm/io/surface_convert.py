@@ -256,35 +256,41 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     wrong = {key: len(value) for key, value in tables.items() if len(value) != len(items)}
     if wrong:
         raise InputError(f"{len(items)} surface runs but {wrong}: give one of each per run.")
-    runs = [read_surface_run(_smoothed(item, smoothing_fwhm), mesh, space) for item in items]
-    grid = runs[0].grid if mask is None else runs[0].grid.with_mask(mask)
-    for index, run in enumerate(runs[1:], 1):
-        check_same_grid(runs[0].grid, run.grid, index)
+    prepared = [_smoothed(item, smoothing_fwhm) for item in items]
+    # in-memory images and CIFTI proxies are read (and checked) now; GIFTI files, parsed whole by
+    # nibabel, one at a time while writing: a conversion holds one GIFTI run in memory, not all
+    eager = {i: read_surface_run(item, mesh, space) for i, item in enumerate(prepared) if not isinstance(item, dict)}
+    first = eager[0] if 0 in eager else read_surface_run(prepared[0], mesh, space)
+    grid = first.grid if mask is None else first.grid.with_mask(mask)
     for key in ("events", "confounds"):
         tables[key] = [_table(value) for value in tables[key]]
-    for name, run, table in zip(names, runs, tables["confounds"]):
-        if table is not None and len(table) != run.n_time:
-            raise InputError(f"the confounds of surface run {name} have {len(table)} rows for {run.n_time} "
-                             "volumes: confounds need one row per volume. Nothing was written.")
+    for index, run in ({0: first} | eager).items():
+        _check_run(first.grid, run, index, tables["confounds"][index])
     names = [st.check_node_name(name) for name in names]
+    sources = [eager[i].source if i in eager else (first.source if i == 0 else _gifti_source(item))
+               for i, item in enumerate(prepared)]
     root = st.open_root(store, storage_options, mode="a")
     locks.remove_leftovers(root)
-    for name, run in zip(names, runs):  # every refusal before anything is written
-        _check_existing(root, name, run, smoothing_fwhm, grid.grid_id, overwrite)
+    for name, source in zip(names, sources):  # every refusal known now before anything is written
+        _check_existing(root, name, source, smoothing_fwhm, grid.grid_id, overwrite)
     grid_id = write_grid(root, grid)
-    written = []
-    for index, (name, run) in enumerate(zip(names, runs)):
-        if _existing(root, name, run, smoothing_fwhm, grid_id) != "same":
-            companions = {key: tables[key][index] for key in ("events", "confounds", "metadata", "entities")}
-            _write_run(root, name, grid, grid_id, run, t_r, companions,
-                       (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm))
-            written.append((name, run))
+    written, reference = [], first.grid
+    for index, (name, source) in enumerate(zip(names, sources)):
+        if _existing(root, name, source, smoothing_fwhm, grid_id) == "same":
+            continue
+        run = first if index == 0 else eager.get(index) or read_surface_run(prepared[index], mesh, space)
+        _check_run(reference, run, index, tables["confounds"][index])
+        companions = {key: tables[key][index] for key in ("events", "confounds", "metadata", "entities")}
+        _write_run(root, name, grid, grid_id, run, t_r, companions,
+                   (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm))
+        written.append((name, source))
+        first = run = None  # a GIFTI run's values are released before the next is read
     if written:
         options = {"inputs": "surface", "space": space, "t_r": t_r, "smoothing_fwhm": smoothing_fwhm,
                    "chunk_bytes": as_bytes(chunk_bytes), "task_memory": as_bytes(task_memory),
                    "n_elements": grid.n_voxels, "grid_kind": grid.kind}
-        sources = [{"node": f"runs/{name}", **source} for name, run in written
-                   for source in run.source.get("files", [run.source])]
+        sources = [{"node": f"runs/{name}", **entry} for name, source in written
+                   for entry in source.get("files", [source])]
         full = record("convert", inputs=sources, options=options, cluster=cluster_summary(None),
                       stopwatch=stopwatch)
         full.pop("chunkglm_provenance")
@@ -325,19 +331,31 @@ def check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None:
                          "numbers of vertices: the runs of one conversion share one grid.")
 
 
-def _existing(root, name, run, fwhm, grid_id) -> str | None:
+def _gifti_source(pair) -> dict:
+    """A GIFTI pair's source identity (path, sha256, size per file), as from_gifti records it."""
+    return {"files": [_file_source(pair[part]) for part in MESH_PARTS if part in pair]}
+
+
+def _check_run(reference: SurfaceGrid, run, index: int, confounds) -> None:
+    check_same_grid(reference, run.grid, index)
+    if confounds is not None and len(confounds) != run.n_time:
+        raise InputError(f"the confounds of surface run {index} have {len(confounds)} rows for {run.n_time} "
+                         "volumes: confounds need one row per volume.")
+
+
+def _existing(root, name, source, fwhm, grid_id) -> str | None:
     """"same" (a complete node from this source, preprocessing and grid), "other", or None (no node)."""
     path = f"runs/{name}"
     if path not in root or not st.is_complete(root[path]):
         return None
     meta = st.node_meta(root[path])
-    same = (meta.get("source") == run.source and root[path].attrs.get("grid_id") == grid_id
+    same = (meta.get("source") == source and root[path].attrs.get("grid_id") == grid_id
             and meta.get("preprocessing") == SpatialPreprocessing(None, None, fwhm).to_attrs())
     return "same" if same else "other"
 
 
-def _check_existing(root, name, run, fwhm, grid_id, overwrite) -> None:
-    if not overwrite and _existing(root, name, run, fwhm, grid_id) == "other":
+def _check_existing(root, name, source, fwhm, grid_id, overwrite) -> None:
+    if not overwrite and _existing(root, name, source, fwhm, grid_id) == "other":
         raise InputError(f"the store already has a complete runs/{name} converted from a different source, "
                          "mask or smoothing. Pass overwrite=True to replace it, or another name; nothing was written.")
 
