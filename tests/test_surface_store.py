@@ -310,3 +310,26 @@ def test_gifti_runs_converted_one_at_a_time(tmp_path, surface_bids):
     convert_surface_runs(pairs, store, names=["a", "b"], mesh="fsaverage5")
     cohort = open_cohort(store)
     assert cohort.runs["a"].attrs["chunkglm"]["written"] == written and sorted(cohort.runs) == ["a", "b"]
+
+
+def test_gifti_runs_converted_on_a_cluster(tmp_path, surface_bids):
+    """With a dask cluster, one task per GIFTI run (each worker reads its own files); a run that fails
+    does so alone (ConversionError naming it), the others are written, equal to a conversion in this
+    process."""
+    from distributed import Client, LocalCluster
+
+    from chunkglm.errors import ConversionError
+
+    pairs = [files.gifti for files in surface_bids.surface.runs]
+    convert_surface_runs(pairs, tmp_path / "here.zarr", names=["a", "b"], mesh="fsaverage5")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(ConversionError, match=r"runs/c: InputError: surface run 2 has mesh parts") as err:
+            convert_surface_runs([*pairs, {"left": pairs[0]["left"]}], tmp_path / "there.zarr",
+                                 names=["a", "b", "c"], mesh="fsaverage5", client=client)
+    assert set(err.value.failures) == {"c"}
+    here, there = open_cohort(tmp_path / "here.zarr"), open_cohort(tmp_path / "there.zarr")
+    assert sorted(there.runs) == ["a", "b"] and not there.incomplete
+    for name in ("a", "b"):
+        assert np.array_equal(there.runs[name].data().values, here.runs[name].data().values)
+    assert len(there.attrs["provenance"]) == 1  # the runs written are recorded

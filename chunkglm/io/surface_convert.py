@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from nilearn.surface import SurfaceImage
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, DEFAULT_TASK_MEMORY, as_bytes, plan_voxel_chunks
-from chunkglm.errors import InputError
+from chunkglm.errors import ConversionError, InputError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 from chunkglm.io.preprocess import SpatialPreprocessing
@@ -39,8 +41,8 @@ from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, write_element_coordinat
 from chunkglm.io.write_run import write_events, write_rows
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
-__all__ = ["SurfaceRun", "convert_surface_bids", "convert_surface_runs", "is_surface_input", "read_surface_run", "to_cifti",
-           "to_gifti", "to_surface_image"]
+__all__ = ["SurfaceRun", "convert_surface_bids", "convert_surface_runs", "is_surface_input", "read_surface_run",
+           "to_cifti", "to_gifti", "to_surface_image"]
 
 #: Suffixes of the CIFTI-2 files read as runs.
 CIFTI_RUN_SUFFIXES = (".dtseries.nii",)
@@ -81,8 +83,6 @@ class SurfaceRun:
 
 def is_surface_input(item) -> bool:
     """True for a SurfaceImage, a GIFTI pair (dict of hemispheres) or a CIFTI dense series path."""
-    from nilearn.surface import SurfaceImage
-
     if isinstance(item, SurfaceImage) or isinstance(item, dict):
         return True
     return isinstance(item, str | Path) and str(item).endswith(CIFTI_RUN_SUFFIXES)
@@ -93,8 +93,6 @@ def is_surface_input(item) -> bool:
 
 def read_surface_run(item, mesh=None, space="") -> SurfaceRun:
     """A SurfaceImage, GIFTI pair or CIFTI dense series as a :class:`SurfaceRun` (nothing written)."""
-    from nilearn.surface import SurfaceImage
-
     if isinstance(item, SurfaceImage):
         return from_surface_image(item, space)
     if isinstance(item, dict):
@@ -211,7 +209,7 @@ def from_cifti(path: Path, space, maps=False) -> SurfaceRun:
 def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=None, t_r=None,
                          events=None, confounds=None, metadata=None, entities=None, smoothing_fwhm=None,
                          chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY,
-                         storage_options=None, overwrite=False) -> list[str]:
+                         storage_options=None, overwrite=False, client=None) -> list[str]:
     """Write surface runs into ``store`` as ``runs/<name>`` nodes; return their names.
 
     A run whose node is complete from the same source (sha256 of the files, or of a
@@ -247,6 +245,12 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
         GIFTI and CIFTI runs are refused with it (convert them unsmoothed).
     chunk_bytes, task_memory, storage_options, overwrite
         As :func:`chunkglm.convert`'s.
+    client : distributed.Client, optional
+        Default: the active client, if any. GIFTI and CIFTI runs are then
+        converted as one task per run on the cluster (each reads its own
+        files; a run that fails does so alone: :class:`~chunkglm.errors.ConversionError`
+        lists those, after the others are written). In-memory SurfaceImages
+        are written by this process.
     """
     stopwatch = Stopwatch()
     items = list(items) if isinstance(items, list | tuple) else [items]
@@ -274,29 +278,91 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     for name, source in zip(names, sources):  # every refusal known now before anything is written
         _check_existing(root, name, source, smoothing_fwhm, grid.grid_id, overwrite)
     grid_id = write_grid(root, grid)
-    written, reference = [], first.grid
-    for index, (name, source) in enumerate(zip(names, sources)):
-        if _existing(root, name, source, smoothing_fwhm, grid_id) == "same":
-            continue
+    reference, sizes = first.grid, (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm)
+    pending = [i for i, (name, source) in enumerate(zip(names, sources))
+               if _existing(root, name, source, smoothing_fwhm, grid_id) != "same"]
+    client = client if client is not None else _default_client()
+    files = [i for i in pending if client is not None and not isinstance(prepared[i], SurfaceImage)]
+    job = {"grid": grid, "grid_id": grid_id, "reference": reference, "mesh": mesh, "space": space, "t_r": t_r,
+           "sizes": sizes}
+    futures = {client.submit(_convert_file, _store_arg(store), storage_options, names[i], prepared[i], i,
+                             _companions(tables, i), job, key=f"convert-surface-{names[i]}-{uuid.uuid4().hex[:8]}"): i
+               for i in files}
+    written = []
+    for index in (i for i in pending if i not in files):  # in this process: SurfaceImages, or no cluster
         run = first if index == 0 else eager.get(index) or read_surface_run(prepared[index], mesh, space)
         _check_run(reference, run, index, tables["confounds"][index])
-        companions = {key: tables[key][index] for key in ("events", "confounds", "metadata", "entities")}
-        _write_run(root, name, grid, grid_id, run, t_r, companions,
-                   (as_bytes(chunk_bytes), as_bytes(task_memory), smoothing_fwhm))
-        written.append((name, source))
+        _write_run(root, names[index], grid, grid_id, run, t_r, _companions(tables, index), sizes)
+        written.append((names[index], sources[index]))
         first = run = None  # a GIFTI run's values are released before the next is read
+    failures = _gather(futures, names, sources, written)
     if written:
         options = {"inputs": "surface", "space": space, "t_r": t_r, "smoothing_fwhm": smoothing_fwhm,
                    "chunk_bytes": as_bytes(chunk_bytes), "task_memory": as_bytes(task_memory),
                    "n_elements": grid.n_voxels, "grid_kind": grid.kind}
         sources = [{"node": f"runs/{name}", **entry} for name, source in written
                    for entry in source.get("files", [source])]
-        full = record("convert", inputs=sources, options=options, cluster=cluster_summary(None),
+        full = record("convert", inputs=sources, options=options, cluster=cluster_summary(client),
                       stopwatch=stopwatch)
         full.pop("chunkglm_provenance")
         st.add_provenance(root, full)
     consolidated.mend(root, [f"grids/{grid_id}", *(f"runs/{n}" for n in names), st.PROVENANCE])
+    if failures:
+        lines = "\n".join(f"  runs/{name}: {message}" for name, message in sorted(failures.items()))
+        where = st.redact_url(str(store))
+        raise ConversionError(f"{len(failures)} surface run(s) could not be converted into {where}; "
+                              f"the other {len(written)} were written completely:\n{lines}\nFix those inputs, then "
+                              "run the same conversion again: complete runs are skipped.", failures)
     return list(names)
+
+
+def _companions(tables, index) -> dict:
+    return {key: tables[key][index] for key in ("events", "confounds", "metadata", "entities")}
+
+
+def _store_arg(store):
+    """Workers may run elsewhere: local stores as absolute paths."""
+    return store if st.is_url(str(store)) else str(Path(str(store).removeprefix("file://")).absolute())
+
+
+def _default_client():
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _convert_file(store, storage_options, name, item, index, companions, job) -> str:
+    """One surface run's task on a worker: read its file(s), check them, write its node."""
+    root = st.open_root(store, storage_options, mode="a")
+    run = read_surface_run(item, job["mesh"], job["space"])
+    _check_run(job["reference"], run, index, companions["confounds"])
+    _write_run(root, name, job["grid"], job["grid_id"], run, job["t_r"], companions, job["sizes"])
+    return name
+
+
+def _gather(futures, names, sources, written) -> dict:
+    """Wait for every task; add the runs written to ``written``; return {name: why} of those that failed
+    (a run fails alone: the others are written)."""
+    if not futures:
+        return {}
+    from distributed import as_completed, wait
+
+    failures = {}
+    try:
+        for future in as_completed(futures):
+            index = futures[future]
+            try:
+                future.result()
+                written.append((names[index], sources[index]))
+            except Exception as err:  # one bad run must not lose the others
+                failures[names[index]] = f"{type(err).__name__}: {err}"
+        wait(list(futures))
+    finally:
+        next(iter(futures)).client.cancel(list(futures))
+    return failures
 
 
 def convert_surface_bids(path, store, *, space="fsaverage5", task=None, subjects=None, sessions=None,
@@ -365,7 +431,6 @@ def _smoothed(item, fwhm):
     if fwhm is None:
         return item
     from nilearn.image import smooth_img
-    from nilearn.surface import SurfaceImage
 
     if not isinstance(item, SurfaceImage):
         raise InputError(f"smoothing_fwhm at conversion applies to SurfaceImage runs; received "
@@ -451,8 +516,6 @@ def _polymesh(grid):
 
 def to_surface_image(node):
     """A surface run (or map collection) as a nilearn SurfaceImage: (vertices, time) float32."""
-    from nilearn.surface import SurfaceImage
-
     grid = node.grid
     full = _full_values(node)
     slices = grid.part_slices()
