@@ -136,6 +136,10 @@ def test_refusals_as_nilearn(runs, dataset, tmp_path):
     with pytest.raises(TypeError, match="Mask and input images must be of compatible types"):
         FirstLevelModel(t_r=2.0, mask_img=SurfaceMasker().fit(images[0])).fit(str(dataset.runs[0].bold_path),
                                                                                 events=events[0])
+    with pytest.raises(InputError, match="holds surface files.*convert them first"):
+        FirstLevelModel(t_r=2.0).fit(dataset.surface.runs[0].gifti, events=events[0])
+    with pytest.raises(InputError, match="holds surface files.*convert them first"):
+        FirstLevelModel(t_r=2.0).fit(str(dataset.surface.runs[0].cifti), events=events[0])
     one_map = SurfaceImage(images[0].mesh, {p: images[0].data.parts[p][:, 0] for p in ("left", "right")})
     with pytest.raises(InputError, match="2-D SurfaceImage"):
         FirstLevelModel(t_r=2.0).fit(one_map, events=events[0])

@@ -24,6 +24,7 @@ from nilearn.surface.utils import check_polymesh_equal
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import Node
 from chunkglm.io.surface import SurfaceGrid
+from chunkglm.io.surface_convert import is_surface_input
 
 __all__ = ["check_surface_inputs", "elements_image", "is_surface_fit", "surface_mask"]
 
@@ -32,14 +33,19 @@ def is_surface_fit(items, mask_img) -> bool:
     """True when the runs are SurfaceImages or surface store runs, or the mask is a surface one."""
     if isinstance(mask_img, SurfaceImage | SurfaceMasker):
         return True
-    return any(isinstance(item, SurfaceImage) or (isinstance(item, Node) and isinstance(item.grid, SurfaceGrid))
-               for item in items)
+    return any(isinstance(item, SurfaceImage) or is_surface_input(item)
+               or (isinstance(item, Node) and isinstance(item.grid, SurfaceGrid)) for item in items)
 
 
 def check_surface_inputs(items, mask_img) -> None:
     """nilearn's refusals: a volume mask with surface runs or a surface mask with volume runs
     (TypeError "Mask and input images must be of compatible types."), runs on meshes of different
     sizes (nilearn's MeshDimensionError), and runs that are not 2-D (vertices x time)."""
+    files = [item for item in items if is_surface_input(item) and not isinstance(item, SurfaceImage)]
+    if files:
+        raise InputError(f"run_imgs holds surface files ({str(files[0])[:80]}): convert them first "
+                         "(chunkglm.io.surface_convert.convert_surface_runs or convert_surface_bids) and pass "
+                         "the store's runs, or load them as nilearn SurfaceImages.")
     images = [item for item in items if not isinstance(item, Node)]
     if mask_img is not False and images:
         check_compatibility_mask_and_images(mask_img, images)
