@@ -7,6 +7,7 @@ from chunkglm.testing.assertions import (
     rel_l2,
 )
 
+from chunkglm.testing.surface import SurfaceRunFiles, SurfaceTruth
 from chunkglm.testing.synthetic import (
     SIZES,
     SPACE,
@@ -24,6 +25,8 @@ __all__ = [
     "SIZES",
     "SPACE",
     "GroundTruth",
+    "SurfaceRunFiles",
+    "SurfaceTruth",
     "SyntheticDataset",
     "SyntheticRun",
     "make_synthetic_bids",
