@@ -232,7 +232,7 @@ def test_session_nodes_combine_the_runs_of_each_session(tmp_path):
     out = tmp_path / "out"
     code = main(["app", str(ds.root), str(out), "session", "--model", str(model), "--cluster", "none", "--no-progress"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["cohort.zarr", "node-run", "node-session"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["cohort.zarr", "node-run", "node-session", "reports"]
     load = lambda relative: np.asarray(nib.load(out / relative).dataobj, dtype=np.float64)  # noqa: E731
     for session in ("1", "2"):
         runs = [load(f"node-run/sub-01/ses-{session}/sub-01_ses-{session}_run-{r}_contrast-a_stat-effect_statmap.nii.gz")

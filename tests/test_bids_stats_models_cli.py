@@ -158,7 +158,8 @@ def test_n_perm_maps_equal_non_parametric_inference_on_the_subject_maps(tmp_path
     ds = make_synthetic_bids(tmp_path / "ds", n_subjects=6, n_runs=1, size="tiny", seed=3)
     out = tmp_path / "out"
     code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
-                 "--n-perm", "60", "--random-state", "5", "--alpha", "0.5", "--cluster", "none", "--no-progress"])
+                 "--n-perm", "60", "--random-state", "5", "--alpha", "0.5", "--cluster", "none", "--no-progress",
+                 "--no-reports"])
     assert code == 0
     for contrast in ("a", "aMinusB"):  # F contrasts stop at the run node; b is tested as these are
         subject_maps = sorted((out / "node-subject").glob(f"sub-*/sub-*_contrast-{contrast}_stat-effect_statmap.nii.gz"))
@@ -271,11 +272,11 @@ def test_layout_glm_alone_leaves_no_fitlins_files(three_subjects, tmp_path):
                  "--store", str(root / "store.zarr")])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "app_provenance.json", "dataset_description.json",
-                                                    "first_level", "group_level"]
+                                                    "first_level", "group_level", "reports"]
     sidecar = json.loads((out / "group_level/group_glm.json").read_text())
     assert sidecar["Corrections"]["FDR"]["Alpha"] == 0.1  # --alpha reaches the corrections
     outputs = json.loads((out / "app_provenance.json").read_text())["outputs"]
-    assert outputs and all(o.startswith(("first_level/", "group_level/")) for o in outputs)
+    assert outputs and all(o.startswith(("first_level/", "group_level/", "reports/")) for o in outputs)
 
 
 def test_layout_glm_refuses_several_dataset_glm_nodes(three_subjects, tmp_path, capsys):
@@ -301,3 +302,35 @@ def _validator_errors(folder) -> list:
     assert done.stdout.startswith("{"), done.stderr
     issues = json.loads(done.stdout)["issues"]["issues"]
     return [f"{i['code']} {i.get('location', '')}" for i in issues if i["severity"] == "error"]
+
+
+# -- HTML reports ----------------------------------------------------------------------------------
+
+
+def test_a_report_page_per_run_and_node_group_and_an_index(three_subjects, tmp_path):
+    root, ds = three_subjects
+    out = tmp_path / "out"
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
+                 "--participant-label", "01", "02", "--cluster", "none", "--no-progress",
+                 "--store", str(root / "store.zarr")])
+    assert code == 0
+    pages = sorted(p.relative_to(out / "reports").as_posix() for p in (out / "reports").rglob("*_report.html"))
+    assert pages == ["node-dataset/dataset_report.html", "node-run/sub-01_task-main_run-1_report.html",
+                     "node-run/sub-02_task-main_run-1_report.html", "node-subject/sub-01_report.html",
+                     "node-subject/sub-02_report.html"]
+    run = (out / "reports/node-run/sub-01_task-main_run-1_report.html").read_text()
+    for heading in ("Design matrix", "Contrasts", "Mask", "Statistical maps", "Provenance"):
+        assert f">{heading}<" in run, heading
+    assert all(f">{name}<" in run for name in ("a", "b", "aMinusB", "task"))  # the F test too
+    dataset = (out / "reports/node-dataset/dataset_report.html").read_text()
+    assert "Second Level Model" in dataset and all(f">{name}<" in dataset for name in ("a", "b", "aMinusB"))
+    assert "Fixed Effects" in (out / "reports/node-subject/sub-02_report.html").read_text()
+    index = (out / "reports/index.html").read_text()
+    assert all(f'href="{page}"' in index for page in pages)
+    recorded = json.loads((out / "app_provenance.json").read_text())["outputs"]
+    assert {f"reports/{page}" for page in pages} | {"reports/index.html"} <= set(recorded)
+    no_reports = tmp_path / "no_reports"
+    assert main(["app", str(ds.root), str(no_reports), "run", "--model", str(EXAMPLES / "one_sample.json"),
+                 "--participant-label", "01", "--no-reports", "--cluster", "none", "--no-progress",
+                 "--store", str(root / "store.zarr")]) == 0
+    assert not (no_reports / "reports").exists()

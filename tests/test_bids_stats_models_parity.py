@@ -152,7 +152,7 @@ def test_participant_level_stops_after_the_subject_nodes(dataset, tmp_path):
                  "--participant-label", "sub-01", "02", "--cluster", "none", "--no-progress",
                  "--store", str(tmp_path / "store.zarr")])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["node-run", "node-subject"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["node-run", "node-subject", "reports"]
     assert sorted(p.name for p in (out / "node-subject").iterdir()) == ["sub-01", "sub-02"]
 
 
@@ -165,7 +165,7 @@ def test_auto_model_runs_pybids_model_from_the_events(dataset, tmp_path):
     code = main(["app", str(ds.root), str(out), "dataset", "--model", "auto", "--cluster", "none",
                  "--no-progress", "--store", str(tmp_path / "store.zarr")])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["node-Dataset", "node-Run", "node-Subject"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["node-Dataset", "node-Run", "node-Subject", "reports"]
     load = lambda relative: np.asarray(nib.load(out / relative).dataobj, dtype=np.float64)  # noqa: E731
     subjects = [load(f"node-Subject/sub-{run.subject}/sub-{run.subject}_contrast-runAVsOthers_stat-effect_statmap.nii.gz")
                 for run in ds.runs if run.run == 1]

@@ -81,6 +81,9 @@ def add_parser(sub, add_common) -> None:
                           "Dataset glm node: t|F and z maps, FDR and FWE corrected maps at --alpha, the "
                           "design, the mask, one sidecar); fitlins' files are then intermediate, in a "
                           "temporary folder removed at the end. both: the two")
+    cmd.add_argument("--no-reports", dest="reports", action="store_false",
+                     help="no HTML pages (default: one per run and per Subject/Session/Dataset node group, "
+                          "under OUTPUT_DIR/reports/, with reports/index.html)")
     _add_permutation_options(cmd)
     add_chunk_mb(cmd)
     add_common(cmd)
@@ -189,6 +192,7 @@ def run(args) -> int:
     # every other chunkglm command would pay (this is no import cycle: nothing imports cli/)
     from chunkglm.glm.stats_models import ModelRun, load_graph, participant_labels, read_model
     from chunkglm.glm.stats_models.glm_layout import GlmLayout
+    from chunkglm.glm.stats_models.reports import NodeReports
 
     stopwatch = Stopwatch()
     level = settle_sizes_and_verbosity(args)
@@ -212,11 +216,16 @@ def run(args) -> int:
             layout = None if args.layout == "fitlins" else GlmLayout(
                 graph, alpha=args.alpha, two_sided=args.two_sided,
                 permutation=permutation.layout_settings() if permutation else None)
+            pages = NodeReports(output_dir, {"operation": "app", "options": command_options(args)}) \
+                if args.reports else None
             runner = ModelRun(graph, cohort, fitlins_dir, space=args.space or None, desc=args.desc_label,
                               chunk_bytes=budget, permutation=permutation, glm_layout=layout, glm_dir=output_dir,
-                              progress=None if args.no_progress else _line)
+                              reports=pages, progress=None if args.no_progress else _line)
             runner.run(args.analysis_level)
             written = (runner.written if args.layout != "glm" else []) + runner.glm_written
+            if pages is not None:
+                index = pages.index()
+                written += pages.written + ([index] if index else [])
         clusters = cluster_summary(client)
     _write_description(output_dir, args.bids_dir, derivatives)
     inputs = [{"path": str(args.bids_dir)}, {"path": str(derivatives)}, {"path": str(store)}]
@@ -265,7 +274,8 @@ def _write_description(output_dir, bids_dir, derivatives) -> None:
                                   existing=existing if existing.is_file() else None)
     with StagedOutput(output_dir) as out:
         write_json(out.path("dataset_description.json"), content)
-        out.ignore(["node-*"])  # fitlins' layout: BIDS defines no statistical-model derivatives yet
+        # fitlins' layout and the HTML pages' folder: BIDS defines no statistical-model derivatives yet
+        out.ignore(["node-*", "reports"])
 
 
 def _line(text: str) -> None:

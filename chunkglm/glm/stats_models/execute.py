@@ -108,6 +108,8 @@ class ModelRun:
         ``glm_dir``.
     glm_dir : Path, optional
         The derivatives/glm folder (default ``output_dir``).
+    reports : chunkglm.glm.stats_models.reports.NodeReports, optional
+        HTML pages of every run and node group, written as each node is done.
     progress : callable, optional
         Called with one line of text as each run or group is written.
 
@@ -120,7 +122,7 @@ class ModelRun:
     """
 
     def __init__(self, graph, cohort, output_dir, *, space=None, desc="preproc", chunk_bytes=None,
-                 permutation=None, glm_layout=None, glm_dir=None, progress=None):
+                 permutation=None, glm_layout=None, glm_dir=None, reports=None, progress=None):
         self.graph = graph
         self.cohort = cohort
         self.output_dir = Path(output_dir)
@@ -130,6 +132,7 @@ class ModelRun:
         self.permutation = permutation
         self.glm_layout = glm_layout
         self.glm_dir = Path(glm_dir) if glm_dir is not None else self.output_dir
+        self.reports = reports
         self.progress = progress or (lambda text: None)
         self.written: list[Path] = []
         self.glm_written: list[Path] = []
@@ -170,6 +173,8 @@ class ModelRun:
             with pybids_refusal(f"node {child.name!r}"):
                 specs = child.run(infos, group_by=child.group_by, **edge.filter)
             child_outputs = list(chain.from_iterable(self._group(child, spec, passed) for spec in specs))
+            if self.reports is not None:
+                self.reports.flush(child.name)
             self._children(child, child_outputs, last)
 
     # -- run level -----------------------------------------------------------------
@@ -185,15 +190,15 @@ class ModelRun:
             design = run_design(spec.data, n_volumes, _repetition_time(spec, where), high_pass, where)
             model = FirstLevelModel(mask_img=mask, chunk_bytes=self.chunk_bytes, subject_label=entities.get("subject"))
             models.append(model.fit(store_node, design_matrices=design))
-            plans.append((spec, entities, design))
+            plans.append((spec, entities, design, mask))
         outputs = []
-        for model, (spec, entities, design) in zip(fitted_in_waves(models), plans):
-            outputs += self._write_run(node, model, spec, entities, design)
+        for model, (spec, entities, design, mask) in zip(fitted_in_waves(models), plans):
+            outputs += self._write_run(node, model, spec, entities, design, mask)
             self.progress(f"node {node.name}: {bids_name(_short(entities))} done")
         return outputs
 
-    def _write_run(self, node, model, spec, entities, design) -> list[ContrastMaps]:
-        outputs = []
+    def _write_run(self, node, model, spec, entities, design, mask) -> list[ContrastMaps]:
+        outputs, weights_of, z_maps = [], {}, {}
         with StagedOutput(self.output_dir) as out:
             design.to_csv(out.path(design_path(node.name, entities)), sep="\t", index=False)
             save_figure(design_matrix_figure(design), [out.path(figure_path(node.name, entities, "design"))])
@@ -204,7 +209,11 @@ class ModelRun:
                 test = "t" if contrast.test == "pass" else contrast.test
                 images = model.compute_contrast(weights if test == "F" else weights[0], test, "all")
                 outputs.append(self._stage(out, node.name, contrast, images))
+                if contrast.test != "pass":
+                    weights_of[contrast.name], z_maps[contrast.name] = weights, images["z_score"]
         self._commit(out, outputs)
+        if self.reports is not None:
+            self.reports.run(node.name, entities, model, design, weights_of, z_maps, mask)
         return outputs
 
     def _run_files(self, spec):
@@ -264,6 +273,10 @@ class ModelRun:
                 if glm_out is not None and contrast.test != "pass" and node.level in ("subject", "session"):
                     self.glm_layout.subject(glm_out, node, dict(contrast.entities), test, images)
                 group_contrasts[contrast.name] = (weights if test == "F" else weights[0], test)
+                if self.reports is not None and contrast.test != "pass":
+                    self.reports.group(node.name, kind, dict(spec.entities), design, contrast.name,
+                                       group_contrasts[contrast.name][0], images["z_score"],
+                                       None if model is None else model.mask_img_)
             if glm_out is not None and node.level == "dataset" and kind == "glm":
                 tested = {name: c for name, c in group_contrasts.items() if c[1] in ("t", "F")}
                 self.glm_layout.group(glm_out, node, model, tested, permuted)
