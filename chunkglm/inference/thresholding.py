@@ -162,8 +162,10 @@ def threshold_stats_img(
 
     Parameters
     ----------
-    stat_img : NIfTI image, path, xarray.DataArray or None
-        A 3-D statistic map (z scale), or a 4-D image as nilearn takes it:
+    stat_img : NIfTI image, path, xarray.DataArray, SurfaceImage or None
+        A 3-D statistic map (z scale), a nilearn SurfaceImage map (vertices
+        counted and clusters formed on its mesh as nilearn does, see
+        ``_threshold_surface``), or a 4-D image as nilearn takes it:
         the threshold is computed over the values of all its volumes and
         each volume is thresholded (clusters are formed volume by volume);
         the returned map keeps the input's shape. A DataArray holds the
@@ -227,6 +229,9 @@ def threshold_stats_img(
                 "counts the map's voxels; pass stat_img."
             )
         return None, height_threshold(None, alpha, height_control, two_sided, threshold)
+    if _is_surface(stat_img) or _is_surface(mask_img):
+        return _threshold_surface(stat_img, mask_img, alpha, threshold, height_control, cluster_threshold,
+                                  two_sided)
     img, mask = load_stat_map(stat_img, mask_img, volumes=True)
     data = np.asanyarray(img.dataobj)
     counted = _default_mask(img) if mask is None else mask
@@ -444,6 +449,29 @@ def warn_threshold_beyond_values(values, threshold, two_sided) -> None:
         if values.size and threshold < values.min():
             warnings.warn(f"The given float value must not be less than {values.min()}. But, you have "
                           f"given threshold={float(threshold)}.", UserWarning, stacklevel=_stack_level())
+
+
+def _is_surface(img) -> bool:
+    from nilearn.surface import SurfaceImage
+
+    return isinstance(img, SurfaceImage)
+
+
+def _threshold_surface(stat_img, mask_img, alpha, threshold, height_control, cluster_threshold, two_sided):
+    """A SurfaceImage map: the vertices counted are nilearn's SurfaceMasker's (its finite vertices,
+    or ``mask_img``'s), the cut-off this module's (as for volumes); the map is then thresholded
+    on its mesh by nilearn's ``threshold_img`` (clusters of adjacent vertices for
+    ``cluster_threshold``): a pass over one small map, as nilearn makes it."""
+    from nilearn.image import threshold_img
+    from nilearn.maskers import SurfaceMasker
+
+    masker = SurfaceMasker(mask_img=mask_img, standardize=None)
+    masker = masker.fit(stat_img) if mask_img is None else masker.fit()
+    stats = np.ravel(masker.transform(stat_img))
+    cutoff = height_threshold(stats, alpha, height_control, two_sided, threshold)
+    thresholded = threshold_img(stat_img, threshold=cutoff, cluster_threshold=cluster_threshold,
+                                two_sided=two_sided, mask_img=mask_img, copy=True)
+    return thresholded, cutoff
 
 
 def load_stat_map(stat_img, mask_img=None, volumes=False):
