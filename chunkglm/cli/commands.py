@@ -46,7 +46,8 @@ def _cmd_convert(args):
             input_storage_options=parse_storage_options(args.input_storage_option),
             client=client, chunk_bytes=chunk_bytes(args.chunk_mb, args.chunk_size),
             task_memory=args.task_memory, overwrite=args.overwrite,
-            progress=reporter.converter_callback(advance), command=command_options(args))
+            progress=reporter.converter_callback(advance), command=command_options(args),
+            surface=args.surface)
     print(f"store: {report.store}")
     print(f"converted {len(report.converted)} node(s), skipped {len(report.skipped)} already complete")
     return 0
@@ -59,8 +60,9 @@ def _cmd_info(args):
     print(f"format: {meta['format']} {meta['format_version']} (chunkglm {meta['chunkglm_version']})")
     print(f"grids: {len(cohort.grids)}  runs: {len(cohort.runs)}  map collections: {len(cohort.maps)}")
     for name, node in sorted(cohort.runs.items()):
-        shape = node.attrs.get("shape", [])
-        print(f"  runs/{name}  volumes={shape[3] if len(shape) > 3 else '?'}  TR={node.attrs.get('RepetitionTime')}")
+        shape = node.attrs.get("shape", [])  # (x, y, z, time); surface runs (time, element)
+        volumes = shape[3] if len(shape) > 3 else shape[0] if len(shape) == 2 else "?"
+        print(f"  runs/{name}  volumes={volumes}  TR={node.attrs.get('RepetitionTime')}")
     for name in sorted(cohort.maps):
         print(f"  maps/{name}")
     if cohort.incomplete:
@@ -119,11 +121,19 @@ def build_parser() -> Parser:
 
 
 def _convert_parser(sub):
-    conv = sub.add_parser("convert", help="BIDS derivatives or NIfTI files -> cohort store")
-    conv.add_argument("inputs", nargs="+", type=path_value, help="a BIDS/fMRIPrep folder, or NIfTI files")
+    conv = sub.add_parser("convert", help="BIDS derivatives, NIfTI, GIFTI or CIFTI files -> cohort store")
+    conv.add_argument("inputs", nargs="+", type=path_value,
+                      help="a BIDS/fMRIPrep folder, or NIfTI files, or surface runs: GIFTI files "
+                           "(*_hemi-L/R_*.func.gii, paired by hemi) or CIFTI dense series (*.dtseries.nii)")
     add_output_dir(conv, "the store to write: a path or URL (s3://bucket/x.zarr)", "--store")
     conv.add_argument("--task", help="BIDS input: keep the runs of this task (default: all tasks)")
-    conv.add_argument("--space", help="BIDS input: keep the runs of this space (default: every space)")
+    conv.add_argument("--space", help="BIDS input: keep the runs of this space; fsaverage* or fsLR converts "
+                                      "fMRIPrep's surface runs of that space (GIFTI pairs, CIFTI dense series); "
+                                      "GIFTI files: the mesh nilearn ships of that name (default: every volume "
+                                      "space; GIFTI files: their space- entity)")
+    conv.add_argument("--surface", choices=["gifti", "cifti"],
+                      help="BIDS input with a surface --space: convert its GIFTI pairs or its CIFTI dense series "
+                           "(default: gifti for fsaverage*, cifti for fsLR)")
     add_list(conv, "--subject", metavar="LABEL", help_text="BIDS input: subjects to convert, e.g. "
              "--subject 01 02 (default: all)")
     add_list(conv, "--session", metavar="LABEL", help_text="BIDS input: sessions to convert "

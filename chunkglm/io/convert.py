@@ -31,6 +31,7 @@ from chunkglm.io import consolidated
 from chunkglm.io import layout as st
 from chunkglm.io import locks
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
+from chunkglm.io.convert_surface import convert_surface, is_surface_request
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.write_maps import MapsJob, convert_maps
@@ -76,7 +77,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
             map_type="effect", storage_options=None, input_storage_options=None, client=None,
             chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY, overwrite=False,
             progress=None, target_affine=None, target_shape=None,
-            smoothing_fwhm=None, command=None) -> ConversionReport:
+            smoothing_fwhm=None, command=None, surface=None) -> ConversionReport:
     """Convert fMRI images into a chunked zarr cohort store.
 
     Parameters
@@ -84,11 +85,17 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     inputs : str, Path or list of them
         A BIDS dataset root or fMRIPrep derivatives folder, or NIfTI files:
         4-D files become ``runs/<name>`` nodes, 3-D files are stacked into
-        ``maps/<collection>``.
+        ``maps/<collection>``. Surface runs too: a BIDS folder with ``space``
+        ``fsaverage*`` (fMRIPrep's GIFTI pairs) or ``fsLR`` (its CIFTI dense
+        series), or ``*_hemi-L/R_*.func.gii`` / ``*.dtseries.nii`` files
+        (see :mod:`chunkglm.io.convert_surface`).
     store : str or Path
         Local path or fsspec URL (``s3://bucket/cohort.zarr``).
     task, space, subjects, sessions : str or list, optional
         BIDS filters (labels with or without their ``task-`` etc. prefix).
+        A ``space`` starting with ``fsaverage`` or ``fsLR`` converts that
+        space's surface runs; for GIFTI files, the mesh nilearn ships of that
+        name (default: the files' ``space-`` entity).
     mask_img : str, path, URL or nibabel image, optional
         A 3-D mask defining the voxel axis. By default the union of the runs'
         ``desc-brain_mask`` images (BIDS), else every voxel of the grid.
@@ -117,6 +124,12 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     command : dict, optional
         The command-line arguments that asked for this conversion, kept in
         the provenance record (secrets are stripped).
+    surface : {"gifti", "cifti"}, optional
+        Convert the BIDS ``space``'s surface runs of this kind (default:
+        GIFTI pairs for ``fsaverage*``, CIFTI dense series for ``fsLR``).
+        Surface runs take no ``mask_img``, resampling, smoothing or
+        ``input_storage_options`` (refused), and ``progress`` is called for
+        each node once they are all converted.
 
     Returns
     -------
@@ -129,6 +142,8 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     ConversionError
         Some nodes failed while others were written; lists the failures.
     """
+    if is_surface_request(inputs, space, surface):
+        return _convert_surface(inputs, store, locals())
     stopwatch = Stopwatch()
     plan = plan_conversion(inputs, task=task, space=space, subjects=subjects, sessions=sessions,
                            derivatives_folder=derivatives_folder, mask_img=mask_img,
@@ -167,6 +182,21 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     if failures:
         raise ConversionError(_failure_message(failures, report), failures)
     return report
+
+
+def _convert_surface(inputs, store, given) -> ConversionReport:
+    """Surface runs: converted by :func:`chunkglm.io.convert_surface.convert_surface`."""
+    volume = {key: given[key] for key in ("mask_img", "target_affine", "target_shape", "smoothing_fwhm",
+                                          "input_storage_options")}
+    options = {key: given[key] for key in ("chunk_bytes", "task_memory", "storage_options", "overwrite", "client")}
+    converted, skipped, grids = convert_surface(
+        inputs, store, space=given["space"], surface=given["surface"], task=given["task"],
+        subjects=given["subjects"], sessions=given["sessions"], derivatives_folder=given["derivatives_folder"],
+        options=options, volume_options=volume, command=given["command"])
+    nodes = converted + skipped
+    for done, node in enumerate(nodes, 1):
+        _report(given["progress"], done, len(nodes), node)
+    return ConversionReport(store=st.redact_url(str(store)), converted=converted, skipped=skipped, grids=grids)
 
 
 def _unrecorded(root, plan, skipped, storage_options) -> list[tuple[str, dict]]:

@@ -209,7 +209,7 @@ def from_cifti(path: Path, space, maps=False) -> SurfaceRun:
 def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=None, t_r=None,
                          events=None, confounds=None, metadata=None, entities=None, smoothing_fwhm=None,
                          chunk_bytes=DEFAULT_CHUNK_BYTES, task_memory=DEFAULT_TASK_MEMORY,
-                         storage_options=None, overwrite=False, client=None) -> list[str]:
+                         storage_options=None, overwrite=False, client=None, command=None) -> list[str]:
     """Write surface runs into ``store`` as ``runs/<name>`` nodes; return their names.
 
     A run whose node is complete from the same source (sha256 of the files, or of a
@@ -251,6 +251,9 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
         files; a run that fails does so alone: :class:`~chunkglm.errors.ConversionError`
         lists those, after the others are written). In-memory SurfaceImages
         are written by this process.
+    command : dict, optional
+        The command-line arguments that asked for this conversion, kept in the
+        provenance record (as :func:`chunkglm.convert`'s).
     """
     stopwatch = Stopwatch()
     items = list(items) if isinstance(items, list | tuple) else [items]
@@ -299,7 +302,7 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     if written:
         options = {"inputs": "surface", "space": space, "t_r": t_r, "smoothing_fwhm": smoothing_fwhm,
                    "chunk_bytes": as_bytes(chunk_bytes), "task_memory": as_bytes(task_memory),
-                   "n_elements": grid.n_voxels, "grid_kind": grid.kind}
+                   "n_elements": grid.n_voxels, "grid_kind": grid.kind, **({"command": command} if command else {})}
         sources = [{"node": f"runs/{name}", **entry} for name, source in written
                    for entry in source.get("files", [source])]
         full = record("convert", inputs=sources, options=options, cluster=cluster_summary(client),
