@@ -606,3 +606,7 @@ from _cases_masker import masker_case, masker_scale_case  # noqa: E402
 
 CASES["masker"] = masker_case
 CASES["masker_scale"] = masker_scale_case
+
+from _cases_app import app_case  # noqa: E402
+
+CASES["app"] = app_case

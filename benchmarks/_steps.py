@@ -918,6 +918,59 @@ def masker_chunkglm(timed, bold, mask, maps, out, label, store=None, nodes=None,
     return {"signals": str(path), "n_runs": len(signals) if isinstance(signals, list) else 1, **extra}
 
 
+@step("command_tree")
+def command_tree(timed, command, clear=(), log=None, sample_s=0.2):
+    """A whole command (another program, e.g. fitlins in its venv or ``chunkglm app``) as the work.
+
+    Set-up (untimed): ``clear`` (its earlier outputs) removed. Timed: the command from start to
+    exit. Memory: the resident memory of the command's whole process tree (the command and every
+    descendant: nipype's or dask's worker processes), summed every ``sample_s`` s; the reported
+    ``peak_rss_mib`` is the largest sum, or the largest single descendant's ``ru_maxrss`` when that
+    is larger (a process shorter than ``sample_s`` can be missed by the sampling). Shared pages
+    count once per process, as for both tools alike. stdout/stderr go to ``log``.
+    """
+    import subprocess
+
+    import psutil
+
+    for path in clear:
+        shutil.rmtree(path, ignore_errors=True)
+    log_path = Path(log) if log else Path(os.devnull)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    peak, samples = 0, 0
+    with open(log_path, "w") as handle, timed:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            peak = max(peak, _tree_rss(root))
+            samples += 1
+            time.sleep(sample_s)
+    if process.returncode != 0:
+        tail = log_path.read_text()[-3000:] if log else ""
+        raise SystemExit(f"{command[0]} exited with {process.returncode}:\n{tail}")
+    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"peak_rss_mib": max(peak, largest) / 2**20, "rss_start_mib": 0.0,
+            "sampled_tree_peak_mib": peak / 2**20, "largest_process_peak_mib": largest / 2**20,
+            "n_samples": samples}
+
+
+def _tree_rss(root) -> int:
+    """Bytes resident in ``root`` and all its descendants now (processes gone meanwhile skipped)."""
+    import psutil
+
+    total = 0
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
+
+
 def main(argv) -> None:
     name, kwargs = argv[1], json.loads(argv[2]) if len(argv) > 2 else {}
     timed = Timed()
