@@ -268,15 +268,20 @@ def test_layout_glm_alone_leaves_no_fitlins_files(three_subjects, tmp_path):
     root, ds = three_subjects
     out = tmp_path / "out"
     code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
-                 "--layout", "glm", "--alpha", "0.1", "--cluster", "none", "--no-progress",
-                 "--store", str(root / "store.zarr")])
+                 "--layout", "glm", "--alpha", "0.1", "--n-perm", "20", "--random-state", "1", "--cluster", "none",
+                 "--no-progress", "--no-reports", "--store", str(root / "store.zarr")])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "app_provenance.json", "dataset_description.json",
-                                                    "first_level", "group_level", "reports"]
+                                                    "first_level", "group_level"]
     sidecar = json.loads((out / "group_level/group_glm.json").read_text())
     assert sidecar["Corrections"]["FDR"]["Alpha"] == 0.1  # --alpha reaches the corrections
+    # --n-perm: the permutation maps and FWE method of the glm layout, as second-level --n-perm writes them
+    fwe = sidecar["Corrections"]["FWE"]
+    assert fwe["Method"] == {"a": "permutation max-T", "aMinusB": "permutation max-T", "b": "permutation max-T"}
+    assert fwe["Permutation"]["NumberOfPermutations"] == 20 and fwe["Permutation"]["RandomState"] == 1
+    assert all((out / f"group_level/group_contrast-{c}_stat-logpmaxt.nii.gz").is_file() for c in ("a", "b", "aMinusB"))
     outputs = json.loads((out / "app_provenance.json").read_text())["outputs"]
-    assert outputs and all(o.startswith(("first_level/", "group_level/", "reports/")) for o in outputs)
+    assert outputs and all(o.startswith(("first_level/", "group_level/")) for o in outputs)
 
 
 def test_layout_glm_refuses_several_dataset_glm_nodes(three_subjects, tmp_path, capsys):
