@@ -9,9 +9,9 @@ work is split over *permutations* instead of voxels::
     resid --scattered once--> batch_j --batch_volume_null--> per-permutation maxima
     maxima of all batches, concatenated in permutation order --> FWE p-values
 
-With a ``distributed`` client active, ``resid`` is sent to every worker once
-(``client.scatter(broadcast=True)``) and each permutation batch is a task on
-it; otherwise the batches are tasks of a plain dask graph sharing one
+With a ``distributed`` client active, ``resid`` is one task's result (a graph
+literal the scheduler can send again if the worker holding it is lost), fetched
+once by each worker, and each permutation batch is a task on it; otherwise the batches are tasks of a plain dask graph sharing one
 ``resid`` node (threads by default).
 """
 
@@ -158,7 +158,9 @@ def _run_batches(resid, design, perms, geometry, two_sided_test, threshold_t, tf
     client = active_client()
     if client is not None:
         n_workers = sum(client.nthreads().values())
-        resid_future = client.scatter(resid, broadcast=True, hash=False)
+        # a task of its own, not scattered data: lost with a worker, it is sent again (scattered,
+        # every batch needing it would be cancelled); each worker fetches it once
+        resid_future = client.compute(dask.delayed(resid, traverse=False))
         futures = [client.submit(vs.batch_volume_null, resid_future, design, perms[part],
                                  geometry, two_sided_test, threshold_t, tfce, pure=False)
                    for part in _batches(perms.shape[0], batch_size, n_workers)]

@@ -203,8 +203,8 @@ class StageFaults(WorkerPlugin):
                 n += 1
 
     def transition(self, key, start, finish, **kwargs):
-        if finish != self.when:
-            return
+        if finish != self.when or (finish == "memory" and start not in ("executing", "long-running")):
+            return  # a result fetched from another worker or scattered here: no task ran
         from dask.utils import key_split
 
         stage = key_split(key)
