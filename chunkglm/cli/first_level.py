@@ -42,6 +42,7 @@ from chunkglm.cli._common import (
     storage_for,
 )
 from chunkglm.cli.progress import Reporter
+from chunkglm.cli.surface_outputs import is_surface_model, save_surface_derivatives
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import explain_worker_deaths, first_level_from_bids, fitted_in_waves
 from chunkglm.glm.first_level.model import _expression
@@ -274,10 +275,27 @@ def check_file_names(args, contrasts, subjects) -> None:
                              "shorter name.")
 
 
+def check_surface_outputs(args, models) -> None:
+    """Surface runs get the glm layout in GIFTI/CIFTI files only: nilearn's file set (--layout
+    nilearn/both) and residuals (--save-residuals) are refused before anything is computed."""
+    surface = [str(model.subject_label) for model in models if is_surface_model(model)]
+    if not surface:
+        return
+    if args.layout != "glm" or args.save_residuals:
+        given = f"--layout {args.layout}" if args.layout != "glm" else "--save-residuals"
+        raise InputError(f"{given}: the runs of sub-{surface[0]} are surface runs, whose maps are written in the "
+                         "glm layout only (GIFTI/CIFTI files, --layout glm) and without residuals; leave "
+                         f"{given} out.")
+    if len(surface) != len(models):
+        raise InputError("some subjects' runs are surface runs and others volume runs; model one space at a "
+                         "time (--space).")
+
+
 def plan_subjects(args, contrasts, fitted, out) -> list[SubjectJob]:
     """Check contrasts on every design and every output name, and classify existing outputs;
     compute, write and delete nothing (so a failed --overwrite leaves every subject as it was)."""
     check_file_names(args, contrasts, [str(model.subject_label) for model, _ in fitted])
+    check_surface_outputs(args, [model for model, _ in fitted])
     jobs = []
     for model, nodes in fitted:
         weights, types = model_contrasts(model, contrasts)
@@ -296,7 +314,10 @@ def _write_subject(args, job, out, context) -> None:
     if job.state.status == "conflict":  # --overwrite: incomplete from here on
         subjects_io.clear_record(out, job.label, args.task)
     paths = []
-    if args.layout in ("glm", "both"):
+    if is_surface_model(model):  # GIFTI / CIFTI maps; other file sets refused by plan_subjects
+        paths += save_surface_derivatives(model, job.weights, args.output_dir, task_label=args.task,
+                                          contrast_types=job.types, confounds=model.confound_names_[0] or [])
+    elif args.layout in ("glm", "both"):
         paths += save_glm_derivatives(model, job.weights, args.output_dir, task_label=args.task,
                                       contrast_types=job.types, confounds=model.confound_names_[0] or [],
                                       residuals=args.save_residuals and args.layout == "glm")

@@ -1,0 +1,125 @@
+"""``chunkglm first-level`` on surface runs: the derivatives/glm layout in GIFTI / CIFTI files.
+
+The files and sidecar of :func:`chunkglm.glm.io.save_glm_derivatives` (same
+names, contrast labels, ``_glm.json`` and design matrices), with the maps and
+the mask in the surface formats of the runs:
+
+- mesh runs (fsaverage GIFTI pairs): one GIFTI file per hemisphere, the ``hemi``
+  entity after the run's (``sub-01_task-main_hemi-L_contrast-aMinusB_stat-z.func.gii``),
+  float32 maps (the mask: uint8), one data array per map column;
+- CIFTI runs: one CIFTI-2 dense scalar file on the runs' brain-model axis
+  (``sub-01_task-main_contrast-aMinusB_stat-z.dscalar.nii``), as the model's
+  ``compute_contrast`` returns it.
+
+Residuals and nilearn's ``save_glm_to_bids`` file set are not written for surface runs
+(refused by the command before anything is computed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from chunkglm.errors import InputError
+from chunkglm.glm.io._bids_files import confound_names, contrast_specs, derivatives_metadata, run_entities
+from chunkglm.glm.io.bids import _derivative_entities, _derivative_names, _write_description
+from chunkglm.io.derivatives import StagedOutput, bids_filename, write_json
+from chunkglm.report.figures import design_matrix_figure, save_figure
+
+__all__ = ["is_surface_model", "save_surface_derivatives", "surface_file_names"]
+
+#: The volume name's extension, replaced by the surface format's.
+_VOLUME_EXTENSION = ".nii.gz"
+#: nilearn's part names -> the BIDS hemi label.
+HEMI = {"left": "L", "right": "R"}
+
+
+def is_surface_model(model) -> bool:
+    """True for a FirstLevelModel fitted on surface runs (mesh or CIFTI)."""
+    return not model._is_volume_glm() or _is_cifti(model.mask_img_)
+
+
+def _is_cifti(image) -> bool:
+    from nibabel.cifti2 import Cifti2Image
+
+    return isinstance(image, Cifti2Image)
+
+
+def surface_file_names(name: str, prefix: str, image) -> dict:
+    """The files of one volume derivative name for ``image``: {part: relative path}
+    (``{"cifti": ...}`` for a CIFTI image)."""
+    stem = name.removesuffix(_VOLUME_EXTENSION)
+    if _is_cifti(image):
+        return {"cifti": f"{stem}.dscalar.nii"}
+    folder, _, base = stem.rpartition("/")
+    if not base.startswith(prefix):
+        raise InputError(f"cannot place the hemi entity in {base!r} (expected it to start with {prefix!r}).")
+    return {part: f"{folder}/{prefix}_hemi-{HEMI[part]}{base[len(prefix):]}.func.gii"
+            for part in image.data.parts}
+
+
+def _save(image, name: str, prefix: str, out, dtype=np.float32) -> None:
+    from nibabel.gifti import GiftiDataArray, GiftiImage
+
+    files = surface_file_names(name, prefix, image)
+    if "cifti" in files:
+        image.to_filename(str(out.path(files["cifti"])))
+        return
+    for part, relative in files.items():
+        values = np.asarray(image.data.parts[part])
+        columns = values.reshape(len(values), -1).T.astype(dtype)
+        gifti = GiftiImage(darrays=[GiftiDataArray(np.ascontiguousarray(column), intent="NIFTI_INTENT_NONE",
+                                                   datatype=f"NIFTI_TYPE_{np.dtype(dtype).name.upper()}")
+                                    for column in columns])
+        path = out.path(relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gifti.to_filename(str(path))
+
+
+def _mask(model):
+    """The model's mask with 0/1 values (GIFTI has no boolean type)."""
+    image = model.mask_img_
+    if _is_cifti(image):
+        from nibabel.cifti2 import Cifti2Image
+
+        return Cifti2Image(np.asarray(image.get_fdata(), dtype=np.float32), image.header)
+    return image
+
+
+def save_surface_derivatives(model, contrasts, out_dir, *, task_label, contrast_types=None,
+                             confounds=None) -> list[Path]:
+    """Write a surface FirstLevelModel's derivatives/glm files; return the paths written.
+
+    Parameters
+    ----------
+    model : chunkglm.glm.first_level.FirstLevelModel
+        Fitted on surface runs (store mesh or CIFTI runs, or SurfaceImages).
+    contrasts : dict
+        ``{name: formula or weights}``, as :func:`chunkglm.glm.io.save_glm_derivatives`'s.
+    out_dir : str or Path
+        The derivatives/glm folder; files go to ``out_dir/first_level/sub-<subject>/``.
+    task_label : str
+        The task entity of the names.
+    contrast_types : dict, optional
+        ``{name: "t" or "F"}``.
+    confounds : list of str, optional
+        Confound columns for the sidecar (default: the model's).
+    """
+    specs = contrast_specs(contrasts, contrast_types, model.design_matrices_)
+    entities = _derivative_entities(model, None, None, task_label)
+    metadata = derivatives_metadata(model, specs, confound_names(model, confounds))
+    names = _derivative_names(specs, entities, run_entities(model) or [], len(model.design_matrices_))
+    prefix = bids_filename(entities, None, None)
+    with StagedOutput(out_dir) as out:
+        _write_description(out, "first")
+        for spec in specs:
+            maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
+            for key, name in names["maps"][spec.label].items():
+                _save(maps[key], name, prefix, out)
+        for design, name in zip(model.design_matrices_, names["designs"]):
+            save_figure(design_matrix_figure(design), [out.path(name)])
+            design.to_csv(out.path(name.removesuffix(".png") + ".tsv"), sep="\t", index=False)
+        _save(_mask(model), names["mask"], prefix, out, np.uint8)
+        write_json(out.path(names["sidecar"]), metadata)
+    return out.written
