@@ -610,3 +610,7 @@ CASES["masker_scale"] = masker_scale_case
 from _cases_app import app_case  # noqa: E402
 
 CASES["app"] = app_case
+
+from _cases_surface import surface_first_level_case  # noqa: E402
+
+CASES["surface_first_level"] = surface_first_level_case
