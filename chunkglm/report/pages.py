@@ -19,7 +19,6 @@ import sys
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 
@@ -100,7 +99,7 @@ def write_index(root: Path, outcomes: list[PageOutcome]) -> Path:
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(source)
     page = template.render(root=str(root), groups=[(kind, [r for r in rows if r["kind"] == kind]) for kind in kinds],
                            n_pages=sum(1 for r in rows if r["href"]), n_failed=sum(1 for r in rows if r["error"]),
-                           version=__version__, generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+                           version=__version__)  # no time: a re-run writes the same bytes
     path = Path(root) / INDEX_NAME
     path.write_text(page, encoding="utf-8")
     return path

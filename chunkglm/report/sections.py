@@ -15,13 +15,12 @@ numbers; the defaults are those of nilearn's ``generate_report``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
-import uuid
 import numbers
 import warnings
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from importlib.metadata import version
 from importlib.resources import files
 
@@ -436,12 +435,26 @@ def _flat(options: dict, prefix="") -> dict:
     return flat
 
 
+#: Stands for the page's id while it is rendered; replaced by one derived from the page's content.
+_UID_PLACEHOLDER = "UUID-chunkglm0uid0"
+
+
 def render(*, title: str, model_type: str, sections: list[Section], subtitle: str = "",
            warnings=()) -> str:
-    """The page: the template filled with the sections (all text escaped)."""
+    """The page: the template filled with the sections (all text escaped).
+
+    The same results give the same bytes (a re-run rewrites a page unchanged):
+    the page carries no time of its own (its provenance section gives the
+    results' record), and the id that scopes its elements (nilearn's
+    ``UUID-<12 hex>``, random in nilearn) is the start of the sha256 of the
+    page rendered without it, so two different pages in one document still
+    get different ids.
+    """
     source = files("chunkglm.report").joinpath("templates/report.html").read_text(encoding="utf-8")
     template = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(source)
     runs = max((len(section.panels) for section in sections), default=0)
-    return template.render(title=title, model_type=model_type, subtitle=subtitle, sections=sections,
-                           warnings=list(warnings), uid=f"UUID-{uuid.uuid4().hex[:12]}", carousel_runs=runs, version=__version__, nilearn_version=version("nilearn"),
-                           generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    page = template.render(title=title, model_type=model_type, subtitle=subtitle, sections=sections,
+                           warnings=list(warnings), uid=_UID_PLACEHOLDER, carousel_runs=runs,
+                           version=__version__, nilearn_version=version("nilearn"))
+    uid = f"UUID-{hashlib.sha256(page.encode()).hexdigest()[:12]}"
+    return page.replace(_UID_PLACEHOLDER, uid)
