@@ -50,7 +50,8 @@ from chunkglm.io.nifti import (NiftiReader, fortran_indices, header_to_text, mas
 from chunkglm.io.nifti import load_image as _load
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.scratch import owned_name, remove_stale
-from chunkglm.io.surface_convert import convert_surface_runs, is_surface_input
+from chunkglm.io.surface_convert import convert_surface_runs, is_surface_input, smoothed_surface
+from chunkglm.io.surface_maps import convert_surface_maps
 from chunkglm.io.write_run import write_rows
 
 __all__ = ["COORD_NAMES", "DERIVATIONS", "MAP_TYPES", "STORED_NAMES", "MapsView", "StagedInputs",
@@ -285,6 +286,9 @@ def stage_inputs(items, kind: str = "runs", *, mask_img=None, target_affine=None
     if kind == "runs" and _surface_items(items):
         return _stage_surface_runs(list(items) if isinstance(items, list | tuple) else [items], mask_img,
                                    smoothing_fwhm, folder, owner, store, sizes)
+    if kind == "maps" and _surface_items(items):
+        return _stage_surface_maps(list(items) if isinstance(items, list | tuple) else [items], mask_img,
+                                   smoothing_fwhm, map_types[0], folder, owner, store, collection, sizes)
     given = _as_items(items, kind, argument)
     if not isinstance(given, pd.DataFrame) and isinstance(given[0], Node):
         return StagedInputs(_store_nodes(given, kind, argument))
@@ -380,6 +384,21 @@ def _stage_surface_runs(items, mask, smoothing_fwhm, folder, owner, store, sizes
     names = convert_surface_runs(items, store, mask=mask, smoothing_fwhm=smoothing_fwhm, **sizes)
     cohort = open_cohort(store, sizes["storage_options"])
     staged.nodes, staged.converted, staged.folder = [cohort.runs[name] for name in names], True, folder
+    return staged
+
+
+def _stage_surface_maps(items, mask, smoothing_fwhm, map_type, folder, owner, store, collection,
+                        sizes) -> StagedInputs:
+    """Surface maps -> one ``maps/<collection>`` node, on ``mask`` (elements); SurfaceImages smoothed
+    along the mesh first (nilearn's ``smooth_img``, as its SurfaceMasker smooths)."""
+    folder, staged = _owned_folder(folder, owner, "chunkglm-inputs-")
+    staged = staged or StagedInputs([])
+    store = _store_location(store, folder)
+    collection = collection or f"maps_{uuid.uuid4().hex[:12]}"
+    items = [smoothed_surface(item, smoothing_fwhm) for item in items]
+    convert_surface_maps(items, store, collection, map_type=map_type, mask=mask, **sizes)
+    cohort = open_cohort(store, sizes["storage_options"])
+    staged.nodes, staged.converted, staged.folder = [cohort.maps[collection]], True, folder
     return staged
 
 

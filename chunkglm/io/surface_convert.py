@@ -263,7 +263,7 @@ def convert_surface_runs(items, store, *, names=None, mesh=None, space="", mask=
     wrong = {key: len(value) for key, value in tables.items() if len(value) != len(items)}
     if wrong:
         raise InputError(f"{len(items)} surface runs but {wrong}: give one of each per run.")
-    prepared = [_smoothed(item, smoothing_fwhm) for item in items]
+    prepared = [smoothed_surface(item, smoothing_fwhm) for item in items]
     # in-memory images and CIFTI proxies are read (and checked) now; GIFTI files, parsed whole by
     # nibabel, one at a time while writing: a conversion holds one GIFTI run in memory, not all
     eager = {i: read_surface_run(item, mesh, space) for i, item in enumerate(prepared) if not isinstance(item, dict)}
@@ -429,7 +429,7 @@ def _check_existing(root, name, source, fwhm, grid_id, overwrite) -> None:
                          "mask or smoothing. Pass overwrite=True to replace it, or another name; nothing was written.")
 
 
-def _smoothed(item, fwhm):
+def smoothed_surface(item, fwhm):
     """A SurfaceImage smoothed along its mesh (nilearn's smooth_img), or the item when no fwhm."""
     if fwhm is None:
         return item

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from nilearn.image import mean_img, resample_img
 from nilearn.masking import compute_background_mask
+from nilearn.surface import SurfaceImage
 from scipy.sparse import issparse
 
 from chunkglm.errors import InputError, InputTypeError
@@ -35,7 +36,7 @@ from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import MapsView
 from chunkglm.io.nifti import load_image as _load
 
-KINDS = ("images", "dataframe", "flm", "maps")
+KINDS = ("images", "dataframe", "flm", "maps", "surface")
 
 
 # -- what was given -------------------------------------------------------------
@@ -52,6 +53,8 @@ def input_kind(second_level_input) -> str:
         return "maps"
     if isinstance(second_level_input, pd.Series):
         return "images"
+    if isinstance(second_level_input, SurfaceImage):
+        return "surface"
     if isinstance(second_level_input, str | Path | nib.spatialimages.SpatialImage):
         return "images"
     if isinstance(second_level_input, list | tuple) and second_level_input:
@@ -66,6 +69,8 @@ def input_kind(second_level_input) -> str:
                     f"{type(item)} at idx {index}: give all images, or all fitted FirstLevelModels.")
         if all(is_first_level_model(item) for item in second_level_input):
             return "flm"
+        if all(isinstance(item, SurfaceImage) for item in second_level_input):
+            return "surface"
         if all(_is_image(item) for item in second_level_input):
             return "images"
     if issparse(second_level_input):
@@ -106,8 +111,9 @@ def _type_error_message(second_level_input) -> str:
            else type(second_level_input))
     return ("'second_level_input' must be either:\n- a pandas DataFrame,\n- a Niimg-like object\n"
             "- a pandas Series of Niimg-like object\n- a list of Niimg-like objects\n"
-            "- a list of FirstLevelModel objects\n- a maps node of a chunkglm cohort store.\n"
-            f"Got {got} instead. (SurfaceImage inputs are not supported by chunkglm yet.)")
+            "- a list of 2D SurfaceImage objects\n- a 3D SurfaceImage object\n"
+            "- a list of FirstLevelModel objects.\n- a maps node of a chunkglm cohort store.\n"
+            f"Got {got} instead.")
 
 
 def image_list(second_level_input) -> list:

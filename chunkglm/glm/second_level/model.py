@@ -17,7 +17,8 @@ import uuid
 import numpy as np
 from joblib import Memory
 from nilearn.glm.contrasts import Contrast, expression_to_contrast_vector
-from nilearn.maskers import NiftiMasker
+from nilearn.maskers import NiftiMasker, SurfaceMasker
+from nilearn.surface import SurfaceImage
 from nilearn.maskers.masker_validation import check_embedded_masker
 from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
@@ -28,7 +29,9 @@ from chunkglm.design.second_level import check_confounds_table, check_design, ma
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.glm.first_level.results import labels_and_results
+from chunkglm.glm.first_level.surface_inputs import elements_image
 from chunkglm.glm.second_level import inputs
+from chunkglm.glm.second_level import surface as surf
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_runs
 from chunkglm.io.inputs import MapsView, scratch_folder, stage_inputs
@@ -131,8 +134,8 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         return "Second Level Model"
 
     def _is_volume_glm(self) -> bool:
-        """nilearn's: this model fits volumes (chunkglm has no surface GLM yet)."""
-        return True
+        """nilearn's: False when the mask is a surface one or the model was fitted on surface maps."""
+        return not (isinstance(self.mask_img, SurfaceImage | SurfaceMasker) or getattr(self, "_surface", False))
 
     def _is_first_level_glm(self) -> bool:
         return False
@@ -145,14 +148,17 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         warning where they override the model's)."""
         if isinstance(self.mask_img, NiftiMasker):
             check_is_fitted(self.mask_img)  # nilearn's NotFittedError
-        return check_embedded_masker(self, masker_type="nii")
+        return check_embedded_masker(self, masker_type="surface" if self._surface else "nii")
 
     def _preprocessing(self):
         """(mask, target_affine, target_shape, smoothing_fwhm): a given masker's, else the model's."""
         masker = self._embedded
-        return masker.mask_img, masker.target_affine, masker.target_shape, masker.smoothing_fwhm
+        return (masker.mask_img, getattr(masker, "target_affine", None), getattr(masker, "target_shape", None),
+                masker.smoothing_fwhm)
 
     def _fitted_masker(self):
+        if self._surface:
+            return self._surface_masker
         if isinstance(self.mask_img, NiftiMasker) and getattr(self.mask_img, "mask_img_", None) is not None:
             return self.mask_img
         masker = clone(self._embedded)
@@ -202,27 +208,31 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         """
         self._reset()
         self.memory_ = self.memory if isinstance(self.memory, Memory) else Memory(self.memory, verbose=0)
-        self._embedded = self._embedded_masker()
         kind = inputs.input_kind(second_level_input)
+        self._surface = surf.is_surface_input(second_level_input, self.mask_img)
+        self._embedded = self._embedded_masker()
+        if kind == "surface":
+            surf.check_surface_images(second_level_input, design_matrix is None)
         if confounds is not None:
             check_confounds_table(confounds)
         if design_matrix is not None:
             design_matrix = check_design(design_matrix, None)
-        loader = {"images": self._fit_images, "dataframe": self._fit_dataframe,
-                  "flm": self._fit_models, "maps": self._fit_node}[kind]
+        loader = {"images": self._fit_images, "dataframe": self._fit_dataframe, "flm": self._fit_models,
+                  "maps": self._fit_node, "surface": self._fit_surface}[kind]
         labels, n_maps = loader(second_level_input, confounds, design_matrix)
         design = design_matrix if design_matrix is not None else make_second_level_design_matrix(labels, confounds)
         self.design_matrix_ = check_design(design, n_maps)
         self._kind = kind
         self.confounds_ = confounds
-        self.n_elements_ = int(np.asarray(self.mask_img_.dataobj).astype(bool).sum())
         self.masker_ = self._fitted_masker()
+        self.n_elements_ = (self.masker_.n_elements_ if self._surface
+                            else int(np.asarray(self.mask_img_.dataobj).astype(bool).sum()))
         return self
 
     def _reset(self):
-        for name in ("_kind", "_maps", "_fits", "_last_run", "design_matrix_", "mask_img_"):
+        for name in ("_kind", "_maps", "_fits", "_last_run", "design_matrix_", "mask_img_", "_surface_masker"):
             self.__dict__.pop(name, None)
-        self._maps, self._fits = {}, {}
+        self._maps, self._fits, self._nonfinite = {}, {}, {}
 
     def _fit_images(self, second_level_input, confounds, design_matrix):
         images = inputs.image_list(second_level_input)
@@ -236,6 +246,16 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         self._maps[None] = self._load(images, mask)
         return None, len(images)
 
+    def _fit_surface(self, second_level_input, confounds, design_matrix):
+        maps = surf.effect_maps(second_level_input)
+        if len(maps) < 2:
+            raise InputError(f"a second-level model needs at least 2 maps; received {len(maps)}.")
+        self.second_level_input_ = second_level_input
+        self._mask(surf.sample_map(second_level_input if isinstance(second_level_input, SurfaceImage)
+                                   else maps))
+        self._maps[None] = self._load(maps, self.mask_img_)
+        return None, len(maps)
+
     def _fit_dataframe(self, frame, confounds, design_matrix):
         frame = inputs.dataframe_rows(frame)
         self.second_level_input_ = frame
@@ -246,17 +266,24 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         models = list(models)
         if len(models) < 2:
             raise InputError(f"a second-level model needs at least 2 first-level models; received {len(models)}.")
-        _check_models(models, confounds is not None)
+        _check_models(models, confounds is not None, self._surface)
         self.second_level_input_ = models
         first = models[0]
         self._mask(first.compute_contrast(first.design_matrices_[0].columns[0], output_type="effect_size"))
         return [m.subject_label for m in models], len(models)
 
     def _fit_node(self, node, confounds, design_matrix):
-        maps = inputs.node_maps(node, *self._preprocessing())
+        if self._surface:
+            given = self._preprocessing()[0]
+            maps, self.mask_img_ = surf.node_maps(node, given, self._preprocessing()[3])
+            masker = clone(self._embedded)
+            masker.mask_img = self.mask_img_
+            self._surface_masker = masker.fit()
+        else:
+            maps = inputs.node_maps(node, *self._preprocessing())
+            self.mask_img_ = maps.mask_img()
         self.second_level_input_ = node
         self._maps[None] = maps
-        self.mask_img_ = maps.mask_img()
         labels = None
         if design_matrix is None:
             ds = node.to_dataset()
@@ -267,6 +294,10 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         return labels, int(node.data().shape[0])
 
     def _mask(self, sample):
+        if self._surface:  # nilearn's SurfaceMasker fitted on the sample map
+            self._surface_masker = surf.fit_masker(self, sample)
+            self.mask_img_ = self._surface_masker.mask_img_
+            return self.mask_img_
         mask, target_affine, target_shape, _ = self._preprocessing()
         self.mask_img_ = inputs.analysis_mask(mask, sample, target_affine, target_shape)
         return self.mask_img_
@@ -275,11 +306,18 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         """Stack the maps into a new maps node (processed as nilearn's masker), all its voxels."""
         if getattr(self, "_folder", None) is None:
             self._folder = scratch_folder(self, "chunkglm-second-level-")
+        nonfinite = None
+        if self._surface:
+            mask = surf.mask_elements(mask, [p for p in ("left", "right") if p in images[0].data.parts])
+            nonfinite = surf.nonfinite_elements(images, mask)
         staged = stage_inputs(images, "maps", mask_img=mask, smoothing_fwhm=self._preprocessing()[3],
                               map_types=("effect",), chunk_bytes=self.chunk_bytes, folder=self._folder,
                               store=self.store, collection=f"second_level_{uuid.uuid4().hex[:12]}",
                               argument="second_level_input", resample_to_mask=True)
-        return MapsView(staged.nodes[0])
+        view = MapsView(staged.nodes[0])
+        if nonfinite is not None and nonfinite.size:
+            self._nonfinite[id(view)] = nonfinite
+        return view
 
     # -- contrasts ---------------------------------------------------------------
 
@@ -322,8 +360,12 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         names = OUTPUT_TYPES if output_type == "all" else (output_type,)
         images = {}
         for name in names:
-            img = self._to_image(maps, getattr(contrast, name)())
-            img.header["descrip"] = f"{output_type} of contrast {con_val}"  # nilearn's text
+            values = np.array(getattr(contrast, name)(), dtype=np.float64)
+            if id(maps) in self._nonfinite:  # nilearn's SurfaceMasker keeps NaN/inf: its fit gives NaN there
+                values[..., self._nonfinite[id(maps)]] = np.nan
+            img = self._to_image(maps, values)
+            if not self._surface:
+                img.header["descrip"] = f"{output_type} of contrast {con_val}"  # nilearn's text
             images[name] = img
         return images if output_type == "all" else images[output_type]
 
@@ -348,7 +390,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         return con
 
     def _maps_for(self, first_level_contrast) -> MapsView:
-        if self._kind in ("images", "maps"):
+        if self._kind in ("images", "maps", "surface"):
             return self._maps[None]
         key = first_level_contrast if isinstance(first_level_contrast, str) else repr(
             np.asarray(first_level_contrast).tolist())
@@ -363,7 +405,8 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
                                  f"{len(self.design_matrix_)} rows in design matrix do not match with "
                                  f"{len(images)} maps (first_level_contrast={first_level_contrast!r}): "
                                  "give one row per map.")
-            inputs.check_images(images, resampling=self._preprocessing()[1] is not None)
+            if not self._surface:
+                inputs.check_images(images, resampling=self._preprocessing()[1] is not None)
             self._maps[key] = self._load(images, self.mask_img_)
         return self._maps[key]
 
@@ -371,12 +414,15 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         """The OLS fit of these maps, evaluated once and kept."""
         key = id(maps)
         if key not in self._fits:
-            self._fits[key] = _evaluate_fit(maps, self.design_matrix_, self.chunk_bytes)
+            self._fits[key] = _evaluate_fit(maps, self.design_matrix_, self.chunk_bytes,
+                                            warn_nonfinite=not self._surface)
         self._last_run = (maps, self._fits[key])
         return self._fits[key]
 
     def _to_image(self, maps, values, dtype=np.float64):
         grid = maps.grid
+        if self._surface:  # a SurfaceImage on the maps' mesh, 0 outside the analysed vertices
+            return elements_image(grid, np.asarray(values), maps.voxels, dtype=dtype)
         return image_from_voxels(np.asarray(values), maps.ijk, grid.shape, affine=grid.affine,
                                  dtype=dtype)
 
@@ -431,7 +477,7 @@ def _stat_type(con_val, stat_type):
     return stat_type
 
 
-def _check_models(models, need_labels):
+def _check_models(models, need_labels, surface=False):
     """nilearn's checks on first-level models: fitted, one grid, labels for confounds."""
     reference = None
     for index, model in enumerate(models):
@@ -445,20 +491,27 @@ def _check_models(models, need_labels):
         mask = inputs.first_level_mask(model)
         if reference is None:
             reference = mask
+        elif surface:
+            if not isinstance(mask, SurfaceImage) or mask.shape != reference.shape:
+                raise InputError(f"first-level model {index} is not fitted on the mesh of model 0 (its mask: "
+                                 f"{type(mask).__name__} of shape {mask.shape}): all models must share one mesh.")
         elif mask.shape != reference.shape or not np.allclose(mask.affine, reference.affine, atol=1e-4):
             raise InputError(f"first-level model {index} is on another grid (shape {mask.shape}) than model 0 "
                              f"(shape {reference.shape}): all models must share one grid.")
 
 
-def _evaluate_fit(maps, design, budget=None):
+def _evaluate_fit(maps, design, budget=None, warn_nonfinite=True):
     """Build the OLS graph over the maps' voxel blocks and persist the per-block fits.
 
     As nilearn's masker, NaN/inf values of the maps count as 0 (a warning gives
     how many voxels held one; the counts come from the same reads as the fits).
+    ``warn_nonfinite=False`` for surface maps: nilearn's SurfaceMasker keeps them
+    and its maps are NaN there, which the model's outputs give instead.
     """
     run = graph.fit_run(maps.data(), design, noise_model="ols", signal_scaling=False, budget=budget)
     persist_runs([run])
-    warn(sum(graph.nonfinite_counts([run])[0]), "the second-level input maps")
+    if warn_nonfinite:
+        warn(sum(graph.nonfinite_counts([run])[0]), "the second-level input maps")
     return run
 
 

@@ -21,13 +21,16 @@ import warnings
 
 import joblib
 import numpy as np
-from nilearn.maskers import NiftiMasker
+from nilearn.exceptions import NotImplementedWarning
+from nilearn.maskers import NiftiMasker, SurfaceMasker
+from nilearn.surface import SurfaceImage
 from sklearn.base import clone
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES
 from chunkglm.design.second_level import check_confounds_table, check_design
 from chunkglm.errors import InputError, InputTypeError
 from chunkglm.glm.second_level import inputs
+from chunkglm.glm.second_level import surface as surf
 from chunkglm.glm.second_level.model import SecondLevelModel, parse_contrast
 from chunkglm.graph.finite import finite_array
 from chunkglm.graph.permutation import max_t_blocks
@@ -127,11 +130,17 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     n_jobs = nilearn_n_jobs(n_jobs)
     kind = inputs.input_kind(second_level_input)
     images = _checked_images(second_level_input) if kind == "images" else None
+    if kind == "surface":
+        surf.check_surface_images(second_level_input, design_matrix is None)
+        images = surf.effect_maps(second_level_input)
     design = _required_design(design_matrix, kind)
     if confounds is not None:
         check_confounds_table(confounds)
     if isinstance(mask, NiftiMasker):  # nilearn sets its masker up before reading the contrast
         mask, target_affine, target_shape, smoothing_fwhm = masker_settings(mask, smoothing_fwhm)
+    elif isinstance(mask, SurfaceMasker):
+        mask, smoothing_fwhm = surface_masker_settings(mask, smoothing_fwhm)
+        target_affine = target_shape = None
     else:
         target_affine = target_shape = None
     con_val = contrast_vector(second_level_contrast, design)
@@ -139,6 +148,11 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         raise InputError("second_level_input is a list of FirstLevelModels: first_level_contrast is "
                          "required (the contrast whose effect maps are modelled).")
     _check_n_maps(kind, second_level_input, first_level_contrast, design, images)
+    if (threshold is not None or tfce) and surf.is_surface_input(second_level_input, mask):
+        tfce, threshold = False, None  # nilearn 0.14.1 drops cluster inference on surfaces, with this warning
+        warnings.warn("Cluster level inference not yet implemented for surface data.\n"
+                      f"Setting {tfce=} and {threshold=}. (chunkglm does as nilearn: only the max-T map is "
+                      "returned.)", NotImplementedWarning, stacklevel=_stack_level())
     model = SecondLevelModel(mask_img=mask, target_affine=target_affine, target_shape=target_shape,
                              smoothing_fwhm=smoothing_fwhm, store=store, chunk_bytes=chunk_bytes)
     model.fit(second_level_input, confounds=confounds, design_matrix=design)
@@ -206,10 +220,10 @@ def check_permutation_options(threshold=None, tfce=False, n_perm=10000, permutat
         raise InputError(f"tfce must be True or False; received {tfce!r}.")
     if permutations is None:
         check_n_perm(n_perm)
-    if mask is not None and not isinstance(mask, (str, NiftiMasker)) and not hasattr(mask, "affine") \
-            and not hasattr(mask, "__fspath__"):
-        raise InputError(f"mask must be a 3-D image (path or nibabel image) or a NiftiMasker; received "
-                         f"{type(mask).__name__}.")
+    if mask is not None and not isinstance(mask, (str, NiftiMasker, SurfaceImage, SurfaceMasker)) \
+            and not hasattr(mask, "affine") and not hasattr(mask, "__fspath__"):
+        raise InputError(f"mask must be a 3-D image (path or nibabel image) or a NiftiMasker (surface maps: a "
+                         f"SurfaceImage or SurfaceMasker); received {type(mask).__name__}.")
 
 
 #: NiftiMasker parameters that change the masked values, with the values that leave them as they are
@@ -273,6 +287,29 @@ def masker_settings(masker, smoothing_fwhm):
     return masker.mask_img, masker.target_affine, masker.target_shape, masker.smoothing_fwhm
 
 
+def surface_masker_settings(masker, smoothing_fwhm):
+    """What nilearn's ``non_parametric_inference`` takes from a SurfaceMasker given as ``mask``: a clone
+    (refitted on the maps' sample map), its smoothing overridden by ``smoothing_fwhm`` when both are set
+    (nilearn's warning); ``smoothing_fwhm`` is not used when the masker has none (a warning says so).
+
+    Returns
+    -------
+    (masker, smoothing_fwhm) for :class:`~chunkglm.glm.second_level.SecondLevelModel`.
+    """
+    masker = clone(masker)
+    if smoothing_fwhm is not None:
+        if masker.smoothing_fwhm is not None:
+            warnings.warn("Parameter 'smoothing_fwhm' of the masker overridden.", UserWarning,
+                          stacklevel=_stack_level())
+            masker.smoothing_fwhm = smoothing_fwhm
+        else:
+            warnings.warn(f"smoothing_fwhm={smoothing_fwhm!r} is not used: the masker given as mask has "
+                          "smoothing_fwhm=None (nilearn's non_parametric_inference then applies no "
+                          "smoothing). Set the masker's smoothing_fwhm to smooth the maps.", UserWarning,
+                          stacklevel=_stack_level())
+    return masker, masker.smoothing_fwhm
+
+
 def _checked_images(second_level_input) -> list:
     """nilearn's checks of image inputs (files found, 3-D, one grid), before the design's."""
     images = inputs.image_list(second_level_input)
@@ -283,6 +320,11 @@ def _checked_images(second_level_input) -> list:
 
 
 def _required_design(design_matrix, kind):
+    if design_matrix is None and kind == "surface":
+        raise InputTypeError("design_matrix can only be a pandas DataFrame, a Path object or a string, or "
+                             "a numpy array. A <class 'NoneType'> was provided at idx 0. "
+                             "non_parametric_inference needs a design matrix (one row per map), as "
+                             "nilearn's.")
     if design_matrix is None and kind == "images":
         raise InputError("List of niimgs as 'second_level_input' require a design matrix to be provided. "
                          "Give one row per map, in the maps' order; build one with "
@@ -359,7 +401,7 @@ def nilearn_n_jobs(n_jobs) -> int:
 
 def _check_n_maps(kind, second_level_input, first_level_contrast, design, images=None) -> None:
     """One design row per modelled map, checked before the maps are loaded."""
-    if kind == "images":
+    if kind in ("images", "surface"):
         n_maps = len(images)
     elif kind == "dataframe":
         frame = inputs.dataframe_rows(second_level_input)
