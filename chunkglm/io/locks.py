@@ -79,9 +79,22 @@ def _read(store, key) -> dict | None:
         return {}
 
 
+#: Attempts of one lock write whose folder a releasing holder removed meanwhile (each is one
+#: more mkdir+open: a release removes the folder at most once per holder).
+_WRITE_ATTEMPTS = 5
+
+
 def _write(store, key, data: bytes, exclusive: bool) -> None:
     buf = default_buffer_prototype().buffer.from_bytes(data)
-    sync(store.set_if_not_exists(key, buf) if exclusive else store.set(key, buf))
+    for attempt in range(_WRITE_ATTEMPTS):
+        try:
+            return sync(store.set_if_not_exists(key, buf) if exclusive else store.set(key, buf))
+        except FileNotFoundError:
+            # zarr's LocalStore makes the key's folder, then opens its temporary file in it; a
+            # holder releasing the lock between the two removed the emptied folder
+            # (_remove_empty_folder): make it again
+            if attempt == _WRITE_ATTEMPTS - 1:
+                raise
 
 
 def stale_after() -> float:
