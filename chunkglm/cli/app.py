@@ -12,9 +12,16 @@
 3. pybids builds the model's graph (design matrices, contrasts, groups) and
    :class:`chunkglm.glm.stats_models.ModelRun` runs its nodes up to the
    analysis level (participant = the Subject nodes), writing fitlins'
-   derivatives under ``OUTPUT_DIR/node-<name>/``, then a
+   derivatives under ``OUTPUT_DIR/node-<name>/`` (``--layout glm|both``: also, or only, the
+   derivatives/glm layout's ``first_level/`` and ``group_level/``,
+   :mod:`chunkglm.glm.stats_models.glm_layout`; ``--n-perm``: max-T permutation FWE maps of the
+   Dataset glm nodes' t contrasts, :mod:`chunkglm.glm.stats_models.inference`) and an HTML page
+   per run and node group under ``OUTPUT_DIR/reports/`` (unless ``--no-reports``), then a
    ``dataset_description.json`` and the provenance record
    ``OUTPUT_DIR/app_provenance.json`` (last).
+
+The cluster: ``--cluster``/``--scheduler`` as every command; ``--nprocs``/``--mem`` (fitlins'
+``--n-cpus``/``--mem-gb``) size the local one. ``-v``/``-q``: more or fewer lines.
 
 The output folder is a local folder (later nodes read the maps earlier ones
 wrote); object-store outputs are refused.
