@@ -181,6 +181,13 @@ def test_cifti_runs_cortex_as_nilearn_on_the_gifti_runs(tmp_path, runs, dataset,
         assert rel_l2(values[:len(cortex)], _values(want[name])[cortex]) <= REL_L2, name
         assert np.isfinite(values[len(cortex):]).all()  # the thalamus voxels are fitted too
     assert ours.masker_ is None and np.asarray(ours.mask_img_.dataobj).all()
+    if noise_model == "ols":  # the header built once per grid is copied into each image, never shared
+        first, second = got["z_score"].header, ours.compute_contrast("a - b").header
+        assert first is not second and first.get_axis(1) == second.get_axis(1)
+        model_axis = first.matrix.get_index_map(1)
+        model_axis[0].vertex_indices[0] = 1 + model_axis[0].vertex_indices[0]  # a user edits one image's header
+        assert ours.compute_contrast("a - b").header.get_axis(1) == dataset.surface.brain_models
+        assert second.get_axis(1) == dataset.surface.brain_models
 
 
 def test_first_level_from_bids_surface_folder_and_store(tmp_path, dataset):

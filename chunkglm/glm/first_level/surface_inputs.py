@@ -107,14 +107,33 @@ def elements_image(grid: SurfaceGrid, values, selected=None, dtype=np.float64):
     return SurfaceImage(_polymesh(grid), {part: full[slices[part]] for part, _ in grid.parts})
 
 
+#: CIFTI headers built, by (grid id, number of maps): building one from a 91k brain-model axis
+#: (nibabel's from_axes) costs several times the copy each image takes of it.
+_CIFTI_HEADERS: dict = {}
+_CIFTI_HEADERS_KEPT = 8
+
+
+def _cifti_header(grid: SurfaceGrid, n_maps: int):
+    """The dense scalar header of ``n_maps`` maps (``map-0``...) on the grid's brain-model axis, built
+    once per grid and number of maps (never handed out: each Cifti2Image copies the header it gets)."""
+    from nibabel.cifti2 import Cifti2Header, ScalarAxis
+
+    key = (grid.grid_id, n_maps)
+    if key not in _CIFTI_HEADERS:
+        if len(_CIFTI_HEADERS) >= _CIFTI_HEADERS_KEPT:
+            _CIFTI_HEADERS.pop(next(iter(_CIFTI_HEADERS)))
+        axis = ScalarAxis([f"map-{i}" for i in range(n_maps)])
+        _CIFTI_HEADERS[key] = Cifti2Header.from_axes((axis, grid.brain_models))
+    return _CIFTI_HEADERS[key]
+
+
 def _cifti_image(grid: SurfaceGrid, full: np.ndarray):
-    from nibabel.cifti2 import Cifti2Header, Cifti2Image, ScalarAxis
+    from nibabel.cifti2 import Cifti2Image
 
     rows = full.reshape(len(full), -1).T  # (maps, grayordinates)
     if rows.dtype == bool:
         rows = rows.astype(np.uint8)  # CIFTI-2 has no boolean type
-    axis = ScalarAxis([f"map-{i}" for i in range(len(rows))])
-    return Cifti2Image(np.ascontiguousarray(rows), Cifti2Header.from_axes((axis, grid.brain_models)))
+    return Cifti2Image(np.ascontiguousarray(rows), _cifti_header(grid, len(rows)))
 
 
 def fitted_surface_masker(model, mask_image):
