@@ -228,3 +228,21 @@ def _small_surface_image():
     faces = np.array([[0, 1, 2], [1, 2, 3]])
     mesh = PolyMesh(left=InMemoryMesh(coordinates, faces), right=InMemoryMesh(coordinates, faces))
     return SurfaceImage(mesh, {p: np.zeros(100, np.float32) for p in ("left", "right")})
+
+
+def test_repeated_column_names_as_nilearn():
+    """nilearn fits designs whose column names repeat (its estimator checks use ["", "", ""]);
+    weights work, a formula over the repeated names is refused."""
+    maps = _surface_maps(seed=9, n=6)
+    design = pd.DataFrame(np.random.default_rng(2).standard_normal((6, 3)), columns=["", "", ""])
+    ours = _quiet(SecondLevelModel().fit, maps, design_matrix=design)
+    theirs = _quiet(NilearnSLM().fit, maps, design_matrix=design)
+    _assert_maps(ours, theirs, [1, 0, 0], REL_L2)
+    with pytest.raises(InputError, match="not unique"):
+        ours.compute_contrast("a")
+
+
+def test_empty_surface_image_refused_as_nilearn():
+    empty = SurfaceImage(MESH, {p: np.zeros((10242, 0), np.float32) for p in ("left", "right")})
+    with pytest.raises(ValueError, match="The image is empty"):  # nilearn's word for it
+        SecondLevelModel().fit(empty, design_matrix=pd.DataFrame({"intercept": np.ones(0)}))

@@ -119,8 +119,8 @@ def check_design(design, n_maps: int, full_rank: bool = False) -> pd.DataFrame:
         raise InputError(f"the design matrix must be numeric; columns {list(design.columns)}: {err}") from None
     if not np.isfinite(X).all():
         raise InputError("the design matrix holds NaN or infinite values; fill or drop those rows/columns.")
-    if len(set(map(str, design.columns))) != design.shape[1]:
-        raise InputError(f"the design matrix's column names are not unique: {list(design.columns)}.")
+    # column names may repeat (nilearn accepts it: its estimator checks fit ["", "", ""]); a contrast
+    # formula over repeated names is refused by parse_contrast
     _check_rank(design, X, full_rank)
     return design
 

@@ -545,6 +545,9 @@ def parse_contrast(contrast, columns) -> np.ndarray:
                              f"columns {columns}: name the contrast (e.g. 'intercept' or [1, 0]).")
         return np.ones(1)
     if isinstance(contrast, str):
+        if len(set(columns)) != len(columns):
+            raise InputError(f"contrast {contrast!r} names columns, but the design's column names are not "
+                             f"unique: {columns}. Give the contrast as weights, one per column.")
         try:
             return np.asarray(expression_to_contrast_vector(contrast, columns), dtype=np.float64)
         except Exception as err:  # pandas eval raises several kinds

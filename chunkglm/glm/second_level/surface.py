@@ -59,6 +59,10 @@ def is_surface_input(second_level_input, mask=None) -> bool:
 
 def check_surface_images(second_level_input, none_design_matrix: bool) -> None:
     """nilearn's checks of SurfaceImage inputs, with its exception types and wording."""
+    images = [second_level_input] if isinstance(second_level_input, SurfaceImage) else second_level_input
+    for img in images:
+        if 0 in img.shape:
+            raise InputError(f"The image is empty: a SurfaceImage of shape {img.shape} holds no map to model.")
     if isinstance(second_level_input, SurfaceImage):
         if len(second_level_input.shape) == 1 or second_level_input.shape[1] == 1:
             raise InputTypeError("If a single SurfaceImage object is passed as 'second_level_input',it must "
