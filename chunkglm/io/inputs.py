@@ -228,7 +228,9 @@ def stage_inputs(items, kind: str = "runs", *, mask_img=None, target_affine=None
     items : store node, path, nibabel image, list of them, or pandas DataFrame
         Store nodes (all of them, of ``kind``) pass through unchanged. For
         ``"runs"``: 4-D images, or surface runs (nilearn SurfaceImages, GIFTI
-        pairs, CIFTI series: :mod:`chunkglm.io.surface_convert`). For ``"maps"``: 3-D images (or one 4-D image,
+        pairs, CIFTI series: :mod:`chunkglm.io.surface_convert`). For ``"maps"``: surface maps
+        (SurfaceImages, GIFTI pairs, CIFTI dscalars: :mod:`chunkglm.io.surface_maps`; ``mask_img`` then a
+        (n_vertices,) bool array), or 3-D images (or one 4-D image,
         one map per volume) of the first of ``map_types``, or a DataFrame with
         one column of paths/images per map type, optional per-image
         coordinates (``study_id``, ``sample_sizes``, ``subject``, ``contrast``)

@@ -49,11 +49,14 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
     Parameters
     ----------
-    mask_img : str, nibabel image, fitted NiftiMasker or None, default=None
+    mask_img : str, nibabel image, fitted NiftiMasker, SurfaceImage, SurfaceMasker or None, default=None
         The analysis mask. Default: nilearn's, the background mask of the
         sample map (mean of the maps for image inputs). A fitted NiftiMasker
         gives its mask, target_affine, target_shape and smoothing_fwhm
         (overriding the model's, with nilearn's warning) and becomes ``masker_``.
+        Surface maps: a SurfaceImage mask or a SurfaceMasker (nilearn's
+        masker fitted on the maps' sample map; default the vertices finite in
+        every map). target_affine and target_shape do not apply to surfaces.
     target_affine : ndarray (4, 4) or (3, 3), or None, default=None
         Resample maps (continuous) and the mask (nearest) onto this grid when
         the maps are loaded, as nilearn's masker.
@@ -189,7 +192,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
         Parameters
         ----------
-        second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel or maps node
+        second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel, maps node or SurfaceImages
             As nilearn's: 3-D images (paths or nibabel) or one 4-D image
             (need ``design_matrix``); a DataFrame with columns
             ``subject_label``, ``map_name``, ``effects_map_path`` (the maps of
@@ -197,6 +200,11 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
             fitted :class:`chunkglm.glm.first_level.FirstLevelModel` objects
             (their effect maps of ``first_level_contrast``); or a maps node of
             a cohort store (``chunkglm.open_cohort(store).maps[name]``).
+            Surfaces (:mod:`chunkglm.glm.second_level.surface`): a list of
+            SurfaceImage maps or one 2-D SurfaceImage (need ``design_matrix``),
+            FirstLevelModels fitted on surfaces (nilearn 0.14.1's own
+            compute_contrast refuses these), or a maps node of a mesh grid;
+            the outputs are then SurfaceImages.
         confounds : pandas.DataFrame, optional
             ``subject_label`` plus covariate columns (one row per subject).
         design_matrix : pandas.DataFrame or path, optional

@@ -52,8 +52,9 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
 
     Parameters
     ----------
-    second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel or maps node
-        As :meth:`chunkglm.glm.second_level.SecondLevelModel.fit`.
+    second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel, maps node, or SurfaceImage maps
+        As :meth:`chunkglm.glm.second_level.SecondLevelModel.fit` (surface maps
+        included: the -log10 p map is then a SurfaceImage).
     confounds : pandas.DataFrame, optional
         Checked (``subject_label`` plus covariates) but not used, as in
         nilearn: covariates enter through ``design_matrix``.
@@ -77,6 +78,9 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         nilearn uses it (see :func:`masker_settings`): its ``mask_img``
         (resampled onto its ``target_affine``/``target_shape``), or without
         one nilearn's background mask of the maps; its ``smoothing_fwhm``.
+        Surface maps: a SurfaceImage or a SurfaceMasker (cloned and refitted,
+        as nilearn; see :func:`surface_masker_settings`); default the
+        vertices finite in every map.
     smoothing_fwhm : float, optional
         Gaussian smoothing (mm) of each map when it is loaded. With a
         ``NiftiMasker`` as ``mask``: it overrides the masker's own smoothing
@@ -101,9 +105,12 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         nilearn's calls run unchanged.
     threshold : float in (0, 1), optional
         Uncorrected p-value forming clusters (nilearn's): adds cluster size
-        and cluster mass maps and their -log10 FWE p-values.
+        and cluster mass maps and their -log10 FWE p-values. Surface maps:
+        not used, as in nilearn 0.14.1 (its NotImplementedWarning; only the
+        max-T map is returned).
     tfce : bool, default=False
-        Adds the TFCE map and its -log10 FWE p-values.
+        Adds the TFCE map and its -log10 FWE p-values. Surface maps: as
+        ``threshold``, not used (nilearn's warning).
     permutations : array-like of shape (n_perm, n_maps), optional
         chunkglm only: explicit permutations, for exact comparisons. +1/-1
         sign-flips when the tested variable is a constant column without
