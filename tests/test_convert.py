@@ -299,3 +299,23 @@ def test_concurrent_conversions_keep_every_provenance_record(tmp_path):
     assert sorted(n.split("_")[0] for n in cohort.runs) == [f"sub-0{i}" for i in range(1, 6)]
     records = cohort.attrs["provenance"]
     assert len(records) == 5 and all(r["operation"] == "convert" for r in records)
+
+
+def test_a_conversion_writes_no_temporary_file_for_documents_that_exist(tiny_bids, tmp_path, monkeypatch):
+    """zarr writes each parent group's zarr.json 'if not exists' at every array creation; zarr's
+    LocalStore did that with a temporary file linked into place (and removed when the document
+    existed), so a worker killed there left ``runs/zarr.<hex>.partial`` in a finished store (the
+    distributed kill test). The store chunkglm opens looks first: no such write at all."""
+    import zarr.storage._local as zarr_local
+
+    original, pointless = zarr_local._put, []
+
+    def put(path, value, exclusive=False):
+        if exclusive and path.exists():
+            pointless.append(str(path.relative_to(tmp_path)))
+        return original(path, value, exclusive)
+
+    monkeypatch.setattr(zarr_local, "_put", put)
+    chunkglm.convert(tiny_bids.root, tmp_path / "s.zarr", client=None)
+    assert pointless == []
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))

@@ -99,7 +99,26 @@ def zarr_store(store, storage_options=None, *, read_only=False):
     if is_url(store):
         return open_store(store, storage_options, read_only=read_only)
     path = str(store).removeprefix("file://")
-    return LocalStore(path, read_only=read_only)
+    return CohortLocalStore(path, read_only=read_only)
+
+
+class CohortLocalStore(LocalStore):
+    """zarr's LocalStore, writing nothing for ``set_if_not_exists`` of a key that exists.
+
+    zarr writes the ``zarr.json`` of every parent group with ``set_if_not_exists``
+    at each array or group creation; LocalStore does that by writing a temporary
+    file (``zarr.<hex>.partial``) and linking it into place, which fails and is
+    unlinked when the document exists: each array of a run wrote (and removed)
+    a temporary file in the store's root and in ``runs/``, and a worker killed
+    between the two left it there (seen in the distributed kill test). Looking
+    first writes nothing when the key exists; a key created meanwhile by another
+    process still makes the write a no-op, as before.
+    """
+
+    async def set_if_not_exists(self, key, value) -> None:
+        if await self.exists(key):
+            return
+        await super().set_if_not_exists(key, value)
 
 
 def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
