@@ -43,6 +43,12 @@ EXAMPLES = ROOT / "examples" / "models"
 PARTICIPANTS = ("participant_id\tage\tgroup\nsub-01\t45\tcontrol\nsub-02\t53\tpatient\nsub-03\t37\tpatient\n"
                 "sub-04\t29\tcontrol\nsub-05\t61\tpatient\n")
 
+#: fitlins on the tiny data takes a few minutes on an idle 2-core machine, 9+ under a load of 10
+#: (nipype's nodes run one after the other): room for a loaded machine, and pytest-timeout's
+#: limit (pyproject: 600 s) raised to match for the tests that run it
+FITLINS_SECONDS = 1500
+pytestmark = pytest.mark.timeout(FITLINS_SECONDS + 300)
+
 # fitlins writes this model map per run; chunkglm app does not (yet).
 NOT_WRITTEN = ("stat-logLikelihood_statmap",)
 
@@ -75,7 +81,7 @@ def fitlins_out(dataset):
     command = [_fitlins_python(), str(ROOT / "tests" / "_fitlins_reference.py"), str(ds.root), str(out), "dataset",
                "-m", str(root / "fitlins_model.json"), "-d", str(ds.derivatives), "-w", str(root / "fitlins_work"),
                "--space", SPACE, "--drift-model", "cosine", "-q", "-q"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=540)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=FITLINS_SECONDS)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -214,7 +220,7 @@ def modulated(tmp_path_factory):
     command = [_fitlins_python(), str(ROOT / "tests" / "_fitlins_reference.py"), str(ds.root), str(root / "fitlins"),
                "participant", "-m", str(root / "fitlins_model.json"), "-d", str(ds.derivatives),
                "-w", str(root / "fitlins_work"), "--space", SPACE, "-q", "-q"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=540)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=FITLINS_SECONDS)
     assert run.returncode == 0, run.stderr[-3000:]
     code = main(["app", str(ds.root), str(root / "chunkglm"), "participant", "--model",
                  str(EXAMPLES / "parametric_modulation.json"), "--cluster", "none", "--no-progress"])

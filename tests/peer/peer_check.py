@@ -23,6 +23,10 @@ import suites  # noqa: E402
 from binding import read_exclusions  # noqa: E402
 
 
+#: The suites' own limit (suites.run's timeout) and pytest-timeout's for the tests running
+#: them: a part takes 2-4 minutes on an idle 2-core machine, 2-3 times that under load.
+SUITE_SECONDS = 1800
+
 #: nilearn's suite in parts, one test file each (``test_peer_nilearn_<part>.py``)
 NILEARN_PARTS = {
     "glm": ("glm/tests/test_first_level.py", "glm/tests/test_first_level_from_bids.py",
@@ -46,7 +50,7 @@ def check_what_passed_keeps_passing(anchor, modules=None):
         unknown = sorted(set(modules) - set(suite.modules))
         assert not unknown, f"not modules of the {anchor} suite: {unknown}"
         suite = dataclasses.replace(suite, modules=tuple(modules))
-    outcomes = suites.run(suite)
+    outcomes = suites.run(suite, timeout=SUITE_SECONDS - 60)
     print(suites.table(outcomes))
     recorded = [test_id for test_id in suite.passing.read_text().splitlines()
                 if test_id.split("::", 1)[0] in suite.modules]

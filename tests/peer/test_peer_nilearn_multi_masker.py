@@ -9,9 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peer_check import NILEARN_PARTS, check_what_passed_keeps_passing  # noqa: E402
+from peer_check import NILEARN_PARTS, SUITE_SECONDS, check_what_passed_keeps_passing  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SUITE_SECONDS)
 def test_what_passed_keeps_passing():
     check_what_passed_keeps_passing("nilearn", NILEARN_PARTS["multi_masker"])
