@@ -87,9 +87,14 @@ def test_default_masker_batches_are_the_old_ones():
 
 
 @settings(max_examples=200, deadline=None)
-@given(n_rows=st.integers(1, 2_000), n_voxels=st.integers(0, 3_000_000), itemsize=st.sampled_from([1, 4, 8]),
-       chunk_bytes=st.integers(1, 2**28))
-def test_planned_sizes_are_positive_within_the_budget_and_cover_the_axis(n_rows, n_voxels, itemsize, chunk_bytes):
+@given(n_rows=st.integers(1, 2_000), itemsize=st.sampled_from([1, 4, 8]), chunk_bytes=st.integers(1, 2**28),
+       data=st.data())
+def test_planned_sizes_are_positive_within_the_budget_and_cover_the_axis(n_rows, itemsize, chunk_bytes, data):
+    # up to 3 million voxels, and at most ~4,000 blocks of the budget's size: a tiny budget with
+    # millions of voxels made millions of one-voxel blocks to list (minutes per example) and
+    # checks nothing more than a few thousand do
+    per_block = max(1, chunk_bytes // (n_rows * itemsize))
+    n_voxels = data.draw(st.integers(0, min(3_000_000, 4_000 * per_block)), label="n_voxels")
     budget = MemoryBudget(chunk_bytes)
     plan = budget.plan(n_rows, n_voxels, itemsize)
     block = plan.chunks[1]
