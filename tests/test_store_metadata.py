@@ -336,8 +336,11 @@ class _Killed(BaseException):
 def test_a_conversion_killed_before_its_batch_merge(ten_runs, tmp_path, monkeypatch):
     """Cut after every node was written, before any batch merge: the listing still says the nodes
     are incomplete (plain xarray reads them marked incomplete), chunkglm's readers read their
-    markers from the store and see them complete, and the same conversion run again lists them
-    (skipping every node) exactly as a full consolidation would."""
+    markers from the store and see them complete, ``chunkglm verify`` reports the listing (and
+    ``--repair`` mends it), and the same conversion run again lists them (skipping every node)
+    exactly as a full consolidation would."""
+    import shutil
+
     path = tmp_path / "killed.zarr"
 
     def killed(self):
@@ -358,6 +361,17 @@ def test_a_conversion_killed_before_its_batch_merge(ten_runs, tmp_path, monkeypa
     cohort = Cohort(counted)
     assert sorted(cohort.runs) == names and not cohort.incomplete  # markers read from the store
     assert counted.counter["get"] > len(names)
+    # chunkglm verify names the listing; --repair lists them again
+    from chunkglm.io.verify import LISTING, repair_store, verify_store
+
+    copy = tmp_path / "verified.zarr"
+    shutil.copytree(path, copy)
+    problems, _ = verify_store(str(copy))
+    assert [p.node for p in problems] == [LISTING]  # 10 runs and the unlisted provenance record:
+    assert "out of date for 11 node(s) (e.g. _provenance, runs/sub-01" in problems[0].message
+    assert repair_store(str(copy), problems) == ([LISTING], {})
+    assert verify_store(str(copy)) == ([], [])
+    _full_consolidation_equals_listing(copy)
     report = chunkglm.convert(ten_runs.root, path, task="main", client=None)
     assert sorted(report.skipped) == [f"runs/{n}" for n in names] and not report.converted
     counted = _counted(path)

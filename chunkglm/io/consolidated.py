@@ -33,7 +33,7 @@ trust the listing alone (``xarray.open_datatree``) see the node marked
 incomplete (its attributes as listed: ``{"chunkglm": {"complete": false}}``),
 i.e. not yet usable, never a node complete that the store does not hold. A conversion killed before its batch's merge leaves those entries
 incomplete; the next ``convert`` of the same inputs mends them (:func:`mend`),
-and ``chunkglm verify`` reports them (``--repair`` mends them). A replaced
+and ``chunkglm verify`` reports them (:func:`stale`; ``--repair`` mends them). A replaced
 node (a version switch) is still merged at once, at its switch.
 
 Writers open the store without it (``use_consolidated=False``): they see the
@@ -51,7 +51,7 @@ from zarr.core.sync import sync
 
 from chunkglm.io import locks
 
-__all__ = ["KEY", "Batch", "consolidate", "listing", "mend", "merge", "merge_many", "read_root"]
+__all__ = ["KEY", "Batch", "consolidate", "listing", "mend", "merge", "merge_many", "read_root", "stale"]
 
 #: The root document's field holding the inlined documents.
 KEY = "consolidated_metadata"
@@ -227,6 +227,15 @@ def mend(root, paths) -> list[str]:
         if mended:
             _write_root(root.store, document, entries)
     return mended
+
+
+def stale(root, paths) -> list[str] | None:
+    """The paths of ``paths`` whose listed documents differ from the store's: what :func:`mend`
+    would list again (read only, no lock). None when the root has no listing at all."""
+    entries = listing(read_root(root.store) or {})
+    if entries is None:
+        return None
+    return _mended(root.store, entries, list(paths))[1]
 
 
 def _mended(zstore, entries: dict, paths) -> tuple[dict, list[str]]:

@@ -6,7 +6,9 @@ once). ``repair`` converts damaged runs and map collections again from their
 recorded sources when those still have their recorded sha256, into a new
 version switched to only once complete; it also finishes or removes
 replacements cut off before their switch and removes replaced versions whose
-grace time (:func:`chunkglm.io.layout.keep_replaced`) has passed.
+grace time (:func:`chunkglm.io.layout.keep_replaced`) has passed. The root's
+consolidated listing is compared with the nodes' documents (a conversion cut
+off before its batch merge leaves entries out of date); ``repair`` mends it.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from chunkglm.errors import ChunkglmError
+from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
-from chunkglm.io import locks
 from chunkglm.io.cohort import DAMAGED_METADATA, damaged_metadata_message
 from chunkglm.io.integrity import check_object, chunk_keys, node_inventory
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.sources import source_key, unchanged
 from chunkglm.io.write_maps import MapsJob, convert_maps
 from chunkglm.io.write_run import RunJob, convert_run
+
+
+#: :attr:`Problem.node` of a problem of the root's consolidated listing (not a node's).
+LISTING = "zarr.json"
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,27 @@ def verify_store(store, storage_options=None) -> tuple[list[Problem], list[str]]
             problems.extend(_unpublished(root, path, meta))
             notes.extend(_superseded_notes(path, meta))
     problems.extend(_leftovers(root))
+    problems.extend(_listing_problems(root))
     return problems, notes
+
+
+def _node_paths(root) -> list[str]:
+    """Every node of the store and every node its listing names (listed but never written too)."""
+    paths = {f"{kind}/{name}" for kind in st.KINDS for name in st.node_status(root, kind)}
+    listed = consolidated.listing(consolidated.read_root(root.store) or {}) or {}
+    paths |= {k for k in listed if k.count("/") == 1 and k.split("/")[0] in st.KINDS}
+    return sorted(paths) + [st.PROVENANCE]
+
+
+def _listing_problems(root) -> list[Problem]:
+    found = consolidated.stale(root, _node_paths(root))
+    if not found:
+        return []
+    return [Problem(LISTING, f"{LISTING}: the root's consolidated listing is out of date for {len(found)} "
+                             f"node(s) (e.g. {', '.join(found[:3])}), left by a writer cut off before it listed "
+                             "them; chunkglm reads their markers from the store, readers of the listing alone "
+                             "(xarray) see them as listed; `chunkglm verify --repair` or the same `chunkglm "
+                             "convert` lists them again")]
 
 
 def _check_complete_node(root, path, meta, notes) -> list[Problem]:
@@ -170,13 +196,14 @@ def repair_store(store, problems, storage_options=None, input_storage_options=No
     Returns
     -------
     repaired : list of str
-        Node paths written again (or whose interrupted replacement was finished).
+        Node paths written again (or whose interrupted replacement was finished), and
+        :data:`LISTING` when the root's consolidated listing was mended.
     unrepairable : dict
         Node path -> why it cannot be repaired here (and what to do).
     """
     root = st.open_root(store, storage_options, mode="a")
     repaired, unrepairable = [], {}
-    for path in sorted({p.node for p in problems if p.node}):
+    for path in sorted({p.node for p in problems if p.node and p.node != LISTING}):
         kind, _, name = path.partition("/")
         if kind != "grids" and _finish_leftovers(root, kind, name):
             repaired.append(path)
@@ -187,6 +214,9 @@ def repair_store(store, problems, storage_options=None, input_storage_options=No
             repaired.append(path)
         else:
             unrepairable[path] = reason
+    if any(p.node == LISTING for p in problems):  # after the nodes: their repairs are listed already
+        consolidated.mend(root, _node_paths(root))
+        repaired.append(LISTING)
     return sorted(set(repaired) - set(unrepairable)), unrepairable
 
 
