@@ -611,6 +611,7 @@ from _cases_app import app_case  # noqa: E402
 
 CASES["app"] = app_case
 
-from _cases_surface import surface_first_level_case  # noqa: E402
+from _cases_surface import surface_first_level_case, surface_second_level_scale_case  # noqa: E402
 
 CASES["surface_first_level"] = surface_first_level_case
+CASES["surface_second_level_scale"] = surface_second_level_scale_case
