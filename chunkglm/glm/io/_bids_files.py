@@ -190,6 +190,8 @@ def mask_image(model):
     import nibabel as nib
 
     mask = getattr(model, "mask_img_", None)
+    if type(mask).__name__ == "SurfaceImage":  # surface models: the mask as nilearn writes it (GIFTI)
+        return mask
     if mask is not None:
         from nilearn.image import load_img
 
@@ -303,11 +305,12 @@ def clusters(z_img, mask_img, options: dict):
     table = get_clusters_table(thresholded, stat_threshold=threshold,
                                cluster_threshold=options["cluster_threshold"],
                                two_sided=options["two_sided"], min_distance=options["min_distance"])
-    return table, cluster_details(threshold, options)
+    return table, cluster_details(threshold, options, volume=type(z_img).__name__ != "SurfaceImage")
 
 
-def cluster_details(threshold, options: dict) -> dict:
-    """nilearn's ``clustering_params_to_dataframe`` (volume GLM) as a dict."""
+def cluster_details(threshold, options: dict, volume: bool = True) -> dict:
+    """nilearn's ``clustering_params_to_dataframe`` as a dict (``volume=False``: a surface GLM's, without
+    the cluster size and minimum distance entries, as nilearn's)."""
     threshold = float(np.around(threshold, 3))
     alpha, height_control = options["alpha"], options["height_control"]
     if height_control:
@@ -316,8 +319,9 @@ def cluster_details(threshold, options: dict) -> dict:
                    "Threshold (computed)": threshold}
     else:
         details = {"Height control": "None", "Threshold Z": threshold}
-    details["Cluster size threshold (voxels)"] = options["cluster_threshold"]
-    details["Minimum distance (mm)"] = options["min_distance"]
+    if volume:
+        details["Cluster size threshold (voxels)"] = options["cluster_threshold"]
+        details["Minimum distance (mm)"] = options["min_distance"]
     return details
 
 
