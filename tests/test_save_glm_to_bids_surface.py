@@ -21,7 +21,6 @@ from nilearn.glm.first_level import FirstLevelModel as NilearnFLM
 from nilearn.glm.second_level import SecondLevelModel as NilearnSLM
 from nilearn.surface import SurfaceImage
 
-from chunkglm.errors import InputError
 from chunkglm.glm import save_glm_to_bids
 from chunkglm.glm.first_level import FirstLevelModel
 from chunkglm.glm.io._surface_files import surface_file_name
@@ -113,7 +112,11 @@ def test_surface_file_names():
         == "group/mystudy_hemi-L_den-7_contrast-age_stat-t_statmap.gii"
 
 
-def test_cifti_model_refused_before_writing(tmp_path):
+def test_cifti_model_dense_scalar_files(tmp_path):
+    """CIFTI models (nilearn has none): each map a dense scalar file on the runs' brain-model axis,
+    equal to compute_contrast's as float32; no cluster table, with a warning; no report."""
+    from nibabel.cifti2 import Cifti2Image
+
     from chunkglm.io.cohort import open_cohort
     from chunkglm.io.surface_convert import convert_surface_bids
     from chunkglm.testing import make_synthetic_bids
@@ -121,6 +124,17 @@ def test_cifti_model_refused_before_writing(tmp_path):
     dataset = make_synthetic_bids(tmp_path / "bids", n_subjects=1, n_runs=1, surface=True)
     convert_surface_bids(dataset.root, tmp_path / "c.zarr", space="fsaverage5", cifti=True)
     model = FirstLevelModel(slice_time_ref=0.5).fit(list(open_cohort(tmp_path / "c.zarr").runs.values()))
-    with pytest.raises(InputError, match="does not write CIFTI"):
-        save_glm_to_bids(model, ["a - b"], out_dir=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="no cluster table for this CIFTI contrast"):
+        save_glm_to_bids(model, ["a - b"], out_dir=tmp_path / "out", prefix="sub-01")
+    files = _files(tmp_path / "out")
+    assert not any(f.endswith(("clusters.tsv", "clusters.json", "report.html", ".nii.gz", ".gii")) for f in files)
+    z_file = "sub-01/sub-01_contrast-aMinusB_stat-z_statmap.dscalar.nii"
+    assert {z_file, "sub-01/sub-01_mask.dscalar.nii", "sub-01/sub-01_stat-rsquared_statmap.dscalar.nii"} <= files
+    written = nib.load(tmp_path / "out" / z_file)
+    expected = model.compute_contrast("a - b")
+    assert isinstance(written, Cifti2Image) and written.header.get_axis(1) == dataset.surface.brain_models
+    assert written.get_data_dtype() == np.float32
+    np.testing.assert_allclose(np.asarray(written.dataobj, dtype=np.float64),
+                               np.asarray(expected.dataobj, dtype=np.float64), rtol=RTOL)
+    mask = nib.load(tmp_path / "out" / "sub-01/sub-01_mask.dscalar.nii")
+    assert np.asarray(mask.dataobj).all() and mask.shape == (1, len(dataset.surface.brain_models))

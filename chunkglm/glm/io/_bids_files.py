@@ -190,8 +190,8 @@ def mask_image(model):
     import nibabel as nib
 
     mask = getattr(model, "mask_img_", None)
-    if type(mask).__name__ == "SurfaceImage":  # surface models: the mask as nilearn writes it (GIFTI)
-        return mask
+    if type(mask).__name__ in ("SurfaceImage", "Cifti2Image"):  # surface models: written per hemisphere
+        return mask  # (GIFTI, as nilearn) or as a dense scalar file (CIFTI)
     if mask is not None:
         from nilearn.image import load_img
 

@@ -5,19 +5,23 @@ hemisphere, named from the volume name with ``hemi-L``/``hemi-R`` and
 ``den-<vertices>`` entities placed in BIDS entity order and the ``.gii``
 extension (``sub-01_hemi-L_den-10242_contrast-c0_stat-z_statmap.gii``); values
 are stored as float32 (uint8 for the mask), and the model's ``statmap.json``
-sidecar gains a ``Density`` entry. :func:`save_map` writes either kind of map.
+sidecar gains a ``Density`` entry. CIFTI models' maps (nibabel Cifti2Images; nilearn has
+no CIFTI GLM) are written as dense scalar files, ``.dscalar.nii``. :func:`save_map` writes
+every kind of map.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 from nilearn.surface import SurfaceImage
 from nilearn.surface.surface import data_to_gifti
 
-from chunkglm.errors import InputError
 from chunkglm.io.nifti import save_map as save_volume
 
-__all__ = ["density", "is_surface_map", "save_map", "surface_file_name"]
+__all__ = ["cifti_clusters_skipped", "cifti_file_name", "density", "is_cifti_map", "is_surface_map",
+           "is_surface_output", "save_map", "surface_file_name"]
 
 #: BIDS entities in the specification's order; hemi and den take their places among them, the
 #: entities BIDS does not list (nilearn's contrast, stat) stay after them in their order.
@@ -31,12 +35,31 @@ def is_surface_map(img) -> bool:
     return isinstance(img, SurfaceImage)
 
 
-def check_writable(img) -> None:
-    """CIFTI outputs (nibabel Cifti2Image) are not written by save_glm_to_bids yet: one line saying so."""
-    if type(img).__name__ == "Cifti2Image":
-        raise InputError("save_glm_to_bids does not write CIFTI models' maps yet (nilearn has no CIFTI GLM to "
-                         "follow): save compute_contrast's Cifti2Images with nibabel (img.to_filename("
-                         "'..._statmap.dscalar.nii')).")
+def is_cifti_map(img) -> bool:
+    """A CIFTI model's output: a nibabel Cifti2Image dense scalar image."""
+    return type(img).__name__ == "Cifti2Image"
+
+
+def is_surface_output(img) -> bool:
+    """A surface model's output (SurfaceImage or CIFTI dense scalar), which the report pages do not draw."""
+    return is_surface_map(img) or is_cifti_map(img)
+
+
+def cifti_clusters_skipped(z_img) -> bool:
+    """True (with a warning) for a CIFTI z map: nilearn's cluster tables take volumes and SurfaceImages only."""
+    if not is_cifti_map(z_img):
+        return False
+    warnings.warn("save_glm_to_bids wrote no cluster table for this CIFTI contrast: nilearn's threshold_stats_img "
+                  "and get_clusters_table take volumes and SurfaceImages, not grayordinates.", UserWarning,
+                  stacklevel=4)
+    return True
+
+
+def cifti_file_name(relative: str) -> str:
+    """``relative`` (a volume file name) as a CIFTI-2 dense scalar file name (``.dscalar.nii``)."""
+    folder, _, name = relative.rpartition("/")
+    name = name.split(".", 1)[0] + ".dscalar.nii"
+    return f"{folder}/{name}" if folder else name
 
 
 def density(img: SurfaceImage) -> dict:
@@ -65,8 +88,14 @@ def surface_file_name(relative: str, hemi: str, den: int) -> str:
 def save_map(img, out, relative: str, save_volume=save_volume) -> list[str]:
     """Write ``img`` as ``out_dir/relative`` (a volume, with ``save_volume(img, path)``) or its
     per-hemisphere GIFTI files (a SurfaceImage; uint8 for a boolean mask, float32 otherwise, as
-    nilearn's ``data_to_gifti``). Returns the relative names written."""
-    check_writable(img)
+    nilearn's ``data_to_gifti``; a CIFTI Cifti2Image: one ``.dscalar.nii`` file, float32). Returns the
+    relative names written."""
+    if is_cifti_map(img):  # float32 as every derivative map (the mask stays uint8)
+        name = cifti_file_name(relative)
+        data = np.asarray(img.dataobj)
+        data = data if data.dtype == np.uint8 else data.astype(np.float32)
+        type(img)(data, header=img.header).to_filename(out.path(name))
+        return [name]
     if not is_surface_map(img):
         save_volume(img, out.path(relative))
         return [relative]

@@ -53,7 +53,8 @@ from chunkglm.glm.io._bids_names import (
     group_derivative_names,
     plan_bids_names,
 )
-from chunkglm.glm.io._surface_files import check_writable, density, is_surface_map, save_map
+from chunkglm.glm.io._surface_files import (cifti_clusters_skipped, density, is_surface_map, is_surface_output,
+                                            save_map)
 from chunkglm.io.derivatives import (
     StagedOutput,
     bids_filename,
@@ -184,7 +185,10 @@ def save_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_types
     float32, the mask uint8), ``statmap.json`` has nilearn's ``Density``, the
     clusters' json leaves out the cluster size and distance entries. No
     ``report.html`` yet (a warning says so: chunkglm's report pages draw
-    volumes). CIFTI models are refused (one line, nothing written).
+    volumes). CIFTI models (nilearn has none): each map one dense scalar file
+    (``<e>_contrast-<label>_stat-z_statmap.dscalar.nii``, the mask
+    ``<e>_mask.dscalar.nii``) on the runs' brain-model axis; no cluster
+    tables (a warning says so).
 
     Second level: as nilearn, every file goes to ``out_dir/group/`` and
     names never come from the inputs (``prefix`` only)::
@@ -233,7 +237,6 @@ def write_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_type
         return _save_group_bids(model, contrasts, first_level_contrast, contrast_types, out_dir, prefix, report,
                                 residuals)
     _check_model(model)
-    check_writable(getattr(model, "mask_img_", None))  # CIFTI models: refused before anything is written
     if first_level_contrast is not None:
         warnings.warn("'first_level_contrast' is ignored for FirstLevelModel. Setting first_level_contrast=None.",
                       UserWarning, stacklevel=3)
@@ -259,9 +262,9 @@ def _prefix(prefix):
 def _write_report(model, specs, names, saved, first_level_contrast, report, out) -> None:
     """``report.html`` beside the files: generate_report's page on the maps and figures just written
     (not for surface models yet: chunkglm's report pages draw volumes; a warning says so)."""
-    if is_surface_map(saved.stat_maps[next(iter(saved.stat_maps))] if saved.stat_maps else None):
+    if is_surface_output(saved.stat_maps[next(iter(saved.stat_maps))] if saved.stat_maps else None):
         warnings.warn("save_glm_to_bids wrote no report.html: chunkglm's GLM report does not draw surface "
-                      "maps yet (the maps, mask, designs and cluster tables are written).", UserWarning,
+                      "maps yet (the maps, mask and designs are written).", UserWarning,
                       stacklevel=4)
         return
     statmap = names.statmap_json
@@ -336,9 +339,10 @@ def _write_contrast(model, spec, outputs, mask, options, out, rel):
     maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
     for key in MAP_STATS:
         save_map(maps[key], out, rel(outputs[key]), save_image)
-    table, details = clusters(maps["z_score"], mask, options)
-    table.to_csv(out.path(rel(outputs["clusters_tsv"])), sep="\t", index=False)
-    write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
+    if not cifti_clusters_skipped(maps["z_score"]):  # CIFTI: no cluster table (a warning says so)
+        table, details = clusters(maps["z_score"], mask, options)
+        table.to_csv(out.path(rel(outputs["clusters_tsv"])), sep="\t", index=False)
+        write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
     for design, base in zip(model.design_matrices_, outputs["design"]):
         _save_figure(contrast_matrix_figure(spec.definition, design, spec.name), out, rel(base))
     return maps["z_score"]
