@@ -38,6 +38,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from nilearn.image import crop_img
+from nilearn.surface import SurfaceImage
 
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES, plan_voxel_chunks
 from chunkglm.errors import InputError
@@ -51,7 +52,7 @@ from chunkglm.io.nifti import load_image as _load
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.scratch import owned_name, remove_stale
 from chunkglm.io.surface_convert import convert_surface_runs, is_surface_input, smoothed_surface
-from chunkglm.io.surface_maps import convert_surface_maps
+from chunkglm.io.surface_maps import CIFTI_MAP_SUFFIXES, convert_surface_maps
 from chunkglm.io.write_run import write_rows
 
 __all__ = ["COORD_NAMES", "DERIVATIONS", "MAP_TYPES", "STORED_NAMES", "MapsView", "StagedInputs",
@@ -288,7 +289,7 @@ def stage_inputs(items, kind: str = "runs", *, mask_img=None, target_affine=None
     if kind == "runs" and _surface_items(items):
         return _stage_surface_runs(list(items) if isinstance(items, list | tuple) else [items], mask_img,
                                    smoothing_fwhm, folder, owner, store, sizes)
-    if kind == "maps" and _surface_items(items):
+    if kind == "maps" and _surface_map_items(items):
         return _stage_surface_maps(list(items) if isinstance(items, list | tuple) else [items], mask_img,
                                    smoothing_fwhm, map_types[0], folder, owner, store, collection, sizes)
     given = _as_items(items, kind, argument)
@@ -387,6 +388,14 @@ def _stage_surface_runs(items, mask, smoothing_fwhm, folder, owner, store, sizes
     cohort = open_cohort(store, sizes["storage_options"])
     staged.nodes, staged.converted, staged.folder = [cohort.runs[name] for name in names], True, folder
     return staged
+
+
+def _surface_map_items(items) -> bool:
+    """True for surface maps: SurfaceImages, GIFTI pairs ({'left': ..., 'right': ...}), CIFTI dscalar paths."""
+    values = list(items) if isinstance(items, list | tuple) else [items]
+    return bool(values) and all(
+        isinstance(v, SurfaceImage) or (isinstance(v, dict) and v and set(v) <= {"left", "right"})
+        or (isinstance(v, str | Path) and str(v).endswith(CIFTI_MAP_SUFFIXES)) for v in values)
 
 
 def _stage_surface_maps(items, mask, smoothing_fwhm, map_type, folder, owner, store, collection,
