@@ -269,17 +269,7 @@ def masker_settings(masker, smoothing_fwhm):
         strategy than 'background' without a mask image), rather than
         ignoring them.
     """
-    masker = clone(masker)
-    if smoothing_fwhm is not None:
-        if masker.smoothing_fwhm is not None:
-            warnings.warn("Parameter 'smoothing_fwhm' of the masker overridden.", UserWarning,
-                          stacklevel=_stack_level())
-            masker.smoothing_fwhm = smoothing_fwhm
-        else:
-            warnings.warn(f"smoothing_fwhm={smoothing_fwhm!r} is not used: the masker given as mask has "
-                          "smoothing_fwhm=None, which nilearn's non_parametric_inference keeps (no "
-                          "smoothing). Set the masker's smoothing_fwhm to smooth the maps.", UserWarning,
-                          stacklevel=_stack_level())
+    masker = _with_smoothing(masker, smoothing_fwhm)
     changed = {name: getattr(masker, name) for name, neutral in _SIGNAL_PARAMETERS.items()
                if not any(getattr(masker, name) is value for value in neutral)}
     if changed:
@@ -303,6 +293,13 @@ def surface_masker_settings(masker, smoothing_fwhm):
     -------
     (masker, smoothing_fwhm) for :class:`~chunkglm.glm.second_level.SecondLevelModel`.
     """
+    masker = _with_smoothing(masker, smoothing_fwhm)
+    return masker, masker.smoothing_fwhm
+
+
+def _with_smoothing(masker, smoothing_fwhm):
+    """A clone of the masker given as ``mask``, its smoothing overridden by ``smoothing_fwhm`` when both
+    are set (nilearn's warning); ``smoothing_fwhm`` is not used when the masker has none (a warning)."""
     masker = clone(masker)
     if smoothing_fwhm is not None:
         if masker.smoothing_fwhm is not None:
@@ -311,10 +308,10 @@ def surface_masker_settings(masker, smoothing_fwhm):
             masker.smoothing_fwhm = smoothing_fwhm
         else:
             warnings.warn(f"smoothing_fwhm={smoothing_fwhm!r} is not used: the masker given as mask has "
-                          "smoothing_fwhm=None (nilearn's non_parametric_inference then applies no "
+                          "smoothing_fwhm=None, which nilearn's non_parametric_inference keeps (no "
                           "smoothing). Set the masker's smoothing_fwhm to smooth the maps.", UserWarning,
                           stacklevel=_stack_level())
-    return masker, masker.smoothing_fwhm
+    return masker
 
 
 def _checked_images(second_level_input) -> list:
