@@ -13,6 +13,7 @@ without them and a missing one is reported with the pip package to install.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import shlex
@@ -354,13 +355,29 @@ def _nothing_was_sent(exc: BaseException) -> bool:
 def _create_gateway_cluster(cls: type, auth: Any, kwargs: dict[str, Any]) -> Any:
     for attempt in range(1, _GATEWAY_ATTEMPTS + 1):
         try:
-            return cls(auth=auth, **kwargs)
+            return _without_collection_meanwhile(cls, auth, kwargs)
         except Exception as exc:
             _close_failed_gateway_clusters(cls)
             if attempt == _GATEWAY_ATTEMPTS or not _nothing_was_sent(exc):
                 raise
             time.sleep(0.2 * attempt)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _without_collection_meanwhile(cls: type, auth: Any, kwargs: dict[str, Any]) -> Any:
+    # A Gateway left in a reference cycle (a failed start's, kept until its exception is dropped)
+    # closes itself in __del__, taking distributed's class-wide LoopRunner lock. Collected inside
+    # the new Gateway's event-loop thread while this thread holds that lock to start the loop, it
+    # deadlocked the start for good (seen once: test_gateway_errors_... hung 600 s). Collect here,
+    # in this thread, and not again until the cluster is made.
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return cls(auth=auth, **kwargs)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _close_failed_gateway_clusters(cls: type) -> None:
