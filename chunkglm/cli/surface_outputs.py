@@ -25,6 +25,7 @@ from chunkglm.errors import InputError
 from chunkglm.glm.io._bids_files import confound_names, contrast_specs, derivatives_metadata, run_entities
 from chunkglm.glm.io.bids import _derivative_entities, _derivative_names, _write_description
 from chunkglm.io.derivatives import StagedOutput, bids_filename, write_json
+from chunkglm.io.surface import gifti_image
 from chunkglm.report.figures import design_matrix_figure, save_figure
 
 __all__ = ["is_surface_model", "save_surface_derivatives", "surface_file_names"]
@@ -60,18 +61,13 @@ def surface_file_names(name: str, prefix: str, image) -> dict:
 
 
 def _save(image, name: str, prefix: str, out, dtype=np.float32) -> None:
-    from nibabel.gifti import GiftiDataArray, GiftiImage
-
     files = surface_file_names(name, prefix, image)
     if "cifti" in files:
         image.to_filename(str(out.path(files["cifti"])))
         return
     for part, relative in files.items():
         values = np.asarray(image.data.parts[part])
-        columns = values.reshape(len(values), -1).T.astype(dtype)
-        gifti = GiftiImage(darrays=[GiftiDataArray(np.ascontiguousarray(column), intent="NIFTI_INTENT_NONE",
-                                                   datatype=f"NIFTI_TYPE_{np.dtype(dtype).name.upper()}")
-                                    for column in columns])
+        gifti = gifti_image(values.reshape(len(values), -1).T, dtype=dtype)
         path = out.path(relative)
         path.parent.mkdir(parents=True, exist_ok=True)
         gifti.to_filename(str(path))

@@ -174,8 +174,8 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
         listing.flush()  # also when interrupted: the nodes written so far are listed complete
     # the listing of nodes completed or switched by a conversion cut off before its merge is mended
     # (its grids too: one cut off between a grid's completion and its merge left the grid listed
-    # as a placeholder, without its attributes and arrays; and the provenance records, when one
-    # was written just before the cut)
+    # with the stand-in document of a node not yet written, without its attributes and arrays;
+    # and the provenance records, when one was written just before the cut)
     consolidated.mend(root, [f"grids/{grid_id}" for grid_id in plan.grids]
                       + [f"{kind}/{job.name}" for kind, jobs in (("runs", plan.runs), ("maps", plan.maps))
                          for job in jobs] + [st.PROVENANCE])

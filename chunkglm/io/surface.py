@@ -42,7 +42,7 @@ from chunkglm.errors import InputError, StoreError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 
-__all__ = ["GRID_KINDS", "MESH_PARTS", "SurfaceGrid", "grid_kind", "read_grid", "write_grid",
+__all__ = ["GRID_KINDS", "MESH_PARTS", "SurfaceGrid", "gifti_image", "grid_kind", "read_grid", "write_grid",
            "write_element_coordinates"]
 
 #: What a store grid may be.
@@ -247,3 +247,15 @@ def read_grid(root, grid_id: str):
     parts = tuple((str(p), int(n)) for p, n in attrs["parts"])
     return SurfaceGrid(kind, parts, np.asarray(group["mask"][...], dtype=bool), attrs.get("space", ""),
                        meshes, models)
+
+
+def gifti_image(columns, intent: str = "NIFTI_INTENT_NONE", meta: dict | None = None, dtype=np.float32):
+    """A GIFTI image with one data array per column (each a 1-D array over one hemisphere's
+    vertices): a volume of a run (``NIFTI_INTENT_TIME_SERIES``, ``meta`` e.g. ``{"TimeStep": ms}``,
+    as fMRIPrep writes) or a map."""
+    from nibabel.gifti import GiftiDataArray, GiftiImage
+
+    datatype = f"NIFTI_TYPE_{np.dtype(dtype).name.upper()}"
+    return GiftiImage(darrays=[GiftiDataArray(np.ascontiguousarray(column, dtype=dtype), intent=intent,
+                                              datatype=datatype, meta=dict(meta or {}))
+                               for column in columns])

@@ -37,7 +37,7 @@ from chunkglm.errors import ConversionError, InputError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 from chunkglm.io.preprocess import SpatialPreprocessing
-from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, write_element_coordinates, write_grid
+from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, gifti_image, write_element_coordinates, write_grid
 from chunkglm.io.write_run import write_events, write_rows
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
@@ -529,8 +529,6 @@ def to_gifti(node, folder=None, stem=None) -> dict:
     """A mesh-grid run as GIFTI images, one per hemisphere, one data array per volume (as fMRIPrep's
     ``*_hemi-L_..._bold.func.gii``). Written as ``<folder>/<stem>_hemi-L_bold.func.gii`` ... when
     ``folder`` is given; returns {part: GiftiImage}."""
-    from nibabel.gifti import GiftiDataArray, GiftiImage
-
     grid = node.grid
     _polymesh(grid)  # mesh grids only
     full, slices = _full_values(node), grid.part_slices()
@@ -538,9 +536,7 @@ def to_gifti(node, folder=None, stem=None) -> dict:
     meta = {"TimeStep": f"{tr * 1000:g}"} if tr else {}
     images = {}
     for part, _ in grid.parts:
-        arrays = [GiftiDataArray(np.ascontiguousarray(full[slices[part], t]), intent="NIFTI_INTENT_TIME_SERIES",
-                                 datatype="NIFTI_TYPE_FLOAT32", meta=meta) for t in range(full.shape[1])]
-        images[part] = GiftiImage(darrays=arrays)
+        images[part] = gifti_image(full[slices[part]].T, "NIFTI_INTENT_TIME_SERIES", meta)
         if folder is not None:
             hemi = {"left": "L", "right": "R"}[part]
             nib.save(images[part], Path(folder) / f"{stem or node.name}_hemi-{hemi}_bold.func.gii")

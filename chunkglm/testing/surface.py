@@ -36,6 +36,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from chunkglm.io.surface import gifti_image
 from chunkglm.testing.signal_model import (BASELINE_MEAN, BASELINE_VARIATION, BETA_PEAK_RANGE, BLOB_TRUNCATION,
                                            BLOBS_PER_CONDITION, DEFAULT_NOISE_SD, DRIFT_SD, MNI_2MM_AFFINE)
 from chunkglm.testing.signal_model import ar1_inplace as _ar1_inplace
@@ -176,12 +177,7 @@ def _simulate(rng, regressors, coefs, rho, sd) -> np.ndarray:
 
 
 def _write_gifti(path, values, tr) -> None:
-    from nibabel.gifti import GiftiDataArray, GiftiImage
-
-    arrays = [GiftiDataArray(np.ascontiguousarray(row), intent="NIFTI_INTENT_TIME_SERIES",
-                             datatype="NIFTI_TYPE_FLOAT32", meta={"TimeStep": f"{tr * 1000:g}"})
-              for row in values]
-    nib.save(GiftiImage(darrays=arrays), path)
+    nib.save(gifti_image(values, "NIFTI_INTENT_TIME_SERIES", {"TimeStep": f"{tr * 1000:g}"}), path)
 
 
 def _write_cifti(path, values, axis, tr) -> None:
