@@ -42,10 +42,10 @@ from chunkglm.cli._common import (
     storage_for,
 )
 from chunkglm.cli.progress import Reporter
-from chunkglm.cli.surface_outputs import is_surface_model, save_surface_derivatives
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import explain_worker_deaths, first_level_from_bids, fitted_in_waves
 from chunkglm.glm.first_level.model import _expression
+from chunkglm.glm.io.surface_derivatives import is_surface_model, save_surface_derivatives
 from chunkglm.interfaces.bids import save_glm_derivatives, write_glm_to_bids
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert

@@ -17,7 +17,7 @@ import numpy as np
 from chunkglm.errors import InputError
 from chunkglm.glm.second_level.nonparametric import check_permutation_options
 from chunkglm.glm.io._bids_names import weights_json
-from chunkglm.io.derivatives import contrast_label, glm_label, software
+from chunkglm.io.derivatives import check_label, contrast_label, dataset_description, glm_label, software, write_json
 from chunkglm.report.descriptions import group_model_parameters, model_parameters, repetition_times
 from chunkglm.report.build import SavedResults
 from chunkglm.report.sections import ReportOptions
@@ -185,6 +185,28 @@ def run_entities(model) -> list[dict] | None:
     return entities
 
 
+def derivative_entities(model, subject, session, task) -> dict:
+    """The derivatives/glm layout's sub/ses/task labels: those given, else the model's runs' shared ones."""
+    runs = run_entities(model) or []
+
+    def shared(key):
+        labels = {str(e[key]) for e in runs if e.get(key) is not None}
+        return labels.pop() if len(labels) == 1 else None
+
+    entities = {"sub": subject if subject is not None else (getattr(model, "subject_label", None)
+                                                             or shared("sub")),
+                "ses": session if session is not None else shared("ses"),
+                "task": task if task is not None else shared("task")}
+    for key, what in (("sub", "subject_label"), ("task", "task_label")):
+        if entities[key] is None:
+            raise InputError(f"the {what} is unknown (the model's runs do not give one): pass "
+                             f"{what}=...")
+    for key, label in entities.items():
+        if label is not None:
+            entities[key] = check_label(str(label).removeprefix(f"{key}-"), f"{key} label")
+    return entities
+
+
 def mask_image(model):
     """The fit mask as a uint8 NIfTI image (``model.mask_img_`` when the model has it)."""
     import nibabel as nib
@@ -219,6 +241,13 @@ def confound_names(model, given=None) -> list[str]:
 
 
 # -- JSON contents -----------------------------------------------------------------
+
+
+def write_description(out, level: str) -> None:
+    """dataset_description.json (an existing one is extended, as nilearn does)."""
+    write_json(out.path("dataset_description.json"),
+               dataset_description(description=f"A chunkglm {level}-level GLM.",
+                                   existing=out.existing("dataset_description.json")))
 
 
 def group_metadata(model, specs, corrections: dict, descriptions=None) -> dict:

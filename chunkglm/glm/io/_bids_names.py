@@ -31,6 +31,8 @@ MODEL_ENTITIES = ("sub", "ses", "task", "space")
 #: Keys of ``compute_contrast(..., output_type="all")`` and their stat labels.
 MAP_STATS = {"effect_size": "effect", "stat": None, "effect_variance": "variance",
              "z_score": "z", "p_value": "p"}
+#: Maps of the derivatives/glm layout: output key -> stat label (None: t or F).
+DERIVATIVE_STATS = {"stat": None, "z_score": "z", "effect_size": "effect", "effect_variance": "variance"}
 
 
 @dataclass
@@ -146,6 +148,28 @@ def _contrast_names(spec, common: dict, per_run: list, prefix: str, order) -> di
     out["design"] = [bids_filename({**run, "contrast": spec.label}, "design", None, prefix, order)
                      for run in per_run]
     return out
+
+
+def derivative_names(specs, entities, runs, n_runs) -> dict:
+    """Relative paths of the derivatives/glm first-level layout (volume names; the surface writer
+    derives its GIFTI/CIFTI names from them): maps per contrast label, designs, mask, sidecar, residuals."""
+    base = f"first_level/sub-{entities['sub']}"
+    maps = {spec.label: {key: f"{base}/" + bids_filename(
+        {**entities, "contrast": spec.glm_label, "stat": stat or spec.stat_type}, None, "nii.gz")
+        for key, stat in DERIVATIVE_STATS.items()} for spec in specs}
+    run_labels = [str((runs[i] if i < len(runs) else {}).get("run") or "") for i in range(n_runs)]
+    if "" in run_labels or len(set(run_labels)) < n_runs:  # e.g. run-1 of two sessions
+        run_labels = [str(i + 1) for i in range(n_runs)]
+    designs = [f"{base}/" + bids_filename({**entities, "run": r if n_runs > 1 else None},
+                                          "design-matrix", "png") for r in run_labels]
+    residuals = [f"{base}/" + bids_filename({**entities, "run": r if n_runs > 1 else None, "stat": "errorts"},
+                                            None, "nii.gz") for r in run_labels]
+    sidecar = f"{base}/" + bids_filename(entities, "glm", "json")
+    mask = f"{base}/" + bids_filename(entities, "mask", "nii.gz")
+    names = {"maps": maps, "designs": designs, "mask": mask, "sidecar": sidecar, "residuals": residuals}
+    check_paths([p for m in maps.values() for p in m.values()] + designs
+                + [d.removesuffix(".png") + ".tsv" for d in designs] + [mask, sidecar] + residuals)
+    return names
 
 
 def group_derivative_names(contrasts, permutation_maps=()) -> dict:

@@ -1,4 +1,4 @@
-"""``chunkglm first-level`` on surface runs: the derivatives/glm layout in GIFTI / CIFTI files.
+"""The derivatives/glm layout of surface models, in GIFTI / CIFTI files (``chunkglm first-level``).
 
 The files and sidecar of :func:`chunkglm.glm.io.save_glm_derivatives` (same
 names, contrast labels, ``_glm.json`` and design matrices), with the maps and
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from chunkglm.errors import InputError
-from chunkglm.glm.io._bids_files import confound_names, contrast_specs, derivatives_metadata, run_entities
-from chunkglm.glm.io.bids import _derivative_entities, _derivative_names, _write_description
+from chunkglm.glm.io._bids_files import (confound_names, contrast_specs, derivative_entities, derivatives_metadata,
+                                         run_entities, write_description)
+from chunkglm.glm.io._bids_names import derivative_names
 from chunkglm.io.derivatives import StagedOutput, bids_filename, write_json
 from chunkglm.io.surface import gifti_image
 from chunkglm.report.figures import design_matrix_figure, save_figure
@@ -103,12 +104,12 @@ def save_surface_derivatives(model, contrasts, out_dir, *, task_label, contrast_
         Confound columns for the sidecar (default: the model's).
     """
     specs = contrast_specs(contrasts, contrast_types, model.design_matrices_)
-    entities = _derivative_entities(model, None, None, task_label)
+    entities = derivative_entities(model, None, None, task_label)
     metadata = derivatives_metadata(model, specs, confound_names(model, confounds))
-    names = _derivative_names(specs, entities, run_entities(model) or [], len(model.design_matrices_))
+    names = derivative_names(specs, entities, run_entities(model) or [], len(model.design_matrices_))
     prefix = bids_filename(entities, None, None)
     with StagedOutput(out_dir) as out:
-        _write_description(out, "first")
+        write_description(out, "first")
         for spec in specs:
             maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
             for key, name in names["maps"][spec.label].items():
