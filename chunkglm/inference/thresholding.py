@@ -22,6 +22,13 @@ from nilearn.exceptions import DimensionError
 
 from chunkglm.errors import ChunkglmError, InputError
 from chunkglm.inference.clusters import apply_cluster_extent, label_clusters
+from chunkglm.inference.primitives import (
+    apply_height_threshold,
+    hommel_value,
+    true_positive_fraction,
+    warn_threshold_beyond_values,
+)
+from chunkglm.inference.surface_clusters import cluster_level_inference_surface
 from chunkglm.kernels.finite import NILEARN_MESSAGE, _stack_level
 
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", None)
@@ -118,34 +125,6 @@ def height_threshold(stats, alpha, height_control, two_sided, threshold=None):
     return norm.isf(alpha_ / np.size(values))
 
 
-def apply_height_threshold(data, threshold, two_sided):
-    """Zero the voxels that do not pass a voxel-level threshold.
-
-    Parameters
-    ----------
-    data : ndarray
-        Statistic map (modified copy returned).
-    threshold : float
-        Two-sided: keep ``|z| >= threshold``. One-sided, threshold >= 0: keep
-        ``z >= threshold``; threshold < 0: keep ``z <= threshold`` (nilearn's
-        ``threshold_img``).
-    two_sided : bool
-
-    Returns
-    -------
-    ndarray
-    """
-    data = np.array(data, copy=True)
-    if two_sided:
-        drop = (-threshold < data) & (data < threshold)
-    elif threshold >= 0:
-        drop = data < threshold
-    else:
-        drop = data > threshold
-    data[drop] = 0
-    return data
-
-
 def threshold_stats_img(
     stat_img=None,
     mask_img=None,
@@ -240,7 +219,8 @@ def threshold_stats_img(
     return like_image(img, thresholded), cutoff
 
 
-def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, verbose=0):
+def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, verbose=0, *,
+                            mesh_adjacency=False):
     """Proportion of truly active voxels in each cluster (All-Resolution Inference).
 
     Rosenblatt et al. (2018), as ``nilearn.glm.cluster_level_inference``
@@ -251,13 +231,16 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, 
 
     Parameters
     ----------
-    stat_img : NIfTI image, path or xarray.DataArray
+    stat_img : NIfTI image, path, xarray.DataArray or SurfaceImage
         A 3-D z map (a 4-D image of one volume counts as 3-D; more volumes
         raise nilearn's DimensionError). A DataArray of shape (voxel,) needs
-        ``mask_img``.
-    mask_img : NIfTI image, path, grid or None
-        Voxels counted; on the grid of ``stat_img``. None: nilearn's
-        background mask of ``stat_img``.
+        ``mask_img``. A SurfaceImage holds one map (one sample): each
+        hemisphere is then inferred on its own, as nilearn does (see
+        ``mesh_adjacency`` for its clusters).
+    mask_img : NIfTI image, path, grid, SurfaceImage or None
+        Voxels (vertices) counted; on the grid (mesh) of ``stat_img``. None:
+        nilearn's background mask of ``stat_img`` (on a surface: its finite
+        vertices).
     threshold : float or list of float, default=3.0
         Non-negative cluster-forming thresholds, z scale. The value 3.0 gives
         nilearn's FutureWarning about its next default.
@@ -268,10 +251,16 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, 
         p-values of the in-mask voxels and the line giving the Hommel value,
         when that value is not trivial (some but not all p-values below
         ``alpha``).
+    mesh_adjacency : bool, default=False, keyword-only
+        Surfaces only (True with a volume is refused). nilearn 0.14.1 forms a
+        surface's clusters as runs of consecutive vertex indices, not of mesh
+        neighbours; False keeps that (nilearn's numbers), True forms them on
+        the mesh (clusters of vertices sharing face edges). The bound holds
+        for either: All-Resolution Inference bounds any set of vertices.
 
     Returns
     -------
-    nibabel.Nifti1Image
+    nibabel.Nifti1Image or SurfaceImage
         The proportion of true discoveries of each voxel's cluster (0 outside
         clusters and outside the mask), float.
 
@@ -291,8 +280,14 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, 
             "'threshold' cannot be negative or contain negative values. "
             f"Got: 'threshold={threshold!r}'. Give cluster-forming z values >= 0."
         )
-    img, mask = load_stat_map(stat_img, mask_img)
     check_alpha(alpha)
+    if _is_surface(stat_img) or _is_surface(mask_img):
+        return cluster_level_inference_surface(stat_img, mask_img, list(thresholds), alpha, verbose,
+                                               mesh_adjacency=mesh_adjacency)
+    if mesh_adjacency:
+        raise InputError("mesh_adjacency=True is for SurfaceImage maps; a volume's clusters are "
+                         "always 6-connected voxels: leave mesh_adjacency at False.")
+    img, mask = load_stat_map(stat_img, mask_img)
     mask = _default_mask(img) if mask is None else mask
     stats = np.asanyarray(img.dataobj)[mask]
     hommel = hommel_value(stats, alpha, verbose=verbose)
@@ -310,74 +305,6 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, 
     out = np.zeros(mask.shape, dtype=proportion.dtype)
     out[mask] = proportion
     return like_image(img, out, copy_header=False)
-
-
-def hommel_value(z_vals, alpha, verbose=0):
-    """The Hommel value of a set of z values (nilearn's ``_compute_hommel_value``).
-
-    Parameters
-    ----------
-    z_vals : ndarray of shape (n_voxels,)
-    alpha : float
-    verbose : int, default=0
-        Above 0, draw nilearn's figure of the sorted p-values and the Hommel
-        line (only when the value is not trivial, as nilearn).
-
-    Returns
-    -------
-    int
-        nilearn's quirk kept: with a single value, ``p > alpha`` as a bool.
-    """
-    p_vals = norm.sf(-np.sort(-z_vals))
-    n_samples = len(p_vals)
-    if n_samples == 1:
-        return p_vals[0] > alpha
-    if p_vals[0] > alpha:
-        return n_samples
-    if p_vals[-1] < alpha:
-        return 0
-    slope = np.max((alpha - p_vals[:-1]) / np.arange(n_samples - 1, 0, -1))
-    hommel = np.trunc(alpha / slope)
-    if verbose > 0:
-        _plot_hommel(p_vals, hommel, alpha)
-    return int(np.minimum(hommel, n_samples))
-
-
-def _plot_hommel(p_vals, hommel, alpha):
-    """nilearn's verbose figure: sorted p-values, the Hommel line, the zero line."""
-    try:
-        from matplotlib import pyplot as plt
-    except ImportError:
-        warnings.warn('"verbose" option requires the package Matplotlib. Please install it using '
-                      "`pip install matplotlib`.", UserWarning, stacklevel=_stack_level())
-        return
-    n_samples = len(p_vals)
-    plt.figure()
-    plt.plot(np.arange(1, 1 + n_samples), p_vals, "o")
-    plt.plot([n_samples - hommel, n_samples], [0, alpha])
-    plt.plot([0, n_samples], [0, 0], "k")
-    plt.show(block=False)
-
-
-def true_positive_fraction(z_vals, hommel, alpha):
-    """Lower bound on the proportion of true discoveries among ``z_vals``.
-
-    Parameters
-    ----------
-    z_vals : ndarray of shape (n_voxels,)
-        The z values of one cluster.
-    hommel : int
-        :func:`hommel_value` of the whole map.
-    alpha : float
-
-    Returns
-    -------
-    float
-    """
-    p_vals = norm.sf(-np.sort(-z_vals))
-    unique_c, counts = np.unique(np.ceil((hommel * p_vals) / alpha), return_counts=True)
-    criterion = 1 - unique_c + np.cumsum(counts)
-    return np.maximum(0, criterion.max() / len(p_vals))
 
 
 def threshold_map(data, threshold, two_sided, cluster_threshold=0, mask=None):
@@ -429,26 +356,6 @@ def threshold_map(data, threshold, two_sided, cluster_threshold=0, mask=None):
         return data
     data = apply_height_threshold(data, threshold, two_sided)
     return apply_cluster_extent(data, cluster_threshold)
-
-
-def warn_threshold_beyond_values(values, threshold, two_sided) -> None:
-    """nilearn's warning (``check_threshold``) for a threshold that no value reaches.
-
-    A threshold >= 0 is compared with the largest value (absolute value when
-    ``two_sided``, non-negative values otherwise); a negative one with the
-    smallest non-positive value.
-    """
-    values = np.asarray(values)
-    if threshold >= 0:
-        values = np.abs(values) if two_sided else values[values >= 0]
-        if values.size and threshold > values.max():
-            warnings.warn(f"The given float value must not exceed {values.max()}. But, you have given "
-                          f"threshold={float(threshold)}.", UserWarning, stacklevel=_stack_level())
-    else:
-        values = values[values <= 0]
-        if values.size and threshold < values.min():
-            warnings.warn(f"The given float value must not be less than {values.min()}. But, you have "
-                          f"given threshold={float(threshold)}.", UserWarning, stacklevel=_stack_level())
 
 
 def _is_surface(img) -> bool:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from chunkglm.errors import InputError
 from chunkglm.inference.clusters import TABLE_COLUMNS, cluster_table_rows
+from chunkglm.inference.surface_clusters import clusters_table_surface
 from chunkglm.inference.thresholding import like_image, load_stat_map, threshold_map
 
 from chunkglm.reporting.html_report import HEIGHT_DEFAULT, WIDTH_DEFAULT, HTMLReport
@@ -40,12 +41,15 @@ def get_clusters_table(
 
     Parameters
     ----------
-    stat_img : NIfTI image, path or xarray.DataArray
+    stat_img : NIfTI image, path, xarray.DataArray or SurfaceImage
         One 3-D statistic map where larger values are more significant (z,
         t, -log10 p); a 4-D image of one volume counts as 3-D, more volumes
         raise nilearn's DimensionError (a TypeError). NaN and infinite values
         count as 0, with nilearn's warning. A DataArray of shape (voxel,)
-        needs ``mask_img``.
+        needs ``mask_img``. A SurfaceImage of one map gives nilearn 0.14.1's
+        surface table: clusters of mesh neighbours per hemisphere, with
+        columns "Cluster ID", "Hemisphere", "Peak Stat", "Cluster Size
+        (vertices)" (see :func:`chunkglm.inference.surface_clusters.clusters_table_surface`).
     stat_threshold : float
         Cluster-forming threshold, in the scale of ``stat_img``. With
         ``two_sided=False`` a negative threshold reports the clusters below it.
@@ -55,10 +59,11 @@ def get_clusters_table(
         Report positive clusters, then negative ones (``|stat| >
         stat_threshold``).
     min_distance : float, default=8.0
-        Minimum distance between subpeaks, in mm.
+        Minimum distance between subpeaks, in mm. Not used for a
+        SurfaceImage (no subpeaks): another value gives nilearn's warning.
     return_label_maps : bool, default=False
         Also return the cluster label maps (one per tail), labels numbered
-        as the table's clusters.
+        as the table's clusters (SurfaceImages for a surface map).
     mask_img : NIfTI image, path, grid or None, keyword-only
         Only for a DataArray ``stat_img``: the mask whose in-mask voxels (C
         order) form its voxel axis.
@@ -85,6 +90,9 @@ def get_clusters_table(
             "mask_img is only used with a DataArray stat_img (to place its voxels); "
             f"got a {type(stat_img).__name__}. Mask the image itself instead."
         )
+    if _is_surface(stat_img):
+        return clusters_table_surface(stat_img, stat_threshold, cluster_threshold, two_sided,
+                                      min_distance, return_label_maps)
     img, _ = load_stat_map(stat_img, mask_img)
     data = threshold_map(np.asanyarray(img.dataobj), stat_threshold, two_sided,
                          cluster_threshold or 0)
@@ -123,6 +131,12 @@ def _check_table_options(stat_threshold, cluster_threshold, two_sided, min_dista
     if not isinstance(min_distance, numbers.Real) or min_distance <= 0:
         raise InputError(f"'min_distance' must be positive. Got min_distance={min_distance!r}: give the "
                          "minimum distance between subpeaks in mm (nilearn's default is 8).")
+
+
+def _is_surface(value):
+    from nilearn.surface import SurfaceImage
+
+    return isinstance(value, SurfaceImage)
 
 
 def _is_data_array(value):
