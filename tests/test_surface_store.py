@@ -252,7 +252,7 @@ def test_cifti_dscalar_maps_round_trip(tmp_path, surface_bids):
     assert np.array_equal(np.asarray(back.dataobj), betas)
     written = nib.load(tmp_path / "back.dscalar.nii")
     assert written.header.get_axis(0) == header.get_axis(0) and written.header.get_axis(1) == truth.brain_models
-    with pytest.raises(InputError, match=r"CIFTI-2 \.dscalar\.nii paths; received PosixPath"):
+    with pytest.raises(InputError, match=r"\.dscalar\.nii paths or nibabel Cifti2Images\); received PosixPath"):
         convert_surface_maps(truth.runs[0].cifti, tmp_path / "s.zarr", "wrong")
     (tmp_path / "series.dscalar.nii").write_bytes(truth.runs[0].cifti.read_bytes())  # misnamed
     with pytest.raises(InputError, match="not a CIFTI-2 dense scalar file"):

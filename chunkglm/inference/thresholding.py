@@ -29,6 +29,7 @@ from chunkglm.inference.primitives import (
     warn_threshold_beyond_values,
 )
 from chunkglm.inference.surface_clusters import cluster_level_inference_surface
+from chunkglm.io.surface_maps import is_cifti_map
 from chunkglm.kernels.finite import NILEARN_MESSAGE, _stack_level
 
 HEIGHT_CONTROLS = ("fpr", "fdr", "bonferroni", None)
@@ -141,10 +142,12 @@ def threshold_stats_img(
 
     Parameters
     ----------
-    stat_img : NIfTI image, path, xarray.DataArray, SurfaceImage or None
+    stat_img : NIfTI image, path, xarray.DataArray, SurfaceImage, CIFTI map or None
         A 3-D statistic map (z scale), a nilearn SurfaceImage map (vertices
         counted and clusters formed on its mesh as nilearn does, see
-        ``_threshold_surface``), or a 4-D image as nilearn takes it:
+        ``_threshold_surface``), a CIFTI-2 dense scalar (path or Cifti2Image;
+        grayordinates finite in every row counted, no clusters: see
+        ``_threshold_cifti``), or a 4-D image as nilearn takes it:
         the threshold is computed over the values of all its volumes and
         each volume is thresholded (clusters are formed volume by volume);
         the returned map keeps the input's shape. A DataArray holds the
@@ -155,7 +158,8 @@ def threshold_stats_img(
         Voxels counted for 'fdr' and 'bonferroni' and kept in the output; on
         the grid of ``stat_img``. None: nilearn's background mask of
         ``stat_img`` (and no voxel is zeroed for being outside it). A grid is
-        a chunkglm ``Grid`` (``cohort.grid(id)``).
+        a chunkglm ``Grid`` (``cohort.grid(id)``). With a CIFTI ``stat_img``:
+        a CIFTI dense scalar of one row on its brain-model axis (non-zero inside).
     alpha : float, default=0.001
         In [0, 1]: p-value ('fpr', 'bonferroni') or q-value ('fdr').
     threshold : float or None, default=None
@@ -166,7 +170,7 @@ def threshold_stats_img(
     height_control : {'fpr', 'fdr', 'bonferroni', None}, default='fpr'
     cluster_threshold : float, default=0
         Clusters (6-connected, each sign separately) smaller than this many
-        voxels are removed.
+        voxels are removed. CIFTI maps: must be 0 (refused otherwise).
     two_sided : bool, default=True
         Keep both tails, ``alpha`` halved.
 
@@ -208,6 +212,9 @@ def threshold_stats_img(
                 "counts the map's voxels; pass stat_img."
             )
         return None, height_threshold(None, alpha, height_control, two_sided, threshold)
+    if is_cifti_map(stat_img) or (mask_img is not None and is_cifti_map(mask_img)):
+        return _threshold_cifti(stat_img, mask_img, alpha, threshold, height_control, cluster_threshold,
+                                two_sided)
     if _is_surface(stat_img) or _is_surface(mask_img):
         return _threshold_surface(stat_img, mask_img, alpha, threshold, height_control, cluster_threshold,
                                   two_sided)
@@ -379,6 +386,41 @@ def _threshold_surface(stat_img, mask_img, alpha, threshold, height_control, clu
     thresholded = threshold_img(stat_img, threshold=cutoff, cluster_threshold=cluster_threshold,
                                 two_sided=two_sided, mask_img=mask_img, copy=True)
     return thresholded, cutoff
+
+
+def _threshold_cifti(stat_img, mask_img, alpha, threshold, height_control, cluster_threshold, two_sided):
+    """A CIFTI-2 dense scalar map (nilearn reads none): the grayordinates counted are those finite in
+    every row, or ``mask_img``'s (one row on the same brain-model axis, non-zero inside; the others
+    zeroed); one cut-off over all rows, each element thresholded as a volume's voxels are. Cortex
+    vertices and subcortical voxels have no common neighbourhood here: ``cluster_threshold`` > 0 is
+    refused."""
+    if cluster_threshold > 0:
+        raise InputError(f"cluster_threshold={cluster_threshold!r} with a CIFTI map: its grayordinates "
+                         "(cortex vertices and voxels on one axis) form no clusters here. Pass "
+                         "cluster_threshold=0, or threshold the cortex as a SurfaceImage.")
+    img, mask = _cifti_image(stat_img, "stat_img"), None
+    data = np.asarray(img.dataobj)
+    counted = np.isfinite(data).all(axis=0)
+    if mask_img is not None:
+        given = _cifti_image(mask_img, "mask_img")
+        if given.shape != (1, data.shape[1]) or given.header.get_axis(1) != img.header.get_axis(1):
+            raise InputError(f"mask_img (shape {given.shape}) is not one map on stat_img's brain-model axis "
+                             f"({data.shape[1]} grayordinates): give a dense scalar of one row on it.")
+        counted = np.asarray(given.dataobj)[0] != 0
+        mask = np.broadcast_to(counted, data.shape)
+    cutoff = height_threshold(data[:, counted], alpha, height_control, two_sided, threshold)
+    return type(img)(threshold_map(data, cutoff, two_sided, 0, mask), img.header), cutoff
+
+
+def _cifti_image(img, argument):
+    if isinstance(img, (str, Path)):
+        if not Path(img).is_file():
+            raise InputError(f"{argument} {str(img)!r} does not exist; pass a CIFTI-2 .dscalar.nii file.")
+        img = nib.load(str(img))
+    if not is_cifti_map(img):
+        raise InputError(f"{argument} is a {type(img).__name__} beside a CIFTI map: give both as CIFTI-2 "
+                         "dense scalars on one brain-model axis.")
+    return img
 
 
 def load_stat_map(stat_img, mask_img=None, volumes=False):

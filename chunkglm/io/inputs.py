@@ -52,7 +52,7 @@ from chunkglm.io.nifti import load_image as _load
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.scratch import owned_name, remove_stale
 from chunkglm.io.surface_convert import convert_surface_runs, is_surface_input, smoothed_surface
-from chunkglm.io.surface_maps import CIFTI_MAP_SUFFIXES, convert_surface_maps
+from chunkglm.io.surface_maps import convert_surface_maps, is_cifti_map
 from chunkglm.io.write_run import write_rows
 
 __all__ = ["COORD_NAMES", "DERIVATIONS", "MAP_TYPES", "STORED_NAMES", "MapsView", "StagedInputs",
@@ -391,11 +391,11 @@ def _stage_surface_runs(items, mask, smoothing_fwhm, folder, owner, store, sizes
 
 
 def _surface_map_items(items) -> bool:
-    """True for surface maps: SurfaceImages, GIFTI pairs ({'left': ..., 'right': ...}), CIFTI dscalar paths."""
+    """True for surface maps: SurfaceImages, GIFTI pairs ({"left": ..., "right": ...}), CIFTI dscalars (paths, images)."""
     values = list(items) if isinstance(items, list | tuple) else [items]
     return bool(values) and all(
         isinstance(v, SurfaceImage) or (isinstance(v, dict) and v and set(v) <= {"left", "right"})
-        or (isinstance(v, str | Path) and str(v).endswith(CIFTI_MAP_SUFFIXES)) for v in values)
+        or is_cifti_map(v) for v in values)
 
 
 def _stage_surface_maps(items, mask, smoothing_fwhm, map_type, folder, owner, store, collection,

@@ -176,15 +176,26 @@ def _sidecar_tr(path) -> float | None:
     return float(value) if value else None
 
 
+def _memory_source(values) -> dict:
+    values = np.asarray(values)
+    digest = hashlib.sha256(values.dtype.str.encode() + np.ascontiguousarray(values).tobytes()).hexdigest()
+    return {"path": "<Cifti2Image in memory>", "sha256": digest, "size": int(values.nbytes),
+            "dtype": str(values.dtype)}
+
+
 def _file_source(path) -> dict:
     data = Path(path).read_bytes()
     return {"path": str(Path(path).absolute()), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
-def from_cifti(path: Path, space, maps=False) -> SurfaceRun:
-    from nibabel.cifti2 import BrainModelAxis, ScalarAxis, SeriesAxis
+def from_cifti(path, space, maps=False) -> SurfaceRun:
+    """A CIFTI-2 dense series (``maps``: dense scalar) as a :class:`SurfaceRun`; ``path`` a file, or
+    (maps) an in-memory ``nibabel.cifti2.Cifti2Image``, identified by the sha256 of its values."""
+    from nibabel.cifti2 import BrainModelAxis, Cifti2Image, ScalarAxis, SeriesAxis
 
-    img = nib.load(str(path))
+    img = path if isinstance(path, Cifti2Image) else nib.load(str(path))
+    if isinstance(path, Cifti2Image):
+        path = img.get_filename() or "<Cifti2Image in memory>"
     axes = [img.header.get_axis(i) for i in range(img.ndim)]
     first = ScalarAxis if maps else SeriesAxis
     if not (isinstance(axes[0], first) and isinstance(axes[1], BrainModelAxis)):
@@ -194,7 +205,8 @@ def from_cifti(path: Path, space, maps=False) -> SurfaceRun:
     parts = tuple((str(name), len(range(*sl.indices(len(models))))) for name, sl, _ in models.iter_structures())
     grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, models)
     if maps:
-        return SurfaceRun(grid, img.dataobj, None, {"files": [_file_source(path)]},
+        source = {"files": [_file_source(path)]} if img.get_filename() else _memory_source(img.dataobj)
+        return SurfaceRun(grid, img.dataobj, None, source,
                           {"names": [str(n) for n in axes[0].name]}, by_time=True)
     series = axes[0]
     step = float(series.step) * {"SECOND": 1.0, "MSEC": 1e-3, "USEC": 1e-6}.get(series.unit.upper(), 1.0)

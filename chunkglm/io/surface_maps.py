@@ -9,7 +9,8 @@ Inputs, one map or several each:
 
 - a nilearn SurfaceImage: 1-D (one map) or 2-D (one map per column);
 - a GIFTI pair ``{"left": ..., "right": ...}`` of shape files (one map per data array), with ``mesh``;
-- a CIFTI-2 dense scalar file (``*.dscalar.nii``): one map per row, its map names as ids.
+- a CIFTI-2 dense scalar file (``*.dscalar.nii``, or a nibabel ``Cifti2Image`` in memory): one map per
+  row, its map names as ids.
 
 Back: ``node.to_surface_image()`` (vertices x images), ``node.to_cifti()``
 (a dense scalar file named by the image ids).
@@ -29,7 +30,7 @@ from chunkglm.io.surface import write_element_coordinates, write_grid
 from chunkglm.io.surface_convert import check_same_grid, from_cifti, from_gifti, from_surface_image
 from chunkglm.io.write_run import write_rows
 
-__all__ = ["CIFTI_MAP_SUFFIXES", "convert_surface_maps"]
+__all__ = ["CIFTI_MAP_SUFFIXES", "convert_surface_maps", "is_cifti_image", "is_cifti_map"]
 
 #: Suffixes of the CIFTI-2 files read as maps.
 CIFTI_MAP_SUFFIXES = (".dscalar.nii",)
@@ -46,8 +47,23 @@ def _read_maps(item, mesh, space):
         return from_gifti(item, mesh, space)
     if isinstance(item, str | Path) and str(item).endswith(CIFTI_MAP_SUFFIXES):
         return from_cifti(Path(item), space, maps=True)
+    if is_cifti_image(item):
+        return from_cifti(item, space, maps=True)
     raise InputError(f"surface maps are nilearn SurfaceImages, GIFTI pairs {{'left': path, 'right': path}} or "
-                     f"CIFTI-2 .dscalar.nii paths; received {type(item).__name__} {str(item)[:80]!r}.")
+                     f"CIFTI-2 dense scalars (.dscalar.nii paths or nibabel Cifti2Images); received "
+                     f"{type(item).__name__} {str(item)[:80]!r}.")
+
+
+def is_cifti_image(item) -> bool:
+    """True for an in-memory ``nibabel.cifti2.Cifti2Image``."""
+    from nibabel.cifti2 import Cifti2Image
+
+    return isinstance(item, Cifti2Image)
+
+
+def is_cifti_map(item) -> bool:
+    """True for CIFTI-2 dense scalar maps: a ``.dscalar.nii`` path or a nibabel Cifti2Image."""
+    return is_cifti_image(item) or (isinstance(item, str | Path) and str(item).endswith(CIFTI_MAP_SUFFIXES))
 
 
 def convert_surface_maps(items, store, collection, *, map_type="effect", ids=None, coords=None, mesh=None,

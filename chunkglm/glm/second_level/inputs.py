@@ -35,8 +35,9 @@ from chunkglm.graph.glm import image_mean
 from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import MapsView
 from chunkglm.io.nifti import load_image as _load
+from chunkglm.io.surface_maps import is_cifti_map
 
-KINDS = ("images", "dataframe", "flm", "maps", "surface")
+KINDS = ("images", "dataframe", "flm", "maps", "surface", "cifti")
 
 
 # -- what was given -------------------------------------------------------------
@@ -55,6 +56,9 @@ def input_kind(second_level_input) -> str:
         return "images"
     if isinstance(second_level_input, SurfaceImage):
         return "surface"
+    if is_cifti_map(second_level_input) or (isinstance(second_level_input, list | tuple) and any(
+            is_cifti_map(item) for item in second_level_input)):
+        return "cifti"  # CIFTI-2 dense scalars (chunkglm.glm.second_level.cifti names any other item)
     if isinstance(second_level_input, str | Path | nib.spatialimages.SpatialImage):
         return "images"
     if isinstance(second_level_input, list | tuple) and second_level_input:
@@ -113,6 +117,7 @@ def _type_error_message(second_level_input) -> str:
             "- a pandas Series of Niimg-like object\n- a list of Niimg-like objects\n"
             "- a list of 2D SurfaceImage objects\n- a 3D SurfaceImage object\n"
             "- a list of FirstLevelModel objects.\n- a maps node of a chunkglm cohort store.\n"
+            "- CIFTI-2 dense scalar maps (.dscalar.nii paths or Cifti2Images).\n"
             f"Got {got} instead.")
 
 

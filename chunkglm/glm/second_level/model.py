@@ -30,7 +30,7 @@ from chunkglm.errors import InputError
 from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.glm.first_level.results import labels_and_results
 from chunkglm.glm.first_level.surface_inputs import elements_image
-from chunkglm.glm.second_level import inputs
+from chunkglm.glm.second_level import cifti, inputs
 from chunkglm.glm.second_level import surface as surf
 from chunkglm.graph import glm as graph
 from chunkglm.graph.evaluate import compute_blocks, persist_runs
@@ -57,6 +57,11 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         Surface maps: a SurfaceImage mask or a SurfaceMasker (nilearn's
         masker fitted on the maps' sample map; default the vertices finite in
         every map). target_affine and target_shape do not apply to surfaces.
+        CIFTI maps: a CIFTI dense scalar mask (path or Cifti2Image, one map on
+        the maps' brain-model axis, non-zero inside); default the
+        grayordinates finite in every map. target_affine, target_shape and
+        smoothing_fwhm are refused with CIFTI maps
+        (:mod:`chunkglm.glm.second_level.cifti`).
     target_affine : ndarray (4, 4) or (3, 3), or None, default=None
         Resample maps (continuous) and the mask (nearest) onto this grid when
         the maps are loaded, as nilearn's masker.
@@ -100,8 +105,8 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         As given to ``fit``.
     mask_img_ : nibabel image
         The analysis mask.
-    masker_ : nilearn.maskers.NiftiMasker
-        Fitted on ``mask_img_`` (or the given fitted masker).
+    masker_ : nilearn.maskers.NiftiMasker, SurfaceMasker or None
+        Fitted on ``mask_img_`` (or the given fitted masker); None for CIFTI maps.
     memory_ : joblib.Memory
         As nilearn's (see ``memory``).
     n_elements_ : int
@@ -155,11 +160,15 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
     def _preprocessing(self):
         """(mask, target_affine, target_shape, smoothing_fwhm): a given masker's, else the model's."""
+        if self._cifti:  # checked at fit: no masker, no resampling or smoothing of grayordinates
+            return self.mask_img, None, None, None
         masker = self._embedded
         return (masker.mask_img, getattr(masker, "target_affine", None), getattr(masker, "target_shape", None),
                 masker.smoothing_fwhm)
 
     def _fitted_masker(self):
+        if self._cifti:  # nilearn has no CIFTI masker
+            return None
         if self._surface:
             return self._surface_masker
         if isinstance(self.mask_img, NiftiMasker) and getattr(self.mask_img, "mask_img_", None) is not None:
@@ -204,7 +213,12 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
             SurfaceImage maps or one 2-D SurfaceImage (need ``design_matrix``),
             FirstLevelModels fitted on surfaces (nilearn 0.14.1's own
             compute_contrast refuses these), or a maps node of a mesh grid;
-            the outputs are then SurfaceImages.
+            the outputs are then SurfaceImages. CIFTI-2 dense scalar maps
+            (``.dscalar.nii`` paths or nibabel Cifti2Images, a list or one file
+            of several maps; need ``design_matrix``), a maps node of a CIFTI
+            grid, or FirstLevelModels fitted on CIFTI store runs: the outputs
+            are dense scalar Cifti2Images on the maps' brain-model axis and
+            ``masker_`` is None (nilearn reads no CIFTI).
         confounds : pandas.DataFrame, optional
             ``subject_label`` plus covariate columns (one row per subject).
         design_matrix : pandas.DataFrame or path, optional
@@ -217,8 +231,10 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         self._reset()
         self.memory_ = self.memory if isinstance(self.memory, Memory) else Memory(self.memory, verbose=0)
         kind = inputs.input_kind(second_level_input)
-        self._surface = surf.is_surface_input(second_level_input, self.mask_img)
-        self._embedded = self._embedded_masker()
+        self._cifti = cifti.is_cifti_input(second_level_input)
+        cifti.check_options(self._cifti, self.target_affine, self.target_shape, self.smoothing_fwhm, self.mask_img)
+        self._surface = self._cifti or surf.is_surface_input(second_level_input, self.mask_img)
+        self._embedded = None if self._cifti else self._embedded_masker()
         if kind == "surface":
             surf.check_surface_images(second_level_input, design_matrix is None)
         if confounds is not None:
@@ -226,19 +242,20 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         if design_matrix is not None:
             design_matrix = check_design(design_matrix, None)
         loader = {"images": self._fit_images, "dataframe": self._fit_dataframe, "flm": self._fit_models,
-                  "maps": self._fit_node, "surface": self._fit_surface}[kind]
+                  "maps": self._fit_node, "surface": self._fit_surface, "cifti": self._fit_cifti}[kind]
         labels, n_maps = loader(second_level_input, confounds, design_matrix)
         design = design_matrix if design_matrix is not None else make_second_level_design_matrix(labels, confounds)
         self.design_matrix_ = check_design(design, n_maps)
         self._kind = kind
         self.confounds_ = confounds
         self.masker_ = self._fitted_masker()
-        self.n_elements_ = (self.masker_.n_elements_ if self._surface
+        self.n_elements_ = (self.masker_.n_elements_ if self._surface and not self._cifti
                             else int(np.asarray(self.mask_img_.dataobj).astype(bool).sum()))
         return self
 
     def _reset(self):
-        for name in ("_kind", "_maps", "_fits", "_last_run", "design_matrix_", "mask_img_", "_surface_masker"):
+        for name in ("_kind", "_maps", "_fits", "_last_run", "design_matrix_", "mask_img_", "_surface_masker",
+                     "_cifti"):
             self.__dict__.pop(name, None)
         self._maps, self._fits, self._nonfinite = {}, {}, {}
 
@@ -264,6 +281,20 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         self._maps[None] = self._load(maps, self.mask_img_)
         return None, len(maps)
 
+    def _fit_cifti(self, second_level_input, confounds, design_matrix):
+        items = cifti.map_list(second_level_input)
+        n_maps = cifti.count_maps(items)
+        if n_maps < 2:
+            raise InputError(f"a second-level model needs at least 2 maps; the CIFTI input holds {n_maps}.")
+        if design_matrix is None:
+            raise InputError("CIFTI maps as 'second_level_input' require a design matrix to be provided (one "
+                             "row per map); build one with make_second_level_design_matrix(subject_labels, "
+                             "confounds).")
+        self.second_level_input_ = second_level_input
+        node = self._stage(items, None)  # every grayordinate: the default mask is read from the node
+        self._maps[None], self.mask_img_ = cifti.node_maps(node, self.mask_img)
+        return None, n_maps
+
     def _fit_dataframe(self, frame, confounds, design_matrix):
         frame = inputs.dataframe_rows(frame)
         self.second_level_input_ = frame
@@ -281,7 +312,9 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         return [m.subject_label for m in models], len(models)
 
     def _fit_node(self, node, confounds, design_matrix):
-        if self._surface:
+        if self._cifti:
+            maps, self.mask_img_ = cifti.node_maps(node, self.mask_img)
+        elif self._surface:
             given = self._preprocessing()[0]
             maps, self.mask_img_ = surf.node_maps(node, given, self._preprocessing()[3])
             masker = clone(self._embedded)
@@ -302,6 +335,9 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         return labels, int(node.data().shape[0])
 
     def _mask(self, sample):
+        if self._cifti:  # first-level models' maps: a given CIFTI mask, or the sample's finite elements
+            self.mask_img_ = cifti.sample_mask(sample, self.mask_img, self.second_level_input_[0]._grid)
+            return self.mask_img_
         if self._surface:  # nilearn's SurfaceMasker fitted on the sample map
             self._surface_masker = surf.fit_masker(self, sample)
             self.mask_img_ = self._surface_masker.mask_img_
@@ -312,20 +348,26 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
     def _load(self, images, mask) -> MapsView:
         """Stack the maps into a new maps node (processed as nilearn's masker), all its voxels."""
-        if getattr(self, "_folder", None) is None:
-            self._folder = scratch_folder(self, "chunkglm-second-level-")
         nonfinite = None
-        if self._surface:
+        if self._cifti:
+            mask = np.asarray(mask.dataobj)[0] != 0
+        elif self._surface:
             mask = surf.mask_elements(mask, [p for p in ("left", "right") if p in images[0].data.parts])
             nonfinite = surf.nonfinite_elements(images, mask)
+        view = MapsView(self._stage(images, mask))
+        if nonfinite is not None and nonfinite.size:
+            self._nonfinite[id(view)] = nonfinite
+        return view
+
+    def _stage(self, images, mask):
+        """The maps written once into a new maps node of the model's store (on ``mask``)."""
+        if getattr(self, "_folder", None) is None:
+            self._folder = scratch_folder(self, "chunkglm-second-level-")
         staged = stage_inputs(images, "maps", mask_img=mask, smoothing_fwhm=self._preprocessing()[3],
                               map_types=("effect",), chunk_bytes=self.chunk_bytes, folder=self._folder,
                               store=self.store, collection=f"second_level_{uuid.uuid4().hex[:12]}",
                               argument="second_level_input", resample_to_mask=True)
-        view = MapsView(staged.nodes[0])
-        if nonfinite is not None and nonfinite.size:
-            self._nonfinite[id(view)] = nonfinite
-        return view
+        return staged.nodes[0]
 
     # -- contrasts ---------------------------------------------------------------
 
@@ -398,7 +440,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         return con
 
     def _maps_for(self, first_level_contrast) -> MapsView:
-        if self._kind in ("images", "maps", "surface"):
+        if self._kind in ("images", "maps", "surface", "cifti"):
             return self._maps[None]
         key = first_level_contrast if isinstance(first_level_contrast, str) else repr(
             np.asarray(first_level_contrast).tolist())
@@ -423,7 +465,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         key = id(maps)
         if key not in self._fits:
             self._fits[key] = _evaluate_fit(maps, self.design_matrix_, self.chunk_bytes,
-                                            warn_nonfinite=not self._surface)
+                                            warn_nonfinite=self._cifti or not self._surface)
         self._last_run = (maps, self._fits[key])
         return self._fits[key]
 
@@ -499,8 +541,8 @@ def _check_models(models, need_labels, surface=False):
         mask = inputs.first_level_mask(model)
         if reference is None:
             reference = mask
-        elif surface:
-            if not isinstance(mask, SurfaceImage) or mask.shape != reference.shape:
+        elif surface:  # SurfaceImage masks (CIFTI runs: dense scalar Cifti2Images)
+            if not isinstance(mask, type(reference)) or mask.shape != reference.shape:
                 raise InputError(f"first-level model {index} is not fitted on the mesh of model 0 (its mask: "
                                  f"{type(mask).__name__} of shape {mask.shape}): all models must share one mesh.")
         elif mask.shape != reference.shape or not np.allclose(mask.affine, reference.affine, atol=1e-4):

@@ -29,10 +29,11 @@ from sklearn.base import clone
 from chunkglm.chunking import DEFAULT_CHUNK_BYTES
 from chunkglm.design.second_level import check_confounds_table, check_design
 from chunkglm.errors import InputError, InputTypeError
-from chunkglm.glm.second_level import inputs
+from chunkglm.glm.second_level import cifti, inputs
 from chunkglm.glm.second_level import surface as surf
 from chunkglm.glm.second_level.model import SecondLevelModel, parse_contrast
 from chunkglm.graph.finite import finite_array
+from chunkglm.io.surface_maps import is_cifti_image
 from chunkglm.graph.permutation import max_t_blocks
 from chunkglm.graph.permutation_volumes import volume_null
 from chunkglm.kernels.finite import _stack_level, warn
@@ -52,9 +53,11 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
 
     Parameters
     ----------
-    second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel, maps node, or SurfaceImage maps
+    second_level_input : list of 3-D images, 4-D image, DataFrame, list of FirstLevelModel, maps node, SurfaceImage or CIFTI maps
         As :meth:`chunkglm.glm.second_level.SecondLevelModel.fit` (surface maps
-        included: the -log10 p map is then a SurfaceImage).
+        included: the -log10 p map is then a SurfaceImage; CIFTI dense scalar
+        maps: a dense scalar Cifti2Image on their brain-model axis, the max-T
+        null over every analysed grayordinate).
     confounds : pandas.DataFrame, optional
         Checked (``subject_label`` plus covariates) but not used, as in
         nilearn: covariates enter through ``design_matrix``.
@@ -80,7 +83,9 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         one nilearn's background mask of the maps; its ``smoothing_fwhm``.
         Surface maps: a SurfaceImage or a SurfaceMasker (cloned and refitted,
         as nilearn; see :func:`surface_masker_settings`); default the
-        vertices finite in every map.
+        vertices finite in every map. CIFTI maps: a dense scalar mask of one
+        map on their brain-model axis; default the grayordinates finite in
+        every map (:mod:`chunkglm.glm.second_level.cifti`).
     smoothing_fwhm : float, optional
         Gaussian smoothing (mm) of each map when it is loaded. With a
         ``NiftiMasker`` as ``mask``: it overrides the masker's own smoothing
@@ -107,7 +112,8 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         Uncorrected p-value forming clusters (nilearn's): adds cluster size
         and cluster mass maps and their -log10 FWE p-values. Surface maps:
         not used, as in nilearn 0.14.1 (its NotImplementedWarning; only the
-        max-T map is returned).
+        max-T map is returned); CIFTI maps likewise (no cluster inference
+        over grayordinates, the same warning).
     tfce : bool, default=False
         Adds the TFCE map and its -log10 FWE p-values. Surface maps: as
         ``threshold``, not used (nilearn's warning).
@@ -140,6 +146,8 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
     if kind == "surface":
         surf.check_surface_images(second_level_input, design_matrix is None)
         images = surf.effect_maps(second_level_input)
+    if kind == "cifti":
+        images = cifti.map_list(second_level_input)
     design = _required_design(design_matrix, kind)
     if confounds is not None:
         check_confounds_table(confounds)
@@ -155,7 +163,8 @@ def non_parametric_inference(second_level_input, confounds=None, design_matrix=N
         raise InputError("second_level_input is a list of FirstLevelModels: first_level_contrast is "
                          "required (the contrast whose effect maps are modelled).")
     _check_n_maps(kind, second_level_input, first_level_contrast, design, images)
-    if (threshold is not None or tfce) and surf.is_surface_input(second_level_input, mask):
+    if (threshold is not None or tfce) and (surf.is_surface_input(second_level_input, mask)
+                                            or cifti.is_cifti_input(second_level_input)):
         tfce, threshold = False, None  # nilearn 0.14.1 drops cluster inference on surfaces, with this warning
         warnings.warn("Cluster level inference not yet implemented for surface data.\n"
                       f"Setting {tfce=} and {threshold=}. (chunkglm does as nilearn: only the max-T map is "
@@ -228,9 +237,10 @@ def check_permutation_options(threshold=None, tfce=False, n_perm=10000, permutat
     if permutations is None:
         check_n_perm(n_perm)
     if mask is not None and not isinstance(mask, (str, NiftiMasker, SurfaceImage, SurfaceMasker)) \
-            and not hasattr(mask, "affine") and not hasattr(mask, "__fspath__"):
+            and not hasattr(mask, "affine") and not hasattr(mask, "__fspath__") and not is_cifti_image(mask):
         raise InputError(f"mask must be a 3-D image (path or nibabel image) or a NiftiMasker (surface maps: a "
-                         f"SurfaceImage or SurfaceMasker); received {type(mask).__name__}.")
+                         f"SurfaceImage or SurfaceMasker; CIFTI maps: a dense scalar mask); received "
+                         f"{type(mask).__name__}.")
 
 
 #: NiftiMasker parameters that change the masked values, with the values that leave them as they are
@@ -324,7 +334,7 @@ def _checked_images(second_level_input) -> list:
 
 
 def _required_design(design_matrix, kind):
-    if design_matrix is None and kind == "surface":
+    if design_matrix is None and kind in ("surface", "cifti"):
         raise InputTypeError("design_matrix can only be a pandas DataFrame, a Path object or a string, or "
                              "a numpy array. A <class 'NoneType'> was provided at idx 0. "
                              "non_parametric_inference needs a design matrix (one row per map), as "
@@ -407,6 +417,8 @@ def _check_n_maps(kind, second_level_input, first_level_contrast, design, images
     """One design row per modelled map, checked before the maps are loaded."""
     if kind in ("images", "surface"):
         n_maps = len(images)
+    elif kind == "cifti":
+        n_maps = cifti.count_maps(images)
     elif kind == "dataframe":
         frame = inputs.dataframe_rows(second_level_input)
         n_maps = len(inputs.dataframe_maps(frame, first_level_contrast))
