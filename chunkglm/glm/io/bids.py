@@ -624,7 +624,7 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
                          "minimize_memory=False; nothing was written.")
     specs = contrast_specs(contrasts, contrast_types, [model.design_matrix_])
     settings, tested = permutation_inputs(specs, permutation_maps, permutation, two_sided)
-    names = groupderivative_names(specs, permutation_maps=settings["maps"] if settings else ())
+    names = group_derivative_names(specs, permutation_maps=settings["maps"] if settings else ())
     with StagedOutput(out_dir) as out:
         write_description(out, "second")
         thresholds = {"fdr": {}, "fwe": {}}
