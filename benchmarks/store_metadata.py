@@ -18,6 +18,9 @@ timed), and prints:
   only: each holds the store's metadata lock, reads the root, reads the
   nodes' documents and rewrites the root);
 - how many times the root document was rewritten, and its final size;
+- how many times, and how many bytes of it, the root document was read
+  (every read of the root ``zarr.json`` through chunkglm's local store,
+  merges and each task's open alike);
 - the time ``chunkglm.open_cohort`` then takes to list the store.
 
 The figures are seconds on this machine (on a shared one, note its load).
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import chunkglm
 from chunkglm.io import consolidated
+from chunkglm.io.layout import CohortLocalStore
 from chunkglm.testing import make_synthetic_bids
 
 HERE = Path(__file__).parent
@@ -61,7 +65,8 @@ def main(argv=None) -> None:
     facts = {"chunkglm": chunkglm.__file__, "runs": len(report.converted), "listed": listed,
              "convert_s": round(wall, 2), "listing_s": round(counters["seconds"], 2),
              "listing_calls": counters["calls"], "root_rewrites": counters["rewrites"],
-             "root_kB": round(root_bytes / 1000, 1), "open_cohort_s": round(open_s, 3),
+             "root_kB": round(root_bytes / 1000, 1), "root_reads": counters["root_reads"],
+             "root_MB_read": round(counters["root_bytes"] / 1e6, 1), "open_cohort_s": round(open_s, 3),
              "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(facts, indent=1))
 
@@ -88,7 +93,7 @@ def _dataset(data_dir: Path, runs: int) -> Path:
 
 def _instrument() -> dict:
     """Time the outermost listing calls and count root rewrites (module functions wrapped)."""
-    counters = {"seconds": 0.0, "calls": 0, "rewrites": 0, "depth": 0}
+    counters = {"seconds": 0.0, "calls": 0, "rewrites": 0, "depth": 0, "root_reads": 0, "root_bytes": 0}
 
     def timed(fn):
         @wraps(fn)
@@ -115,6 +120,16 @@ def _instrument() -> dict:
         if hasattr(consolidated, name):
             setattr(consolidated, name, timed(getattr(consolidated, name)))
     consolidated._write_root = counted(consolidated._write_root)
+    get = CohortLocalStore.get
+
+    async def counted_get(self, key, prototype, byte_range=None):
+        found = await get(self, key, prototype, byte_range)
+        if key == "zarr.json" and found is not None:
+            counters["root_reads"] += 1
+            counters["root_bytes"] += len(found)
+        return found
+
+    CohortLocalStore.get = counted_get
     return counters
 
 

@@ -377,3 +377,90 @@ def test_a_conversion_killed_before_its_batch_merge(ten_runs, tmp_path, monkeypa
     counted = _counted(path)
     assert sorted(Cohort(counted).runs) == names and counted.counter["get"] == 1
     _full_consolidation_equals_listing(path)
+
+
+# -- writers read the root's own fields, not its listing: a task's open does not grow with the store
+
+
+class _RootReads(st.CohortLocalStore):
+    """The local store, counting the reads of the root document and their bytes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.root_reads, self.root_bytes = 0, 0
+
+    async def get(self, key, prototype, byte_range=None):
+        found = await super().get(key, prototype, byte_range)
+        if key == "zarr.json" and found is not None:
+            self.root_reads, self.root_bytes = self.root_reads + 1, self.root_bytes + len(found)
+        return found
+
+
+def _store_with_listed_nodes(store, path, n_listed: int, removed: str):
+    """A copy of ``store`` without the node ``runs/<removed>``, whose root lists ``n_listed``
+    more runs (each with a real run's document: the root grows as with converted runs)."""
+    import shutil
+
+    shutil.copytree(store, path)
+    shutil.rmtree(path / "runs" / removed)
+    root = st.open_root(str(path), mode="a")
+    document = Cohort(str(path))._listing[f"runs/{removed}"]
+    consolidated.merge_many(root, [f"runs/filler-{i:04d}" for i in range(n_listed)], listed_as=document)
+    return path
+
+
+def test_a_writer_task_reads_as_much_of_the_root_whatever_the_number_of_runs(store, bids, tmp_path):
+    """A conversion task writing one run into a store listing 40 or 400 other runs reads the root
+    document as often and as many bytes (its own fields, one bounded range per read), where it read
+    the whole document -- a dozen times (its open, and zarr's parent check at each array) -- before."""
+    from chunkglm.io.convert import plan_conversion
+    from chunkglm.io.write_run import convert_run
+    from chunkglm.io.writer_store import HEAD_BYTES
+
+    job = next(j for j in plan_conversion(bids.root, task="main").runs if j.name == bids.runs[1].name)
+    reads = {}
+    for n_listed in (40, 400):
+        path = _store_with_listed_nodes(store, tmp_path / f"listing-{n_listed}.zarr", n_listed, job.name)
+        before = (path / "zarr.json").read_bytes()
+        assert len(before) > HEAD_BYTES
+        counted = _RootReads(str(path))
+        result = convert_run(job, counted, listed=False)
+        assert result["name"] == job.name
+        assert (path / "zarr.json").read_bytes() == before  # the task merged nothing
+        reads[n_listed] = (counted.root_reads, counted.root_bytes)
+        assert counted.root_bytes <= counted.root_reads * HEAD_BYTES
+        run = st.open_root(str(path))[f"runs/{job.name}"]
+        assert st.is_complete(run)
+    assert reads[40] == reads[400]
+
+
+@pytest.mark.parametrize("layout", ["compact", "indented", "own fields over the range", "small"])
+def test_the_root_head_is_the_root_without_its_listing(layout):
+    """WriterStore's root document: the root's own fields whatever its size and layout (read whole
+    when its own fields do not end within the bounded range, or when it is not laid out as
+    chunkglm writes it)."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    from chunkglm.io.writer_store import HEAD_BYTES, WriterStore
+
+    n_entries = 2 if layout == "small" else 200
+    own = {"attributes": {st.ATTR: {"format": st.FORMAT_NAME, "note": '"consolidated_metadata": {'}},
+           "zarr_format": 3, "node_type": "group"}
+    if layout == "own fields over the range":
+        own["attributes"]["legacy"] = ["x" * 100] * (HEAD_BYTES // 50)
+    listing = {"kind": "inline", "must_understand": False,
+               "metadata": {f"runs/r{i}": {"node_type": "group", "attributes": {"pad": "y" * 600}}
+                            for i in range(n_entries)}}
+    document = {**own, consolidated.KEY: listing}
+    text = json.dumps(document, indent=2) if layout == "indented" else json.dumps(document, separators=(",", ":"))
+    memory = MemoryStore()
+    prototype = default_buffer_prototype()
+    asyncio.run(memory.set("zarr.json", prototype.buffer.from_bytes(text.encode())))
+    assert (len(text) > HEAD_BYTES) == (layout != "small")
+    found = asyncio.run(WriterStore(memory).get("zarr.json", prototype))
+    assert json.loads(found.to_bytes()) == own
+    # the merges still read the whole document
+    assert consolidated.read_root(WriterStore(memory)) == document

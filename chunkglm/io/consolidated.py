@@ -36,8 +36,11 @@ incomplete; the next ``convert`` of the same inputs mends them (:func:`mend`),
 and ``chunkglm verify`` reports them (:func:`stale`; ``--repair`` mends them). A replaced
 node (a version switch) is still merged at once, at its switch.
 
-Writers open the store without it (``use_consolidated=False``): they see the
-store's own documents, never a listing from before their change.
+Writers open the store without it (:class:`chunkglm.io.writer_store.WriterStore`:
+the root's own fields, read as one bounded byte range): they see the store's
+own documents, never a listing from before their change, and their opens (and
+zarr's checks of a new array's parents) do not read more as the store grows.
+The merges here read the whole root document, listing included.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from chunkglm.io import locks
+from chunkglm.io.writer_store import inner
 
 __all__ = ["KEY", "Batch", "consolidate", "listing", "mend", "merge", "merge_many", "read_root", "stale"]
 
@@ -75,7 +79,7 @@ def read_root(zstore) -> dict | None:
     ValueError
         The document is not JSON (damaged).
     """
-    buf = sync(zstore.get("zarr.json", default_buffer_prototype()))
+    buf = sync(inner(zstore).get("zarr.json", default_buffer_prototype()))  # the listing too
     return None if buf is None else json.loads(buf.to_bytes())
 
 

@@ -44,6 +44,7 @@ from chunkglm.errors import IncompatibleStoreError, InputError, StoreError
 from chunkglm.io import consolidated, locks
 from chunkglm.io.integrity import node_inventory
 from chunkglm.io.backends import open_store, redact_url
+from chunkglm.io.writer_store import WriterStore
 
 FORMAT_NAME = "chunkglm-cohort"
 #: Major.minor of the store format. Readers accept any minor of their major.
@@ -102,6 +103,14 @@ def zarr_store(store, storage_options=None, *, read_only=False):
     return CohortLocalStore(path, read_only=read_only)
 
 
+def writer_store(store, storage_options=None):
+    """:func:`zarr_store` for a writer: the root document reads without its consolidated
+    listing, in a bounded read (:class:`~chunkglm.io.writer_store.WriterStore`), so writing a
+    group into a store of thousands of runs does not read the whole listing at each array."""
+    zstore = zarr_store(store, storage_options)
+    return zstore if isinstance(zstore, WriterStore) else WriterStore(zstore)
+
+
 class CohortLocalStore(LocalStore):
     """zarr's LocalStore, writing nothing for ``set_if_not_exists`` of a key that exists.
 
@@ -132,9 +141,11 @@ def open_root(store, storage_options=None, *, mode="r") -> zarr.Group:
     IncompatibleStoreError
         The store's format major version differs from this chunkglm's.
     """
-    zstore = zarr_store(store, storage_options, read_only=(mode == "r"))
     if mode == "r":
-        return open_root_listing(zstore, store)[0]
+        return open_root_listing(zarr_store(store, storage_options, read_only=True), store)[0]
+    # writers read the root's own fields, never its listing (bounded: a task's open and
+    # zarr's parent checks at each array it creates do not grow with the store)
+    zstore = writer_store(store, storage_options)
     if _holds_other_files(zstore):
         raise StoreError(
             f"{redact_url(str(store))} is not empty and not a chunkglm cohort store (it has files "

@@ -36,6 +36,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from chunkglm.errors import NodeBusyError
+from chunkglm.io.writer_store import inner
 from chunkglm.provenance import process_alive
 
 __all__ = ["LOCKS", "HEARTBEAT_SECONDS", "PARTIAL_STALE_SECONDS", "STALE_SECONDS", "acquire", "node_lock",
@@ -59,7 +60,7 @@ def _key(root, kind: str, name: str) -> str:
 
 
 def _store_id(root) -> str:
-    return f"{type(root.store).__name__}:{root.store}"
+    return f"{type(inner(root.store)).__name__}:{root.store}"
 
 
 def _document(token: str, since: float) -> bytes:
@@ -218,9 +219,9 @@ def release(root, kind: str, name: str) -> None:
 
 def _remove_empty_folder(store, key) -> None:
     """Local disk keeps a deleted key's folder: remove it, so no empty non-zarr folder is listed."""
-    if isinstance(store, LocalStore):
+    if isinstance(inner(store), LocalStore):
         try:
-            (store.root / key).parent.rmdir()
+            (inner(store).root / key).parent.rmdir()
         except OSError:  # not empty (taken again meanwhile) or already gone
             pass
 
@@ -288,8 +289,9 @@ def remove_leftovers(root) -> list[str]:
             sync(store.delete(key))
             _remove_empty_folder(store, key)
             removed.append(key)
-    if isinstance(store, LocalStore):
-        base = store.root / root.path if root.path else store.root
+    local = inner(store)
+    if isinstance(local, LocalStore):
+        base = local.root / root.path if root.path else local.root
         folders = [base / group for group in _SHARED_GROUPS]
         folders += [p for p in (base / LOCKS).glob("*--*") if p.is_dir()]
         folders += [p for kind in _SHARED_GROUPS[1:4] for p in (base / kind).glob("*") if p.is_dir()]
@@ -300,11 +302,11 @@ def remove_leftovers(root) -> list[str]:
                 try:
                     if path.stat().st_mtime < cutoff:
                         path.unlink()
-                        removed.append(str(path.relative_to(store.root)))
+                        removed.append(str(path.relative_to(local.root)))
                 except OSError:  # renamed or removed meanwhile
                     continue
         for folder in records:  # a record whose stale document was never renamed into place: empty
-            if any(key.startswith(f"{folder.relative_to(store.root)}/") for key in removed):
+            if any(key.startswith(f"{folder.relative_to(local.root)}/") for key in removed):
                 try:
                     folder.rmdir()
                 except OSError:  # not empty: a record

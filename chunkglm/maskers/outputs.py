@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from chunkglm.io.derivatives import StagedOutput, bids_filename, check_label, dataset_description, write_json
-from chunkglm.io.layout import list_written, zarr_store
+from chunkglm.io.layout import list_written, writer_store
 
 _ENTITY_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space")
 #: Entities of the timeseries file names, in order (then desc-<atlas>).
@@ -111,6 +111,6 @@ def save_timeseries_to_store(signals, store, atlas: str, storage_options=None) -
     """
     path = f"timeseries/{atlas_label(atlas)}"
     signals.to_dataset(name="region_signals").to_zarr(
-        zarr_store(store, storage_options), group=path, mode="w", zarr_format=3, consolidated=False)
+        writer_store(store, storage_options), group=path, mode="w", zarr_format=3, consolidated=False)
     list_written(store, path, storage_options)
     return path

@@ -41,7 +41,7 @@ from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import stage_inputs
 from chunkglm.io.nifti import image_from_voxels
 from chunkglm.io.preprocess import SpatialPreprocessing
-from chunkglm.io.layout import ATTR, list_written, zarr_store
+from chunkglm.io.layout import ATTR, list_written, writer_store
 from chunkglm.kernels.ar import ar_order
 from chunkglm.kernels.finite import warn
 from chunkglm.kernels.glm import is_grand_mean_scaling
@@ -582,7 +582,7 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         dims = ("voxel",) if array.ndim == 1 else ("time", "voxel")
         path = f"glm/{run}"
         data = xr.Dataset({name: (dims, array.astype(np.float32))})
-        data.to_zarr(zarr_store(store, storage_options), group=path, mode="a", zarr_format=3, consolidated=False)
+        data.to_zarr(writer_store(store, storage_options), group=path, mode="a", zarr_format=3, consolidated=False)
         list_written(store, path, storage_options)
         return f"{path}/{name}"
 
