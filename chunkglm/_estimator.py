@@ -82,5 +82,11 @@ class NilearnEstimator(BaseEstimator):
         """The tags again, under scikit-learn < 1.6's name (nilearn's estimators keep both)."""
         return self.__sklearn_tags__()
 
+    def _log(self, message: str, level: int = 1, method: str = "fit") -> None:
+        """Print ``message`` as nilearn's estimators log ("[Class.method] message") on stdout,
+        when ``verbose`` is at least ``level`` (True counts as 1)."""
+        if int(getattr(self, "verbose", 0) or 0) >= level:
+            print(f"[{type(self).__name__}.{method}] {message}")
+
     def __sklearn_is_fitted__(self) -> bool:  # overridden by subclasses with their attributes
         return any(name.endswith("_") and not name.startswith("__") for name in vars(self))

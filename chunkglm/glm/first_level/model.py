@@ -12,6 +12,7 @@ nilearn's definitions exactly.
 from __future__ import annotations
 
 import inspect
+import time
 import warnings
 
 import nibabel as nib
@@ -109,8 +110,11 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         "arN" (N > 1): nilearn's k-means over the AR(N) coefficients, run as
         an explicit global pass over the (small) coefficient map.
     verbose : int, default=0
-        Accepted for nilearn compatibility; progress is reported by
-        chunkglm's progress bars and the dask dashboard.
+        As nilearn's, messages on stdout from ``fit``: 1, the runs' graphs
+        being built and the time taken (the data are read later, when a
+        contrast is computed); 2, also the runs staged into the store and
+        the embedded masker's messages. Progress of the computation itself
+        is reported by chunkglm's progress bars and the dask dashboard.
     n_jobs : int, default=1
         Not used: the dask cluster (or the threaded scheduler) runs the work.
     minimize_memory : bool, default=True
@@ -135,6 +139,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
 
     Attributes
     ----------
+    confound_names_ : list
+        Per run, the confound column names given (chunkglm; for reports).
     design_matrices_ : list of pandas.DataFrame
         Design matrices used to fit the GLM (after sample masks).
     fir_delays_ : list
@@ -146,18 +152,21 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         As nilearn's (see ``memory``).
     n_elements_ : int
         Number of voxels in the mask.
-    standardize_ : None
-        As nilearn 0.14's (see ``standardize``).
     run_entities_ : list of dict
         BIDS entities of each run (chunkglm; used for output file names).
-    confound_names_ : list
-        Per run, the confound column names given (chunkglm; for reports).
-    mask_img_ : nibabel image
-        The mask of the fitted voxels.
-    labels_, results_ : list
-        nilearn's, per run; computed from the per-block fits when read.
-    r_square_, predicted_, residuals_ : list of images
-        nilearn's voxelwise attributes (need ``minimize_memory=False``).
+    standardize_ : None
+        As nilearn 0.14's (see ``standardize``).
+
+    Notes
+    -----
+    These fitted attributes are properties, computed when read (each has its
+    docstring): ``mask_img_`` (the mask of the fitted voxels), ``labels_``
+    and ``results_`` (nilearn's, per run), ``r_square_``, ``predicted_`` and
+    ``residuals_`` (nilearn's voxelwise attributes, which need
+    ``minimize_memory=False``; nilearn makes these three properties too).
+    nilearn sets ``labels_`` and ``results_`` during ``fit``; chunkglm's fit
+    only builds the graph (the data are not read), so they are computed from
+    the per-block fits on first read, which evaluates the graph.
     """
 
     def __init__(self, t_r=None, slice_time_ref=0.0, hrf_model="glover", drift_model="cosine",
@@ -237,6 +246,7 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         bins : int
             AR(1) coefficient bins.
         """
+        started = time.perf_counter()
         self._check_params()
         _refuse_sparse(run_imgs)
         if design_matrices is not None:
@@ -268,9 +278,13 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         for index, design in enumerate(self.design_matrices_):
             check_rank(design, f"run {index} after sample_masks")
         self._grid, self._voxels = self._voxel_selection(nodes)
-        self._runs = [graph.fit_run(self._bold(node, r), design, self.noise_model, bins,
-                                    self.signal_scaling, self.random_state, budget=self.chunk_bytes)
-                      for node, r, design in zip(nodes, rows, self.design_matrices_)]
+        self._runs = []
+        for index, (node, r, design) in enumerate(zip(nodes, rows, self.design_matrices_)):
+            self._log(f"Computing run {index + 1} out of {len(nodes)} runs: building its graph.")
+            self._runs.append(graph.fit_run(self._bold(node, r), design, self.noise_model, bins,
+                                            self.signal_scaling, self.random_state, budget=self.chunk_bytes))
+        self._log(f"Computation of {len(nodes)} runs' graphs done in {time.perf_counter() - started:.2f} "
+                  "seconds; the data are read when a contrast is computed.")
         self._persisted = False
         self._nonfinite_warned = False
         self.masker_ = self._fitted_masker()
@@ -385,6 +399,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
                               chunk_bytes=MemoryBudget.of(self.chunk_bytes).chunk_bytes,
                               owner=self, argument="run_imgs")
         self._converted_here = staged.converted  # the store's grid is the (resampled) mask already
+        if staged.converted:
+            self._log(f"Extracting region signals: {len(items)} runs staged into {staged.folder}", level=2)
         return staged.nodes
 
     def _check_preprocessing(self, nodes):
