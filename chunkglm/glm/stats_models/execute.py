@@ -8,23 +8,25 @@
   contrast's effect, variance, t or F, z and p maps are written as each run
   is done (an F contrast's effect has one volume per row), with the run's design
   matrix (TSV and SVG figure) and r-square map (not fitlins' log-likelihood map).
-- ``"meta"`` nodes: fixed effects of their inputs' effects and variances
-  with nilearn's ``compute_fixed_effects`` (mask: nilearn's background mask of
-  the effects; not precision-weighted), writing effect, variance and t, as
-  fitlins with its ``"Meta"`` model type (fitlins 0.11 compares the type
-  with ``"Meta"``, so it runs a GLM for the specification's ``"meta"``).
+- ``"meta"`` nodes: fixed effects of their inputs' effects and variances with
+  nilearn's ``compute_fixed_effects`` semantics (mask: nilearn's background mask
+  of the effects; not precision-weighted), for every group and contrast of the
+  node in one dask graph over voxel blocks (:mod:`.fixed_effects`), writing
+  effect, variance and t, as fitlins with its ``"Meta"`` model type (fitlins
+  0.11 compares the type with ``"Meta"``, so it runs a GLM for the
+  specification's ``"meta"``).
 - ``"glm"`` nodes above the run: :class:`~chunkglm.glm.second_level.SecondLevelModel`
   on their inputs' effect maps with pybids' design (mask: nilearn's
   background mask of the mean effect), every contrast's five maps.
 
 A node reads its inputs' maps back from the files the node before it wrote
-(so only one group's maps are in memory). ``F`` contrasts are terminal (the
+(a GLM node one group's maps at a time; a "meta" node stages them into a
+scratch store, one map at a time, and reads voxel blocks). ``F`` contrasts are terminal (the
 specification's rule): they are not handed to the next node.
 """
 
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
@@ -34,12 +36,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from bids.modeling.statsmodels import ContrastInfo
-from nilearn.glm.contrasts import compute_fixed_effects
 
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel, fitted_in_waves
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.glm.stats_models.design import run_design
+from chunkglm.glm.stats_models.fixed_effects import FixedEffectsLevel
 from chunkglm.glm.stats_models.spec import pybids_refusal
 from chunkglm.glm.stats_models.outputs import (
     MAP_NAMES,
@@ -172,7 +174,13 @@ class ModelRun:
             infos = [_contrast_info(maps) for maps in passed]
             with pybids_refusal(f"node {child.name!r}"):
                 specs = child.run(infos, group_by=child.group_by, **edge.filter)
-            child_outputs = list(chain.from_iterable(self._group(child, spec, passed) for spec in specs))
+            fixed = self._fixed_effects(child, specs, passed) if _kind(child) == "meta" else None
+            try:
+                child_outputs = list(chain.from_iterable(self._group(child, spec, passed, fixed)
+                                                         for spec in specs))
+            finally:
+                if fixed is not None:
+                    fixed.close()
             if self.reports is not None:
                 self.reports.flush(child.name)
             self._children(child, child_outputs, last)
@@ -248,11 +256,33 @@ class ModelRun:
 
     # -- higher levels ---------------------------------------------------------------
 
-    def _group(self, node, spec, available) -> list[ContrastMaps]:
-        rows = [{k: v for k, v in row.items() if k not in _NOT_ENTITIES}
-                for row in spec.metadata.to_dict("records")]
-        inputs = [_match(row, available, node.name) for row in rows]
-        design = spec.X.reset_index(drop=True)
+    def _fixed_effects(self, node, specs, available) -> _FixedEffects:
+        """Every group's and contrast's fixed effects of a "meta" node, as one graph over voxel
+        blocks (:class:`~chunkglm.glm.stats_models.fixed_effects.FixedEffectsLevel`), computed here."""
+        jobs, index = [], {}
+        for number, spec in enumerate(specs):
+            inputs, design = _inputs(node, spec, available)
+            for contrast in spec.contrasts:
+                chosen = _involved(inputs, design, _weights(contrast, design.columns, node.name))
+                if not chosen:
+                    raise InputError(f"node {node.name!r}, contrast {contrast.name!r}: no input map is involved "
+                                     "(its conditions are zero in every row of the design); check the "
+                                     "node's Model.X and the contrast's ConditionList.")
+                index[(number, contrast.name)] = len(jobs)
+                jobs.append([(str(maps.files["effect"]), str(maps.files["variance"])) for maps in chosen])
+        grids = [self.cohort.grid(grid_id) for grid_id in self.cohort.grids]
+        level = FixedEffectsLevel(jobs, grids=grids, chunk_bytes=self.chunk_bytes)
+        try:
+            self.progress(f"node {node.name}: fixed effects of {len(jobs)} group contrast(s) over "
+                          f"{level.lazy.numblocks[2]} voxel block(s)")
+            level.compute()
+        except BaseException:
+            level.close()
+            raise
+        return _FixedEffects(level, {id(spec): number for number, spec in enumerate(specs)}, index)
+
+    def _group(self, node, spec, available, fixed=None) -> list[ContrastMaps]:
+        inputs, design = _inputs(node, spec, available)
         kind = _kind(node)
         permute = self.permutation is not None and node.level == "dataset" and kind == "glm"
         outputs, group_contrasts, permuted = [], {}, {}
@@ -262,7 +292,7 @@ class ModelRun:
                 weights = _weights(contrast, design.columns, node.name)
                 test = "t" if contrast.test == "pass" else contrast.test
                 if kind == "meta":
-                    images = _fixed_effects(inputs, design, weights)
+                    images = fixed.images(spec, contrast.name)
                 else:
                     images = model.compute_contrast(weights if test == "F" else weights[0],
                                                     second_level_stat_type=test, output_type="all")
@@ -388,13 +418,29 @@ def _match(row: dict, available, node_name) -> ContrastMaps:
     return found[0]
 
 
-def _fixed_effects(inputs, design, weights) -> dict:
-    """nilearn's fixed effects of the inputs the contrast's first row involves (fitlins' rule)."""
+def _inputs(node, spec, available) -> tuple[list, pd.DataFrame]:
+    """The input maps of a group, in the order of its design's rows, and the design."""
+    rows = [{k: v for k, v in row.items() if k not in _NOT_ENTITIES}
+            for row in spec.metadata.to_dict("records")]
+    return [_match(row, available, node.name) for row in rows], spec.X.reset_index(drop=True)
+
+
+def _involved(inputs, design, weights) -> list:
+    """The inputs the contrast's first row involves (fitlins' rule for fixed effects)."""
     involved = design.loc[:, weights[0].astype(bool)].any(axis=1).to_numpy()
-    chosen = [maps for maps, keep in zip(inputs, involved) if keep]
-    effects = [nib.load(maps.files["effect"]) for maps in chosen]
-    variances = [nib.load(maps.files["variance"]) for maps in chosen]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # nilearn's note that it computes a mask
-        effect, variance, stat, z_score = compute_fixed_effects(effects, variances, precision_weighted=False)
-    return {"effect_size": effect, "effect_variance": variance, "stat": stat, "z_score": z_score}
+    return [maps for maps, keep in zip(inputs, involved) if keep]
+
+
+@dataclass
+class _FixedEffects:
+    """A "meta" node's computed fixed effects: the job of each group (spec) and contrast."""
+
+    level: FixedEffectsLevel
+    spec_number: dict
+    job: dict
+
+    def images(self, spec, contrast_name) -> dict:
+        return self.level.images(self.job[(self.spec_number[id(spec)], contrast_name)])
+
+    def close(self) -> None:
+        self.level.close()
