@@ -42,7 +42,8 @@ def add_parser(sub, add_common=None) -> None:
                      help="nilearn's plot_type of the maps")
     cmd.add_argument("--display-mode", help="nilearn's cuts, e.g. z, ortho, lzry (default z / lzry)")
     cmd.add_argument("--bg-img", default="MNI152TEMPLATE",
-                     help="background image path, MNI152TEMPLATE (default) or none")
+                     help="background image path, MNI152TEMPLATE (default) or none (volume results; "
+                          "surface results are drawn on their mesh without one)")
     cmd.add_argument("--jobs", type=positive_int, default=None, metavar="N",
                      help="pages built at once (default: one per CPU this process may use; 1: one by one)")
     cmd.set_defaults(func=run)

@@ -29,6 +29,7 @@ from chunkglm.report.figures import (
     design_matrix_figure,
 )
 from chunkglm.report.methods import first_level_methods, second_level_methods
+from chunkglm.report import surface
 from chunkglm.report.sections import (
     Block,
     Correction,
@@ -126,8 +127,7 @@ def glm_report(pieces: GLMPieces, options: ReportOptions, title=None, report_dim
     if pieces.designs:
         sections.append(Section("runs", "Design matrices and contrasts", panels=_run_panels(pieces)))
     if pieces.mask_img is not None:
-        sections.append(Section("mask", "Mask", [mask_block(pieces.mask_img, options,
-                                                            "The voxels analysed, over the background image")]))
+        sections.append(Section("mask", "Mask", [_mask_block(pieces.mask_img, options)]))
     else:
         sections.append(Section("mask", "Mask", [Block(text="No mask was provided.", text_class="note")]))
     sections.append(_stat_maps_section(pieces.stat_maps, pieces.mask_img, options, pieces.corrected_maps,
@@ -140,8 +140,15 @@ def glm_report(pieces: GLMPieces, options: ReportOptions, title=None, report_dim
     return report
 
 
+def _mask_block(mask_img, options: ReportOptions):
+    if surface.is_surface(mask_img):
+        return surface.mask_block(mask_img, options, "The vertices analysed, on the mesh")
+    return mask_block(mask_img, options, "The voxels analysed, over the background image")
+
+
 def findings(sections) -> dict:
-    """Each map's outcome on the page: its heading -> "no voxel survives" or its cluster count."""
+    """Each map's outcome on the page: its heading -> "no voxel survives" (vertex, grayordinate for surface
+    maps) or its cluster count."""
     out = {}
     for section in sections:
         if section.anchor != "statistical-maps":
@@ -153,8 +160,10 @@ def findings(sections) -> dict:
             if heading is None:
                 continue
             if "no-survivor" in block.text_class:
-                out[heading] = "no voxel survives"
-            elif block.text.endswith("peaks and subpeaks in mm (world coordinates)."):
+                element = next((kind for kind in ("vertex", "grayordinate") if f"no {kind} survives" in block.text),
+                               "voxel")
+                out[heading] = f"no {element} survives"
+            elif block.text.endswith(("peaks and subpeaks in mm (world coordinates).", surface.CLUSTERS_TAIL)):
                 out[heading] = block.text.split(";", 1)[0]
     return out
 
@@ -217,9 +226,12 @@ def _stat_maps_section(stat_maps: dict, mask_img, options: ReportOptions, correc
         hint = " Pass contrasts=... to see them." if fitted else " Fit the model, then pass contrasts=..."
         return Section("statistical-maps", "Statistical maps", [Block(
             text="No statistical map was provided." + hint, text_class="note")], in_nav=False)
-    blocks = [block for name, img in stat_maps.items() for block in stat_map_blocks(name, img, mask_img, options)]
+    blocks = [block for name, img in stat_maps.items()
+              for block in (surface.stat_map_blocks if surface.is_surface(img) else stat_map_blocks)(
+                  name, img, mask_img, options)]
     for name, (img, correction) in (corrected or {}).items():
-        blocks += corrected_map_blocks(name, img, mask_img, options, correction)
+        draw = surface.corrected_map_blocks if surface.is_surface(img) else corrected_map_blocks
+        blocks += draw(name, img, mask_img, options, correction)
     intro = (f"Thresholded with height_control={options.height_control!r}, α = {options.alpha:g}"
              if options.height_control else f"Thresholded at z = {options.threshold:g}")
     intro += f", clusters of at least {options.cluster_threshold} voxels." if options.cluster_threshold else "."
@@ -276,8 +288,7 @@ def first_level_pieces(model, contrasts, stat_maps=None) -> GLMPieces:
     else:  # save_glm_to_bids: the weights were drawn into the files the page links (and said their warnings)
         weights = {name: [None] * len(designs) for name in definitions}
     t_r = repetition_times(model)[0]
-    inputs = {"Runs": len(designs), "Scans per run": [len(d) for d in designs],
-              "Voxels in the mask": int(np.count_nonzero(np.asanyarray(model.mask_img_.dataobj)))}
+    inputs = {"Runs": len(designs), "Scans per run": [len(d) for d in designs], **mask_count(model.mask_img_)}
     if labels:
         inputs["Run names"] = labels
     pieces = GLMPieces("First Level Model", model_parameters(model, t_r),
@@ -314,13 +325,22 @@ def second_level_pieces(model, contrasts, first_level_contrast=None, stat_maps=N
         stat_maps = {name: model.compute_contrast(definition, first_level_contrast=first_level_contrast,
                                                   output_type="z_score")
                      for name, definition in definitions.items()}
-    inputs = {"Maps": int(len(design)), "Voxels in the mask": int(model.n_elements_)}
+    inputs = {"Maps": int(len(design)), **(mask_count(model.mask_img_) if surface.is_surface(model.mask_img_)
+                                           else {"Voxels in the mask": int(model.n_elements_)})}
     if first_level_contrast is not None:
         inputs["First-level contrast"] = _name(first_level_contrast)
     pieces = GLMPieces("Second Level Model", group_model_parameters(model) or {"smoothing_fwhm": None},
                        [Design("group design", design)], weights, stat_maps, model.mask_img_, inputs)
     pieces.first_level_contrast = _name(first_level_contrast) if first_level_contrast is not None else None
     return pieces
+
+
+def mask_count(mask_img) -> dict:
+    """``{"Voxels in the mask": n}`` (``Vertices``, ``Grayordinates`` for surface and CIFTI masks)."""
+    if surface.is_surface(mask_img):
+        n_kept, _, kind = surface.element_count(mask_img)
+        return {f"{kind.capitalize()} in the mask": n_kept}
+    return {"Voxels in the mask": int(np.count_nonzero(np.asanyarray(mask_img.dataobj)))}
 
 
 def unfitted_pieces(model) -> GLMPieces:
@@ -402,6 +422,8 @@ def model_report(model, contrasts=None, first_level_contrast=None, title=None, r
         pieces = unfitted_pieces(model)
         operation = "report: unfitted GLM"
     else:
+        if surface.is_surface(model.mask_img_):  # nilearn's refusal of a volume background, before any map
+            surface.check_background(options.get("bg_img"))
         if contrasts is None:
             notes.append(NO_CONTRAST_MESSAGE)
             contrasts, saved = _saved_report(model, contrasts, saved)

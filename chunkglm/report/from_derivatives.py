@@ -16,6 +16,12 @@ from the files: the design matrices (``*_design-matrix.tsv``), the contrast
 weights of the sidecar, the z maps, the mask, and the provenance record the
 command left (``*_provenance.json``), which tells which inputs, chunkglm
 version and cluster produced the results and how long it took.
+
+Surface layouts (``chunkglm first-level`` on GIFTI or CIFTI runs) are read
+too: a map is ``<stem>_<rest>.nii.gz``, ``<stem>_<rest>.dscalar.nii`` (CIFTI)
+or one ``<stem>_hemi-L|R_<rest>.func.gii`` per hemisphere, drawn on the mesh
+nilearn ships with its number of vertices (fsaverage5; :mod:`chunkglm.report.surface`).
+GIFTI maps of another size are refused in one line (the files hold no mesh).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from chunkglm.io.cohort import open_cohort
 from chunkglm.io.derivatives import file_label
 from chunkglm.io.layout import is_url
 from chunkglm.provenance import read_record
-from chunkglm.report.build import Design, GLMPieces, glm_report, meta_report
+from chunkglm.report import surface
+from chunkglm.report.build import Design, GLMPieces, glm_report, mask_count, meta_report
 from chunkglm.report.pages import INDEX_NAME, PageOutcome, build_pages, check_jobs, write_index
 from chunkglm.report.sections import Correction, ReportOptions
 
@@ -168,6 +175,37 @@ def _optional(path: Path):
     return _load(path) if path.exists() else None
 
 
+#: Where a map of the glm layout may be: ``<stem>_<rest>`` as NIfTI, CIFTI dense scalar, or a GIFTI file per
+#: hemisphere with the hemi entity after the stem (chunkglm.glm.io.surface_derivatives' names).
+HEMIS = {"left": "L", "right": "R"}
+
+
+def _map_files(folder: Path, stem: str, rest: str) -> dict:
+    """The files of one map: ``{"nifti": path}``, ``{"cifti": path}`` or ``{"left": path, "right": path}``."""
+    for key, extension in (("nifti", "nii.gz"), ("cifti", "dscalar.nii")):
+        path = folder / f"{stem}_{rest}.{extension}"
+        if path.exists():
+            return {key: path}
+    return {hemi: path for hemi, label in HEMIS.items()
+            if (path := folder / f"{stem}_hemi-{label}_{rest}.func.gii").exists()}
+
+
+def _load_map(folder: Path, stem: str, rest: str, required: bool = True):
+    """A map of the glm layout (a NIfTI or CIFTI image, or a SurfaceImage of its GIFTI pair); None when it
+    is not there and not ``required``."""
+    files = _map_files(folder, stem, rest)
+    if not files:
+        if required:
+            _load(folder / f"{stem}_{rest}.nii.gz")  # the error naming the missing file
+        return None
+    if "nifti" in files or "cifti" in files:
+        return _load(next(iter(files.values())))
+    try:
+        return surface.gifti_pair_image(files)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
 def _provenance(path: Path) -> dict | None:
     return read_record(path)
 
@@ -190,9 +228,9 @@ def _first_level(sidecar: Path) -> GLMPieces:
     designs = _designs(folder, stem)
     contrasts, stat_maps = {}, {}
     for label, spec in (meta.get("Contrasts") or {}).items():
-        stat = "F" if (folder / f"{stem}_contrast-{label}_stat-F.nii.gz").exists() else "t"
+        stat = "F" if _map_files(folder, stem, f"contrast-{label}_stat-F") else "t"
         contrasts[label] = _per_design(spec.get("Weights"), stat, len(designs))
-        stat_maps[label] = _load(folder / f"{stem}_contrast-{label}_stat-z.nii.gz")
+        stat_maps[label] = _load_map(folder, stem, f"contrast-{label}_stat-z")
     model = meta.get("Model") or {}
     provenance = _first_level_provenance(folder, stem)
     timing = acquisition_timing(meta, folder, stem, provenance)
@@ -200,10 +238,10 @@ def _first_level(sidecar: Path) -> GLMPieces:
                   "high_pass": model.get("HighPassFilter"), "noise_model": model.get("NoiseModel"),
                   "t_r": timing.get("t_r"), "slice_time_ref": timing.get("slice_time_ref"),
                   "confounds": meta.get("Confounds")}
-    mask = _optional(folder / f"{stem}_mask.nii.gz")
+    mask = _load_map(folder, stem, "mask", required=False)
     inputs = {"Runs": len(designs), "Scans per run": [len(d.matrix) for d in designs if d.matrix is not None]}
     if mask is not None:
-        inputs["Voxels in the mask"] = int(np.count_nonzero(np.asanyarray(mask.dataobj)))
+        inputs.update(mask_count(mask))
     if "t_r" not in timing:
         inputs["TR and slice timing"] = ("not recorded: the sidecar has no RepetitionTime, no nilearn "
                                          "statmap.json is beside it and the runs' store is not readable here")
@@ -304,20 +342,19 @@ def _group_level(sidecar: Path) -> GLMPieces:
     for label, spec in (meta.get("Contrasts") or {}).items():
         name = spec.get("Name") or label
         contrasts[name] = [np.asarray(spec["Weights"], dtype=float)] if "Weights" in spec else [None]
-        stat_maps[name] = _load(folder / f"group_contrast-{label}_stat-z.nii.gz")
+        stat_maps[name] = _load_map(folder, "group", f"contrast-{label}_stat-z")
         for key in ("fdr", "fwe"):
-            path = folder / f"group_contrast-{label}_{key}-corrected.nii.gz"
-            if path.exists():
-                corrected[f"{name} ({key.upper()}-corrected)"] = (_load(path),
-                                                                  _correction(corrections, key.upper(), label))
+            image = _load_map(folder, "group", f"contrast-{label}_{key}-corrected", required=False)
+            if image is not None:
+                corrected[f"{name} ({key.upper()}-corrected)"] = (image, _correction(corrections, key.upper(), label))
     model = meta.get("Model") or {}
     parameters = {"estimator": model.get("Estimator"), "smoothing_fwhm": model.get("SmoothingFWHM"),
                   "two_sided corrections": corrections.get("TwoSided"),
                   "cluster_threshold of corrections": corrections.get("ClusterThreshold")}
-    mask = _optional(folder / "group_mask.nii.gz")
+    mask = _load_map(folder, "group", "mask", required=False)
     inputs = {"Maps": model.get("NumberOfMaps"), "Regressors": model.get("Regressors")}
     if mask is not None:
-        inputs["Voxels in the mask"] = int(np.count_nonzero(np.asanyarray(mask.dataobj)))
+        inputs.update(mask_count(mask))
     pieces = GLMPieces("Second Level Model", parameters, designs, contrasts, stat_maps, mask, inputs,
                        _provenance(folder / "group_provenance.json"))
     pieces.corrected_maps = corrected

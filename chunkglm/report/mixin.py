@@ -49,6 +49,17 @@ class GLMReportMixin:
         (chunkglm version, the cluster that computed the maps, wall time).
         Figures are drawn by nilearn and embedded: the page reads offline.
 
+        Surface models: the maps are drawn on their mesh (nilearn's
+        ``plot_surf_stat_map``, each hemisphere's lateral and medial view), the
+        cluster tables are nilearn's for meshes (adjacent vertices), and
+        ``plot_type``, ``cut_coords``, ``display_mode`` and ``min_distance`` are not
+        used; ``bg_img`` must then be a SurfaceImage on the maps' mesh or None
+        (nilearn's TypeError otherwise). CIFTI models: the cortex is drawn on the
+        mesh nilearn ships with its number of vertices (fsaverage5), each
+        structure of the brain-model axis is listed with its surviving
+        grayordinates, and ``cluster_threshold`` is not used (no clusters on
+        grayordinates; the page says so). See :mod:`chunkglm.report.surface`.
+
         Parameters
         ----------
         contrasts : dict, str, array or list of them, optional

@@ -236,7 +236,7 @@ def confound_names(model, given=None) -> list[str]:
         raise InputError("the model does not record its confound names (confound_names_): pass "
                          "confounds=[...] (the confound columns used at fit), or [] for none.")
     if names and not isinstance(names[0], str):  # one list per run
-        names = [n for run in names for n in run]
+        names = [n for run in names for n in (run or [])]  # None: a run fitted without confounds
     return list(dict.fromkeys(str(n) for n in names))
 
 

@@ -21,7 +21,7 @@ from nilearn.surface.surface import data_to_gifti
 from chunkglm.io.nifti import save_map as save_volume
 
 __all__ = ["cifti_clusters_skipped", "cifti_file_name", "density", "is_cifti_map", "is_surface_map",
-           "is_surface_output", "save_map", "surface_file_name"]
+           "save_map", "surface_file_name"]
 
 #: BIDS entities in the specification's order; hemi and den take their places among them, the
 #: entities BIDS does not list (nilearn's contrast, stat) stay after them in their order.
@@ -38,11 +38,6 @@ def is_surface_map(img) -> bool:
 def is_cifti_map(img) -> bool:
     """A CIFTI model's output: a nibabel Cifti2Image dense scalar image."""
     return type(img).__name__ == "Cifti2Image"
-
-
-def is_surface_output(img) -> bool:
-    """A surface model's output (SurfaceImage or CIFTI dense scalar), which the report pages do not draw."""
-    return is_surface_map(img) or is_cifti_map(img)
 
 
 def cifti_clusters_skipped(z_img) -> bool:

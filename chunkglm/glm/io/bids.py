@@ -56,8 +56,7 @@ from chunkglm.glm.io._bids_names import (
     group_derivative_names,
     plan_bids_names,
 )
-from chunkglm.glm.io._surface_files import (cifti_clusters_skipped, density, is_surface_map, is_surface_output,
-                                            save_map)
+from chunkglm.glm.io._surface_files import cifti_clusters_skipped, density, is_surface_map, save_map
 from chunkglm.io.derivatives import (
     StagedOutput,
     write_json,
@@ -178,12 +177,14 @@ def save_glm_to_bids(model, contrasts, first_level_contrast=None, contrast_types
     GIFTI file per hemisphere, ``hemi-L``/``hemi-R`` and ``den-<vertices>``
     placed in BIDS entity order (``sub-01_hemi-L_den-10242_contrast-c0_stat-z_statmap.gii``;
     float32, the mask uint8), ``statmap.json`` has nilearn's ``Density``, the
-    clusters' json leaves out the cluster size and distance entries. No
-    ``report.html`` yet (a warning says so: chunkglm's report pages draw
-    volumes). CIFTI models (nilearn has none): each map one dense scalar file
+    clusters' json leaves out the cluster size and distance entries;
+    ``report.html`` draws the maps on their mesh. CIFTI models (nilearn has
+    none): each map one dense scalar file
     (``<e>_contrast-<label>_stat-z_statmap.dscalar.nii``, the mask
     ``<e>_mask.dscalar.nii``) on the runs' brain-model axis; no cluster
-    tables (a warning says so).
+    tables (a warning says so); ``report.html`` draws the cortex on the mesh
+    nilearn ships with its number of vertices (fsaverage5) and lists the
+    survivors of each structure of the brain-model axis.
 
     Second level: as nilearn, every file goes to ``out_dir/group/`` and
     names never come from the inputs (``prefix`` only)::
@@ -256,12 +257,7 @@ def _prefix(prefix):
 
 def _write_report(model, specs, names, saved, first_level_contrast, report, out) -> None:
     """``report.html`` beside the files: generate_report's page on the maps and figures just written
-    (not for surface models yet: chunkglm's report pages draw volumes; a warning says so)."""
-    if is_surface_output(saved.stat_maps[next(iter(saved.stat_maps))] if saved.stat_maps else None):
-        warnings.warn("save_glm_to_bids wrote no report.html: chunkglm's GLM report does not draw surface "
-                      "maps yet (the maps, mask and designs are written).", UserWarning,
-                      stacklevel=4)
-        return
+    (surface maps drawn on their mesh, CIFTI maps' cortex and subcortical structures: chunkglm.report.surface)."""
     statmap = names.statmap_json
     page = statmap[:-len("statmap.json")] + "report.html"
     html = model_report(model, {spec.name: spec.definition for spec in specs}, first_level_contrast,
