@@ -287,15 +287,38 @@ def test_layout_glm_alone_leaves_no_fitlins_files(three_subjects, tmp_path):
     assert outputs and all(o.startswith(("first_level/", "group_level/")) for o in outputs)
 
 
-def test_layout_glm_refuses_several_dataset_glm_nodes(three_subjects, tmp_path, capsys):
-    root, ds = three_subjects
+def test_layout_glm_gives_each_dataset_glm_node_its_folder(tmp_path):
+    # group_comparisons.json: three Dataset glm nodes (one-sample, age covariate, two groups) on the
+    # subject maps: group_level/node-<node>/ each, with its own design, mask and sidecar
+    ds = make_synthetic_bids(tmp_path / "ds", n_subjects=4, n_runs=1, size="tiny", seed=6)
+    (ds.root / "participants.tsv").write_text("participant_id\tage\tgroup\nsub-01\t45\tcontrol\n"
+                                              "sub-02\t53\tpatient\nsub-03\t37\tpatient\nsub-04\t29\tcontrol\n")
     out = tmp_path / "out"
     code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "group_comparisons.json"),
-                 "--layout", "glm", "--cluster", "none", "--no-progress", "--store", str(root / "store.zarr")])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "--layout glm: the model has 3 Dataset nodes of Type glm" in err
-    assert not list(out.glob("node-*")) and not (out / "group_level").exists()
+                 "--layout", "both", "--cluster", "none", "--no-progress", "--no-reports",
+                 "--store", str(tmp_path / "store.zarr")])
+    assert code == 0
+    group = out / "group_level"
+    assert sorted(p.name for p in group.iterdir()) == ["node-age", "node-dataset", "node-groups"]
+    # pybids names a node's contrasts after their input's (a_age): glm_label camelCases them
+    expected = {"dataset": ["a", "aMinusB", "b"], "age": ["aAge", "aMeanAndAge"], "groups": ["aMinusBControlVsPatient"]}
+    columns = {"dataset": ["intercept"], "age": ["intercept", "age"], "groups": ["group.control", "group.patient"]}
+    for node, contrasts in expected.items():
+        sidecar = json.loads((group / f"node-{node}/group_glm.json").read_text())
+        assert sidecar["Model"]["Node"] == node and sorted(sidecar["Contrasts"]) == contrasts
+        design = pd.read_csv(group / f"node-{node}/group_design-matrix.tsv", sep="\t")
+        assert list(design.columns) == columns[node]
+        assert (group / f"node-{node}/group_mask.nii.gz").is_file()
+        for contrast in contrasts:
+            stat = "F" if contrast == "aMeanAndAge" else "t"
+            ours = group / f"node-{node}/group_contrast-{contrast}_stat-{stat}.nii.gz"
+            # the same map fitlins' layout holds (fitlins' rule lower-cases inside words: aMeanandage)
+            theirs = [p for p in out.glob(f"node-{node}/contrast-*_stat-{stat}_statmap.nii.gz")
+                      if p.name.split("_")[0].lower() == f"contrast-{contrast}".lower()]
+            assert len(theirs) == 1, (node, contrast, theirs)
+            np.testing.assert_array_equal(_load(ours), _load(theirs[0]))
+            assert (group / f"node-{node}/group_contrast-{contrast}_stat-z.nii.gz").is_file()
+    assert _validator_errors(out) == []
 
 
 def _validator_errors(folder) -> list:

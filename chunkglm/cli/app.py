@@ -86,7 +86,8 @@ def add_parser(sub, add_common) -> None:
                           "designs and figures). glm: the derivatives/glm layout chunkglm's other commands "
                           "write: first_level/ (the Subject/Session nodes' maps) and group_level/ (the "
                           "Dataset glm node: t|F and z maps, FDR and FWE corrected maps at --alpha, the "
-                          "design, the mask, one sidecar); fitlins' files are then intermediate, in a "
+                          "design, the mask, one sidecar; several Dataset glm nodes: group_level/node-<name>/ "
+                          "each); fitlins' files are then intermediate, in a "
                           "temporary folder removed at the end. both: the two")
     cmd.add_argument("--no-reports", dest="reports", action="store_false",
                      help="no HTML pages (default: one per run and per Subject/Session/Dataset node group, "

@@ -11,9 +11,12 @@ folders, with the names the rest of chunkglm writes:
   :func:`chunkglm.interfaces.bids.save_group_derivatives` writes it (t|F and z maps, FDR and FWE
   corrected maps, permutation maps with ``--n-perm``, the design, the mask, ``group_glm.json``),
   one group model per contrast (the node's GroupBy) merged into that one folder: their contrasts
-  are listed together in the sidecar. The layout's group folder holds one design and one mask, so
-  groups whose designs or masks differ, and models with more than one Dataset glm node, are
-  refused with a one-line error (use ``--layout fitlins``).
+  are listed together in the sidecar. A model with several Dataset glm nodes (e.g. a one-sample
+  test, an age covariate and a two-group comparison of the same subject maps) gets one folder
+  per node, named as fitlins names its node folders: ``group_level/node-<node>/`` with the same
+  files (each node its own design, mask and sidecar, which names the node). A group folder
+  holds one design and one mask, so groups of one node whose designs or masks differ are refused
+  with a one-line error (use ``--layout fitlins``).
 
 ``<C>`` is the contrast's name as :func:`chunkglm.io.derivatives.glm_label` makes it a label,
 ``<t>`` the groups' ``task`` entity (else the model's one Input task).
@@ -31,6 +34,7 @@ import pandas as pd
 
 from chunkglm.errors import InputError
 from chunkglm.glm.io.bids import save_group_derivatives
+from chunkglm.glm.stats_models.outputs import fitlins_label
 from chunkglm.io.derivatives import bids_filename, glm_label, software, write_json
 from chunkglm.io.nifti import save_map
 
@@ -48,7 +52,7 @@ class GlmLayout:
     Parameters
     ----------
     graph : bids.modeling.BIDSStatsModelsGraph
-        The model (checked at once: at most one Dataset node of Type glm).
+        The model (its Dataset nodes of Type glm name the group folders).
     alpha : float
         FDR q and FWE p of the group's corrected maps.
     two_sided : bool
@@ -59,17 +63,15 @@ class GlmLayout:
     """
 
     def __init__(self, graph, *, alpha=0.05, two_sided=True, permutation=None):
-        dataset_glm = [n.name for n in graph.nodes.values()
-                       if n.level == "dataset" and str(n.model.get("type", "glm")).lower() == "glm"]
-        if len(dataset_glm) > 1:
-            raise InputError(f"--layout glm: the model has {len(dataset_glm)} Dataset nodes of Type glm "
-                             f"({', '.join(dataset_glm)}); the glm layout's group_level/ holds one group "
-                             "model: use --layout fitlins.")
+        dataset_glm = [n.name for n in graph.nodes.values() if n.level == "dataset" and _kind(n) == "glm"]
+        #: node name -> its group folder: group_level/ for one Dataset glm node, else one per node
+        self.group_folders = ({name: "group_level" for name in dataset_glm} if len(dataset_glm) <= 1 else
+                              {name: f"group_level/node-{fitlins_label(name, 'node')}" for name in dataset_glm})
         tasks = (graph.model.get("input") or {}).get("task") or []
         self.task = tasks[0] if isinstance(tasks, list) and len(tasks) == 1 else None
         self.alpha, self.two_sided, self.permutation = alpha, two_sided, permutation
         self._sidecars: dict[str, dict] = {}
-        self._group: dict | None = None
+        self._groups: dict[str, dict] = {}  # node name -> its design, mask and merged sidecar
 
     # -- first_level/ ----------------------------------------------------------------
 
@@ -107,30 +109,36 @@ class GlmLayout:
         weights = {name: w for name, (w, _) in contrasts.items()}
         types = {name: test for name, (_, test) in contrasts.items()}
         settings = self.permutation if permutation_maps else None
-        with tempfile.TemporaryDirectory(prefix="chunkglm-glm-layout-") as folder:
-            save_group_derivatives(model, weights, folder, contrast_types=types, alpha=self.alpha,
+        folder = self.group_folders.get(node.name, "group_level")
+        with tempfile.TemporaryDirectory(prefix="chunkglm-glm-layout-") as scratch:
+            save_group_derivatives(model, weights, scratch, contrast_types=types, alpha=self.alpha,
                                    two_sided=self.two_sided, permutation_maps=permutation_maps or None,
                                    permutation=settings)
-            root = Path(folder) / "group_level"
+            root = Path(scratch) / "group_level"
             sidecar = json.loads((root / "group_glm.json").read_text())
-            self._check_same_group(node.name, root)
+            state = self._check_same_group(node.name, root)
             for path in sorted(root.iterdir()):
                 if path.name not in ("group_glm.json",):
-                    out.path(f"group_level/{path.name}").write_bytes(path.read_bytes())
-        self._group["sidecar"] = _merged(self._group.get("sidecar"), sidecar)
-        write_json(out.path("group_level/group_glm.json"), self._group["sidecar"])
+                    out.path(f"{folder}/{path.name}").write_bytes(path.read_bytes())
+        if len(self.group_folders) > 1:
+            sidecar["Model"] = {**sidecar.get("Model", {}), "Node": node.name, "Source": "BIDS Stats Model"}
+        state["sidecar"] = _merged(state.get("sidecar"), sidecar)
+        write_json(out.path(f"{folder}/group_glm.json"), state["sidecar"])
 
-    def _check_same_group(self, node_name, root: Path) -> None:
+    def _check_same_group(self, node_name, root: Path) -> dict:
+        """The node's group state; refuses a group whose design or mask differs from the node's first."""
         design = pd.read_csv(root / "group_design-matrix.tsv", sep="\t")
         mask = np.asarray(nib.load(root / "group_mask.nii.gz").dataobj)
-        if self._group is None:
-            self._group = {"design": design, "mask": mask}
-            return
-        if not design.equals(self._group["design"]) or not np.array_equal(mask, self._group["mask"]):
-            what = "design" if not design.equals(self._group["design"]) else "mask"
+        state = self._groups.get(node_name)
+        if state is None:
+            self._groups[node_name] = state = {"design": design, "mask": mask}
+            return state
+        if not design.equals(state["design"]) or not np.array_equal(mask, state["mask"]):
+            what = "design" if not design.equals(state["design"]) else "mask"
             raise InputError(f"--layout glm: the groups of node {node_name!r} have different {what}s; the glm "
-                             "layout's group_level/ holds one design and one mask: use --layout fitlins "
+                             "layout's group folder holds one design and one mask: use --layout fitlins "
                              "(its files for the groups done so far are written).")
+        return state
 
 
 def _merged(first: dict | None, other: dict) -> dict:
