@@ -1,4 +1,4 @@
-"""FirstLevelModel's fit messages (``verbose``) and its documented fitted attributes.
+"""The GLMs' fit messages (``verbose``) and their documented fitted attributes.
 
 nilearn's estimator checks (tests/peer) ask the same things of nilearn's
 tiny data; these run on a tiny surface run of our own.
@@ -13,6 +13,7 @@ from nilearn.surface import InMemoryMesh, PolyMesh, SurfaceImage
 from numpydoc.docscrape import NumpyDocString
 
 from chunkglm.glm.first_level import FirstLevelModel
+from chunkglm.glm.second_level import SecondLevelModel
 
 
 @pytest.fixture
@@ -54,3 +55,34 @@ def test_documented_attributes_are_set_by_fit(surface_run):
     fitted = {name for name in vars(model) if name.endswith("_") and not name.startswith("_")}
     assert documented == fitted
     assert len(model.labels_) == len(model.results_) == len(model.r_square_) == 1
+
+
+@pytest.fixture
+def surface_maps(surface_run):
+    run, _ = surface_run
+    maps = [SurfaceImage(run.mesh, {hemi: values[:, k] for hemi, values in run.data.parts.items()})
+            for k in range(4)]
+    return maps, pd.DataFrame({"intercept": np.ones(4)})
+
+
+def test_second_level_verbose(surface_maps, capsys):
+    maps, design = surface_maps
+    SecondLevelModel().fit(maps, design_matrix=design)
+    assert capsys.readouterr().out == ""
+    outputs = {}
+    for verbose in (1, 2):
+        SecondLevelModel(verbose=verbose).fit(maps, design_matrix=design)
+        outputs[verbose] = capsys.readouterr().out
+    assert "[SecondLevelModel.fit] Fitting second level model" in outputs[1]
+    assert "[SecondLevelModel.fit] Computation of second level model (4 maps) done in" in outputs[1]
+    assert len(outputs[2]) > len(outputs[1])  # the embedded masker's messages
+
+
+def test_second_level_documented_attributes_are_set_by_fit(surface_maps):
+    maps, design = surface_maps
+    model = SecondLevelModel(minimize_memory=False).fit(maps, design_matrix=design)
+    documented = {item.name for item in NumpyDocString(SecondLevelModel.__doc__)["Attributes"]}
+    fitted = {name for name in vars(model) if name.endswith("_") and not name.startswith("_")}
+    assert documented == fitted
+    model.compute_contrast("intercept")
+    assert len(model.labels_) == 8 and model.results_ and model.r_square_ is not None

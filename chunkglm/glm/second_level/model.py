@@ -12,6 +12,7 @@ results. z, stat and p maps come from nilearn's own ``Contrast``.
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -76,8 +77,11 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
     memory_level : int, default=1
         Handed to ``masker_``; see ``memory``.
     verbose : int, default=0
-        Accepted for nilearn compatibility; progress is reported by
-        chunkglm's progress bars and the dask dashboard.
+        As nilearn's, messages on stdout from ``fit``: 1, the maps being
+        loaded and the time the fit took (the model is fitted lazily, when a
+        contrast is computed); 2, also the embedded masker's messages.
+        Progress of the computation itself is reported by chunkglm's
+        progress bars and the dask dashboard.
     n_jobs : int, default=1
         Not used: the dask scheduler (threaded, or the active distributed
         client) runs the work.
@@ -97,12 +101,10 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
     Attributes
     ----------
-    design_matrix_ : pandas.DataFrame of shape (n_maps, n_regressors)
-        The design used.
-    second_level_input_ : as given to ``fit``
-        The input maps (a list of images or models, a DataFrame or a node).
     confounds_ : pandas.DataFrame or None
         As given to ``fit``.
+    design_matrix_ : pandas.DataFrame of shape (n_maps, n_regressors)
+        The design used.
     mask_img_ : nibabel image
         The analysis mask.
     masker_ : nilearn.maskers.NiftiMasker, SurfaceMasker or None
@@ -111,12 +113,21 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         As nilearn's (see ``memory``).
     n_elements_ : int
         Voxels in the mask.
-    labels_, results_ : after ``compute_contrast``
-        nilearn's, of the last contrast's fit (see
-        :func:`chunkglm.glm.first_level.results.labels_and_results`).
-    r_square_, predicted_, residuals_ : images
-        nilearn's voxelwise attributes of the last contrast's fit (need
-        ``minimize_memory=False``).
+    second_level_input_ : as given to ``fit``
+        The input maps (a list of images or models, a DataFrame or a node).
+
+    Notes
+    -----
+    These fitted attributes are properties, computed when read after
+    ``compute_contrast`` (each has its docstring): ``labels_`` and
+    ``results_`` (nilearn's, of the last contrast's fit, see
+    :func:`chunkglm.glm.first_level.results.labels_and_results`),
+    ``r_square_``, ``predicted_`` and ``residuals_`` (nilearn's voxelwise
+    attributes of the last contrast's fit, which need
+    ``minimize_memory=False``; nilearn makes these three properties too).
+    nilearn sets ``labels_`` and ``results_`` to None during ``fit`` and
+    fills them in ``compute_contrast``; chunkglm computes them from the
+    per-block fits on first read.
     """
 
     _estimator_type = "glm"
@@ -228,9 +239,11 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         -------
         self
         """
+        started = time.perf_counter()
         self._reset()
         self.memory_ = self.memory if isinstance(self.memory, Memory) else Memory(self.memory, verbose=0)
         kind = inputs.input_kind(second_level_input)
+        self._log(f"Fitting second level model: loading the maps ({kind} input).")
         self._cifti = cifti.is_cifti_input(second_level_input)
         cifti.check_options(self._cifti, self.target_affine, self.target_shape, self.smoothing_fwhm, self.mask_img)
         self._surface = self._cifti or surf.is_surface_input(second_level_input, self.mask_img)
@@ -251,6 +264,8 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         self.masker_ = self._fitted_masker()
         self.n_elements_ = (self.masker_.n_elements_ if self._surface and not self._cifti
                             else int(np.asarray(self.mask_img_.dataobj).astype(bool).sum()))
+        self._log(f"Computation of second level model ({n_maps} maps) done in "
+                  f"{time.perf_counter() - started:.2f} seconds; its fit is computed with a contrast.")
         return self
 
     def _reset(self):
