@@ -134,7 +134,7 @@ def cluster_level_inference_surface(stat_img, mask_img, thresholds, alpha, verbo
         in_mask = mask[hemi]
         if not in_mask.any():
             continue
-        stats = values[in_mask]
+        stats = values[in_mask].astype(np.float64)  # as nilearn's SurfaceMasker.transform gives them
         hommel = hommel_value(stats, alpha, verbose=verbose)
         stat_map = np.zeros(values.shape[0], dtype=stats.dtype)
         stat_map[in_mask] = stats
