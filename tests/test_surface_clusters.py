@@ -125,6 +125,11 @@ def test_cluster_level_inference_surface_errors(z_map):
         cluster_level_inference(volume, threshold=2.0, mesh_adjacency=True)
     with pytest.raises(InputError, match="stat_img is a Nifti1Image but the other image is a Surf"):
         cluster_level_inference(volume, mask_img=z_map, threshold=2.0)
+    small = SurfaceImage(mesh=z_map.mesh, data=_parts(z_map))
+    small.data.parts["right"] = np.ones(5)  # PolyData does not check a part's length after init
+    with pytest.raises(InputError, match="does not match stat_img's mesh on the right hemisphere "
+                                         r"\(5 vertices vs 10242\)"):
+        cluster_level_inference(z_map, mask_img=small, threshold=2.0)
 
 
 @pytest.mark.parametrize("options", [

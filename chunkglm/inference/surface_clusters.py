@@ -55,10 +55,10 @@ def surface_parts(img, name="stat_img") -> dict[str, np.ndarray]:
     parts = {}
     for hemi, values in img.data.parts.items():
         values = np.asarray(values)
-        if values.ndim == 2 and values.shape[1] != 1:
+        if values.ndim > 2 or (values.ndim == 2 and values.shape[1] != 1):
             raise InputError(
                 f"Data for each part of img should be 1D. Found: {values.shape[1]}. {name} has "
-                f"{values.shape[1]} maps on its {hemi} hemisphere; pass one map (one sample)."
+                f"data of shape {values.shape} on its {hemi} hemisphere; pass one map (one sample)."
             )
         parts[hemi] = values.reshape(values.shape[0])
     if sum(v.size for v in parts.values()) == 0:
@@ -75,8 +75,9 @@ def _surface_image(like, parts):
     return SurfaceImage(mesh=like.mesh, data=parts)
 
 
-def _mask_parts(stat_img, parts, mask_img):
-    """In-mask vertices per hemisphere: ``mask_img``'s non-zero ones, or the finite ones."""
+def _mask_parts(parts, mask_img):
+    """In-mask vertices per hemisphere: ``mask_img``'s non-zero ones, or the finite ones
+    (nilearn's SurfaceMasker rule, with its warning)."""
     if mask_img is None:
         mask = {hemi: np.isfinite(values.astype("float32")) for hemi, values in parts.items()}
         if not all(m.all() for m in mask.values()):
@@ -85,13 +86,11 @@ def _mask_parts(stat_img, parts, mask_img):
         return mask
     mask = {}
     for hemi, values in parts.items():
-        given = mask_img.data.parts.get(hemi) if hemi in mask_img.data.parts else None
-        given = None if given is None else np.asarray(given).reshape(-1)
-        if given is None or given.shape[0] != values.shape[0]:
+        given = np.asarray(mask_img.data.parts.get(hemi, np.zeros(0))).reshape(-1)
+        if given.shape[0] != values.shape[0]:
             raise InputError(
-                f"mask_img does not match stat_img's mesh on the {hemi} hemisphere "
-                f"({'absent' if given is None else f'{given.shape[0]} vertices'} vs "
-                f"{values.shape[0]}): pass a mask on stat_img's mesh."
+                f"mask_img does not match stat_img's mesh on the {hemi} hemisphere ({given.shape[0]} "
+                f"vertices vs {values.shape[0]}): pass a mask on stat_img's mesh."
             )
         mask[hemi] = given.astype(bool)
     return mask
@@ -127,7 +126,7 @@ def cluster_level_inference_surface(stat_img, mask_img, thresholds, alpha, verbo
             raise InputError(f"{name} is a {type(img).__name__} but the other image is a "
                              "SurfaceImage: give both on the same mesh (or both volumes).")
     parts = surface_parts(stat_img)
-    mask = _mask_parts(stat_img, parts, mask_img)
+    mask = _mask_parts(parts, mask_img)
     out = {}
     for hemi, values in parts.items():
         out[hemi] = np.zeros(values.shape[0])
