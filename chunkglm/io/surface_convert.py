@@ -75,9 +75,11 @@ class SurfaceRun:
         return int(self.values.shape[0 if self.by_time else 1])
 
     def rows(self, start: int, stop: int, elements: np.ndarray) -> np.ndarray:
-        """Time points [start, stop) of the stored ``elements``, (time, element) float32."""
-        if self.by_time:  # CIFTI: (time, element) on disk, read one slab at a time
-            return np.asarray(self.values[start:stop], dtype=np.float32)[:, elements]
+        """Time points [start, stop) of the stored ``elements``, (time, element) float32 (a view of
+        float32 values held (time, element) when every element is stored: no copy)."""
+        if self.by_time:  # GIFTI and CIFTI: (time, element), a CIFTI file read one slab at a time
+            rows = np.asarray(self.values[start:stop], dtype=np.float32)
+            return rows if elements.size == rows.shape[1] else rows[:, elements]  # sorted, unique: all
         return np.asarray(self.values[elements, start:stop], dtype=np.float32).T
 
 
@@ -151,19 +153,38 @@ def from_gifti(pair, mesh, space) -> SurfaceRun:
         raise InputError(f"a GIFTI pair is a dict with keys among {MESH_PARTS}; received keys {sorted(pair)}.")
     poly, named = _load_mesh(mesh)
     parts = [part for part in MESH_PARTS if part in pair]
-    arrays, sources, steps = [], [], set()
-    for part in parts:
-        img = nib.load(str(pair[part]))
-        data = np.column_stack([d.data for d in img.darrays]) if len(img.darrays) > 1 else img.darrays[0].data
-        arrays.append(np.asarray(data).reshape(len(data), -1))
-        steps |= {d.meta.get("TimeStep") for d in img.darrays if d.meta.get("TimeStep")}
-        sources.append(_file_source(pair[part]))
-    if len({a.shape[1] for a in arrays}) > 1:
-        raise InputError(f"the hemispheres of {list(map(str, pair.values()))} have different numbers of "
-                         f"volumes {[a.shape[1] for a in arrays]}: give the two files of one run.")
+    images = {part: nib.load(str(pair[part])) for part in parts}
+    steps = {d.meta.get("TimeStep") for img in images.values() for d in img.darrays if d.meta.get("TimeStep")}
     grid = mesh_grid(poly, parts, space or named)
     t_r = _sidecar_tr(pair[parts[0]]) or (float(steps.pop()) / 1000.0 if len(steps) == 1 else None)
-    return SurfaceRun(grid, np.concatenate(arrays, axis=0), t_r, {"files": sources})
+    return SurfaceRun(grid, _gifti_rows(images, grid, pair), t_r,
+                      {"files": [_file_source(pair[part]) for part in parts]}, by_time=True)
+
+
+def _gifti_rows(images, grid, pair) -> np.ndarray:
+    """The parts' data arrays written once into one (time, vertex) array, in the grid's part order
+    (fMRIPrep writes one data array per volume; one (vertex, time) array is read as well)."""
+    blocks = {part: [np.asarray(d.data).reshape(len(d.data), -1) for d in img.darrays]
+              for part, img in images.items()}
+    volumes = {part: sum(b.shape[1] for b in arrays) for part, arrays in blocks.items()}
+    if len(set(volumes.values())) > 1:
+        raise InputError(f"the hemispheres of {list(map(str, pair.values()))} have different numbers of "
+                         f"volumes {list(volumes.values())}: give the two files of one run.")
+    sizes = dict(grid.parts)
+    wrong = {part: arrays[0].shape[0] for part, arrays in blocks.items()
+             if any(b.shape[0] != sizes[part] for b in arrays)}
+    if wrong:
+        raise InputError(f"the GIFTI data have {wrong} vertices; the mesh has {sizes}: give the mesh of "
+                         "the files' space (e.g. mesh='fsaverage5' for *_space-fsaverage5_* files).")
+    dtype = np.result_type(*[b.dtype for arrays in blocks.values() for b in arrays])
+    values = np.empty((next(iter(volumes.values())), grid.shape[0]), dtype=dtype)
+    slices = grid.part_slices()
+    for part, arrays in blocks.items():
+        time = 0
+        for block in arrays:
+            values[time:time + block.shape[1], slices[part]] = block.T
+            time += block.shape[1]
+    return values
 
 
 def _sidecar_tr(path) -> float | None:
@@ -174,6 +195,21 @@ def _sidecar_tr(path) -> float | None:
         return None
     value = json.loads(sidecar.read_text()).get("RepetitionTime")
     return float(value) if value else None
+
+
+def any_finite(rows: np.ndarray) -> bool:
+    """Whether any value of ``rows`` is finite, row by row: a run's first row usually answers
+    (one pass over a whole run, and its boolean copy, only when every value is NaN or inf)."""
+    return any(bool(np.isfinite(row).any()) for row in rows)
+
+
+def _structures(models) -> tuple:
+    """A brain-model axis's structures, (name, count) in file order: nibabel's ``iter_structures``
+    (runs of one name) read off the names, without building a sub-axis per structure."""
+    names = np.asarray(models.name)
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
+    counts = np.diff(np.r_[starts, len(names)])
+    return tuple((str(names[start]), int(count)) for start, count in zip(starts, counts))
 
 
 def _memory_source(values) -> dict:
@@ -202,7 +238,7 @@ def from_cifti(path, space, maps=False) -> SurfaceRun:
         what = "dense scalar file (maps x brain models)" if maps else "dense series (series x brain models)"
         raise InputError(f"{path} is not a CIFTI-2 {what}; its axes are {[type(a).__name__ for a in axes]}.")
     models = axes[1]
-    parts = tuple((str(name), len(range(*sl.indices(len(models))))) for name, sl, _ in models.iter_structures())
+    parts = _structures(models)
     grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, models)
     if maps:
         source = {"files": [_file_source(path)]} if img.get_filename() else _memory_source(img.dataobj)
@@ -477,7 +513,7 @@ def _write_run(root, name, grid, grid_id, run, t_r, companions, sizes):
 
     def fill(out, start, stop):
         out[:] = run.rows(start, stop, elements)
-        return bool(np.isfinite(out).any())
+        return any_finite(out)
 
     st.resume_swap(root, "runs", name)
     node = st.begin_version(root, "runs", name)

@@ -27,7 +27,7 @@ from chunkglm.errors import InputError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 from chunkglm.io.surface import write_element_coordinates, write_grid
-from chunkglm.io.surface_convert import check_same_grid, from_cifti, from_gifti, from_surface_image
+from chunkglm.io.surface_convert import any_finite, check_same_grid, from_cifti, from_gifti, from_surface_image
 from chunkglm.io.write_run import write_rows
 
 __all__ = ["CIFTI_MAP_SUFFIXES", "convert_surface_maps", "is_cifti_image", "is_cifti_map"]
@@ -139,7 +139,7 @@ def _write(root, name, grid, grid_id, values, ids, coords, map_type, sources, si
 
     def fill(out, start, stop):
         out[:] = stacked[start:stop]
-        return bool(np.isfinite(out).any())
+        return any_finite(out)
 
     st.resume_swap(root, "maps", name)
     node = st.begin_version(root, "maps", name)

@@ -1,0 +1,90 @@
+"""The shortcuts the surface paths take past nibabel's slow steps give nibabel's results.
+
+- ``cifti_image``: a Cifti2Image equal (values, CIFTI and NIfTI headers, written
+  file) to ``Cifti2Image(rows, header)``, with its own header copy;
+- GIFTI runs read into one (time, vertex) array: the values nibabel parses, in
+  the grid's order, for one data array per volume and one 2-D array;
+- ``_structures``: nibabel's ``iter_structures`` names and counts;
+- ``any_finite``: ``np.isfinite(rows).any()``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.cifti2 import BrainModelAxis, Cifti2Header, Cifti2Image, ScalarAxis
+from nilearn.surface import InMemoryMesh, PolyMesh
+
+from chunkglm.errors import InputError
+from chunkglm.glm.first_level.surface_inputs import cifti_image
+from chunkglm.io.surface import gifti_image
+from chunkglm.io.surface_convert import _structures, any_finite, from_gifti
+
+
+def _axis():
+    left = np.zeros(40, dtype=bool)
+    left[::3] = True
+    block = np.zeros((3, 4, 2), dtype=bool)
+    block[1:, 1:3] = True
+    return (BrainModelAxis.from_mask(left, "CortexLeft") + BrainModelAxis.from_mask(~left, "CortexRight")
+            + BrainModelAxis.from_mask(block, "ThalamusLeft", affine=np.diag([2.0, 2.0, 2.0, 1.0])))
+
+
+def test_cifti_image_equals_nibabels(tmp_path):
+    axis = _axis()
+    header = Cifti2Header.from_axes((ScalarAxis(["z", "t"]), axis))
+    rows = np.random.default_rng(0).standard_normal((2, len(axis)))
+    for given in (header, pickle.dumps(header)):
+        want = Cifti2Image(rows, header)  # fresh: writing a Cifti2Image sets its NIfTI intent
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nibabel warns when a header does not fit the data
+            got = cifti_image(rows, given)
+        assert got.header is not header and got.header.to_xml() == want.header.to_xml()
+        assert got.nifti_header.binaryblock == want.nifti_header.binaryblock
+        assert np.array_equal(np.asarray(got.dataobj), rows) and got.shape == want.shape
+        assert got.header.get_axis(1) == axis and got.header.get_axis(0) == header.get_axis(0)
+        want.to_filename(tmp_path / "want.dscalar.nii")
+        got.to_filename(tmp_path / "got.dscalar.nii")
+        assert (tmp_path / "got.dscalar.nii").read_bytes() == (tmp_path / "want.dscalar.nii").read_bytes()
+    edited = cifti_image(rows, header)
+    edited.header.matrix.get_index_map(1)[0].vertex_indices[0] = 39  # its own copy: the source is unchanged
+    assert header.get_axis(1) == axis
+
+
+def _mesh(n_left, n_right):
+    faces = np.array([[0, 1, 2]])
+    return PolyMesh(left=InMemoryMesh(np.zeros((n_left, 3)), faces), right=InMemoryMesh(np.zeros((n_right, 3)), faces))
+
+
+def test_gifti_rows_written_once_as_nibabel_parses_them(tmp_path):
+    rng = np.random.default_rng(1)
+    left, right = rng.standard_normal((5, 7)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+    pair = {"left": tmp_path / "hemi-L.func.gii", "right": tmp_path / "hemi-R.func.gii"}
+    nib.save(gifti_image(left), pair["left"])  # one data array per volume, as fMRIPrep writes
+    nib.save(nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(np.ascontiguousarray(right.T))]),
+             pair["right"])  # one (vertex, time) array
+    run = from_gifti(pair, _mesh(7, 4), "")
+    assert run.by_time and run.n_time == 5
+    assert np.array_equal(run.rows(0, 5, run.grid.flat_index), np.hstack([left, right]))
+    assert np.array_equal(run.rows(1, 3, np.array([0, 8])), np.hstack([left, right])[1:3, [0, 8]])
+    with pytest.raises(InputError, match=r"have \{'left': 7\} vertices; the mesh has"):
+        from_gifti(pair, _mesh(8, 4), "")
+    nib.save(gifti_image(right[:3]), pair["right"])
+    with pytest.raises(InputError, match=r"different numbers of volumes \[5, 3\]"):
+        from_gifti(pair, _mesh(7, 4), "")
+
+
+def test_structures_and_any_finite_as_nibabel_and_numpy():
+    axis = _axis()
+    assert _structures(axis) == tuple((str(name), len(range(*sl.indices(len(axis)))))
+                                      for name, sl, _ in axis.iter_structures())
+    rows = np.full((4, 6), np.nan, dtype=np.float32)
+    assert not any_finite(rows)
+    rows[3, 5] = 1.0
+    assert any_finite(rows)
+    rows[3, 5] = np.inf
+    assert not any_finite(rows)
