@@ -166,3 +166,15 @@ def test_non_finite_vertices_count_as_zero(z_map):
     with pytest.warns(UserWarning, match="Non-finite values"):
         table = get_clusters_table(new_img_like(z_map, data), stat_threshold=2.0)
     assert table["Peak Stat"].notna().all()
+
+
+def test_cifti_maps_are_refused_in_one_line():
+    from nibabel.cifti2 import BrainModelAxis, Cifti2Header, Cifti2Image, ScalarAxis
+
+    axis = BrainModelAxis.from_mask(np.ones(10, dtype=bool), name="CIFTI_STRUCTURE_CORTEX_LEFT")
+    img = Cifti2Image(np.ones((1, 10), dtype="f4"), Cifti2Header.from_axes((ScalarAxis(["z"]), axis)))
+    with pytest.raises(InputError, match="get_clusters_table received a CIFTI-2 map: its clusters "
+                                         "need the cortex's mesh"):
+        get_clusters_table(img, stat_threshold=2.0)
+    with pytest.raises(InputError, match="cluster_level_inference received a CIFTI-2 map"):
+        cluster_level_inference(img, threshold=2.0)

@@ -243,7 +243,8 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, 
         raise nilearn's DimensionError). A DataArray of shape (voxel,) needs
         ``mask_img``. A SurfaceImage holds one map (one sample): each
         hemisphere is then inferred on its own, as nilearn does (see
-        ``mesh_adjacency`` for its clusters).
+        ``mesh_adjacency`` for its clusters). CIFTI maps are refused (no mesh
+        in the file to find clusters on).
     mask_img : NIfTI image, path, grid, SurfaceImage or None
         Voxels (vertices) counted; on the grid (mesh) of ``stat_img``. None:
         nilearn's background mask of ``stat_img`` (on a surface: its finite
@@ -291,6 +292,7 @@ def cluster_level_inference(stat_img, mask_img=None, threshold=3.0, alpha=0.05, 
     if _is_surface(stat_img) or _is_surface(mask_img):
         return cluster_level_inference_surface(stat_img, mask_img, list(thresholds), alpha, verbose,
                                                mesh_adjacency=mesh_adjacency)
+    refuse_cifti_clusters(stat_img, "cluster_level_inference")
     if mesh_adjacency:
         raise InputError("mesh_adjacency=True is for SurfaceImage maps; a volume's clusters are "
                          "always 6-connected voxels: leave mesh_adjacency at False.")
@@ -386,6 +388,15 @@ def _threshold_surface(stat_img, mask_img, alpha, threshold, height_control, clu
     thresholded = threshold_img(stat_img, threshold=cutoff, cluster_threshold=cluster_threshold,
                                 two_sided=two_sided, mask_img=mask_img, copy=True)
     return thresholded, cutoff
+
+
+def refuse_cifti_clusters(stat_img, function: str) -> None:
+    """One-line refusal of a CIFTI map where clusters are formed (nilearn reads no CIFTI, and a dense
+    scalar file carries no mesh to find neighbouring vertices on)."""
+    if is_cifti_map(stat_img):
+        raise InputError(f"{function} received a CIFTI-2 map: its clusters need the cortex's mesh, which "
+                         "a CIFTI file does not carry. Pass the cortex as a nilearn SurfaceImage on its "
+                         "mesh, or threshold the map with threshold_stats_img (cluster_threshold=0).")
 
 
 def _threshold_cifti(stat_img, mask_img, alpha, threshold, height_control, cluster_threshold, two_sided):

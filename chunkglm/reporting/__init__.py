@@ -20,7 +20,12 @@ import pandas as pd
 from chunkglm.errors import InputError
 from chunkglm.inference.clusters import TABLE_COLUMNS, cluster_table_rows
 from chunkglm.inference.surface_clusters import clusters_table_surface
-from chunkglm.inference.thresholding import like_image, load_stat_map, threshold_map
+from chunkglm.inference.thresholding import (
+    like_image,
+    load_stat_map,
+    refuse_cifti_clusters,
+    threshold_map,
+)
 
 from chunkglm.reporting.html_report import HEIGHT_DEFAULT, WIDTH_DEFAULT, HTMLReport
 
@@ -50,6 +55,7 @@ def get_clusters_table(
         surface table: clusters of mesh neighbours per hemisphere, with
         columns "Cluster ID", "Hemisphere", "Peak Stat", "Cluster Size
         (vertices)" (see :func:`chunkglm.inference.surface_clusters.clusters_table_surface`).
+        CIFTI maps are refused (no mesh in the file to find clusters on).
     stat_threshold : float
         Cluster-forming threshold, in the scale of ``stat_img``. With
         ``two_sided=False`` a negative threshold reports the clusters below it.
@@ -93,6 +99,7 @@ def get_clusters_table(
     if _is_surface(stat_img):
         return clusters_table_surface(stat_img, stat_threshold, cluster_threshold, two_sided,
                                       min_distance, return_label_maps)
+    refuse_cifti_clusters(stat_img, "get_clusters_table")
     img, _ = load_stat_map(stat_img, mask_img)
     data = threshold_map(np.asanyarray(img.dataobj), stat_threshold, two_sided,
                          cluster_threshold or 0)
