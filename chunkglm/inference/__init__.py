@@ -1,7 +1,10 @@
 """Inference on result maps: voxel-level thresholds (fpr, FDR, Bonferroni),
-cluster-extent thresholding and cluster labelling.
+cluster-extent thresholding, cluster labelling, All-Resolution Inference and
+cluster tables.
 
-These are global passes over single 3-D result maps, run in memory.
+These are global passes over single result maps, run in memory: 3-D volumes
+(6-connected voxels), or surface maps hemisphere by hemisphere (clusters on
+the mesh, :mod:`chunkglm.inference.surface_clusters`).
 """
 
 from chunkglm.inference.thresholding import (
