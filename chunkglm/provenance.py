@@ -9,7 +9,11 @@ keeps its records in its root attributes). A record holds:
 - ``versions``: chunkglm, dask, distributed, zarr, numpy, nibabel, nilearn,
   python;
 - ``cluster``: backend type and size (workers, threads, memory limit);
-- ``started`` (UTC, ISO 8601) and ``wall_time_s``.
+- ``started`` (UTC, ISO 8601) and ``wall_time_s``: in the cohort store's
+  records only. A record written into an output folder (:func:`write_record`,
+  the commands' ``*provenance.json``) leaves the times out
+  (:func:`without_times`), so that running a command again writes every file
+  of its derivatives byte for byte as before.
 
 Secrets never reach a record: values under keys that name a secret
 (``key``, ``secret``, ``password``, ``token``, ``credential``, ...) are
@@ -41,6 +45,7 @@ __all__ = [
     "redact_url",
     "strip_secrets",
     "versions",
+    "without_times",
     "write_record",
 ]
 
@@ -210,8 +215,19 @@ def record(operation: str, *, inputs, options, cluster, stopwatch: Stopwatch, **
             "cluster": strip_secrets(cluster), **stopwatch.times()}
 
 
+#: The fields of a record that differ between two runs of one command (:meth:`Stopwatch.times`).
+TIMES = ("started", "wall_time_s")
+
+
+def without_times(content: dict) -> dict:
+    """``content`` less its :data:`TIMES`: what an output folder's record holds (a run of the
+    same command on the same inputs writes the same bytes)."""
+    return {key: value for key, value in content.items() if key not in TIMES}
+
+
 def write_record(path, content: dict) -> Path:
-    """Write a record as JSON atomically (a reader sees all of it or nothing).
+    """Write a record as JSON atomically (a reader sees all of it or nothing), without its times
+    (:func:`without_times`).
 
     Parameters
     ----------
@@ -229,7 +245,7 @@ def write_record(path, content: dict) -> Path:
     _remove_stale_partials(path)
     partial = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
-        partial.write_text(json.dumps(strip_secrets(content), indent=2, sort_keys=False) + "\n")
+        partial.write_text(json.dumps(strip_secrets(without_times(content)), indent=2, sort_keys=False) + "\n")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -53,7 +53,8 @@ def test_each_subject_folder_has_a_complete_record(tiny_bids, analysed):
     assert record == _record(analysed, "01", nilearn=True)  # nilearn's folder has it too (--layout both)
     assert record["operation"] == "first-level" and record["subject"] == "01"
     assert set(record["versions"]) == PACKAGES and record["versions"]["chunkglm"] == chunkglm.__version__
-    assert record["cluster"]["type"] == "none" and record["wall_time_s"] > 0 and record["started"]
+    assert record["cluster"]["type"] == "none"
+    assert "started" not in record and "wall_time_s" not in record  # a re-run writes the same bytes
     run = tiny_bids.runs[0]
     (source,) = record["inputs"]
     assert source["sha256"] == hashlib.sha256(run.bold_path.read_bytes()).hexdigest()

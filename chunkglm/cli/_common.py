@@ -28,7 +28,7 @@ from chunkglm.io.cohort import open_cohort
 from chunkglm.io.backends import storage_settings
 from chunkglm.io.derivatives import StagedOutput
 from chunkglm.io.layout import is_url, redact_url
-from chunkglm.provenance import strip_secrets
+from chunkglm.provenance import strip_secrets, without_times
 
 
 def parse_storage_options(pairs):
@@ -263,10 +263,12 @@ def relative_output(path, output_dir) -> str:
 
 
 def write_output_record(output_dir, relative: str, content: dict, storage=None) -> str:
-    """Write a provenance record (secrets stripped) to ``output_dir/relative``, a local folder or
-    an object store, through the derivative staging (atomic); returns where it went."""
+    """Write a provenance record (secrets stripped, without its times: a re-run writes the same
+    bytes) to ``output_dir/relative``, a local folder or an object store, through the derivative
+    staging (atomic); returns where it went."""
     with StagedOutput(output_dir, storage_options=storage) as out:
-        out.path(relative).write_text(json.dumps(strip_secrets(content), indent=2, sort_keys=False) + "\n")
+        out.path(relative).write_text(json.dumps(strip_secrets(without_times(content)), indent=2,
+                                                 sort_keys=False) + "\n")
     return redact_url(output_location(output_dir, relative)) if is_url(str(output_dir)) else \
         output_location(output_dir, relative)
 

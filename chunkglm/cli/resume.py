@@ -28,7 +28,7 @@ import fsspec
 
 from chunkglm.errors import InputError
 from chunkglm.io.layout import is_url, node_meta
-from chunkglm.provenance import read_record, strip_secrets, write_record
+from chunkglm.provenance import read_record, strip_secrets, without_times, write_record
 
 
 RECORD_SUFFIX = "provenance.json"
@@ -66,12 +66,12 @@ class OutDir:
         return content if isinstance(content, dict) else None
 
     def write_json(self, relative: str, content: dict) -> None:
-        """Write a record (secrets stripped) atomically."""
+        """Write a record (secrets stripped, without its times) atomically."""
         if not self.remote:
             Path(self.path(relative)).parent.mkdir(parents=True, exist_ok=True)
             write_record(self.path(relative), content)
             return
-        data = json.dumps(strip_secrets(content), indent=2) + "\n"
+        data = json.dumps(strip_secrets(without_times(content)), indent=2) + "\n"
         self.fs.pipe_file(self.path(relative), data.encode())
 
     def sizes(self, *folders: str) -> dict[str, int]:

@@ -380,18 +380,19 @@ def mask_block(mask_img, options: ReportOptions, caption: str) -> Block:
 
 
 def provenance_section(record: dict | None) -> Section:
-    """Where the results come from: inputs, options, versions, cluster, wall time.
+    """Where the results come from: inputs, options, versions, cluster.
 
     ``record`` is a provenance record (:func:`chunkglm.provenance.record`),
     read from a derivatives folder or assembled for a report made in
-    memory; secrets were stripped when it was made.
+    memory; secrets were stripped when it was made. No time is shown (a
+    record's ``started`` and ``wall_time_s``, where it has them): a page
+    written again from the same results is the same bytes.
     """
     if not record:
         return Section("provenance", "Provenance", [Block(
             text="No provenance record was found for these results (they were not written by a chunkglm "
                  "command).", text_class="note")])
-    summary = {"Operation": record.get("operation"), "Started (UTC)": record.get("started"),
-               "Wall time (s)": record.get("wall_time_s"),
+    summary = {"Operation": record.get("operation"),
                "chunkglm version": (record.get("versions") or {}).get("chunkglm")}
     cluster = record.get("cluster") or {}
     blocks = [Block(tables=[table_html(summary, header=False)]),
