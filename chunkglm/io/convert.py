@@ -31,7 +31,6 @@ from chunkglm.io import consolidated
 from chunkglm.io import layout as st
 from chunkglm.io import locks
 from chunkglm.io.bids import RunFiles, bids_name, discover_runs, parse_entities
-from chunkglm.io.convert_surface import convert_surface, is_surface_request
 from chunkglm.io.nifti import NiftiInfo, NiftiReader, read_info
 from chunkglm.io.preprocess import SpatialPreprocessing
 from chunkglm.io.write_maps import MapsJob, convert_maps
@@ -142,7 +141,7 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     ConversionError
         Some nodes failed while others were written; lists the failures.
     """
-    if is_surface_request(inputs, space, surface):
+    if _is_surface_request(inputs, space, surface):
         return _convert_surface(inputs, store, locals())
     stopwatch = Stopwatch()
     plan = plan_conversion(inputs, task=task, space=space, subjects=subjects, sessions=sessions,
@@ -184,8 +183,22 @@ def convert(inputs, store, *, task=None, space=None, subjects=None, sessions=Non
     return report
 
 
+def _is_surface_request(inputs, space, surface) -> bool:
+    """:func:`chunkglm.io.convert_surface.is_surface_request`, its module imported here.
+
+    chunkglm.io.convert_surface brings nilearn.surface (scikit-learn, scipy.stats: ~100 MiB
+    resident); the worker processes import this module for its volume tasks (:func:`_task`) and
+    need none of it.
+    """
+    from chunkglm.io.convert_surface import is_surface_request
+
+    return is_surface_request(inputs, space, surface)
+
+
 def _convert_surface(inputs, store, given) -> ConversionReport:
     """Surface runs: converted by :func:`chunkglm.io.convert_surface.convert_surface`."""
+    from chunkglm.io.convert_surface import convert_surface
+
     volume = {key: given[key] for key in ("mask_img", "target_affine", "target_shape", "smoothing_fwhm",
                                           "input_storage_options")}
     options = {key: given[key] for key in ("chunk_bytes", "task_memory", "storage_options", "overwrite", "client")}

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
-from nilearn.image import resample_img, smooth_img
 
 from chunkglm.errors import InputError
 
@@ -56,6 +55,7 @@ class SpatialPreprocessing:
         ``clip_range``: nilearn clips resampled data to the range of the whole
         4-D input (and 0), not of each volume; the caller passes that range.
         """
+        resample_img, smooth_img = _nilearn_image()
         img = nib.Nifti1Image(volume, affine)
         if self.target_affine is not None:
             img = resample_img(img, target_affine=self.target_affine, target_shape=self.target_shape,
@@ -75,6 +75,7 @@ class SpatialPreprocessing:
         """A mask on the source grid -> the output grid (nearest, as nilearn's maskers)."""
         if self.target_affine is None:
             return mask
+        resample_img, _ = _nilearn_image()
         img = resample_img(nib.Nifti1Image(mask.astype(np.uint8), affine), target_affine=self.target_affine,
                            target_shape=self.target_shape, interpolation="nearest",
                            force_resample=True, copy_header=True)
@@ -87,3 +88,15 @@ class SpatialPreprocessing:
             "target_shape": None if self.target_shape is None else list(self.target_shape),
             "smoothing_fwhm": self.smoothing_fwhm,
         }
+
+
+def _nilearn_image():
+    """nilearn's ``resample_img`` and ``smooth_img``, imported when a run is resampled or smoothed.
+
+    ``nilearn.image`` brings scikit-learn and scipy.stats (~100 MiB resident): every worker that
+    converts a run imports this module (its jobs carry a :class:`SpatialPreprocessing`), and most
+    conversions neither resample nor smooth.
+    """
+    from nilearn.image import resample_img, smooth_img
+
+    return resample_img, smooth_img
