@@ -211,6 +211,30 @@ def test_run_fitted_in_its_own_mask_on_the_union_store_equals_nilearn(two_subjec
         assert rel_l2(a, b) < 1e-10, output
 
 
+def test_log_likelihood_map_is_nilearns_logL(two_subjects):
+    # fitlins' stat-logLikelihood map: nilearn's RegressionResults.logL of each voxel's (AR(1)
+    # whitened) fit, from chunkglm's persisted fits (no second read of the data)
+    ds, cohort = two_subjects
+    run = ds.runs[0]
+    rng = np.random.default_rng(1)
+    design = pd.DataFrame({"x": rng.normal(size=ds.n_volumes), "intercept": 1.0})
+    ours = FirstLevelModel(mask_img=str(run.mask_path)).fit(cohort.runs[run.name], design_matrices=design)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = NilearnFirstLevelModel(mask_img=str(run.mask_path), minimize_memory=False).fit(
+            str(run.bold_path), design_matrices=design)
+    labels, results = theirs.labels_[0], theirs.results_[0]
+    values = np.zeros(len(labels))
+    for label, result in results.items():
+        values[labels == label] = result.logL
+    expected = theirs.masker_.inverse_transform(values).get_fdata()
+    image = ours.voxelwise_images("log_likelihood")[0]
+    assert image.shape[3] == 1
+    # float64 fits of the same float32 data; the SSE comes from moments (X'Y, Y'Y) here and from
+    # the residuals there: summation order only (1e-16 seen), 1e-10 is a wide margin
+    assert rel_l2(image.get_fdata()[..., 0], expected) < 1e-10
+
+
 # -- sessions, subjects, levels -------------------------------------------------------------------
 
 SESSION_MODEL = {

@@ -49,8 +49,8 @@ PARTICIPANTS = ("participant_id\tage\tgroup\nsub-01\t45\tcontrol\nsub-02\t53\tpa
 FITLINS_SECONDS = 1500
 pytestmark = pytest.mark.timeout(FITLINS_SECONDS + 300)
 
-# fitlins writes this model map per run; chunkglm app does not (yet).
-NOT_WRITTEN = ("stat-logLikelihood_statmap",)
+#: fitlins' figures of each run (its harness writes them empty: their names are compared).
+RUN_FIGURES = ("design", "corr", "contrasts")
 
 
 def _fitlins_python() -> str:
@@ -101,19 +101,22 @@ def _maps(folder: Path) -> dict:
 
 
 def test_same_map_files_as_fitlins(fitlins_out, chunkglm_out):
-    theirs = {name for name in _maps(fitlins_out) if not name.endswith(tuple(f"{n}.nii.gz" for n in NOT_WRITTEN))}
+    theirs = set(_maps(fitlins_out))
     ours = set(_maps(chunkglm_out))
     assert ours == theirs
-    # 10 runs x (3 t contrasts x 5 maps + the F test's 5 + r-square), 5 subjects x 3 contrasts x (effect,
-    # variance, t), 3 one-sample contrasts, 2 age contrasts and 1 group contrast x 5 maps
-    assert len(ours) == 10 * 21 + 5 * 3 * 3 + 6 * 5
+    # 10 runs x (3 t contrasts x 5 maps + the F test's 5 + r-square + log-likelihood), 5 subjects x 3
+    # contrasts x (effect, variance, t), 3 one-sample contrasts, 2 age contrasts and 1 group contrast x 5 maps
+    assert len(ours) == 10 * 22 + 5 * 3 * 3 + 6 * 5
+    assert sum("_stat-logLikelihood_" in name for name in ours) == 10
     assert {name.split("/")[0] for name in ours} == {"node-run", "node-subject", "node-dataset", "node-age",
                                                       "node-groups"}
     assert (chunkglm_out / "dataset_description.json").is_file()
-    figures = sorted(p.relative_to(fitlins_out).as_posix() for p in fitlins_out.rglob("*_design.svg"))
-    assert len(figures) == 10
-    for figure in figures:  # fitlins' design figures (empty in the harness) and chunkglm's, same names
-        assert (chunkglm_out / figure).read_text().lstrip().startswith("<?xml"), figure
+    for kind in RUN_FIGURES:  # fitlins' run figures (empty in the harness) and chunkglm's, same names
+        figures = sorted(p.relative_to(fitlins_out).as_posix() for p in fitlins_out.rglob(f"*_{kind}.svg"))
+        assert len(figures) == 10, kind
+        assert figures == sorted(p.relative_to(chunkglm_out).as_posix() for p in chunkglm_out.rglob(f"*_{kind}.svg"))
+        for figure in figures:
+            assert (chunkglm_out / figure).read_text().lstrip().startswith("<?xml"), figure
     assert (chunkglm_out / "app_provenance.json").is_file()
 
 
@@ -230,7 +233,7 @@ def modulated(tmp_path_factory):
 
 def test_parametric_modulation_equals_fitlins(modulated):
     fitlins, ours = modulated
-    theirs = {n for n in _maps(fitlins) if not n.endswith(tuple(f"{m}.nii.gz" for m in NOT_WRITTEN))}
+    theirs = set(_maps(fitlins))
     assert set(_maps(ours)) == theirs
     assert any("contrast-modulation_stat-t" in name for name in theirs)
     for name, path in _maps(ours).items():

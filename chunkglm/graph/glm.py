@@ -31,7 +31,7 @@ from chunkglm.kernels import glm as k
 from chunkglm.kernels.ar import ar_order
 from chunkglm.kernels.glm import is_grand_mean_scaling
 
-__all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "image_mean",
+__all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "image_mean", "log_likelihood",
            "nonfinite_counts", "predicted", "r_square", "residuals"]
 
 
@@ -253,6 +253,14 @@ def _fit_r_square(fit):
 def r_square(run: RunFit) -> da.Array:
     """Lazy r-square (voxel,): computed with each block's fit, no second read."""
     parts = [da.from_delayed(dask.delayed(_fit_r_square)(fit), shape=(n,), dtype=np.float64)
+             for fit, n in zip(run.fits, run.block_sizes)]
+    return da.concatenate(parts)
+
+
+def log_likelihood(run: RunFit) -> da.Array:
+    """Lazy log-likelihood (voxel,) of each voxel's whitened fit: from the fits, no second read."""
+    n_time, n_columns = len(run.basis), run.design.shape[1]
+    parts = [da.from_delayed(dask.delayed(k.log_likelihood)(fit, n_time, n_columns), shape=(n,), dtype=np.float64)
              for fit, n in zip(run.fits, run.block_sizes)]
     return da.concatenate(parts)
 

@@ -262,6 +262,20 @@ def r_square(dm: DesignMoments, bm: BlockMoments, fit: GLMFit) -> np.ndarray:
         return (pred_sq / n - (pred_sum / n) ** 2) / (wy_sq / n - (wy_sum / n) ** 2)
 
 
+def log_likelihood(fit: GLMFit, n_time: int, n_columns: int) -> np.ndarray:
+    """The maximised log-likelihood of each voxel's whitened fit (voxel,), as nilearn's
+    ``RegressionResults.logL`` (what fitlins writes as ``stat-logLikelihood``).
+
+    ``-n/2 log(2 pi sigma^2) - SSE / (2 sigma^2)`` with sigma^2 = SSE / n, n the time points,
+    SSE the whitened residual sum of squares, here ``dispersion * (n - n_columns)`` (the
+    fit's dispersion divides it by ``n - n_columns``: :func:`fit_whitened`).
+    """
+    sse = np.asarray(fit.dispersion, dtype=np.float64) * (n_time - n_columns)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma_sq = sse / n_time
+        return -0.5 * n_time * np.log(2 * np.pi * sigma_sq) - sse / (2 * sigma_sq)
+
+
 def predicted(X: np.ndarray, fit: GLMFit) -> np.ndarray:
     """nilearn's predicted values X~ beta (whitened design), shape (time, voxel).
 

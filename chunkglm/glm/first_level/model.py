@@ -528,8 +528,11 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
     def voxelwise_images(self, name: str) -> list:
         """Per run, the image of "r_square" (4-D of one volume), "predicted" or "residuals"
         (4-D; reads each run's data again), whatever ``minimize_memory`` (chunkglm keeps the
-        per-block fits either way): what ``r_square_``, ``predicted_`` and ``residuals_`` give."""
+        per-block fits either way): what ``r_square_``, ``predicted_`` and ``residuals_`` give.
+        Also "log_likelihood" (4-D of one volume, from the fits): each voxel's maximised
+        log-likelihood, nilearn's ``RegressionResults.logL`` (no nilearn attribute gives it)."""
         builders = {"r_square": (lambda run: graph.r_square(run)[None], False),
+                    "log_likelihood": (lambda run: graph.log_likelihood(run)[None], False),
                     "predicted": (graph.predicted, True), "residuals": (graph.residuals, True)}
         if name not in builders:
             raise InputError(f"voxelwise_images takes one of {sorted(builders)}; received {name!r}.")

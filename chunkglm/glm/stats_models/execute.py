@@ -7,7 +7,8 @@
   each chunk read once, a bounded number of runs in memory), and every
   contrast's effect, variance, t or F, z and p maps are written as each run
   is done (an F contrast's effect has one volume per row), with the run's design
-  matrix (TSV and SVG figure) and r-square map (not fitlins' log-likelihood map).
+  matrix (TSV), fitlins' three figures (design, regressor correlations, contrast
+  weights; SVG) and its r-square and log-likelihood maps.
 - ``"meta"`` nodes: fixed effects of their inputs' effects and variances with
   nilearn's ``compute_fixed_effects`` semantics (mask: nilearn's background mask
   of the effects; not precision-weighted), for every group and contrast of the
@@ -53,7 +54,8 @@ from chunkglm.glm.stats_models.outputs import (
 )
 from chunkglm.io.bids import bids_name, parse_entities
 from chunkglm.io.derivatives import StagedOutput
-from chunkglm.report.figures import design_matrix_figure, save_figure
+from chunkglm.report.figures import (contrast_matrix_figure, design_matrix_correlation_figure,
+                                     design_matrix_figure, save_figure)
 
 __all__ = ["ANALYSIS_LEVELS", "ContrastMaps", "ModelRun"]
 
@@ -209,9 +211,10 @@ class ModelRun:
         outputs, weights_of, z_maps = [], {}, {}
         with StagedOutput(self.output_dir) as out:
             design.to_csv(out.path(design_path(node.name, entities)), sep="\t", index=False)
-            save_figure(design_matrix_figure(design), [out.path(figure_path(node.name, entities, "design"))])
-            r_square = model.voxelwise_images("r_square")[0]  # from the fits: no second read
-            write_map(r_square, out.path(model_map_path(node.name, entities, "rSquare")))
+            self._run_figures(out, node, entities, design, spec.contrasts)
+            for name, stat in (("r_square", "rSquare"), ("log_likelihood", "logLikelihood")):
+                image = model.voxelwise_images(name)[0]  # from the fits: no second read
+                write_map(image, out.path(model_map_path(node.name, entities, stat)))
             for contrast in spec.contrasts:
                 weights = _weights(contrast, design.columns, node.name)
                 test = "t" if contrast.test == "pass" else contrast.test
@@ -223,6 +226,20 @@ class ModelRun:
         if self.reports is not None:
             self.reports.run(node.name, entities, model, design, weights_of, z_maps, mask)
         return outputs
+
+    def _run_figures(self, out, node, entities, design, contrasts) -> None:
+        """fitlins' three figures of a run: the design matrix, the correlations of its regressors
+        (none when fewer than two regressors are left without the constant and drifts, as
+        nilearn's figure) and the weights of every contrast over the design."""
+        save_figure(design_matrix_figure(design), [out.path(figure_path(node.name, entities, "design"))])
+        correlations = design_matrix_correlation_figure(design)
+        if correlations is not None:
+            save_figure(correlations, [out.path(figure_path(node.name, entities, "corr"))])
+        weights = [_weights(contrast, design.columns, node.name) for contrast in contrasts]
+        if weights:
+            names = ", ".join(str(contrast.name) for contrast in contrasts)
+            save_figure(contrast_matrix_figure(np.vstack(weights), design, names),
+                        [out.path(figure_path(node.name, entities, "contrasts"))])
 
     def _run_files(self, spec):
         """(bold path, mask path, the run's entities) of a run-level group, as fitlins selects them."""

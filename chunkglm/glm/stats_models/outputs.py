@@ -2,9 +2,9 @@
 
 ``node-<node>/[sub-<s>/][ses-<S>/][sub-<s>_][ses-<S>_][task-<t>_][acq-<a>_][rec-<r>_][run-<n>_]
 [echo-<e>_][space-<sp>_]contrast-<c>_stat-<effect|variance|t|F|z|p>_statmap.nii.gz`` and, per run,
-``node-<node>/sub-<s>/..._design.tsv``, ``..._stat-rSquare_statmap.nii.gz`` and the design
-matrix figure ``node-<node>/reports/sub-<s>/figures/run-<n>/..._design.svg``, as fitlins 0.11 writes
-them (not its ``stat-logLikelihood`` maps, nor its correlation, contrast and glass-brain figures). Node and contrast names
+``node-<node>/sub-<s>/..._design.tsv``, ``..._stat-{rSquare,logLikelihood}_statmap.nii.gz`` and the
+figures ``node-<node>/reports/sub-<s>/figures/run-<n>/..._{design,corr,contrasts}.svg``, as fitlins
+0.11 writes them (not its glass-brain PNGs of the contrasts). Node and contrast names
 become labels by fitlins' rule (every character but ASCII letters and digits is a word break,
 words camelCased: ``"trial_type.a"`` -> ``trialTypeA``), so no name can leave the output folder.
 """
