@@ -132,6 +132,19 @@ def test_size_flags_that_cannot_apply_are_one_line_errors(one_run, tmp_path, cap
     assert not out.exists()  # refused before anything is converted
 
 
+def test_mem_with_in_process_workers_is_a_one_line_error(one_run, tmp_path, capsys, monkeypatch):
+    """Workers that are threads of the command's process (processes: false) would be held to --mem
+    with the whole process's memory: dask paused them at 80 % and the command waited for good."""
+    monkeypatch.setenv("CHUNKGLM_CLUSTER__LOCAL__PROCESSES", "false")
+    out = tmp_path / "out"
+    assert _app(one_run, out, "--nprocs", "1", "--mem", "1GB") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--mem limits the memory of worker processes, but the config 'local' runs its workers as threads" in err
+    assert "use a config with processes: true" in err and "or leave out --mem" in err
+    assert not out.exists()  # refused before anything is converted or started
+
+
 def test_mem_value_and_the_chunk_budget(one_run, capsys):
     ds, model = one_run
 

@@ -171,7 +171,10 @@ def local_overrides(args, cluster, scheduler) -> dict:
     """The local cluster's sizes a command's arguments set: ``--workers N`` (``n_workers``) and,
     for commands with ``--mem``, the memory of all workers together (``args.memory``, bytes),
     shared evenly: ``memory_limit`` = memory / workers (the adaptive maximum when larger). Each is
-    an error with a running scheduler, ``--cluster none`` or a config of another type. The flags'
+    an error with a running scheduler, ``--cluster none`` or a config of another type; the memory
+    is also one with a local config whose workers are threads of this process (``processes:
+    false``): dask would hold the whole command's memory against one worker's limit and pause
+    the worker for good at 80 %, the command waiting without a word. The flags'
     spellings in the messages are ``args._size_flags`` (e.g. ``--nprocs`` for ``chunkglm app``)."""
     flags = {"workers": "--workers", "memory": "--mem", **(getattr(args, "_size_flags", None) or {})}
     given = {key: getattr(args, key, None) for key in flags if getattr(args, key, None) is not None}
@@ -194,6 +197,11 @@ def local_overrides(args, cluster, scheduler) -> dict:
     if config.type != "local":
         raise ChunkglmError(f"{what} {sizes} the local cluster; the config {cluster!r} is of type "
                             f"{config.type!r}: set its worker count and memory in the config instead.")
+    if memory is not None and not config.options["processes"]:
+        raise ChunkglmError(f"{flags['memory']} limits the memory of worker processes, but the config {cluster!r} "
+                            "runs its workers as threads of this command's process (processes: false), whose "
+                            "whole memory dask would hold against that limit, pausing the work for good: use a "
+                            f"config with processes: true (e.g. --cluster local), or leave out {flags['memory']}.")
     overrides = {"n_workers": workers} if workers is not None else {}
     if memory is not None:
         n_workers = workers or config.options["n_workers"] or default_n_workers(

@@ -152,7 +152,8 @@ def _add_size_and_verbosity(cmd) -> None:
                      help="memory of the local cluster's workers together, shared evenly among them "
                           "(their memory_limit); 8GB, 8GiB, 8000MB, or a number of GB as fitlins' "
                           "--mem-gb. Lowers the chunk budget to a quarter of a worker's share when "
-                          "that is smaller (default: 80%% of the machine's memory)")
+                          "that is smaller (default: 80%% of the machine's memory). Worker processes "
+                          "only: refused with a config whose workers are threads (processes: false)")
     cmd.add_argument("-v", "--verbose", action="count", default=0,
                      help="-v: also pybids' warnings while it indexes the dataset and builds the "
                           "model (e.g. files it does not use), silenced otherwise")
