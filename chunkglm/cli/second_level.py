@@ -1,7 +1,11 @@
 """``chunkglm second-level``: a group GLM over first-level results, group derivatives out.
 
 Input: the output folder of ``chunkglm first-level`` (or of nilearn's
-``save_glm_to_bids``: ``sub-XX/sub-XX_..._contrast-<C>_stat-effect_statmap.nii.gz``),
+``save_glm_to_bids``: ``sub-XX/sub-XX_..._contrast-<C>_stat-effect_statmap.nii.gz``;
+surface runs' layouts too: one GIFTI file per hemisphere, ``..._hemi-L_contrast-<C>_stat-effect.func.gii``,
+modelled on the mesh nilearn ships with their number of vertices, fsaverage5, or CIFTI dense scalar
+files, ``..._contrast-<C>_stat-effect.dscalar.nii``; the group maps are then written in the same format,
+``group_level/group_hemi-L_contrast-<C>_stat-z.func.gii`` or ``..._stat-z.dscalar.nii``),
 or a cohort store holding a ``maps/<collection>`` node. The maps are loaded once
 into a maps node (a store), the model is fitted over voxel blocks, and
 :func:`chunkglm.interfaces.bids.save_group_derivatives` writes
@@ -81,12 +85,18 @@ from chunkglm.io.convert import file_sha256
 from chunkglm.io.derivatives import contrast_label, source_datasets
 from chunkglm.io.layout import redact_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
+from chunkglm.report.surface import gifti_pair_image
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
 _GLM_EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect\.nii(\.gz)?$")
+_CIFTI_EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect\.dscalar\.nii$")
+_GIFTI_EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?hemi-L_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect\.func\.gii$")
 #: Where first-level effect maps are, in the order searched: the derivatives/glm layout
-#: (``chunkglm first-level``'s default), then nilearn's save_glm_to_bids file set.
+#: (``chunkglm first-level``'s default; its surface forms: a CIFTI dense scalar file, or a GIFTI file
+#: per hemisphere, found by its hemi-L file), then nilearn's save_glm_to_bids file set.
 EFFECT_LAYOUTS = (("first_level/sub-*/sub-*_stat-effect.nii*", _GLM_EFFECT),
+                  ("first_level/sub-*/sub-*_stat-effect.dscalar.nii", _CIFTI_EFFECT),
+                  ("first_level/sub-*/sub-*_hemi-L_*stat-effect.func.gii", _GIFTI_EFFECT),
                   ("sub-*/**/sub-*_stat-effect_statmap.nii*", _EFFECT))
 
 
@@ -375,9 +385,31 @@ def _inputs(args, reporter):
         raise InputError(f"{args.input} is neither a cohort store nor a folder of first-level derivatives.")
     subjects, paths = effect_maps(args.input, args.first_level_contrast, args.task)
     reporter.line(f"maps: {len(paths)} effect maps of contrast {args.first_level_contrast!r}")
+    files = [f for p in paths for f in ([p, gifti_pair(p)["right"]] if p.endswith(".func.gii") else [p])]
     entries = [{"path": str(Path(p).absolute()), "size": Path(p).stat().st_size,
-                "sha256": file_sha256(p)} for p in paths]
+                "sha256": file_sha256(p)} for p in files]
+    if paths[0].endswith(".func.gii"):
+        paths = [gifti_pair_map(p) for p in paths]
     return paths, subjects, entries
+
+
+def gifti_pair(left) -> dict:
+    """``{"left": path, "right": path}`` of a hemi-L GIFTI map of the glm layout (its hemi-R file must exist)."""
+    right = str(Path(left).with_name(Path(left).name.replace("_hemi-L_", "_hemi-R_")))
+    if not Path(right).exists():
+        raise InputError(f"{left} has no right-hemisphere file {right}: the first-level folder is incomplete "
+                         "(re-run chunkglm first-level).")
+    return {"left": str(left), "right": right}
+
+
+def gifti_pair_map(left):
+    """A first-level GIFTI pair (``..._hemi-L_...func.gii`` and its hemi-R file) as a SurfaceImage on the mesh
+    nilearn ships with its number of vertices (the glm layout keeps no geometry: fsaverage5)."""
+    try:
+        return gifti_pair_image(gifti_pair(left))
+    except ValueError as error:
+        raise InputError(f"{error} Convert the maps into a store with their mesh (chunkglm.io.surface_maps) "
+                         "and pass the store.") from error
 
 
 def run_permutations(model, weights, types, args, reporter) -> tuple[dict | None, dict | None]:

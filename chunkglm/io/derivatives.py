@@ -114,6 +114,8 @@ BIDSIGNORE = (
     # statistical maps (BEP041), their model JSON, design matrices, figures, cluster tables
     "*statmap.nii.gz", "*statmap.json", "*design.tsv", "*design.json", "*design.png", "*design.svg",
     "*clusters.tsv", "*clusters.json", "group",
+    # its surface forms (nilearn 0.14.1's GIFTI per hemisphere, chunkglm's CIFTI dense scalars), maps and masks
+    "*statmap.gii", "*statmap.dscalar.nii", "*_mask.gii", "*_mask.dscalar.nii",
     # masks named after a prefix that is not BIDS (prefix="study1": study1_mask.nii.gz); masks
     # with BIDS names (sub-*) are still checked
     "*_mask.nii.gz", "!sub-*_mask.nii.gz",

@@ -163,7 +163,8 @@ def findings(sections) -> dict:
                 element = next((kind for kind in ("vertex", "grayordinate") if f"no {kind} survives" in block.text),
                                "voxel")
                 out[heading] = f"no {element} survives"
-            elif block.text.endswith(("peaks and subpeaks in mm (world coordinates).", surface.CLUSTERS_TAIL)):
+            elif block.text.endswith(("peaks and subpeaks in mm (world coordinates).", surface.CLUSTERS_TAIL)) \
+                    or surface.GRAYORDINATES_SURVIVE in block.text:
                 out[heading] = block.text.split(";", 1)[0]
     return out
 

@@ -25,6 +25,7 @@ the same map gives the same PNG bytes, run after run.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,8 @@ NO_VERTEX = "No suprathreshold cluster: no vertex survives"
 NO_GRAYORDINATE = "No suprathreshold cluster: no grayordinate survives"
 #: The end of a surface cluster count's sentence (the index page reads it back).
 CLUSTERS_TAIL = "clusters of adjacent vertices, with their peak (hemisphere, vertex count)."
+#: The start of a CIFTI map's survivor count (the index page reads it back).
+GRAYORDINATES_SURVIVE = "grayordinate(s) survive;"
 #: CIFTI structure name -> the hemisphere nilearn calls it.
 CORTEX = {"CIFTI_STRUCTURE_CORTEX_LEFT": "left", "CIFTI_STRUCTURE_CORTEX_RIGHT": "right"}
 #: The threshold that shows a corrected map as written: every non-zero vertex.
@@ -220,7 +223,10 @@ def stat_map_blocks(name: str, stat_img, mask_img, options: ReportOptions, stat_
 
 def corrected_map_blocks(name: str, corrected_img, mask_img, options: ReportOptions,
                          correction: Correction) -> list[Block]:
-    """A corrected surface map as written (zero where nothing survives): every surviving vertex drawn."""
+    """A corrected surface map as written (zero where nothing survives): every surviving vertex drawn (CIFTI:
+    the cortex drawn, the structures listed)."""
+    if is_cifti(corrected_img):
+        return _cifti_corrected_blocks(name, corrected_img, options, correction)
     values = np.concatenate([np.ravel(np.asarray(v, dtype=float)) for v in corrected_img.data.parts.values()])
     survivors = int(np.count_nonzero(np.isfinite(values) & (values != 0)))
     details = {"Correction": correction.kind, "Method": correction.method, "α": correction.alpha,
@@ -229,8 +235,6 @@ def corrected_map_blocks(name: str, corrected_img, mask_img, options: ReportOpti
         return [Block(heading=name, tables=[table_html(details, header=False)],
                       text=f"{NO_VERTEX} the {correction.describe()}: nothing to draw, no cluster to list.",
                       text_class="note no-survivor")]
-    from dataclasses import replace
-
     display = replace(options, height_control=None, threshold=_AS_WRITTEN, two_sided=True, cluster_threshold=0,
                       warnings=())
     figure = surface_map_figure(corrected_img, _AS_WRITTEN, display, title=name)
@@ -317,26 +321,45 @@ def cifti_stat_map_blocks(name: str, stat_img, mask_img, options: ReportOptions,
         return [Block(heading=name, tables=[table_html(details, header=False)],
                       text=f"{NO_GRAYORDINATE} this threshold ({_where(stat_label, options)} > {abs(threshold):.3g}): "
                            f"nothing to draw, no structure to list.{notes}", text_class="note no-survivor")]
-    blocks = [Block(heading=name, tables=[table_html(details, header=False)], text=notes.strip())]
-    cortex = cifti_cortex(stat_img, np.where(shown, finite, 0.0))
+    caption = f"cortex of the {stat_label} map of {name}, thresholded at {threshold:.3g}"
+    return _cifti_shown(name, stat_img, values, shown, threshold, options,
+                        Block(heading=name, tables=[table_html(details, header=False)], text=notes.strip()), caption)
+
+
+def _cifti_corrected_blocks(name, corrected_img, options, correction) -> list[Block]:
+    values = cifti_values(corrected_img)
+    shown = np.isfinite(values) & (values != 0)
+    details = {"Correction": correction.kind, "Method": correction.method, "α": correction.alpha,
+               "Shown": "every grayordinate that survives (non-zero in the map written)",
+               "Grayordinates surviving": int(shown.sum())}
+    head = Block(heading=name, tables=[table_html(details, header=False)])
+    if not shown.any():
+        head.text, head.text_class = (f"{NO_GRAYORDINATE} the {correction.describe()}: nothing to draw, no "
+                                      "structure to list."), "note no-survivor"
+        return [head]
+    display = replace(options, two_sided=True)
+    return _cifti_shown(name, corrected_img, values, shown, _AS_WRITTEN, display, head,
+                        f"cortex of {name}: the grayordinates that survive the {correction.describe()}")
+
+
+def _cifti_shown(name, img, values, shown, threshold, options, head: Block, caption: str) -> list[Block]:
+    """The blocks of a CIFTI map with survivors: ``head``, the cortex drawn (or why not), the structures."""
+    blocks = [head]
+    cortex = cifti_cortex(img, np.where(shown, values, 0.0))
     if cortex is not None and surviving_vertices(cortex):
         figure = surface_map_figure(cortex, threshold, replace_background(options), title=name)
-        blocks.append(Block(figures=[figure_png(figure, f"Thresholded {stat_label} map of {name} (cortex)",
-                                                f"cortex of the {stat_label} map of {name}, thresholded at "
-                                                f"{threshold:.3g}")]))
-    elif cortex is None and any(n in CORTEX for n, _, _ in cifti_structures(stat_img)):
+        blocks.append(Block(figures=[figure_png(figure, f"{name} (cortex)", caption)]))
+    elif cortex is None and any(n in CORTEX for n, _, _ in cifti_structures(img)):
         blocks.append(Block(text="The cortex is not drawn: nilearn ships no mesh with this number of vertices "
                                  "(its survivors are listed below).", text_class="note"))
-    table = _structure_rows(stat_img, values, shown)
-    blocks.append(Block(text=f"{int(shown.sum())} grayordinate(s) survive; per structure of the brain-model axis:",
+    table = _structure_rows(img, values, shown)
+    blocks.append(Block(text=f"{int(shown.sum())} {GRAYORDINATES_SURVIVE} per structure of the brain-model axis:",
                         tables=[table_html(table, index=False)]))
     return blocks
 
 
 def replace_background(options: ReportOptions) -> ReportOptions:
     """The options without a background (a CIFTI cortex is drawn on nilearn's packaged mesh)."""
-    from dataclasses import replace
-
     return replace(options, bg_img=None)
 
 
@@ -378,7 +401,11 @@ def gifti_pair_image(paths: dict):
     import nibabel as nib
     from nilearn.surface import PolyMesh, SurfaceImage
 
-    data = {hemi: np.asarray(nib.load(str(path)).darrays[0].data) for hemi, path in paths.items()}
+    arrays = {hemi: nib.load(str(path)).darrays for hemi, path in paths.items()}
+    several = sorted(str(paths[hemi]) for hemi, found in arrays.items() if len(found) != 1)
+    if several:
+        raise ValueError(f"{several}: expected one map per file (an F contrast's effect has one per row).")
+    data = {hemi: np.asarray(found[0].data) for hemi, found in arrays.items()}
     meshes = {hemi: packaged_mesh(len(values)) for hemi, values in data.items()}
     missing = {hemi: len(data[hemi]) for hemi, mesh in meshes.items() if mesh is None}
     if missing:

@@ -57,6 +57,8 @@ from chunkglm.glm.io._bids_names import (
     plan_bids_names,
 )
 from chunkglm.glm.io._surface_files import cifti_clusters_skipped, density, is_surface_map, save_map
+from chunkglm.glm.io.surface_derivatives import (is_surface_image, mask_output, permutation_fwe_surface,
+                                                 save_surface_map)
 from chunkglm.io.derivatives import (
     StagedOutput,
     write_json,
@@ -392,9 +394,10 @@ def _write_group_bids(model, specs, names, options, first_level_contrast, out, r
         outputs = names.contrasts[spec.label]
         for key in MAP_STATS:
             save_map(maps[key], out, rel(outputs[key]), save_image)
-        table, details = clusters(maps["z_score"], mask, options)
-        table.to_csv(out.path(rel(outputs["clusters_tsv"])), sep="\t", index=False)
-        write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
+        if not cifti_clusters_skipped(maps["z_score"]):  # CIFTI: no cluster table (a warning says so)
+            table, details = clusters(maps["z_score"], mask, options)
+            table.to_csv(out.path(rel(outputs["clusters_tsv"])), sep="\t", index=False)
+            write_json(out.path(rel(outputs["clusters_json"])), details, indent=None, sort_keys=False)
         figure = contrast_matrix_figure(spec.definition, model.design_matrix_, spec.name)
         _save_figure(figure, out, rel(outputs["design"][0]))
         saved.stat_maps[spec.name] = maps["z_score"]
@@ -609,6 +612,13 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
     the z Thresholds per label, null where no voxel can pass) and
     ``Software`` (Name, Version). Nothing is left in ``out_dir`` after an
     error.
+
+    Surface models write each map in the inputs' format: one GIFTI file per
+    hemisphere with the hemi entity after ``group``
+    (``group_level/group_hemi-L_contrast-<C>_stat-z.func.gii``, the mask uint8) or one
+    CIFTI dense scalar file (``group_level/group_contrast-<C>_stat-z.dscalar.nii``);
+    clusters of the corrected maps are formed on each hemisphere's mesh, never on
+    CIFTI grayordinates (``cluster_threshold`` > 0 refused there).
     """
     if not _is_second_level(model):
         raise TypeError(f"expected a SecondLevelModel; received {type(model).__name__} (for a "
@@ -630,7 +640,7 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
             logp = None
             if spec.label in tested:
                 for key in settings["maps"]:
-                    save_image(tested[spec.label][key], out.path(names["maps"][spec.label][key]))
+                    _save_group_map(tested[spec.label][key], names["maps"][spec.label][key], out)
                 logp = tested[spec.label]["logp_max_t"]
             found = _write_group_maps(model, maps, names["maps"][spec.label],
                                       (alpha, two_sided, cluster_threshold), out, logp)
@@ -640,10 +650,13 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
                        "FDR": {"Method": "fdr", "Alpha": alpha, "Thresholds": thresholds["fdr"]},
                        "FWE": fwe_metadata(alpha, thresholds["fwe"], specs, tested, settings)}
         model.design_matrix_.to_csv(out.path(names["design"]), sep="\t", index=False)
-        save_image(model.mask_img_, out.path(names["mask"]))
+        if is_surface_image(model.mask_img_):
+            save_surface_map(mask_output(model), names["mask"], "group", out, np.uint8)
+        else:
+            save_image(model.mask_img_, out.path(names["mask"]))
         write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
         if residuals:  # of the last contrast's fit, as nilearn's residuals_
-            save_image(model.residuals_, out.path("group_level/group_stat-errorts.nii.gz"))
+            _save_group_map(model.residuals_, "group_level/group_stat-errorts.nii.gz", out)
     return out.written
 
 
@@ -679,22 +692,30 @@ def _write_group_maps(model, maps, outputs, settings, out, logp_max_t=None) -> d
     the voxels where it exceeds -log10(alpha) and its threshold entry is that logp.
     """
     alpha, two_sided, cluster_threshold = settings
-    save_image(maps["stat"], out.path(outputs["stat"]))
-    save_image(maps["z_score"], out.path(outputs["z_score"]))
+    _save_group_map(maps["stat"], outputs["stat"], out)
+    _save_group_map(maps["z_score"], outputs["z_score"], out)
     found = {}
     for key, height_control in CORRECTIONS.items():
         if key == "fwe" and logp_max_t is not None:
             image = permutation_fwe_map(maps["z_score"], logp_max_t, alpha, cluster_threshold)
-            save_image(image, out.path(outputs[key]))
+            _save_group_map(image, outputs[key], out)
             found[key] = -math.log10(alpha)
             continue
         image, threshold = threshold_stats_img(
             maps["z_score"], mask_img=model.mask_img_, alpha=alpha, height_control=height_control,
             cluster_threshold=cluster_threshold, two_sided=two_sided)
-        save_image(image, out.path(outputs[key]))
+        _save_group_map(image, outputs[key], out)
         threshold = float(threshold)
         found[key] = threshold if math.isfinite(threshold) else None
     return found
+
+
+def _save_group_map(image, name, out) -> None:
+    """A group_level map: NIfTI, or its surface format (GIFTI per hemisphere, ``group_hemi-L_...``; CIFTI)."""
+    if is_surface_image(image):
+        save_surface_map(image, name, "group", out)
+    else:
+        save_image(image, out.path(name))
 
 
 def permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold=0):
@@ -712,8 +733,11 @@ def permutation_fwe_map(z_img, logp_img, alpha, cluster_threshold=0):
     Returns
     -------
     nibabel.Nifti1Image
-        float32.
+        float32 (a SurfaceImage or CIFTI image for surface maps: clusters on each hemisphere's mesh,
+        none on CIFTI grayordinates).
     """
+    if is_surface_image(z_img):
+        return permutation_fwe_surface(z_img, logp_img, alpha, cluster_threshold)
     z = np.asarray(z_img.dataobj, dtype=np.float32)
     logp = np.asarray(logp_img.dataobj, dtype=np.float64)
     kept = np.where(logp > -math.log10(alpha), z, 0).astype(np.float32)

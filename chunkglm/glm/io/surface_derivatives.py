@@ -13,10 +13,16 @@ the mask in the surface formats of the runs:
 
 Residuals and nilearn's ``save_glm_to_bids`` file set are not written for surface runs
 (refused by the command before anything is computed).
+
+The group_level layout of surface models (:func:`chunkglm.glm.io.save_group_derivatives`) writes
+its maps through :func:`save_surface_map` with the ``group`` prefix
+(``group_hemi-L_contrast-mean_stat-z.func.gii``), and its permutation FWE maps with
+:func:`permutation_fwe_surface`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +33,11 @@ from chunkglm.glm.io._bids_files import (confound_names, contrast_specs, derivat
 from chunkglm.glm.io._bids_names import derivative_names
 from chunkglm.io.derivatives import StagedOutput, bids_filename, write_json
 from chunkglm.io.surface import gifti_image
+from chunkglm.kernels.mesh import mesh_adjacency, remove_small_mesh_clusters
 from chunkglm.report.figures import design_matrix_figure, save_figure
 
-__all__ = ["is_surface_model", "save_surface_derivatives", "surface_file_names"]
+__all__ = ["is_surface_image", "is_surface_model", "mask_output", "permutation_fwe_surface", "save_surface_derivatives",
+           "save_surface_map", "surface_file_names"]
 
 #: The volume name's extension, replaced by the surface format's.
 _VOLUME_EXTENSION = ".nii.gz"
@@ -61,7 +69,14 @@ def surface_file_names(name: str, prefix: str, image) -> dict:
             for part in image.data.parts}
 
 
-def _save(image, name: str, prefix: str, out, dtype=np.float32) -> None:
+def is_surface_image(image) -> bool:
+    """A surface model's map: a nilearn SurfaceImage or a CIFTI-2 image."""
+    return _is_cifti(image) or type(image).__name__ == "SurfaceImage"
+
+
+def save_surface_map(image, name: str, prefix: str, out, dtype=np.float32) -> None:
+    """Write ``image`` under the volume derivative ``name`` in its surface format (:func:`surface_file_names`):
+    one GIFTI file per hemisphere (``dtype``, one data array per map column) or one CIFTI file as it is."""
     files = surface_file_names(name, prefix, image)
     if "cifti" in files:
         image.to_filename(str(out.path(files["cifti"])))
@@ -74,7 +89,7 @@ def _save(image, name: str, prefix: str, out, dtype=np.float32) -> None:
         gifti.to_filename(str(path))
 
 
-def _mask(model):
+def mask_output(model):
     """The model's mask with 0/1 values (GIFTI has no boolean type)."""
     image = model.mask_img_
     if _is_cifti(image):
@@ -113,10 +128,38 @@ def save_surface_derivatives(model, contrasts, out_dir, *, task_label, contrast_
         for spec in specs:
             maps = model.compute_contrast(spec.definition, stat_type=spec.stat_type, output_type="all")
             for key, name in names["maps"][spec.label].items():
-                _save(maps[key], name, prefix, out)
+                save_surface_map(maps[key], name, prefix, out)
         for design, name in zip(model.design_matrices_, names["designs"]):
             save_figure(design_matrix_figure(design), [out.path(name)])
             design.to_csv(out.path(name.removesuffix(".png") + ".tsv"), sep="\t", index=False)
-        _save(_mask(model), names["mask"], prefix, out, np.uint8)
+        save_surface_map(mask_output(model), names["mask"], prefix, out, np.uint8)
         write_json(out.path(names["sidecar"]), metadata)
     return out.written
+
+
+def permutation_fwe_surface(z_img, logp_img, alpha: float, cluster_threshold=0):
+    """:func:`chunkglm.glm.io.bids.permutation_fwe_map` of a surface map: the z values where the max-T
+    -log10 p exceeds -log10(alpha), 0 elsewhere, clusters of fewer than ``cluster_threshold`` adjacent
+    vertices removed (each hemisphere's mesh); a CIFTI map the same over its grayordinates, where
+    clusters are not formed (``cluster_threshold`` > 0 refused)."""
+    cut = -math.log10(alpha)
+    if _is_cifti(z_img):
+        if cluster_threshold:
+            raise InputError(f"cluster_threshold={cluster_threshold}: clusters are not formed on CIFTI "
+                             "grayordinates; pass 0.")
+        from nibabel.cifti2 import Cifti2Image
+
+        z = np.asarray(z_img.dataobj, dtype=np.float32)
+        logp = np.asarray(logp_img.dataobj, dtype=np.float64).reshape(z.shape)
+        return Cifti2Image(np.where(logp > cut, z, 0).astype(np.float32), z_img.header)
+    from nilearn.surface import SurfaceImage
+
+    parts = {}
+    for part, values in z_img.data.parts.items():
+        z = np.asarray(values, dtype=np.float32).reshape(-1)  # one map: (n_vertices,)
+        kept = np.where(np.asarray(logp_img.data.parts[part], dtype=np.float64).reshape(-1) > cut, z, 0)
+        if cluster_threshold > 0:
+            mesh = z_img.mesh.parts[part]
+            kept = remove_small_mesh_clusters(kept, mesh_adjacency(mesh.faces, mesh.n_vertices), cluster_threshold)
+        parts[part] = np.asarray(kept, dtype=np.float32)
+    return SurfaceImage(z_img.mesh, parts)

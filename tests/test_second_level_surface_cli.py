@@ -1,0 +1,131 @@
+"""``chunkglm second-level`` on the surface glm layouts ``chunkglm first-level`` writes (issue 20 item 5):
+GIFTI pairs (fsaverage5) and CIFTI dense scalar maps in, the group maps in the same format out, equal to
+the Python API's SecondLevelModel on the same files; every surface derivatives dataset passes the BIDS
+validator; ``chunkglm report`` draws the group maps."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nilearn.datasets import load_fsaverage
+from nilearn.surface import SurfaceImage
+
+from chunkglm.cli.main import main
+from chunkglm.glm import save_glm_to_bids
+from chunkglm.glm.io.bids import permutation_fwe_map
+from chunkglm.glm.second_level import SecondLevelModel
+from chunkglm.io.convert import convert
+from chunkglm.report import write_reports
+from chunkglm.testing import make_synthetic_bids
+
+from test_bids_validator import _errors, validate
+
+MESH = load_fsaverage("fsaverage5")["pial"]
+#: Both sides are chunkglm's fit of the same float32 maps; the command stages them into its own store
+#: with its own voxel blocks, so sums may be ordered differently: one float32 rounding of the map's
+#: largest value covers it.
+RTOL = 1e-6
+
+pytestmark = pytest.mark.filterwarnings("ignore:The given float value must not exceed:UserWarning",
+                                        "ignore:No clusters found:UserWarning")
+
+
+def _run(*argv):
+    assert main([*map(str, argv), "--cluster", "none", "--no-progress"]) == 0, argv
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """first_level and group_level folders of the GIFTI (fsaverage5) and CIFTI branches, 3 subjects."""
+    tmp = tmp_path_factory.mktemp("surface_second_level")
+    dataset = make_synthetic_bids(tmp / "bids", n_subjects=3, n_runs=1, surface=True)
+    _run("first-level", dataset.root, "-o", tmp / "fl", "--task", "main", "--space", "fsaverage5",
+         "-c", "aMinusB=a - b")
+    _run("second-level", tmp / "fl", "-o", tmp / "group", "--first-level-contrast", "aMinusB")
+    convert(dataset.root, tmp / "c.zarr", space="fsaverage5", surface="cifti")
+    _run("first-level", tmp / "c.zarr", "-o", tmp / "cfl", "--task", "main", "--space", "fsaverage5",
+         "-c", "aMinusB=a - b")
+    _run("second-level", tmp / "cfl", "-o", tmp / "cgroup", "--first-level-contrast", "aMinusB")
+    return tmp
+
+
+def _gifti(path):
+    return np.asarray(nib.load(str(path)).darrays[0].data)
+
+
+def _close(got, want):
+    scale = float(np.nanmax(np.abs(want))) or 1.0
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * scale)
+
+
+def test_gifti_layout_gives_gifti_group_maps_equal_to_the_api(layouts):
+    folder = layouts / "group" / "group_level"
+    names = {p.name for p in folder.iterdir()}
+    for hemi in ("L", "R"):
+        for rest in ("contrast-mean_stat-t", "contrast-mean_stat-z", "contrast-mean_fdr-corrected",
+                     "contrast-mean_fwe-corrected", "mask"):
+            assert f"group_hemi-{hemi}_{rest}.func.gii" in names
+    assert not [n for n in names if n.endswith(".nii.gz")]
+    sidecar = json.loads((folder / "group_glm.json").read_text())
+    assert sidecar["Model"]["NumberOfMaps"] == 3 and sidecar["Contrasts"]["mean"]["Weights"] == [1]
+    effects = [SurfaceImage(MESH, {part: str(p).replace("_hemi-L_", f"_hemi-{h}_") for part, h in
+                                   (("left", "L"), ("right", "R"))})
+               for p in sorted(layouts.glob("fl/first_level/sub-*/*_hemi-L_contrast-aMinusB_stat-effect.func.gii"))]
+    z = SecondLevelModel().fit(effects, design_matrix=pd.DataFrame({"intercept": np.ones(3)})).compute_contrast(
+        "intercept")
+    for part, hemi in (("left", "L"), ("right", "R")):
+        _close(_gifti(folder / f"group_hemi-{hemi}_contrast-mean_stat-z.func.gii"), np.asarray(z.data.parts[part]))
+    page = write_reports(layouts / "group", jobs=1)[0].read_text()
+    assert "The mask includes 20484 vertices" in page and "on the mesh" in page or "no vertex survives" in page
+
+
+def test_cifti_layout_gives_dense_scalar_group_maps_equal_to_the_api(layouts):
+    folder = layouts / "cgroup" / "group_level"
+    z_file = folder / "group_contrast-mean_stat-z.dscalar.nii"
+    assert {"group_mask.dscalar.nii", "group_contrast-mean_fwe-corrected.dscalar.nii"} <= {
+        p.name for p in folder.iterdir()}
+    effects = sorted(str(p) for p in layouts.glob("cfl/first_level/sub-*/*_contrast-aMinusB_stat-effect.dscalar.nii"))
+    z = SecondLevelModel().fit(effects, design_matrix=pd.DataFrame({"intercept": np.ones(3)})).compute_contrast(
+        "intercept")
+    written = nib.load(str(z_file))
+    assert written.header.get_axis(1) == z.header.get_axis(1)
+    _close(np.asarray(written.dataobj, dtype=np.float64), np.asarray(z.dataobj, dtype=np.float64))
+    page = write_reports(layouts / "cgroup", jobs=1)[0].read_text()
+    assert "THALAMUS_LEFT (8 voxels)" in page
+
+
+@pytest.fixture(scope="module")
+def api_datasets(layouts):
+    """nilearn's file set (save_glm_to_bids) of a surface and a CIFTI second-level model."""
+    effects = sorted(str(p) for p in layouts.glob("cfl/first_level/sub-*/*_contrast-aMinusB_stat-effect.dscalar.nii"))
+    design = pd.DataFrame({"intercept": np.ones(3)})
+    save_glm_to_bids(SecondLevelModel(minimize_memory=False).fit(effects, design_matrix=design), "intercept",
+                     out_dir=layouts / "api_cifti")
+    return layouts
+
+
+@pytest.mark.parametrize("name", ["fl", "group", "cfl", "cgroup", "api_cifti"])
+def test_surface_derivatives_pass_the_bids_validator(api_datasets, name):
+    assert _errors(validate(api_datasets / name)) == []
+
+
+def test_permutation_fwe_map_on_surfaces():
+    """The z map where -log10 p > -log10(alpha), clusters of fewer adjacent vertices than asked removed."""
+    z = {p: np.zeros(10242, dtype=np.float32) for p in ("left", "right")}
+    logp = {p: np.zeros(10242) for p in ("left", "right")}
+    faces = MESH.parts["left"].faces
+    big = np.unique(faces[(faces == 0).any(axis=1)])  # vertex 0 and its neighbours: one cluster
+    lone = np.setdiff1d(np.arange(10242), faces[np.isin(faces, big).any(axis=1)].ravel())[0]  # none of them
+    assert len(big) >= 5
+    for vertex in (*big, lone):
+        z["left"][vertex], logp["left"][vertex] = 4.0, 3.0
+    kept = permutation_fwe_map(SurfaceImage(MESH, z), SurfaceImage(MESH, logp), 0.05, cluster_threshold=5)
+    left = np.asarray(kept.data.parts["left"])
+    assert set(np.flatnonzero(left)) == set(big) and left.dtype == np.float32
+    assert not np.asarray(kept.data.parts["right"]).any()
+    assert np.flatnonzero(np.asarray(permutation_fwe_map(SurfaceImage(MESH, z), SurfaceImage(MESH, logp),
+                                                         0.05).data.parts["left"])).size == len(big) + 1
