@@ -88,3 +88,29 @@ def test_structures_and_any_finite_as_nibabel_and_numpy():
     assert any_finite(rows)
     rows[3, 5] = np.inf
     assert not any_finite(rows)
+
+
+@pytest.mark.parametrize("signal_scaling", [0, 1, (0, 1)])
+def test_scaled_block_and_image_mean_as_the_expressions_they_replace(signal_scaling):
+    """scaled_block's in-place arithmetic and image_mean's float64 accumulation give the bits of
+    the plain expressions (nilearn's ``100 * (Y / mean - 1)``; the mean of a float64 copy)."""
+    import dask.array as da
+
+    from chunkglm.graph.glm import image_mean
+    from chunkglm.kernels.glm import scaled_block
+
+    rng = np.random.default_rng(2)
+    block = (rng.standard_normal((50, 700)) * 40 + 600).astype(np.float32)
+    block[:, 3] = 0.2  # a mean below 1: nilearn divides by 1
+    if signal_scaling == 0:
+        want, grand = 100 * (block / np.maximum(block.mean(axis=0), 1) - 1), None
+    elif signal_scaling == 1:
+        grand = block.mean(axis=1, dtype=np.float64)
+        want = 100 * (block / grand[:, None] - 1)
+    else:
+        grand = np.float64(block.mean(dtype=np.float64))
+        want = 100 * (block / max(grand, 1.0) - 1)
+    got = scaled_block(block, signal_scaling, grand)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    maps = da.from_array(block, chunks=(50, 256))
+    assert np.array_equal(image_mean(maps), maps.astype(np.float64).mean(axis=0).compute())

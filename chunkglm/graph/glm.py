@@ -308,8 +308,9 @@ def nonfinite_counts(runs: list) -> list:
 
 
 def image_mean(array: da.Array) -> np.ndarray:
-    """Mean over the first axis of an (image, voxel) array, in float64: (voxel,)."""
-    return array.astype(np.float64).mean(axis=0).compute()
+    """Mean over the first axis of an (image, voxel) array, in float64: (voxel,). Accumulated in
+    float64 without a float64 copy of each block (the same sums as of the copy)."""
+    return array.mean(axis=0, dtype=np.float64).compute()
 
 
 def gathered_fits(run: RunFit) -> list:
