@@ -27,8 +27,12 @@ def test_the_demo_runs_names_files_that_exist_and_writes_the_same_bytes_when_run
     assert index == out / "derivatives" / "index.html" and index.is_file()
     pages = [line for line in index.read_text().splitlines() if "_report.html" in line]
     assert pages, "the index links no report page"
-    for name in ("BIDS input", "group level", "meta-analysis"):
+    for name in ("BIDS input", "group level", "meta-analysis", "surface branch"):
         assert Path(fields[name].split()[0]).is_dir(), name
+    surface = Path(fields["surface branch"].split()[0])  # fsaverage5 GIFTI maps, their reports
+    for hemi in ("L", "R"):
+        assert (surface / "group_level" / f"group_hemi-{hemi}_contrast-aMinusB_stat-z.func.gii").is_file()
+    assert "glm_surface/group_level/group_report.html" in index.read_text()
     assert "closed with the demo's cluster" in fields["dashboard"]
     # run again (as `make demo` twice): every derivatives file (maps, tables, sidecars, provenance
     # records, report pages and figures) and the round-trip image are rewritten byte for byte

@@ -12,7 +12,11 @@
    with max-T permutation inference (``derivatives/glm/group_level``).
 7. Image-based meta-analysis of the same effects and their variances
    (DerSimonianLaird, FDR-corrected; ``derivatives/meta``).
-8. An HTML report of every result (``chunkglm report``), each with the
+8. The surface branch: a small fsaverage5 subject set (fMRIPrep's GIFTI pairs,
+   nilearn's packaged mesh, no download) converted into its own store, first
+   level and group level (max-T permutations) in the same layout with GIFTI
+   maps (``derivatives/glm_surface``).
+9. An HTML report of every result (``chunkglm report``), each with the
    provenance record this demo wrote for it; prints the group report's path.
 """
 
@@ -30,9 +34,10 @@ import pandas as pd
 
 from chunkglm.cli._common import cluster_client, print_progress, resolve_cluster
 from chunkglm.cli.first_level import model_contrasts
-from chunkglm.cli.second_level import effect_maps
+from chunkglm.cli.second_level import effect_maps, gifti_pair_map
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import first_level_from_bids, fitted_in_waves
+from chunkglm.glm.io.surface_derivatives import save_surface_derivatives
 from chunkglm.glm.second_level import SecondLevelModel, permutation_maps
 from chunkglm.interfaces.bids import permutation_contrasts, save_glm_derivatives, save_group_derivatives
 from chunkglm.io.bids import discover_runs
@@ -54,7 +59,8 @@ def _dataset(out: Path, size: str, n_subjects: int) -> Path:
     if bids.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
         print(f"reusing the synthetic dataset in {bids}")
         return bids
-    for stale in (bids, out / "cohort.zarr", out / "derivatives", out / "roundtrip"):  # made from old data
+    for stale in (bids, out / "cohort.zarr", out / "derivatives", out / "roundtrip",  # made from old data
+                  out / "bids_surface", out / "cohort_surface.zarr"):
         shutil.rmtree(stale, ignore_errors=True)
     start = time.perf_counter()
     make_synthetic_bids(bids, n_subjects=n_subjects, size=size, seed=0)
@@ -127,6 +133,50 @@ def _group_level(glm: Path, subjects, paths, client) -> Path:
     return folder
 
 
+#: The surface branch: subjects, the space of their GIFTI runs, its permutations (a mesh of 20,484 vertices).
+SURFACE_SUBJECTS, SURFACE_SPACE, SURFACE_PERMUTATIONS = 3, "fsaverage5", 200
+
+
+def _surface_branch(out: Path, client) -> Path:
+    """fsaverage5 GIFTI runs through conversion, first level and group level; returns derivatives/glm_surface."""
+    start, watch = time.perf_counter(), Stopwatch()
+    bids = out / "bids_surface"
+    if not (bids / "dataset_description.json").is_file():
+        make_synthetic_bids(bids, n_subjects=SURFACE_SUBJECTS, size="tiny", seed=0, surface=True)
+    store = out / "cohort_surface.zarr"
+    convert(bids, store, space=SURFACE_SPACE, client=client)
+    models, runs, events, confounds = first_level_from_bids(store, "main", space_label=SURFACE_SPACE,
+                                                            confounds_columns=CONFOUNDS)
+    for model, run_list, ev, conf in zip(models, runs, events, confounds):
+        model.fit(run_list, events=ev, confounds=conf)
+    target = out / "derivatives" / "glm_surface"
+    with source_datasets([bids]):
+        for model in fitted_in_waves(models):
+            weights, types = model_contrasts(model, {"aMinusB": CONTRASTS["aMinusB"]})
+            save_surface_derivatives(model, weights, target, task_label="main", contrast_types=types,
+                                     confounds=CONFOUNDS)  # as `chunkglm first-level --space fsaverage5`
+            _record(target / "first_level" / f"sub-{model.subject_label}" /
+                    f"sub-{model.subject_label}_task-main_provenance.json", "first-level (chunkglm demo, surface)",
+                    [{"store": str(store), "run": name} for name in model._run_names],
+                    {"contrasts": {"aMinusB": CONTRASTS["aMinusB"]}, "space": SURFACE_SPACE,
+                     "confounds": CONFOUNDS}, client, watch)
+        subjects, effects = effect_maps(target, "aMinusB")  # as `chunkglm second-level` reads them
+        group = SecondLevelModel().fit([gifti_pair_map(p) for p in effects],
+                                       design_matrix=pd.DataFrame({"intercept": [1.0] * len(effects)}))
+        settings = {"n_perm": SURFACE_PERMUTATIONS, "random_state": 0, "tfce": False, "threshold": None,
+                    "two_sided_test": True}
+        maps = {name: permutation_maps(group, con_val, **settings)
+                for name, con_val in permutation_contrasts(group, {"aMinusB": "intercept"}).items()}
+        save_group_derivatives(group, {"aMinusB": "intercept"}, target, permutation_maps=maps, permutation=settings)
+    _record(target / "group_level" / "group_provenance.json", "second-level (chunkglm demo, surface)",
+            [{"subject": s, "path": p} for s, p in zip(subjects, effects)],
+            {"contrasts": {"aMinusB": "intercept"}, "fwe": "permutation", "n_perm": SURFACE_PERMUTATIONS,
+             "alpha": 0.05, "random_state": 0}, client, watch)
+    print(f"surface branch: {len(models)} fsaverage5 subject(s), first and group level "
+          f"[{time.perf_counter() - start:.1f} s]")
+    return target
+
+
 def _meta_analysis(glm: Path, subjects, effects, out: Path, client) -> Path:
     """DerSimonianLaird over the subjects' aMinusB effects and variances, FDR; returns meta/."""
     start, watch = time.perf_counter(), Stopwatch()
@@ -189,6 +239,7 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
             subjects, effects = effect_maps(glm, "aMinusB")  # the group's and the meta-analysis' inputs
             group = _group_level(glm, subjects, effects, client)
             meta = _meta_analysis(glm, subjects, effects, out, client)
+        surface = _surface_branch(out, client)
     reports = _reports(out / "derivatives")
     group_report = next(p for p in reports if p.parent == group)
     print("\nResults")
@@ -199,6 +250,7 @@ def run_demo(out="demo_output", *, size="small", n_subjects=6, cluster="local") 
           "`chunkglm first-level --layout nilearn|both` adds nilearn's save_glm_to_bids files)")
     print(f"  group level:       {group}")
     print(f"  meta-analysis:     {meta}")
+    print(f"  surface branch:    {surface}  (fsaverage5 GIFTI maps: first_level/ and group_level/)")
     print(f"  reports:           {out / 'derivatives' / 'index.html'} (links the {len(reports)} pages)")
     print(f"  dashboard:         {dashboard_line(dashboard, resolve_cluster(cluster)[1])}")
     print(f"  inspect:           .venv/bin/chunkglm info {store}")

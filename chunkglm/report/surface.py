@@ -200,8 +200,9 @@ def stat_map_blocks(name: str, stat_img, mask_img, options: ReportOptions, stat_
     vertex survives). CIFTI maps: :func:`cifti_stat_map_blocks`."""
     if is_cifti(stat_img):
         return cifti_stat_map_blocks(name, stat_img, mask_img, options, stat_label)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # nothing above the threshold: the page says so in words
         warnings.filterwarnings("ignore", message="empty mask")
+        warnings.filterwarnings("ignore", message="The given float value must not exceed")
         thresholded, threshold = threshold_stats_img(
             stat_img, mask_img=mask_img, alpha=options.alpha, threshold=options.threshold,
             height_control=options.height_control, cluster_threshold=options.cluster_threshold,
