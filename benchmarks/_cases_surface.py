@@ -13,9 +13,9 @@ protocol), run in fresh child processes by :func:`_measure`, as ``Context.measur
 ``_steps.py``'s.
 
 Case ``surface_second_level_scale`` (the issue's last Speed item): the second level of 100 and
-1,000 maps of an fsLR-32k-sized mesh (2 x 32,492 vertices) from a store on 2 workers; the
-worker peak memory must stay flat (<= 1.25x at 1,000). Mesh maps, not CIFTI ones:
-SecondLevelModel refuses CIFTI maps nodes (nilearn has no CIFTI image).
+1,000 CIFTI dense scalar maps on the fsLR 91k-like brain-model axis of ``surface_first_level``'s
+run (91,282 grayordinates) from a store on 2 workers; the worker peak memory must stay flat
+(<= 1.25x at 1,000).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ SCALE_CHUNK_MIB = (64, 8)  # the default chunk budget, and one that 100 maps alr
 
 def surface_second_level_scale_case(ctx: Context) -> CaseResult:
     if ctx.size != "realistic":
-        raise SystemExit("surface_second_level_scale has a realistic size only (100 and 1,000 fsLR-sized maps)")
+        raise SystemExit("surface_second_level_scale has a realistic size only (100 and 1,000 fsLR 91k maps)")
     work = ctx.work_dir("surface_second_level_scale")
     runs = [(n, chunk) for chunk in SCALE_CHUNK_MIB for n in SCALE_MAPS]
     stores = {key: str(work / f"maps-{key[0]}-{key[1]}MiB.zarr") for key in runs}
@@ -177,19 +177,19 @@ def surface_second_level_scale_case(ctx: Context) -> CaseResult:
             text += f"; {ratio:.2f}× the worker peak with {small} maps"
             target = f"≤ {FLAT_TOLERANCE:g}× the {small}-map peak (flat)"
             checks = [Check("flat worker memory", ratio <= FLAT_TOLERANCE)]
-        rows.append(Row(f"chunkglm SecondLevelModel, {n:,} maps × 64,984 vertices, {chunk} MiB chunks (store "
+        rows.append(Row(f"chunkglm SecondLevelModel, {n:,} CIFTI maps × 91,282 grayordinates, {chunk} MiB chunks (store "
                         f"{ctx.setup[n, chunk]['store_mib']:.0f} MiB)", m[n, chunk], text, target, checks))
-    notes = ["Input: `maps/scale` of N float32 maps on a placeholder mesh with fsLR 32k's vertex counts "
-             "(2 × 32,492; nilearn ships no fsLR mesh and the GLM does not use the geometry), written by "
-             "`convert_surface_maps` in set-up (`_steps_surface.surface_maps_store`): map i = a 0.5 effect on a tenth "
-             "of the vertices + unit white noise; chunks of 64 MiB (the default) or 8 MiB. Step: a LocalCluster of 2 "
+    notes = ["Input: `maps/scale` of N float32 CIFTI-2 dense scalar maps on the fsLR 91k-like brain-model axis "
+             "of `surface_first_level`'s run (29,696 + 29,716 cortex vertices, 31,870 voxels: 91,282 grayordinates), "
+             "written by `convert_surface_maps` in set-up (`_steps_surface.surface_maps_store`): map i = a 0.5 effect "
+             "on a tenth of the grayordinates + unit white noise; chunks of 64 MiB (the default) or 8 MiB. Step: a LocalCluster of 2 "
              "worker processes × 1 thread (set-up); timed `SecondLevelModel().fit(<maps node>, "
              "design_matrix=intercept)` + `compute_contrast(\"intercept\", output_type=\"z_score\")`. Worker peak: "
              "the larger of each worker's `VmHWM` and its RSS sampled every 0.2 s, over both workers. No "
              "permutations, no anchor row.",
-             "With the default 64 MiB chunks, 100 maps (26 MB) are one block smaller than the budget and 1,000 maps "
+             "With the default 64 MiB chunks, 100 maps (37 MB) are one block smaller than the budget and 1,000 maps "
              "fill it: the block, not the number of maps, is what a worker holds, so memory grows until the budget "
              "is reached and stays flat beyond; the 8 MiB rows put both N past it."]
     facts = {"worker_peak_mib": {f"{n}-{chunk}MiB": v for (n, chunk), v in peak.items()}}
-    return CaseResult("surface_second_level_scale", "surface second level at scale: 100 vs 1,000 fsLR-sized maps, "
+    return CaseResult("surface_second_level_scale", "surface second level at scale: 100 vs 1,000 fsLR 91k CIFTI maps, "
                       "flat worker memory", facts, rows, notes, [])

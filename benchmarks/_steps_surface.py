@@ -248,48 +248,35 @@ def surface_convert(timed, paths, kind, store):
 
 # --- case "surface_second_level_scale": N maps of an fsLR-32k-sized mesh, 2 workers ---------------
 
-#: Vertices per hemisphere of fsLR 32k (all of them: SecondLevelModel takes mesh maps, not CIFTI ones).
-FSLR_MESH_VERTICES = 32492
-
-
-def _fslr_sized_mesh():
-    """A placeholder two-hemisphere mesh with fsLR 32k's vertex counts (nilearn ships no fsLR mesh; the
-    second-level GLM does not use the geometry)."""
-    import numpy as np
-    from nilearn.surface import InMemoryMesh, PolyMesh
-
-    faces = np.array([[0, 1, 2]])
-    rng = np.random.default_rng(5)
-    return PolyMesh(**{part: InMemoryMesh(rng.normal(size=(FSLR_MESH_VERTICES, 3)), faces)
-                       for part in ("left", "right")})
-
-
 @step("surface_maps_store")
 def surface_maps_store(timed, store, n_maps, chunk_mib=64):
-    """Set-up: ``maps/scale`` of ``n_maps`` float32 maps on the fsLR-sized mesh (group effect + unit noise),
-    written by ``convert_surface_maps`` as one collection in chunks of ``chunk_mib`` MiB (kept when
-    already complete with ``n_maps``)."""
+    """Set-up: ``maps/scale`` of ``n_maps`` float32 CIFTI dense scalar maps on the fsLR 91k-like
+    brain-model axis of ``surface_data``'s run (group effect + unit noise), written by
+    ``convert_surface_maps`` as one collection in chunks of ``chunk_mib`` MiB (kept when already
+    complete with ``n_maps`` maps on a CIFTI grid)."""
     import numpy as np
-    from nilearn.surface import SurfaceImage
+    from nibabel.cifti2 import Cifti2Header, Cifti2Image, ScalarAxis
 
     from chunkglm.io.cohort import open_cohort
     from chunkglm.io.surface_maps import convert_surface_maps
 
     with timed:
         try:
-            done = open_cohort(store).maps["scale"].data().shape[0] == n_maps
+            node = open_cohort(store).maps["scale"]
+            done = node.data().shape[0] == n_maps and node.grid.kind == "cifti"
         except Exception:
             done = False
         if not done:
             shutil.rmtree(store, ignore_errors=True)
+            axis = _fslr_axis(np.random.default_rng(1))
             rng = np.random.default_rng(n_maps)
-            effect = np.where(rng.random(2 * FSLR_MESH_VERTICES) < 0.1, 0.5, 0.0).astype(np.float32)
-            values = (effect[:, None] + rng.standard_normal((2 * FSLR_MESH_VERTICES, n_maps), dtype=np.float32))
-            image = SurfaceImage(_fslr_sized_mesh(), {"left": values[:FSLR_MESH_VERTICES],
-                                                      "right": values[FSLR_MESH_VERTICES:]})
+            effect = np.where(rng.random(len(axis)) < 0.1, 0.5, 0.0).astype(np.float32)
+            values = effect + rng.standard_normal((n_maps, len(axis)), dtype=np.float32)
+            names = [f"sub-{i:04d}" for i in range(n_maps)]
+            image = Cifti2Image(values, Cifti2Header.from_axes((ScalarAxis(names), axis)))
             convert_surface_maps(image, store, "scale", chunk_bytes=int(chunk_mib * 2**20))
     size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
-    return {"store_mib": size / 2**20}
+    return {"store_mib": size / 2**20, "n_grayordinates": int(len(axis)) if not done else int(node.grid.shape[0])}
 
 
 @step("surface_second_level_scale")
@@ -317,7 +304,7 @@ def surface_second_level_scale(timed, store, n_workers=2, sample_s=0.2):
         memory = {str(w): sampler.summary(w, set()) for w in peaks}
     finally:
         client.close()
-    values = np.concatenate([np.asarray(z.data.parts[p]) for p in ("left", "right")])
+    values = np.asarray(z.dataobj)[0]  # a dense scalar Cifti2Image on the maps' brain-model axis
     return {"n_maps": int(n_maps), "worker_vmhwm_mib": {str(w): v / 2**20 for w, v in peaks.items()},
             "worker_sampled_rss_mib": {w: m["rss"] / 2**20 for w, m in memory.items()},
             "z_max": float(np.nanmax(values))}
