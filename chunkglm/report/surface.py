@@ -5,9 +5,9 @@ A surface model's z maps are thresholded as the volume ones (chunkglm's
 SurfaceImage on its mesh as nilearn does) and drawn with nilearn's
 :func:`~nilearn.plotting.plot_surf_stat_map`: both hemispheres, lateral and
 medial views, one colour scale, on the map's own mesh (the grid's mesh as the
-store keeps it). Cluster tables of SurfaceImages are nilearn's
-:func:`~nilearn.reporting.get_clusters_table` (clusters of adjacent vertices:
-hemisphere, peak, size in vertices); chunkglm's own table reads volumes.
+store keeps it). Cluster tables of SurfaceImages are chunkglm's
+:func:`~chunkglm.reporting.get_clusters_table` (nilearn's for meshes: clusters of
+adjacent vertices, hemisphere, peak, size in vertices).
 
 A CIFTI map (grayordinates: cortex vertices and subcortical voxels on one
 axis; nilearn has no CIFTI image) is thresholded over all its grayordinates in
@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from chunkglm.inference.thresholding import height_threshold, threshold_stats_img
-from chunkglm.report.sections import NO_SURVIVOR, Block, Correction, ReportOptions, figure_png, table_html
+from chunkglm.report.sections import Block, Correction, ReportOptions, figure_png, table_html
+from chunkglm.reporting import get_clusters_table
 
 #: The views of a surface map's figure: both hemispheres, outside and inside.
 VIEWS = (("left", "lateral"), ("left", "medial"), ("right", "lateral"), ("right", "medial"))
@@ -179,9 +180,7 @@ def surviving_vertices(img) -> int:
 
 
 def surface_cluster_table(thresholded, threshold: float, options: ReportOptions) -> pd.DataFrame:
-    """nilearn's cluster table of a thresholded SurfaceImage (clusters of adjacent vertices)."""
-    from nilearn.reporting import get_clusters_table  # chunkglm's reads volumes: nilearn's for meshes
-
+    """The cluster table of a thresholded SurfaceImage (clusters of adjacent vertices), nilearn's numbers."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No clusters found")
         return get_clusters_table(thresholded, stat_threshold=abs(float(threshold)),
