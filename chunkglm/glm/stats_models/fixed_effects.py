@@ -8,7 +8,7 @@ graph for the whole node:
 
 1. the inputs of all groups (the maps the node before wrote) are stacked into one maps node of a
    scratch store (:func:`chunkglm.io.inputs.write_maps_node`, one map at a time), chunked so that
-   a task's inputs and results fit the memory budget;
+   a task's inputs and results fit the memory budget (one task per stored chunk);
 2. one task per voxel block computes every job's (group x contrast) fixed effects and the mean
    effect its mask needs (:func:`chunkglm.graph.fixed_effects.fixed_effects_graph`); the results
    are streamed into the scratch store chunk by chunk (one job's voxel block each): no task
@@ -81,7 +81,7 @@ class FixedEffectsLevel:
         paths = list(dict.fromkeys(pair for inputs in jobs for pair in inputs))
         row_of = {pair: index for index, pair in enumerate(paths)}
         budget = MemoryBudget.of(chunk_bytes)
-        rows_held = 2 * len(paths) + len(ROWS) * len(jobs)  # float64 inputs and results of a task
+        rows_held = 2 * len(paths) + len(ROWS) * len(jobs)  # float64 inputs and results of a task (at most)
         block = budget.task_block_voxels(rows_held, 8)
         remove_stale(tempfile.gettempdir(), _PREFIX)
         self.folder = Path(tempfile.gettempdir()) / owned_name(_PREFIX)
@@ -99,7 +99,8 @@ class FixedEffectsLevel:
         """Evaluate the graph, streaming every (job, voxel block) result into the scratch store."""
         data = xr.Dataset({_RESULTS: (("job", "row", "voxel"), self.lazy)})
         data.to_zarr(zarr_store(self.folder / "results.zarr"), mode="w", zarr_format=3, consolidated=False)
-        self._results = xr.open_zarr(zarr_store(self.folder / "results.zarr", read_only=True),
+        # read back without dask (chunks=None): a job's row is a few chunk reads, no graph per job
+        self._results = xr.open_zarr(zarr_store(self.folder / "results.zarr", read_only=True), chunks=None,
                                      zarr_format=3, consolidated=False)[_RESULTS]
 
     def images(self, job: int) -> dict:
