@@ -23,6 +23,7 @@ from chunkglm.cli._args import add_cluster_options
 from chunkglm.cluster import load_config, start
 from chunkglm.cluster.start import default_n_workers, usable_cores
 from chunkglm.cluster.config import chunk_budget
+from chunkglm.cluster.stall import ClusterStalledError, StallWatch, stall_seconds
 from chunkglm.errors import ChunkglmError, StoreError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.backends import storage_settings
@@ -236,9 +237,14 @@ def cluster_client(args, *, announce=True):
     """A dask client for the command's lifetime: attached to ``--scheduler`` (closed, the
     scheduler left running), started from ``--cluster`` (shut down at the end), or none for
     ``--cluster none``. ``args`` may also be a config name. ``announce=False``: no lines naming
-    the scheduler and the dashboard (a command's ``-qq``)."""
+    the scheduler and the dashboard (a command's ``-qq``).
+
+    While the command runs, a :class:`~chunkglm.cluster.stall.StallWatch` ends it when its tasks
+    wait with no running worker for ``CHUNKGLM_STALL_SECONDS`` (default 600 s): a
+    :class:`~chunkglm.cluster.stall.ClusterStalledError` naming the cluster's state, one line."""
     cluster, scheduler = resolve_cluster(args)
     overrides = local_overrides(args, cluster, scheduler)
+    seconds = stall_seconds()
     if scheduler is not None:
         client = attach(scheduler, None if announce else io.StringIO())
     elif cluster == "none":
@@ -247,7 +253,15 @@ def cluster_client(args, *, announce=True):
     else:
         client = start(cluster, verbose=announce, **overrides)
     try:
-        yield client
+        with StallWatch(client, seconds) as watch:
+            try:
+                yield client
+            except Exception as err:  # the cancelled tasks' error, or what the command made of it
+                if watch.fired:
+                    raise ClusterStalledError(watch.fired) from err
+                raise
+            if watch.fired:  # the command went on without the cancelled tasks' results
+                raise ClusterStalledError(watch.fired)
     finally:
         client.close()
 
