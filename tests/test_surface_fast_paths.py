@@ -114,3 +114,24 @@ def test_scaled_block_and_image_mean_as_the_expressions_they_replace(signal_scal
     assert got.dtype == want.dtype and np.array_equal(got, want)
     maps = da.from_array(block, chunks=(50, 256))
     assert np.array_equal(image_mean(maps), maps.astype(np.float64).mean(axis=0).compute())
+
+
+def test_read_cifti_as_nib_load(tmp_path):
+    """read_cifti's axes and values are nib.load's, for a dense series and a dense scalar file;
+    cifti_shape reads the NIfTI-2 header's; a file that is no NIfTI-2 is one line."""
+    from nibabel.cifti2 import SeriesAxis
+
+    from chunkglm.io.surface_convert import cifti_shape, read_cifti
+
+    axis = _axis()
+    values = np.random.default_rng(3).standard_normal((6, len(axis))).astype(np.float32)
+    for first, name in ((SeriesAxis(0.0, 2.0, 6), "run.dtseries.nii"), (ScalarAxis(list("abcdef")), "m.dscalar.nii")):
+        Cifti2Image(values, Cifti2Header.from_axes((first, axis))).to_filename(tmp_path / name)
+        axes, dataobj = read_cifti(tmp_path / name)
+        img = nib.load(tmp_path / name)
+        assert axes == [img.header.get_axis(0), img.header.get_axis(1)]
+        assert np.array_equal(np.asarray(dataobj[2:5]), np.asarray(img.dataobj[2:5]))
+        assert cifti_shape(tmp_path / name) == (6, len(axis))
+    (tmp_path / "text.dscalar.nii").write_text("not an image")
+    with pytest.raises(InputError, match="is not a CIFTI-2 file"):
+        read_cifti(tmp_path / "text.dscalar.nii")

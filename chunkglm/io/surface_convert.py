@@ -41,8 +41,8 @@ from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, gifti_image, write_elem
 from chunkglm.io.write_run import write_events, write_rows
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
-__all__ = ["SurfaceRun", "convert_surface_bids", "convert_surface_runs", "is_surface_input", "read_surface_run",
-           "to_cifti", "to_gifti", "to_surface_image"]
+__all__ = ["SurfaceRun", "cifti_shape", "convert_surface_bids", "convert_surface_runs", "is_surface_input",
+           "read_cifti", "read_surface_run", "to_cifti", "to_gifti", "to_surface_image"]
 
 #: Suffixes of the CIFTI-2 files read as runs.
 CIFTI_RUN_SUFFIXES = (".dtseries.nii",)
@@ -203,6 +203,34 @@ def any_finite(rows: np.ndarray) -> bool:
     return any(bool(np.isfinite(row).any()) for row in rows)
 
 
+def cifti_shape(path) -> tuple:
+    """A CIFTI-2 file's data shape (rows, grayordinates) from its NIfTI-2 header alone."""
+    return tuple(_nifti2(path).shape[4:])
+
+
+def read_cifti(path) -> tuple[list, object]:
+    """A CIFTI-2 file's axes and its values as a lazy (rows, grayordinates) proxy, without making a
+    ``Cifti2Image``: nibabel's constructor deep-copies the parsed header and rebuilds every axis
+    to check the data's shape, about half the time of ``nib.load`` on a 91k axis (0.28 -> 0.15 s
+    CPU). The NIfTI-2 image is read and its CIFTI-2 extension parsed, as ``nib.load`` does."""
+    from nibabel.arrayproxy import reshape_dataobj
+    from nibabel.cifti2 import Cifti2Extension
+
+    nifti = _nifti2(path)
+    header = next((e.get_content() for e in nifti.header.extensions if isinstance(e, Cifti2Extension)), None)
+    if header is None:
+        raise InputError(f"{path} has no CIFTI-2 extension in its NIfTI-2 header: it is not a CIFTI-2 file.")
+    dataobj = reshape_dataobj(nifti.dataobj, nifti.shape[4:])
+    return [header.get_axis(i) for i in range(len(dataobj.shape))], dataobj
+
+
+def _nifti2(path):
+    try:
+        return nib.Nifti2Image.from_filename(str(path))
+    except Exception as err:  # nibabel's header errors: not a NIfTI-2 file
+        raise InputError(f"{path} is not a CIFTI-2 file (a NIfTI-2 file with a CIFTI-2 extension): {err}") from None
+
+
 def _structures(models) -> tuple:
     """A brain-model axis's structures, (name, count) in file order: nibabel's ``iter_structures``
     (runs of one name) read off the names, without building a sub-axis per structure."""
@@ -220,8 +248,10 @@ def _memory_source(values) -> dict:
 
 
 def _file_source(path) -> dict:
-    data = Path(path).read_bytes()
-    return {"path": str(Path(path).absolute()), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    """A file's identity (path, sha256, size), its bytes hashed as they are read (never all held)."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return {"path": str(Path(path).absolute()), "sha256": digest, "size": Path(path).stat().st_size}
 
 
 def from_cifti(path, space, maps=False) -> SurfaceRun:
@@ -229,10 +259,13 @@ def from_cifti(path, space, maps=False) -> SurfaceRun:
     (maps) an in-memory ``nibabel.cifti2.Cifti2Image``, identified by the sha256 of its values."""
     from nibabel.cifti2 import BrainModelAxis, Cifti2Image, ScalarAxis, SeriesAxis
 
-    img = path if isinstance(path, Cifti2Image) else nib.load(str(path))
     if isinstance(path, Cifti2Image):
-        path = img.get_filename() or "<Cifti2Image in memory>"
-    axes = [img.header.get_axis(i) for i in range(img.ndim)]
+        axes, dataobj = [path.header.get_axis(i) for i in range(path.ndim)], path.dataobj
+        filename = path.get_filename()
+        path = filename or "<Cifti2Image in memory>"
+    else:
+        axes, dataobj = read_cifti(path)
+        filename = path
     first = ScalarAxis if maps else SeriesAxis
     if not (isinstance(axes[0], first) and isinstance(axes[1], BrainModelAxis)):
         what = "dense scalar file (maps x brain models)" if maps else "dense series (series x brain models)"
@@ -241,13 +274,13 @@ def from_cifti(path, space, maps=False) -> SurfaceRun:
     parts = _structures(models)
     grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, models)
     if maps:
-        source = {"files": [_file_source(path)]} if img.get_filename() else _memory_source(img.dataobj)
-        return SurfaceRun(grid, img.dataobj, None, source,
+        source = {"files": [_file_source(path)]} if filename else _memory_source(dataobj)
+        return SurfaceRun(grid, dataobj, None, source,
                           {"names": [str(n) for n in axes[0].name]}, by_time=True)
     series = axes[0]
     step = float(series.step) * {"SECOND": 1.0, "MSEC": 1e-3, "USEC": 1e-6}.get(series.unit.upper(), 1.0)
     cifti = {"start": float(series.start), "step": float(series.step), "unit": series.unit}
-    return SurfaceRun(grid, img.dataobj, step if series.unit.upper() != "HERTZ" else None,
+    return SurfaceRun(grid, dataobj, step if series.unit.upper() != "HERTZ" else None,
                       {"files": [_file_source(path)]}, cifti, by_time=True)
 
 

@@ -34,6 +34,7 @@ from chunkglm.graph.glm import image_mean
 from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import MapsView
 from chunkglm.io.surface import SurfaceGrid
+from chunkglm.io.surface_convert import cifti_shape
 from chunkglm.io.surface_maps import is_cifti_image, is_cifti_map
 
 __all__ = ["check_options", "count_maps", "is_cifti_input", "map_list", "mask_elements", "mask_image",
@@ -61,11 +62,7 @@ def is_cifti_input(second_level_input) -> bool:
 
 
 def _load(item):
-    if is_cifti_image(item):
-        return item
-    if not Path(item).is_file():
-        raise InputError(f"the CIFTI map {str(item)!r} does not exist; give existing .dscalar.nii files.")
-    return nib.load(str(item))
+    return item if is_cifti_image(item) else nib.load(str(_existing(item)))
 
 
 def map_list(second_level_input) -> list:
@@ -81,8 +78,15 @@ def map_list(second_level_input) -> list:
 
 
 def count_maps(items) -> int:
-    """The number of maps in CIFTI dense scalar files or images (rows of each; headers only)."""
-    return sum(int(_load(item).shape[0]) for item in items)
+    """The number of maps in CIFTI dense scalar files or images (rows of each; NIfTI headers only)."""
+    return sum(int(item.shape[0]) if is_cifti_image(item) else int(cifti_shape(_existing(item))[0])
+               for item in items)
+
+
+def _existing(path):
+    if not Path(path).is_file():
+        raise InputError(f"the CIFTI map {str(path)!r} does not exist; give existing .dscalar.nii files.")
+    return path
 
 
 def check_options(maps_are_cifti: bool, target_affine, target_shape, smoothing_fwhm, mask_img) -> None:
