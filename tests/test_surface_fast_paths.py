@@ -135,3 +135,21 @@ def test_read_cifti_as_nib_load(tmp_path):
     (tmp_path / "text.dscalar.nii").write_text("not an image")
     with pytest.raises(InputError, match="is not a CIFTI-2 file"):
         read_cifti(tmp_path / "text.dscalar.nii")
+
+
+def test_read_cifti_reuses_a_brain_model_axis_parsed_before(tmp_path):
+    """Map files on one brain-model axis: the second file's axis is the first's object (its XML
+    element byte-identical), its own map names parsed; a file on another axis gets its own."""
+    from chunkglm.io.surface_convert import read_cifti
+
+    axis = _axis()
+    values = np.ones((1, len(axis)), dtype=np.float32)
+    for name in ("sub-01", "sub-02"):
+        Cifti2Image(values, Cifti2Header.from_axes((ScalarAxis([name]), axis))).to_filename(tmp_path / f"{name}.dscalar.nii")
+    other = axis[:-3]
+    Cifti2Image(values[:, :-3], Cifti2Header.from_axes((ScalarAxis(["x"]), other))).to_filename(tmp_path / "o.dscalar.nii")
+    first, second, third = (read_cifti(tmp_path / f)[0] for f in ("sub-01.dscalar.nii", "sub-02.dscalar.nii",
+                                                                   "o.dscalar.nii"))
+    assert second[1] is first[1] and second[1] == axis and list(second[0].name) == ["sub-02"]
+    assert list(first[0].name) == ["sub-01"]
+    assert third[1] is not first[1] and third[1] == other and third[0] == nib.load(tmp_path / "o.dscalar.nii").header.get_axis(0)
