@@ -5,6 +5,7 @@ give the same bytes run after run."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from nilearn.datasets import load_fsaverage
 from nilearn.surface import SurfaceImage
 
+from chunkglm.errors import InputError
 from chunkglm.glm import save_glm_to_bids
 from chunkglm.glm.first_level import FirstLevelModel
 from chunkglm.glm.io.surface_derivatives import save_surface_derivatives
@@ -109,6 +111,23 @@ def test_chunkglm_report_on_a_surface_glm_layout(model, tmp_path):
     second = _written(out)
     assert sorted(second) == sorted(first)
     assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_layout_sidecar_records_the_space_and_the_report_uses_it(model, tmp_path):
+    """The GIFTI files hold no geometry: the sidecar names the space (the runs' mesh has fsaverage5's
+    faces) and vertex counts, and the report takes the mesh of that space; a space nilearn ships no mesh
+    of (fsaverage6 is a download) is refused in one line naming it, not drawn on another mesh."""
+    out = tmp_path / "glm"
+    save_surface_derivatives(model, {"aMinusB": "a - b"}, out, task_label="main")
+    sidecar = out / "first_level" / "sub-01" / "sub-01_task-main_glm.json"
+    content = json.loads(sidecar.read_text())
+    assert content["Space"] == "fsaverage5" and content["VertexCount"] == {"L": 10242, "R": 10242}
+    sidecar.write_text(json.dumps({**content, "Space": "fsaverage6"}))
+    with pytest.raises(InputError, match="could not be reported") as error:
+        write_reports(out, jobs=1)
+    line = str(error.value).splitlines()[1]  # the result's own line
+    assert re.search(r"sub-01_task-main_glm\.json: space 'fsaverage6': nilearn ships no mesh of it .* "
+                     r"convert the maps into a store with their mesh", line), line
 
 
 def test_cifti_report_draws_the_cortex_and_lists_structures(tmp_path):

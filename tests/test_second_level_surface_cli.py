@@ -6,6 +6,7 @@ validator; ``chunkglm report`` draws the group maps."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -96,6 +97,27 @@ def test_cifti_layout_gives_dense_scalar_group_maps_equal_to_the_api(layouts):
     _close(np.asarray(written.dataobj, dtype=np.float64), np.asarray(z.dataobj, dtype=np.float64))
     page = write_reports(layouts / "cgroup", jobs=1)[0].read_text()
     assert "THALAMUS_LEFT (8 voxels)" in page
+
+
+def test_sidecars_record_the_space_and_a_space_without_a_packaged_mesh_is_refused(layouts, tmp_path, capsys):
+    """first-level and group sidecars name the maps' space and vertex counts (the GIFTI files hold no
+    geometry); second-level models the pairs on that space's mesh, and refuses in one line a space nilearn
+    ships no mesh of (fsaverage6: a download), naming it, before anything is written."""
+    for sidecar in [*layouts.glob("fl/first_level/sub-*/*_glm.json"), layouts / "group/group_level/group_glm.json"]:
+        content = json.loads(sidecar.read_text())
+        assert content["Space"] == "fsaverage5" and content["VertexCount"] == {"L": 10242, "R": 10242}, sidecar
+    assert all(json.loads(p.read_text())["Space"] == "fsaverage5"
+               for p in layouts.glob("cfl/first_level/sub-*/*_glm.json"))
+    copy = tmp_path / "fl"
+    shutil.copytree(layouts / "fl", copy)
+    sidecar = sorted(copy.glob("first_level/sub-*/*_glm.json"))[1]
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "Space": "fsaverage6"}))
+    capsys.readouterr()
+    assert main(["second-level", str(copy), "-o", str(tmp_path / "group"), "--first-level-contrast", "aMinusB",
+                 "--cluster", "none", "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "space 'fsaverage6': nilearn ships no mesh of it" in error and "chunkglm.io.surface_maps" in error
+    assert not (tmp_path / "group" / "group_level").exists()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 Input: the output folder of ``chunkglm first-level`` (or of nilearn's
 ``save_glm_to_bids``: ``sub-XX/sub-XX_..._contrast-<C>_stat-effect_statmap.nii.gz``;
 surface runs' layouts too: one GIFTI file per hemisphere, ``..._hemi-L_contrast-<C>_stat-effect.func.gii``,
-modelled on the mesh nilearn ships with their number of vertices, fsaverage5, or CIFTI dense scalar
+modelled on the mesh of the space their sidecar records, e.g. fsaverage5, or CIFTI dense scalar
 files, ``..._contrast-<C>_stat-effect.dscalar.nii``; the group maps are then written in the same format,
 ``group_level/group_hemi-L_contrast-<C>_stat-z.func.gii`` or ``..._stat-z.dscalar.nii``),
 or a cohort store holding a ``maps/<collection>`` node. The maps are loaded once
@@ -84,8 +84,8 @@ from chunkglm.interfaces.bids import (
 from chunkglm.io.convert import file_sha256
 from chunkglm.io.derivatives import contrast_label, source_datasets
 from chunkglm.io.layout import redact_url
+from chunkglm.io.mesh_spaces import gifti_pair, layout_gifti_image
 from chunkglm.provenance import Stopwatch, cluster_summary, record
-from chunkglm.report.surface import gifti_pair_image
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
 _GLM_EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect\.nii(\.gz)?$")
@@ -393,23 +393,11 @@ def _inputs(args, reporter):
     return paths, subjects, entries
 
 
-def gifti_pair(left) -> dict:
-    """``{"left": path, "right": path}`` of a hemi-L GIFTI map of the glm layout (its hemi-R file must exist)."""
-    right = str(Path(left).with_name(Path(left).name.replace("_hemi-L_", "_hemi-R_")))
-    if not Path(right).exists():
-        raise InputError(f"{left} has no right-hemisphere file {right}: the first-level folder is incomplete "
-                         "(re-run chunkglm first-level).")
-    return {"left": str(left), "right": right}
-
-
 def gifti_pair_map(left):
     """A first-level GIFTI pair (``..._hemi-L_...func.gii`` and its hemi-R file) as a SurfaceImage on the mesh
-    nilearn ships with its number of vertices (the glm layout keeps no geometry: fsaverage5)."""
-    try:
-        return gifti_pair_image(gifti_pair(left))
-    except ValueError as error:
-        raise InputError(f"{error} Convert the maps into a store with their mesh (chunkglm.io.surface_maps) "
-                         "and pass the store.") from error
+    of the space its sidecar records (``"Space": "fsaverage5"``; a layout without one: the mesh nilearn ships
+    with its number of vertices), :func:`chunkglm.io.mesh_spaces.layout_gifti_image`."""
+    return layout_gifti_image(gifti_pair(left))
 
 
 def run_permutations(model, weights, types, args, reporter) -> tuple[dict | None, dict | None]:

@@ -19,9 +19,10 @@ version and cluster produced the results and how long it took.
 
 Surface layouts (``chunkglm first-level`` on GIFTI or CIFTI runs) are read
 too: a map is ``<stem>_<rest>.nii.gz``, ``<stem>_<rest>.dscalar.nii`` (CIFTI)
-or one ``<stem>_hemi-L|R_<rest>.func.gii`` per hemisphere, drawn on the mesh
-nilearn ships with its number of vertices (fsaverage5; :mod:`chunkglm.report.surface`).
-GIFTI maps of another size are refused in one line (the files hold no mesh).
+or one ``<stem>_hemi-L|R_<rest>.func.gii`` per hemisphere, drawn on the mesh of
+the space the sidecar records (``"Space": "fsaverage5"``; nilearn's packaged mesh,
+:mod:`chunkglm.io.mesh_spaces`). A space nilearn ships no mesh of is refused in one
+line (the files hold no geometry).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.derivatives import file_label
 from chunkglm.io.layout import is_url
+from chunkglm.io.mesh_spaces import layout_gifti_image
 from chunkglm.provenance import read_record
-from chunkglm.report import surface
 from chunkglm.report.build import Design, GLMPieces, glm_report, mask_count, meta_report
 from chunkglm.report.pages import INDEX_NAME, PageOutcome, build_pages, check_jobs, write_index
 from chunkglm.report.sections import Correction, ReportOptions
@@ -200,10 +201,7 @@ def _load_map(folder: Path, stem: str, rest: str, required: bool = True):
         return None
     if "nifti" in files or "cifti" in files:
         return _load(next(iter(files.values())))
-    try:
-        return surface.gifti_pair_image(files)
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    return layout_gifti_image(files)  # on the mesh of the space its sidecar records
 
 
 def _provenance(path: Path) -> dict | None:

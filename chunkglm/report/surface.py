@@ -31,13 +31,12 @@ import numpy as np
 import pandas as pd
 
 from chunkglm.inference.thresholding import height_threshold, threshold_stats_img
+from chunkglm.io.mesh_spaces import packaged_mesh
 from chunkglm.report.sections import Block, Correction, ReportOptions, figure_png, table_html
 from chunkglm.reporting import get_clusters_table
 
 #: The views of a surface map's figure: both hemispheres, outside and inside.
 VIEWS = (("left", "lateral"), ("left", "medial"), ("right", "lateral"), ("right", "medial"))
-#: Meshes nilearn ships (no download), by the vertices of one hemisphere.
-PACKAGED_MESHES = {10242: "fsaverage5"}
 #: How a page says that no vertex (no grayordinate) survives.
 NO_VERTEX = "No suprathreshold cluster: no vertex survives"
 NO_GRAYORDINATE = "No suprathreshold cluster: no grayordinate survives"
@@ -74,16 +73,6 @@ def check_background(bg_img) -> None:
         return
     raise TypeError(f"'bg_img' must a SurfaceImage instance. Got {bg_img.__class__.__name__}: a surface model's "
                     "maps are drawn on their mesh; pass a SurfaceImage on that mesh (e.g. sulcal depth), or None.")
-
-
-def packaged_mesh(n_vertices: int):
-    """nilearn's packaged pial mesh with ``n_vertices`` per hemisphere (a PolyMesh), or None."""
-    name = PACKAGED_MESHES.get(int(n_vertices))
-    if name is None:
-        return None
-    from nilearn.datasets import load_fsaverage  # packaged with nilearn: no download
-
-    return load_fsaverage(name)["pial"]
 
 
 def element_count(mask_img) -> tuple[int, int, str]:
@@ -384,31 +373,3 @@ def mask_block(mask_img, options: ReportOptions, caption: str) -> Block:
     as_int = type(image)(image.mesh, {p: (np.asarray(v) != 0).astype(np.int32) for p, v in image.data.parts.items()})
     return Block(text=text, figures=[figure_png(surface_map_figure(as_int, 0.5, options, roi=True), "Analysis mask",
                                                 caption)])
-
-
-# -- files of the derivatives/glm layout -----------------------------------------------------
-
-
-def gifti_pair_image(paths: dict):
-    """A SurfaceImage of one GIFTI file per hemisphere (``{"left": path, "right": path}``, the first data
-    array of each) on the mesh nilearn ships with their number of vertices.
-
-    Raises
-    ------
-    ValueError
-        When nilearn ships no mesh of that size (the files give no geometry to draw on).
-    """
-    import nibabel as nib
-    from nilearn.surface import PolyMesh, SurfaceImage
-
-    arrays = {hemi: nib.load(str(path)).darrays for hemi, path in paths.items()}
-    several = sorted(str(paths[hemi]) for hemi, found in arrays.items() if len(found) != 1)
-    if several:
-        raise ValueError(f"{several}: expected one map per file (an F contrast's effect has one per row).")
-    data = {hemi: np.asarray(found[0].data) for hemi, found in arrays.items()}
-    meshes = {hemi: packaged_mesh(len(values)) for hemi, values in data.items()}
-    missing = {hemi: len(data[hemi]) for hemi, mesh in meshes.items() if mesh is None}
-    if missing:
-        raise ValueError(f"{sorted(str(p) for p in paths.values())}: no mesh nilearn ships has {missing} vertices "
-                         f"(it ships {sorted(PACKAGED_MESHES.values())}), so these maps cannot be drawn.")
-    return SurfaceImage(PolyMesh(**{hemi: mesh.parts[hemi] for hemi, mesh in meshes.items()}), data)

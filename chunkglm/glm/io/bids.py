@@ -63,6 +63,7 @@ from chunkglm.io.derivatives import (
     StagedOutput,
     write_json,
 )
+from chunkglm.io.mesh_spaces import space_metadata
 from chunkglm.io.nifti import save_map as save_image  # derivative maps: float32
 from chunkglm.report.build import SavedResults, model_report
 from chunkglm.report.figures import (
@@ -618,7 +619,9 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
     (``group_level/group_hemi-L_contrast-<C>_stat-z.func.gii``, the mask uint8) or one
     CIFTI dense scalar file (``group_level/group_contrast-<C>_stat-z.dscalar.nii``);
     clusters of the corrected maps are formed on each hemisphere's mesh, never on
-    CIFTI grayordinates (``cluster_threshold`` > 0 refused there).
+    CIFTI grayordinates (``cluster_threshold`` > 0 refused there). A mesh model's sidecar
+    adds ``VertexCount`` and ``Space`` (the fsaverage mesh nilearn ships whose faces the
+    maps' mesh has; left out for another mesh): readers draw the GIFTI maps on it.
     """
     if not _is_second_level(model):
         raise TypeError(f"expected a SecondLevelModel; received {type(model).__name__} (for a "
@@ -654,7 +657,10 @@ def save_group_derivatives(model, contrasts, out_dir, *, contrast_types=None,
             save_surface_map(mask_output(model), names["mask"], "group", out, np.uint8)
         else:
             save_image(model.mask_img_, out.path(names["mask"]))
-        write_json(out.path(names["sidecar"]), group_metadata(model, specs, corrections, descriptions))
+        metadata = group_metadata(model, specs, corrections, descriptions)
+        if is_surface_image(model.mask_img_):  # the mesh's space, for readers of the GIFTI maps
+            metadata.update(space_metadata(model.mask_img_))
+        write_json(out.path(names["sidecar"]), metadata)
         if residuals:  # of the last contrast's fit, as nilearn's residuals_
             _save_group_map(model.residuals_, "group_level/group_stat-errorts.nii.gz", out)
     return out.written

@@ -11,6 +11,11 @@ the mask in the surface formats of the runs:
   (``sub-01_task-main_contrast-aMinusB_stat-z.dscalar.nii``), as the model's
   ``compute_contrast`` returns it.
 
+The sidecar (``_glm.json``) records the runs' template space and, for mesh runs, the vertex
+counts of each hemisphere (``"Space": "fsaverage5", "VertexCount": {"L": 10242, "R": 10242}``,
+:func:`chunkglm.io.mesh_spaces.space_metadata`): the GIFTI files hold no geometry, and the readers
+(``chunkglm second-level``, ``chunkglm report``) take the mesh of that space.
+
 Residuals and nilearn's ``save_glm_to_bids`` file set are not written for surface runs
 (refused by the command before anything is computed).
 
@@ -32,6 +37,7 @@ from chunkglm.glm.io._bids_files import (confound_names, contrast_specs, derivat
                                          run_entities, write_description)
 from chunkglm.glm.io._bids_names import derivative_names
 from chunkglm.io.derivatives import StagedOutput, bids_filename, write_json
+from chunkglm.io.mesh_spaces import space_metadata
 from chunkglm.io.surface import gifti_image
 from chunkglm.kernels.mesh import mesh_adjacency, remove_small_mesh_clusters
 from chunkglm.report.figures import design_matrix_figure, save_figure
@@ -121,6 +127,8 @@ def save_surface_derivatives(model, contrasts, out_dir, *, task_label, contrast_
     specs = contrast_specs(contrasts, contrast_types, model.design_matrices_)
     entities = derivative_entities(model, None, None, task_label)
     metadata = derivatives_metadata(model, specs, confound_names(model, confounds))
+    # the maps' space and vertex counts: readers model GIFTI maps on that space's mesh
+    metadata.update(space_metadata(model.mask_img_, getattr(getattr(model, "_grid", None), "space", None)))
     names = derivative_names(specs, entities, run_entities(model) or [], len(model.design_matrices_))
     prefix = bids_filename(entities, None, None)
     with StagedOutput(out_dir) as out:
