@@ -143,8 +143,8 @@ def node_maps(node, mask_img, smoothing_fwhm) -> tuple[MapsView, SurfaceImage]:
         raise InputError(f"the maps node {node.name!r} holds {node.data().shape[0]} map(s); a second-level "
                          "model needs at least 2.")
     if grid.kind != "mesh":
-        raise InputError(f"the maps node {node.name!r} is on a CIFTI grid: second-level models on CIFTI maps "
-                         "are not supported yet (nilearn has no CIFTI image); convert the cortex as GIFTI maps.")
+        raise InputError(f"the maps node {node.name!r} is on a CIFTI grid, not a mesh: read it with "
+                         "chunkglm.glm.second_level.cifti.node_maps (SecondLevelModel does so for CIFTI nodes).")
     if mask_img is None:
         inside = np.isfinite(image_mean(node.data().data))
     else:
