@@ -153,3 +153,28 @@ def test_read_cifti_reuses_a_brain_model_axis_parsed_before(tmp_path):
     assert second[1] is first[1] and second[1] == axis and list(second[0].name) == ["sub-02"]
     assert list(first[0].name) == ["sub-01"]
     assert third[1] is not first[1] and third[1] == other and third[0] == nib.load(tmp_path / "o.dscalar.nii").header.get_axis(0)
+
+
+@pytest.mark.parametrize("task_memory", [None, 600])  # 600 B: one-row slabs (the maps are 1,280 B)
+def test_surface_maps_written_file_by_file(tmp_path, task_memory):
+    """convert_surface_maps reads each CIFTI file when its rows are reached (row slabs cross the
+    files' boundaries when the maps exceed the task memory): the node holds the files' maps in
+    order, on a mask too."""
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.io.surface_maps import convert_surface_maps
+
+    axis = _axis()
+    rng = np.random.default_rng(4)
+    counts = [1, 2, 1, 3, 1, 2]
+    blocks = [rng.standard_normal((n, len(axis))).astype(np.float32) for n in counts]
+    paths = []
+    for i, block in enumerate(blocks):
+        paths.append(tmp_path / f"m{i}.dscalar.nii")
+        names = [f"s{i}-{j}" for j in range(len(block))]
+        Cifti2Image(block, Cifti2Header.from_axes((ScalarAxis(names), axis))).to_filename(paths[-1])
+    mask = np.arange(len(axis)) % 3 != 0
+    sizes = {} if task_memory is None else {"task_memory": task_memory, "chunk_bytes": 256}
+    convert_surface_maps(paths, tmp_path / "s.zarr", "m", mask=mask, **sizes)
+    node = open_cohort(tmp_path / "s.zarr").maps["m"]
+    assert np.array_equal(node.data().values, np.vstack(blocks)[:, mask])
+    assert list(node.to_dataset()["image"].values) == [f"s{i}-{j}" for i, n in enumerate(counts) for j in range(n)]

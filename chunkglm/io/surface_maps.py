@@ -96,21 +96,19 @@ def convert_surface_maps(items, store, collection, *, map_type="effect", ids=Non
     for index, maps in enumerate(read[1:], 1):
         check_same_grid(read[0].grid, maps.grid, index)
     grid = read[0].grid if mask is None else read[0].grid.with_mask(mask)
-    values = [np.asarray(m.values, dtype=np.float32).T if not m.by_time else np.asarray(m.values, np.float32)
-              for m in read]  # each (images, elements)
-    ids = _ids(ids, read, values)
+    ids = _ids(ids, read)
     coords = _coords(coords, len(ids))
     root = st.open_root(store, storage_options, mode="a")
     locks.remove_leftovers(root)
     grid_id = write_grid(root, grid)
-    _write(root, st.check_node_name(collection), grid, grid_id, values, ids, coords, map_type,
+    _write(root, st.check_node_name(collection), grid, grid_id, read, ids, coords, map_type,
            [m.source for m in read], (as_bytes(chunk_bytes), as_bytes(task_memory)))
     consolidated.mend(root, [f"grids/{grid_id}", f"maps/{collection}"])
     return collection
 
 
-def _ids(ids, read, values) -> list[str]:
-    count = sum(len(v) for v in values)
+def _ids(ids, read) -> list[str]:
+    count = sum(m.n_time for m in read)
     if ids is None:
         names = [n for m in read for n in m.cifti.get("names", [])]
         ids = names if len(names) == count and len(set(names)) == count else [f"image-{i:05d}" for i in range(count)]
@@ -132,13 +130,18 @@ def _coords(coords, count) -> dict:
     return coords
 
 
-def _write(root, name, grid, grid_id, values, ids, coords, map_type, sources, sizes):
+def _write(root, name, grid, grid_id, read, ids, coords, map_type, sources, sizes):
+    """The maps' rows written in order, each input read when its rows are reached (CIFTI files by
+    their lazy proxies: the maps are never all held, unless they fit the task memory)."""
     chunk_bytes, task_memory = sizes
-    stacked = np.concatenate(values, axis=0)[:, grid.flat_index]
     plan = plan_voxel_chunks(len(ids), grid.n_voxels, 4, chunk_bytes)
+    offsets = np.cumsum([0] + [m.n_time for m in read])
 
     def fill(out, start, stop):
-        out[:] = stacked[start:stop]
+        for maps, first, last in zip(read, offsets[:-1], offsets[1:]):
+            lo, hi = max(start, first), min(stop, last)
+            if lo < hi:
+                out[lo - start:hi - start] = maps.rows(lo - first, hi - first, grid.flat_index)
         return any_finite(out)
 
     st.resume_swap(root, "maps", name)
