@@ -937,12 +937,16 @@ def command_tree(timed, command, clear=(), log=None, sample_s=0.2):
         shutil.rmtree(path, ignore_errors=True)
     log_path = Path(log) if log else Path(os.devnull)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    peak, samples = 0, 0
+    peak, samples, peaks, at_peak = 0, 0, {}, {}
     with open(log_path, "w") as handle, timed:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
         root = psutil.Process(process.pid)
         while process.poll() is None:
-            peak = max(peak, _tree_rss(root))
+            sizes = _tree_sizes(root)
+            for pid, size in sizes.items():
+                peaks[pid] = max(peaks.get(pid, 0), size)
+            if sum(sizes.values()) > peak:
+                peak, at_peak = sum(sizes.values()), sizes
             samples += 1
             time.sleep(sample_s)
     if process.returncode != 0:
@@ -951,24 +955,34 @@ def command_tree(timed, command, clear=(), log=None, sample_s=0.2):
     largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"peak_rss_mib": max(peak, largest) / 2**20, "rss_start_mib": 0.0,
             "sampled_tree_peak_mib": peak / 2**20, "largest_process_peak_mib": largest / 2**20,
-            "n_samples": samples}
+            "n_samples": samples,
+            # where the tree's memory is: each process's own sampled peak, and its share of the
+            # tree's peak (the command first, then its descendants by pid)
+            "process_peaks_mib": [round(peaks[pid] / 2**20, 1) for pid in sorted(peaks, key=_start_order(root))],
+            "processes_at_tree_peak_mib": [round(at_peak[pid] / 2**20, 1)
+                                           for pid in sorted(at_peak, key=_start_order(root))]}
 
 
-def _tree_rss(root) -> int:
-    """Bytes resident in ``root`` and all its descendants now (processes gone meanwhile skipped)."""
+def _tree_sizes(root) -> dict:
+    """{pid: bytes resident} of ``root`` and all its descendants now (processes gone meanwhile skipped)."""
     import psutil
 
-    total = 0
+    sizes = {}
     try:
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return sizes
     for process in processes:
         try:
-            total += process.memory_info().rss
+            sizes[process.pid] = process.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
-    return total
+    return sizes
+
+
+def _start_order(root):
+    """Sort key: the command's own process first, then the others by pid."""
+    return lambda pid: (pid != root.pid, pid)
 
 
 def main(argv) -> None:
