@@ -6,6 +6,7 @@ validator; ``chunkglm report`` draws the group maps."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -16,10 +17,13 @@ from nilearn.datasets import load_fsaverage
 from nilearn.surface import SurfaceImage
 
 from chunkglm.cli.main import main
+from chunkglm.cli.second_level import mask_input
+from chunkglm.errors import InputError
 from chunkglm.glm import save_glm_to_bids
 from chunkglm.glm.io.bids import permutation_fwe_map
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.io.convert import convert
+from chunkglm.io.mesh_spaces import gifti_files
 from chunkglm.report import write_reports
 from chunkglm.testing import make_synthetic_bids
 
@@ -118,6 +122,79 @@ def test_sidecars_record_the_space_and_a_space_without_a_packaged_mesh_is_refuse
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "space 'fsaverage6': nilearn ships no mesh of it" in error and "chunkglm.io.surface_maps" in error
     assert not (tmp_path / "group" / "group_level").exists()
+
+
+def _surface_effects(layouts):
+    return [SurfaceImage(MESH, {part: str(p).replace("_hemi-L_", f"_hemi-{h}_") for part, h in
+                                (("left", "L"), ("right", "R"))})
+            for p in sorted(layouts.glob("fl/first_level/sub-*/*_hemi-L_contrast-aMinusB_stat-effect.func.gii"))]
+
+
+def test_gifti_mask_pair_restricts_the_group_model(layouts, tmp_path):
+    """--mask as two GIFTI files (named by their hemi entity, in any order): the model is fitted inside it,
+    the group mask written is it, the z map equals the API's SecondLevelModel with that mask."""
+    inside = {"left": (np.arange(10242) < 4000).astype(np.uint8), "right": np.ones(10242, dtype=np.uint8)}
+    files = {}
+    for part, hemi in (("left", "L"), ("right", "R")):
+        files[part] = tmp_path / f"roi_hemi-{hemi}_mask.func.gii"
+        nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(inside[part])]).to_filename(str(files[part]))
+    _run("second-level", layouts / "fl", "-o", tmp_path / "group", "--first-level-contrast", "aMinusB",
+         "--mask", files["right"], files["left"])
+    folder = tmp_path / "group" / "group_level"
+    mask = SurfaceImage(MESH, {part: inside[part].astype(float) for part in inside})
+    z = SecondLevelModel(mask_img=mask).fit(_surface_effects(layouts), design_matrix=pd.DataFrame(
+        {"intercept": np.ones(3)})).compute_contrast("intercept")
+    for part, hemi in (("left", "L"), ("right", "R")):
+        np.testing.assert_array_equal(_gifti(folder / f"group_hemi-{hemi}_mask.func.gii") != 0, inside[part] != 0)
+        got = _gifti(folder / f"group_hemi-{hemi}_contrast-mean_stat-z.func.gii")
+        _close(got, np.asarray(z.data.parts[part]))
+        assert not got[inside[part] == 0].any()
+
+
+def test_cifti_mask_restricts_the_group_model(layouts, tmp_path):
+    """--mask a .dscalar.nii on the maps' brain-model axis: the group mask written is it."""
+    full = nib.load(str(layouts / "cgroup" / "group_level" / "group_mask.dscalar.nii"))
+    values = np.asarray(full.dataobj, dtype=np.float32).copy()
+    values[0, : values.shape[1] // 2] = 0
+    path = tmp_path / "half_mask.dscalar.nii"
+    nib.Cifti2Image(values, full.header).to_filename(str(path))
+    _run("second-level", layouts / "cfl", "-o", tmp_path / "group", "--first-level-contrast", "aMinusB",
+         "--mask", path)
+    written = nib.load(str(tmp_path / "group" / "group_level" / "group_mask.dscalar.nii"))
+    np.testing.assert_array_equal(np.asarray(written.dataobj) != 0, values != 0)
+
+
+@pytest.mark.parametrize("layout, mask, message", [
+    ("fl", "mask.nii.gz", r"a volume mask, but the maps are mesh maps; give a GIFTI file per hemisphere"),
+    ("cfl", "roi_hemi-L_mask.func.gii", r"a mesh mask, but the maps are cifti maps; give a CIFTI dense scalar"),
+    ("fl", "mask.dscalar.nii", r"a cifti mask, but the maps are mesh maps"),
+])
+def test_mask_of_another_kind_is_refused_in_one_line(layouts, tmp_path, capsys, layout, mask, message):
+    capsys.readouterr()
+    assert main(["second-level", str(layouts / layout), "-o", str(tmp_path / "group"), "--first-level-contrast",
+                 "aMinusB", "--mask", str(tmp_path / mask), "--cluster", "none", "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, error), error
+    assert not (tmp_path / "group" / "group_level").exists()
+
+
+def test_mask_forms_for_volume_maps_and_gifti_pairs(tmp_path):
+    """A surface mask with volume maps is refused; a hemi-L (or hemi-R) file alone finds its sibling, a
+    missing sibling is one line naming it."""
+    with pytest.raises(InputError, match=r"a mesh mask, but the maps are volume maps; give a NIfTI volume"):
+        mask_input([str(tmp_path / "roi_hemi-L_mask.func.gii")], [str(tmp_path / "sub-01_stat-effect.nii.gz")])
+    with pytest.raises(InputError, match=r"a cifti mask, but the maps are volume maps"):
+        mask_input([str(tmp_path / "m.dscalar.nii")], [str(tmp_path / "sub-01_stat-effect.nii.gz")])
+    left, right = tmp_path / "roi_hemi-L_mask.func.gii", tmp_path / "roi_hemi-R_mask.func.gii"
+    left.write_bytes(b"")
+    with pytest.raises(InputError, match="has no right-hemisphere file .*roi_hemi-R_mask.func.gii"):
+        gifti_files([left])
+    right.write_bytes(b"")
+    assert gifti_files([right]) == gifti_files([left]) == {"left": str(left), "right": str(right)}
+    assert gifti_files([tmp_path / "a.gii", tmp_path / "b.gii"]) == {"left": str(tmp_path / "a.gii"),
+                                                                     "right": str(tmp_path / "b.gii")}
+    with pytest.raises(InputError, match="one file per hemisphere .* received 3"):
+        gifti_files([left, right, left])
 
 
 @pytest.fixture(scope="module")

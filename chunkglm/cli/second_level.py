@@ -37,8 +37,10 @@ import re
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+from nilearn.surface import InMemoryMesh, PolyMesh, SurfaceImage
 
 from chunkglm.cli._args import (
     add_list,
@@ -84,7 +86,8 @@ from chunkglm.interfaces.bids import (
 from chunkglm.io.convert import file_sha256
 from chunkglm.io.derivatives import contrast_label, source_datasets
 from chunkglm.io.layout import redact_url
-from chunkglm.io.mesh_spaces import gifti_pair, layout_gifti_image
+from chunkglm.io.mesh_spaces import gifti_files, gifti_pair, gifti_pair_data, layout_gifti_image
+from chunkglm.io.surface import SurfaceGrid
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 _EFFECT = re.compile(r"^sub-([A-Za-z0-9]+)_(?:.*_)?contrast-([A-Za-z0-9]+)_stat-effect_statmap\.nii(\.gz)?$")
@@ -119,8 +122,12 @@ def add_parser(sub, add_common) -> None:
              help_text='t contrast over the design columns, e.g. "mean=intercept" or "age=age", '
                        'or F contrast "effects=intercept; age"; several: -c "mean=intercept" "age=age" '
                        "(default: mean=intercept)")
-    cmd.add_argument("--mask", type=path_value,
-                     help="analysis mask (default: nilearn's background mask of the mean map)")
+    add_list(cmd, "--mask", metavar="PATH", type=path_value,
+             help_text="analysis mask, of the maps' kind: a NIfTI volume; for GIFTI maps one file per "
+                       "hemisphere (--mask L.func.gii R.func.gii, or the hemi-L file alone when its hemi-R "
+                       "file is beside it); for CIFTI maps a .dscalar.nii on their brain-model axis "
+                       "(default: nilearn's background mask of the mean map; on surfaces the elements "
+                       "finite in every map)")
     cmd.add_argument("--smoothing-fwhm", type=nonnegative, metavar="MM",
                      help="smooth each map when it is loaded (default: no smoothing)")
     cmd.add_argument("--alpha", type=probability, default=0.05,
@@ -400,6 +407,73 @@ def gifti_pair_map(left):
     return layout_gifti_image(gifti_pair(left))
 
 
+#: How each kind of maps takes its --mask.
+MASK_FORMS = {"volume": "a NIfTI volume (.nii/.nii.gz)",
+              "mesh": "a GIFTI file per hemisphere (two .gii files, or the hemi-L file with its hemi-R sibling)",
+              "cifti": "a CIFTI dense scalar (.dscalar.nii) on the maps' brain-model axis"}
+
+
+def _maps_kind(second_level_input) -> str:
+    """``volume``, ``mesh`` or ``cifti``: the kind of the maps modelled (files, SurfaceImages or a node)."""
+    if isinstance(second_level_input, list):
+        first = second_level_input[0]
+        if not isinstance(first, str):
+            return "mesh"  # GIFTI pairs, loaded as SurfaceImages
+        return "cifti" if first.endswith(".dscalar.nii") else "volume"
+    grid = second_level_input.grid
+    return grid.kind if isinstance(grid, SurfaceGrid) else "volume"
+
+
+def _mask_kind(paths) -> str | None:
+    names = [str(p).lower() for p in paths]
+    if all(n.endswith(".gii") for n in names):
+        return "mesh"
+    if len(names) == 1 and names[0].endswith(".dscalar.nii"):
+        return "cifti"
+    if len(names) == 1 and names[0].endswith((".nii", ".nii.gz")):
+        return "volume"
+    return None
+
+
+def _cifti_mask(path):
+    try:
+        image = nib.load(str(path))
+    except (OSError, ValueError) as error:  # nibabel's ImageFileError is a ValueError
+        raise InputError(f"--mask {path}: cannot read it as a CIFTI dense scalar ({error}).") from error
+    if type(image).__name__ != "Cifti2Image":
+        raise InputError(f"--mask {path}: a {type(image).__name__}, not a CIFTI-2 dense scalar; give "
+                         f"{MASK_FORMS['cifti']}.")
+    return image
+
+
+def mask_input(paths, second_level_input):
+    """The model's ``mask_img`` from ``--mask`` (None: none given), of the maps' kind: a NIfTI path, a
+    SurfaceImage of a GIFTI pair on the maps' mesh, or a CIFTI dense scalar image; another kind, or
+    another number of files, is refused in one line."""
+    if not paths:
+        return None
+    maps, given = _maps_kind(second_level_input), _mask_kind(paths)
+    if given != maps:
+        what = f"a {given} mask" if given else "not a mask chunkglm reads"
+        raise InputError(f"--mask {' '.join(map(str, paths))}: {what}, but the maps are {maps} maps; give "
+                         f"{MASK_FORMS[maps]}.")
+    if maps == "volume":
+        return paths[0]
+    if maps == "cifti":
+        return _cifti_mask(paths[0])
+    files = gifti_files(paths)
+    data = gifti_pair_data(files)
+    mesh = (second_level_input[0].mesh if isinstance(second_level_input, list)
+            else PolyMesh(**{part: InMemoryMesh(*second_level_input.grid.meshes[part])
+                             for part, _ in second_level_input.grid.parts}))
+    sizes = {part: m.n_vertices for part, m in mesh.parts.items()}
+    found = {part: len(values) for part, values in data.items()}
+    if found != sizes:
+        raise InputError(f"--mask {sorted(files.values())}: {found} vertices per hemisphere, the maps' mesh "
+                         f"{sizes}; give a mask on the maps' mesh.")
+    return SurfaceImage(mesh, data)
+
+
 def run_permutations(model, weights, types, args, reporter) -> tuple[dict | None, dict | None]:
     """The max-T permutation maps of every t contrast (``--n-perm``) and their settings; (None, None) for 0.
 
@@ -451,9 +525,10 @@ def run(args) -> int:
         design, covariates = design_for(subjects, args.design, n_maps, split_list(args.covariates),
                                         center=args.center_covariates, reference=args.reference)
         weights = contrast_weights(definitions, design)  # unknown columns fail here, before the fit
+        mask = mask_input(args.mask, second_level_input)
         store = args.store if isinstance(second_level_input, list) else None
         keep = args.save_residuals or args.layout != "glm"  # nilearn's set has r-squared (and residuals)
-        model = SecondLevelModel(mask_img=args.mask, smoothing_fwhm=args.smoothing_fwhm, store=store,
+        model = SecondLevelModel(mask_img=mask, smoothing_fwhm=args.smoothing_fwhm, store=store,
                                  chunk_bytes=command_budget(args) or chunk_bytes(None, None),
                                  minimize_memory=not keep)
         with reporter.phase("loading and fitting") as advance:

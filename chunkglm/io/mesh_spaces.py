@@ -22,7 +22,7 @@ import numpy as np
 
 from chunkglm.errors import InputError
 
-__all__ = ["PACKAGED_MESHES", "gifti_pair", "gifti_pair_image", "layout_gifti_image", "map_sidecar",
+__all__ = ["PACKAGED_MESHES", "gifti_files", "gifti_pair", "gifti_pair_data", "gifti_pair_image", "layout_gifti_image", "map_sidecar",
            "packaged_mesh", "sidecar_space", "space_mesh", "space_metadata"]
 
 #: Meshes nilearn ships (no download), by the vertices of one hemisphere.
@@ -124,6 +124,40 @@ def gifti_pair(left) -> dict:
     return {"left": str(left), "right": right}
 
 
+def gifti_files(paths) -> dict:
+    """``{"left": path, "right": path}`` of one or two GIFTI files given by a user: one ``hemi-L`` (or
+    ``hemi-R``) file whose other hemisphere's file is beside it, or two files, each hemisphere's told by
+    its ``hemi-L``/``hemi-R`` entity (in the order left, right when the names carry none)."""
+    paths = [str(p) for p in paths]
+    if len(paths) == 1:
+        name = Path(paths[0]).name
+        if "_hemi-R_" in name:
+            return gifti_pair(str(Path(paths[0]).with_name(name.replace("_hemi-R_", "_hemi-L_"))))
+        return gifti_pair(paths[0])
+    if len(paths) != 2:
+        raise InputError(f"{paths}: a GIFTI pair is one file per hemisphere (two files, or the hemi-L file "
+                         f"alone); received {len(paths)}.")
+    labels = ["left" if "_hemi-L_" in Path(p).name else "right" if "_hemi-R_" in Path(p).name else None
+              for p in paths]
+    if labels == [None, None]:
+        return {"left": paths[0], "right": paths[1]}
+    if sorted(map(str, labels)) != ["left", "right"]:
+        raise InputError(f"{paths}: expected one hemi-L and one hemi-R file (or two files without a hemi "
+                         "entity, left first).")
+    return dict(zip(labels, paths))
+
+
+def gifti_pair_data(paths: dict) -> dict:
+    """``{hemi: (n_vertices,) array}`` of one GIFTI file per hemisphere, each holding one data array."""
+    import nibabel as nib
+
+    arrays = {hemi: nib.load(str(path)).darrays for hemi, path in paths.items()}
+    several = sorted(str(paths[hemi]) for hemi, found in arrays.items() if len(found) != 1)
+    if several:
+        raise InputError(f"{several}: expected one map per file (an F contrast's effect has one per row).")
+    return {hemi: np.asarray(found[0].data) for hemi, found in arrays.items()}
+
+
 def gifti_pair_image(paths: dict, space: str | None = None):
     """A SurfaceImage of one GIFTI file per hemisphere (``{"left": path, "right": path}``, the first data
     array of each) on the mesh of ``space`` (:func:`space_mesh`); ``space`` None: the mesh nilearn ships
@@ -135,14 +169,9 @@ def gifti_pair_image(paths: dict, space: str | None = None):
         A file of several data arrays, a space nilearn ships no mesh of, or vertex counts that are not
         the mesh's.
     """
-    import nibabel as nib
     from nilearn.surface import PolyMesh, SurfaceImage
 
-    arrays = {hemi: nib.load(str(path)).darrays for hemi, path in paths.items()}
-    several = sorted(str(paths[hemi]) for hemi, found in arrays.items() if len(found) != 1)
-    if several:
-        raise InputError(f"{several}: expected one map per file (an F contrast's effect has one per row).")
-    data = {hemi: np.asarray(found[0].data) for hemi, found in arrays.items()}
+    data = gifti_pair_data(paths)
     files = sorted(str(p) for p in paths.values())
     if space is not None:
         mesh = space_mesh(space)
