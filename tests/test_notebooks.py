@@ -24,7 +24,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-EXECUTED = ["01_bids_to_first_level.ipynb", "02_group_and_meta.ipynb", "03_scale_out.ipynb"]
+EXECUTED = ["01_bids_to_first_level.ipynb", "02_group_and_meta.ipynb", "03_scale_out.ipynb",
+            "04_bids_stats_models.ipynb"]
 #: Seconds one cell may run: generous (the slowest cell takes ~10 s on 2 busy cores);
 #: only there so that a hung cluster fails the test instead of blocking the suite.
 CELL_TIMEOUT = 300
@@ -139,6 +140,27 @@ def test_03_scale_out(kernel_folder):
     identical = re.findall(r"S3 and local z maps identical: (\w+)", text)
     assert identical == ["True"] * 4, identical
     assert "cluster closed" in text
+
+
+def test_04_bids_stats_models(kernel_folder):
+    text = execute("04_bids_stats_models.ipynb", kernel_folder)
+    # an invalid model: bsmschema's one line naming the field, nothing written
+    assert re.search(r"exit status 2: chunkglm app: error: the model \S+broken.json is not a valid BIDS Stats "
+                     r"Model: Nodes\[0\]\.Level: ", text)
+    assert "output folder created: False" in text
+    # the known effect of 'a' at its true peak in the group z map (4.53 measured, 3 = "clearly found");
+    # 6 subjects: 64 sign flips, so FWE p can reach 1/64 < 0.05 (3 voxels measured)
+    assert _numbers(r"group z of 'a' at the true peak \(.*\): (-?[\d.]+)", text)[0] > 3
+    assert _numbers(r"max-T permutation test: (\d+) voxels with FWE p < 0.05", text)[0] > 0
+    out = kernel_folder / "out" / "04_bids_stats_models" / "out"
+    for relative in ("node-dataset/contrast-aMinusB_stat-z_statmap.nii.gz",
+                     "node-dataset/contrast-a_stat-z_desc-fweCorrected_statmap.nii.gz",
+                     "node-subject/sub-06/sub-06_contrast-a_stat-effect_statmap.nii.gz",
+                     "node-run/sub-06/sub-06_run-2_contrast-task_stat-F_statmap.nii.gz",
+                     "group_level/group_contrast-a_fwe-corrected.nii.gz",
+                     "first_level/sub-06/sub-06_task-main_contrast-a_stat-z.nii.gz",
+                     "reports/index.html", "app_provenance.json"):
+        assert (out / relative).is_file(), relative
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
