@@ -24,6 +24,7 @@ from chunkglm.glm.io.bids import permutation_fwe_map
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.io.convert import convert
 from chunkglm.io.mesh_spaces import gifti_files
+from chunkglm.io.surface_maps import convert_surface_maps
 from chunkglm.report import write_reports
 from chunkglm.testing import make_synthetic_bids
 
@@ -149,6 +150,21 @@ def test_gifti_mask_pair_restricts_the_group_model(layouts, tmp_path):
         got = _gifti(folder / f"group_hemi-{hemi}_contrast-mean_stat-z.func.gii")
         _close(got, np.asarray(z.data.parts[part]))
         assert not got[inside[part] == 0].any()
+
+
+def test_gifti_mask_with_a_store_of_mesh_maps(layouts, tmp_path):
+    """A store's maps node on a mesh grid takes --mask as the hemi-L file alone (its hemi-R sibling found),
+    modelled on the grid's mesh: the group mask written is it."""
+    convert_surface_maps(_surface_effects(layouts), tmp_path / "s.zarr", "effects",
+                         coords={"subject": ["01", "02", "03"]})
+    inside = {"L": np.ones(10242, dtype=np.uint8), "R": (np.arange(10242) >= 6000).astype(np.uint8)}
+    for hemi, values in inside.items():
+        nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(values)]).to_filename(
+            str(tmp_path / f"roi_hemi-{hemi}_mask.func.gii"))
+    _run("second-level", tmp_path / "s.zarr", "-o", tmp_path / "group", "--mask", tmp_path / "roi_hemi-L_mask.func.gii")
+    for hemi, values in inside.items():
+        np.testing.assert_array_equal(
+            _gifti(tmp_path / "group" / "group_level" / f"group_hemi-{hemi}_mask.func.gii") != 0, values != 0)
 
 
 def test_cifti_mask_restricts_the_group_model(layouts, tmp_path):
