@@ -171,6 +171,24 @@ def test_kernels_on_a_volume_with_nan_and_background(two_sided):
     assert vs.max_cluster_measures_voxels(masked[mask], geometry, 1e3, two_sided) == (0, 0.0)
 
 
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_tfce_labels_a_volume_only_at_heights_that_change_its_voxels(two_sided, monkeypatch):
+    # A t map of 1 degree of freedom (heavy tails: a few voxels far above the rest) leaves
+    # the same supra-threshold voxels over most of the 100 heights; those reuse the labels
+    # of the height below, and the values stay nilearn's.
+    rng = np.random.default_rng(5)
+    volume = rng.standard_t(1, size=(8, 9, 7))
+    volume[3, 4, 2] = np.nan
+    expected = calculate_tfce(np.pad(volume, 2)[..., None], vs.FACE_CONNECTIVITY,
+                              two_sided_test=two_sided)[2:-2, 2:-2, 2:-2, 0]
+    calls = []
+    label = vs.ndimage.label
+    monkeypatch.setattr(vs.ndimage, "label", lambda *a, **k: calls.append(1) or label(*a, **k))
+    ours = vs.tfce_volume(volume, two_sided, has_background=True)
+    np.testing.assert_allclose(ours, expected, rtol=1e-13)
+    assert 0 < len(calls) < 50 * (1 + two_sided)  # was one labelling per height and sign
+
+
 def test_null_to_p_and_cluster_threshold_as_nilearn():
     rng = np.random.default_rng(1)
     null = rng.integers(0, 30, 50).astype(float)
