@@ -95,11 +95,13 @@ WRITTEN = {
         "out/app_provenance.json", "out/reports/index.html"],
     "Region signals from probabilistic maps": ["derivatives/timeseries/dataset_description.json"],
     "Reports": ["sub-01_report.html", "derivatives/index.html"],
+    "Surfaces and CIFTI": ["derivatives/glm_surface/group_level/group_provenance.json",
+                           "derivatives/glm_cifti/dataset_description.json"],
 }
 
 N_SUBJECTS = 4  # intercept + age + sex_M (the README's group design) needs 4 maps for 1 dof
 SEED = 2  # a seed whose participants.tsv has both sexes (the README's contrast male=sex_M)
-COMMAND_TIMEOUT = 300
+COMMAND_TIMEOUT = 600  # the second-level block (15,000 TFCE permutations) took ~200 s at load 8
 
 
 # -- the README ------------------------------------------------------------------------------
@@ -168,7 +170,8 @@ def _image_like(reference, data, path):
 
 def build_workspace(root: Path):
     """Every file the README names, made from one tiny synthetic dataset."""
-    data = make_synthetic_bids(root / "ds000001", n_subjects=N_SUBJECTS, size="tiny", seed=SEED)
+    data = make_synthetic_bids(root / "ds000001", n_subjects=N_SUBJECTS, size="tiny", seed=SEED,
+                               surface=True)  # fMRIPrep's fsaverage5 GIFTI and CIFTI runs too
     participants = pd.read_csv(root / "ds000001" / "participants.tsv", sep="\t")
     assert set(participants["sex"]) == {"F", "M"}, "choose a SEED whose subjects have both sexes"
     first, second = data.runs[0], data.runs[1]
