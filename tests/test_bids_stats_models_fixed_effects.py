@@ -15,12 +15,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from dask.callbacks import Callback
-from nilearn.glm.contrasts import compute_fixed_effects
+from nilearn.glm.contrasts import Contrast, compute_fixed_effects
 
 from chunkglm.errors import InputError
 from chunkglm.glm.stats_models.fixed_effects import FixedEffectsLevel
 from chunkglm.graph.fixed_effects import fixed_effects_graph
-from chunkglm.kernels.fixed_effects import ROWS, fixed_effects_jobs
+from chunkglm.kernels.fixed_effects import ROWS, fixed_effects_jobs, t_z_score
 from chunkglm.testing.assertions import rel_l2
 
 SHAPE = (10, 11, 9)
@@ -160,3 +160,20 @@ def test_irregular_input_blocks_give_regular_result_chunks():
 def test_a_contrast_with_no_input_is_refused():
     with pytest.raises(InputError, match="at least one input map"):
         FixedEffectsLevel([[("a", "b")], []])
+
+
+@pytest.mark.parametrize("dof", [1e-3, 0.5, 1.0, 3.0, 100.0, 1234.5, 1e6, 1e10, 1e12, 1e300, np.inf])
+def test_t_z_score_is_nilearns_contrast_bit_for_bit(dof):
+    """The kernel's z of t values (scipy.special, no nilearn in the worker) is nilearn's
+    Contrast.z_score() exactly: ordinary and extreme t (where p or 1 - p is clipped, the sf and cdf
+    branches meet, t is +-0, +-inf or NaN), from tiny to capped (1e10) degrees of freedom."""
+    t = np.concatenate([np.random.default_rng(3).normal(scale=6.0, size=400),
+                        [0.0, -0.0, 1e-300, -1e-300, 1e-8, 8.2, -8.2, 37.5, -37.5, 40.0, -40.0, 1e3, -1e3,
+                         1e8, -1e8, 1e300, -1e300, np.inf, -np.inf, np.nan]])
+    contrast = Contrast(effect=t.copy(), variance=np.ones_like(t), dim=1, dof=dof, stat_type="t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = contrast.z_score()
+    ours = t_z_score(t, dof)
+    # the same scipy.special calls on the same float64 values: equal bytes (sign of zero, NaN included)
+    assert ours.dtype == expected.dtype and ours.tobytes() == expected.tobytes()

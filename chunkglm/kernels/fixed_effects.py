@@ -14,25 +14,35 @@ combinations ("jobs": a subject's runs of one contrast) of the images it holds.
 - variances below 1e-16 count as 1e-16 (nilearn's ``tiny``); NaN and inf count
   as 0, as nilearn's masker sets them;
 - t = effect / sqrt(variance) and its z with ``dof`` degrees of freedom
-  (nilearn's :class:`~nilearn.glm.contrasts.Contrast`; nilearn's default is 100
-  per input).
+  (nilearn's :class:`~nilearn.glm.contrasts.Contrast` arithmetic, :func:`t_z_score`;
+  nilearn's default is 100 per input).
+
+The z transform uses ``scipy.special`` (Student's t and normal distribution
+functions) rather than nilearn's ``Contrast``: the worker running these tasks
+then imports neither nilearn's GLM module nor scikit-learn nor ``scipy.stats``
+(~100 MiB per worker process), with the same values (the same special functions
+scipy.stats calls, in the same order).
 
 Shapes are explicit: ``(image, voxel)`` in, ``(job, row, voxel)`` out.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-from nilearn.glm.contrasts import Contrast
+from scipy import special
 
 from chunkglm.kernels.finite import finite_block
 
-__all__ = ["ROWS", "TINY", "fixed_effects", "fixed_effects_jobs"]
+__all__ = ["ROWS", "TINY", "fixed_effects", "fixed_effects_jobs", "t_z_score"]
 
 #: nilearn's floor of the variances (``_compute_fixed_effects_params``).
 TINY = 1.0e-16
+#: nilearn's Contrast: floor of the variance in t (``DEF_TINY``), cap of the degrees of freedom
+#: (``DEF_DOFMAX``).
+_CONTRAST_TINY = 1.0e-50
+_DOF_MAX = 1.0e10
+#: nilearn's ``z_score`` clips p and 1 - p into [1e-300, 1 - 1e-16] before inverting.
+_P_RANGE = (1.0e-300, 1.0 - 1.0e-16)
 #: Rows of each job's block result: the inputs' mean effect in their own dtype (for the
 #: background mask), then nilearn's four maps.
 ROWS = ("mean", "effect_size", "effect_variance", "stat", "z_score")
@@ -68,12 +78,37 @@ def fixed_effects(effects: np.ndarray, variances: np.ndarray, precision_weighted
     else:
         variance = variances.mean(axis=0) / n_inputs
         effect = effects.mean(axis=0)
-    contrast = Contrast(effect=effect, variance=variance, dim=1, dof=100.0 * n_inputs if dof is None else dof,
-                        stat_type="t")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # z of voxels with no signal: nilearn's values
-        z_score = contrast.z_score()
-    return effect, variance, contrast.stat_, z_score
+    stat = effect / np.sqrt(np.maximum(variance, _CONTRAST_TINY))
+    return effect, variance, stat, t_z_score(stat, 100.0 * n_inputs if dof is None else dof)
+
+
+def t_z_score(stat: np.ndarray, dof: float) -> np.ndarray:
+    """The z score of t statistics, as nilearn's ``Contrast(..., stat_type="t").z_score()``.
+
+    nilearn takes p = ``scipy.stats.t.sf(t, min(dof, 1e10))`` and 1 - p = ``t.cdf`` (which
+    scipy computes as ``special.stdtr(dof, -t)`` and ``special.stdtr(dof, t)``), clips both
+    into [1e-300, 1 - 1e-16], and returns ``norm.isf(p)`` (``-special.ndtri(p)``) where it is
+    >= 0, else ``norm.ppf(1 - p)`` (``special.ndtri``): the same functions are called here on
+    the same values, so the results are nilearn's bit for bit.
+
+    Parameters
+    ----------
+    stat : ndarray of shape (voxel,)
+        t values (float64).
+    dof : float
+        Degrees of freedom (> 0), capped at nilearn's 1e10.
+
+    Returns
+    -------
+    ndarray of shape (voxel,), float64
+    """
+    stat = np.asarray(stat, dtype=np.float64)
+    dof = min(float(dof), _DOF_MAX)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # + 0.0: scipy's isf/ppf add loc (0.0) to the quantile, which turns -0.0 into 0.0
+        z_sf = -special.ndtri(np.clip(special.stdtr(dof, -stat), *_P_RANGE)) + 0.0
+        z_cdf = special.ndtri(np.clip(special.stdtr(dof, stat), *_P_RANGE)) + 0.0
+    return np.where(z_sf < 0, z_cdf, z_sf)
 
 
 def fixed_effects_jobs(effects: np.ndarray, variances: np.ndarray, jobs, precision_weighted: bool = False,
