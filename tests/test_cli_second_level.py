@@ -272,3 +272,56 @@ def test_store_is_refused_with_a_store_input(derivatives, tmp_path):
     assert main(["second-level", str(store), "-o", str(tmp_path / "g"), "--store", str(tmp_path / "other.zarr"),
                  "--cluster", "none", "--no-progress"]) == 2
     assert not (tmp_path / "g").exists() and not (tmp_path / "other.zarr").exists()
+
+
+def test_another_analysis_in_the_folder_is_refused_and_overwrite_replaces_it(derivatives, tmp_path):
+    """A second analysis into a folder holding another (here age + mean with permutations, then a
+    one-sample test) is one line, exit 2, nothing touched; the same analysis again is allowed;
+    --overwrite leaves only the new analysis's files, the provenance listing exactly them. Before,
+    the one-sample run left the age maps and the old permutation maps beside its own record."""
+    from chunkglm.cli.commands import main
+
+    out = tmp_path / "g"
+    base = ["second-level", str(derivatives["root"]), "-o", str(out), "--first-level-contrast", "aMinusB",
+            "--cluster", "none", "--no-progress"]
+    first = [*base, "--design", str(derivatives["root"] / "participants.tsv"), "-c", "mean=intercept",
+             "-c", "age=age", "--n-perm", "20", "--tfce", "--random-state", "0"]
+
+    def files():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    assert main(first) == 0
+    before = files()
+    assert "group_level/group_contrast-age_stat-z.nii.gz" in before
+    assert main(first) == 0 and files() == before  # the same analysis: rewritten, the same bytes
+    code = main(base)  # one-sample, Bonferroni
+    assert code == 2 and files() == before
+    assert main([*base, "--overwrite"]) == 0
+    after = files()
+    record = json.loads(after["group_level/group_provenance.json"])
+    listed = set(record["outputs"]) | {"group_level/group_provenance.json"}
+    assert set(after) == listed, set(after) ^ listed
+    assert not [f for f in after if "age" in f or "logpmax" in f or "tfce" in f]
+    assert record["options"]["contrast"] is None and record["design"]["columns"] == ["intercept"]
+    assert main(base) == 0  # now the one-sample analysis is the folder's
+
+
+def test_another_analysis_message_and_layout_change(derivatives, tmp_path, capsys):
+    """The refusal names the folder, what differs and --overwrite on one line; a layout change is
+    another analysis too, and --overwrite removes the old layout's files and record."""
+    from chunkglm.cli.commands import main
+
+    out = tmp_path / "g"
+    base = ["second-level", str(derivatives["root"]), "-o", str(out), "--first-level-contrast", "aMinusB",
+            "--cluster", "none", "--no-progress"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--smoothing-fwhm", "4"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "already holds another second-level analysis" in errors[0]
+    err = errors[0]
+    assert "options.smoothing_fwhm: null there, 4.0 now" in err and "--overwrite" in err
+    assert main([*base, "--layout", "nilearn"]) == 2
+    assert main([*base, "--layout", "nilearn", "--overwrite"]) == 0
+    assert not (out / "group_level").exists() or not any((out / "group_level").rglob("*"))
+    assert (out / "group" / "group_provenance.json").is_file()

@@ -7,6 +7,7 @@ the grouped estimators themselves is in test_meta_dependence.py.
 from __future__ import annotations
 
 import argparse
+import json
 
 import dask
 import nibabel as nib
@@ -102,3 +103,33 @@ def test_bad_dependence_options_say_what_to_do(data, tmp_path):
         _parse("--estimator", "Hedges", *base, "--rho", "1.5")
     with pytest.raises(SystemExit):
         _parse("--estimator", "Hedges", *base, "--weight-scheme", "average")
+
+
+def test_another_meta_analysis_in_the_folder_is_refused_and_overwrite_replaces_it(data, tmp_path):
+    """meta/ holds one analysis: another estimator (or other options) into it is refused, nothing
+    touched; the same one again is allowed; --overwrite leaves only the new analysis's files (before,
+    the old estimator's maps and its FDR maps stayed beside a record describing the new run only)."""
+    out = tmp_path / "out"
+    base = ["--table", str(data["tsv"]), "--mask", data["spec"]["mask"], "--out", str(out), "--groupby", "none"]
+
+    def files():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "meta").rglob("*") if p.is_file()}
+
+    first = _parse("--estimator", "Hedges", *base, "--correct", "fdr")
+    assert first.func(first) == 0
+    before = files()
+    assert any(name.startswith("meta/Hedges_") and "FDR" in name for name in before)
+    assert first.func(first) == 0 and files() == before  # the same analysis: rewritten, the same bytes
+    other = _parse("--estimator", "Stouffers", *base)
+    with pytest.raises(InputError, match=r"already holds another meta analysis \(meta/provenance.json: "
+                                         r"options.correct: \[\"fdr\"\] there, null now; options.estimator"):
+        other.func(other)
+    assert files() == before
+    replace = _parse("--estimator", "Stouffers", *base, "--overwrite")
+    assert replace.func(replace) == 0
+    after = files()
+    record = json.loads(after["meta/provenance.json"])
+    assert record["options"]["estimator"] == "Stouffers"
+    shared = {"meta/provenance.json", "meta/dataset_description.json", "meta/.bidsignore"}
+    assert set(after) == set(record["outputs"]) | shared, set(after) ^ (set(record["outputs"]) | shared)
+    assert not [name for name in after if "Hedges" in name]

@@ -11,12 +11,15 @@ varcope, se`` (NIfTI paths, relative to the table's folder or absolute),
 ``sample_sizes``, ``study_id``, ``id`` (``con``, NiMARE 0.0.x's name, is read as ``beta``);
 it is converted once into
 ``DIR/meta.zarr``. Writes the derivatives folder ``DIR/meta/`` (see
-:mod:`chunkglm.meta.outputs`) and ``DIR/meta/provenance.json``.
+:mod:`chunkglm.meta.outputs`) and ``DIR/meta/provenance.json``. A ``DIR/meta/`` whose record
+states another analysis is refused before anything is converted or computed; ``--overwrite``
+replaces it, its files removed once the new ones are written (:mod:`chunkglm.cli.replace`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +35,7 @@ from chunkglm.cli._common import (
     storage_for,
     write_output_record,
 )
+from chunkglm.cli.replace import check_folder, remove_replaced
 from chunkglm.errors import InputError
 from chunkglm.io.derivatives import source_datasets
 from chunkglm.io.cohort import open_cohort
@@ -93,9 +97,18 @@ def add_parser(sub, add_common) -> None:
                           "regression estimators only; default 0.8)")
     add_sidedness(cmd, True, "test")
     add_chunk_mb(cmd)
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="replace another meta-analysis already in OUTPUT_DIR/meta/ (its provenance record "
+                          "states other options: estimator, inputs, corrections...): its files are removed "
+                          "once the new ones are written (default: refuse, nothing written; the same "
+                          "analysis is always rewritten)")
     add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
+
+
+#: The command's provenance record, relative to OUTPUT_DIR.
+RECORD = "meta/provenance.json"
 
 
 def _inputs(args):
@@ -159,6 +172,9 @@ def run(args) -> int:
     """Entry point of ``chunkglm meta``."""
     stopwatch = Stopwatch()
     estimator = _estimator(args)
+    options = command_options(args)
+    replaced = check_folder(args.output_dir, [RECORD], {"options": options}, command="meta",
+                            overwrite=args.overwrite)  # before the table's maps are converted
     with cluster_client(args) as client:
         result = estimator.fit(_inputs(args))
         for name in args.correct or []:
@@ -167,10 +183,11 @@ def run(args) -> int:
             result = getattr(correct, klass)(method=method, **kwargs).transform(result)
         with source_datasets([args.store or args.table]):
             written = result.save_derivatives(args.output_dir)
-        options = command_options(args)
         cluster = cluster_summary(client)
     outputs = sorted(f"meta/{Path(str(p)).name}" for p in written.values())
-    write_output_record(args.output_dir, "meta/provenance.json",
+    for path in remove_replaced(args.output_dir, replaced, outputs, RECORD):
+        print(f"removed {path} (--overwrite: of the analysis replaced)", file=sys.stderr, flush=True)
+    write_output_record(args.output_dir, RECORD,
                         record("meta", inputs=[result._inputs.describe()], options=options, cluster=cluster,
                                stopwatch=stopwatch, outputs=outputs), storage_for(args))
     print(f"derivatives: {redact_url(output_location(args.output_dir, 'meta'))}")

@@ -18,7 +18,9 @@ max-T permutation test (plus TFCE / cluster maps with ``--tfce`` /
 :func:`chunkglm.glm.second_level.permutation_maps` with a progress bar per
 contrast, named. A provenance
 record (``group_level/group_provenance.json``; ``group/`` with ``--layout nilearn``) is
-written last.
+written last. An output folder whose record states another analysis (options, inputs, design) is
+refused before anything is computed; ``--overwrite`` replaces it, its files removed once the new
+ones are written (:mod:`chunkglm.cli.replace`).
 
 The design: an intercept (one-sample test) plus the covariates of
 ``--design`` (a TSV with a ``subject_label`` or ``participant_id`` column
@@ -68,6 +70,7 @@ from chunkglm.cli._common import (
 )
 from chunkglm.cli.first_level import parse_contrasts as parse_pairs
 from chunkglm.cli.progress import Reporter
+from chunkglm.cli.replace import check_folder, remove_replaced
 from chunkglm.design.covariates import MISSING, encode_covariates, parse_reference
 from chunkglm.design.second_level import make_second_level_design_matrix
 from chunkglm.errors import InputError
@@ -159,9 +162,18 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                      help="option of the store's object storage (see first-level); repeat "
                           "(default: none)")
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="replace another analysis already in the output folder (its provenance record "
+                          "states other options, inputs or design): its files are removed once the new "
+                          "results are written (default: refuse, nothing written; the same analysis is "
+                          "always rewritten)")
     add_allow_incomplete(cmd)
     add_common(cmd)
     cmd.set_defaults(func=run)
+
+
+#: Where the command's provenance record is, per --layout folder (group_level/, nilearn's group/).
+RECORDS = ("group_level/group_provenance.json", "group/group_provenance.json")
 
 
 def add_layout_options(cmd) -> None:
@@ -526,6 +538,12 @@ def run(args) -> int:
                                         center=args.center_covariates, reference=args.reference)
         weights = contrast_weights(definitions, design)  # unknown columns fail here, before the fit
         mask = mask_input(args.mask, second_level_input)
+        described = {"columns": [str(c) for c in design.columns], "subjects": subjects,
+                     "rows": int(len(design)), "covariates": covariates}
+        options = command_options(args)
+        replaced = check_folder(args.output_dir, RECORDS, {"options": options, "inputs": entries,
+                                                           "design": described},
+                                command="second-level", overwrite=args.overwrite, extra=("inputs", "design"))
         store = args.store if isinstance(second_level_input, list) else None
         keep = args.save_residuals or args.layout != "glm"  # nilearn's set has r-squared (and residuals)
         model = SecondLevelModel(mask_img=mask, smoothing_fwhm=args.smoothing_fwhm, store=store,
@@ -539,13 +557,12 @@ def run(args) -> int:
         with reporter.phase("writing"), source_datasets([args.input]):
             paths = _write(args, model, weights, types, maps, settings)
         outputs = [relative_output(p, args.output_dir) for p in paths]
-        content = record("second-level", inputs=entries, options=command_options(args),
-                         cluster=cluster_summary(client), stopwatch=stopwatch,
-                         design={"columns": [str(c) for c in design.columns],
-                                 "subjects": subjects, "rows": int(len(design)),
-                                 "covariates": covariates},
+        content = record("second-level", inputs=entries, options=options,
+                         cluster=cluster_summary(client), stopwatch=stopwatch, design=described,
                          outputs=outputs)
     folder = "group" if args.layout == "nilearn" else "group_level"  # beside the files written
+    for path in remove_replaced(args.output_dir, replaced, outputs, f"{folder}/group_provenance.json"):
+        reporter.line(f"removed {path} (--overwrite: of the analysis replaced)")
     write_output_record(args.output_dir, f"{folder}/group_provenance.json", content, storage_for(args))
     for path in outputs:
         reporter.line(f"wrote {path}")

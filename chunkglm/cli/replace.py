@@ -1,0 +1,111 @@
+"""One analysis per output folder, for commands that write one result set (``second-level``, ``meta``).
+
+Such a command's provenance record (``group_level/group_provenance.json``, ``meta/provenance.json``)
+describes the analysis whose files are beside it. Before anything is computed, the records already
+in the output folder are compared with the new run's analysis (:func:`analysis`: the record's
+options without those that only say how it ran and, for the group model, its inputs (sha256) and
+design; the meta-analysis' inputs are its options, a table or a store collection):
+
+- no record: nothing to compare (a new folder, or files of a run killed before its record, which
+  the same command run again completes as ``first-level`` does);
+- the same analysis: allowed, the files are rewritten (a re-run writes the same bytes);
+- another analysis: refused in one line naming what differs (:func:`check_folder`), nothing written,
+  unless ``--overwrite``. Then the old analysis's files are removed only once the new results are
+  computed and written (:func:`remove_replaced`), before the new record, so no stale map of the
+  old analysis survives beside the new record (as ``first-level --overwrite`` does per subject).
+"""
+
+from __future__ import annotations
+
+import json
+
+from chunkglm.cli.resume import OutDir
+from chunkglm.errors import InputError
+from chunkglm.provenance import strip_secrets
+
+#: Command options that say how a command ran, not what it computed (left out of the comparison).
+RUN_ONLY = frozenset({"allow_incomplete", "chunk_mb", "cluster", "scheduler", "workers", "no_progress",
+                      "output_dir", "storage_option", "overwrite", "verbose", "quiet"})
+
+
+def analysis(record: dict, run_only=RUN_ONLY, extra=()) -> dict:
+    """What decides a record's results: its options (without ``run_only`` keys) and the ``extra``
+    top-level fields (e.g. ``inputs``, ``design``), JSON-normalised; from a written record or one
+    being assembled, so records written before this comparison existed compare the same way."""
+    options = {k: v for k, v in (record.get("options") or {}).items() if k not in run_only}
+    content = {"options": options, **{k: record.get(k) for k in extra}}
+    return json.loads(json.dumps(strip_secrets(content), default=str))
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    found = []
+    for section in sorted(set(old) | set(new)):
+        before, now = old.get(section), new.get(section)
+        if isinstance(before, dict) and isinstance(now, dict):
+            found += [f"{section}.{key}: {_short(before.get(key))} there, {_short(now.get(key))} now"
+                      for key in sorted(set(before) | set(now), key=str) if before.get(key) != now.get(key)]
+        elif before != now:
+            found.append(f"{section}: {_short(before)} there, {_short(now)} now")
+    return found
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_folder(output_dir, record_paths, new: dict, *, command: str, overwrite: bool,
+                 extra=()) -> list[tuple[str, dict]]:
+    """The records of other analyses in ``output_dir`` (``[(relative path, record)]``), which
+    ``--overwrite`` replaces; without it, InputError when there is one (nothing written yet).
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        The command's output folder (a local path or an object-store URL).
+    record_paths : sequence of str
+        Where the command's records may be, relative (one per ``--layout`` folder).
+    new : dict
+        The new run's record as far as known before computing (``options`` and the ``extra``
+        fields), compared through :func:`analysis`.
+    command : str
+        The command's name, for the message.
+    overwrite : bool
+        ``--overwrite`` was given.
+    extra : sequence of str
+        Top-level record fields compared besides the options (``inputs``, ``design``).
+    """
+    out = OutDir(output_dir)
+    wanted = analysis(new, extra=extra)
+    others = []
+    for relative in record_paths:
+        found = out.read_json(relative)
+        if found is None:
+            continue
+        differences = _differences(analysis(found, extra=extra), wanted)
+        if differences:
+            others.append((relative, found, differences))
+    if others and not overwrite:
+        relative, _, differences = others[0]
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise InputError(f"{out.url} already holds another {command} analysis ({relative}: {shown}). Nothing "
+                         "was written. Pass --overwrite to replace it (its files are removed once the new "
+                         "results are written), or choose another -o/--output-dir.")
+    return [(relative, found) for relative, found, _ in others]
+
+
+def remove_replaced(output_dir, replaced, new_outputs, new_record: str) -> list[str]:
+    """Delete the files the ``replaced`` records listed that the new results do not have, then those
+    records (but ``new_record``, rewritten next); returns what was removed, relative."""
+    out = OutDir(output_dir)
+    keep = set(new_outputs) | {new_record}
+    removed = []
+    for relative, found in replaced:
+        listed = [str(p) for p in found.get("outputs") or [] if isinstance(p, str)]
+        for path in [*listed, relative]:
+            parts = path.split("/")
+            if path in keep or path in removed or path.startswith("/") or ".." in parts or ":" in parts[0]:
+                continue  # written again now, or not a path inside the folder
+            out.remove(path)
+            removed.append(path)
+    return removed
