@@ -378,3 +378,49 @@ def test_a_report_page_per_run_and_node_group_and_an_index(three_subjects, tmp_p
                  "--participant-label", "01", "--no-reports", "--cluster", "none", "--no-progress",
                  "--store", str(root / "store.zarr")]) == 0
     assert not (no_reports / "reports").exists()
+
+
+def test_maps_for_the_workers_are_staged_in_the_store_folder_and_removed(three_subjects, tmp_path, monkeypatch):
+    """The stores the fixed-effects (subject) and second-level (dataset) nodes stage for the
+    workers lie in STORE/.scratch/ (the file system the workers read the cohort store from), not
+    in the app process's TMPDIR, which a multi-node cluster's workers cannot see; nothing is left
+    after the run, and a folder a killed run (a dead process) left there is removed."""
+    import tempfile
+
+    import chunkglm.cli.app as app_module
+    import chunkglm.glm.stats_models.fixed_effects as fixed_effects
+    import chunkglm.io.inputs as inputs
+    from chunkglm.io.scratch import owned_name
+
+    root, ds = three_subjects
+    store, out, temp = root / "store.zarr", tmp_path / "out", tmp_path / "tmpdir"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # the app process's TMPDIR
+    # a killed run's folder (named for this host and a pid no process holds), made once the store is there
+    leftover = store / ".scratch" / owned_name("chunkglm-app-").replace(f"-{os.getpid()}-", "-999999999-")
+
+    def converting(*args, convert=app_module.convert, **kwargs):
+        done = convert(*args, **kwargs)
+        (leftover / "store.zarr").mkdir(parents=True)
+        return done
+
+    monkeypatch.setattr(app_module, "convert", converting, raising=True)
+    staged = []
+
+    def spying(original):
+        def write(table, roles, store_path, *args, **kwargs):
+            staged.append((Path(store_path), sorted(p.name for p in temp.iterdir())))
+            return original(table, roles, store_path, *args, **kwargs)
+        return write
+
+    monkeypatch.setattr(inputs, "write_maps_node", spying(inputs.write_maps_node))
+    monkeypatch.setattr(fixed_effects, "write_maps_node", spying(fixed_effects.write_maps_node))
+    code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
+                 "--cluster", "none", "--no-progress", "--no-reports", "--store", str(store)])
+    assert code == 0
+    # one fixed-effects store (the subject node) and one per dataset group contrast model (a, b, aMinusB)
+    assert len(staged) == 4
+    for path, in_temp in staged:
+        assert path.parent.parent.parent == store / ".scratch" and path.parent.parent.name.startswith("chunkglm-app-")
+        assert not [name for name in in_temp if name.startswith("chunkglm-")]  # nothing staged in TMPDIR
+    assert not (store / ".scratch").exists()  # the run's folder and the killed run's removed

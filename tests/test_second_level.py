@@ -339,6 +339,24 @@ def test_maps_loaded_into_the_users_store(files, tmp_path):
     assert node.data().shape == (N, model.n_elements_)  # only the mask's voxels are stored
 
 
+def test_scratch_dir_holds_the_temporary_store_and_is_emptied_with_the_model(files, tmp_path):
+    """scratch_dir (a folder a multi-node cluster's workers share) holds the model's temporary
+    store instead of TMPDIR, with the same maps; the folder is removed with the model."""
+    import gc
+
+    paths, covariates = files
+    design = _covariate_design(covariates)
+    model = SecondLevelModel(scratch_dir=tmp_path).fit([nib.load(p) for p in paths], design_matrix=design)
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("chunkglm-second-level-")]
+    assert (folder / "store.zarr" / "zarr.json").is_file()
+    ours = model.compute_contrast([0, 1], output_type="z_score")
+    default = SecondLevelModel().fit(paths, design_matrix=design).compute_contrast([0, 1], output_type="z_score")
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(default.dataobj))  # same staged values
+    del model
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_fit_is_lazy_and_contrasts_reuse_one_read(files, tmp_path, monkeypatch):
     from chunkglm.kernels import glm as kernels
 

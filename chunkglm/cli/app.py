@@ -11,7 +11,9 @@
    the runs already there.
 3. pybids builds the model's graph (design matrices, contrasts, groups) and
    :class:`chunkglm.glm.stats_models.ModelRun` runs its nodes up to the
-   analysis level (participant = the Subject nodes), writing fitlins'
+   analysis level (participant = the Subject nodes; the maps it stages for the workers in a
+   temporary folder inside the store's folder, ``STORE/.scratch/``, which the workers read
+   already, removed at the end; an object-store ``--store``: in ``TMPDIR``), writing fitlins'
    derivatives under ``OUTPUT_DIR/node-<name>/`` (``--layout glm|both``: also, or only, the
    derivatives/glm layout's ``first_level/`` and ``group_level/``,
    :mod:`chunkglm.glm.stats_models.glm_layout`; ``--n-perm``: max-T permutation FWE maps of the
@@ -55,6 +57,8 @@ from chunkglm.io.derivatives import StagedOutput, dataset_description, write_jso
 from chunkglm.io.layout import is_url
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
+#: The store's subfolder of the model runs' staged maps (see _scratch_dir).
+SCRATCH = ".scratch"
 #: fitlins' default space.
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 #: BIDS-Apps analysis levels (chunkglm.glm.stats_models.ANALYSIS_LEVELS' keys).
@@ -229,8 +233,12 @@ def run(args) -> int:
                 if args.reports else None
             runner = ModelRun(graph, cohort, fitlins_dir, space=args.space or None, desc=args.desc_label,
                               chunk_bytes=budget, permutation=permutation, glm_layout=layout, glm_dir=output_dir,
-                              reports=pages, progress=None if args.no_progress else _line)
-            runner.run(args.analysis_level)
+                              reports=pages, progress=None if args.no_progress else _line,
+                              scratch_dir=_scratch_dir(store))
+            try:
+                runner.run(args.analysis_level)
+            finally:
+                _remove_empty_scratch(store)
             written = (runner.written if args.layout != "glm" else []) + runner.glm_written
             if pages is not None:
                 index = pages.index()
@@ -262,6 +270,26 @@ def _fitlins_folder(output_dir, layout):
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _scratch_dir(store):
+    """Where the model run stages maps for the workers: ``STORE/.scratch`` (a folder zarr and
+    chunkglm's store readers ignore, on the file system the workers read the store from), or
+    None (the temporary directory) for an object-store URL."""
+    if is_url(store):
+        return None
+    folder = Path(store) / SCRATCH
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _remove_empty_scratch(store) -> None:
+    """Remove ``STORE/.scratch`` unless another run (another process) still stages there."""
+    if not is_url(store):
+        try:
+            (Path(store) / SCRATCH).rmdir()
+        except OSError:
+            pass
 
 
 def _folders(args):

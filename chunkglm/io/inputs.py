@@ -206,10 +206,12 @@ class StagedInputs:
         return [cohort.runs[_stem(p)] for p in self.paths]
 
 
-def scratch_folder(owner, prefix: str) -> Path:
-    """A new temporary folder, removed (with everything in it) when ``owner`` is collected."""
-    remove_stale(tempfile.gettempdir(), prefix)  # left by killed processes
-    folder = Path(tempfile.gettempdir()) / owned_name(prefix)
+def scratch_folder(owner, prefix: str, parent=None) -> Path:
+    """A new temporary folder in ``parent`` (default the temporary directory), removed (with
+    everything in it) when ``owner`` is collected."""
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    remove_stale(parent, prefix)  # left by killed processes
+    folder = parent / owned_name(prefix)
     folder.mkdir(mode=0o700)
     weakref.finalize(owner, shutil.rmtree, folder, True)
     return folder

@@ -98,6 +98,12 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         chunkglm only: the memory budget (:class:`chunkglm.chunking.MemoryBudget`),
         uncompressed bytes per chunk of loaded maps; stored chunks larger than
         it are split into smaller task blocks (each chunk is still read once).
+    scratch_dir : str, Path or None, default=None
+        chunkglm only: the local folder in which the model makes its temporary
+        folder (the temporary store, and the files staged from in-memory or
+        processed maps); default the temporary directory (``TMPDIR``). The
+        cluster's workers read that store: on a cluster of several machines,
+        give a folder on a file system they share (or ``store``).
 
     Attributes
     ----------
@@ -135,7 +141,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
 
     def __init__(self, mask_img=None, target_affine=None, target_shape=None, smoothing_fwhm=None,
                  memory=None, memory_level=1, verbose=0, n_jobs=1, minimize_memory=True,
-                 reports=True, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+                 reports=True, store=None, chunk_bytes=DEFAULT_CHUNK_BYTES, scratch_dir=None):
         self.mask_img = mask_img
         self.target_affine = target_affine
         self.target_shape = target_shape
@@ -148,6 +154,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
         self.reports = reports
         self.store = store
         self.chunk_bytes = chunk_bytes
+        self.scratch_dir = scratch_dir
 
     def __str__(self):
         return "Second Level Model"
@@ -377,7 +384,7 @@ class SecondLevelModel(GLMReportMixin, NilearnEstimator):
     def _stage(self, images, mask):
         """The maps written once into a new maps node of the model's store (on ``mask``)."""
         if getattr(self, "_folder", None) is None:
-            self._folder = scratch_folder(self, "chunkglm-second-level-")
+            self._folder = scratch_folder(self, "chunkglm-second-level-", self.scratch_dir)
         staged = stage_inputs(images, "maps", mask_img=mask, smoothing_fwhm=self._preprocessing()[3],
                               map_types=("effect",), chunk_bytes=self.chunk_bytes, folder=self._folder,
                               store=self.store, collection=f"second_level_{uuid.uuid4().hex[:12]}",

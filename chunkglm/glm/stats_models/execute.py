@@ -22,7 +22,10 @@
 
 A node reads its inputs' maps back from the files the node before it wrote
 (a GLM node one group's maps at a time; a "meta" node stages them into a
-scratch store, one map at a time, and reads voxel blocks). ``F`` contrasts are terminal (the
+scratch store, one map at a time, and reads voxel blocks). The stores staged for
+the workers lie in one temporary folder of the run inside ``scratch_dir`` (``chunkglm
+app``: inside the cohort store's folder, which the workers read), removed when the run ends
+(or by the next run on the same host after a killed one). ``F`` contrasts are terminal (the
 specification's rule): they are not handed to the next node.
 """
 
@@ -54,6 +57,7 @@ from chunkglm.glm.stats_models.outputs import (
 )
 from chunkglm.io.bids import bids_name, parse_entities
 from chunkglm.io.derivatives import StagedOutput
+from chunkglm.io.scratch import TemporaryFolder
 from chunkglm.report.figures import (contrast_matrix_figure, design_matrix_correlation_figure,
                                      design_matrix_figure, save_figure)
 
@@ -66,6 +70,8 @@ _RANK = {"run": 0, "session": 1, "subject": 2, "dataset": 3}
 _RUN_ENTITIES = ("subject", "session", "task", "acquisition", "ceagent", "reconstruction", "direction",
                  "run", "echo")
 _NOT_ENTITIES = ("datatype", "desc", "suffix", "extension")
+#: The run's temporary folder (in ``scratch_dir``): ``<prefix><host>-<pid>-<hex>``.
+_SCRATCH_PREFIX = "chunkglm-app-"
 
 
 @dataclass
@@ -116,6 +122,11 @@ class ModelRun:
         HTML pages of every run and node group, written as each node is done.
     progress : callable, optional
         Called with one line of text as each run or group is written.
+    scratch_dir : str, Path or None
+        The local folder in which the run makes its temporary folder of the stores it stages
+        for the workers (second-level maps, fixed-effects inputs and results), removed when
+        :meth:`run` returns; default the temporary directory (``TMPDIR``). On a cluster of
+        several machines, a folder they share.
 
     Attributes
     ----------
@@ -126,7 +137,7 @@ class ModelRun:
     """
 
     def __init__(self, graph, cohort, output_dir, *, space=None, desc="preproc", chunk_bytes=None,
-                 permutation=None, glm_layout=None, glm_dir=None, reports=None, progress=None):
+                 permutation=None, glm_layout=None, glm_dir=None, reports=None, progress=None, scratch_dir=None):
         self.graph = graph
         self.cohort = cohort
         self.output_dir = Path(output_dir)
@@ -138,6 +149,8 @@ class ModelRun:
         self.glm_dir = Path(glm_dir) if glm_dir is not None else self.output_dir
         self.reports = reports
         self.progress = progress or (lambda text: None)
+        self.scratch_dir = scratch_dir
+        self._scratch = None
         self.written: list[Path] = []
         self.glm_written: list[Path] = []
 
@@ -155,8 +168,13 @@ class ModelRun:
         if not specs:
             raise InputError("pybids found no run for this model (check --task, --space, "
                              "--participant-label and the model's Input).")
-        outputs = self._run_level(root, specs)
-        self._children(root, outputs, last)
+        self._scratch = TemporaryFolder(_SCRATCH_PREFIX, self.scratch_dir)
+        try:
+            outputs = self._run_level(root, specs)
+            self._children(root, outputs, last)
+        finally:
+            self._scratch.cleanup()
+            self._scratch = None
         return self.written
 
     def _check_permuted_nodes(self, analysis_level):
@@ -288,7 +306,7 @@ class ModelRun:
                 index[(number, contrast.name)] = len(jobs)
                 jobs.append([(str(maps.files["effect"]), str(maps.files["variance"])) for maps in chosen])
         grids = [self.cohort.grid(grid_id) for grid_id in self.cohort.grids]
-        level = FixedEffectsLevel(jobs, grids=grids, chunk_bytes=self.chunk_bytes)
+        level = FixedEffectsLevel(jobs, grids=grids, chunk_bytes=self.chunk_bytes, scratch_dir=self._scratch.name)
         try:
             self.progress(f"node {node.name}: fixed effects of {len(jobs)} group contrast(s) over "
                           f"{level.lazy.numblocks[2]} voxel block(s)")
@@ -342,7 +360,7 @@ class ModelRun:
                              f"{len(inputs)} (use \"Type\": \"meta\" to pass one input through).")
         effects = [nib.load(maps.files["effect"]) for maps in inputs]
         budget = {"chunk_bytes": self.chunk_bytes} if self.chunk_bytes else {}
-        return SecondLevelModel(**budget).fit(effects, design_matrix=design)
+        return SecondLevelModel(scratch_dir=self._scratch.name, **budget).fit(effects, design_matrix=design)
 
     def _permute(self, out, node_name, maps, model, weights, z_img) -> dict:
         """The permutation maps of one t contrast, staged with the contrast's other maps; returns

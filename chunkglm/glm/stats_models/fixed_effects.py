@@ -7,7 +7,9 @@ nilearn's background mask of the inputs' mean effect. Here the same numbers come
 graph for the whole node:
 
 1. the inputs of all groups (the maps the node before wrote) are stacked into one maps node of a
-   scratch store (:func:`chunkglm.io.inputs.write_maps_node`, one map at a time), chunked so that
+   scratch store (:func:`chunkglm.io.inputs.write_maps_node`, one map at a time; in
+   ``scratch_dir``, which ``chunkglm app`` makes inside the cohort store's folder, where the
+   workers read), chunked so that
    a task's inputs and results fit the memory budget (one task per stored chunk);
 2. one task per voxel block computes every job's (group x contrast) fixed effects and the mean
    effect its mask needs (:func:`chunkglm.graph.fixed_effects.fixed_effects_graph`); the results
@@ -65,6 +67,9 @@ class FixedEffectsLevel:
         Each job's degrees of freedom for its z map (None: nilearn's default, 100 per input).
     chunk_bytes : int, str or None
         The memory budget (None: the package default, 64 MiB).
+    scratch_dir : str, Path or None
+        The local folder the scratch store is made in (default the temporary directory); the
+        cluster's workers read and write that store, so on several machines a folder they share.
 
     Attributes
     ----------
@@ -73,7 +78,7 @@ class FixedEffectsLevel:
         :meth:`compute` writes it.
     """
 
-    def __init__(self, jobs, *, grids=(), precision_weighted=False, dofs=None, chunk_bytes=None):
+    def __init__(self, jobs, *, grids=(), precision_weighted=False, dofs=None, chunk_bytes=None, scratch_dir=None):
         if not jobs or any(not inputs for inputs in jobs):
             raise InputError("fixed effects need at least one input map per contrast; a contrast of this "
                              "node involves none (check the node's Model.X and the contrast's conditions).")
@@ -83,8 +88,9 @@ class FixedEffectsLevel:
         budget = MemoryBudget.of(chunk_bytes)
         rows_held = 2 * len(paths) + len(ROWS) * len(jobs)  # float64 inputs and results of a task (at most)
         block = budget.task_block_voxels(rows_held, 8)
-        remove_stale(tempfile.gettempdir(), _PREFIX)
-        self.folder = Path(tempfile.gettempdir()) / owned_name(_PREFIX)
+        parent = Path(scratch_dir if scratch_dir is not None else tempfile.gettempdir())
+        remove_stale(parent, _PREFIX)  # left by killed processes of this host
+        self.folder = parent / owned_name(_PREFIX)
         self.folder.mkdir(mode=0o700)
         table = pd.DataFrame({"effect": [e for e, _ in paths], "variance": [v for _, v in paths]})
         node = write_maps_node(table, ("effect", "variance"), self.folder / "inputs.zarr", "inputs",
