@@ -7,6 +7,12 @@
 3. Per run, ``OUTPUT_DIR/sub-XX[/ses-YY]/func/<entities>_desc-<atlas>_timeseries.tsv``
    with a JSON sidecar; optionally the (run, time, region) array into the
    store (``timeseries/<atlas>``).
+4. ``OUTPUT_DIR/desc-<atlas>_provenance.json`` (last): the options, the maps' sha256 and every
+   file of this atlas's analysis in the folder. Runs of other subjects, tasks or spaces may be
+   added by later runs of the same analysis (their files join the record); an analysis with other
+   options or maps under the same atlas label is refused before anything is computed, or, with
+   ``--overwrite``, replaces it: its files are removed once the new ones are written
+   (:mod:`chunkglm.cli.replace`).
 """
 
 from __future__ import annotations
@@ -20,19 +26,26 @@ from chunkglm.cli._common import (
     chunk_bytes,
     cluster_client,
     command_budget,
+    command_options,
     open_if_store,
     output_location,
     print_skipped,
+    relative_output,
     storage_for,
+    write_output_record,
 )
 from chunkglm.cli.progress import Reporter
+from chunkglm.cli.replace import RUN_ONLY, check_folder, remove_replaced
+from chunkglm.cli.resume import OutDir
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
 from chunkglm.io.derivatives import source_datasets
 from chunkglm.io.layout import redact_url
+from chunkglm.io.sources import file_sha256
 from chunkglm.maskers import MultiMapsMasker, save_timeseries, save_timeseries_to_store
 from chunkglm.maskers.outputs import atlas_label
+from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 STANDARDIZE_CHOICES = ("zscore_sample", "zscore", "psc", "none")
 
@@ -75,8 +88,23 @@ def add_parser(sub, add_common) -> None:
     cmd.add_argument("--to-store", action="store_true",
                      help="also write the (run, time, region) array to the store's timeseries/<atlas> "
                           "(default: TSV files only)")
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="replace another analysis of the same --atlas label in the output folder (its "
+                          "record desc-<atlas>_provenance.json states other options or maps): its files are "
+                          "removed once the new ones are written (default: refuse, nothing written; runs "
+                          "of the same analysis are always added or rewritten)")
     add_common(cmd)
     cmd.set_defaults(func=run)
+
+
+#: Options that select which runs are extracted, or where from: runs of one analysis may be
+#: extracted in several batches (other subjects, tasks, spaces) into one folder.
+SELECTION = frozenset({"input", "store", "subject", "task", "space", "to_store", "atlas", "maps"})
+
+
+def record_path(atlas: str) -> str:
+    """The atlas's provenance record, relative to the output folder."""
+    return f"desc-{atlas}_provenance.json"
 
 
 def _cohort(args, client, reporter):
@@ -129,7 +157,14 @@ def masker_for(args):
 def run(args) -> int:
     """Entry point of ``chunkglm extract``."""
     atlas_label(args.atlas)  # fail before any work
+    stopwatch = Stopwatch()
     reporter = Reporter(bars=not args.no_progress)
+    options = command_options(args)
+    maps = {"path": options["maps"], "sha256": file_sha256(args.maps) if Path(args.maps).is_file() else None}
+    relative = record_path(args.atlas)
+    replaced = check_folder(args.output_dir, [relative], {"options": options, "maps_sha256": maps["sha256"]},
+                            command="extract", overwrite=args.overwrite, extra=("maps_sha256",),
+                            run_only=RUN_ONLY | SELECTION)
     with cluster_client(args) as client:
         cohort = _cohort(args, client, reporter)
         nodes = _runs(args, cohort)
@@ -137,11 +172,30 @@ def run(args) -> int:
         masker = masker_for(args).fit(nodes)
         reporter.line(f"extracting {masker.n_elements_} region signals from {len(nodes)} run(s)")
         signals = masker.transform_to_xarray(nodes, confounds=_confounds(args, nodes))
+        cluster = cluster_summary(client)
     with source_datasets([args.input or args.store]):
         paths = save_timeseries(signals, args.output_dir, args.atlas)
     if args.to_store:
         store = args.store or args.input
         path = save_timeseries_to_store(signals, store, args.atlas, storage_for(args))
         reporter.line(f"wrote {path} into {store}")
+    written = [relative_output(p, args.output_dir) for p in paths]
+    outputs = [f for p in written for f in (p, p.removesuffix(".tsv") + ".json")]
+    for removed in remove_replaced(args.output_dir, replaced, outputs, relative):
+        reporter.line(f"removed {removed} (--overwrite: of the analysis replaced)")
+    outputs = _earlier_outputs(args.output_dir, relative, outputs) + outputs
+    write_output_record(args.output_dir, relative,
+                        record("extract", inputs=[maps], options=options, cluster=cluster, stopwatch=stopwatch,
+                               maps_sha256=maps["sha256"], outputs=outputs), storage_for(args))
     print(f"wrote {len(paths)} timeseries file(s) under {redact_url(str(args.output_dir))}")
     return 0
+
+
+def _earlier_outputs(output_dir, relative, outputs) -> list[str]:
+    """The files of earlier runs of the same analysis (other subjects, tasks...) still in the folder,
+    which the record keeps listing (after a replacement: none, its files are removed by then)."""
+    out = OutDir(output_dir)
+    listed = [p for p in (out.read_json(relative) or {}).get("outputs") or [] if isinstance(p, str)]
+    present = set(out.sizes(*{p.split("/")[0] for p in listed if "/" in p}))
+    present |= {p for p in listed if "/" not in p and out.fs.exists(out.path(p))}
+    return [p for p in listed if p in present and p not in outputs]

@@ -55,7 +55,7 @@ def _short(value) -> str:
 
 
 def check_folder(output_dir, record_paths, new: dict, *, command: str, overwrite: bool,
-                 extra=()) -> list[tuple[str, dict]]:
+                 extra=(), run_only=RUN_ONLY) -> list[tuple[str, dict]]:
     """The records of other analyses in ``output_dir`` (``[(relative path, record)]``), which
     ``--overwrite`` replaces; without it, InputError when there is one (nothing written yet).
 
@@ -74,15 +74,17 @@ def check_folder(output_dir, record_paths, new: dict, *, command: str, overwrite
         ``--overwrite`` was given.
     extra : sequence of str
         Top-level record fields compared besides the options (``inputs``, ``design``).
+    run_only : set of str
+        Options left out of the comparison (default :data:`RUN_ONLY`).
     """
     out = OutDir(output_dir)
-    wanted = analysis(new, extra=extra)
+    wanted = analysis(new, run_only, extra)
     others = []
     for relative in record_paths:
         found = out.read_json(relative)
         if found is None:
             continue
-        differences = _differences(analysis(found, extra=extra), wanted)
+        differences = _differences(analysis(found, run_only, extra), wanted)
         if differences:
             others.append((relative, found, differences))
     if others and not overwrite:
