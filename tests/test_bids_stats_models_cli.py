@@ -424,3 +424,35 @@ def test_maps_for_the_workers_are_staged_in_the_store_folder_and_removed(three_s
         assert path.parent.parent.parent == store / ".scratch" and path.parent.parent.name.startswith("chunkglm-app-")
         assert not [name for name in in_temp if name.startswith("chunkglm-")]  # nothing staged in TMPDIR
     assert not (store / ".scratch").exists()  # the run's folder and the killed run's removed
+
+
+def test_another_model_into_the_folder_is_refused_and_overwrite_replaces_it(one_run, tmp_path, capsys):
+    """OUTPUT_DIR holds one analysis: the same model again is allowed; another model (here its run
+    node renamed, so fitlins' node-<name>/ folder changes) is one line, nothing touched; --overwrite
+    leaves only the new model's files. Before, node-run/ stayed beside node-other/ and a record
+    describing the second model only."""
+    ds, model = one_run
+    out = tmp_path / "out"
+
+    def files():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
+                if p.is_file() and "cohort.zarr" not in p.parts}
+
+    assert _app(one_run, out, "--no-reports", "--cluster", "none") == 0
+    before = files()
+    assert EFFECT in before
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**RUN_MODEL, "Nodes": [{**RUN_MODEL["Nodes"][0], "Name": "other"}]}))
+    command = ["app", str(ds.root), str(out), "run", "--model", str(other), "--no-reports", "--cluster", "none"]
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "already holds another app analysis (app_provenance.json: " in err and "options.model:" in err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert files() == before
+    assert main([*command, "--overwrite"]) == 0
+    after = files()
+    record = json.loads(after["app_provenance.json"])
+    assert not [f for f in after if f.startswith("node-run/")]
+    assert {f for f in after if f.startswith("node-")} == {f for f in record["outputs"] if f.startswith("node-")}
+    assert any(f.startswith("node-other/") for f in after)

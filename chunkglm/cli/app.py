@@ -20,7 +20,10 @@
    Dataset glm nodes' t contrasts, :mod:`chunkglm.glm.stats_models.inference`) and an HTML page
    per run and node group under ``OUTPUT_DIR/reports/`` (unless ``--no-reports``), then a
    ``dataset_description.json`` and the provenance record
-   ``OUTPUT_DIR/app_provenance.json`` (last).
+   ``OUTPUT_DIR/app_provenance.json`` (last), listing every file of the folder's analysis.
+   An OUTPUT_DIR whose record states another model or other options (levels and
+   ``--participant-label`` batches aside) is refused before anything is read; ``--overwrite``
+   replaces it, its files removed once the new ones are written (:mod:`chunkglm.cli.replace`).
 
 The cluster: ``--cluster``/``--scheduler`` as every command; ``--nprocs``/``--mem`` (fitlins'
 ``--n-cpus``/``--mem-gb``) size the local one. ``-v``/``-q``: more or fewer lines.
@@ -50,6 +53,7 @@ from chunkglm.cli._common import (
     write_output_record,
 )
 from chunkglm.chunking import as_bytes
+from chunkglm.cli.replace import RUN_ONLY, check_folder, earlier_outputs, remove_replaced
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert, file_sha256
@@ -98,6 +102,11 @@ def add_parser(sub, add_common) -> None:
                           "under OUTPUT_DIR/reports/, with reports/index.html)")
     _add_permutation_options(cmd)
     add_chunk_mb(cmd)
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="replace another analysis already in OUTPUT_DIR (app_provenance.json states another "
+                          "model or other options): its files are removed once the new ones are written "
+                          "(default: refuse, nothing written; runs of the same analysis at other levels or "
+                          "for other participants are always added)")
     add_common(cmd)
     _add_size_and_verbosity(cmd)
     cmd.set_defaults(func=run)
@@ -199,6 +208,13 @@ def settle_sizes_and_verbosity(args) -> int:
     return level
 
 
+#: The provenance record, relative to OUTPUT_DIR; it lists every file of the folder's analysis.
+RECORD = "app_provenance.json"
+#: Options that split one analysis into batches (BIDS Apps' per-participant jobs, then the group
+#: level) or size its cluster: left out when an output folder's record is compared.
+BATCH = frozenset({"participant_label", "analysis_level", "nprocs", "memory"})
+
+
 def run(args) -> int:
     """Validate the model, convert the runs, run the model's nodes, write the derivatives."""
     # imported here, not with the parser: pybids (bids.modeling) takes 1-3 s to import, which
@@ -215,6 +231,12 @@ def run(args) -> int:
     store = args.store or str(Path(output_dir) / "cohort.zarr")
     subjects = participant_labels(args.participant_label)
     budget = command_budget(args)
+    inputs = [{"path": str(args.bids_dir)}, {"path": str(derivatives)}, {"path": str(store)}]
+    if args.model != "auto":
+        inputs.append({"path": path_value(args.model), "sha256": file_sha256(path_value(args.model))})
+    replaced = check_folder(output_dir, [RECORD], {"options": command_options(args), "inputs": inputs},
+                            command="app", overwrite=args.overwrite, extra=("inputs",),
+                            run_only=RUN_ONLY | BATCH)  # before the runs are converted
     with cluster_client(args, announce=level > -2) as client:
         convert(derivatives, store, task=args.task, space=args.space or None, subjects=subjects,
                 client=client, progress=None if args.no_progress else print_progress,
@@ -245,13 +267,13 @@ def run(args) -> int:
                 written += pages.written + ([index] if index else [])
         clusters = cluster_summary(client)
     _write_description(output_dir, args.bids_dir, derivatives)
-    inputs = [{"path": str(args.bids_dir)}, {"path": str(derivatives)}, {"path": str(store)}]
-    if args.model != "auto":
-        inputs.append({"path": path_value(args.model), "sha256": file_sha256(path_value(args.model))})
+    outputs = [relative_output(p, output_dir) for p in written]
+    for path in remove_replaced(output_dir, replaced, outputs, RECORD):
+        _line(f"removed {path} (--overwrite: of the analysis replaced)")
     content = record("app", inputs=inputs, options=command_options(args), cluster=clusters,
-                     stopwatch=stopwatch, outputs=[relative_output(p, output_dir) for p in written],
+                     stopwatch=stopwatch, outputs=earlier_outputs(output_dir, RECORD, outputs) + outputs,
                      model=model if isinstance(model, dict) else graph.model)
-    write_output_record(output_dir, "app_provenance.json", content)
+    write_output_record(output_dir, RECORD, content)
     if level > -2:
         print(f"{len(written)} file(s) written under {output_dir}")
     return 0

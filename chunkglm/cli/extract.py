@@ -35,8 +35,7 @@ from chunkglm.cli._common import (
     write_output_record,
 )
 from chunkglm.cli.progress import Reporter
-from chunkglm.cli.replace import RUN_ONLY, check_folder, remove_replaced
-from chunkglm.cli.resume import OutDir
+from chunkglm.cli.replace import RUN_ONLY, check_folder, earlier_outputs, remove_replaced
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert
@@ -183,19 +182,10 @@ def run(args) -> int:
     outputs = [f for p in written for f in (p, p.removesuffix(".tsv") + ".json")]
     for removed in remove_replaced(args.output_dir, replaced, outputs, relative):
         reporter.line(f"removed {removed} (--overwrite: of the analysis replaced)")
-    outputs = _earlier_outputs(args.output_dir, relative, outputs) + outputs
+    outputs = earlier_outputs(args.output_dir, relative, outputs) + outputs
     write_output_record(args.output_dir, relative,
                         record("extract", inputs=[maps], options=options, cluster=cluster, stopwatch=stopwatch,
                                maps_sha256=maps["sha256"], outputs=outputs), storage_for(args))
     print(f"wrote {len(paths)} timeseries file(s) under {redact_url(str(args.output_dir))}")
     return 0
 
-
-def _earlier_outputs(output_dir, relative, outputs) -> list[str]:
-    """The files of earlier runs of the same analysis (other subjects, tasks...) still in the folder,
-    which the record keeps listing (after a replacement: none, its files are removed by then)."""
-    out = OutDir(output_dir)
-    listed = [p for p in (out.read_json(relative) or {}).get("outputs") or [] if isinstance(p, str)]
-    present = set(out.sizes(*{p.split("/")[0] for p in listed if "/" in p}))
-    present |= {p for p in listed if "/" not in p and out.fs.exists(out.path(p))}
-    return [p for p in listed if p in present and p not in outputs]

@@ -92,7 +92,7 @@ def check_folder(output_dir, record_paths, new: dict, *, command: str, overwrite
         shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
         raise InputError(f"{out.url} already holds another {command} analysis ({relative}: {shown}). Nothing "
                          "was written. Pass --overwrite to replace it (its files are removed once the new "
-                         "results are written), or choose another -o/--output-dir.")
+                         "results are written), or choose another output folder.")
     return [(relative, found) for relative, found, _ in others]
 
 
@@ -111,3 +111,14 @@ def remove_replaced(output_dir, replaced, new_outputs, new_record: str) -> list[
             out.remove(path)
             removed.append(path)
     return removed
+
+
+def earlier_outputs(output_dir, record_path: str, outputs) -> list[str]:
+    """The files an existing record at ``record_path`` lists that are still in the folder and not
+    in ``outputs``: those of earlier runs of the same analysis over other subjects (the record keeps
+    listing them); after a replacement, none (:func:`remove_replaced` removed them by then)."""
+    out = OutDir(output_dir)
+    listed = [p for p in (out.read_json(record_path) or {}).get("outputs") or [] if isinstance(p, str)]
+    present = set(out.sizes(*{p.split("/")[0] for p in listed if "/" in p}))
+    present |= {p for p in listed if "/" not in p and out.fs.exists(out.path(p))}
+    return [p for p in listed if p in present and p not in set(outputs)]
