@@ -58,7 +58,8 @@ from chunkglm.errors import InputError
 from chunkglm.io.cohort import open_cohort
 from chunkglm.io.convert import convert, file_sha256
 from chunkglm.io.derivatives import StagedOutput, dataset_description, write_json
-from chunkglm.io.layout import is_url
+from chunkglm.io import locks
+from chunkglm.io.layout import is_url, open_root
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
 #: The store's subfolder of the model runs' staged maps (see _scratch_dir).
@@ -270,10 +271,9 @@ def run(args) -> int:
     outputs = [relative_output(p, output_dir) for p in written]
     for path in remove_replaced(output_dir, replaced, outputs, RECORD):
         _line(f"removed {path} (--overwrite: of the analysis replaced)")
-    content = record("app", inputs=inputs, options=command_options(args), cluster=clusters,
-                     stopwatch=stopwatch, outputs=earlier_outputs(output_dir, RECORD, outputs) + outputs,
-                     model=model if isinstance(model, dict) else graph.model)
-    write_output_record(output_dir, RECORD, content)
+    merge_record(output_dir, store, outputs, lambda listed: record(
+        "app", inputs=inputs, options=command_options(args), cluster=clusters, stopwatch=stopwatch,
+        outputs=listed, model=model if isinstance(model, dict) else graph.model))
     if level > -2:
         print(f"{len(written)} file(s) written under {output_dir}")
     return 0
@@ -325,6 +325,24 @@ def _folders(args):
         raise InputError(f"the derivatives folder {derivatives} does not exist: give the fMRIPrep output "
                          "folder with --derivatives.")
     return args.output_dir, derivatives
+
+
+#: Seconds a run waits for another run of the analysis to finish merging its files into the record.
+RECORD_WAIT_SECONDS = 300.0
+
+
+def merge_record(output_dir, store, outputs, make_record) -> None:
+    """Write OUTPUT_DIR's record listing ``outputs`` and the files earlier batches of the analysis
+    listed (``make_record(listed) -> dict``), under the cohort store's lock.
+
+    BIDS Apps run participants as parallel jobs (a SLURM array) into one OUTPUT_DIR; each reads the
+    record, adds its files and rewrites it. The store's lock (``_locks/store--app-record``: the jobs
+    share the store they convert into) makes that read-merge-write one at a time, so no job's files
+    drop out of the record.
+    """
+    with locks.node_lock(open_root(store, mode="a"), "store", "app-record", wait=RECORD_WAIT_SECONDS):
+        write_output_record(output_dir, RECORD, make_record(earlier_outputs(output_dir, RECORD, outputs)
+                                                            + list(outputs)))
 
 
 def _write_description(output_dir, bids_dir, derivatives) -> None:
