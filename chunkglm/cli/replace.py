@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from chunkglm.cli.resume import OutDir
+from chunkglm.cli.resume import OutDir, differences
 from chunkglm.errors import InputError
 from chunkglm.provenance import strip_secrets
 
@@ -35,23 +35,6 @@ def analysis(record: dict, run_only=RUN_ONLY, extra=()) -> dict:
     options = {k: v for k, v in (record.get("options") or {}).items() if k not in run_only}
     content = {"options": options, **{k: record.get(k) for k in extra}}
     return json.loads(json.dumps(strip_secrets(content), default=str))
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    found = []
-    for section in sorted(set(old) | set(new)):
-        before, now = old.get(section), new.get(section)
-        if isinstance(before, dict) and isinstance(now, dict):
-            found += [f"{section}.{key}: {_short(before.get(key))} there, {_short(now.get(key))} now"
-                      for key in sorted(set(before) | set(now), key=str) if before.get(key) != now.get(key)]
-        elif before != now:
-            found.append(f"{section}: {_short(before)} there, {_short(now)} now")
-    return found
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_folder(output_dir, record_paths, new: dict, *, command: str, overwrite: bool,
@@ -84,12 +67,12 @@ def check_folder(output_dir, record_paths, new: dict, *, command: str, overwrite
         found = out.read_json(relative)
         if found is None:
             continue
-        differences = _differences(analysis(found, run_only, extra), wanted)
-        if differences:
-            others.append((relative, found, differences))
+        changed = differences(analysis(found, run_only, extra), wanted)
+        if changed:
+            others.append((relative, found, changed))
     if others and not overwrite:
-        relative, _, differences = others[0]
-        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        relative, _, changed = others[0]
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise InputError(f"{out.url} already holds another {command} analysis ({relative}: {shown}). Nothing "
                          "was written. Pass --overwrite to replace it (its files are removed once the new "
                          "results are written), or choose another output folder.")

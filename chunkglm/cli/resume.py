@@ -177,23 +177,32 @@ def subject_state(out: OutDir, subject: str, task: str, identity: dict) -> Subje
         analysis = record.get("analysis", {})
         if "outputs" in identity and isinstance(analysis, dict):  # a record of before --layout
             analysis = {"outputs": OLD_OUTPUTS, **analysis}
-        differences = _differences(analysis, identity)
-        if differences:  # even if some of its files are gone: never mix two analyses
-            return SubjectState(subject, "conflict", record, differences)
+        found = differences(analysis, identity)
+        if found:  # even if some of its files are gone: never mix two analyses
+            return SubjectState(subject, "conflict", record, found)
         outputs = record.get("outputs") or []
         if outputs and all(present.get(o["path"]) == o["size"] for o in outputs):
             return SubjectState(subject, "complete", record)
     return SubjectState(subject, "partial" if present else "new", record)
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new), key=str)
-    return [f"{key}: {_short(old.get(key))} there, {_short(new.get(key))} now"
-            for key in keys if old.get(key) != new.get(key)]
+def differences(old: dict, new: dict) -> list[str]:
+    """``key: <old> there, <new> now`` for each key whose value differs between two records'
+    analyses; a key holding a dict on both sides (``options``) is compared key by key
+    (``options.noise_model: ...``)."""
+    found = []
+    for key in sorted(set(old) | set(new), key=str):
+        before, now = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            found += [f"{key}.{inner}: {_short(before.get(inner))} there, {_short(now.get(inner))} now"
+                      for inner in sorted(set(before) | set(now), key=str) if before.get(inner) != now.get(inner)]
+        elif before != now:
+            found.append(f"{key}: {_short(before)} there, {_short(now)} now")
+    return found
 
 
 def _short(value) -> str:
-    text = json.dumps(value)
+    text = json.dumps(value, default=str)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
