@@ -295,6 +295,10 @@ def test_workers_sizes_the_local_cluster(tiny_bids, tmp_path, capsys, monkeypatc
     (["meta", "--estimator", "Hedges", "--table", "t", "-o", "o", "--n-iters", "0"], "argument --n-iters: a whole"),
     (["extract", "in", "--maps", "m", "--atlas", "a", "-o", "o", "--t-r", "0"], "argument --t-r: a number > 0"),
     (["report", "d", "--alpha", "0"], "argument --alpha: a p-value"),
+    # a list option takes every value after it: the positional it swallowed is named as the cause
+    (["second-level", "--mask", "m.nii.gz", "in", "-o", "o"], "input; --mask took every value after it: put the "
+     "positional arguments first, or end the list with --"),
+    (["second-level", "-o", "o"], "arguments are required: input (see"),
 ])
 def test_a_bad_option_value_is_a_one_line_usage_error(argv, message, capsys):
     """Issue 18 item 8's user errors that the command line can tell at once (they were tracebacks or

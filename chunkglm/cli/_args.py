@@ -32,9 +32,25 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._arguments = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         """One line (no usage block), exit status 2."""
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}{self._list_hint(message)} (see {self.prog} --help)\n")
+
+    def _list_hint(self, message) -> str:
+        """A missing positional after a list option (``--mask m.nii INPUT``): the list took it."""
+        if not message.startswith("the following arguments are required"):
+            return ""
+        given = set(getattr(self, "_arguments", ()))
+        lists = [action.option_strings[-1] for action in self._actions
+                 if action.option_strings and action.nargs in ("+", "*") and given & set(action.option_strings)]
+        if not lists:
+            return ""
+        return (f"; {', '.join(lists)} took every value after {'them' if len(lists) > 1 else 'it'}: put the "
+                f"positional arguments first, or end the list with --")
 
 
 class HelpFormatter(argparse.HelpFormatter):
