@@ -1,7 +1,9 @@
 """The shortcuts the surface paths take past nibabel's slow steps give nibabel's results.
 
-- ``cifti_image``: a Cifti2Image equal (values, CIFTI and NIfTI headers, written
-  file) to ``Cifti2Image(rows, header)``, with its own header copy;
+- ``cifti_header`` / ``cifti_image``: a header built from the brain-model arrays
+  equal to ``Cifti2Header.from_axes`` (its own index lists), an image equal (values,
+  CIFTI and NIfTI headers, written file) to ``Cifti2Image(rows, header)``;
+- CIFTI grids: nibabel's axis built only when asked, grid ids unchanged;
 - GIFTI runs read into one (time, vertex) array: the values nibabel parses, in
   the grid's order, for one data array per volume and one 2-D array;
 - ``_structures``: nibabel's ``iter_structures`` names and counts;
@@ -10,19 +12,18 @@
 
 from __future__ import annotations
 
-import pickle
+import gc
 import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
-from nibabel.cifti2 import BrainModelAxis, Cifti2Header, Cifti2Image, ScalarAxis
+from nibabel.cifti2 import BrainModelAxis, Cifti2Header, Cifti2Image, ScalarAxis, SeriesAxis
 from nilearn.surface import InMemoryMesh, PolyMesh
 
 from chunkglm.errors import InputError
-from chunkglm.glm.first_level.surface_inputs import cifti_image
-from chunkglm.io.surface import gifti_image
-from chunkglm.io.surface_convert import _structures, any_finite, from_gifti
+from chunkglm.io.surface import BrainModels, cifti_header, cifti_image, gifti_image
+from chunkglm.io.surface_convert import _structures, any_finite, convert_surface_runs, from_gifti, to_cifti
 
 
 def _axis():
@@ -34,25 +35,71 @@ def _axis():
             + BrainModelAxis.from_mask(block, "ThalamusLeft", affine=np.diag([2.0, 2.0, 2.0, 1.0])))
 
 
-def test_cifti_image_equals_nibabels(tmp_path):
-    axis = _axis()
-    header = Cifti2Header.from_axes((ScalarAxis(["z", "t"]), axis))
+def _split_axis():
+    """_axis() and a second run of CortexLeft after the voxels (two BrainModels of one structure)."""
+    left = np.zeros(40, dtype=bool)
+    left[1::3] = True
+    return _axis() + BrainModelAxis.from_mask(left, "CortexLeft")
+
+
+def _arrays(axis) -> BrainModels:
+    """The axis as arrays only (no nibabel axis kept): what read_grid gives."""
+    return BrainModels(np.asarray(axis.name), axis.vertex, axis.voxel, axis.affine, axis.volume_shape,
+                       dict(axis.nvertices))
+
+
+@pytest.mark.parametrize("make", [_axis, _split_axis, lambda: _axis()[:27], lambda: _axis()[27:]],
+                         ids=["cortex+voxels", "split-structure", "surface-only", "voxels-only"])
+def test_cifti_header_and_image_equal_nibabels(tmp_path, make):
+    axis = make()
+    first = ScalarAxis(["z", "t"])
+    want_header = Cifti2Header.from_axes((first, axis))
     rows = np.random.default_rng(0).standard_normal((2, len(axis)))
-    for given in (header, pickle.dumps(header)):
-        want = Cifti2Image(rows, header)  # fresh: writing a Cifti2Image sets its NIfTI intent
+    for models in (_arrays(axis), BrainModels.from_axis(axis)):
+        header = cifti_header(first, models)
+        assert header.to_xml() == want_header.to_xml()
+        assert header.get_axis(1) == axis and header.get_axis(0) == first
+        want = Cifti2Image(rows, want_header)  # fresh: writing a Cifti2Image sets its NIfTI intent
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # nibabel warns when a header does not fit the data
-            got = cifti_image(rows, given)
-        assert got.header is not header and got.header.to_xml() == want.header.to_xml()
+            got = cifti_image(rows, header)
+        assert got.header is header and got.header.to_xml() == want.header.to_xml()
         assert got.nifti_header.binaryblock == want.nifti_header.binaryblock
         assert np.array_equal(np.asarray(got.dataobj), rows) and got.shape == want.shape
-        assert got.header.get_axis(1) == axis and got.header.get_axis(0) == header.get_axis(0)
         want.to_filename(tmp_path / "want.dscalar.nii")
         got.to_filename(tmp_path / "got.dscalar.nii")
         assert (tmp_path / "got.dscalar.nii").read_bytes() == (tmp_path / "want.dscalar.nii").read_bytes()
-    edited = cifti_image(rows, header)
-    edited.header.matrix.get_index_map(1)[0].vertex_indices[0] = 39  # its own copy: the source is unchanged
-    assert header.get_axis(1) == axis
+    models = _arrays(axis)
+    one, other = cifti_header(first, models), cifti_header(first, models)
+    model = next(iter(one.matrix.get_index_map(1).brain_models))
+    indices = model.vertex_indices if model.vertex_indices is not None else model.voxel_indices_ijk
+    indices[0] = 39 if model.vertex_indices is not None else [9, 9, 9]  # each header its own lists
+    assert other.to_xml() == want_header.to_xml() and models.axis == axis
+    assert gc.isenabled()  # the collector paused while building is on again
+
+
+def test_cifti_grid_keeps_its_id_and_builds_nibabels_axis_only_when_asked(tmp_path):
+    """A CIFTI grid read back from the store holds arrays, nibabel's axis built on first use and
+    equal to the converted one; grid ids are those chunkglm gave before BrainModels (pinned: stores
+    converted earlier keep their grid and runs)."""
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.io.surface import SurfaceGrid
+
+    for axis, pinned in ((_axis(), "fsLR_759849927078"), (_split_axis(), "fsLR_9ea9a6a60556")):
+        grid = SurfaceGrid("cifti", (("x", len(axis)),), np.arange(len(axis)) % 4 != 0, "fsLR", {},
+                           BrainModels.from_axis(axis))
+        assert grid.grid_id == pinned and grid.brain_models is axis
+    values = np.random.default_rng(5).standard_normal((3, len(axis))).astype(np.float32)
+    path = tmp_path / "run.dtseries.nii"
+    Cifti2Image(values, Cifti2Header.from_axes((SeriesAxis(0.0, 2.0, 3), axis))).to_filename(path)
+    convert_surface_runs(str(path), tmp_path / "s.zarr", space="fsLR")
+    node = next(iter(open_cohort(tmp_path / "s.zarr").runs.values()))
+    read = node.grid
+    assert "axis" not in vars(read.cifti) and read.parts == _structures(axis)
+    assert read.brain_models == axis and read.grid_id == node.attrs["grid_id"]
+    assert np.array_equal(to_cifti(node).dataobj, values)
+    with pytest.raises(InputError, match="received BrainModelAxis"):
+        SurfaceGrid("cifti", (("x", len(axis)),), np.ones(len(axis), dtype=bool), "fsLR", {}, axis)
 
 
 def _mesh(n_left, n_right):

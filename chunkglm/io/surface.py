@@ -12,7 +12,10 @@ grid's elements in a fixed order, restricted to its mask:
   (cortex vertices and subcortical voxels as one axis), the axis kept whole
   (structure name, vertex, voxel indices, volume affine and shape, vertices
   per surface structure) so ``nibabel.cifti2.BrainModelAxis`` comes back
-  equal.
+  equal. It is held as arrays (:class:`BrainModels`): nibabel's axis, whose
+  constructor checks each of ~10^5 structure names one by one, is built only
+  where asked for, and CIFTI headers are built from the arrays
+  (:func:`cifti_header`, :func:`cifti_image`).
 
 Layout of a surface grid node::
 
@@ -31,8 +34,10 @@ node without ``grid_kind`` is a volume. :func:`read_grid` reads either.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -42,13 +47,159 @@ from chunkglm.errors import InputError, StoreError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 
-__all__ = ["GRID_KINDS", "MESH_PARTS", "SurfaceGrid", "gifti_image", "grid_kind", "read_grid", "write_grid",
-           "write_element_coordinates"]
+__all__ = ["GRID_KINDS", "MESH_PARTS", "BrainModels", "SurfaceGrid", "cifti_header", "cifti_image", "gifti_image",
+           "grid_kind", "read_grid", "write_grid", "write_element_coordinates"]
 
 #: What a store grid may be.
 GRID_KINDS = ("volume", "mesh", "cifti")
 #: The parts of a mesh grid, in element order (nilearn's ``PolyMesh`` parts).
 MESH_PARTS = ("left", "right")
+
+
+@dataclass(frozen=True, eq=False)
+class BrainModels:
+    """A CIFTI-2 brain-model axis as arrays, every element (a grid's mask aside).
+
+    ``nibabel.cifti2.BrainModelAxis`` checks its structure names one by one
+    (~0.15 s on a 91k axis), and its ``to_mapping`` fills the header's index
+    lists one element at a time (~0.3 s): both are left to where they are
+    needed (:attr:`axis`), the store and the headers use the arrays.
+
+    Attributes
+    ----------
+    structure : ndarray of str, shape (n_elements,)
+        Each element's CIFTI brain structure (``CIFTI_STRUCTURE_CORTEX_LEFT``...), as nibabel
+        names them.
+    vertex : ndarray of int64, shape (n_elements,)
+        Surface elements: the vertex index (-1 for voxels).
+    ijk : ndarray of int64, shape (n_elements, 3)
+        Voxel elements: the voxel indices (-1 for vertices).
+    affine : ndarray, shape (4, 4), or None
+        Voxel indices to mm (None without voxels).
+    volume_shape : tuple of 3 int, or None
+    nvertices : dict
+        Surface structure -> vertices of its surface.
+    """
+
+    structure: np.ndarray
+    vertex: np.ndarray
+    ijk: np.ndarray
+    affine: np.ndarray | None
+    volume_shape: tuple | None
+    nvertices: dict
+
+    @classmethod
+    def from_axis(cls, axis) -> BrainModels:
+        """The arrays of a ``BrainModelAxis``, which :attr:`axis` then returns (the same object)."""
+        models = cls(np.asarray(axis.name, dtype=str), np.asarray(axis.vertex, dtype=np.int64),
+                     np.asarray(axis.voxel, dtype=np.int64), axis.affine, axis.volume_shape,
+                     dict(axis.nvertices))
+        models.__dict__["axis"] = axis  # cached_property's slot: no rebuild
+        return models
+
+    def __len__(self) -> int:
+        return int(self.structure.shape[0])
+
+    @cached_property
+    def axis(self):
+        """nibabel's ``BrainModelAxis`` of these arrays (built on first use)."""
+        from nibabel.cifti2 import BrainModelAxis
+
+        affine = None if self.affine is None else np.asarray(self.affine)
+        shape = None if self.volume_shape is None else tuple(int(n) for n in self.volume_shape)
+        return BrainModelAxis(self.structure, voxel=self.ijk, vertex=self.vertex, affine=affine,
+                              volume_shape=shape, nvertices=dict(self.nvertices))
+
+    @cached_property
+    def structures(self) -> tuple:
+        """(name, start, stop) of each run of one structure, in element order (nibabel's
+        ``iter_structures``)."""
+        names = self.structure
+        starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.array([], int)
+        stops = np.r_[starts[1:], len(names)]
+        return tuple((str(names[a]), int(a), int(b)) for a, b in zip(starts, stops))
+
+    def to_mapping(self, dim: int):
+        """The brain-model ``Cifti2MatrixIndicesMap`` of dimension ``dim``, equal to nibabel's
+        ``BrainModelAxis.to_mapping`` (one BrainModel per run of one structure: a surface one when
+        the structure has a vertex count, else voxels), each index list filled in one go."""
+        from nibabel import cifti2
+
+        mim = cifti2.Cifti2MatrixIndicesMap([dim], "CIFTI_INDEX_TYPE_BRAIN_MODELS")
+        with gc_paused():  # a list per voxel: ~10x the time with the collector on (scans of all objects)
+            self._fill(mim)
+        return mim
+
+    def _fill(self, mim) -> None:
+        from nibabel import cifti2
+
+        for name, start, stop in self.structures:
+            surface = name in self.nvertices
+            if not surface and mim.volume is None:
+                transform = cifti2.Cifti2TransformationMatrixVoxelIndicesIJKtoXYZ(-3, np.asarray(self.affine))
+                mim.volume = cifti2.Cifti2Volume(tuple(int(n) for n in self.volume_shape), transform)
+            mim.append(cifti2.Cifti2BrainModel(
+                start, stop - start, "CIFTI_MODEL_TYPE_SURFACE" if surface else "CIFTI_MODEL_TYPE_VOXELS",
+                name, self.nvertices[name] if surface else None,
+                None if surface else _filled(cifti2.Cifti2VoxelIndicesIJK, self.ijk[start:stop].tolist()),
+                _filled(cifti2.Cifti2VertexIndices, self.vertex[start:stop].tolist()) if surface else None))
+
+
+@contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off inside (restored as it was after).
+
+    Building ~10^5 small lists (a CIFTI header's voxel indices) triggers collections that each
+    scan every object of the process (~4*10^5 in a fit): 0.04 s per 91k header with the
+    collector on, 0.004 s without. The lists hold no cycles: nothing is left for it to find."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _filled(kind, values: list):
+    """A nibabel index list (``Cifti2VertexIndices``, ``Cifti2VoxelIndicesIJK``) holding ``values``,
+    Python ints as its ``insert`` stores them: set in one go, where its constructor inserts and
+    checks one element at a time (~4 µs each). nibabel 5 keeps them in ``_indices``; the headers
+    built so are compared with nibabel's own in tests/test_surface_fast_paths.py."""
+    indices = kind()
+    indices._indices = values
+    return indices
+
+
+def cifti_header(axis, models: BrainModels):
+    """``Cifti2Header.from_axes((axis, models.axis))``, the brain models built from the arrays: a
+    new header, its own index lists. ``axis``: the first dimension's nibabel axis (``ScalarAxis``,
+    ``SeriesAxis``)."""
+    from nibabel.cifti2 import Cifti2Header, Cifti2Matrix
+
+    matrix = Cifti2Matrix()
+    matrix.append(axis.to_mapping(0))
+    matrix.append(models.to_mapping(1))
+    return Cifti2Header(matrix)
+
+
+def cifti_image(rows: np.ndarray, header):
+    """``nibabel.cifti2.Cifti2Image(rows, header)`` without its costs on a large brain-model axis,
+    ``header`` (a ``Cifti2Header`` made for this image, e.g. by :func:`cifti_header`) handed to
+    the image as it is, not copied.
+
+    nibabel's constructor deep-copies the header (~0.25 s on a 91k axis) and checks that its axes
+    fit the data by rebuilding the brain-model axis (``get_data_shape``, ~0.5 s): the image is
+    made on a small stand-in header of the same shape (two series axes, cheap to build, copy and
+    check) whose place ``header`` then takes. Equal to nibabel's image, values, headers and
+    written file (tests/test_surface_fast_paths.py)."""
+    from nibabel.cifti2 import Cifti2Image, SeriesAxis
+
+    stand_in = (SeriesAxis(0.0, 1.0, rows.shape[0]), SeriesAxis(0.0, 1.0, rows.shape[1]))
+    img = Cifti2Image(rows, stand_in)
+    img._header = header
+    img.update_headers()
+    return img
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,8 +218,9 @@ class SurfaceGrid:
         The template space (``fsaverage5``, ``fsLR``), for the grid id and outputs.
     meshes : dict
         Mesh grids: part -> (coordinates (n, 3), faces (m, 3)) arrays.
-    brain_models : nibabel.cifti2.BrainModelAxis or None
-        CIFTI grids: the whole brain-model axis (every element, mask aside).
+    cifti : BrainModels or None
+        CIFTI grids: the whole brain-model axis as arrays (every element, mask aside);
+        :attr:`brain_models` is nibabel's axis of it.
     """
 
     kind: str
@@ -76,11 +228,14 @@ class SurfaceGrid:
     mask: np.ndarray
     space: str = ""
     meshes: dict = field(default_factory=dict)
-    brain_models: object = None
+    cifti: BrainModels | None = None
 
     def __post_init__(self):
         if self.kind not in ("mesh", "cifti"):
             raise InputError(f"a surface grid is a 'mesh' or 'cifti' grid; received kind {self.kind!r}.")
+        if self.cifti is not None and not isinstance(self.cifti, BrainModels):
+            raise InputError(f"a CIFTI grid's brain models are a chunkglm.io.surface.BrainModels (from a "
+                             f"nibabel axis: BrainModels.from_axis(axis)); received {type(self.cifti).__name__}.")
         total = sum(n for _, n in self.parts)
         if self.mask.shape != (total,):
             raise InputError(f"the surface grid's mask has shape {self.mask.shape}; its parts "
@@ -95,6 +250,11 @@ class SurfaceGrid:
     def shape(self) -> tuple[int]:
         """(n_elements,): every element of the grid, stored or not."""
         return (int(self.mask.shape[0]),)
+
+    @property
+    def brain_models(self):
+        """CIFTI grids: nibabel's ``BrainModelAxis`` of every element (built on first use); else None."""
+        return None if self.cifti is None else self.cifti.axis
 
     @property
     def n_voxels(self) -> int:
@@ -128,11 +288,11 @@ class SurfaceGrid:
             for array in self.meshes[part]:
                 array = np.ascontiguousarray(array)
                 digest.update(f"{part}{array.dtype.str}{array.shape}".encode() + array.tobytes())
-        for array in _cifti_arrays(self.brain_models).values():
+        for array in _cifti_arrays(self.cifti).values():
             digest.update(np.ascontiguousarray(array).astype(str).tobytes() if array.dtype == object
                           else np.ascontiguousarray(array).tobytes())
-        if self.brain_models is not None:
-            digest.update(repr(_cifti_attrs(self.brain_models)).encode())
+        if self.cifti is not None:
+            digest.update(repr(_cifti_attrs(self.cifti)).encode())
         digest.update(np.packbits(self.mask).tobytes())
         prefix = re.sub(r"[^A-Za-z0-9]", "", self.space) or self.kind
         return f"{prefix}_{digest.hexdigest()[:12]}"
@@ -142,7 +302,7 @@ class SurfaceGrid:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != self.shape:
             raise InputError(f"a mask of this grid has {self.shape[0]} elements; received shape {mask.shape}.")
-        return SurfaceGrid(self.kind, self.parts, mask, self.space, self.meshes, self.brain_models)
+        return SurfaceGrid(self.kind, self.parts, mask, self.space, self.meshes, self.cifti)
 
 
 def grid_kind(grid) -> str:
@@ -150,29 +310,27 @@ def grid_kind(grid) -> str:
     return getattr(grid, "kind", "volume") if isinstance(grid, SurfaceGrid) else "volume"
 
 
-def _cifti_arrays(axis) -> dict[str, np.ndarray]:
-    if axis is None:
+def _cifti_arrays(models: BrainModels | None) -> dict[str, np.ndarray]:
+    if models is None:
         return {}
-    return {"cifti_structure": np.asarray(axis.name, dtype=str).astype(object),
-            "cifti_vertex": np.asarray(axis.vertex, dtype=np.int64),
-            "cifti_ijk": np.asarray(axis.voxel, dtype=np.int64)}
+    return {"cifti_structure": models.structure.astype(object), "cifti_vertex": models.vertex,
+            "cifti_ijk": models.ijk}
 
 
-def _cifti_attrs(axis) -> dict:
-    return {"affine": None if axis.affine is None else np.asarray(axis.affine, dtype=float).tolist(),
-            "volume_shape": None if axis.volume_shape is None else [int(n) for n in axis.volume_shape],
-            "nvertices": {str(k): int(v) for k, v in axis.nvertices.items()}}
+def _cifti_attrs(models: BrainModels) -> dict:
+    return {"affine": None if models.affine is None else np.asarray(models.affine, dtype=float).tolist(),
+            "volume_shape": None if models.volume_shape is None else [int(n) for n in models.volume_shape],
+            "nvertices": {str(k): int(v) for k, v in models.nvertices.items()}}
 
 
-def _brain_models(arrays: dict, attrs: dict):
-    from nibabel.cifti2 import BrainModelAxis
-
+def _brain_models(arrays: dict, attrs: dict) -> BrainModels:
     affine = None if attrs["affine"] is None else np.asarray(attrs["affine"])
     shape = None if attrs["volume_shape"] is None else tuple(attrs["volume_shape"])
-    names = np.array([str(name) for name in arrays["cifti_structure"]])  # zarr's StringDType -> str
-    return BrainModelAxis(names, voxel=arrays["cifti_ijk"],
-                          vertex=arrays["cifti_vertex"], affine=affine, volume_shape=shape,
-                          nvertices=dict(attrs["nvertices"]))
+    stored = np.asarray(arrays["cifti_structure"])  # zarr's StringDType: -> str by runs of one name
+    starts = np.flatnonzero(np.r_[True, stored[1:] != stored[:-1]]) if len(stored) else np.array([], int)
+    names = np.repeat(np.array([str(stored[i]) for i in starts], dtype=str), np.diff(np.r_[starts, len(stored)]))
+    return BrainModels(names, np.asarray(arrays["cifti_vertex"], dtype=np.int64),
+                       np.asarray(arrays["cifti_ijk"], dtype=np.int64), affine, shape, dict(attrs["nvertices"]))
 
 
 # -- store I/O --------------------------------------------------------------------------------
@@ -215,13 +373,13 @@ def _write_surface_grid(root, grid: SurfaceGrid) -> None:
         st.write_array(group, f"coordinates_{part}", np.asarray(coordinates), (f"vertex_{part}", "xyz"))
         st.write_array(group, f"faces_{part}", np.asarray(faces), (f"face_{part}", "corner"))
     dims = {"cifti_ijk": ("element", "ijk")}
-    for name, array in _cifti_arrays(grid.brain_models).items():
+    for name, array in _cifti_arrays(grid.cifti).items():
         st.write_array(group, name, array, dims.get(name, ("element",)))
     attrs = {"grid_kind": grid.kind, "parts": [[str(p), int(n)] for p, n in grid.parts],
              "space": grid.space, "n_voxels": grid.n_voxels, "meshes": sorted(grid.meshes),
              "shape": list(grid.shape)}
-    if grid.brain_models is not None:
-        attrs["cifti"] = _cifti_attrs(grid.brain_models)
+    if grid.cifti is not None:
+        attrs["cifti"] = _cifti_attrs(grid.cifti)
     st.finish_node(group, attrs, {"kind": "grid"})
 
 

@@ -38,7 +38,8 @@ from chunkglm.errors import ConversionError, InputError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 from chunkglm.io.preprocess import SpatialPreprocessing
-from chunkglm.io.surface import MESH_PARTS, SurfaceGrid, gifti_image, write_element_coordinates, write_grid
+from chunkglm.io.surface import (MESH_PARTS, BrainModels, SurfaceGrid, cifti_header, cifti_image, gifti_image,
+                                  write_element_coordinates, write_grid)
 from chunkglm.io.write_run import write_events, write_rows
 from chunkglm.provenance import Stopwatch, cluster_summary, record
 
@@ -318,7 +319,7 @@ def from_cifti(path, space, maps=False) -> SurfaceRun:
         raise InputError(f"{path} is not a CIFTI-2 {what}; its axes are {[type(a).__name__ for a in axes]}.")
     models = axes[1]
     parts = _structures(models)
-    grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, models)
+    grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, BrainModels.from_axis(models))
     if maps:
         source = {"files": [_file_source(path)]} if filename else _memory_source(dataobj)
         return SurfaceRun(grid, dataobj, None, source,
@@ -676,7 +677,7 @@ def to_cifti(node, path=None):
     """A CIFTI-grid run as a CIFTI-2 dense series (time, grayordinates) float32, its brain-model
     axis and series timing as converted (a map collection: a dense scalar file, one map per image,
     named by the image ids); written to ``path`` when given."""
-    from nibabel.cifti2 import Cifti2Header, Cifti2Image, ScalarAxis, SeriesAxis
+    from nibabel.cifti2 import ScalarAxis, SeriesAxis
 
     grid = node.grid
     if grid.kind != "cifti":
@@ -685,14 +686,14 @@ def to_cifti(node, path=None):
     full = _full_values(node)
     if node.kind == "maps":
         names = [str(v) for v in node.cohort.root[node.data_path]["image"][...]]
-        img = Cifti2Image(np.ascontiguousarray(full.T), Cifti2Header.from_axes((ScalarAxis(names), grid.brain_models)))
+        img = cifti_image(np.ascontiguousarray(full.T), cifti_header(ScalarAxis(names), grid.cifti))
         if path is not None:
             img.to_filename(str(path))
         return img
     series = dict(dict(node.attrs.get(st.ATTR, {})).get("cifti") or {})
     axis = SeriesAxis(series.get("start", 0.0), series.get("step", node.attrs.get("RepetitionTime") or 1.0),
                       full.shape[1], series.get("unit", "SECOND"))
-    img = Cifti2Image(np.ascontiguousarray(full.T), Cifti2Header.from_axes((axis, grid.brain_models)))
+    img = cifti_image(np.ascontiguousarray(full.T), cifti_header(axis, grid.cifti))
     if path is not None:
         img.to_filename(str(path))
     return img

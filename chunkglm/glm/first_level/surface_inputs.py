@@ -14,8 +14,6 @@ for k volumes).
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 from nilearn._utils.masker_validation import check_compatibility_mask_and_images
 from nilearn.maskers import SurfaceMasker
@@ -25,10 +23,10 @@ from nilearn.surface.utils import check_polymesh_equal
 
 from chunkglm.errors import InputError
 from chunkglm.io.cohort import Node
-from chunkglm.io.surface import SurfaceGrid
+from chunkglm.io.surface import SurfaceGrid, cifti_header, cifti_image
 from chunkglm.io.surface_convert import is_surface_input
 
-__all__ = ["check_surface_inputs", "cifti_image", "elements_image", "is_surface_fit", "surface_mask"]
+__all__ = ["check_surface_inputs", "elements_image", "is_surface_fit", "surface_mask"]
 
 
 def is_surface_fit(items, mask_img) -> bool:
@@ -109,53 +107,16 @@ def elements_image(grid: SurfaceGrid, values, selected=None, dtype=np.float64):
     return SurfaceImage(_polymesh(grid), {part: full[slices[part]] for part, _ in grid.parts})
 
 
-#: CIFTI headers built, by (grid id, number of maps), pickled: building one from a 91k brain-model
-#: axis (nibabel's from_axes) costs several times the copy each image takes of it, and unpickling
-#: that copy ~10x less than nibabel's deepcopy of its ~10^6 index objects.
-_CIFTI_HEADERS: dict = {}
-_CIFTI_HEADERS_KEPT = 8
-
-
-def _cifti_header(grid: SurfaceGrid, n_maps: int) -> bytes:
-    """The dense scalar header of ``n_maps`` maps (``map-0``...) on the grid's brain-model axis, built
-    once per grid and number of maps and kept pickled (each image unpickles its own copy)."""
-    from nibabel.cifti2 import Cifti2Header, ScalarAxis
-
-    key = (grid.grid_id, n_maps)
-    if key not in _CIFTI_HEADERS:
-        if len(_CIFTI_HEADERS) >= _CIFTI_HEADERS_KEPT:
-            _CIFTI_HEADERS.pop(next(iter(_CIFTI_HEADERS)))
-        axis = ScalarAxis([f"map-{i}" for i in range(n_maps)])
-        header = Cifti2Header.from_axes((axis, grid.brain_models))
-        _CIFTI_HEADERS[key] = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
-    return _CIFTI_HEADERS[key]
-
-
 def _cifti_image(grid: SurfaceGrid, full: np.ndarray):
+    """A dense scalar image of ``full`` (n_elements,) or (n_elements, k), maps ``map-0``..., its own
+    header built from the grid's brain-model arrays (~5 ms on a 91k axis)."""
+    from nibabel.cifti2 import ScalarAxis
+
     rows = full.reshape(len(full), -1).T  # (maps, grayordinates)
     if rows.dtype == bool:
         rows = rows.astype(np.uint8)  # CIFTI-2 has no boolean type
-    return cifti_image(np.ascontiguousarray(rows), _cifti_header(grid, len(rows)))
-
-
-def cifti_image(rows: np.ndarray, header):
-    """``nibabel.cifti2.Cifti2Image(rows, header)``, faster on large brain-model axes.
-
-    ``header``: a ``Cifti2Header`` built for these rows, or its pickle (this module's cache).
-    The image gets its own copy of it, as nibabel's constructor gives, made by unpickling
-    (~0.02 s on a 91k axis, nibabel's deepcopy ~0.25 s), and nibabel's check that the header's
-    axes fit the data is left out (``get_data_shape`` rebuilds the brain-model axis, ~0.5 s):
-    the image is made on a small stand-in header of the same shape (two series axes, cheap to
-    build, copy and check) whose place the copy then takes. Equal to nibabel's image, values,
-    headers and written file (tests/test_surface_speed.py)."""
-    from nibabel.cifti2 import Cifti2Image, SeriesAxis
-
-    pickled = header if isinstance(header, bytes) else pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
-    stand_in = (SeriesAxis(0.0, 1.0, rows.shape[0]), SeriesAxis(0.0, 1.0, rows.shape[1]))
-    img = Cifti2Image(rows, stand_in)
-    img._header = pickle.loads(pickled)  # nosec: bytes pickled above or by _cifti_header, in this process
-    img.update_headers()
-    return img
+    header = cifti_header(ScalarAxis([f"map-{i}" for i in range(len(rows))]), grid.cifti)
+    return cifti_image(np.ascontiguousarray(rows), header)
 
 
 def fitted_surface_masker(model, mask_image):
