@@ -389,6 +389,7 @@ def test_maps_for_the_workers_are_staged_in_the_store_folder_and_removed(three_s
 
     import chunkglm.cli.app as app_module
     import chunkglm.glm.stats_models.fixed_effects as fixed_effects
+    import chunkglm.glm.stats_models.group_level as group_level
     import chunkglm.io.inputs as inputs
     from chunkglm.io.scratch import owned_name
 
@@ -415,10 +416,12 @@ def test_maps_for_the_workers_are_staged_in_the_store_folder_and_removed(three_s
 
     monkeypatch.setattr(inputs, "write_maps_node", spying(inputs.write_maps_node))
     monkeypatch.setattr(fixed_effects, "write_maps_node", spying(fixed_effects.write_maps_node))
+    monkeypatch.setattr(group_level, "write_maps_node", spying(group_level.write_maps_node))
     code = main(["app", str(ds.root), str(out), "dataset", "--model", str(EXAMPLES / "one_sample.json"),
                  "--cluster", "none", "--no-progress", "--no-reports", "--store", str(store)])
     assert code == 0
-    # one fixed-effects store (the subject node) and one per dataset group contrast model (a, b, aMinusB)
+    # one fixed-effects store (the subject node), and the dataset node's store: one maps node per
+    # group (input contrast a, b, aMinusB)
     assert len(staged) == 4
     for path, in_temp in staged:
         assert path.parent.parent.parent == store / ".scratch" and path.parent.parent.name.startswith("chunkglm-app-")

@@ -16,13 +16,14 @@
   effect, variance and t, as fitlins with its ``"Meta"`` model type (fitlins
   0.11 compares the type with ``"Meta"``, so it runs a GLM for the
   specification's ``"meta"``).
-- ``"glm"`` nodes above the run: :class:`~chunkglm.glm.second_level.SecondLevelModel`
-  on their inputs' effect maps with pybids' design (mask: nilearn's
-  background mask of the mean effect), every contrast's five maps.
+- ``"glm"`` nodes above the run: nilearn's ``SecondLevelModel`` on each group's effect
+  maps with pybids' design (mask: nilearn's background mask of the group's mean effect),
+  every contrast's five maps, for every group and contrast of the node in one dask graph
+  over voxel blocks (:mod:`.group_level`; ``--n-perm`` and ``--layout glm`` use a
+  ``SecondLevelModel`` of each group on the maps staged for that graph).
 
-A node reads its inputs' maps back from the files the node before it wrote
-(a GLM node one group's maps at a time; a "meta" node stages them into a
-scratch store, one map at a time, and reads voxel blocks). The stores staged for
+A node reads its inputs' maps back from the files the node before it wrote: it stages
+them into a scratch store, one map at a time, and its graph reads voxel blocks. The stores staged for
 the workers lie in one temporary folder of the run inside ``scratch_dir`` (``chunkglm
 app``: inside the cohort store's folder, which the workers read), removed when the run ends
 (or by the next run on the same host after a killed one). ``F`` contrasts are terminal (the
@@ -36,16 +37,15 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from bids.modeling.statsmodels import ContrastInfo
 
 from chunkglm.errors import InputError
 from chunkglm.glm.first_level import FirstLevelModel, fitted_in_waves
-from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.glm.stats_models.design import run_design
 from chunkglm.glm.stats_models.fixed_effects import FixedEffectsLevel
+from chunkglm.glm.stats_models.group_level import GroupLevel
 from chunkglm.glm.stats_models.spec import pybids_refusal
 from chunkglm.glm.stats_models.outputs import (
     MAP_NAMES,
@@ -194,13 +194,12 @@ class ModelRun:
             infos = [_contrast_info(maps) for maps in passed]
             with pybids_refusal(f"node {child.name!r}"):
                 specs = child.run(infos, group_by=child.group_by, **edge.filter)
-            fixed = self._fixed_effects(child, specs, passed) if _kind(child) == "meta" else None
+            level = (self._fixed_effects if _kind(child) == "meta" else self._group_level)(child, specs, passed)
             try:
-                child_outputs = list(chain.from_iterable(self._group(child, spec, passed, fixed)
+                child_outputs = list(chain.from_iterable(self._group(child, spec, passed, level)
                                                          for spec in specs))
             finally:
-                if fixed is not None:
-                    fixed.close()
+                level.close()
             if self.reports is not None:
                 self.reports.flush(child.name)
             self._children(child, child_outputs, last)
@@ -291,7 +290,7 @@ class ModelRun:
 
     # -- higher levels ---------------------------------------------------------------
 
-    def _fixed_effects(self, node, specs, available) -> _FixedEffects:
+    def _fixed_effects(self, node, specs, available) -> _Level:
         """Every group's and contrast's fixed effects of a "meta" node, as one graph over voxel
         blocks (:class:`~chunkglm.glm.stats_models.fixed_effects.FixedEffectsLevel`), computed here."""
         jobs, index = [], {}
@@ -305,46 +304,33 @@ class ModelRun:
                                      "node's Model.X and the contrast's ConditionList.")
                 index[(number, contrast.name)] = len(jobs)
                 jobs.append([(str(maps.files["effect"]), str(maps.files["variance"])) for maps in chosen])
-        grids = [self.cohort.grid(grid_id) for grid_id in self.cohort.grids]
-        level = FixedEffectsLevel(jobs, grids=grids, chunk_bytes=self.chunk_bytes, scratch_dir=self._scratch.name)
-        try:
-            self.progress(f"node {node.name}: fixed effects of {len(jobs)} group contrast(s) over "
-                          f"{level.lazy.numblocks[2]} voxel block(s)")
-            level.compute()
-        except BaseException:
-            level.close()
-            raise
-        return _FixedEffects(level, {id(spec): number for number, spec in enumerate(specs)}, index)
+        return self._computed(node, specs, index, f"fixed effects of {len(jobs)} group contrast(s)",
+                              lambda **where: FixedEffectsLevel(jobs, **where))
 
-    def _group(self, node, spec, available, fixed=None) -> list[ContrastMaps]:
-        inputs, design = _inputs(node, spec, available)
+    def _group(self, node, spec, available, level) -> list[ContrastMaps]:
+        """Write one group's maps of every contrast, from the node's computed ``level``."""
+        _, design = _inputs(node, spec, available)
         kind = _kind(node)
         permute = self.permutation is not None and node.level == "dataset" and kind == "glm"
         outputs, group_contrasts, permuted = [], {}, {}
         with StagedOutput(self.output_dir) as out, self._glm_output() as glm_out:
-            model = None if kind == "meta" else self._second_level(inputs, design, node.name)
             for contrast in spec.contrasts:
                 weights = _weights(contrast, design.columns, node.name)
                 test = "t" if contrast.test == "pass" else contrast.test
-                if kind == "meta":
-                    images = fixed.images(spec, contrast.name)
-                else:
-                    images = model.compute_contrast(weights if test == "F" else weights[0],
-                                                    second_level_stat_type=test, output_type="all")
+                images = level.images(spec, contrast.name)
                 outputs.append(self._stage(out, node.name, contrast, images, z_score=kind != "meta"))
                 if permute and contrast.test == "t":
-                    permuted[contrast.name] = self._permute(out, node.name, outputs[-1], model, weights[0],
-                                                            images["z_score"])
+                    permuted[contrast.name] = self._permute(out, node.name, outputs[-1], level.model(spec),
+                                                            weights[0], images["z_score"])
                 if glm_out is not None and contrast.test != "pass" and node.level in ("subject", "session"):
                     self.glm_layout.subject(glm_out, node, dict(contrast.entities), test, images)
                 group_contrasts[contrast.name] = (weights if test == "F" else weights[0], test)
                 if self.reports is not None and contrast.test != "pass":
                     self.reports.group(node.name, kind, dict(spec.entities), design, contrast.name,
-                                       group_contrasts[contrast.name][0], images["z_score"],
-                                       None if model is None else model.mask_img_)
+                                       group_contrasts[contrast.name][0], images["z_score"], level.mask_img(spec))
             if glm_out is not None and node.level == "dataset" and kind == "glm":
                 tested = {name: c for name, c in group_contrasts.items() if c[1] in ("t", "F")}
-                self.glm_layout.group(glm_out, node, model, tested, permuted)
+                self.glm_layout.group(glm_out, node, level.model(spec), tested, permuted)
         self._commit(out, outputs)
         if glm_out is not None:
             self.glm_written += [Path(p) for p in glm_out.written]
@@ -354,13 +340,38 @@ class ModelRun:
     def _glm_output(self):
         return StagedOutput(self.glm_dir) if self.glm_layout is not None else nullcontext(None)
 
-    def _second_level(self, inputs, design, node_name):
-        if len(inputs) < 2:
-            raise InputError(f"node {node_name!r}: a GLM needs at least 2 input maps; this group has "
-                             f"{len(inputs)} (use \"Type\": \"meta\" to pass one input through).")
-        effects = [nib.load(maps.files["effect"]) for maps in inputs]
-        budget = {"chunk_bytes": self.chunk_bytes} if self.chunk_bytes else {}
-        return SecondLevelModel(scratch_dir=self._scratch.name, **budget).fit(effects, design_matrix=design)
+    def _group_level(self, node, specs, available) -> _Level:
+        """Every group's GLM and contrasts of a "glm" node above the run, as one graph over voxel
+        blocks (:class:`~chunkglm.glm.stats_models.group_level.GroupLevel`), computed here."""
+        groups = []
+        for spec in specs:
+            inputs, design = _inputs(node, spec, available)
+            if len(inputs) < 2:
+                raise InputError(f"node {node.name!r}: a GLM needs at least 2 input maps; this group has "
+                                 f"{len(inputs)} (use \"Type\": \"meta\" to pass one input through).")
+            wanted = []
+            for contrast in spec.contrasts:
+                weights = _weights(contrast, design.columns, node.name)
+                test = "t" if contrast.test == "pass" else contrast.test
+                wanted.append((weights if test == "F" else weights[0], test))
+            groups.append(([str(maps.files["effect"]) for maps in inputs], design, wanted))
+        index = {(number, c.name): position for number, spec in enumerate(specs)
+                 for position, c in enumerate(spec.contrasts)}
+        return self._computed(node, specs, index, f"GLMs of {len(groups)} group(s), {len(index)} contrast(s)",
+                              lambda **where: GroupLevel(groups, **where))
+
+    def _computed(self, node, specs, index, what, make) -> _Level:
+        """A node's level, ``make(grids=..., chunk_bytes=..., scratch_dir=...)``, with its one graph
+        computed here; ``index`` maps (group number, contrast name) to the level's job."""
+        grids = [self.cohort.grid(grid_id) for grid_id in self.cohort.grids]
+        level = make(grids=grids, chunk_bytes=self.chunk_bytes, scratch_dir=self._scratch.name)
+        try:
+            self.progress(f"node {node.name}: {what} over {level.lazy.numblocks[-1]} voxel block(s)")
+            level.compute()
+        except BaseException:
+            level.close()
+            raise
+        return _Level(level, {id(spec): number for number, spec in enumerate(specs)}, index)
 
     def _permute(self, out, node_name, maps, model, weights, z_img) -> dict:
         """The permutation maps of one t contrast, staged with the contrast's other maps; returns
@@ -467,15 +478,27 @@ def _involved(inputs, design, weights) -> list:
 
 
 @dataclass
-class _FixedEffects:
-    """A "meta" node's computed fixed effects: the job of each group (spec) and contrast."""
+class _Level:
+    """A node's computed level (fixed effects of a "meta" node, or the GLMs of a "glm" node):
+    the group number of each group (spec), and the job of each group's contrast."""
 
-    level: FixedEffectsLevel
+    level: FixedEffectsLevel | GroupLevel
     spec_number: dict
     job: dict
 
     def images(self, spec, contrast_name) -> dict:
+        if isinstance(self.level, GroupLevel):
+            number = self.spec_number[id(spec)]
+            return self.level.images(number, self.job[(number, contrast_name)])
         return self.level.images(self.job[(self.spec_number[id(spec)], contrast_name)])
+
+    def mask_img(self, spec):
+        """The group's analysis mask (GLM nodes; fixed effects: None)."""
+        return self.level.mask_img(self.spec_number[id(spec)]) if isinstance(self.level, GroupLevel) else None
+
+    def model(self, spec):
+        """The group's fitted SecondLevelModel (GLM nodes)."""
+        return self.level.model(self.spec_number[id(spec)])
 
     def close(self) -> None:
         self.level.close()

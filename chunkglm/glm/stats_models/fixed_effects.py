@@ -45,7 +45,7 @@ from chunkglm.io.nifti import image_from_voxels
 from chunkglm.io.scratch import owned_name, remove_stale
 from chunkglm.kernels.fixed_effects import ROWS
 
-__all__ = ["FixedEffectsLevel"]
+__all__ = ["FixedEffectsLevel", "background_mask", "staged_mask"]
 
 _PREFIX = "chunkglm-fixed-effects-"
 _RESULTS = "fixed_effects"
@@ -94,7 +94,7 @@ class FixedEffectsLevel:
         self.folder.mkdir(mode=0o700)
         table = pd.DataFrame({"effect": [e for e, _ in paths], "variance": [v for _, v in paths]})
         node = write_maps_node(table, ("effect", "variance"), self.folder / "inputs.zarr", "inputs",
-                               _staged_mask(paths[0][0], grids), chunk_bytes=block * len(paths) * 4)
+                               staged_mask(paths[0][0], grids), chunk_bytes=block * len(paths) * 4)
         self.grid = node.grid
         self.lazy = fixed_effects_graph(node.data("effect").data, node.data("variance").data,
                                         [[row_of[pair] for pair in inputs] for inputs in jobs],
@@ -115,7 +115,7 @@ class FixedEffectsLevel:
         if self._results is None:
             self.compute()
         values = np.asarray(self._results[job].values)
-        inside = _background_mask(values[0], self.grid)
+        inside = background_mask(values[0], self.grid)
         return {name: image_from_voxels(np.where(inside, values[row], 0.0), self.grid.ijk, self.grid.shape,
                                         affine=self.grid.affine)
                 for row, name in enumerate(ROWS) if name != "mean"}
@@ -131,7 +131,7 @@ class FixedEffectsLevel:
         self.close()
 
 
-def _staged_mask(first_map, grids):
+def staged_mask(first_map, grids):
     """The union of the masks of the cohort grids the maps lie on, as an image; None (every voxel)
     when they lie on none."""
     img = nib.load(first_map)
@@ -144,7 +144,7 @@ def _staged_mask(first_map, grids):
     return nib.Nifti1Image(np.logical_or.reduce(masks).astype(np.uint8), img.affine)
 
 
-def _background_mask(mean: np.ndarray, grid) -> np.ndarray:
+def background_mask(mean: np.ndarray, grid) -> np.ndarray:
     """(voxel,) bool: nilearn's background mask of the job's mean effect (the global step).
 
     The mean is nilearn's (``compute_mean``: the float32 mean of the stacked maps) up to the
