@@ -23,7 +23,7 @@ from nilearn.surface import InMemoryMesh, PolyMesh
 
 from chunkglm.errors import InputError
 from chunkglm.io.surface import BrainModels, cifti_header, cifti_image, gifti_image
-from chunkglm.io.surface_convert import _structures, any_finite, convert_surface_runs, from_gifti, to_cifti
+from chunkglm.io.surface_convert import any_finite, convert_surface_runs, from_gifti, to_cifti
 
 
 def _axis():
@@ -95,7 +95,7 @@ def test_cifti_grid_keeps_its_id_and_builds_nibabels_axis_only_when_asked(tmp_pa
     convert_surface_runs(str(path), tmp_path / "s.zarr", space="fsLR")
     node = next(iter(open_cohort(tmp_path / "s.zarr").runs.values()))
     read = node.grid
-    assert "axis" not in vars(read.cifti) and read.parts == _structures(axis)
+    assert "axis" not in vars(read.cifti) and read.parts == _nibabel_structures(axis)
     assert read.brain_models == axis and read.grid_id == node.attrs["grid_id"]
     assert np.array_equal(to_cifti(node).dataobj, values)
     with pytest.raises(InputError, match="received BrainModelAxis"):
@@ -125,10 +125,14 @@ def test_gifti_rows_written_once_as_nibabel_parses_them(tmp_path):
         from_gifti(pair, _mesh(7, 4), "")
 
 
+def _nibabel_structures(axis) -> tuple:
+    return tuple((str(name), len(range(*sl.indices(len(axis))))) for name, sl, _ in axis.iter_structures())
+
+
 def test_structures_and_any_finite_as_nibabel_and_numpy():
-    axis = _axis()
-    assert _structures(axis) == tuple((str(name), len(range(*sl.indices(len(axis)))))
-                                      for name, sl, _ in axis.iter_structures())
+    for axis in (_axis(), _split_axis()):
+        for models in (_arrays(axis), BrainModels.from_axis(axis)):
+            assert tuple((n, b - a) for n, a, b in models.structures) == _nibabel_structures(axis)
     rows = np.full((4, 6), np.nan, dtype=np.float32)
     assert not any_finite(rows)
     rows[3, 5] = 1.0
@@ -163,14 +167,59 @@ def test_scaled_block_and_image_mean_as_the_expressions_they_replace(signal_scal
     assert np.array_equal(image_mean(maps), maps.astype(np.float64).mean(axis=0).compute())
 
 
-def test_read_cifti_as_nib_load(tmp_path):
-    """read_cifti's axes and values are nib.load's, for a dense series and a dense scalar file;
-    cifti_shape reads the NIfTI-2 header's; a file that is no NIfTI-2 is one line."""
-    from nibabel.cifti2 import SeriesAxis
+def _brain_model_xml(axis) -> bytes:
+    """The brain-model MatrixIndicesMap element nibabel writes for ``axis``."""
+    from xml.etree import ElementTree
 
-    from chunkglm.io.surface_convert import cifti_shape, read_cifti
+    return ElementTree.tostring(axis.to_mapping(1)._to_xml_element())
+
+
+@pytest.mark.parametrize("make", [_axis, _split_axis, lambda: _axis()[:27], lambda: _axis()[27:]],
+                         ids=["cortex+voxels", "split-structure", "surface-only", "voxels-only"])
+def test_brain_models_from_xml_as_nibabels_axis(make):
+    axis = make()
+    models = BrainModels.from_xml(_brain_model_xml(axis))
+    assert "axis" not in vars(models) and models.axis == axis
+    assert np.array_equal(models.structure, axis.name) and models.nvertices == axis.nvertices
+    assert np.array_equal(models.vertex, axis.vertex) and np.array_equal(models.ijk, axis.voxel)
+    assert (models.affine is None) == (axis.affine is None) and models.volume_shape == axis.volume_shape
+
+
+def test_brain_models_from_xml_refuses_what_nibabels_axis_refuses():
+    xml = _brain_model_xml(_axis())
+    for bad, why in ((xml.replace(b"CIFTI_STRUCTURE_THALAMUS_LEFT", b"CIFTI_STRUCTURE_NOWHERE"), "not CIFTI-2 names"),
+                     (xml[:xml.index(b"<Volume")] + xml[xml.index(b"</Volume>") + 9:], "no Volume element"),
+                     (xml.replace(b'IndexCount="14"', b'IndexCount="15"'), "could not broadcast|IndexOffset"),
+                     (xml.replace(b"<VertexIndices>0 ", b"<VertexIndices>-1 "), "undefined vertex")):
+        assert bad != xml
+        with pytest.raises(ValueError, match=why):
+            BrainModels.from_xml(bad)
+
+
+def test_read_cifti_leaves_to_nibabel_what_from_xml_does_not_read(tmp_path):
+    """A brain-model element BrainModels.from_xml refuses is parsed by nibabel: its error, or its
+    axis when it reads it."""
+    from nibabel.cifti2 import Cifti2HeaderError
+
+    from chunkglm.io.surface_convert import read_cifti
 
     axis = _axis()
+    Cifti2Image(np.ones((1, len(axis)), "f4"), Cifti2Header.from_axes((ScalarAxis(["x"]), axis))).to_filename(
+        tmp_path / "m.dscalar.nii")
+    raw = (tmp_path / "m.dscalar.nii").read_bytes()
+    name, other = b"CIFTI_STRUCTURE_THALAMUS_LEFT", b"CIFTI_STRUCTURE_THALAMUS_XXXX"  # same length: offsets hold
+    (tmp_path / "bad.dscalar.nii").write_bytes(raw.replace(name, other))
+    with pytest.raises(Cifti2HeaderError, match="BrainStructure for this BrainModel element is not valid"):
+        read_cifti(tmp_path / "bad.dscalar.nii")
+
+
+@pytest.mark.parametrize("make", [_axis, _split_axis, lambda: _axis()[27:]], ids=["cortex+voxels", "split", "voxels"])
+def test_read_cifti_as_nib_load(tmp_path, make):
+    """read_cifti's axes and values are nib.load's, for a dense series and a dense scalar file;
+    cifti_shape reads the NIfTI-2 header's; a file that is no NIfTI-2 is one line."""
+    from chunkglm.io.surface_convert import cifti_shape, read_cifti
+
+    axis = make()
     values = np.random.default_rng(3).standard_normal((6, len(axis))).astype(np.float32)
     for first, name in ((SeriesAxis(0.0, 2.0, 6), "run.dtseries.nii"), (ScalarAxis(list("abcdef")), "m.dscalar.nii")):
         Cifti2Image(values, Cifti2Header.from_axes((first, axis))).to_filename(tmp_path / name)

@@ -97,6 +97,47 @@ class BrainModels:
         models.__dict__["axis"] = axis  # cached_property's slot: no rebuild
         return models
 
+    @classmethod
+    def from_xml(cls, element: bytes) -> BrainModels:
+        """The brain models of a CIFTI-2 ``<MatrixIndicesMap>`` element of type
+        ``CIFTI_INDEX_TYPE_BRAIN_MODELS`` (its XML bytes), as nibabel's parser and
+        ``BrainModelAxis.from_index_mapping`` read them, with the checks of nibabel's
+        ``BrainModelAxis`` (valid structure and model type names, voxels with a volume, indices
+        defined); ~0.03 s for a 91k element where nibabel's parser and axis take ~0.5 s (one
+        Python call per index). ``ValueError`` (or ``xml.etree.ElementTree.ParseError``) when the
+        element is not one nibabel would read this way."""
+        from xml.etree import ElementTree
+
+        from nibabel.cifti2 import BrainModelAxis
+        from nibabel.cifti2.cifti2 import CIFTI_BRAIN_STRUCTURES, CIFTI_MODEL_TYPES
+
+        root = ElementTree.fromstring(element)
+        models = root.findall("BrainModel")
+        n = sum(int(model.attrib["IndexCount"]) for model in models)
+        vertex, ijk = np.full(n, -1, dtype=np.int64), np.full((n, 3), -1, dtype=np.int64)
+        names, counts, nvertices, volume = [], [], {}, None
+        for model in models:
+            name, kind = model.attrib["BrainStructure"], model.attrib["ModelType"]
+            if name not in CIFTI_BRAIN_STRUCTURES or kind not in CIFTI_MODEL_TYPES:
+                raise ValueError(f"BrainModel of structure {name!r}, model type {kind!r}: not CIFTI-2 names")
+            start, count = int(model.attrib["IndexOffset"]), int(model.attrib["IndexCount"])
+            names.append(BrainModelAxis.to_cifti_brain_structure_name(name))
+            counts.append(count)
+            if kind == "CIFTI_MODEL_TYPE_SURFACE":
+                vertex[start:start + count] = _indices(model, "VertexIndices")
+                nvertices[names[-1]] = int(model.attrib["SurfaceNumberOfVertices"])
+            else:
+                ijk[start:start + count] = _indices(model, "VoxelIndicesIJK").reshape(-1, 3)
+                volume = volume or _volume(root)
+        structure = np.repeat(np.array(names, dtype=str), counts)  # in element order, as nibabel's
+        surface = np.isin(structure, list(nvertices))
+        if volume is None and not surface.all():
+            raise ValueError("a brain-model element with voxels and no Volume element")
+        if (vertex[surface] < 0).any() or (ijk[~surface] < 0).any():
+            raise ValueError("a brain-model element with undefined vertex or voxel indices")
+        affine, shape = (None, None) if surface.all() else volume
+        return cls(structure, vertex, ijk, affine, shape, nvertices)
+
     def __len__(self) -> int:
         return int(self.structure.shape[0])
 
@@ -159,6 +200,25 @@ def gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def _indices(model, tag: str) -> np.ndarray:
+    """The integers of a BrainModel's ``VertexIndices`` or ``VoxelIndicesIJK`` text."""
+    found = model.find(tag)
+    if found is None or not (found.text or "").strip():
+        raise ValueError(f"a BrainModel of {model.attrib['IndexCount']} elements has no {tag}")
+    return np.array(found.text.split(), dtype=np.int64)
+
+
+def _volume(root):
+    """(affine (4, 4), shape) of a parsed brain-model element's ``Volume`` (nibabel's reading: the
+    matrix as written, its MeterExponent not applied), or None."""
+    volume = root.find("Volume")
+    transform = None if volume is None else volume.find("TransformationMatrixVoxelIndicesIJKtoXYZ")
+    if transform is None:
+        return None
+    shape = tuple(int(n) for n in volume.attrib["VolumeDimensions"].split(","))
+    return np.array(transform.text.split(), dtype=np.float64).reshape(4, 4), shape
 
 
 def _filled(kind, values: list):

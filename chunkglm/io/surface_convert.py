@@ -38,6 +38,7 @@ from chunkglm.errors import ConversionError, InputError
 from chunkglm.io import consolidated, locks
 from chunkglm.io import layout as st
 from chunkglm.io.preprocess import SpatialPreprocessing
+from chunkglm.io.shipped_mesh import pial_mesh
 from chunkglm.io.surface import (MESH_PARTS, BrainModels, SurfaceGrid, cifti_header, cifti_image, gifti_image,
                                   write_element_coordinates, write_grid)
 from chunkglm.io.write_run import write_events, write_rows
@@ -137,10 +138,8 @@ def from_surface_image(img, space, maps=False) -> SurfaceRun:
 
 def _load_mesh(mesh):
     if isinstance(mesh, str):
-        from nilearn.datasets import load_fsaverage
-
-        try:
-            return load_fsaverage(mesh)["pial"], mesh
+        try:  # load_fsaverage(mesh)["pial"], its two files read once per process
+            return pial_mesh(mesh), mesh
         except Exception as err:  # nilearn names the meshes it has
             raise InputError(f"mesh {mesh!r}: {err}") from err
     if mesh is None or not hasattr(mesh, "parts"):
@@ -211,10 +210,17 @@ def cifti_shape(path) -> tuple:
 
 
 def read_cifti(path) -> tuple[list, object]:
-    """A CIFTI-2 file's axes and its values as a lazy (rows, grayordinates) proxy, without making a
-    ``Cifti2Image``: nibabel's constructor deep-copies the parsed header and rebuilds every axis
-    to check the data's shape, about half the time of ``nib.load`` on a 91k axis (0.28 -> 0.15 s
-    CPU). The NIfTI-2 image is read and its CIFTI-2 extension parsed, as ``nib.load`` does."""
+    """A CIFTI-2 file's axes (nibabel's) and its values as a lazy (rows, grayordinates) proxy,
+    without making a ``Cifti2Image``: nibabel's constructor deep-copies the parsed header and
+    rebuilds every axis to check the data's shape, about half the time of ``nib.load`` on a 91k
+    axis. The NIfTI-2 image is read and its CIFTI-2 extension parsed, as ``nib.load`` does (the
+    brain-model element by :meth:`BrainModels.from_xml`)."""
+    axes, dataobj = _read_cifti(path)
+    return [axis.axis if isinstance(axis, BrainModels) else axis for axis in axes], dataobj
+
+
+def _read_cifti(path) -> tuple[list, object]:
+    """:func:`read_cifti`'s axes, a brain-model axis as :class:`BrainModels` (nibabel's axis not built)."""
     from nibabel.arrayproxy import reshape_dataobj
     from nibabel.cifti2 import Cifti2Extension
 
@@ -226,32 +232,42 @@ def read_cifti(path) -> tuple[list, object]:
     return _axes(extension.content, len(dataobj.shape)), dataobj
 
 
-#: Brain-model axes parsed in this process, by the sha256 of their XML element: the maps of a
-#: group (one file each) repeat one axis, whose parsing and nibabel axis are ~0.25 s CPU per 91k
-#: file (per-element validation and structure names); a few are kept.
+#: Brain models parsed in this process, by the sha256 of their XML element: the maps of a group
+#: (one file each) repeat one axis; a few are kept (one object per axis: the runs of a conversion
+#: on it share one grid without comparing arrays).
 _BRAIN_MODELS: dict = {}
 _BRAIN_MODELS_KEPT = 4
 _BRAIN_MODELS_TYPE = b'IndicesMapToDataType="CIFTI_INDEX_TYPE_BRAIN_MODELS"'
 
 
 def _axes(xml: bytes, n_dims: int) -> list:
-    """The axes of a CIFTI-2 extension's XML: its brain-model element, when byte-identical to one
-    parsed before, is taken from :data:`_BRAIN_MODELS` and the rest of the document parsed with
-    that element emptied; otherwise the whole document is parsed (and its axis kept)."""
-    from nibabel.cifti2 import Cifti2Extension
+    """The axes of a CIFTI-2 extension's XML, its one brain-model element as :class:`BrainModels`
+    (read by :meth:`BrainModels.from_xml`, or taken from :data:`_BRAIN_MODELS` when byte-identical
+    to one read before), the rest of the document parsed by nibabel with that element emptied.
+    Otherwise (no such element, or one ``from_xml`` does not read) nibabel parses the whole
+    document, with its errors."""
+    from xml.etree.ElementTree import ParseError
+
+    from nibabel.cifti2 import BrainModelAxis, Cifti2Extension
+
+    def parsed_by_nibabel():
+        header = Cifti2Extension.from_bytes(xml).get_content()
+        axes = [header.get_axis(i) for i in range(n_dims)]
+        return [BrainModels.from_axis(a) if isinstance(a, BrainModelAxis) else a for a in axes]
 
     span = _brain_model_span(xml)
     if span is None:  # none, several, or one map over several dimensions (dense connectivity)
-        header = Cifti2Extension.from_bytes(xml).get_content()
-        return [header.get_axis(i) for i in range(n_dims)]
+        return parsed_by_nibabel()
     start, open_end, end, dim = span
     key = hashlib.sha256(xml[start:end]).digest()
     if key not in _BRAIN_MODELS:
-        header = Cifti2Extension.from_bytes(xml).get_content()
+        try:
+            models = BrainModels.from_xml(xml[start:end])
+        except (ValueError, KeyError, ParseError):  # nibabel reads it, or says why not
+            return parsed_by_nibabel()
         if len(_BRAIN_MODELS) >= _BRAIN_MODELS_KEPT:
             _BRAIN_MODELS.pop(next(iter(_BRAIN_MODELS)))
-        _BRAIN_MODELS[key] = header.get_axis(dim)
-        return [header.get_axis(i) if i != dim else _BRAIN_MODELS[key] for i in range(n_dims)]
+        _BRAIN_MODELS[key] = models
     rest = xml[:open_end] + b"</MatrixIndicesMap>" + xml[end:]
     header = Cifti2Extension.from_bytes(rest).get_content()
     return [header.get_axis(i) if i != dim else _BRAIN_MODELS[key] for i in range(n_dims)]
@@ -278,15 +294,6 @@ def _nifti2(path):
         raise InputError(f"{path} is not a CIFTI-2 file (a NIfTI-2 file with a CIFTI-2 extension): {err}") from None
 
 
-def _structures(models) -> tuple:
-    """A brain-model axis's structures, (name, count) in file order: nibabel's ``iter_structures``
-    (runs of one name) read off the names, without building a sub-axis per structure."""
-    names = np.asarray(models.name)
-    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
-    counts = np.diff(np.r_[starts, len(names)])
-    return tuple((str(names[start]), int(count)) for start, count in zip(starts, counts))
-
-
 def _memory_source(values) -> dict:
     values = np.asarray(values)
     digest = hashlib.sha256(values.dtype.str.encode() + np.ascontiguousarray(values).tobytes()).hexdigest()
@@ -308,18 +315,20 @@ def from_cifti(path, space, maps=False) -> SurfaceRun:
 
     if isinstance(path, Cifti2Image):
         axes, dataobj = [path.header.get_axis(i) for i in range(path.ndim)], path.dataobj
+        axes = [BrainModels.from_axis(a) if isinstance(a, BrainModelAxis) else a for a in axes]
         filename = path.get_filename()
         path = filename or "<Cifti2Image in memory>"
     else:
-        axes, dataobj = read_cifti(path)
+        axes, dataobj = _read_cifti(path)
         filename = path
     first = ScalarAxis if maps else SeriesAxis
-    if not (isinstance(axes[0], first) and isinstance(axes[1], BrainModelAxis)):
+    if not (isinstance(axes[0], first) and isinstance(axes[1], BrainModels)):
         what = "dense scalar file (maps x brain models)" if maps else "dense series (series x brain models)"
-        raise InputError(f"{path} is not a CIFTI-2 {what}; its axes are {[type(a).__name__ for a in axes]}.")
+        kinds = ["BrainModelAxis" if isinstance(a, BrainModels) else type(a).__name__ for a in axes]
+        raise InputError(f"{path} is not a CIFTI-2 {what}; its axes are {kinds}.")
     models = axes[1]
-    parts = _structures(models)
-    grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, BrainModels.from_axis(models))
+    parts = tuple((name, stop - start) for name, start, stop in models.structures)
+    grid = SurfaceGrid("cifti", parts, np.ones(len(models), dtype=bool), space, {}, models)
     if maps:
         source = {"files": [_file_source(path)]} if filename else _memory_source(dataobj)
         return SurfaceRun(grid, dataobj, None, source,
@@ -520,8 +529,8 @@ def convert_surface_bids(path, store, *, space="fsaverage5", task=None, subjects
 
 
 def check_same_grid(first: SurfaceGrid, other: SurfaceGrid, index: int) -> None:
-    if first.kind == other.kind == "cifti" and first.brain_models is other.brain_models:
-        return  # one axis object (read_cifti's cache): one grid, its parts counted from it
+    if first.kind == other.kind == "cifti" and first.cifti is other.cifti:
+        return  # one brain-model object (read_cifti's cache): one grid, its parts counted from it
     if first.kind != other.kind or first.parts != other.parts:
         raise InputError(f"surface run {index} has {other.kind} parts {list(other.parts)}, run 0 "
                          f"{first.kind} parts {list(first.parts)}: the runs of one conversion share one grid.")
