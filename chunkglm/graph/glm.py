@@ -23,7 +23,7 @@ import dask.array as da
 import numpy as np
 
 from chunkglm.errors import SingularContrastError
-from chunkglm.graph.blocks import within_budget
+from chunkglm.graph.blocks import across_threads, within_budget
 from chunkglm.graph.finite import finite_blocks, finite_values
 from chunkglm.graph.reduce import concat, tree_reduce
 from chunkglm.kernels import ar
@@ -38,10 +38,10 @@ __all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "im
 # -- task adapters: one kernel call per block (their names are the tasks' key prefixes) -----------
 
 
-def _moments(X, block, signal_scaling, row_means=None):
+def _moments(X, block, signal_scaling, row_means=None, dtype=None):
     if is_grand_mean_scaling(signal_scaling):  # scaled afterwards, from the global mean
         return k.block_moments(X, block)
-    return k.block_moments(X, k.scaled_block(block, signal_scaling, row_means))
+    return k.block_moments(X, k.scaled_block(block, signal_scaling, row_means, dtype))
 
 
 def _row_sums(block):
@@ -148,6 +148,7 @@ class RunFit:
     r_factor: np.ndarray = None
     lazy_fits: list = None
     nonfinite: list = None
+    dtype: object = None
 
     def to_basis(self, con: np.ndarray) -> np.ndarray:
         """Contrast weights on X -> weights on the fit's orthonormal basis Q
@@ -161,7 +162,7 @@ class RunFit:
 
 
 def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=0,
-            random_state=None, budget=None) -> RunFit:
+            random_state=None, budget=None, dtype=None) -> RunFit:
     """Build (not compute) the fit of one run.
 
     Parameters
@@ -181,8 +182,19 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     budget : chunkglm.chunking.MemoryBudget, int, str or None
         The user's memory budget: stored chunks larger than it are split into
         task blocks (:func:`chunkglm.graph.blocks.within_budget`); None keeps them.
+    dtype : numpy dtype, optional
+        The dtype the data are scaled and fitted in, when not theirs (nilearn's
+        SurfaceMasker gives float64 signals): each block is cast as it is read,
+        inside its moments task (no block-sized copy of its own, nor a cast task).
     """
-    bold = within_budget(bold, budget)
+    per_voxel_scaling = signal_scaling == 0 and not isinstance(signal_scaling, bool)
+    if dtype is not None and (not per_voxel_scaling or ar_order(noise_model) > 1):
+        # only per-voxel scaling (nilearn's default, 0) casts inside the moments task: the
+        # other modes' global sums would change rounding if summed from the uncast values
+        bold, dtype = bold.astype(dtype), None
+    # blocks sized in the dtype fitted (a cast block is the task's largest array)
+    itemsize = None if dtype is None else np.dtype(dtype).itemsize
+    bold = across_threads(within_budget(bold, budget, itemsize), itemsize)
     if len(bold.chunks[0]) != 1:
         bold = bold.rechunk({0: -1})  # time must be whole in each block
     # Fit in an orthonormal basis of the design (well conditioned normal equations).
@@ -195,13 +207,13 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
         _, fits = _fit_arn(Q, blocks, order, bins, signal_scaling, random_state, df_residuals,
                            design.shape[1])
         return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
-                      signal_scaling=signal_scaling, basis=Q, r_factor=R, nonfinite=nonfinite)
+                      signal_scaling=signal_scaling, basis=Q, r_factor=R, nonfinite=nonfinite, dtype=dtype)
     grand_mean = None
     if signal_scaling == 1 and not isinstance(signal_scaling, bool):
         # The row means need every block: dask keeps each loaded block for both
         # tasks, so this costs memory (the run), not a second read.
         grand_mean = tree_reduce(blocks, _row_sums, concat, _row_means, finalize_args=(bold.shape[1],))
-    moments = [dask.delayed(_moments)(Q, b, signal_scaling, grand_mean) for b in blocks]
+    moments = [dask.delayed(_moments)(Q, b, signal_scaling, grand_mean, dtype) for b in blocks]
     if is_grand_mean_scaling(signal_scaling):  # one global mean (a reduction), then affine moments
         grand_mean = _grand_mean(moments, _y_sum, Q.shape[0])
         moments = [dask.delayed(k.scale_moments)(dm, bm, grand_mean) for bm in moments]
@@ -215,7 +227,7 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
             for bm, rho in zip(moments, rhos)]
     return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
                   signal_scaling=signal_scaling, grand_mean=grand_mean, basis=Q, r_factor=R,
-                  nonfinite=nonfinite)
+                  nonfinite=nonfinite, dtype=dtype)
 
 
 def _t_block(fit, con):
@@ -277,8 +289,8 @@ def residuals(run: RunFit) -> da.Array:
     """Lazy residuals Y - X~ beta (time, voxel), as nilearn: reads the data again."""
     X = run.basis
     blocks = finite_values(run.bold).to_delayed().ravel()
-    parts = [da.from_delayed(dask.delayed(k.residual_block)(X, b, fit, run.signal_scaling, run.grand_mean),
-                             shape=(len(X), n), dtype=np.float64)
+    parts = [da.from_delayed(dask.delayed(k.residual_block)(X, b, fit, run.signal_scaling, run.grand_mean,
+                                                            run.dtype), shape=(len(X), n), dtype=np.float64)
              for b, fit, n in zip(blocks, run.fits, run.block_sizes)]
     return da.concatenate(parts, axis=1)
 

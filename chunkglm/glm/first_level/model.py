@@ -271,18 +271,22 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         self.confound_names_ = [None if c is None else [str(n) for n in getattr(c, "columns", [])] or None
                                 for c in confounds_list]
         designs = _per_run(design_matrices, len(nodes), "design_matrices")
-        full = [self._design(node, ev, conf, dm, i)
-                for i, (node, ev, conf, dm) in enumerate(zip(nodes, events_list, confounds_list, designs))]
+        arrays = [node.data().data for node in nodes]  # each node opened once (metadata reads)
+        full = [self._design(node, len(array), ev, conf, dm, i)
+                for i, (node, array, ev, conf, dm) in enumerate(zip(nodes, arrays, events_list, confounds_list,
+                                                                    designs))]
         rows = [_sample_rows(mask, len(design), i) for i, (mask, design) in enumerate(zip(masks, full))]
         self.design_matrices_ = [design if r is None else design.iloc[r] for design, r in zip(full, rows)]
         for index, design in enumerate(self.design_matrices_):
             check_rank(design, f"run {index} after sample_masks")
         self._grid, self._voxels = self._voxel_selection(nodes)
         self._runs = []
-        for index, (node, r, design) in enumerate(zip(nodes, rows, self.design_matrices_)):
+        for index, (array, r, design) in enumerate(zip(arrays, rows, self.design_matrices_)):
             self._log(f"Computing run {index + 1} out of {len(nodes)} runs: building its graph.")
-            self._runs.append(graph.fit_run(self._bold(node, r), design, self.noise_model, bins,
-                                            self.signal_scaling, self.random_state, budget=self.chunk_bytes))
+            # nilearn's SurfaceMasker gives float64 signals: it scales them in float64
+            self._runs.append(graph.fit_run(self._bold(array, r), design, self.noise_model, bins,
+                                            self.signal_scaling, self.random_state, budget=self.chunk_bytes,
+                                            dtype=np.float64 if self._surface else None))
         self._log(f"Computation of {len(nodes)} runs' graphs done in {time.perf_counter() - started:.2f} "
                   "seconds; the data are read when a contrast is computed.")
         self._persisted = False
@@ -414,9 +418,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
                     "Convert the runs with the same target_affine/target_shape/smoothing_fwhm "
                     "(chunkglm.convert(..., smoothing_fwhm=...)) or pass NIfTI files.")
 
-    def _design(self, node, events, confounds, design, index):
+    def _design(self, node, n_scans, events, confounds, design, index):
         where = f"run {index} ({node.name})"
-        n_scans = int(node.data().shape[0])
         if design is None:
             # nilearn needs t_r for NIfTI inputs; a store run converted with its sidecar knows it
             t_r = self.t_r if self.t_r is not None or self._converted_here else node.attrs.get("RepetitionTime")
@@ -462,10 +465,8 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
             return grid, None
         return grid, np.flatnonzero(mask[grid.mask])
 
-    def _bold(self, node, rows=None):
-        bold = node.data().data
-        if self._surface:  # nilearn's SurfaceMasker gives float64 signals: it scales them in float64
-            bold = bold.astype(np.float64)
+    def _bold(self, bold, rows=None):
+        """The fitted part of a run's (time, voxel) dask array: the volumes kept, the voxels masked."""
         if rows is not None:  # scrubbing: keep these volumes (time stays whole per chunk)
             bold = bold[rows]
         return bold if self._voxels is None else bold[:, self._voxels]
