@@ -213,6 +213,37 @@ def test_read_cifti_leaves_to_nibabel_what_from_xml_does_not_read(tmp_path):
         read_cifti(tmp_path / "bad.dscalar.nii")
 
 
+def test_cifti_run_rows_read_from_the_file_as_nibabel_reads_them(tmp_path, monkeypatch):
+    """A whole CIFTI run is read from its file by element blocks (5 elements here), into the
+    (time, element) rows nibabel gives; time slabs, element subsets, float64 files go through
+    nibabel's proxy; a truncated file gets nibabel's error."""
+    from chunkglm.io import surface_convert
+    from chunkglm.io.surface_convert import _read_transposed, from_cifti
+
+    monkeypatch.setattr(surface_convert, "READ_BLOCK_BYTES", 4 * 7 * 5)
+    axis = _axis()
+    values = np.random.default_rng(6).standard_normal((7, len(axis))).astype(np.float32)
+    for dtype in (np.float32, np.float64):
+        path = tmp_path / f"{np.dtype(dtype).name}.dtseries.nii"
+        Cifti2Image(values.astype(dtype), Cifti2Header.from_axes((SeriesAxis(0.0, 2.0, 7), axis))).to_filename(path)
+        run = from_cifti(path, "")
+        out = np.full(values.shape, np.nan, dtype=np.float32)
+        assert _read_transposed(run.values, out) == (dtype == np.float32)
+        run.fill(out, 0, 7, run.grid.flat_index)
+        assert np.array_equal(out, values)
+        slab = np.empty((3, len(axis)), dtype=np.float32)
+        run.fill(slab, 2, 5, run.grid.flat_index)
+        assert np.array_equal(slab, values[2:5])
+        some = np.array([0, 4, 40])
+        run.fill(slab[:, :3], 2, 5, some)
+        assert np.array_equal(slab[:, :3], values[2:5][:, some])
+    path = tmp_path / "float32.dtseries.nii"
+    path.write_bytes(path.read_bytes()[:-100])
+    run = from_cifti(path, "")
+    with pytest.raises(OSError, match="buffer is smaller|Expected"):
+        run.fill(np.empty(values.shape, dtype=np.float32), 0, 7, run.grid.flat_index)
+
+
 @pytest.mark.parametrize("make", [_axis, _split_axis, lambda: _axis()[27:]], ids=["cortex+voxels", "split", "voxels"])
 def test_read_cifti_as_nib_load(tmp_path, make):
     """read_cifti's axes and values are nib.load's, for a dense series and a dense scalar file;
