@@ -16,7 +16,7 @@ from distributed import default_client
 
 from chunkglm.chunking import MemoryBudget, tile_chunks
 
-__all__ = ["across_threads", "within_budget"]
+__all__ = ["across_threads", "local_threads", "within_budget"]
 
 #: A block is split for idle threads only into parts of at least this many bytes (of the
 #: dtype fitted): smaller parts would cost more in task overhead than they save.
@@ -60,7 +60,7 @@ def across_threads(array: da.Array, itemsize: int | None = None) -> da.Array:
     itemsize : int, optional
         Bytes per value the task holds; default the array's.
     """
-    threads = _local_threads()
+    threads = local_threads()
     n_blocks = len(array.chunks[1])
     if threads <= n_blocks:
         return array
@@ -81,7 +81,7 @@ def _read_whole(block):
     return block
 
 
-def _local_threads() -> int:
+def local_threads() -> int:
     """Threads of dask's local threaded scheduler; 1 with a ``distributed`` client or the
     synchronous scheduler."""
     try:

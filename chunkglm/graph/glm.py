@@ -22,17 +22,19 @@ import dask
 import dask.array as da
 import numpy as np
 
+from chunkglm.chunking import MemoryBudget, tile_chunks
 from chunkglm.errors import SingularContrastError
-from chunkglm.graph.blocks import across_threads, within_budget
+from chunkglm.graph.blocks import MIN_PART_BYTES, across_threads, local_threads, within_budget
 from chunkglm.graph.finite import finite_blocks, finite_values
 from chunkglm.graph.reduce import concat, tree_reduce
 from chunkglm.kernels import ar
 from chunkglm.kernels import glm as k
+from chunkglm.kernels import group_ols
 from chunkglm.kernels.ar import ar_order
 from chunkglm.kernels.glm import is_grand_mean_scaling
 
-__all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "image_mean", "log_likelihood",
-           "nonfinite_counts", "predicted", "r_square", "residuals"]
+__all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "fit_stored", "image_mean",
+           "log_likelihood", "nonfinite_counts", "predicted", "r_square", "residuals", "stored_mean"]
 
 
 # -- task adapters: one kernel call per block (their names are the tasks' key prefixes) -----------
@@ -228,6 +230,96 @@ def fit_run(bold: da.Array, design, noise_model="ar1", bins=100, signal_scaling=
     return RunFit(design, fits, tuple(bold.chunks[1]), int(df_residuals), bold=bold,
                   signal_scaling=signal_scaling, grand_mean=grand_mean, basis=Q, r_factor=R,
                   nonfinite=nonfinite, dtype=dtype)
+
+
+def fit_stored(read, design, budget=None, bold: da.Array | None = None) -> RunFit:
+    """Build (not compute) the OLS fit of stored (image, voxel) maps: the second level's fit.
+
+    The fit of :func:`fit_run` with ``noise_model="ols"`` and no scaling, in a graph whose tasks
+    read their own data: one task per stored block calls ``read(i)`` and fits it in float64 slabs
+    (:func:`chunkglm.kernels.group_ols.ols_fit`), so no read task can run ahead of its fit
+    and hold a second block on a worker. On the local threaded scheduler with more threads than
+    task blocks (a small group: one chunk), each block is read by one task and fitted in one
+    part per thread, as :func:`chunkglm.graph.blocks.across_threads` splits runs.
+
+    Parameters
+    ----------
+    read : picklable callable
+        ``read(i)`` returns stored block ``i``, (n_images, ``read.block_sizes[i]``), any float
+        dtype (:class:`chunkglm.io.stored_blocks.StoredBlocks`); ``read.shape`` is (n_images, n_voxels).
+    design : pandas.DataFrame of shape (n_images, n_regressors)
+    budget : chunkglm.chunking.MemoryBudget, int, str or None
+        Stored blocks larger than the budget's block give several fits (task blocks within the
+        budget) from their one read; None keeps one fit per stored block.
+    bold : dask array (n_images, n_voxels), optional
+        The same maps as a dask array, for :func:`residuals` (which reads them again).
+    """
+    n_images = read.shape[0]
+    if len(design) != n_images:
+        raise ValueError(f"the design has {len(design)} rows, the maps {n_images} images")
+    Q, R, df_residuals = k.orthonormal_design(design.to_numpy())
+    tiles, split = _stored_tiles(read, budget, 4 if bold is None else bold.dtype.itemsize)
+    fits, counts, fit_args = [], [], (Q, int(df_residuals), design.shape[1])
+    for index, sizes in enumerate(tiles):
+        if split:  # local threads: one read task, its parts fitted in parallel
+            block = dask.delayed(read)(index)
+            pairs = [dask.delayed(_fit_parts, nout=2)(block, [part], *fit_args) for part in _offsets(sizes)]
+            fits += [pair[0] for pair in pairs]
+            counts += [pair[1] for pair in pairs]
+        else:
+            outputs = dask.delayed(_read_and_fit, nout=2 * len(sizes))(read, index, sizes, *fit_args)
+            fits += [outputs[i] for i in range(len(sizes))]
+            counts += [outputs[len(sizes) + i] for i in range(len(sizes))]
+    block_sizes = tuple(size for sizes in tiles for size in sizes)
+    if bold is not None:
+        bold = bold.rechunk({0: -1, 1: block_sizes})
+    return RunFit(design, fits, block_sizes, int(df_residuals), bold=bold, signal_scaling=False, basis=Q,
+                  r_factor=R, nonfinite=counts)
+
+
+def _stored_tiles(read, budget, itemsize) -> tuple[list, bool]:
+    """Per stored block, its task blocks: within the budget, and split into parts of at least
+    MIN_PART_BYTES for idle local threads (then True)."""
+    n_images = read.shape[0]
+    tiles = [(size,) for size in read.block_sizes]
+    if budget is not None:
+        max_block = MemoryBudget.of(budget).max_block_voxels(n_images, itemsize)
+        tiles = [tile_chunks(sizes, max_block) for sizes in tiles]
+    threads, n_tiles = local_threads(), sum(len(sizes) for sizes in tiles)
+    if threads <= n_tiles:
+        return tiles, False
+    min_voxels = max(1, MIN_PART_BYTES // (itemsize * max(n_images, 1)))
+    part = max(min_voxels, -(-max(max(sizes) for sizes in tiles) // -(-threads // n_tiles)))
+    split = [tile_chunks(sizes, part) for sizes in tiles]
+    return split, split != tiles
+
+
+def _offsets(sizes):
+    """(start, stop) of consecutive parts of these sizes."""
+    bounds = np.cumsum((0, *sizes))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _fit_parts(block, bounds, Q, df_residuals, n_columns):
+    """Fits of the parts ``bounds`` ((start, stop) voxel ranges) of one block, then their non-finite counts."""
+    outputs = [group_ols.ols_fit(Q, block[:, a:b], df_residuals, n_columns) for a, b in bounds]
+    return (*[fit for fit, _ in outputs], *[count for _, count in outputs])
+
+
+def _read_and_fit(read, index, sizes, Q, df_residuals, n_columns):
+    """One stored block read and fitted: its task blocks' fits, then their non-finite counts."""
+    return _fit_parts(read(index), _offsets(sizes), Q, df_residuals, n_columns)
+
+
+def stored_mean(read) -> np.ndarray:
+    """Mean over the images of stored (image, voxel) maps, in float64: (voxel,). One task per
+    stored block reads it and averages it (:func:`chunkglm.kernels.group_ols.column_means`)."""
+    parts = [dask.delayed(_read_and_average)(read, index) for index in range(len(read.block_sizes))]
+    return np.concatenate(dask.compute(*parts)) if parts else np.zeros(0)
+
+
+def _read_and_average(read, index):
+    return group_ols.column_means(read(index))
 
 
 def _t_block(fit, con):

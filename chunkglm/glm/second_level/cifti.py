@@ -30,7 +30,7 @@ import numpy as np
 from chunkglm.errors import InputError, InputTypeError
 from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.glm.first_level.surface_inputs import elements_image
-from chunkglm.graph.glm import image_mean
+from chunkglm.glm.second_level import inputs
 from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import MapsView
 from chunkglm.io.surface import SurfaceGrid
@@ -145,7 +145,7 @@ def node_maps(node, mask_img) -> tuple[MapsView, object]:
                          "model needs at least 2.")
     if mask_img is None:
         selected = np.zeros(grid.shape, dtype=bool)
-        selected[grid.flat_index] = np.isfinite(image_mean(node.data().data))
+        selected[grid.flat_index] = np.isfinite(inputs.node_mean(node))
     else:
         selected = mask_elements(mask_img, grid)
     inside = _selected(grid, selected, f"the maps node {node.name!r}")

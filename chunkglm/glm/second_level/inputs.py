@@ -31,10 +31,11 @@ from scipy.sparse import issparse
 
 from chunkglm.errors import InputError, InputTypeError
 from chunkglm.glm.first_level.model import FirstLevelModel
-from chunkglm.graph.glm import image_mean
+from chunkglm.graph.glm import stored_mean
 from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import MapsView
 from chunkglm.io.nifti import load_image as _load
+from chunkglm.io.stored_blocks import StoredBlocks
 from chunkglm.io.surface_maps import is_cifti_map
 
 KINDS = ("images", "dataframe", "flm", "maps", "surface", "cifti")
@@ -228,13 +229,24 @@ def node_maps(node, mask_img, target_affine, target_shape, smoothing_fwhm) -> Ma
     return MapsView(node, None if inside.all() else np.flatnonzero(inside))
 
 
+def stored_maps(node, voxels=None) -> StoredBlocks:
+    """A maps node's stored (image, voxel) maps as the fit reads them: by stored chunk, inside the
+    tasks that use them (:func:`chunkglm.graph.glm.fit_stored`); ``voxels`` selects (sorted indices)."""
+    return StoredBlocks(node.zarr_array(node.attrs["variables"][0]), voxels)
+
+
+def node_mean(node) -> np.ndarray:
+    """Mean over the images of a maps node's stored maps, float64 (voxel,): one read of each chunk."""
+    return stored_mean(stored_maps(node))
+
+
 def _node_background_mask(node) -> np.ndarray:
     """nilearn's background mask of the mean map (voxels not stored count as NaN).
 
     An explicit global pass over the maps (one read), done at fit.
     """
     grid = node.grid
-    mean = image_mean(node.data().data)
+    mean = node_mean(node)
     volume = np.full(grid.shape, np.nan)
     volume[grid.mask] = mean
     mask = np.asarray(background_mask(nib.Nifti1Image(volume, grid.affine)).dataobj) != 0

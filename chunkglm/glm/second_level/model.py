@@ -5,7 +5,8 @@ nilearn's masker would) and loads image inputs once into a ``maps/`` node of
 a store (:mod:`chunkglm.glm.second_level.inputs`). ``compute_contrast``
 evaluates the OLS fit of the (image, voxel) array block by block with the
 first-level kernels (the image axis plays the role of time, with no
-whitening: :func:`chunkglm.graph.glm.fit_run` with ``noise_model="ols"``);
+whitening), each stored chunk read by the task that fits it, in float64 slabs
+(:func:`chunkglm.graph.glm.fit_stored`);
 the fit is kept, so further contrasts are arithmetic on small per-block
 results. z, stat and p maps come from nilearn's own ``Contrast``.
 """
@@ -573,14 +574,16 @@ def _check_models(models, need_labels, surface=False):
 
 
 def _evaluate_fit(maps, design, budget=None, warn_nonfinite=True):
-    """Build the OLS graph over the maps' voxel blocks and persist the per-block fits.
+    """Build the OLS graph over the maps' stored blocks and persist the per-block fits.
 
+    Each task reads its stored chunk itself and fits it in float64 slabs
+    (:func:`chunkglm.graph.glm.fit_stored`): a worker holds one chunk per running task.
     As nilearn's masker, NaN/inf values of the maps count as 0 (a warning gives
     how many voxels held one; the counts come from the same reads as the fits).
     ``warn_nonfinite=False`` for surface maps: nilearn's SurfaceMasker keeps them
     and its maps are NaN there, which the model's outputs give instead.
     """
-    run = graph.fit_run(maps.data(), design, noise_model="ols", signal_scaling=False, budget=budget)
+    run = graph.fit_stored(inputs.stored_maps(maps.node, maps.voxels), design, budget, bold=maps.data())
     persist_runs([run])
     if warn_nonfinite:
         warn(sum(graph.nonfinite_counts([run])[0]), "the second-level input maps")

@@ -26,7 +26,7 @@ from nilearn.surface.utils import check_polymesh_equal
 from chunkglm.errors import InputError, InputTypeError
 from chunkglm.glm.first_level.model import FirstLevelModel
 from chunkglm.glm.first_level.surface_inputs import elements_image
-from chunkglm.graph.glm import image_mean
+from chunkglm.glm.second_level import inputs
 from chunkglm.io.cohort import Node
 from chunkglm.io.inputs import MapsView
 from chunkglm.io.surface import SurfaceGrid
@@ -146,7 +146,7 @@ def node_maps(node, mask_img, smoothing_fwhm) -> tuple[MapsView, SurfaceImage]:
         raise InputError(f"the maps node {node.name!r} is on a CIFTI grid, not a mesh: read it with "
                          "chunkglm.glm.second_level.cifti.node_maps (SecondLevelModel does so for CIFTI nodes).")
     if mask_img is None:
-        inside = np.isfinite(image_mean(node.data().data))
+        inside = np.isfinite(inputs.node_mean(node))
     else:
         if isinstance(mask_img, SurfaceMasker):
             mask_img = mask_img.mask_img_
