@@ -90,6 +90,15 @@ def s3_bucket(s3_server, request):
     return name
 
 
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server's endpoint and credentials in the environment only, as on a cluster."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    return s3_server
+
+
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch):
     """Never let a test reach a real cloud endpoint through ambient credentials."""

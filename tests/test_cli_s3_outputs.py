@@ -21,14 +21,6 @@ from chunkglm.testing import make_synthetic_bids
 pytestmark = pytest.mark.filterwarnings("ignore:No clusters found:UserWarning")
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
-    return s3_server
-
-
 def _keys(s3_server, bucket, prefix):
     client = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1",
                           aws_access_key_id=s3_server["key"], aws_secret_access_key=s3_server["secret"])

@@ -36,15 +36,6 @@ def model(tmp_path_factory):
     return FirstLevelModel(slice_time_ref=0.5).fit(node, confounds=confounds)
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """Endpoint and credentials from the environment only, as on a cluster."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
-    return s3_server
-
-
 def _objects(s3_server, bucket, prefix) -> dict[str, bytes]:
     client = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1",
                           aws_access_key_id=s3_server["key"], aws_secret_access_key=s3_server["secret"])

@@ -13,7 +13,7 @@
    :class:`chunkglm.glm.stats_models.ModelRun` runs its nodes up to the
    analysis level (participant = the Subject nodes; the maps it stages for the workers in a
    temporary folder inside the store's folder, ``STORE/.scratch/``, which the workers read
-   already, removed at the end; an object-store ``--store``: in ``TMPDIR``), writing fitlins'
+   already, local or on an object store, removed at the end), writing fitlins'
    derivatives under ``OUTPUT_DIR/node-<name>/`` (``--layout glm|both``: also, or only, the
    derivatives/glm layout's ``first_level/`` and ``group_level/``,
    :mod:`chunkglm.glm.stats_models.glm_layout`; ``--n-perm``: max-T permutation FWE maps of the
@@ -296,17 +296,18 @@ def _fitlins_folder(output_dir, layout):
 
 def _scratch_dir(store):
     """Where the model run stages maps for the workers: ``STORE/.scratch`` (a folder zarr and
-    chunkglm's store readers ignore, on the file system the workers read the store from), or
-    None (the temporary directory) for an object-store URL."""
+    chunkglm's store readers ignore, where the workers read the store from: on its file system,
+    or under an object-store URL, a key prefix)."""
     if is_url(store):
-        return None
+        return f"{store.rstrip('/')}/{SCRATCH}"
     folder = Path(store) / SCRATCH
     folder.mkdir(exist_ok=True)
     return folder
 
 
 def _remove_empty_scratch(store) -> None:
-    """Remove ``STORE/.scratch`` unless another run (another process) still stages there."""
+    """Remove ``STORE/.scratch`` unless another run (another process) still stages there (an
+    object store has no empty folder: nothing to do)."""
     if not is_url(store):
         try:
             (Path(store) / SCRATCH).rmdir()

@@ -25,7 +25,7 @@
 A node reads its inputs' maps back from the files the node before it wrote: it stages
 them into a scratch store, one map at a time, and its graph reads voxel blocks. The stores staged for
 the workers lie in one temporary folder of the run inside ``scratch_dir`` (``chunkglm
-app``: inside the cohort store's folder, which the workers read), removed when the run ends
+app``: inside the cohort store's folder or URL, which the workers read), removed when the run ends
 (or by the next run on the same host after a killed one). ``F`` contrasts are terminal (the
 specification's rule): they are not handed to the next node.
 """
@@ -123,10 +123,10 @@ class ModelRun:
     progress : callable, optional
         Called with one line of text as each run or group is written.
     scratch_dir : str, Path or None
-        The local folder in which the run makes its temporary folder of the stores it stages
-        for the workers (second-level maps, fixed-effects inputs and results), removed when
-        :meth:`run` returns; default the temporary directory (``TMPDIR``). On a cluster of
-        several machines, a folder they share.
+        The local folder or object-store URL in which the run makes its temporary folder of the
+        stores it stages for the workers (the inputs and results of the nodes above the run),
+        removed when :meth:`run` returns; default the temporary directory (``TMPDIR``). On a
+        cluster of several machines, a folder they share, or a URL they reach.
 
     Attributes
     ----------

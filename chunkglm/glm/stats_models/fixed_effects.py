@@ -26,10 +26,7 @@ leave them, so the maps are zero outside, as the files say), else every voxel of
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -42,10 +39,10 @@ from chunkglm.graph.fixed_effects import fixed_effects_graph
 from chunkglm.io.inputs import write_maps_node
 from chunkglm.io.layout import zarr_store
 from chunkglm.io.nifti import image_from_voxels
-from chunkglm.io.scratch import owned_name, remove_stale
+from chunkglm.io.scratch import TemporaryFolder
 from chunkglm.kernels.fixed_effects import ROWS
 
-__all__ = ["FixedEffectsLevel", "background_mask", "staged_mask"]
+__all__ = ["FixedEffectsLevel", "background_mask", "staged_mask", "streamed"]
 
 _PREFIX = "chunkglm-fixed-effects-"
 _RESULTS = "fixed_effects"
@@ -68,8 +65,9 @@ class FixedEffectsLevel:
     chunk_bytes : int, str or None
         The memory budget (None: the package default, 64 MiB).
     scratch_dir : str, Path or None
-        The local folder the scratch store is made in (default the temporary directory); the
-        cluster's workers read and write that store, so on several machines a folder they share.
+        The local folder or object-store URL the scratch store is made in (default the temporary
+        directory); the cluster's workers read and write that store, so on several machines a
+        folder they share (or the URL).
 
     Attributes
     ----------
@@ -88,13 +86,14 @@ class FixedEffectsLevel:
         budget = MemoryBudget.of(chunk_bytes)
         rows_held = 2 * len(paths) + len(ROWS) * len(jobs)  # float64 inputs and results of a task (at most)
         block = budget.task_block_voxels(rows_held, 8)
-        parent = Path(scratch_dir if scratch_dir is not None else tempfile.gettempdir())
-        remove_stale(parent, _PREFIX)  # left by killed processes of this host
-        self.folder = parent / owned_name(_PREFIX)
-        self.folder.mkdir(mode=0o700)
+        self.folder = TemporaryFolder(_PREFIX, scratch_dir)  # (and removes those killed processes left)
         table = pd.DataFrame({"effect": [e for e, _ in paths], "variance": [v for _, v in paths]})
-        node = write_maps_node(table, ("effect", "variance"), self.folder / "inputs.zarr", "inputs",
-                               staged_mask(paths[0][0], grids), chunk_bytes=block * len(paths) * 4)
+        try:
+            node = write_maps_node(table, ("effect", "variance"), self.folder.path("inputs.zarr"), "inputs",
+                                   staged_mask(paths[0][0], grids), chunk_bytes=block * len(paths) * 4)
+        except BaseException:
+            self.close()
+            raise
         self.grid = node.grid
         self.lazy = fixed_effects_graph(node.data("effect").data, node.data("variance").data,
                                         [[row_of[pair] for pair in inputs] for inputs in jobs],
@@ -103,11 +102,7 @@ class FixedEffectsLevel:
 
     def compute(self) -> None:
         """Evaluate the graph, streaming every (job, voxel block) result into the scratch store."""
-        data = xr.Dataset({_RESULTS: (("job", "row", "voxel"), self.lazy)})
-        data.to_zarr(zarr_store(self.folder / "results.zarr"), mode="w", zarr_format=3, consolidated=False)
-        # read back without dask (chunks=None): a job's row is a few chunk reads, no graph per job
-        self._results = xr.open_zarr(zarr_store(self.folder / "results.zarr", read_only=True), chunks=None,
-                                     zarr_format=3, consolidated=False)[_RESULTS]
+        self._results = streamed(self.lazy, ("job", "row", "voxel"), self.folder.path("results.zarr"))
 
     def images(self, job: int) -> dict:
         """One job's maps (nilearn's output keys: effect_size, effect_variance, stat, z_score) as
@@ -122,13 +117,22 @@ class FixedEffectsLevel:
 
     def close(self) -> None:
         """Remove the scratch store."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.cleanup()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def streamed(lazy, dims, store) -> xr.DataArray:
+    """Evaluate ``lazy``, each piece written into a zarr array at ``store`` (a path or URL) as its
+    task ends, and the array read back without dask (``chunks=None``: a row is a few chunk reads,
+    no graph per row)."""
+    xr.Dataset({_RESULTS: (dims, lazy)}).to_zarr(zarr_store(store), mode="w", zarr_format=3, consolidated=False)
+    return xr.open_zarr(zarr_store(store, read_only=True), chunks=None, zarr_format=3,
+                        consolidated=False)[_RESULTS]
 
 
 def staged_mask(first_map, grids):

@@ -31,12 +31,9 @@ one more pass over the group's staged maps).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import xarray as xr
 from nilearn.glm.contrasts import Contrast
 
 from chunkglm.chunking import MemoryBudget
@@ -44,17 +41,15 @@ from chunkglm.design.second_level import check_design
 from chunkglm.errors import InputError
 from chunkglm.glm.second_level import SecondLevelModel
 from chunkglm.glm.second_level.model import OUTPUT_TYPES
-from chunkglm.glm.stats_models.fixed_effects import background_mask, staged_mask
+from chunkglm.glm.stats_models.fixed_effects import background_mask, staged_mask, streamed
 from chunkglm.graph.group_glm import group_glm_graph
 from chunkglm.io.inputs import write_maps_node
-from chunkglm.io.layout import zarr_store
 from chunkglm.io.nifti import image_from_voxels
 from chunkglm.io.scratch import TemporaryFolder
 
 __all__ = ["GroupLevel"]
 
 _PREFIX = "chunkglm-group-level-"
-_RESULTS = "group_glm"
 
 
 class GroupLevel:
@@ -72,8 +67,9 @@ class GroupLevel:
     chunk_bytes : int, str or None
         The memory budget of the tasks (None: 64 MiB, the package default).
     scratch_dir : str, Path or None
-        Where the scratch store's folder is made (default: the temporary directory). The workers
-        read and write that store: on a cluster of several machines, a folder they all see.
+        Where the scratch store's folder is made: a local folder or an object-store URL (default:
+        the temporary directory). The workers read and write that store: on a cluster of several
+        machines, a folder they all see, or the URL.
 
     Attributes
     ----------
@@ -92,12 +88,11 @@ class GroupLevel:
         n_rows = sum(len(paths) + 1 + sum(np.atleast_2d(w).shape[0] + 1 for w, _ in wanted)
                      for paths, _, wanted in groups)
         block = MemoryBudget.of(chunk_bytes).task_block_voxels(n_rows, 8)  # float64 inputs and results
-        self._folder = TemporaryFolder(_PREFIX, scratch_dir)  # (and those killed processes left)
-        self.folder = Path(self._folder.name)
+        self.folder = TemporaryFolder(_PREFIX, scratch_dir)  # (and removes those killed processes left)
         try:
             mask = staged_mask(groups[0][0][0], grids)
             self.nodes = [write_maps_node(pd.DataFrame({"effect": [str(p) for p in paths]}), ("effect",),
-                                          self.folder / "inputs.zarr", f"group-{index}", mask,
+                                          self.folder.path("inputs.zarr"), f"group-{index}", mask,
                                           chunk_bytes=block * len(paths) * 4)
                           for index, (paths, _, _) in enumerate(groups)]
         except BaseException:
@@ -113,11 +108,7 @@ class GroupLevel:
 
     def compute(self) -> None:
         """Evaluate the graph, streaming every (row, voxel block) piece into the scratch store."""
-        data = xr.Dataset({_RESULTS: (("row", "voxel"), self.lazy)})
-        data.to_zarr(zarr_store(self.folder / "results.zarr"), mode="w", zarr_format=3, consolidated=False)
-        # read back without dask (chunks=None): a contrast's rows are a few chunk reads, no graph
-        self._results = xr.open_zarr(zarr_store(self.folder / "results.zarr", read_only=True), chunks=None,
-                                     zarr_format=3, consolidated=False)[_RESULTS]
+        self._results = streamed(self.lazy, ("row", "voxel"), self.folder.path("results.zarr"))
 
     def _rows(self, rows) -> np.ndarray:
         if self._results is None:
@@ -164,7 +155,7 @@ class GroupLevel:
     def close(self) -> None:
         """Remove the scratch store."""
         getattr(self, "_models", {}).clear()
-        self._folder.cleanup()
+        self.folder.cleanup()
 
     def __enter__(self):
         return self
