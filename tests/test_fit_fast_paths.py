@@ -143,3 +143,30 @@ def test_runs_with_blocks_enough_are_not_split(monkeypatch):
         assert blocks.across_threads(small) is small
         monkeypatch.setattr(blocks, "MIN_PART_BYTES", 4 * 2**20)
         assert blocks.across_threads(array[:, :300]).chunks[1] == (300,)
+
+
+def test_compute_contrast_all_computes_p_values_once(monkeypatch):
+    """output_type="all": the p-value map is the one z_score computed (nilearn's Contrast keeps it),
+    equal to a fresh p_value(), and the t survival function runs once, not twice."""
+    import scipy.stats
+    from nilearn.glm.contrasts import Contrast
+
+    from chunkglm.glm.first_level import FirstLevelModel
+
+    rng = np.random.default_rng(4)
+    effect, variance = rng.standard_normal((1, 500)), rng.uniform(0.5, 2.0, 500)
+
+    def contrast(*_):
+        return Contrast(effect=effect, variance=variance, dof=40, stat_type="t")
+
+    model = FirstLevelModel()
+    model.design_matrices_, model._runs = [_design()], [None]  # one run (its fit is not used)
+    monkeypatch.setattr(model, "_fixed_effects", contrast)
+    monkeypatch.setattr(model, "_to_image", lambda values: values)
+    calls = []
+    survival = scipy.stats.t.sf
+    monkeypatch.setattr(scipy.stats.t, "sf", lambda *a, **kw: calls.append(1) or survival(*a, **kw))
+    maps = model.compute_contrast("a - b", output_type="all")
+    assert len(calls) == 1
+    assert list(maps) == ["z_score", "stat", "p_value", "effect_size", "effect_variance"]  # nilearn's order
+    assert np.array_equal(maps["p_value"], contrast().p_value())

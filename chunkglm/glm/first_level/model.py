@@ -481,7 +481,11 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         if output_type not in (*OUTPUT_TYPES, "all"):
             raise InputError(f"'output_type' must be one of {[*OUTPUT_TYPES, 'all']}; received {output_type!r}.")
         contrast = self._fixed_effects(con_vals, stat_type)
-        maps = {name: getattr(contrast, name)() for name in OUTPUT_TYPES}
+        maps = {name: getattr(contrast, name)() for name in OUTPUT_TYPES if name != "p_value"}
+        # z_score computed and kept nilearn's p-values (Contrast.p_value_): not computed twice
+        kept = getattr(contrast, "p_value_", None)
+        maps["p_value"] = contrast.p_value() if kept is None else kept
+        maps = {name: maps[name] for name in OUTPUT_TYPES}
         images = {name: self._to_image(values) for name, values in maps.items()}
         return images if output_type == "all" else images[output_type]
 
