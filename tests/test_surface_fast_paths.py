@@ -97,6 +97,8 @@ def test_cifti_grid_keeps_its_id_and_builds_nibabels_axis_only_when_asked(tmp_pa
     read = node.grid
     assert "axis" not in vars(read.cifti) and read.parts == _nibabel_structures(axis)
     assert read.brain_models == axis and read.grid_id == node.attrs["grid_id"]
+    stored = node.cohort.root[f"grids/{read.grid_id}"]["cifti_structure"][...]  # names read off the parts
+    assert [str(name) for name in stored] == list(read.cifti.structure)
     assert np.array_equal(to_cifti(node).dataobj, values)
     with pytest.raises(InputError, match="received BrainModelAxis"):
         SurfaceGrid("cifti", (("x", len(axis)),), np.ones(len(axis), dtype=bool), "fsLR", {}, axis)

@@ -383,14 +383,18 @@ def _cifti_attrs(models: BrainModels) -> dict:
             "nvertices": {str(k): int(v) for k, v in models.nvertices.items()}}
 
 
-def _brain_models(arrays: dict, attrs: dict) -> BrainModels:
+def _brain_models(group, attrs: dict, parts: tuple) -> BrainModels:
+    """A CIFTI grid node's brain models. The structure names are the grid's ``parts`` (the runs of
+    one structure, in element order, as written: :func:`from_cifti` counts them off the names),
+    not its ``cifti_structure`` array, whose ~10^5 strings take longer to decode than the rest."""
     affine = None if attrs["affine"] is None else np.asarray(attrs["affine"])
     shape = None if attrs["volume_shape"] is None else tuple(attrs["volume_shape"])
-    stored = np.asarray(arrays["cifti_structure"])  # zarr's StringDType: -> str by runs of one name
-    starts = np.flatnonzero(np.r_[True, stored[1:] != stored[:-1]]) if len(stored) else np.array([], int)
-    names = np.repeat(np.array([str(stored[i]) for i in starts], dtype=str), np.diff(np.r_[starts, len(stored)]))
-    return BrainModels(names, np.asarray(arrays["cifti_vertex"], dtype=np.int64),
-                       np.asarray(arrays["cifti_ijk"], dtype=np.int64), affine, shape, dict(attrs["nvertices"]))
+    names = np.repeat(np.array([name for name, _ in parts], dtype=str), [n for _, n in parts])
+    vertex, ijk = (np.asarray(group[name][...], dtype=np.int64) for name in ("cifti_vertex", "cifti_ijk"))
+    if len(names) != len(vertex):
+        raise StoreError(f"the CIFTI grid's parts hold {len(names)} elements, its cifti_vertex {len(vertex)}: "
+                         "the grid node is damaged; convert the inputs again.")
+    return BrainModels(names, vertex, ijk, affine, shape, dict(attrs["nvertices"]))
 
 
 # -- store I/O --------------------------------------------------------------------------------
@@ -458,11 +462,8 @@ def read_grid(root, grid_id: str):
                          f"({GRID_KINDS}); use the chunkglm version that wrote the store.")
     meshes = {part: (group[f"coordinates_{part}"][...], group[f"faces_{part}"][...])
               for part in attrs.get("meshes", [])}
-    models = None
-    if kind == "cifti":
-        arrays = {name: group[name][...] for name in ("cifti_structure", "cifti_vertex", "cifti_ijk")}
-        models = _brain_models(arrays, attrs["cifti"])
     parts = tuple((str(p), int(n)) for p, n in attrs["parts"])
+    models = _brain_models(group, attrs["cifti"], parts) if kind == "cifti" else None
     return SurfaceGrid(kind, parts, np.asarray(group["mask"][...], dtype=bool), attrs.get("space", ""),
                        meshes, models)
 
