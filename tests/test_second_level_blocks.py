@@ -230,3 +230,16 @@ def test_fit_stored_splits_a_block_for_idle_local_threads_reading_it_once(tmp_pa
     assert results["threads"][0] == (40000, 40000, 40000) and results["sync"][0] == (120000,)
     for new, before in zip(results["threads"][1], results["sync"][1]):
         assert_close_to_scale(new, before, 1e-12, "t contrast")  # as _assert_same_fit
+
+
+def test_stored_blocks_decode_chunks_of_an_object_store(s3_server, s3_bucket):
+    """The whole-chunk decode goes through the array's store (here S3 on a local server), as
+    zarr's own reads do; a chunk never written reads as the fill value there too."""
+    values = np.random.default_rng(9).standard_normal((5, 700)).astype(np.float32)
+    url, options = f"s3://{s3_bucket}/maps.zarr", s3_server["storage_options"]
+    array = zarr.create_array(url, storage_options=options, shape=values.shape, chunks=(5, 256),
+                              dtype=values.dtype, fill_value=np.nan, compressors=BLOSC)
+    array[:, :512] = values[:, :512]
+    reader = StoredBlocks(zarr.open_array(url, storage_options=options, mode="r"))
+    expected = np.where(np.arange(700) < 512, values, np.nan)
+    assert reader.decodes_whole_chunks and np.array_equal(_read_all(reader), expected, equal_nan=True)
