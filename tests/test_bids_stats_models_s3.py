@@ -72,6 +72,8 @@ def test_object_store_run_stages_under_the_store_url_and_leaves_nothing(s3_env, 
     assert code == 0
     # the subject node's fixed-effects store, and the dataset node's (one maps node per group: a, b, aMinusB)
     assert len(staged) == 4
+    # the dataset node is one graph over one scratch store: its three groups are nodes of that store
+    assert len({url for url, _, _ in staged if "/chunkglm-group-level-" in url}) == 1
     for url, in_temp, left in staged:
         assert url.startswith(f"{store}/.scratch/chunkglm-app-"), url
         assert not [name for name in in_temp if name.startswith("chunkglm-")]  # nothing staged in TMPDIR
