@@ -170,3 +170,25 @@ def test_compute_contrast_all_computes_p_values_once(monkeypatch):
     assert len(calls) == 1
     assert list(maps) == ["z_score", "stat", "p_value", "effect_size", "effect_variance"]  # nilearn's order
     assert np.array_equal(maps["p_value"], contrast().p_value())
+
+
+def test_node_dask_array_is_its_data_and_refuses_an_incomplete_node(tmp_path):
+    """Node.dask_array (what FirstLevelModel fits): the values and chunks of Node.data(), read
+    without xarray; a node no longer complete is refused as to_dataset refuses it."""
+    import chunkglm
+    from chunkglm.errors import StoreError
+    from chunkglm.io import layout as st
+    from chunkglm.io.cohort import open_cohort
+    from chunkglm.testing import make_synthetic_bids
+
+    bids = make_synthetic_bids(tmp_path / "bids", n_subjects=1, size="tiny", seed=3)
+    store = str(tmp_path / "cohort.zarr")
+    chunkglm.convert(bids.root, store, client=None)
+    (node,) = open_cohort(store).runs.values()
+    values, reference = node.dask_array(), node.data()
+    assert values.chunks == reference.data.chunks and values.dtype == reference.dtype
+    assert np.array_equal(values.compute(), reference.values, equal_nan=True)
+    root = st.open_root(store, mode="a")
+    root[node.data_path].attrs.put({st.ATTR: {"complete": False}})
+    with pytest.raises(StoreError, match="incomplete"):
+        node.dask_array()

@@ -271,7 +271,7 @@ class FirstLevelModel(GLMReportMixin, NilearnEstimator):
         self.confound_names_ = [None if c is None else [str(n) for n in getattr(c, "columns", [])] or None
                                 for c in confounds_list]
         designs = _per_run(design_matrices, len(nodes), "design_matrices")
-        arrays = [node.data().data for node in nodes]  # each node opened once (metadata reads)
+        arrays = [node.dask_array() for node in nodes]  # each node opened once, no xarray Dataset
         full = [self._design(node, len(array), ev, conf, dm, i)
                 for i, (node, array, ev, conf, dm) in enumerate(zip(nodes, arrays, events_list, confounds_list,
                                                                     designs))]
