@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
+import dask.array as da
 import pandas as pd
 import xarray as xr
 import zarr
@@ -127,8 +128,6 @@ class Node:
         (complete node, version not replaced), without building the xarray Dataset: models fit
         the values only, and xarray's coordinate reads, indexes and chunk-manager lookup cost a
         first fit ~12 ms of a ~150 ms surface run."""
-        import dask.array as da
-
         variable = variable or ("bold" if self.kind == "runs" else self.attrs["variables"][0])
         try:
             group = zarr.open_group(self.zarr_store, path=self.data_path, mode="r", zarr_format=3)
