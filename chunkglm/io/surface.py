@@ -167,7 +167,7 @@ class BrainModels:
         from nibabel import cifti2
 
         mim = cifti2.Cifti2MatrixIndicesMap([dim], "CIFTI_INDEX_TYPE_BRAIN_MODELS")
-        with gc_paused():  # a list per voxel: ~10x the time with the collector on (scans of all objects)
+        with _gc_paused():  # a list per voxel: ~10x the time with the collector on (scans of all objects)
             self._fill(mim)
         return mim
 
@@ -187,7 +187,7 @@ class BrainModels:
 
 
 @contextmanager
-def gc_paused():
+def _gc_paused():
     """Python's cyclic garbage collector off inside (restored as it was after).
 
     Building ~10^5 small lists (a CIFTI header's voxel indices) triggers collections that each
@@ -218,7 +218,7 @@ def _volume(root):
     if transform is None:
         return None
     shape = tuple(int(n) for n in volume.attrib["VolumeDimensions"].split(","))
-    return np.array(transform.text.split(), dtype=np.float64).reshape(4, 4), shape
+    return np.array((transform.text or "").split(), dtype=np.float64).reshape(4, 4), shape
 
 
 def _filled(kind, values: list):
