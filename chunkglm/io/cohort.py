@@ -98,18 +98,26 @@ class Node:
         Raises StoreError when the node is no longer complete (its marker is
         read with the dataset: no extra request).
         """
+        ds = self._checked_open(lambda: xr.open_zarr(self.zarr_store, group=self.data_path, zarr_format=3,
+                                                     consolidated=False, chunks={}))
+        if not set(dict(self.attrs.get(st.ATTR, {})).get("arrays") or {}) <= set(ds.variables):
+            self._refuse_if_replaced()
+        return ds
+
+    def _checked_open(self, open_node):
+        """``open_node()`` (the node's group or dataset, its attrs holding the completion marker):
+        a node missing since it was listed is named as replaced when it was, damaged metadata is
+        one StoreError, and a node no longer complete is refused."""
         try:
-            ds = xr.open_zarr(self.zarr_store, group=self.data_path, zarr_format=3, consolidated=False, chunks={})
+            opened = open_node()
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             self._refuse_if_replaced()
             raise
         except DAMAGED_METADATA as err:
             raise StoreError(damaged_metadata_message(self.path, err)) from err
-        if not dict(ds.attrs.get(st.ATTR, {})).get("complete"):
+        if not dict(opened.attrs.get(st.ATTR, {})).get("complete"):
             raise StoreError(incomplete_message([self.path], self.cohort.location, selected=True))
-        if not set(dict(self.attrs.get(st.ATTR, {})).get("arrays") or {}) <= set(ds.variables):
-            self._refuse_if_replaced()
-        return ds
+        return opened
 
     def _refuse_if_replaced(self) -> None:
         """StoreError when the version this node reads was replaced and removed since."""
@@ -129,16 +137,13 @@ class Node:
         the values only, and xarray's coordinate reads, indexes and chunk-manager lookup cost a
         first fit ~12 ms of a ~150 ms surface run."""
         variable = variable or ("bold" if self.kind == "runs" else self.attrs["variables"][0])
+        group = self._checked_open(lambda: zarr.open_group(self.zarr_store, path=self.data_path, mode="r",
+                                                           zarr_format=3))
         try:
-            group = zarr.open_group(self.zarr_store, path=self.data_path, mode="r", zarr_format=3)
             values = group[variable]
-        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        except KeyError:
             self._refuse_if_replaced()
             raise
-        except DAMAGED_METADATA as err:
-            raise StoreError(damaged_metadata_message(self.path, err)) from err
-        if not dict(group.attrs.get(st.ATTR, {})).get("complete"):
-            raise StoreError(incomplete_message([self.path], self.cohort.location, selected=True))
         return da.from_zarr(values)
 
     @property
