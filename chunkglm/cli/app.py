@@ -302,9 +302,8 @@ def limit_heap_arenas(arenas: int = HEAP_ARENAS) -> bool:
     threads): glibc gives each new thread its own arena, whose freed memory stays resident.
     Measured on the app benchmark (20 subjects x 2 runs, --nprocs 2): the process's resident
     memory during the run level 541-555 -> 508 MiB (median), the process tree's peak 957-966 ->
-    925 MiB (wall time not compared: the machine was loaded). Where the C library is not glibc (macOS,
-    musl) nothing is done
-    and False is returned; True when both settings are taken.
+    925 MiB (wall time not compared: the machine was loaded). Where the C library is not glibc
+    (macOS, musl) nothing is done and False is returned; True when both settings are taken.
     Arenas made before the call stay, so call it before the cluster starts.
     """
     try:
