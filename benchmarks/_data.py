@@ -32,9 +32,10 @@ def synthetic_run(data_dir: Path, size: str) -> dict:
 def _generate(folder: Path, size: str) -> dict:
     from chunkglm.testing import make_synthetic_bids
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    # <data-dir>/<size> also holds the other cases' data and work stores: remove only this dataset's files
+    shutil.rmtree(folder / "bids", ignore_errors=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     print(f"generating the synthetic {size!r} dataset in {folder} (once; cached) ...", flush=True)
     start = time.perf_counter()
     dataset = make_synthetic_bids(folder / "bids", n_subjects=1, size=size, seed=0, dtype="float32")
