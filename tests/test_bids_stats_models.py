@@ -297,6 +297,21 @@ def test_pass_contrasts_write_effect_and_variance_only(two_subjects, tmp_path):
                      "sub-01_run-1_contrast-a_stat-variance_statmap.nii.gz"]
 
 
+def test_freed_heap_is_handed_back_after_each_run_is_written(two_subjects, tmp_path, monkeypatch):
+    # with worker threads in the app's process, each run's maps, figures and report page free their
+    # buffers here: glibc's heap is trimmed once per run written (not only at the level's end)
+    import chunkglm.glm.stats_models.execute as execute
+
+    written_then_trimmed = []
+    monkeypatch.setattr(execute, "release_free_memory", lambda: written_then_trimmed.append(
+        len(list((tmp_path / "out" / "node-run").rglob("*_design.tsv")))))
+    model = copy.deepcopy(MODEL)
+    model["Nodes"] = model["Nodes"][:1]
+    ds, _ = two_subjects
+    assert _app(ds, tmp_path, model, "run") == 0
+    assert len(ds.runs) == 2 and written_then_trimmed == [1, 2]
+
+
 def test_group_glm_needs_two_inputs_and_the_first_node_fits_runs(two_subjects, tmp_path, capsys):
     ds, _ = two_subjects
     one_run_glm = _broken(lambda m: m["Nodes"][1]["Model"].__setitem__("Type", "glm"))

@@ -284,33 +284,44 @@ def run(args) -> int:
     return 0
 
 
-#: glibc's ``mallopt`` parameters M_TRIM_THRESHOLD and M_ARENA_MAX (malloc.h).
-_M_TRIM_THRESHOLD, _M_ARENA_MAX = -1, -8
+#: glibc's ``mallopt`` parameters M_TRIM_THRESHOLD, M_MMAP_THRESHOLD and M_ARENA_MAX (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 #: Heap arenas of the app's process (glibc's default: up to 8 per core, one per new thread).
 HEAP_ARENAS = 2
 #: Free bytes at a heap's top above which glibc returns them to the system: distributed's setting
 #: for the workers its nannies start (``MALLOC_TRIM_THRESHOLD_``; glibc's default 128 KiB, raised
 #: dynamically up to 32 MiB as large blocks are freed).
 TRIM_THRESHOLD = 65536
+#: Blocks from this size up are mapped on their own and unmapped when freed: glibc's default
+#: (128 KiB), set explicitly, which turns off glibc's dynamic threshold (raised up to 32 MiB
+#: each time a mapped block is freed, after which arrays of that size come from the arenas and
+#: their freed space stays resident between the holes of smaller blocks).
+MMAP_THRESHOLD = 131072
 
 
 def limit_heap_arenas(arenas: int = HEAP_ARENAS) -> bool:
-    """Cap the glibc heap arenas of this process at ``arenas`` (``mallopt(M_ARENA_MAX)``) and trim
-    the heaps' free tops above :data:`TRIM_THRESHOLD` (as distributed does for its workers).
+    """Cap the glibc heap arenas of this process at ``arenas`` (``mallopt(M_ARENA_MAX)``), trim
+    the heaps' free tops above :data:`TRIM_THRESHOLD` (as distributed does for its workers) and
+    map blocks of :data:`MMAP_THRESHOLD` and more on their own (a fixed threshold).
 
     The app's process holds the client, the local cluster's scheduler and nannies (about 20
     threads): glibc gives each new thread its own arena, whose freed memory stays resident.
     Measured on the app benchmark (20 subjects x 2 runs, --nprocs 2): the process's resident
     memory during the run level 541-555 -> 508 MiB (median), the process tree's peak 957-966 ->
-    925 MiB (wall time not compared: the machine was loaded). Where the C library is not glibc
-    (macOS, musl) nothing is done and False is returned; True when both settings are taken.
+    925 MiB (wall time not compared: the machine was loaded). The fixed mmap threshold matters
+    most with a config whose workers are threads in this process (``processes: false``): their
+    arrays are freed here, and with glibc's dynamic threshold they end up in the arenas (app
+    benchmark with worker threads, trimmed after each run: peak 601 -> 578 MiB, load ~1). Where
+    the C library is not glibc (macOS, musl) nothing is done and False is returned; True when
+    the three settings are taken.
     Arenas made before the call stay, so call it before the cluster starts.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    return bool(mallopt(_M_ARENA_MAX, int(arenas))) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all([bool(mallopt(_M_ARENA_MAX, int(arenas))), bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)),
+                bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))])
 
 
 @contextmanager

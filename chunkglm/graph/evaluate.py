@@ -20,7 +20,7 @@ import os
 
 import dask
 import numpy as np
-from distributed import as_completed, default_client, futures_of
+from distributed import Worker, as_completed, default_client, futures_of
 
 __all__ = ["active_client", "compute_blocks", "compute_items", "fitted_in_waves", "persist_fits",
            "persist_runs"]
@@ -127,7 +127,8 @@ def fitted_in_waves(models, window=None, progress=None, on_block=None):
     For cohorts: a window of models is persisted (on a cluster, the next one
     starts while the current one is consumed); each model yielded is released
     when the loop moves on, so memory stays flat however many models there
-    are. ``window`` defaults to twice the number of workers (or threads).
+    are. ``window`` defaults to twice the number of workers (or threads); with workers that
+    are threads of this process, to their number of threads.
     ``on_block(run)`` is called per voxel block fitted (:func:`persist_runs`).
     """
     window = window or _default_window()
@@ -143,7 +144,19 @@ def fitted_in_waves(models, window=None, progress=None, on_block=None):
 
 
 def _default_window() -> int:
+    """Twice the workers (or the local threads); one model per worker thread when the workers are
+    threads of this process (``LocalCluster(processes=False)``): their persisted fits are then held
+    in the process that writes the models' maps, two windows at once."""
     client = active_client()
     if client is not None:
-        return max(2, 2 * len(client.scheduler_info()["workers"]))
+        workers = client.scheduler_info()["workers"]
+        if _workers_in_process(client):
+            return max(2, sum(int(worker.get("nthreads", 1)) for worker in workers.values()))
+        return max(2, 2 * len(workers))
     return max(2, 2 * len(os.sched_getaffinity(0)))
+
+
+def _workers_in_process(client) -> bool:
+    """Whether every worker of ``client``'s cluster is a Worker object of this process (no Nanny)."""
+    workers = list(getattr(getattr(client, "cluster", None), "workers", {}).values())
+    return bool(workers) and all(isinstance(worker, Worker) for worker in workers)

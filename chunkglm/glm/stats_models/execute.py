@@ -58,6 +58,7 @@ from chunkglm.glm.stats_models.outputs import (
 from chunkglm.io.bids import bids_name, parse_entities
 from chunkglm.io.derivatives import StagedOutput
 from chunkglm.io.scratch import TemporaryFolder
+from chunkglm.io.write_run import release_free_memory
 from chunkglm.report.figures import (contrast_matrix_figure, design_matrix_correlation_figure,
                                      design_matrix_figure, save_figure)
 
@@ -221,6 +222,7 @@ class ModelRun:
         outputs = []
         for model, (spec, entities, design, mask) in zip(fitted_in_waves(models), plans):
             outputs += self._write_run(node, model, spec, entities, design, mask)
+            release_free_memory()
             self.progress(f"node {node.name}: {bids_name(_short(entities))} done")
         return outputs
 
