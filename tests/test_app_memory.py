@@ -10,6 +10,7 @@ mapped on their own (``malloc_info``'s mmap total) after a larger mapped block w
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -59,7 +60,11 @@ print(capped, re.search(r'<total type="mmap" count="(\\d+)"', info).group(1))
 
 def _child(code, mode) -> tuple[str, int]:
     """(what limit_heap_arenas returned, the count the program printed) of a fresh interpreter."""
-    done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+    # glibc's MALLOC_*_ variables (distributed puts MALLOC_TRIM_THRESHOLD_ in the environment of the
+    # processes it starts, and a test process may hold it) switch its dynamic mmap threshold off: the
+    # child gets the allocator's defaults, whatever ran before in this process
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, env=env)
     capped, count = done.stdout.split()
     return capped, int(count)
 
