@@ -33,7 +33,7 @@ from chunkglm.kernels import group_ols
 from chunkglm.kernels.ar import ar_order
 from chunkglm.kernels.glm import is_grand_mean_scaling
 
-__all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "fit_stored", "image_mean",
+__all__ = ["RunFit", "ar_order", "compute_contrasts", "contrast", "fit_run", "fit_stored",
            "log_likelihood", "nonfinite_counts", "predicted", "r_square", "residuals", "stored_mean"]
 
 
@@ -409,12 +409,6 @@ def nonfinite_counts(runs: list) -> list:
     """Per run, the per-block numbers of voxels that held NaN/inf (from the fits' own reads
     once the fits are persisted)."""
     return dask.compute([run.nonfinite for run in runs])[0]
-
-
-def image_mean(array: da.Array) -> np.ndarray:
-    """Mean over the first axis of an (image, voxel) array, in float64: (voxel,). Accumulated in
-    float64 without a float64 copy of each block (the same sums as of the copy)."""
-    return array.mean(axis=0, dtype=np.float64).compute()
 
 
 def gathered_fits(run: RunFit) -> list:
